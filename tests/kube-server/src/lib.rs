@@ -1,0 +1,11 @@
+//! A Kubernetes API server for tests: in-memory, over HTTP on 127.0.0.1, faithful enough that
+//! kube-rs clients, kube-runtime watchers and kubectl run against it unmodified. Test support
+//! only; never a dependency of a shipped binary. See docs/kube-test-server.md.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod fieldset;
+pub mod merge;
+pub mod resources;
+pub mod selectors;
+pub mod ssa;
