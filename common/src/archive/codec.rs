@@ -1,0 +1,244 @@
+//! Compression codecs of the archive format. Every chunk is compressed on its own (an independent
+//! zstd frame, lz4 frame or gzip member), so chunks can be compressed and decompressed in
+//! parallel and a reader never needs more than one chunk of context.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The compression algorithm chosen in configuration (`compression = "zstd"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// No compression.
+    None,
+    /// Zstandard; the level is configured separately (`zstd_level`).
+    #[default]
+    Zstd,
+    /// LZ4 frame format (lz4_flex).
+    Lz4,
+    /// gzip (deflate).
+    Gzip,
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+            Compression::Lz4 => "lz4",
+            Compression::Gzip => "gzip",
+        })
+    }
+}
+
+impl FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Compression::None),
+            "zstd" => Ok(Compression::Zstd),
+            "lz4" => Ok(Compression::Lz4),
+            "gzip" => Ok(Compression::Gzip),
+            other => Err(format!(
+                "unknown compression {other:?}: expected zstd, lz4, gzip or none"
+            )),
+        }
+    }
+}
+
+/// Default zstd level: zstd's own default.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+/// Default gzip level: gzip's own default.
+pub const DEFAULT_GZIP_LEVEL: u32 = 6;
+
+/// A codec with its parameters, as used to write an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    None,
+    /// zstd at this level (negative levels are zstd's fast levels; 1..=22 otherwise).
+    Zstd {
+        level: i32,
+    },
+    Lz4,
+    Gzip {
+        level: u32,
+    },
+}
+
+impl Codec {
+    /// The codec for a configured compression with the default level.
+    pub fn from_compression(compression: Compression, zstd_level: Option<i32>) -> Codec {
+        match compression {
+            Compression::None => Codec::None,
+            Compression::Zstd => Codec::Zstd {
+                level: zstd_level.unwrap_or(DEFAULT_ZSTD_LEVEL),
+            },
+            Compression::Lz4 => Codec::Lz4,
+            Compression::Gzip => Codec::Gzip {
+                level: DEFAULT_GZIP_LEVEL,
+            },
+        }
+    }
+
+    /// The algorithm, without parameters.
+    pub fn compression(&self) -> Compression {
+        match self {
+            Codec::None => Compression::None,
+            Codec::Zstd { .. } => Compression::Zstd,
+            Codec::Lz4 => Compression::Lz4,
+            Codec::Gzip { .. } => Compression::Gzip,
+        }
+    }
+
+    /// The codec byte stored in the header.
+    pub fn id(&self) -> u8 {
+        compression_id(self.compression())
+    }
+
+    /// Compresses one chunk into a new buffer.
+    pub fn compress(&self, plain: &[u8]) -> io::Result<Vec<u8>> {
+        match *self {
+            Codec::None => Ok(plain.to_vec()),
+            Codec::Zstd { level } => ZSTD_COMPRESSOR.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                // A compression context is expensive to build (allocations sized by the level), so
+                // each worker thread keeps one per level instead of one per chunk.
+                if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+                    *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+                }
+                let (_, compressor) = slot.as_mut().expect("just set");
+                let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(plain.len()));
+                compressor.compress_to_buffer(plain, &mut out)?;
+                Ok(out)
+            }),
+            Codec::Lz4 => {
+                let mut encoder =
+                    lz4_flex::frame::FrameEncoder::new(Vec::with_capacity(plain.len() / 2 + 64));
+                encoder.write_all(plain)?;
+                encoder.finish().map_err(io::Error::other)
+            }
+            Codec::Gzip { level } => {
+                let mut encoder = flate2::write::GzEncoder::new(
+                    Vec::with_capacity(plain.len() / 2 + 64),
+                    flate2::Compression::new(level),
+                );
+                encoder.write_all(plain)?;
+                encoder.finish()
+            }
+        }
+    }
+}
+
+thread_local! {
+    static ZSTD_COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { RefCell::new(None) };
+    static ZSTD_DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
+pub(crate) fn compression_id(c: Compression) -> u8 {
+    match c {
+        Compression::None => 0,
+        Compression::Zstd => 1,
+        Compression::Lz4 => 2,
+        Compression::Gzip => 3,
+    }
+}
+
+pub(crate) fn compression_from_id(id: u8) -> Option<Compression> {
+    match id {
+        0 => Some(Compression::None),
+        1 => Some(Compression::Zstd),
+        2 => Some(Compression::Lz4),
+        3 => Some(Compression::Gzip),
+        _ => None,
+    }
+}
+
+/// Decompresses one chunk, refusing output larger than `max_len` (so a crafted chunk cannot
+/// make the reader allocate without bound).
+pub(crate) fn decompress(
+    compression: Compression,
+    data: &[u8],
+    max_len: usize,
+) -> io::Result<Vec<u8>> {
+    match compression {
+        Compression::None => {
+            if data.len() > max_len {
+                return Err(io::Error::other(format!(
+                    "chunk of {} bytes exceeds {max_len}",
+                    data.len()
+                )));
+            }
+            Ok(data.to_vec())
+        }
+        Compression::Zstd => ZSTD_DECOMPRESSOR.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(zstd::bulk::Decompressor::new()?);
+            }
+            let decompressor = slot.as_mut().expect("just set");
+            let mut out = Vec::with_capacity(max_len);
+            decompressor.decompress_to_buffer(data, &mut out)?;
+            Ok(out)
+        }),
+        Compression::Lz4 => read_bounded(lz4_flex::frame::FrameDecoder::new(data), max_len),
+        Compression::Gzip => read_bounded(flate2::read::GzDecoder::new(data), max_len),
+    }
+}
+
+fn read_bounded(reader: impl Read, max_len: usize) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(max_len.min(1 << 20));
+    reader.take(max_len as u64 + 1).read_to_end(&mut out)?;
+    if out.len() > max_len {
+        return Err(io::Error::other(format!(
+            "chunk decompresses to more than {max_len} bytes"
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_codec_round_trips_and_bounds_output() {
+        let data: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        for codec in [
+            Codec::None,
+            Codec::Zstd { level: 1 },
+            Codec::Zstd { level: 19 },
+            Codec::Lz4,
+            Codec::Gzip { level: 6 },
+        ] {
+            let packed = codec.compress(&data).unwrap();
+            let back = decompress(codec.compression(), &packed, data.len()).unwrap();
+            assert_eq!(back, data, "{codec:?}");
+            assert!(
+                decompress(codec.compression(), &packed, data.len() - 1).is_err(),
+                "{codec:?} bound"
+            );
+        }
+    }
+
+    #[test]
+    fn compression_names_parse() {
+        for c in [
+            Compression::None,
+            Compression::Zstd,
+            Compression::Lz4,
+            Compression::Gzip,
+        ] {
+            assert_eq!(c.to_string().parse::<Compression>().unwrap(), c);
+            assert_eq!(compression_from_id(compression_id(c)), Some(c));
+        }
+        assert!("brotli".parse::<Compression>().is_err());
+    }
+}

@@ -1,0 +1,641 @@
+//! Streaming encode and decode of whole objects.
+//!
+//! The async pipeline reads plaintext one chunk at a time, hands each chunk to a blocking worker
+//! (compress + encrypt, or decrypt + decompress) with at most `concurrency` chunks in flight, and
+//! emits the records in order. SHA-256 of the plaintext is inherently sequential, so it runs on
+//! its own blocking thread fed through a bounded channel, overlapping with the chunk workers.
+//! Memory is bounded by about `(concurrency + 2) × chunk size` whatever the object size.
+//!
+//! The sync functions do the same on the calling thread; the benchmark uses them to measure the
+//! per-core speed.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::codec::{Codec, Compression};
+use super::crypto::KeyRing;
+use super::error::ArchiveError;
+use super::format::{
+    DEFAULT_CHUNK_SIZE, FIXED_HEADER_LEN, Header, ObjectContext, RECORD_DATA, RECORD_FINAL_DATA,
+    RECORD_HEAD_LEN, RECORD_TRAILER, Trailer, parse_record_head,
+};
+
+/// How to write objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOptions {
+    pub codec: Codec,
+    /// Plaintext bytes per chunk.
+    pub chunk_size: usize,
+    /// Chunks compressed/encrypted at the same time.
+    pub concurrency: usize,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            codec: Codec::Zstd { level: 3 },
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            concurrency: default_concurrency(),
+        }
+    }
+}
+
+/// How to read objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Refuse objects that are not encrypted (set when keys are configured, so an attacker who
+    /// can write to the store cannot substitute an unencrypted object).
+    pub require_encryption: bool,
+    /// Chunks decrypted/decompressed at the same time.
+    pub concurrency: usize,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions {
+            require_encryption: false,
+            concurrency: default_concurrency(),
+        }
+    }
+}
+
+/// The number of CPUs, at least 1.
+pub fn default_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// What was written or read: identity, sizes and the SHA-256 of the plaintext.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveSummary {
+    pub object_id: [u8; 16],
+    pub compression: Compression,
+    /// The key id, when encrypted.
+    pub key_id: Option<String>,
+    pub plaintext_len: u64,
+    /// Bytes of the object in the store.
+    pub stored_len: u64,
+    pub chunk_count: u64,
+    pub sha256: [u8; 32],
+}
+
+impl ArchiveSummary {
+    fn new(ctx: &ObjectContext, trailer: &Trailer, stored_len: u64) -> ArchiveSummary {
+        ArchiveSummary {
+            object_id: ctx.header().object_id,
+            compression: ctx.header().compression,
+            key_id: ctx.key_id().map(str::to_owned),
+            plaintext_len: trailer.plaintext_len,
+            stored_len,
+            chunk_count: trailer.chunk_count,
+            sha256: trailer.sha256,
+        }
+    }
+
+    /// SHA-256 of the plaintext, as lower-case hex.
+    pub fn sha256_hex(&self) -> String {
+        super::format::hex(&self.sha256)
+    }
+}
+
+/// SHA-256 on its own blocking thread.
+struct HashWorker {
+    tx: Option<mpsc::Sender<Bytes>>,
+    handle: JoinHandle<[u8; 32]>,
+}
+
+impl HashWorker {
+    fn start(depth: usize) -> HashWorker {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(depth.max(1));
+        let handle = tokio::task::spawn_blocking(move || {
+            let mut hasher = Sha256::new();
+            while let Some(chunk) = rx.blocking_recv() {
+                hasher.update(&chunk);
+            }
+            hasher.finalize().into()
+        });
+        HashWorker {
+            tx: Some(tx),
+            handle,
+        }
+    }
+
+    async fn update(&mut self, chunk: Bytes) {
+        if let Some(tx) = &self.tx {
+            // The receiver lives until `finish`, so sending cannot fail.
+            let _ = tx.send(chunk).await;
+        }
+    }
+
+    async fn finish(mut self) -> [u8; 32] {
+        self.tx = None;
+        self.handle.await.expect("SHA-256 worker does not panic")
+    }
+}
+
+fn join_error(name: &str, e: tokio::task::JoinError) -> ArchiveError {
+    ArchiveError::Io {
+        object: name.to_owned(),
+        source: io::Error::other(format!("chunk worker failed: {e}")),
+    }
+}
+
+fn io_error(name: &str, e: io::Error) -> ArchiveError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        ArchiveError::Truncated {
+            object: name.to_owned(),
+            detail: "the object ends before its trailer".into(),
+        }
+    } else {
+        ArchiveError::Io {
+            object: name.to_owned(),
+            source: e,
+        }
+    }
+}
+
+/// Encodes a plaintext stream into archive records, pulled one at a time with
+/// [`StreamEncoder::next_frame`].
+pub struct StreamEncoder<R> {
+    ctx: Arc<ObjectContext>,
+    reader: R,
+    concurrency: usize,
+    header_sent: bool,
+    eof: bool,
+    pending: Option<Bytes>,
+    next_index: u64,
+    in_flight: VecDeque<JoinHandle<Result<Bytes, ArchiveError>>>,
+    hasher: Option<HashWorker>,
+    plaintext_len: u64,
+    stored_len: u64,
+    summary: Option<ArchiveSummary>,
+}
+
+impl<R: AsyncRead + Unpin> StreamEncoder<R> {
+    /// Starts a new object named `name` (used in errors), encrypted when `keys` has a writer.
+    pub fn new(
+        name: &str,
+        reader: R,
+        keys: &KeyRing,
+        opts: &WriteOptions,
+    ) -> Result<Self, ArchiveError> {
+        let ctx = Arc::new(ObjectContext::for_writing(
+            name,
+            opts.codec,
+            keys,
+            opts.chunk_size,
+        )?);
+        let concurrency = opts.concurrency.max(1);
+        Ok(StreamEncoder {
+            ctx,
+            reader,
+            concurrency,
+            header_sent: false,
+            eof: false,
+            pending: None,
+            next_index: 0,
+            in_flight: VecDeque::with_capacity(concurrency),
+            hasher: Some(HashWorker::start(concurrency + 1)),
+            plaintext_len: 0,
+            stored_len: 0,
+            summary: None,
+        })
+    }
+
+    /// The object's header (available before anything is written).
+    pub fn header(&self) -> &Header {
+        self.ctx.header()
+    }
+
+    async fn read_chunk(&mut self) -> Result<Bytes, ArchiveError> {
+        let size = self.ctx.chunk_size();
+        let mut buf = BytesMut::with_capacity(size);
+        while buf.len() < size {
+            let n = (&mut self.reader)
+                .take((size - buf.len()) as u64)
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| ArchiveError::Io {
+                    object: self.ctx.name().to_owned(),
+                    source: e,
+                })?;
+            if n == 0 {
+                break;
+            }
+        }
+        Ok(buf.freeze())
+    }
+
+    fn dispatch(&mut self, chunk: Bytes, last: bool) {
+        let ctx = self.ctx.clone();
+        let index = self.next_index;
+        self.next_index += 1;
+        self.in_flight
+            .push_back(tokio::task::spawn_blocking(move || {
+                ctx.seal_chunk(index, last, &chunk).map(|f| f.into_bytes())
+            }));
+    }
+
+    /// The next record to store (header first, trailer last), or `None` when done.
+    pub async fn next_frame(&mut self) -> Result<Option<Bytes>, ArchiveError> {
+        if !self.header_sent {
+            self.header_sent = true;
+            let h = self.ctx.header_bytes().clone();
+            self.stored_len += h.len() as u64;
+            return Ok(Some(h));
+        }
+        while !self.eof && self.in_flight.len() < self.concurrency {
+            let chunk = self.read_chunk().await?;
+            let at_eof = chunk.len() < self.ctx.chunk_size();
+            self.plaintext_len += chunk.len() as u64;
+            if !chunk.is_empty()
+                && let Some(h) = self.hasher.as_mut()
+            {
+                h.update(chunk.clone()).await;
+            }
+            // A full chunk may or may not be the last one: hold it until the next read says.
+            match self.pending.take() {
+                Some(prev) if chunk.is_empty() => self.dispatch(prev, true),
+                Some(prev) => {
+                    self.dispatch(prev, false);
+                    if at_eof {
+                        self.dispatch(chunk, true);
+                    } else {
+                        self.pending = Some(chunk);
+                    }
+                }
+                None if at_eof => self.dispatch(chunk, true),
+                None => self.pending = Some(chunk),
+            }
+            self.eof = at_eof;
+        }
+        if let Some(handle) = self.in_flight.pop_front() {
+            let frame = handle.await.map_err(|e| join_error(self.ctx.name(), e))??;
+            self.stored_len += frame.len() as u64;
+            return Ok(Some(frame));
+        }
+        if let Some(hasher) = self.hasher.take() {
+            let trailer = Trailer {
+                plaintext_len: self.plaintext_len,
+                chunk_count: self.next_index,
+                sha256: hasher.finish().await,
+            };
+            let frame = self.ctx.seal_trailer(&trailer).into_bytes();
+            self.stored_len += frame.len() as u64;
+            self.summary = Some(ArchiveSummary::new(&self.ctx, &trailer, self.stored_len));
+            return Ok(Some(frame));
+        }
+        Ok(None)
+    }
+
+    /// The summary, once [`next_frame`](Self::next_frame) has returned `None`.
+    pub fn summary(&self) -> Option<&ArchiveSummary> {
+        self.summary.as_ref()
+    }
+}
+
+/// Decodes an archive stream into verified plaintext chunks, pulled one at a time with
+/// [`StreamDecoder::next_chunk`]. Each chunk is authenticated (or CRC-checked) before it is
+/// returned; the whole object (length, SHA-256, completeness) only once `next_chunk` returned
+/// `Ok(None)`, so a caller must not treat what it wrote as valid before that.
+pub struct StreamDecoder<R> {
+    ctx: Arc<ObjectContext>,
+    reader: R,
+    concurrency: usize,
+    next_index: u64,
+    saw_final: bool,
+    trailer_payload: Option<Vec<u8>>,
+    in_flight: VecDeque<JoinHandle<Result<Vec<u8>, ArchiveError>>>,
+    hasher: Option<HashWorker>,
+    plaintext_len: u64,
+    stored_len: u64,
+    summary: Option<ArchiveSummary>,
+}
+
+impl<R: AsyncRead + Unpin> StreamDecoder<R> {
+    /// Reads and checks the header, and finds the key.
+    pub async fn open(
+        name: &str,
+        mut reader: R,
+        keys: &KeyRing,
+        opts: &ReadOptions,
+    ) -> Result<Self, ArchiveError> {
+        let mut fixed = [0u8; FIXED_HEADER_LEN];
+        reader
+            .read_exact(&mut fixed)
+            .await
+            .map_err(|e| io_error(name, e))?;
+        let rest = Header::rest_len(name, &fixed)?;
+        let mut header = vec![0u8; FIXED_HEADER_LEN + rest];
+        header[..FIXED_HEADER_LEN].copy_from_slice(&fixed);
+        reader
+            .read_exact(&mut header[FIXED_HEADER_LEN..])
+            .await
+            .map_err(|e| io_error(name, e))?;
+        let stored_len = header.len() as u64;
+        let ctx = Arc::new(ObjectContext::for_reading(
+            name,
+            Bytes::from(header),
+            keys,
+            opts.require_encryption,
+        )?);
+        let concurrency = opts.concurrency.max(1);
+        Ok(StreamDecoder {
+            ctx,
+            reader,
+            concurrency,
+            next_index: 0,
+            saw_final: false,
+            trailer_payload: None,
+            in_flight: VecDeque::with_capacity(concurrency),
+            hasher: Some(HashWorker::start(concurrency + 1)),
+            plaintext_len: 0,
+            stored_len,
+            summary: None,
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        self.ctx.header()
+    }
+
+    async fn read_record(&mut self) -> Result<(u8, Vec<u8>), ArchiveError> {
+        let name = self.ctx.name();
+        let mut head = [0u8; RECORD_HEAD_LEN];
+        self.reader
+            .read_exact(&mut head)
+            .await
+            .map_err(|e| io_error(name, e))?;
+        let (kind, len) = parse_record_head(&self.ctx, &head)?;
+        let mut payload = vec![0u8; len];
+        self.reader
+            .read_exact(&mut payload)
+            .await
+            .map_err(|e| io_error(name, e))?;
+        self.stored_len += (RECORD_HEAD_LEN + len) as u64;
+        Ok((kind, payload))
+    }
+
+    /// The next verified plaintext chunk, or `None` once the trailer checked out.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, ArchiveError> {
+        while self.trailer_payload.is_none() && self.in_flight.len() < self.concurrency {
+            let (kind, payload) = self.read_record().await?;
+            match kind {
+                RECORD_DATA | RECORD_FINAL_DATA => {
+                    if self.saw_final {
+                        return Err(ArchiveError::Malformed {
+                            object: self.ctx.name().to_owned(),
+                            detail: format!("chunk {} after the final chunk", self.next_index),
+                        });
+                    }
+                    self.saw_final = kind == RECORD_FINAL_DATA;
+                    let ctx = self.ctx.clone();
+                    let index = self.next_index;
+                    self.next_index += 1;
+                    self.in_flight
+                        .push_back(tokio::task::spawn_blocking(move || {
+                            ctx.open_chunk(index, kind, payload)
+                        }));
+                }
+                _ => {
+                    debug_assert_eq!(kind, RECORD_TRAILER);
+                    self.trailer_payload = Some(payload);
+                }
+            }
+        }
+        if let Some(handle) = self.in_flight.pop_front() {
+            let plain = Bytes::from(handle.await.map_err(|e| join_error(self.ctx.name(), e))??);
+            self.plaintext_len += plain.len() as u64;
+            if let Some(h) = self.hasher.as_mut() {
+                h.update(plain.clone()).await;
+            }
+            return Ok(Some(plain));
+        }
+        if let Some(payload) = self.trailer_payload.take() {
+            let trailer = self.ctx.open_trailer(self.next_index, payload)?;
+            let mut extra = [0u8; 1];
+            let n = self
+                .reader
+                .read(&mut extra)
+                .await
+                .map_err(|e| io_error(self.ctx.name(), e))?;
+            if n != 0 {
+                return Err(ArchiveError::Malformed {
+                    object: self.ctx.name().to_owned(),
+                    detail: "data after the trailer".into(),
+                });
+            }
+            let hasher = self
+                .hasher
+                .take()
+                .expect("hasher present until the trailer");
+            let seen = Trailer {
+                plaintext_len: self.plaintext_len,
+                chunk_count: self.next_index,
+                sha256: hasher.finish().await,
+            };
+            self.ctx.check_trailer(&trailer, &seen, self.saw_final)?;
+            self.summary = Some(ArchiveSummary::new(&self.ctx, &trailer, self.stored_len));
+        }
+        Ok(None)
+    }
+
+    /// The summary, once [`next_chunk`](Self::next_chunk) has returned `None`.
+    pub fn summary(&self) -> Option<&ArchiveSummary> {
+        self.summary.as_ref()
+    }
+}
+
+/// Encodes `reader` into `writer` (flushed, not shut down).
+pub async fn encode<R, W>(
+    name: &str,
+    reader: R,
+    writer: &mut W,
+    keys: &KeyRing,
+    opts: &WriteOptions,
+) -> Result<ArchiveSummary, ArchiveError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut enc = StreamEncoder::new(name, reader, keys, opts)?;
+    let io = |e| ArchiveError::Io {
+        object: name.to_owned(),
+        source: e,
+    };
+    while let Some(frame) = enc.next_frame().await? {
+        writer.write_all(&frame).await.map_err(io)?;
+    }
+    writer.flush().await.map_err(io)?;
+    Ok(enc.summary.expect("summary set after the last frame"))
+}
+
+/// Decodes `reader` into `writer` (flushed, not shut down). What reaches `writer` is only known
+/// good when this returns `Ok`.
+pub async fn decode<R, W>(
+    name: &str,
+    reader: R,
+    writer: &mut W,
+    keys: &KeyRing,
+    opts: &ReadOptions,
+) -> Result<ArchiveSummary, ArchiveError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut dec = StreamDecoder::open(name, reader, keys, opts).await?;
+    let io = |e| ArchiveError::Io {
+        object: name.to_owned(),
+        source: e,
+    };
+    while let Some(chunk) = dec.next_chunk().await? {
+        writer.write_all(&chunk).await.map_err(io)?;
+    }
+    writer.flush().await.map_err(io)?;
+    Ok(dec.summary.expect("summary set after the last chunk"))
+}
+
+/// Checks a whole object without keeping its content.
+pub async fn verify<R: AsyncRead + Unpin>(
+    name: &str,
+    reader: R,
+    keys: &KeyRing,
+    opts: &ReadOptions,
+) -> Result<ArchiveSummary, ArchiveError> {
+    decode(name, reader, &mut tokio::io::sink(), keys, opts).await
+}
+
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Single-threaded [`encode`] on blocking I/O.
+pub fn encode_sync(
+    name: &str,
+    mut reader: impl Read,
+    mut writer: impl Write,
+    keys: &KeyRing,
+    opts: &WriteOptions,
+) -> Result<ArchiveSummary, ArchiveError> {
+    let ctx = ObjectContext::for_writing(name, opts.codec, keys, opts.chunk_size)?;
+    let io = |e| ArchiveError::Io {
+        object: name.to_owned(),
+        source: e,
+    };
+    let size = ctx.chunk_size();
+    writer.write_all(ctx.header_bytes()).map_err(io)?;
+    let mut stored = ctx.header_bytes().len() as u64;
+    let mut hasher = Sha256::new();
+    let (mut cur, mut next) = (vec![0u8; size], vec![0u8; size]);
+    let mut cur_len = read_full(&mut reader, &mut cur).map_err(io)?;
+    let (mut index, mut total) = (0u64, 0u64);
+    loop {
+        let next_len = if cur_len == size {
+            read_full(&mut reader, &mut next).map_err(io)?
+        } else {
+            0
+        };
+        let last = next_len == 0;
+        hasher.update(&cur[..cur_len]);
+        total += cur_len as u64;
+        let frame = ctx.seal_chunk(index, last, &cur[..cur_len])?;
+        writer
+            .write_all(&frame.head)
+            .and_then(|()| writer.write_all(&frame.payload))
+            .map_err(io)?;
+        stored += frame.len() as u64;
+        index += 1;
+        if last {
+            break;
+        }
+        std::mem::swap(&mut cur, &mut next);
+        cur_len = next_len;
+    }
+    let trailer = Trailer {
+        plaintext_len: total,
+        chunk_count: index,
+        sha256: hasher.finalize().into(),
+    };
+    let frame = ctx.seal_trailer(&trailer);
+    writer
+        .write_all(&frame.head)
+        .and_then(|()| writer.write_all(&frame.payload))
+        .map_err(io)?;
+    writer.flush().map_err(io)?;
+    stored += frame.len() as u64;
+    Ok(ArchiveSummary::new(&ctx, &trailer, stored))
+}
+
+/// Single-threaded [`decode`] on blocking I/O.
+pub fn decode_sync(
+    name: &str,
+    mut reader: impl Read,
+    mut writer: impl Write,
+    keys: &KeyRing,
+    opts: &ReadOptions,
+) -> Result<ArchiveSummary, ArchiveError> {
+    let io = |e: io::Error| io_error(name, e);
+    let mut fixed = [0u8; FIXED_HEADER_LEN];
+    reader.read_exact(&mut fixed).map_err(io)?;
+    let mut header = fixed.to_vec();
+    header.resize(FIXED_HEADER_LEN + Header::rest_len(name, &fixed)?, 0);
+    reader
+        .read_exact(&mut header[FIXED_HEADER_LEN..])
+        .map_err(io)?;
+    let mut stored = header.len() as u64;
+    let ctx = ObjectContext::for_reading(name, Bytes::from(header), keys, opts.require_encryption)?;
+    let mut hasher = Sha256::new();
+    let (mut index, mut total, mut saw_final) = (0u64, 0u64, false);
+    loop {
+        let mut head = [0u8; RECORD_HEAD_LEN];
+        reader.read_exact(&mut head).map_err(io)?;
+        let (kind, len) = parse_record_head(&ctx, &head)?;
+        let mut payload = vec![0u8; len];
+        reader.read_exact(&mut payload).map_err(io)?;
+        stored += (RECORD_HEAD_LEN + len) as u64;
+        if kind == RECORD_TRAILER {
+            let trailer = ctx.open_trailer(index, payload)?;
+            if read_full(&mut reader, &mut [0u8; 1]).map_err(io)? != 0 {
+                return Err(ArchiveError::Malformed {
+                    object: name.to_owned(),
+                    detail: "data after the trailer".into(),
+                });
+            }
+            let seen = Trailer {
+                plaintext_len: total,
+                chunk_count: index,
+                sha256: hasher.finalize().into(),
+            };
+            ctx.check_trailer(&trailer, &seen, saw_final)?;
+            writer.flush().map_err(io)?;
+            return Ok(ArchiveSummary::new(&ctx, &trailer, stored));
+        }
+        if saw_final {
+            return Err(ArchiveError::Malformed {
+                object: name.to_owned(),
+                detail: format!("chunk {index} after the final chunk"),
+            });
+        }
+        saw_final = kind == RECORD_FINAL_DATA;
+        let plain = ctx.open_chunk(index, kind, payload)?;
+        hasher.update(&plain);
+        total += plain.len() as u64;
+        writer.write_all(&plain).map_err(io)?;
+        index += 1;
+    }
+}
