@@ -1,0 +1,390 @@
+//! Agent configuration: a TOML file, overridden by `PGPILOT_*` environment variables, overridden
+//! by flags (clap gives flags precedence over env; the file fills what neither set). Validated
+//! once at start with errors that say what to fix. Secrets are only ever paths to files.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde::Deserialize;
+
+/// Flags of `pgpilot-agent run`. Every one also reads a `PGPILOT_*` variable and a key of the
+/// same name (snake case) in the config file.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunArgs {
+    /// TOML config file. Keys are the flag names in snake case.
+    #[arg(long, env = "PGPILOT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// PostgreSQL data directory (created and initialised when empty or absent).
+    #[arg(long, env = "PGPILOT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Directory for the agent's own files (lock, socket, generated secrets). Default: the data
+    /// dir's parent.
+    #[arg(long, env = "PGPILOT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// TCP port Postgres listens on.
+    #[arg(long, env = "PGPILOT_POSTGRES_PORT")]
+    pub postgres_port: Option<u16>,
+    /// Postgres `listen_addresses`.
+    #[arg(long, env = "PGPILOT_POSTGRES_LISTEN_ADDRESSES")]
+    pub postgres_listen_addresses: Option<String>,
+    /// Directory holding initdb and postgres. Default: `pg_config --bindir`, then the directory
+    /// of `initdb` on PATH, then the newest /usr/lib/postgresql/*/bin.
+    #[arg(long, env = "PGPILOT_PG_BIN_DIR")]
+    pub pg_bin_dir: Option<PathBuf>,
+    /// OS user that runs Postgres when the agent runs as root (Postgres refuses root).
+    #[arg(long, env = "PGPILOT_POSTGRES_USER")]
+    pub postgres_user: Option<String>,
+    /// External API listener (the pod IP in Kubernetes).
+    #[arg(long, env = "PGPILOT_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+    /// Loopback API listener, used by wal-push, wal-fetch and the CLI inside the pod.
+    #[arg(long, env = "PGPILOT_API_LOOPBACK_LISTEN")]
+    pub api_loopback_listen: Option<SocketAddr>,
+    /// File holding the bearer token required by state-changing routes. Default:
+    /// `<state_dir>/api-token`, generated when absent.
+    #[arg(long, env = "PGPILOT_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// File holding the Postgres superuser's password. Default: `<state_dir>/superuser-password`,
+    /// generated when absent.
+    #[arg(long, env = "PGPILOT_SUPERUSER_PASSWORD_FILE")]
+    pub superuser_password_file: Option<PathBuf>,
+    /// File holding the replication role's password. Default:
+    /// `<state_dir>/replication-password`, generated when absent.
+    #[arg(long, env = "PGPILOT_REPLICATION_PASSWORD_FILE")]
+    pub replication_password_file: Option<PathBuf>,
+}
+
+/// The config file. Every key optional; flags and env win.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub postgres_port: Option<u16>,
+    pub postgres_listen_addresses: Option<String>,
+    pub pg_bin_dir: Option<PathBuf>,
+    pub postgres_user: Option<String>,
+    pub api_listen: Option<SocketAddr>,
+    pub api_loopback_listen: Option<SocketAddr>,
+    pub api_token_file: Option<PathBuf>,
+    pub superuser_password_file: Option<PathBuf>,
+    pub replication_password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub postgres: PostgresSection,
+}
+
+/// `[postgres]` in the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSection {
+    /// Superuser name given to initdb.
+    pub superuser: Option<String>,
+    /// Replication role created at bootstrap.
+    pub replication_user: Option<String>,
+    /// Client networks allowed in pg_hba.conf besides loopback (CIDR).
+    #[serde(default)]
+    pub allow_networks: Vec<String>,
+    /// User parameters rendered into pgpilot.conf; re-read on `POST /v1/reload`.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, toml::Value>,
+}
+
+/// Where a secret comes from: a file the user named (must be readable) or a default path the
+/// agent may create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretFile {
+    pub path: PathBuf,
+    pub generate_if_missing: bool,
+}
+
+/// The validated configuration the agent runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub config_file: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub postgres_port: u16,
+    pub postgres_listen_addresses: String,
+    pub pg_bin_dir: Option<PathBuf>,
+    pub postgres_user: String,
+    pub api_listen: SocketAddr,
+    pub api_loopback_listen: SocketAddr,
+    pub api_token: SecretFile,
+    pub superuser_password: SecretFile,
+    pub replication_password: SecretFile,
+    pub superuser: String,
+    pub replication_user: String,
+    pub allow_networks: Vec<String>,
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// A configuration error, saying what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+pub const DEFAULT_DATA_DIR: &str = "./data/pg";
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8008";
+pub const DEFAULT_API_LOOPBACK_LISTEN: &str = "127.0.0.1:8009";
+
+impl Config {
+    /// Merges flags/env over the config file over defaults, and checks what can be checked
+    /// without touching the system (that is `crate::preflight`'s job).
+    pub fn load(args: &RunArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file)
+    }
+
+    fn merge(args: &RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
+        let base_dir = args
+            .config
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        // Paths from the file are relative to the file; paths from flags to the cwd.
+        let from_file = |p: Option<PathBuf>| p.map(|p| absolutize(&base_dir.join(p)));
+        let from_flag = |p: &Option<PathBuf>| p.as_ref().map(|p| absolutize(p));
+
+        let data_dir = from_flag(&args.data_dir)
+            .or_else(|| from_file(file.data_dir))
+            .unwrap_or_else(|| absolutize(Path::new(DEFAULT_DATA_DIR)));
+        let state_dir = from_flag(&args.state_dir)
+            .or_else(|| from_file(file.state_dir))
+            .unwrap_or_else(|| {
+                data_dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"))
+            });
+        let secret = |flag: &Option<PathBuf>, file_val: Option<PathBuf>, name: &str| {
+            match from_flag(flag).or_else(|| from_file(file_val)) {
+                Some(path) => SecretFile { path, generate_if_missing: false },
+                None => SecretFile { path: state_dir.join(name), generate_if_missing: true },
+            }
+        };
+        let api_token = secret(&args.api_token_file, file.api_token_file, "api-token");
+        let superuser_password = secret(
+            &args.superuser_password_file,
+            file.superuser_password_file,
+            "superuser-password",
+        );
+        let replication_password = secret(
+            &args.replication_password_file,
+            file.replication_password_file,
+            "replication-password",
+        );
+
+        let postgres_port = args.postgres_port.or(file.postgres_port).unwrap_or(5432);
+        if postgres_port == 0 {
+            return Err(ConfigError::Invalid {
+                key: "postgres_port",
+                message: "must be a port number between 1 and 65535".into(),
+            });
+        }
+        let api_listen = args
+            .api_listen
+            .or(file.api_listen)
+            .unwrap_or_else(|| DEFAULT_API_LISTEN.parse().expect("static address"));
+        let api_loopback_listen = args
+            .api_loopback_listen
+            .or(file.api_loopback_listen)
+            .unwrap_or_else(|| DEFAULT_API_LOOPBACK_LISTEN.parse().expect("static address"));
+        if !api_loopback_listen.ip().is_loopback() {
+            return Err(ConfigError::Invalid {
+                key: "api_loopback_listen",
+                message: format!("{api_loopback_listen} is not a loopback address"),
+            });
+        }
+        if api_listen == api_loopback_listen {
+            return Err(ConfigError::Invalid {
+                key: "api_listen",
+                message: format!(
+                    "{api_listen} is also the loopback listener's address; give them different ports"
+                ),
+            });
+        }
+
+        let superuser = file.postgres.superuser.unwrap_or_else(|| "postgres".into());
+        let replication_user = file.postgres.replication_user.unwrap_or_else(|| "replicator".into());
+        for (key, name) in [("postgres.superuser", &superuser), ("postgres.replication_user", &replication_user)] {
+            if !is_identifier(name) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("{name:?} must be a lower-case SQL identifier ([a-z_][a-z0-9_]*)"),
+                });
+            }
+        }
+        for net in &file.postgres.allow_networks {
+            validate_cidr(net)?;
+        }
+        let mut parameters = BTreeMap::new();
+        for (name, value) in file.postgres.parameters {
+            parameters.insert(name.clone(), parameter_value(&name, &value)?);
+        }
+        crate::postgres::conf::validate_user_parameters(&parameters)?;
+
+        Ok(Config {
+            config_file: args.config.as_ref().map(|p| absolutize(p)),
+            data_dir,
+            state_dir,
+            postgres_port,
+            postgres_listen_addresses: args
+                .postgres_listen_addresses
+                .clone()
+                .or(file.postgres_listen_addresses)
+                .unwrap_or_else(|| "127.0.0.1".into()),
+            pg_bin_dir: from_flag(&args.pg_bin_dir).or_else(|| from_file(file.pg_bin_dir)),
+            postgres_user: args
+                .postgres_user
+                .clone()
+                .or(file.postgres_user)
+                .unwrap_or_else(|| "postgres".into()),
+            api_listen,
+            api_loopback_listen,
+            api_token,
+            superuser_password,
+            replication_password,
+            superuser,
+            replication_user,
+            allow_networks: file.postgres.allow_networks,
+            parameters,
+        })
+    }
+
+    /// Re-reads only the user parameters from the config file (for `POST /v1/reload`).
+    pub fn reread_parameters(&self) -> Result<BTreeMap<String, String>, ConfigError> {
+        let Some(path) = &self.config_file else {
+            return Ok(self.parameters.clone());
+        };
+        let file = read_file_config(path)?;
+        let mut parameters = BTreeMap::new();
+        for (name, value) in file.postgres.parameters {
+            parameters.insert(name.clone(), parameter_value(&name, &value)?);
+        }
+        crate::postgres::conf::validate_user_parameters(&parameters)?;
+        Ok(parameters)
+    }
+
+    /// Unix socket directory of Postgres (kept out of the data dir so a restore can replace
+    /// the data dir wholesale).
+    pub fn socket_dir(&self) -> PathBuf {
+        self.state_dir.join("run")
+    }
+
+    /// Lock file that keeps a second agent off this data dir.
+    pub fn lock_file(&self) -> PathBuf {
+        let name = self.data_dir.file_name().map(|n| n.to_string_lossy().into_owned());
+        self.state_dir.join(format!(".{}.pgpilot-agent.lock", name.unwrap_or_else(|| "data".into())))
+    }
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn absolutize(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.len() < 64
+}
+
+fn validate_cidr(net: &str) -> Result<(), ConfigError> {
+    let invalid = || ConfigError::Invalid {
+        key: "postgres.allow_networks",
+        message: format!("{net:?} is not a CIDR such as 10.0.0.0/8 or fd00::/8"),
+    };
+    let (addr, bits) = net.split_once('/').ok_or_else(invalid)?;
+    let addr: std::net::IpAddr = addr.parse().map_err(|_| invalid())?;
+    let bits: u8 = bits.parse().map_err(|_| invalid())?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if bits > max {
+        return Err(invalid());
+    }
+    Ok(())
+}
+
+/// A TOML parameter value as Postgres expects it: strings as is, numbers and booleans printed.
+fn parameter_value(name: &str, value: &toml::Value) -> Result<String, ConfigError> {
+    match value {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        toml::Value::Boolean(b) => Ok(if *b { "on".into() } else { "off".into() }),
+        other => Err(ConfigError::Invalid {
+            key: "postgres.parameters",
+            message: format!("{name}: {} is not a string, number or boolean", other.type_str()),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> FileConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn flags_win_over_file_and_defaults_apply() {
+        let args = RunArgs { postgres_port: Some(6000), ..Default::default() };
+        let cfg = Config::merge(&args, file("postgres_port = 5000\ndata_dir = \"/srv/pg\"")).unwrap();
+        assert_eq!(cfg.postgres_port, 6000);
+        assert_eq!(cfg.data_dir, PathBuf::from("/srv/pg"));
+        assert_eq!(cfg.state_dir, PathBuf::from("/srv"));
+        assert_eq!(cfg.api_token.path, PathBuf::from("/srv/api-token"));
+        assert!(cfg.api_token.generate_if_missing);
+        assert_eq!(cfg.api_listen.to_string(), DEFAULT_API_LISTEN);
+    }
+
+    #[test]
+    fn named_secret_files_must_exist() {
+        let args = RunArgs { api_token_file: Some("/etc/token".into()), ..Default::default() };
+        let cfg = Config::merge(&args, FileConfig::default()).unwrap();
+        assert_eq!(cfg.api_token, SecretFile { path: "/etc/token".into(), generate_if_missing: false });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = toml::from_str::<FileConfig>("postgres_prot = 1").unwrap_err().to_string();
+        assert!(err.contains("postgres_prot"), "{err}");
+        let err = Config::merge(&RunArgs::default(), file("[postgres]\nallow_networks = [\"10.0.0.0/33\"]"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("allow_networks") && err.contains("10.0.0.0/33"), "{err}");
+        let args = RunArgs { api_loopback_listen: Some("10.1.1.1:80".parse().unwrap()), ..Default::default() };
+        let err = Config::merge(&args, FileConfig::default()).unwrap_err().to_string();
+        assert!(err.contains("not a loopback"), "{err}");
+    }
+
+    #[test]
+    fn parameters_are_rendered_as_postgres_values() {
+        let cfg = Config::merge(
+            &RunArgs::default(),
+            file("[postgres.parameters]\nwork_mem = \"8MB\"\nmax_connections = 50\njit = false"),
+        )
+        .unwrap();
+        assert_eq!(cfg.parameters["work_mem"], "8MB");
+        assert_eq!(cfg.parameters["max_connections"], "50");
+        assert_eq!(cfg.parameters["jit"], "off");
+    }
+}

@@ -1,0 +1,9 @@
+//! The agent's HTTP API (axum): routes, authentication, the one error body.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod routes;
+pub mod server;
+
+pub use error::ApiError;

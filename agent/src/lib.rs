@@ -1,0 +1,189 @@
+//! pgpilot-agent: runs beside PostgreSQL (as its parent process) and owns it: bootstrap,
+//! supervision, the HTTP API, and in later parts archiving, restore and reparenting.
+//!
+//! [`run`] is the `pgpilot-agent run` command: validate, lock the data dir, bootstrap if
+//! needed, then supervise Postgres and serve the API until SIGTERM or SIGINT.
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod http;
+pub mod logging;
+pub mod metrics;
+pub mod postgres;
+pub mod secrets;
+pub mod supervisor;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use nix::fcntl::{Flock, FlockArg};
+use pgpilot_common::state::{AgentState, BootstrapMethod};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, RunArgs};
+use crate::postgres::OsUser;
+use crate::postgres::bins::PgBinaries;
+use crate::postgres::bootstrap::{self, DataDirState};
+
+/// Runs the agent until a termination signal, then stops Postgres (fast) and returns.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let cfg = Config::load(&args)?;
+    let owner = OsUser::for_postgres(&cfg.postgres_user)?;
+    let bins = PgBinaries::discover(cfg.pg_bin_dir.as_deref())?;
+    tracing::info!(bin_dir = %bins.bin_dir.display(), version = %bins.version, "PostgreSQL binaries");
+
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("cannot create the state dir {}; is its parent writable?", cfg.state_dir.display()))?;
+    let _lock = lock_data_dir(&cfg)?;
+    bootstrap::check_reachable(&cfg.data_dir, owner.as_ref())?;
+    check_writable(&cfg.state_dir)?;
+
+    let api_token = secrets::load("API token", &cfg.api_token)?;
+    let superuser_password = secrets::load("superuser password", &cfg.superuser_password)?;
+    let replication_password = secrets::load("replication password", &cfg.replication_password)?;
+
+    let loopback = bind(cfg.api_loopback_listen, "api_loopback_listen").await?;
+    let external = bind(cfg.api_listen, "api_listen").await?;
+
+    postgres::process::stop_leftover_postmaster(&cfg.data_dir).await?;
+    check_port_free(cfg.postgres_port)?;
+    bootstrap::prepare_dir(&cfg.socket_dir(), 0o755, owner.as_ref())?;
+
+    let data_state = bootstrap::inspect(&cfg.data_dir, &bins)?;
+    if data_state == DataDirState::Empty {
+        check_writable(cfg.data_dir.parent().unwrap_or(Path::new("/")))?;
+    }
+
+    let metrics = metrics::Metrics::new();
+    let parts = supervisor::Parts {
+        cfg,
+        bins,
+        owner,
+        superuser_password,
+        replication_password,
+        api_token,
+        metrics,
+    };
+    let (shared, requests) = supervisor::new(parts, AgentState::Initializing);
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(http::server::serve(shared.clone(), loopback, external, shutdown.clone()));
+    tokio::spawn(watch_signals(shutdown.clone()));
+
+    if data_state == DataDirState::Empty {
+        shared.set_state(AgentState::Bootstrapping { method: BootstrapMethod::Initdb });
+        let cfg = &shared.cfg;
+        let result = bootstrap::initdb(
+            &shared.bins,
+            &cfg.data_dir,
+            &cfg.superuser,
+            &shared.superuser_password,
+            &cfg.socket_dir(),
+            shared.owner.as_ref(),
+        )
+        .await;
+        if let Err(e) = result {
+            shared.set_state(AgentState::Failed { reason: e.to_string() });
+            shutdown.cancel();
+            let _ = server.await;
+            return Err(e.into());
+        }
+    }
+
+    tokio::spawn(announce_when_running(shared.clone()));
+    supervisor::run(shared.clone(), requests, shutdown.clone()).await;
+    shutdown.cancel();
+    server.await.context("API server task")?.context("API server")?;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// One agent per data dir: an exclusive flock held for the agent's life (released by the
+/// kernel when the process dies, however it dies).
+fn lock_data_dir(cfg: &Config) -> anyhow::Result<Flock<std::fs::File>> {
+    let path = cfg.lock_file();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => {
+            use std::io::{Seek, Write};
+            let mut f: &std::fs::File = &lock;
+            f.set_len(0)?;
+            f.seek(std::io::SeekFrom::Start(0))?;
+            writeln!(f, "{}", std::process::id())?;
+            Ok(lock)
+        }
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            anyhow::bail!(
+                "another pgpilot-agent (pid {}) already runs on data dir {} (lock {}); stop it first",
+                holder.trim(),
+                cfg.data_dir.display(),
+                path.display()
+            )
+        }
+        Err((_, e)) => Err(anyhow::anyhow!("cannot lock {}: {e}", path.display())),
+    }
+}
+
+fn check_writable(dir: &Path) -> anyhow::Result<()> {
+    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK)
+        .with_context(|| format!("directory {} is not writable by the agent", dir.display()))
+}
+
+async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} ({key}): is another agent or program using the port? choose another with --{}", key.replace('_', "-"))
+    })
+}
+
+fn check_port_free(port: u16) -> anyhow::Result<()> {
+    std::net::TcpListener::bind(("127.0.0.1", port)).map(drop).with_context(|| {
+        format!("PostgreSQL port {port} is already in use on 127.0.0.1 (another PostgreSQL?); choose another with --postgres-port")
+    })
+}
+
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping Postgres (fast) and exiting"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping Postgres (fast) and exiting"),
+    }
+    shutdown.cancel();
+}
+
+/// Prints how to connect, once, when Postgres first accepts connections.
+async fn announce_when_running(shared: Arc<supervisor::Shared>) {
+    let mut rx = shared.subscribe();
+    if rx.wait_for(|s| matches!(s, AgentState::Running { .. })).await.is_err() {
+        return;
+    }
+    let cfg = &shared.cfg;
+    let host = if cfg.postgres_listen_addresses.split(',').any(|a| a.trim() == "*" || a.trim() == "0.0.0.0") {
+        "127.0.0.1".to_string()
+    } else {
+        cfg.postgres_listen_addresses.split(',').next().unwrap_or("127.0.0.1").trim().to_string()
+    };
+    let pw: PathBuf = cfg.superuser_password.path.clone();
+    println!(
+        "\npgpilot-agent: PostgreSQL {} is running.\n  psql: PGPASSWORD=\"$(cat {})\" psql -h {host} -p {} -U {} postgres\n  API:  http://{}/v1/status  (loopback http://{}; token in {})\n",
+        shared.bins.major,
+        pw.display(),
+        cfg.postgres_port,
+        cfg.superuser,
+        cfg.api_listen,
+        cfg.api_loopback_listen,
+        cfg.api_token.path.display(),
+    );
+}

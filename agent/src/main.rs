@@ -1,0 +1,191 @@
+//! `pgpilot-agent`: the thin binary. Logic lives in the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use pgpilot_agent::config::RunArgs;
+use pgpilot_common::api::{ShutdownMode, ShutdownRequest, StatusResponse};
+use pgpilot_common::client::AgentClient;
+
+/// pgpilot-agent owns one PostgreSQL: bootstrap, supervision, backups, restore, reparenting.
+#[derive(Debug, Parser)]
+#[command(name = "pgpilot-agent", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent: bootstrap the data dir if empty, supervise Postgres, serve the API.
+    Run(Box<RunArgs>),
+    /// Show the agent's and Postgres' status.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print the raw JSON status.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop Postgres (the agent keeps running; `start` brings it back).
+    Stop {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Shutdown mode.
+        #[arg(long, value_enum, default_value = "fast")]
+        mode: Mode,
+    },
+    /// Start Postgres after a stop.
+    Start {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Restart Postgres.
+    Restart {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Shutdown mode.
+        #[arg(long, value_enum, default_value = "fast")]
+        mode: Mode,
+    },
+    /// Re-read [postgres.parameters] from the config file and reload Postgres.
+    Reload {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Mode {
+    Smart,
+    Fast,
+    Immediate,
+}
+
+impl From<Mode> for ShutdownMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Smart => ShutdownMode::Smart,
+            Mode::Fast => ShutdownMode::Fast,
+            Mode::Immediate => ShutdownMode::Immediate,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct ApiArgs {
+    /// The agent's API URL.
+    #[arg(long, env = "PGPILOT_API_URL", default_value = "http://127.0.0.1:8009")]
+    api_url: String,
+    /// File holding the API bearer token (routes that change state need it). Default:
+    /// ./data/api-token when it exists.
+    #[arg(long, env = "PGPILOT_API_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    fn client(&self, needs_token: bool) -> anyhow::Result<AgentClient> {
+        let default = PathBuf::from("./data/api-token");
+        let path = match &self.token_file {
+            Some(p) => Some(p.clone()),
+            None => default.exists().then_some(default),
+        };
+        let token = match (path, needs_token) {
+            (Some(p), _) => Some(pgpilot_agent::secrets::read("API token", &p)?.expose().to_string()),
+            (None, true) => anyhow::bail!("this command needs the API token: pass --token-file or set PGPILOT_API_TOKEN_FILE"),
+            (None, false) => None,
+        };
+        Ok(AgentClient::new(&self.api_url, token))
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    pgpilot_agent::logging::init();
+    match cli.command {
+        Command::Run(args) => pgpilot_agent::run(*args).await,
+        Command::Status { api, json } => {
+            let client = api.client(false)?;
+            let status = client.status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", render_status(client.base_url(), &status));
+            }
+            Ok(())
+        }
+        Command::Stop { api, mode } => {
+            let r = api.client(true)?.stop(&ShutdownRequest { mode: mode.into() }).await?;
+            println!("Postgres stopped; agent state {}", r.state);
+            Ok(())
+        }
+        Command::Start { api } => {
+            let r = api.client(true)?.start().await?;
+            println!("Postgres started (pid {}); agent state {}", fmt_opt(r.postmaster_pid), r.state);
+            Ok(())
+        }
+        Command::Restart { api, mode } => {
+            let r = api.client(true)?.restart(&ShutdownRequest { mode: mode.into() }).await?;
+            println!("Postgres restarted (pid {}); agent state {}", fmt_opt(r.postmaster_pid), r.state);
+            Ok(())
+        }
+        Command::Reload { api } => {
+            let r = api.client(true)?.reload().await.context("reload")?;
+            println!("reloaded; changed: {}", if r.changed.is_empty() { "nothing".into() } else { r.changed.join(", ") });
+            if !r.pending_restart.is_empty() {
+                println!("needs a restart to take effect: {}", r.pending_restart.join(", "));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn fmt_opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn fmt_secs(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn render_status(url: &str, s: &StatusResponse) -> String {
+    let mut out = format!("pgpilot-agent at {url}\n");
+    out += &format!("  state:     {}\n", s.state);
+    out += &format!(
+        "  postgres:  {} (major {}), pid {}, port {}, up {}\n",
+        s.postgres_version.as_deref().unwrap_or("-"),
+        s.postgres_major,
+        fmt_opt(s.postmaster_pid),
+        s.postgres_port,
+        s.postgres_uptime_seconds.map(fmt_secs).unwrap_or_else(|| "-".into())
+    );
+    out += &format!("  data dir:  {}\n", s.data_dir);
+    out += &format!(
+        "  WAL:       timeline {}, current {}, flushed {}\n",
+        fmt_opt(s.timeline),
+        s.current_lsn.as_deref().unwrap_or("-"),
+        s.flushed_lsn.as_deref().unwrap_or("-")
+    );
+    out += &format!("  restarts:  {} after crashes, {} requested\n", s.crash_restarts, s.requested_restarts);
+    if let Some(f) = &s.last_failure {
+        out += &format!("  last failure: {f}\n");
+    }
+    out += &format!("  agent up:  {}\n", fmt_secs(s.agent_uptime_seconds));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+}

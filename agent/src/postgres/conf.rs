@@ -1,0 +1,243 @@
+//! The files the agent owns in the data dir: `pgpilot.conf` (included from postgresql.conf)
+//! and `pg_hba.conf`. Rendered from the configuration at every start and reload; hand edits
+//! to them are overwritten, which the files' headers say.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::config::{Config, ConfigError};
+
+pub const INCLUDE_FILE: &str = "pgpilot.conf";
+const INCLUDE_LINE: &str = "include_if_exists = 'pgpilot.conf'\t# added by pgpilot-agent; keep last";
+
+/// Parameters the agent sets itself; a user value would break what the agent relies on.
+const RESERVED: &[&str] = &[
+    "port",
+    "listen_addresses",
+    "unix_socket_directories",
+    "data_directory",
+    "config_file",
+    "hba_file",
+    "ident_file",
+    "external_pid_file",
+    "logging_collector",
+    "log_destination",
+    "archive_mode",
+    "archive_command",
+    "archive_library",
+    "restore_command",
+    "primary_conninfo",
+    "primary_slot_name",
+    "recovery_target",
+    "recovery_target_time",
+    "recovery_target_lsn",
+    "recovery_target_xid",
+    "recovery_target_name",
+];
+
+/// Rejects parameter names Postgres would not accept and parameters the agent owns.
+pub fn validate_user_parameters(params: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    for (name, value) in params {
+        let valid_name = !name.is_empty()
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
+        if !valid_name {
+            return Err(ConfigError::Invalid {
+                key: "postgres.parameters",
+                message: format!("{name:?} is not a valid parameter name (lower case, digits, _ and .)"),
+            });
+        }
+        if RESERVED.contains(&name.as_str()) {
+            return Err(ConfigError::Invalid {
+                key: "postgres.parameters",
+                message: format!("{name} is managed by pgpilot-agent; set it through the agent's own options"),
+            });
+        }
+        if value.contains('\n') || value.contains('\0') {
+            return Err(ConfigError::Invalid {
+                key: "postgres.parameters",
+                message: format!("{name}: value contains a line break or NUL"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Quotes a value for postgresql.conf.
+fn quote(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// The agent-managed settings, then the user's parameters, as (name, value) in file order.
+pub fn settings(cfg: &Config, user: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = vec![
+        ("listen_addresses".into(), cfg.postgres_listen_addresses.clone()),
+        ("port".into(), cfg.postgres_port.to_string()),
+        ("unix_socket_directories".into(), cfg.socket_dir().display().to_string()),
+        ("hba_file".into(), cfg.data_dir.join("pg_hba.conf").display().to_string()),
+        // Postgres logs to stderr, which the agent reads and re-emits in its own log stream.
+        ("logging_collector".into(), "off".into()),
+        ("log_destination".into(), "stderr".into()),
+        ("log_line_prefix".into(), "%m [%p] %q%u@%d ".into()),
+        ("wal_level".into(), "replica".into()),
+        ("wal_log_hints".into(), "on".into()),
+        ("max_wal_senders".into(), "10".into()),
+        ("max_replication_slots".into(), "10".into()),
+        ("hot_standby".into(), "on".into()),
+        ("password_encryption".into(), "scram-sha-256".into()),
+    ];
+    for (k, v) in user {
+        // A user value for an agent default (not a reserved one) wins: replace in place.
+        if let Some(slot) = out.iter_mut().find(|(name, _)| name == k) {
+            slot.1 = v.clone();
+        } else {
+            out.push((k.clone(), v.clone()));
+        }
+    }
+    out
+}
+
+pub fn render_pgpilot_conf(cfg: &Config, user: &BTreeMap<String, String>) -> String {
+    let mut s = String::from(
+        "# Rendered by pgpilot-agent at every start and reload: edits here are overwritten.\n\
+         # Set parameters in the agent's config file under [postgres.parameters].\n",
+    );
+    for (name, value) in settings(cfg, user) {
+        s.push_str(&format!("{name} = {}\n", quote(&value)));
+    }
+    s
+}
+
+pub fn render_pg_hba(cfg: &Config) -> String {
+    let mut s = String::from(
+        "# Rendered by pgpilot-agent at every start and reload: edits here are overwritten.\n\
+         # TYPE  DATABASE     USER             ADDRESS          METHOD\n",
+    );
+    let su = &cfg.superuser;
+    let repl = &cfg.replication_user;
+    s.push_str("local   all          all                               scram-sha-256\n");
+    s.push_str(&format!("local   replication  {repl:<16}                  scram-sha-256\n"));
+    s.push_str(&format!("local   replication  {su:<16}                  scram-sha-256\n"));
+    let mut nets = vec!["127.0.0.1/32".to_string(), "::1/128".to_string()];
+    nets.extend(cfg.allow_networks.iter().cloned());
+    for net in &nets {
+        s.push_str(&format!("host    all          all              {net:<16} scram-sha-256\n"));
+        s.push_str(&format!("host    replication  {repl:<16} {net:<16} scram-sha-256\n"));
+    }
+    s
+}
+
+/// Writes `content` to `path` through a temp file and rename, so Postgres never reads a
+/// half-written file. Returns whether the content changed.
+pub fn write_if_changed(path: &Path, content: &str, owner: Option<&super::OsUser>) -> std::io::Result<bool> {
+    if std::fs::read_to_string(path).is_ok_and(|old| old == content) {
+        return Ok(false);
+    }
+    let tmp = path.with_extension("pgpilot-tmp");
+    std::fs::write(&tmp, content)?;
+    if let Some(owner) = owner {
+        owner.chown(&tmp)?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(true)
+}
+
+/// Renders pgpilot.conf and pg_hba.conf into the data dir and makes sure postgresql.conf
+/// includes pgpilot.conf (last, so its settings win). Returns the names of settings whose
+/// value changed from what pgpilot.conf held.
+pub fn render_all(
+    cfg: &Config,
+    user: &BTreeMap<String, String>,
+    owner: Option<&super::OsUser>,
+) -> std::io::Result<Vec<String>> {
+    let conf_path = cfg.data_dir.join(INCLUDE_FILE);
+    let before = std::fs::read_to_string(&conf_path).map(|s| parse_rendered(&s)).unwrap_or_default();
+    let new = render_pgpilot_conf(cfg, user);
+    write_if_changed(&conf_path, &new, owner)?;
+    write_if_changed(&cfg.data_dir.join("pg_hba.conf"), &render_pg_hba(cfg), owner)?;
+    ensure_include(&cfg.data_dir.join("postgresql.conf"), owner)?;
+    let after = parse_rendered(&new);
+    let mut changed: Vec<String> = after
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(v))
+        .map(|(k, _)| k.clone())
+        .chain(before.keys().filter(|k| !after.contains_key(*k)).cloned())
+        .collect();
+    changed.sort();
+    Ok(changed)
+}
+
+fn parse_rendered(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once(" = "))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn ensure_include(postgresql_conf: &PathBuf, owner: Option<&super::OsUser>) -> std::io::Result<()> {
+    let text = std::fs::read_to_string(postgresql_conf)?;
+    if text.lines().any(|l| l.trim_start().starts_with("include_if_exists = 'pgpilot.conf'")) {
+        return Ok(());
+    }
+    let mut new = text;
+    if !new.ends_with('\n') {
+        new.push('\n');
+    }
+    new.push_str(INCLUDE_LINE);
+    new.push('\n');
+    write_if_changed(postgresql_conf, &new, owner).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FileConfig, RunArgs};
+
+    fn cfg(toml_text: &str) -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pgpilot.toml");
+        std::fs::write(&path, toml_text).unwrap();
+        let args = RunArgs { config: Some(path), data_dir: Some("/d/pg".into()), ..Default::default() };
+        let _ = FileConfig::default();
+        Config::load(&args).unwrap()
+    }
+
+    #[test]
+    fn renders_quoted_values_and_user_overrides() {
+        let c = cfg("[postgres.parameters]\nwork_mem = \"8MB\"\nmax_wal_senders = 4\nsearch_path = \"'$user', public\"\n");
+        let text = render_pgpilot_conf(&c, &c.parameters);
+        assert!(text.contains("port = '5432'\n"), "{text}");
+        assert!(text.contains("work_mem = '8MB'\n"));
+        assert!(text.contains("max_wal_senders = '4'\n"));
+        assert!(!text.contains("max_wal_senders = '10'"));
+        assert!(text.contains("search_path = '''$user'', public'\n"), "{text}");
+    }
+
+    #[test]
+    fn reserved_parameters_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pgpilot.toml");
+        std::fs::write(&path, "[postgres.parameters]\nport = 1\n").unwrap();
+        let err = Config::load(&RunArgs { config: Some(path), ..Default::default() }).unwrap_err();
+        assert!(err.to_string().contains("port is managed by pgpilot-agent"), "{err}");
+    }
+
+    #[test]
+    fn render_all_reports_changes_and_includes_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg("");
+        c.data_dir = dir.path().to_path_buf();
+        std::fs::write(dir.path().join("postgresql.conf"), "shared_buffers = 128MB").unwrap();
+        let first = render_all(&c, &BTreeMap::new(), None).unwrap();
+        assert!(first.contains(&"port".to_string()));
+        let mut user = BTreeMap::new();
+        user.insert("work_mem".to_string(), "16MB".to_string());
+        assert_eq!(render_all(&c, &user, None).unwrap(), vec!["work_mem".to_string()]);
+        assert_eq!(render_all(&c, &BTreeMap::new(), None).unwrap(), vec!["work_mem".to_string()]);
+        let main = std::fs::read_to_string(dir.path().join("postgresql.conf")).unwrap();
+        assert_eq!(main.matches("pgpilot.conf").count(), 1, "{main}");
+        let hba = std::fs::read_to_string(dir.path().join("pg_hba.conf")).unwrap();
+        assert!(hba.contains("replication  replicator"));
+        assert!(!hba.contains("trust"));
+    }
+}

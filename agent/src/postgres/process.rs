@@ -1,0 +1,217 @@
+//! The postmaster as a child of the agent (not a detached `pg_ctl` daemon): spawning it,
+//! capturing its log lines into the agent's log stream, signalling and reaping it.
+//!
+//! Orphans: the postmaster gets `PR_SET_PDEATHSIG = SIGQUIT`, so even a `kill -9` of the agent
+//! makes Postgres shut down at once (immediate mode; crash recovery on the next start). At
+//! start the agent also stops any postmaster left on its data dir (see
+//! [`stop_leftover_postmaster`]).
+
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use pgpilot_common::api::ShutdownMode;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+
+use super::bins::PgBinaries;
+use super::{OsUser, run_as};
+
+/// A running postmaster owned by the agent.
+#[derive(Debug)]
+pub struct Postmaster {
+    child: Child,
+    pid: u32,
+}
+
+impl Postmaster {
+    /// Starts `postgres -D <data_dir>` as a child, in its own process group (a Ctrl-C on the
+    /// agent's terminal reaches the agent, which then shuts Postgres down in order).
+    pub fn spawn(bins: &PgBinaries, data_dir: &Path, user: Option<&OsUser>) -> std::io::Result<Postmaster> {
+        let mut cmd = Command::new(bins.path("postgres"));
+        cmd.arg("-D").arg(data_dir);
+        // Postgres gets a clean environment: object-store credentials and other secrets the
+        // agent may hold in its environment stay out of it.
+        cmd.env_clear();
+        for var in ["PATH", "TZ", "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES"] {
+            if let Some(v) = std::env::var_os(var) {
+                cmd.env(var, v);
+            }
+        }
+        run_as(&mut cmd, user);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.process_group(0);
+        cmd.kill_on_drop(false);
+        set_parent_death_signal(&mut cmd);
+        let mut child = cmd.spawn()?;
+        let pid = child.id().ok_or_else(|| std::io::Error::other("postmaster exited before its pid was read"))?;
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(forward_log(out, pid));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(forward_log(err, pid));
+        }
+        tracing::info!(postmaster_pid = pid, data_dir = %data_dir.display(), "postmaster started");
+        Ok(Postmaster { child, pid })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits for the postmaster to exit.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// Sends the signal for `mode` to the postmaster.
+    pub fn signal_shutdown(&self, mode: ShutdownMode) {
+        signal(self.pid, shutdown_signal(mode));
+    }
+
+    /// SIGHUP: re-read configuration files.
+    pub fn reload(&self) {
+        signal(self.pid, Signal::SIGHUP);
+    }
+
+    /// Shuts down with `mode`, escalating to immediate after `grace`, and reaps the process.
+    pub async fn shutdown(&mut self, mode: ShutdownMode, grace: Duration) -> std::io::Result<ExitStatus> {
+        self.signal_shutdown(mode);
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                tracing::warn!(postmaster_pid = self.pid, ?mode, "shutdown took longer than {grace:?}; switching to immediate");
+                self.signal_shutdown(ShutdownMode::Immediate);
+                match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+                    Ok(status) => status,
+                    Err(_) => {
+                        signal(self.pid, Signal::SIGKILL);
+                        self.child.wait().await
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn shutdown_signal(mode: ShutdownMode) -> Signal {
+    match mode {
+        ShutdownMode::Smart => Signal::SIGTERM,
+        ShutdownMode::Fast => Signal::SIGINT,
+        ShutdownMode::Immediate => Signal::SIGQUIT,
+    }
+}
+
+fn signal(pid: u32, sig: Signal) {
+    if let Err(e) = kill(Pid::from_raw(pid as i32), sig) {
+        tracing::debug!(postmaster_pid = pid, ?sig, "signal not delivered: {e}");
+    }
+}
+
+// The one unsafe block of the agent: `pre_exec` runs between fork and exec. The closure only
+// calls prctl(2) and getppid(2), both async-signal-safe, and allocates nothing.
+#[allow(unsafe_code)]
+fn set_parent_death_signal(cmd: &mut Command) {
+    let parent = std::process::id() as i32;
+    // SAFETY: see above; no allocation, no locks, only async-signal-safe syscalls.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGQUIT).map_err(std::io::Error::from)?;
+            // The agent may have died between fork and prctl: then nobody would stop us.
+            if nix::unistd::getppid().as_raw() != parent {
+                return Err(std::io::Error::other("agent exited while starting postgres"));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Re-emits each line Postgres prints as an agent log event with `source = "postgres"`, at a
+/// level derived from Postgres' own severity.
+async fn forward_log(stream: impl AsyncRead + Unpin, pid: u32) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        match severity(&line) {
+            Severity::Error => tracing::error!(target: "postgres", source = "postgres", postmaster_pid = pid, "{line}"),
+            Severity::Warn => tracing::warn!(target: "postgres", source = "postgres", postmaster_pid = pid, "{line}"),
+            Severity::Info => tracing::info!(target: "postgres", source = "postgres", postmaster_pid = pid, "{line}"),
+            Severity::Debug => tracing::debug!(target: "postgres", source = "postgres", postmaster_pid = pid, "{line}"),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Severity {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+fn severity(line: &str) -> Severity {
+    for (tag, sev) in [
+        ("PANIC:", Severity::Error),
+        ("FATAL:", Severity::Error),
+        ("ERROR:", Severity::Error),
+        ("WARNING:", Severity::Warn),
+        ("DEBUG", Severity::Debug),
+    ] {
+        if line.contains(tag) {
+            return sev;
+        }
+    }
+    Severity::Info
+}
+
+/// Reads the postmaster pid from `postmaster.pid`, if the file exists and names a live process.
+pub fn live_postmaster_pid(data_dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    if pid <= 0 {
+        return None;
+    }
+    // Signal 0 checks existence; EPERM also means it exists (owned by another user).
+    match kill(Pid::from_raw(pid), None) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let is_postgres = String::from_utf8_lossy(&cmdline).contains("postgres");
+            is_postgres.then_some(pid as u32)
+        }
+        Err(_) => None,
+    }
+}
+
+/// A postmaster left running on our data dir (its agent was killed before it could stop it)
+/// would block our start; stop it the way an administrator would (fast, then immediate).
+pub async fn stop_leftover_postmaster(data_dir: &Path) -> anyhow::Result<()> {
+    let Some(pid) = live_postmaster_pid(data_dir) else {
+        return Ok(());
+    };
+    tracing::warn!(postmaster_pid = pid, "a postmaster from an earlier run still runs on this data dir; stopping it (fast)");
+    signal(pid, Signal::SIGINT);
+    for i in 0..600 {
+        if live_postmaster_pid(data_dir) != Some(pid) {
+            return Ok(());
+        }
+        if i == 300 {
+            tracing::warn!(postmaster_pid = pid, "left-over postmaster still running after 30 s; immediate shutdown");
+            signal(pid, Signal::SIGQUIT);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("a postmaster (pid {pid}) from an earlier run still runs on {} and did not stop", data_dir.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_postgres_severities() {
+        assert_eq!(severity("2026-11-23 10:00:00.000 UTC [12] FATAL:  role \"x\" does not exist"), Severity::Error);
+        assert_eq!(severity("2026-11-23 10:00:00.000 UTC [12] WARNING:  oops"), Severity::Warn);
+        assert_eq!(severity("2026-11-23 10:00:00.000 UTC [12] LOG:  database system is ready"), Severity::Info);
+    }
+}

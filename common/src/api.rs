@@ -1,0 +1,87 @@
+//! Request and response bodies of the agent's HTTP API (`/v1/...`). The server (agent) and its
+//! callers (CLI, operator) share these types, so a field cannot drift between them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{AgentState, Role};
+
+/// The one error body every route returns on failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable machine-readable kind: `bad_request`, `unauthorized`, `not_found`,
+    /// `method_not_allowed`, `conflict`, `internal`, `unavailable`.
+    pub error: String,
+    /// What went wrong, for a human.
+    pub message: String,
+    /// The agent's state when the request was refused because of it (409).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<AgentState>,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub state: AgentState,
+    pub role: Option<Role>,
+    /// Timeline of the WAL currently written (primary) or replayed (replica).
+    pub timeline: Option<u32>,
+    /// Primary: insert position (`pg_current_wal_insert_lsn`); replica: last received.
+    pub current_lsn: Option<String>,
+    /// Primary: flushed position (`pg_current_wal_flush_lsn`); replica: last replayed.
+    pub flushed_lsn: Option<String>,
+    /// `server_version` as Postgres reports it, e.g. "17.6".
+    pub postgres_version: Option<String>,
+    /// Major version of the binaries the agent runs.
+    pub postgres_major: u32,
+    pub data_dir: String,
+    pub postgres_port: u16,
+    /// Seconds since the agent started.
+    pub agent_uptime_seconds: u64,
+    /// Seconds since Postgres last started accepting connections, if it runs.
+    pub postgres_uptime_seconds: Option<u64>,
+    pub postmaster_pid: Option<u32>,
+    /// Restarts after a crash since the agent started (not counting requested restarts).
+    pub crash_restarts: u64,
+    /// Restarts requested through the API.
+    pub requested_restarts: u64,
+    /// Why the last start or run ended badly, if it did.
+    pub last_failure: Option<String>,
+}
+
+/// How to shut Postgres down (`pg_ctl -m`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShutdownMode {
+    /// Wait for sessions to end (SIGTERM).
+    Smart,
+    /// Disconnect sessions, checkpoint, stop (SIGINT). The default.
+    #[default]
+    Fast,
+    /// Stop at once; crash recovery on the next start (SIGQUIT).
+    Immediate,
+}
+
+/// Body of `POST /v1/restart` and `POST /v1/stop` (all fields optional; an empty body is fine).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownRequest {
+    #[serde(default)]
+    pub mode: ShutdownMode,
+}
+
+/// Response of the lifecycle routes (`/v1/restart`, `/v1/stop`, `/v1/start`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LifecycleResponse {
+    /// The state after the action completed.
+    pub state: AgentState,
+    pub postmaster_pid: Option<u32>,
+}
+
+/// Response of `POST /v1/reload`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadResponse {
+    /// Parameters whose rendered value changed in pgpilot.conf.
+    pub changed: Vec<String>,
+    /// Parameters that Postgres says need a restart to take effect (`pg_settings.pending_restart`).
+    pub pending_restart: Vec<String>,
+}

@@ -1,0 +1,132 @@
+//! Typed HTTP client for the agent's API, used by the agent's own CLI and by the operator.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::{
+    ErrorBody, LifecycleResponse, ReloadResponse, ShutdownRequest, StatusResponse,
+};
+
+/// What a call to the agent can end in, besides success.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The agent answered with an error body.
+    #[error("agent at {url} answered {status}: {}", body.message)]
+    Api { url: String, status: u16, body: ErrorBody },
+    /// The agent could not be reached or its answer could not be read.
+    #[error("cannot reach the agent at {url}: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+impl ClientError {
+    /// HTTP status of an API error, if the agent answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            ClientError::Transport { .. } => None,
+        }
+    }
+}
+
+/// A client for one agent. The bearer token is kept out of `Debug`.
+#[derive(Clone)]
+pub struct AgentClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("base", &self.base)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl AgentClient {
+    /// `base` is the agent's API URL, e.g. `http://127.0.0.1:8009`. `token` is needed for
+    /// routes that change state.
+    pub fn new(base: impl Into<String>, token: Option<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            // Lifecycle calls wait for Postgres to stop and start again.
+            .timeout(Duration::from_secs(300))
+            .build()
+            .expect("reqwest client with static settings");
+        Self { base: base.into().trim_end_matches('/').to_string(), token, http }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    pub async fn status(&self) -> Result<StatusResponse, ClientError> {
+        self.call(Method::GET, "/v1/status", None::<&()>).await
+    }
+
+    pub async fn restart(&self, req: &ShutdownRequest) -> Result<LifecycleResponse, ClientError> {
+        self.call(Method::POST, "/v1/restart", Some(req)).await
+    }
+
+    pub async fn stop(&self, req: &ShutdownRequest) -> Result<LifecycleResponse, ClientError> {
+        self.call(Method::POST, "/v1/stop", Some(req)).await
+    }
+
+    pub async fn start(&self) -> Result<LifecycleResponse, ClientError> {
+        self.call(Method::POST, "/v1/start", None::<&()>).await
+    }
+
+    pub async fn reload(&self) -> Result<ReloadResponse, ClientError> {
+        self.call(Method::POST, "/v1/reload", None::<&()>).await
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let transport = |source| ClientError::Transport { url: url.clone(), source };
+        let mut req = self.http.request(method, &url);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send().await.map_err(transport)?;
+        let status = resp.status();
+        if status.is_success() {
+            return resp.json::<T>().await.map_err(transport);
+        }
+        let text = resp.text().await.map_err(transport)?;
+        let body = serde_json::from_str::<ErrorBody>(&text).unwrap_or_else(|_| ErrorBody {
+            error: status_kind(status).to_string(),
+            message: if text.is_empty() { status.to_string() } else { text },
+            state: None,
+        });
+        Err(ClientError::Api { url, status: status.as_u16(), body })
+    }
+}
+
+fn status_kind(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad_request",
+        401 => "unauthorized",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        409 => "conflict",
+        503 => "unavailable",
+        _ => "internal",
+    }
+}

