@@ -18,7 +18,12 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        Self { code, reason, message: message.into(), details: None }
+        Self {
+            code,
+            reason,
+            message: message.into(),
+            details: None,
+        }
     }
 
     fn with_details(mut self, details: Value) -> Self {
@@ -35,8 +40,12 @@ impl ApiError {
 
     pub fn already_exists(resource: &str, name: &str) -> Self {
         let (kind, group) = split_qualified(resource);
-        Self::new(409, "AlreadyExists", format!("{resource} \"{name}\" already exists"))
-            .with_details(json!({"name": name, "group": group, "kind": kind}))
+        Self::new(
+            409,
+            "AlreadyExists",
+            format!("{resource} \"{name}\" already exists"),
+        )
+        .with_details(json!({"name": name, "group": group, "kind": kind}))
     }
 
     /// Optimistic-concurrency failure: the message is the one client-go's retry helpers expect.
@@ -61,9 +70,14 @@ impl ApiError {
     /// Server-side apply conflicts: one cause per field, as `FieldManagerConflict`.
     pub fn apply_conflicts(conflicts: &[(String, String)]) -> Self {
         let n = conflicts.len();
-        let mut msg = format!("Apply failed with {n} conflict{}: ", if n == 1 { "" } else { "s" });
-        let parts: Vec<String> =
-            conflicts.iter().map(|(m, f)| format!("conflict with \"{m}\": {f}")).collect();
+        let mut msg = format!(
+            "Apply failed with {n} conflict{}: ",
+            if n == 1 { "" } else { "s" }
+        );
+        let parts: Vec<String> = conflicts
+            .iter()
+            .map(|(m, f)| format!("conflict with \"{m}\": {f}"))
+            .collect();
         msg.push_str(&parts.join("\n"));
         let causes: Vec<Value> = conflicts
             .iter()
@@ -93,7 +107,13 @@ impl ApiError {
     }
 
     pub fn unsupported_media_type(content_type: &str) -> Self {
-        Self::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {content_type})"))
+        Self::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {content_type})"
+            ),
+        )
     }
 
     /// 410: the resourceVersion asked for has left the watch history.
@@ -102,7 +122,11 @@ impl ApiError {
     }
 
     pub fn path_not_found(path: &str) -> Self {
-        Self::new(404, "NotFound", format!("the server could not find the requested resource ({path})"))
+        Self::new(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({path})"),
+        )
     }
 
     /// The body as a `Status` object.

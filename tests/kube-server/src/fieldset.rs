@@ -48,7 +48,8 @@ impl FieldSet {
         match path {
             [] => !self.is_empty(),
             [last] => {
-                self.members.contains(last) || self.children.get(last).is_some_and(|c| !c.is_empty())
+                self.members.contains(last)
+                    || self.children.get(last).is_some_and(|c| !c.is_empty())
             }
             [first, rest @ ..] => self.children.get(first).is_some_and(|c| c.touches(rest)),
         }
@@ -117,9 +118,16 @@ impl FieldSet {
         let mut keys: BTreeSet<&String> = self.members.iter().collect();
         keys.extend(self.children.keys());
         for k in keys {
-            let mut inner = self.children.get(k).map(|c| c.to_fields_v1()).unwrap_or_else(|| Value::Object(Map::new()));
+            let mut inner = self
+                .children
+                .get(k)
+                .map(|c| c.to_fields_v1())
+                .unwrap_or_else(|| Value::Object(Map::new()));
             if self.members.contains(k) && self.children.get(k).is_some_and(|c| !c.is_empty()) {
-                inner.as_object_mut().expect("fields are objects").insert(".".into(), Value::Object(Map::new()));
+                inner
+                    .as_object_mut()
+                    .expect("fields are objects")
+                    .insert(".".into(), Value::Object(Map::new()));
             }
             m.insert(k.clone(), inner);
         }
@@ -157,7 +165,10 @@ pub fn key_element(item: &Value, keys: &[String]) -> String {
     sorted.sort();
     let parts: Vec<String> = sorted
         .iter()
-        .filter_map(|k| item.get(k.as_str()).map(|v| format!("{}:{}", Value::String((*k).clone()), v)))
+        .filter_map(|k| {
+            item.get(k.as_str())
+                .map(|v| format!("{}:{}", Value::String((*k).clone()), v))
+        })
         .collect();
     format!("k:{{{}}}", parts.join(","))
 }
@@ -227,7 +238,10 @@ pub struct Walker<'a> {
 
 impl<'a> Walker<'a> {
     pub fn new(rt: &'a ResourceType) -> Self {
-        Self { rt, names: Vec::new() }
+        Self {
+            rt,
+            names: Vec::new(),
+        }
     }
 
     fn list_kind(&self) -> ListKind {
@@ -301,7 +315,10 @@ impl<'a> Walker<'a> {
             (Value::Array(a), Value::Array(b)) => match self.list_kind() {
                 ListKind::Map(keys) => {
                     let index = |items: &Vec<Value>| -> BTreeMap<String, Value> {
-                        items.iter().map(|i| (key_element(i, &keys), i.clone())).collect()
+                        items
+                            .iter()
+                            .map(|i| (key_element(i, &keys), i.clone()))
+                            .collect()
                     };
                     let (ia, ib) = (index(a), index(b));
                     let all: BTreeSet<&String> = ia.keys().chain(ib.keys()).collect();
@@ -325,7 +342,11 @@ impl<'a> Walker<'a> {
                     }
                 }
                 ListKind::Set => {
-                    for x in a.iter().filter(|x| !b.contains(x)).chain(b.iter().filter(|y| !a.contains(y))) {
+                    for x in a
+                        .iter()
+                        .filter(|x| !b.contains(x))
+                        .chain(b.iter().filter(|y| !a.contains(y)))
+                    {
                         set.members.insert(value_element(x));
                     }
                 }
@@ -347,7 +368,11 @@ impl<'a> Walker<'a> {
             }
             (Some(x), Some(y)) => {
                 // A replaced container: both the old parts and the new value changed.
-                let mut inner = if self.granular(x) { self.fields(x) } else { FieldSet::default() };
+                let mut inner = if self.granular(x) {
+                    self.fields(x)
+                } else {
+                    FieldSet::default()
+                };
                 if self.granular(y) {
                     inner.union(&self.fields(y));
                     set.children.entry(pe.clone()).or_default().union(&inner);
@@ -365,19 +390,27 @@ impl<'a> Walker<'a> {
 
     /// Removes the value at `path` (relative to `v`). Returns whether something was removed.
     pub fn remove(&mut self, v: &mut Value, path: &[String]) -> bool {
-        let Some((pe, rest)) = path.split_first() else { return false };
+        let Some((pe, rest)) = path.split_first() else {
+            return false;
+        };
         if let Some(name) = pe.strip_prefix("f:") {
-            let Some(m) = v.as_object_mut() else { return false };
+            let Some(m) = v.as_object_mut() else {
+                return false;
+            };
             if rest.is_empty() {
                 return m.remove(name).is_some();
             }
-            let Some(child) = m.get_mut(name) else { return false };
+            let Some(child) = m.get_mut(name) else {
+                return false;
+            };
             self.names.push(name.to_string());
             let r = self.remove(child, rest);
             self.names.pop();
             return r;
         }
-        let Some(items) = v.as_array_mut() else { return false };
+        let Some(items) = v.as_array_mut() else {
+            return false;
+        };
         let pos = match self.list_kind() {
             ListKind::Map(keys) => items.iter().position(|i| key_element(i, &keys) == *pe),
             ListKind::Set => items.iter().position(|i| value_element(i) == *pe),
@@ -394,7 +427,9 @@ impl<'a> Walker<'a> {
 
     /// The value at `path` (relative to `v`), if present.
     pub fn get<'v>(&mut self, v: &'v Value, path: &[String]) -> Option<&'v Value> {
-        let Some((pe, rest)) = path.split_first() else { return Some(v) };
+        let Some((pe, rest)) = path.split_first() else {
+            return Some(v);
+        };
         if let Some(name) = pe.strip_prefix("f:") {
             let child = v.get(name)?;
             self.names.push(name.to_string());
@@ -413,7 +448,10 @@ impl<'a> Walker<'a> {
 }
 
 fn same_shape(a: &Value, b: &Value) -> bool {
-    matches!((a, b), (Value::Object(_), Value::Object(_)) | (Value::Array(_), Value::Array(_)))
+    matches!(
+        (a, b),
+        (Value::Object(_), Value::Object(_)) | (Value::Array(_), Value::Array(_))
+    )
 }
 
 #[cfg(test)]
@@ -448,12 +486,15 @@ mod tests {
         let b = json!({"spec": {"containers": [{"name": "c", "image": "i2"}]}});
         let d = Walker::new(&rt).diff(&a, &b);
         let paths: Vec<String> = d.paths().iter().map(|p| display_path(p)).collect();
-        assert_eq!(paths, vec![
-            ".spec.containers[name=\"c\"].image",
-            ".spec.containers[name=\"d\"]",
-            ".spec.containers[name=\"d\"].image",
-            ".spec.containers[name=\"d\"].name",
-        ]);
+        assert_eq!(
+            paths,
+            vec![
+                ".spec.containers[name=\"c\"].image",
+                ".spec.containers[name=\"d\"]",
+                ".spec.containers[name=\"d\"].image",
+                ".spec.containers[name=\"d\"].name",
+            ]
+        );
     }
 
     #[test]
@@ -461,9 +502,15 @@ mod tests {
         let rt = pod();
         let mut a = Walker::new(&rt).fields(&json!({"spec": {"x": 1, "y": 2}}));
         let b = Walker::new(&rt).fields(&json!({"spec": {"y": 3, "z": 4}}));
-        assert_eq!(a.intersection(&b).paths(), vec![vec!["f:spec".to_string(), "f:y".to_string()]]);
+        assert_eq!(
+            a.intersection(&b).paths(),
+            vec![vec!["f:spec".to_string(), "f:y".to_string()]]
+        );
         a.subtract(&b);
-        assert_eq!(a.paths(), vec![vec!["f:spec".to_string(), "f:x".to_string()]]);
+        assert_eq!(
+            a.paths(),
+            vec![vec!["f:spec".to_string(), "f:x".to_string()]]
+        );
         assert!(a.touches(&["f:spec".to_string()]));
     }
 }

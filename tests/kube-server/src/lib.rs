@@ -3,9 +3,20 @@
 //! only; never a dependency of a shipped binary. See docs/kube-test-server.md.
 #![forbid(unsafe_code)]
 
+pub mod discovery;
 pub mod error;
 pub mod fieldset;
+pub mod fixtures;
+pub mod handlers;
 pub mod merge;
 pub mod resources;
 pub mod selectors;
+pub mod server;
 pub mod ssa;
+pub mod statefulset;
+pub mod store;
+pub mod watch;
+
+pub use fixtures::TestNamespace;
+pub use server::{KubeTestServer, ServerOptions, kubeconfig_for, test_client};
+pub use store::StoreOptions;

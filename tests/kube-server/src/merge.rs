@@ -11,7 +11,11 @@ use crate::resources::{ListKind, ResourceType};
 
 /// Structural merge of an applied configuration into a live object (server-side apply).
 pub fn apply_merge(rt: &ResourceType, live: &Value, applied: &Value) -> Value {
-    Merger { rt, names: Vec::new() }.merge(live, applied)
+    Merger {
+        rt,
+        names: Vec::new(),
+    }
+    .merge(live, applied)
 }
 
 struct Merger<'a> {
@@ -101,8 +105,16 @@ pub enum PatchError {
 }
 
 /// Applies a strategic merge patch to `orig`.
-pub fn strategic_merge(rt: &ResourceType, orig: &Value, patch: &Value) -> Result<Value, PatchError> {
-    let out = Smp { rt, names: Vec::new() }.object(orig, patch)?;
+pub fn strategic_merge(
+    rt: &ResourceType,
+    orig: &Value,
+    patch: &Value,
+) -> Result<Value, PatchError> {
+    let out = Smp {
+        rt,
+        names: Vec::new(),
+    }
+    .object(orig, patch)?;
     Ok(out.unwrap_or(Value::Object(Map::new())))
 }
 
@@ -117,7 +129,9 @@ const SET_ORDER: &str = "$setElementOrder/";
 impl Smp<'_> {
     /// Merges a patch map into a value; `None` means the map asked to be deleted.
     fn object(&mut self, orig: &Value, patch: &Value) -> Result<Option<Value>, PatchError> {
-        let Some(p) = patch.as_object() else { return Ok(Some(patch.clone())) };
+        let Some(p) = patch.as_object() else {
+            return Ok(Some(patch.clone()));
+        };
         match p.get("$patch").and_then(Value::as_str) {
             Some("delete") => return Ok(None),
             Some("replace") => {
@@ -126,7 +140,11 @@ impl Smp<'_> {
                 return Ok(Some(Value::Object(r)));
             }
             Some("merge") | None => {}
-            Some(other) => return Err(PatchError::Invalid(format!("unknown $patch directive {other:?}"))),
+            Some(other) => {
+                return Err(PatchError::Invalid(format!(
+                    "unknown $patch directive {other:?}"
+                )));
+            }
         }
         let mut out = orig.as_object().cloned().unwrap_or_default();
         for (k, pv) in p {
@@ -169,8 +187,12 @@ impl Smp<'_> {
 
     fn list(&mut self, orig: Option<&Value>, patch: &[Value]) -> Result<Value, PatchError> {
         let orig: Vec<Value> = orig.and_then(Value::as_array).cloned().unwrap_or_default();
-        let replace = patch.iter().any(|i| i.get("$patch").and_then(Value::as_str) == Some("replace"));
-        let items = patch.iter().filter(|i| i.get("$patch").and_then(Value::as_str) != Some("replace"));
+        let replace = patch
+            .iter()
+            .any(|i| i.get("$patch").and_then(Value::as_str) == Some("replace"));
+        let items = patch
+            .iter()
+            .filter(|i| i.get("$patch").and_then(Value::as_str) != Some("replace"));
         if replace {
             return Ok(Value::Array(items.cloned().collect()));
         }
@@ -181,7 +203,10 @@ impl Smp<'_> {
                 let mut out = orig;
                 for item in items {
                     let id = item.get(&key).cloned().ok_or_else(|| {
-                        PatchError::Invalid(format!("map in list {} has no merge key {key:?}", self.names.join(".")))
+                        PatchError::Invalid(format!(
+                            "map in list {} has no merge key {key:?}",
+                            self.names.join(".")
+                        ))
                     })?;
                     let pos = out.iter().position(|o| o.get(&key) == Some(&id));
                     let merged = match pos {
@@ -236,12 +261,15 @@ mod tests {
             "volumes": [{"name": "wal", "emptyDir": {}}],
             "tolerations": [{"key": "b"}]}});
         let out = strategic_merge(&pod, &orig, &patch).unwrap();
-        assert_eq!(out, json!({"spec": {
+        assert_eq!(
+            out,
+            json!({"spec": {
             "containers": [{"name": "pg", "image": "pg:16",
                 "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "3"}, {"name": "C", "value": "4"}],
                 "ports": [{"containerPort": 5432, "protocol": "TCP"}, {"containerPort": 8008}]}],
             "volumes": [{"name": "data", "emptyDir": {}}, {"name": "wal", "emptyDir": {}}],
-            "tolerations": [{"key": "b"}]}}));
+            "tolerations": [{"key": "b"}]}})
+        );
     }
 
     #[test]
@@ -252,9 +280,17 @@ mod tests {
         let patch = json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["a"], "finalizers": ["c"], "labels": {"x": null}},
             "spec": {"$setElementOrder/containers": [{"name": "d"}], "containers": [{"name": "d", "image": "j"}, {"$patch": "replace"}]}});
         let out = strategic_merge(&pod, &orig, &patch).unwrap();
-        assert_eq!(out, json!({"metadata": {"finalizers": ["b", "c"], "labels": {"y": "2"}},
-            "spec": {"containers": [{"name": "d", "image": "j"}]}}));
-        let replaced = strategic_merge(&pod, &orig, &json!({"metadata": {"$patch": "replace", "name": "n"}})).unwrap();
+        assert_eq!(
+            out,
+            json!({"metadata": {"finalizers": ["b", "c"], "labels": {"y": "2"}},
+            "spec": {"containers": [{"name": "d", "image": "j"}]}})
+        );
+        let replaced = strategic_merge(
+            &pod,
+            &orig,
+            &json!({"metadata": {"$patch": "replace", "name": "n"}}),
+        )
+        .unwrap();
         assert_eq!(replaced["metadata"], json!({"name": "n"}));
     }
 
@@ -264,7 +300,12 @@ mod tests {
         let live = json!({"spec": {"containers": [{"name": "a", "image": "1"}, {"name": "b", "image": "2"}, {"name": "c", "image": "3"}]}});
         let applied = json!({"spec": {"containers": [{"name": "c", "image": "4"}, {"name": "d", "image": "5"}]}});
         let out = apply_merge(&pod, &live, &applied);
-        let names: Vec<&str> = out["spec"]["containers"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> = out["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
         assert_eq!(names, ["a", "b", "c", "d"]);
         assert_eq!(out["spec"]["containers"][2]["image"], "4");
     }

@@ -50,12 +50,20 @@ pub struct ResourceType {
 
 impl ResourceType {
     pub fn api_version(&self, version: &str) -> String {
-        if self.group.is_empty() { version.to_string() } else { format!("{}/{}", self.group, version) }
+        if self.group.is_empty() {
+            version.to_string()
+        } else {
+            format!("{}/{}", self.group, version)
+        }
     }
 
     /// `leases.coordination.k8s.io`, the form error messages use.
     pub fn qualified(&self) -> String {
-        if self.group.is_empty() { self.plural.clone() } else { format!("{}.{}", self.plural, self.group) }
+        if self.group.is_empty() {
+            self.plural.clone()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
     }
 
     /// The list kind at `path` (field names only, list items transparent).
@@ -82,10 +90,12 @@ impl ResourceType {
     pub fn map_is_atomic(&self, path: &[String]) -> bool {
         match &self.schema {
             Schema::Builtin(_) => false,
-            Schema::OpenApi(schema) => openapi_node(schema, path)
-                .and_then(|n| n.get("x-kubernetes-map-type"))
-                .and_then(Value::as_str)
-                == Some("atomic"),
+            Schema::OpenApi(schema) => {
+                openapi_node(schema, path)
+                    .and_then(|n| n.get("x-kubernetes-map-type"))
+                    .and_then(Value::as_str)
+                    == Some("atomic")
+            }
         }
     }
 }
@@ -94,7 +104,9 @@ impl ResourceType {
 fn metadata_list_kind(path: &[String]) -> Option<ListKind> {
     match path {
         [m, f] if m == "metadata" && f == "finalizers" => Some(ListKind::Set),
-        [m, f] if m == "metadata" && f == "ownerReferences" => Some(ListKind::Map(vec!["uid".into()])),
+        [m, f] if m == "metadata" && f == "ownerReferences" => {
+            Some(ListKind::Map(vec!["uid".into()]))
+        }
         _ => None,
     }
 }
@@ -120,7 +132,11 @@ fn openapi_list_kind(node: &Value) -> ListKind {
         Some("map") => ListKind::Map(
             node.get("x-kubernetes-list-map-keys")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|k| k.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|k| k.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default(),
         ),
         _ => ListKind::Atomic,
@@ -137,7 +153,10 @@ fn pod_spec_lists(prefix: &str, out: &mut Vec<(String, ListKind)>) {
     for c in ["containers", "initContainers", "ephemeralContainers"] {
         out.push((p(c), map(&["name"])));
         out.push((p(&format!("{c}.env")), map(&["name"])));
-        out.push((p(&format!("{c}.ports")), map(&["containerPort", "protocol"])));
+        out.push((
+            p(&format!("{c}.ports")),
+            map(&["containerPort", "protocol"]),
+        ));
         out.push((p(&format!("{c}.volumeMounts")), map(&["mountPath"])));
         out.push((p(&format!("{c}.volumeDevices")), map(&["devicePath"])));
         out.push((p(&format!("{c}.resizePolicy")), ListKind::Atomic));
@@ -145,7 +164,10 @@ fn pod_spec_lists(prefix: &str, out: &mut Vec<(String, ListKind)>) {
     out.push((p("volumes"), map(&["name"])));
     out.push((p("imagePullSecrets"), map(&["name"])));
     out.push((p("hostAliases"), map(&["ip"])));
-    out.push((p("topologySpreadConstraints"), map(&["topologyKey", "whenUnsatisfiable"])));
+    out.push((
+        p("topologySpreadConstraints"),
+        map(&["topologyKey", "whenUnsatisfiable"]),
+    ));
     out.push((p("resourceClaims"), map(&["name"])));
     out.push((p("schedulingGates"), map(&["name"])));
 }
@@ -162,18 +184,126 @@ struct Builtin {
 }
 
 const BUILTINS: &[Builtin] = &[
-    Builtin { group: "", version: "v1", kind: "Namespace", plural: "namespaces", namespaced: false, short: &["ns"], status: true, generation: false },
-    Builtin { group: "", version: "v1", kind: "Pod", plural: "pods", namespaced: true, short: &["po"], status: true, generation: true },
-    Builtin { group: "", version: "v1", kind: "Service", plural: "services", namespaced: true, short: &["svc"], status: true, generation: false },
-    Builtin { group: "", version: "v1", kind: "ConfigMap", plural: "configmaps", namespaced: true, short: &["cm"], status: false, generation: false },
-    Builtin { group: "", version: "v1", kind: "Secret", plural: "secrets", namespaced: true, short: &[], status: false, generation: false },
-    Builtin { group: "", version: "v1", kind: "Event", plural: "events", namespaced: true, short: &["ev"], status: false, generation: false },
-    Builtin { group: "", version: "v1", kind: "PersistentVolumeClaim", plural: "persistentvolumeclaims", namespaced: true, short: &["pvc"], status: true, generation: false },
-    Builtin { group: "apps", version: "v1", kind: "StatefulSet", plural: "statefulsets", namespaced: true, short: &["sts"], status: true, generation: true },
-    Builtin { group: "policy", version: "v1", kind: "PodDisruptionBudget", plural: "poddisruptionbudgets", namespaced: true, short: &["pdb"], status: true, generation: true },
-    Builtin { group: "coordination.k8s.io", version: "v1", kind: "Lease", plural: "leases", namespaced: true, short: &[], status: false, generation: false },
-    Builtin { group: "events.k8s.io", version: "v1", kind: "Event", plural: "events", namespaced: true, short: &["ev"], status: false, generation: false },
-    Builtin { group: "apiextensions.k8s.io", version: "v1", kind: "CustomResourceDefinition", plural: "customresourcedefinitions", namespaced: false, short: &["crd", "crds"], status: true, generation: true },
+    Builtin {
+        group: "",
+        version: "v1",
+        kind: "Namespace",
+        plural: "namespaces",
+        namespaced: false,
+        short: &["ns"],
+        status: true,
+        generation: false,
+    },
+    Builtin {
+        group: "",
+        version: "v1",
+        kind: "Pod",
+        plural: "pods",
+        namespaced: true,
+        short: &["po"],
+        status: true,
+        generation: true,
+    },
+    Builtin {
+        group: "",
+        version: "v1",
+        kind: "Service",
+        plural: "services",
+        namespaced: true,
+        short: &["svc"],
+        status: true,
+        generation: false,
+    },
+    Builtin {
+        group: "",
+        version: "v1",
+        kind: "ConfigMap",
+        plural: "configmaps",
+        namespaced: true,
+        short: &["cm"],
+        status: false,
+        generation: false,
+    },
+    Builtin {
+        group: "",
+        version: "v1",
+        kind: "Secret",
+        plural: "secrets",
+        namespaced: true,
+        short: &[],
+        status: false,
+        generation: false,
+    },
+    Builtin {
+        group: "",
+        version: "v1",
+        kind: "Event",
+        plural: "events",
+        namespaced: true,
+        short: &["ev"],
+        status: false,
+        generation: false,
+    },
+    Builtin {
+        group: "",
+        version: "v1",
+        kind: "PersistentVolumeClaim",
+        plural: "persistentvolumeclaims",
+        namespaced: true,
+        short: &["pvc"],
+        status: true,
+        generation: false,
+    },
+    Builtin {
+        group: "apps",
+        version: "v1",
+        kind: "StatefulSet",
+        plural: "statefulsets",
+        namespaced: true,
+        short: &["sts"],
+        status: true,
+        generation: true,
+    },
+    Builtin {
+        group: "policy",
+        version: "v1",
+        kind: "PodDisruptionBudget",
+        plural: "poddisruptionbudgets",
+        namespaced: true,
+        short: &["pdb"],
+        status: true,
+        generation: true,
+    },
+    Builtin {
+        group: "coordination.k8s.io",
+        version: "v1",
+        kind: "Lease",
+        plural: "leases",
+        namespaced: true,
+        short: &[],
+        status: false,
+        generation: false,
+    },
+    Builtin {
+        group: "events.k8s.io",
+        version: "v1",
+        kind: "Event",
+        plural: "events",
+        namespaced: true,
+        short: &["ev"],
+        status: false,
+        generation: false,
+    },
+    Builtin {
+        group: "apiextensions.k8s.io",
+        version: "v1",
+        kind: "CustomResourceDefinition",
+        plural: "customresourcedefinitions",
+        namespaced: false,
+        short: &["crd", "crds"],
+        status: true,
+        generation: true,
+    },
 ];
 
 fn builtin_lists(kind: &str) -> Vec<(String, ListKind)> {
@@ -237,13 +367,19 @@ pub fn from_crd(crd: &Value) -> Result<ResourceType, String> {
     let expected = format!("{plural}.{group}");
     let name = s(crd.pointer("/metadata/name")).unwrap_or_default();
     if name != expected {
-        return Err(format!("metadata.name: Invalid value: \"{name}\": must be spec.names.plural+\".\"+spec.group"));
+        return Err(format!(
+            "metadata.name: Invalid value: \"{name}\": must be spec.names.plural+\".\"+spec.group"
+        ));
     }
     let scope = s(spec.get("scope")).unwrap_or_else(|| "Namespaced".into());
     let versions: Vec<&Value> = spec
         .get("versions")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter(|v| v.get("served").and_then(Value::as_bool).unwrap_or(true)).collect())
+        .map(|a| {
+            a.iter()
+                .filter(|v| v.get("served").and_then(Value::as_bool).unwrap_or(true))
+                .collect()
+        })
         .unwrap_or_default();
     if versions.is_empty() {
         return Err("spec.versions: Required value: must have exactly one version marked as storage version".into());
@@ -260,7 +396,11 @@ pub fn from_crd(crd: &Value) -> Result<ResourceType, String> {
     version_names.insert(0, storage_name);
     let strings = |v: Option<&Value>| -> Vec<String> {
         v.and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     Ok(ResourceType {
@@ -280,7 +420,12 @@ pub fn from_crd(crd: &Value) -> Result<ResourceType, String> {
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default(),
-        schema: Schema::OpenApi(storage.pointer("/schema/openAPIV3Schema").cloned().unwrap_or(Value::Null)),
+        schema: Schema::OpenApi(
+            storage
+                .pointer("/schema/openAPIV3Schema")
+                .cloned()
+                .unwrap_or(Value::Null),
+        ),
         strategic_merge: false,
     })
 }
@@ -296,10 +441,19 @@ mod tests {
 
     #[test]
     fn builtin_table_and_metadata() {
-        let sts = builtins().into_iter().find(|r| r.kind == "StatefulSet").unwrap();
-        assert_eq!(sts.list_kind(&path("spec.template.spec.containers.env")), map(&["name"]));
+        let sts = builtins()
+            .into_iter()
+            .find(|r| r.kind == "StatefulSet")
+            .unwrap();
+        assert_eq!(
+            sts.list_kind(&path("spec.template.spec.containers.env")),
+            map(&["name"])
+        );
         assert_eq!(sts.list_kind(&path("metadata.finalizers")), ListKind::Set);
-        assert_eq!(sts.list_kind(&path("spec.volumeClaimTemplates")), ListKind::Atomic);
+        assert_eq!(
+            sts.list_kind(&path("spec.volumeClaimTemplates")),
+            ListKind::Atomic
+        );
     }
 
     #[test]

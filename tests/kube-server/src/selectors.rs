@@ -32,7 +32,10 @@ fn split_top(s: &str) -> Vec<&str> {
         }
     }
     out.push(&s[start..]);
-    out.into_iter().map(str::trim).filter(|p| !p.is_empty()).collect()
+    out.into_iter()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect()
 }
 
 fn parse_set(rest: &str) -> Result<Vec<String>, String> {
@@ -41,7 +44,11 @@ fn parse_set(rest: &str) -> Result<Vec<String>, String> {
         .strip_prefix('(')
         .and_then(|r| r.strip_suffix(')'))
         .ok_or_else(|| format!("expected a parenthesised set, found {rest:?}"))?;
-    Ok(inner.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect())
+    Ok(inner
+        .split(',')
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect())
 }
 
 impl LabelSelector {
@@ -58,9 +65,15 @@ impl LabelSelector {
             } else if let Some((k, v)) = part.split_once('=') {
                 Req::Eq(k.trim().into(), v.trim().into())
             } else if words.len() >= 2 && words[1] == "in" {
-                Req::In(words[0].into(), parse_set(part.split_once(" in").map(|x| x.1).unwrap_or(""))?)
+                Req::In(
+                    words[0].into(),
+                    parse_set(part.split_once(" in").map(|x| x.1).unwrap_or(""))?,
+                )
             } else if words.len() >= 2 && words[1] == "notin" {
-                Req::NotIn(words[0].into(), parse_set(part.split_once(" notin").map(|x| x.1).unwrap_or(""))?)
+                Req::NotIn(
+                    words[0].into(),
+                    parse_set(part.split_once(" notin").map(|x| x.1).unwrap_or(""))?,
+                )
             } else if words.len() == 1 {
                 Req::Exists(words[0].into())
             } else {
@@ -148,7 +161,11 @@ mod tests {
             ("!tier", false),
             ("!missing,app in (pg),role", true),
         ] {
-            assert_eq!(LabelSelector::parse(sel).unwrap().matches_object(&o), want, "{sel}");
+            assert_eq!(
+                LabelSelector::parse(sel).unwrap().matches_object(&o),
+                want,
+                "{sel}"
+            );
         }
         assert!(LabelSelector::parse("a in b").is_err());
     }
@@ -163,7 +180,11 @@ mod tests {
             ("spec.nodeName=", true),
             ("spec.nodeName!=", false),
         ] {
-            assert_eq!(FieldSelector::parse(sel).unwrap().matches(&o), want, "{sel}");
+            assert_eq!(
+                FieldSelector::parse(sel).unwrap().matches(&o),
+                want,
+                "{sel}"
+            );
         }
         assert!(FieldSelector::parse("nonsense").is_err());
     }

@@ -45,10 +45,18 @@ impl Entry {
 }
 
 pub fn read_entries(obj: Option<&Value>) -> Vec<Entry> {
-    let Some(list) = obj.and_then(|o| o.pointer("/metadata/managedFields")).and_then(Value::as_array) else {
+    let Some(list) = obj
+        .and_then(|o| o.pointer("/metadata/managedFields"))
+        .and_then(Value::as_array)
+    else {
         return Vec::new();
     };
-    let s = |e: &Value, k: &str| e.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let s = |e: &Value, k: &str| {
+        e.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
     list.iter()
         .map(|e| Entry {
             manager: s(e, "manager"),
@@ -92,7 +100,11 @@ fn scoped(rt: &ResourceType, scope: Scope, mut set: FieldSet) -> FieldSet {
     match scope {
         Scope::Status => FieldSet {
             members: set.members.into_iter().filter(|m| *m == status).collect(),
-            children: set.children.into_iter().filter(|(k, _)| *k == status).collect(),
+            children: set
+                .children
+                .into_iter()
+                .filter(|(k, _)| *k == status)
+                .collect(),
         },
         Scope::Main if rt.status_subresource => {
             set.members.remove(&status);
@@ -114,7 +126,9 @@ pub fn record_update(
     now: &str,
 ) {
     let mut entries = read_entries(old);
-    let old_v = old.map(strip_unowned).unwrap_or_else(|| Value::Object(Map::new()));
+    let old_v = old
+        .map(strip_unowned)
+        .unwrap_or_else(|| Value::Object(Map::new()));
     let new_v = strip_unowned(new);
     let changed = scoped(rt, scope, Walker::new(rt).diff(&old_v, &new_v));
     if !changed.is_empty() {
@@ -123,7 +137,10 @@ pub fn record_update(
         }
         let mine = Walker::new(rt).fields(&new_v).intersection(&changed);
         let sub = scope.subresource();
-        match entries.iter_mut().find(|e| e.same_owner(manager, "Update", sub)) {
+        match entries
+            .iter_mut()
+            .find(|e| e.same_owner(manager, "Update", sub))
+        {
             Some(e) => {
                 e.set.union(&mine);
                 e.time = now.to_string();
@@ -184,7 +201,9 @@ impl Apply<'_> {
 
         let mut entries = read_entries(live);
         let sub = self.scope.subresource();
-        let mine = entries.iter().position(|e| e.same_owner(self.manager, "Apply", sub));
+        let mine = entries
+            .iter()
+            .position(|e| e.same_owner(self.manager, "Apply", sub));
         let previous = mine.map(|i| entries[i].set.clone()).unwrap_or_default();
         let mut others = FieldSet::default();
         for (i, e) in entries.iter().enumerate() {
@@ -262,23 +281,59 @@ mod tests {
         .unwrap()
     }
 
-    fn apply(rt: &ResourceType, live: Option<&Value>, cfg: Value, manager: &str, force: bool) -> Result<Value, ApiError> {
-        Apply { rt, manager, force, scope: Scope::Main, api_version: "example.com/v1", now: "t" }.run(live, &cfg)
+    fn apply(
+        rt: &ResourceType,
+        live: Option<&Value>,
+        cfg: Value,
+        manager: &str,
+        force: bool,
+    ) -> Result<Value, ApiError> {
+        Apply {
+            rt,
+            manager,
+            force,
+            scope: Scope::Main,
+            api_version: "example.com/v1",
+            now: "t",
+        }
+        .run(live, &cfg)
     }
 
     fn managers(obj: &Value) -> Vec<(String, String)> {
         read_entries(Some(obj))
             .into_iter()
-            .flat_map(|e| e.set.paths().into_iter().map(move |p| (e.manager.clone(), display_path(&p))))
+            .flat_map(|e| {
+                e.set
+                    .paths()
+                    .into_iter()
+                    .map(move |p| (e.manager.clone(), display_path(&p)))
+            })
             .collect()
     }
 
     #[test]
     fn two_managers_share_list_map_and_conflict_on_a_field() {
         let rt = widget();
-        let a = apply(&rt, None, json!({"spec": {"size": 1, "ports": [{"name": "pg", "port": 5432}]}}), "a", false).unwrap();
-        let b = apply(&rt, Some(&a), json!({"spec": {"ports": [{"name": "http", "port": 8008}]}}), "b", false).unwrap();
-        assert_eq!(b["spec"]["ports"], json!([{"name": "pg", "port": 5432}, {"name": "http", "port": 8008}]));
+        let a = apply(
+            &rt,
+            None,
+            json!({"spec": {"size": 1, "ports": [{"name": "pg", "port": 5432}]}}),
+            "a",
+            false,
+        )
+        .unwrap();
+        let b = apply(
+            &rt,
+            Some(&a),
+            json!({"spec": {"ports": [{"name": "http", "port": 8008}]}}),
+            "b",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            b["spec"]["ports"],
+            json!([{"name": "pg", "port": 5432}, {"name": "http", "port": 8008}])
+        );
 
         // Same value: shared ownership, no conflict.
         let shared = apply(&rt, Some(&b), json!({"spec": {"size": 1}}), "b", false).unwrap();
@@ -286,7 +341,11 @@ mod tests {
 
         let err = apply(&rt, Some(&b), json!({"spec": {"size": 2}}), "b", false).unwrap_err();
         assert_eq!((err.code, err.reason), (409, "Conflict"));
-        assert!(err.message.contains("conflict with \"a\": .spec.size"), "{}", err.message);
+        assert!(
+            err.message.contains("conflict with \"a\": .spec.size"),
+            "{}",
+            err.message
+        );
 
         let forced = apply(&rt, Some(&b), json!({"spec": {"size": 2}}), "b", true).unwrap();
         assert_eq!(forced["spec"]["size"], 2);
@@ -298,13 +357,28 @@ mod tests {
     #[test]
     fn dropping_a_field_removes_it_unless_owned_elsewhere() {
         let rt = widget();
-        let a = apply(&rt, None, json!({"spec": {"size": 1, "mode": "x", "ports": [{"name": "pg", "port": 1}]}}), "a", false).unwrap();
+        let a = apply(
+            &rt,
+            None,
+            json!({"spec": {"size": 1, "mode": "x", "ports": [{"name": "pg", "port": 1}]}}),
+            "a",
+            false,
+        )
+        .unwrap();
         let a2 = apply(&rt, Some(&a), json!({"spec": {"size": 1}}), "a", false).unwrap();
         assert_eq!(a2["spec"], json!({"size": 1, "ports": []}));
         // An update by another manager makes it a co-owner of what it changed.
         let mut u = a.clone();
         u["spec"]["mode"] = json!("y");
-        record_update(&rt, Some(&a), &mut u, "editor", Scope::Main, "example.com/v1", "t");
+        record_update(
+            &rt,
+            Some(&a),
+            &mut u,
+            "editor",
+            Scope::Main,
+            "example.com/v1",
+            "t",
+        );
         let a3 = apply(&rt, Some(&u), json!({"spec": {"size": 1}}), "a", false).unwrap();
         assert_eq!(a3["spec"]["mode"], "y");
     }
@@ -312,14 +386,35 @@ mod tests {
     #[test]
     fn status_is_out_of_scope_for_the_main_resource() {
         let rt = widget();
-        let a = apply(&rt, None, json!({"spec": {"size": 1}, "status": {"ready": true}}), "a", false).unwrap();
+        let a = apply(
+            &rt,
+            None,
+            json!({"spec": {"size": 1}, "status": {"ready": true}}),
+            "a",
+            false,
+        )
+        .unwrap();
         assert!(a.get("status").is_none());
-        let s = Apply { rt: &rt, manager: "ctl", force: false, scope: Scope::Status, api_version: "v", now: "t" }
-            .run(Some(&a), &json!({"spec": {"size": 9}, "status": {"ready": true}}))
-            .unwrap();
+        let s = Apply {
+            rt: &rt,
+            manager: "ctl",
+            force: false,
+            scope: Scope::Status,
+            api_version: "v",
+            now: "t",
+        }
+        .run(
+            Some(&a),
+            &json!({"spec": {"size": 9}, "status": {"ready": true}}),
+        )
+        .unwrap();
         assert_eq!(s["spec"]["size"], 1);
         assert_eq!(s["status"]["ready"], true);
         let entries = read_entries(Some(&s));
-        assert!(entries.iter().any(|e| e.manager == "ctl" && e.subresource == "status"));
+        assert!(
+            entries
+                .iter()
+                .any(|e| e.manager == "ctl" && e.subresource == "status")
+        );
     }
 }

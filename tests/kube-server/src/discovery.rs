@@ -1,0 +1,190 @@
+//! Discovery documents (`/api`, `/apis`, `/apis/<group>`, `/api/v1`, `/apis/<group>/<version>`,
+//! `/version`) in the legacy (unaggregated) format, which kube-rs and kubectl both understand,
+//! and the `Table` rendering kubectl asks for with `as=Table`.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::resources::ResourceType;
+
+const VERBS: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
+
+pub fn version() -> Value {
+    json!({"major": "1", "minor": "32", "gitVersion": "v1.32.0-pgpilot-testserver", "gitCommit": "", "gitTreeState": "clean",
+        "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.23", "compiler": "gc", "platform": "linux/amd64"})
+}
+
+pub fn core_versions(server: &str) -> Value {
+    json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": server}]})
+}
+
+/// Group name → versions, preferred first, in first-seen order of `types`.
+fn groups(types: &[Arc<ResourceType>]) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for t in types.iter().filter(|t| !t.group.is_empty()) {
+        let entry = match out.iter_mut().position(|(g, _)| *g == t.group) {
+            Some(i) => &mut out[i],
+            None => {
+                out.push((t.group.clone(), Vec::new()));
+                out.last_mut().expect("just pushed")
+            }
+        };
+        for v in &t.versions {
+            if !entry.1.contains(v) {
+                entry.1.push(v.clone());
+            }
+        }
+    }
+    out
+}
+
+fn group_doc(name: &str, versions: &[String]) -> Value {
+    let vs: Vec<Value> = versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v}))
+        .collect();
+    json!({"name": name, "versions": vs, "preferredVersion": vs[0]})
+}
+
+pub fn group_list(types: &[Arc<ResourceType>]) -> Value {
+    let gs: Vec<Value> = groups(types)
+        .iter()
+        .map(|(g, vs)| group_doc(g, vs))
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": gs})
+}
+
+pub fn group(types: &[Arc<ResourceType>], name: &str) -> Option<Value> {
+    groups(types)
+        .iter()
+        .find(|(g, _)| g == name)
+        .map(|(g, vs)| {
+            let mut d = group_doc(g, vs);
+            d["kind"] = json!("APIGroup");
+            d["apiVersion"] = json!("v1");
+            d
+        })
+}
+
+pub fn resource_list(types: &[Arc<ResourceType>], group: &str, version: &str) -> Option<Value> {
+    let served: Vec<&Arc<ResourceType>> = types
+        .iter()
+        .filter(|t| t.group == group && t.versions.iter().any(|v| v == version))
+        .collect();
+    if served.is_empty() {
+        return None;
+    }
+    let mut resources = Vec::new();
+    for t in served {
+        resources.push(json!({"name": t.plural, "singularName": t.singular, "namespaced": t.namespaced, "kind": t.kind,
+            "verbs": VERBS, "shortNames": t.short_names, "categories": t.categories}));
+        if t.status_subresource {
+            resources.push(json!({"name": format!("{}/status", t.plural), "singularName": "", "namespaced": t.namespaced,
+                "kind": t.kind, "verbs": ["get", "patch", "update"]}));
+        }
+    }
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+    )
+}
+
+fn human_age(ts: &str) -> String {
+    let Ok(t) = ts.parse::<jiff::Timestamp>() else {
+        return "<unknown>".into();
+    };
+    let secs = (jiff::Timestamp::now().as_second() - t.as_second()).max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// Evaluates the simple JSONPath forms printer columns use: `.a.b`, `.a[0].b`.
+fn json_path<'a>(obj: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut node = obj;
+    for part in path
+        .trim_start_matches('.')
+        .split('.')
+        .filter(|p| !p.is_empty())
+    {
+        let (field, index) = match part.split_once('[') {
+            Some((f, rest)) => (f, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        if !field.is_empty() {
+            node = node.get(field)?;
+        }
+        if let Some(i) = index {
+            node = node.get(i)?;
+        }
+    }
+    Some(node)
+}
+
+/// A `meta.k8s.io/v1 Table` of `items`: Name, then the CRD's printer columns (or Age).
+pub fn table(rt: &ResourceType, items: &[Value], resource_version: &str) -> Value {
+    let mut columns = vec![
+        json!({"name": "Name", "type": "string", "format": "name", "description": "Name must be unique within a namespace.", "priority": 0}),
+    ];
+    let printer: Vec<&Value> = rt.printer_columns.iter().collect();
+    if printer.is_empty() {
+        columns.push(json!({"name": "Age", "type": "date", "format": "", "description": "CreationTimestamp", "priority": 0}));
+    }
+    for c in &printer {
+        columns.push(json!({"name": c.get("name"), "type": c.get("type").cloned().unwrap_or(json!("string")),
+            "format": c.get("format").cloned().unwrap_or(json!("")), "description": c.get("description").cloned().unwrap_or(json!("")),
+            "priority": c.get("priority").cloned().unwrap_or(json!(0))}));
+    }
+    let rows: Vec<Value> = items
+        .iter()
+        .map(|o| {
+            let mut cells = vec![o.pointer("/metadata/name").cloned().unwrap_or(Value::Null)];
+            if printer.is_empty() {
+                cells.push(json!(human_age(o.pointer("/metadata/creationTimestamp").and_then(Value::as_str).unwrap_or_default())));
+            }
+            for c in &printer {
+                let path = c.get("jsonPath").and_then(Value::as_str).unwrap_or_default();
+                let v = json_path(o, path).cloned().unwrap_or(Value::Null);
+                let cell = match (c.get("type").and_then(Value::as_str), &v) {
+                    (Some("date"), Value::String(s)) => json!(human_age(s)),
+                    _ => v,
+                };
+                cells.push(cell);
+            }
+            let meta = o.get("metadata").cloned().unwrap_or(json!({}));
+            json!({"cells": cells, "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": meta}})
+        })
+        .collect();
+    json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": resource_version},
+        "columnDefinitions": columns, "rows": rows})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_path_forms() {
+        let o = json!({"spec": {"a": [{"b": 1}], "c": "x"}});
+        assert_eq!(json_path(&o, ".spec.c"), Some(&json!("x")));
+        assert_eq!(json_path(&o, ".spec.a[0].b"), Some(&json!(1)));
+        assert_eq!(json_path(&o, ".spec.missing"), None);
+    }
+}

@@ -1,0 +1,406 @@
+//! HTTP routing and verbs. Kubernetes paths are not a fixed route table (custom resources come
+//! and go, and `/api/v1/namespaces/{ns}/pods` shares a prefix with `/api/v1/namespaces/{name}`),
+//! so one handler parses the path, resolves the type against the store's current types, and
+//! maps method + path + query + content type onto a store operation.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::discovery;
+use crate::error::{ApiError, ApiResult};
+use crate::resources::ResourceType;
+use crate::selectors::{FieldSelector, LabelSelector};
+use crate::ssa::Scope;
+use crate::store::{DeleteOptions, PatchBody, Propagation, Selection, Store};
+use crate::watch::WatchRequest;
+
+#[derive(Clone)]
+pub struct App {
+    pub store: Arc<Store>,
+    /// `host:port`, for `serverAddressByClientCIDRs`.
+    pub address: String,
+    pub bookmark_interval: Duration,
+}
+
+/// A resolved request path below a group/version.
+struct Target {
+    rt: Arc<ResourceType>,
+    version: String,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+fn ok(v: Value) -> Response {
+    axum::Json(v).into_response()
+}
+
+pub async fn dispatch(
+    State(app): State<App>,
+    method: Method,
+    uri: Uri,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match route(&app, &method, &uri, &q, &headers, &body) {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn route(
+    app: &App,
+    method: &Method,
+    uri: &Uri,
+    q: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> ApiResult<Response> {
+    let path = uri.path();
+    let segs: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let types = app.store.types();
+    let get_only = |v: Option<Value>| -> ApiResult<Response> {
+        if method != Method::GET {
+            return Err(ApiError::method_not_allowed(format!(
+                "the server does not allow this method on the requested resource ({path})"
+            )));
+        }
+        v.map(ok).ok_or_else(|| ApiError::path_not_found(path))
+    };
+    match segs.as_slice() {
+        ["version"] => get_only(Some(discovery::version())),
+        ["api"] => get_only(Some(discovery::core_versions(&app.address))),
+        ["apis"] => get_only(Some(discovery::group_list(&types))),
+        ["api", "v1"] => get_only(discovery::resource_list(&types, "", "v1")),
+        ["apis", g] => get_only(discovery::group(&types, g)),
+        ["apis", g, v] => get_only(discovery::resource_list(&types, g, v)),
+        ["api", "v1", rest @ ..] => resource(app, method, q, headers, body, "", "v1", rest, path),
+        ["apis", g, v, rest @ ..] => resource(app, method, q, headers, body, g, v, rest, path),
+        _ => Err(ApiError::path_not_found(path)),
+    }
+}
+
+fn resolve(app: &App, group: &str, version: &str, rest: &[&str], path: &str) -> ApiResult<Target> {
+    let find = |plural: &str| {
+        app.store
+            .resolve(group, version, plural)
+            .ok_or_else(|| ApiError::path_not_found(path))
+    };
+    let t = |rt, namespace: Option<&str>, name: Option<&str>, sub: Option<&str>| Target {
+        rt,
+        version: version.to_string(),
+        namespace: namespace.map(String::from),
+        name: name.map(String::from),
+        subresource: sub.map(String::from),
+    };
+    // `namespaces/{ns}/{plural}...` when `{plural}` is a namespaced type; otherwise the
+    // namespace object itself and its subresources.
+    if let ["namespaces", ns, plural, tail @ ..] = rest
+        && let Some(rt) = app
+            .store
+            .resolve(group, version, plural)
+            .filter(|r| r.namespaced)
+    {
+        return match tail {
+            [] => Ok(t(rt, Some(ns), None, None)),
+            [name] => Ok(t(rt, Some(ns), Some(name), None)),
+            [name, sub] => Ok(t(rt, Some(ns), Some(name), Some(sub))),
+            _ => Err(ApiError::path_not_found(path)),
+        };
+    }
+    match rest {
+        [plural] => Ok(t(find(plural)?, None, None, None)),
+        [plural, name] => {
+            let rt = find(plural)?;
+            if rt.namespaced {
+                return Err(ApiError::path_not_found(path));
+            }
+            Ok(t(rt, None, Some(name), None))
+        }
+        [plural, name, sub] => {
+            let rt = find(plural)?;
+            if rt.namespaced {
+                return Err(ApiError::path_not_found(path));
+            }
+            Ok(t(rt, None, Some(name), Some(sub)))
+        }
+        _ => Err(ApiError::path_not_found(path)),
+    }
+}
+
+fn selection(q: &HashMap<String, String>, namespace: Option<String>) -> ApiResult<Selection> {
+    let labels = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))
+        .map_err(ApiError::bad_request)?;
+    let fields = FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))
+        .map_err(ApiError::bad_request)?;
+    Ok(Selection {
+        namespace,
+        labels,
+        fields,
+    })
+}
+
+fn parse_body(body: &Bytes, yaml: bool) -> ApiResult<Value> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ApiError::bad_request(format!("body is not UTF-8: {e}")))?;
+    match serde_json::from_str::<Value>(text) {
+        Ok(v) => Ok(v),
+        Err(e) if !yaml => Err(ApiError::bad_request(format!("error decoding body: {e}"))),
+        Err(_) => serde_saphyr::from_str::<Value>(text)
+            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}"))),
+    }
+}
+
+/// The field manager of a non-apply write: `?fieldManager`, else the User-Agent's product, as
+/// the real server derives it.
+fn manager(q: &HashMap<String, String>, headers: &HeaderMap) -> String {
+    if let Some(m) = q.get("fieldManager").filter(|m| !m.is_empty()) {
+        return m.clone();
+    }
+    headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ua| ua.split('/').next())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("unknown")
+        .to_string()
+}
+
+fn is_true(q: &HashMap<String, String>, k: &str) -> bool {
+    q.get(k).is_some_and(|v| v == "true" || v == "1")
+}
+
+fn with_version(rt: &ResourceType, version: &str, mut obj: Value) -> Value {
+    if obj.is_object() {
+        obj["apiVersion"] = json!(rt.api_version(version));
+    }
+    obj
+}
+
+fn wants_table(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=Table"))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn resource(
+    app: &App,
+    method: &Method,
+    q: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &Bytes,
+    group: &str,
+    version: &str,
+    rest: &[&str],
+    path: &str,
+) -> ApiResult<Response> {
+    let t = resolve(app, group, version, rest, path)?;
+    let rt = t.rt.clone();
+    let store = &app.store;
+    let ns = t.namespace.clone().unwrap_or_default();
+    let dry_run = q.get("dryRun").is_some_and(|v| v == "All");
+    let scope = match t.subresource.as_deref() {
+        None => Scope::Main,
+        Some("status") if rt.status_subresource => Scope::Status,
+        // Namespace finalization is what kubectl-less clients use to force removal.
+        Some("finalize") if rt.kind == "Namespace" => Scope::Main,
+        Some(_) => return Err(ApiError::path_not_found(path)),
+    };
+    let v = |obj: Value| with_version(&rt, &t.version, obj);
+    let Some(name) = t.name.clone() else {
+        // Collection.
+        let sel = selection(q, t.namespace.clone())?;
+        return match *method {
+            Method::GET if is_true(q, "watch") => {
+                let from = q
+                    .get("resourceVersion")
+                    .filter(|r| !r.is_empty())
+                    .map(|r| {
+                        r.parse::<u64>().map_err(|_| {
+                            ApiError::bad_request(format!("invalid resource version: {r}"))
+                        })
+                    })
+                    .transpose()?;
+                let timeout = q
+                    .get("timeoutSeconds")
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(1800);
+                Ok(WatchRequest {
+                    rt: rt.clone(),
+                    version: t.version.clone(),
+                    selection: sel,
+                    from,
+                    bookmarks: is_true(q, "allowWatchBookmarks"),
+                    send_initial_events: is_true(q, "sendInitialEvents"),
+                    timeout: Duration::from_secs(timeout),
+                    bookmark_interval: app.bookmark_interval,
+                }
+                .respond(store.clone()))
+            }
+            Method::GET => {
+                let limit = q.get("limit").and_then(|l| l.parse::<usize>().ok());
+                let (items, rv, next) =
+                    store.list(&rt, &sel, limit, q.get("continue").map(String::as_str))?;
+                let items: Vec<Value> = items.into_iter().map(v).collect();
+                if wants_table(headers) {
+                    let mut table = discovery::table(&rt, &items, &rv.to_string());
+                    if let Some(c) = next {
+                        table["metadata"]["continue"] = json!(c);
+                    }
+                    return Ok(ok(table));
+                }
+                let mut meta = json!({"resourceVersion": rv.to_string()});
+                if let Some(c) = next {
+                    meta["continue"] = json!(c);
+                }
+                Ok(ok(
+                    json!({"kind": rt.list_kind, "apiVersion": rt.api_version(&t.version), "metadata": meta, "items": items}),
+                ))
+            }
+            Method::POST => {
+                let obj = parse_body(body, true)?;
+                let out = store.create(&rt, &ns, obj, &manager(q, headers), dry_run)?;
+                Ok((StatusCode::CREATED, axum::Json(v(out))).into_response())
+            }
+            Method::DELETE => {
+                let opts = delete_options(q, body)?;
+                let items: Vec<Value> = store
+                    .delete_collection(&rt, &sel, &opts, dry_run)?
+                    .into_iter()
+                    .map(v)
+                    .collect();
+                Ok(ok(
+                    json!({"kind": rt.list_kind, "apiVersion": rt.api_version(&t.version), "metadata": {"resourceVersion": store.current_rv().to_string()}, "items": items}),
+                ))
+            }
+            _ => Err(ApiError::method_not_allowed(format!(
+                "the server does not allow this method on the requested resource ({path})"
+            ))),
+        };
+    };
+    match *method {
+        Method::GET => {
+            let obj = v(store.get(&rt, &ns, &name)?);
+            if wants_table(headers) {
+                let rv = obj
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                return Ok(ok(discovery::table(&rt, &[obj], &rv)));
+            }
+            Ok(ok(obj))
+        }
+        Method::PUT => {
+            let obj = parse_body(body, true)?;
+            Ok(ok(v(store.update(
+                &rt,
+                &ns,
+                &name,
+                obj,
+                scope,
+                &manager(q, headers),
+                dry_run,
+            )?)))
+        }
+        Method::PATCH => {
+            let ct = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|c| c.to_str().ok())
+                .unwrap_or_default();
+            let ct = ct.split(';').next().unwrap_or_default().trim();
+            let patch = match ct {
+                "application/json-patch+json" => PatchBody::Json(
+                    serde_json::from_slice(body)
+                        .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?,
+                ),
+                "application/merge-patch+json" => PatchBody::Merge(parse_body(body, false)?),
+                "application/strategic-merge-patch+json" => {
+                    PatchBody::Strategic(parse_body(body, false)?)
+                }
+                "application/apply-patch+yaml" => {
+                    if q.get("fieldManager").is_none_or(|m| m.is_empty()) {
+                        return Err(ApiError::bad_request(
+                            "PATCH, application/apply-patch+yaml: fieldManager is required for apply requests",
+                        ));
+                    }
+                    PatchBody::Apply {
+                        config: parse_body(body, true)?,
+                        force: is_true(q, "force"),
+                    }
+                }
+                other => return Err(ApiError::unsupported_media_type(other)),
+            };
+            let applying = matches!(patch, PatchBody::Apply { .. });
+            let before = store.get(&rt, &ns, &name).is_ok();
+            let out =
+                v(store.patch(&rt, &ns, &name, patch, scope, &manager(q, headers), dry_run)?);
+            // Apply that creates answers 201, as the real server does.
+            let code = if applying && !before {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok((code, axum::Json(out)).into_response())
+        }
+        Method::DELETE => {
+            let opts = delete_options(q, body)?;
+            let (obj, gone) = store.delete(&rt, &ns, &name, &opts, dry_run)?;
+            if gone {
+                let uid = obj.pointer("/metadata/uid").cloned().unwrap_or(Value::Null);
+                return Ok(ok(
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                    "details": {"name": name, "group": rt.group, "kind": rt.plural, "uid": uid}}),
+                ));
+            }
+            Ok(ok(v(obj)))
+        }
+        _ => Err(ApiError::method_not_allowed(format!(
+            "the server does not allow this method on the requested resource ({path})"
+        ))),
+    }
+}
+
+fn delete_options(q: &HashMap<String, String>, body: &Bytes) -> ApiResult<DeleteOptions> {
+    let b: Value = if body.is_empty() {
+        json!({})
+    } else {
+        parse_body(body, false)?
+    };
+    let policy = b
+        .get("propagationPolicy")
+        .and_then(Value::as_str)
+        .map(String::from)
+        .or_else(|| q.get("propagationPolicy").cloned());
+    let propagation = match policy.as_deref() {
+        None => None,
+        Some("Background") => Some(Propagation::Background),
+        Some("Foreground") => Some(Propagation::Foreground),
+        Some("Orphan") => Some(Propagation::Orphan),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown propagationPolicy {other:?}"
+            )));
+        }
+    };
+    let s = |p: &str| b.pointer(p).and_then(Value::as_str).map(String::from);
+    Ok(DeleteOptions {
+        propagation,
+        uid: s("/preconditions/uid"),
+        resource_version: s("/preconditions/resourceVersion"),
+    })
+}

@@ -1,0 +1,140 @@
+//! Starting and stopping a server, the kube-rs client and kubeconfig pointing at it, and the
+//! switch that hands tests a real cluster instead when `KUBECONFIG` is set.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::task::JoinHandle;
+
+use crate::handlers::{App, dispatch};
+use crate::store::{Store, StoreOptions};
+
+/// Options for [`KubeTestServer::start_with`].
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub store: StoreOptions,
+    /// How often a watch that asked for bookmarks gets one.
+    pub bookmark_interval: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            store: StoreOptions::default(),
+            bookmark_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A running in-memory API server on `127.0.0.1`. Stops when dropped.
+pub struct KubeTestServer {
+    addr: SocketAddr,
+    store: Arc<Store>,
+    task: JoinHandle<()>,
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+impl KubeTestServer {
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(ServerOptions::default()).await
+    }
+
+    pub async fn start_with(options: ServerOptions) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the test API server to 127.0.0.1")?;
+        let addr = listener.local_addr()?;
+        let store = Arc::new(Store::new(options.store));
+        let app = App {
+            store: store.clone(),
+            address: addr.to_string(),
+            bookmark_interval: options.bookmark_interval,
+        };
+        let router = axum::Router::new().fallback(dispatch).with_state(app);
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!("test API server stopped: {e}");
+            }
+        });
+        let dir = tempfile::tempdir().context("creating the kubeconfig directory")?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_yaml(&format!("http://{addr}")))
+            .context("writing the kubeconfig")?;
+        Ok(Self {
+            addr,
+            store,
+            task,
+            dir,
+            kubeconfig,
+        })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kube-rs client for this server, default namespace `default`.
+    pub fn client(&self) -> kube::Client {
+        let url = self.url().parse().expect("a valid URL");
+        let config = kube::Config::new(url);
+        kube::Client::try_from(config).expect("a plain-HTTP kube client builds")
+    }
+
+    /// A kubeconfig file for kubectl (`kubectl --kubeconfig <path>` or `KUBECONFIG=<path>`).
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The store, for tests that inspect or compact it directly.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Forgets the watch history: every watch from an older resourceVersion gets 410 Gone.
+    pub fn compact_history(&self) {
+        self.store.compact();
+    }
+
+    /// The temp directory the kubeconfig lives in (removed on drop).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for KubeTestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn kubeconfig_yaml(url: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: pgpilot-test\n  cluster:\n    server: {url}\ncontexts:\n- name: pgpilot-test\n  context:\n    cluster: pgpilot-test\n    user: pgpilot-test\n    namespace: default\ncurrent-context: pgpilot-test\nusers:\n- name: pgpilot-test\n  user: {{}}\n"
+    )
+}
+
+/// A client for the tests to use: the real cluster from `KUBECONFIG` when that is set (no
+/// server started), otherwise a fresh [`KubeTestServer`], which the caller keeps alive.
+pub async fn test_client() -> anyhow::Result<(kube::Client, Option<KubeTestServer>)> {
+    if std::env::var_os("KUBECONFIG").is_some_and(|k| !k.is_empty()) {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the cluster named by KUBECONFIG")?;
+        return Ok((client, None));
+    }
+    let server = KubeTestServer::start().await?;
+    Ok((server.client(), Some(server)))
+}
+
+/// The kubeconfig path kubectl should use: the test server's, or `KUBECONFIG` for a real cluster.
+pub fn kubeconfig_for(server: Option<&KubeTestServer>) -> Option<PathBuf> {
+    match server {
+        Some(s) => Some(s.kubeconfig_path().to_path_buf()),
+        None => std::env::var_os("KUBECONFIG").map(PathBuf::from),
+    }
+}
