@@ -123,8 +123,11 @@ pub struct Config {
 /// A configuration error, saying what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    ReadFile { path: PathBuf, source: std::io::Error },
+    #[error("cannot read config file {path}: {cause}")]
+    ReadFile {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid setting {key}: {message}")]
@@ -163,14 +166,24 @@ impl Config {
         let state_dir = from_flag(&args.state_dir)
             .or_else(|| from_file(file.state_dir))
             .unwrap_or_else(|| {
-                data_dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"))
+                data_dir
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("/"))
             });
-        let secret = |flag: &Option<PathBuf>, file_val: Option<PathBuf>, name: &str| {
-            match from_flag(flag).or_else(|| from_file(file_val)) {
-                Some(path) => SecretFile { path, generate_if_missing: false },
-                None => SecretFile { path: state_dir.join(name), generate_if_missing: true },
-            }
-        };
+        let secret =
+            |flag: &Option<PathBuf>, file_val: Option<PathBuf>, name: &str| match from_flag(flag)
+                .or_else(|| from_file(file_val))
+            {
+                Some(path) => SecretFile {
+                    path,
+                    generate_if_missing: false,
+                },
+                None => SecretFile {
+                    path: state_dir.join(name),
+                    generate_if_missing: true,
+                },
+            };
         let api_token = secret(&args.api_token_file, file.api_token_file, "api-token");
         let superuser_password = secret(
             &args.superuser_password_file,
@@ -214,12 +227,20 @@ impl Config {
         }
 
         let superuser = file.postgres.superuser.unwrap_or_else(|| "postgres".into());
-        let replication_user = file.postgres.replication_user.unwrap_or_else(|| "replicator".into());
-        for (key, name) in [("postgres.superuser", &superuser), ("postgres.replication_user", &replication_user)] {
+        let replication_user = file
+            .postgres
+            .replication_user
+            .unwrap_or_else(|| "replicator".into());
+        for (key, name) in [
+            ("postgres.superuser", &superuser),
+            ("postgres.replication_user", &replication_user),
+        ] {
             if !is_identifier(name) {
                 return Err(ConfigError::Invalid {
                     key,
-                    message: format!("{name:?} must be a lower-case SQL identifier ([a-z_][a-z0-9_]*)"),
+                    message: format!(
+                        "{name:?} must be a lower-case SQL identifier ([a-z_][a-z0-9_]*)"
+                    ),
                 });
             }
         }
@@ -282,14 +303,22 @@ impl Config {
 
     /// Lock file that keeps a second agent off this data dir.
     pub fn lock_file(&self) -> PathBuf {
-        let name = self.data_dir.file_name().map(|n| n.to_string_lossy().into_owned());
-        self.state_dir.join(format!(".{}.pgpilot-agent.lock", name.unwrap_or_else(|| "data".into())))
+        let name = self
+            .data_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        self.state_dir.join(format!(
+            ".{}.pgpilot-agent.lock",
+            name.unwrap_or_else(|| "data".into())
+        ))
     }
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::ReadFile {
+        path: path.to_path_buf(),
+        cause,
+    })?;
     toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -331,7 +360,10 @@ fn parameter_value(name: &str, value: &toml::Value) -> Result<String, ConfigErro
         toml::Value::Boolean(b) => Ok(if *b { "on".into() } else { "off".into() }),
         other => Err(ConfigError::Invalid {
             key: "postgres.parameters",
-            message: format!("{name}: {} is not a string, number or boolean", other.type_str()),
+            message: format!(
+                "{name}: {} is not a string, number or boolean",
+                other.type_str()
+            ),
         }),
     }
 }
@@ -346,8 +378,12 @@ mod tests {
 
     #[test]
     fn flags_win_over_file_and_defaults_apply() {
-        let args = RunArgs { postgres_port: Some(6000), ..Default::default() };
-        let cfg = Config::merge(&args, file("postgres_port = 5000\ndata_dir = \"/srv/pg\"")).unwrap();
+        let args = RunArgs {
+            postgres_port: Some(6000),
+            ..Default::default()
+        };
+        let cfg =
+            Config::merge(&args, file("postgres_port = 5000\ndata_dir = \"/srv/pg\"")).unwrap();
         assert_eq!(cfg.postgres_port, 6000);
         assert_eq!(cfg.data_dir, PathBuf::from("/srv/pg"));
         assert_eq!(cfg.state_dir, PathBuf::from("/srv"));
@@ -358,21 +394,43 @@ mod tests {
 
     #[test]
     fn named_secret_files_must_exist() {
-        let args = RunArgs { api_token_file: Some("/etc/token".into()), ..Default::default() };
+        let args = RunArgs {
+            api_token_file: Some("/etc/token".into()),
+            ..Default::default()
+        };
         let cfg = Config::merge(&args, FileConfig::default()).unwrap();
-        assert_eq!(cfg.api_token, SecretFile { path: "/etc/token".into(), generate_if_missing: false });
+        assert_eq!(
+            cfg.api_token,
+            SecretFile {
+                path: "/etc/token".into(),
+                generate_if_missing: false
+            }
+        );
     }
 
     #[test]
     fn unknown_keys_and_bad_values_are_named() {
-        let err = toml::from_str::<FileConfig>("postgres_prot = 1").unwrap_err().to_string();
-        assert!(err.contains("postgres_prot"), "{err}");
-        let err = Config::merge(&RunArgs::default(), file("[postgres]\nallow_networks = [\"10.0.0.0/33\"]"))
+        let err = toml::from_str::<FileConfig>("postgres_prot = 1")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("allow_networks") && err.contains("10.0.0.0/33"), "{err}");
-        let args = RunArgs { api_loopback_listen: Some("10.1.1.1:80".parse().unwrap()), ..Default::default() };
-        let err = Config::merge(&args, FileConfig::default()).unwrap_err().to_string();
+        assert!(err.contains("postgres_prot"), "{err}");
+        let err = Config::merge(
+            &RunArgs::default(),
+            file("[postgres]\nallow_networks = [\"10.0.0.0/33\"]"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("allow_networks") && err.contains("10.0.0.0/33"),
+            "{err}"
+        );
+        let args = RunArgs {
+            api_loopback_listen: Some("10.1.1.1:80".parse().unwrap()),
+            ..Default::default()
+        };
+        let err = Config::merge(&args, FileConfig::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a loopback"), "{err}");
     }
 

@@ -11,6 +11,7 @@ pub mod logging;
 pub mod metrics;
 pub mod postgres;
 pub mod secrets;
+pub mod store;
 pub mod supervisor;
 
 use std::net::SocketAddr;
@@ -35,8 +36,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let bins = PgBinaries::discover(cfg.pg_bin_dir.as_deref())?;
     tracing::info!(bin_dir = %bins.bin_dir.display(), version = %bins.version, "PostgreSQL binaries");
 
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("cannot create the state dir {}; is its parent writable?", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
+        format!(
+            "cannot create the state dir {}; is its parent writable?",
+            cfg.state_dir.display()
+        )
+    })?;
     let _lock = lock_data_dir(&cfg)?;
     bootstrap::check_reachable(&cfg.data_dir, owner.as_ref())?;
     check_writable(&cfg.state_dir)?;
@@ -69,11 +74,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let (shared, requests) = supervisor::new(parts, AgentState::Initializing);
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(http::server::serve(shared.clone(), loopback, external, shutdown.clone()));
+    let server = tokio::spawn(http::server::serve(
+        shared.clone(),
+        loopback,
+        external,
+        shutdown.clone(),
+    ));
     tokio::spawn(watch_signals(shutdown.clone()));
 
     if data_state == DataDirState::Empty {
-        shared.set_state(AgentState::Bootstrapping { method: BootstrapMethod::Initdb });
+        shared.set_state(AgentState::Bootstrapping {
+            method: BootstrapMethod::Initdb,
+        });
         let cfg = &shared.cfg;
         let result = bootstrap::initdb(
             &shared.bins,
@@ -85,7 +97,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         )
         .await;
         if let Err(e) = result {
-            shared.set_state(AgentState::Failed { reason: e.to_string() });
+            shared.set_state(AgentState::Failed {
+                reason: e.to_string(),
+            });
             shutdown.cancel();
             let _ = server.await;
             return Err(e.into());
@@ -95,7 +109,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(announce_when_running(shared.clone()));
     supervisor::run(shared.clone(), requests, shutdown.clone()).await;
     shutdown.cancel();
-    server.await.context("API server task")?.context("API server")?;
+    server
+        .await
+        .context("API server task")?
+        .context("API server")?;
     tracing::info!("agent stopped");
     Ok(())
 }
@@ -152,7 +169,10 @@ fn check_port_free(port: u16) -> anyhow::Result<()> {
 
 async fn watch_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
@@ -166,14 +186,27 @@ async fn watch_signals(shutdown: CancellationToken) {
 /// Prints how to connect, once, when Postgres first accepts connections.
 async fn announce_when_running(shared: Arc<supervisor::Shared>) {
     let mut rx = shared.subscribe();
-    if rx.wait_for(|s| matches!(s, AgentState::Running { .. })).await.is_err() {
+    if rx
+        .wait_for(|s| matches!(s, AgentState::Running { .. }))
+        .await
+        .is_err()
+    {
         return;
     }
     let cfg = &shared.cfg;
-    let host = if cfg.postgres_listen_addresses.split(',').any(|a| a.trim() == "*" || a.trim() == "0.0.0.0") {
+    let host = if cfg
+        .postgres_listen_addresses
+        .split(',')
+        .any(|a| a.trim() == "*" || a.trim() == "0.0.0.0")
+    {
         "127.0.0.1".to_string()
     } else {
-        cfg.postgres_listen_addresses.split(',').next().unwrap_or("127.0.0.1").trim().to_string()
+        cfg.postgres_listen_addresses
+            .split(',')
+            .next()
+            .unwrap_or("127.0.0.1")
+            .trim()
+            .to_string()
     };
     let pw: PathBuf = cfg.superuser_password.path.clone();
     println!(

@@ -92,18 +92,41 @@ impl ApiArgs {
             None => default.exists().then_some(default),
         };
         let token = match (path, needs_token) {
-            (Some(p), _) => Some(pgpilot_agent::secrets::read("API token", &p)?.expose().to_string()),
-            (None, true) => anyhow::bail!("this command needs the API token: pass --token-file or set PGPILOT_API_TOKEN_FILE"),
+            (Some(p), _) => Some(
+                pgpilot_agent::secrets::read("API token", &p)?
+                    .expose()
+                    .to_string(),
+            ),
+            (None, true) => anyhow::bail!(
+                "this command needs the API token: pass --token-file or set PGPILOT_API_TOKEN_FILE"
+            ),
             (None, false) => None,
         };
         Ok(AgentClient::new(&self.api_url, token))
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     pgpilot_agent::logging::init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole cause chain on one line, no backtrace: these are user-facing errors.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => pgpilot_agent::run(*args).await,
         Command::Status { api, json } => {
@@ -117,25 +140,49 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stop { api, mode } => {
-            let r = api.client(true)?.stop(&ShutdownRequest { mode: mode.into() }).await?;
+            let r = api
+                .client(true)?
+                .stop(&ShutdownRequest { mode: mode.into() })
+                .await?;
             println!("Postgres stopped; agent state {}", r.state);
             Ok(())
         }
         Command::Start { api } => {
             let r = api.client(true)?.start().await?;
-            println!("Postgres started (pid {}); agent state {}", fmt_opt(r.postmaster_pid), r.state);
+            println!(
+                "Postgres started (pid {}); agent state {}",
+                fmt_opt(r.postmaster_pid),
+                r.state
+            );
             Ok(())
         }
         Command::Restart { api, mode } => {
-            let r = api.client(true)?.restart(&ShutdownRequest { mode: mode.into() }).await?;
-            println!("Postgres restarted (pid {}); agent state {}", fmt_opt(r.postmaster_pid), r.state);
+            let r = api
+                .client(true)?
+                .restart(&ShutdownRequest { mode: mode.into() })
+                .await?;
+            println!(
+                "Postgres restarted (pid {}); agent state {}",
+                fmt_opt(r.postmaster_pid),
+                r.state
+            );
             Ok(())
         }
         Command::Reload { api } => {
             let r = api.client(true)?.reload().await.context("reload")?;
-            println!("reloaded; changed: {}", if r.changed.is_empty() { "nothing".into() } else { r.changed.join(", ") });
+            println!(
+                "reloaded; changed: {}",
+                if r.changed.is_empty() {
+                    "nothing".into()
+                } else {
+                    r.changed.join(", ")
+                }
+            );
             if !r.pending_restart.is_empty() {
-                println!("needs a restart to take effect: {}", r.pending_restart.join(", "));
+                println!(
+                    "needs a restart to take effect: {}",
+                    r.pending_restart.join(", ")
+                );
             }
             Ok(())
         }
@@ -163,7 +210,9 @@ fn render_status(url: &str, s: &StatusResponse) -> String {
         s.postgres_major,
         fmt_opt(s.postmaster_pid),
         s.postgres_port,
-        s.postgres_uptime_seconds.map(fmt_secs).unwrap_or_else(|| "-".into())
+        s.postgres_uptime_seconds
+            .map(fmt_secs)
+            .unwrap_or_else(|| "-".into())
     );
     out += &format!("  data dir:  {}\n", s.data_dir);
     out += &format!(
@@ -172,7 +221,10 @@ fn render_status(url: &str, s: &StatusResponse) -> String {
         s.current_lsn.as_deref().unwrap_or("-"),
         s.flushed_lsn.as_deref().unwrap_or("-")
     );
-    out += &format!("  restarts:  {} after crashes, {} requested\n", s.crash_restarts, s.requested_restarts);
+    out += &format!(
+        "  restarts:  {} after crashes, {} requested\n",
+        s.crash_restarts, s.requested_restarts
+    );
     if let Some(f) = &s.last_failure {
         out += &format!("  last failure: {f}\n");
     }

@@ -1,7 +1,9 @@
 //! Prometheus metrics of the agent. Everything an operator would alert on: agent state,
 //! Postgres up, crash restarts, API errors.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use pgpilot_common::state::AgentState;
 
@@ -21,11 +23,16 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let state = IntGaugeVec::new(
-            Opts::new("pgpilot_agent_state", "Current agent state (1 for the current one)"),
+            Opts::new(
+                "pgpilot_agent_state",
+                "Current agent state (1 for the current one)",
+            ),
             &["state"],
         )
         .expect("static metric");
-        let postgres_up = IntGauge::new("pgpilot_postgres_up", "1 when Postgres accepts connections").expect("static metric");
+        let postgres_up =
+            IntGauge::new("pgpilot_postgres_up", "1 when Postgres accepts connections")
+                .expect("static metric");
         let crash_restarts = IntCounter::new(
             "pgpilot_postgres_crash_restarts_total",
             "Postgres restarts after an unexpected exit of the postmaster",
@@ -37,12 +44,18 @@ impl Metrics {
         )
         .expect("static metric");
         let api_requests = IntCounterVec::new(
-            Opts::new("pgpilot_api_requests_total", "API requests by route, method and status code"),
+            Opts::new(
+                "pgpilot_api_requests_total",
+                "API requests by route, method and status code",
+            ),
             &["route", "method", "code"],
         )
         .expect("static metric");
         let api_duration = HistogramVec::new(
-            HistogramOpts::new("pgpilot_api_request_duration_seconds", "API request duration by route"),
+            HistogramOpts::new(
+                "pgpilot_api_request_duration_seconds",
+                "API request duration by route",
+            ),
             &["route"],
         )
         .expect("static metric");
@@ -59,14 +72,25 @@ impl Metrics {
         for name in AgentState::NAMES {
             state.with_label_values(&[name]).set(0);
         }
-        Metrics { registry, state, postgres_up, crash_restarts, requested_restarts, api_requests, api_duration }
+        Metrics {
+            registry,
+            state,
+            postgres_up,
+            crash_restarts,
+            requested_restarts,
+            api_requests,
+            api_duration,
+        }
     }
 
     pub fn set_state(&self, current: &AgentState) {
         for name in AgentState::NAMES {
-            self.state.with_label_values(&[name]).set(i64::from(name == current.name()));
+            self.state
+                .with_label_values(&[name])
+                .set(i64::from(name == current.name()));
         }
-        self.postgres_up.set(i64::from(matches!(current, AgentState::Running { .. })));
+        self.postgres_up
+            .set(i64::from(matches!(current, AgentState::Running { .. })));
     }
 
     /// The Prometheus text exposition.

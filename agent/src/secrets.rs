@@ -35,12 +35,20 @@ impl fmt::Display for Secret {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("{what} file {path} cannot be read: {source}")]
-    Unreadable { what: &'static str, path: String, source: std::io::Error },
+    #[error("{what} file {path} cannot be read: {cause}")]
+    Unreadable {
+        what: &'static str,
+        path: String,
+        cause: std::io::Error,
+    },
     #[error("{what} file {path} is empty")]
     Empty { what: &'static str, path: String },
-    #[error("cannot create {what} file {path}: {source}")]
-    Create { what: &'static str, path: String, source: std::io::Error },
+    #[error("cannot create {what} file {path}: {cause}")]
+    Create {
+        what: &'static str,
+        path: String,
+        cause: std::io::Error,
+    },
 }
 
 /// Reads the secret, generating it first when allowed and absent. Trailing newlines are
@@ -48,7 +56,11 @@ pub enum SecretError {
 pub fn load(what: &'static str, file: &SecretFile) -> Result<Secret, SecretError> {
     let path_s = file.path.display().to_string();
     if file.generate_if_missing && !file.path.exists() {
-        generate(&file.path).map_err(|source| SecretError::Create { what, path: path_s.clone(), source })?;
+        generate(&file.path).map_err(|cause| SecretError::Create {
+            what,
+            path: path_s.clone(),
+            cause,
+        })?;
         tracing::info!(path = %path_s, "generated {what}");
     }
     read(what, &file.path)
@@ -56,8 +68,11 @@ pub fn load(what: &'static str, file: &SecretFile) -> Result<Secret, SecretError
 
 pub fn read(what: &'static str, path: &Path) -> Result<Secret, SecretError> {
     let path_s = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| SecretError::Unreadable { what, path: path_s.clone(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|cause| SecretError::Unreadable {
+        what,
+        path: path_s.clone(),
+        cause,
+    })?;
     let value = text.trim_end_matches(['\n', '\r']).to_string();
     if value.is_empty() {
         return Err(SecretError::Empty { what, path: path_s });
@@ -72,7 +87,11 @@ fn generate(path: &Path) -> std::io::Result<()> {
     let mut bytes = [0u8; 24];
     rand::rng().fill_bytes(&mut bytes);
     let value: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(value.as_bytes())?;
     f.write_all(b"\n")?;
     f.sync_all()
@@ -85,7 +104,10 @@ mod tests {
     #[test]
     fn generates_once_and_redacts() {
         let dir = tempfile::tempdir().unwrap();
-        let file = SecretFile { path: dir.path().join("tok"), generate_if_missing: true };
+        let file = SecretFile {
+            path: dir.path().join("tok"),
+            generate_if_missing: true,
+        };
         let a = load("API token", &file).unwrap();
         let b = load("API token", &file).unwrap();
         assert_eq!(a, b);
@@ -95,8 +117,14 @@ mod tests {
 
     #[test]
     fn named_missing_file_is_an_error_naming_it() {
-        let file = SecretFile { path: "/nonexistent/tok".into(), generate_if_missing: false };
+        let file = SecretFile {
+            path: "/nonexistent/tok".into(),
+            generate_if_missing: false,
+        };
         let err = load("API token", &file).unwrap_err().to_string();
-        assert!(err.contains("API token file /nonexistent/tok cannot be read"), "{err}");
+        assert!(
+            err.contains("API token file /nonexistent/tok cannot be read"),
+            "{err}"
+        );
     }
 }

@@ -41,10 +41,20 @@ type Reply<T> = oneshot::Sender<Result<T, ActionError>>;
 /// Requests the supervisor serves.
 #[derive(Debug)]
 pub enum Request {
-    Stop { mode: ShutdownMode, reply: Reply<LifecycleResponse> },
-    Start { reply: Reply<LifecycleResponse> },
-    Restart { mode: ShutdownMode, reply: Reply<LifecycleResponse> },
-    Reload { reply: Reply<ReloadResponse> },
+    Stop {
+        mode: ShutdownMode,
+        reply: Reply<LifecycleResponse>,
+    },
+    Start {
+        reply: Reply<LifecycleResponse>,
+    },
+    Restart {
+        mode: ShutdownMode,
+        reply: Reply<LifecycleResponse>,
+    },
+    Reload {
+        reply: Reply<ReloadResponse>,
+    },
 }
 
 /// Facts about the running Postgres that `/v1/status` reports.
@@ -103,13 +113,17 @@ impl Shared {
     }
 
     /// Sends a request to the supervisor and waits for its answer.
-    pub async fn request<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, ActionError> {
+    pub async fn request<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Request,
+    ) -> Result<T, ActionError> {
         let (tx, rx) = oneshot::channel();
         self.requests
             .send(make(tx))
             .await
             .map_err(|_| ActionError::Failed("the agent is shutting down".into()))?;
-        rx.await.map_err(|_| ActionError::Failed("the agent is shutting down".into()))?
+        rx.await
+            .map_err(|_| ActionError::Failed("the agent is shutting down".into()))?
     }
 }
 
@@ -151,13 +165,20 @@ enum RunEnd {
     /// long enough to reset the crash backoff.
     Crashed { reason: String, stable: bool },
     /// Stopped on request; `then_start` for a restart.
-    Stopped { then_start: bool, reply: Option<Reply<LifecycleResponse>> },
+    Stopped {
+        then_start: bool,
+        reply: Option<Reply<LifecycleResponse>>,
+    },
     /// The agent is shutting down.
     Shutdown,
 }
 
 /// Runs Postgres until `shutdown` is cancelled, then stops it (fast) and returns.
-pub async fn run(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>, shutdown: CancellationToken) {
+pub async fn run(
+    shared: Arc<Shared>,
+    mut requests: mpsc::Receiver<Request>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = BACKOFF_MIN;
     let mut want_running = true;
     // A lifecycle request answered once Postgres is up again (start, restart).
@@ -191,7 +212,10 @@ pub async fn run(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>, shu
                     pending = reply;
                 } else if let Some(reply) = reply {
                     shared.set_state(AgentState::Stopped);
-                    let _ = reply.send(Ok(LifecycleResponse { state: AgentState::Stopped, postmaster_pid: None }));
+                    let _ = reply.send(Ok(LifecycleResponse {
+                        state: AgentState::Stopped,
+                        postmaster_pid: None,
+                    }));
                 }
             }
             RunEnd::Crashed { reason, stable } => {
@@ -204,10 +228,14 @@ pub async fn run(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>, shu
                     i.last_failure = Some(reason.clone());
                 });
                 if let Some(reply) = pending.take() {
-                    let _ = reply.send(Err(ActionError::Failed(format!("Postgres did not start: {reason}"))));
+                    let _ = reply.send(Err(ActionError::Failed(format!(
+                        "Postgres did not start: {reason}"
+                    ))));
                 }
                 tracing::error!(retry_in = ?backoff, "Postgres is down: {reason}");
-                shared.set_state(AgentState::Failed { reason: format!("{reason}; restarting in {backoff:?}") });
+                shared.set_state(AgentState::Failed {
+                    reason: format!("{reason}; restarting in {backoff:?}"),
+                });
                 match wait_backoff(&shared, &mut requests, &shutdown, backoff).await {
                     BackoffEnd::Elapsed => backoff = (backoff * 2).min(BACKOFF_MAX),
                     BackoffEnd::Start(reply) => {
@@ -217,7 +245,10 @@ pub async fn run(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>, shu
                     BackoffEnd::Stop(reply) => {
                         want_running = false;
                         backoff = BACKOFF_MIN;
-                        let _ = reply.send(Ok(LifecycleResponse { state: AgentState::Stopped, postmaster_pid: None }));
+                        let _ = reply.send(Ok(LifecycleResponse {
+                            state: AgentState::Stopped,
+                            postmaster_pid: None,
+                        }));
                     }
                     BackoffEnd::Shutdown => {
                         shared.set_state(AgentState::Stopped);
@@ -246,11 +277,19 @@ async fn run_once(
         }
     };
     if let Err(e) = conf::render_all(cfg, &params, shared.owner.as_ref()) {
-        return crashed(format!("cannot render configuration into {}: {e}", cfg.data_dir.display()));
+        return crashed(format!(
+            "cannot render configuration into {}: {e}",
+            cfg.data_dir.display()
+        ));
     }
     let mut pm = match Postmaster::spawn(&shared.bins, &cfg.data_dir, shared.owner.as_ref()) {
         Ok(pm) => pm,
-        Err(e) => return crashed(format!("cannot start {}: {e}", shared.bins.path("postgres").display())),
+        Err(e) => {
+            return crashed(format!(
+                "cannot start {}: {e}",
+                shared.bins.path("postgres").display()
+            ));
+        }
     };
     shared.update_info(|i| i.postmaster_pid = Some(pm.pid()));
 
@@ -279,7 +318,10 @@ async fn run_once(
         ensure_roles(shared).await;
     }
     if let Some(reply) = pending.take() {
-        let _ = reply.send(Ok(LifecycleResponse { state: shared.state(), postmaster_pid: Some(pm.pid()) }));
+        let _ = reply.send(Ok(LifecycleResponse {
+            state: shared.state(),
+            postmaster_pid: Some(pm.pid()),
+        }));
     }
     let started = Instant::now();
 
@@ -319,17 +361,27 @@ async fn run_once(
 }
 
 /// While starting, only a stop (or a restart, treated as stop-then-start) makes sense.
-async fn handle_while_starting(shared: &Arc<Shared>, pm: &mut Postmaster, req: Request) -> Option<RunEnd> {
+async fn handle_while_starting(
+    shared: &Arc<Shared>,
+    pm: &mut Postmaster,
+    req: Request,
+) -> Option<RunEnd> {
     match req {
         Request::Stop { mode, reply } => match stop(shared, pm, mode).await {
-            Ok(()) => Some(RunEnd::Stopped { then_start: false, reply: Some(reply) }),
+            Ok(()) => Some(RunEnd::Stopped {
+                then_start: false,
+                reply: Some(reply),
+            }),
             Err(e) => {
                 let _ = reply.send(Err(e));
                 None
             }
         },
         Request::Restart { reply, .. } => {
-            let _ = reply.send(Err(conflict(shared, "Postgres is still starting; retry when it runs")));
+            let _ = reply.send(Err(conflict(
+                shared,
+                "Postgres is still starting; retry when it runs",
+            )));
             None
         }
         Request::Start { reply } => {
@@ -337,13 +389,20 @@ async fn handle_while_starting(shared: &Arc<Shared>, pm: &mut Postmaster, req: R
             None
         }
         Request::Reload { reply } => {
-            let _ = reply.send(Err(conflict(shared, "Postgres is not running yet; nothing to reload")));
+            let _ = reply.send(Err(conflict(
+                shared,
+                "Postgres is not running yet; nothing to reload",
+            )));
             None
         }
     }
 }
 
-async fn stop(shared: &Arc<Shared>, pm: &mut Postmaster, mode: ShutdownMode) -> Result<(), ActionError> {
+async fn stop(
+    shared: &Arc<Shared>,
+    pm: &mut Postmaster,
+    mode: ShutdownMode,
+) -> Result<(), ActionError> {
     shared.set_state(AgentState::Stopping);
     tracing::info!(postmaster_pid = pm.pid(), ?mode, "stopping Postgres");
     match pm.shutdown(mode, SHUTDOWN_GRACE).await {
@@ -351,52 +410,88 @@ async fn stop(shared: &Arc<Shared>, pm: &mut Postmaster, mode: ShutdownMode) -> 
             tracing::info!(postmaster_pid = pm.pid(), %status, "Postgres stopped");
             Ok(())
         }
-        Err(e) => Err(ActionError::Failed(format!("waiting for the postmaster to exit: {e}"))),
+        Err(e) => Err(ActionError::Failed(format!(
+            "waiting for the postmaster to exit: {e}"
+        ))),
     }
 }
 
 /// Re-renders the configuration from the config file and signals Postgres to re-read it.
 async fn reload(shared: &Arc<Shared>, pm: &Postmaster) -> Result<ReloadResponse, ActionError> {
     let cfg = &shared.cfg;
-    let params: BTreeMap<String, String> =
-        cfg.reread_parameters().map_err(|e| ActionError::Failed(format!("config file not reloaded: {e}")))?;
+    let params: BTreeMap<String, String> = cfg
+        .reread_parameters()
+        .map_err(|e| ActionError::Failed(format!("config file not reloaded: {e}")))?;
     let changed = conf::render_all(cfg, &params, shared.owner.as_ref())
         .map_err(|e| ActionError::Failed(format!("cannot render configuration: {e}")))?;
     pm.reload();
     tracing::info!(?changed, "configuration reloaded");
     // Postgres applies SIGHUP asynchronously; give it a moment before asking what is pending.
-    let client = sql::connect(cfg, shared.superuser_password.expose(), Duration::from_secs(5))
-        .await
-        .map_err(|e| ActionError::Failed(format!("reload sent, but cannot connect to check it: {e}")))?;
+    let client = sql::connect(
+        cfg,
+        shared.superuser_password.expose(),
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| {
+        ActionError::Failed(format!("reload sent, but cannot connect to check it: {e}"))
+    })?;
     let mut pending_restart = Vec::new();
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        pending_restart = sql::pending_restart(&client)
-            .await
-            .map_err(|e| ActionError::Failed(format!("reload sent, but pg_settings could not be read: {e}")))?;
+        pending_restart = sql::pending_restart(&client).await.map_err(|e| {
+            ActionError::Failed(format!(
+                "reload sent, but pg_settings could not be read: {e}"
+            ))
+        })?;
         if !pending_restart.is_empty() {
             break;
         }
     }
-    Ok(ReloadResponse { changed, pending_restart })
+    Ok(ReloadResponse {
+        changed,
+        pending_restart,
+    })
 }
 
 /// One readiness probe: connect and ask the role. `None` while Postgres does not accept
 /// connections yet.
 async fn probe(shared: &Arc<Shared>) -> Option<Role> {
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let client = sql::connect(&shared.cfg, shared.superuser_password.expose(), Duration::from_secs(2))
+    let client = sql::connect(
+        &shared.cfg,
+        shared.superuser_password.expose(),
+        Duration::from_secs(2),
+    )
+    .await
+    .ok()?;
+    let in_recovery: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
         .await
-        .ok()?;
-    let in_recovery: bool = client.query_one("SELECT pg_is_in_recovery()", &[]).await.ok()?.get(0);
-    Some(if in_recovery { Role::Replica } else { Role::Primary })
+        .ok()?
+        .get(0);
+    Some(if in_recovery {
+        Role::Replica
+    } else {
+        Role::Primary
+    })
 }
 
 async fn ensure_roles(shared: &Arc<Shared>) {
     let cfg = &shared.cfg;
     let result = async {
-        let client = sql::connect(cfg, shared.superuser_password.expose(), Duration::from_secs(5)).await?;
-        sql::ensure_replication_role(&client, &cfg.replication_user, shared.replication_password.expose()).await
+        let client = sql::connect(
+            cfg,
+            shared.superuser_password.expose(),
+            Duration::from_secs(5),
+        )
+        .await?;
+        sql::ensure_replication_role(
+            &client,
+            &cfg.replication_user,
+            shared.replication_password.expose(),
+        )
+        .await
     }
     .await;
     if let Err(e) = result {
@@ -405,11 +500,17 @@ async fn ensure_roles(shared: &Arc<Shared>) {
 }
 
 fn crashed(reason: String) -> RunEnd {
-    RunEnd::Crashed { reason, stable: false }
+    RunEnd::Crashed {
+        reason,
+        stable: false,
+    }
 }
 
 fn conflict(shared: &Arc<Shared>, message: &str) -> ActionError {
-    ActionError::Conflict { state: shared.state(), message: message.to_string() }
+    ActionError::Conflict {
+        state: shared.state(),
+        message: message.to_string(),
+    }
 }
 
 fn exit_reason(status: std::io::Result<std::process::ExitStatus>) -> String {

@@ -6,23 +6,21 @@ use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::{
-    ErrorBody, LifecycleResponse, ReloadResponse, ShutdownRequest, StatusResponse,
-};
+use crate::api::{ErrorBody, LifecycleResponse, ReloadResponse, ShutdownRequest, StatusResponse};
 
 /// What a call to the agent can end in, besides success.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The agent answered with an error body.
     #[error("agent at {url} answered {status}: {}", body.message)]
-    Api { url: String, status: u16, body: ErrorBody },
-    /// The agent could not be reached or its answer could not be read.
-    #[error("cannot reach the agent at {url}: {source}")]
-    Transport {
+    Api {
         url: String,
-        #[source]
-        source: reqwest::Error,
+        status: u16,
+        body: ErrorBody,
     },
+    /// The agent could not be reached or its answer could not be read.
+    #[error("cannot reach the agent at {url}: {cause}")]
+    Transport { url: String, cause: reqwest::Error },
 }
 
 impl ClientError {
@@ -62,7 +60,11 @@ impl AgentClient {
             .timeout(Duration::from_secs(300))
             .build()
             .expect("reqwest client with static settings");
-        Self { base: base.into().trim_end_matches('/').to_string(), token, http }
+        Self {
+            base: base.into().trim_end_matches('/').to_string(),
+            token,
+            http,
+        }
     }
 
     pub fn base_url(&self) -> &str {
@@ -96,7 +98,10 @@ impl AgentClient {
         body: Option<&B>,
     ) -> Result<T, ClientError> {
         let url = format!("{}{}", self.base, path);
-        let transport = |source| ClientError::Transport { url: url.clone(), source };
+        let transport = |cause| ClientError::Transport {
+            url: url.clone(),
+            cause,
+        };
         let mut req = self.http.request(method, &url);
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
@@ -112,10 +117,18 @@ impl AgentClient {
         let text = resp.text().await.map_err(transport)?;
         let body = serde_json::from_str::<ErrorBody>(&text).unwrap_or_else(|_| ErrorBody {
             error: status_kind(status).to_string(),
-            message: if text.is_empty() { status.to_string() } else { text },
+            message: if text.is_empty() {
+                status.to_string()
+            } else {
+                text
+            },
             state: None,
         });
-        Err(ClientError::Api { url, status: status.as_u16(), body })
+        Err(ClientError::Api {
+            url,
+            status: status.as_u16(),
+            body,
+        })
     }
 }
 

@@ -92,9 +92,14 @@ mod tests {
 
     #[test]
     fn serializes_with_state_tag() {
-        let running = AgentState::Running { role: Role::Primary };
+        let running = AgentState::Running {
+            role: Role::Primary,
+        };
         let json = serde_json::to_value(&running).unwrap();
-        assert_eq!(json, serde_json::json!({"state": "Running", "role": "Primary"}));
+        assert_eq!(
+            json,
+            serde_json::json!({"state": "Running", "role": "Primary"})
+        );
         let back: AgentState = serde_json::from_value(json).unwrap();
         assert_eq!(back, running);
         assert_eq!(
@@ -107,9 +112,13 @@ mod tests {
     fn names_cover_every_state() {
         let all = [
             AgentState::Initializing,
-            AgentState::Bootstrapping { method: BootstrapMethod::Initdb },
+            AgentState::Bootstrapping {
+                method: BootstrapMethod::Initdb,
+            },
             AgentState::Starting,
-            AgentState::Running { role: Role::Replica },
+            AgentState::Running {
+                role: Role::Replica,
+            },
             AgentState::Stopping,
             AgentState::Stopped,
             AgentState::Failed { reason: "x".into() },

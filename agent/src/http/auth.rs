@@ -20,18 +20,30 @@ pub fn token_matches(presented: &str, expected: &str) -> bool {
     a.ct_eq(&b).into()
 }
 
-pub async fn require_token(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn require_token(
+    State(shared): State<Arc<Shared>>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let presented = req
         .headers()
         .get(AUTHORIZATION)
-        .ok_or_else(|| ApiError::Unauthorized("this route requires an Authorization: Bearer <token> header".into()))?
+        .ok_or_else(|| {
+            ApiError::Unauthorized(
+                "this route requires an Authorization: Bearer <token> header".into(),
+            )
+        })?
         .to_str()
         .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::Unauthorized("the Authorization header must be \"Bearer <token>\"".into()))?;
+        .ok_or_else(|| {
+            ApiError::Unauthorized("the Authorization header must be \"Bearer <token>\"".into())
+        })?;
     if !token_matches(presented.trim(), shared.api_token.expose()) {
         tracing::warn!(path = %req.uri().path(), "API request with a wrong bearer token refused");
-        return Err(ApiError::Unauthorized("the bearer token is not valid".into()));
+        return Err(ApiError::Unauthorized(
+            "the bearer token is not valid".into(),
+        ));
     }
     Ok(next.run(req).await)
 }

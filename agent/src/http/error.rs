@@ -22,7 +22,10 @@ pub enum ApiError {
     #[error("{message}")]
     Conflict { state: AgentState, message: String },
     #[error("{message}")]
-    Unavailable { state: Option<AgentState>, message: String },
+    Unavailable {
+        state: Option<AgentState>,
+        message: String,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -56,7 +59,10 @@ impl ApiError {
 impl From<ActionError> for ApiError {
     fn from(e: ActionError) -> Self {
         match e {
-            ActionError::Conflict { state, message } => ApiError::Conflict { state, message },
+            ActionError::Conflict { state, message } => ApiError::Conflict {
+                message: format!("{message} (agent state: {state})"),
+                state,
+            },
             ActionError::Failed(message) => ApiError::Internal(message),
         }
     }
@@ -74,10 +80,17 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable { state, .. } => state.clone(),
             _ => None,
         };
-        let body = ErrorBody { error: self.kind().to_string(), message: self.to_string(), state };
+        let body = ErrorBody {
+            error: self.kind().to_string(),
+            message: self.to_string(),
+            state,
+        };
         let mut resp = (status, Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
         }
         resp
     }

@@ -36,11 +36,17 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/stop", post(lifecycle::stop))
         .route("/v1/start", post(lifecycle::start))
         .route("/v1/reload", post(lifecycle::reload))
-        .route_layer(middleware::from_fn_with_state(shared.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(
+            shared.clone(),
+            require_token,
+        ));
     open.merge(protected)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(shared.clone(), record_metrics))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            record_metrics,
+        ))
         .with_state(shared)
 }
 
@@ -49,7 +55,11 @@ async fn not_found(req: Request) -> ApiError {
 }
 
 async fn method_not_allowed(req: Request) -> ApiError {
-    ApiError::MethodNotAllowed(format!("{} is not allowed on {}", req.method(), req.uri().path()))
+    ApiError::MethodNotAllowed(format!(
+        "{} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    ))
 }
 
 /// Counts requests by route template (not raw path, to keep label cardinality bounded).
@@ -63,8 +73,12 @@ async fn record_metrics(State(shared): State<Arc<Shared>>, req: Request, next: N
     let start = Instant::now();
     let resp = next.run(req).await;
     let m = &shared.metrics;
-    m.api_requests.with_label_values(&[&route, &method, resp.status().as_str()]).inc();
-    m.api_duration.with_label_values(&[&route]).observe(start.elapsed().as_secs_f64());
+    m.api_requests
+        .with_label_values(&[&route, &method, resp.status().as_str()])
+        .inc();
+    m.api_duration
+        .with_label_values(&[&route])
+        .observe(start.elapsed().as_secs_f64());
     resp
 }
 
@@ -76,7 +90,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = router(shared);
-    let a = axum::serve(loopback, app.clone()).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let a = axum::serve(loopback, app.clone())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let b = axum::serve(external, app).with_graceful_shutdown(shutdown.cancelled_owned());
     let (ra, rb) = tokio::join!(a.into_future(), b.into_future());
     ra.and(rb)

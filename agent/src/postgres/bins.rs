@@ -41,7 +41,9 @@ impl PgBinaries {
         let dir = match explicit {
             Some(dir) => dir.to_path_buf(),
             None => find_bin_dir().ok_or_else(|| {
-                BinariesError::NotFound("no --pg-bin-dir, pg_config, initdb on PATH or /usr/lib/postgresql".into())
+                BinariesError::NotFound(
+                    "no --pg-bin-dir, pg_config, initdb on PATH or /usr/lib/postgresql".into(),
+                )
             })?,
         };
         Self::at(&dir)
@@ -50,19 +52,28 @@ impl PgBinaries {
     /// The binaries in `dir`, checked and versioned.
     pub fn at(dir: &Path) -> Result<PgBinaries, BinariesError> {
         if !dir.is_dir() {
-            return Err(BinariesError::NotFound(format!("{} is not a directory", dir.display())));
+            return Err(BinariesError::NotFound(format!(
+                "{} is not a directory",
+                dir.display()
+            )));
         }
         for tool in ["postgres", "initdb"] {
             let path = dir.join(tool);
             if !path.is_file() {
-                return Err(BinariesError::Missing { path, dir: dir.to_path_buf() });
+                return Err(BinariesError::Missing {
+                    path,
+                    dir: dir.to_path_buf(),
+                });
             }
         }
         let postgres = dir.join("postgres");
         let out = std::process::Command::new(&postgres)
             .arg("--version")
             .output()
-            .map_err(|e| BinariesError::Version { path: postgres.clone(), message: e.to_string() })?;
+            .map_err(|e| BinariesError::Version {
+                path: postgres.clone(),
+                message: e.to_string(),
+            })?;
         if !out.status.success() {
             return Err(BinariesError::Version {
                 path: postgres,
@@ -75,14 +86,23 @@ impl PgBinaries {
             message: format!("unrecognised version string {version:?}"),
         })?;
         if !SUPPORTED_MAJORS.contains(&major) {
-            return Err(BinariesError::Unsupported { major, dir: dir.to_path_buf() });
+            return Err(BinariesError::Unsupported {
+                major,
+                dir: dir.to_path_buf(),
+            });
         }
-        Ok(PgBinaries { bin_dir: dir.to_path_buf(), major, version })
+        Ok(PgBinaries {
+            bin_dir: dir.to_path_buf(),
+            major,
+            version,
+        })
     }
 }
 
 fn find_bin_dir() -> Option<PathBuf> {
-    if let Ok(out) = std::process::Command::new("pg_config").arg("--bindir").output()
+    if let Ok(out) = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
         && out.status.success()
     {
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
@@ -116,7 +136,9 @@ fn find_bin_dir() -> Option<PathBuf> {
 
 /// "postgres (PostgreSQL) 17.6 (Debian 17.6-1)" → 17; "postgres (PostgreSQL) 9.6.1" → 9.
 pub fn parse_major(version: &str) -> Option<u32> {
-    let number = version.split_whitespace().find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))?;
+    let number = version
+        .split_whitespace()
+        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))?;
     number.split(['.', 'b', 'r', 'd']).next()?.parse().ok()
 }
 
@@ -126,7 +148,10 @@ mod tests {
 
     #[test]
     fn parses_majors() {
-        assert_eq!(parse_major("postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"), Some(15));
+        assert_eq!(
+            parse_major("postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"),
+            Some(15)
+        );
         assert_eq!(parse_major("postgres (PostgreSQL) 17.6"), Some(17));
         assert_eq!(parse_major("postgres (PostgreSQL) 18beta1"), Some(18));
         assert_eq!(parse_major("postgres (PostgreSQL) 18devel"), Some(18));

@@ -26,10 +26,19 @@ pub enum BootstrapError {
          point --data-dir at an empty or absent directory"
     )]
     NotACluster(PathBuf),
-    #[error("data dir {dir} holds a PostgreSQL {found} cluster but the binaries are PostgreSQL {bins}; pass --pg-bin-dir for {found}")]
-    VersionMismatch { dir: PathBuf, found: String, bins: u32 },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error(
+        "data dir {dir} holds a PostgreSQL {found} cluster but the binaries are PostgreSQL {bins}; pass --pg-bin-dir for {found}"
+    )]
+    VersionMismatch {
+        dir: PathBuf,
+        found: String,
+        bins: u32,
+    },
+    #[error("{path}: {cause}")]
+    Io {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("{0}")]
     Unreachable(String),
     #[error("initdb failed ({status}): {output}")]
@@ -37,7 +46,10 @@ pub enum BootstrapError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BootstrapError + '_ {
-    move |source| BootstrapError::Io { path: path.to_path_buf(), source }
+    move |cause| BootstrapError::Io {
+        path: path.to_path_buf(),
+        cause,
+    }
 }
 
 /// Inspects the data dir.
@@ -46,7 +58,11 @@ pub fn inspect(data_dir: &Path, bins: &PgBinaries) -> Result<DataDirState, Boots
         Ok(v) => {
             let found = v.trim().to_string();
             if found.parse::<u32>().ok() != Some(bins.major) {
-                return Err(BootstrapError::VersionMismatch { dir: data_dir.to_path_buf(), found, bins: bins.major });
+                return Err(BootstrapError::VersionMismatch {
+                    dir: data_dir.to_path_buf(),
+                    found,
+                    bins: bins.major,
+                });
             }
             Ok(DataDirState::Cluster { major: bins.major })
         }
@@ -56,7 +72,11 @@ pub fn inspect(data_dir: &Path, bins: &PgBinaries) -> Result<DataDirState, Boots
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
                 Err(e) => return Err(io(data_dir)(e)),
             };
-            if empty { Ok(DataDirState::Empty) } else { Err(BootstrapError::NotACluster(data_dir.to_path_buf())) }
+            if empty {
+                Ok(DataDirState::Empty)
+            } else {
+                Err(BootstrapError::NotACluster(data_dir.to_path_buf()))
+            }
         }
         Err(e) => Err(io(data_dir)(e)),
     }
@@ -79,7 +99,9 @@ pub fn check_reachable(path: &Path, owner: Option<&OsUser>) -> Result<(), Bootst
     let mut ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
     ancestors.reverse();
     for dir in ancestors {
-        let Ok(meta) = std::fs::metadata(dir) else { continue };
+        let Ok(meta) = std::fs::metadata(dir) else {
+            continue;
+        };
         let mode = meta.mode();
         let ok = if meta.uid() == owner.uid.as_raw() {
             mode & 0o100 != 0
@@ -121,7 +143,12 @@ pub async fn initdb(
         .arg("--username")
         .arg(superuser)
         .arg(format!("--pwfile={}", pwfile.display()))
-        .args(["--encoding=UTF8", "--locale=C.UTF-8", "--data-checksums", "--auth=scram-sha-256"]);
+        .args([
+            "--encoding=UTF8",
+            "--locale=C.UTF-8",
+            "--data-checksums",
+            "--auth=scram-sha-256",
+        ]);
     run_as(&mut cmd, owner);
     cmd.stdin(std::process::Stdio::null());
     tracing::info!(data_dir = %data_dir.display(), "running initdb");
@@ -133,7 +160,10 @@ pub async fn initdb(
         if output.is_empty() {
             output = String::from_utf8_lossy(&out.stdout).trim().to_string();
         }
-        return Err(BootstrapError::Initdb { status: out.status.to_string(), output });
+        return Err(BootstrapError::Initdb {
+            status: out.status.to_string(),
+            output,
+        });
     }
     Ok(())
 }

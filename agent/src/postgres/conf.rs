@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use crate::config::{Config, ConfigError};
 
 pub const INCLUDE_FILE: &str = "pgpilot.conf";
-const INCLUDE_LINE: &str = "include_if_exists = 'pgpilot.conf'\t# added by pgpilot-agent; keep last";
+const INCLUDE_LINE: &str =
+    "include_if_exists = 'pgpilot.conf'\t# added by pgpilot-agent; keep last";
 
 /// Parameters the agent sets itself; a user value would break what the agent relies on.
 const RESERVED: &[&str] = &[
@@ -39,17 +40,23 @@ const RESERVED: &[&str] = &[
 pub fn validate_user_parameters(params: &BTreeMap<String, String>) -> Result<(), ConfigError> {
     for (name, value) in params {
         let valid_name = !name.is_empty()
-            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
         if !valid_name {
             return Err(ConfigError::Invalid {
                 key: "postgres.parameters",
-                message: format!("{name:?} is not a valid parameter name (lower case, digits, _ and .)"),
+                message: format!(
+                    "{name:?} is not a valid parameter name (lower case, digits, _ and .)"
+                ),
             });
         }
         if RESERVED.contains(&name.as_str()) {
             return Err(ConfigError::Invalid {
                 key: "postgres.parameters",
-                message: format!("{name} is managed by pgpilot-agent; set it through the agent's own options"),
+                message: format!(
+                    "{name} is managed by pgpilot-agent; set it through the agent's own options"
+                ),
             });
         }
         if value.contains('\n') || value.contains('\0') {
@@ -70,10 +77,19 @@ fn quote(value: &str) -> String {
 /// The agent-managed settings, then the user's parameters, as (name, value) in file order.
 pub fn settings(cfg: &Config, user: &BTreeMap<String, String>) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = vec![
-        ("listen_addresses".into(), cfg.postgres_listen_addresses.clone()),
+        (
+            "listen_addresses".into(),
+            cfg.postgres_listen_addresses.clone(),
+        ),
         ("port".into(), cfg.postgres_port.to_string()),
-        ("unix_socket_directories".into(), cfg.socket_dir().display().to_string()),
-        ("hba_file".into(), cfg.data_dir.join("pg_hba.conf").display().to_string()),
+        (
+            "unix_socket_directories".into(),
+            cfg.socket_dir().display().to_string(),
+        ),
+        (
+            "hba_file".into(),
+            cfg.data_dir.join("pg_hba.conf").display().to_string(),
+        ),
         // Postgres logs to stderr, which the agent reads and re-emits in its own log stream.
         ("logging_collector".into(), "off".into()),
         ("log_destination".into(), "stderr".into()),
@@ -115,20 +131,32 @@ pub fn render_pg_hba(cfg: &Config) -> String {
     let su = &cfg.superuser;
     let repl = &cfg.replication_user;
     s.push_str("local   all          all                               scram-sha-256\n");
-    s.push_str(&format!("local   replication  {repl:<16}                  scram-sha-256\n"));
-    s.push_str(&format!("local   replication  {su:<16}                  scram-sha-256\n"));
+    s.push_str(&format!(
+        "local   replication  {repl:<16}                  scram-sha-256\n"
+    ));
+    s.push_str(&format!(
+        "local   replication  {su:<16}                  scram-sha-256\n"
+    ));
     let mut nets = vec!["127.0.0.1/32".to_string(), "::1/128".to_string()];
     nets.extend(cfg.allow_networks.iter().cloned());
     for net in &nets {
-        s.push_str(&format!("host    all          all              {net:<16} scram-sha-256\n"));
-        s.push_str(&format!("host    replication  {repl:<16} {net:<16} scram-sha-256\n"));
+        s.push_str(&format!(
+            "host    all          all              {net:<16} scram-sha-256\n"
+        ));
+        s.push_str(&format!(
+            "host    replication  {repl:<16} {net:<16} scram-sha-256\n"
+        ));
     }
     s
 }
 
 /// Writes `content` to `path` through a temp file and rename, so Postgres never reads a
 /// half-written file. Returns whether the content changed.
-pub fn write_if_changed(path: &Path, content: &str, owner: Option<&super::OsUser>) -> std::io::Result<bool> {
+pub fn write_if_changed(
+    path: &Path,
+    content: &str,
+    owner: Option<&super::OsUser>,
+) -> std::io::Result<bool> {
     if std::fs::read_to_string(path).is_ok_and(|old| old == content) {
         return Ok(false);
     }
@@ -150,10 +178,16 @@ pub fn render_all(
     owner: Option<&super::OsUser>,
 ) -> std::io::Result<Vec<String>> {
     let conf_path = cfg.data_dir.join(INCLUDE_FILE);
-    let before = std::fs::read_to_string(&conf_path).map(|s| parse_rendered(&s)).unwrap_or_default();
+    let before = std::fs::read_to_string(&conf_path)
+        .map(|s| parse_rendered(&s))
+        .unwrap_or_default();
     let new = render_pgpilot_conf(cfg, user);
     write_if_changed(&conf_path, &new, owner)?;
-    write_if_changed(&cfg.data_dir.join("pg_hba.conf"), &render_pg_hba(cfg), owner)?;
+    write_if_changed(
+        &cfg.data_dir.join("pg_hba.conf"),
+        &render_pg_hba(cfg),
+        owner,
+    )?;
     ensure_include(&cfg.data_dir.join("postgresql.conf"), owner)?;
     let after = parse_rendered(&new);
     let mut changed: Vec<String> = after
@@ -176,7 +210,10 @@ fn parse_rendered(text: &str) -> BTreeMap<String, String> {
 
 fn ensure_include(postgresql_conf: &PathBuf, owner: Option<&super::OsUser>) -> std::io::Result<()> {
     let text = std::fs::read_to_string(postgresql_conf)?;
-    if text.lines().any(|l| l.trim_start().starts_with("include_if_exists = 'pgpilot.conf'")) {
+    if text.lines().any(|l| {
+        l.trim_start()
+            .starts_with("include_if_exists = 'pgpilot.conf'")
+    }) {
         return Ok(());
     }
     let mut new = text;
@@ -197,20 +234,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pgpilot.toml");
         std::fs::write(&path, toml_text).unwrap();
-        let args = RunArgs { config: Some(path), data_dir: Some("/d/pg".into()), ..Default::default() };
+        let args = RunArgs {
+            config: Some(path),
+            data_dir: Some("/d/pg".into()),
+            ..Default::default()
+        };
         let _ = FileConfig::default();
         Config::load(&args).unwrap()
     }
 
     #[test]
     fn renders_quoted_values_and_user_overrides() {
-        let c = cfg("[postgres.parameters]\nwork_mem = \"8MB\"\nmax_wal_senders = 4\nsearch_path = \"'$user', public\"\n");
+        let c = cfg(
+            "[postgres.parameters]\nwork_mem = \"8MB\"\nmax_wal_senders = 4\nsearch_path = \"'$user', public\"\n",
+        );
         let text = render_pgpilot_conf(&c, &c.parameters);
         assert!(text.contains("port = '5432'\n"), "{text}");
         assert!(text.contains("work_mem = '8MB'\n"));
         assert!(text.contains("max_wal_senders = '4'\n"));
         assert!(!text.contains("max_wal_senders = '10'"));
-        assert!(text.contains("search_path = '''$user'', public'\n"), "{text}");
+        assert!(
+            text.contains("search_path = '''$user'', public'\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -218,8 +264,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pgpilot.toml");
         std::fs::write(&path, "[postgres.parameters]\nport = 1\n").unwrap();
-        let err = Config::load(&RunArgs { config: Some(path), ..Default::default() }).unwrap_err();
-        assert!(err.to_string().contains("port is managed by pgpilot-agent"), "{err}");
+        let err = Config::load(&RunArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("port is managed by pgpilot-agent"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -232,8 +285,14 @@ mod tests {
         assert!(first.contains(&"port".to_string()));
         let mut user = BTreeMap::new();
         user.insert("work_mem".to_string(), "16MB".to_string());
-        assert_eq!(render_all(&c, &user, None).unwrap(), vec!["work_mem".to_string()]);
-        assert_eq!(render_all(&c, &BTreeMap::new(), None).unwrap(), vec!["work_mem".to_string()]);
+        assert_eq!(
+            render_all(&c, &user, None).unwrap(),
+            vec!["work_mem".to_string()]
+        );
+        assert_eq!(
+            render_all(&c, &BTreeMap::new(), None).unwrap(),
+            vec!["work_mem".to_string()]
+        );
         let main = std::fs::read_to_string(dir.path().join("postgresql.conf")).unwrap();
         assert_eq!(main.matches("pgpilot.conf").count(), 1, "{main}");
         let hba = std::fs::read_to_string(dir.path().join("pg_hba.conf")).unwrap();

@@ -33,7 +33,11 @@ impl OsUser {
         if user.uid.is_root() {
             anyhow::bail!("--postgres-user {name:?} is root; Postgres refuses to run as root");
         }
-        Ok(Some(OsUser { name: name.to_string(), uid: user.uid, gid: user.gid }))
+        Ok(Some(OsUser {
+            name: name.to_string(),
+            uid: user.uid,
+            gid: user.gid,
+        }))
     }
 
     /// Gives `path` to this user (agent running as root creating files Postgres must own).

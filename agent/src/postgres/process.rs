@@ -29,7 +29,11 @@ pub struct Postmaster {
 impl Postmaster {
     /// Starts `postgres -D <data_dir>` as a child, in its own process group (a Ctrl-C on the
     /// agent's terminal reaches the agent, which then shuts Postgres down in order).
-    pub fn spawn(bins: &PgBinaries, data_dir: &Path, user: Option<&OsUser>) -> std::io::Result<Postmaster> {
+    pub fn spawn(
+        bins: &PgBinaries,
+        data_dir: &Path,
+        user: Option<&OsUser>,
+    ) -> std::io::Result<Postmaster> {
         let mut cmd = Command::new(bins.path("postgres"));
         cmd.arg("-D").arg(data_dir);
         // Postgres gets a clean environment: object-store credentials and other secrets the
@@ -41,12 +45,16 @@ impl Postmaster {
             }
         }
         run_as(&mut cmd, user);
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         cmd.process_group(0);
         cmd.kill_on_drop(false);
         set_parent_death_signal(&mut cmd);
         let mut child = cmd.spawn()?;
-        let pid = child.id().ok_or_else(|| std::io::Error::other("postmaster exited before its pid was read"))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| std::io::Error::other("postmaster exited before its pid was read"))?;
         if let Some(out) = child.stdout.take() {
             tokio::spawn(forward_log(out, pid));
         }
@@ -77,12 +85,20 @@ impl Postmaster {
     }
 
     /// Shuts down with `mode`, escalating to immediate after `grace`, and reaps the process.
-    pub async fn shutdown(&mut self, mode: ShutdownMode, grace: Duration) -> std::io::Result<ExitStatus> {
+    pub async fn shutdown(
+        &mut self,
+        mode: ShutdownMode,
+        grace: Duration,
+    ) -> std::io::Result<ExitStatus> {
         self.signal_shutdown(mode);
         match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(status) => status,
             Err(_) => {
-                tracing::warn!(postmaster_pid = self.pid, ?mode, "shutdown took longer than {grace:?}; switching to immediate");
+                tracing::warn!(
+                    postmaster_pid = self.pid,
+                    ?mode,
+                    "shutdown took longer than {grace:?}; switching to immediate"
+                );
                 self.signal_shutdown(ShutdownMode::Immediate);
                 match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
                     Ok(status) => status,
@@ -121,7 +137,9 @@ fn set_parent_death_signal(cmd: &mut Command) {
             nix::sys::prctl::set_pdeathsig(Signal::SIGQUIT).map_err(std::io::Error::from)?;
             // The agent may have died between fork and prctl: then nobody would stop us.
             if nix::unistd::getppid().as_raw() != parent {
-                return Err(std::io::Error::other("agent exited while starting postgres"));
+                return Err(std::io::Error::other(
+                    "agent exited while starting postgres",
+                ));
             }
             Ok(())
         });
@@ -134,10 +152,18 @@ async fn forward_log(stream: impl AsyncRead + Unpin, pid: u32) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         match severity(&line) {
-            Severity::Error => tracing::error!(target: "postgres", source = "postgres", postmaster_pid = pid, "{line}"),
-            Severity::Warn => tracing::warn!(target: "postgres", source = "postgres", postmaster_pid = pid, "{line}"),
-            Severity::Info => tracing::info!(target: "postgres", source = "postgres", postmaster_pid = pid, "{line}"),
-            Severity::Debug => tracing::debug!(target: "postgres", source = "postgres", postmaster_pid = pid, "{line}"),
+            Severity::Error => {
+                tracing::error!(target: "postgres", source = "postgres", postmaster_pid = pid, "{line}")
+            }
+            Severity::Warn => {
+                tracing::warn!(target: "postgres", source = "postgres", postmaster_pid = pid, "{line}")
+            }
+            Severity::Info => {
+                tracing::info!(target: "postgres", source = "postgres", postmaster_pid = pid, "{line}")
+            }
+            Severity::Debug => {
+                tracing::debug!(target: "postgres", source = "postgres", postmaster_pid = pid, "{line}")
+            }
         }
     }
 }
@@ -189,19 +215,28 @@ pub async fn stop_leftover_postmaster(data_dir: &Path) -> anyhow::Result<()> {
     let Some(pid) = live_postmaster_pid(data_dir) else {
         return Ok(());
     };
-    tracing::warn!(postmaster_pid = pid, "a postmaster from an earlier run still runs on this data dir; stopping it (fast)");
+    tracing::warn!(
+        postmaster_pid = pid,
+        "a postmaster from an earlier run still runs on this data dir; stopping it (fast)"
+    );
     signal(pid, Signal::SIGINT);
     for i in 0..600 {
         if live_postmaster_pid(data_dir) != Some(pid) {
             return Ok(());
         }
         if i == 300 {
-            tracing::warn!(postmaster_pid = pid, "left-over postmaster still running after 30 s; immediate shutdown");
+            tracing::warn!(
+                postmaster_pid = pid,
+                "left-over postmaster still running after 30 s; immediate shutdown"
+            );
             signal(pid, Signal::SIGQUIT);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    anyhow::bail!("a postmaster (pid {pid}) from an earlier run still runs on {} and did not stop", data_dir.display())
+    anyhow::bail!(
+        "a postmaster (pid {pid}) from an earlier run still runs on {} and did not stop",
+        data_dir.display()
+    )
 }
 
 #[cfg(test)]
@@ -210,8 +245,17 @@ mod tests {
 
     #[test]
     fn maps_postgres_severities() {
-        assert_eq!(severity("2026-11-23 10:00:00.000 UTC [12] FATAL:  role \"x\" does not exist"), Severity::Error);
-        assert_eq!(severity("2026-11-23 10:00:00.000 UTC [12] WARNING:  oops"), Severity::Warn);
-        assert_eq!(severity("2026-11-23 10:00:00.000 UTC [12] LOG:  database system is ready"), Severity::Info);
+        assert_eq!(
+            severity("2026-11-23 10:00:00.000 UTC [12] FATAL:  role \"x\" does not exist"),
+            Severity::Error
+        );
+        assert_eq!(
+            severity("2026-11-23 10:00:00.000 UTC [12] WARNING:  oops"),
+            Severity::Warn
+        );
+        assert_eq!(
+            severity("2026-11-23 10:00:00.000 UTC [12] LOG:  database system is ready"),
+            Severity::Info
+        );
     }
 }

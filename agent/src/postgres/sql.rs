@@ -8,7 +8,11 @@ use tokio_postgres::{Client, NoTls};
 use crate::config::Config;
 
 /// Connects to the local Postgres over its Unix socket.
-pub async fn connect(cfg: &Config, password: &str, timeout: Duration) -> Result<Client, tokio_postgres::Error> {
+pub async fn connect(
+    cfg: &Config,
+    password: &str,
+    timeout: Duration,
+) -> Result<Client, tokio_postgres::Error> {
     let mut pg = tokio_postgres::Config::new();
     pg.host_path(cfg.socket_dir())
         .port(cfg.postgres_port)
@@ -37,7 +41,9 @@ pub struct PgStatus {
 }
 
 pub async fn status(client: &Client) -> Result<PgStatus, tokio_postgres::Error> {
-    let row = client.query_one(include_str!("sql/status.sql"), &[]).await?;
+    let row = client
+        .query_one(include_str!("sql/status.sql"), &[])
+        .await?;
     Ok(PgStatus {
         in_recovery: row.get("in_recovery"),
         server_version: row.get("server_version"),
@@ -50,7 +56,11 @@ pub async fn status(client: &Client) -> Result<PgStatus, tokio_postgres::Error> 
 /// Creates the replication role, or brings its password and attributes in line. The password
 /// travels as a SCRAM verifier computed here, so the plaintext never reaches the server (nor
 /// its statement log).
-pub async fn ensure_replication_role(client: &Client, role: &str, password: &str) -> Result<(), tokio_postgres::Error> {
+pub async fn ensure_replication_role(
+    client: &Client,
+    role: &str,
+    password: &str,
+) -> Result<(), tokio_postgres::Error> {
     let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
     let exists = client
         .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
@@ -59,14 +69,19 @@ pub async fn ensure_replication_role(client: &Client, role: &str, password: &str
     // Role names are validated identifiers (config); the verifier has no quote characters.
     let verb = if exists { "ALTER" } else { "CREATE" };
     client
-        .batch_execute(&format!("{verb} ROLE {role} WITH LOGIN REPLICATION PASSWORD '{verifier}'"))
+        .batch_execute(&format!(
+            "{verb} ROLE {role} WITH LOGIN REPLICATION PASSWORD '{verifier}'"
+        ))
         .await
 }
 
 /// Parameters Postgres says need a restart to take effect.
 pub async fn pending_restart(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
     let rows = client
-        .query("SELECT name FROM pg_settings WHERE pending_restart ORDER BY name", &[])
+        .query(
+            "SELECT name FROM pg_settings WHERE pending_restart ORDER BY name",
+            &[],
+        )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }

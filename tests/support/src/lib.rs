@@ -2,5 +2,8 @@
 //! a Kubernetes API server. Each fixture binds 127.0.0.1 on a free port, lives in a temp dir and
 //! cleans up on drop. Test support only: never a dependency of a shipped binary.
 
+pub mod agent;
 pub mod net;
+pub mod postgres;
+pub mod s3;
 pub mod tools;

@@ -16,20 +16,38 @@ pub async fn stop(
     State(shared): State<Arc<Shared>>,
     OptionalJson(body): OptionalJson<ShutdownRequest>,
 ) -> Result<Json<LifecycleResponse>, ApiError> {
-    Ok(Json(shared.request(|reply| Request::Stop { mode: body.mode, reply }).await?))
+    Ok(Json(
+        shared
+            .request(|reply| Request::Stop {
+                mode: body.mode,
+                reply,
+            })
+            .await?,
+    ))
 }
 
 pub async fn start(State(shared): State<Arc<Shared>>) -> Result<Json<LifecycleResponse>, ApiError> {
-    Ok(Json(shared.request(|reply| Request::Start { reply }).await?))
+    Ok(Json(
+        shared.request(|reply| Request::Start { reply }).await?,
+    ))
 }
 
 pub async fn restart(
     State(shared): State<Arc<Shared>>,
     OptionalJson(body): OptionalJson<ShutdownRequest>,
 ) -> Result<Json<LifecycleResponse>, ApiError> {
-    Ok(Json(shared.request(|reply| Request::Restart { mode: body.mode, reply }).await?))
+    Ok(Json(
+        shared
+            .request(|reply| Request::Restart {
+                mode: body.mode,
+                reply,
+            })
+            .await?,
+    ))
 }
 
 pub async fn reload(State(shared): State<Arc<Shared>>) -> Result<Json<ReloadResponse>, ApiError> {
-    Ok(Json(shared.request(|reply| Request::Reload { reply }).await?))
+    Ok(Json(
+        shared.request(|reply| Request::Reload { reply }).await?,
+    ))
 }

@@ -24,13 +24,27 @@ pub async fn healthz(State(shared): State<Arc<Shared>>) -> Json<Value> {
 pub async fn readyz(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
     let state = shared.state();
     if !matches!(state, AgentState::Running { .. }) {
-        return Err(ApiError::Unavailable { message: format!("not ready: agent state is {state}"), state: Some(state) });
+        return Err(ApiError::Unavailable {
+            message: format!("not ready: agent state is {state}"),
+            state: Some(state),
+        });
     }
     let pw = shared.superuser_password.expose();
-    match tokio::time::timeout(Duration::from_secs(1), sql::connect(&shared.cfg, pw, Duration::from_secs(1))).await {
+    match tokio::time::timeout(
+        Duration::from_secs(1),
+        sql::connect(&shared.cfg, pw, Duration::from_secs(1)),
+    )
+    .await
+    {
         Ok(Ok(_)) => Ok(Json(json!({"status": "ready", "state": state}))),
-        Ok(Err(e)) => Err(ApiError::Unavailable { message: format!("not ready: cannot connect: {e}"), state: Some(state) }),
-        Err(_) => Err(ApiError::Unavailable { message: "not ready: connection check timed out".into(), state: Some(state) }),
+        Ok(Err(e)) => Err(ApiError::Unavailable {
+            message: format!("not ready: cannot connect: {e}"),
+            state: Some(state),
+        }),
+        Err(_) => Err(ApiError::Unavailable {
+            message: "not ready: connection check timed out".into(),
+            state: Some(state),
+        }),
     }
 }
 
@@ -41,7 +55,10 @@ pub async fn startupz(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, 
         Ok(Json(json!({"status": "started"})))
     } else {
         let state = shared.state();
-        Err(ApiError::Unavailable { message: format!("not started yet: agent state is {state}"), state: Some(state) })
+        Err(ApiError::Unavailable {
+            message: format!("not started yet: agent state is {state}"),
+            state: Some(state),
+        })
     }
 }
 
@@ -50,7 +67,10 @@ fn role_check(shared: &Shared, want: Role) -> Result<Json<Value>, ApiError> {
     if state.role() == Some(want) {
         Ok(Json(json!({"role": want})))
     } else {
-        Err(ApiError::Unavailable { message: format!("not a running {want:?}: agent state is {state}"), state: Some(state) })
+        Err(ApiError::Unavailable {
+            message: format!("not a running {want:?}: agent state is {state}"),
+            state: Some(state),
+        })
     }
 }
 

@@ -34,7 +34,12 @@ pub async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusResponse> {
     };
     if matches!(state, AgentState::Running { .. }) {
         let query = async {
-            let client = sql::connect(cfg, shared.superuser_password.expose(), Duration::from_secs(2)).await?;
+            let client = sql::connect(
+                cfg,
+                shared.superuser_password.expose(),
+                Duration::from_secs(2),
+            )
+            .await?;
             sql::status(&client).await
         };
         match tokio::time::timeout(Duration::from_secs(3), query).await {

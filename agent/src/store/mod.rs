@@ -1,0 +1,720 @@
+//! The backup store: where WAL segments, history files and base backups go. One [`Store`] over
+//! four backends — s3://, gs://, az:// through object_store, file:// through our own fsyncing
+//! [`local`] backend — that reads and writes every object in the archive format of
+//! `pgpilot_common::archive` (compressed, optionally encrypted, checksummed), streaming with
+//! bounded memory.
+//!
+//! Writes are atomic: a single PUT below `multipart_threshold`, a multipart upload (visible only
+//! once completed, aborted on error) above it, temp file + fsync + rename on file://. So an
+//! interrupted upload never leaves anything under the final name. Create-only puts use the
+//! backend's conditional write (S3 `If-None-Match: *`, GCS `ifGenerationMatch=0`, Azure
+//! `If-None-Match: *`, `link(2)` on file://); see docs/storage.md for the fallbacks.
+//!
+//! Restartable operations (from a file, into a file, verify, head, list, delete) are retried on
+//! transient failures ([`retry`]); streaming ones from a caller's reader or into a caller's writer
+//! cannot be restarted and rely on object_store's per-request retries.
+
+pub mod config;
+pub mod error;
+pub mod local;
+mod remote;
+pub mod retry;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::{
+    ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, WriteMultipart,
+};
+use pgpilot_common::archive::{self, ArchiveSummary, KeyRing, StreamEncoder};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+
+pub use config::{ArchiveSettings, ConfigError, RetrySettings, StoreConfig, StoreLocation};
+pub use error::StoreError;
+pub use remote::{AZURITE_ACCOUNT, AZURITE_KEY};
+pub use retry::RetryPolicy;
+
+use local::LocalStore;
+
+/// What a put does when the key exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Replace it.
+    Overwrite,
+    /// Fail with [`StoreError::AlreadyExists`] and leave it alone.
+    CreateOnly,
+}
+
+/// The result of [`Store::put_file`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The object was written.
+    Stored(ArchiveSummary),
+    /// Create-only, and an object with the same content (verified) was already there: a retried
+    /// WAL push, for instance.
+    AlreadyStored(ArchiveSummary),
+}
+
+impl PutOutcome {
+    pub fn summary(&self) -> &ArchiveSummary {
+        match self {
+            PutOutcome::Stored(s) | PutOutcome::AlreadyStored(s) => s,
+        }
+    }
+}
+
+/// A stored object as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The key, relative to the store's prefix.
+    pub key: String,
+    /// Stored (compressed, encrypted) size.
+    pub size: u64,
+    pub last_modified: SystemTime,
+}
+
+enum Backend {
+    Local(LocalStore),
+    Remote(Arc<dyn ObjectStore>),
+}
+
+struct Inner {
+    url: String,
+    location: StoreLocation,
+    prefix: String,
+    backend: Backend,
+    settings: ArchiveSettings,
+    upload_concurrency: usize,
+    multipart_threshold: usize,
+    part_size: usize,
+    retry: RetryPolicy,
+}
+
+/// A backup store. Cheap to clone; safe to use from many tasks at once.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("url", &self.inner.url)
+            .field("codec", &self.inner.settings.write.codec)
+            .field("key_ids", &self.inner.settings.keys.ids())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Display for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.inner.url)
+    }
+}
+
+type BoxReader = Box<dyn AsyncRead + Send + Unpin>;
+
+impl Store {
+    /// Validates the config, loads keys and credentials, and builds the client. Does not touch
+    /// the network or the directory.
+    pub fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
+        let (location, settings) = cfg.validate()?;
+        let (backend, prefix) = match &location {
+            StoreLocation::File { root } => {
+                let root = std::path::absolute(root).map_err(|e| ConfigError::Invalid {
+                    field: "store",
+                    problem: format!("{}: {e}", root.display()),
+                })?;
+                (Backend::Local(LocalStore::new(root)), String::new())
+            }
+            StoreLocation::S3 { prefix, .. }
+            | StoreLocation::Gcs { prefix, .. }
+            | StoreLocation::Azure { prefix, .. } => (
+                Backend::Remote(remote::build(&location, cfg)?),
+                prefix.clone(),
+            ),
+        };
+        Ok(Store {
+            inner: Arc::new(Inner {
+                url: cfg.store.trim_end_matches('/').to_owned(),
+                location,
+                prefix,
+                backend,
+                settings,
+                upload_concurrency: cfg.upload_concurrency,
+                multipart_threshold: cfg.multipart_threshold,
+                part_size: cfg.part_size,
+                retry: cfg.retry.into(),
+            }),
+        })
+    }
+
+    /// The store URL as configured.
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    pub fn location(&self) -> &StoreLocation {
+        &self.inner.location
+    }
+
+    /// How many objects callers should upload at once.
+    pub fn upload_concurrency(&self) -> usize {
+        self.inner.upload_concurrency
+    }
+
+    /// The key ring (ids only show in Debug).
+    pub fn keys(&self) -> &KeyRing {
+        &self.inner.settings.keys
+    }
+
+    /// The retry policy, for callers that build their own restartable operations.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.inner.retry
+    }
+
+    /// `<store url>/<key>`: how errors and logs name an object.
+    pub fn object_name(&self, key: &str) -> String {
+        format!("{}/{key}", self.inner.url)
+    }
+
+    fn full_key(&self, key: &str) -> Result<String, StoreError> {
+        validate_key(key)?;
+        Ok(if self.inner.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}/{key}", self.inner.prefix)
+        })
+    }
+
+    fn path(&self, key: &str) -> Result<object_store::path::Path, StoreError> {
+        let full = self.full_key(key)?;
+        object_store::path::Path::parse(&full).map_err(|_| StoreError::InvalidKey {
+            key: key.to_owned(),
+            problem: "not a valid object path",
+        })
+    }
+
+    // ----- writing -----
+
+    /// Encodes `reader` (compress, encrypt, checksum) and stores it under `key`. Not retried as a
+    /// whole (the reader cannot be rewound); see [`Store::put_file`].
+    pub async fn put<R: AsyncRead + Unpin>(
+        &self,
+        key: &str,
+        reader: R,
+        mode: PutMode,
+    ) -> Result<ArchiveSummary, StoreError> {
+        let object = self.object_name(key);
+        let enc = StreamEncoder::new(
+            &object,
+            reader,
+            &self.inner.settings.keys,
+            &self.inner.settings.write,
+        )
+        .map_err(StoreError::from_archive)?;
+        self.upload(key, &object, enc, mode).await
+    }
+
+    /// Stores the content of a local file, retrying transient failures. With
+    /// [`PutMode::CreateOnly`], an existing object is read back and verified: same content gives
+    /// [`PutOutcome::AlreadyStored`], different content [`StoreError::Conflict`]. This is what a
+    /// WAL push needs (a retried push succeeds; two clusters in one archive fail loudly).
+    pub async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        mode: PutMode,
+    ) -> Result<PutOutcome, StoreError> {
+        let result = self
+            .inner
+            .retry
+            .run("put", |_| async move {
+                let file = tokio::fs::File::open(path)
+                    .await
+                    .map_err(|e| local_io(path, e))?;
+                self.put(key, BufReader::with_capacity(1 << 20, file), mode)
+                    .await
+            })
+            .await;
+        match result {
+            Ok(summary) => Ok(PutOutcome::Stored(summary)),
+            Err(StoreError::AlreadyExists { object }) if mode == PutMode::CreateOnly => {
+                let stored = self.verify(key).await?;
+                let (local_len, local_sha) = sha256_file(path).await?;
+                if stored.sha256 == local_sha && stored.plaintext_len == local_len {
+                    Ok(PutOutcome::AlreadyStored(stored))
+                } else {
+                    Err(StoreError::Conflict {
+                        object,
+                        stored: stored.sha256_hex(),
+                        local: archive::hex(&local_sha),
+                    })
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stores bytes (a manifest, a history file), retrying transient failures.
+    pub async fn put_bytes(
+        &self,
+        key: &str,
+        data: Bytes,
+        mode: PutMode,
+    ) -> Result<ArchiveSummary, StoreError> {
+        self.inner
+            .retry
+            .run("put", |_| self.put(key, data.as_ref(), mode))
+            .await
+    }
+
+    async fn upload<R: AsyncRead + Unpin>(
+        &self,
+        key: &str,
+        object: &str,
+        mut enc: StreamEncoder<R>,
+        mode: PutMode,
+    ) -> Result<ArchiveSummary, StoreError> {
+        match &self.inner.backend {
+            Backend::Local(local) => {
+                let full = self.full_key(key)?;
+                let mut upload = local
+                    .begin(&full)
+                    .await
+                    .map_err(|e| StoreError::from_local_io(object, "create", e))?;
+                while let Some(frame) = enc.next_frame().await.map_err(StoreError::from_archive)? {
+                    upload
+                        .write(&frame)
+                        .await
+                        .map_err(|e| StoreError::from_local_io(object, "write", e))?;
+                }
+                upload
+                    .commit(mode == PutMode::CreateOnly)
+                    .await
+                    .map_err(|e| StoreError::from_local_io(object, "commit", e))?;
+            }
+            Backend::Remote(store) => {
+                let path = self.path(key)?;
+                let os_err = |op, e| StoreError::from_object_store(object, op, e);
+                let mut buffered = Vec::new();
+                let mut size = 0usize;
+                let mut complete = false;
+                while size < self.inner.multipart_threshold {
+                    match enc.next_frame().await.map_err(StoreError::from_archive)? {
+                        Some(frame) => {
+                            size += frame.len();
+                            buffered.push(frame);
+                        }
+                        None => {
+                            complete = true;
+                            break;
+                        }
+                    }
+                }
+                if complete {
+                    let opts = PutOptions {
+                        mode: match mode {
+                            PutMode::Overwrite => object_store::PutMode::Overwrite,
+                            PutMode::CreateOnly => object_store::PutMode::Create,
+                        },
+                        ..PutOptions::default()
+                    };
+                    store
+                        .put_opts(&path, PutPayload::from_iter(buffered), opts)
+                        .await
+                        .map_err(|e| os_err("put", e))?;
+                } else {
+                    if mode == PutMode::CreateOnly {
+                        // Multipart uploads cannot be conditional on every backend: check first.
+                        // Not atomic; documented in docs/storage.md.
+                        match store.head(&path).await {
+                            Ok(_) => {
+                                return Err(StoreError::AlreadyExists {
+                                    object: object.to_owned(),
+                                });
+                            }
+                            Err(object_store::Error::NotFound { .. }) => {}
+                            Err(e) => return Err(os_err("head", e)),
+                        }
+                    }
+                    let upload = store
+                        .put_multipart_opts(&path, PutMultipartOptions::default())
+                        .await
+                        .map_err(|e| os_err("multipart start", e))?;
+                    let mut writer =
+                        WriteMultipart::new_with_chunk_size(upload, self.inner.part_size);
+                    for frame in buffered {
+                        writer.put(frame);
+                    }
+                    let streamed: Result<(), StoreError> = async {
+                        loop {
+                            writer
+                                .wait_for_capacity(self.inner.upload_concurrency)
+                                .await
+                                .map_err(|e| os_err("multipart part", e))?;
+                            match enc.next_frame().await.map_err(StoreError::from_archive)? {
+                                Some(frame) => writer.put(frame),
+                                None => return Ok(()),
+                            }
+                        }
+                    }
+                    .await;
+                    match streamed {
+                        Ok(()) => {
+                            writer
+                                .finish()
+                                .await
+                                .map_err(|e| os_err("multipart complete", e))?;
+                        }
+                        Err(e) => {
+                            if let Err(abort) = writer.abort().await {
+                                tracing::warn!(object, error = %abort, "could not abort multipart upload");
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(enc.summary().cloned().expect("encoder finished"))
+    }
+
+    // ----- reading -----
+
+    async fn open_reader(&self, key: &str) -> Result<BoxReader, StoreError> {
+        let object = self.object_name(key);
+        match &self.inner.backend {
+            Backend::Local(local) => {
+                let file = local
+                    .open(&self.full_key(key)?)
+                    .await
+                    .map_err(|e| StoreError::from_local_io(&object, "open", e))?;
+                Ok(Box::new(BufReader::with_capacity(1 << 20, file)))
+            }
+            Backend::Remote(store) => {
+                let result = store
+                    .get(&self.path(key)?)
+                    .await
+                    .map_err(|e| StoreError::from_object_store(&object, "get", e))?;
+                let stream = result.into_stream().map_err(std::io::Error::other);
+                Ok(Box::new(tokio_util::io::StreamReader::new(stream)))
+            }
+        }
+    }
+
+    /// Reads, verifies and decodes `key` into `writer`. Everything is checked (every chunk, the
+    /// length, the SHA-256) but the writer sees chunks as they are verified: only an `Ok` means
+    /// the whole content is good. Not retried (the writer cannot be rewound).
+    pub async fn get<W: AsyncWrite + Unpin>(
+        &self,
+        key: &str,
+        writer: &mut W,
+    ) -> Result<ArchiveSummary, StoreError> {
+        let reader = self.open_reader(key).await?;
+        let object = self.object_name(key);
+        archive::decode(
+            &object,
+            reader,
+            writer,
+            &self.inner.settings.keys,
+            &self.inner.settings.read,
+        )
+        .await
+        .map_err(StoreError::from_archive)
+    }
+
+    /// Downloads `key` into `target`: a temp file next to it, fsynced, renamed into place only
+    /// once fully verified. Retries transient failures. An existing `target` is replaced.
+    pub async fn get_to_file(
+        &self,
+        key: &str,
+        target: &Path,
+    ) -> Result<ArchiveSummary, StoreError> {
+        let dir = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = dir.join(format!(
+            ".{name}{}{:016x}",
+            local::TEMP_MARKER,
+            rand::random::<u64>()
+        ));
+        let result = self
+            .inner
+            .retry
+            .run("get", |_| {
+                let temp = temp.clone();
+                async move {
+                    let mut file = tokio::fs::File::create(&temp)
+                        .await
+                        .map_err(|e| local_io(&temp, e))?;
+                    let summary = self.get(key, &mut file).await?;
+                    file.sync_all().await.map_err(|e| local_io(&temp, e))?;
+                    Ok(summary)
+                }
+            })
+            .await;
+        let summary = match result {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&temp).await;
+                return Err(e);
+            }
+        };
+        if let Err(e) = tokio::fs::rename(&temp, target).await {
+            let _ = tokio::fs::remove_file(&temp).await;
+            return Err(local_io(target, e));
+        }
+        let dir_for_sync = dir.clone();
+        tokio::task::spawn_blocking(move || std::fs::File::open(&dir_for_sync)?.sync_all())
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(|e| local_io(&dir, e))?;
+        Ok(summary)
+    }
+
+    /// Reads a small object whole (a manifest). Retries transient failures.
+    pub async fn get_bytes(&self, key: &str) -> Result<(Bytes, ArchiveSummary), StoreError> {
+        self.inner
+            .retry
+            .run("get", |_| async move {
+                let mut out = Vec::new();
+                let summary = self.get(key, &mut out).await?;
+                Ok((Bytes::from(out), summary))
+            })
+            .await
+    }
+
+    /// Reads and checks `key` completely without keeping its content. Retries transient failures.
+    pub async fn verify(&self, key: &str) -> Result<ArchiveSummary, StoreError> {
+        self.inner
+            .retry
+            .run("verify", |_| async move {
+                self.get(key, &mut tokio::io::sink()).await
+            })
+            .await
+    }
+
+    // ----- metadata -----
+
+    /// Size and time of `key`, or `None` when it does not exist.
+    pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
+        let object = self.object_name(key);
+        let r = self
+            .inner
+            .retry
+            .run("head", |_| async {
+                match &self.inner.backend {
+                    Backend::Local(local) => local
+                        .head(&self.full_key(key)?)
+                        .await
+                        .map(|m| ObjectInfo {
+                            key: key.to_owned(),
+                            size: m.size,
+                            last_modified: m.modified,
+                        })
+                        .map_err(|e| StoreError::from_local_io(&object, "head", e)),
+                    Backend::Remote(store) => store
+                        .head(&self.path(key)?)
+                        .await
+                        .map(|m| ObjectInfo {
+                            key: key.to_owned(),
+                            size: m.size,
+                            last_modified: m.last_modified.into(),
+                        })
+                        .map_err(|e| StoreError::from_object_store(&object, "head", e)),
+                }
+            })
+            .await;
+        match r {
+            Ok(info) => Ok(Some(info)),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every object whose key starts with `prefix` (e.g. `"c/0/wal/"`), sorted by key.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let object = self.object_name(prefix);
+        self.inner
+            .retry
+            .run("list", |_| async {
+                match &self.inner.backend {
+                    Backend::Local(local) => Ok(local
+                        .list(prefix)
+                        .await
+                        .map_err(|e| StoreError::from_local_io(&object, "list", e))?
+                        .into_iter()
+                        .map(|m| ObjectInfo {
+                            key: m.key,
+                            size: m.size,
+                            last_modified: m.modified,
+                        })
+                        .collect()),
+                    Backend::Remote(store) => {
+                        // List the directory part of the prefix, then filter on the rest.
+                        let dir = match prefix.rfind('/') {
+                            Some(i) => &prefix[..i],
+                            None => "",
+                        };
+                        let full_dir = match (self.inner.prefix.is_empty(), dir.is_empty()) {
+                            (true, _) => dir.to_owned(),
+                            (false, true) => self.inner.prefix.clone(),
+                            (false, false) => format!("{}/{dir}", self.inner.prefix),
+                        };
+                        let list_path = (!full_dir.is_empty())
+                            .then(|| object_store::path::Path::from(full_dir.as_str()));
+                        let metas: Vec<_> = store
+                            .list(list_path.as_ref())
+                            .try_collect()
+                            .await
+                            .map_err(|e| StoreError::from_object_store(&object, "list", e))?;
+                        let strip = if self.inner.prefix.is_empty() {
+                            0
+                        } else {
+                            self.inner.prefix.len() + 1
+                        };
+                        let mut out: Vec<ObjectInfo> = metas
+                            .into_iter()
+                            .filter_map(|m| {
+                                let key = m.location.as_ref().get(strip..)?.to_owned();
+                                key.starts_with(prefix).then(|| ObjectInfo {
+                                    key,
+                                    size: m.size,
+                                    last_modified: m.last_modified.into(),
+                                })
+                            })
+                            .collect();
+                        out.sort_by(|a, b| a.key.cmp(&b.key));
+                        Ok(out)
+                    }
+                }
+            })
+            .await
+    }
+
+    /// Deletes `key`. Deleting a missing object is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let object = self.object_name(key);
+        let r = self
+            .inner
+            .retry
+            .run("delete", |_| async {
+                match &self.inner.backend {
+                    Backend::Local(local) => local
+                        .delete(&self.full_key(key)?)
+                        .await
+                        .map_err(|e| StoreError::from_local_io(&object, "delete", e)),
+                    Backend::Remote(store) => store
+                        .delete(&self.path(key)?)
+                        .await
+                        .map_err(|e| StoreError::from_object_store(&object, "delete", e)),
+                }
+            })
+            .await;
+        match r {
+            Err(StoreError::NotFound { .. }) => Ok(()),
+            other => other,
+        }
+    }
+
+    // ----- raw access (tools, tests) -----
+
+    /// The stored bytes of `key`, not decoded. For inspection tools and tamper tests.
+    pub async fn get_raw(&self, key: &str) -> Result<Bytes, StoreError> {
+        let mut reader = self.open_reader(key).await?;
+        let mut out = Vec::new();
+        tokio::io::copy(&mut reader, &mut out)
+            .await
+            .map_err(|e| StoreError::from_local_io(&self.object_name(key), "read", e))?;
+        Ok(Bytes::from(out))
+    }
+
+    /// Stores bytes under `key` as they are, without encoding. For tools and tamper tests.
+    pub async fn put_raw(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        let object = self.object_name(key);
+        match &self.inner.backend {
+            Backend::Local(local) => {
+                let mut upload = local
+                    .begin(&self.full_key(key)?)
+                    .await
+                    .map_err(|e| StoreError::from_local_io(&object, "create", e))?;
+                upload
+                    .write(&data)
+                    .await
+                    .map_err(|e| StoreError::from_local_io(&object, "write", e))?;
+                upload
+                    .commit(false)
+                    .await
+                    .map_err(|e| StoreError::from_local_io(&object, "commit", e))
+            }
+            Backend::Remote(store) => {
+                store
+                    .put(&self.path(key)?, data.into())
+                    .await
+                    .map_err(|e| StoreError::from_object_store(&object, "put", e))?;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn local_io(path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::LocalIo {
+        path: path.display().to_string(),
+        source: e,
+    }
+}
+
+/// Length and SHA-256 of a local file.
+pub async fn sha256_file(path: &Path) -> Result<(u64, [u8; 32]), StoreError> {
+    let p: PathBuf = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::open(&p)?;
+        let mut hasher = Sha256::new();
+        let len = std::io::copy(&mut file, &mut hasher)?;
+        Ok::<_, std::io::Error>((len, hasher.finalize().into()))
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|r| r)
+    .map_err(|e| local_io(path, e))
+}
+
+/// Keys are relative paths of plain segments: no leading or trailing `/`, no empty, `.` or `..`
+/// segment, no backslash or NUL, no temp-file marker.
+pub fn validate_key(key: &str) -> Result<(), StoreError> {
+    let bad = |problem| {
+        Err(StoreError::InvalidKey {
+            key: key.to_owned(),
+            problem,
+        })
+    };
+    if key.is_empty() {
+        return bad("empty");
+    }
+    if key
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return bad("empty, . or .. segment (or leading/trailing /)");
+    }
+    if key.contains(['\\', '\0']) {
+        return bad("backslash or NUL");
+    }
+    if key.contains(local::TEMP_MARKER) {
+        return bad("contains the temporary-file marker");
+    }
+    Ok(())
+}
