@@ -176,6 +176,75 @@ pub fn table(rt: &ResourceType, items: &[Value], resource_version: &str) -> Valu
         "columnDefinitions": columns, "rows": rows})
 }
 
+/// `/openapi/v3`: the index of group-version documents.
+pub fn openapi_index(types: &[Arc<ResourceType>]) -> Value {
+    let mut paths = serde_json::Map::new();
+    for t in types {
+        for v in &t.versions {
+            let gv = gv_path(&t.group, v);
+            paths.insert(
+                gv.clone(),
+                json!({"serverRelativeURL": format!("/openapi/v3/{gv}")}),
+            );
+        }
+    }
+    json!({"paths": paths})
+}
+
+fn gv_path(group: &str, version: &str) -> String {
+    if group.is_empty() {
+        format!("api/{version}")
+    } else {
+        format!("apis/{group}/{version}")
+    }
+}
+
+/// `/openapi/v3/<gv>`: a minimal document. It carries what kubectl looks for — each type's
+/// PATCH operation with its group-version-kind and the `fieldValidation` query parameter, so
+/// kubectl leaves validation to the server — and each type's schema (a CRD's own, or an open
+/// object for built-ins).
+pub fn openapi_group_version(types: &[Arc<ResourceType>], gv: &str) -> Option<Value> {
+    let mut paths = serde_json::Map::new();
+    let mut schemas = serde_json::Map::new();
+    for t in types {
+        for v in t.versions.iter().filter(|v| gv_path(&t.group, v) == gv) {
+            let gvk = json!({"group": t.group, "version": v, "kind": t.kind});
+            let item = if t.namespaced {
+                format!("/{gv}/namespaces/{{namespace}}/{}/{{name}}", t.plural)
+            } else {
+                format!("/{gv}/{}/{{name}}", t.plural)
+            };
+            let params: Vec<Value> = ["fieldValidation", "fieldManager", "dryRun", "force"]
+                .iter()
+                .map(|p| json!({"name": p, "in": "query", "schema": {"type": "string", "uniqueItems": true}}))
+                .collect();
+            let schema_name = format!(
+                "{}.{}.{}",
+                if t.group.is_empty() { "core" } else { &t.group },
+                v,
+                t.kind
+            );
+            let op = |verb: &str| {
+                json!({"operationId": format!("{verb}{}", t.kind), "parameters": params, "x-kubernetes-group-version-kind": gvk,
+                    "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema_name}")}}}}}})
+            };
+            paths.insert(item, json!({"get": op("read"), "put": op("replace"), "patch": op("patch"), "delete": op("delete")}));
+            let mut schema = match &t.schema {
+                crate::resources::Schema::OpenApi(s) if s.is_object() => s.clone(),
+                _ => json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+            };
+            schema["x-kubernetes-group-version-kind"] = json!([gvk]);
+            schemas.insert(schema_name, schema);
+        }
+    }
+    if paths.is_empty() {
+        return None;
+    }
+    Some(
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.32.0"}, "paths": paths, "components": {"schemas": schemas}}),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

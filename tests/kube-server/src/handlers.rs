@@ -18,7 +18,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::resources::ResourceType;
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::ssa::Scope;
-use crate::store::{DeleteOptions, PatchBody, Propagation, Selection, Store};
+use crate::store::{DeleteOptions, PatchBody, Propagation, Selection, Store, WriteOptions};
 use crate::watch::WatchRequest;
 
 #[derive(Clone)]
@@ -86,6 +86,10 @@ fn route(
         ["api", "v1"] => get_only(discovery::resource_list(&types, "", "v1")),
         ["apis", g] => get_only(discovery::group(&types, g)),
         ["apis", g, v] => get_only(discovery::resource_list(&types, g, v)),
+        ["openapi", "v3"] => get_only(Some(discovery::openapi_index(&types))),
+        ["openapi", "v3", gv @ ..] => {
+            get_only(discovery::openapi_group_version(&types, &gv.join("/")))
+        }
         ["api", "v1", rest @ ..] => resource(app, method, q, headers, body, "", "v1", rest, path),
         ["apis", g, v, rest @ ..] => resource(app, method, q, headers, body, g, v, rest, path),
         _ => Err(ApiError::path_not_found(path)),
@@ -307,15 +311,13 @@ fn resource(
         }
         Method::PUT => {
             let obj = parse_body(body, true)?;
-            Ok(ok(v(store.update(
-                &rt,
-                &ns,
-                &name,
-                obj,
+            let mgr = manager(q, headers);
+            let opts = WriteOptions {
                 scope,
-                &manager(q, headers),
+                manager: &mgr,
                 dry_run,
-            )?)))
+            };
+            Ok(ok(v(store.update(&rt, &ns, &name, obj, &opts)?)))
         }
         Method::PATCH => {
             let ct = headers
@@ -347,8 +349,17 @@ fn resource(
             };
             let applying = matches!(patch, PatchBody::Apply { .. });
             let before = store.get(&rt, &ns, &name).is_ok();
-            let out =
-                v(store.patch(&rt, &ns, &name, patch, scope, &manager(q, headers), dry_run)?);
+            let out = v(store.patch(
+                &rt,
+                &ns,
+                &name,
+                patch,
+                &WriteOptions {
+                    scope,
+                    manager: &manager(q, headers),
+                    dry_run,
+                },
+            )?);
             // Apply that creates answers 201, as the real server does.
             let code = if applying && !before {
                 StatusCode::CREATED

@@ -225,15 +225,21 @@ impl Apply<'_> {
         let changed = Walker::new(rt).diff(&strip_unowned(&live_v), &strip_unowned(&merged));
         let contested = changed.intersection(&applied_set);
         let mut conflicts = Vec::new();
+        let mut conflict_set = FieldSet::default();
         for (i, e) in entries.iter().enumerate() {
             if Some(i) == mine {
                 continue;
             }
-            for path in e.set.intersection(&contested).paths() {
+            let theirs = e.set.intersection(&contested);
+            for path in theirs.paths() {
                 conflicts.push((e.manager.clone(), display_path(&path)));
             }
+            conflict_set.union(&theirs);
         }
-        if !conflicts.is_empty() && !self.force {
+        if !conflicts.is_empty()
+            && !self.force
+            && !self.upgrades_client_side_apply(live, &conflict_set)
+        {
             return Err(ApiError::apply_conflicts(&conflicts));
         }
         for (i, e) in entries.iter_mut().enumerate() {
@@ -260,9 +266,48 @@ impl Apply<'_> {
             merged["metadata"] = json!({});
         }
         write_entries(&mut merged, entries);
+        // kube-apiserver's lastAppliedUpdater: kubectl's server-side apply keeps an existing
+        // client-side apply annotation in step, so a later client-side apply still works.
+        if self.manager == KUBECTL && merged.pointer(LAST_APPLIED_POINTER).is_some() {
+            let mut last = config.clone();
+            if let Some(a) = last
+                .pointer_mut("/metadata/annotations")
+                .and_then(Value::as_object_mut)
+            {
+                a.remove(LAST_APPLIED);
+            }
+            merged["metadata"]["annotations"][LAST_APPLIED] = Value::String(last.to_string());
+        }
         Ok(merged)
     }
+
+    /// kube-apiserver's lastAppliedManager: `kubectl apply --server-side` (field manager
+    /// `kubectl`) on an object last applied client-side takes over, without conflicts, the
+    /// fields recorded in the `last-applied-configuration` annotation.
+    fn upgrades_client_side_apply(&self, live: Option<&Value>, conflicts: &FieldSet) -> bool {
+        if self.manager != KUBECTL {
+            return false;
+        }
+        let Some(last) = live
+            .and_then(|l| l.pointer(LAST_APPLIED_POINTER))
+            .and_then(Value::as_str)
+        else {
+            return false;
+        };
+        let Ok(last) = serde_json::from_str::<Value>(last) else {
+            return false;
+        };
+        let allowed = Walker::new(self.rt).fields(&strip_unowned(&last));
+        let mut rest = conflicts.clone();
+        rest.subtract(&allowed);
+        rest.is_empty()
+    }
 }
+
+const KUBECTL: &str = "kubectl";
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+const LAST_APPLIED_POINTER: &str =
+    "/metadata/annotations/kubectl.kubernetes.io~1last-applied-configuration";
 
 #[cfg(test)]
 mod tests {

@@ -92,6 +92,22 @@ pub enum PatchBody {
     Apply { config: Value, force: bool },
 }
 
+/// How an update or patch is made: which part of the object, by whom, and whether for real.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions<'a> {
+    pub scope: Scope,
+    pub manager: &'a str,
+    pub dry_run: bool,
+}
+
+/// A watch's start: the events to send first, the resourceVersion they bring the watcher to,
+/// and the feed of later changes (subscribed under the lock, so nothing falls in between).
+pub struct WatchStart {
+    pub initial: Vec<Arc<Change>>,
+    pub rv: u64,
+    pub feed: broadcast::Receiver<Arc<Change>>,
+}
+
 /// Tunables for tests.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -335,10 +351,13 @@ impl Store {
         ns: &str,
         name: &str,
         obj: Value,
-        scope: Scope,
-        manager: &str,
-        dry_run: bool,
+        opts: &WriteOptions<'_>,
     ) -> ApiResult<Value> {
+        let WriteOptions {
+            scope,
+            manager,
+            dry_run,
+        } = *opts;
         if meta_str(&obj, "name") != name {
             return Err(ApiError::bad_request(format!(
                 "the name of the object ({}) does not match the name on the URL ({name})",
@@ -361,10 +380,13 @@ impl Store {
         ns: &str,
         name: &str,
         body: PatchBody,
-        scope: Scope,
-        manager: &str,
-        dry_run: bool,
+        opts: &WriteOptions<'_>,
     ) -> ApiResult<Value> {
+        let WriteOptions {
+            scope,
+            manager,
+            dry_run,
+        } = *opts;
         self.write(dry_run, |s, tx| {
             s.patch_inner(rt, ns, name, body, scope, manager, tx)
         })
@@ -425,7 +447,7 @@ impl Store {
         rt: &ResourceType,
         sel: &Selection,
         from: Option<u64>,
-    ) -> ApiResult<(Vec<Arc<Change>>, u64, broadcast::Receiver<Arc<Change>>)> {
+    ) -> ApiResult<WatchStart> {
         let s = self.lock();
         let rx = self.tx.subscribe();
         let initial = match from {
@@ -462,7 +484,11 @@ impl Store {
                 .cloned()
                 .collect(),
         };
-        Ok((initial, s.rv, rx))
+        Ok(WatchStart {
+            initial,
+            rv: s.rv,
+            feed: rx,
+        })
     }
 }
 
@@ -938,11 +964,15 @@ impl State {
             }
         }
         if let Some(mgr) = manager {
-            let old_managed = current.pointer("/metadata/managedFields").cloned();
-            meta_mut(&mut new).remove("managedFields");
+            // managedFields written explicitly (kubectl's client-side to server-side apply
+            // migration does this with a JSON patch) replace the live ones, as in Kubernetes.
+            let live = current.pointer("/metadata/managedFields");
+            let given = meta_mut(&mut new).remove("managedFields");
             let mut base = current.clone();
-            if let Some(mf) = old_managed {
-                meta_mut(&mut base).insert("managedFields".into(), mf);
+            if let Some(g) =
+                given.filter(|g| g.as_array().is_some_and(|a| !a.is_empty()) && Some(g) != live)
+            {
+                meta_mut(&mut base).insert("managedFields".into(), g);
             }
             record_update(rt, Some(&base), &mut new, mgr, scope, &api_version, &now());
         }

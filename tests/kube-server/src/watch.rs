@@ -93,7 +93,11 @@ impl WatchRequest {
         } else {
             self.from
         };
-        let (initial, start_rv, mut feed) = match store.watch(&self.rt, &self.selection, from) {
+        let crate::store::WatchStart {
+            initial,
+            rv: start_rv,
+            mut feed,
+        } = match store.watch(&self.rt, &self.selection, from) {
             Ok(x) => x,
             Err(e) => {
                 // Like kube-apiserver: a 200 response whose only event is an ERROR with the Status.

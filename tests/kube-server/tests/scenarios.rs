@@ -804,25 +804,38 @@ async fn kubectl_get_and_apply() -> R {
         tokio::task::block_in_place(|| run(&["get", "configmaps", "-l", "app=pgpilot"], None))?;
     assert!(out.contains("NAME") && out.contains("settings"), "{out}");
 
-    // Server-side apply from kubectl, then kube-rs sees kubectl's field manager.
-    let out = tokio::task::block_in_place(|| {
+    // Moving to server-side apply: kubectl's own field manager takes over the client-side
+    // applied fields without conflicts; any other manager conflicts on them.
+    let err = tokio::task::block_in_place(|| {
         run(
             &["apply", "--server-side", "--field-manager=ops"],
             Some(&manifest("3")),
         )
-    })?;
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("conflict with \"kubectl-client-side-apply\""),
+        "{err}"
+    );
+    let out =
+        tokio::task::block_in_place(|| run(&["apply", "--server-side"], Some(&manifest("3"))))?;
     assert!(out.contains("serverside-applied"), "{out}");
     let cm = Api::<ConfigMap>::namespaced(client.clone(), ns.name())
         .get("settings")
         .await?;
     assert_eq!(cm.data.unwrap()["level"], "3");
-    assert!(
-        cm.metadata
-            .managed_fields
-            .iter()
-            .flatten()
-            .any(|m| m.manager.as_deref() == Some("ops"))
-    );
+    let managers: Vec<_> = cm
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert!(managers.contains(&"kubectl".to_string()), "{managers:?}");
+    // ...and a later client-side apply still works from the annotation kept in step.
+    let out = tokio::task::block_in_place(|| run(&["apply"], Some(&manifest("4"))))?;
+    assert!(out.contains("configured"), "{out}");
 
     // Custom resources and their printer columns.
     let w = widgets(&client, ns.name()).await?;
