@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the tests need on a fresh Debian 12 machine, idempotently: a second run
 # with everything present takes a second. Used by `make test` (and so by .ci/run).
+# With --run-only, installs only what `make run` / `make demo` need (PostgreSQL).
 #
 # Tools land in $PGPILOT_TOOLS_DIR (default /opt/pgpilot-tools as root, ~/.cache/pgpilot-tools
 # otherwise): outside the clone, because when the clone sits under /root the unprivileged
@@ -16,8 +17,10 @@ sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 apt_pkgs=()
 [ -x /usr/lib/postgresql/15/bin/postgres ] || apt_pkgs+=(postgresql-15)
 [ -x /usr/lib/postgresql/15/bin/pgbench ] || [ -x /usr/bin/pgbench ] || apt_pkgs+=(postgresql-15)
-command -v npm >/dev/null || apt_pkgs+=(nodejs npm)
-command -v pkg-config >/dev/null || apt_pkgs+=(pkg-config)
+if [ "${1:-}" != "--run-only" ]; then
+  command -v npm >/dev/null || apt_pkgs+=(nodejs npm)
+  command -v pkg-config >/dev/null || apt_pkgs+=(pkg-config)
+fi
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   say "apt-get install ${apt_pkgs[*]}"
   sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -27,6 +30,7 @@ if [ ${#apt_pkgs[@]} -gt 0 ]; then
   sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}"
 fi
 id postgres >/dev/null 2>&1 || { say "creating user postgres"; sudo_ useradd --system --create-home postgres; }
+if [ "${1:-}" = "--run-only" ]; then exit 0; fi
 
 command -v cargo-nextest >/dev/null || { say "cargo install cargo-nextest"; cargo install --locked cargo-nextest; }
 

@@ -54,6 +54,8 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Print the OpenAPI document of the agent's HTTP API.
+    Openapi,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -166,6 +168,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 fmt_opt(r.postmaster_pid),
                 r.state
             );
+            Ok(())
+        }
+        Command::Openapi => {
+            print!("{}", pgpilot_agent::http::openapi::document());
             Ok(())
         }
         Command::Reload { api } => {

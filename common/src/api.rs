@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::state::{AgentState, Role};
 
 /// The one error body every route returns on failure.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// Stable machine-readable kind: `bad_request`, `unauthorized`, `not_found`,
     /// `method_not_allowed`, `conflict`, `internal`, `unavailable`.
@@ -19,7 +19,7 @@ pub struct ErrorBody {
 }
 
 /// `GET /v1/status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatusResponse {
     pub state: AgentState,
     pub role: Option<Role>,
@@ -49,7 +49,7 @@ pub struct StatusResponse {
 }
 
 /// How to shut Postgres down (`pg_ctl -m`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ShutdownMode {
     /// Wait for sessions to end (SIGTERM).
@@ -62,7 +62,7 @@ pub enum ShutdownMode {
 }
 
 /// Body of `POST /v1/restart` and `POST /v1/stop` (all fields optional; an empty body is fine).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownRequest {
     #[serde(default)]
@@ -70,7 +70,7 @@ pub struct ShutdownRequest {
 }
 
 /// Response of the lifecycle routes (`/v1/restart`, `/v1/stop`, `/v1/start`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LifecycleResponse {
     /// The state after the action completed.
     pub state: AgentState,
@@ -78,7 +78,7 @@ pub struct LifecycleResponse {
 }
 
 /// Response of `POST /v1/reload`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReloadResponse {
     /// Parameters whose rendered value changed in pgpilot.conf.
     pub changed: Vec<String>,

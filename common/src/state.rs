@@ -8,21 +8,21 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// Replication role of a running Postgres.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum Role {
     Primary,
     Replica,
 }
 
 /// How the data dir is being brought into existence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BootstrapMethod {
     Initdb,
 }
 
 /// The agent's state. Serialized as `{"state": "Running", "role": "Primary"}` and so on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "state")]
 pub enum AgentState {
     /// Validating configuration and inspecting the data dir.

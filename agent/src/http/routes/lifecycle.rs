@@ -6,12 +6,17 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use pgpilot_common::api::{LifecycleResponse, ReloadResponse, ShutdownRequest};
+use pgpilot_common::api::{ErrorBody, LifecycleResponse, ReloadResponse, ShutdownRequest};
 
 use crate::http::ApiError;
 use crate::http::extract::OptionalJson;
 use crate::supervisor::{Request, Shared};
 
+/// Stop Postgres; the agent keeps running.
+#[utoipa::path(post, path = "/v1/stop", tag = "lifecycle", security(("bearer" = [])),
+    request_body(content = Option<ShutdownRequest>, description = "optional; default mode fast"),
+    responses((status = 200, body = LifecycleResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 409, description = "not in a state that allows it", body = ErrorBody)))]
 pub async fn stop(
     State(shared): State<Arc<Shared>>,
     OptionalJson(body): OptionalJson<ShutdownRequest>,
@@ -26,12 +31,21 @@ pub async fn stop(
     ))
 }
 
+/// Start Postgres after a stop (or cut a crash backoff short).
+#[utoipa::path(post, path = "/v1/start", tag = "lifecycle", security(("bearer" = [])),
+    responses((status = 200, body = LifecycleResponse), (status = 401, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 500, description = "Postgres did not start", body = ErrorBody)))]
 pub async fn start(State(shared): State<Arc<Shared>>) -> Result<Json<LifecycleResponse>, ApiError> {
     Ok(Json(
         shared.request(|reply| Request::Start { reply }).await?,
     ))
 }
 
+/// Restart Postgres; answers once it accepts connections again.
+#[utoipa::path(post, path = "/v1/restart", tag = "lifecycle", security(("bearer" = [])),
+    request_body(content = Option<ShutdownRequest>, description = "optional; default mode fast"),
+    responses((status = 200, body = LifecycleResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 409, body = ErrorBody), (status = 500, body = ErrorBody)))]
 pub async fn restart(
     State(shared): State<Arc<Shared>>,
     OptionalJson(body): OptionalJson<ShutdownRequest>,
@@ -46,6 +60,11 @@ pub async fn restart(
     ))
 }
 
+/// Re-read `[postgres.parameters]` from the config file, re-render pgpilot.conf and signal
+/// Postgres (SIGHUP).
+#[utoipa::path(post, path = "/v1/reload", tag = "lifecycle", security(("bearer" = [])),
+    responses((status = 200, body = ReloadResponse), (status = 401, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 500, description = "config file invalid; nothing changed", body = ErrorBody)))]
 pub async fn reload(State(shared): State<Arc<Shared>>) -> Result<Json<ReloadResponse>, ApiError> {
     Ok(Json(
         shared.request(|reply| Request::Reload { reply }).await?,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
+use pgpilot_common::api::ErrorBody;
 use pgpilot_common::state::{AgentState, Role};
 use serde_json::{Value, json};
 
@@ -16,11 +17,13 @@ use crate::supervisor::Shared;
 
 /// Liveness: the agent's process answers. Postgres being down is not a reason to kill the pod
 /// (the agent restarts Postgres itself), so this does not look at Postgres.
+#[utoipa::path(get, path = "/healthz", tag = "probes", responses((status = 200, body = Object)))]
 pub async fn healthz(State(shared): State<Arc<Shared>>) -> Json<Value> {
     Json(json!({"status": "ok", "state": shared.state()}))
 }
 
 /// Readiness: Postgres runs and accepts connections now.
+#[utoipa::path(get, path = "/readyz", tag = "probes", responses((status = 200, body = Object), (status = 503, body = ErrorBody)))]
 pub async fn readyz(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
     let state = shared.state();
     if !matches!(state, AgentState::Running { .. }) {
@@ -50,6 +53,7 @@ pub async fn readyz(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, Ap
 
 /// Startup: Postgres has accepted connections at least once since the agent started (crash
 /// recovery or a restore may take long; the startup probe gives it that time).
+#[utoipa::path(get, path = "/startupz", tag = "probes", responses((status = 200, body = Object), (status = 503, body = ErrorBody)))]
 pub async fn startupz(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
     if shared.ever_running.load(Ordering::Relaxed) {
         Ok(Json(json!({"status": "started"})))
@@ -75,11 +79,13 @@ fn role_check(shared: &Shared, want: Role) -> Result<Json<Value>, ApiError> {
 }
 
 /// 200 when this instance is a running primary (for Services and load balancers).
+#[utoipa::path(get, path = "/primary", tag = "probes", responses((status = 200, body = Object), (status = 503, body = ErrorBody)))]
 pub async fn primary(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
     role_check(&shared, Role::Primary)
 }
 
 /// 200 when this instance is a running replica.
+#[utoipa::path(get, path = "/replica", tag = "probes", responses((status = 200, body = Object), (status = 503, body = ErrorBody)))]
 pub async fn replica(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
     role_check(&shared, Role::Replica)
 }

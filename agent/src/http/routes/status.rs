@@ -11,6 +11,8 @@ use pgpilot_common::state::AgentState;
 use crate::postgres::sql;
 use crate::supervisor::Shared;
 
+/// The agent's state and what Postgres reports (role, timeline, LSNs, version).
+#[utoipa::path(get, path = "/v1/status", tag = "status", responses((status = 200, body = StatusResponse)))]
 pub async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusResponse> {
     let state = shared.state();
     let info = shared.info();

@@ -1,0 +1,65 @@
+# pgpilot entry points. `make` or `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+DATA_DIR ?= $(shell ./scripts/pick-data-dir.sh)
+PGPORT ?= 5432
+API_PORT ?= 8008
+API_LOOPBACK_PORT ?= 8009
+NEXTEST_PROFILE := $(if $(CI),ci,default)
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: deps-run
+deps-run: ## Install what `make run` needs (PostgreSQL), if missing
+	@./scripts/install-test-deps.sh --run-only
+
+.PHONY: deps-test
+deps-test: ## Install what the tests need (PostgreSQL 15 and 17, s3s-fs, Azurite), if missing
+	@./scripts/install-test-deps.sh
+
+.PHONY: build
+build: ## Build the agent and the operator
+	$(CARGO) build -p pgpilot-agent -p pgpilot-operator
+
+.PHONY: run
+run: deps-run build ## Run the agent standalone on $(DATA_DIR) (Postgres on PGPORT=$(PGPORT), API on $(API_PORT))
+	@mkdir -p $(DATA_DIR) && chmod 755 $(DATA_DIR)
+	./target/debug/pgpilot-agent run --data-dir $(DATA_DIR)/pg --postgres-port $(PGPORT) \
+	  --api-listen 127.0.0.1:$(API_PORT) --api-loopback-listen 127.0.0.1:$(API_LOOPBACK_PORT)
+
+.PHONY: demo
+demo: deps-run build ## Scripted tour: start the agent, write rows, crash Postgres, see it come back
+	DATA_DIR=$(DATA_DIR) ./scripts/demo.sh
+
+.PHONY: status
+status: ## Status of the agent started by `make run`
+	@./target/debug/pgpilot-agent status --api-url http://127.0.0.1:$(API_LOOPBACK_PORT)
+
+.PHONY: fmt
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+.PHONY: lint
+lint: ## rustfmt check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+.PHONY: test
+test: deps-test lint ## Everything CI runs: install test deps, lint, all tests against real servers
+	$(CARGO) nextest run --workspace --profile $(NEXTEST_PROFILE)
+	$(CARGO) test --workspace --doc
+
+.PHONY: bench
+bench: bench-codec ## All benchmarks (the side-by-side suite arrives with its issue)
+
+.PHONY: bench-codec
+bench-codec: ## Archive codec pipeline vs this machine's C tools (zstd, lz4, openssl)
+	./benches/codec-reference.sh
+
+.PHONY: clean-data
+clean-data: ## Remove the standalone agent's data ($(DATA_DIR)); stop the agent first
+	rm -rf $(DATA_DIR)

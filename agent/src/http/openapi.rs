@@ -1,0 +1,60 @@
+//! The OpenAPI document of the agent's API, generated from the route annotations and the API
+//! types in `pgpilot-common`. Committed as docs/openapi.json; a test fails when the committed
+//! copy differs from what the code generates (`UPDATE_OPENAPI=1` rewrites it).
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::routes::{lifecycle, metrics, probes, status};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "pgpilot-agent API", description = "The HTTP API of pgpilot-agent. Probes, /metrics and \
+        /v1/status are open; routes that change state need `Authorization: Bearer <token>`. Every error \
+        has the ErrorBody shape."),
+    paths(
+        probes::healthz, probes::readyz, probes::startupz, probes::primary, probes::replica,
+        metrics::metrics, status::status,
+        lifecycle::stop, lifecycle::start, lifecycle::restart, lifecycle::reload,
+    ),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The document as pretty JSON, with a trailing newline (as committed).
+pub fn document() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    let mut s = doc.to_pretty_json().expect("OpenAPI document serializes");
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn committed_openapi_document_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+        let generated = super::document();
+        if std::env::var_os("UPDATE_OPENAPI").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "docs/openapi.json is stale: run `UPDATE_OPENAPI=1 cargo test -p pgpilot-agent openapi` and commit it"
+        );
+    }
+}
