@@ -15,6 +15,7 @@ pub mod server;
 pub mod ssa;
 pub mod statefulset;
 pub mod store;
+pub mod validation;
 pub mod watch;
 
 pub use fixtures::TestNamespace;

@@ -100,6 +100,12 @@ impl KubeTestServer {
         self.store.compact();
     }
 
+    /// Ends every open watch, so clients reconnect (combine with [`Self::compact_history`] to
+    /// make them see 410 Gone and re-list).
+    pub fn close_watches(&self) {
+        self.store.close_watches();
+    }
+
     /// The temp directory the kubeconfig lives in (removed on drop).
     pub fn dir(&self) -> &Path {
         self.dir.path()

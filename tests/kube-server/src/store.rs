@@ -129,6 +129,8 @@ impl Default for StoreOptions {
 pub struct Store {
     state: Mutex<State>,
     tx: broadcast::Sender<Arc<Change>>,
+    /// Bumped to end every open watch (as an API server restart or a load balancer would).
+    epoch: tokio::sync::watch::Sender<u64>,
     pub options: StoreOptions,
 }
 
@@ -229,8 +231,19 @@ impl Store {
         Self {
             state: Mutex::new(state),
             tx,
+            epoch: tokio::sync::watch::Sender::new(0),
             options,
         }
+    }
+
+    /// Ends every open watch stream; clients re-watch from their last resourceVersion.
+    pub fn close_watches(&self) {
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
+    /// A receiver that changes when [`Store::close_watches`] is called.
+    pub fn watch_epoch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.epoch.subscribe()
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
@@ -537,6 +550,22 @@ fn decode_continue(token: &str) -> Option<(u64, String)> {
     Some((rv.parse().ok()?, after.to_string()))
 }
 
+/// Custom resources are pruned, defaulted and validated against their CRD's schema.
+fn admit(rt: &ResourceType, name: &str, obj: &mut Value) -> ApiResult<()> {
+    if let crate::resources::Schema::OpenApi(schema) = &rt.schema {
+        crate::validation::admit(schema, obj).map_err(|errs| {
+            let kind = format!("{}.{}", rt.kind, rt.group);
+            let msg = if errs.len() == 1 {
+                errs[0].clone()
+            } else {
+                format!("[{}]", errs.join(", "))
+            };
+            ApiError::invalid(&kind, name, msg)
+        })?;
+    }
+    Ok(())
+}
+
 fn check_apply_identity(rt: &ResourceType, config: &Value, name: &str) -> ApiResult<()> {
     let kind = config
         .get("kind")
@@ -725,6 +754,7 @@ impl State {
         if self.objects.contains_key(&k) {
             return Err(ApiError::already_exists(&rt.qualified(), &name));
         }
+        admit(rt, &name, &mut obj)?;
         if rt.kind == "CustomResourceDefinition" {
             from_crd(&{
                 let mut o = obj.clone();
@@ -950,6 +980,7 @@ impl State {
         if rt.kind == "CustomResourceDefinition" {
             from_crd(&new).map_err(|e| ApiError::invalid(&rt.kind, &name, e))?;
         }
+        admit(rt, &name, &mut new)?;
         let deleting = current.pointer("/metadata/deletionTimestamp").is_some();
         if deleting {
             let before = finalizers(&current);
@@ -1160,6 +1191,19 @@ impl State {
                 self.delete_inner(&k, None, tx);
                 return true;
             }
+        }
+        // A CRD's deletion takes its custom resources with it.
+        let orphaned: Vec<Key> = self
+            .objects
+            .keys()
+            .filter(|k| !self.types.iter().any(|t| t.group == k.0 && t.plural == k.1))
+            .cloned()
+            .collect();
+        if !orphaned.is_empty() {
+            for k in &orphaned {
+                self.commit(k, None, EventType::Deleted, tx);
+            }
+            return true;
         }
         if opts.statefulset_controller && crate::statefulset::reconcile(self, tx) {
             return true;

@@ -116,6 +116,8 @@ impl WatchRequest {
         if self.send_initial_events && tx.send(self.bookmark(start_rv, true)).await.is_err() {
             return;
         }
+        let mut epoch = store.watch_epoch();
+        epoch.mark_unchanged();
         let deadline = tokio::time::sleep(self.timeout);
         tokio::pin!(deadline);
         let mut ticker = tokio::time::interval(self.bookmark_interval);
@@ -145,6 +147,7 @@ impl WatchRequest {
                 }
                 () = &mut deadline => return,
                 () = tx.closed() => return,
+                _ = epoch.changed() => return,
             }
         }
     }
