@@ -7,3 +7,4 @@ pub mod net;
 pub mod postgres;
 pub mod s3;
 pub mod tools;
+pub mod wal;
