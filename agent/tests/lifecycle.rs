@@ -280,6 +280,7 @@ async fn restarts_postgres_after_kill_9(major: u32) {
 async fn reload_applies_a_changed_parameter(major: u32) {
     let opts = AgentOptions {
         extra_toml: "[postgres.parameters]\nwork_mem = \"4MB\"\n".into(),
+        ..Default::default()
     };
     let fx = AgentFixture::start_with(bin(), major, opts).await.unwrap();
     async fn work_mem(fx: &AgentFixture) -> String {

@@ -22,6 +22,8 @@ use crate::postgres;
 pub struct AgentOptions {
     /// Extra TOML appended to the generated config file (e.g. a `[postgres.parameters]` table).
     pub extra_toml: String,
+    /// Extra environment variables for the agent process.
+    pub env: Vec<(String, String)>,
 }
 
 pub struct AgentFixture {
@@ -34,6 +36,7 @@ pub struct AgentFixture {
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     pub token: String,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -73,6 +76,7 @@ impl AgentFixture {
             log_path: dir.path().join("agent.log"),
             config_path,
             token,
+            env: opts.env.clone(),
             child: None,
             dir,
         };
@@ -108,6 +112,7 @@ impl AgentFixture {
         cmd.arg("run").arg("--config").arg(&self.config_path);
         cmd.env_remove("PGPILOT_LOG_FORMAT");
         cmd.env("PGPILOT_LOG", "info");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
