@@ -67,23 +67,32 @@ impl ApiError {
         )
     }
 
-    /// Server-side apply conflicts: one cause per field, as `FieldManagerConflict`.
+    /// Server-side apply conflicts, worded as structured-merge-diff words them: one conflict
+    /// on one line, several grouped by manager. `manager` is already rendered (`"alice"`, or
+    /// `"editor" using v1 at <time>` for an Update manager); one cause per field.
     pub fn apply_conflicts(conflicts: &[(String, String)]) -> Self {
         let n = conflicts.len();
-        let mut msg = format!(
-            "Apply failed with {n} conflict{}: ",
+        let body = if let [(m, f)] = conflicts {
+            format!("conflict with {m}: {f}")
+        } else {
+            let mut by_manager: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+            for (m, f) in conflicts {
+                by_manager.entry(m).or_default().push(f);
+            }
+            let mut lines = Vec::new();
+            for (m, fields) in by_manager {
+                lines.push(format!("conflicts with {m}:"));
+                lines.extend(fields.iter().map(|f| format!("- {f}")));
+            }
+            lines.join("\n")
+        };
+        let msg = format!(
+            "Apply failed with {n} conflict{}: {body}",
             if n == 1 { "" } else { "s" }
         );
-        let parts: Vec<String> = conflicts
-            .iter()
-            .map(|(m, f)| format!("conflict with \"{m}\": {f}"))
-            .collect();
-        msg.push_str(&parts.join("\n"));
         let causes: Vec<Value> = conflicts
             .iter()
-            .map(|(m, f)| {
-                json!({"reason": "FieldManagerConflict", "message": format!("conflict with \"{m}\""), "field": f})
-            })
+            .map(|(m, f)| json!({"reason": "FieldManagerConflict", "message": format!("conflict with {m}"), "field": f}))
             .collect();
         Self::new(409, "Conflict", msg).with_details(json!({"causes": causes}))
     }

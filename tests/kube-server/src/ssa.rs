@@ -39,6 +39,18 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// How conflict messages name this manager (kube-apiserver's `printManager`).
+    fn display(&self) -> String {
+        let mut s = format!("{:?}", self.manager);
+        if !self.subresource.is_empty() {
+            s.push_str(&format!(" with subresource {:?}", self.subresource));
+        }
+        if self.operation == "Update" {
+            s.push_str(&format!(" using {} at {}", self.api_version, self.time));
+        }
+        s
+    }
+
     fn same_owner(&self, manager: &str, operation: &str, subresource: &str) -> bool {
         self.manager == manager && self.operation == operation && self.subresource == subresource
     }
@@ -232,7 +244,7 @@ impl Apply<'_> {
             }
             let theirs = e.set.intersection(&contested);
             for path in theirs.paths() {
-                conflicts.push((e.manager.clone(), display_path(&path)));
+                conflicts.push((e.display(), display_path(&path)));
             }
             conflict_set.union(&theirs);
         }

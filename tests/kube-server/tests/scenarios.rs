@@ -851,6 +851,58 @@ async fn kubectl_get_and_apply() -> R {
         format!("apiVersion: {GROUP}/v1\nkind: Widget\nmetadata:\n  name: w2\nspec:\n  size: 4\n");
     let out = tokio::task::block_in_place(|| run(&["apply"], Some(&crd)))?;
     assert!(out.contains("widget.test.pgpilot.io/w2 created"), "{out}");
+
+    // kubectl delete waits until the object is gone.
+    let out = tokio::task::block_in_place(|| run(&["delete", "configmap", "settings"], None))?;
+    assert!(out.contains("configmap \"settings\" deleted"), "{out}");
+    let out = tokio::task::block_in_place(|| run(&["get", "configmaps", "-o", "name"], None))?;
+    assert!(!out.contains("settings"), "{out}");
+    ns.cleanup().await
+}
+
+/// Events as an operator publishes them with kube-runtime's Recorder (events.k8s.io/v1,
+/// created once, then patched as a series).
+#[tokio::test]
+async fn events_from_the_recorder() -> R {
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use kube::Resource;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let (client, _server) = test_client().await?;
+    let ns = TestNamespace::create(&client, "events").await?;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns.name());
+    let obj = api
+        .create(&PostParams::default(), &cm("subject", &[]))
+        .await?;
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "pgpilot-test".into(),
+            instance: None,
+        },
+    );
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: "Tested".into(),
+        note: Some("hello".into()),
+        action: "Test".into(),
+        secondary: None,
+    };
+    recorder.publish(&ev, &obj.object_ref(&())).await?;
+    recorder.publish(&ev, &obj.object_ref(&())).await?;
+    let events: Api<K8sEvent> = Api::namespaced(client.clone(), ns.name());
+    let list = events.list(&ListParams::default()).await?;
+    assert_eq!(
+        list.items.len(),
+        1,
+        "the repeat is a series on the same Event"
+    );
+    let e = &list.items[0];
+    assert_eq!(e.reason.as_deref(), Some("Tested"));
+    assert_eq!(
+        e.regarding.as_ref().and_then(|r| r.name.as_deref()),
+        Some("subject")
+    );
+    assert_eq!(e.series.as_ref().map(|s| s.count), Some(2));
     ns.cleanup().await
 }
 
