@@ -97,6 +97,15 @@ impl ApiError {
         Self::new(409, "Conflict", msg).with_details(json!({"causes": causes}))
     }
 
+    pub fn internal(message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self::new(
+            500,
+            "InternalError",
+            format!("Internal error occurred: {message}"),
+        )
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", message)
     }

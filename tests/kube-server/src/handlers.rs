@@ -86,6 +86,22 @@ fn route(
         ["api", "v1"] => get_only(discovery::resource_list(&types, "", "v1")),
         ["apis", g] => get_only(discovery::group(&types, g)),
         ["apis", g, v] => get_only(discovery::resource_list(&types, g, v)),
+        // Without definitions kubectl has nothing to validate against and leaves validation
+        // to the server. Old kubectl (Debian's 1.20) only reads the protobuf form; an empty
+        // message is a valid empty document.
+        ["openapi", "v2"] if method == Method::GET => {
+            let accept = headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            if accept.contains("protobuf") {
+                let pb = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf";
+                return Ok(([(header::CONTENT_TYPE, pb)], Bytes::new()).into_response());
+            }
+            Ok(ok(
+                json!({"swagger": "2.0", "info": {"title": "Kubernetes", "version": "v1.32.0"}, "paths": {}}),
+            ))
+        }
         ["openapi", "v3"] => get_only(Some(discovery::openapi_index(&types))),
         ["openapi", "v3", gv @ ..] => {
             get_only(discovery::openapi_group_version(&types, &gv.join("/")))

@@ -46,6 +46,9 @@ pub struct ResourceType {
     pub schema: Schema,
     /// Whether strategic merge patch is accepted (built-ins only, as in Kubernetes).
     pub strategic_merge: bool,
+    /// Whether a PUT may omit `metadata.resourceVersion` (true for most built-ins; custom
+    /// resources and CRDs insist on it).
+    pub unconditional_update: bool,
 }
 
 impl ResourceType {
@@ -352,6 +355,7 @@ pub fn builtins() -> Vec<ResourceType> {
             printer_columns: Vec::new(),
             schema: Schema::Builtin(builtin_lists(b.kind)),
             strategic_merge: true,
+            unconditional_update: b.kind != "CustomResourceDefinition",
         })
         .collect()
 }
@@ -427,6 +431,7 @@ pub fn from_crd(crd: &Value) -> Result<ResourceType, String> {
                 .unwrap_or(Value::Null),
         ),
         strategic_merge: false,
+        unconditional_update: false,
     })
 }
 

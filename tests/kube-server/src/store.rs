@@ -192,12 +192,16 @@ fn meta_mut(obj: &mut Value) -> &mut Map<String, Value> {
         .expect("metadata is an object")
 }
 
-/// Everything but metadata and status: what a generation counts changes of.
-fn spec_part(obj: &Value) -> Value {
+/// What a generation counts changes of: everything but metadata, and but status when status
+/// is a subresource.
+fn spec_part(rt: &ResourceType, obj: &Value) -> Value {
     let mut v = obj.clone();
     if let Some(m) = v.as_object_mut() {
-        for k in ["metadata", "status", "apiVersion", "kind"] {
+        for k in ["metadata", "apiVersion", "kind"] {
             m.remove(k);
+        }
+        if rt.status_subresource {
+            m.remove("status");
         }
     }
     v
@@ -376,6 +380,13 @@ impl Store {
                 "the name of the object ({}) does not match the name on the URL ({name})",
                 meta_str(&obj, "name")
             )));
+        }
+        if !rt.unconditional_update && meta_str(&obj, "resourceVersion").is_empty() {
+            return Err(ApiError::invalid(
+                &rt.kind,
+                name,
+                "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update",
+            ));
         }
         self.write(dry_run, |s, tx| {
             let current = s
@@ -677,6 +688,11 @@ impl State {
         tx: &broadcast::Sender<Arc<Change>>,
     ) -> ApiResult<Value> {
         let api_version = rt.api_version(&rt.versions[0]);
+        if !meta_str(&obj, "resourceVersion").is_empty() {
+            return Err(ApiError::internal(
+                "resourceVersion should not be set on objects to be created",
+            ));
+        }
         if let Some(kind) = obj.get("kind").and_then(Value::as_str)
             && !kind.is_empty()
             && kind != rt.kind
@@ -801,6 +817,15 @@ impl State {
         let out = match body {
             PatchBody::Apply { config, force } => {
                 check_apply_identity(rt, &config, name)?;
+                // A resourceVersion in the configuration is a precondition.
+                let want = meta_str(&config, "resourceVersion");
+                if !want.is_empty()
+                    && current
+                        .as_ref()
+                        .is_none_or(|c| meta_str(c, "resourceVersion") != want)
+                {
+                    return Err(ApiError::stale(&rt.qualified(), name));
+                }
                 let t = now();
                 let apply = Apply {
                     rt,
@@ -1010,7 +1035,7 @@ impl State {
         if new == current {
             return Ok(current);
         }
-        if rt.generation && spec_part(&new) != spec_part(&current) {
+        if rt.generation && spec_part(rt, &new) != spec_part(rt, &current) {
             let g = current
                 .pointer("/metadata/generation")
                 .and_then(Value::as_i64)
