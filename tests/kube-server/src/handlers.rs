@@ -209,6 +209,20 @@ fn with_version(rt: &ResourceType, version: &str, mut obj: Value) -> Value {
     obj
 }
 
+/// `as=PartialObjectMetadata[List]`: kube-rs' metadata-only get/list/watch/patch.
+fn wants_metadata(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=PartialObjectMetadata"))
+}
+
+/// An object reduced to `meta.k8s.io/v1 PartialObjectMetadata`.
+pub fn partial(obj: &Value) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+        "metadata": obj.get("metadata").cloned().unwrap_or(json!({}))})
+}
+
 fn wants_table(headers: &HeaderMap) -> bool {
     headers
         .get(header::ACCEPT)
@@ -240,7 +254,15 @@ fn resource(
         Some("finalize") if rt.kind == "Namespace" => Scope::Main,
         Some(_) => return Err(ApiError::path_not_found(path)),
     };
-    let v = |obj: Value| with_version(&rt, &t.version, obj);
+    let metadata_only = wants_metadata(headers);
+    let v = |obj: Value| {
+        let obj = with_version(&rt, &t.version, obj);
+        if metadata_only && obj.get("kind").and_then(Value::as_str) != Some("Status") {
+            partial(&obj)
+        } else {
+            obj
+        }
+    };
     let Some(name) = t.name.clone() else {
         // Collection.
         let sel = selection(q, t.namespace.clone())?;
@@ -268,6 +290,7 @@ fn resource(
                     send_initial_events: is_true(q, "sendInitialEvents"),
                     timeout: Duration::from_secs(timeout),
                     bookmark_interval: app.bookmark_interval,
+                    metadata_only,
                 }
                 .respond(store.clone()))
             }
@@ -286,6 +309,12 @@ fn resource(
                 let mut meta = json!({"resourceVersion": rv.to_string()});
                 if let Some(c) = next {
                     meta["continue"] = json!(c);
+                }
+                if metadata_only {
+                    return Ok(ok(
+                        json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
+                        "metadata": meta, "items": items}),
+                    ));
                 }
                 Ok(ok(
                     json!({"kind": rt.list_kind, "apiVersion": rt.api_version(&t.version), "metadata": meta, "items": items}),
@@ -387,6 +416,11 @@ fn resource(
         Method::DELETE => {
             let opts = delete_options(q, body)?;
             let (obj, gone) = store.delete(&rt, &ns, &name, &opts, dry_run)?;
+            // Like kube-apiserver's ReturnDeletedObject: pods answer with the deleted object,
+            // most other types with a Success Status.
+            if gone && rt.group.is_empty() && rt.plural == "pods" {
+                return Ok(ok(v(obj)));
+            }
             if gone {
                 let uid = obj.pointer("/metadata/uid").cloned().unwrap_or(Value::Null);
                 return Ok(ok(

@@ -27,6 +27,8 @@ pub struct WatchRequest {
     pub send_initial_events: bool,
     pub timeout: Duration,
     pub bookmark_interval: Duration,
+    /// Send `PartialObjectMetadata` objects (kube-rs' `metadata_watcher`).
+    pub metadata_only: bool,
 }
 
 fn line(kind: &str, object: &Value) -> Bytes {
@@ -39,7 +41,11 @@ impl WatchRequest {
     fn with_version(&self, obj: &Value) -> Value {
         let mut o = obj.clone();
         o["apiVersion"] = json!(self.rt.api_version(&self.version));
-        o
+        if self.metadata_only {
+            crate::handlers::partial(&o)
+        } else {
+            o
+        }
     }
 
     fn bookmark(&self, rv: u64, initial_end: bool) -> Bytes {
@@ -47,9 +53,17 @@ impl WatchRequest {
         if initial_end {
             meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
         }
+        let (kind, api_version) = if self.metadata_only {
+            (
+                "PartialObjectMetadata".to_string(),
+                "meta.k8s.io/v1".to_string(),
+            )
+        } else {
+            (self.rt.kind.clone(), self.rt.api_version(&self.version))
+        };
         line(
             "BOOKMARK",
-            &json!({"kind": self.rt.kind, "apiVersion": self.rt.api_version(&self.version), "metadata": meta}),
+            &json!({"kind": kind, "apiVersion": api_version, "metadata": meta}),
         )
     }
 

@@ -396,3 +396,38 @@ async fn statefulset_controller_toggle() -> R {
     assert!(pods.list(&ListParams::default()).await?.items.is_empty());
     Ok(())
 }
+
+#[tokio::test]
+async fn metadata_only_requests() -> R {
+    use kube::core::PartialObjectMeta;
+    let server = KubeTestServer::start().await?;
+    let api: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    let mut c = cm("m");
+    c.data = Some([("big".to_string(), "x".repeat(100))].into());
+    c.metadata.labels = Some([("a".to_string(), "b".to_string())].into());
+    api.create(&PostParams::default(), &c).await?;
+    let meta: PartialObjectMeta<ConfigMap> = api.get_metadata("m").await?;
+    assert_eq!(meta.metadata.labels.unwrap()["a"], "b");
+    let list = api.list_metadata(&ListParams::default()).await?;
+    assert_eq!(list.items.len(), 1);
+    let patched = api
+        .patch_metadata(
+            "m",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"a": "c"}}})),
+        )
+        .await?;
+    assert_eq!(patched.metadata.labels.unwrap()["a"], "c");
+    let mut w = kube::runtime::metadata_watcher(api.clone(), watcher::Config::default()).boxed();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), w.try_next()).await?? {
+            Some(watcher::Event::InitApply(o)) => {
+                assert_eq!(o.metadata.name.as_deref(), Some("m"));
+                break;
+            }
+            Some(_) => {}
+            None => panic!("ended"),
+        }
+    }
+    Ok(())
+}
