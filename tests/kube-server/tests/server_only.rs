@@ -418,7 +418,11 @@ async fn metadata_only_requests() -> R {
         )
         .await?;
     assert_eq!(patched.metadata.labels.unwrap()["a"], "c");
-    let mut w = kube::runtime::metadata_watcher(api.clone(), watcher::Config::default()).boxed();
+    let mut w = watcher(
+        Api::<PartialObjectMeta<ConfigMap>>::namespaced(server.client(), "default"),
+        watcher::Config::default(),
+    )
+    .boxed();
     loop {
         match tokio::time::timeout(Duration::from_secs(5), w.try_next()).await?? {
             Some(watcher::Event::InitApply(o)) => {
