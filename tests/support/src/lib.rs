@@ -3,6 +3,7 @@
 //! cleans up on drop. Test support only: never a dependency of a shipped binary.
 
 pub mod agent;
+pub mod azurite;
 pub mod net;
 pub mod postgres;
 pub mod s3;
