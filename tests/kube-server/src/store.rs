@@ -315,8 +315,12 @@ impl Store {
         let mut items = Vec::new();
         let mut next = None;
         for (k, obj) in s.objects.range(type_range(rt)) {
-            let pos = format!("{}/{}", k.2, k.3);
-            if after.as_ref().is_some_and(|a| pos <= *a) || !sel.matches(obj) {
+            // Compare as (namespace, name) pairs, the map's order ("a/x" sorts after "a-b/y").
+            let past = after
+                .as_ref()
+                .and_then(|a| a.split_once('/'))
+                .is_some_and(|(ns, name)| (k.2.as_str(), k.3.as_str()) <= (ns, name));
+            if past || !sel.matches(obj) {
                 continue;
             }
             if limit.is_some_and(|l| l > 0 && items.len() == l) {
@@ -853,8 +857,8 @@ impl State {
             other => {
                 let cur = current.ok_or_else(|| ApiError::not_found(&rt.qualified(), name))?;
                 let mut new = cur.clone();
-                // A patch only carries a resourceVersion precondition if it sets one.
-                meta_mut(&mut new).remove("resourceVersion");
+                // The patch applies to the live object, resourceVersion included (JSON patch
+                // `test` ops on it work); it is a precondition only if the patch changes it.
                 match other {
                     PatchBody::Json(p) => json_patch::patch(&mut new, &p)
                         .map_err(|e| ApiError::invalid(&rt.kind, name, e.to_string()))?,

@@ -435,3 +435,66 @@ async fn metadata_only_requests() -> R {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn pagination_across_prefix_namespaces_and_patch_preconditions() -> R {
+    let server = KubeTestServer::start().await?;
+    let client = server.client();
+    let nss: Api<Namespace> = Api::all(client.clone());
+    for ns in ["a", "a-b"] {
+        nss.create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some(ns.into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await?;
+        for n in ["x", "y"] {
+            Api::<ConfigMap>::namespaced(client.clone(), ns)
+                .create(&PostParams::default(), &cm(n))
+                .await?;
+        }
+    }
+    let all: Api<ConfigMap> = Api::all(client.clone());
+    let mut seen = Vec::new();
+    let mut lp = ListParams::default().limit(1);
+    loop {
+        let page = all.list(&lp).await?;
+        seen.extend(page.items.iter().map(|c| {
+            format!(
+                "{}/{}",
+                c.metadata.namespace.clone().unwrap(),
+                c.metadata.name.clone().unwrap()
+            )
+        }));
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(c) => lp = lp.continue_token(&c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["a/x", "a/y", "a-b/x", "a-b/y"]);
+
+    // JSON patch `test` on the live resourceVersion passes; a merge patch carrying a stale one conflicts.
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "a");
+    let live = api.get("x").await?;
+    let rv = live.metadata.resource_version.clone().unwrap();
+    let jp: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+        {"op": "add", "path": "/metadata/labels", "value": {"k": "v"}}]))?;
+    api.patch("x", &PatchParams::default(), &Patch::Json::<()>(jp))
+        .await?;
+    let err = api
+        .patch(
+            "x",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"resourceVersion": rv, "labels": {"k": "w"}}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, kube::Error::Api(s) if s.code == 409));
+    Ok(())
+}
