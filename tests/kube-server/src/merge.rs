@@ -97,6 +97,26 @@ impl Merger<'_> {
     }
 }
 
+/// RFC 6902 JSON patch as kube-apiserver applies it (evanphx/json-patch): a `test` that a
+/// missing path equals `null` passes. kube-runtime's `finalizer` helper relies on this when it
+/// adds the first finalizer. The patch is all or nothing: on error `doc` may be half patched,
+/// and the caller throws it away.
+pub fn json_patch(
+    doc: &mut Value,
+    patch: &json_patch::Patch,
+) -> Result<(), json_patch::PatchError> {
+    for op in &patch.0 {
+        if let json_patch::PatchOperation::Test(t) = op
+            && t.value.is_null()
+            && t.path.resolve(doc).is_err()
+        {
+            continue;
+        }
+        json_patch::patch(doc, std::slice::from_ref(op))?;
+    }
+    Ok(())
+}
+
 /// Why a strategic merge patch was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PatchError {
@@ -292,6 +312,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(replaced["metadata"], json!({"name": "n"}));
+    }
+
+    #[test]
+    fn json_patch_null_test_on_missing_path_passes_like_kube_apiserver() {
+        let patch: json_patch::Patch = serde_json::from_value(json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": ["f"]}]))
+        .unwrap();
+        let mut doc = json!({"metadata": {}});
+        assert!(
+            json_patch::patch(&mut doc.clone(), &patch).is_err(),
+            "plain RFC 6902 refuses"
+        );
+        json_patch(&mut doc, &patch).unwrap();
+        assert_eq!(doc, json!({"metadata": {"finalizers": ["f"]}}));
+        let wrong: json_patch::Patch = serde_json::from_value(
+            json!([{"op": "test", "path": "/metadata/finalizers", "value": ["x"]}]),
+        )
+        .unwrap();
+        assert!(json_patch(&mut doc, &wrong).is_err());
     }
 
     #[test]

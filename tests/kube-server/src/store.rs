@@ -860,7 +860,7 @@ impl State {
                 // The patch applies to the live object, resourceVersion included (JSON patch
                 // `test` ops on it work); it is a precondition only if the patch changes it.
                 match other {
-                    PatchBody::Json(p) => json_patch::patch(&mut new, &p)
+                    PatchBody::Json(p) => crate::merge::json_patch(&mut new, &p)
                         .map_err(|e| ApiError::invalid(&rt.kind, name, e.to_string()))?,
                     PatchBody::Merge(p) => json_patch::merge(&mut new, &p),
                     PatchBody::Strategic(p) => {
