@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+use crate::store::StoreConfig;
 
 /// Flags of `pgpilot-agent run`. Every one also reads a `PGPILOT_*` variable and a key of the
 /// same name (snake case) in the config file.
@@ -54,6 +56,10 @@ pub struct RunArgs {
     /// `<state_dir>/replication-password`, generated when absent.
     #[arg(long, env = "PGPILOT_REPLICATION_PASSWORD_FILE")]
     pub replication_password_file: Option<PathBuf>,
+    /// Backup store URL (file:///path, s3://bucket/prefix, gs://…, az://…); overrides
+    /// `[backup] store`. Enables WAL archiving and base backups.
+    #[arg(long, env = "PGPILOT_BACKUP_STORE")]
+    pub backup_store: Option<String>,
 }
 
 /// The config file. Every key optional; flags and env win.
@@ -73,6 +79,64 @@ pub struct FileConfig {
     pub replication_password_file: Option<PathBuf>,
     #[serde(default)]
     pub postgres: PostgresSection,
+    /// The backup store (docs/storage.md). Absent: no archiving, no backups.
+    pub backup: Option<StoreConfig>,
+    #[serde(default)]
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub archive: ArchiveSection,
+}
+
+/// `[cluster]`: names used in the object-store layout.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    pub name: String,
+    pub shard: String,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            name: "local".into(),
+            shard: "0".into(),
+        }
+    }
+}
+
+/// `[archive]`: how WAL is pushed and fetched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveSection {
+    /// Segments uploaded at once: the one Postgres waits for plus the ready ones found ahead of it.
+    /// Default: the store's `upload_concurrency`.
+    pub push_concurrency: Option<usize>,
+    /// Segments wal-fetch downloads ahead of the one Postgres asks for during recovery.
+    pub prefetch: usize,
+    /// How a pushed object is checked before wal-push reports success: `size` (the store reports
+    /// the object with the exact size written; cheap) or `full` (read back, decrypt, decompress
+    /// and compare the SHA-256; doubles the cost of a push).
+    pub verify: VerifyMode,
+    /// `archive_timeout` for Postgres, in seconds (0 = never force a segment switch).
+    pub archive_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    Size,
+    Full,
+}
+
+impl Default for ArchiveSection {
+    fn default() -> Self {
+        ArchiveSection {
+            push_concurrency: None,
+            prefetch: 8,
+            verify: VerifyMode::Size,
+            archive_timeout_secs: 60,
+        }
+    }
 }
 
 /// `[postgres]` in the config file.
@@ -118,6 +182,9 @@ pub struct Config {
     pub replication_user: String,
     pub allow_networks: Vec<String>,
     pub parameters: BTreeMap<String, String>,
+    pub backup: Option<StoreConfig>,
+    pub cluster: ClusterSection,
+    pub archive: ArchiveSection,
 }
 
 /// A configuration error, saying what to fix.
@@ -253,7 +320,56 @@ impl Config {
         }
         crate::postgres::conf::validate_user_parameters(&parameters)?;
 
+        let mut backup = file.backup;
+        if let Some(url) = &args.backup_store {
+            backup.get_or_insert_with(StoreConfig::default).store = url.clone();
+        }
+        if let Some(b) = &mut backup {
+            // A relative file:// store in the config file is relative to the file.
+            if let Some(rel) = b
+                .store
+                .strip_prefix("file://")
+                .filter(|p| !p.starts_with('/'))
+            {
+                let base = if args.backup_store.is_some() {
+                    PathBuf::new()
+                } else {
+                    base_dir.clone()
+                };
+                b.store = format!("file://{}", absolutize(&base.join(rel)).display());
+            }
+            b.validate().map_err(|e| ConfigError::Invalid {
+                key: "backup",
+                message: e.to_string(),
+            })?;
+        }
+        pgpilot_common::layout::Layout::new(&file.cluster.name, &file.cluster.shard).map_err(
+            |message| ConfigError::Invalid {
+                key: "cluster",
+                message,
+            },
+        )?;
+        if file
+            .archive
+            .push_concurrency
+            .is_some_and(|n| !(1..=64).contains(&n))
+        {
+            return Err(ConfigError::Invalid {
+                key: "archive.push_concurrency",
+                message: "expected 1..=64".into(),
+            });
+        }
+        if file.archive.prefetch > 64 {
+            return Err(ConfigError::Invalid {
+                key: "archive.prefetch",
+                message: "expected 0..=64".into(),
+            });
+        }
+
         Ok(Config {
+            backup,
+            cluster: file.cluster,
+            archive: file.archive,
             config_file: args.config.as_ref().map(|p| absolutize(p)),
             data_dir,
             state_dir,

@@ -5,6 +5,7 @@
 //! needed, then supervise Postgres and serve the API until SIGTERM or SIGINT.
 #![deny(unsafe_code)]
 
+pub mod archive;
 pub mod config;
 pub mod http;
 pub mod logging;
@@ -63,6 +64,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let metrics = metrics::Metrics::new();
+    let (archiver, fetcher) = match &cfg.backup {
+        Some(store_cfg) => {
+            let (a, f) = open_archive(&cfg, store_cfg, &api_token, owner.as_ref(), &metrics)?;
+            (Some(a), Some(f))
+        }
+        None => (None, None),
+    };
     let parts = supervisor::Parts {
         cfg,
         bins,
@@ -71,6 +79,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         replication_password,
         api_token,
         metrics,
+        archiver,
+        fetcher,
     };
     let (shared, requests) = supervisor::new(parts, AgentState::Initializing);
     let shutdown = CancellationToken::new();
@@ -81,6 +91,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     tokio::spawn(watch_signals(shutdown.clone()));
+    if let Some(archiver) = &shared.archiver {
+        tokio::spawn(archiver.clone().run_background(shutdown.clone()));
+    }
 
     if data_state == DataDirState::Empty {
         shared.set_state(AgentState::Bootstrapping {
@@ -115,6 +128,54 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("API server")?;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Opens the backup store and sets up WAL archiving and fetching: the runtime file that
+/// archive_command and restore_command read, the archiver and the fetcher.
+fn open_archive(
+    cfg: &Config,
+    store_cfg: &store::StoreConfig,
+    token: &secrets::Secret,
+    owner: Option<&OsUser>,
+    metrics: &metrics::Metrics,
+) -> anyhow::Result<(
+    Arc<archive::push::WalArchiver>,
+    Arc<archive::fetch::WalFetcher>,
+)> {
+    let store = store::Store::open(store_cfg).context("backup store")?;
+    let layout = pgpilot_common::layout::Layout::new(&cfg.cluster.name, &cfg.cluster.shard)
+        .map_err(anyhow::Error::msg)?;
+    // archive_command runs as the Postgres user: it must be able to run this binary.
+    let exe = std::env::current_exe().context("locating the agent binary for archive_command")?;
+    bootstrap::check_reachable(&exe, owner)
+        .context("archive_command runs the agent binary as the Postgres user")?;
+    archive::runtime::ArchiveRuntime::write(cfg, store_cfg, token.expose(), owner)
+        .context("writing the archive runtime file")?;
+    let concurrency = cfg
+        .archive
+        .push_concurrency
+        .unwrap_or(store.upload_concurrency());
+    let archiver = archive::push::WalArchiver::new(
+        store.clone(),
+        layout.clone(),
+        &cfg.data_dir,
+        concurrency,
+        cfg.archive.verify,
+        metrics.archive.clone(),
+    );
+    let fetcher = archive::fetch::WalFetcher::new(
+        store,
+        layout,
+        &cfg.data_dir,
+        cfg.archive.prefetch,
+        owner.cloned(),
+        metrics.archive.clone(),
+    );
+    fetcher
+        .reset_spool()
+        .context("clearing the WAL prefetch spool")?;
+    tracing::info!(store = %store_cfg, concurrency, "WAL archiving enabled");
+    Ok((archiver, fetcher))
 }
 
 /// One agent per data dir: an exclusive flock held for the agent's life (released by the

@@ -56,6 +56,25 @@ enum Command {
     },
     /// Print the OpenAPI document of the agent's HTTP API.
     Openapi,
+    /// archive_command: archive one WAL file (`%p`); exit 0 only once stored and verified.
+    WalPush {
+        /// The agent's runtime file (written by `run`; the rendered archive_command names it).
+        #[arg(long, env = "PGPILOT_ARCHIVE_RUNTIME")]
+        runtime: PathBuf,
+        /// `%p`: the file, relative to the data dir.
+        path: String,
+    },
+    /// restore_command: restore one WAL file (`%f`) into `%p`; exit 1 quietly when the archive
+    /// does not hold it.
+    WalFetch {
+        /// The agent's runtime file.
+        #[arg(long, env = "PGPILOT_ARCHIVE_RUNTIME")]
+        runtime: PathBuf,
+        /// `%f`: the WAL file name.
+        name: String,
+        /// `%p`: where to put it, relative to the data dir.
+        dest: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -169,6 +188,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 r.state
             );
             Ok(())
+        }
+        Command::WalPush { runtime, path } => {
+            pgpilot_agent::archive::cmd::wal_push(&runtime, &path).await
+        }
+        Command::WalFetch {
+            runtime,
+            name,
+            dest,
+        } => {
+            match pgpilot_agent::archive::cmd::wal_fetch(&runtime, &name, &dest).await? {
+                pgpilot_agent::archive::cmd::Fetched::Done => Ok(()),
+                // Postgres asks for files past the end of the archive on purpose; say nothing.
+                pgpilot_agent::archive::cmd::Fetched::Missing => std::process::exit(1),
+            }
         }
         Command::Openapi => {
             print!("{}", pgpilot_agent::http::openapi::document());

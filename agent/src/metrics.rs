@@ -2,7 +2,8 @@
 //! Postgres up, crash restarts, API errors.
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use pgpilot_common::state::AgentState;
@@ -17,6 +18,118 @@ pub struct Metrics {
     pub requested_restarts: IntCounter,
     pub api_requests: IntCounterVec,
     pub api_duration: HistogramVec,
+    pub archive: ArchiveMetrics,
+}
+
+/// WAL archiving, fetching and base backups.
+#[derive(Clone)]
+pub struct ArchiveMetrics {
+    pub archived: IntCounter,
+    pub failures: IntCounter,
+    /// Same name, different content: two clusters writing to one archive. Page on any.
+    pub conflicts: IntCounter,
+    pub duration: Histogram,
+    pub bytes_read: IntCounter,
+    pub bytes_stored: IntCounter,
+    pub last_archived: Gauge,
+    pub ready: IntGauge,
+    pub prefetch_hits: IntCounter,
+    pub prefetch_misses: IntCounter,
+    pub fetched: IntCounter,
+    pub backup_duration: Histogram,
+    pub backup_last_success: Gauge,
+    pub backup_failures: IntCounter,
+}
+
+impl ArchiveMetrics {
+    fn new(registry: &Registry) -> ArchiveMetrics {
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("static metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = Gauge::new(name, help).expect("static metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric registered once");
+            g
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("static metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("metric registered once");
+            h
+        };
+        let ready = IntGauge::new(
+            "pgpilot_wal_ready_segments",
+            "WAL files Postgres marked ready that are not archived yet",
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(ready.clone()))
+            .expect("metric registered once");
+        ArchiveMetrics {
+            archived: counter(
+                "pgpilot_wal_archived_total",
+                "WAL files stored and verified in the backup store",
+            ),
+            failures: counter(
+                "pgpilot_wal_archive_failures_total",
+                "WAL uploads that failed",
+            ),
+            conflicts: counter(
+                "pgpilot_wal_archive_conflicts_total",
+                "WAL files refused because the store holds different content under the same name",
+            ),
+            duration: histogram(
+                "pgpilot_wal_archive_duration_seconds",
+                "Time to store and verify one WAL file",
+                vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            ),
+            bytes_read: counter(
+                "pgpilot_wal_archive_read_bytes_total",
+                "WAL bytes read for archiving",
+            ),
+            bytes_stored: counter(
+                "pgpilot_wal_archive_stored_bytes_total",
+                "Bytes written to the store for WAL",
+            ),
+            last_archived: gauge(
+                "pgpilot_wal_last_archived_timestamp_seconds",
+                "Unix time of the last WAL file archived (alert on its age)",
+            ),
+            ready,
+            prefetch_hits: counter(
+                "pgpilot_wal_prefetch_hits_total",
+                "wal-fetch requests served from the prefetch spool",
+            ),
+            prefetch_misses: counter(
+                "pgpilot_wal_prefetch_misses_total",
+                "wal-fetch requests that had to wait for the store",
+            ),
+            fetched: counter(
+                "pgpilot_wal_fetched_total",
+                "WAL files restored for Postgres",
+            ),
+            backup_duration: histogram(
+                "pgpilot_backup_duration_seconds",
+                "Duration of successful base backups",
+                vec![1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4.0 * 3600.0],
+            ),
+            backup_last_success: gauge(
+                "pgpilot_backup_last_success_timestamp_seconds",
+                "Unix time of the last successful base backup (alert on its age)",
+            ),
+            backup_failures: counter("pgpilot_backup_failures_total", "Base backups that failed"),
+        }
+    }
 }
 
 impl Metrics {
@@ -72,7 +185,9 @@ impl Metrics {
         for name in AgentState::NAMES {
             state.with_label_values(&[name]).set(0);
         }
+        let archive = ArchiveMetrics::new(&registry);
         Metrics {
+            archive,
             registry,
             state,
             postgres_up,

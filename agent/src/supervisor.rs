@@ -76,6 +76,10 @@ pub struct Shared {
     pub replication_password: Secret,
     pub api_token: Secret,
     pub metrics: Metrics,
+    /// WAL archiving, when a backup store is configured.
+    pub archiver: Option<Arc<crate::archive::push::WalArchiver>>,
+    /// WAL fetching for recovery, when a backup store is configured.
+    pub fetcher: Option<Arc<crate::archive::fetch::WalFetcher>>,
     pub started_at: Instant,
     /// Set once Postgres first accepted connections (the startup probe).
     pub ever_running: AtomicBool,
@@ -136,6 +140,8 @@ pub struct Parts {
     pub replication_password: Secret,
     pub api_token: Secret,
     pub metrics: Metrics,
+    pub archiver: Option<Arc<crate::archive::push::WalArchiver>>,
+    pub fetcher: Option<Arc<crate::archive::fetch::WalFetcher>>,
 }
 
 pub fn new(parts: Parts, initial: AgentState) -> (Arc<Shared>, mpsc::Receiver<Request>) {
@@ -150,6 +156,8 @@ pub fn new(parts: Parts, initial: AgentState) -> (Arc<Shared>, mpsc::Receiver<Re
         replication_password: parts.replication_password,
         api_token: parts.api_token,
         metrics: parts.metrics,
+        archiver: parts.archiver,
+        fetcher: parts.fetcher,
         started_at: Instant::now(),
         ever_running: AtomicBool::new(false),
         state,

@@ -46,6 +46,9 @@ pub struct StatusResponse {
     pub requested_restarts: u64,
     /// Why the last start or run ended badly, if it did.
     pub last_failure: Option<String>,
+    /// WAL archiving health; absent when no backup store is configured.
+    #[serde(default)]
+    pub archive: Option<ArchiveStatus>,
 }
 
 /// How to shut Postgres down (`pg_ctl -m`).
@@ -84,4 +87,63 @@ pub struct ReloadResponse {
     pub changed: Vec<String>,
     /// Parameters that Postgres says need a restart to take effect (`pg_settings.pending_restart`).
     pub pending_restart: Vec<String>,
+}
+
+/// `POST /v1/wal/push`: archive one WAL file (what `wal-push %p` sends).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WalPushRequest {
+    /// The file as Postgres names it in `%p`: `pg_wal/<name>`, relative to the data dir (an
+    /// absolute path inside the data dir's pg_wal is accepted too).
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WalPushResponse {
+    pub name: String,
+    /// The store already held identical content (a retried push).
+    pub already_stored: bool,
+    /// It had been uploaded ahead of the request (look-ahead).
+    pub ahead: bool,
+    /// SHA-256 of the WAL file.
+    pub sha256: String,
+    pub size: u64,
+    pub stored_size: u64,
+    pub upload_ms: u64,
+    /// How long this request waited.
+    pub waited_ms: u64,
+}
+
+/// `POST /v1/wal/fetch`: make one WAL file available for restore_command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WalFetchRequest {
+    /// `%f`: the WAL file name.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WalFetchResponse {
+    pub name: String,
+    /// Where the verified file waits in the spool; the caller moves it into place.
+    pub spool_path: String,
+    /// Served from prefetch (already downloaded or downloading when asked).
+    pub prefetched: bool,
+}
+
+/// Archiving health in `/v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ArchiveStatus {
+    /// Store URL (no credentials).
+    pub store: String,
+    pub last_archived: Option<String>,
+    /// RFC 3339.
+    pub last_archived_at: Option<String>,
+    pub last_archived_age_seconds: Option<u64>,
+    /// Failed uploads since the agent started.
+    pub failures: u64,
+    pub last_failure: Option<String>,
+    /// Files Postgres marked ready and has not seen archived yet.
+    pub ready: usize,
+    pub in_flight: usize,
 }

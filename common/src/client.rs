@@ -6,7 +6,10 @@ use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::{ErrorBody, LifecycleResponse, ReloadResponse, ShutdownRequest, StatusResponse};
+use crate::api::{
+    ErrorBody, LifecycleResponse, ReloadResponse, ShutdownRequest, StatusResponse, WalFetchRequest,
+    WalFetchResponse, WalPushRequest, WalPushResponse,
+};
 
 /// What a call to the agent can end in, besides success.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +92,14 @@ impl AgentClient {
 
     pub async fn reload(&self) -> Result<ReloadResponse, ClientError> {
         self.call(Method::POST, "/v1/reload", None::<&()>).await
+    }
+
+    pub async fn wal_push(&self, req: &WalPushRequest) -> Result<WalPushResponse, ClientError> {
+        self.call(Method::POST, "/v1/wal/push", Some(req)).await
+    }
+
+    pub async fn wal_fetch(&self, req: &WalFetchRequest) -> Result<WalFetchResponse, ClientError> {
+        self.call(Method::POST, "/v1/wal/fetch", Some(req)).await
     }
 
     async fn call<B: Serialize, T: DeserializeOwned>(

@@ -6,6 +6,8 @@
 
 pub mod api;
 pub mod client;
+pub mod layout;
 pub mod state;
+pub mod wal;
 
 pub mod archive;

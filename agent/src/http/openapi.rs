@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::routes::{lifecycle, metrics, probes, status};
+use super::routes::{lifecycle, metrics, probes, status, wal};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -16,6 +16,7 @@ use super::routes::{lifecycle, metrics, probes, status};
         probes::healthz, probes::readyz, probes::startupz, probes::primary, probes::replica,
         metrics::metrics, status::status,
         lifecycle::stop, lifecycle::start, lifecycle::restart, lifecycle::reload,
+        wal::push, wal::fetch,
     ),
     modifiers(&BearerAuth)
 )]

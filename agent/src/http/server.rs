@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ApiError;
 use super::auth::require_token;
-use super::routes::{lifecycle, metrics, probes, status};
+use super::routes::{lifecycle, metrics, probes, status, wal};
 use crate::supervisor::Shared;
 
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -36,6 +36,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/stop", post(lifecycle::stop))
         .route("/v1/start", post(lifecycle::start))
         .route("/v1/reload", post(lifecycle::reload))
+        // Archiving: wal-push and wal-fetch carry the token from the agent's runtime file.
+        .route("/v1/wal/push", post(wal::push))
+        .route("/v1/wal/fetch", post(wal::fetch))
         .route_layer(middleware::from_fn_with_state(
             shared.clone(),
             require_token,

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::archive::runtime::sh_quote;
 use crate::config::{Config, ConfigError};
 
 pub const INCLUDE_FILE: &str = "pgpilot.conf";
@@ -101,6 +102,30 @@ pub fn settings(cfg: &Config, user: &BTreeMap<String, String>) -> Vec<(String, S
         ("hot_standby".into(), "on".into()),
         ("password_encryption".into(), "scram-sha-256".into()),
     ];
+    if cfg.backup.is_some() {
+        // wal-push and wal-fetch find the agent and the store through the runtime file; no
+        // secret is on these command lines.
+        let exe = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "pgpilot-agent".into());
+        let runtime = crate::archive::runtime::ArchiveRuntime::path(cfg)
+            .display()
+            .to_string();
+        let (exe, runtime) = (sh_quote(&exe), sh_quote(&runtime));
+        out.push(("archive_mode".into(), "on".into()));
+        out.push((
+            "archive_command".into(),
+            format!("{exe} wal-push --runtime {runtime} %p"),
+        ));
+        out.push((
+            "archive_timeout".into(),
+            cfg.archive.archive_timeout_secs.to_string(),
+        ));
+        out.push((
+            "restore_command".into(),
+            format!("{exe} wal-fetch --runtime {runtime} %f %p"),
+        ));
+    }
     for (k, v) in user {
         // A user value for an agent default (not a reserved one) wins: replace in place.
         if let Some(slot) = out.iter_mut().find(|(name, _)| name == k) {

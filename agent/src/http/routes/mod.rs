@@ -4,3 +4,4 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod probes;
 pub mod status;
+pub mod wal;

@@ -33,6 +33,7 @@ pub async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusResponse> {
         crash_restarts: info.crash_restarts,
         requested_restarts: info.requested_restarts,
         last_failure: info.last_failure,
+        archive: shared.archiver.as_ref().map(|a| a.status()),
     };
     if matches!(state, AgentState::Running { .. }) {
         let query = async {

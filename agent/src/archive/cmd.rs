@@ -1,0 +1,83 @@
+//! `pgpilot-agent wal-push %p` and `wal-fetch %f %p`: what Postgres runs as archive_command and
+//! restore_command. Each asks the running agent over the loopback API and falls back to doing
+//! the work itself when the agent cannot be reached, so archiving never depends on the daemon
+//! being up. Exit status is what Postgres acts on: 0 only after success.
+
+use std::path::Path;
+
+use pgpilot_common::api::{WalFetchRequest, WalPushRequest};
+use pgpilot_common::client::{AgentClient, ClientError};
+use pgpilot_common::layout::Layout;
+
+use super::fetch::{FetchError, fetch_direct, move_into_place};
+use super::push::push_direct;
+use super::runtime::ArchiveRuntime;
+use crate::store::Store;
+
+fn open(rt: &ArchiveRuntime) -> anyhow::Result<(Store, Layout)> {
+    let store = Store::open(&rt.store)?;
+    let layout = Layout::new(&rt.cluster, &rt.shard).map_err(anyhow::Error::msg)?;
+    Ok((store, layout))
+}
+
+/// Archives `path` (`%p`). Ok only once the file is stored and verified.
+pub async fn wal_push(runtime: &Path, path: &str) -> anyhow::Result<()> {
+    let rt = ArchiveRuntime::read(runtime)?;
+    let client = AgentClient::new(&rt.api_url, Some(rt.token.clone()));
+    match client
+        .wal_push(&WalPushRequest {
+            path: path.to_string(),
+        })
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(ClientError::Transport { cause, .. }) => {
+            eprintln!("wal-push: agent unreachable ({cause}); uploading {path} directly");
+            let name = Path::new(path)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| anyhow::anyhow!("{path:?} has no file name"))?;
+            let (store, layout) = open(&rt)?;
+            push_direct(store, layout, &rt.data_dir, name, rt.archive.verify).await?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Outcome of a fetch, for the exit status.
+pub enum Fetched {
+    Done,
+    /// Not in the archive: exit non-zero without noise (Postgres expects it at the end).
+    Missing,
+}
+
+/// Restores WAL file `name` (`%f`) into `dest` (`%p`).
+pub async fn wal_fetch(runtime: &Path, name: &str, dest: &Path) -> anyhow::Result<Fetched> {
+    let rt = ArchiveRuntime::read(runtime)?;
+    let client = AgentClient::new(&rt.api_url, Some(rt.token.clone()));
+    match client
+        .wal_fetch(&WalFetchRequest {
+            name: name.to_string(),
+        })
+        .await
+    {
+        Ok(r) => {
+            move_into_place(Path::new(&r.spool_path), dest).map_err(|e| {
+                anyhow::anyhow!("moving {} to {}: {e}", r.spool_path, dest.display())
+            })?;
+            Ok(Fetched::Done)
+        }
+        Err(ClientError::Api { status: 404, .. }) => Ok(Fetched::Missing),
+        Err(ClientError::Transport { cause, .. }) => {
+            eprintln!("wal-fetch: agent unreachable ({cause}); fetching {name} directly");
+            let (store, layout) = open(&rt)?;
+            match fetch_direct(&store, &layout, name, dest).await {
+                Ok(()) => Ok(Fetched::Done),
+                Err(FetchError::NotFound(_)) => Ok(Fetched::Missing),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,243 @@
+//! WAL fetching for recovery (restore_command). Postgres asks for one file at a time and
+//! replays it before asking for the next, so a fetch that waits on the store stalls replay.
+//! The fetcher downloads the requested file and the next `prefetch` segments into a spool dir
+//! in the data dir (verified, fsynced, renamed into place), so the next requests are served
+//! from local disk. `wal-fetch` then moves the spool file into the path Postgres gave.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use pgpilot_common::api::WalFetchResponse;
+use pgpilot_common::layout::Layout;
+use pgpilot_common::wal::{DEFAULT_SEGMENT_SIZE, WalFile};
+
+use crate::metrics::ArchiveMetrics;
+use crate::postgres::OsUser;
+use crate::store::{Store, StoreError};
+
+/// Spool directory name inside the data dir (excluded from base backups).
+pub const SPOOL_DIR: &str = "pgpilot_spool";
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0}")]
+    InvalidName(String),
+    /// The archive does not hold the file: normal at the end of recovery.
+    #[error("{0} is not in the archive")]
+    NotFound(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+type FetchFuture = Shared<BoxFuture<'static, Result<(), FetchError>>>;
+
+pub struct WalFetcher {
+    store: Store,
+    layout: Layout,
+    spool: PathBuf,
+    prefetch: usize,
+    owner: Option<OsUser>,
+    seg_size: AtomicU64,
+    metrics: ArchiveMetrics,
+    in_flight: Mutex<HashMap<String, FetchFuture>>,
+}
+
+impl WalFetcher {
+    pub fn new(
+        store: Store,
+        layout: Layout,
+        data_dir: &Path,
+        prefetch: usize,
+        owner: Option<OsUser>,
+        metrics: ArchiveMetrics,
+    ) -> Arc<WalFetcher> {
+        Arc::new(WalFetcher {
+            store,
+            layout,
+            spool: data_dir.join(SPOOL_DIR),
+            prefetch,
+            owner,
+            seg_size: AtomicU64::new(DEFAULT_SEGMENT_SIZE),
+            metrics,
+            in_flight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The WAL segment size, once known (it decides which name comes next).
+    pub fn set_segment_size(&self, size: u64) {
+        self.seg_size.store(size, Ordering::Relaxed);
+    }
+
+    /// Clears the spool: files left from an earlier recovery must not be served to a new one.
+    pub fn reset_spool(&self) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(&self.spool) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    fn ensure_spool(&self) -> Result<(), FetchError> {
+        if self.spool.is_dir() {
+            return Ok(());
+        }
+        crate::postgres::bootstrap::prepare_dir(&self.spool, 0o700, self.owner.as_ref()).map_err(
+            |e| {
+                FetchError::Failed(format!(
+                    "cannot create the spool {}: {e}",
+                    self.spool.display()
+                ))
+            },
+        )
+    }
+
+    /// Makes `name` available in the spool and returns where; starts prefetching what follows.
+    pub async fn fetch(self: &Arc<Self>, name: &str) -> Result<WalFetchResponse, FetchError> {
+        let seg_size = self.seg_size.load(Ordering::Relaxed);
+        let Some(file) = WalFile::parse(name, 1 << 20) else {
+            return Err(FetchError::InvalidName(format!(
+                "{name:?} is not a WAL file name"
+            )));
+        };
+        self.ensure_spool()?;
+        let path = self.spool.join(name);
+        let (fut, prefetched) = {
+            let mut in_flight = self.in_flight.lock().expect("fetch lock");
+            if path.exists() {
+                (None, true)
+            } else if let Some(f) = in_flight.get(name) {
+                (Some(f.clone()), true)
+            } else {
+                (Some(self.start_locked(&mut in_flight, name)), false)
+            }
+        };
+        if prefetched {
+            self.metrics.prefetch_hits.inc();
+        } else {
+            self.metrics.prefetch_misses.inc();
+        }
+        // Prefetch only follows segments; the name is parsed again with the real size.
+        if let Some(seg) = WalFile::parse(name, seg_size).and_then(|f| match f {
+            WalFile::Segment(s) => Some(s),
+            _ => None,
+        }) {
+            self.prune_before(seg.name(seg_size).as_str());
+            let mut next = seg;
+            let mut in_flight = self.in_flight.lock().expect("fetch lock");
+            for _ in 0..self.prefetch {
+                next = next.next();
+                let n = next.name(seg_size);
+                if !self.spool.join(&n).exists() && !in_flight.contains_key(&n) {
+                    let f = self.start_locked(&mut in_flight, &n);
+                    tokio::spawn(f.map(|_| ()));
+                }
+            }
+        }
+        let _ = file;
+        if let Some(fut) = fut {
+            fut.await?;
+        }
+        self.metrics.fetched.inc();
+        Ok(WalFetchResponse {
+            name: name.to_string(),
+            spool_path: path.display().to_string(),
+            prefetched,
+        })
+    }
+
+    fn start_locked(
+        self: &Arc<Self>,
+        in_flight: &mut HashMap<String, FetchFuture>,
+        name: &str,
+    ) -> FetchFuture {
+        let this = self.clone();
+        let owned = name.to_string();
+        let fut = async move {
+            let result = this.download(&owned).await;
+            this.in_flight.lock().expect("fetch lock").remove(&owned);
+            result
+        }
+        .boxed()
+        .shared();
+        in_flight.insert(name.to_string(), fut.clone());
+        fut
+    }
+
+    async fn download(&self, name: &str) -> Result<(), FetchError> {
+        let target = self.spool.join(name);
+        match self
+            .store
+            .get_to_file(&self.layout.wal_key(name), &target)
+            .await
+        {
+            Ok(_) => {
+                if let Some(owner) = &self.owner {
+                    owner
+                        .chown(&target)
+                        .map_err(|e| FetchError::Failed(format!("{}: {e}", target.display())))?;
+                }
+                Ok(())
+            }
+            Err(StoreError::NotFound { .. }) => Err(FetchError::NotFound(name.to_string())),
+            Err(e) => {
+                tracing::warn!(wal = name, "fetching from the archive failed: {e}");
+                Err(FetchError::Failed(e.to_string()))
+            }
+        }
+    }
+
+    /// Removes spooled segments before `name`: Postgres will not ask for them again.
+    fn prune_before(&self, name: &str) {
+        let Ok(rd) = std::fs::read_dir(&self.spool) else {
+            return;
+        };
+        for e in rd.filter_map(|e| e.ok()) {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.len() == 24 && n.as_str() < name && n[..8] == name[..8] {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Moves a spooled file into the path Postgres asked for, atomically (rename; a copy through a
+/// temp file and rename when the spool and `dest` are on different file systems).
+pub fn move_into_place(src: &Path, dest: &Path) -> std::io::Result<()> {
+    match std::fs::rename(src, dest) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
+            let tmp = dest.with_extension("pgpilot-tmp");
+            std::fs::copy(src, &tmp)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, dest)?;
+            let _ = std::fs::remove_file(src);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The direct path of `wal-fetch` when the agent cannot be reached: download straight into
+/// `dest` (temp file, verify, fsync, rename).
+pub async fn fetch_direct(
+    store: &Store,
+    layout: &Layout,
+    name: &str,
+    dest: &Path,
+) -> Result<(), FetchError> {
+    if WalFile::parse(name, 1 << 20).is_none() {
+        return Err(FetchError::InvalidName(format!(
+            "{name:?} is not a WAL file name"
+        )));
+    }
+    match store.get_to_file(&layout.wal_key(name), dest).await {
+        Ok(_) => Ok(()),
+        Err(StoreError::NotFound { .. }) => Err(FetchError::NotFound(name.to_string())),
+        Err(e) => Err(FetchError::Failed(e.to_string())),
+    }
+}

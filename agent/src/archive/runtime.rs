@@ -1,0 +1,104 @@
+//! The runtime file that `wal-push` and `wal-fetch` read. Postgres runs them (as its own OS
+//! user) from archive_command and restore_command; the file tells them where the agent's
+//! loopback API is, the token for it, and the store settings for the direct path used when the
+//! agent cannot be reached. Written by the agent at start, mode 0600, owned by the Postgres user
+//! — secrets never go on the archive_command line.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ArchiveSection, Config};
+use crate::postgres::OsUser;
+use crate::store::StoreConfig;
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct ArchiveRuntime {
+    /// Loopback API base URL.
+    pub api_url: String,
+    pub token: String,
+    pub data_dir: PathBuf,
+    pub store: StoreConfig,
+    pub cluster: String,
+    pub shard: String,
+    pub archive: ArchiveSection,
+}
+
+impl std::fmt::Debug for ArchiveRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArchiveRuntime")
+            .field("api_url", &self.api_url)
+            .field("token", &"<redacted>")
+            .field("data_dir", &self.data_dir)
+            .field("store", &self.store.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ArchiveRuntime {
+    pub fn path(cfg: &Config) -> PathBuf {
+        cfg.socket_dir().join("archive-runtime.json")
+    }
+
+    /// Writes the runtime file for `cfg` (which must have a `[backup]` store).
+    pub fn write(
+        cfg: &Config,
+        store: &StoreConfig,
+        token: &str,
+        owner: Option<&OsUser>,
+    ) -> std::io::Result<PathBuf> {
+        let rt = ArchiveRuntime {
+            api_url: format!("http://{}", cfg.api_loopback_listen),
+            token: token.to_string(),
+            data_dir: cfg.data_dir.clone(),
+            store: store.clone(),
+            cluster: cfg.cluster.name.clone(),
+            shard: cfg.cluster.shard.clone(),
+            archive: cfg.archive.clone(),
+        };
+        let path = Self::path(cfg);
+        let tmp = path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(&rt).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        if let Some(owner) = owner {
+            owner.chown(&tmp)?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        Ok(path)
+    }
+
+    pub fn read(path: &Path) -> anyhow::Result<ArchiveRuntime> {
+        let text = std::fs::read(path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the agent's runtime file {}: {e}",
+                path.display()
+            )
+        })?;
+        serde_json::from_slice(&text)
+            .map_err(|e| anyhow::anyhow!("runtime file {} is not valid: {e}", path.display()))
+    }
+}
+
+/// Quotes `s` for a POSIX shell (archive_command and restore_command run through `sh -c`).
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sh_quote;
+
+    #[test]
+    fn quotes_for_the_shell() {
+        assert_eq!(sh_quote("/a b/c"), "'/a b/c'");
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+    }
+}

@@ -1,0 +1,120 @@
+//! `POST /v1/wal/push` and `/v1/wal/fetch`: what `wal-push` (archive_command) and `wal-fetch`
+//! (restore_command) call on the loopback listener.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use pgpilot_common::api::{
+    ErrorBody, WalFetchRequest, WalFetchResponse, WalPushRequest, WalPushResponse,
+};
+
+use crate::archive::fetch::FetchError;
+use crate::archive::push::PushError;
+use crate::http::ApiError;
+use crate::http::extract::OptionalJson;
+use crate::supervisor::Shared;
+
+/// Archive one WAL file; answers once it is stored and verified.
+#[utoipa::path(post, path = "/v1/wal/push", tag = "archive", security(("bearer" = [])),
+    request_body = WalPushRequest,
+    responses((status = 200, body = WalPushResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 409, description = "archiving not configured, or the archive holds different content under this name", body = ErrorBody),
+        (status = 500, body = ErrorBody)))]
+pub async fn push(
+    State(shared): State<Arc<Shared>>,
+    OptionalJson(req): OptionalJson<Option<WalPushRequest>>,
+) -> Result<Json<WalPushResponse>, ApiError> {
+    let req = req.ok_or_else(|| {
+        ApiError::BadRequest("body {\"path\": \"pg_wal/<file>\"} is required".into())
+    })?;
+    let archiver = shared.archiver.as_ref().ok_or_else(|| ApiError::Conflict {
+        state: shared.state(),
+        message: "WAL archiving is not configured: no [backup] store".into(),
+    })?;
+    let name = wal_name_from_path(&req.path, &shared.cfg.data_dir)?;
+    match archiver.push(&name).await {
+        Ok(r) => Ok(Json(r)),
+        Err(PushError::InvalidName(m)) => Err(ApiError::BadRequest(m)),
+        Err(PushError::Conflict(m)) => Err(ApiError::Conflict {
+            state: shared.state(),
+            message: m,
+        }),
+        Err(PushError::Failed(m)) => Err(ApiError::Internal(m)),
+    }
+}
+
+/// Make one WAL file available in the spool for restore_command.
+#[utoipa::path(post, path = "/v1/wal/fetch", tag = "archive", security(("bearer" = [])),
+    request_body = WalFetchRequest,
+    responses((status = 200, body = WalFetchResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, description = "not in the archive (normal at the end of recovery)", body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 500, body = ErrorBody)))]
+pub async fn fetch(
+    State(shared): State<Arc<Shared>>,
+    OptionalJson(req): OptionalJson<Option<WalFetchRequest>>,
+) -> Result<Json<WalFetchResponse>, ApiError> {
+    let req = req.ok_or_else(|| {
+        ApiError::BadRequest("body {\"name\": \"<WAL file name>\"} is required".into())
+    })?;
+    let fetcher = shared.fetcher.as_ref().ok_or_else(|| ApiError::Conflict {
+        state: shared.state(),
+        message: "WAL fetching is not configured: no [backup] store".into(),
+    })?;
+    match fetcher.fetch(&req.name).await {
+        Ok(r) => Ok(Json(r)),
+        Err(FetchError::InvalidName(m)) => Err(ApiError::BadRequest(m)),
+        Err(FetchError::NotFound(name)) => {
+            Err(ApiError::NotFound(format!("{name} is not in the archive")))
+        }
+        Err(FetchError::Failed(m)) => Err(ApiError::Internal(m)),
+    }
+}
+
+/// `pg_wal/<name>` (relative to the data dir) or an absolute path into the data dir's pg_wal.
+fn wal_name_from_path(path: &str, data_dir: &Path) -> Result<String, ApiError> {
+    let p = Path::new(path);
+    let rel = if p.is_absolute() {
+        p.strip_prefix(data_dir).unwrap_or(p)
+    } else {
+        p
+    };
+    let mut parts = rel.components();
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(dir), Some(file), None) if dir.as_os_str() == "pg_wal" => {
+            Ok(file.as_os_str().to_string_lossy().into_owned())
+        }
+        _ => Err(ApiError::BadRequest(format!(
+            "{path:?} is not a file directly under pg_wal/ of the data dir"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wal_name_from_path;
+    use std::path::Path;
+
+    #[test]
+    fn accepts_only_files_in_pg_wal() {
+        let d = Path::new("/data/pg");
+        assert_eq!(
+            wal_name_from_path("pg_wal/000000010000000000000001", d).unwrap(),
+            "000000010000000000000001"
+        );
+        assert_eq!(
+            wal_name_from_path("/data/pg/pg_wal/00000002.history", d).unwrap(),
+            "00000002.history"
+        );
+        for bad in [
+            "base/1/1259",
+            "pg_wal/../global/pg_control",
+            "/etc/passwd",
+            "pg_wal",
+            "pg_wal/a/b",
+        ] {
+            assert!(wal_name_from_path(bad, d).is_err(), "{bad}");
+        }
+    }
+}
