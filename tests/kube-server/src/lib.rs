@@ -19,5 +19,5 @@ pub mod validation;
 pub mod watch;
 
 pub use fixtures::TestNamespace;
-pub use server::{KubeTestServer, ServerOptions, kubeconfig_for, test_client};
+pub use server::{KubeTestServer, ServerOptions, kubectl_args, test_client};
 pub use store::StoreOptions;

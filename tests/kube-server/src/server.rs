@@ -137,10 +137,12 @@ pub async fn test_client() -> anyhow::Result<(kube::Client, Option<KubeTestServe
     Ok((server.client(), Some(server)))
 }
 
-/// The kubeconfig path kubectl should use: the test server's, or `KUBECONFIG` for a real cluster.
-pub fn kubeconfig_for(server: Option<&KubeTestServer>) -> Option<PathBuf> {
+/// Arguments that point kubectl at the same API server as [`test_client`]'s client:
+/// `--kubeconfig <file>` for the test server, nothing for a real cluster (kubectl reads
+/// `KUBECONFIG` itself, which may list several files).
+pub fn kubectl_args(server: Option<&KubeTestServer>) -> Vec<std::ffi::OsString> {
     match server {
-        Some(s) => Some(s.kubeconfig_path().to_path_buf()),
-        None => std::env::var_os("KUBECONFIG").map(PathBuf::from),
+        Some(s) => vec!["--kubeconfig".into(), s.kubeconfig_path().into()],
+        None => Vec::new(),
     }
 }
