@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod azurite;
+pub mod gcs;
 pub mod net;
 pub mod postgres;
 pub mod s3;
