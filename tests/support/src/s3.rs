@@ -13,6 +13,7 @@ use crate::net::{free_port, wait_for_listen};
 pub struct S3Server {
     child: Child,
     dir: tempfile::TempDir,
+    port: u16,
     /// `http://127.0.0.1:PORT`
     pub endpoint: String,
     pub access_key: String,
@@ -28,38 +29,42 @@ impl S3Server {
         let port = free_port();
         let access_key = format!("AK{:016X}", rand_u64());
         let secret_key = format!("SK{:032x}", rand_u64() as u128 * 0x9e37_79b9_7f4a_7c15);
-        let log = std::fs::File::create(dir.path().join("s3s-fs.log"))?;
-        let child = Command::new(bin)
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--access-key",
-                &access_key,
-                "--secret-key",
-                &secret_key,
-            ])
-            .arg(dir.path().join("data"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+        let child = spawn(&bin, dir.path(), port, &access_key, &secret_key)?;
         let mut server = S3Server {
             child,
             dir,
+            port,
             endpoint: format!("http://127.0.0.1:{port}"),
             access_key,
             secret_key,
         };
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
         if let Err(e) = wait_for_listen(addr, Duration::from_secs(20)) {
             let log =
-                std::fs::read_to_string(server.dir.path().join("s3s-fs.log")).unwrap_or_default();
-            let _ = server.child.kill();
+                std::fs::read_to_string(self.dir.path().join("s3s-fs.log")).unwrap_or_default();
+            let _ = self.child.kill();
             anyhow::bail!("s3s-fs did not start: {e}\n{log}");
         }
-        Ok(server)
+        Ok(())
+    }
+
+    /// Stops the server (an outage); [`S3Server::restart`] brings it back with the same data.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port with the same data and credentials.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        let bin = crate::tools::s3s_fs()?;
+        self.child = spawn(&bin, self.dir.path(), self.port, &self.access_key, &self.secret_key)?;
+        self.wait_ready()
     }
 
     /// Creates a bucket (a directory of the server's root).
@@ -105,6 +110,19 @@ impl Drop for S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn spawn(bin: &Path, dir: &Path, port: u16, access_key: &str, secret_key: &str) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("s3s-fs.log"))?;
+    let child = Command::new(bin)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--access-key", access_key, "--secret-key", secret_key])
+        .arg(dir.join("data"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    Ok(child)
 }
 
 pub(crate) fn rand_u64() -> u64 {
