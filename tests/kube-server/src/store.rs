@@ -565,20 +565,40 @@ fn decode_continue(token: &str) -> Option<(u64, String)> {
     Some((rv.parse().ok()?, after.to_string()))
 }
 
-/// Custom resources are pruned, defaulted and validated against their CRD's schema.
-fn admit(rt: &ResourceType, name: &str, obj: &mut Value) -> ApiResult<()> {
-    if let crate::resources::Schema::OpenApi(schema) = &rt.schema {
-        crate::validation::admit(schema, obj).map_err(|errs| {
-            let kind = format!("{}.{}", rt.kind, rt.group);
-            let msg = if errs.len() == 1 {
-                errs[0].clone()
-            } else {
-                format!("[{}]", errs.join(", "))
-            };
-            ApiError::invalid(&kind, name, msg)
-        })?;
+/// Admission as the real server's strategies do it: metadata validation for everything; for
+/// built-ins the create-time requirements and update-time immutability (`old` is the live
+/// object on updates); custom resources pruned, defaulted and validated against their schema.
+fn admit(rt: &ResourceType, name: &str, obj: &mut Value, old: Option<&Value>) -> ApiResult<()> {
+    use crate::validation as v;
+    let qualified =
+        if rt.group.is_empty() || matches!(rt.schema, crate::resources::Schema::Builtin(_)) {
+            rt.kind.clone()
+        } else {
+            format!("{}.{}", rt.kind, rt.group)
+        };
+    let mut errors = v::object_meta(&rt.kind, name, obj)
+        .err()
+        .unwrap_or_default();
+    match (&rt.schema, old) {
+        (crate::resources::Schema::OpenApi(schema), _) => {
+            errors.extend(v::admit(schema, obj).err().unwrap_or_default())
+        }
+        (_, None) => errors.extend(v::builtin_create(&rt.kind, obj).err().unwrap_or_default()),
+        (_, Some(old)) => errors.extend(
+            v::builtin_update(&rt.kind, old, obj)
+                .err()
+                .unwrap_or_default(),
+        ),
     }
-    Ok(())
+    match errors.as_slice() {
+        [] => Ok(()),
+        [one] => Err(ApiError::invalid(&qualified, name, one.clone())),
+        many => Err(ApiError::invalid(
+            &qualified,
+            name,
+            format!("[{}]", many.join(", ")),
+        )),
+    }
 }
 
 fn check_apply_identity(rt: &ResourceType, config: &Value, name: &str) -> ApiResult<()> {
@@ -774,7 +794,7 @@ impl State {
         if self.objects.contains_key(&k) {
             return Err(ApiError::already_exists(&rt.qualified(), &name));
         }
-        admit(rt, &name, &mut obj)?;
+        admit(rt, &name, &mut obj, None)?;
         if rt.kind == "CustomResourceDefinition" {
             from_crd(&{
                 let mut o = obj.clone();
@@ -1009,7 +1029,7 @@ impl State {
         if rt.kind == "CustomResourceDefinition" {
             from_crd(&new).map_err(|e| ApiError::invalid(&rt.kind, &name, e))?;
         }
-        admit(rt, &name, &mut new)?;
+        admit(rt, &name, &mut new, Some(&current))?;
         let deleting = current.pointer("/metadata/deletionTimestamp").is_some();
         if deleting {
             let before = finalizers(&current);

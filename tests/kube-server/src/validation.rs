@@ -245,3 +245,265 @@ mod tests {
         assert_eq!(errs, ["spec.size: Required value"]);
     }
 }
+
+/// Validation every object gets: its name (RFC 1123 subdomain; a label for namespaces) and its
+/// label keys and values, as `ValidateObjectMeta` checks them.
+pub fn object_meta(kind: &str, name: &str, obj: &Value) -> Result<(), Vec<String>> {
+    let mut errors = Vec::new();
+    let ok = if kind == "Namespace" {
+        is_dns_label(name)
+    } else {
+        is_dns_subdomain(name)
+    };
+    if !ok {
+        let what = if kind == "Namespace" {
+            "RFC 1123 label"
+        } else {
+            "RFC 1123 subdomain"
+        };
+        errors.push(format!(
+            "metadata.name: Invalid value: {name:?}: a lowercase {what} must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
+        ));
+    }
+    for (k, v) in obj
+        .pointer("/metadata/labels")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        if !is_qualified_name(k) {
+            errors.push(format!("metadata.labels: Invalid value: {k:?}: name part must consist of alphanumeric characters, '-', '_' or '.'"));
+        }
+        let v = v.as_str().unwrap_or("\u{0}");
+        let valid_value = v.is_empty()
+            || (v.len() <= 63
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && v.ends_with(|c: char| c.is_ascii_alphanumeric()));
+        if !valid_value {
+            errors.push(format!("metadata.labels: Invalid value: {v:?}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+fn is_qualified_name(k: &str) -> bool {
+    let (prefix, name) = match k.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    prefix.is_none_or(is_dns_subdomain)
+        && !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// Create-time checks of the built-in types that tests are likely to trip over.
+pub fn builtin_create(kind: &str, obj: &Value) -> Result<(), Vec<String>> {
+    let mut errors = Vec::new();
+    let containers = |p: &str| {
+        obj.pointer(p)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let check_containers = |p: &str, field: &str, errors: &mut Vec<String>| {
+        let cs = containers(p);
+        if cs.is_empty() {
+            errors.push(format!("{field}: Required value"));
+        }
+        for (i, c) in cs.iter().enumerate() {
+            for f in ["name", "image"] {
+                if c.get(f).and_then(Value::as_str).is_none_or(str::is_empty) {
+                    errors.push(format!("{field}[{i}].{f}: Required value"));
+                }
+            }
+        }
+    };
+    match kind {
+        "Pod" => check_containers("/spec/containers", "spec.containers", &mut errors),
+        "StatefulSet" => {
+            check_containers(
+                "/spec/template/spec/containers",
+                "spec.template.spec.containers",
+                &mut errors,
+            );
+            if obj.pointer("/spec/selector").is_none() {
+                errors.push("spec.selector: Required value".into());
+            }
+        }
+        _ => {}
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+/// Update-time immutability of the built-in types, as their strategies enforce it: a test
+/// that changes what a real cluster would refuse fails here too.
+pub fn builtin_update(kind: &str, old: &Value, new: &Value) -> Result<(), Vec<String>> {
+    let spec = |v: &Value| v.get("spec").cloned().unwrap_or(Value::Null);
+    let strip = |mut v: Value, keys: &[&str]| {
+        if let Some(m) = v.as_object_mut() {
+            for k in keys {
+                m.remove(*k);
+            }
+        }
+        v
+    };
+    let mut errors = Vec::new();
+    match kind {
+        "Pod" => {
+            let mutable = |v: &Value| {
+                let mut s = strip(
+                    spec(v),
+                    &[
+                        "activeDeadlineSeconds",
+                        "tolerations",
+                        "terminationGracePeriodSeconds",
+                    ],
+                );
+                for list in ["containers", "initContainers", "ephemeralContainers"] {
+                    if let Some(cs) = s.get_mut(list).and_then(Value::as_array_mut) {
+                        for c in cs.iter_mut().filter_map(Value::as_object_mut) {
+                            c.remove("image");
+                        }
+                    }
+                }
+                s
+            };
+            if mutable(old) != mutable(new) {
+                errors.push("spec: Forbidden: pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)".into());
+            }
+        }
+        "StatefulSet" => {
+            let fixed = |v: &Value| {
+                strip(
+                    spec(v),
+                    &[
+                        "replicas",
+                        "ordinals",
+                        "template",
+                        "updateStrategy",
+                        "persistentVolumeClaimRetentionPolicy",
+                        "minReadySeconds",
+                    ],
+                )
+            };
+            if fixed(old) != fixed(new) {
+                errors.push("spec: Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden".into());
+            }
+        }
+        "PersistentVolumeClaim" => {
+            let fixed = |v: &Value| {
+                let mut s = strip(spec(v), &["volumeAttributesClassName"]);
+                if let Some(r) = s
+                    .pointer_mut("/resources/requests")
+                    .and_then(Value::as_object_mut)
+                {
+                    r.remove("storage");
+                }
+                s
+            };
+            if fixed(old) != fixed(new) {
+                errors.push("spec: Forbidden: spec is immutable after creation except resources.requests and volumeAttributesClassName for bound claims".into());
+            }
+        }
+        "Service" => {
+            let ip = |v: &Value| v.pointer("/spec/clusterIP").cloned();
+            if ip(new).is_some_and(|n| n != Value::String(String::new())) && ip(old) != ip(new) {
+                errors.push("spec.clusterIPs[0]: Invalid value: field is immutable".into());
+            }
+        }
+        "ConfigMap" | "Secret" if old.get("immutable") == Some(&Value::Bool(true)) => {
+            let body = |v: &Value| {
+                (
+                    v.get("data").cloned(),
+                    v.get("binaryData").cloned(),
+                    v.get("stringData").cloned(),
+                )
+            };
+            if body(old) != body(new) {
+                errors.push("data: Forbidden: field is immutable when `immutable` is set".into());
+            }
+            if new.get("immutable") != Some(&Value::Bool(true)) {
+                errors.push(
+                    "immutable: Forbidden: field is immutable when `immutable` is set".into(),
+                );
+            }
+        }
+        _ => {}
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+#[cfg(test)]
+mod builtin_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn names_and_labels() {
+        let labels = |l: Value| json!({"metadata": {"labels": l}});
+        assert!(
+            object_meta(
+                "ConfigMap",
+                "a.b-c",
+                &labels(json!({"app.kubernetes.io/name": "x_y", "e": ""}))
+            )
+            .is_ok()
+        );
+        assert!(object_meta("ConfigMap", "Upper", &json!({})).is_err());
+        assert!(object_meta("Namespace", "a.b", &json!({})).is_err());
+        assert!(object_meta("ConfigMap", "a", &labels(json!({"k": "-bad"}))).is_err());
+        assert!(object_meta("ConfigMap", "a", &labels(json!({"bad key!": "v"}))).is_err());
+    }
+
+    #[test]
+    fn pod_and_statefulset_immutability() {
+        let pod = json!({"spec": {"containers": [{"name": "c", "image": "a", "env": []}]}});
+        let mut image = pod.clone();
+        image["spec"]["containers"][0]["image"] = json!("b");
+        assert!(builtin_update("Pod", &pod, &image).is_ok());
+        let mut env = pod.clone();
+        env["spec"]["containers"][0]["env"] = json!([{"name": "X"}]);
+        assert!(builtin_update("Pod", &pod, &env).is_err());
+
+        let sts = json!({"spec": {"replicas": 1, "serviceName": "s", "template": {}, "volumeClaimTemplates": []}});
+        let mut scaled = sts.clone();
+        scaled["spec"]["replicas"] = json!(3);
+        assert!(builtin_update("StatefulSet", &sts, &scaled).is_ok());
+        let mut claims = sts.clone();
+        claims["spec"]["volumeClaimTemplates"] = json!([{"metadata": {"name": "d"}}]);
+        assert!(builtin_update("StatefulSet", &sts, &claims).is_err());
+        assert!(builtin_create("Pod", &json!({"spec": {"containers": []}})).is_err());
+    }
+}
