@@ -163,11 +163,16 @@ pub fn field(name: &str) -> String {
 pub fn key_element(item: &Value, keys: &[String]) -> String {
     let mut sorted: Vec<&String> = keys.iter().collect();
     sorted.sort();
+    // A port's `protocol` key defaults to TCP, as the schema default makes it in Kubernetes, so
+    // an applied port without it names the same item as the stored (defaulted) one.
+    let tcp = Value::String("TCP".into());
     let parts: Vec<String> = sorted
         .iter()
         .filter_map(|k| {
-            item.get(k.as_str())
-                .map(|v| format!("{}:{}", Value::String((*k).clone()), v))
+            let v = item
+                .get(k.as_str())
+                .or((k.as_str() == "protocol").then_some(&tcp));
+            v.map(|v| format!("{}:{}", Value::String((*k).clone()), v))
         })
         .collect();
     format!("k:{{{}}}", parts.join(","))

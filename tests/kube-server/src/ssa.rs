@@ -441,6 +441,35 @@ mod tests {
     }
 
     #[test]
+    fn ports_without_protocol_are_the_defaulted_tcp_item() {
+        let pod = crate::resources::builtins()
+            .into_iter()
+            .find(|r| r.kind == "Pod")
+            .unwrap();
+        let live = json!({"spec": {"containers": [{"name": "c", "image": "i",
+            "ports": [{"containerPort": 80, "protocol": "TCP"}]}]}});
+        let run = |cfg: Value| {
+            Apply {
+                rt: &pod,
+                manager: "m",
+                force: false,
+                scope: Scope::Main,
+                api_version: "v1",
+                now: "t",
+            }
+            .run(Some(&live), &cfg)
+            .unwrap()
+        };
+        let out = run(
+            json!({"spec": {"containers": [{"name": "c", "image": "i", "ports": [{"containerPort": 80, "name": "http"}]}]}}),
+        );
+        assert_eq!(
+            out["spec"]["containers"][0]["ports"],
+            json!([{"containerPort": 80, "protocol": "TCP", "name": "http"}])
+        );
+    }
+
+    #[test]
     fn status_is_out_of_scope_for_the_main_resource() {
         let rt = widget();
         let a = apply(

@@ -576,6 +576,9 @@ fn admit(rt: &ResourceType, name: &str, obj: &mut Value, old: Option<&Value>) ->
         } else {
             format!("{}.{}", rt.kind, rt.group)
         };
+    if matches!(rt.schema, crate::resources::Schema::Builtin(_)) {
+        v::default_builtin(&rt.kind, obj);
+    }
     let mut errors = v::object_meta(&rt.kind, name, obj)
         .err()
         .unwrap_or_default();

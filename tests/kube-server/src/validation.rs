@@ -507,3 +507,54 @@ mod builtin_tests {
         assert!(builtin_create("Pod", &json!({"spec": {"containers": []}})).is_err());
     }
 }
+
+/// Defaults of the built-in types that change how objects merge and compare: `protocol: TCP`
+/// on container and service ports (part of their list-map keys) and a Service port's
+/// `targetPort`.
+pub fn default_builtin(kind: &str, obj: &mut Value) {
+    let mut ports: Vec<&mut Value> = Vec::new();
+    let pod_spec = match kind {
+        "Pod" => obj.get_mut("spec"),
+        "StatefulSet" => obj.pointer_mut("/spec/template/spec"),
+        "Service" => {
+            for p in obj
+                .pointer_mut("/spec/ports")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                if p.get("targetPort").is_none()
+                    && let Some(port) = p.get("port").cloned()
+                {
+                    p["targetPort"] = port;
+                }
+                ports.push(p);
+            }
+            None
+        }
+        _ => None,
+    };
+    if let Some(spec) = pod_spec.and_then(Value::as_object_mut) {
+        for (k, list) in spec.iter_mut() {
+            if matches!(
+                k.as_str(),
+                "containers" | "initContainers" | "ephemeralContainers"
+            ) {
+                for c in list.as_array_mut().into_iter().flatten() {
+                    ports.extend(
+                        c.get_mut("ports")
+                            .and_then(Value::as_array_mut)
+                            .into_iter()
+                            .flatten(),
+                    );
+                }
+            }
+        }
+    }
+    for p in ports {
+        if let Some(m) = p.as_object_mut() {
+            m.entry("protocol")
+                .or_insert_with(|| Value::String("TCP".into()));
+        }
+    }
+}
