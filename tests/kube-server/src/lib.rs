@@ -3,6 +3,7 @@
 //! only; never a dependency of a shipped binary. See docs/kube-test-server.md.
 #![forbid(unsafe_code)]
 
+pub mod controllers;
 pub mod discovery;
 pub mod error;
 pub mod fieldset;
