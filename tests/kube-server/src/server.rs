@@ -106,6 +106,41 @@ impl KubeTestServer {
         self.store.close_watches();
     }
 
+    /// Plays the kubelet for one pod: `Running` with `Ready`/`ContainersReady` conditions (or
+    /// not ready), written through the status subresource as a kubelet would.
+    pub async fn set_pod_ready(
+        &self,
+        namespace: &str,
+        name: &str,
+        ready: bool,
+    ) -> anyhow::Result<()> {
+        use k8s_openapi::api::core::v1::Pod;
+        let status = if ready { "True" } else { "False" };
+        let now = crate::store::now();
+        let conditions: Vec<serde_json::Value> =
+            ["Initialized", "ContainersReady", "Ready", "PodScheduled"]
+                .iter()
+                .map(|t| {
+                    let s = if matches!(*t, "Initialized" | "PodScheduled") {
+                        "True"
+                    } else {
+                        status
+                    };
+                    serde_json::json!({"type": t, "status": s, "lastTransitionTime": now})
+                })
+                .collect();
+        let patch = serde_json::json!({"status": {"phase": "Running", "podIP": "10.244.0.10", "conditions": conditions}});
+        kube::Api::<Pod>::namespaced(self.client(), namespace)
+            .patch_status(
+                name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(patch),
+            )
+            .await
+            .with_context(|| format!("marking pod {namespace}/{name} ready={ready}"))?;
+        Ok(())
+    }
+
     /// The temp directory the kubeconfig lives in (removed on drop).
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -114,6 +149,8 @@ impl KubeTestServer {
 
 impl Drop for KubeTestServer {
     fn drop(&mut self) {
+        // Open watch streams run in their own tasks; end them with the server.
+        self.store.close_watches();
         self.task.abort();
     }
 }

@@ -2,8 +2,10 @@
 //! so an operator test sees its pods appear: pods `<set>-<ordinal>` from the template with the
 //! labels the real controller adds, PVCs from `volumeClaimTemplates`, scale up and down, and the
 //! two update strategies — `OnDelete` (a pod picks up a new template only when deleted) and
-//! `RollingUpdate` (outdated pods replaced highest ordinal first). There is no kubelet, so pods
-//! stay `Pending`; pods are created without waiting for readiness (as `Parallel` management).
+//! `RollingUpdate` (outdated pods replaced highest ordinal first, only while all are ready),
+//! with `OrderedReady` (one pod at a time, each waiting for the previous to be Ready) or
+//! `Parallel` management. There is no kubelet: pods stay `Pending` until the test marks them
+//! ready through their status subresource (see `KubeTestServer::set_pod_ready`).
 
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 use crate::ssa::Scope;
-use crate::store::{Change, State};
+use crate::store::{Change, Key, State};
 
 /// A short stable hash of the pod template, like `controller-revision-hash`.
 fn revision(name: &str, template: &Value) -> String {
@@ -77,87 +79,77 @@ pub(crate) fn reconcile(state: &mut State, tx: &broadcast::Sender<Arc<Change>>) 
             state.controller_delete(pk, tx);
             return true;
         }
+        let live: Vec<&(Key, Value)> = owned
+            .iter()
+            .copied()
+            .filter(|(_, p)| p.pointer("/metadata/deletionTimestamp").is_none())
+            .collect();
+        // OrderedReady (the default) creates pod N+1 only once pod N is Running and Ready.
+        let ordered = sts
+            .pointer("/spec/podManagementPolicy")
+            .and_then(Value::as_str)
+            != Some("Parallel");
+        let mut waiting = false;
         for i in 0..replicas {
             let pod_name = format!("{name}-{i}");
-            if owned.iter().any(|(pk, _)| pk.3 == pod_name) {
+            if let Some((_, p)) = live.iter().find(|(pk, _)| pk.3 == pod_name) {
+                if ordered && !is_ready(p) {
+                    waiting = true;
+                    break;
+                }
                 continue;
             }
-            for claim in sts
-                .pointer("/spec/volumeClaimTemplates")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let claim_name = format!(
-                    "{}-{pod_name}",
-                    claim
-                        .pointer("/metadata/name")
-                        .and_then(Value::as_str)
-                        .unwrap_or("data")
-                );
-                if state
-                    .objects_of("", "persistentvolumeclaims")
-                    .iter()
-                    .any(|(ck, _)| ck.2 == ns && ck.3 == claim_name)
-                {
-                    continue;
-                }
-                let mut pvc = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                    "metadata": {"name": claim_name, "labels": template.pointer("/metadata/labels").cloned().unwrap_or(json!({}))},
-                    "spec": claim.get("spec").cloned().unwrap_or(json!({}))});
-                pvc["status"] = json!({"phase": "Pending"});
-                // A PVC that cannot be made is left out; the pod is still created, as the real one would retry.
-                let _ = state.controller_create("", "persistentvolumeclaims", &ns, pvc, tx);
+            if owned.iter().any(|(pk, _)| pk.3 == pod_name) {
+                // Still terminating (held by a finalizer): wait for it to go.
+                waiting = true;
+                break;
             }
-            let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
-                "metadata": template.get("metadata").cloned().unwrap_or(json!({})),
-                "spec": template.get("spec").cloned().unwrap_or(json!({}))});
-            let meta = pod["metadata"].as_object_mut().expect("metadata object");
-            meta.insert("name".into(), json!(pod_name));
-            meta.insert("ownerReferences".into(), json!([{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": name, "uid": uid, "controller": true, "blockOwnerDeletion": true}]));
-            let labels = meta.entry("labels").or_insert(json!({}));
-            labels["controller-revision-hash"] = json!(rev);
-            labels["statefulset.kubernetes.io/pod-name"] = json!(pod_name);
-            labels["apps.kubernetes.io/pod-index"] = json!(i.to_string());
-            pod["spec"]["hostname"] = json!(pod_name);
-            if let Some(svc) = sts.pointer("/spec/serviceName") {
-                pod["spec"]["subdomain"] = svc.clone();
-            }
+            create_claims(state, &sts, &template, &ns, &pod_name, tx);
+            let pod = pod_from_template(&sts, &template, &name, &uid, &rev, i);
             if state.controller_create("", "pods", &ns, pod, tx).is_ok() {
                 return true;
             }
         }
-        // RollingUpdate: replace one outdated pod, highest ordinal first.
-        let outdated = |p: &Value| {
+        let revision_of = |p: &Value| {
             p.pointer("/metadata/labels/controller-revision-hash")
                 .and_then(Value::as_str)
-                != Some(&rev)
+                .map(String::from)
         };
+        // RollingUpdate: with every pod there and ready, replace the highest outdated one.
+        let all_ready = live.len() as u64 == replicas && live.iter().all(|(_, p)| is_ready(p));
         if !on_delete
-            && let Some((pk, _)) = owned
+            && !waiting
+            && all_ready
+            && let Some((pk, _)) = live
                 .iter()
-                .filter(|(_, p)| outdated(p) && p.pointer("/metadata/deletionTimestamp").is_none())
+                .filter(|(_, p)| revision_of(p).as_deref() != Some(rev.as_str()))
                 .max_by_key(|(pk, _)| ordinal(&pk.3))
         {
             state.controller_delete(pk, tx);
             return true;
         }
-        let current = owned
-            .iter()
-            .filter(|(_, p)| p.pointer("/metadata/deletionTimestamp").is_none())
-            .count();
-        let updated = owned.iter().filter(|(_, p)| !outdated(p)).count();
-        let mut status = json!({
+        let count = |f: &dyn Fn(&Value) -> bool| live.iter().filter(|(_, p)| f(p)).count();
+        let updated = count(&|p| revision_of(p).as_deref() == Some(rev.as_str()));
+        let current_revision = if updated as u64 == replicas && live.len() as u64 == replicas {
+            rev.clone()
+        } else {
+            sts.pointer("/status/currentRevision")
+                .and_then(Value::as_str)
+                .map(String::from)
+                .unwrap_or_else(|| rev.clone())
+        };
+        let ready = count(&is_ready);
+        let status = json!({
             "observedGeneration": sts.pointer("/metadata/generation").cloned().unwrap_or(json!(1)),
-            "replicas": current, "updatedReplicas": updated, "currentReplicas": current - (current.min(owned.len()) - updated.min(current)),
-            "readyReplicas": 0, "availableReplicas": 0, "updateRevision": rev,
-            "currentRevision": sts.pointer("/status/currentRevision").cloned().unwrap_or(json!(rev)),
+            "replicas": live.len(),
+            "readyReplicas": ready,
+            "availableReplicas": ready,
+            "updatedReplicas": updated,
+            "currentReplicas": count(&|p| revision_of(p).as_deref() == Some(current_revision.as_str())),
+            "currentRevision": current_revision,
+            "updateRevision": rev,
             "collisionCount": 0,
         });
-        if updated == current {
-            status["currentRevision"] = json!(rev);
-            status["currentReplicas"] = json!(updated);
-        }
         if sts.get("status") != Some(&status) {
             let mut new = sts.clone();
             new["status"] = status;
@@ -170,4 +162,89 @@ pub(crate) fn reconcile(state: &mut State, tx: &broadcast::Sender<Arc<Change>>) 
         }
     }
     false
+}
+
+/// Running with a `Ready=True` condition: what the real controller waits for (set by the
+/// kubelet on a cluster; by the test, through the pod's status subresource, here).
+fn is_ready(pod: &Value) -> bool {
+    pod.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.get("type").and_then(Value::as_str) == Some("Ready")
+                    && c.get("status").and_then(Value::as_str) == Some("True")
+            })
+        })
+}
+
+/// The PVCs of one pod, `<template>-<pod>`, unless they exist (they outlive their pods).
+fn create_claims(
+    state: &mut State,
+    sts: &Value,
+    template: &Value,
+    ns: &str,
+    pod_name: &str,
+    tx: &broadcast::Sender<Arc<Change>>,
+) {
+    for claim in sts
+        .pointer("/spec/volumeClaimTemplates")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let claim_name = format!(
+            "{}-{pod_name}",
+            claim
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("data")
+        );
+        if state
+            .objects_of("", "persistentvolumeclaims")
+            .iter()
+            .any(|(ck, _)| ck.2 == ns && ck.3 == claim_name)
+        {
+            continue;
+        }
+        let labels = template
+            .pointer("/metadata/labels")
+            .cloned()
+            .unwrap_or(json!({}));
+        let pvc = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim_name, "labels": labels},
+            "spec": claim.get("spec").cloned().unwrap_or(json!({}))});
+        // A claim that cannot be made is left out; the real controller would retry.
+        let _ = state.controller_create("", "persistentvolumeclaims", ns, pvc, tx);
+    }
+}
+
+/// Pod `<set>-<ordinal>` from the template, with the labels and owner the real controller sets.
+fn pod_from_template(
+    sts: &Value,
+    template: &Value,
+    name: &str,
+    uid: &str,
+    rev: &str,
+    i: u64,
+) -> Value {
+    let pod_name = format!("{name}-{i}");
+    let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": template.get("metadata").cloned().unwrap_or(json!({})),
+        "spec": template.get("spec").cloned().unwrap_or(json!({}))});
+    let meta = pod["metadata"].as_object_mut().expect("metadata object");
+    meta.insert("name".into(), json!(pod_name));
+    meta.insert(
+        "ownerReferences".into(),
+        json!([{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": name, "uid": uid,
+            "controller": true, "blockOwnerDeletion": true}]),
+    );
+    let labels = meta.entry("labels").or_insert(json!({}));
+    labels["controller-revision-hash"] = json!(rev);
+    labels["statefulset.kubernetes.io/pod-name"] = json!(pod_name);
+    labels["apps.kubernetes.io/pod-index"] = json!(i.to_string());
+    pod["spec"]["hostname"] = json!(pod_name);
+    if let Some(svc) = sts.pointer("/spec/serviceName") {
+        pod["spec"]["subdomain"] = svc.clone();
+    }
+    pod
 }

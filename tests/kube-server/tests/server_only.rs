@@ -353,6 +353,7 @@ async fn statefulset_controller_toggle() -> R {
     let s: StatefulSet = serde_json::from_value(
         json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db"},
         "spec": {"replicas": 3, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}}, "updateStrategy": {"type": "OnDelete"},
+            "podManagementPolicy": "Parallel",
             "template": {"metadata": {"labels": {"app": "db"}}, "spec": {"containers": [{"name": "pg", "image": "postgres:16"}]}},
             "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]}}),
     )?;
@@ -496,5 +497,66 @@ async fn pagination_across_prefix_namespaces_and_patch_preconditions() -> R {
         .await
         .unwrap_err();
     assert!(matches!(err, kube::Error::Api(s) if s.code == 409));
+    Ok(())
+}
+
+#[tokio::test]
+async fn statefulset_ordered_ready_and_rolling_update() -> R {
+    let server = KubeTestServer::start_with(ServerOptions {
+        store: StoreOptions {
+            statefulset_controller: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await?;
+    let client = server.client();
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let s: StatefulSet = serde_json::from_value(
+        json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "pg"},
+        "spec": {"replicas": 2, "serviceName": "pg", "selector": {"matchLabels": {"app": "pg"}},
+            "template": {"metadata": {"labels": {"app": "pg"}}, "spec": {"containers": [{"name": "pg", "image": "postgres:16"}]}}}}),
+    )?;
+    sts.create(&PostParams::default(), &s).await?;
+    let names =
+        |l: Vec<Pod>| -> Vec<String> { l.into_iter().filter_map(|p| p.metadata.name).collect() };
+
+    // OrderedReady: pg-1 waits for pg-0 to be ready.
+    assert_eq!(
+        names(pods.list(&ListParams::default()).await?.items),
+        ["pg-0"]
+    );
+    server.set_pod_ready("default", "pg-0", true).await?;
+    assert_eq!(
+        names(pods.list(&ListParams::default()).await?.items),
+        ["pg-0", "pg-1"]
+    );
+    server.set_pod_ready("default", "pg-1", true).await?;
+    let st = sts.get_status("pg").await?.status.unwrap();
+    assert_eq!((st.replicas, st.ready_replicas), (2, Some(2)));
+    let first_rev = st.update_revision.clone().unwrap();
+    assert_eq!(st.current_revision.as_deref(), Some(first_rev.as_str()));
+
+    // RollingUpdate: the highest ordinal goes first, and the next waits for it to be ready.
+    sts.patch("pg", &PatchParams::default(), &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [{"name": "pg", "image": "postgres:17"}]}}}}))).await?;
+    let image = |p: &Pod| {
+        p.spec.as_ref().unwrap().containers[0]
+            .image
+            .clone()
+            .unwrap()
+    };
+    assert_eq!(image(&pods.get("pg-1").await?), "postgres:17");
+    assert_eq!(image(&pods.get("pg-0").await?), "postgres:16");
+    let st = sts.get_status("pg").await?.status.unwrap();
+    assert_eq!(st.updated_replicas, Some(1));
+    assert_eq!(st.current_revision.as_deref(), Some(first_rev.as_str()));
+    server.set_pod_ready("default", "pg-1", true).await?;
+    assert_eq!(image(&pods.get("pg-0").await?), "postgres:17");
+    server.set_pod_ready("default", "pg-0", true).await?;
+    let st = sts.get_status("pg").await?.status.unwrap();
+    assert_eq!(st.updated_replicas, Some(2));
+    assert_eq!(st.current_revision, st.update_revision);
+    assert_ne!(st.current_revision.as_deref(), Some(first_rev.as_str()));
     Ok(())
 }
