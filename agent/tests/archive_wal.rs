@@ -1,0 +1,677 @@
+//! WAL archiving against real PostgreSQL and real stores (file:// and s3s-fs): every segment
+//! reaches the archive under load, nothing is lost when the agent is killed or the store goes
+//! away for a while, retries of identical content succeed and different content is refused,
+//! and wal-fetch restores what was archived.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use pgpilot_agent::store::{Store, StoreConfig};
+use pgpilot_common::api::{ErrorBody, WalFetchRequest, WalPushRequest};
+use pgpilot_common::client::ClientError;
+use pgpilot_common::layout::Layout;
+use pgpilot_common::wal::{DEFAULT_SEGMENT_SIZE, WalFile};
+use pgpilot_test_support::agent::{AgentFixture, AgentOptions};
+use pgpilot_test_support::s3::S3Server;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgpilot-agent");
+const LONG: Duration = Duration::from_secs(120);
+const PGBENCH: &str = "/usr/lib/postgresql/15/bin/pgbench";
+
+fn bin() -> &'static Path {
+    Path::new(BIN)
+}
+
+/// `[backup]` for a file:// store in `dir`, with quick retries so outages show fast.
+fn file_backup(dir: &Path) -> String {
+    format!(
+        "[backup]\nstore = \"file://{}\"\ncompression = \"zstd\"\n[backup.retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\n",
+        dir.display()
+    )
+}
+
+fn s3_backup(s3: &S3Server) -> String {
+    s3.create_bucket("archive").unwrap();
+    let (ak, sk) = s3.credential_files().unwrap();
+    format!(
+        "[backup]\nstore = \"s3://archive/pg\"\nendpoint = \"{}\"\npath_style = true\nregion = \"us-east-1\"\n\
+         access_key_id_file = \"{}\"\nsecret_access_key_file = \"{}\"\nrequest_timeout_secs = 10\n\
+         [backup.retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\n",
+        s3.endpoint,
+        ak.display(),
+        sk.display()
+    )
+}
+
+/// The store the agent writes to, opened from the same `[backup]` TOML.
+fn open_store(backup_toml: &str) -> Store {
+    #[derive(serde::Deserialize)]
+    struct F {
+        backup: StoreConfig,
+    }
+    let f: F = toml::from_str(backup_toml).unwrap();
+    Store::open(&f.backup).unwrap()
+}
+
+fn layout() -> Layout {
+    Layout::new("local", "0").unwrap()
+}
+
+async fn one(sql: &tokio_postgres::Client, q: &str) -> String {
+    sql.query_one(q, &[]).await.unwrap().get(0)
+}
+
+/// Switches to a new segment and waits until Postgres reports the old one archived; returns
+/// its name.
+async fn switch_and_wait_archived(fx: &AgentFixture) -> String {
+    let sql = fx.sql().await.unwrap();
+    sql.batch_execute(
+        "CREATE TABLE IF NOT EXISTS tick (t timestamptz); INSERT INTO tick VALUES (now())",
+    )
+    .await
+    .unwrap();
+    let last = one(&sql, "SELECT pg_walfile_name(pg_switch_wal())").await;
+    let deadline = Instant::now() + LONG;
+    loop {
+        let archived: Option<String> = sql
+            .query_one("SELECT last_archived_wal FROM pg_stat_archiver", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if archived
+            .as_deref()
+            .is_some_and(|a| a.len() == 24 && a >= last.as_str())
+        {
+            return last;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{last} not archived in time (last archived {archived:?})\n{}",
+            fx.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Asserts every segment of timeline 1 from the first through `last` is in the archive and
+/// reads back intact (every chunk, length and SHA-256 checked).
+async fn assert_chain_complete(store: &Store, last: &str) {
+    let names: std::collections::BTreeSet<String> = store
+        .list(&layout().wal_prefix())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|o| layout().wal_name(&o.key).map(str::to_string))
+        .collect();
+    let last_seg = WalFile::parse(last, DEFAULT_SEGMENT_SIZE)
+        .unwrap()
+        .segment()
+        .unwrap();
+    let mut seg = WalFile::parse("000000010000000000000001", DEFAULT_SEGMENT_SIZE)
+        .unwrap()
+        .segment()
+        .unwrap();
+    let mut count = 0;
+    while seg <= last_seg {
+        let name = seg.name(DEFAULT_SEGMENT_SIZE);
+        assert!(
+            names.contains(&name),
+            "{name} is missing from the archive (have {names:?})"
+        );
+        let summary = store.verify(&layout().wal_key(&name)).await.unwrap();
+        assert_eq!(summary.plaintext_len, DEFAULT_SEGMENT_SIZE, "{name}");
+        seg = seg.next();
+        count += 1;
+    }
+    assert!(count >= 2, "expected some WAL, got {count} segments");
+}
+
+fn pgbench(fx: &AgentFixture, args: &[&str]) -> std::process::Child {
+    let password = std::fs::read_to_string(fx.dir.path().join("superuser-password")).unwrap();
+    Command::new(PGBENCH)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &fx.pg_port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(args)
+        .arg("postgres")
+        .env("PGPASSWORD", password.trim())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+macro_rules! per_major {
+    ($($name:ident),* $(,)?) => {
+        mod pg15 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(15).await } )* }
+        mod pg17 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(17).await } )* }
+    };
+}
+
+per_major!(every_segment_reaches_a_file_archive_under_pgbench);
+
+async fn every_segment_reaches_a_file_archive_under_pgbench(major: u32) {
+    let store_dir = tempfile::tempdir().unwrap();
+    let toml = file_backup(store_dir.path());
+    let fx = AgentFixture::start_with(
+        bin(),
+        major,
+        AgentOptions {
+            extra_toml: toml.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let init = pgbench(&fx, &["-i", "-s", "10", "-q"])
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let run = pgbench(&fx, &["-c", "4", "-j", "2", "-T", "4", "-n"])
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let last = switch_and_wait_archived(&fx).await;
+    assert_chain_complete(&open_store(&toml), &last).await;
+
+    let status = fx.client().status().await.unwrap();
+    let archive = status.archive.expect("archive status");
+    assert_eq!(archive.failures, 0, "{archive:?}");
+    assert!(archive.last_archived.is_some());
+    let metrics = reqwest::get(fx.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("pgpilot_wal_archive_conflicts_total 0"),
+        "{metrics}"
+    );
+    // Postgres never recorded a failure: every archive_command call succeeded.
+    let failed: i64 = fx
+        .sql()
+        .await
+        .unwrap()
+        .query_one("SELECT failed_count FROM pg_stat_archiver", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_segment_reaches_an_s3_archive_under_pgbench() {
+    let s3 = S3Server::start().unwrap();
+    let toml = s3_backup(&s3);
+    let fx = AgentFixture::start_with(
+        bin(),
+        15,
+        AgentOptions {
+            extra_toml: toml.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let init = pgbench(&fx, &["-i", "-s", "10", "-q"])
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let run = pgbench(&fx, &["-c", "4", "-j", "2", "-T", "3", "-n"])
+        .wait_with_output()
+        .unwrap();
+    assert!(run.status.success());
+    let last = switch_and_wait_archived(&fx).await;
+    assert_chain_complete(&open_store(&toml), &last).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_agent_while_archiving_loses_nothing() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let toml = file_backup(store_dir.path());
+    let mut fx = AgentFixture::start_with(
+        bin(),
+        15,
+        AgentOptions {
+            extra_toml: toml.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut load = pgbench(&fx, &["-i", "-s", "30", "-q"]);
+    // Let WAL pile up and uploads start, then kill the agent (its postmaster follows it).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = fx.client().status().await.unwrap();
+        if st
+            .archive
+            .as_ref()
+            .is_some_and(|a| a.last_archived.is_some())
+            || Instant::now() > deadline
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fx.signal_agent(Signal::SIGKILL).unwrap();
+    fx.wait_exit(LONG).unwrap();
+    let _ = load.wait();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    fx.spawn().unwrap();
+    fx.wait_running(LONG).await.unwrap();
+    let last = switch_and_wait_archived(&fx).await;
+    assert_chain_complete(&open_store(&toml), &last).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_outage_keeps_the_wal_and_archiving_catches_up() {
+    let mut s3 = S3Server::start().unwrap();
+    let toml = s3_backup(&s3);
+    let fx = AgentFixture::start_with(
+        bin(),
+        15,
+        AgentOptions {
+            extra_toml: toml.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    switch_and_wait_archived(&fx).await;
+
+    s3.stop();
+    let sql = fx.sql().await.unwrap();
+    let mut pending = Vec::new();
+    for _ in 0..3 {
+        sql.batch_execute(
+            "CREATE TABLE IF NOT EXISTS t (x int); INSERT INTO t SELECT generate_series(1, 10000)",
+        )
+        .await
+        .unwrap();
+        pending.push(one(&sql, "SELECT pg_walfile_name(pg_switch_wal())").await);
+    }
+    // archive_command fails; Postgres keeps the segments and their .ready markers.
+    let deadline = Instant::now() + LONG;
+    loop {
+        let failed: i64 = sql
+            .query_one("SELECT failed_count FROM pg_stat_archiver", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if failed > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "archive_command never failed during the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for name in &pending {
+        assert!(
+            fx.data_dir().join("pg_wal").join(name).exists(),
+            "{name} was removed while not archived"
+        );
+        assert!(
+            fx.data_dir()
+                .join("pg_wal/archive_status")
+                .join(format!("{name}.ready"))
+                .exists(),
+            "{name}"
+        );
+    }
+    let status = fx.client().status().await.unwrap().archive.unwrap();
+    assert!(
+        status.failures > 0 && status.last_failure.is_some(),
+        "{status:?}"
+    );
+    assert!(status.ready >= pending.len(), "{status:?}");
+
+    s3.restart().unwrap();
+    let last = switch_and_wait_archived(&fx).await;
+    assert!(last > *pending.last().unwrap());
+    assert_chain_complete(&open_store(&toml), &last).await;
+}
+
+/// A WAL file name Postgres itself will never produce or recycle (timeline 0x99, far ahead).
+fn fake_segment(n: u8) -> String {
+    format!("0000009900000FFF000000F{n:X}")
+}
+
+fn random_segment() -> Vec<u8> {
+    let mut data = vec![0u8; DEFAULT_SEGMENT_SIZE as usize];
+    let mut x: u64 = rand_seed();
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    data
+}
+
+fn rand_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1
+}
+
+fn runtime(fx: &AgentFixture) -> PathBuf {
+    fx.dir.path().join("run/archive-runtime.json")
+}
+
+fn cli(fx: &AgentFixture, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(fx.data_dir())
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_repush_succeeds_and_different_content_is_refused() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let toml = file_backup(store_dir.path());
+    let mut fx = AgentFixture::start_with(
+        bin(),
+        15,
+        AgentOptions {
+            extra_toml: toml.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let name = fake_segment(0);
+    let rel = format!("pg_wal/{name}");
+    let original = random_segment();
+    std::fs::write(fx.data_dir().join(&rel), &original).unwrap();
+
+    let first = fx
+        .client()
+        .wal_push(&WalPushRequest { path: rel.clone() })
+        .await
+        .unwrap();
+    assert!(!first.already_stored);
+    assert_eq!(first.size, DEFAULT_SEGMENT_SIZE);
+    let again = fx
+        .client()
+        .wal_push(&WalPushRequest { path: rel.clone() })
+        .await
+        .unwrap();
+    assert!(again.already_stored, "{again:?}");
+    assert_eq!(again.sha256, first.sha256);
+    // archive_command's own path: exit 0 for the identical retry.
+    let out = cli(
+        &fx,
+        &[
+            "wal-push",
+            "--runtime",
+            runtime(&fx).to_str().unwrap(),
+            &rel,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Different content under the same name: refused loudly, and the archive keeps the original.
+    let mut changed = original.clone();
+    changed[4096] ^= 0xFF;
+    std::fs::write(fx.data_dir().join(&rel), &changed).unwrap();
+    let err = fx
+        .client()
+        .wal_push(&WalPushRequest { path: rel.clone() })
+        .await
+        .unwrap_err();
+    let ClientError::Api { status, body, .. } = err else {
+        panic!("{err}")
+    };
+    assert_eq!(status, 409);
+    assert!(
+        body.message.contains("different content") && body.message.contains(&first.sha256),
+        "{body:?}"
+    );
+    let out = cli(
+        &fx,
+        &[
+            "wal-push",
+            "--runtime",
+            runtime(&fx).to_str().unwrap(),
+            &rel,
+        ],
+    );
+    assert!(!out.status.success(), "a conflicting push must fail");
+    assert!(
+        fx.logs().contains(&first.sha256),
+        "the log names the stored checksum"
+    );
+    let metrics = reqwest::get(fx.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("pgpilot_wal_archive_conflicts_total 2"),
+        "{metrics}"
+    );
+    let store = open_store(&toml);
+    let (bytes, _) = store.get_bytes(&layout().wal_key(&name)).await.unwrap();
+    assert!(
+        bytes[..] == original[..],
+        "the archived copy was overwritten"
+    );
+
+    // Not a WAL file: 400 naming it, nothing read.
+    let err = fx
+        .client()
+        .wal_push(&WalPushRequest {
+            path: "base/1/1259".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400));
+
+    // The agent is down: wal-push uploads directly, with the same safety.
+    std::fs::write(fx.data_dir().join(&rel), &original).unwrap();
+    let name2 = fake_segment(1);
+    let rel2 = format!("pg_wal/{name2}");
+    std::fs::write(fx.data_dir().join(&rel2), random_segment()).unwrap();
+    fx.signal_agent(Signal::SIGTERM).unwrap();
+    fx.wait_exit(LONG).unwrap();
+    for (path, ok) in [(&rel, true), (&rel2, true)] {
+        let out = cli(
+            &fx,
+            &[
+                "wal-push",
+                "--runtime",
+                runtime(&fx).to_str().unwrap(),
+                path,
+            ],
+        );
+        assert_eq!(
+            out.status.success(),
+            ok,
+            "{path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("agent unreachable"));
+    }
+    std::fs::write(fx.data_dir().join(&rel), &changed).unwrap();
+    let out = cli(
+        &fx,
+        &[
+            "wal-push",
+            "--runtime",
+            runtime(&fx).to_str().unwrap(),
+            &rel,
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("different content"));
+    store.verify(&layout().wal_key(&name2)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_fetch_restores_archived_files_and_prefetches_the_next() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let toml = file_backup(store_dir.path());
+    let mut fx = AgentFixture::start_with(
+        bin(),
+        15,
+        AgentOptions {
+            extra_toml: toml.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Three consecutive segments of a fake timeline, archived through the API.
+    let mut contents = Vec::new();
+    for n in 0..3u8 {
+        let rel = format!("pg_wal/{}", fake_segment(0xD + n));
+        let data = random_segment();
+        std::fs::write(fx.data_dir().join(&rel), &data).unwrap();
+        fx.client()
+            .wal_push(&WalPushRequest { path: rel.clone() })
+            .await
+            .unwrap();
+        std::fs::remove_file(fx.data_dir().join(&rel)).unwrap();
+        contents.push(data);
+    }
+    let first = fx
+        .client()
+        .wal_fetch(&WalFetchRequest {
+            name: fake_segment(0xD),
+        })
+        .await
+        .unwrap();
+    assert!(!first.prefetched);
+    std::fs::remove_file(&first.spool_path).unwrap();
+    // The next ones were fetched ahead while the first was handed over.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fx
+        .data_dir()
+        .join("pgpilot_spool")
+        .join(fake_segment(0xE))
+        .exists()
+    {
+        assert!(Instant::now() < deadline, "no prefetch");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = fx
+        .client()
+        .wal_fetch(&WalFetchRequest {
+            name: fake_segment(0xE),
+        })
+        .await
+        .unwrap();
+    assert!(second.prefetched, "{second:?}");
+    assert_eq!(std::fs::read(&second.spool_path).unwrap(), contents[1]);
+
+    // restore_command's own path: the file lands at %p, byte for byte.
+    let dest = fx.dir.path().join("RECOVERYXLOG");
+    let out = cli(
+        &fx,
+        &[
+            "wal-fetch",
+            "--runtime",
+            runtime(&fx).to_str().unwrap(),
+            &fake_segment(0xF),
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), contents[2]);
+    // A file the archive does not hold: exit 1, quietly (Postgres asks past the end on purpose).
+    let out = cli(
+        &fx,
+        &[
+            "wal-fetch",
+            "--runtime",
+            runtime(&fx).to_str().unwrap(),
+            "000000990000100000000000",
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = fx
+        .client()
+        .wal_fetch(&WalFetchRequest {
+            name: "../../etc/passwd".into(),
+        })
+        .await
+        .unwrap_err();
+    let ClientError::Api { status, body, .. } = err else {
+        panic!("{err}")
+    };
+    assert_eq!(status, 400);
+    let _: ErrorBody = body;
+    let metrics = reqwest::get(fx.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("pgpilot_wal_prefetch_hits_total"),
+        "{metrics}"
+    );
+
+    // With the agent down, wal-fetch reads the store itself.
+    fx.signal_agent(Signal::SIGTERM).unwrap();
+    fx.wait_exit(LONG).unwrap();
+    std::fs::remove_file(&dest).unwrap();
+    let out = cli(
+        &fx,
+        &[
+            "wal-fetch",
+            "--runtime",
+            runtime(&fx).to_str().unwrap(),
+            &fake_segment(0xD),
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), contents[0]);
+}
