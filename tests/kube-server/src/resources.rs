@@ -349,7 +349,12 @@ pub fn builtins() -> Vec<ResourceType> {
             singular: b.kind.to_lowercase(),
             namespaced: b.namespaced,
             short_names: b.short.iter().map(|s| s.to_string()).collect(),
-            categories: Vec::new(),
+            // `kubectl get all` lists the types in category "all".
+            categories: if matches!(b.kind, "Pod" | "Service" | "StatefulSet") {
+                vec!["all".into()]
+            } else {
+                Vec::new()
+            },
             status_subresource: b.status,
             generation: b.generation,
             printer_columns: Vec::new(),
