@@ -260,6 +260,9 @@ impl Apply<'_> {
             }
         }
         match mine {
+            // A no-op apply (same fields, nothing changed) keeps its entry as it was, timestamp
+            // included, so it writes nothing and wakes no watcher, as in kube-apiserver.
+            Some(i) if changed.is_empty() && entries[i].set == applied_set => {}
             Some(i) => {
                 entries[i].set = applied_set;
                 entries[i].time = self.now.to_string();
@@ -409,6 +412,24 @@ mod tests {
         let owners = managers(&forced);
         assert!(owners.contains(&("b".into(), ".spec.size".into())));
         assert!(!owners.contains(&("a".into(), ".spec.size".into())));
+    }
+
+    #[test]
+    fn reapplying_the_same_configuration_is_a_no_op() {
+        let rt = widget();
+        let cfg = json!({"spec": {"size": 1, "ports": [{"name": "pg", "port": 1}]}});
+        let once = apply(&rt, None, cfg.clone(), "a", false).unwrap();
+        let twice = Apply {
+            rt: &rt,
+            manager: "a",
+            force: false,
+            scope: Scope::Main,
+            api_version: "example.com/v1",
+            now: "later",
+        }
+        .run(Some(&once), &cfg)
+        .unwrap();
+        assert_eq!(once, twice);
     }
 
     #[test]

@@ -107,6 +107,9 @@ impl WatchRequest {
         } else {
             self.from
         };
+        // Subscribed first, so a close during the initial events is not missed.
+        let mut epoch = store.watch_epoch();
+        epoch.mark_unchanged();
         let crate::store::WatchStart {
             initial,
             rv: start_rv,
@@ -130,8 +133,6 @@ impl WatchRequest {
         if self.send_initial_events && tx.send(self.bookmark(start_rv, true)).await.is_err() {
             return;
         }
-        let mut epoch = store.watch_epoch();
-        epoch.mark_unchanged();
         let deadline = tokio::time::sleep(self.timeout);
         tokio::pin!(deadline);
         let mut ticker = tokio::time::interval(self.bookmark_interval);

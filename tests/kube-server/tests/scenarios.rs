@@ -285,12 +285,25 @@ async fn server_side_apply_two_managers_conflict_and_force() -> R {
     let (client, _server) = test_client().await?;
     let ns = TestNamespace::create(&client, "ssa").await?;
     let api = widgets(&client, ns.name()).await?;
-    api.patch(
-        "w",
-        &PatchParams::apply("alice"),
-        &Patch::Apply(widget("w", json!({"size": 1, "mode": "a"}))),
-    )
-    .await?;
+    let first = api
+        .patch(
+            "w",
+            &PatchParams::apply("alice"),
+            &Patch::Apply(widget("w", json!({"size": 1, "mode": "a"}))),
+        )
+        .await?;
+    // Re-applying the same configuration is a no-op: no new resourceVersion, no watch event.
+    let again = api
+        .patch(
+            "w",
+            &PatchParams::apply("alice"),
+            &Patch::Apply(widget("w", json!({"size": 1, "mode": "a"}))),
+        )
+        .await?;
+    assert_eq!(
+        first.metadata.resource_version,
+        again.metadata.resource_version
+    );
     // Bob applying the same value shares ownership; a different value conflicts.
     api.patch(
         "w",
