@@ -103,6 +103,55 @@ pub fn resource_list(types: &[Arc<ResourceType>], group: &str, version: &str) ->
     )
 }
 
+/// The media type of aggregated discovery (`apidiscovery.k8s.io/v2`).
+pub const AGGREGATED: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+
+/// Aggregated discovery: every group (or, for `/api`, the core group), every version and its
+/// resources in one `APIGroupDiscoveryList` — what kube-rs' `Discovery::run_aggregated` and
+/// kubectl ask for first.
+pub fn aggregated(types: &[Arc<ResourceType>], core: bool) -> Value {
+    let mut names: Vec<String> = if core {
+        vec![String::new()]
+    } else {
+        groups(types).into_iter().map(|(g, _)| g).collect()
+    };
+    names.dedup();
+    let items: Vec<Value> = names
+        .iter()
+        .map(|g| {
+            let versions: Vec<String> = if g.is_empty() {
+                vec!["v1".into()]
+            } else {
+                groups(types).into_iter().find(|(n, _)| n == g).map(|(_, v)| v).unwrap_or_default()
+            };
+            let vs: Vec<Value> = versions
+                .iter()
+                .map(|v| {
+                    let resources: Vec<Value> = types
+                        .iter()
+                        .filter(|t| t.group == *g && t.versions.contains(v))
+                        .map(|t| {
+                            let kind = json!({"group": t.group, "version": v, "kind": t.kind});
+                            let mut r = json!({"resource": t.plural, "responseKind": kind,
+                                "scope": if t.namespaced { "Namespaced" } else { "Cluster" },
+                                "singularResource": t.singular, "verbs": VERBS,
+                                "shortNames": t.short_names, "categories": t.categories});
+                            if t.status_subresource {
+                                r["subresources"] = json!([{"subresource": "status", "responseKind": kind,
+                                    "verbs": ["get", "patch", "update"]}]);
+                            }
+                            r
+                        })
+                        .collect();
+                    json!({"version": v, "resources": resources, "freshness": "Current"})
+                })
+                .collect();
+            json!({"metadata": {"name": g}, "versions": vs})
+        })
+        .collect();
+    json!({"kind": "APIGroupDiscoveryList", "apiVersion": "apidiscovery.k8s.io/v2", "metadata": {}, "items": items})
+}
+
 fn human_age(ts: &str) -> String {
     let Ok(t) = ts.parse::<jiff::Timestamp>() else {
         return "<unknown>".into();

@@ -79,6 +79,21 @@ fn route(
         }
         v.map(ok).ok_or_else(|| ApiError::path_not_found(path))
     };
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if method == Method::GET
+        && accept.contains("as=APIGroupDiscoveryList")
+        && matches!(segs.as_slice(), ["api"] | ["apis"])
+    {
+        let doc = discovery::aggregated(&types, segs == ["api"]);
+        return Ok((
+            [(header::CONTENT_TYPE, discovery::AGGREGATED)],
+            axum::Json(doc),
+        )
+            .into_response());
+    }
     match segs.as_slice() {
         ["version"] => get_only(Some(discovery::version())),
         ["api"] => get_only(Some(discovery::core_versions(&app.address))),

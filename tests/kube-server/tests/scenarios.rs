@@ -576,6 +576,45 @@ async fn kube_runtime_finalizer_helper() -> R {
     ns.cleanup().await
 }
 
+/// kube-rs discovery, legacy and aggregated, finds the built-in types and an installed CRD.
+#[tokio::test]
+async fn discovery_legacy_and_aggregated() -> R {
+    use kube::discovery::{Discovery, Scope};
+    let (client, _server) = test_client().await?;
+    let ns = TestNamespace::create(&client, "disco").await?;
+    widgets(&client, ns.name()).await?;
+    for aggregated in [false, true] {
+        let d = Discovery::new(client.clone());
+        let d = if aggregated {
+            d.run_aggregated().await?
+        } else {
+            d.run().await?
+        };
+        let find = |group: &str, kind: &str| {
+            d.groups()
+                .filter(|g| g.name() == group)
+                .flat_map(|g| g.recommended_resources())
+                .find(|(ar, _)| ar.kind == kind)
+        };
+        let (sts, caps) = find("apps", "StatefulSet").expect("statefulsets discovered");
+        assert_eq!(
+            (sts.plural.as_str(), caps.scope.clone()),
+            ("statefulsets", Scope::Namespaced)
+        );
+        assert!(
+            caps.subresources
+                .iter()
+                .any(|(sr, _)| sr.plural.ends_with("status")),
+            "{:?}",
+            caps.subresources
+        );
+        assert!(find("coordination.k8s.io", "Lease").is_some());
+        assert!(find("", "Namespace").is_some_and(|(_, c)| c.scope == Scope::Cluster));
+        assert!(find(GROUP, "Widget").is_some(), "aggregated={aggregated}");
+    }
+    ns.cleanup().await
+}
+
 /// Leader election as kube-rs users implement it on a Lease: create to acquire, a
 /// resourceVersion-guarded replace to renew, and to take over once the holder's lease expired.
 #[tokio::test]
