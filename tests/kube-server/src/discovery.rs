@@ -92,6 +92,10 @@ pub fn resource_list(types: &[Arc<ResourceType>], group: &str, version: &str) ->
             resources.push(json!({"name": format!("{}/status", t.plural), "singularName": "", "namespaced": t.namespaced,
                 "kind": t.kind, "verbs": ["get", "patch", "update"]}));
         }
+        if t.scale.is_some() {
+            resources.push(json!({"name": format!("{}/scale", t.plural), "singularName": "", "namespaced": t.namespaced,
+                "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]}));
+        }
     }
     let gv = if group.is_empty() {
         version.to_string()
@@ -136,9 +140,18 @@ pub fn aggregated(types: &[Arc<ResourceType>], core: bool) -> Value {
                                 "scope": if t.namespaced { "Namespaced" } else { "Cluster" },
                                 "singularResource": t.singular, "verbs": VERBS,
                                 "shortNames": t.short_names, "categories": t.categories});
+                            let mut subs = Vec::new();
                             if t.status_subresource {
-                                r["subresources"] = json!([{"subresource": "status", "responseKind": kind,
-                                    "verbs": ["get", "patch", "update"]}]);
+                                subs.push(json!({"subresource": "status", "responseKind": kind,
+                                    "verbs": ["get", "patch", "update"]}));
+                            }
+                            if t.scale.is_some() {
+                                subs.push(json!({"subresource": "scale",
+                                    "responseKind": {"group": "autoscaling", "version": "v1", "kind": "Scale"},
+                                    "verbs": ["get", "patch", "update"]}));
+                            }
+                            if !subs.is_empty() {
+                                r["subresources"] = json!(subs);
                             }
                             r
                         })

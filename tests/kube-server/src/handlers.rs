@@ -262,6 +262,13 @@ fn resource(
     let store = &app.store;
     let ns = t.namespace.clone().unwrap_or_default();
     let dry_run = q.get("dryRun").is_some_and(|v| v == "All");
+    if t.subresource.as_deref() == Some("scale")
+        && let (Some(paths), Some(name)) = (rt.scale.as_ref(), t.name.as_deref())
+    {
+        return scale(
+            store, &rt, paths, &ns, name, method, q, headers, body, dry_run,
+        );
+    }
     let scope = match t.subresource.as_deref() {
         None => Scope::Main,
         Some("status") if rt.status_subresource => Scope::Status,
@@ -479,4 +486,60 @@ fn delete_options(q: &HashMap<String, String>, body: &Bytes) -> ApiResult<Delete
         uid: s("/preconditions/uid"),
         resource_version: s("/preconditions/resourceVersion"),
     })
+}
+
+/// GET, PUT and PATCH on `/scale`: the Scale view of the object, and writes of its replicas.
+#[allow(clippy::too_many_arguments)]
+fn scale(
+    store: &Store,
+    rt: &ResourceType,
+    paths: &crate::resources::ScalePaths,
+    ns: &str,
+    name: &str,
+    method: &Method,
+    q: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &Bytes,
+    dry_run: bool,
+) -> ApiResult<Response> {
+    let current = store.get(rt, ns, name)?;
+    let desired = match *method {
+        Method::GET => return Ok(ok(crate::scale::view(paths, &current))),
+        Method::PUT => parse_body(body, true)?,
+        Method::PATCH => {
+            let mut view = crate::scale::view(paths, &current);
+            let ct = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|c| c.to_str().ok())
+                .unwrap_or_default();
+            match ct.split(';').next().unwrap_or_default().trim() {
+                "application/json-patch+json" => {
+                    let p: json_patch::Patch = serde_json::from_slice(body)
+                        .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
+                    crate::merge::json_patch(&mut view, &p)
+                        .map_err(|e| ApiError::invalid("Scale", name, e.to_string()))?;
+                }
+                // A Scale has no lists, so strategic merge is a merge patch here.
+                "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
+                    json_patch::merge(&mut view, &parse_body(body, false)?);
+                }
+                other => return Err(ApiError::unsupported_media_type(other)),
+            }
+            view
+        }
+        _ => {
+            return Err(ApiError::method_not_allowed(
+                "the server does not allow this method on the scale subresource",
+            ));
+        }
+    };
+    let updated = crate::scale::apply(paths, &current, &desired)?;
+    let mgr = manager(q, headers);
+    let opts = WriteOptions {
+        scope: Scope::Main,
+        manager: &mgr,
+        dry_run,
+    };
+    let out = store.update(rt, ns, name, updated, &opts)?;
+    Ok(ok(crate::scale::view(paths, &out)))
 }

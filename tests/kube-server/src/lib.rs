@@ -11,6 +11,7 @@ pub mod fixtures;
 pub mod handlers;
 pub mod merge;
 pub mod resources;
+pub mod scale;
 pub mod selectors;
 pub mod server;
 pub mod ssa;

@@ -49,6 +49,19 @@ pub struct ResourceType {
     /// Whether a PUT may omit `metadata.resourceVersion` (true for most built-ins; custom
     /// resources and CRDs insist on it).
     pub unconditional_update: bool,
+    /// The scale subresource, if the type has one.
+    pub scale: Option<ScalePaths>,
+}
+
+/// Where a type keeps what its `/scale` subresource shows (dotted paths, as in a CRD's
+/// `subresources.scale`).
+#[derive(Debug, Clone)]
+pub struct ScalePaths {
+    pub spec_replicas: String,
+    pub status_replicas: String,
+    /// A string field holding the label selector; `None` for StatefulSets, whose selector is
+    /// rendered from `spec.selector`.
+    pub label_selector: Option<String>,
 }
 
 impl ResourceType {
@@ -361,6 +374,11 @@ pub fn builtins() -> Vec<ResourceType> {
             schema: Schema::Builtin(builtin_lists(b.kind)),
             strategic_merge: true,
             unconditional_update: b.kind != "CustomResourceDefinition",
+            scale: (b.kind == "StatefulSet").then(|| ScalePaths {
+                spec_replicas: ".spec.replicas".into(),
+                status_replicas: ".status.replicas".into(),
+                label_selector: None,
+            }),
         })
         .collect()
 }
@@ -437,6 +455,12 @@ pub fn from_crd(crd: &Value) -> Result<ResourceType, String> {
         ),
         strategic_merge: false,
         unconditional_update: false,
+        scale: storage.pointer("/subresources/scale").map(|sc| ScalePaths {
+            spec_replicas: s(sc.get("specReplicasPath")).unwrap_or_else(|| ".spec.replicas".into()),
+            status_replicas: s(sc.get("statusReplicasPath"))
+                .unwrap_or_else(|| ".status.replicas".into()),
+            label_selector: s(sc.get("labelSelectorPath")),
+        }),
     })
 }
 

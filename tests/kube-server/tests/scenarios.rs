@@ -53,7 +53,7 @@ fn widget_crd() -> Value {
         "spec": {"group": GROUP, "scope": "Namespaced",
             "names": {"plural": "widgets", "singular": "widget", "kind": "Widget", "listKind": "WidgetList", "shortNames": ["wdg"]},
             "versions": [{"name": "v1", "served": true, "storage": true,
-                "subresources": {"status": {}},
+                "subresources": {"status": {}, "scale": {"specReplicasPath": ".spec.size", "statusReplicasPath": ".status.replicas"}},
                 "additionalPrinterColumns": [
                     {"name": "Size", "type": "integer", "jsonPath": ".spec.size"},
                     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"}],
@@ -66,7 +66,7 @@ fn widget_crd() -> Value {
                             "items": {"type": "object", "required": ["name"], "properties": {
                                 "name": {"type": "string"}, "port": {"type": "integer"}}}}}},
                     "status": {"type": "object", "properties": {
-                        "phase": {"type": "string"}, "observedGeneration": {"type": "integer"}}}}}}}]}
+                        "phase": {"type": "string"}, "observedGeneration": {"type": "integer"}, "replicas": {"type": "integer"}}}}}}}]}
     })
 }
 
@@ -953,6 +953,11 @@ async fn kubectl_get_and_apply() -> R {
         format!("apiVersion: {GROUP}/v1\nkind: Widget\nmetadata:\n  name: w2\nspec:\n  size: 4\n");
     let out = tokio::task::block_in_place(|| run(&["apply"], Some(&crd)))?;
     assert!(out.contains("widget.test.pgpilot.io/w2 created"), "{out}");
+
+    // kubectl scale goes through the scale subresource the CRD declares.
+    let out = tokio::task::block_in_place(|| run(&["scale", "widget", "w", "--replicas=5"], None))?;
+    assert!(out.contains("scaled"), "{out}");
+    assert_eq!(w.get("w").await?.data["spec"]["size"], 5);
 
     // kubectl delete waits until the object is gone.
     let out = tokio::task::block_in_place(|| run(&["delete", "configmap", "settings"], None))?;

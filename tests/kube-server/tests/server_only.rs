@@ -382,8 +382,15 @@ async fn statefulset_controller_toggle() -> R {
     assert_eq!(image(&pods.get("db-1").await?), "postgres:17");
     assert_eq!(image(&pods.get("db-0").await?), "postgres:16");
 
-    // Scale down removes the highest ordinals; deleting the set collects its pods.
-    sts.patch(
+    // Scale down (through the scale subresource) removes the highest ordinals; deleting the
+    // set collects its pods.
+    let scale = sts.get_scale("db").await?;
+    assert_eq!(scale.spec.as_ref().and_then(|s| s.replicas), Some(3));
+    assert_eq!(
+        scale.status.as_ref().and_then(|s| s.selector.as_deref()),
+        Some("app=db")
+    );
+    sts.patch_scale(
         "db",
         &PatchParams::default(),
         &Patch::Merge(json!({"spec": {"replicas": 1}})),
