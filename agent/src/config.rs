@@ -60,6 +60,14 @@ pub struct RunArgs {
     /// `[backup] store`. Enables WAL archiving and base backups.
     #[arg(long, env = "PGPILOT_BACKUP_STORE")]
     pub backup_store: Option<String>,
+    /// Start as a restored copy: restore a base backup and archived WAL from the backup store
+    /// into the (empty) data dir, to the target given by the --target-* flags, then promote.
+    #[arg(long)]
+    pub bootstrap_from_backup: bool,
+    #[command(flatten)]
+    pub restore_target: crate::restore::cli::RestoreTargetArgs,
+    #[command(flatten)]
+    pub restore_options: crate::restore::cli::RestoreOptions,
 }
 
 /// The config file. Every key optional; flags and env win.

@@ -11,6 +11,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod postgres;
+pub mod restore;
 pub mod secrets;
 pub mod store;
 pub mod supervisor;
@@ -59,6 +60,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     bootstrap::prepare_dir(&cfg.socket_dir(), 0o755, owner.as_ref())?;
 
     let data_state = bootstrap::inspect(&cfg.data_dir, &bins)?;
+    let initial_restore = if args.bootstrap_from_backup {
+        if cfg.backup.is_none() {
+            anyhow::bail!(
+                "--bootstrap-from-backup needs a backup store: set [backup] store or --backup-store"
+            );
+        }
+        if data_state != DataDirState::Empty {
+            anyhow::bail!(
+                "--bootstrap-from-backup restores only into an empty data dir, and {} holds a cluster; \
+                 use `pgpilot-agent restore --force` against a running agent to replace it",
+                cfg.data_dir.display()
+            );
+        }
+        Some(args.restore_target.request(&args.restore_options, false))
+    } else {
+        None
+    };
     if data_state == DataDirState::Empty {
         check_writable(cfg.data_dir.parent().unwrap_or(Path::new("/")))?;
     }
@@ -95,7 +113,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(archiver.clone().run_background(shutdown.clone()));
     }
 
-    if data_state == DataDirState::Empty {
+    if data_state == DataDirState::Empty && initial_restore.is_none() {
         shared.set_state(AgentState::Bootstrapping {
             method: BootstrapMethod::Initdb,
         });
@@ -120,12 +138,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     tokio::spawn(announce_when_running(shared.clone()));
-    supervisor::run(shared.clone(), requests, shutdown.clone()).await;
+    if initial_restore.is_some() {
+        shared.set_state(AgentState::Bootstrapping {
+            method: BootstrapMethod::Restore,
+        });
+    }
+    let result = supervisor::run(shared.clone(), requests, shutdown.clone(), initial_restore).await;
     shutdown.cancel();
     server
         .await
         .context("API server task")?
         .context("API server")?;
+    if let Err(reason) = result {
+        anyhow::bail!("{reason}");
+    }
     tracing::info!("agent stopped");
     Ok(())
 }

@@ -54,6 +54,20 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Restore a base backup and replay archived WAL to a target, then promote (Postgres ends
+    /// Running(Primary) on a new timeline). Refusals (impossible target, WAL gap, unreadable
+    /// backup) come before anything is touched.
+    Restore {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        target: pgpilot_agent::restore::cli::RestoreTargetArgs,
+        #[command(flatten)]
+        options: pgpilot_agent::restore::cli::RestoreOptions,
+        /// Replace the data dir of the running cluster (it is deleted).
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the OpenAPI document of the agent's HTTP API.
     Openapi,
     /// archive_command: archive one WAL file (`%p`); exit 0 only once stored and verified.
@@ -63,6 +77,49 @@ enum Command {
         runtime: PathBuf,
         /// `%p`: the file, relative to the data dir.
         path: String,
+    },
+    /// Take an online base backup (and, by default, follow it with a progress bar).
+    Backup {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Label recorded in backup_label and the manifest.
+        #[arg(long)]
+        label: Option<String>,
+        /// Wait for the backup to end, showing progress (`--wait=false` returns the id at once).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        wait: bool,
+    },
+    /// List backups and the recoverability window.
+    Backups {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read a backup (default: the newest complete one) and the WAL it needs, checking every
+    /// checksum; exit non-zero on any problem.
+    Verify {
+        /// The agent's runtime file (store settings).
+        #[arg(long, env = "PGPILOT_ARCHIVE_RUNTIME")]
+        runtime: PathBuf,
+        /// Backup id, e.g. 20261123T181500Z.
+        backup_id: Option<String>,
+    },
+    /// Delete old backups and the WAL only they need.
+    Retention {
+        /// The agent's runtime file (store settings).
+        #[arg(long, env = "PGPILOT_ARCHIVE_RUNTIME")]
+        runtime: PathBuf,
+        /// Keep the newest N complete backups.
+        #[arg(long)]
+        keep_last: Option<usize>,
+        /// Keep backups that stopped within this long (30m, 12h, 7d, 2w).
+        #[arg(long)]
+        keep_within: Option<String>,
+        /// Print what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// restore_command: restore one WAL file (`%f`) into `%p`; exit 1 quietly when the archive
     /// does not hold it.
@@ -189,6 +246,29 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Backup { api, label, wait } => {
+            pgpilot_agent::archive::cli::backup(&api.client(true)?, label, wait).await
+        }
+        Command::Backups { api, json } => {
+            pgpilot_agent::archive::cli::backups(&api.client(false)?, json).await
+        }
+        Command::Verify { runtime, backup_id } => {
+            pgpilot_agent::archive::cli::verify(&runtime, backup_id.as_deref()).await
+        }
+        Command::Retention {
+            runtime,
+            keep_last,
+            keep_within,
+            dry_run,
+        } => {
+            pgpilot_agent::archive::cli::retention(
+                &runtime,
+                keep_last,
+                keep_within.as_deref(),
+                dry_run,
+            )
+            .await
+        }
         Command::WalPush { runtime, path } => {
             pgpilot_agent::archive::cmd::wal_push(&runtime, &path).await
         }
@@ -202,6 +282,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 // Postgres asks for files past the end of the archive on purpose; say nothing.
                 pgpilot_agent::archive::cmd::Fetched::Missing => std::process::exit(1),
             }
+        }
+        Command::Restore {
+            api,
+            target,
+            options,
+            force,
+        } => {
+            let req = target.request(&options, force);
+            pgpilot_agent::restore::cli::run_restore(&api.client(true)?, &req).await
         }
         Command::Openapi => {
             print!("{}", pgpilot_agent::http::openapi::document());

@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgpilot_common::api::{LifecycleResponse, ReloadResponse, ShutdownMode};
+use pgpilot_common::api::{
+    LifecycleResponse, ReloadResponse, RestoreAccepted, RestorePhase, RestoreProgress,
+    RestoreRequest, ShutdownMode,
+};
 use pgpilot_common::state::{AgentState, Role};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -16,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::postgres::bins::PgBinaries;
-use crate::postgres::process::Postmaster;
+use crate::postgres::process::{LogTail, Postmaster};
 use crate::postgres::{OsUser, conf, sql};
+use crate::restore::{self, RestorePlan};
 use crate::secrets::Secret;
 
 /// How long a fast or smart shutdown may take before the agent escalates to immediate.
@@ -32,6 +36,10 @@ const STABLE_RUN: Duration = Duration::from_secs(60);
 pub enum ActionError {
     #[error("{message} (agent state: {state})")]
     Conflict { state: AgentState, message: String },
+    /// The request cannot be carried out as asked (an impossible restore target); nothing was
+    /// touched.
+    #[error("{0}")]
+    Refused(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -54,6 +62,10 @@ pub enum Request {
     },
     Reload {
         reply: Reply<ReloadResponse>,
+    },
+    Restore {
+        req: RestoreRequest,
+        reply: Reply<RestoreAccepted>,
     },
 }
 
@@ -80,6 +92,12 @@ pub struct Shared {
     pub archiver: Option<Arc<crate::archive::push::WalArchiver>>,
     /// WAL fetching for recovery, when a backup store is configured.
     pub fetcher: Option<Arc<crate::archive::fetch::WalFetcher>>,
+    /// Base backup runs of this agent (API progress, one at a time).
+    pub backups: crate::archive::backup::BackupRuns,
+    /// The current or last restore's progress.
+    pub restore: Mutex<Option<restore::Progress>>,
+    /// Postgres' last log lines.
+    pub pg_log: LogTail,
     pub started_at: Instant,
     /// Set once Postgres first accepted connections (the startup probe).
     pub ever_running: AtomicBool,
@@ -91,6 +109,14 @@ pub struct Shared {
 impl Shared {
     pub fn state(&self) -> AgentState {
         self.state.borrow().clone()
+    }
+
+    /// The current or last restore's progress.
+    pub fn restore_progress(&self) -> Option<RestoreProgress> {
+        let guard = self.restore.lock().expect("restore lock");
+        guard
+            .as_ref()
+            .map(|p| p.lock().expect("progress lock").clone())
     }
 
     pub fn subscribe(&self) -> watch::Receiver<AgentState> {
@@ -158,6 +184,9 @@ pub fn new(parts: Parts, initial: AgentState) -> (Arc<Shared>, mpsc::Receiver<Re
         metrics: parts.metrics,
         archiver: parts.archiver,
         fetcher: parts.fetcher,
+        backups: Default::default(),
+        restore: Mutex::new(None),
+        pg_log: LogTail::default(),
         started_at: Instant::now(),
         ever_running: AtomicBool::new(false),
         state,
@@ -179,31 +208,73 @@ enum RunEnd {
     },
     /// The agent is shutting down.
     Shutdown,
+    /// A restore was accepted and Postgres is stopped: carry it out.
+    Restore { plan: Box<RestorePlan>, force: bool },
+    /// Postgres exited while recovering towards a restore target: no restart, the data dir is
+    /// left for inspection.
+    RestoreFailed(String),
 }
 
 /// Runs Postgres until `shutdown` is cancelled, then stops it (fast) and returns.
+///
+/// `initial_restore` (from `run --bootstrap-from-backup`) restores into the empty data dir
+/// first; an error says why it could not start.
 pub async fn run(
     shared: Arc<Shared>,
     mut requests: mpsc::Receiver<Request>,
     shutdown: CancellationToken,
-) {
+    initial_restore: Option<RestoreRequest>,
+) -> Result<(), String> {
     let mut backoff = BACKOFF_MIN;
     let mut want_running = true;
+    // The state to show while Postgres stays down on purpose.
+    let mut down_state = AgentState::Stopped;
     // A lifecycle request answered once Postgres is up again (start, restart).
     let mut pending: Option<Reply<LifecycleResponse>> = None;
+    // Set while Postgres recovers towards a restore target.
+    let mut restoring: Option<restore::Progress> = None;
+    if let Some(req) = initial_restore {
+        let plan = plan_restore(&shared, &req, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        match perform_restore(&shared, &mut requests, &shutdown, plan, false).await {
+            RestoreEnd::Started(p) => restoring = Some(p),
+            RestoreEnd::Failed(reason) => return Err(reason),
+            RestoreEnd::Shutdown => return Ok(()),
+        }
+    }
     loop {
         if !want_running {
-            shared.set_state(AgentState::Stopped);
+            shared.set_state(down_state.clone());
             match wait_stopped(&shared, &mut requests, &shutdown).await {
-                Some(reply) => {
+                Stopped::Start(reply) => {
                     pending = Some(reply);
                     want_running = true;
+                    down_state = AgentState::Stopped;
                 }
-                None => return,
+                Stopped::Restore { plan, force } => {
+                    match perform_restore(&shared, &mut requests, &shutdown, *plan, force).await {
+                        RestoreEnd::Started(p) => {
+                            restoring = Some(p);
+                            want_running = true;
+                        }
+                        RestoreEnd::Failed(reason) => down_state = AgentState::Failed { reason },
+                        RestoreEnd::Shutdown => return Ok(()),
+                    }
+                    continue;
+                }
+                Stopped::Shutdown => return Ok(()),
             }
         }
         shared.set_state(AgentState::Starting);
-        let end = run_once(&shared, &mut requests, &shutdown, &mut pending).await;
+        let end = run_once(
+            &shared,
+            &mut requests,
+            &shutdown,
+            &mut pending,
+            &mut restoring,
+        )
+        .await;
         shared.update_info(|i| {
             i.postmaster_pid = None;
             i.running_since = None;
@@ -211,7 +282,29 @@ pub async fn run(
         match end {
             RunEnd::Shutdown => {
                 shared.set_state(AgentState::Stopped);
-                return;
+                return Ok(());
+            }
+            RunEnd::Restore { plan, force } => {
+                match perform_restore(&shared, &mut requests, &shutdown, *plan, force).await {
+                    RestoreEnd::Started(p) => restoring = Some(p),
+                    RestoreEnd::Failed(reason) => {
+                        want_running = false;
+                        down_state = AgentState::Failed { reason };
+                    }
+                    RestoreEnd::Shutdown => return Ok(()),
+                }
+            }
+            RunEnd::RestoreFailed(reason) => {
+                if let Some(p) = restoring.take() {
+                    let mut p = p.lock().expect("progress lock");
+                    p.phase = RestorePhase::Failed;
+                    p.error = Some(reason.clone());
+                    p.finished_at =
+                        Some(crate::archive::push::timestamp(std::time::SystemTime::now()));
+                }
+                tracing::error!("restore failed: {reason}");
+                want_running = false;
+                down_state = AgentState::Failed { reason };
             }
             RunEnd::Stopped { then_start, reply } => {
                 backoff = BACKOFF_MIN;
@@ -258,9 +351,20 @@ pub async fn run(
                             postmaster_pid: None,
                         }));
                     }
+                    BackoffEnd::Restore { plan, force } => {
+                        match perform_restore(&shared, &mut requests, &shutdown, *plan, force).await
+                        {
+                            RestoreEnd::Started(p) => restoring = Some(p),
+                            RestoreEnd::Failed(reason) => {
+                                want_running = false;
+                                down_state = AgentState::Failed { reason };
+                            }
+                            RestoreEnd::Shutdown => return Ok(()),
+                        }
+                    }
                     BackoffEnd::Shutdown => {
                         shared.set_state(AgentState::Stopped);
-                        return;
+                        return Ok(());
                     }
                 }
             }
@@ -275,8 +379,23 @@ async fn run_once(
     requests: &mut mpsc::Receiver<Request>,
     shutdown: &CancellationToken,
     pending: &mut Option<Reply<LifecycleResponse>>,
+    restoring: &mut Option<restore::Progress>,
 ) -> RunEnd {
     let cfg = &shared.cfg;
+    let started_at = Instant::now();
+    // While restoring, an exit of the postmaster ends the restore instead of being restarted.
+    let exited = |shared: &Arc<Shared>, restoring: &Option<restore::Progress>, status, stable| {
+        let reason = exit_reason(status);
+        if restoring.is_some() {
+            let why = shared.pg_log.worst().unwrap_or_else(|| reason.clone());
+            RunEnd::RestoreFailed(format!(
+                "Postgres stopped during recovery: {why}. The data dir {} is left as it is for inspection",
+                shared.cfg.data_dir.display()
+            ))
+        } else {
+            RunEnd::Crashed { reason, stable }
+        }
+    };
     let params = match cfg.reread_parameters() {
         Ok(p) => p,
         Err(e) => {
@@ -290,7 +409,12 @@ async fn run_once(
             cfg.data_dir.display()
         ));
     }
-    let mut pm = match Postmaster::spawn(&shared.bins, &cfg.data_dir, shared.owner.as_ref()) {
+    let mut pm = match Postmaster::spawn(
+        &shared.bins,
+        &cfg.data_dir,
+        shared.owner.as_ref(),
+        &shared.pg_log,
+    ) {
         Ok(pm) => pm,
         Err(e) => {
             return crashed(format!(
@@ -304,7 +428,7 @@ async fn run_once(
     // Starting: wait for connections while watching the child, requests and shutdown.
     let role = loop {
         tokio::select! {
-            status = pm.wait() => return crashed(exit_reason(status)),
+            status = pm.wait() => return exited(shared, restoring, status, false),
             _ = shutdown.cancelled() => {
                 let _ = stop(shared, &mut pm, ShutdownMode::Fast).await;
                 return RunEnd::Shutdown;
@@ -332,11 +456,19 @@ async fn run_once(
         }));
     }
     let started = Instant::now();
+    let mut role = role;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
 
     loop {
         tokio::select! {
             status = pm.wait() => {
-                return RunEnd::Crashed { reason: exit_reason(status), stable: started.elapsed() >= STABLE_RUN };
+                return exited(shared, restoring, status, started.elapsed() >= STABLE_RUN);
+            }
+            _ = tick.tick() => {
+                // Follow role changes (a promotion) and the progress of a restore.
+                if let Some(now) = follow(shared, role, restoring, started_at).await {
+                    role = now;
+                }
             }
             _ = shutdown.cancelled() => {
                 let _ = stop(shared, &mut pm, ShutdownMode::Fast).await;
@@ -354,6 +486,26 @@ async fn run_once(
                         Ok(()) => RunEnd::Stopped { then_start: false, reply: Some(reply) },
                         Err(e) => { let _ = reply.send(Err(e)); crashed("stop failed".into()) }
                     };
+                }
+                Request::Restore { req, reply } => {
+                    if restoring.is_some() {
+                        let _ = reply.send(Err(conflict(shared, "a restore is in progress")));
+                        continue;
+                    }
+                    if !req.force {
+                        let _ = reply.send(Err(conflict(shared, "Postgres runs on a data dir that holds a cluster; restoring replaces it: pass force to confirm")));
+                        continue;
+                    }
+                    match plan_restore(shared, &req, true).await {
+                        Ok(plan) => {
+                            let _ = reply.send(Ok(RestoreAccepted { backup_id: plan.manifest.id.clone(), target: plan.description.clone() }));
+                            if let Err(e) = stop(shared, &mut pm, ShutdownMode::Fast).await {
+                                return RunEnd::RestoreFailed(format!("could not stop Postgres before restoring: {e}"));
+                            }
+                            return RunEnd::Restore { plan: Box::new(plan), force: true };
+                        }
+                        Err(e) => { let _ = reply.send(Err(e)); }
+                    }
                 }
                 Request::Restart { mode, reply } => {
                     shared.metrics.requested_restarts.inc();
@@ -400,6 +552,13 @@ async fn handle_while_starting(
             let _ = reply.send(Err(conflict(
                 shared,
                 "Postgres is not running yet; nothing to reload",
+            )));
+            None
+        }
+        Request::Restore { reply, .. } => {
+            let _ = reply.send(Err(conflict(
+                shared,
+                "Postgres is starting; retry when it runs or stop it first",
             )));
             None
         }
@@ -528,20 +687,34 @@ fn exit_reason(status: std::io::Result<std::process::ExitStatus>) -> String {
     }
 }
 
-/// While stopped on request: wait for a start (returned) or shutdown (None); refuse the rest.
+/// What ends a stop.
+enum Stopped {
+    Start(Reply<LifecycleResponse>),
+    Restore { plan: Box<RestorePlan>, force: bool },
+    Shutdown,
+}
+
+/// While stopped (on request, or after a failed restore): wait for a start, a restore or
+/// shutdown; refuse the rest.
 async fn wait_stopped(
     shared: &Arc<Shared>,
     requests: &mut mpsc::Receiver<Request>,
     shutdown: &CancellationToken,
-) -> Option<Reply<LifecycleResponse>> {
+) -> Stopped {
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            req = requests.recv() => match req? {
-                Request::Start { reply } => return Some(reply),
-                Request::Stop { reply, .. } => { let _ = reply.send(Err(conflict(shared, "Postgres is already stopped"))); }
-                Request::Restart { reply, .. } => { let _ = reply.send(Err(conflict(shared, "Postgres is stopped; start it instead (POST /v1/start)"))); }
-                Request::Reload { reply } => { let _ = reply.send(Err(conflict(shared, "Postgres is stopped; nothing to reload"))); }
+            _ = shutdown.cancelled() => return Stopped::Shutdown,
+            req = requests.recv() => match req {
+                None => return Stopped::Shutdown,
+                Some(Request::Start { reply }) => return Stopped::Start(reply),
+                Some(Request::Stop { reply, .. }) => { let _ = reply.send(Err(conflict(shared, "Postgres is already stopped"))); }
+                Some(Request::Restart { reply, .. }) => { let _ = reply.send(Err(conflict(shared, "Postgres is stopped; start it instead (POST /v1/start)"))); }
+                Some(Request::Reload { reply }) => { let _ = reply.send(Err(conflict(shared, "Postgres is stopped; nothing to reload"))); }
+                Some(Request::Restore { req, reply }) => {
+                    if let Some(plan) = accept_restore(shared, &req, reply).await {
+                        return Stopped::Restore { plan: Box::new(plan), force: req.force };
+                    }
+                }
             }
         }
     }
@@ -551,10 +724,12 @@ enum BackoffEnd {
     Elapsed,
     Start(Reply<LifecycleResponse>),
     Stop(Reply<LifecycleResponse>),
+    Restore { plan: Box<RestorePlan>, force: bool },
     Shutdown,
 }
 
-/// Waits out the crash backoff; a start or restart request cuts it short, a stop ends retrying.
+/// Waits out the crash backoff; a start or restart request cuts it short, a stop ends retrying,
+/// a restore replaces the data dir.
 async fn wait_backoff(
     shared: &Arc<Shared>,
     requests: &mut mpsc::Receiver<Request>,
@@ -572,7 +747,206 @@ async fn wait_backoff(
                 Some(Request::Start { reply }) | Some(Request::Restart { reply, .. }) => return BackoffEnd::Start(reply),
                 Some(Request::Stop { reply, .. }) => return BackoffEnd::Stop(reply),
                 Some(Request::Reload { reply }) => { let _ = reply.send(Err(conflict(shared, "Postgres is down; nothing to reload"))); }
+                Some(Request::Restore { req, reply }) => {
+                    if let Some(plan) = accept_restore(shared, &req, reply).await {
+                        return BackoffEnd::Restore { plan: Box::new(plan), force: req.force };
+                    }
+                }
             }
         }
     }
+}
+
+/// Plans a restore while Postgres is down and answers the request; `Some` when accepted.
+async fn accept_restore(
+    shared: &Arc<Shared>,
+    req: &RestoreRequest,
+    reply: Reply<RestoreAccepted>,
+) -> Option<RestorePlan> {
+    let has_cluster = std::fs::read_dir(&shared.cfg.data_dir).is_ok_and(|mut d| d.next().is_some());
+    if has_cluster && !req.force {
+        let _ = reply.send(Err(conflict(
+            shared,
+            &format!(
+                "the data dir {} is not empty; restoring replaces it: pass force to confirm",
+                shared.cfg.data_dir.display()
+            ),
+        )));
+        return None;
+    }
+    match plan_restore(shared, req, has_cluster).await {
+        Ok(plan) => {
+            let _ = reply.send(Ok(RestoreAccepted {
+                backup_id: plan.manifest.id.clone(),
+                target: plan.description.clone(),
+            }));
+            Some(plan)
+        }
+        Err(e) => {
+            let _ = reply.send(Err(e));
+            None
+        }
+    }
+}
+
+/// Checks a restore request against the store (refusals before anything is touched).
+async fn plan_restore(
+    shared: &Arc<Shared>,
+    req: &RestoreRequest,
+    _replacing: bool,
+) -> Result<RestorePlan, ActionError> {
+    let Some(archiver) = &shared.archiver else {
+        return Err(conflict(
+            shared,
+            "no backup store is configured ([backup] in the config, or --backup-store)",
+        ));
+    };
+    restore::plan(archiver.store(), archiver.layout(), req)
+        .await
+        .map_err(|e| match e {
+            restore::RestoreError::Refused(m) => ActionError::Refused(m),
+            restore::RestoreError::Failed(m) => ActionError::Failed(m),
+        })
+}
+
+enum RestoreEnd {
+    /// Files restored and verified, recovery settings written: start Postgres in recovery.
+    Started(restore::Progress),
+    Failed(String),
+    Shutdown,
+}
+
+/// Downloads the backup into the (emptied) data dir and writes the recovery settings, while
+/// answering other requests with 409.
+async fn perform_restore(
+    shared: &Arc<Shared>,
+    requests: &mut mpsc::Receiver<Request>,
+    shutdown: &CancellationToken,
+    plan: RestorePlan,
+    force: bool,
+) -> RestoreEnd {
+    let progress = restore::new_progress(&plan);
+    *shared.restore.lock().expect("restore lock") = Some(progress.clone());
+    shared.set_state(AgentState::Restoring);
+    tracing::info!(backup = %plan.manifest.id, "restoring {}", plan.description);
+    let archiver = shared.archiver.as_ref().expect("planned with a store");
+    if let Some(f) = &shared.fetcher {
+        f.set_segment_size(plan.manifest.wal_segment_size);
+        let _ = f.reset_spool();
+    }
+    let work_progress = progress.clone();
+    let work = async {
+        let progress = work_progress;
+        if force {
+            restore::empty_data_dir(&shared.cfg.data_dir)?;
+        }
+        let concurrency = archiver.store().upload_concurrency() * 2;
+        restore::download(
+            archiver.store(),
+            archiver.layout(),
+            &plan,
+            &shared.cfg.data_dir,
+            shared.owner.as_ref(),
+            concurrency,
+            &progress,
+        )
+        .await?;
+        restore::write_recovery_config(&shared.cfg, &plan, shared.owner.as_ref())
+    };
+    tokio::pin!(work);
+    let result = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = shutdown.cancelled() => return RestoreEnd::Shutdown,
+            Some(req) = requests.recv() => refuse_while_restoring(shared, req),
+        }
+    };
+    match result {
+        Ok(()) => {
+            progress.lock().expect("progress lock").phase = RestorePhase::Replaying;
+            RestoreEnd::Started(progress)
+        }
+        Err(e) => {
+            let reason = format!("restore of backup {} failed: {e}", plan.manifest.id);
+            let mut p = progress.lock().expect("progress lock");
+            p.phase = RestorePhase::Failed;
+            p.error = Some(reason.clone());
+            p.finished_at = Some(crate::archive::push::timestamp(std::time::SystemTime::now()));
+            tracing::error!("{reason}");
+            RestoreEnd::Failed(reason)
+        }
+    }
+}
+
+fn refuse_while_restoring(shared: &Arc<Shared>, req: Request) {
+    let msg = "a restore is in progress";
+    match req {
+        Request::Stop { reply, .. } | Request::Start { reply } | Request::Restart { reply, .. } => {
+            let _ = reply.send(Err(conflict(shared, msg)));
+        }
+        Request::Reload { reply } => {
+            let _ = reply.send(Err(conflict(shared, msg)));
+        }
+        Request::Restore { reply, .. } => {
+            let _ = reply.send(Err(conflict(shared, msg)));
+        }
+    }
+}
+
+/// Every half second while running: notice a role change (promotion), and follow a restore's
+/// replay until Postgres promotes at the target. Returns the role when it changed.
+async fn follow(
+    shared: &Arc<Shared>,
+    role: Role,
+    restoring: &mut Option<restore::Progress>,
+    started_at: Instant,
+) -> Option<Role> {
+    if role == Role::Primary && restoring.is_none() {
+        return None;
+    }
+    let client = sql::connect(
+        &shared.cfg,
+        shared.superuser_password.expose(),
+        Duration::from_secs(2),
+    )
+    .await
+    .ok()?;
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text",
+            &[],
+        )
+        .await
+        .ok()?;
+    let in_recovery: bool = row.get(0);
+    let replayed: Option<String> = row.get(1);
+    if let Some(p) = restoring.as_ref() {
+        let mut p = p.lock().expect("progress lock");
+        if replayed.is_some() {
+            p.replayed_lsn = replayed;
+        }
+    }
+    let now = if in_recovery {
+        Role::Replica
+    } else {
+        Role::Primary
+    };
+    if now == role {
+        return None;
+    }
+    shared.set_state(AgentState::Running { role: now });
+    if now == Role::Primary {
+        ensure_roles(shared).await;
+        if let Some(p) = restoring.take() {
+            restore::clear_recovery_config(&shared.cfg);
+            let timeline = sql::status(&client).await.ok().and_then(|s| s.timeline);
+            let mut p = p.lock().expect("progress lock");
+            p.phase = RestorePhase::Completed;
+            p.timeline = timeline;
+            p.replay_seconds = Some(started_at.elapsed().as_secs_f64());
+            p.finished_at = Some(crate::archive::push::timestamp(std::time::SystemTime::now()));
+            tracing::info!(backup = %p.backup_id, ?timeline, "restore complete: promoted at {}", p.target);
+        }
+    }
+    Some(now)
 }

@@ -49,6 +49,12 @@ pub struct StatusResponse {
     /// WAL archiving health; absent when no backup store is configured.
     #[serde(default)]
     pub archive: Option<ArchiveStatus>,
+    /// The current or last restore, if any since the agent started.
+    #[serde(default)]
+    pub restore: Option<RestoreProgress>,
+    /// The newest completed base backup known to the agent; absent when none (or no store).
+    #[serde(default)]
+    pub last_backup: Option<LastBackup>,
 }
 
 /// How to shut Postgres down (`pg_ctl -m`).
@@ -146,4 +152,217 @@ pub struct ArchiveStatus {
     /// Files Postgres marked ready and has not seen archived yet.
     pub ready: usize,
     pub in_flight: usize,
+}
+
+/// `POST /v1/backups` (all fields optional; an empty body is fine).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRequest {
+    /// Free text recorded in backup_label and the manifest (default: `pgpilot <id>`).
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+/// Where a backup is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupState {
+    /// Taken by this agent right now.
+    Running,
+    /// The manifest is written: the backup exists.
+    Completed,
+    /// A run of this agent that ended in an error; it left no manifest.
+    Failed,
+    /// Objects without a manifest that this agent did not see fail (an agent killed midway,
+    /// or another agent's run): not a backup.
+    Incomplete,
+}
+
+/// Steps of a base backup, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupPhase {
+    /// `pg_backup_start`: waiting for the checkpoint.
+    Starting,
+    /// Reading and uploading the data dir.
+    Copying,
+    /// `pg_backup_stop`: waiting for the last WAL segment to be archived.
+    Stopping,
+    /// Writing backup_label and the manifest.
+    Finishing,
+    Done,
+}
+
+/// `GET /v1/backups/{id}` and the answer to `POST /v1/backups`: one backup and its progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BackupProgress {
+    pub id: String,
+    pub label: Option<String>,
+    pub state: BackupState,
+    pub phase: BackupPhase,
+    /// Why it failed (failed and incomplete backups).
+    pub reason: Option<String>,
+    /// RFC 3339.
+    pub started_at: Option<String>,
+    /// RFC 3339.
+    pub finished_at: Option<String>,
+    pub bytes_done: u64,
+    /// Known once the data dir has been walked.
+    pub bytes_total: u64,
+    pub files_done: u64,
+    pub files_total: u64,
+    /// Bytes written to the store so far.
+    pub stored_bytes: u64,
+    pub start_lsn: Option<String>,
+    pub stop_lsn: Option<String>,
+}
+
+/// A backup as listed by `GET /v1/backups`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BackupInfo {
+    pub id: String,
+    pub state: BackupState,
+    pub label: Option<String>,
+    /// RFC 3339; for backups without a manifest, the oldest object's time.
+    pub start_time: Option<String>,
+    /// RFC 3339; for backups without a manifest, the newest object's time.
+    pub stop_time: Option<String>,
+    pub start_lsn: Option<String>,
+    pub stop_lsn: Option<String>,
+    pub timeline: Option<u32>,
+    /// First and last WAL segments a restore of this backup needs.
+    pub wal_start: Option<String>,
+    pub wal_end: Option<String>,
+    /// Plaintext bytes (from the manifest; unknown without one).
+    pub size: Option<u64>,
+    /// Bytes in the store (all its objects, manifest included).
+    pub stored_size: u64,
+    pub files: u64,
+    pub postgres_version: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// What can be restored, given the backups and the archived WAL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RecoveryWindow {
+    /// The oldest completed backup: the window starts where it ends.
+    pub earliest_backup: String,
+    /// Its stop LSN: the earliest point a restore can reach.
+    pub earliest_lsn: String,
+    /// RFC 3339, its stop time.
+    pub earliest_time: String,
+    /// End of the contiguous archived WAL chain from that backup's first segment: the end LSN
+    /// of the last segment before the first gap. Absent when not even the first is archived.
+    pub latest_lsn: Option<String>,
+    /// The last segment of that chain.
+    pub latest_segment: Option<String>,
+    /// RFC 3339, when that segment was archived (an upper bound of its last commit).
+    pub latest_archived_at: Option<String>,
+    /// The first segment missing from the chain (where it stops), if the archive holds later
+    /// segments than the chain's end.
+    pub first_gap: Option<String>,
+    /// False when the chain does not even reach the backup's last needed segment: the backup
+    /// cannot be restored until that WAL is archived.
+    pub consistent: bool,
+}
+
+/// `GET /v1/backups`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BackupList {
+    /// Oldest first.
+    pub backups: Vec<BackupInfo>,
+    /// Absent when there is no completed backup.
+    pub window: Option<RecoveryWindow>,
+}
+
+/// The newest completed backup, in `/v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LastBackup {
+    pub id: String,
+    /// RFC 3339, when it finished.
+    pub time: String,
+}
+
+/// Where a restore stops.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RestoreTarget {
+    /// Replay all archived WAL.
+    Latest,
+    /// Stop as soon as the backup is consistent.
+    Immediate,
+    /// A point in time: RFC 3339 (`2026-11-23T18:05:00Z`) or Postgres style
+    /// (`2026-11-23 18:05:00+00`).
+    Time { time: String },
+    /// A WAL position, `16/B374D848`.
+    Lsn { lsn: String },
+    /// A transaction id.
+    Xid { xid: String },
+    /// A restore point created with `pg_create_restore_point`.
+    Name { name: String },
+}
+
+/// `POST /v1/restore`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    pub target: RestoreTarget,
+    /// Restore this backup instead of choosing the newest one that ends before the target.
+    #[serde(default)]
+    pub backup_id: Option<String>,
+    /// Stop just after the target (true, default) or just before it.
+    #[serde(default)]
+    pub inclusive: Option<bool>,
+    /// `latest` (default), `current`, or a timeline number.
+    #[serde(default)]
+    pub timeline: Option<String>,
+    /// Replace a data dir that holds a cluster (it is deleted). Without it, only an empty data
+    /// dir is restored into.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// The answer to `POST /v1/restore`: accepted, running in the background.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RestoreAccepted {
+    pub backup_id: String,
+    /// What recovery will stop at, in words.
+    pub target: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RestorePhase {
+    /// Downloading and verifying the base backup's files.
+    Downloading,
+    /// Postgres replays archived WAL towards the target.
+    Replaying,
+    /// Promoted at the target: Running(Primary) on a new timeline.
+    Completed,
+    Failed,
+}
+
+/// Progress of the current or last restore, in `/v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RestoreProgress {
+    pub phase: RestorePhase,
+    pub backup_id: String,
+    pub target: String,
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Last replayed WAL position while replaying.
+    pub replayed_lsn: Option<String>,
+    /// Timeline after promotion.
+    pub timeline: Option<u32>,
+    /// RFC 3339.
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    /// Seconds spent downloading the base backup.
+    pub download_seconds: Option<f64>,
+    /// Seconds from Postgres start to promotion.
+    pub replay_seconds: Option<f64>,
+    /// Why it failed, in words.
+    pub error: Option<String>,
 }

@@ -7,7 +7,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::{
-    ErrorBody, LifecycleResponse, ReloadResponse, ShutdownRequest, StatusResponse, WalFetchRequest,
+    BackupList, BackupProgress, BackupRequest, ErrorBody, LifecycleResponse, ReloadResponse,
+    RestoreAccepted, RestoreRequest, ShutdownRequest, StatusResponse, WalFetchRequest,
     WalFetchResponse, WalPushRequest, WalPushResponse,
 };
 
@@ -94,12 +95,32 @@ impl AgentClient {
         self.call(Method::POST, "/v1/reload", None::<&()>).await
     }
 
+    pub async fn restore(&self, req: &RestoreRequest) -> Result<RestoreAccepted, ClientError> {
+        self.call(Method::POST, "/v1/restore", Some(req)).await
+    }
+
     pub async fn wal_push(&self, req: &WalPushRequest) -> Result<WalPushResponse, ClientError> {
         self.call(Method::POST, "/v1/wal/push", Some(req)).await
     }
 
     pub async fn wal_fetch(&self, req: &WalFetchRequest) -> Result<WalFetchResponse, ClientError> {
         self.call(Method::POST, "/v1/wal/fetch", Some(req)).await
+    }
+
+    /// Starts a base backup (`POST /v1/backups`); answers at once with its id.
+    pub async fn start_backup(&self, req: &BackupRequest) -> Result<BackupProgress, ClientError> {
+        self.call(Method::POST, "/v1/backups", Some(req)).await
+    }
+
+    /// One backup and its progress (`GET /v1/backups/{id}`).
+    pub async fn backup(&self, id: &str) -> Result<BackupProgress, ClientError> {
+        self.call(Method::GET, &format!("/v1/backups/{id}"), None::<&()>)
+            .await
+    }
+
+    /// The store's backups and the recoverability window (`GET /v1/backups`).
+    pub async fn backups(&self) -> Result<BackupList, ClientError> {
+        self.call(Method::GET, "/v1/backups", None::<&()>).await
     }
 
     async fn call<B: Serialize, T: DeserializeOwned>(

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod client;
 pub mod layout;
+pub mod manifest;
 pub mod state;
 pub mod wal;
 

@@ -19,6 +19,8 @@ pub enum Role {
 #[serde(rename_all = "lowercase")]
 pub enum BootstrapMethod {
     Initdb,
+    /// From a base backup and archived WAL (`run --bootstrap-from-backup`).
+    Restore,
 }
 
 /// The agent's state. Serialized as `{"state": "Running", "role": "Primary"}` and so on.
@@ -29,6 +31,9 @@ pub enum AgentState {
     Initializing,
     /// Creating the data dir.
     Bootstrapping { method: BootstrapMethod },
+    /// Restoring a base backup into the data dir (progress in `/v1/status`, `restore`). Postgres
+    /// then starts in recovery (`Starting`, `Running(Replica)`) and promotes at the target.
+    Restoring,
     /// The postmaster is started and the agent waits until it accepts connections.
     Starting,
     /// Postgres accepts connections.
@@ -48,6 +53,7 @@ impl AgentState {
         match self {
             AgentState::Initializing => "Initializing",
             AgentState::Bootstrapping { .. } => "Bootstrapping",
+            AgentState::Restoring => "Restoring",
             AgentState::Starting => "Starting",
             AgentState::Running { .. } => "Running",
             AgentState::Stopping => "Stopping",
@@ -57,9 +63,10 @@ impl AgentState {
     }
 
     /// Every state name, for metrics that export one series per state.
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 8] = [
         "Initializing",
         "Bootstrapping",
+        "Restoring",
         "Starting",
         "Running",
         "Stopping",

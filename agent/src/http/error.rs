@@ -21,6 +21,9 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{message}")]
     Conflict { state: AgentState, message: String },
+    /// Well-formed, but impossible with what exists (a restore target no backup can reach).
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("{message}")]
     Unavailable {
         state: Option<AgentState>,
@@ -38,6 +41,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -50,6 +54,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Conflict { .. } => "conflict",
+            ApiError::Unprocessable(_) => "refused",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -63,6 +68,7 @@ impl From<ActionError> for ApiError {
                 message: format!("{message} (agent state: {state})"),
                 state,
             },
+            ActionError::Refused(message) => ApiError::Unprocessable(message),
             ActionError::Failed(message) => ApiError::Internal(message),
         }
     }

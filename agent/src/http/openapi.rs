@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::routes::{lifecycle, metrics, probes, status, wal};
+use super::routes::{backups, lifecycle, metrics, probes, restore, status, wal};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -16,7 +16,8 @@ use super::routes::{lifecycle, metrics, probes, status, wal};
         probes::healthz, probes::readyz, probes::startupz, probes::primary, probes::replica,
         metrics::metrics, status::status,
         lifecycle::stop, lifecycle::start, lifecycle::restart, lifecycle::reload,
-        wal::push, wal::fetch,
+        wal::push, wal::fetch, restore::restore,
+        backups::start, backups::list, backups::get,
     ),
     modifiers(&BearerAuth)
 )]

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ApiError;
 use super::auth::require_token;
-use super::routes::{lifecycle, metrics, probes, status, wal};
+use super::routes::{backups, lifecycle, metrics, probes, restore, status, wal};
 use crate::supervisor::Shared;
 
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -29,7 +29,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/primary", get(probes::primary))
         .route("/replica", get(probes::replica))
         .route("/metrics", get(metrics::metrics))
-        .route("/v1/status", get(status::status));
+        .route("/v1/status", get(status::status))
+        // Backup listing and progress: read-only, ids, times, LSNs and sizes, no secret (the
+        // store URL carries no credentials), like /v1/status. Starting one needs the token.
+        .route("/v1/backups", get(backups::list))
+        .route("/v1/backups/{id}", get(backups::get));
     // Bearer token: everything that changes the state of Postgres.
     let protected = Router::new()
         .route("/v1/restart", post(lifecycle::restart))
@@ -37,8 +41,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/start", post(lifecycle::start))
         .route("/v1/reload", post(lifecycle::reload))
         // Archiving: wal-push and wal-fetch carry the token from the agent's runtime file.
+        .route("/v1/restore", post(restore::restore))
         .route("/v1/wal/push", post(wal::push))
         .route("/v1/wal/fetch", post(wal::fetch))
+        .route("/v1/backups", post(backups::start))
         .route_layer(middleware::from_fn_with_state(
             shared.clone(),
             require_token,

@@ -145,6 +145,11 @@ pub fn render_pgpilot_conf(cfg: &Config, user: &BTreeMap<String, String>) -> Str
     for (name, value) in settings(cfg, user) {
         s.push_str(&format!("{name} = {}\n", quote(&value)));
     }
+    // Present only while a restore recovers towards its target (restore/mod.rs).
+    s.push_str(&format!(
+        "include_if_exists = {}\n",
+        quote(crate::restore::RECOVERY_CONF)
+    ));
     s
 }
 

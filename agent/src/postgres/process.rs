@@ -19,6 +19,45 @@ use tokio::process::{Child, Command};
 use super::bins::PgBinaries;
 use super::{OsUser, run_as};
 
+/// The last lines Postgres printed, to explain a failed start or recovery in the agent's own
+/// words ("recovery ended before configured recovery target was reached").
+#[derive(Debug, Clone, Default)]
+pub struct LogTail(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
+
+impl LogTail {
+    const KEEP: usize = 30;
+
+    fn push(&self, line: &str) {
+        let mut q = self.0.lock().expect("log tail lock");
+        if q.len() == Self::KEEP {
+            q.pop_front();
+        }
+        q.push_back(line.to_string());
+    }
+
+    pub fn clear(&self) {
+        self.0.lock().expect("log tail lock").clear();
+    }
+
+    /// The most telling recent line: the last PANIC or FATAL, else the last ERROR.
+    pub fn worst(&self) -> Option<String> {
+        let q = self.0.lock().expect("log tail lock");
+        let find = |tag: &str| q.iter().rev().find(|l| l.contains(tag)).cloned();
+        find("PANIC:")
+            .or_else(|| find("FATAL:"))
+            .or_else(|| find("ERROR:"))
+            .map(|l| {
+                // Drop the timestamp and pid prefix; keep "FATAL:  ..." onwards.
+                let at = ["PANIC:", "FATAL:", "ERROR:"]
+                    .iter()
+                    .filter_map(|t| l.find(t))
+                    .min()
+                    .unwrap_or(0);
+                l[at..].split_whitespace().collect::<Vec<_>>().join(" ")
+            })
+    }
+}
+
 /// A running postmaster owned by the agent.
 #[derive(Debug)]
 pub struct Postmaster {
@@ -33,6 +72,7 @@ impl Postmaster {
         bins: &PgBinaries,
         data_dir: &Path,
         user: Option<&OsUser>,
+        tail: &LogTail,
     ) -> std::io::Result<Postmaster> {
         let mut cmd = Command::new(bins.path("postgres"));
         cmd.arg("-D").arg(data_dir);
@@ -55,11 +95,12 @@ impl Postmaster {
         let pid = child
             .id()
             .ok_or_else(|| std::io::Error::other("postmaster exited before its pid was read"))?;
+        tail.clear();
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(forward_log(out, pid));
+            tokio::spawn(forward_log(out, pid, tail.clone()));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(forward_log(err, pid));
+            tokio::spawn(forward_log(err, pid, tail.clone()));
         }
         tracing::info!(postmaster_pid = pid, data_dir = %data_dir.display(), "postmaster started");
         Ok(Postmaster { child, pid })
@@ -148,9 +189,10 @@ fn set_parent_death_signal(cmd: &mut Command) {
 
 /// Re-emits each line Postgres prints as an agent log event with `source = "postgres"`, at a
 /// level derived from Postgres' own severity.
-async fn forward_log(stream: impl AsyncRead + Unpin, pid: u32) {
+async fn forward_log(stream: impl AsyncRead + Unpin, pid: u32, tail: LogTail) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
+        tail.push(&line);
         match severity(&line) {
             Severity::Error => {
                 tracing::error!(target: "postgres", source = "postgres", postmaster_pid = pid, "{line}")

@@ -1,7 +1,9 @@
 //! One file per group of endpoints.
 
+pub mod backups;
 pub mod lifecycle;
 pub mod metrics;
 pub mod probes;
+pub mod restore;
 pub mod status;
 pub mod wal;

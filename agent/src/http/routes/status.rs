@@ -34,6 +34,8 @@ pub async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusResponse> {
         requested_restarts: info.requested_restarts,
         last_failure: info.last_failure,
         archive: shared.archiver.as_ref().map(|a| a.status()),
+        restore: shared.restore_progress(),
+        last_backup: crate::archive::backup::last_backup(&shared),
     };
     if matches!(state, AgentState::Running { .. }) {
         let query = async {

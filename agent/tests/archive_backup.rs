@@ -1,0 +1,700 @@
+//! Base backups against real PostgreSQL (15 and 17) and real stores (file://, and s3s-fs on
+//! 15): a backup under write load completes with a manifest that lists every file, its
+//! backup_label agrees with the manifest and every WAL segment it needs is archived; verify
+//! passes and then fails, naming the object, once a stored file is tampered with; kill -9 of
+//! the agent midway leaves an incomplete backup that is never listed as complete and the next
+//! backup works; concurrent requests get 409, unknown ids 404; retention deletes exactly the
+//! old backups and the WAL before the oldest kept backup's first segment.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use pgpilot_agent::archive::backup::{FILE_DELAY_ENV, skipped};
+use pgpilot_agent::store::{Store, StoreConfig};
+use pgpilot_common::api::{BackupProgress, BackupRequest, BackupState, ErrorBody};
+use pgpilot_common::client::ClientError;
+use pgpilot_common::layout::Layout;
+use pgpilot_common::manifest::{BackupLabel, BackupManifest};
+use pgpilot_common::wal::{Segment, WalFile};
+use pgpilot_test_support::agent::{AgentFixture, AgentOptions};
+use pgpilot_test_support::s3::S3Server;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgpilot-agent");
+const LONG: Duration = Duration::from_secs(180);
+const PGBENCH: &str = "/usr/lib/postgresql/15/bin/pgbench";
+
+fn bin() -> &'static Path {
+    Path::new(BIN)
+}
+
+macro_rules! per_major {
+    ($($name:ident),* $(,)?) => {
+        mod pg15 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(15).await } )* }
+        mod pg17 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(17).await } )* }
+    };
+}
+
+per_major!(
+    backup_under_write_load_completes_and_verifies,
+    kill_9_during_a_backup_leaves_it_incomplete,
+    retention_deletes_old_backups_and_only_their_wal,
+);
+
+fn file_backup(dir: &Path) -> String {
+    format!(
+        "[backup]\nstore = \"file://{}\"\ncompression = \"zstd\"\n",
+        dir.display()
+    )
+}
+
+fn open_store(backup_toml: &str) -> Store {
+    #[derive(serde::Deserialize)]
+    struct F {
+        backup: StoreConfig,
+    }
+    let f: F = toml::from_str(backup_toml).unwrap();
+    Store::open(&f.backup).unwrap()
+}
+
+fn layout() -> Layout {
+    Layout::new("local", "0").unwrap()
+}
+
+fn runtime_file(fx: &AgentFixture) -> PathBuf {
+    fx.dir.path().join("run/archive-runtime.json")
+}
+
+/// Runs the agent binary's CLI against the fixture (API URL, token and runtime file set).
+fn cli(fx: &AgentFixture, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("PGPILOT_API_URL", format!("http://{}", fx.loopback))
+        .env("PGPILOT_API_TOKEN_FILE", fx.dir.path().join("token"))
+        .env("PGPILOT_ARCHIVE_RUNTIME", runtime_file(fx))
+        .env("PGPILOT_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn api_error(err: ClientError) -> (u16, ErrorBody) {
+    match err {
+        ClientError::Api { status, body, .. } => (status, body),
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+async fn wait_backup(fx: &AgentFixture, id: &str) -> BackupProgress {
+    let client = fx.client();
+    let deadline = Instant::now() + LONG;
+    loop {
+        let p = client.backup(id).await.unwrap();
+        if p.state != BackupState::Running {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backup {id} still running: {p:?}\n{}",
+            fx.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn take_backup(fx: &AgentFixture) -> String {
+    let started = fx
+        .client()
+        .start_backup(&BackupRequest::default())
+        .await
+        .unwrap();
+    let done = wait_backup(fx, &started.id).await;
+    assert_eq!(
+        done.state,
+        BackupState::Completed,
+        "{done:?}\n{}",
+        fx.logs()
+    );
+    started.id
+}
+
+async fn manifest(store: &Store, id: &str) -> BackupManifest {
+    let (bytes, _) = store.get_bytes(&layout().manifest_key(id)).await.unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// Write load while a backup runs: pgbench on 15 (Debian ships it), plain INSERTs on 17 (only
+/// server binaries exist for it here). Stops when `stop` is set.
+async fn start_load(
+    fx: &AgentFixture,
+    major: u32,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    let password = std::fs::read_to_string(fx.dir.path().join("superuser-password")).unwrap();
+    let port = fx.pg_port;
+    if major == 15 && Path::new(PGBENCH).exists() {
+        let pgbench = |args: &[&str]| {
+            Command::new(PGBENCH)
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+                .args(args)
+                .arg("postgres")
+                .env("PGPASSWORD", password.trim())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let status = pgbench(&["-i", "-s", "5", "-q"]).wait().unwrap();
+        assert!(status.success(), "pgbench -i failed");
+        let mut child = pgbench(&["-c", "2", "-T", "600", "-n"]);
+        tokio::task::spawn_blocking(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        })
+    } else {
+        let sql = fx.sql().await.unwrap();
+        tokio::spawn(async move {
+            sql.batch_execute(
+                "CREATE TABLE IF NOT EXISTS load (id bigint, pad text); \
+                 INSERT INTO load SELECT g, repeat('x', 200) FROM generate_series(1, 200000) g",
+            )
+            .await
+            .unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                sql.batch_execute(
+                    "INSERT INTO load SELECT g, md5(g::text) FROM generate_series(1, 20000) g; \
+                     UPDATE load SET pad = md5(pad) WHERE id % 50 = 0",
+                )
+                .await
+                .unwrap();
+            }
+        })
+    }
+}
+
+/// Files of the data dir (relative paths) that a backup must contain.
+fn data_files(data_dir: &Path) -> BTreeSet<String> {
+    fn walk(dir: &Path, rel: &str, out: &mut BTreeSet<String>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let r = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            if skipped(&r) {
+                continue;
+            }
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                if ![
+                    "pg_wal",
+                    "pg_replslot",
+                    "pg_dynshmem",
+                    "pg_notify",
+                    "pg_serial",
+                    "pg_snapshots",
+                    "pg_stat_tmp",
+                    "pg_subtrans",
+                ]
+                .contains(&r.as_str())
+                {
+                    walk(&e.path(), &r, out);
+                }
+            } else if ft.is_file() {
+                out.insert(r);
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(data_dir, "", &mut out);
+    out
+}
+
+async fn backup_under_write_load_completes_and_verifies(major: u32) {
+    let store_dir = tempfile::tempdir().unwrap();
+    let toml = file_backup(store_dir.path());
+    let fx = AgentFixture::start_with(
+        bin(),
+        major,
+        AgentOptions {
+            extra_toml: toml.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let store = open_store(&toml);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = start_load(&fx, major, stop.clone()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = data_files(&fx.data_dir());
+
+    let client = fx.client();
+    let started = client
+        .start_backup(&BackupRequest {
+            label: Some("under load".into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(started.state, BackupState::Running);
+    let done = wait_backup(&fx, &started.id).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert_eq!(
+        done.state,
+        BackupState::Completed,
+        "{done:?}\n{}",
+        fx.logs()
+    );
+    assert_eq!(done.files_done, done.files_total);
+    let id = started.id;
+
+    // The manifest lists every file that existed before and still exists, with sizes that
+    // match the stored objects; static files match the data dir exactly.
+    let m = manifest(&store, &id).await;
+    assert_eq!(m.id, id);
+    assert_eq!(m.label, "under load");
+    assert_eq!(m.postgres_major, major);
+    assert_eq!(m.timeline, 1);
+    assert_eq!(m.wal_segment_size, 16 << 20);
+    let listed: BTreeSet<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
+    let now = data_files(&fx.data_dir());
+    for f in before.intersection(&now) {
+        assert!(listed.contains(f.as_str()), "{f} missing from the manifest");
+    }
+    for f in [
+        "backup_label",
+        "PG_VERSION",
+        "global/pg_control",
+        "pg_hba.conf",
+    ] {
+        assert!(listed.contains(f), "{f} missing from the manifest");
+    }
+    for f in ["postmaster.pid", "postmaster.opts"] {
+        assert!(!listed.contains(f), "{f} must not be backed up");
+    }
+    assert!(!listed.iter().any(|f| f.starts_with("pg_wal/")));
+    for d in [
+        "pg_wal",
+        "pg_wal/archive_status",
+        "pg_replslot",
+        "pg_stat_tmp",
+    ] {
+        assert!(
+            m.directories.iter().any(|x| x.path == d),
+            "directory {d} missing"
+        );
+    }
+    for f in ["PG_VERSION", "pg_hba.conf", "postgresql.conf"] {
+        let entry = m.files.iter().find(|x| x.path == f).unwrap();
+        let len = std::fs::metadata(fx.data_dir().join(f)).unwrap().len();
+        assert_eq!(entry.size, len, "{f}");
+    }
+    assert_eq!(m.total_size, m.files.iter().map(|f| f.size).sum::<u64>());
+    let stored: u64 = store
+        .list(&layout().backup_prefix(&id))
+        .await
+        .unwrap()
+        .iter()
+        .filter(|o| o.key.contains("/data/"))
+        .map(|o| o.size)
+        .sum();
+    assert_eq!(m.total_stored_size, stored);
+
+    // backup_label agrees with the manifest, and every segment of the range is archived.
+    let (label, _) = store
+        .get_bytes(&layout().backup_file_key(&id, "backup_label"))
+        .await
+        .unwrap();
+    let label = BackupLabel::parse(std::str::from_utf8(&label).unwrap()).unwrap();
+    assert_eq!(label.start_lsn.to_string(), m.start_lsn);
+    assert_eq!(label.start_file, m.wal_start);
+    let seg = m.wal_segment_size;
+    let first = WalFile::parse(&m.wal_start, seg)
+        .unwrap()
+        .segment()
+        .unwrap();
+    let last = WalFile::parse(&m.wal_end, seg).unwrap().segment().unwrap();
+    assert!(first <= last);
+    let mut s: Segment = first;
+    while s <= last {
+        assert!(
+            store
+                .head(&layout().wal_key(&s.name(seg)))
+                .await
+                .unwrap()
+                .is_some(),
+            "{} not archived",
+            s.name(seg)
+        );
+        s = s.next();
+    }
+
+    // Listing, status and metrics know it.
+    let list = client.backups().await.unwrap();
+    let b = list.backups.iter().find(|b| b.id == id).unwrap();
+    assert_eq!(b.state, BackupState::Completed);
+    assert_eq!(b.stop_lsn.as_deref(), Some(m.stop_lsn.as_str()));
+    let w = list.window.unwrap();
+    assert_eq!(w.earliest_backup, id);
+    assert!(w.consistent, "{w:?}");
+    let status = client.status().await.unwrap();
+    assert_eq!(status.last_backup.map(|l| l.id), Some(id.clone()));
+    let metrics = reqwest::get(fx.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("pgpilot_backup_last_success_timestamp_seconds ")
+                && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("pgpilot_backup_duration_seconds_count 1"));
+
+    // verify passes; the table lists the backup.
+    let out = cli(&fx, &["verify", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("OK: "), "{}", text(&out));
+    let out = cli(&fx, &["backups"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&id) && text(&out).contains("completed"));
+
+    // Flip one byte of a stored file: verify fails and names the object.
+    let victim = m.files.iter().max_by_key(|f| f.stored_size).unwrap();
+    let key = layout().backup_file_key(&id, &victim.path);
+    let path = store_dir.path().join(&key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    std::fs::write(&path, bytes).unwrap();
+    let out = cli(&fx, &["verify", &id]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&key), "{}", text(&out));
+    assert!(text(&out).contains("FAIL"), "{}", text(&out));
+}
+
+async fn kill_9_during_a_backup_leaves_it_incomplete(major: u32) {
+    let store_dir = tempfile::tempdir().unwrap();
+    let toml = file_backup(store_dir.path());
+    let mut fx = AgentFixture::start_with(
+        bin(),
+        major,
+        AgentOptions {
+            extra_toml: toml.clone(),
+            // ~1000 files, 4 at a time: a backup takes several seconds.
+            env: vec![(FILE_DELAY_ENV.into(), "40".into())],
+        },
+    )
+    .await
+    .unwrap();
+    let store = open_store(&toml);
+    let client = fx.client();
+
+    // Unknown and malformed ids.
+    let (code, body) = api_error(client.backup("20000101T000000Z").await.unwrap_err());
+    assert_eq!(code, 404);
+    assert!(body.message.contains("20000101T000000Z"), "{body:?}");
+    let (code, _) = api_error(client.backup("no such id").await.unwrap_err());
+    assert_eq!(code, 400);
+    // Starting needs the token; reading does not.
+    let (code, _) = api_error(
+        fx.anonymous_client()
+            .start_backup(&BackupRequest::default())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 401);
+    assert!(fx.anonymous_client().backups().await.is_ok());
+
+    let started = client
+        .start_backup(&BackupRequest::default())
+        .await
+        .unwrap();
+    let id = started.id.clone();
+    let (code, body) = api_error(
+        client
+            .start_backup(&BackupRequest::default())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 409);
+    assert!(body.message.contains(&id), "{body:?}");
+    assert!(body.state.is_some());
+
+    // Kill the agent once files are being uploaded.
+    let deadline = Instant::now() + LONG;
+    loop {
+        let p = client.backup(&id).await.unwrap();
+        assert_eq!(p.state, BackupState::Running, "{p:?}");
+        if p.files_done >= 20 {
+            assert!(p.bytes_done > 0 && p.files_total > p.files_done, "{p:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{p:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fx.signal_agent(Signal::SIGKILL).unwrap();
+    fx.wait_exit(Duration::from_secs(20)).unwrap();
+    assert!(
+        store
+            .head(&layout().manifest_key(&id))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        !store
+            .list(&layout().backup_prefix(&id))
+            .await
+            .unwrap()
+            .is_empty(),
+        "the killed backup should have left objects"
+    );
+
+    fx.spawn().unwrap();
+    fx.wait_running(LONG).await.unwrap();
+    let client = fx.client();
+    let list = client.backups().await.unwrap();
+    let b = list.backups.iter().find(|b| b.id == id).unwrap();
+    assert_eq!(b.state, BackupState::Incomplete, "{b:?}");
+    assert!(list.window.is_none(), "{:?}", list.window);
+    assert_eq!(
+        client.backup(&id).await.unwrap().state,
+        BackupState::Incomplete
+    );
+    let out = cli(&fx, &["verify", &id]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("no usable manifest"), "{}", text(&out));
+
+    // The next backup works, and it is the one the window starts from.
+    let next = take_backup(&fx).await;
+    assert_ne!(next, id);
+    let list = client.backups().await.unwrap();
+    assert_eq!(list.window.unwrap().earliest_backup, next);
+    let states: Vec<(String, BackupState)> = list
+        .backups
+        .iter()
+        .map(|b| (b.id.clone(), b.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (id, BackupState::Incomplete),
+            (next, BackupState::Completed)
+        ]
+    );
+}
+
+/// Writes a little and switches segments, so backups have distinct WAL ranges.
+async fn advance_wal(fx: &AgentFixture) {
+    let sql = fx.sql().await.unwrap();
+    sql.batch_execute(
+        "CREATE TABLE IF NOT EXISTS tick (t timestamptz); INSERT INTO tick VALUES (now()); \
+         SELECT pg_switch_wal()",
+    )
+    .await
+    .unwrap();
+}
+
+async fn retention_deletes_old_backups_and_only_their_wal(major: u32) {
+    let store_dir = tempfile::tempdir().unwrap();
+    let toml = file_backup(store_dir.path());
+    let fx = AgentFixture::start_with(
+        bin(),
+        major,
+        AgentOptions {
+            extra_toml: toml.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let store = open_store(&toml);
+    let l = layout();
+
+    // An incomplete leftover older than everything, three backups (the last through the CLI,
+    // with its progress bar), a history file that must survive.
+    store
+        .put_bytes(
+            &l.backup_file_key("20000101T000000Z", "PG_VERSION"),
+            "15\n".into(),
+            pgpilot_agent::store::PutMode::CreateOnly,
+        )
+        .await
+        .unwrap();
+    store
+        .put_bytes(
+            &l.wal_key("00000005.history"),
+            "1\t0/3000000\tno recovery target specified\n".into(),
+            pgpilot_agent::store::PutMode::CreateOnly,
+        )
+        .await
+        .unwrap();
+    advance_wal(&fx).await;
+    let b1 = take_backup(&fx).await;
+    advance_wal(&fx).await;
+    advance_wal(&fx).await;
+    let b2 = take_backup(&fx).await;
+    advance_wal(&fx).await;
+    advance_wal(&fx).await;
+    let out = cli(&fx, &["backup", "--label", "from the CLI"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let b3 = text(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("backup ")?.strip_suffix(" started"))
+        .unwrap()
+        .to_string();
+    assert!(
+        text(&out).contains(&format!("backup {b3}: completed")),
+        "{}",
+        text(&out)
+    );
+    advance_wal(&fx).await;
+
+    let m3 = manifest(&store, &b3).await;
+    let seg = m3.wal_segment_size;
+    let cutoff = WalFile::parse(&m3.wal_start, seg)
+        .unwrap()
+        .segment()
+        .unwrap();
+    let wal_before: Vec<String> = store
+        .list(&l.wal_prefix())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|o| l.wal_name(&o.key).map(str::to_string))
+        .collect();
+    let doomed_wal: BTreeSet<String> = wal_before
+        .iter()
+        .filter(|n| {
+            WalFile::parse(n, seg)
+                .and_then(|f| match f {
+                    WalFile::History { .. } => None,
+                    f => f.segment(),
+                })
+                .is_some_and(|s| s.segno < cutoff.segno)
+        })
+        .cloned()
+        .collect();
+    assert!(!doomed_wal.is_empty());
+    let all_objects = |store: Store| async move {
+        store
+            .list("local/0/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect::<BTreeSet<String>>()
+    };
+    let before = all_objects(store.clone()).await;
+
+    // A policy that would keep nothing deletes nothing.
+    let out = cli(&fx, &["retention", "--keep-within", "1s"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let out2 = cli(&fx, &["retention", "--keep-within", "1s"]);
+    assert!(!out2.status.success(), "{}\n{}", text(&out), text(&out2));
+    assert!(text(&out2).contains("no complete backup would remain"));
+    assert_eq!(all_objects(store.clone()).await, before);
+
+    // Dry run: lists the right things, deletes nothing.
+    let out = cli(&fx, &["retention", "--keep-last", "1", "--dry-run"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    for id in [&b1, &b2, &"20000101T000000Z".to_string()] {
+        assert!(t.contains(&format!("would delete backup {id}")), "{t}");
+    }
+    assert!(!t.contains(&format!("would delete backup {b3}")), "{t}");
+    for n in &doomed_wal {
+        assert!(t.contains(&format!("  {n}\n")), "{n} not listed\n{t}");
+    }
+    assert!(!t.contains("00000005.history"));
+    assert!(!t.contains(&format!("  {}\n", m3.wal_start)));
+    assert_eq!(all_objects(store.clone()).await, before);
+
+    // The real run deletes exactly those.
+    let out = cli(&fx, &["retention", "--keep-last", "1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let after = all_objects(store.clone()).await;
+    let gone: BTreeSet<String> = before.difference(&after).cloned().collect();
+    let expected: BTreeSet<String> = before
+        .iter()
+        .filter(|k| {
+            [&b1, &b2, &"20000101T000000Z".to_string()]
+                .iter()
+                .any(|id| k.starts_with(&l.backup_prefix(id)))
+                || l.wal_name(k).is_some_and(|n| doomed_wal.contains(n))
+        })
+        .cloned()
+        .collect();
+    assert_eq!(gone, expected);
+    assert!(after.contains(&l.wal_key("00000005.history")));
+    let list = fx.client().backups().await.unwrap();
+    let ids: Vec<&str> = list.backups.iter().map(|b| b.id.as_str()).collect();
+    assert_eq!(ids, [b3.as_str()]);
+    let w = list.window.unwrap();
+    assert!(w.consistent && w.first_gap.is_none(), "{w:?}");
+    let out = cli(&fx, &["verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&b3));
+}
+
+/// The same backup through an S3 server (s3s-fs): multipart for the large files, create-only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_to_s3s_fs_completes_and_verifies() {
+    let s3 = S3Server::start().unwrap();
+    s3.create_bucket("archive").unwrap();
+    let (ak, sk) = s3.credential_files().unwrap();
+    let toml = format!(
+        "[backup]\nstore = \"s3://archive/pg\"\nendpoint = \"{}\"\npath_style = true\nregion = \"us-east-1\"\n\
+         access_key_id_file = \"{}\"\nsecret_access_key_file = \"{}\"\nmultipart_threshold = 5242880\npart_size = 5242880\n",
+        s3.endpoint,
+        ak.display(),
+        sk.display()
+    );
+    let fx = AgentFixture::start_with(
+        bin(),
+        15,
+        AgentOptions {
+            extra_toml: toml.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let sql = fx.sql().await.unwrap();
+    // One 20 MB table file: larger than the multipart threshold even compressed.
+    sql.batch_execute(
+        "CREATE TABLE big AS SELECT g, md5(g::text) || md5((g * 7)::text) AS pad \
+         FROM generate_series(1, 200000) g",
+    )
+    .await
+    .unwrap();
+    let id = take_backup(&fx).await;
+    let store = open_store(&toml);
+    let m = manifest(&store, &id).await;
+    assert!(
+        m.files.iter().any(|f| f.stored_size > 5 << 20),
+        "no multipart-sized file"
+    );
+    let out = cli(&fx, &["verify", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+}
