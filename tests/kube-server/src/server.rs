@@ -54,7 +54,12 @@ impl KubeTestServer {
             address: addr.to_string(),
             bookmark_interval: options.bookmark_interval,
         };
-        let router = axum::Router::new().fallback(dispatch).with_state(app);
+        // kube-apiserver accepts request bodies up to 3 MiB (axum's default is 2 MiB; large
+        // CRDs with embedded pod templates come close).
+        let router = axum::Router::new()
+            .fallback(dispatch)
+            .layer(axum::extract::DefaultBodyLimit::max(3 * 1024 * 1024))
+            .with_state(app);
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {
                 tracing::error!("test API server stopped: {e}");
