@@ -10,7 +10,7 @@ use pgpilot_common::archive::{self, Codec, Compression, KeyRing, KeySource, Writ
 use serde::{Deserialize, Serialize};
 
 /// Where and how backups are stored. Every field has a default except `store`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// Store URL: `file:///abs/path`, `file://./relative`, `s3://bucket/prefix`,
@@ -126,11 +126,62 @@ impl Default for StoreConfig {
 
 impl fmt::Display for StoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({}", self.store, self.compression)?;
+        write!(f, "{} ({}", redact_url(&self.store), self.compression)?;
         if !self.encryption_key_files.is_empty() || !self.encryption_key_env.is_empty() {
             write!(f, ", encrypted")?;
         }
         write!(f, ")")
+    }
+}
+
+/// Like a derived Debug, except that the store URL is redacted: a URL with credentials is
+/// refused by validation, but may be printed before it.
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("store", &redact_url(&self.store))
+            .field("compression", &self.compression)
+            .field("zstd_level", &self.zstd_level)
+            .field("encryption_key_files", &self.encryption_key_files)
+            .field("encryption_key_env", &self.encryption_key_env)
+            .field("require_encryption", &self.require_encryption)
+            .field("upload_concurrency", &self.upload_concurrency)
+            .field("codec_threads", &self.codec_threads)
+            .field("chunk_size", &self.chunk_size)
+            .field("multipart_threshold", &self.multipart_threshold)
+            .field("part_size", &self.part_size)
+            .field("endpoint", &self.endpoint.as_deref().map(redact_url))
+            .field("region", &self.region)
+            .field("path_style", &self.path_style)
+            .field("allow_http", &self.allow_http)
+            .field("access_key_id_file", &self.access_key_id_file)
+            .field("secret_access_key_file", &self.secret_access_key_file)
+            .field("session_token_file", &self.session_token_file)
+            .field("gcs_service_account_file", &self.gcs_service_account_file)
+            .field("gcs_anonymous", &self.gcs_anonymous)
+            .field("azure_account", &self.azure_account)
+            .field("azure_access_key_file", &self.azure_access_key_file)
+            .field("azure_use_emulator", &self.azure_use_emulator)
+            .field("request_timeout_secs", &self.request_timeout_secs)
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+/// A URL with any `user:password@` part replaced by `<redacted>@`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, url),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let out = match rest[..authority_end].rfind('@') {
+        Some(at) => format!("<redacted>@{}", &rest[at + 1..]),
+        None => rest.to_owned(),
+    };
+    match scheme {
+        Some(s) => format!("{s}://{out}"),
+        None => out,
     }
 }
 
@@ -158,9 +209,10 @@ pub enum StoreLocation {
 impl StoreLocation {
     /// Parses a store URL.
     pub fn parse(url: &str) -> Result<StoreLocation, ConfigError> {
+        let shown = redact_url(url);
         let bad = |why: &str| ConfigError::Invalid {
             field: "store",
-            problem: format!("{url:?}: {why}"),
+            problem: format!("{shown:?}: {why}"),
         };
         if url.is_empty() {
             return Err(ConfigError::Missing {
