@@ -608,12 +608,16 @@ async fn retention_deletes_old_backups_and_only_their_wal(major: u32) {
     let before = all_objects(store.clone()).await;
 
     // A policy that would keep nothing deletes nothing.
-    let out = cli(&fx, &["retention", "--keep-within", "1s"]);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let out2 = cli(&fx, &["retention", "--keep-within", "1s"]);
-    assert!(!out2.status.success(), "{}\n{}", text(&out), text(&out2));
-    assert!(text(&out2).contains("no complete backup would remain"));
-    assert_eq!(all_objects(store.clone()).await, before);
+    let out = cli(&fx, &["retention", "--keep-within", "1s"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("no complete backup would remain"),
+        "{}",
+        text(&out)
+    );
+    // (WAL keeps being archived meanwhile: compare what was there.)
+    assert!(before.is_subset(&all_objects(store.clone()).await));
 
     // Dry run: lists the right things, deletes nothing.
     let out = cli(&fx, &["retention", "--keep-last", "1", "--dry-run"]);
@@ -628,7 +632,7 @@ async fn retention_deletes_old_backups_and_only_their_wal(major: u32) {
     }
     assert!(!t.contains("00000005.history"));
     assert!(!t.contains(&format!("  {}\n", m3.wal_start)));
-    assert_eq!(all_objects(store.clone()).await, before);
+    assert!(before.is_subset(&all_objects(store.clone()).await));
 
     // The real run deletes exactly those.
     let out = cli(&fx, &["retention", "--keep-last", "1"]);

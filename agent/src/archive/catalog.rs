@@ -335,7 +335,12 @@ pub fn list(cat: &Catalog, runs: &BTreeMap<String, BackupProgress>) -> BackupLis
         .iter()
         .map(|b| (b.id.clone(), info(b, runs.get(&b.id))))
         .collect();
-    for (id, r) in runs {
+    // Runs with nothing in the store: running (nothing uploaded yet) or failed early. A
+    // completed run missing from the store was deleted (retention): not listed.
+    for (id, r) in runs
+        .iter()
+        .filter(|(_, r)| r.state != BackupState::Completed)
+    {
         backups.entry(id.clone()).or_insert_with(|| BackupInfo {
             id: id.clone(),
             state: r.state,

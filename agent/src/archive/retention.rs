@@ -231,7 +231,7 @@ mod tests {
     fn cat() -> Catalog {
         Catalog {
             backups: vec![
-                backup("20260101T000000Z-0", None),
+                backup("20251231T000000Z", None),
                 backup(
                     "20260101T000000Z",
                     Some(manifest(
@@ -301,7 +301,7 @@ mod tests {
         .unwrap();
         assert_eq!(p.keep, ["20260105T000000Z", "20260109T000000Z"]);
         // The incomplete one after the newest backup may be running: kept.
-        assert_eq!(ids(&p), ["20260101T000000Z-0", "20260101T000000Z"]);
+        assert_eq!(ids(&p), ["20251231T000000Z", "20260101T000000Z"]);
         assert_eq!(p.wal_cutoff.as_deref(), Some("000000010000000000000005"));
         assert_eq!(
             wal_names(&p),
@@ -336,7 +336,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.keep.len(), 3);
-        assert_eq!(ids(&p), ["20260101T000000Z-0"]);
+        assert_eq!(ids(&p), ["20251231T000000Z"]);
         assert_eq!(wal_names(&p), ["000000010000000000000001"]);
     }
 

@@ -102,7 +102,11 @@ pub async fn get(
             "{id:?} is not a backup id (like 20261123T181500Z)"
         )));
     }
-    if let Some(p) = shared.backups.get(&id) {
+    // This agent's running or failed runs; completed ones are answered from the store, which
+    // says whether they still exist (retention may have deleted them).
+    if let Some(p) = shared.backups.get(&id)
+        && p.state != pgpilot_common::api::BackupState::Completed
+    {
         return Ok(Json(p));
     }
     let archiver = shared.archiver.as_ref().ok_or_else(|| {
