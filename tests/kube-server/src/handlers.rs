@@ -262,6 +262,7 @@ fn resource(
     let store = &app.store;
     let ns = t.namespace.clone().unwrap_or_default();
     let dry_run = q.get("dryRun").is_some_and(|v| v == "All");
+    let strict = q.get("fieldValidation").is_some_and(|v| v == "Strict");
     if t.subresource.as_deref() == Some("scale")
         && let (Some(paths), Some(name)) = (rt.scale.as_ref(), t.name.as_deref())
     {
@@ -344,7 +345,14 @@ fn resource(
             }
             Method::POST => {
                 let obj = parse_body(body, true)?;
-                let out = store.create(&rt, &ns, obj, &manager(q, headers), dry_run)?;
+                let mgr = manager(q, headers);
+                let opts = WriteOptions {
+                    scope: Scope::Main,
+                    manager: &mgr,
+                    dry_run,
+                    strict,
+                };
+                let out = store.create(&rt, &ns, obj, &opts)?;
                 Ok((StatusCode::CREATED, axum::Json(v(out))).into_response())
             }
             Method::DELETE => {
@@ -383,6 +391,7 @@ fn resource(
                 scope,
                 manager: &mgr,
                 dry_run,
+                strict,
             };
             Ok(ok(v(store.update(&rt, &ns, &name, obj, &opts)?)))
         }
@@ -425,6 +434,7 @@ fn resource(
                     scope,
                     manager: &manager(q, headers),
                     dry_run,
+                    strict,
                 },
             )?);
             // Apply that creates answers 201, as the real server does.
@@ -539,6 +549,7 @@ fn scale(
         scope: Scope::Main,
         manager: &mgr,
         dry_run,
+        strict: false,
     };
     let out = store.update(rt, ns, name, updated, &opts)?;
     Ok(ok(crate::scale::view(paths, &out)))

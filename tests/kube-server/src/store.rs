@@ -98,6 +98,8 @@ pub struct WriteOptions<'a> {
     pub scope: Scope,
     pub manager: &'a str,
     pub dry_run: bool,
+    /// `fieldValidation=Strict`: unknown fields of a custom resource are an error, not pruned.
+    pub strict: bool,
 }
 
 /// A watch's start: the events to send first, the resourceVersion they bring the watcher to,
@@ -143,6 +145,8 @@ pub(crate) struct State {
     /// Watches may resume from any resourceVersion >= floor.
     pub(crate) floor: u64,
     next_ip: u32,
+    /// Set for the duration of one client write that asked for strict field validation.
+    strict: bool,
 }
 
 pub fn now() -> String {
@@ -220,6 +224,7 @@ impl Store {
             history: VecDeque::new(),
             floor: 1,
             next_ip: 1,
+            strict: false,
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let rt = state
@@ -342,15 +347,20 @@ impl Store {
     fn write<R>(
         &self,
         dry_run: bool,
+        strict: bool,
         f: impl FnOnce(&mut State, &broadcast::Sender<Arc<Change>>) -> ApiResult<R>,
     ) -> ApiResult<R> {
         let mut s = self.lock();
         if dry_run {
             let mut copy = s.clone();
+            copy.strict = strict;
             let (tx, _) = broadcast::channel(1);
             return f(&mut copy, &tx);
         }
-        let out = f(&mut s, &self.tx)?;
+        s.strict = strict;
+        let out = f(&mut s, &self.tx);
+        s.strict = false;
+        let out = out?;
         s.settle(&self.tx, &self.options);
         Ok(out)
     }
@@ -360,10 +370,11 @@ impl Store {
         rt: &ResourceType,
         ns: &str,
         obj: Value,
-        manager: &str,
-        dry_run: bool,
+        opts: &WriteOptions<'_>,
     ) -> ApiResult<Value> {
-        self.write(dry_run, |s, tx| s.create_inner(rt, ns, obj, manager, tx))
+        self.write(opts.dry_run, opts.strict, |s, tx| {
+            s.create_inner(rt, ns, obj, opts.manager, tx)
+        })
     }
 
     pub fn update(
@@ -378,6 +389,7 @@ impl Store {
             scope,
             manager,
             dry_run,
+            strict,
         } = *opts;
         if meta_str(&obj, "name") != name {
             return Err(ApiError::bad_request(format!(
@@ -392,7 +404,7 @@ impl Store {
                 "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update",
             ));
         }
-        self.write(dry_run, |s, tx| {
+        self.write(dry_run, strict, |s, tx| {
             let current = s
                 .objects
                 .get(&key(rt, ns, name))
@@ -414,14 +426,15 @@ impl Store {
             scope,
             manager,
             dry_run,
+            strict,
         } = *opts;
-        self.write(dry_run, |s, tx| {
+        self.write(dry_run, strict, |s, tx| {
             s.patch_inner(rt, ns, name, body, scope, manager, tx)
         })
     }
 
-    /// Deletes (or starts deleting, with finalizers) one object. `Ok(Some(obj))` when it still
-    /// exists with a deletionTimestamp, `Ok(None)` when it is gone.
+    /// Deletes (or starts deleting, with finalizers) one object: `(object, true)` when it is
+    /// gone, `(object with its deletionTimestamp, false)` while finalizers hold it.
     pub fn delete(
         &self,
         rt: &ResourceType,
@@ -430,7 +443,7 @@ impl Store {
         opts: &DeleteOptions,
         dry_run: bool,
     ) -> ApiResult<(Value, bool)> {
-        self.write(dry_run, |s, tx| {
+        self.write(dry_run, false, |s, tx| {
             let k = key(rt, ns, name);
             let cur = s.objects.get(&k).cloned().ok_or_else(|| ApiError::not_found(&rt.qualified(), name))?;
             if let Some(u) = &opts.uid
@@ -454,7 +467,7 @@ impl Store {
         opts: &DeleteOptions,
         dry_run: bool,
     ) -> ApiResult<Vec<Value>> {
-        self.write(dry_run, |s, tx| {
+        self.write(dry_run, false, |s, tx| {
             let keys: Vec<Key> = s
                 .objects
                 .range(type_range(rt))
@@ -568,7 +581,13 @@ fn decode_continue(token: &str) -> Option<(u64, String)> {
 /// Admission as the real server's strategies do it: metadata validation for everything; for
 /// built-ins the create-time requirements and update-time immutability (`old` is the live
 /// object on updates); custom resources pruned, defaulted and validated against their schema.
-fn admit(rt: &ResourceType, name: &str, obj: &mut Value, old: Option<&Value>) -> ApiResult<()> {
+fn admit(
+    rt: &ResourceType,
+    name: &str,
+    obj: &mut Value,
+    old: Option<&Value>,
+    strict: bool,
+) -> ApiResult<()> {
     use crate::validation as v;
     let qualified =
         if rt.group.is_empty() || matches!(rt.schema, crate::resources::Schema::Builtin(_)) {
@@ -584,7 +603,24 @@ fn admit(rt: &ResourceType, name: &str, obj: &mut Value, old: Option<&Value>) ->
         .unwrap_or_default();
     match (&rt.schema, old) {
         (crate::resources::Schema::OpenApi(schema), _) => {
-            errors.extend(v::admit(schema, obj).err().unwrap_or_default())
+            let before = strict.then(|| obj.clone());
+            errors.extend(v::admit(schema, obj).err().unwrap_or_default());
+            // Strict field validation refuses what pruning would drop, with the real message.
+            let unknown = before
+                .map(|b| v::pruned_fields(&b, obj))
+                .unwrap_or_default();
+            if !unknown.is_empty() {
+                return Err(ApiError::bad_request(format!(
+                    "{kind} in version \"{version}\" cannot be handled as a {kind}: strict decoding error: {fields}",
+                    kind = rt.kind,
+                    version = rt.versions[0],
+                    fields = unknown
+                        .iter()
+                        .map(|f| format!("unknown field \"{f}\""))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                )));
+            }
         }
         (_, None) => errors.extend(v::builtin_create(&rt.kind, obj).err().unwrap_or_default()),
         (_, Some(old)) => errors.extend(
@@ -797,7 +833,7 @@ impl State {
         if self.objects.contains_key(&k) {
             return Err(ApiError::already_exists(&rt.qualified(), &name));
         }
-        admit(rt, &name, &mut obj, None)?;
+        admit(rt, &name, &mut obj, None, self.strict)?;
         if rt.kind == "CustomResourceDefinition" {
             from_crd(&{
                 let mut o = obj.clone();
@@ -1032,7 +1068,7 @@ impl State {
         if rt.kind == "CustomResourceDefinition" {
             from_crd(&new).map_err(|e| ApiError::invalid(&rt.kind, &name, e))?;
         }
-        admit(rt, &name, &mut new, Some(&current))?;
+        admit(rt, &name, &mut new, Some(&current), self.strict)?;
         let deleting = current.pointer("/metadata/deletionTimestamp").is_some();
         if deleting {
             let before = finalizers(&current);

@@ -46,6 +46,33 @@ pub fn admit(schema: &Value, obj: &mut Value) -> Result<(), Vec<String>> {
     }
 }
 
+/// Fields of `before` that pruning removed (nulls excepted), as `spec.a.b` paths: what
+/// `fieldValidation=Strict` reports as unknown.
+pub fn pruned_fields(before: &Value, after: &Value) -> Vec<String> {
+    fn walk(before: &Value, after: &Value, path: &str, out: &mut Vec<String>) {
+        match (before, after) {
+            (Value::Object(b), Value::Object(a)) => {
+                for (k, bv) in b {
+                    match a.get(k) {
+                        Some(av) => walk(bv, av, &join(path, k), out),
+                        None if !bv.is_null() => out.push(join(path, k)),
+                        None => {}
+                    }
+                }
+            }
+            (Value::Array(b), Value::Array(a)) if a.len() == b.len() => {
+                for (i, (bv, av)) in b.iter().zip(a).enumerate() {
+                    walk(bv, av, &format!("{path}[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(before, after, "", &mut out);
+    out
+}
+
 fn preserves(schema: &Value) -> bool {
     schema
         .get("x-kubernetes-preserve-unknown-fields")
@@ -220,6 +247,15 @@ mod tests {
             json!({"apiVersion": "x/v1", "kind": "W", "metadata": {"name": "w", "anything": 1},
             "spec": {"size": 1, "mode": "a", "opt": null, "free": {"x": {"y": 1}}, "labels": {"a": "b"}, "port": "http"}})
         );
+    }
+
+    #[test]
+    fn pruned_fields_are_reported() {
+        let before =
+            json!({"spec": {"size": 1, "bogus": true, "opt": null, "free": {"x": 1}}, "junk": 1});
+        let mut after = before.clone();
+        admit(&schema(), &mut after).unwrap();
+        assert_eq!(pruned_fields(&before, &after), ["junk", "spec.bogus"]);
     }
 
     #[test]

@@ -954,6 +954,42 @@ async fn kubectl_get_and_apply() -> R {
     let out = tokio::task::block_in_place(|| run(&["apply"], Some(&crd)))?;
     assert!(out.contains("widget.test.pgpilot.io/w2 created"), "{out}");
 
+    // kubectl ≥1.25 asks for strict field validation: an unknown field is refused, not pruned.
+    // Older kubectl (Debian's 1.20) does not ask, and the field is pruned.
+    let bogus = format!(
+        "apiVersion: {GROUP}/v1\nkind: Widget\nmetadata:\n  name: w3\nspec:\n  size: 1\n  bogus: true\n"
+    );
+    let version_text = version
+        .as_ref()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let minor = version_text
+        .split("Minor:\"")
+        .nth(1)
+        .or_else(|| version_text.split("v1.").nth(1))
+        .and_then(|rest| {
+            rest.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse::<u32>()
+                .ok()
+        })
+        .unwrap_or(99);
+    let result = tokio::task::block_in_place(|| run(&["apply"], Some(&bogus)));
+    if minor >= 25 {
+        let err = result.unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field \"spec.bogus\""),
+            "{err}"
+        );
+    } else {
+        result?;
+        assert!(
+            w.get("w3").await?.data["spec"].get("bogus").is_none(),
+            "pruned"
+        );
+    }
+
     // kubectl scale goes through the scale subresource the CRD declares.
     let out = tokio::task::block_in_place(|| run(&["scale", "widget", "w", "--replicas=5"], None))?;
     assert!(out.contains("scaled"), "{out}");
