@@ -18,7 +18,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::resources::ResourceType;
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::ssa::Scope;
-use crate::store::{DeleteOptions, PatchBody, Propagation, Selection, Store, WriteOptions};
+use crate::store::{DeleteOptions, Edit, PatchBody, Propagation, Selection, Store, WriteOptions};
 use crate::watch::WatchRequest;
 
 #[derive(Clone)]
@@ -402,13 +402,16 @@ fn resource(
                 .unwrap_or_default();
             let ct = ct.split(';').next().unwrap_or_default().trim();
             let patch = match ct {
-                "application/json-patch+json" => PatchBody::Json(
-                    serde_json::from_slice(body)
-                        .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?,
-                ),
-                "application/merge-patch+json" => PatchBody::Merge(parse_body(body, false)?),
+                "application/json-patch+json" => {
+                    PatchBody::Edit(Edit::Json(serde_json::from_slice(body).map_err(|e| {
+                        ApiError::bad_request(format!("invalid JSON patch: {e}"))
+                    })?))
+                }
+                "application/merge-patch+json" => {
+                    PatchBody::Edit(Edit::Merge(parse_body(body, false)?))
+                }
                 "application/strategic-merge-patch+json" => {
-                    PatchBody::Strategic(parse_body(body, false)?)
+                    PatchBody::Edit(Edit::Strategic(parse_body(body, false)?))
                 }
                 "application/apply-patch+yaml" => {
                     if q.get("fieldManager").is_none_or(|m| m.is_empty()) {

@@ -84,12 +84,17 @@ pub struct DeleteOptions {
     pub resource_version: Option<String>,
 }
 
-/// What a patch request carries.
+/// What a patch request carries: a server-side apply, or an edit of the live object.
 pub enum PatchBody {
+    Apply { config: Value, force: bool },
+    Edit(Edit),
+}
+
+/// The patches that edit the live object in place.
+pub enum Edit {
     Json(json_patch::Patch),
     Merge(Value),
     Strategic(Value),
-    Apply { config: Value, force: bool },
 }
 
 /// How an update or patch is made: which part of the object, by whom, and whether for real.
@@ -913,16 +918,16 @@ impl State {
                     }
                 }
             }
-            other => {
+            PatchBody::Edit(edit) => {
                 let cur = current.ok_or_else(|| ApiError::not_found(&rt.qualified(), name))?;
                 let mut new = cur.clone();
                 // The patch applies to the live object, resourceVersion included (JSON patch
                 // `test` ops on it work); it is a precondition only if the patch changes it.
-                match other {
-                    PatchBody::Json(p) => crate::merge::json_patch(&mut new, &p)
+                match edit {
+                    Edit::Json(p) => crate::merge::json_patch(&mut new, &p)
                         .map_err(|e| ApiError::invalid(&rt.kind, name, e.to_string()))?,
-                    PatchBody::Merge(p) => json_patch::merge(&mut new, &p),
-                    PatchBody::Strategic(p) => {
+                    Edit::Merge(p) => json_patch::merge(&mut new, &p),
+                    Edit::Strategic(p) => {
                         if !rt.strategic_merge {
                             return Err(ApiError::unsupported_media_type(
                                 "application/strategic-merge-patch+json",
@@ -931,7 +936,6 @@ impl State {
                         new = crate::merge::strategic_merge(rt, &new, &p)
                             .map_err(|e| ApiError::bad_request(e.to_string()))?;
                     }
-                    PatchBody::Apply { .. } => unreachable!("handled above"),
                 }
                 s.replace_inner(rt, cur, new, scope, Some(manager), tx)?
             }
