@@ -105,10 +105,6 @@ fn route(
         // to the server. Old kubectl (Debian's 1.20) only reads the protobuf form; an empty
         // message is a valid empty document.
         ["openapi", "v2"] if method == Method::GET => {
-            let accept = headers
-                .get(header::ACCEPT)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
             if accept.contains("protobuf") {
                 let pb = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf";
                 return Ok(([(header::CONTENT_TYPE, pb)], Bytes::new()).into_response());
