@@ -113,3 +113,103 @@ async fn derived_custom_resource_round_trip() -> anyhow::Result<()> {
     assert_eq!(g.spec.instances, 2);
     ns.cleanup().await
 }
+
+/// The operator's shape: a `Controller` on the custom resource that owns ConfigMaps it
+/// server-side applies; deleting a child or changing the parent brings a reconcile that puts
+/// the child back in line.
+#[tokio::test]
+async fn controller_owns_children() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::Resource;
+    use kube::api::{DeleteParams, PostParams};
+    use kube::runtime::controller::{Action, Controller};
+    use kube::runtime::watcher;
+    use std::sync::Arc;
+
+    let (client, _server) = test_client().await?;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(
+        "gizmos.derived.pgpilot.io",
+        &PatchParams::apply("pgpilot-tests").force(),
+        &Patch::Apply(Gizmo::crd()),
+    )
+    .await?;
+    let ns = TestNamespace::create(&client, "owns").await?;
+    let gizmos: Api<Gizmo> = Api::namespaced(client.clone(), ns.name());
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns.name());
+    for _ in 0..100 {
+        if gizmos.list(&ListParams::default()).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    async fn reconcile(g: Arc<Gizmo>, cms: Arc<Api<ConfigMap>>) -> Result<Action, kube::Error> {
+        let owner = g
+            .controller_owner_ref(&())
+            .expect("a namespaced object with a uid");
+        let name = format!("{}-config", g.metadata.name.as_deref().unwrap_or_default());
+        let child = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "ownerReferences": [owner]},
+            "data": {"instances": g.spec.instances.to_string()}});
+        cms.patch(
+            &name,
+            &PatchParams::apply("gizmo-operator").force(),
+            &Patch::Apply(child),
+        )
+        .await?;
+        Ok(Action::await_change())
+    }
+    let controller = Controller::new(gizmos.clone(), watcher::Config::default())
+        .owns(cms.clone(), watcher::Config::default())
+        .run(
+            reconcile,
+            |_, _, _| Action::requeue(Duration::from_secs(1)),
+            Arc::new(cms.clone()),
+        )
+        .for_each(|_| async {});
+    let task = tokio::spawn(controller);
+
+    let g = Gizmo::new(
+        "g",
+        GizmoSpec {
+            instances: 1,
+            image: None,
+            parameters: BTreeMap::new(),
+            shards: vec![],
+        },
+    );
+    gizmos.create(&PostParams::default(), &g).await?;
+    let child_says = |want: &'static str| {
+        let cms = cms.clone();
+        async move {
+            for _ in 0..100 {
+                if let Some(c) = cms.get_opt("g-config").await?
+                    && c.data
+                        .as_ref()
+                        .and_then(|d| d.get("instances"))
+                        .map(String::as_str)
+                        == Some(want)
+                {
+                    return anyhow::Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::bail!("g-config never said instances={want}")
+        }
+    };
+    child_says("1").await?;
+    gizmos
+        .patch(
+            "g",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"instances": 3}})),
+        )
+        .await?;
+    child_says("3").await?;
+    cms.delete("g-config", &DeleteParams::default()).await?;
+    child_says("3").await?;
+    task.abort();
+    ns.cleanup().await
+}
