@@ -546,6 +546,15 @@ impl Store {
 
     /// Every object whose key starts with `prefix` (e.g. `"c/0/wal/"`), sorted by key.
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        if prefix.starts_with('/')
+            || prefix.split('/').any(|s| s == "." || s == "..")
+            || prefix.contains(['\\', '\0'])
+        {
+            return Err(StoreError::InvalidKey {
+                key: prefix.to_owned(),
+                problem: "a list prefix must be relative, without . or ..",
+            });
+        }
         let object = self.object_name(prefix);
         self.inner
             .retry

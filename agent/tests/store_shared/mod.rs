@@ -539,6 +539,12 @@ pub async fn list_head_delete(base: &StoreConfig) {
         None
     );
     assert_eq!(keys(store.list("c/0/wal/").await.unwrap()).len(), 2);
+    for bad in ["../", "/etc/", "c/../../"] {
+        assert!(
+            matches!(store.list(bad).await, Err(StoreError::InvalidKey { .. })),
+            "{bad}"
+        );
+    }
     assert!(matches!(
         store
             .put_bytes("../x", Bytes::new(), PutMode::Overwrite)
