@@ -485,6 +485,21 @@ async fn kill_9_during_a_backup_leaves_it_incomplete(major: u32) {
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("no usable manifest"), "{}", text(&out));
 
+    // Not a running primary: 409 naming the state, nothing started.
+    client
+        .stop(&pgpilot_common::api::ShutdownRequest::default())
+        .await
+        .unwrap();
+    let (code, body) = api_error(
+        client
+            .start_backup(&BackupRequest::default())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 409);
+    assert_eq!(body.state, Some(pgpilot_common::state::AgentState::Stopped));
+    client.start().await.unwrap();
+
     // The next backup works, and it is the one the window starts from.
     let next = take_backup(&fx).await;
     assert_ne!(next, id);
