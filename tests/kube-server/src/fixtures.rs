@@ -1,5 +1,8 @@
 //! Helpers for tests that must also run unchanged against a real cluster: a unique namespace
-//! per test, deleted afterwards, so tests never see each other's objects.
+//! per test, deleted afterwards, so tests never see each other's objects. Cleanup is explicit
+//! (an async delete cannot run in `Drop`, and would deadlock an in-process server's runtime),
+//! so a test that fails midway leaves its namespace behind on a real cluster, labelled
+//! `pgpilot.io/test=true`.
 
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::Namespace;
@@ -17,9 +20,12 @@ impl TestNamespace {
             .map(|_| (b"abcdefghijklmnopqrstuvwxyz0123456789")[rand::random_range(0..36)] as char)
             .collect();
         let name = format!("pgpilot-test-{prefix}-{suffix}");
+        // Labelled, so namespaces a failed test left on a real cluster are easy to find:
+        // `kubectl delete ns -l pgpilot.io/test=true`.
         let ns = Namespace {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
+                labels: Some([("pgpilot.io/test".to_string(), "true".to_string())].into()),
                 ..Default::default()
             },
             ..Default::default()
