@@ -372,20 +372,18 @@ impl<'a> Walker<'a> {
                 }
             }
             (Some(x), Some(y)) => {
-                // A replaced container: both the old parts and the new value changed.
-                let mut inner = if self.granular(x) {
-                    self.fields(x)
-                } else {
-                    FieldSet::default()
-                };
-                if self.granular(y) {
-                    inner.union(&self.fields(y));
-                    set.children.entry(pe.clone()).or_default().union(&inner);
-                } else {
-                    set.members.insert(pe.clone());
-                    if !inner.is_empty() {
-                        set.children.entry(pe).or_default().union(&inner);
+                // A replaced value: whatever the old one was made of and whatever the new one
+                // is made of both changed (the field itself, when it is a leaf on either side).
+                let mut inner = FieldSet::default();
+                for v in [x, y] {
+                    if self.granular(v) {
+                        inner.union(&self.fields(v));
+                    } else {
+                        set.members.insert(pe.clone());
                     }
+                }
+                if !inner.is_empty() {
+                    set.children.entry(pe).or_default().union(&inner);
                 }
             }
             (Some(x), None) | (None, Some(x)) => self.add_child(set, pe, x),
@@ -500,6 +498,17 @@ mod tests {
                 ".spec.containers[name=\"d\"].name",
             ]
         );
+    }
+
+    #[test]
+    fn diff_of_a_leaf_turned_map_covers_both() {
+        let rt = pod();
+        let d = Walker::new(&rt).diff(
+            &json!({"spec": {"a": 1}}),
+            &json!({"spec": {"a": {"b": 2}}}),
+        );
+        let paths: Vec<String> = d.paths().iter().map(|p| display_path(p)).collect();
+        assert_eq!(paths, [".spec.a", ".spec.a.b"]);
     }
 
     #[test]
