@@ -102,7 +102,12 @@ impl Codec {
     /// Compresses one chunk into a new buffer.
     pub fn compress(&self, plain: &[u8]) -> io::Result<Vec<u8>> {
         match *self {
-            Codec::None => Ok(plain.to_vec()),
+            Codec::None => {
+                // Room for the tag or CRC appended next, so sealing does not reallocate.
+                let mut out = Vec::with_capacity(plain.len() + 16);
+                out.extend_from_slice(plain);
+                Ok(out)
+            }
             Codec::Zstd { level } => ZSTD_COMPRESSOR.with(|cell| {
                 let mut slot = cell.borrow_mut();
                 // A compression context is expensive to build (allocations sized by the level), so
@@ -163,10 +168,11 @@ pub(crate) fn compression_from_id(id: u8) -> Option<Compression> {
 /// make the reader allocate without bound).
 pub(crate) fn decompress(
     compression: Compression,
-    data: &[u8],
+    data: Vec<u8>,
     max_len: usize,
 ) -> io::Result<Vec<u8>> {
     match compression {
+        // Stored as is: hand the buffer back rather than copying it.
         Compression::None => {
             if data.len() > max_len {
                 return Err(io::Error::other(format!(
@@ -174,7 +180,7 @@ pub(crate) fn decompress(
                     data.len()
                 )));
             }
-            Ok(data.to_vec())
+            Ok(data)
         }
         Compression::Zstd => ZSTD_DECOMPRESSOR.with(|cell| {
             let mut slot = cell.borrow_mut();
@@ -183,11 +189,13 @@ pub(crate) fn decompress(
             }
             let decompressor = slot.as_mut().expect("just set");
             let mut out = Vec::with_capacity(max_len);
-            decompressor.decompress_to_buffer(data, &mut out)?;
+            decompressor.decompress_to_buffer(&data, &mut out)?;
             Ok(out)
         }),
-        Compression::Lz4 => read_bounded(lz4_flex::frame::FrameDecoder::new(data), max_len),
-        Compression::Gzip => read_bounded(flate2::read::GzDecoder::new(data), max_len),
+        Compression::Lz4 => {
+            read_bounded(lz4_flex::frame::FrameDecoder::new(data.as_slice()), max_len)
+        }
+        Compression::Gzip => read_bounded(flate2::read::GzDecoder::new(data.as_slice()), max_len),
     }
 }
 
@@ -219,10 +227,10 @@ mod tests {
             Codec::Gzip { level: 6 },
         ] {
             let packed = codec.compress(&data).unwrap();
-            let back = decompress(codec.compression(), &packed, data.len()).unwrap();
+            let back = decompress(codec.compression(), packed.clone(), data.len()).unwrap();
             assert_eq!(back, data, "{codec:?}");
             assert!(
-                decompress(codec.compression(), &packed, data.len() - 1).is_err(),
+                decompress(codec.compression(), packed.clone(), data.len() - 1).is_err(),
                 "{codec:?} bound"
             );
         }

@@ -467,7 +467,7 @@ impl ObjectContext {
         payload: Vec<u8>,
     ) -> Result<Vec<u8>, ArchiveError> {
         let body = self.unprotect(index, kind, Part::Chunk(index), payload)?;
-        let plain = codec::decompress(self.header.compression, &body, self.chunk_size())
+        let plain = codec::decompress(self.header.compression, body, self.chunk_size())
             .map_err(|e| self.malformed(format!("chunk {index} does not decompress: {e}")))?;
         if kind == RECORD_DATA && plain.len() != self.chunk_size() {
             return Err(self.malformed(format!(
