@@ -257,6 +257,27 @@ fn resource(
     let rt = t.rt.clone();
     let store = &app.store;
     let ns = t.namespace.clone().unwrap_or_default();
+    // JSON (and YAML for apply) bodies, plus the protobuf kubectl's imperative commands send
+    // for a few core types; anything else is refused like by a server that lacks the codec.
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or_default();
+    let decoded;
+    let body = if !body.is_empty() && content_type.contains("protobuf") {
+        let v = crate::protobuf::decode(body).map_err(|e| match e {
+            crate::protobuf::ProtoError::Unsupported(_) => {
+                ApiError::unsupported_media_type(content_type)
+            }
+            other => ApiError::bad_request(other.to_string()),
+        })?;
+        decoded = Bytes::from(v.to_string());
+        &decoded
+    } else if !body.is_empty() && content_type.contains("cbor") {
+        return Err(ApiError::unsupported_media_type(content_type));
+    } else {
+        body
+    };
     let dry_run = q.get("dryRun").is_some_and(|v| v == "All");
     let strict = q.get("fieldValidation").is_some_and(|v| v == "Strict");
     if t.subresource.as_deref() == Some("scale")

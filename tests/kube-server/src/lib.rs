@@ -10,6 +10,7 @@ pub mod fieldset;
 pub mod fixtures;
 pub mod handlers;
 pub mod merge;
+pub mod protobuf;
 pub mod resources;
 pub mod scale;
 pub mod selectors;

@@ -995,6 +995,32 @@ async fn kubectl_get_and_apply() -> R {
     assert!(out.contains("scaled"), "{out}");
     assert_eq!(w.get("w").await?.data["spec"]["size"], 5);
 
+    // Imperative creates, which kubectl sends as protobuf.
+    let out = tokio::task::block_in_place(|| {
+        run(
+            &[
+                "create",
+                "secret",
+                "generic",
+                "token",
+                "--from-literal=token=hunter2",
+            ],
+            None,
+        )
+    })?;
+    assert!(out.contains("secret/token created"), "{out}");
+    let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns.name())
+        .get("token")
+        .await?;
+    assert_eq!(secret.data.unwrap()["token"].0, b"hunter2");
+    let out = tokio::task::block_in_place(|| {
+        run(
+            &["create", "configmap", "plain", "--from-literal=a=1"],
+            None,
+        )
+    })?;
+    assert!(out.contains("configmap/plain created"), "{out}");
+
     // kubectl delete waits until the object is gone.
     let out = tokio::task::block_in_place(|| run(&["delete", "configmap", "settings"], None))?;
     assert!(out.contains("configmap \"settings\" deleted"), "{out}");
