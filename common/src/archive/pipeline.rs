@@ -179,6 +179,7 @@ pub struct StreamEncoder<R> {
 
 impl<R: AsyncRead + Unpin> StreamEncoder<R> {
     /// Starts a new object named `name` (used in errors), encrypted when `keys` has a writer.
+    /// Must be called inside a Tokio runtime (the chunk and hash workers are blocking tasks).
     pub fn new(
         name: &str,
         reader: R,
@@ -319,7 +320,8 @@ pub struct StreamDecoder<R> {
 }
 
 impl<R: AsyncRead + Unpin> StreamDecoder<R> {
-    /// Reads and checks the header, and finds the key.
+    /// Reads and checks the header, and finds the key. The chunk and hash workers are Tokio
+    /// blocking tasks.
     pub async fn open(
         name: &str,
         mut reader: R,
