@@ -25,24 +25,6 @@ impl FieldSet {
         self.members.is_empty() && self.children.values().all(FieldSet::is_empty)
     }
 
-    pub fn insert(&mut self, path: &[String]) {
-        match path {
-            [] => {}
-            [last] => {
-                self.members.insert(last.clone());
-            }
-            [first, rest @ ..] => self.children.entry(first.clone()).or_default().insert(rest),
-        }
-    }
-
-    pub fn contains(&self, path: &[String]) -> bool {
-        match path {
-            [] => false,
-            [last] => self.members.contains(last),
-            [first, rest @ ..] => self.children.get(first).is_some_and(|c| c.contains(rest)),
-        }
-    }
-
     /// Whether `path` or anything below it is in the set.
     pub fn touches(&self, path: &[String]) -> bool {
         match path {
@@ -426,27 +408,6 @@ impl<'a> Walker<'a> {
         } else {
             self.remove(&mut items[pos], rest)
         }
-    }
-
-    /// The value at `path` (relative to `v`), if present.
-    pub fn get<'v>(&mut self, v: &'v Value, path: &[String]) -> Option<&'v Value> {
-        let Some((pe, rest)) = path.split_first() else {
-            return Some(v);
-        };
-        if let Some(name) = pe.strip_prefix("f:") {
-            let child = v.get(name)?;
-            self.names.push(name.to_string());
-            let r = self.get(child, rest);
-            self.names.pop();
-            return r;
-        }
-        let items = v.as_array()?;
-        let item = match self.list_kind() {
-            ListKind::Map(keys) => items.iter().find(|i| key_element(i, &keys) == *pe),
-            ListKind::Set => items.iter().find(|i| value_element(i) == *pe),
-            ListKind::Atomic => None,
-        }?;
-        self.get(item, rest)
     }
 }
 

@@ -3,23 +3,23 @@
 //! only; never a dependency of a shipped binary. See docs/kube-test-server.md.
 #![forbid(unsafe_code)]
 
-pub mod controllers;
-pub mod discovery;
-pub mod error;
-pub mod fieldset;
-pub mod fixtures;
-pub mod handlers;
-pub mod merge;
-pub mod protobuf;
-pub mod resources;
-pub mod scale;
-pub mod selectors;
-pub mod server;
-pub mod ssa;
-pub mod statefulset;
-pub mod store;
-pub mod validation;
-pub mod watch;
+mod controllers;
+mod discovery;
+mod error;
+mod fieldset;
+mod fixtures;
+mod handlers;
+mod merge;
+mod protobuf;
+mod resources;
+mod scale;
+mod selectors;
+mod server;
+mod ssa;
+mod statefulset;
+mod store;
+mod validation;
+mod watch;
 
 pub use fixtures::TestNamespace;
 pub use server::{KubeTestServer, ServerOptions, kubectl_args, test_client};

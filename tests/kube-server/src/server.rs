@@ -34,7 +34,8 @@ pub struct KubeTestServer {
     addr: SocketAddr,
     store: Arc<Store>,
     task: JoinHandle<()>,
-    dir: tempfile::TempDir,
+    /// Holds the kubeconfig file; removed with the server.
+    _dir: tempfile::TempDir,
     kubeconfig: PathBuf,
 }
 
@@ -73,7 +74,7 @@ impl KubeTestServer {
             addr,
             store,
             task,
-            dir,
+            _dir: dir,
             kubeconfig,
         })
     }
@@ -93,11 +94,6 @@ impl KubeTestServer {
     /// A kubeconfig file for kubectl (`kubectl --kubeconfig <path>` or `KUBECONFIG=<path>`).
     pub fn kubeconfig_path(&self) -> &Path {
         &self.kubeconfig
-    }
-
-    /// The store, for tests that inspect or compact it directly.
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
     }
 
     /// Forgets the watch history: every watch from an older resourceVersion gets 410 Gone.
@@ -144,11 +140,6 @@ impl KubeTestServer {
             .await
             .with_context(|| format!("marking pod {namespace}/{name} ready={ready}"))?;
         Ok(())
-    }
-
-    /// The temp directory the kubeconfig lives in (removed on drop).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }
 

@@ -25,23 +25,12 @@ pub enum EventType {
     Deleted,
 }
 
-impl EventType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventType::Added => "ADDED",
-            EventType::Modified => "MODIFIED",
-            EventType::Deleted => "DELETED",
-        }
-    }
-}
-
 /// One change, as kept in the history and sent to watchers.
 #[derive(Debug)]
 pub struct Change {
     pub rv: u64,
     pub group: String,
     pub plural: String,
-    pub namespace: String,
     pub kind: EventType,
     pub object: Value,
     /// The object before the change, so a selector-filtered watch can turn a change in or out of
@@ -510,7 +499,6 @@ impl Store {
                             .unwrap_or(s.rv),
                         group: k.0.clone(),
                         plural: k.1.clone(),
-                        namespace: k.2.clone(),
                         kind: EventType::Added,
                         object: o.clone(),
                         old: None,
@@ -703,7 +691,6 @@ impl State {
             rv: self.rv,
             group: k.0.clone(),
             plural: k.1.clone(),
-            namespace: k.2.clone(),
             kind,
             object: object.clone(),
             old,
