@@ -101,7 +101,7 @@ impl StoreError {
                 // back as Generic is a server or network failure that may clear up, everything
                 // else (bad path, not supported, credentials) will not.
                 let transient = matches!(other, E::Generic { .. } | E::JoinError { .. })
-                    && !is_auth_failure(&other);
+                    && !is_permanent_refusal(&other);
                 StoreError::Backend {
                     object: object.to_owned(),
                     operation,
@@ -149,20 +149,27 @@ impl StoreError {
     }
 }
 
-fn is_auth_failure(e: &object_store::Error) -> bool {
-    // object_store reports 401/403 as Generic with the status in the message.
+/// Whether a Generic object_store error is a refusal that retrying cannot fix. object_store maps
+/// 401/403/404/409/412 to their own variants, but other 4xx statuses (400 on a bad request,
+/// 405, 411, …) reach us as Generic, with the status only in the message: "Server returned
+/// non-2xx status code: 400 Bad Request: …". 408 (timeout) and 429 (throttling) are transient.
+fn is_permanent_refusal(e: &object_store::Error) -> bool {
     let text = e.to_string();
+    if let Some(status) = http_status(&text) {
+        return (400..500).contains(&status) && status != 408 && status != 429;
+    }
     [
-        "401",
-        "403",
-        "Unauthorized",
-        "Forbidden",
         "AccessDenied",
         "SignatureDoesNotMatch",
         "InvalidAccessKeyId",
     ]
     .iter()
     .any(|needle| text.contains(needle))
+}
+
+fn http_status(text: &str) -> Option<u16> {
+    let rest = &text[text.find("status code: ")? + "status code: ".len()..];
+    rest.get(..3)?.parse().ok()
 }
 
 fn io_transient(e: &std::io::Error) -> bool {
@@ -179,4 +186,59 @@ fn io_transient(e: &std::io::Error) -> bool {
             | K::UnexpectedEof
             | K::Other
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generic(message: &str) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(std::io::Error::other(message.to_owned())),
+        }
+    }
+
+    #[test]
+    fn object_store_errors_are_classified() {
+        let classify = |e| StoreError::from_object_store("s3://b/k", "put", e);
+        for (message, transient) in [
+            (
+                "Server returned non-2xx status code: 503 Service Unavailable: slow down",
+                true,
+            ),
+            (
+                "Server returned non-2xx status code: 429 Too Many Requests: ",
+                true,
+            ),
+            (
+                "Server returned non-2xx status code: 400 Bad Request: bad digest",
+                false,
+            ),
+            (
+                "error sending request for url (http://127.0.0.1:1/b/k): connection refused",
+                true,
+            ),
+            ("<Code>SignatureDoesNotMatch</Code>", false),
+        ] {
+            let e = classify(generic(message));
+            assert_eq!(e.is_transient(), transient, "{message}");
+            assert_eq!(e.object(), Some("s3://b/k"));
+        }
+        let denied = object_store::Error::PermissionDenied {
+            path: "k".into(),
+            source: Box::new(std::io::Error::other("403")),
+        };
+        assert!(!classify(denied).is_transient());
+        let missing = object_store::Error::NotFound {
+            path: "k".into(),
+            source: Box::new(std::io::Error::other("404")),
+        };
+        assert!(matches!(classify(missing), StoreError::NotFound { .. }));
+        let exists = object_store::Error::Precondition {
+            path: "k".into(),
+            source: Box::new(std::io::Error::other("412")),
+        };
+        assert!(matches!(classify(exists), StoreError::AlreadyExists { .. }));
+    }
 }
