@@ -524,6 +524,16 @@ mod builtin_tests {
     }
 
     #[test]
+    fn secret_string_data_becomes_data() {
+        let mut s = json!({"data": {"a": "eA=="}, "stringData": {"b": "hi", "a": "y"}});
+        default_builtin("Secret", &mut s);
+        assert_eq!(
+            s,
+            json!({"data": {"a": "eQ==", "b": "aGk="}, "type": "Opaque"})
+        );
+    }
+
+    #[test]
     fn pod_and_statefulset_immutability() {
         let pod = json!({"spec": {"containers": [{"name": "c", "image": "a", "env": []}]}});
         let mut image = pod.clone();
@@ -545,9 +555,13 @@ mod builtin_tests {
 }
 
 /// Defaults of the built-in types that change how objects merge and compare: `protocol: TCP`
-/// on container and service ports (part of their list-map keys) and a Service port's
-/// `targetPort`.
+/// on container and service ports (part of their list-map keys), a Service port's
+/// `targetPort`, and a Secret's write-only `stringData` folded into `data`.
 pub fn default_builtin(kind: &str, obj: &mut Value) {
+    if kind == "Secret" {
+        secret_string_data(obj);
+        return;
+    }
     let mut ports: Vec<&mut Value> = Vec::new();
     let pod_spec = match kind {
         "Pod" => obj.get_mut("spec"),
@@ -593,4 +607,25 @@ pub fn default_builtin(kind: &str, obj: &mut Value) {
                 .or_insert_with(|| Value::String("TCP".into()));
         }
     }
+}
+
+/// A Secret's `stringData` is write-only: the server base64-encodes it into `data` (winning
+/// over the same key there) and never stores it. `type` defaults to `Opaque`.
+fn secret_string_data(obj: &mut Value) {
+    use base64::Engine as _;
+    let Some(m) = obj.as_object_mut() else { return };
+    if let Some(Value::Object(strings)) = m.remove("stringData") {
+        let data = m.entry("data").or_insert_with(|| Value::Object(Map::new()));
+        if let Some(data) = data.as_object_mut() {
+            for (k, v) in strings {
+                let text = v.as_str().unwrap_or_default().to_string();
+                data.insert(
+                    k,
+                    Value::String(base64::engine::general_purpose::STANDARD.encode(text)),
+                );
+            }
+        }
+    }
+    m.entry("type")
+        .or_insert_with(|| Value::String("Opaque".into()));
 }

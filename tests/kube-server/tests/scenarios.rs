@@ -615,6 +615,29 @@ async fn discovery_legacy_and_aggregated() -> R {
     ns.cleanup().await
 }
 
+/// A Secret written with `stringData` reads back base64 `data`, as the agent's token Secret will.
+#[tokio::test]
+async fn secret_string_data_reads_back_as_data() -> R {
+    use k8s_openapi::api::core::v1::Secret;
+    let (client, _server) = test_client().await?;
+    let ns = TestNamespace::create(&client, "secret").await?;
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns.name());
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("token".into()),
+            ..Default::default()
+        },
+        string_data: Some([("token".to_string(), "hunter2".to_string())].into()),
+        ..Default::default()
+    };
+    api.create(&PostParams::default(), &secret).await?;
+    let got = api.get("token").await?;
+    assert_eq!(got.data.unwrap()["token"].0, b"hunter2");
+    assert!(got.string_data.is_none());
+    assert_eq!(got.type_.as_deref(), Some("Opaque"));
+    ns.cleanup().await
+}
+
 /// Leader election as kube-rs users implement it on a Lease: create to acquire, a
 /// resourceVersion-guarded replace to renew, and to take over once the holder's lease expired.
 #[tokio::test]
