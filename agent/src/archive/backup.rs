@@ -410,12 +410,14 @@ async fn take(
     } else {
         "SELECT pg_start_backup($1, true, false)::text"
     };
+    let t_start = Instant::now();
     let start_lsn: String = client
         .query_one(start_sql, &[&run.label])
         .await
         .map_err(pg(format!("starting backup {} (pg_backup_start)", run.id)))?
         .get(0);
     let start_time = SystemTime::now();
+    let t_copy = Instant::now();
     run.update(|d| {
         d.start_lsn = Some(start_lsn.clone());
         d.phase = BackupPhase::Copying;
@@ -449,7 +451,9 @@ async fn take(
         .try_collect()
         .await?;
 
+    let copy_secs = t_copy.elapsed().as_secs_f64();
     run.update(|d| d.phase = BackupPhase::Stopping);
+    let t_stop = Instant::now();
     client
         .batch_execute(&format!(
             "SET statement_timeout = {}",
@@ -468,6 +472,14 @@ async fn take(
         STOP_TIMEOUT.as_secs()
     )))?;
     let stop_time = SystemTime::now();
+    // Where the time went: a slow stop means slow WAL archiving, a slow copy the store or codec.
+    tracing::info!(
+        backup = %run.id,
+        checkpoint_secs = format!("{:.2}", t_copy.duration_since(t_start).as_secs_f64()),
+        copy_secs = format!("{copy_secs:.2}"),
+        stop_secs = format!("{:.2}", t_stop.elapsed().as_secs_f64()),
+        "base backup phases"
+    );
     let stop_lsn_text: String = row.get(0);
     let labelfile: String = row.get(1);
     let spcmap: Option<String> = row.get(2);
