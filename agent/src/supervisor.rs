@@ -209,7 +209,11 @@ enum RunEnd {
     /// The agent is shutting down.
     Shutdown,
     /// A restore was accepted and Postgres is stopped: carry it out.
-    Restore { plan: Box<RestorePlan>, force: bool },
+    Restore {
+        plan: Box<RestorePlan>,
+        force: bool,
+        progress: restore::Progress,
+    },
     /// Postgres exited while recovering towards a restore target: no restart, the data dir is
     /// left for inspection.
     RestoreFailed(String),
@@ -237,7 +241,8 @@ pub async fn run(
         let plan = plan_restore(&shared, &req, false)
             .await
             .map_err(|e| e.to_string())?;
-        match perform_restore(&shared, &mut requests, &shutdown, plan, false).await {
+        let progress = install_progress(&shared, &plan);
+        match perform_restore(&shared, &mut requests, &shutdown, plan, false, progress).await {
             RestoreEnd::Started(p) => restoring = Some(p),
             RestoreEnd::Failed(reason) => return Err(reason),
             RestoreEnd::Shutdown => return Ok(()),
@@ -252,8 +257,14 @@ pub async fn run(
                     want_running = true;
                     down_state = AgentState::Stopped;
                 }
-                Stopped::Restore { plan, force } => {
-                    match perform_restore(&shared, &mut requests, &shutdown, *plan, force).await {
+                Stopped::Restore {
+                    plan,
+                    force,
+                    progress,
+                } => {
+                    match perform_restore(&shared, &mut requests, &shutdown, *plan, force, progress)
+                        .await
+                    {
                         RestoreEnd::Started(p) => {
                             restoring = Some(p);
                             want_running = true;
@@ -284,8 +295,14 @@ pub async fn run(
                 shared.set_state(AgentState::Stopped);
                 return Ok(());
             }
-            RunEnd::Restore { plan, force } => {
-                match perform_restore(&shared, &mut requests, &shutdown, *plan, force).await {
+            RunEnd::Restore {
+                plan,
+                force,
+                progress,
+            } => {
+                match perform_restore(&shared, &mut requests, &shutdown, *plan, force, progress)
+                    .await
+                {
                     RestoreEnd::Started(p) => restoring = Some(p),
                     RestoreEnd::Failed(reason) => {
                         want_running = false;
@@ -351,8 +368,20 @@ pub async fn run(
                             postmaster_pid: None,
                         }));
                     }
-                    BackoffEnd::Restore { plan, force } => {
-                        match perform_restore(&shared, &mut requests, &shutdown, *plan, force).await
+                    BackoffEnd::Restore {
+                        plan,
+                        force,
+                        progress,
+                    } => {
+                        match perform_restore(
+                            &shared,
+                            &mut requests,
+                            &shutdown,
+                            *plan,
+                            force,
+                            progress,
+                        )
+                        .await
                         {
                             RestoreEnd::Started(p) => restoring = Some(p),
                             RestoreEnd::Failed(reason) => {
@@ -498,11 +527,12 @@ async fn run_once(
                     }
                     match plan_restore(shared, &req, true).await {
                         Ok(plan) => {
-                            let _ = reply.send(Ok(RestoreAccepted { backup_id: plan.manifest.id.clone(), target: plan.description.clone() }));
+                            let progress = install_progress(shared, &plan);
+                            let _ = reply.send(Ok(accepted(&plan, &progress)));
                             if let Err(e) = stop(shared, &mut pm, ShutdownMode::Fast).await {
                                 return RunEnd::RestoreFailed(format!("could not stop Postgres before restoring: {e}"));
                             }
-                            return RunEnd::Restore { plan: Box::new(plan), force: true };
+                            return RunEnd::Restore { plan: Box::new(plan), force: true, progress };
                         }
                         Err(e) => { let _ = reply.send(Err(e)); }
                     }
@@ -625,13 +655,32 @@ async fn reload(shared: &Arc<Shared>, pm: &Postmaster) -> Result<ReloadResponse,
 /// connections yet.
 async fn probe(shared: &Arc<Shared>) -> Option<Role> {
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let client = sql::connect(
+    let client = match sql::connect(
         &shared.cfg,
         shared.superuser_password.expose(),
         Duration::from_secs(2),
     )
     .await
-    .ok()?;
+    {
+        Ok(c) => c,
+        Err(e) => {
+            // Postgres accepts connections but not our password: waiting will not help (a data dir
+            // restored from another node's backup keeps that node's superuser password).
+            if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD) {
+                let msg = format!(
+                    "Postgres refuses the superuser password from {}: it is not this cluster's password \
+                     (a restored backup keeps the password of the cluster it was taken from)",
+                    shared.cfg.superuser_password.path.display()
+                );
+                if shared.info().last_failure.as_deref() != Some(msg.as_str()) {
+                    tracing::error!("{msg}");
+                    shared.update_info(|i| i.last_failure = Some(msg));
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            return None;
+        }
+    };
     let in_recovery: bool = client
         .query_one("SELECT pg_is_in_recovery()", &[])
         .await
@@ -690,7 +739,11 @@ fn exit_reason(status: std::io::Result<std::process::ExitStatus>) -> String {
 /// What ends a stop.
 enum Stopped {
     Start(Reply<LifecycleResponse>),
-    Restore { plan: Box<RestorePlan>, force: bool },
+    Restore {
+        plan: Box<RestorePlan>,
+        force: bool,
+        progress: restore::Progress,
+    },
     Shutdown,
 }
 
@@ -711,8 +764,8 @@ async fn wait_stopped(
                 Some(Request::Restart { reply, .. }) => { let _ = reply.send(Err(conflict(shared, "Postgres is stopped; start it instead (POST /v1/start)"))); }
                 Some(Request::Reload { reply }) => { let _ = reply.send(Err(conflict(shared, "Postgres is stopped; nothing to reload"))); }
                 Some(Request::Restore { req, reply }) => {
-                    if let Some(plan) = accept_restore(shared, &req, reply).await {
-                        return Stopped::Restore { plan: Box::new(plan), force: req.force };
+                    if let Some((plan, progress)) = accept_restore(shared, &req, reply).await {
+                        return Stopped::Restore { plan: Box::new(plan), force: req.force, progress };
                     }
                 }
             }
@@ -724,7 +777,11 @@ enum BackoffEnd {
     Elapsed,
     Start(Reply<LifecycleResponse>),
     Stop(Reply<LifecycleResponse>),
-    Restore { plan: Box<RestorePlan>, force: bool },
+    Restore {
+        plan: Box<RestorePlan>,
+        force: bool,
+        progress: restore::Progress,
+    },
     Shutdown,
 }
 
@@ -748,8 +805,8 @@ async fn wait_backoff(
                 Some(Request::Stop { reply, .. }) => return BackoffEnd::Stop(reply),
                 Some(Request::Reload { reply }) => { let _ = reply.send(Err(conflict(shared, "Postgres is down; nothing to reload"))); }
                 Some(Request::Restore { req, reply }) => {
-                    if let Some(plan) = accept_restore(shared, &req, reply).await {
-                        return BackoffEnd::Restore { plan: Box::new(plan), force: req.force };
+                    if let Some((plan, progress)) = accept_restore(shared, &req, reply).await {
+                        return BackoffEnd::Restore { plan: Box::new(plan), force: req.force, progress };
                     }
                 }
             }
@@ -762,7 +819,7 @@ async fn accept_restore(
     shared: &Arc<Shared>,
     req: &RestoreRequest,
     reply: Reply<RestoreAccepted>,
-) -> Option<RestorePlan> {
+) -> Option<(RestorePlan, restore::Progress)> {
     let has_cluster = std::fs::read_dir(&shared.cfg.data_dir).is_ok_and(|mut d| d.next().is_some());
     if has_cluster && !req.force {
         let _ = reply.send(Err(conflict(
@@ -776,16 +833,30 @@ async fn accept_restore(
     }
     match plan_restore(shared, req, has_cluster).await {
         Ok(plan) => {
-            let _ = reply.send(Ok(RestoreAccepted {
-                backup_id: plan.manifest.id.clone(),
-                target: plan.description.clone(),
-            }));
-            Some(plan)
+            let progress = install_progress(shared, &plan);
+            let _ = reply.send(Ok(accepted(&plan, &progress)));
+            Some((plan, progress))
         }
         Err(e) => {
             let _ = reply.send(Err(e));
             None
         }
+    }
+}
+
+/// Publishes a new restore's progress before the request is answered, so a caller polling
+/// `/v1/status` never mistakes the previous restore's result for this one's.
+fn install_progress(shared: &Arc<Shared>, plan: &RestorePlan) -> restore::Progress {
+    let progress = restore::new_progress(plan);
+    *shared.restore.lock().expect("restore lock") = Some(progress.clone());
+    progress
+}
+
+fn accepted(plan: &RestorePlan, progress: &restore::Progress) -> RestoreAccepted {
+    RestoreAccepted {
+        backup_id: plan.manifest.id.clone(),
+        target: plan.description.clone(),
+        started_at: progress.lock().expect("progress lock").started_at.clone(),
     }
 }
 
@@ -824,9 +895,8 @@ async fn perform_restore(
     shutdown: &CancellationToken,
     plan: RestorePlan,
     force: bool,
+    progress: restore::Progress,
 ) -> RestoreEnd {
-    let progress = restore::new_progress(&plan);
-    *shared.restore.lock().expect("restore lock") = Some(progress.clone());
     shared.set_state(AgentState::Restoring);
     tracing::info!(backup = %plan.manifest.id, "restoring {}", plan.description);
     let archiver = shared.archiver.as_ref().expect("planned with a store");

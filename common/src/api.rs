@@ -326,6 +326,8 @@ pub struct RestoreRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RestoreAccepted {
     pub backup_id: String,
+    /// Identifies this restore's progress in `/v1/status` (`restore.started_at`).
+    pub started_at: String,
     /// What recovery will stop at, in words.
     pub target: String,
 }

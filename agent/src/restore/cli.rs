@@ -96,7 +96,7 @@ pub async fn run_restore(client: &AgentClient, req: &RestoreRequest) -> anyhow::
             continue;
         };
         let Some(p) = status.restore else { continue };
-        if p.backup_id != accepted.backup_id {
+        if p.started_at != accepted.started_at {
             continue;
         }
         bar.set_length(p.bytes_total);

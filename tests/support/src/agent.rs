@@ -118,12 +118,18 @@ impl AgentFixture {
 
     /// Starts the agent process, logging to `log_path`.
     pub fn spawn(&mut self) -> anyhow::Result<()> {
+        self.spawn_with_args(&[])
+    }
+
+    /// Starts the agent process with extra `run` flags.
+    pub fn spawn_with_args(&mut self, args: &[&str]) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log_path)?;
         let child = self
             .command()
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
