@@ -32,7 +32,7 @@ run: deps-run build ## Run the agent standalone on $(DATA_DIR) (Postgres on PGPO
 	  --api-listen 127.0.0.1:$(API_PORT) --api-loopback-listen 127.0.0.1:$(API_LOOPBACK_PORT)
 
 .PHONY: demo
-demo: deps-run build ## Scripted tour: start the agent, write rows, crash Postgres, see it come back
+demo: deps-run build ## Backup -> accident (DROP TABLE) -> point-in-time restore, on a standalone agent
 	DATA_DIR=$(DATA_DIR) ./scripts/demo.sh
 
 .PHONY: status

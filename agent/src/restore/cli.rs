@@ -77,10 +77,7 @@ impl RestoreTargetArgs {
 /// restore fails (Err with the agent's reason).
 pub async fn run_restore(client: &AgentClient, req: &RestoreRequest) -> anyhow::Result<()> {
     let accepted = client.restore(req).await?;
-    eprintln!(
-        "restoring backup {} to {}",
-        accepted.backup_id, accepted.target
-    );
+    eprintln!("restoring to {}", accepted.target);
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -111,8 +108,7 @@ pub async fn run_restore(client: &AgentClient, req: &RestoreRequest) -> anyhow::
             RestorePhase::Completed => {
                 bar.finish_and_clear();
                 println!(
-                    "restored backup {} to {}: promoted on timeline {} (download {:.1} s, replay {:.1} s)",
-                    p.backup_id,
+                    "restored to {}: promoted on timeline {} (download {:.1} s, replay {:.1} s)",
                     p.target,
                     p.timeline
                         .map(|t| t.to_string())
