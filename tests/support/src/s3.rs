@@ -63,7 +63,13 @@ impl S3Server {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
         let bin = crate::tools::s3s_fs()?;
-        self.child = spawn(&bin, self.dir.path(), self.port, &self.access_key, &self.secret_key)?;
+        self.child = spawn(
+            &bin,
+            self.dir.path(),
+            self.port,
+            &self.access_key,
+            &self.secret_key,
+        )?;
         self.wait_ready()
     }
 
@@ -112,8 +118,17 @@ impl Drop for S3Server {
     }
 }
 
-fn spawn(bin: &Path, dir: &Path, port: u16, access_key: &str, secret_key: &str) -> anyhow::Result<Child> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("s3s-fs.log"))?;
+fn spawn(
+    bin: &Path,
+    dir: &Path,
+    port: u16,
+    access_key: &str,
+    secret_key: &str,
+) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("s3s-fs.log"))?;
     let child = Command::new(bin)
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args(["--access-key", access_key, "--secret-key", secret_key])
