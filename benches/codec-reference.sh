@@ -3,7 +3,7 @@
 # measures this machine's reference speeds with the C tools on the same real WAL data
 # (zstd -b1, lz4 -b1, gzip, openssl speed aes-256-gcm / sha256), then prints a table of our
 # MB/s per core beside the "sum of stages" limit those tools imply, and the ratio. The table is
-# also written to target/bench/codec.md. Idempotent: installs zstd/lz4 only if missing.
+# also written to target/bench/codec.md. Idempotent: installs zstd/lz4/python3 only if missing.
 #
 #   BENCH_SKIP_CRITERION=1  reuse the last criterion results in target/criterion
 #   BENCH_FILTER=regex      pass a filter to criterion (e.g. 'segment-')
@@ -19,6 +19,7 @@ command -v zstd >/dev/null || missing+=(zstd)
 command -v lz4 >/dev/null || missing+=(lz4)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v gzip >/dev/null || missing+=(gzip)
+command -v python3 >/dev/null || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> apt-get install ${missing[*]}"
   sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -qq
