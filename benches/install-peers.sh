@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the side-by-side peers, idempotently (shared/TESTING.md):
+#   - PostgreSQL 15 (pg_basebackup, pgbench, psql) from Debian
+#   - pgBackRest from Debian (2.45 on bookworm)
+#   - barman-cloud (barman[cloud]) from PyPI in a venv made with the system python, at
+#     /opt/pgpilot-tools/barman-venv (readable by the postgres user; /root is not)
+set -euo pipefail
+venv=${BARMAN_VENV:-/opt/pgpilot-tools/barman-venv}
+apt_missing=()
+[ -x /usr/lib/postgresql/15/bin/pgbench ] || apt_missing+=(postgresql-15)
+command -v pgbackrest >/dev/null || apt_missing+=(pgbackrest)
+[ -x /usr/bin/python3 ] || apt_missing+=(python3)
+/usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null || apt_missing+=(python3-venv)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  echo "==> apt-get install ${apt_missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${apt_missing[@]}" >/dev/null
+fi
+if [ ! -x "$venv/bin/barman-cloud-wal-archive" ]; then
+  echo "==> barman[cloud] into $venv"
+  mkdir -p "$(dirname "$venv")"
+  /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip
+  "$venv/bin/pip" install -q 'barman[cloud]==3.19.*' || "$venv/bin/pip" install -q 'barman[cloud]'
+fi
+chmod -R a+rX "$(dirname "$venv")"
+echo "pgbackrest: $(pgbackrest version)"
+echo "barman-cloud: $("$venv/bin/barman-cloud-wal-archive" --version 2>&1 | tail -1)"
+echo "pg_basebackup: $(/usr/lib/postgresql/15/bin/pg_basebackup --version)"
