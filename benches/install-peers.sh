@@ -24,6 +24,8 @@ if [ ! -x "$venv/bin/barman-cloud-wal-archive" ]; then
   "$venv/bin/pip" install -q --upgrade pip
   "$venv/bin/pip" install -q 'barman[cloud]==3.19.*' || "$venv/bin/pip" install -q 'barman[cloud]'
 fi
+# --zstd needs the zstandard module (barman's optional extra)
+"$venv/bin/python" -c 'import zstandard' 2>/dev/null || "$venv/bin/pip" install -q zstandard
 chmod -R a+rX "$(dirname "$venv")"
 echo "pgbackrest: $(pgbackrest version)"
 echo "barman-cloud: $("$venv/bin/barman-cloud-wal-archive" --version 2>&1 | tail -1)"

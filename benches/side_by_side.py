@@ -1,0 +1,611 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmarks: pgpilot vs pgBackRest, barman-cloud and pg_basebackup (issue 6).
+
+    python3 benches/side_by_side.py p1|p2|p3|report [--quick]
+
+Every scenario runs pgpilot and its peers in the same run, alternating them inside each
+repetition, and writes target/bench/<scenario>.{md,json}; `report` merges them into
+target/bench/side-by-side.{md,json}. Python 3 standard library only.
+
+Environment:
+    PGPILOT_BENCH_REPS    repetitions (default: 50 full / 8 quick for P1, 3 / 1 for P3)
+    PGPILOT_BENCH_SCALE   pgbench scale for P3 (default 340 ≈ 5 GiB full, 30 quick)
+    PGPILOT_BENCH_KEEP=1  keep the work directory
+"""
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "target", "bench")
+AGENT = os.path.join(ROOT, "target", "release", "pgpilot-agent")
+PGBIN = "/usr/lib/postgresql/15/bin"
+BARMAN_VENV = os.environ.get("BARMAN_VENV", "/opt/pgpilot-tools/barman-venv")
+S3S_FS = "/opt/pgpilot-tools/bin/s3s-fs"
+QUICK = "--quick" in sys.argv or os.environ.get("PGPILOT_BENCH_QUICK") == "1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+S3_AK, S3_SK = "benchak", "benchsecretkey1234"
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def sh(cmd, **kw):
+    """Run a command, fail loudly with its output."""
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.STDOUT)
+    r = subprocess.run(cmd, text=True, **kw)
+    if r.returncode != 0:
+        raise RuntimeError(f"{cmd} exited {r.returncode}:\n{r.stdout}")
+    return r.stdout
+
+
+def timed(cmd, **kw):
+    """Wall seconds, CPU seconds (children) and max RSS (KiB) of one command."""
+    before = os.times()
+    r0 = resource_children()
+    t0 = time.perf_counter()
+    out = sh(cmd, **kw)
+    wall = time.perf_counter() - t0
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return wall, cpu, r0, out
+
+
+def resource_children():
+    import resource
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+
+
+# ---------------------------------------------------------------- machine and versions
+
+def machine():
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "ram_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+    }
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def versions():
+    def v(cmd):
+        try:
+            return subprocess.run(cmd, text=True, capture_output=True).stdout.strip().splitlines()[-1]
+        except (OSError, IndexError):
+            return "missing"
+    return {
+        "pgpilot": v([AGENT, "--version"]),
+        "pgbackrest": v(["pgbackrest", "version"]),
+        "barman-cloud": v([f"{BARMAN_VENV}/bin/barman-cloud-wal-archive", "--version"]),
+        "pg_basebackup": v([f"{PGBIN}/pg_basebackup", "--version"]),
+        "postgres": v([f"{PGBIN}/postgres", "--version"]),
+    }
+
+
+# ---------------------------------------------------------------- statistics and report
+
+def pct(xs, p):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summarize(xs):
+    return {"n": len(xs), "min": min(xs), "p50": statistics.median(xs), "p99": pct(xs, 99), "max": max(xs)}
+
+
+def fmt(x, digits=1):
+    if x is None:
+        return "n/a"
+    if isinstance(x, str):
+        return x
+    return f"{x:,.{digits}f}"
+
+
+def write_report(name, title, meta, columns, rows, notes):
+    """rows: list of dicts; columns: list of (key, header, digits). Writes md + json, prints md."""
+    os.makedirs(OUT, exist_ok=True)
+    lines = [f"### {title}", ""]
+    lines.append(f"Machine: {meta['machine']['nproc']} cores, {meta['machine']['cpu']}, "
+                 f"{meta['machine']['ram_gib']} GiB RAM; load average before {meta['load_before']}, "
+                 f"after {meta['load_after']} (shared machine: other engineers build and test on it). "
+                 f"Repetitions: {meta['reps']} ({'quick' if meta['quick'] else 'full'} run, {meta['date']}).")
+    lines.append("")
+    lines.append("Versions: " + "; ".join(f"{k} `{v}`" for k, v in meta["versions"].items()))
+    lines.append("")
+    lines.append("Settings:")
+    for k, v in meta["settings"].items():
+        lines.append(f"- {k}: {v}")
+    lines.append("")
+    lines.append("| " + " | ".join(h for _, h, _ in columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(k), d) for k, _, d in columns) + " |")
+    lines.append("")
+    for n in notes:
+        lines.append(f"- {n}")
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(OUT, f"{name}.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(OUT, f"{name}.json"), "w") as f:
+        json.dump({"scenario": name, "title": title, "meta": meta, "rows": rows, "notes": notes}, f, indent=2)
+    print(md, flush=True)
+
+
+def base_meta(reps, settings):
+    return {
+        "machine": machine(),
+        "versions": versions(),
+        "reps": reps,
+        "quick": QUICK,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_before": loadavg(),
+        "settings": settings,
+    }
+
+
+# ---------------------------------------------------------------- processes we start
+
+class Work:
+    """A temp dir reachable by the postgres user, and the processes started in it."""
+
+    def __init__(self, tag):
+        base = "/var/tmp"
+        self.dir = tempfile.mkdtemp(prefix=f"pgpilot-sbs-{tag}-", dir=base)
+        os.chmod(self.dir, 0o755)
+        self.procs = []
+
+    def path(self, *p):
+        return os.path.join(self.dir, *p)
+
+    def spawn(self, cmd, logname, **kw):
+        f = open(self.path(logname), "ab")
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p, timeout=60):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def close(self):
+        for p in list(self.procs):
+            self.stop(p)
+        if os.environ.get("PGPILOT_BENCH_KEEP"):
+            log(f"kept {self.dir}")
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class S3Server:
+    def __init__(self, work):
+        self.work = work
+        self.port = free_port()
+        data = work.path("s3")
+        os.makedirs(os.path.join(data, "bench"), exist_ok=True)
+        self.proc = work.spawn([S3S_FS, "--host", "127.0.0.1", "--port", str(self.port),
+                                "--access-key", S3_AK, "--secret-key", S3_SK, data], "s3s-fs.log")
+        wait_port(self.port)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+
+def wait_port(port, timeout=30):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+class Agent:
+    """A standalone pgpilot-agent (release build) with its own Postgres 15."""
+
+    def __init__(self, work, name="agent"):
+        self.work = work
+        self.dir = work.path(name)
+        os.makedirs(self.dir, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+        self.pg_port, self.api, self.lo = free_port(), free_port(), free_port()
+        with open(os.path.join(self.dir, "token"), "w") as f:
+            f.write("bench-token\n")
+        self.key = os.path.join(self.dir, "key")
+        with open(self.key, "w") as f:
+            f.write(os.urandom(32).hex())
+        os.chmod(self.key, 0o644)  # the direct path runs as postgres and needs to read it
+        self.proc = None
+
+    def configure(self, store, encrypt=False, level=1, extra_backup="", extra=""):
+        lines = [
+            'data_dir = "pg"',
+            f"postgres_port = {self.pg_port}",
+            f'pg_bin_dir = "{PGBIN}"',
+            f'api_listen = "127.0.0.1:{self.api}"',
+            f'api_loopback_listen = "127.0.0.1:{self.lo}"',
+            'api_token_file = "token"',
+            extra,
+            "[backup]",
+            f'store = "{store}"',
+            'compression = "zstd"',
+            f"zstd_level = {level}",
+        ]
+        if encrypt:
+            lines.append(f'encryption_key_files = ["{self.key}"]')
+        lines.append(extra_backup)
+        with open(os.path.join(self.dir, "pgpilot.toml"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def start(self):
+        self.proc = self.work.spawn([AGENT, "run", "--config", "pgpilot.toml"], "agent.log",
+                                    cwd=self.dir, env={**os.environ, "PGPILOT_LOG": "warn"})
+        end = time.time() + 180
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError("agent exited:\n" + tail(self.work.path("agent.log")))
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.lo}/readyz", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("agent not ready:\n" + tail(self.work.path("agent.log")))
+
+    def stop(self):
+        if self.proc:
+            self.work.stop(self.proc, 120)
+            self.proc = None
+
+    @property
+    def pgdata(self):
+        return os.path.join(self.dir, "pg")
+
+    @property
+    def socket_dir(self):
+        return os.path.join(self.dir, "run")
+
+    def password(self):
+        with open(os.path.join(self.dir, "superuser-password")) as f:
+            return f.read().strip()
+
+    def runtime(self):
+        for dp, _, files in os.walk(self.dir):
+            if "archive-runtime.json" in files:
+                return os.path.join(dp, "archive-runtime.json")
+        raise RuntimeError("no archive-runtime.json")
+
+    def pgenv(self):
+        return {**os.environ, "PGPASSWORD": self.password(), "PGHOST": "127.0.0.1",
+                "PGPORT": str(self.pg_port), "PGUSER": "postgres", "PGDATABASE": "postgres"}
+
+    def psql(self, sql):
+        return sh([f"{PGBIN}/psql", "-Atq", "-c", sql], env=self.pgenv()).strip()
+
+    def status(self):
+        out = sh([AGENT, "status", "--api-url", f"http://127.0.0.1:{self.lo}", "--json"])
+        return json.loads(out)
+
+    def proc_stat(self):
+        """(cpu seconds, VmHWM KiB, VmRSS KiB) of the agent process."""
+        pid = self.proc.pid
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        hwm = rss = 0
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1])
+                elif line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+        return cpu, hwm, rss
+
+
+def tail(path, n=30):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""
+
+
+class PgBackRest:
+    """pgBackRest stanza `bench` on the agent's cluster, one posix repo per setting."""
+
+    def __init__(self, work, agent, name, encrypt, extra=None):
+        self.work, self.agent = work, agent
+        self.repo = work.path(f"pgbr-{name}")
+        self.conf = work.path(f"pgbackrest-{name}.conf")
+        for d in ("pgbr-log", "pgbr-lock", "pgbr-spool"):
+            os.makedirs(work.path(d), exist_ok=True)
+        g = {
+            "repo1-path": self.repo,
+            "repo1-type": "posix",
+            "compress-type": "zst",
+            "compress-level": "1",
+            "log-level-console": "warn",
+            "log-level-file": "off",
+            "log-path": work.path("pgbr-log"),
+            "lock-path": work.path("pgbr-lock"),
+            "spool-path": work.path("pgbr-spool"),
+            "start-fast": "y",
+            "archive-check": "n",
+        }
+        if encrypt:
+            g["repo1-cipher-type"] = "aes-256-cbc"
+            g["repo1-cipher-pass"] = os.urandom(24).hex()
+        g.update(extra or {})
+        self.settings = {k: v for k, v in g.items() if not k.endswith(("-path", "-pass")) and not k.startswith("log")}
+        with open(self.conf, "w") as f:
+            f.write("[global]\n" + "".join(f"{k}={v}\n" for k, v in g.items()))
+            f.write(f"[bench]\npg1-path={agent.pgdata}\npg1-port={agent.pg_port}\n"
+                    f"pg1-socket-path={agent.socket_dir}\npg1-user=postgres\n")
+
+    def cmd(self, *args):
+        return ["pgbackrest", f"--config={self.conf}", "--stanza=bench", *args]
+
+    def env(self):
+        return {**os.environ, "PGPASSWORD": self.agent.password()}
+
+    def stanza_create(self):
+        sh(self.cmd("stanza-create"), env=self.env())
+
+
+def barman_cmd(tool, s3, *args):
+    return [f"{BARMAN_VENV}/bin/{tool}", "--cloud-provider", "aws-s3", "--endpoint-url", s3.endpoint, *args]
+
+
+def barman_env():
+    return {**os.environ, "AWS_ACCESS_KEY_ID": S3_AK, "AWS_SECRET_ACCESS_KEY": S3_SK,
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def s3_backup_lines(agent, s3):
+    ak, sk = os.path.join(agent.dir, "s3-ak"), os.path.join(agent.dir, "s3-sk")
+    for p, v in ((ak, S3_AK), (sk, S3_SK)):
+        with open(p, "w") as f:
+            f.write(v)
+        os.chmod(p, 0o644)
+    return (f'endpoint = "{s3.endpoint}"\npath_style = true\nregion = "us-east-1"\n'
+            f'access_key_id_file = "{ak}"\nsecret_access_key_file = "{sk}"')
+
+
+# ---------------------------------------------------------------- P1: one archive_command call
+
+def p1():
+    reps = int(os.environ.get("PGPILOT_BENCH_REPS", "8" if QUICK else "50"))
+    work = Work("p1")
+    try:
+        return _p1(work, reps)
+    finally:
+        work.close()
+
+
+def _p1(work, reps):
+    s3 = S3Server(work)
+    agent = Agent(work)
+    store_plain = f"file://{work.path('store-plain')}"
+    store_enc = f"file://{work.path('store-enc')}"
+    agent.configure(store_plain)
+    agent.start()
+    meta = base_meta(reps, {})
+
+    # Real WAL from this cluster (pgBackRest checks the system id in each segment's header):
+    # keep the segments with a slot while pgbench writes them, then copy four of them.
+    log("==> P1: generating WAL with pgbench on the agent's cluster")
+    agent.psql("SELECT pg_create_physical_replication_slot('bench_keep', true)")
+    env = agent.pgenv()
+    sh([f"{PGBIN}/pgbench", "-i", "-s", "5", "-q"], env=env)
+    sh([f"{PGBIN}/pgbench", "-c", "4", "-t", "3000", "-n"], env=env)
+    current = agent.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+    segdir = work.path("segments")
+    os.makedirs(segdir)
+    wal = os.path.join(agent.pgdata, "pg_wal")
+    names = sorted(n for n in os.listdir(wal) if re.fullmatch(r"[0-9A-F]{24}", n) and n < current)[-4:]
+    if len(names) < 4:
+        raise RuntimeError(f"only {names} before {current}")
+    for n in names:
+        shutil.copy(os.path.join(wal, n), segdir)
+    agent.psql("SELECT pg_drop_replication_slot('bench_keep')")
+    segments = [os.path.join(segdir, n) for n in names]
+
+    pgbr = {False: PgBackRest(work, agent, "plain", False), True: PgBackRest(work, agent, "enc", True)}
+    for b in pgbr.values():
+        b.stanza_create()
+
+    counter = [0]
+
+    def place(i):
+        """A real segment under a fresh name in pg_wal, without a .ready file."""
+        counter[0] += 1
+        name = f"0000009900000FFF{counter[0]:08X}"
+        dst = os.path.join(wal, name)
+        shutil.copy(segments[i % len(segments)], dst)
+        shutil.chown(dst, "postgres", "postgres")
+        return name
+
+    def run_one(cmd, name, env=None):
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, cwd=agent.pgdata, env=env, capture_output=True, text=True)
+        dt = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise RuntimeError(f"{cmd}: exit {r.returncode}\n{r.stdout}{r.stderr}")
+        os.unlink(os.path.join(wal, name))
+        return dt * 1000
+
+    def pgpilot_cmd(name):
+        return [AGENT, "wal-push", "--runtime", agent.runtime(), f"pg_wal/{name}"]
+
+    def pgbr_cmd(enc, name):
+        return pgbr[enc].cmd("archive-push", os.path.join(wal, name))
+
+    def barman_push(name):
+        return barman_cmd("barman-cloud-wal-archive", s3, "--zstd", "--compression-level", "1",
+                          "s3://bench/barman", "bench", f"pg_wal/{name}")
+
+    results = {}  # row label -> list of ms
+
+    def phase(label, tools):
+        """tools: list of (row label, fn(name) -> cmd, env). Alternates them, `reps` rounds."""
+        log(f"==> P1 {label}: {reps} rounds of {', '.join(t[0] for t in tools)}")
+        for r in range(reps + 1):
+            order = tools if r % 2 == 0 else list(reversed(tools))
+            for row, mk, env in order:
+                name = place(r)
+                ms = run_one(mk(name), name, env)
+                if r > 0:  # round 0 warms caches and connections
+                    results.setdefault(row, []).append(ms)
+
+    be = barman_env()
+    # file:// store, agent running (the archive_command path in production)
+    phase("file, plain, agent up", [
+        ("pgpilot wal-push (agent), file, zstd-1", pgpilot_cmd, None),
+        ("pgBackRest archive-push, posix, zst-1", lambda n: pgbr_cmd(False, n), None),
+    ])
+    agent.stop()
+    agent.configure(store_enc, encrypt=True)
+    agent.start()
+    phase("file, encrypted, agent up", [
+        ("pgpilot wal-push (agent), file, zstd-1 + AES-256-GCM", pgpilot_cmd, None),
+        ("pgBackRest archive-push, posix, zst-1 + aes-256-cbc", lambda n: pgbr_cmd(True, n), None),
+    ])
+    agent.stop()  # direct path: wal-push uploads by itself
+    phase("file, encrypted, agent down", [
+        ("pgpilot wal-push (direct), file, zstd-1 + AES-256-GCM", pgpilot_cmd, None),
+        ("pgBackRest archive-push, posix, zst-1 + aes-256-cbc", lambda n: pgbr_cmd(True, n), None),
+    ])
+    agent.configure(store_plain)
+    agent.start()
+    agent.stop()  # rewrite the runtime file for the plain store, then down
+    phase("file, plain, agent down", [
+        ("pgpilot wal-push (direct), file, zstd-1", pgpilot_cmd, None),
+        ("pgBackRest archive-push, posix, zst-1", lambda n: pgbr_cmd(False, n), None),
+    ])
+    agent.configure("s3://bench/pgpilot", extra_backup=s3_backup_lines(agent, s3))
+    agent.start()
+    phase("S3, plain, agent up", [
+        ("pgpilot wal-push (agent), S3, zstd-1", pgpilot_cmd, None),
+        ("barman-cloud-wal-archive, S3, zstd-1", barman_push, be),
+    ])
+    agent.stop()
+    phase("S3, plain, agent down", [
+        ("pgpilot wal-push (direct), S3, zstd-1", pgpilot_cmd, None),
+        ("barman-cloud-wal-archive, S3, zstd-1", barman_push, be),
+    ])
+
+    # every tool really stored its segments
+    stored = {}
+    for label, top in (("pgpilot file plain", work.path("store-plain")), ("pgpilot file enc", work.path("store-enc")),
+                       ("pgBackRest plain", pgbr[False].repo), ("pgBackRest enc", pgbr[True].repo),
+                       ("S3 (pgpilot + barman)", work.path("s3"))):
+        stored[label] = sum(1 for _, _, fs in os.walk(top) for f in fs if f.startswith("0000009900000FFF"))
+    log(f"    objects stored: {stored}")
+    if min(stored.values()) < reps:
+        raise RuntimeError(f"a tool did not store its segments: {stored}")
+
+    # one row per (phase tool); the peer of each pgpilot row is the other tool of its phase
+    rows = []
+    pairs = [
+        ("pgpilot wal-push (agent), file, zstd-1", "pgBackRest archive-push, posix, zst-1"),
+        ("pgpilot wal-push (direct), file, zstd-1", "pgBackRest archive-push, posix, zst-1"),
+        ("pgpilot wal-push (agent), file, zstd-1 + AES-256-GCM", "pgBackRest archive-push, posix, zst-1 + aes-256-cbc"),
+        ("pgpilot wal-push (direct), file, zstd-1 + AES-256-GCM", "pgBackRest archive-push, posix, zst-1 + aes-256-cbc"),
+        ("pgpilot wal-push (agent), S3, zstd-1", "barman-cloud-wal-archive, S3, zstd-1"),
+        ("pgpilot wal-push (direct), S3, zstd-1", "barman-cloud-wal-archive, S3, zstd-1"),
+    ]
+    done = set()
+    for ours, peer in pairs:
+        for row in (ours, peer):
+            if row in done:
+                continue
+            done.add(row)
+            s = summarize(results[row])
+            entry = {"tool": row, **{k: s[k] for k in ("n", "min", "p50", "p99", "max")}}
+            if row == ours:
+                p = summarize(results[peer])
+                entry["peer"] = peer.split(",")[0]
+                entry["ratio_p50"] = s["p50"] / p["p50"]
+                entry["ratio_p99"] = s["p99"] / p["p99"]
+            rows.append(entry)
+    # pgBackRest runs in two phases per setting (agent up / down): rows above pool both.
+    meta["load_after"] = loadavg()
+    meta["settings"] = {
+        "segments": "4 real 16 MiB segments written by pgbench (-s 5, -c 4 -t 3000) on the same "
+                    "cluster, pushed under fresh names (timeline 0x99) from pg_wal without a .ready "
+                    "file, so pgpilot's look-ahead never uploads them first",
+        "pgpilot": "release build; [backup] compression=zstd, zstd_level=1, default upload_concurrency; "
+                   "encrypted rows: encryption_key_files=[32-byte key] (AES-256-GCM); "
+                   "`agent` rows: wal-push handed to the running agent, `direct` rows: agent stopped",
+        "pgBackRest": "archive-push (sync), repo1-type=posix on the same disk, compress-type=zst, "
+                      "compress-level=1; encrypted rows: repo1-cipher-type=aes-256-cbc",
+        "barman-cloud": "barman-cloud-wal-archive --zstd --compression-level 1 to s3s-fs 0.14.1 on "
+                        "127.0.0.1 (barman-cloud has no local-directory store; no client-side encryption)",
+        "stored": f"segment objects found in each store afterwards: {stored}",
+        "timing": "wall time of the whole command (process start included), rounds alternate the "
+                  "tool order, first round discarded as warm-up",
+    }
+    write_report("p1", "P1: one archive_command call on a ready 16 MiB segment (ms)", meta,
+                 [("tool", "tool", 0), ("n", "n", 0), ("min", "min ms", 1), ("p50", "p50 ms", 1),
+                  ("p99", "p99 ms", 1), ("max", "max ms", 1), ("peer", "vs", 0),
+                  ("ratio_p50", "p50 ratio pgpilot/peer", 2), ("ratio_p99", "p99 ratio", 2)],
+                 rows, ["ratio < 1: pgpilot faster. Target (issue 4): wal-push p50 ≤ 1/3 of pgBackRest's."])
+    return rows
+
+
+# ---------------------------------------------------------------- main
+
+def main():
+    if os.geteuid() != 0:
+        sys.exit("run as root (Postgres runs as the postgres user, peers read its data dir)")
+    if not os.access(AGENT, os.X_OK):
+        sys.exit("build first: cargo build --release -p pgpilot-agent")
+    what = [a for a in sys.argv[1:] if not a.startswith("--")] or ["p1"]
+    for w in what:
+        {"p1": p1}[w]()
+
+
+if __name__ == "__main__":
+    main()
