@@ -54,7 +54,15 @@ test: deps-test lint ## Everything CI runs: install test deps, lint, all tests a
 	$(CARGO) test --workspace --doc
 
 .PHONY: bench
-bench: bench-codec ## All benchmarks (the side-by-side suite arrives with its issue)
+bench: bench-codec bench-side-by-side ## All benchmarks: codec pipeline + side-by-side vs pgBackRest/barman-cloud/pg_basebackup
+
+.PHONY: bench-side-by-side
+bench-side-by-side: ## Full side-by-side suite (P1-P3, P5), tables in target/bench/side-by-side.md (long)
+	./benches/side-by-side.sh
+
+.PHONY: bench-quick
+bench-quick: ## Side-by-side suite, few repetitions and a small database (a few minutes)
+	./benches/side-by-side.sh --quick
 
 .PHONY: bench-codec
 bench-codec: ## Archive codec pipeline vs this machine's C tools (zstd, lz4, openssl)

@@ -595,16 +595,268 @@ def _p1(work, reps):
     return rows
 
 
+
+# ---------------------------------------------------------------- P3: base backup
+
+def pg_cpu(agent):
+    """CPU seconds of the whole Postgres cluster so far: the postmaster, its exited children
+    (cutime/cstime, e.g. a walsender that compressed for pg_basebackup) and its live children."""
+    with open(os.path.join(agent.pgdata, "postmaster.pid")) as f:
+        pm = int(f.readline())
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(pid) == pm:
+            total += sum(int(x) for x in fields[11:15])
+        elif int(fields[1]) == pm:
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def tree_bytes(top, skip=None):
+    n = 0
+    for dp, dns, fs in os.walk(top):
+        if skip:
+            dns[:] = [d for d in dns if d != skip]
+        for f in fs:
+            try:
+                n += os.lstat(os.path.join(dp, f)).st_size
+            except OSError:
+                pass
+    return n
+
+
+def p3():
+    reps = int(os.environ.get("PGPILOT_BENCH_REPS", "1" if QUICK else "3"))
+    scale = int(os.environ.get("PGPILOT_BENCH_SCALE", "30" if QUICK else "340"))
+    work = Work("p3")
+    try:
+        return _p3(work, reps, scale)
+    finally:
+        work.close()
+
+
+def _p3(work, reps, scale):
+    import resource
+    s3 = S3Server(work)
+    agent = Agent(work)
+    store = work.path("store")
+    agent.configure(f"file://{store}", encrypt=True)
+    agent.start()
+    meta = base_meta(reps, {})
+    pgbr = {}
+    for enc in (False, True):
+        pgbr[enc] = PgBackRest(work, agent, "enc" if enc else "plain", enc,
+                               {"process-max": "2", "repo1-retention-full": "1"})
+        pgbr[enc].stanza_create()
+    env = agent.pgenv()
+
+    def agent_backup():
+        out = sh([AGENT, "backup", "--api-url", f"http://127.0.0.1:{agent.lo}",
+                  "--token-file", os.path.join(agent.dir, "token"), "--label", "bench"],
+                 env={**os.environ, "PGPILOT_LOG": "warn"})
+        return out
+
+    def clear_hwm(pid):
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+
+    def measure(tool, dataset, enc, db_bytes):
+        """One backup; returns a result row."""
+        rss_before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        ch0 = os.times()
+        pg0 = pg_cpu(agent)
+        a_cpu0, _, _ = agent.proc_stat()
+        if tool == "pgpilot":
+            clear_hwm(agent.proc.pid)
+            backups = os.path.join(store)
+            size0 = tree_bytes(store, skip="wal")
+        t0 = time.perf_counter()
+        if tool == "pgpilot":
+            out = agent_backup()
+        elif tool == "pgBackRest":
+            b = pgbr[enc]
+            size0 = tree_bytes(os.path.join(b.repo, "backup"))
+            sh(b.cmd("--type=full", "backup"), env=b.env())
+        elif tool == "pg_basebackup":
+            dst = work.path("pgbb")
+            sh([f"{PGBIN}/pg_basebackup", "-h", agent.socket_dir, "-p", str(agent.pg_port), "-U", "postgres",
+                "-D", dst, "-Ft", "--compress=server-zstd:1", "-X", "none", "-c", "fast", "--no-sync"], env=env)
+        elif tool == "barman-cloud":
+            sh(barman_cmd("barman-cloud-backup", s3, "--immediate-checkpoint", "--lz4", "-J", "2",
+                          "-h", agent.socket_dir, "-p", str(agent.pg_port), "-U", "postgres",
+                          "s3://bench/barman", "bench"), env={**barman_env(), "PGPASSWORD": agent.password()})
+        wall = time.perf_counter() - t0
+        ch1 = os.times()
+        tool_cpu = (ch1.children_user - ch0.children_user) + (ch1.children_system - ch0.children_system)
+        pg_s = pg_cpu(agent) - pg0
+        a_cpu1, a_hwm, _ = agent.proc_stat()
+        if tool == "pgpilot":
+            tool_cpu += a_cpu1 - a_cpu0
+            rss = a_hwm
+            stored = tree_bytes(store, skip="wal") - size0
+            bdir = None
+            for dp, dns, _ in os.walk(store):
+                if os.path.basename(dp) == "backups":
+                    for d in dns:
+                        shutil.rmtree(os.path.join(dp, d))  # keep the disk from filling up
+                    dns[:] = []
+        else:
+            rss = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, 0)
+            rss = rss if rss > rss_before else None  # ru_maxrss is a running max over all children
+        if tool == "pgBackRest":
+            stored = tree_bytes(os.path.join(pgbr[enc].repo, "backup")) - size0
+            # retention-full=1 expired the previous one: measure this backup alone
+            latest = os.path.join(pgbr[enc].repo, "backup", "bench", "latest")
+            stored = tree_bytes(os.path.realpath(latest)) if os.path.exists(latest) else stored
+        elif tool == "pg_basebackup":
+            stored = tree_bytes(work.path("pgbb"))
+            shutil.rmtree(work.path("pgbb"))
+        elif tool == "barman-cloud":
+            top = work.path("s3", "bench", "barman", "bench", "base")
+            stored = tree_bytes(top)
+            shutil.rmtree(top)
+        return {"wall": wall, "mbps": db_bytes / 1e6 / wall, "stored": stored, "cpu": tool_cpu + pg_s,
+                "tool_cpu": tool_cpu, "pg_cpu": pg_s, "rss_kib": rss}
+
+    tools = [("pgpilot", False), ("pgpilot", True), ("pgBackRest", False), ("pgBackRest", True),
+             ("pg_basebackup", False), ("barman-cloud", False)]
+    label = {("pgpilot", False): "pgpilot backup, zstd-1", ("pgpilot", True): "pgpilot backup, zstd-1 + AES-256-GCM",
+             ("pgBackRest", False): "pgBackRest backup, zst-1, process-max 2",
+             ("pgBackRest", True): "pgBackRest backup, zst-1 + aes-256-cbc, process-max 2",
+             ("pg_basebackup", False): "pg_basebackup --compress=server-zstd:1 -Ft",
+             ("barman-cloud", False): "barman-cloud-backup --lz4 -J 2 (S3)"}
+    results = {}
+    datasets = []
+
+    def run_dataset(name):
+        agent.psql("CHECKPOINT")
+        db_bytes = tree_bytes(agent.pgdata, skip="pg_wal")
+        datasets.append(f"{name}: data dir {db_bytes / 1e9:.2f} GB without pg_wal")
+        log(f"==> P3 {name}: data dir {db_bytes / 1e9:.2f} GB, {reps} rounds of {len(tools)} tools")
+        # pgpilot switches between plain and encrypted by restarting with the other config
+        for r in range(reps):
+            order = tools if r % 2 == 0 else list(reversed(tools))
+            for tool, enc in order:
+                if tool == "pgpilot":
+                    agent.stop()
+                    agent.configure(f"file://{store}", encrypt=enc)
+                    agent.start()
+                row = measure(tool, name, enc, db_bytes)
+                log(f"    {label[(tool, enc)]}: {row['wall']:.1f} s, {row['mbps']:.0f} MB/s, "
+                    f"stored {row['stored'] / 1e6:.0f} MB, CPU {row['cpu']:.1f} s")
+                results.setdefault((name, tool, enc), []).append(row)
+
+    log(f"==> P3: pgbench -i -s {scale}")
+    sh([f"{PGBIN}/pgbench", "-i", "-s", str(scale), "-q"], env=env)
+    run_dataset("pgbench")
+    pgbench_bytes = tree_bytes(agent.pgdata, skip="pg_wal")
+    log("==> P3: random text database of similar size (base64 of random bytes)")
+    agent.psql("DROP TABLE pgbench_accounts, pgbench_branches, pgbench_history, pgbench_tellers")
+    agent.psql("CREATE EXTENSION IF NOT EXISTS pgcrypto")
+    agent.psql("CREATE TABLE rtext (id bigint, body text)")
+    rows_wanted = int(pgbench_bytes / 1170)
+    batch = 200_000
+    for start in range(0, rows_wanted, batch):
+        n = min(batch, rows_wanted - start)
+        agent.psql(f"INSERT INTO rtext SELECT g, encode(gen_random_bytes(768), 'base64') "
+                   f"FROM generate_series({start}, {start + n - 1}) g")
+    agent.psql("VACUUM rtext")
+    run_dataset("random text")
+    agent.stop()
+
+    rows = []
+    for name in ("pgbench", "random text"):
+        pilot = {enc: results[(name, "pgpilot", enc)] for enc in (False, True)}
+        for tool, enc in tools:
+            rs = results[(name, tool, enc)]
+            mb = [r["mbps"] for r in rs]
+            rss = [r["rss_kib"] for r in rs if r["rss_kib"]]
+            row = {"dataset": name, "tool": label[(tool, enc)], "n": len(rs),
+                   "mbps_min": min(mb), "mbps_p50": statistics.median(mb), "mbps_max": max(mb),
+                   "stored_mb": statistics.median(r["stored"] for r in rs) / 1e6,
+                   "cpu_s": statistics.median(r["cpu"] for r in rs),
+                   "tool_cpu_s": statistics.median(r["tool_cpu"] for r in rs),
+                   "pg_cpu_s": statistics.median(r["pg_cpu"] for r in rs),
+                   "rss_mib": max(rss) / 1024 if rss else None}
+            if tool != "pgpilot":
+                ours = statistics.median(r["mbps"] for r in pilot[enc])
+                row["speed_ratio"] = ours / row["mbps_p50"]
+            rows.append(row)
+    meta["load_after"] = loadavg()
+    meta["settings"] = {
+        "datasets": "; ".join(datasets) + f" (pgbench -i -s {scale}; then the pgbench tables dropped and "
+                    "a table of 1,024-character base64 text of random bytes loaded to the same size)",
+        "pgpilot": "release build, `pgpilot-agent backup` through the running agent, file:// store on the same "
+                   "disk, [backup] compression=zstd zstd_level=1, default upload_concurrency (4); encrypted row: "
+                   "AES-256-GCM (32-byte key file); SHA-256 of every file always",
+        "pgBackRest": "backup --type=full, repo1-type=posix on the same disk, process-max=2, compress-type=zst "
+                      "compress-level=1, start-fast=y, archive-check=n; encrypted row: repo1-cipher-type=aes-256-cbc",
+        "pg_basebackup": "-Ft --compress=server-zstd:1 -X none -c fast --no-sync (compression in the walsender)",
+        "barman-cloud": "barman-cloud-backup --immediate-checkpoint --lz4 -J 2 to s3s-fs on 127.0.0.1 "
+                        "(no zstd option in barman-cloud-backup 3.19; lz4 is its fastest codec)",
+        "measured": "MB/s = data-dir bytes (without pg_wal) / wall seconds of the command; CPU = the tool's "
+                    "processes (for pgpilot: the agent) + the whole Postgres cluster during the backup; "
+                    "peak RSS = VmHWM of the agent (reset before each backup) or the largest child process "
+                    "(ru_maxrss, only shown when it grew in that run)",
+    }
+    write_report("p3", "P3: base backup (MB/s of data dir, stored size, CPU, peak RSS)", meta,
+                 [("dataset", "dataset", 0), ("tool", "tool", 0), ("n", "n", 0), ("mbps_min", "MB/s min", 0),
+                  ("mbps_p50", "MB/s median", 0), ("mbps_max", "MB/s max", 0), ("stored_mb", "stored MB", 0),
+                  ("cpu_s", "CPU s (tool + PG)", 1), ("rss_mib", "peak RSS MiB", 0),
+                  ("speed_ratio", "pgpilot/peer speed", 2)],
+                 rows, ["pgpilot/peer speed > 1: pgpilot faster (pgpilot row with the same encryption setting; "
+                        "pg_basebackup and barman-cloud compared with pgpilot unencrypted).",
+                        "Targets (issue 4): faster than pg_basebackup server-zstd:1 while encrypting, and ≥ 2× pgBackRest."])
+    return rows
+
+
+
+# ---------------------------------------------------------------- report: merge the scenarios
+
+def report():
+    """target/bench/side-by-side.{md,json} from the scenario files present (P5 = codec.md)."""
+    parts, merged = [], {}
+    for name in ("p1", "p2", "p3", "p4", "p6"):
+        path = os.path.join(OUT, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                merged[name] = json.load(f)
+            with open(os.path.join(OUT, f"{name}.md")) as f:
+                parts.append(f.read())
+    codec = os.path.join(OUT, "codec.md")
+    if os.path.exists(codec):
+        with open(codec) as f:
+            parts.append("### P5: codec pipeline vs this machine's limit (`make bench-codec`)\n\n" + f.read())
+        merged["p5"] = {"markdown": "target/bench/codec.md"}
+    else:
+        parts.append("### P5: codec pipeline\n\nRun `make bench-codec` (target/bench/codec.md).\n")
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "side-by-side.md"), "w") as f:
+        f.write("## Side-by-side benchmarks\n\n" + "\n".join(parts))
+    with open(os.path.join(OUT, "side-by-side.json"), "w") as f:
+        json.dump(merged, f, indent=2)
+    log(f"wrote {OUT}/side-by-side.md and .json ({', '.join(merged) or 'nothing yet'})")
+
+
 # ---------------------------------------------------------------- main
 
 def main():
+    if sys.argv[1:2] == ["report"]:
+        return report()
     if os.geteuid() != 0:
         sys.exit("run as root (Postgres runs as the postgres user, peers read its data dir)")
     if not os.access(AGENT, os.X_OK):
         sys.exit("build first: cargo build --release -p pgpilot-agent")
     what = [a for a in sys.argv[1:] if not a.startswith("--")] or ["p1"]
     for w in what:
-        {"p1": p1}[w]()
+        {"p1": p1, "p3": p3}[w]()
 
 
 if __name__ == "__main__":

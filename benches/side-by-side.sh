@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Side-by-side benchmarks (issue 6): installs the peers, builds the release agent, runs the
+# scenarios one after the other (each alternates pgpilot and its peers inside every repetition)
+# and merges the tables into target/bench/side-by-side.{md,json}.
+#
+#   benches/side-by-side.sh [--quick] [p1 p3 ...]     default: every scenario
+#   PGPILOT_BENCH_REPS, PGPILOT_BENCH_SCALE, PGPILOT_BENCH_KEEP: see benches/side_by_side.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+quick=
+scenarios=()
+for a in "$@"; do
+  case "$a" in
+    --quick) quick=--quick ;;
+    *) scenarios+=("$a") ;;
+  esac
+done
+[ ${#scenarios[@]} -gt 0 ] || scenarios=(p1 p3)
+./benches/install-peers.sh
+[ -x /opt/pgpilot-tools/bin/s3s-fs ] || ./scripts/install-test-deps.sh
+echo "==> cargo build --release -p pgpilot-agent"
+cargo build --release -q -p pgpilot-agent
+mkdir -p target/bench
+for s in "${scenarios[@]}"; do
+  echo "==> scenario $s (log: target/bench/$s.log)"
+  python3 benches/side_by_side.py "$s" $quick 2>&1 | tee "target/bench/$s.log"
+done
+python3 benches/side_by_side.py report
