@@ -1001,22 +1001,24 @@ async fn follow(
     } else {
         Role::Primary
     };
+    // A restore is complete once Postgres has left recovery, whether or not this tick saw the
+    // role change: a short replay can finish before the first readiness probe succeeds.
+    if !in_recovery && let Some(p) = restoring.take() {
+        restore::clear_recovery_config(&shared.cfg);
+        let timeline = sql::status(&client).await.ok().and_then(|s| s.timeline);
+        let mut p = p.lock().expect("progress lock");
+        p.phase = RestorePhase::Completed;
+        p.timeline = timeline;
+        p.replay_seconds = Some(started_at.elapsed().as_secs_f64());
+        p.finished_at = Some(crate::archive::push::timestamp(std::time::SystemTime::now()));
+        tracing::info!(backup = %p.backup_id, ?timeline, "restore complete: promoted at {}", p.target);
+    }
     if now == role {
         return None;
     }
     shared.set_state(AgentState::Running { role: now });
     if now == Role::Primary {
         ensure_roles(shared).await;
-        if let Some(p) = restoring.take() {
-            restore::clear_recovery_config(&shared.cfg);
-            let timeline = sql::status(&client).await.ok().and_then(|s| s.timeline);
-            let mut p = p.lock().expect("progress lock");
-            p.phase = RestorePhase::Completed;
-            p.timeline = timeline;
-            p.replay_seconds = Some(started_at.elapsed().as_secs_f64());
-            p.finished_at = Some(crate::archive::push::timestamp(std::time::SystemTime::now()));
-            tracing::info!(backup = %p.backup_id, ?timeline, "restore complete: promoted at {}", p.target);
-        }
     }
     Some(now)
 }

@@ -13,7 +13,7 @@ use pgpilot_common::api::{ErrorBody, WalFetchRequest, WalPushRequest};
 use pgpilot_common::client::ClientError;
 use pgpilot_common::layout::Layout;
 use pgpilot_common::wal::{DEFAULT_SEGMENT_SIZE, WalFile};
-use pgpilot_test_support::agent::{AgentFixture, AgentOptions};
+use pgpilot_test_support::agent::{AgentFixture, AgentOptions, file_backup_toml as file_backup};
 use pgpilot_test_support::s3::S3Server;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgpilot-agent");
@@ -22,14 +22,6 @@ const PGBENCH: &str = "/usr/lib/postgresql/15/bin/pgbench";
 
 fn bin() -> &'static Path {
     Path::new(BIN)
-}
-
-/// `[backup]` for a file:// store in `dir`, with quick retries so outages show fast.
-fn file_backup(dir: &Path) -> String {
-    format!(
-        "[backup]\nstore = \"file://{}\"\ncompression = \"zstd\"\n[backup.retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\n",
-        dir.display()
-    )
 }
 
 fn s3_backup(s3: &S3Server) -> String {
@@ -63,36 +55,8 @@ async fn one(sql: &tokio_postgres::Client, q: &str) -> String {
     sql.query_one(q, &[]).await.unwrap().get(0)
 }
 
-/// Switches to a new segment and waits until Postgres reports the old one archived; returns
-/// its name.
 async fn switch_and_wait_archived(fx: &AgentFixture) -> String {
-    let sql = fx.sql().await.unwrap();
-    sql.batch_execute(
-        "CREATE TABLE IF NOT EXISTS tick (t timestamptz); INSERT INTO tick VALUES (now())",
-    )
-    .await
-    .unwrap();
-    let last = one(&sql, "SELECT pg_walfile_name(pg_switch_wal())").await;
-    let deadline = Instant::now() + LONG;
-    loop {
-        let archived: Option<String> = sql
-            .query_one("SELECT last_archived_wal FROM pg_stat_archiver", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if archived
-            .as_deref()
-            .is_some_and(|a| a.len() == 24 && a >= last.as_str())
-        {
-            return last;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{last} not archived in time (last archived {archived:?})\n{}",
-            fx.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    fx.switch_wal_and_wait_archived(LONG).await.unwrap()
 }
 
 /// Asserts every segment of timeline 1 from the first through `last` is in the archive and
@@ -148,49 +112,48 @@ fn pgbench(fx: &AgentFixture, args: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
-macro_rules! per_major {
-    ($($name:ident),* $(,)?) => {
-        mod pg15 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(15).await } )* }
-        mod pg17 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(17).await } )* }
-    };
-}
-
-per_major!(every_segment_reaches_a_file_archive_under_pgbench);
+pgpilot_test_support::per_major!(every_segment_reaches_a_file_archive_under_pgbench);
 
 async fn every_segment_reaches_a_file_archive_under_pgbench(major: u32) {
     let store_dir = tempfile::tempdir().unwrap();
-    let toml = file_backup(store_dir.path());
-    let fx = AgentFixture::start_with(
-        bin(),
-        major,
-        AgentOptions {
-            extra_toml: toml.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let init = pgbench(&fx, &["-i", "-s", "10", "-q"])
-        .wait_with_output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let run = pgbench(&fx, &["-c", "4", "-j", "2", "-T", "4", "-n"])
-        .wait_with_output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let last = switch_and_wait_archived(&fx).await;
-    assert_chain_complete(&open_store(&toml), &last).await;
+    archive_under_pgbench(major, &file_backup(store_dir.path())).await;
+}
 
-    let status = fx.client().status().await.unwrap();
-    let archive = status.archive.expect("archive status");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_segment_reaches_an_s3_archive_under_pgbench() {
+    let s3 = S3Server::start().unwrap();
+    archive_under_pgbench(15, &s3_backup(&s3)).await;
+}
+
+/// pgbench init and a short run; then every segment from the first to the current one is in
+/// the archive and reads back intact, and no archive_command call failed.
+async fn archive_under_pgbench(major: u32, toml: &str) {
+    let opts = AgentOptions {
+        extra_toml: toml.to_string(),
+        ..Default::default()
+    };
+    let fx = AgentFixture::start_with(bin(), major, opts).await.unwrap();
+    for args in [
+        &["-i", "-s", "10", "-q"][..],
+        &["-c", "4", "-j", "2", "-T", "4", "-n"][..],
+    ] {
+        let out = pgbench(&fx, args).wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let last = switch_and_wait_archived(&fx).await;
+    assert_chain_complete(&open_store(toml), &last).await;
+
+    let archive = fx
+        .client()
+        .status()
+        .await
+        .unwrap()
+        .archive
+        .expect("archive status");
     assert_eq!(archive.failures, 0, "{archive:?}");
     assert!(archive.last_archived.is_some());
     let metrics = reqwest::get(fx.url("/metrics"))
@@ -204,45 +167,13 @@ async fn every_segment_reaches_a_file_archive_under_pgbench(major: u32) {
         "{metrics}"
     );
     // Postgres never recorded a failure: every archive_command call succeeded.
-    let failed: i64 = fx
-        .sql()
-        .await
-        .unwrap()
+    let sql = fx.sql().await.unwrap();
+    let failed: i64 = sql
         .query_one("SELECT failed_count FROM pg_stat_archiver", &[])
         .await
         .unwrap()
         .get(0);
     assert_eq!(failed, 0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_segment_reaches_an_s3_archive_under_pgbench() {
-    let s3 = S3Server::start().unwrap();
-    let toml = s3_backup(&s3);
-    let fx = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: toml.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let init = pgbench(&fx, &["-i", "-s", "10", "-q"])
-        .wait_with_output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let run = pgbench(&fx, &["-c", "4", "-j", "2", "-T", "3", "-n"])
-        .wait_with_output()
-        .unwrap();
-    assert!(run.status.success());
-    let last = switch_and_wait_archived(&fx).await;
-    assert_chain_complete(&open_store(&toml), &last).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,14 +20,7 @@ fn bin() -> &'static Path {
     Path::new(BIN)
 }
 
-macro_rules! per_major {
-    ($($name:ident),* $(,)?) => {
-        mod pg15 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(15).await } )* }
-        mod pg17 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(17).await } )* }
-    };
-}
-
-per_major!(
+pgpilot_test_support::per_major!(
     bootstraps_an_empty_data_dir,
     stop_and_start_keep_the_data,
     restarts_postgres_after_kill_9,

@@ -11,7 +11,7 @@ use pgpilot_common::api::{
 };
 use pgpilot_common::client::ClientError;
 use pgpilot_common::state::{AgentState, Role};
-use pgpilot_test_support::agent::{AgentFixture, AgentOptions};
+use pgpilot_test_support::agent::{AgentFixture, AgentOptions, file_backup_toml};
 use pgpilot_test_support::s3::S3Server;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgpilot-agent");
@@ -21,11 +21,10 @@ fn bin() -> &'static Path {
     Path::new(BIN)
 }
 
-fn file_backup(dir: &Path, extra: &str) -> String {
+fn file_backup(dir: &Path) -> String {
     format!(
-        "[backup]\nstore = \"file://{}\"\ncompression = \"zstd\"\n{extra}\n[backup.retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\n\
-         [postgres.parameters]\ntrack_commit_timestamp = true\n",
-        dir.display()
+        "{}[postgres.parameters]\ntrack_commit_timestamp = true\n",
+        file_backup_toml(dir)
     )
 }
 
@@ -89,32 +88,7 @@ async fn take_backup(fx: &AgentFixture) -> String {
 }
 
 async fn switch_and_wait_archived(fx: &AgentFixture) {
-    let sql = fx.sql().await.unwrap();
-    let last: String = sql
-        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let deadline = Instant::now() + LONG;
-    loop {
-        let archived: Option<String> = sql
-            .query_one("SELECT last_archived_wal FROM pg_stat_archiver", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if archived
-            .as_deref()
-            .is_some_and(|a| a.len() == 24 && a[8..] >= last[8..])
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{last} not archived\n{}",
-            fx.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    fx.switch_wal_and_wait_archived(LONG).await.unwrap();
 }
 
 /// Restores with `req` through the API and waits for the end; returns the final progress.
@@ -183,7 +157,7 @@ async fn every_target_kind_restores_exactly_the_rows_before_it() {
         bin(),
         15,
         AgentOptions {
-            extra_toml: file_backup(store_dir.path(), ""),
+            extra_toml: file_backup(store_dir.path()),
             ..Default::default()
         },
     )
@@ -310,7 +284,7 @@ async fn restores_across_timelines() {
         bin(),
         17,
         AgentOptions {
-            extra_toml: file_backup(store_dir.path(), ""),
+            extra_toml: file_backup(store_dir.path()),
             ..Default::default()
         },
     )
@@ -379,7 +353,7 @@ async fn impossible_restores_are_refused_before_anything_is_touched() {
         bin(),
         15,
         AgentOptions {
-            extra_toml: file_backup(store_dir.path(), ""),
+            extra_toml: file_backup(store_dir.path()),
             ..Default::default()
         },
     )

@@ -252,6 +252,59 @@ impl AgentFixture {
     }
 }
 
+impl AgentFixture {
+    /// Switches Postgres to a new WAL segment and waits until it reports the previous one
+    /// archived (`pg_stat_archiver`); returns that segment's name.
+    pub async fn switch_wal_and_wait_archived(&self, timeout: Duration) -> anyhow::Result<String> {
+        let sql = self.sql().await?;
+        sql.batch_execute("CREATE TABLE IF NOT EXISTS pgpilot_test_tick (t timestamptz); INSERT INTO pgpilot_test_tick VALUES (now())")
+            .await?;
+        let last: String = sql
+            .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+            .await?
+            .get(0);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let archived: Option<String> = sql
+                .query_one("SELECT last_archived_wal FROM pg_stat_archiver", &[])
+                .await?
+                .get(0);
+            // Compare positions (after the timeline): a restore moves to a higher timeline.
+            if archived
+                .as_deref()
+                .is_some_and(|a| a.len() == 24 && a[8..] >= last[8..])
+            {
+                return Ok(last);
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "{last} not archived within {timeout:?} (last archived {archived:?})\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A `[backup]` section for a file:// store in `dir`, with quick retries so outages show fast.
+pub fn file_backup_toml(dir: &Path) -> String {
+    format!(
+        "[backup]\nstore = \"file://{}\"\ncompression = \"zstd\"\n[backup.retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\n",
+        dir.display()
+    )
+}
+
+/// Generates one test per PostgreSQL major of [`crate::postgres::TEST_MAJORS`] from `async fn
+/// name(major: u32)` functions: `pg15::name`, `pg17::name`.
+#[macro_export]
+macro_rules! per_major {
+    ($($name:ident),* $(,)?) => {
+        mod pg15 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(15).await } )* }
+        mod pg17 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(17).await } )* }
+    };
+}
+
 impl Drop for AgentFixture {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
