@@ -220,7 +220,7 @@ async fn kill_9_of_the_agent_while_archiving_loses_nothing() {
 async fn store_outage_keeps_the_wal_and_archiving_catches_up() {
     let mut s3 = S3Server::start().unwrap();
     let toml = s3_backup(&s3);
-    let fx = AgentFixture::start_with(
+    let mut fx = AgentFixture::start_with(
         bin(),
         15,
         AgentOptions {
@@ -273,12 +273,20 @@ async fn store_outage_keeps_the_wal_and_archiving_catches_up() {
             "{name}"
         );
     }
-    let status = fx.client().status().await.unwrap().archive.unwrap();
+    // The agent's view: failures recorded, and (after its next scan of archive_status, every
+    // 2 s) the backlog counted.
+    let status = fx
+        .wait_for("the backlog in status", LONG, |s| {
+            s.archive.as_ref().is_some_and(|a| a.ready >= pending.len())
+        })
+        .await
+        .unwrap()
+        .archive
+        .unwrap();
     assert!(
         status.failures > 0 && status.last_failure.is_some(),
         "{status:?}"
     );
-    assert!(status.ready >= pending.len(), "{status:?}");
 
     s3.restart().unwrap();
     let last = switch_and_wait_archived(&fx).await;
