@@ -10,3 +10,7 @@ pub mod postgres;
 pub mod s3;
 pub mod tools;
 pub mod wal;
+
+/// The Kubernetes API server for tests (tests/kube-server): `kube::KubeTestServer`,
+/// `kube::test_client()` (a real cluster when KUBECONFIG is set). See docs/kube-test-server.md.
+pub use pgpilot_kube_testserver as kube;
