@@ -24,8 +24,8 @@ if [ ! -x "$venv/bin/barman-cloud-wal-archive" ]; then
   "$venv/bin/pip" install -q --upgrade pip
   "$venv/bin/pip" install -q 'barman[cloud]==3.19.*' || "$venv/bin/pip" install -q 'barman[cloud]'
 fi
-# --zstd needs the zstandard module (barman's optional extra)
-"$venv/bin/python" -c 'import zstandard' 2>/dev/null || "$venv/bin/pip" install -q zstandard
+# --zstd / --lz4 need the zstandard and lz4 modules (barman's optional extras)
+"$venv/bin/python" -c 'import zstandard, lz4' 2>/dev/null || "$venv/bin/pip" install -q zstandard lz4
 chmod -R a+rX "$(dirname "$venv")"
 echo "pgbackrest: $(pgbackrest version)"
 echo "barman-cloud: $("$venv/bin/barman-cloud-wal-archive" --version 2>&1 | tail -1)"

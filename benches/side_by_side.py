@@ -596,6 +596,45 @@ def _p1(work, reps):
 
 
 
+def descendants_rss(root_pid):
+    """Sum of VmRSS (KiB) of root_pid and all its descendants."""
+    children, rss = {}, {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/statm") as f:
+                rss[int(pid)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(pid))
+    total, todo = 0, [root_pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo.extend(children.get(p, []))
+    return total
+
+
+def run_sampled(cmd, env=None):
+    """Run a command; peak of the summed RSS (KiB) of its process tree, sampled every 50 ms."""
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0
+    import threading
+    out = []
+    t = threading.Thread(target=lambda: out.append(p.stdout.read()))
+    t.start()
+    while p.poll() is None:
+        peak = max(peak, descendants_rss(p.pid))
+        time.sleep(0.05)
+    t.join()
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd} exited {p.returncode}:\n{out[0] if out else ''}")
+    return peak
+
+
 # ---------------------------------------------------------------- P3: base backup
 
 def pg_cpu(agent):
@@ -669,13 +708,11 @@ def _p3(work, reps, scale):
 
     def measure(tool, dataset, enc, db_bytes):
         """One backup; returns a result row."""
-        rss_before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         ch0 = os.times()
         pg0 = pg_cpu(agent)
         a_cpu0, _, _ = agent.proc_stat()
         if tool == "pgpilot":
             clear_hwm(agent.proc.pid)
-            backups = os.path.join(store)
             size0 = tree_bytes(store, skip="wal")
         t0 = time.perf_counter()
         if tool == "pgpilot":
@@ -683,13 +720,13 @@ def _p3(work, reps, scale):
         elif tool == "pgBackRest":
             b = pgbr[enc]
             size0 = tree_bytes(os.path.join(b.repo, "backup"))
-            sh(b.cmd("--type=full", "backup"), env=b.env())
+            peer_rss = run_sampled(b.cmd("--type=full", "backup"), env=b.env())
         elif tool == "pg_basebackup":
             dst = work.path("pgbb")
-            sh([f"{PGBIN}/pg_basebackup", "-h", agent.socket_dir, "-p", str(agent.pg_port), "-U", "postgres",
+            peer_rss = run_sampled([f"{PGBIN}/pg_basebackup", "-h", agent.socket_dir, "-p", str(agent.pg_port), "-U", "postgres",
                 "-D", dst, "-Ft", "--compress=server-zstd:1", "-X", "none", "-c", "fast", "--no-sync"], env=env)
         elif tool == "barman-cloud":
-            sh(barman_cmd("barman-cloud-backup", s3, "--immediate-checkpoint", "--lz4", "-J", "2",
+            peer_rss = run_sampled(barman_cmd("barman-cloud-backup", s3, "--immediate-checkpoint", "--lz4", "-J", "2",
                           "-h", agent.socket_dir, "-p", str(agent.pg_port), "-U", "postgres",
                           "s3://bench/barman", "bench"), env={**barman_env(), "PGPASSWORD": agent.password()})
         wall = time.perf_counter() - t0
@@ -701,15 +738,13 @@ def _p3(work, reps, scale):
             tool_cpu += a_cpu1 - a_cpu0
             rss = a_hwm
             stored = tree_bytes(store, skip="wal") - size0
-            bdir = None
             for dp, dns, _ in os.walk(store):
                 if os.path.basename(dp) == "backups":
                     for d in dns:
                         shutil.rmtree(os.path.join(dp, d))  # keep the disk from filling up
                     dns[:] = []
         else:
-            rss = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, 0)
-            rss = rss if rss > rss_before else None  # ru_maxrss is a running max over all children
+            rss = peer_rss
         if tool == "pgBackRest":
             stored = tree_bytes(os.path.join(pgbr[enc].repo, "backup")) - size0
             # retention-full=1 expired the previous one: measure this backup alone
@@ -803,8 +838,9 @@ def _p3(work, reps, scale):
                         "(no zstd option in barman-cloud-backup 3.19; lz4 is its fastest codec)",
         "measured": "MB/s = data-dir bytes (without pg_wal) / wall seconds of the command; CPU = the tool's "
                     "processes (for pgpilot: the agent) + the whole Postgres cluster during the backup; "
-                    "peak RSS = VmHWM of the agent (reset before each backup) or the largest child process "
-                    "(ru_maxrss, only shown when it grew in that run)",
+                    "peak RSS = VmHWM of the agent (reset before each backup; its Postgres not included) or, for a "
+                    "peer, the peak of the summed RSS of the tool's process tree sampled every 50 ms (the "
+                    "walsender doing pg_basebackup's server-side compression not included)",
     }
     write_report("p3", "P3: base backup (MB/s of data dir, stored size, CPU, peak RSS)", meta,
                  [("dataset", "dataset", 0), ("tool", "tool", 0), ("n", "n", 0), ("mbps_min", "MB/s min", 0),
