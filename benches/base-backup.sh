@@ -4,7 +4,8 @@
 # encryption, beside `pg_basebackup --compress=server-zstd:1` of the same database. Prints MB/s
 # of data-dir bytes read. Everything lives in a temp dir removed at the end.
 #
-#   BENCH_SCALE=50        pgbench scale
+#   BENCH_SCALE=50        pgbench scale (with BENCH_DATA=text: 100,000 rows per unit)
+#   BENCH_DATA=text       a table of md5 text (compresses ~2:1) instead of pgbench's (~20:1)
 #   BENCH_ZSTD_LEVEL=     zstd level for pgpilot (default: the store default, 3)
 #   BENCH_KEEP=1          keep the temp dir
 set -euo pipefail
@@ -44,6 +45,7 @@ api_token_file = "token"
 store = "file://$1"
 compression = "zstd"
 ${BENCH_ZSTD_LEVEL:+zstd_level = $BENCH_ZSTD_LEVEL}
+${BENCH_CODEC_THREADS:+codec_threads = $BENCH_CODEC_THREADS}
 $2
 EOF
 }
@@ -60,11 +62,16 @@ start_agent() {
 
 stop_agent() { kill "$agent_pid"; wait "$agent_pid" 2>/dev/null || true; agent_pid=; }
 
+cpu_ticks() { awk '{print $14+$15}' "/proc/$agent_pid/stat"; }
+
 backup() { # $1 = name
-  local out
+  local out c0 c1 t0 t1
+  c0=$(cpu_ticks); t0=$(date +%s.%N)
   out=$(PGPILOT_API_URL="http://127.0.0.1:$lo" PGPILOT_API_TOKEN_FILE="$work/token" PGPILOT_LOG=warn \
     "$agent" backup --label "$1" 2>&1)
+  c1=$(cpu_ticks); t1=$(date +%s.%N)
   echo "$out" | sed "s/^/    /" >&2
+  echo "    agent CPU: $(python3 -c "print(f'{($c1-$c0)/$(getconf CLK_TCK):.1f} s over {$t1-$t0:.1f} s wall')")" >&2
   echo "$out" | grep -oE '[0-9.]+ MB/s' | tail -1
 }
 
@@ -72,9 +79,15 @@ write_config "$work/store-plain" ""
 start_agent
 export PGPASSWORD
 PGPASSWORD=$(cat "$work/superuser-password")
-echo "==> pgbench -i -s $scale"
-"$pgbin/pgbench" -h 127.0.0.1 -p "$pg_port" -U postgres -i -s "$scale" -q postgres >/dev/null 2>&1
 psql_() { "$pgbin/psql" -h 127.0.0.1 -p "$pg_port" -U postgres -At postgres -c "$1"; }
+if [ "${BENCH_DATA:-pgbench}" = text ]; then
+  rows=$((scale * 100000))
+  echo "==> $rows rows of md5 text (compresses about 2:1)"
+  psql_ "CREATE TABLE t AS SELECT g, md5(g::text) || md5((g * 3)::text) || md5((g * 7)::text) || md5((g * 11)::text) AS pad FROM generate_series(1, $rows) g" >/dev/null
+else
+  echo "==> pgbench -i -s $scale"
+  "$pgbin/pgbench" -h 127.0.0.1 -p "$pg_port" -U postgres -i -s "$scale" -q postgres >/dev/null 2>&1
+fi
 echo "    database: $(psql_ "SELECT pg_size_pretty(pg_database_size('postgres'))")"
 psql_ "CHECKPOINT" >/dev/null
 

@@ -6,9 +6,10 @@
 //! (skipping what pg_basebackup skips, see [`walk`]), files are uploaded in parallel, each to
 //! its own object through the archive format; files change while they are read (WAL replay
 //! repairs that, which is why the backup needs the WAL from its start to its stop LSN) and may
-//! vanish (skipped). `pg_backup_stop` then waits until the last segment is archived and returns
-//! backup_label (and tablespace_map), stored as files of the backup. The manifest is written
-//! last, create-only: a backup exists only once its manifest does.
+//! vanish (skipped). `pg_backup_stop` returns backup_label (and tablespace_map), stored as
+//! files of the backup; the agent then waits until every WAL segment the backup needs is in the
+//! store (not Postgres' once-a-second wait on archive_status). The manifest is written last,
+//! create-only: a backup exists only once its manifest does.
 //!
 //! [`BackupRuns`] tracks this agent's runs for the API: at most one at a time, with progress.
 
@@ -30,7 +31,7 @@ use pgpilot_common::manifest::{
     BackupLabel, BackupManifest, MANIFEST_FORMAT, ManifestDir, ManifestFile, wal_range,
 };
 use pgpilot_common::state::{AgentState, Role};
-use pgpilot_common::wal::Lsn;
+use pgpilot_common::wal::{Lsn, Segment};
 use tokio::io::{AsyncRead, ReadBuf};
 
 use super::fetch::SPOOL_DIR;
@@ -79,6 +80,8 @@ pub enum BackupError {
     Tablespaces { dir: String, entries: Vec<String> },
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    WalNotArchived(String),
 }
 
 fn pg(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> BackupError {
@@ -454,39 +457,23 @@ async fn take(
     let copy_secs = t_copy.elapsed().as_secs_f64();
     run.update(|d| d.phase = BackupPhase::Stopping);
     let t_stop = Instant::now();
-    client
-        .batch_execute(&format!(
-            "SET statement_timeout = {}",
-            STOP_TIMEOUT.as_millis()
-        ))
-        .await
-        .map_err(pg("setting the stop timeout"))?;
+    // Postgres' own wait (wait_for_archive => true) polls once a second, a fixed second on every
+    // backup; and it only sees archive_status. So stop without it (the WAL switch still
+    // happens) and wait for the needed segments in the store itself, which is what a restore
+    // will read.
     let stop_sql = if facts.version_num >= 150000 {
-        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(wait_for_archive => true)"
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(wait_for_archive => false)"
     } else {
-        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, true)"
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)"
     };
-    let row = client.query_one(stop_sql, &[]).await.map_err(pg(format!(
-        "stopping backup {} (pg_backup_stop, which waits until the backup's last WAL segment is archived, at most {} s)",
-        run.id,
-        STOP_TIMEOUT.as_secs()
-    )))?;
-    let stop_time = SystemTime::now();
-    // Where the time went: a slow stop means slow WAL archiving, a slow copy the store or codec.
-    tracing::info!(
-        backup = %run.id,
-        checkpoint_secs = format!("{:.2}", t_copy.duration_since(t_start).as_secs_f64()),
-        copy_secs = format!("{copy_secs:.2}"),
-        stop_secs = format!("{:.2}", t_stop.elapsed().as_secs_f64()),
-        "base backup phases"
-    );
+    let row = client
+        .query_one(stop_sql, &[])
+        .await
+        .map_err(pg(format!("stopping backup {} (pg_backup_stop)", run.id)))?;
     let stop_lsn_text: String = row.get(0);
     let labelfile: String = row.get(1);
     let spcmap: Option<String> = row.get(2);
-    run.update(|d| {
-        d.stop_lsn = Some(stop_lsn_text.clone());
-        d.phase = BackupPhase::Finishing;
-    });
+    run.update(|d| d.stop_lsn = Some(stop_lsn_text.clone()));
     let label = BackupLabel::parse(&labelfile).ok_or_else(|| {
         BackupError::Invalid(format!(
             "backup {}: cannot parse the backup_label Postgres returned",
@@ -499,6 +486,19 @@ async fn take(
             run.id
         ))
     })?;
+    let seg = facts.wal_segment_size;
+    let (first, last) = wal_range(label.timeline, label.start_lsn, stop_lsn, seg);
+    wait_archived(store, layout, &run.id, first, last, seg).await?;
+    let stop_time = SystemTime::now();
+    run.update(|d| d.phase = BackupPhase::Finishing);
+    // Where the time went: a slow stop means slow WAL archiving, a slow copy the store or codec.
+    tracing::info!(
+        backup = %run.id,
+        checkpoint_secs = format!("{:.2}", t_copy.duration_since(t_start).as_secs_f64()),
+        copy_secs = format!("{copy_secs:.2}"),
+        stop_secs = format!("{:.2}", t_stop.elapsed().as_secs_f64()),
+        "base backup phases"
+    );
 
     let mut extra = vec![("backup_label", labelfile)];
     if let Some(map) = spcmap.filter(|m| !m.is_empty()) {
@@ -517,8 +517,6 @@ async fn take(
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
 
-    let seg = facts.wal_segment_size;
-    let (first, last) = wal_range(label.timeline, label.start_lsn, stop_lsn, seg);
     let manifest = BackupManifest {
         format: MANIFEST_FORMAT,
         id: run.id.clone(),
@@ -550,6 +548,42 @@ async fn take(
         )
         .await?;
     Ok(manifest)
+}
+
+/// Waits until every WAL segment from `first` through `last` is in the store (the archiver
+/// stores a segment only once verified). Polls quickly: the last segment was just switched and
+/// is usually archived within milliseconds.
+async fn wait_archived(
+    store: &Store,
+    layout: &Layout,
+    id: &str,
+    first: Segment,
+    last: Segment,
+    seg_size: u64,
+) -> Result<(), BackupError> {
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    let mut next = first;
+    while next <= last {
+        if store
+            .head(&layout.wal_key(&next.name(seg_size)))
+            .await?
+            .is_some()
+        {
+            next = next.next();
+            continue;
+        }
+        if Instant::now() > deadline {
+            return Err(BackupError::WalNotArchived(format!(
+                "backup {id}: WAL segment {} (needed: {} through {}) was not archived within {} s; check WAL archiving (/v1/status, archive failures)",
+                next.name(seg_size),
+                first.name(seg_size),
+                last.name(seg_size),
+                STOP_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 fn manifest_file(path: String, s: &ArchiveSummary, mode: u32) -> ManifestFile {

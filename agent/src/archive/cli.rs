@@ -52,10 +52,18 @@ pub async fn backup(client: &AgentClient, label: Option<String>, wait: bool) -> 
         if p.state != BackupState::Running {
             break p;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     };
     bar.finish_and_clear();
-    print!("{}", summary(&last, began.elapsed()));
+    // The agent's own start and end times: the polling interval does not distort the speed.
+    let took = match (&last.started_at, &last.finished_at) {
+        (Some(a), Some(b)) => match (a.parse::<jiff::Timestamp>(), b.parse::<jiff::Timestamp>()) {
+            (Ok(a), Ok(b)) => b.duration_since(a).unsigned_abs(),
+            _ => began.elapsed(),
+        },
+        _ => began.elapsed(),
+    };
+    print!("{}", summary(&last, took));
     match last.state {
         BackupState::Completed => Ok(()),
         _ => anyhow::bail!(
