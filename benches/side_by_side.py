@@ -635,6 +635,250 @@ def run_sampled(cmd, env=None):
     return peak
 
 
+# ---------------------------------------------------------------- P2: drain a backlog
+
+def proc_table():
+    """pid -> (ppid, cmdline, cpu ticks incl. waited-for children, own cpu ticks, rss KiB)."""
+    page = os.sysconf("SC_PAGE_SIZE") // 1024
+    t = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/statm") as f:
+                rss = int(f.read().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue
+        own = int(fields[11]) + int(fields[12])
+        t[int(pid)] = (int(fields[1]), cmd, own + int(fields[13]) + int(fields[14]), own, rss)
+    return t
+
+
+class Sampler:
+    """Every 100 ms: the summed RSS and the CPU of the processes a predicate selects.
+    CPU per pid is the last value seen (a process that ends between two samples loses < 100 ms)."""
+
+    def __init__(self, select):
+        import threading
+        self.select, self.peak_rss, self.cpu = select, 0, {}
+        self.stop_ev = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop_ev.is_set():
+            t = proc_table()
+            rss = 0
+            for pid, (ppid, cmd, cpu_all, own, r) in t.items():
+                use = self.select(pid, ppid, cmd, t)
+                if use:
+                    rss += r
+                    if use in ("own", "all"):
+                        self.cpu[pid] = own if use == "own" else cpu_all
+            self.peak_rss = max(self.peak_rss, rss)
+            self.stop_ev.wait(0.1)
+
+    def stop(self):
+        self.stop_ev.set()
+        self.thread.join()
+        return sum(self.cpu.values()) / CLK_TCK, self.peak_rss
+
+
+def ready_count(pgdata):
+    d = os.path.join(pgdata, "pg_wal", "archive_status")
+    return sum(1 for n in os.listdir(d) if n.endswith(".ready"))
+
+
+def wait_drained(pgdata, timeout=900):
+    end = time.time() + timeout
+    while ready_count(pgdata) > 0:
+        if time.time() > end:
+            raise RuntimeError(f"{pgdata}: still {ready_count(pgdata)} ready after {timeout} s")
+        time.sleep(0.1)
+
+
+def archiver_cpu(pgdata):
+    """CPU seconds of the archiver and the archive_command processes it waited for."""
+    with open(os.path.join(pgdata, "postmaster.pid")) as f:
+        pm = int(f.readline())
+    for pid, (ppid, cmd, cpu_all, _, _) in proc_table().items():
+        if ppid == pm and cmd.startswith("postgres: archiver"):
+            return cpu_all / CLK_TCK
+    return 0.0
+
+
+def make_backlog(env, pgdata, n, nudge_table):
+    """pgbench until n segments are waiting to be archived."""
+    scale = 10
+    while ready_count(pgdata) < n:
+        sh([f"{PGBIN}/pgbench", "-i", "-s", str(scale), "-q"], env=env)
+        sh([f"{PGBIN}/pgbench", "-c", "4", "-T", "3", "-n"], env=env)
+    sh([f"{PGBIN}/psql", "-Atq", "-c", f"CREATE TABLE IF NOT EXISTS {nudge_table} (x int)"], env=env)
+
+
+def p2():
+    reps = int(os.environ.get("PGPILOT_BENCH_REPS", "1" if QUICK else "2"))
+    n = int(os.environ.get("PGPILOT_BENCH_BACKLOG", "100" if QUICK else "1000"))
+    work = Work("p2")
+    try:
+        return _p2(work, reps, n)
+    finally:
+        work.close()
+
+
+def _p2(work, reps, n):
+    agent = Agent(work)
+    store = work.path("store")
+    os.makedirs(store)
+    agent.configure(f"file://{store}", encrypt=True)
+    agent.start()
+    meta = base_meta(reps, {})
+    runtime = agent.runtime()
+
+    # pgBackRest gets its own plain Postgres 15 (same WAL settings as the agent's), so that
+    # pgpilot's look-ahead never touches its backlog; archive_command = pgbackrest async.
+    settings = {k: agent.psql(f"SHOW {k}") for k in
+                ("shared_buffers", "max_wal_size", "min_wal_size", "wal_compression", "checkpoint_timeout",
+                 "full_page_writes", "wal_buffers")}
+    pg2 = work.path("pgbr-pg")
+    run2 = work.path("pgbr-run")
+    for d in (pg2, run2, work.path("pgbr-log"), work.path("pgbr-lock"), work.path("pgbr-spool")):
+        os.makedirs(d, exist_ok=True)
+        shutil.chown(d, "postgres", "postgres")
+    os.chmod(pg2, 0o700)
+    sh(["runuser", "-u", "postgres", "--", f"{PGBIN}/initdb", "-D", pg2, "-U", "postgres",
+        "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"])
+    port2 = free_port()
+
+    class Peer:  # enough of Agent for PgBackRest
+        pgdata, pg_port, socket_dir = pg2, port2, run2
+        def password(self):
+            return ""
+    pgbr = PgBackRest(work, Peer(), "p2", True,
+                      {"archive-async": "y", "process-max": "2", "archive-push-queue-max": "64GiB"})
+    shutil.chown(pgbr.conf, "postgres", "postgres")
+    os.makedirs(pgbr.repo)
+    shutil.chown(pgbr.repo, "postgres", "postgres")
+    with open(os.path.join(pg2, "postgresql.auto.conf"), "a") as f:
+        f.write(f"port = {port2}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{run2}'\n"
+                "archive_mode = on\nwal_level = replica\n"
+                f"archive_command = 'pgbackrest --config={pgbr.conf} --stanza=bench archive-push %p'\n")
+        for k, v in settings.items():
+            f.write(f"{k} = '{v}'\n")
+    sh(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", pg2, "-l", os.path.join(run2, "postgres.log"),
+        "-w", "start"])
+    try:
+        sh(["runuser", "-u", "postgres", "--", *pgbr.cmd("stanza-create")])
+        env2 = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(port2), "PGUSER": "postgres",
+                "PGDATABASE": "postgres"}
+        env1 = agent.pgenv()
+        results = {}
+
+        def drain_pgpilot():
+            os.rename(store, store + ".ok")
+            with open(store, "w") as f:
+                f.write("archiving is failing on purpose\n")
+            make_backlog(env1, agent.pgdata, n, "nudge")
+            backlog = ready_count(agent.pgdata)
+            a0, _, _ = agent.proc_stat()
+            arch0 = archiver_cpu(agent.pgdata)
+            with open(f"/proc/{agent.proc.pid}/clear_refs", "w") as f:
+                f.write("5")
+            pid = agent.proc.pid
+            sampler = Sampler(lambda p, pp, cmd, t: "own" if p == pid else (runtime in cmd and "rss"))
+            t0 = time.perf_counter()
+            os.unlink(store)
+            os.rename(store + ".ok", store)
+            sh([f"{PGBIN}/psql", "-Atq", "-c", "INSERT INTO nudge VALUES (1); SELECT pg_switch_wal()"], env=env1)
+            wait_drained(agent.pgdata)
+            wall = time.perf_counter() - t0
+            _, peak = sampler.stop()
+            a1, hwm, _ = agent.proc_stat()
+            cpu = (a1 - a0) + (archiver_cpu(agent.pgdata) - arch0)
+            return backlog, wall, cpu, max(peak, hwm)
+
+        def drain_pgbackrest():
+            os.chmod(pgbr.repo, 0)
+            make_backlog(env2, pg2, n, "nudge")
+            backlog = ready_count(pg2)
+            arch0 = archiver_cpu(pg2)
+            # detached async pgBackRest processes (not below the archiver, which is counted apart)
+            def sel(p, pp, cmd, t):
+                if pgbr.conf not in cmd:
+                    return False
+                while pp > 1:
+                    if t.get(pp, (0, ""))[1].startswith("postgres: archiver"):
+                        return "rss"  # RSS counted, CPU comes with the archiver's
+                    pp = t.get(pp, (0,))[0]
+                return "own"
+            sampler = Sampler(sel)
+            t0 = time.perf_counter()
+            os.chmod(pgbr.repo, 0o750)
+            sh([f"{PGBIN}/psql", "-Atq", "-c", "INSERT INTO nudge VALUES (1); SELECT pg_switch_wal()"], env=env2)
+            wait_drained(pg2)
+            wall = time.perf_counter() - t0
+            detached_cpu, peak = sampler.stop()
+            cpu = detached_cpu + (archiver_cpu(pg2) - arch0)
+            return backlog, wall, cpu, peak
+
+        tools = [("pgpilot", drain_pgpilot), ("pgBackRest", drain_pgbackrest)]
+        for r in range(reps):
+            for name, fn in (tools if r % 2 == 0 else list(reversed(tools))):
+                log(f"==> P2 round {r + 1}: {name}: backlog of {n} segments, then drain")
+                backlog, wall, cpu, peak = fn()
+                log(f"    {backlog} segments in {wall:.1f} s = {backlog / wall:.1f} segments/s, "
+                    f"CPU {cpu:.1f} s, peak RSS {peak / 1024:.0f} MiB")
+                results.setdefault(name, []).append(
+                    {"backlog": backlog, "wall": wall, "seg_s": backlog / wall, "cpu": cpu, "rss": peak})
+    finally:
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", pg2, "-m", "fast", "-w", "stop"],
+                       capture_output=True)
+        agent.stop()
+
+    rows = []
+    for name, label in (("pgpilot", "pgpilot (agent look-ahead + wal-push), zstd-1 + AES-256-GCM"),
+                        ("pgBackRest", "pgBackRest archive-push async, process-max 2, zst-1 + aes-256-cbc")):
+        rs = results[name]
+        v = [r["seg_s"] for r in rs]
+        row = {"tool": label, "n": len(rs), "backlog": statistics.median(r["backlog"] for r in rs),
+               "min": min(v), "p50": statistics.median(v), "max": max(v),
+               "mbps": statistics.median(v) * 16.777216,
+               "cpu_s": statistics.median(r["cpu"] for r in rs),
+               "cpu_per_seg_ms": statistics.median(r["cpu"] / r["backlog"] for r in rs) * 1000,
+               "rss_mib": max(r["rss"] for r in rs) / 1024}
+        rows.append(row)
+    rows[0]["ratio"] = rows[0]["p50"] / rows[1]["p50"]
+    meta["load_after"] = loadavg()
+    meta["settings"] = {
+        "backlog": f"{n}+ segments written by `pgbench -i -s 10` + `pgbench -c 4 -T 3` "
+                   "loops while archiving failed (pgpilot: store dir replaced by a regular file; pgBackRest: "
+                   "repo dir chmod 000); timing starts when the store is given back and ends when "
+                   "pg_wal/archive_status holds no .ready file",
+        "pgpilot": "release build, file:// store on the same disk, zstd_level=1, AES-256-GCM, default "
+                   "push_concurrency (= upload_concurrency 4)",
+        "pgBackRest": "its own Postgres 15 cluster with the agent cluster's WAL settings "
+                      f"({', '.join(f'{k}={v}' for k, v in settings.items())}), archive_command = "
+                      "pgbackrest archive-push, archive-async=y, process-max=2, posix repo on the same disk, "
+                      "compress-type=zst compress-level=1, repo1-cipher-type=aes-256-cbc",
+        "measured": "CPU = the agent (pgpilot) or the detached async pgBackRest processes, plus the archiver "
+                    "and the archive_command processes it waited for; peak RSS = the summed RSS of those "
+                    "processes (agent VmHWM reset before the drain), sampled every 100 ms",
+        "limit": "2-core codec limit for zstd-1 + AES-256-GCM from `make bench-codec` (target/bench/codec.md): "
+                 "2 × the per-core write limit; the issue's target is 80 % of it",
+    }
+    write_report("p2", f"P2: drain a backlog of {n} ready segments", meta,
+                 [("tool", "tool", 0), ("n", "rounds", 0), ("backlog", "segments", 0), ("min", "seg/s min", 1),
+                  ("p50", "seg/s median", 1), ("max", "seg/s max", 1), ("mbps", "MB/s (plain WAL)", 0),
+                  ("cpu_s", "CPU s", 1), ("cpu_per_seg_ms", "CPU ms/segment", 0),
+                  ("rss_mib", "peak RSS MiB", 0), ("ratio", "pgpilot/pgBackRest speed", 2)],
+                 rows, ["Ratio > 1: pgpilot drains faster."])
+    return rows
+
+
 # ---------------------------------------------------------------- P3: base backup
 
 def pg_cpu(agent):
@@ -892,7 +1136,7 @@ def main():
         sys.exit("build first: cargo build --release -p pgpilot-agent")
     what = [a for a in sys.argv[1:] if not a.startswith("--")] or ["p1"]
     for w in what:
-        {"p1": p1, "p3": p3}[w]()
+        {"p1": p1, "p2": p2, "p3": p3}[w]()
 
 
 if __name__ == "__main__":
