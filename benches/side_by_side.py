@@ -635,6 +635,57 @@ def run_sampled(cmd, env=None):
     return peak
 
 
+class PeerCluster:
+    """A plain Postgres 15 run by the postgres user for pgBackRest, with the agent cluster's WAL
+    settings, archive_command = pgbackrest archive-push, stanza `bench` created."""
+
+    def __init__(self, work, agent, pgbr_extra, name="peer"):
+        self.settings = {k: agent.psql(f"SHOW {k}") for k in
+                         ("shared_buffers", "max_wal_size", "min_wal_size", "wal_compression",
+                          "checkpoint_timeout", "full_page_writes", "wal_buffers")}
+        self.pgdata, self.socket_dir = work.path(f"{name}-pg"), work.path(f"{name}-run")
+        for d in (self.pgdata, self.socket_dir, work.path("pgbr-log"), work.path("pgbr-lock"),
+                  work.path("pgbr-spool")):
+            os.makedirs(d, exist_ok=True)
+            shutil.chown(d, "postgres", "postgres")
+        os.chmod(self.pgdata, 0o700)
+        sh(["runuser", "-u", "postgres", "--", f"{PGBIN}/initdb", "-D", self.pgdata, "-U", "postgres",
+            "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"])
+        self.pg_port = free_port()
+        self.pgbr = PgBackRest(work, self, name, True, pgbr_extra)
+        shutil.chown(self.pgbr.conf, "postgres", "postgres")
+        os.makedirs(self.pgbr.repo)
+        shutil.chown(self.pgbr.repo, "postgres", "postgres")
+        self.conf_lines = (
+            f"port = {self.pg_port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{self.socket_dir}'\n"
+            "archive_mode = on\nwal_level = replica\n"
+            f"archive_command = 'pgbackrest --config={self.pgbr.conf} --stanza=bench archive-push %p'\n"
+            + "".join(f"{k} = '{v}'\n" for k, v in self.settings.items()))
+        self.write_conf()
+        self.start()
+        sh(["runuser", "-u", "postgres", "--", *self.pgbr.cmd("stanza-create")])
+        self.env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(self.pg_port), "PGUSER": "postgres",
+                    "PGDATABASE": "postgres"}
+
+    def write_conf(self):
+        with open(os.path.join(self.pgdata, "postgresql.auto.conf"), "a") as f:
+            f.write(self.conf_lines)
+
+    def password(self):
+        return ""
+
+    def start(self, wait=True):
+        sh(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", self.pgdata, "-l",
+            os.path.join(self.socket_dir, "postgres.log"), "-t", "3600", "-w" if wait else "-W", "start"])
+
+    def stop(self):
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", self.pgdata, "-m", "fast",
+                        "-w", "stop"], capture_output=True)
+
+    def psql(self, sql):
+        return sh([f"{PGBIN}/psql", "-Atq", "-c", sql], env=self.env).strip()
+
+
 # ---------------------------------------------------------------- P2: drain a backlog
 
 def proc_table():
@@ -738,43 +789,15 @@ def _p2(work, reps, n):
     agent.start()
     meta = base_meta(reps, {})
     runtime = agent.runtime()
+    time.sleep(5)
+    meta["agent_idle_rss_kib"] = agent.proc_stat()[2]  # P6
 
     # pgBackRest gets its own plain Postgres 15 (same WAL settings as the agent's), so that
     # pgpilot's look-ahead never touches its backlog; archive_command = pgbackrest async.
-    settings = {k: agent.psql(f"SHOW {k}") for k in
-                ("shared_buffers", "max_wal_size", "min_wal_size", "wal_compression", "checkpoint_timeout",
-                 "full_page_writes", "wal_buffers")}
-    pg2 = work.path("pgbr-pg")
-    run2 = work.path("pgbr-run")
-    for d in (pg2, run2, work.path("pgbr-log"), work.path("pgbr-lock"), work.path("pgbr-spool")):
-        os.makedirs(d, exist_ok=True)
-        shutil.chown(d, "postgres", "postgres")
-    os.chmod(pg2, 0o700)
-    sh(["runuser", "-u", "postgres", "--", f"{PGBIN}/initdb", "-D", pg2, "-U", "postgres",
-        "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"])
-    port2 = free_port()
-
-    class Peer:  # enough of Agent for PgBackRest
-        pgdata, pg_port, socket_dir = pg2, port2, run2
-        def password(self):
-            return ""
-    pgbr = PgBackRest(work, Peer(), "p2", True,
-                      {"archive-async": "y", "process-max": "2", "archive-push-queue-max": "64GiB"})
-    shutil.chown(pgbr.conf, "postgres", "postgres")
-    os.makedirs(pgbr.repo)
-    shutil.chown(pgbr.repo, "postgres", "postgres")
-    with open(os.path.join(pg2, "postgresql.auto.conf"), "a") as f:
-        f.write(f"port = {port2}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{run2}'\n"
-                "archive_mode = on\nwal_level = replica\n"
-                f"archive_command = 'pgbackrest --config={pgbr.conf} --stanza=bench archive-push %p'\n")
-        for k, v in settings.items():
-            f.write(f"{k} = '{v}'\n")
-    sh(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", pg2, "-l", os.path.join(run2, "postgres.log"),
-        "-w", "start"])
+    peer = PeerCluster(work, agent, {"archive-async": "y", "process-max": "2", "archive-push-queue-max": "64GiB"})
+    pg2, pgbr, settings = peer.pgdata, peer.pgbr, peer.settings
     try:
-        sh(["runuser", "-u", "postgres", "--", *pgbr.cmd("stanza-create")])
-        env2 = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(port2), "PGUSER": "postgres",
-                "PGDATABASE": "postgres"}
+        env2 = peer.env
         env1 = agent.pgenv()
         results = {}
 
@@ -835,8 +858,7 @@ def _p2(work, reps, n):
                 results.setdefault(name, []).append(
                     {"backlog": backlog, "wall": wall, "seg_s": backlog / wall, "cpu": cpu, "rss": peak})
     finally:
-        subprocess.run(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", pg2, "-m", "fast", "-w", "stop"],
-                       capture_output=True)
+        peer.stop()
         agent.stop()
 
     rows = []
@@ -876,6 +898,167 @@ def _p2(work, reps, n):
                   ("cpu_s", "CPU s", 1), ("cpu_per_seg_ms", "CPU ms/segment", 0),
                   ("rss_mib", "peak RSS MiB", 0), ("ratio", "pgpilot/pgBackRest speed", 2)],
                  rows, ["Ratio > 1: pgpilot drains faster."])
+    return rows
+
+
+# ---------------------------------------------------------------- P4: restore to the latest point
+
+def metric(agent, name):
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.lo}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+class WaitSampler(Sampler):
+    """Lifetimes of restore_command processes (every 20 ms): an estimate of the time replay
+    waited for WAL (a process shorter than 20 ms may be missed: a prefetch hit)."""
+
+    def __init__(self, marker):
+        self.marker, self.seen = marker, {}
+        super().__init__(lambda *a: False)
+
+    def run(self):
+        while not self.stop_ev.is_set():
+            now = time.perf_counter()
+            for pid, (ppid, cmd, _, _, _) in proc_table().items():
+                if self.marker in cmd and not cmd.startswith(("runuser", "sh ", "/bin/sh ")):
+                    first, _ = self.seen.get(pid, (now, now))
+                    self.seen[pid] = (first, now)
+            self.stop_ev.wait(0.02)
+
+    def stop(self):
+        self.stop_ev.set()
+        self.thread.join()
+        return sum(last - first + 0.02 for first, last in self.seen.values()), len(self.seen)
+
+
+def wal_bytes_since(psql, lsn):
+    return int(float(psql(f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{lsn}')")))
+
+
+def p4():
+    reps = int(os.environ.get("PGPILOT_BENCH_REPS", "1" if QUICK else "2"))
+    scale = int(os.environ.get("PGPILOT_BENCH_SCALE", "30" if QUICK else "340"))
+    wal_mib = int(os.environ.get("PGPILOT_BENCH_WAL_MIB", "256" if QUICK else "2048"))
+    work = Work("p4")
+    try:
+        return _p4(work, reps, scale, wal_mib)
+    finally:
+        work.close()
+
+
+def _p4(work, reps, scale, wal_mib):
+    agent = Agent(work)
+    store = work.path("store")
+    os.makedirs(store)
+    agent.configure(f"file://{store}", encrypt=True)
+    agent.start()
+    meta = base_meta(reps, {})
+    peer = PeerCluster(work, agent, {"archive-async": "y", "process-max": "2", "archive-push-queue-max": "64GiB",
+                                     "archive-get-queue-max": "1GiB"})
+    pgbr = peer.pgbr
+    api = ["--api-url", f"http://127.0.0.1:{agent.lo}", "--token-file", os.path.join(agent.dir, "token")]
+    try:
+        for name, env in (("pgpilot", agent.pgenv()), ("pgBackRest", peer.env)):
+            log(f"==> P4 {name} cluster: pgbench -i -s {scale}")
+            sh([f"{PGBIN}/pgbench", "-i", "-s", str(scale), "-q"], env=env)
+        log("==> P4 base backups")
+        sh([AGENT, "backup", *api, "--label", "p4"], env={**os.environ, "PGPILOT_LOG": "warn"})
+        sh(["runuser", "-u", "postgres", "--", *pgbr.cmd("--type=full", "backup")])
+        log(f"==> P4 {wal_mib} MiB of WAL after the backups (pgbench -c 4), on both clusters")
+        for psql, env in ((agent.psql, agent.pgenv()), (peer.psql, peer.env)):
+            lsn = psql("SELECT pg_current_wal_lsn()")
+            while wal_bytes_since(psql, lsn) < wal_mib * 1024 * 1024:
+                sh([f"{PGBIN}/pgbench", "-c", "4", "-T", "10", "-n"], env=env)
+            psql("SELECT pg_switch_wal()")
+        for pgdata in (agent.pgdata, peer.pgdata):
+            wait_drained(pgdata)
+        data_bytes = tree_bytes(agent.pgdata, skip="pg_wal")
+        results = {}
+
+        def restore_pgpilot():
+            hits0 = metric(agent, "pgpilot_wal_prefetch_hits_total")
+            miss0 = metric(agent, "pgpilot_wal_prefetch_misses_total")
+            waits = WaitSampler("wal-fetch")
+            t0 = time.perf_counter()
+            sh([AGENT, "restore", "--latest", "--force", *api], env={**os.environ, "PGPILOT_LOG": "warn"})
+            wall = time.perf_counter() - t0
+            waited, calls = waits.stop()
+            st = agent.status().get("restore") or {}
+            return {"wall": wall, "download": st.get("download_seconds"), "replay": st.get("replay_seconds"),
+                    "waited": waited, "calls": calls,
+                    "hits": metric(agent, "pgpilot_wal_prefetch_hits_total") - hits0,
+                    "misses": metric(agent, "pgpilot_wal_prefetch_misses_total") - miss0}
+
+        def restore_pgbackrest():
+            peer.stop()
+            shutil.rmtree(peer.pgdata)
+            os.makedirs(peer.pgdata, mode=0o700)
+            shutil.chown(peer.pgdata, "postgres", "postgres")
+            t0 = time.perf_counter()
+            sh(["runuser", "-u", "postgres", "--", *pgbr.cmd("--type=default", "restore")])
+            t1 = time.perf_counter()
+            waits = WaitSampler("archive-get")
+            peer.start(wait=False)
+            while True:
+                try:
+                    if peer.psql("SELECT pg_is_in_recovery()") == "f":
+                        break
+                except RuntimeError:
+                    pass
+                time.sleep(0.1)
+            t2 = time.perf_counter()
+            waited, calls = waits.stop()
+            return {"wall": t2 - t0, "download": t1 - t0, "replay": t2 - t1, "waited": waited, "calls": calls}
+
+        tools = [("pgpilot", restore_pgpilot), ("pgBackRest", restore_pgbackrest)]
+        for r in range(reps):
+            for name, fn in (tools if r % 2 == 0 else list(reversed(tools))):
+                log(f"==> P4 round {r + 1}: {name} restore --latest")
+                res = fn()
+                log(f"    total {res['wall']:.1f} s: base {res['download'] or 0:.1f} s, replay {res['replay'] or 0:.1f} s, "
+                    f"restore_command ~{res['waited']:.1f} s over {res['calls']} calls")
+                results.setdefault(name, []).append(res)
+    finally:
+        peer.stop()
+        agent.stop()
+
+    rows = []
+    for name, label in (("pgpilot", "pgpilot restore --latest (wal-fetch prefetch 8)"),
+                        ("pgBackRest", "pgBackRest restore, process-max 2, archive-get async")):
+        rs = results[name]
+        med = lambda k: statistics.median(r[k] for r in rs if r.get(k) is not None) if any(r.get(k) is not None for r in rs) else None
+        row = {"tool": label, "n": len(rs), "base_min": min(r["download"] or 0 for r in rs), "base_p50": med("download"),
+               "base_max": max(r["download"] or 0 for r in rs), "replay_p50": med("replay"), "total_p50": med("wall"),
+               "waited_p50": med("waited"), "calls": med("calls")}
+        row["waited_pct"] = 100 * row["waited_p50"] / row["replay_p50"] if row["replay_p50"] else None
+        if name == "pgpilot":
+            row["hits_misses"] = f"{med('hits'):.0f} / {med('misses'):.0f}"
+        rows.append(row)
+    for k in ("base_p50", "replay_p50", "total_p50"):
+        rows[0][k.replace("_p50", "_ratio")] = rows[1][k] / rows[0][k] if rows[0][k] else None
+    meta["load_after"] = loadavg()
+    meta["settings"] = {
+        "data": f"pgbench -i -s {scale} (data dir {data_bytes / 1e9:.2f} GB), a base backup, then {wal_mib} MiB of "
+                "WAL from pgbench -c 4 on each cluster (pgpilot's agent cluster; pgBackRest's own cluster with the same "
+                "WAL settings), all archived before the restores",
+        "pgpilot": "`pgpilot-agent restore --latest --force` on the running agent; file:// store, zstd-1 + AES-256-GCM; "
+                   "base = download_seconds, replay = replay_seconds from /v1/status; prefetch = 8 (default)",
+        "pgBackRest": "data dir emptied, `pgbackrest restore --type=default` (process-max 2, zst-1, aes-256-cbc), then "
+                      "Postgres started and polled until pg_is_in_recovery() is false; archive-get async "
+                      "(archive-get-queue-max 1GiB)",
+        "waited": "sum of the lifetimes of restore_command processes (wal-fetch / archive-get) sampled every 20 ms: "
+                  "the time replay spent waiting for WAL, approximately (calls faster than 20 ms are missed)",
+    }
+    write_report("p4", "P4: restore of a base backup plus WAL to the latest point (s)", meta,
+                 [("tool", "tool", 0), ("n", "rounds", 0), ("base_min", "base min s", 1), ("base_p50", "base median s", 1),
+                  ("base_max", "base max s", 1), ("replay_p50", "replay median s", 1), ("total_p50", "total median s", 1),
+                  ("waited_p50", "waited for WAL s", 1), ("waited_pct", "waited % of replay", 1),
+                  ("hits_misses", "prefetch hits / misses", 0), ("base_ratio", "base speedup vs pgBackRest", 2),
+                  ("replay_ratio", "replay speedup", 2), ("total_ratio", "total speedup", 2)],
+                 rows, ["Speedup > 1: pgpilot faster. Target (issue 5): base restore ≥ 2× pgBackRest; waiting for WAL < 5 % of replay."])
     return rows
 
 
@@ -1100,6 +1283,30 @@ def _p3(work, reps, scale):
 
 # ---------------------------------------------------------------- report: merge the scenarios
 
+def p6_rows(merged):
+    """P6 from what P2 and P3 measured: the agent's RSS idle and at full parallel upload."""
+    lines = []
+    p2 = merged.get("p2")
+    if p2 and p2["meta"].get("agent_idle_rss_kib"):
+        lines.append(f"| idle (5 s after start, Postgres running, store configured) | "
+                     f"{p2['meta']['agent_idle_rss_kib'] / 1024:,.0f} | VmRSS |")
+    if p2:
+        r = p2["rows"][0]
+        lines.append(f"| draining the WAL backlog (P2, push_concurrency 4, look-ahead) | {r['rss_mib']:,.0f} | "
+                     "VmHWM + wal-push processes |")
+    p3 = merged.get("p3")
+    if p3:
+        for r in p3["rows"]:
+            if r["tool"].startswith("pgpilot") and r.get("rss_mib"):
+                lines.append(f"| base backup, {r['dataset']}, {r['tool'].split(', ', 1)[1]} (upload_concurrency 4) | "
+                             f"{r['rss_mib']:,.0f} | VmHWM |")
+    if not lines:
+        return None
+    merged["p6"] = {"rows": lines}
+    return ("### P6: agent memory (MiB)\n\nFrom the P2 and P3 runs above (same machine and load).\n\n"
+            "| state | RSS MiB | measure |\n|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
 def report():
     """target/bench/side-by-side.{md,json} from the scenario files present (P5 = codec.md)."""
     parts, merged = [], {}
@@ -1110,6 +1317,9 @@ def report():
                 merged[name] = json.load(f)
             with open(os.path.join(OUT, f"{name}.md")) as f:
                 parts.append(f.read())
+    p6 = p6_rows(merged)
+    if p6:
+        parts.append(p6)
     codec = os.path.join(OUT, "codec.md")
     if os.path.exists(codec):
         with open(codec) as f:
@@ -1136,7 +1346,7 @@ def main():
         sys.exit("build first: cargo build --release -p pgpilot-agent")
     what = [a for a in sys.argv[1:] if not a.startswith("--")] or ["p1"]
     for w in what:
-        {"p1": p1, "p2": p2, "p3": p3}[w]()
+        {"p1": p1, "p2": p2, "p3": p3, "p4": p4}[w]()
 
 
 if __name__ == "__main__":
