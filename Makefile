@@ -57,7 +57,7 @@ test: deps-test lint ## Everything CI runs: install test deps, lint, all tests a
 bench: bench-codec bench-side-by-side ## All benchmarks: codec pipeline + side-by-side vs pgBackRest/barman-cloud/pg_basebackup
 
 .PHONY: bench-side-by-side
-bench-side-by-side: ## Full side-by-side suite (P1-P3, P5), tables in target/bench/side-by-side.md (long)
+bench-side-by-side: ## Full side-by-side suite P1-P4 (+P5 codec, P6 memory): target/bench/side-by-side.md (long; logs per scenario)
 	./benches/side-by-side.sh
 
 .PHONY: bench-quick

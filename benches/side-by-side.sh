@@ -15,7 +15,7 @@ for a in "$@"; do
     *) scenarios+=("$a") ;;
   esac
 done
-[ ${#scenarios[@]} -gt 0 ] || scenarios=(p1 p3)
+[ ${#scenarios[@]} -gt 0 ] || scenarios=(p1 p2 p3 p4)
 ./benches/install-peers.sh
 [ -x /opt/pgpilot-tools/bin/s3s-fs ] || ./scripts/install-test-deps.sh
 echo "==> cargo build --release -p pgpilot-agent"

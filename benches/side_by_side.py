@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """Side-by-side benchmarks: pgpilot vs pgBackRest, barman-cloud and pg_basebackup (issue 6).
 
-    python3 benches/side_by_side.py p1|p2|p3|report [--quick]
+    python3 benches/side_by_side.py p1|p2|p3|p4|report [--quick]      (as root)
 
 Every scenario runs pgpilot and its peers in the same run, alternating them inside each
 repetition, and writes target/bench/<scenario>.{md,json}; `report` merges them into
 target/bench/side-by-side.{md,json}. Python 3 standard library only.
 
 Environment:
-    PGPILOT_BENCH_REPS    repetitions (default: 50 full / 8 quick for P1, 3 / 1 for P3)
-    PGPILOT_BENCH_SCALE   pgbench scale for P3 (default 340 ≈ 5 GiB full, 30 quick)
+    PGPILOT_BENCH_REPS    repetitions (default: P1 50 full / 6 quick; P2, P4 2 / 1; P3 3 / 1)
+    PGPILOT_BENCH_SCALE   pgbench scale for P3 and P4 (default 340 ≈ 5 GiB full; quick: 20 for P3, 10 for P4)
+    PGPILOT_BENCH_BACKLOG P2 backlog in segments (default 1000 full, 100 quick)
+    PGPILOT_BENCH_WAL_MIB P4 WAL replayed after the backup (default 2048 full, 128 quick)
     PGPILOT_BENCH_KEEP=1  keep the work directory
 """
 import json
@@ -106,8 +108,10 @@ def versions():
             return subprocess.run(cmd, text=True, capture_output=True).stdout.strip().splitlines()[-1]
         except (OSError, IndexError):
             return "missing"
+    rev = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], text=True,
+                         capture_output=True).stdout.strip()
     return {
-        "pgpilot": v([AGENT, "--version"]),
+        "pgpilot": v([AGENT, "--version"]) + f" (release build of {rev})",
         "pgbackrest": v(["pgbackrest", "version"]),
         "barman-cloud": v([f"{BARMAN_VENV}/bin/barman-cloud-wal-archive", "--version"]),
         "pg_basebackup": v([f"{PGBIN}/pg_basebackup", "--version"]),
@@ -416,7 +420,7 @@ def s3_backup_lines(agent, s3):
 # ---------------------------------------------------------------- P1: one archive_command call
 
 def p1():
-    reps = int(os.environ.get("PGPILOT_BENCH_REPS", "8" if QUICK else "50"))
+    reps = int(os.environ.get("PGPILOT_BENCH_REPS", "6" if QUICK else "50"))
     work = Work("p1")
     try:
         return _p1(work, reps)
@@ -940,8 +944,8 @@ def wal_bytes_since(psql, lsn):
 
 def p4():
     reps = int(os.environ.get("PGPILOT_BENCH_REPS", "1" if QUICK else "2"))
-    scale = int(os.environ.get("PGPILOT_BENCH_SCALE", "30" if QUICK else "340"))
-    wal_mib = int(os.environ.get("PGPILOT_BENCH_WAL_MIB", "256" if QUICK else "2048"))
+    scale = int(os.environ.get("PGPILOT_BENCH_SCALE", "10" if QUICK else "340"))
+    wal_mib = int(os.environ.get("PGPILOT_BENCH_WAL_MIB", "128" if QUICK else "2048"))
     work = Work("p4")
     try:
         return _p4(work, reps, scale, wal_mib)
@@ -1100,7 +1104,7 @@ def tree_bytes(top, skip=None):
 
 def p3():
     reps = int(os.environ.get("PGPILOT_BENCH_REPS", "1" if QUICK else "3"))
-    scale = int(os.environ.get("PGPILOT_BENCH_SCALE", "30" if QUICK else "340"))
+    scale = int(os.environ.get("PGPILOT_BENCH_SCALE", "20" if QUICK else "340"))
     work = Work("p3")
     try:
         return _p3(work, reps, scale)
@@ -1345,8 +1349,18 @@ def main():
     if not os.access(AGENT, os.X_OK):
         sys.exit("build first: cargo build --release -p pgpilot-agent")
     what = [a for a in sys.argv[1:] if not a.startswith("--")] or ["p1"]
-    for w in what:
-        {"p1": p1, "p2": p2, "p3": p3, "p4": p4}[w]()
+    # Other engineers rebuild target/release in this checkout: run a private copy of the binary.
+    global AGENT
+    fd, copy = tempfile.mkstemp(prefix="pgpilot-sbs-agent-", dir="/var/tmp")
+    os.close(fd)
+    shutil.copy(AGENT, copy)
+    os.chmod(copy, 0o755)
+    AGENT = copy
+    try:
+        for w in what:
+            {"p1": p1, "p2": p2, "p3": p3, "p4": p4}[w]()
+    finally:
+        os.unlink(copy)
 
 
 if __name__ == "__main__":
