@@ -5,6 +5,7 @@
 //! from local disk. `wal-fetch` then moves the spool file into the path Postgres gave.
 
 use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -169,22 +170,28 @@ impl WalFetcher {
     }
 
     async fn download(&self, name: &str) -> Result<(), FetchError> {
+        // The final name must only ever appear for a file Postgres can read: download under a
+        // temporary name (verified, fsynced), hand it to the Postgres user, then rename.
         let target = self.spool.join(name);
+        let partial = self.spool.join(format!("{name}.download"));
+        let failed = |e: std::io::Error| FetchError::Failed(format!("{}: {e}", partial.display()));
         match self
             .store
-            .get_to_file(&self.layout.wal_key(name), &target)
+            .get_to_file(&self.layout.wal_key(name), &partial)
             .await
         {
             Ok(_) => {
+                std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o600))
+                    .map_err(failed)?;
                 if let Some(owner) = &self.owner {
-                    owner
-                        .chown(&target)
-                        .map_err(|e| FetchError::Failed(format!("{}: {e}", target.display())))?;
+                    owner.chown(&partial).map_err(failed)?;
                 }
+                std::fs::rename(&partial, &target).map_err(failed)?;
                 Ok(())
             }
             Err(StoreError::NotFound { .. }) => Err(FetchError::NotFound(name.to_string())),
             Err(e) => {
+                let _ = std::fs::remove_file(&partial);
                 tracing::warn!(wal = name, "fetching from the archive failed: {e}");
                 Err(FetchError::Failed(e.to_string()))
             }
