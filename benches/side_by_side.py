@@ -1342,6 +1342,7 @@ def report():
 # ---------------------------------------------------------------- main
 
 def main():
+    global AGENT
     if sys.argv[1:2] == ["report"]:
         return report()
     if os.geteuid() != 0:
@@ -1350,7 +1351,6 @@ def main():
         sys.exit("build first: cargo build --release -p pgpilot-agent")
     what = [a for a in sys.argv[1:] if not a.startswith("--")] or ["p1"]
     # Other engineers rebuild target/release in this checkout: run a private copy of the binary.
-    global AGENT
     fd, copy = tempfile.mkstemp(prefix="pgpilot-sbs-agent-", dir="/var/tmp")
     os.close(fd)
     shutil.copy(AGENT, copy)
