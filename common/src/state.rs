@@ -122,6 +122,7 @@ mod tests {
             AgentState::Bootstrapping {
                 method: BootstrapMethod::Initdb,
             },
+            AgentState::Restoring,
             AgentState::Starting,
             AgentState::Running {
                 role: Role::Replica,

@@ -86,6 +86,7 @@ impl KubeTestServer {
 
     /// A kube-rs client for this server, default namespace `default`.
     pub fn client(&self) -> kube::Client {
+        install_crypto_provider();
         let url = self.url().parse().expect("a valid URL");
         let config = kube::Config::new(url);
         kube::Client::try_from(config).expect("a plain-HTTP kube client builds")
@@ -159,7 +160,15 @@ fn kubeconfig_yaml(url: &str) -> String {
 
 /// A client for the tests to use: the real cluster from `KUBECONFIG` when that is set (no
 /// server started), otherwise a fresh [`KubeTestServer`], which the caller keeps alive.
+/// kube-client builds TLS with rustls' process-wide default provider, which rustls cannot pick
+/// when a build enables both ring and aws-lc-rs (as a workspace build does). Install ring,
+/// present in every build; a provider already installed is left alone.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub async fn test_client() -> anyhow::Result<(kube::Client, Option<KubeTestServer>)> {
+    install_crypto_provider();
     if std::env::var_os("KUBECONFIG").is_some_and(|k| !k.is_empty()) {
         let client = kube::Client::try_default()
             .await
