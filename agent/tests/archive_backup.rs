@@ -517,6 +517,54 @@ async fn kill_9_during_a_backup_leaves_it_incomplete(major: u32) {
             (next, BackupState::Completed)
         ]
     );
+
+    // A tablespace: refused clearly, the run shows as failed with the reason, and no manifest.
+    let ts = fx.dir.path().join("tablespace");
+    std::fs::create_dir(&ts).unwrap();
+    if let Some(pg) = nix::unistd::User::from_name("postgres").unwrap()
+        && nix::unistd::geteuid().is_root()
+    {
+        nix::unistd::chown(&ts, Some(pg.uid), Some(pg.gid)).unwrap();
+    }
+    let sql = fx.sql().await.unwrap();
+    sql.batch_execute(&format!(
+        "CREATE TABLESPACE extra LOCATION '{}'",
+        ts.display()
+    ))
+    .await
+    .unwrap();
+    let started = client
+        .start_backup(&BackupRequest::default())
+        .await
+        .unwrap();
+    let failed = wait_backup(&fx, &started.id).await;
+    assert_eq!(failed.state, BackupState::Failed, "{failed:?}");
+    let reason = failed.reason.unwrap();
+    assert!(
+        reason.contains("tablespaces") && reason.contains("pg_tblspc"),
+        "{reason}"
+    );
+    let list = client.backups().await.unwrap();
+    let b = list.backups.iter().find(|b| b.id == started.id).unwrap();
+    assert_eq!(b.state, BackupState::Failed);
+    assert!(
+        store
+            .head(&layout().manifest_key(&started.id))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    sql.batch_execute("DROP TABLESPACE extra").await.unwrap();
+    let metrics = reqwest::get(fx.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("pgpilot_backup_failures_total 1"),
+        "{metrics}"
+    );
 }
 
 /// Writes a little and switches segments, so backups have distinct WAL ranges.

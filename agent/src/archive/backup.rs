@@ -287,6 +287,10 @@ pub async fn start(
     let shared = shared.clone();
     let snapshot = run.snapshot();
     tokio::spawn(async move {
+        let _finish = Finish {
+            shared: shared.clone(),
+            run: run.clone(),
+        };
         let began = Instant::now();
         let result = take(&shared, &store, &layout, &run).await;
         let m = &shared.metrics.archive;
@@ -327,9 +331,28 @@ pub async fn start(
                 });
             }
         }
-        shared.backups.lock().busy = None;
     });
     Ok(snapshot)
+}
+
+/// Ends a run however its task ends (a panic included): the next backup must not get 409
+/// forever, and the run must not show as running forever.
+struct Finish {
+    shared: Arc<Shared>,
+    run: Arc<Run>,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.run.update(|d| {
+            if d.state == BackupState::Running {
+                d.state = BackupState::Failed;
+                d.reason = Some("the backup task ended unexpectedly (see the agent log)".into());
+                d.finished = Some(SystemTime::now());
+            }
+        });
+        self.shared.backups.lock().busy = None;
+    }
 }
 
 /// A sortable UTC timestamp, `20261123T181500Z`, with `-1`, `-2`, ... when taken.
