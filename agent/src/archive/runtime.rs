@@ -32,7 +32,10 @@ impl std::fmt::Debug for ArchiveRuntime {
             .field("api_url", &self.api_url)
             .field("token", &"<redacted>")
             .field("data_dir", &self.data_dir)
-            .field("store", &crate::store::config::redact_url(&self.store.store))
+            .field(
+                "store",
+                &crate::store::config::redact_url(&self.store.store),
+            )
             .finish_non_exhaustive()
     }
 }
