@@ -722,6 +722,18 @@ async fn retention_deletes_old_backups_and_only_their_wal(major: u32) {
     let out = cli(&fx, &["verify"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains(&b3));
+
+    // A needed WAL segment goes missing: verify names it, the window says not restorable.
+    store.delete(&l.wal_key(&m3.wal_end)).await.unwrap();
+    let out = cli(&fx, &["verify", &b3]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("WAL segment {} is missing", m3.wal_end)),
+        "{}",
+        text(&out)
+    );
+    let w = fx.client().backups().await.unwrap().window.unwrap();
+    assert!(!w.consistent, "{w:?}");
 }
 
 /// The same backup through an S3 server (s3s-fs): multipart for the large files, create-only.
