@@ -100,16 +100,24 @@ enum Command {
     /// Re-read a backup (default: the newest complete one) and the WAL it needs, checking every
     /// checksum; exit non-zero on any problem.
     Verify {
-        /// The agent's runtime file (store settings).
-        #[arg(long, env = "PGPILOT_ARCHIVE_RUNTIME")]
+        /// The agent's runtime file (store settings): `<state_dir>/run/archive-runtime.json`.
+        #[arg(
+            long,
+            env = "PGPILOT_ARCHIVE_RUNTIME",
+            default_value = "./data/run/archive-runtime.json"
+        )]
         runtime: PathBuf,
         /// Backup id, e.g. 20261123T181500Z.
         backup_id: Option<String>,
     },
     /// Delete old backups and the WAL only they need.
     Retention {
-        /// The agent's runtime file (store settings).
-        #[arg(long, env = "PGPILOT_ARCHIVE_RUNTIME")]
+        /// The agent's runtime file (store settings): `<state_dir>/run/archive-runtime.json`.
+        #[arg(
+            long,
+            env = "PGPILOT_ARCHIVE_RUNTIME",
+            default_value = "./data/run/archive-runtime.json"
+        )]
         runtime: PathBuf,
         /// Keep the newest N complete backups.
         #[arg(long)]
