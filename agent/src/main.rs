@@ -364,6 +364,9 @@ fn render_status(url: &str, s: &StatusResponse) -> String {
     if let Some(f) = &s.last_failure {
         out += &format!("  last failure: {f}\n");
     }
+    if let Some(b) = &s.last_backup {
+        out += &format!("  last backup: {} (stopped {})\n", b.id, b.time);
+    }
     out += &format!("  agent up:  {}\n", fmt_secs(s.agent_uptime_seconds));
     out
 }
