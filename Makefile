@@ -26,10 +26,11 @@ build: ## Build the agent and the operator
 	$(CARGO) build -p pgpilot-agent -p pgpilot-operator
 
 .PHONY: run
-run: deps-run build ## Run the agent standalone on $(DATA_DIR) (Postgres on PGPORT=$(PGPORT), API on $(API_PORT))
+run: deps-run build ## Run the agent standalone on $(DATA_DIR), backups in $(DATA_DIR)/backups (Postgres on PGPORT=$(PGPORT), API on $(API_PORT))
 	@mkdir -p $(DATA_DIR) && chmod 755 $(DATA_DIR)
 	./target/debug/pgpilot-agent run --data-dir $(DATA_DIR)/pg --postgres-port $(PGPORT) \
-	  --api-listen 127.0.0.1:$(API_PORT) --api-loopback-listen 127.0.0.1:$(API_LOOPBACK_PORT)
+	  --api-listen 127.0.0.1:$(API_PORT) --api-loopback-listen 127.0.0.1:$(API_LOOPBACK_PORT) \
+	  --backup-store file://$(abspath $(DATA_DIR))/backups
 
 .PHONY: demo
 demo: deps-run build ## Backup -> accident (DROP TABLE) -> point-in-time restore, on a standalone agent
