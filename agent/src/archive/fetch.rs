@@ -18,7 +18,7 @@ use pgpilot_common::wal::{DEFAULT_SEGMENT_SIZE, WalFile};
 
 use crate::metrics::ArchiveMetrics;
 use crate::postgres::OsUser;
-use crate::store::{Store, StoreError};
+use crate::store::{Durability, Store, StoreError};
 
 /// Spool directory name inside the data dir (excluded from base backups).
 pub const SPOOL_DIR: &str = "pgpilot_spool";
@@ -177,7 +177,8 @@ impl WalFetcher {
         let failed = |e: std::io::Error| FetchError::Failed(format!("{}: {e}", partial.display()));
         match self
             .store
-            .get_to_file(&self.layout.wal_key(name), &partial)
+            // No fsync: a spooled file lost in a crash is fetched again.
+            .get_to_file_with(&self.layout.wal_key(name), &partial, Durability::Deferred)
             .await
         {
             Ok(_) => {

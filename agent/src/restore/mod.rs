@@ -24,7 +24,7 @@ use crate::archive::catalog::{self, Catalog};
 use crate::archive::push::timestamp;
 use crate::config::Config;
 use crate::postgres::OsUser;
-use crate::store::Store;
+use crate::store::{Durability, Store};
 
 /// The agent-owned include file holding the recovery target while a restore runs.
 pub const RECOVERY_CONF: &str = "pgpilot-recovery.conf";
@@ -398,7 +398,11 @@ pub async fn download(
     let results = futures::stream::iter(m.files.iter().map(|f| async move {
         let key = layout.backup_file_key(&m.id, &f.path);
         let target = data_dir.join(&f.path);
-        let summary = store.get_to_file(&key, &target).await.map_err(|e| failed(format!("restoring {}: {e}", f.path)))?;
+        // Synced all at once below (one syncfs), not file by file.
+        let summary = store
+            .get_to_file_with(&key, &target, Durability::Deferred)
+            .await
+            .map_err(|e| failed(format!("restoring {}: {e}", f.path)))?;
         if summary.sha256_hex() != f.sha256 || summary.plaintext_len != f.size {
             return Err(failed(format!(
                 "{}: content does not match the manifest (SHA-256 {} and {} bytes, manifest says {} and {} bytes)",
@@ -425,6 +429,20 @@ pub async fn download(
     if let Some(err) = results.into_iter().find_map(Result::err) {
         return Err(err);
     }
+    // One flush of the file system for every restored file, before Postgres may rely on them.
+    let dir = data_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let f = std::fs::File::open(&dir)?;
+        nix::unistd::syncfs(&f).map_err(std::io::Error::from)
+    })
+    .await
+    .map_err(|e| failed(e.to_string()))?
+    .map_err(|e| {
+        failed(format!(
+            "syncing the restored data dir {}: {e}",
+            data_dir.display()
+        ))
+    })?;
     progress.lock().expect("progress lock").download_seconds =
         Some(started.elapsed().as_secs_f64());
     Ok(())

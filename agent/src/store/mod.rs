@@ -40,6 +40,15 @@ pub use retry::RetryPolicy;
 
 use local::LocalStore;
 
+/// Whether a download is fsynced before it counts as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync the file and its directory.
+    Durable,
+    /// Leave syncing to the caller.
+    Deferred,
+}
+
 /// What a put does when the key exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutMode {
@@ -435,6 +444,21 @@ impl Store {
         key: &str,
         target: &Path,
     ) -> Result<ArchiveSummary, StoreError> {
+        self.get_to_file_with(key, target, Durability::Durable)
+            .await
+    }
+
+    /// [`Store::get_to_file`] with a choice of durability: [`Durability::Deferred`] skips the
+    /// file and directory fsyncs (the file is still verified before it gets its name), for
+    /// callers that sync many files at once afterwards (a restore) or can fetch again after a
+    /// crash (the WAL prefetch spool).
+    pub async fn get_to_file_with(
+        &self,
+        key: &str,
+        target: &Path,
+        durability: Durability,
+    ) -> Result<ArchiveSummary, StoreError> {
+        let durable = durability == Durability::Durable;
         let dir = target
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -459,7 +483,12 @@ impl Store {
                         .await
                         .map_err(|e| local_io(&temp, e))?;
                     let summary = self.get(key, &mut file).await?;
-                    file.sync_all().await.map_err(|e| local_io(&temp, e))?;
+                    if durable {
+                        file.sync_all().await.map_err(|e| local_io(&temp, e))?;
+                    } else {
+                        use tokio::io::AsyncWriteExt;
+                        file.flush().await.map_err(|e| local_io(&temp, e))?;
+                    }
                     Ok(summary)
                 }
             })
@@ -474,6 +503,9 @@ impl Store {
         if let Err(e) = tokio::fs::rename(&temp, target).await {
             let _ = tokio::fs::remove_file(&temp).await;
             return Err(local_io(target, e));
+        }
+        if !durable {
+            return Ok(summary);
         }
         let dir_for_sync = dir.clone();
         tokio::task::spawn_blocking(move || std::fs::File::open(&dir_for_sync)?.sync_all())
