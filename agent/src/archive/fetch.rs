@@ -20,6 +20,9 @@ use crate::metrics::ArchiveMetrics;
 use crate::postgres::OsUser;
 use crate::store::{Durability, Store, StoreError};
 
+/// Prefetch downloads in flight at once.
+const PREFETCH_PARALLEL: usize = 2;
+
 /// Spool directory name inside the data dir (excluded from base backups).
 pub const SPOOL_DIR: &str = "pgpilot_spool";
 
@@ -45,6 +48,9 @@ pub struct WalFetcher {
     seg_size: AtomicU64,
     metrics: ArchiveMetrics,
     in_flight: Mutex<HashMap<String, FetchFuture>>,
+    /// Prefetches run two at a time, in order (the semaphore is fair), so the next segment is
+    /// ready first; the segment Postgres is waiting for does not queue behind them.
+    prefetch_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl WalFetcher {
@@ -65,6 +71,7 @@ impl WalFetcher {
             seg_size: AtomicU64::new(DEFAULT_SEGMENT_SIZE),
             metrics,
             in_flight: Mutex::new(HashMap::new()),
+            prefetch_permits: Arc::new(tokio::sync::Semaphore::new(PREFETCH_PARALLEL)),
         })
     }
 
@@ -114,7 +121,7 @@ impl WalFetcher {
             } else if let Some(f) = in_flight.get(name) {
                 (Some(f.clone()), true)
             } else {
-                (Some(self.start_locked(&mut in_flight, name)), false)
+                (Some(self.start_locked(&mut in_flight, name, false)), false)
             }
         };
         if prefetched {
@@ -134,7 +141,7 @@ impl WalFetcher {
                 next = next.next();
                 let n = next.name(seg_size);
                 if !self.spool.join(&n).exists() && !in_flight.contains_key(&n) {
-                    let f = self.start_locked(&mut in_flight, &n);
+                    let f = self.start_locked(&mut in_flight, &n, true);
                     tokio::spawn(f.map(|_| ()));
                 }
             }
@@ -155,10 +162,16 @@ impl WalFetcher {
         self: &Arc<Self>,
         in_flight: &mut HashMap<String, FetchFuture>,
         name: &str,
+        queued: bool,
     ) -> FetchFuture {
         let this = self.clone();
         let owned = name.to_string();
         let fut = async move {
+            let _permit = if queued {
+                this.prefetch_permits.clone().acquire_owned().await.ok()
+            } else {
+                None
+            };
             let result = this.download(&owned).await;
             this.in_flight.lock().expect("fetch lock").remove(&owned);
             result
