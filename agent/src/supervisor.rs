@@ -209,11 +209,7 @@ enum RunEnd {
     /// The agent is shutting down.
     Shutdown,
     /// A restore was accepted and Postgres is stopped: carry it out.
-    Restore {
-        plan: Box<RestorePlan>,
-        force: bool,
-        progress: restore::Progress,
-    },
+    Restore(Accepted),
     /// Postgres exited while recovering towards a restore target: no restart, the data dir is
     /// left for inspection.
     RestoreFailed(String),
@@ -230,47 +226,36 @@ pub async fn run(
     initial_restore: Option<RestoreRequest>,
 ) -> Result<(), String> {
     let mut backoff = BACKOFF_MIN;
-    let mut want_running = true;
-    // The state to show while Postgres stays down on purpose.
-    let mut down_state = AgentState::Stopped;
+    let mut next = Next {
+        want_running: true,
+        down_state: AgentState::Stopped,
+        restoring: None,
+    };
     // A lifecycle request answered once Postgres is up again (start, restart).
     let mut pending: Option<Reply<LifecycleResponse>> = None;
-    // Set while Postgres recovers towards a restore target.
-    let mut restoring: Option<restore::Progress> = None;
     if let Some(req) = initial_restore {
         let plan = plan_restore(&shared, &req, false)
             .await
             .map_err(|e| e.to_string())?;
         let progress = install_progress(&shared, &plan);
         match perform_restore(&shared, &mut requests, &shutdown, plan, false, progress).await {
-            RestoreEnd::Started(p) => restoring = Some(p),
+            RestoreEnd::Started(p) => next.restoring = Some(p),
             RestoreEnd::Failed(reason) => return Err(reason),
             RestoreEnd::Shutdown => return Ok(()),
         }
     }
     loop {
-        if !want_running {
-            shared.set_state(down_state.clone());
+        if !next.want_running {
+            shared.set_state(next.down_state.clone());
             match wait_stopped(&shared, &mut requests, &shutdown).await {
                 Stopped::Start(reply) => {
                     pending = Some(reply);
-                    want_running = true;
-                    down_state = AgentState::Stopped;
+                    next.want_running = true;
+                    next.down_state = AgentState::Stopped;
                 }
-                Stopped::Restore {
-                    plan,
-                    force,
-                    progress,
-                } => {
-                    match perform_restore(&shared, &mut requests, &shutdown, *plan, force, progress)
-                        .await
-                    {
-                        RestoreEnd::Started(p) => {
-                            restoring = Some(p);
-                            want_running = true;
-                        }
-                        RestoreEnd::Failed(reason) => down_state = AgentState::Failed { reason },
-                        RestoreEnd::Shutdown => return Ok(()),
+                Stopped::Restore(accepted) => {
+                    if !carry_out(&shared, &mut requests, &shutdown, accepted, &mut next).await {
+                        return Ok(());
                     }
                     continue;
                 }
@@ -283,7 +268,7 @@ pub async fn run(
             &mut requests,
             &shutdown,
             &mut pending,
-            &mut restoring,
+            &mut next.restoring,
         )
         .await;
         shared.update_info(|i| {
@@ -295,24 +280,13 @@ pub async fn run(
                 shared.set_state(AgentState::Stopped);
                 return Ok(());
             }
-            RunEnd::Restore {
-                plan,
-                force,
-                progress,
-            } => {
-                match perform_restore(&shared, &mut requests, &shutdown, *plan, force, progress)
-                    .await
-                {
-                    RestoreEnd::Started(p) => restoring = Some(p),
-                    RestoreEnd::Failed(reason) => {
-                        want_running = false;
-                        down_state = AgentState::Failed { reason };
-                    }
-                    RestoreEnd::Shutdown => return Ok(()),
+            RunEnd::Restore(accepted) => {
+                if !carry_out(&shared, &mut requests, &shutdown, accepted, &mut next).await {
+                    return Ok(());
                 }
             }
             RunEnd::RestoreFailed(reason) => {
-                if let Some(p) = restoring.take() {
+                if let Some(p) = next.restoring.take() {
                     let mut p = p.lock().expect("progress lock");
                     p.phase = RestorePhase::Failed;
                     p.error = Some(reason.clone());
@@ -320,12 +294,12 @@ pub async fn run(
                         Some(crate::archive::push::timestamp(std::time::SystemTime::now()));
                 }
                 tracing::error!("restore failed: {reason}");
-                want_running = false;
-                down_state = AgentState::Failed { reason };
+                next.want_running = false;
+                next.down_state = AgentState::Failed { reason };
             }
             RunEnd::Stopped { then_start, reply } => {
                 backoff = BACKOFF_MIN;
-                want_running = then_start;
+                next.want_running = then_start;
                 if then_start {
                     pending = reply;
                 } else if let Some(reply) = reply {
@@ -361,34 +335,17 @@ pub async fn run(
                         backoff = BACKOFF_MIN;
                     }
                     BackoffEnd::Stop(reply) => {
-                        want_running = false;
+                        next.want_running = false;
                         backoff = BACKOFF_MIN;
                         let _ = reply.send(Ok(LifecycleResponse {
                             state: AgentState::Stopped,
                             postmaster_pid: None,
                         }));
                     }
-                    BackoffEnd::Restore {
-                        plan,
-                        force,
-                        progress,
-                    } => {
-                        match perform_restore(
-                            &shared,
-                            &mut requests,
-                            &shutdown,
-                            *plan,
-                            force,
-                            progress,
-                        )
-                        .await
+                    BackoffEnd::Restore(accepted) => {
+                        if !carry_out(&shared, &mut requests, &shutdown, accepted, &mut next).await
                         {
-                            RestoreEnd::Started(p) => restoring = Some(p),
-                            RestoreEnd::Failed(reason) => {
-                                want_running = false;
-                                down_state = AgentState::Failed { reason };
-                            }
-                            RestoreEnd::Shutdown => return Ok(()),
+                            return Ok(());
                         }
                     }
                     BackoffEnd::Shutdown => {
@@ -532,7 +489,7 @@ async fn run_once(
                             if let Err(e) = stop(shared, &mut pm, ShutdownMode::Fast).await {
                                 return RunEnd::RestoreFailed(format!("could not stop Postgres before restoring: {e}"));
                             }
-                            return RunEnd::Restore { plan: Box::new(plan), force: true, progress };
+                            return RunEnd::Restore(Accepted { plan: Box::new(plan), force: true, progress });
                         }
                         Err(e) => { let _ = reply.send(Err(e)); }
                     }
@@ -739,11 +696,7 @@ fn exit_reason(status: std::io::Result<std::process::ExitStatus>) -> String {
 /// What ends a stop.
 enum Stopped {
     Start(Reply<LifecycleResponse>),
-    Restore {
-        plan: Box<RestorePlan>,
-        force: bool,
-        progress: restore::Progress,
-    },
+    Restore(Accepted),
     Shutdown,
 }
 
@@ -765,7 +718,7 @@ async fn wait_stopped(
                 Some(Request::Reload { reply }) => { let _ = reply.send(Err(conflict(shared, "Postgres is stopped; nothing to reload"))); }
                 Some(Request::Restore { req, reply }) => {
                     if let Some((plan, progress)) = accept_restore(shared, &req, reply).await {
-                        return Stopped::Restore { plan: Box::new(plan), force: req.force, progress };
+                        return Stopped::Restore(Accepted { plan: Box::new(plan), force: req.force, progress });
                     }
                 }
             }
@@ -777,11 +730,7 @@ enum BackoffEnd {
     Elapsed,
     Start(Reply<LifecycleResponse>),
     Stop(Reply<LifecycleResponse>),
-    Restore {
-        plan: Box<RestorePlan>,
-        force: bool,
-        progress: restore::Progress,
-    },
+    Restore(Accepted),
     Shutdown,
 }
 
@@ -806,7 +755,7 @@ async fn wait_backoff(
                 Some(Request::Reload { reply }) => { let _ = reply.send(Err(conflict(shared, "Postgres is down; nothing to reload"))); }
                 Some(Request::Restore { req, reply }) => {
                     if let Some((plan, progress)) = accept_restore(shared, &req, reply).await {
-                        return BackoffEnd::Restore { plan: Box::new(plan), force: req.force, progress };
+                        return BackoffEnd::Restore(Accepted { plan: Box::new(plan), force: req.force, progress });
                     }
                 }
             }
@@ -878,6 +827,51 @@ async fn plan_restore(
             restore::RestoreError::Refused(m) => ActionError::Refused(m),
             restore::RestoreError::Failed(m) => ActionError::Failed(m),
         })
+}
+
+/// A restore accepted by the supervisor, to carry out once Postgres is down.
+struct Accepted {
+    plan: Box<RestorePlan>,
+    force: bool,
+    progress: restore::Progress,
+}
+
+/// What the supervisor loop does next.
+struct Next {
+    want_running: bool,
+    /// The state to show while Postgres stays down on purpose.
+    down_state: AgentState,
+    /// Set while Postgres recovers towards a restore target.
+    restoring: Option<restore::Progress>,
+}
+
+/// Carries out an accepted restore and sets what follows: Postgres started in recovery, or kept
+/// down as Failed. False when the agent is shutting down.
+async fn carry_out(
+    shared: &Arc<Shared>,
+    requests: &mut mpsc::Receiver<Request>,
+    shutdown: &CancellationToken,
+    accepted: Accepted,
+    next: &mut Next,
+) -> bool {
+    let Accepted {
+        plan,
+        force,
+        progress,
+    } = accepted;
+    match perform_restore(shared, requests, shutdown, *plan, force, progress).await {
+        RestoreEnd::Started(p) => {
+            next.restoring = Some(p);
+            next.want_running = true;
+            true
+        }
+        RestoreEnd::Failed(reason) => {
+            next.want_running = false;
+            next.down_state = AgentState::Failed { reason };
+            true
+        }
+        RestoreEnd::Shutdown => false,
+    }
 }
 
 enum RestoreEnd {
