@@ -30,8 +30,8 @@ apt_pkgs=()
 [ -x /usr/lib/postgresql/15/bin/pgbench ] || [ -x /usr/bin/pgbench ] || apt_pkgs+=(postgresql-15)
 # kubectl for the Kubernetes test server's scenarios; Debian's kubernetes-client (1.20) is seen
 # working against it, and any newer kubectl already on the machine is kept.
-command -v kubectl >/dev/null || apt_pkgs+=(kubernetes-client)
 if [ "${1:-}" != "--run-only" ]; then
+  command -v kubectl >/dev/null || apt_pkgs+=(kubernetes-client)
   command -v npm >/dev/null || apt_pkgs+=(nodejs npm)
   command -v pkg-config >/dev/null || apt_pkgs+=(pkg-config)
 fi
