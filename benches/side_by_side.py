@@ -927,7 +927,10 @@ class WaitSampler(Sampler):
         while not self.stop_ev.is_set():
             now = time.perf_counter()
             for pid, (ppid, cmd, _, _, _) in proc_table().items():
-                if self.marker in cmd and not cmd.startswith(("runuser", "sh ", "/bin/sh ")):
+                # the restore_command itself, not a shell around it nor pgBackRest's background
+                # prefetch (archive-get:async) and its workers (archive-get:local)
+                if (self.marker in cmd and not cmd.startswith(("runuser", "sh ", "/bin/sh "))
+                        and ":async" not in cmd and ":local" not in cmd):
                     first, _ = self.seen.get(pid, (now, now))
                     self.seen[pid] = (first, now)
             self.stop_ev.wait(0.02)
