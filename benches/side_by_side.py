@@ -5,7 +5,7 @@
 
 Every scenario runs pgpilot and its peers in the same run, alternating them inside each
 repetition, and writes target/bench/<scenario>.{md,json}; `report` merges them into
-target/bench/side-by-side.{md,json}. Python 3 standard library only.
+target/bench/side-by-side.{md,json} (target/bench/quick/… with --quick). Python 3 stdlib only.
 
 Environment:
     PGPILOT_BENCH_REPS    repetitions (default: P1 50 full / 6 quick; P2, P4 2 / 1; P3 3 / 1)
@@ -35,6 +35,8 @@ PGBIN = "/usr/lib/postgresql/15/bin"
 BARMAN_VENV = os.environ.get("BARMAN_VENV", "/opt/pgpilot-tools/barman-venv")
 S3S_FS = "/opt/pgpilot-tools/bin/s3s-fs"
 QUICK = "--quick" in sys.argv or os.environ.get("PGPILOT_BENCH_QUICK") == "1"
+if QUICK:  # quick runs never overwrite the full run's tables
+    OUT = os.path.join(OUT, "quick")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 S3_AK, S3_SK = "benchak", "benchsecretkey1234"
 
@@ -1327,7 +1329,7 @@ def report():
     p6 = p6_rows(merged)
     if p6:
         parts.append(p6)
-    codec = os.path.join(OUT, "codec.md")
+    codec = os.path.join(ROOT, "target", "bench", "codec.md")
     if os.path.exists(codec):
         with open(codec) as f:
             parts.append("### P5: codec pipeline vs this machine's limit (`make bench-codec`)\n\n" + f.read())
