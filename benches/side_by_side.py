@@ -30,7 +30,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "target", "bench")
-AGENT = os.path.join(ROOT, "target", "release", "pgpilot-agent")
+AGENT = BUILT_AGENT = os.path.join(ROOT, "target", "release", "pgpilot-agent")
 PGBIN = "/usr/lib/postgresql/15/bin"
 BARMAN_VENV = os.environ.get("BARMAN_VENV", "/opt/pgpilot-tools/barman-venv")
 S3S_FS = "/opt/pgpilot-tools/bin/s3s-fs"
@@ -112,8 +112,10 @@ def versions():
             return "missing"
     rev = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], text=True,
                          capture_output=True).stdout.strip()
+    built = time.strftime("%H:%M UTC", time.gmtime(os.stat(BUILT_AGENT).st_mtime))
+    rev = f"checkout {rev}, binary built {built}"
     return {
-        "pgpilot": v([AGENT, "--version"]) + f" (release build of {rev})",
+        "pgpilot": v([AGENT, "--version"]) + f" (release build; {rev})",
         "pgbackrest": v(["pgbackrest", "version"]),
         "barman-cloud": v([f"{BARMAN_VENV}/bin/barman-cloud-wal-archive", "--version"]),
         "pg_basebackup": v([f"{PGBIN}/pg_basebackup", "--version"]),
