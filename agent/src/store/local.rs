@@ -76,11 +76,13 @@ impl LocalStore {
             .into_owned();
         let suffix: u64 = rand::random();
         let temp = dir.join(format!(".{file_name}{TEMP_MARKER}{suffix:016x}"));
-        let file = tokio::fs::OpenOptions::new()
+        // Created synchronously (one open(2)): with an await between creating the file and
+        // owning its cleanup, a cancelled upload could leave the temp file behind.
+        let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&temp)
-            .await?;
+            .open(&temp)?;
+        let file = tokio::fs::File::from_std(file);
         Ok(LocalUpload {
             file,
             temp,
