@@ -32,24 +32,14 @@ fn bin() -> &'static Path {
     Path::new(BIN)
 }
 
-macro_rules! per_major {
-    ($($name:ident),* $(,)?) => {
-        mod pg15 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(15).await } )* }
-        mod pg17 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(17).await } )* }
-    };
-}
-
-per_major!(
+pgpilot_test_support::per_major!(
     backup_under_write_load_completes_and_verifies,
     kill_9_during_a_backup_leaves_it_incomplete,
     retention_deletes_old_backups_and_only_their_wal,
 );
 
 fn file_backup(dir: &Path) -> String {
-    format!(
-        "[backup]\nstore = \"file://{}\"\ncompression = \"zstd\"\n",
-        dir.display()
-    )
+    pgpilot_test_support::agent::file_backup_toml(dir)
 }
 
 fn open_store(backup_toml: &str) -> Store {
