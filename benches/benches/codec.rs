@@ -134,7 +134,8 @@ fn per_core(c: &mut Criterion) {
     .expect("write ratios");
 }
 
-/// The stages alone, on one segment: SHA-256, and AES-256-GCM sealing 1 MiB records.
+/// The stages alone, on one segment: SHA-256, and AES-256-GCM sealing 1 MiB records, each with
+/// the crate the archive format uses (`sha2`, `ring`) and the alternative (`ring`, `aes-gcm`).
 fn stages(c: &mut Criterion) {
     let segs = segments();
     let seg = &segs[0];
@@ -144,9 +145,30 @@ fn stages(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1));
     g.measurement_time(Duration::from_secs(2));
     g.bench_function("sha256", |b| b.iter(|| Sha256::digest(seg)));
-    let cipher = Aes256Gcm::new(&[9u8; 32].into());
+    g.bench_function("sha256-ring", |b| {
+        b.iter(|| ring::digest::digest(&ring::digest::SHA256, seg))
+    });
+    let ring_key = ring::aead::LessSafeKey::new(
+        ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &[9u8; 32]).expect("key"),
+    );
     let mut buf = seg.clone();
     g.bench_function("aes-256-gcm", |b| {
+        b.iter(|| {
+            for (i, chunk) in buf.chunks_mut(CHUNK).enumerate() {
+                let mut nonce = [0u8; 12];
+                nonce[4..].copy_from_slice(&(i as u64).to_be_bytes());
+                let _tag = ring_key
+                    .seal_in_place_separate_tag(
+                        ring::aead::Nonce::assume_unique_for_key(nonce),
+                        ring::aead::Aad::from(b"aad"),
+                        chunk,
+                    )
+                    .expect("seal");
+            }
+        })
+    });
+    let cipher = Aes256Gcm::new(&[9u8; 32].into());
+    g.bench_function("aes-256-gcm-crate", |b| {
         b.iter(|| {
             for (i, chunk) in buf.chunks_mut(CHUNK).enumerate() {
                 let mut nonce = [0u8; 12];
@@ -265,5 +287,61 @@ fn stream(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, stages, per_core, stream);
+/// One 16 MiB segment from a file (page cache) through the async pipeline with every core, as
+/// `wal-push` encodes it: the codec part of P1's latency (the rest is process start, the API
+/// round trip and the store's fsync).
+fn segment_latency(c: &mut Criterion) {
+    let segs = segments();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let file = workspace_target()
+        .join("bench-data")
+        .join("segment-latency.wal");
+    std::fs::write(&file, &segs[0]).expect("write segment");
+    let mut g = c.benchmark_group(format!("segment-{cores}cores"));
+    g.throughput(Throughput::Bytes(segs[0].len() as u64))
+        .sample_size(50)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for encrypted in [false, true] {
+        let keys = keys(encrypted);
+        let opts = write_opts(Codec::Zstd { level: 1 }, cores);
+        g.bench_function(
+            format!("write_from_memory_{}", label("zstd1", encrypted)),
+            |b| {
+                b.iter(|| {
+                    rt.block_on(encode(
+                        "bench",
+                        &segs[0][..],
+                        &mut tokio::io::sink(),
+                        &keys,
+                        &opts,
+                    ))
+                    .expect("encode")
+                })
+            },
+        );
+        g.bench_function(format!("write_{}", label("zstd1", encrypted)), |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let f = tokio::io::BufReader::with_capacity(
+                        1 << 20,
+                        tokio::fs::File::open(&file).await.expect("open"),
+                    );
+                    encode("bench", f, &mut tokio::io::sink(), &keys, &opts)
+                        .await
+                        .expect("encode")
+                })
+            })
+        });
+    }
+    g.finish();
+    let _ = std::fs::remove_file(&file);
+}
+
+criterion_group!(benches, stages, segment_latency, per_core, stream);
 criterion_main!(benches);

@@ -16,23 +16,20 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use pgpilot_common::api::{BackupPhase, BackupProgress, BackupRequest, BackupState, LastBackup};
-use pgpilot_common::archive::{ArchiveSummary, hex};
+use pgpilot_common::archive::{ArchiveSummary, FileChunks, hex};
 use pgpilot_common::layout::Layout;
 use pgpilot_common::manifest::{
     BackupLabel, BackupManifest, MANIFEST_FORMAT, ManifestDir, ManifestFile, wal_range,
 };
 use pgpilot_common::state::{AgentState, Role};
 use pgpilot_common::wal::{Lsn, Segment};
-use tokio::io::{AsyncRead, ReadBuf};
 
 use super::fetch::SPOOL_DIR;
 use super::push::{timestamp, unix_now};
@@ -631,7 +628,7 @@ async fn upload_file(
     let result = store
         .retry_policy()
         .run("backup put", |attempt| async move {
-            let file = match tokio::fs::File::open(path).await {
+            let file = match std::fs::File::open(path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                 Err(source) => {
@@ -641,22 +638,20 @@ async fn upload_file(
                     });
                 }
             };
-            let mut reader = Counting {
-                inner: tokio::io::BufReader::with_capacity(1 << 20, file),
-                total: &run.bytes_done,
-                counted: 0,
-            };
+            let mut reader = FileChunks::counting(file, &run.bytes_done);
             match store.put(key, &mut reader, PutMode::CreateOnly).await {
                 Ok(s) => Ok(Some(s)),
                 // A retry after an attempt that did commit: what is stored is a valid copy.
                 Err(StoreError::AlreadyExists { .. }) if attempt > 1 => {
-                    run.bytes_done.fetch_sub(reader.counted, Ordering::Relaxed);
+                    run.bytes_done
+                        .fetch_sub(reader.counted(), Ordering::Relaxed);
                     let s = store.verify(key).await?;
                     run.bytes_done.fetch_add(s.plaintext_len, Ordering::Relaxed);
                     Ok(Some(s))
                 }
                 Err(e) => {
-                    run.bytes_done.fetch_sub(reader.counted, Ordering::Relaxed);
+                    run.bytes_done
+                        .fetch_sub(reader.counted(), Ordering::Relaxed);
                     Err(e)
                 }
             }
@@ -666,30 +661,6 @@ async fn upload_file(
         run.stored_bytes.fetch_add(s.stored_len, Ordering::Relaxed);
     }
     Ok(result)
-}
-
-/// Counts bytes read into a shared progress counter.
-struct Counting<'a, R> {
-    inner: R,
-    total: &'a AtomicU64,
-    counted: u64,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Counting<'_, R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            self.counted += n;
-            self.total.fetch_add(n, Ordering::Relaxed);
-        }
-        r
-    }
 }
 
 // ----- the data dir walk -----

@@ -45,6 +45,7 @@ pub struct WalArchiver {
     pg_wal: PathBuf,
     verify: VerifyMode,
     permits: Arc<Semaphore>,
+    concurrency: usize,
     metrics: ArchiveMetrics,
     state: Mutex<ArchiverState>,
 }
@@ -54,6 +55,10 @@ struct ArchiverState {
     in_flight: HashMap<String, PushFuture>,
     /// Files stored and verified that Postgres may not have asked for yet.
     done: HashMap<String, WalPushResponse>,
+    /// Files whose push Postgres got its answer for, while their `.ready` file may still be
+    /// there (Postgres renames it to `.done` only after archive_command returns): the look-ahead
+    /// must not upload them again (which would find the object stored and read it back whole).
+    answered: HashSet<String>,
     last_archived: Option<(String, SystemTime)>,
     last_failure: Option<String>,
     failures: u64,
@@ -75,6 +80,7 @@ impl WalArchiver {
             pg_wal: data_dir.join("pg_wal"),
             verify,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            concurrency: concurrency.max(1),
             metrics,
             state: Mutex::new(ArchiverState::default()),
         })
@@ -100,6 +106,7 @@ impl WalArchiver {
         let fut = {
             let mut st = self.state.lock().expect("archiver lock");
             if let Some(done) = st.done.remove(name) {
+                st.answered.insert(name.to_string());
                 return Ok(WalPushResponse {
                     ahead: true,
                     ..done
@@ -113,7 +120,13 @@ impl WalArchiver {
             r.waited_ms = started.elapsed().as_millis() as u64;
         }
         // Postgres has its answer; the entry is no longer needed.
-        self.state.lock().expect("archiver lock").done.remove(name);
+        {
+            let mut st = self.state.lock().expect("archiver lock");
+            st.done.remove(name);
+            if result.is_ok() {
+                st.answered.insert(name.to_string());
+            }
+        }
         result
     }
 
@@ -132,15 +145,28 @@ impl WalArchiver {
         let ready_set: HashSet<&String> = ready.iter().collect();
         // Entries Postgres no longer lists as ready were answered (or the file is gone).
         st.done.retain(|name, _| ready_set.contains(name));
-        // Bound the queue: at most twice the concurrency queued ahead; the rest waits.
-        let budget = self.permits.available_permits() + st.in_flight.len().min(1);
-        for name in ready.iter().take(budget.max(1) * 2) {
-            if st.done.contains_key(name) || st.in_flight.contains_key(name) {
+        st.answered.retain(|name| ready_set.contains(name));
+        // Keep the window full: up to twice the concurrency in flight (half of them waiting for
+        // a permit), so a permit freed by one upload is taken by the next file at once.
+        let window = self.window();
+        for name in &ready {
+            if st.in_flight.len() >= window {
+                break;
+            }
+            if st.done.contains_key(name)
+                || st.in_flight.contains_key(name)
+                || st.answered.contains(name)
+            {
                 continue;
             }
             let fut = self.start_locked(&mut st, name);
             tokio::spawn(fut.map(|_| ()));
         }
+    }
+
+    /// Uploads kept in flight by the look-ahead.
+    fn window(&self) -> usize {
+        2 * self.concurrency
     }
 
     fn start_locked(self: &Arc<Self>, st: &mut ArchiverState, name: &str) -> PushFuture {
@@ -151,17 +177,25 @@ impl WalArchiver {
         let owned = name.to_string();
         let fut = async move {
             let result = this.upload(&owned).await;
-            let mut st = this.state.lock().expect("archiver lock");
-            st.in_flight.remove(&owned);
-            match &result {
-                Ok(r) => {
-                    st.done.insert(owned.clone(), r.clone());
-                    st.last_archived = Some((owned.clone(), SystemTime::now()));
+            {
+                let mut st = this.state.lock().expect("archiver lock");
+                st.in_flight.remove(&owned);
+                match &result {
+                    Ok(r) => {
+                        st.done.insert(owned.clone(), r.clone());
+                        st.last_archived = Some((owned.clone(), SystemTime::now()));
+                    }
+                    Err(e) => {
+                        st.failures += 1;
+                        st.last_failure = Some(e.to_string());
+                    }
                 }
-                Err(e) => {
-                    st.failures += 1;
-                    st.last_failure = Some(e.to_string());
-                }
+            }
+            // A slot is free: refill the window without waiting for Postgres' next call, so a
+            // backlog drains at the store's pace, not at archive_command's. Only after a success:
+            // after a failure the next push or the timer retries, not a hot loop.
+            if result.is_ok() {
+                this.look_ahead();
             }
             result
         }

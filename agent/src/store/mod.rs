@@ -29,7 +29,9 @@ use futures::TryStreamExt;
 use object_store::{
     ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, WriteMultipart,
 };
-use pgpilot_common::archive::{self, ArchiveSummary, KeyRing, StreamEncoder};
+use pgpilot_common::archive::{
+    self, ArchiveSummary, ChunkRead, FileChunks, KeyRing, StreamEncoder,
+};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 
@@ -212,7 +214,7 @@ impl Store {
 
     /// Encodes `reader` (compress, encrypt, checksum) and stores it under `key`. Not retried as a
     /// whole (the reader cannot be rewound); see [`Store::put_file`].
-    pub async fn put<R: AsyncRead + Unpin>(
+    pub async fn put<R: ChunkRead>(
         &self,
         key: &str,
         reader: R,
@@ -243,11 +245,8 @@ impl Store {
             .inner
             .retry
             .run("put", |_| async move {
-                let file = tokio::fs::File::open(path)
-                    .await
-                    .map_err(|e| local_io(path, e))?;
-                self.put(key, BufReader::with_capacity(1 << 20, file), mode)
-                    .await
+                let file = std::fs::File::open(path).map_err(|e| local_io(path, e))?;
+                self.put(key, FileChunks::new(file), mode).await
             })
             .await;
         match result {
@@ -282,7 +281,7 @@ impl Store {
             .await
     }
 
-    async fn upload<R: AsyncRead + Unpin>(
+    async fn upload<R: ChunkRead>(
         &self,
         key: &str,
         object: &str,

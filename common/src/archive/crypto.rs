@@ -9,9 +9,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use hkdf::Hkdf;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use sha2::Sha256;
 
 use super::error::ArchiveError;
@@ -265,8 +264,13 @@ fn decode_hex(hex: &[u8]) -> Option<[u8; KEY_LEN]> {
 
 /// The AES-256-GCM state of one object: its derived key and the parts of the nonce that are
 /// fixed for the object.
+///
+/// The AEAD is `ring`'s AES-256-GCM (BoringSSL's stitched AES-NI/VAES + (V)PCLMULQDQ assembly):
+/// about 8× the throughput of the `aes-gcm` crate on the same CPU (docs/benchmarks.md). The
+/// output is the same standard AES-256-GCM; a test below checks it byte for byte against the
+/// `aes-gcm` crate, which wrote the archives of earlier versions.
 pub(crate) struct ObjectCipher {
-    aead: Aes256Gcm,
+    aead: LessSafeKey,
     nonce_prefix: [u8; 4],
     key_check: [u8; 16],
 }
@@ -281,7 +285,9 @@ impl ObjectCipher {
         let mut key_check = [0u8; 16];
         hk.expand(b"pgpilot archive v1 key check", &mut key_check)
             .expect("16 bytes is a valid HKDF-SHA256 output length");
-        let aead = Aes256Gcm::new(&object_key.into());
+        let aead = LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, &object_key).expect("32 bytes is an AES-256 key"),
+        );
         let mut nonce_prefix = [0u8; 4];
         nonce_prefix.copy_from_slice(&object_id[..4]);
         ObjectCipher {
@@ -295,20 +301,25 @@ impl ObjectCipher {
         &self.key_check
     }
 
-    fn nonce(&self, index: u64) -> Nonce<aes_gcm::aead::consts::U12> {
+    /// The 96-bit nonce of record `index`: object id bytes 0..4 || index as u64 big-endian.
+    fn nonce(&self, index: u64) -> [u8; 12] {
         let mut n = [0u8; 12];
         n[..4].copy_from_slice(&self.nonce_prefix);
         n[4..].copy_from_slice(&index.to_be_bytes());
-        n.into()
+        n
     }
 
     /// Encrypts `buf` in place and appends the tag.
     pub(crate) fn seal(&self, index: u64, aad: &[u8], buf: &mut Vec<u8>) {
         let tag = self
             .aead
-            .encrypt_in_place_detached(&self.nonce(index), aad, buf)
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(self.nonce(index)),
+                Aad::from(aad),
+                buf,
+            )
             .expect("AES-GCM encryption only fails beyond 64 GiB per message");
-        buf.extend_from_slice(&tag);
+        buf.extend_from_slice(tag.as_ref());
     }
 
     /// Checks the tag at the end of `buf`, decrypts in place and removes the tag.
@@ -316,12 +327,17 @@ impl ObjectCipher {
         if buf.len() < TAG_LEN {
             return Err(());
         }
-        let split = buf.len() - TAG_LEN;
-        let tag = Tag::clone_from_slice(&buf[split..]);
-        buf.truncate(split);
-        self.aead
-            .decrypt_in_place_detached(&self.nonce(index), aad, buf, &tag)
-            .map_err(|_| ())
+        let plain_len = self
+            .aead
+            .open_in_place(
+                Nonce::assume_unique_for_key(self.nonce(index)),
+                Aad::from(aad),
+                buf,
+            )
+            .map_err(|_| ())?
+            .len();
+        buf.truncate(plain_len);
+        Ok(())
     }
 }
 
@@ -394,5 +410,61 @@ mod tests {
         assert_eq!(buf, b"hello");
         let other = ObjectCipher::derive(&key, &[2; 16]);
         assert_ne!(c.key_check(), other.key_check());
+    }
+
+    /// The archives of earlier versions were sealed with the `aes-gcm` crate: `ring` must
+    /// produce and accept exactly the same bytes, or old backups would become unreadable.
+    #[test]
+    fn ring_and_aes_gcm_crate_agree_byte_for_byte() {
+        use aes_gcm::aead::{AeadInPlace, KeyInit};
+        use aes_gcm::{Aes256Gcm, Tag};
+
+        let key = ArchiveKey::new("k", [0x5a; 32]).unwrap();
+        let object_id = [0xc3; 16];
+        let ours = ObjectCipher::derive(&key, &object_id);
+        // The same derivation as `derive`, done here by hand for the reference cipher.
+        let hk = Hkdf::<Sha256>::new(Some(&object_id), key.material.as_slice());
+        let mut object_key = [0u8; KEY_LEN];
+        hk.expand(b"pgpilot archive v1 aes-256-gcm key", &mut object_key)
+            .unwrap();
+        let reference = Aes256Gcm::new(&object_key.into());
+
+        for len in [0usize, 1, 15, 16, 17, 4096, 1 << 20] {
+            let plain: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let index = len as u64 + 7;
+            let aad = format!("header-bytes-{len}").into_bytes();
+
+            let mut sealed = plain.clone();
+            ours.seal(index, &aad, &mut sealed);
+
+            let mut expected = plain.clone();
+            let tag = reference
+                .encrypt_in_place_detached(&ours.nonce(index).into(), &aad, &mut expected)
+                .unwrap();
+            expected.extend_from_slice(&tag);
+            assert_eq!(sealed, expected, "ciphertext || tag differ for {len} bytes");
+
+            // What the reference sealed, ours opens; what ours sealed, the reference opens.
+            let mut opened = expected.clone();
+            ours.open(index, &aad, &mut opened).unwrap();
+            assert_eq!(opened, plain);
+            let split = sealed.len() - TAG_LEN;
+            let tag = Tag::clone_from_slice(&sealed[split..]);
+            let mut body = sealed[..split].to_vec();
+            reference
+                .decrypt_in_place_detached(&ours.nonce(index).into(), &aad, &mut body, &tag)
+                .unwrap();
+            assert_eq!(body, plain);
+
+            // One flipped ciphertext or tag bit is refused.
+            if len > 0 {
+                let mut bad = sealed.clone();
+                bad[0] ^= 1;
+                assert!(ours.open(index, &aad, &mut bad).is_err());
+            }
+            let mut bad_tag = sealed.clone();
+            *bad_tag.last_mut().unwrap() ^= 0x80;
+            assert!(ours.open(index, &aad, &mut bad_tag).is_err());
+        }
     }
 }

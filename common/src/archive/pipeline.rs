@@ -1,10 +1,10 @@
 //! Streaming encode and decode of whole objects.
 //!
 //! The async pipeline reads plaintext one chunk at a time, hands each chunk to a blocking worker
-//! (compress + encrypt, or decrypt + decompress) with at most `concurrency` chunks in flight, and
-//! emits the records in order. SHA-256 of the plaintext is inherently sequential, so it runs on
+//! (compress + encrypt, or decrypt + decompress) with at most `2 × concurrency` chunks in flight
+//! (so a worker that finishes finds the next chunk waiting), and emits the records in order. SHA-256 of the plaintext is inherently sequential, so it runs on
 //! its own blocking thread fed through a bounded channel, overlapping with the chunk workers.
-//! Memory is bounded by about `(concurrency + 2) × chunk size` whatever the object size.
+//! Memory is bounded by about `(2 × concurrency + 2) × chunk size` whatever the object size.
 //!
 //! The sync functions do the same on the calling thread; the benchmark uses them to measure the
 //! per-core speed.
@@ -160,6 +160,97 @@ fn io_error(name: &str, e: io::Error) -> ArchiveError {
     }
 }
 
+/// Where an encoder reads its plaintext from, one chunk at a time.
+///
+/// Every [`AsyncRead`] is one (its bytes are copied into the chunk buffer as they arrive); a
+/// [`FileChunks`] reads a local file straight into each chunk's buffer on a blocking thread,
+/// which saves the extra copy `tokio::fs::File` makes through its own buffer.
+pub trait ChunkRead: Send {
+    /// The next `size` bytes, fewer only at the end of the input (empty once it is over).
+    fn read_chunk(&mut self, size: usize) -> impl Future<Output = io::Result<Bytes>> + Send;
+}
+
+impl<R: AsyncRead + Unpin + Send> ChunkRead for R {
+    async fn read_chunk(&mut self, size: usize) -> io::Result<Bytes> {
+        let mut buf = BytesMut::with_capacity(size);
+        while buf.len() < size {
+            let n = (&mut *self)
+                .take((size - buf.len()) as u64)
+                .read_buf(&mut buf)
+                .await?;
+            if n == 0 {
+                break;
+            }
+        }
+        Ok(buf.freeze())
+    }
+}
+
+/// A local file read chunk by chunk with blocking reads on Tokio's blocking pool, each straight
+/// into the buffer that becomes the chunk (one copy, from the page cache). Optionally adds the
+/// bytes read to a shared counter as it goes (progress of a base backup).
+pub struct FileChunks<'a> {
+    file: Option<std::fs::File>,
+    counter: Option<&'a std::sync::atomic::AtomicU64>,
+    counted: u64,
+}
+
+impl<'a> FileChunks<'a> {
+    pub fn new(file: std::fs::File) -> FileChunks<'static> {
+        FileChunks {
+            file: Some(file),
+            counter: None,
+            counted: 0,
+        }
+    }
+
+    /// Also adds every byte read to `counter`.
+    pub fn counting(file: std::fs::File, counter: &'a std::sync::atomic::AtomicU64) -> Self {
+        FileChunks {
+            file: Some(file),
+            counter: Some(counter),
+            counted: 0,
+        }
+    }
+
+    /// Bytes read so far.
+    pub fn counted(&self) -> u64 {
+        self.counted
+    }
+}
+
+impl ChunkRead for FileChunks<'_> {
+    async fn read_chunk(&mut self, size: usize) -> io::Result<Bytes> {
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("an earlier read of this file failed"))?;
+        let (file, read) = tokio::task::spawn_blocking(move || {
+            let mut buf = Vec::with_capacity(size);
+            // `Take` stops at `size` without a further read(2); `read_to_end` fills the
+            // reserved capacity in place and retries short reads and EINTR.
+            let read = (&file).take(size as u64).read_to_end(&mut buf).map(|_| buf);
+            (file, read)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        let buf = read?;
+        self.file = Some(file);
+        self.counted += buf.len() as u64;
+        if let Some(c) = self.counter {
+            c.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(Bytes::from(buf))
+    }
+}
+
+/// So a caller can keep the reader (and ask it [`FileChunks::counted`] afterwards).
+impl ChunkRead for &mut FileChunks<'_> {
+    fn read_chunk(&mut self, size: usize) -> impl Future<Output = io::Result<Bytes>> + Send {
+        (**self).read_chunk(size)
+    }
+}
+
 /// Encodes a plaintext stream into archive records, pulled one at a time with
 /// [`StreamEncoder::next_frame`].
 pub struct StreamEncoder<R> {
@@ -177,7 +268,7 @@ pub struct StreamEncoder<R> {
     summary: Option<ArchiveSummary>,
 }
 
-impl<R: AsyncRead + Unpin> StreamEncoder<R> {
+impl<R: ChunkRead> StreamEncoder<R> {
     /// Starts a new object named `name` (used in errors), encrypted when `keys` has a writer.
     /// Must be called inside a Tokio runtime (the chunk and hash workers are blocking tasks).
     pub fn new(
@@ -216,21 +307,13 @@ impl<R: AsyncRead + Unpin> StreamEncoder<R> {
 
     async fn read_chunk(&mut self) -> Result<Bytes, ArchiveError> {
         let size = self.ctx.chunk_size();
-        let mut buf = BytesMut::with_capacity(size);
-        while buf.len() < size {
-            let n = (&mut self.reader)
-                .take((size - buf.len()) as u64)
-                .read_buf(&mut buf)
-                .await
-                .map_err(|e| ArchiveError::Io {
-                    object: self.ctx.name().to_owned(),
-                    source: e,
-                })?;
-            if n == 0 {
-                break;
-            }
-        }
-        Ok(buf.freeze())
+        self.reader
+            .read_chunk(size)
+            .await
+            .map_err(|e| ArchiveError::Io {
+                object: self.ctx.name().to_owned(),
+                source: e,
+            })
     }
 
     fn dispatch(&mut self, chunk: Bytes, last: bool) {
@@ -251,7 +334,7 @@ impl<R: AsyncRead + Unpin> StreamEncoder<R> {
             self.stored_len += h.len() as u64;
             return Ok(Some(h));
         }
-        while !self.eof && self.in_flight.len() < self.concurrency {
+        while !self.eof && self.in_flight.len() < 2 * self.concurrency {
             let chunk = self.read_chunk().await?;
             let at_eof = chunk.len() < self.ctx.chunk_size();
             self.plaintext_len += chunk.len() as u64;
@@ -386,7 +469,7 @@ impl<R: AsyncRead + Unpin> StreamDecoder<R> {
 
     /// The next verified plaintext chunk, or `None` once the trailer checked out.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, ArchiveError> {
-        while self.trailer_payload.is_none() && self.in_flight.len() < self.concurrency {
+        while self.trailer_payload.is_none() && self.in_flight.len() < 2 * self.concurrency {
             let (kind, payload) = self.read_record().await?;
             match kind {
                 RECORD_DATA | RECORD_FINAL_DATA => {
@@ -463,7 +546,7 @@ pub async fn encode<R, W>(
     opts: &WriteOptions,
 ) -> Result<ArchiveSummary, ArchiveError>
 where
-    R: AsyncRead + Unpin,
+    R: ChunkRead,
     W: AsyncWrite + Unpin,
 {
     let mut enc = StreamEncoder::new(name, reader, keys, opts)?;
