@@ -2,6 +2,7 @@
 # Installs the side-by-side peers, idempotently (shared/TESTING.md):
 #   - PostgreSQL 15 (pg_basebackup, pgbench, psql) from Debian
 #   - pgBackRest from Debian (2.45 on bookworm)
+#   - stunnel and the openssl CLI from Debian (TLS in front of s3s-fs: pgBackRest's S3 repo needs https)
 #   - barman-cloud (barman[cloud]) from PyPI in a venv made with the system python, at
 #     /opt/pgpilot-tools/barman-venv (readable by the postgres user; /root is not)
 set -euo pipefail
@@ -9,6 +10,8 @@ venv=${BARMAN_VENV:-/opt/pgpilot-tools/barman-venv}
 apt_missing=()
 [ -x /usr/lib/postgresql/15/bin/pgbench ] || apt_missing+=(postgresql-15)
 command -v pgbackrest >/dev/null || apt_missing+=(pgbackrest)
+command -v stunnel >/dev/null || apt_missing+=(stunnel4)
+command -v openssl >/dev/null || apt_missing+=(openssl)
 [ -x /usr/bin/python3 ] || apt_missing+=(python3)
 /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null || apt_missing+=(python3-venv)
 if [ ${#apt_missing[@]} -gt 0 ]; then
@@ -28,5 +31,6 @@ fi
 "$venv/bin/python" -c 'import zstandard, lz4' 2>/dev/null || "$venv/bin/pip" install -q zstandard lz4
 chmod -R a+rX "$(dirname "$venv")"
 echo "pgbackrest: $(pgbackrest version)"
+echo "stunnel: $(stunnel -version 2>&1 | grep -m1 "^stunnel ")"
 echo "barman-cloud: $("$venv/bin/barman-cloud-wal-archive" --version 2>&1 | tail -1)"
 echo "pg_basebackup: $(/usr/lib/postgresql/15/bin/pg_basebackup --version)"

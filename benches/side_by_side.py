@@ -34,6 +34,7 @@ AGENT = BUILT_AGENT = os.path.join(ROOT, "target", "release", "pgpilot-agent")
 PGBIN = "/usr/lib/postgresql/15/bin"
 BARMAN_VENV = os.environ.get("BARMAN_VENV", "/opt/pgpilot-tools/barman-venv")
 S3S_FS = "/opt/pgpilot-tools/bin/s3s-fs"
+S3_BUCKET = "bench"  # S3Server creates it (a directory in its data dir)
 QUICK = "--quick" in sys.argv or os.environ.get("PGPILOT_BENCH_QUICK") == "1"
 if QUICK:  # quick runs never overwrite the full run's tables
     OUT = os.path.join(OUT, "quick")
@@ -233,11 +234,33 @@ class S3Server:
         self.work = work
         self.port = free_port()
         data = work.path("s3")
-        os.makedirs(os.path.join(data, "bench"), exist_ok=True)
+        os.makedirs(os.path.join(data, S3_BUCKET), exist_ok=True)
         self.proc = work.spawn([S3S_FS, "--host", "127.0.0.1", "--port", str(self.port),
                                 "--access-key", S3_AK, "--secret-key", S3_SK, data], "s3s-fs.log")
         wait_port(self.port)
         self.endpoint = f"http://127.0.0.1:{self.port}"
+
+
+class TlsFront:
+    """stunnel on a free 127.0.0.1 port in front of the plain-HTTP S3Server (pgBackRest's S3 repo
+    only speaks https), with a self-signed certificate for 127.0.0.1 made by openssl."""
+
+    def __init__(self, work, s3):
+        self.cert, key = work.path("tls-cert.pem"), work.path("tls-key.pem")
+        # pgBackRest 2.45 checks the host against the DNS entries of the SAN only, hence DNS:127.0.0.1 too
+        sh(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1,DNS:127.0.0.1", "-keyout", key, "-out", self.cert])
+        self.port = free_port()
+        conf = work.path("stunnel.conf")
+        with open(conf, "w") as f:
+            f.write("foreground = yes\npid =\nsyslog = no\ndebug = warning\n"
+                    f"[s3]\naccept = 127.0.0.1:{self.port}\nconnect = 127.0.0.1:{s3.port}\n"
+                    f"cert = {self.cert}\nkey = {key}\n")
+        self.proc = work.spawn(["stunnel", conf], "stunnel.log")
+        try:
+            wait_port(self.port)
+        except RuntimeError:
+            raise RuntimeError("stunnel not listening:\n" + tail(work.path("stunnel.log")))
 
 
 def wait_port(port, timeout=30):
@@ -361,17 +384,33 @@ def tail(path, n=30):
 
 
 class PgBackRest:
-    """pgBackRest stanza `bench` on the agent's cluster, one posix repo per setting."""
+    """pgBackRest stanza `bench` on the agent's cluster, one posix repo per setting, or with
+    tls (a TlsFront) an S3 repo in the S3Server's bucket, reached through stunnel."""
 
-    def __init__(self, work, agent, name, encrypt, extra=None):
+    def __init__(self, work, agent, name, encrypt, extra=None, tls=None):
         self.work, self.agent = work, agent
-        self.repo = work.path(f"pgbr-{name}")
         self.conf = work.path(f"pgbackrest-{name}.conf")
         for d in ("pgbr-log", "pgbr-lock", "pgbr-spool"):
             os.makedirs(work.path(d), exist_ok=True)
+        if tls:
+            self.repo = work.path("s3", S3_BUCKET, f"pgbackrest-{name}")  # where s3s-fs keeps the objects
+            repo = {
+                "repo1-type": "s3",
+                "repo1-path": f"/pgbackrest-{name}",
+                "repo1-s3-bucket": S3_BUCKET,
+                "repo1-s3-endpoint": "127.0.0.1",
+                "repo1-storage-port": str(tls.port),
+                "repo1-s3-region": "us-east-1",
+                "repo1-s3-uri-style": "path",
+                "repo1-storage-ca-file": tls.cert,
+                "repo1-s3-key": S3_AK,  # in the config file (0600), never on a command line
+                "repo1-s3-key-secret": S3_SK,
+            }
+        else:
+            self.repo = work.path(f"pgbr-{name}")
+            repo = {"repo1-path": self.repo, "repo1-type": "posix"}
         g = {
-            "repo1-path": self.repo,
-            "repo1-type": "posix",
+            **repo,
             "compress-type": "zst",
             "compress-level": "1",
             "log-level-console": "warn",
@@ -386,8 +425,9 @@ class PgBackRest:
             g["repo1-cipher-type"] = "aes-256-cbc"
             g["repo1-cipher-pass"] = os.urandom(24).hex()
         g.update(extra or {})
-        self.settings = {k: v for k, v in g.items() if not k.endswith(("-path", "-pass")) and not k.startswith("log")}
-        with open(self.conf, "w") as f:
+        self.settings = {k: v for k, v in g.items()
+                         if not k.endswith(("-path", "-pass", "-key", "-secret", "-file")) and not k.startswith("log")}
+        with open(os.open(self.conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write("[global]\n" + "".join(f"{k}={v}\n" for k, v in g.items()))
             f.write(f"[bench]\npg1-path={agent.pgdata}\npg1-port={agent.pg_port}\n"
                     f"pg1-socket-path={agent.socket_dir}\npg1-user=postgres\n")
@@ -434,6 +474,7 @@ def p1():
 
 def _p1(work, reps):
     s3 = S3Server(work)
+    tls = TlsFront(work, s3)
     agent = Agent(work)
     store_plain = f"file://{work.path('store-plain')}"
     store_enc = f"file://{work.path('store-enc')}"
@@ -461,7 +502,9 @@ def _p1(work, reps):
     segments = [os.path.join(segdir, n) for n in names]
 
     pgbr = {False: PgBackRest(work, agent, "plain", False), True: PgBackRest(work, agent, "enc", True)}
-    for b in pgbr.values():
+    pgbr_s3 = {False: PgBackRest(work, agent, "s3-plain", False, tls=tls),
+               True: PgBackRest(work, agent, "s3-enc", True, tls=tls)}
+    for b in (*pgbr.values(), *pgbr_s3.values()):
         b.stanza_create()
 
     counter = [0]
@@ -490,9 +533,12 @@ def _p1(work, reps):
     def pgbr_cmd(enc, name):
         return pgbr[enc].cmd("archive-push", os.path.join(wal, name))
 
+    def pgbr_s3_cmd(enc, name):
+        return pgbr_s3[enc].cmd("archive-push", os.path.join(wal, name))
+
     def barman_push(name):
         return barman_cmd("barman-cloud-wal-archive", s3, "--zstd", "--compression-level", "1",
-                          "s3://bench/barman", "bench", f"pg_wal/{name}")
+                          f"s3://{S3_BUCKET}/barman", "bench", f"pg_wal/{name}")
 
     results = {}  # row label -> list of ms
 
@@ -532,44 +578,67 @@ def _p1(work, reps):
         ("pgpilot wal-push (direct), file, zstd-1", pgpilot_cmd, None),
         ("pgBackRest archive-push, posix, zst-1", lambda n: pgbr_cmd(False, n), None),
     ])
-    agent.configure("s3://bench/pgpilot", extra_backup=s3_backup_lines(agent, s3))
+    # S3: pgpilot straight to s3s-fs (http), pgBackRest through the stunnel front (https)
+    agent.configure(f"s3://{S3_BUCKET}/pgpilot", extra_backup=s3_backup_lines(agent, s3))
     agent.start()
     phase("S3, plain, agent up", [
         ("pgpilot wal-push (agent), S3, zstd-1", pgpilot_cmd, None),
+        ("pgBackRest archive-push, S3, zst-1", lambda n: pgbr_s3_cmd(False, n), None),
         ("barman-cloud-wal-archive, S3, zstd-1", barman_push, be),
     ])
     agent.stop()
     phase("S3, plain, agent down", [
         ("pgpilot wal-push (direct), S3, zstd-1", pgpilot_cmd, None),
+        ("pgBackRest archive-push, S3, zst-1", lambda n: pgbr_s3_cmd(False, n), None),
         ("barman-cloud-wal-archive, S3, zstd-1", barman_push, be),
+    ])
+    agent.configure(f"s3://{S3_BUCKET}/pgpilot-enc", encrypt=True, extra_backup=s3_backup_lines(agent, s3))
+    agent.start()
+    phase("S3, encrypted, agent up", [
+        ("pgpilot wal-push (agent), S3, zstd-1 + AES-256-GCM", pgpilot_cmd, None),
+        ("pgBackRest archive-push, S3, zst-1 + aes-256-cbc", lambda n: pgbr_s3_cmd(True, n), None),
+    ])
+    agent.stop()
+    phase("S3, encrypted, agent down", [
+        ("pgpilot wal-push (direct), S3, zstd-1 + AES-256-GCM", pgpilot_cmd, None),
+        ("pgBackRest archive-push, S3, zst-1 + aes-256-cbc", lambda n: pgbr_s3_cmd(True, n), None),
     ])
 
     # every tool really stored its segments
     stored = {}
+    bucket = work.path("s3", S3_BUCKET)
     for label, top in (("pgpilot file plain", work.path("store-plain")), ("pgpilot file enc", work.path("store-enc")),
                        ("pgBackRest plain", pgbr[False].repo), ("pgBackRest enc", pgbr[True].repo),
-                       ("S3 (pgpilot + barman)", work.path("s3"))):
+                       ("pgpilot S3 plain", os.path.join(bucket, "pgpilot")),
+                       ("pgpilot S3 enc", os.path.join(bucket, "pgpilot-enc")),
+                       ("pgBackRest S3 plain", pgbr_s3[False].repo), ("pgBackRest S3 enc", pgbr_s3[True].repo),
+                       ("barman S3", os.path.join(bucket, "barman"))):
         stored[label] = sum(1 for _, _, fs in os.walk(top) for f in fs if f.startswith("0000009900000FFF"))
     log(f"    objects stored: {stored}")
     if min(stored.values()) < reps:
         raise RuntimeError(f"a tool did not store its segments: {stored}")
 
-    # one row per (phase tool); the peer of each pgpilot row is the other tool of its phase
+    # one row per (phase tool); the peer of each pgpilot row is another tool of its phase. The
+    # plain S3 pgpilot rows have two peers (pgBackRest, barman-cloud): they appear once per peer.
     rows = []
     pairs = [
         ("pgpilot wal-push (agent), file, zstd-1", "pgBackRest archive-push, posix, zst-1"),
         ("pgpilot wal-push (direct), file, zstd-1", "pgBackRest archive-push, posix, zst-1"),
         ("pgpilot wal-push (agent), file, zstd-1 + AES-256-GCM", "pgBackRest archive-push, posix, zst-1 + aes-256-cbc"),
         ("pgpilot wal-push (direct), file, zstd-1 + AES-256-GCM", "pgBackRest archive-push, posix, zst-1 + aes-256-cbc"),
+        ("pgpilot wal-push (agent), S3, zstd-1", "pgBackRest archive-push, S3, zst-1"),
+        ("pgpilot wal-push (direct), S3, zstd-1", "pgBackRest archive-push, S3, zst-1"),
+        ("pgpilot wal-push (agent), S3, zstd-1 + AES-256-GCM", "pgBackRest archive-push, S3, zst-1 + aes-256-cbc"),
+        ("pgpilot wal-push (direct), S3, zstd-1 + AES-256-GCM", "pgBackRest archive-push, S3, zst-1 + aes-256-cbc"),
         ("pgpilot wal-push (agent), S3, zstd-1", "barman-cloud-wal-archive, S3, zstd-1"),
         ("pgpilot wal-push (direct), S3, zstd-1", "barman-cloud-wal-archive, S3, zstd-1"),
     ]
     done = set()
     for ours, peer in pairs:
         for row in (ours, peer):
-            if row in done:
+            if (row, peer) in done or (row == peer and row in done):
                 continue
-            done.add(row)
+            done.update({(row, peer), row})
             s = summarize(results[row])
             entry = {"tool": row, **{k: s[k] for k in ("n", "min", "p50", "p99", "max")}}
             if row == ours:
@@ -588,7 +657,11 @@ def _p1(work, reps):
                    "encrypted rows: encryption_key_files=[32-byte key] (AES-256-GCM); "
                    "`agent` rows: wal-push handed to the running agent, `direct` rows: agent stopped",
         "pgBackRest": "archive-push (sync), repo1-type=posix on the same disk, compress-type=zst, "
-                      "compress-level=1; encrypted rows: repo1-cipher-type=aes-256-cbc",
+                      "compress-level=1; encrypted rows: repo1-cipher-type=aes-256-cbc; S3 rows: repo1-type=s3 "
+                      "(bucket on the same s3s-fs, repo1-s3-uri-style=path) through stunnel on 127.0.0.1 (TLS with a "
+                      "self-signed certificate, repo1-storage-ca-file): pgBackRest's S3 client only speaks https, "
+                      "so its S3 rows pay a TLS handshake and a proxy hop per call that pgpilot and barman-cloud "
+                      "(plain http to s3s-fs) do not",
         "barman-cloud": "barman-cloud-wal-archive --zstd --compression-level 1 to s3s-fs 0.14.1 on "
                         "127.0.0.1 (barman-cloud has no local-directory store; no client-side encryption)",
         "stored": f"segment objects found in each store afterwards: {stored}",
