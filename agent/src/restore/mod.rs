@@ -395,7 +395,11 @@ pub async fn download(
         crate::postgres::bootstrap::prepare_dir(dir, mode, owner)
             .map_err(|e| failed(e.to_string()))?;
     }
-    let results = futures::stream::iter(m.files.iter().map(|f| async move {
+    // Largest first: a 1 GiB relation segment started last would run alone at the end (one
+    // object's SHA-256 is sequential), while started first it overlaps every small file.
+    let mut order: Vec<&pgpilot_common::manifest::ManifestFile> = m.files.iter().collect();
+    order.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.path.cmp(&b.path)));
+    let results = futures::stream::iter(order.into_iter().map(|f| async move {
         let key = layout.backup_file_key(&m.id, &f.path);
         let target = data_dir.join(&f.path);
         // Synced all at once below (one syncfs), not file by file.

@@ -436,6 +436,36 @@ impl Store {
         .map_err(StoreError::from_archive)
     }
 
+    /// Like [`Store::get`] into a local file, with every chunk written at its offset by the
+    /// worker that verified it. Only an `Ok` means the whole content is good.
+    async fn get_at(
+        &self,
+        key: &str,
+        file: Arc<std::fs::File>,
+    ) -> Result<ArchiveSummary, StoreError> {
+        let reader = self.open_reader(key).await?;
+        let object = self.object_name(key);
+        let mut dec = archive::StreamDecoder::open(
+            &object,
+            reader,
+            &self.inner.settings.keys,
+            &self.inner.settings.read,
+        )
+        .await
+        .map_err(StoreError::from_archive)?
+        .write_at(file);
+        while dec
+            .next_chunk()
+            .await
+            .map_err(StoreError::from_archive)?
+            .is_some()
+        {}
+        Ok(dec
+            .summary()
+            .cloned()
+            .expect("summary set after the last chunk"))
+    }
+
     /// Downloads `key` into `target`: a temp file next to it, fsynced, renamed into place only
     /// once fully verified. Retries transient failures. An existing `target` is replaced.
     pub async fn get_to_file(
@@ -478,15 +508,16 @@ impl Store {
             .run("get", |_| {
                 let temp = temp.clone();
                 async move {
-                    let mut file = tokio::fs::File::create(&temp)
-                        .await
-                        .map_err(|e| local_io(&temp, e))?;
-                    let summary = self.get(key, &mut file).await?;
+                    // Chunks are written by the decode workers at their offsets, in parallel.
+                    let file =
+                        Arc::new(std::fs::File::create(&temp).map_err(|e| local_io(&temp, e))?);
+                    let summary = self.get_at(key, file.clone()).await?;
                     if durable {
-                        file.sync_all().await.map_err(|e| local_io(&temp, e))?;
-                    } else {
-                        use tokio::io::AsyncWriteExt;
-                        file.flush().await.map_err(|e| local_io(&temp, e))?;
+                        tokio::task::spawn_blocking(move || file.sync_all())
+                            .await
+                            .map_err(std::io::Error::other)
+                            .and_then(|r| r)
+                            .map_err(|e| local_io(&temp, e))?;
                     }
                     Ok(summary)
                 }
