@@ -16,7 +16,8 @@ use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use pgpilot_common::archive::{
-    ArchiveKey, Codec, KeyRing, ReadOptions, WriteOptions, decode, decode_sync, encode, encode_sync,
+    ArchiveKey, Codec, FileChunks, KeyRing, ReadOptions, WriteOptions, decode, decode_sync, encode,
+    encode_sync,
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, ReadBuf};
@@ -221,11 +222,7 @@ impl AsyncRead for CycleReader {
 fn stream(c: &mut Criterion) {
     let segs = Arc::new(segments());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cores)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime(cores);
     let dir = workspace_target().join("bench-data");
     for (name, codec) in CODECS {
         if matches!(codec, Codec::Gzip { .. }) {
@@ -287,17 +284,22 @@ fn stream(c: &mut Criterion) {
     }
 }
 
+/// A multi-threaded runtime with one worker per core.
+fn runtime(cores: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// One 16 MiB segment from a file (page cache) through the async pipeline with every core, as
 /// `wal-push` encodes it: the codec part of P1's latency (the rest is process start, the API
 /// round trip and the store's fsync).
 fn segment_latency(c: &mut Criterion) {
     let segs = segments();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cores)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime(cores);
     let file = workspace_target()
         .join("bench-data")
         .join("segment-latency.wal");
@@ -327,15 +329,9 @@ fn segment_latency(c: &mut Criterion) {
         );
         g.bench_function(format!("write_{}", label("zstd1", encrypted)), |b| {
             b.iter(|| {
-                rt.block_on(async {
-                    let f = tokio::io::BufReader::with_capacity(
-                        1 << 20,
-                        tokio::fs::File::open(&file).await.expect("open"),
-                    );
-                    encode("bench", f, &mut tokio::io::sink(), &keys, &opts)
-                        .await
-                        .expect("encode")
-                })
+                let f = FileChunks::new(std::fs::File::open(&file).expect("open"));
+                rt.block_on(encode("bench", f, &mut tokio::io::sink(), &keys, &opts))
+                    .expect("encode")
             })
         });
     }

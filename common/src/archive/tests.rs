@@ -5,6 +5,27 @@ use super::format::{FIXED_HEADER_LEN, RECORD_HEAD_LEN};
 use super::*;
 
 const CHUNK: usize = 4096;
+/// Object sizes around chunk boundaries.
+const BOUNDARY_LENS: [usize; 7] = [
+    0,
+    1,
+    CHUNK - 1,
+    CHUNK,
+    CHUNK + 1,
+    5 * CHUNK,
+    7 * CHUNK + 123,
+];
+
+/// A fresh directory under the system temp dir (the caller removes it).
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "pgpilot-{tag}-{}-{:x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
 
 fn keys() -> KeyRing {
     KeyRing::new(vec![
@@ -73,15 +94,7 @@ const CODECS: [Codec; 4] = [
 async fn async_and_sync_round_trip_every_codec_and_size() {
     for keys in [KeyRing::empty(), keys()] {
         for codec in CODECS {
-            for len in [
-                0,
-                1,
-                CHUNK - 1,
-                CHUNK,
-                CHUNK + 1,
-                5 * CHUNK,
-                7 * CHUNK + 123,
-            ] {
+            for len in BOUNDARY_LENS {
                 let plain = data(len);
                 let mut stored = Vec::new();
                 let written = encode("obj", plain.as_slice(), &mut stored, &keys, &opts(codec))
@@ -130,22 +143,9 @@ async fn async_and_sync_round_trip_every_codec_and_size() {
 /// boundaries matter; and the progress counter sees every byte once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_chunks_encode_like_any_reader() {
-    let dir = std::env::temp_dir().join(format!(
-        "pgpilot-file-chunks-{}-{:x}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("file-chunks");
     let keys = keys();
-    for len in [
-        0,
-        1,
-        CHUNK - 1,
-        CHUNK,
-        CHUNK + 1,
-        5 * CHUNK,
-        7 * CHUNK + 123,
-    ] {
+    for len in BOUNDARY_LENS {
         let plain = data(len);
         let path = dir.join(format!("f{len}"));
         std::fs::write(&path, &plain).unwrap();
@@ -185,12 +185,7 @@ async fn file_chunks_encode_like_any_reader() {
 /// the half-written file).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decoder_writes_chunks_at_their_offsets() {
-    let dir = std::env::temp_dir().join(format!(
-        "pgpilot-write-at-{}-{:x}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("write-at");
     let keys = keys();
     for len in [0, 1, CHUNK, CHUNK + 1, 9 * CHUNK + 77] {
         let plain = data(len);
