@@ -30,7 +30,7 @@ use object_store::{
     ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, WriteMultipart,
 };
 use pgpilot_common::archive::{
-    self, ArchiveSummary, ChunkRead, FileChunks, KeyRing, StreamEncoder,
+    self, ArchiveError, ArchiveSummary, ChunkRead, FileChunks, KeyRing, StreamEncoder,
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
@@ -252,16 +252,44 @@ impl Store {
         match result {
             Ok(summary) => Ok(PutOutcome::Stored(summary)),
             Err(StoreError::AlreadyExists { object }) if mode == PutMode::CreateOnly => {
-                let stored = self.verify(key).await?;
                 let (local_len, local_sha) = sha256_file(path).await?;
-                if stored.sha256 == local_sha && stored.plaintext_len == local_len {
-                    Ok(PutOutcome::AlreadyStored(stored))
-                } else {
-                    Err(StoreError::Conflict {
-                        object,
-                        stored: stored.sha256_hex(),
-                        local: archive::hex(&local_sha),
-                    })
+                let same =
+                    |s: &ArchiveSummary| s.sha256 == local_sha && s.plaintext_len == local_len;
+                let conflict = |s: &ArchiveSummary| StoreError::Conflict {
+                    object: object.clone(),
+                    stored: s.sha256_hex(),
+                    local: archive::hex(&local_sha),
+                };
+                match self.verify(key).await {
+                    Ok(stored) if same(&stored) => Ok(PutOutcome::AlreadyStored(stored)),
+                    Ok(stored) => Err(conflict(&stored)),
+                    // Stored before encryption was configured (e.g. uploaded ahead, then the
+                    // agent restarted with keys): the reader now refuses it, so a restore could
+                    // not use it. When its content is this file's, replace it with an encrypted
+                    // copy (atomically: rename on file://, one PUT elsewhere); otherwise it is
+                    // a conflict like any other.
+                    Err(StoreError::Archive(ArchiveError::NotEncrypted { .. })) => {
+                        let stored = self.verify_accepting_unencrypted(key).await?;
+                        if !same(&stored) {
+                            return Err(conflict(&stored));
+                        }
+                        tracing::warn!(
+                            object,
+                            "stored without encryption before keys were configured; replacing it with an encrypted copy of the same content"
+                        );
+                        let summary = self
+                            .inner
+                            .retry
+                            .run("put", |_| async move {
+                                let file =
+                                    std::fs::File::open(path).map_err(|e| local_io(path, e))?;
+                                self.put(key, FileChunks::new(file), PutMode::Overwrite)
+                                    .await
+                            })
+                            .await?;
+                        Ok(PutOutcome::Stored(summary))
+                    }
+                    Err(e) => Err(e),
                 }
             }
             Err(e) => Err(e),
@@ -559,6 +587,29 @@ impl Store {
     }
 
     /// Reads and checks `key` completely without keeping its content. Retries transient failures.
+    /// [`Store::verify`] that also accepts an object without encryption when keys are
+    /// configured (every other check still applies).
+    async fn verify_accepting_unencrypted(&self, key: &str) -> Result<ArchiveSummary, StoreError> {
+        let opts = archive::ReadOptions {
+            require_encryption: false,
+            ..self.inner.settings.read
+        };
+        self.inner
+            .retry
+            .run("verify", |_| async move {
+                let reader = self.open_reader(key).await?;
+                archive::verify(
+                    &self.object_name(key),
+                    reader,
+                    &self.inner.settings.keys,
+                    &opts,
+                )
+                .await
+                .map_err(StoreError::from_archive)
+            })
+            .await
+    }
+
     pub async fn verify(&self, key: &str) -> Result<ArchiveSummary, StoreError> {
         self.inner
             .retry

@@ -487,6 +487,64 @@ pub async fn create_only(base: &StoreConfig, dir: &Path) {
         .await
         .unwrap();
     assert!(bytes.as_ref() == random_bytes(CHUNK + 5, 3).as_slice());
+
+    // A segment stored before encryption was turned on (uploaded ahead by an agent without
+    // keys, then pushed again by one with keys): the same content is replaced by an encrypted
+    // copy, so archiving goes on and a restore (which refuses unencrypted objects) can read it;
+    // different content is still a conflict, and the stored object is left alone.
+    let plain = Store::open(&variant(base, Compression::Zstd, &[])).unwrap();
+    std::fs::write(&seg, random_bytes(3 * CHUNK + 1, 5)).unwrap();
+    plain
+        .put_file(
+            "create/wal/000000010000000000000008",
+            &seg,
+            PutMode::CreateOnly,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.verify("create/wal/000000010000000000000008").await,
+        Err(StoreError::Archive(_))
+    ));
+    let again = store
+        .put_file(
+            "create/wal/000000010000000000000008",
+            &seg,
+            PutMode::CreateOnly,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(again, PutOutcome::Stored(_)), "{again:?}");
+    let (bytes, summary) = store
+        .get_bytes("create/wal/000000010000000000000008")
+        .await
+        .unwrap();
+    assert_eq!(bytes.as_ref(), random_bytes(3 * CHUNK + 1, 5).as_slice());
+    assert_eq!(summary.key_id.as_deref(), Some("k1"), "re-stored encrypted");
+
+    plain
+        .put_file(
+            "create/wal/000000010000000000000009",
+            &seg,
+            PutMode::CreateOnly,
+        )
+        .await
+        .unwrap();
+    std::fs::write(&seg, random_bytes(3 * CHUNK + 1, 6)).unwrap();
+    let err = store
+        .put_file(
+            "create/wal/000000010000000000000009",
+            &seg,
+            PutMode::CreateOnly,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    let (bytes, _) = plain
+        .get_bytes("create/wal/000000010000000000000009")
+        .await
+        .unwrap();
+    assert_eq!(bytes.as_ref(), random_bytes(3 * CHUNK + 1, 5).as_slice());
 }
 
 /// Listing by prefix, head, delete.
