@@ -241,15 +241,7 @@ impl Store {
         path: &Path,
         mode: PutMode,
     ) -> Result<PutOutcome, StoreError> {
-        let result = self
-            .inner
-            .retry
-            .run("put", |_| async move {
-                let file = std::fs::File::open(path).map_err(|e| local_io(path, e))?;
-                self.put(key, FileChunks::new(file), mode).await
-            })
-            .await;
-        match result {
+        match self.put_file_retried(key, path, mode).await {
             Ok(summary) => Ok(PutOutcome::Stored(summary)),
             Err(StoreError::AlreadyExists { object }) if mode == PutMode::CreateOnly => {
                 let (local_len, local_sha) = sha256_file(path).await?;
@@ -277,16 +269,7 @@ impl Store {
                             object,
                             "stored without encryption before keys were configured; replacing it with an encrypted copy of the same content"
                         );
-                        let summary = self
-                            .inner
-                            .retry
-                            .run("put", |_| async move {
-                                let file =
-                                    std::fs::File::open(path).map_err(|e| local_io(path, e))?;
-                                self.put(key, FileChunks::new(file), PutMode::Overwrite)
-                                    .await
-                            })
-                            .await?;
+                        let summary = self.put_file_retried(key, path, PutMode::Overwrite).await?;
                         Ok(PutOutcome::Stored(summary))
                     }
                     Err(e) => Err(e),
@@ -294,6 +277,23 @@ impl Store {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The content of a local file, read straight into chunk buffers, retrying transient
+    /// failures (each attempt reopens the file).
+    async fn put_file_retried(
+        &self,
+        key: &str,
+        path: &Path,
+        mode: PutMode,
+    ) -> Result<ArchiveSummary, StoreError> {
+        self.inner
+            .retry
+            .run("put", |_| async move {
+                let file = std::fs::File::open(path).map_err(|e| local_io(path, e))?;
+                self.put(key, FileChunks::new(file), mode).await
+            })
+            .await
     }
 
     /// Stores bytes (a manifest, a history file), retrying transient failures.
@@ -586,7 +586,6 @@ impl Store {
             .await
     }
 
-    /// Reads and checks `key` completely without keeping its content. Retries transient failures.
     /// [`Store::verify`] that also accepts an object without encryption when keys are
     /// configured (every other check still applies).
     async fn verify_accepting_unencrypted(&self, key: &str) -> Result<ArchiveSummary, StoreError> {
@@ -594,6 +593,19 @@ impl Store {
             require_encryption: false,
             ..self.inner.settings.read
         };
+        self.verify_with(key, &opts).await
+    }
+
+    /// Reads and checks `key` completely without keeping its content. Retries transient failures.
+    pub async fn verify(&self, key: &str) -> Result<ArchiveSummary, StoreError> {
+        self.verify_with(key, &self.inner.settings.read).await
+    }
+
+    async fn verify_with(
+        &self,
+        key: &str,
+        opts: &archive::ReadOptions,
+    ) -> Result<ArchiveSummary, StoreError> {
         self.inner
             .retry
             .run("verify", |_| async move {
@@ -602,19 +614,10 @@ impl Store {
                     &self.object_name(key),
                     reader,
                     &self.inner.settings.keys,
-                    &opts,
+                    opts,
                 )
                 .await
                 .map_err(StoreError::from_archive)
-            })
-            .await
-    }
-
-    pub async fn verify(&self, key: &str) -> Result<ArchiveSummary, StoreError> {
-        self.inner
-            .retry
-            .run("verify", |_| async move {
-                self.get(key, &mut tokio::io::sink()).await
             })
             .await
     }

@@ -413,6 +413,11 @@ pub async fn interrupted_uploads(base: &StoreConfig) {
 
 /// Create-only puts: a second put of the same key is refused and leaves the first content; a
 /// retried WAL push of identical content succeeds; different content is a conflict.
+/// A WAL push: the create-only put of a local segment file.
+async fn push_segment(store: &Store, key: &str, seg: &Path) -> Result<PutOutcome, StoreError> {
+    store.put_file(key, seg, PutMode::CreateOnly).await
+}
+
 pub async fn create_only(base: &StoreConfig, dir: &Path) {
     let store = Store::open(&variant(base, Compression::Lz4, &[key_file(dir, "k1", 1)])).unwrap();
     store
@@ -451,33 +456,18 @@ pub async fn create_only(base: &StoreConfig, dir: &Path) {
 
     let seg: PathBuf = dir.join("000000010000000000000007");
     std::fs::write(&seg, random_bytes(CHUNK + 5, 3)).unwrap();
-    let first = store
-        .put_file(
-            "create/wal/000000010000000000000007",
-            &seg,
-            PutMode::CreateOnly,
-        )
+    let first = push_segment(&store, "create/wal/000000010000000000000007", &seg)
         .await
         .unwrap();
     assert!(matches!(first, PutOutcome::Stored(_)));
-    let again = store
-        .put_file(
-            "create/wal/000000010000000000000007",
-            &seg,
-            PutMode::CreateOnly,
-        )
+    let again = push_segment(&store, "create/wal/000000010000000000000007", &seg)
         .await
         .unwrap();
     assert!(
         matches!(again, PutOutcome::AlreadyStored(ref s) if s.sha256 == first.summary().sha256)
     );
     std::fs::write(&seg, random_bytes(CHUNK + 5, 4)).unwrap();
-    let err = store
-        .put_file(
-            "create/wal/000000010000000000000007",
-            &seg,
-            PutMode::CreateOnly,
-        )
+    let err = push_segment(&store, "create/wal/000000010000000000000007", &seg)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
@@ -494,24 +484,14 @@ pub async fn create_only(base: &StoreConfig, dir: &Path) {
     // different content is still a conflict, and the stored object is left alone.
     let plain = Store::open(&variant(base, Compression::Zstd, &[])).unwrap();
     std::fs::write(&seg, random_bytes(3 * CHUNK + 1, 5)).unwrap();
-    plain
-        .put_file(
-            "create/wal/000000010000000000000008",
-            &seg,
-            PutMode::CreateOnly,
-        )
+    push_segment(&plain, "create/wal/000000010000000000000008", &seg)
         .await
         .unwrap();
     assert!(matches!(
         store.verify("create/wal/000000010000000000000008").await,
         Err(StoreError::Archive(_))
     ));
-    let again = store
-        .put_file(
-            "create/wal/000000010000000000000008",
-            &seg,
-            PutMode::CreateOnly,
-        )
+    let again = push_segment(&store, "create/wal/000000010000000000000008", &seg)
         .await
         .unwrap();
     assert!(matches!(again, PutOutcome::Stored(_)), "{again:?}");
@@ -522,21 +502,11 @@ pub async fn create_only(base: &StoreConfig, dir: &Path) {
     assert_eq!(bytes.as_ref(), random_bytes(3 * CHUNK + 1, 5).as_slice());
     assert_eq!(summary.key_id.as_deref(), Some("k1"), "re-stored encrypted");
 
-    plain
-        .put_file(
-            "create/wal/000000010000000000000009",
-            &seg,
-            PutMode::CreateOnly,
-        )
+    push_segment(&plain, "create/wal/000000010000000000000009", &seg)
         .await
         .unwrap();
     std::fs::write(&seg, random_bytes(3 * CHUNK + 1, 6)).unwrap();
-    let err = store
-        .put_file(
-            "create/wal/000000010000000000000009",
-            &seg,
-            PutMode::CreateOnly,
-        )
+    let err = push_segment(&store, "create/wal/000000010000000000000009", &seg)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
