@@ -58,8 +58,12 @@ test: deps-test lint ## Everything CI runs: install test deps, lint, all tests a
 bench: bench-codec bench-side-by-side ## All benchmarks: codec pipeline + side-by-side vs pgBackRest/barman-cloud/pg_basebackup
 
 .PHONY: bench-side-by-side
-bench-side-by-side: ## Full side-by-side suite P1-P4 (+P5 codec, P6 memory): target/bench/side-by-side.md (long; logs per scenario)
-	./benches/side-by-side.sh
+bench-side-by-side: ## Full side-by-side suite P1-P4, P6 (+P5 codec) in the background (~1 h): log target/bench/side-by-side.log
+	./benches/side-by-side.sh --background
+
+.PHONY: bench-p1 bench-p2 bench-p3 bench-p4 bench-p6
+bench-p1 bench-p2 bench-p3 bench-p4 bench-p6: ## One side-by-side scenario in the foreground (p2 and p4 take ~20 min)
+	./benches/side-by-side.sh $(subst bench-,,$@)
 
 .PHONY: bench-quick
 bench-quick: ## Side-by-side suite, few repetitions and a small database (a few minutes)

@@ -27,8 +27,9 @@ if [ ! -x "$venv/bin/barman-cloud-wal-archive" ]; then
   "$venv/bin/pip" install -q --upgrade pip
   "$venv/bin/pip" install -q 'barman[cloud]==3.19.*' || "$venv/bin/pip" install -q 'barman[cloud]'
 fi
-# --zstd / --lz4 need the zstandard and lz4 modules (barman's optional extras)
-"$venv/bin/python" -c 'import zstandard, lz4' 2>/dev/null || "$venv/bin/pip" install -q zstandard lz4
+# --zstd / --lz4 need the zstandard and lz4 modules (barman's optional extras); boto3 (barman's
+# S3 client) also uploads P4's archives to s3s-fs for the S3 restore rows
+"$venv/bin/python" -c 'import zstandard, lz4, boto3' 2>/dev/null || "$venv/bin/pip" install -q zstandard lz4 boto3
 chmod -R a+rX "$(dirname "$venv")"
 echo "pgbackrest: $(pgbackrest version)"
 echo "stunnel: $(stunnel -version 2>&1 | grep -m1 "^stunnel ")"

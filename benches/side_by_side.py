@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side benchmarks: pgpilot vs pgBackRest, barman-cloud and pg_basebackup (issue 6).
 
-    python3 benches/side_by_side.py p1|p2|p3|p4|report [--quick]      (as root)
+    python3 benches/side_by_side.py p1|p2|p3|p4|p6|report [--quick]      (as root)
 
 Every scenario runs pgpilot and its peers in the same run, alternating them inside each
 repetition, and writes target/bench/<scenario>.{md,json}; `report` merges them into
@@ -230,15 +230,26 @@ class Work:
 
 
 class S3Server:
+    """s3s-fs on a free 127.0.0.1 port; objects are files under work/s3/<bucket>/<key>."""
+
     def __init__(self, work):
         self.work = work
         self.port = free_port()
-        data = work.path("s3")
-        os.makedirs(os.path.join(data, S3_BUCKET), exist_ok=True)
-        self.proc = work.spawn([S3S_FS, "--host", "127.0.0.1", "--port", str(self.port),
-                                "--access-key", S3_AK, "--secret-key", S3_SK, data], "s3s-fs.log")
-        wait_port(self.port)
+        self.data = work.path("s3")
+        os.makedirs(os.path.join(self.data, S3_BUCKET), exist_ok=True)
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.start()
+
+    def start(self):
+        """(Re)starts the server on the same port and data."""
+        self.proc = self.work.spawn([S3S_FS, "--host", "127.0.0.1", "--port", str(self.port),
+                                     "--access-key", S3_AK, "--secret-key", S3_SK, self.data], "s3s-fs.log")
+        wait_port(self.port)
+
+    def stop(self):
+        """Takes the store away: clients get connection refused until start()."""
+        self.work.stop(self.proc)
 
 
 class TlsFront:
@@ -387,7 +398,7 @@ class PgBackRest:
     """pgBackRest stanza `bench` on the agent's cluster, one posix repo per setting, or with
     tls (a TlsFront) an S3 repo in the S3Server's bucket, reached through stunnel."""
 
-    def __init__(self, work, agent, name, encrypt, extra=None, tls=None):
+    def __init__(self, work, agent, name, encrypt, extra=None, tls=None, cipher_pass=None):
         self.work, self.agent = work, agent
         self.conf = work.path(f"pgbackrest-{name}.conf")
         for d in ("pgbr-log", "pgbr-lock", "pgbr-spool"):
@@ -423,7 +434,8 @@ class PgBackRest:
         }
         if encrypt:
             g["repo1-cipher-type"] = "aes-256-cbc"
-            g["repo1-cipher-pass"] = os.urandom(24).hex()
+            self.cipher_pass = cipher_pass or os.urandom(24).hex()
+            g["repo1-cipher-pass"] = self.cipher_pass
         g.update(extra or {})
         self.settings = {k: v for k, v in g.items()
                          if not k.endswith(("-path", "-pass", "-key", "-secret", "-file")) and not k.startswith("log")}
@@ -720,7 +732,7 @@ class PeerCluster:
     """A plain Postgres 15 run by the postgres user for pgBackRest, with the agent cluster's WAL
     settings, archive_command = pgbackrest archive-push, stanza `bench` created."""
 
-    def __init__(self, work, agent, pgbr_extra, name="peer"):
+    def __init__(self, work, agent, pgbr_extra, name="peer", encrypt=True):
         self.settings = {k: agent.psql(f"SHOW {k}") for k in
                          ("shared_buffers", "max_wal_size", "min_wal_size", "wal_compression",
                           "checkpoint_timeout", "full_page_writes", "wal_buffers")}
@@ -733,7 +745,7 @@ class PeerCluster:
         sh(["runuser", "-u", "postgres", "--", f"{PGBIN}/initdb", "-D", self.pgdata, "-U", "postgres",
             "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"])
         self.pg_port = free_port()
-        self.pgbr = PgBackRest(work, self, name, True, pgbr_extra)
+        self.pgbr = PgBackRest(work, self, name, encrypt, pgbr_extra)
         shutil.chown(self.pgbr.conf, "postgres", "postgres")
         os.makedirs(self.pgbr.repo)
         shutil.chown(self.pgbr.repo, "postgres", "postgres")
@@ -852,6 +864,115 @@ def make_backlog(env, pgdata, n, nudge_table):
     sh([f"{PGBIN}/psql", "-Atq", "-c", f"CREATE TABLE IF NOT EXISTS {nudge_table} (x int)"], env=env)
 
 
+def ready_segments(pgdata):
+    d = os.path.join(pgdata, "pg_wal", "archive_status")
+    return {n[: -len(".ready")] for n in os.listdir(d) if n.endswith(".ready")}
+
+
+def load_tree(src, dst, link):
+    """dst := a copy of the stopped data dir src, owners and modes kept; the WAL segments named
+    in `link` (ready ones, which nobody writes again; wal_recycle = off so none is reused in
+    place) are hard links, so a 16 GiB backlog is loaded in a second and never copied."""
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    for dp, _, fs in os.walk(src):
+        rel = os.path.relpath(dp, src)
+        out = os.path.normpath(os.path.join(dst, rel))
+        st = os.stat(dp)
+        os.makedirs(out, exist_ok=True)
+        os.chmod(out, st.st_mode & 0o7777)
+        os.chown(out, st.st_uid, st.st_gid)
+        for f in fs:
+            s, d = os.path.join(dp, f), os.path.join(out, f)
+            if rel == "pg_wal" and f in link:
+                os.link(s, d)
+            else:
+                shutil.copy2(s, d)
+                st = os.stat(s)
+                os.chown(d, st.st_uid, st.st_gid)
+
+
+def warm(pgdata, names):
+    """Reads the backlog into the page cache, as it is when Postgres has just written it."""
+    buf = bytearray(1 << 20)
+    for n in names:
+        with open(os.path.join(pgdata, "pg_wal", n), "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def wait_archive_failed(psql, timeout=120):
+    end = time.time() + timeout
+    while int(psql("SELECT failed_count FROM pg_stat_archiver")) == 0:
+        if time.time() > end:
+            raise RuntimeError("archiving did not fail with the store taken away")
+        time.sleep(0.2)
+
+
+class CopyPeer:
+    """Postgres 15 started by pg_ctl on a copy of the agent cluster's stopped data dir (same
+    system id, same WAL, the same settings from pgpilot.conf), for pgBackRest: port, sockets,
+    pg_hba and archive_command overridden in postgresql.auto.conf; archive_command reads the
+    pgBackRest config at self.active, a copy of the repo variant in use."""
+
+    def __init__(self, work, agent, name="peer"):
+        self.pgdata, self.socket_dir = work.path(f"{name}-pg"), work.path(f"{name}-run")
+        for d in (self.socket_dir, work.path("pgbr-log"), work.path("pgbr-lock"), work.path("pgbr-spool")):
+            os.makedirs(d, exist_ok=True)
+            shutil.chown(d, "postgres", "postgres")
+        self.spool = work.path("pgbr-spool")
+        self.pg_port = free_port()
+        self._password = agent.password()
+        self.active = work.path(f"pgbackrest-{name}-active.conf")
+        self.conf_lines = (
+            f"port = {self.pg_port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{self.socket_dir}'\n"
+            f"hba_file = '{self.pgdata}/pg_hba.conf'\nrestore_command = ''\narchive_mode = on\n"
+            f"archive_command = 'pgbackrest --config={self.active} --stanza=bench archive-push %p'\n")
+        self.env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(self.pg_port), "PGUSER": "postgres",
+                    "PGDATABASE": "postgres", "PGPASSWORD": self._password}
+
+    def load(self, template, link):
+        load_tree(template, self.pgdata, link)
+        with open(os.path.join(self.pgdata, "postgresql.auto.conf"), "a") as f:
+            f.write(self.conf_lines)
+
+    def password(self):
+        return self._password
+
+    def repo(self, work, name, enc, extra, tls=None):
+        """A pgBackRest repo variant for this cluster, its stanza created (the cluster runs)."""
+        b = PgBackRest(work, self, name, enc, extra, tls=tls)
+        shutil.chown(b.conf, "postgres", "postgres")
+        if not tls:
+            os.makedirs(b.repo)
+            shutil.chown(b.repo, "postgres", "postgres")
+        sh(["runuser", "-u", "postgres", "--", *b.cmd("stanza-create")], env=self.env)
+        return b
+
+    def use(self, pgbr):
+        """archive_command now pushes to this repo variant; its archive and the async spool
+        emptied, so the drain stores every segment anew."""
+        shutil.copy(pgbr.conf, self.active)
+        shutil.chown(self.active, "postgres", "postgres")
+        os.chmod(self.active, 0o600)
+        arch = os.path.join(pgbr.repo, "archive", "bench")
+        for n in os.listdir(arch):
+            if not n.startswith("archive.info"):
+                shutil.rmtree(os.path.join(arch, n))
+        shutil.rmtree(os.path.join(self.spool, "archive"), ignore_errors=True)
+
+    def start(self):
+        sh(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", self.pgdata, "-l",
+            os.path.join(self.socket_dir, "postgres.log"), "-t", "3600", "-w", "start"])
+
+    def stop(self):
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", self.pgdata, "-m", "fast",
+                        "-w", "stop"], capture_output=True)
+
+    def psql(self, sql):
+        return sh([f"{PGBIN}/psql", "-Atq", "-c", sql], env=self.env).strip()
+
+
 def p2():
     reps = int(os.environ.get("PGPILOT_BENCH_REPS", "1" if QUICK else "2"))
     n = int(os.environ.get("PGPILOT_BENCH_BACKLOG", "100" if QUICK else "1000"))
@@ -862,123 +983,207 @@ def p2():
         work.close()
 
 
+def bench_stores():
+    stores = [s for s in os.environ.get("PGPILOT_BENCH_STORES", "file,s3").split(",") if s]
+    bad = [s for s in stores if s not in ("file", "s3")]
+    if bad or not stores:
+        sys.exit(f"PGPILOT_BENCH_STORES: {bad or stores} not in file,s3")
+    return stores
+
+
+P2_PGBR = {"archive-async": "y", "process-max": "2", "archive-push-queue-max": "64GiB"}
+
+
 def _p2(work, reps, n):
+    stores = bench_stores()
+    configs = [(st, enc) for st in stores for enc in (True, False)]
+    s3 = S3Server(work)
+    tls = TlsFront(work, s3) if "s3" in stores else None
     agent = Agent(work)
-    store = work.path("store")
-    os.makedirs(store)
-    agent.configure(f"file://{store}", encrypt=True)
+    params = '[postgres.parameters]\nwal_recycle = "off"'
+    broken = work.path("store-broken")
+    with open(broken, "w") as f:  # a regular file where the store dir should be: archiving fails
+        f.write("archiving is failing on purpose\n")
+    agent.configure(f"file://{broken}", encrypt=True, extra=params)
     agent.start()
     meta = base_meta(reps, {})
-    runtime = agent.runtime()
     time.sleep(5)
     meta["agent_idle_rss_kib"] = agent.proc_stat()[2]  # P6
+    settings = {k: agent.psql(f"SHOW {k}") for k in
+                ("shared_buffers", "max_wal_size", "wal_compression", "checkpoint_timeout", "full_page_writes",
+                 "wal_buffers", "wal_recycle")}
 
-    # pgBackRest gets its own plain Postgres 15 (same WAL settings as the agent's), so that
-    # pgpilot's look-ahead never touches its backlog; archive_command = pgbackrest async.
-    peer = PeerCluster(work, agent, {"archive-async": "y", "process-max": "2", "archive-push-queue-max": "64GiB"})
-    pg2, pgbr, settings = peer.pgdata, peer.pgbr, peer.settings
-    try:
-        env2 = peer.env
-        env1 = agent.pgenv()
-        results = {}
+    # One backlog, written once while archiving fails; every drain (both tools, every store,
+    # every round) starts from a copy of it: the same WAL bytes for everyone.
+    log(f"==> P2: pgbench until {n} segments wait to be archived (archiving failing)")
+    t0 = time.perf_counter()
+    make_backlog(agent.pgenv(), agent.pgdata, n, "nudge")
+    agent.stop()
+    template = work.path("template")
+    backlog = ready_segments(agent.pgdata)
+    os.rename(agent.pgdata, template)
+    log(f"    {len(backlog)} segments in {time.perf_counter() - t0:.0f} s")
 
-        def drain_pgpilot():
-            os.rename(store, store + ".ok")
-            with open(store, "w") as f:
+    peer = CopyPeer(work, agent)
+    peer.load(template, backlog)
+    peer.start()
+    repos = {(st, enc): peer.repo(work, f"p2-{st}-{'enc' if enc else 'plain'}", enc, P2_PGBR,
+                                  tls=tls if st == "s3" else None)
+             for st, enc in configs}
+    peer.stop()
+
+    def break_repo(st, repo):
+        if st == "s3":
+            s3.stop()
+        else:
+            os.chmod(repo, 0)
+
+    def fix_repo(st, repo):
+        if st == "s3":
+            s3.start()
+        else:
+            os.chmod(repo, 0o750)
+
+    def drain_pgpilot(st, enc, r):
+        name = f"p2-{r}-{'enc' if enc else 'plain'}"
+        if st == "s3":
+            where = work.path("s3", S3_BUCKET, name)
+            agent.configure(f"s3://{S3_BUCKET}/{name}", encrypt=enc, extra=params,
+                            extra_backup=s3_backup_lines(agent, s3))
+            s3.stop()
+        else:
+            where = work.path(name)
+            agent.configure(f"file://{where}", encrypt=enc, extra=params)
+            with open(where, "w") as f:  # a regular file where the store dir should be
                 f.write("archiving is failing on purpose\n")
-            make_backlog(env1, agent.pgdata, n, "nudge")
-            backlog = ready_count(agent.pgdata)
-            a0, _, _ = agent.proc_stat()
-            arch0 = archiver_cpu(agent.pgdata)
-            with open(f"/proc/{agent.proc.pid}/clear_refs", "w") as f:
-                f.write("5")
-            pid = agent.proc.pid
-            sampler = Sampler(lambda p, pp, cmd, t: "own" if p == pid else (runtime in cmd and "rss"))
-            t0 = time.perf_counter()
-            os.unlink(store)
-            os.rename(store + ".ok", store)
-            sh([f"{PGBIN}/psql", "-Atq", "-c", "INSERT INTO nudge VALUES (1); SELECT pg_switch_wal()"], env=env1)
-            wait_drained(agent.pgdata)
-            wall = time.perf_counter() - t0
-            _, peak = sampler.stop()
-            a1, hwm, _ = agent.proc_stat()
-            cpu = (a1 - a0) + (archiver_cpu(agent.pgdata) - arch0)
-            return backlog, wall, cpu, max(peak, hwm)
+        load_tree(template, agent.pgdata, backlog)
+        agent.start()
+        wait_archive_failed(agent.psql)
+        warm(agent.pgdata, backlog)
+        a0, _, _ = agent.proc_stat()
+        arch0 = archiver_cpu(agent.pgdata)
+        with open(f"/proc/{agent.proc.pid}/clear_refs", "w") as f:
+            f.write("5")
+        pid, rt = agent.proc.pid, agent.runtime()
+        sampler = Sampler(lambda p, pp, cmd, t: "own" if p == pid else (rt in cmd and "rss"))
+        t0 = time.perf_counter()
+        if st == "s3":
+            s3.start()
+        else:
+            os.unlink(where)
+            os.makedirs(where)
+        agent.psql("INSERT INTO nudge VALUES (1); SELECT pg_switch_wal()")
+        wait_drained(agent.pgdata)
+        wall = time.perf_counter() - t0
+        _, peak = sampler.stop()
+        a1, hwm, _ = agent.proc_stat()
+        cpu = (a1 - a0) + (archiver_cpu(agent.pgdata) - arch0)
+        agent.stop()
+        stored = sum(1 for _, _, fs in os.walk(where) for f in fs if re.match(r"[0-9A-F]{24}", f))
+        shutil.rmtree(where)
+        return stored, wall, cpu, max(peak, hwm)
 
-        def drain_pgbackrest():
-            os.chmod(pgbr.repo, 0)
-            make_backlog(env2, pg2, n, "nudge")
-            backlog = ready_count(pg2)
-            arch0 = archiver_cpu(pg2)
-            # detached async pgBackRest processes (not below the archiver, which is counted apart)
-            def sel(p, pp, cmd, t):
-                if pgbr.conf not in cmd:
-                    return False
-                while pp > 1:
-                    if t.get(pp, (0, ""))[1].startswith("postgres: archiver"):
-                        return "rss"  # RSS counted, CPU comes with the archiver's
-                    pp = t.get(pp, (0,))[0]
-                return "own"
-            sampler = Sampler(sel)
-            t0 = time.perf_counter()
-            os.chmod(pgbr.repo, 0o750)
-            sh([f"{PGBIN}/psql", "-Atq", "-c", "INSERT INTO nudge VALUES (1); SELECT pg_switch_wal()"], env=env2)
-            wait_drained(pg2)
-            wall = time.perf_counter() - t0
-            detached_cpu, peak = sampler.stop()
-            cpu = detached_cpu + (archiver_cpu(pg2) - arch0)
-            return backlog, wall, cpu, peak
+    def drain_pgbackrest(st, enc, r):
+        pgbr = repos[(st, enc)]
+        peer.load(template, backlog)
+        peer.use(pgbr)
+        break_repo(st, pgbr.repo)
+        peer.start()
+        wait_archive_failed(peer.psql)
+        warm(peer.pgdata, backlog)
+        arch0 = archiver_cpu(peer.pgdata)
 
-        tools = [("pgpilot", drain_pgpilot), ("pgBackRest", drain_pgbackrest)]
+        def sel(p, pp, cmd, t):  # detached async pgBackRest processes (the archiver is counted apart)
+            if peer.active not in cmd:
+                return False
+            while pp > 1:
+                if t.get(pp, (0, ""))[1].startswith("postgres: archiver"):
+                    return "rss"  # RSS counted, CPU comes with the archiver's
+                pp = t.get(pp, (0,))[0]
+            return "own"
+        sampler = Sampler(sel)
+        t0 = time.perf_counter()
+        fix_repo(st, pgbr.repo)
+        peer.psql("INSERT INTO nudge VALUES (1); SELECT pg_switch_wal()")
+        wait_drained(peer.pgdata)
+        wall = time.perf_counter() - t0
+        detached_cpu, peak = sampler.stop()
+        cpu = detached_cpu + (archiver_cpu(peer.pgdata) - arch0)
+        peer.stop()
+        stored = sum(1 for _, _, fs in os.walk(os.path.join(pgbr.repo, "archive")) for f in fs
+                     if re.match(r"[0-9A-F]{24}-", f))
+        return stored, wall, cpu, peak
+
+    results = {}
+    try:
         for r in range(reps):
-            for name, fn in (tools if r % 2 == 0 else list(reversed(tools))):
-                log(f"==> P2 round {r + 1}: {name}: backlog of {n} segments, then drain")
-                backlog, wall, cpu, peak = fn()
-                log(f"    {backlog} segments in {wall:.1f} s = {backlog / wall:.1f} segments/s, "
-                    f"CPU {cpu:.1f} s, peak RSS {peak / 1024:.0f} MiB")
-                results.setdefault(name, []).append(
-                    {"backlog": backlog, "wall": wall, "seg_s": backlog / wall, "cpu": cpu, "rss": peak})
+            for st, enc in configs:
+                tools = [("pgpilot", drain_pgpilot), ("pgBackRest", drain_pgbackrest)]
+                for tool, fn in (tools if r % 2 == 0 else list(reversed(tools))):
+                    log(f"==> P2 round {r + 1}: {tool}, {st}, {'encrypted' if enc else 'plain'}: drain")
+                    stored, wall, cpu, peak = fn(st, enc, r)
+                    log(f"    {stored} segments stored in {wall:.1f} s = {len(backlog) / wall:.1f} segments/s, "
+                        f"CPU {cpu:.1f} s, peak RSS {peak / 1024:.0f} MiB")
+                    if stored < len(backlog):
+                        raise RuntimeError(f"{tool} stored {stored} of {len(backlog)} segments")
+                    results.setdefault((tool, st, enc), []).append(
+                        {"wall": wall, "seg_s": len(backlog) / wall, "cpu": cpu, "rss": peak})
     finally:
         peer.stop()
         agent.stop()
 
+    label = {
+        "pgpilot": "pgpilot (agent look-ahead + wal-push), zstd-1",
+        "pgBackRest": "pgBackRest archive-push async, process-max 2, zst-1",
+    }
     rows = []
-    for name, label in (("pgpilot", "pgpilot (agent look-ahead + wal-push), zstd-1 + AES-256-GCM"),
-                        ("pgBackRest", "pgBackRest archive-push async, process-max 2, zst-1 + aes-256-cbc")):
-        rs = results[name]
-        v = [r["seg_s"] for r in rs]
-        row = {"tool": label, "n": len(rs), "backlog": statistics.median(r["backlog"] for r in rs),
-               "min": min(v), "p50": statistics.median(v), "max": max(v),
-               "mbps": statistics.median(v) * 16.777216,
-               "cpu_s": statistics.median(r["cpu"] for r in rs),
-               "cpu_per_seg_ms": statistics.median(r["cpu"] / r["backlog"] for r in rs) * 1000,
-               "rss_mib": max(r["rss"] for r in rs) / 1024}
-        rows.append(row)
-    rows[0]["ratio"] = rows[0]["p50"] / rows[1]["p50"]
+    for st, enc in configs:
+        pair = []
+        for tool in ("pgpilot", "pgBackRest"):
+            rs = results[(tool, st, enc)]
+            v = [x["seg_s"] for x in rs]
+            cipher = {"pgpilot": " + AES-256-GCM", "pgBackRest": " + aes-256-cbc"}[tool] if enc else ""
+            store = {"file": "local dir", "s3": "S3"}[st]
+            pair.append({"tool": f"{label[tool]}{cipher}, {store}", "n": len(rs), "backlog": len(backlog),
+                         "min": min(v), "p50": statistics.median(v), "max": max(v),
+                         "mbps": statistics.median(v) * 16.777216,
+                         "cpu_s": statistics.median(x["cpu"] for x in rs),
+                         "cpu_per_seg_ms": statistics.median(x["cpu"] for x in rs) / len(backlog) * 1000,
+                         "rss_mib": max(x["rss"] for x in rs) / 1024, "store": st, "encrypted": enc})
+        pair[0]["ratio"] = pair[0]["p50"] / pair[1]["p50"]
+        rows.extend(pair)
     meta["load_after"] = loadavg()
     meta["settings"] = {
-        "backlog": f"{n}+ segments written by `pgbench -i -s 10` + `pgbench -c 4 -T 3` "
-                   "loops while archiving failed (pgpilot: store dir replaced by a regular file; pgBackRest: "
-                   "repo dir chmod 000); timing starts when the store is given back and ends when "
-                   "pg_wal/archive_status holds no .ready file",
-        "pgpilot": "release build, file:// store on the same disk, zstd_level=1, AES-256-GCM, default "
-                   "push_concurrency (= upload_concurrency 4)",
-        "pgBackRest": "its own Postgres 15 cluster with the agent cluster's WAL settings "
-                      f"({', '.join(f'{k}={v}' for k, v in settings.items())}), archive_command = "
-                      "pgbackrest archive-push, archive-async=y, process-max=2, posix repo on the same disk, "
-                      "compress-type=zst compress-level=1, repo1-cipher-type=aes-256-cbc",
+        "backlog": f"{len(backlog)} segments written once by `pgbench -i -s 10` + `pgbench -c 4 -T 3` loops "
+                   "on the agent's cluster while archiving failed, then the cluster stopped; every drain starts "
+                   "from a copy of that data dir (ready segments hard-linked; wal_recycle = off so no segment "
+                   "is rewritten in place), so every tool, store and round drains the same WAL bytes",
+        "drain": "the cluster is started with its store unreachable and waits until pg_stat_archiver counts a "
+                 "failure; the backlog is read into the page cache (as when Postgres has just written it); "
+                 "timing starts when the store is given back (local dir: pgpilot's store path made a directory, "
+                 "pgBackRest's repo chmod 750; S3: s3s-fs restarted on the same port) and a pg_switch_wal "
+                 "wakes the archiver, and ends when pg_wal/archive_status holds no .ready file; every segment "
+                 "is then counted in the store, which is emptied before the next drain",
+        "pgpilot": "release build, store on the same disk or s3s-fs (http), zstd_level=1, encrypted rows "
+                   "AES-256-GCM; default push_concurrency (= upload_concurrency 4)",
+        "pgBackRest": "Postgres 15 started by pg_ctl on a copy of the same data dir (same settings: "
+                      f"{', '.join(f'{k}={v}' for k, v in settings.items())}), archive_command = pgbackrest "
+                      "archive-push, archive-async=y, process-max=2, compress-type=zst compress-level=1, posix "
+                      "repo on the same disk or S3 repo on the same s3s-fs through stunnel (https, which "
+                      "pgBackRest's S3 client requires), encrypted rows repo1-cipher-type=aes-256-cbc",
         "measured": "CPU = the agent (pgpilot) or the detached async pgBackRest processes, plus the archiver "
                     "and the archive_command processes it waited for; peak RSS = the summed RSS of those "
                     "processes (agent VmHWM reset before the drain), sampled every 100 ms",
         "limit": "2-core codec limit for zstd-1 + AES-256-GCM from `make bench-codec` (target/bench/codec.md): "
                  "2 × the per-core write limit; the issue's target is 80 % of it",
     }
-    write_report("p2", f"P2: drain a backlog of {n} ready segments", meta,
+    write_report("p2", f"P2: drain a backlog of {len(backlog)} ready segments", meta,
                  [("tool", "tool", 0), ("n", "rounds", 0), ("backlog", "segments", 0), ("min", "seg/s min", 1),
                   ("p50", "seg/s median", 1), ("max", "seg/s max", 1), ("mbps", "MB/s (plain WAL)", 0),
                   ("cpu_s", "CPU s", 1), ("cpu_per_seg_ms", "CPU ms/segment", 0),
                   ("rss_mib", "peak RSS MiB", 0), ("ratio", "pgpilot/pgBackRest speed", 2)],
-                 rows, ["Ratio > 1: pgpilot drains faster."])
+                 rows, ["Ratio > 1: pgpilot drains faster (against the pgBackRest row below it: same store, "
+                        "same encryption setting)."])
     return rows
 
 
@@ -1022,36 +1227,68 @@ def wal_bytes_since(psql, lsn):
     return int(float(psql(f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{lsn}')")))
 
 
+S3_UPLOAD = r"""
+import os, sys, boto3
+from concurrent.futures import ThreadPoolExecutor
+endpoint, bucket, top, prefix = sys.argv[1:5]
+s3 = boto3.client("s3", endpoint_url=endpoint)
+files = [os.path.join(dp, f) for dp, _, fs in os.walk(top) for f in fs if not os.path.islink(os.path.join(dp, f))]
+def put(path):
+    s3.upload_file(path, bucket, prefix + "/" + os.path.relpath(path, top).replace(os.sep, "/"))
+with ThreadPoolExecutor(8) as ex:
+    list(ex.map(put, files))
+print(len(files))
+"""
+
+
+def s3_upload_tree(s3, top, prefix):
+    """Uploads a store or repo directory to the S3 server under prefix (with boto3 from the
+    barman-cloud venv), so that each tool restores from S3 the very objects it wrote to disk."""
+    out = sh([f"{BARMAN_VENV}/bin/python", "-c", S3_UPLOAD, s3.endpoint, S3_BUCKET, top, prefix], env=barman_env())
+    return int(out.strip().splitlines()[-1])
+
+
 def p4():
     reps = int(os.environ.get("PGPILOT_BENCH_REPS", "1" if QUICK else "2"))
     scale = int(os.environ.get("PGPILOT_BENCH_SCALE", "10" if QUICK else "340"))
     wal_mib = int(os.environ.get("PGPILOT_BENCH_WAL_MIB", "128" if QUICK else "2048"))
-    work = Work("p4")
-    try:
-        return _p4(work, reps, scale, wal_mib)
-    finally:
-        work.close()
+    stores = bench_stores()
+    results, notes = {}, {}
+    meta = None
+    for enc in (True, False):
+        work = Work(f"p4-{'enc' if enc else 'plain'}")
+        try:
+            m = _p4(work, reps, scale, wal_mib, enc, stores, results, notes)
+            meta = meta or m
+        finally:
+            work.close()
+    return p4_report(meta, results, notes, stores, scale, wal_mib)
 
 
-def _p4(work, reps, scale, wal_mib):
+def _p4(work, reps, scale, wal_mib, enc, stores, results, notes):
+    """One backup chain per tool (encrypted or not) on the local dir; the S3 rows restore from
+    an upload of the same objects to s3s-fs."""
+    s3 = S3Server(work) if "s3" in stores else None
+    tls = TlsFront(work, s3) if s3 else None
     agent = Agent(work)
     store = work.path("store")
     os.makedirs(store)
-    agent.configure(f"file://{store}", encrypt=True)
+    agent.configure(f"file://{store}", encrypt=enc)
     agent.start()
     meta = base_meta(reps, {})
-    peer = PeerCluster(work, agent, {"archive-async": "y", "process-max": "2", "archive-push-queue-max": "64GiB",
-                                     "archive-get-queue-max": "1GiB"})
-    pgbr = peer.pgbr
+    pgbr_extra = {"archive-async": "y", "process-max": "2", "archive-push-queue-max": "64GiB",
+                  "archive-get-queue-max": "1GiB"}
+    peer = PeerCluster(work, agent, pgbr_extra, encrypt=enc)
     api = ["--api-url", f"http://127.0.0.1:{agent.lo}", "--token-file", os.path.join(agent.dir, "token")]
+    kind = "encrypted" if enc else "plain"
     try:
         for name, env in (("pgpilot", agent.pgenv()), ("pgBackRest", peer.env)):
-            log(f"==> P4 {name} cluster: pgbench -i -s {scale}")
+            log(f"==> P4 {kind}: {name} cluster: pgbench -i -s {scale}")
             sh([f"{PGBIN}/pgbench", "-i", "-s", str(scale), "-q"], env=env)
-        log("==> P4 base backups")
+        log(f"==> P4 {kind}: base backups")
         sh([AGENT, "backup", *api, "--label", "p4"], env={**os.environ, "PGPILOT_LOG": "warn"})
-        sh(["runuser", "-u", "postgres", "--", *pgbr.cmd("--type=full", "backup")])
-        log(f"==> P4 {wal_mib} MiB of WAL after the backups (pgbench -c 4), on both clusters")
+        sh(["runuser", "-u", "postgres", "--", *peer.pgbr.cmd("--type=full", "backup")])
+        log(f"==> P4 {kind}: {wal_mib} MiB of WAL after the backups (pgbench -c 4), on both clusters")
         for psql, env in ((agent.psql, agent.pgenv()), (peer.psql, peer.env)):
             lsn = psql("SELECT pg_current_wal_lsn()")
             while wal_bytes_since(psql, lsn) < wal_mib * 1024 * 1024:
@@ -1059,10 +1296,42 @@ def _p4(work, reps, scale, wal_mib):
             psql("SELECT pg_switch_wal()")
         for pgdata in (agent.pgdata, peer.pgdata):
             wait_drained(pgdata)
-        data_bytes = tree_bytes(agent.pgdata, skip="pg_wal")
-        results = {}
+        notes["data_bytes"] = tree_bytes(agent.pgdata, skip="pg_wal")
+        repos = {"file": (f"file://{store}", "", peer.pgbr, store)}
+        if s3:
+            log(f"==> P4 {kind}: the same objects uploaded to S3 for the S3 rows")
+            n1 = s3_upload_tree(s3, store, "p4-pgpilot")
+            pgbr_s3 = PgBackRest(work, peer, "p4-s3", enc, pgbr_extra, tls=tls,
+                                 cipher_pass=getattr(peer.pgbr, "cipher_pass", None))
+            shutil.chown(pgbr_s3.conf, "postgres", "postgres")
+            n2 = s3_upload_tree(s3, peer.pgbr.repo, "pgbackrest-p4-s3")
+            log(f"    {n1} pgpilot objects, {n2} pgBackRest objects")
+            repos["s3"] = (f"s3://{S3_BUCKET}/p4-pgpilot", s3_backup_lines(agent, s3), pgbr_s3,
+                           work.path("s3", S3_BUCKET, "p4-pgpilot"))
+        # Every restore starts from these archives as they are now: a restore promotes a new
+        # timeline that the cluster then archives, and a store switched to with a cluster from
+        # another store's timeline would hold segments without their history (a real gap, which
+        # pgpilot refuses). Hard links: the tools replace objects, never write into one.
+        pristine = {}
+        for _, _, pgbr, top in repos.values():
+            for d in (top, pgbr.repo):
+                pristine[d] = d + ".pristine"
+                sh(["cp", "-al", d, pristine[d]])
 
-        def restore_pgpilot():
+        def reset(top):
+            shutil.rmtree(top)
+            sh(["cp", "-al", pristine[top], top])
+
+        def restore_pgpilot(st):
+            url, lines, _, top = repos[st]
+            agent.stop()
+            ready = os.path.join(agent.pgdata, "pg_wal", "archive_status")
+            for n in os.listdir(ready):  # nothing of the old timeline goes to the restored-from store
+                if n.endswith(".ready"):
+                    os.unlink(os.path.join(ready, n))
+            reset(top)
+            agent.configure(url, encrypt=enc, extra_backup=lines)
+            agent.start()
             hits0 = metric(agent, "pgpilot_wal_prefetch_hits_total")
             miss0 = metric(agent, "pgpilot_wal_prefetch_misses_total")
             waits = WaitSampler("wal-fetch")
@@ -1076,8 +1345,10 @@ def _p4(work, reps, scale, wal_mib):
                     "hits": metric(agent, "pgpilot_wal_prefetch_hits_total") - hits0,
                     "misses": metric(agent, "pgpilot_wal_prefetch_misses_total") - miss0}
 
-        def restore_pgbackrest():
+        def restore_pgbackrest(st):
+            pgbr = repos[st][2]
             peer.stop()
+            reset(pgbr.repo)
             shutil.rmtree(peer.pgdata)
             os.makedirs(peer.pgdata, mode=0o700)
             shutil.chown(peer.pgdata, "postgres", "postgres")
@@ -1099,40 +1370,62 @@ def _p4(work, reps, scale, wal_mib):
 
         tools = [("pgpilot", restore_pgpilot), ("pgBackRest", restore_pgbackrest)]
         for r in range(reps):
-            for name, fn in (tools if r % 2 == 0 else list(reversed(tools))):
-                log(f"==> P4 round {r + 1}: {name} restore --latest")
-                res = fn()
-                log(f"    total {res['wall']:.1f} s: base {res['download'] or 0:.1f} s, replay {res['replay'] or 0:.1f} s, "
-                    f"restore_command ~{res['waited']:.1f} s over {res['calls']} calls")
-                results.setdefault(name, []).append(res)
+            for st in stores:
+                for name, fn in (tools if r % 2 == 0 else list(reversed(tools))):
+                    log(f"==> P4 round {r + 1}: {name} restore --latest, {st}, {kind}")
+                    res = fn(st)
+                    log(f"    total {res['wall']:.1f} s: base {res['download'] or 0:.1f} s, "
+                        f"replay {res['replay'] or 0:.1f} s, restore_command ~{res['waited']:.1f} s over "
+                        f"{res['calls']} calls")
+                    results.setdefault((name, st, enc), []).append(res)
     finally:
         peer.stop()
         agent.stop()
+    return meta
 
+
+def p4_report(meta, results, notes, stores, scale, wal_mib):
     rows = []
-    for name, label in (("pgpilot", "pgpilot restore --latest (wal-fetch prefetch 8)"),
-                        ("pgBackRest", "pgBackRest restore, process-max 2, archive-get async")):
-        rs = results[name]
-        med = lambda k: statistics.median(r[k] for r in rs if r.get(k) is not None) if any(r.get(k) is not None for r in rs) else None
-        row = {"tool": label, "n": len(rs), "base_min": min(r["download"] or 0 for r in rs), "base_p50": med("download"),
-               "base_max": max(r["download"] or 0 for r in rs), "replay_p50": med("replay"), "total_p50": med("wall"),
-               "waited_p50": med("waited"), "calls": med("calls")}
-        row["waited_pct"] = 100 * row["waited_p50"] / row["replay_p50"] if row["replay_p50"] else None
-        if name == "pgpilot":
-            row["hits_misses"] = f"{med('hits'):.0f} / {med('misses'):.0f}"
-        rows.append(row)
-    for k in ("base_p50", "replay_p50", "total_p50"):
-        rows[0][k.replace("_p50", "_ratio")] = rows[1][k] / rows[0][k] if rows[0][k] else None
+    store_label = {"file": "local dir", "s3": "S3"}
+    for st in stores:
+        for enc in (True, False):
+            pair = []
+            for name, label in (("pgpilot", "pgpilot restore --latest (wal-fetch prefetch 8), zstd-1"),
+                                ("pgBackRest", "pgBackRest restore, process-max 2, archive-get async, zst-1")):
+                rs = results[(name, st, enc)]
+
+                def med(k):
+                    v = [r[k] for r in rs if r.get(k) is not None]
+                    return statistics.median(v) if v else None
+                cipher = {"pgpilot": " + AES-256-GCM", "pgBackRest": " + aes-256-cbc"}[name] if enc else ""
+                row = {"tool": f"{label}{cipher}, {store_label[st]}", "n": len(rs),
+                       "base_min": min(r["download"] or 0 for r in rs), "base_p50": med("download"),
+                       "base_max": max(r["download"] or 0 for r in rs), "replay_p50": med("replay"),
+                       "total_p50": med("wall"), "waited_p50": med("waited"), "calls": med("calls"),
+                       "store": st, "encrypted": enc}
+                row["waited_pct"] = 100 * row["waited_p50"] / row["replay_p50"] if row["replay_p50"] else None
+                if name == "pgpilot":
+                    row["hits_misses"] = f"{med('hits'):.0f} / {med('misses'):.0f}"
+                pair.append(row)
+            for k in ("base_p50", "replay_p50", "total_p50"):
+                pair[0][k.replace("_p50", "_ratio")] = pair[1][k] / pair[0][k] if pair[0][k] else None
+            rows.extend(pair)
     meta["load_after"] = loadavg()
     meta["settings"] = {
-        "data": f"pgbench -i -s {scale} (data dir {data_bytes / 1e9:.2f} GB), a base backup, then {wal_mib} MiB of "
-                "WAL from pgbench -c 4 on each cluster (pgpilot's agent cluster; pgBackRest's own cluster with the same "
-                "WAL settings), all archived before the restores",
-        "pgpilot": "`pgpilot-agent restore --latest --force` on the running agent; file:// store, zstd-1 + AES-256-GCM; "
-                   "base = download_seconds, replay = replay_seconds from /v1/status; prefetch = 8 (default)",
-        "pgBackRest": "data dir emptied, `pgbackrest restore --type=default` (process-max 2, zst-1, aes-256-cbc), then "
-                      "Postgres started and polled until pg_is_in_recovery() is false; archive-get async "
-                      "(archive-get-queue-max 1GiB)",
+        "data": f"pgbench -i -s {scale} (data dir {notes['data_bytes'] / 1e9:.2f} GB), a base backup, then {wal_mib} "
+                "MiB of WAL from pgbench -c 4 on each cluster (pgpilot's agent cluster; pgBackRest's own cluster "
+                "with the same WAL settings), all archived before the restores; done once encrypted and once "
+                "plain (new clusters each time)",
+        "stores": "local dir: the store / posix repo the chain was written to; S3: the same objects uploaded "
+                  "(boto3) to s3s-fs on 127.0.0.1 and restored from there (pgpilot over http, pgBackRest "
+                  "through stunnel, https, which its S3 client requires); s3s-fs 0.14 streams each GET body in 4 KiB "
+                  "reads, so the S3 rows measure that test server as much as the tools",
+        "pgpilot": "`pgpilot-agent restore --latest --force` on the running agent; zstd-1, encrypted rows "
+                   "AES-256-GCM; base = download_seconds, replay = replay_seconds from /v1/status; prefetch = 8 "
+                   "(default)",
+        "pgBackRest": "data dir emptied, `pgbackrest restore --type=default` (process-max 2, zst-1, encrypted rows "
+                      "aes-256-cbc), then Postgres started and polled until pg_is_in_recovery() is false; "
+                      "archive-get async (archive-get-queue-max 1GiB)",
         "waited": "sum of the lifetimes of restore_command processes (wal-fetch / archive-get) sampled every 20 ms: "
                   "the time replay spent waiting for WAL, approximately (calls faster than 20 ms are missed)",
     }
@@ -1142,7 +1435,9 @@ def _p4(work, reps, scale, wal_mib):
                   ("waited_p50", "waited for WAL s", 1), ("waited_pct", "waited % of replay", 1),
                   ("hits_misses", "prefetch hits / misses", 0), ("base_ratio", "base speedup vs pgBackRest", 2),
                   ("replay_ratio", "replay speedup", 2), ("total_ratio", "total speedup", 2)],
-                 rows, ["Speedup > 1: pgpilot faster. Target (issue 5): base restore ≥ 2× pgBackRest; waiting for WAL < 5 % of replay."])
+                 rows, ["Speedup > 1: pgpilot faster (against the pgBackRest row below it: same store, same "
+                        "encryption setting). Target (issue 5): base restore ≥ 2× pgBackRest; waiting for WAL "
+                        "< 5 % of replay."])
     return rows
 
 
@@ -1193,10 +1488,12 @@ def p3():
 
 
 def _p3(work, reps, scale):
-    import resource
+    stores = bench_stores()
     s3 = S3Server(work)
+    tls = TlsFront(work, s3) if "s3" in stores else None
     agent = Agent(work)
     store = work.path("store")
+    s3_store = work.path("s3", S3_BUCKET, "p3-pgpilot")  # where s3s-fs keeps the objects
     agent.configure(f"file://{store}", encrypt=True)
     agent.start()
     meta = base_meta(reps, {})
@@ -1205,6 +1502,10 @@ def _p3(work, reps, scale):
         pgbr[enc] = PgBackRest(work, agent, "enc" if enc else "plain", enc,
                                {"process-max": "2", "repo1-retention-full": "1"})
         pgbr[enc].stanza_create()
+        if tls:
+            pgbr[("s3", enc)] = PgBackRest(work, agent, "s3-enc" if enc else "s3-plain", enc,
+                                           {"process-max": "2", "repo1-retention-full": "1"}, tls=tls)
+            pgbr[("s3", enc)].stanza_create()
     env = agent.pgenv()
 
     def agent_backup():
@@ -1217,20 +1518,26 @@ def _p3(work, reps, scale):
         with open(f"/proc/{pid}/clear_refs", "w") as f:
             f.write("5")
 
+    def newest_backup(repo):
+        """Bytes of the newest backup in a pgBackRest repo (retention-full=1 expired the one before)."""
+        top = os.path.join(repo, "backup", "bench")
+        names = sorted(n for n in os.listdir(top) if re.fullmatch(r"\d{8}-\d{6}F", n))
+        return tree_bytes(os.path.join(top, names[-1]))
+
     def measure(tool, dataset, enc, db_bytes):
         """One backup; returns a result row."""
         ch0 = os.times()
         pg0 = pg_cpu(agent)
         a_cpu0, _, _ = agent.proc_stat()
-        if tool == "pgpilot":
+        top = s3_store if tool == "pgpilot S3" else store
+        if tool.startswith("pgpilot"):
             clear_hwm(agent.proc.pid)
-            size0 = tree_bytes(store, skip="wal")
+            size0 = tree_bytes(top, skip="wal")
         t0 = time.perf_counter()
-        if tool == "pgpilot":
-            out = agent_backup()
-        elif tool == "pgBackRest":
-            b = pgbr[enc]
-            size0 = tree_bytes(os.path.join(b.repo, "backup"))
+        if tool.startswith("pgpilot"):
+            agent_backup()
+        elif tool.startswith("pgBackRest"):
+            b = pgbr[("s3", enc) if tool == "pgBackRest S3" else enc]
             peer_rss = run_sampled(b.cmd("--type=full", "backup"), env=b.env())
         elif tool == "pg_basebackup":
             dst = work.path("pgbb")
@@ -1245,22 +1552,19 @@ def _p3(work, reps, scale):
         tool_cpu = (ch1.children_user - ch0.children_user) + (ch1.children_system - ch0.children_system)
         pg_s = pg_cpu(agent) - pg0
         a_cpu1, a_hwm, _ = agent.proc_stat()
-        if tool == "pgpilot":
+        if tool.startswith("pgpilot"):
             tool_cpu += a_cpu1 - a_cpu0
             rss = a_hwm
-            stored = tree_bytes(store, skip="wal") - size0
-            for dp, dns, _ in os.walk(store):
+            stored = tree_bytes(top, skip="wal") - size0
+            for dp, dns, _ in os.walk(top):
                 if os.path.basename(dp) == "backups":
                     for d in dns:
                         shutil.rmtree(os.path.join(dp, d))  # keep the disk from filling up
                     dns[:] = []
         else:
             rss = peer_rss
-        if tool == "pgBackRest":
-            stored = tree_bytes(os.path.join(pgbr[enc].repo, "backup")) - size0
-            # retention-full=1 expired the previous one: measure this backup alone
-            latest = os.path.join(pgbr[enc].repo, "backup", "bench", "latest")
-            stored = tree_bytes(os.path.realpath(latest)) if os.path.exists(latest) else stored
+        if tool.startswith("pgBackRest"):
+            stored = newest_backup(b.repo)
         elif tool == "pg_basebackup":
             stored = tree_bytes(work.path("pgbb"))
             shutil.rmtree(work.path("pgbb"))
@@ -1272,12 +1576,22 @@ def _p3(work, reps, scale):
                 "tool_cpu": tool_cpu, "pg_cpu": pg_s, "rss_kib": rss}
 
     tools = [("pgpilot", False), ("pgpilot", True), ("pgBackRest", False), ("pgBackRest", True),
-             ("pg_basebackup", False), ("barman-cloud", False)]
+             ("pg_basebackup", False)]
+    if tls:
+        tools += [("pgpilot S3", False), ("pgpilot S3", True), ("pgBackRest S3", False), ("pgBackRest S3", True),
+                  ("barman-cloud", False)]
     label = {("pgpilot", False): "pgpilot backup, zstd-1", ("pgpilot", True): "pgpilot backup, zstd-1 + AES-256-GCM",
              ("pgBackRest", False): "pgBackRest backup, zst-1, process-max 2",
              ("pgBackRest", True): "pgBackRest backup, zst-1 + aes-256-cbc, process-max 2",
              ("pg_basebackup", False): "pg_basebackup --compress=server-zstd:1 -Ft",
-             ("barman-cloud", False): "barman-cloud-backup --lz4 -J 2 (S3)"}
+             ("pgpilot S3", False): "pgpilot backup, zstd-1, S3",
+             ("pgpilot S3", True): "pgpilot backup, zstd-1 + AES-256-GCM, S3",
+             ("pgBackRest S3", False): "pgBackRest backup, zst-1, process-max 2, S3",
+             ("pgBackRest S3", True): "pgBackRest backup, zst-1 + aes-256-cbc, process-max 2, S3",
+             ("barman-cloud", False): "barman-cloud-backup --lz4 -J 2, S3"}
+    # the pgpilot row each peer is compared with: same store, same encryption setting
+    ours = {"pgBackRest": "pgpilot", "pg_basebackup": "pgpilot", "pgBackRest S3": "pgpilot S3",
+            "barman-cloud": "pgpilot S3"}
     results = {}
     datasets = []
 
@@ -1290,9 +1604,13 @@ def _p3(work, reps, scale):
         for r in range(reps):
             order = tools if r % 2 == 0 else list(reversed(tools))
             for tool, enc in order:
-                if tool == "pgpilot":
+                if tool.startswith("pgpilot"):
                     agent.stop()
-                    agent.configure(f"file://{store}", encrypt=enc)
+                    if tool == "pgpilot S3":
+                        agent.configure(f"s3://{S3_BUCKET}/p3-pgpilot", encrypt=enc,
+                                        extra_backup=s3_backup_lines(agent, s3))
+                    else:
+                        agent.configure(f"file://{store}", encrypt=enc)
                     agent.start()
                 row = measure(tool, name, enc, db_bytes)
                 log(f"    {label[(tool, enc)]}: {row['wall']:.1f} s, {row['mbps']:.0f} MB/s, "
@@ -1319,7 +1637,6 @@ def _p3(work, reps, scale):
 
     rows = []
     for name in ("pgbench", "random text"):
-        pilot = {enc: results[(name, "pgpilot", enc)] for enc in (False, True)}
         for tool, enc in tools:
             rs = results[(name, tool, enc)]
             mb = [r["mbps"] for r in rs]
@@ -1331,9 +1648,9 @@ def _p3(work, reps, scale):
                    "tool_cpu_s": statistics.median(r["tool_cpu"] for r in rs),
                    "pg_cpu_s": statistics.median(r["pg_cpu"] for r in rs),
                    "rss_mib": max(rss) / 1024 if rss else None}
-            if tool != "pgpilot":
-                ours = statistics.median(r["mbps"] for r in pilot[enc])
-                row["speed_ratio"] = ours / row["mbps_p50"]
+            if tool in ours:
+                mine = statistics.median(r["mbps"] for r in results[(name, ours[tool], enc)])
+                row["speed_ratio"] = mine / row["mbps_p50"]
             rows.append(row)
     meta["load_after"] = loadavg()
     meta["settings"] = {
@@ -1344,6 +1661,8 @@ def _p3(work, reps, scale):
                    "AES-256-GCM (32-byte key file); SHA-256 of every file always",
         "pgBackRest": "backup --type=full, repo1-type=posix on the same disk, process-max=2, compress-type=zst "
                       "compress-level=1, start-fast=y, archive-check=n; encrypted row: repo1-cipher-type=aes-256-cbc",
+        "S3 rows": "the same s3s-fs on 127.0.0.1 for every tool; pgpilot and barman-cloud over http, pgBackRest "
+                   "through stunnel (https with a self-signed certificate: its S3 client speaks nothing else)",
         "pg_basebackup": "-Ft --compress=server-zstd:1 -X none -c fast --no-sync (compression in the walsender)",
         "barman-cloud": "barman-cloud-backup --immediate-checkpoint --lz4 -J 2 to s3s-fs on 127.0.0.1 "
                         "(no zstd option in barman-cloud-backup 3.19; lz4 is its fastest codec)",
@@ -1358,11 +1677,143 @@ def _p3(work, reps, scale):
                   ("mbps_p50", "MB/s median", 0), ("mbps_max", "MB/s max", 0), ("stored_mb", "stored MB", 0),
                   ("cpu_s", "CPU s (tool + PG)", 1), ("rss_mib", "peak RSS MiB", 0),
                   ("speed_ratio", "pgpilot/peer speed", 2)],
-                 rows, ["pgpilot/peer speed > 1: pgpilot faster (pgpilot row with the same encryption setting; "
-                        "pg_basebackup and barman-cloud compared with pgpilot unencrypted).",
+                 rows, ["pgpilot/peer speed > 1: pgpilot faster (against the pgpilot row with the same store and "
+                        "encryption setting; pg_basebackup against pgpilot unencrypted on the local dir, barman-cloud "
+                        "against pgpilot unencrypted on S3).",
                         "Targets (issue 4): faster than pg_basebackup server-zstd:1 while encrypting, and ≥ 2× pgBackRest."])
     return rows
 
+
+
+# ---------------------------------------------------------------- P6: agent memory
+
+def p6():
+    reps = int(os.environ.get("PGPILOT_BENCH_REPS", "1" if QUICK else "2"))
+    scale = int(os.environ.get("PGPILOT_BENCH_SCALE", "20" if QUICK else "100"))
+    n = int(os.environ.get("PGPILOT_BENCH_BACKLOG", "50" if QUICK else "200"))
+    work = Work("p6")
+    try:
+        return _p6(work, reps, scale, n)
+    finally:
+        work.close()
+
+
+def _p6(work, reps, scale, n):
+    """The agent's RSS idle, then at full parallel upload: a base backup and the drain of a WAL
+    backlog, at the default concurrency (4) and at 16."""
+    agent = Agent(work)
+    store = work.path("store")
+    params = '[postgres.parameters]\nwal_recycle = "off"'
+
+    def configure(conc, where=None):
+        agent.configure(f"file://{where or store}", encrypt=True,
+                        extra=f"{params}\n[archive]\npush_concurrency = {conc}",
+                        extra_backup=f"upload_concurrency = {conc}")
+
+    os.makedirs(store)
+    configure(4)
+    agent.start()
+    meta = base_meta(reps, {})
+    idle_wait = 10 if QUICK else 60
+    samples = {}
+
+    def rss_now():
+        return agent.proc_stat()[2]
+
+    time.sleep(5)
+    samples["idle, 5 s after start"] = [rss_now()]
+    time.sleep(idle_wait - 5)
+    samples[f"idle, {idle_wait} s after start"] = [rss_now()]
+    log(f"==> P6 idle: {samples}")
+
+    def peak_during(fn, pid):
+        """VmHWM of the agent (reset first) and the peak summed RSS of the agent and its wal-push
+        children, sampled every 100 ms, while fn runs."""
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        rt = agent.runtime()
+        sampler = Sampler(lambda p, pp, cmd, t: "own" if p == pid else (rt in cmd and "rss"))
+        fn()
+        _, peak = sampler.stop()
+        return max(agent.proc_stat()[1], peak)
+
+    log(f"==> P6: pgbench -i -s {scale}")
+    sh([f"{PGBIN}/pgbench", "-i", "-s", str(scale), "-q"], env=agent.pgenv())
+    agent.psql("CHECKPOINT")
+    db_bytes = tree_bytes(agent.pgdata, skip="pg_wal")
+    api = ["--api-url", f"http://127.0.0.1:{agent.lo}", "--token-file", os.path.join(agent.dir, "token")]
+    for r in range(reps):
+        for conc in (4, 16) if r % 2 == 0 else (16, 4):
+            agent.stop()
+            configure(conc)
+            agent.start()
+            peak = peak_during(lambda: sh([AGENT, "backup", *api, "--label", "p6"],
+                                          env={**os.environ, "PGPILOT_LOG": "warn"}), agent.proc.pid)
+            time.sleep(10)
+            after = rss_now()
+            log(f"    backup, concurrency {conc}: peak {peak / 1024:.0f} MiB, 10 s later {after / 1024:.0f} MiB")
+            samples.setdefault(f"base backup ({db_bytes / 1e9:.1f} GB), upload_concurrency {conc}: peak",
+                               []).append(peak)
+            samples.setdefault(f"10 s after that backup (upload_concurrency {conc})", []).append(after)
+            for dp, dns, _ in os.walk(store):
+                if os.path.basename(dp) == "backups":
+                    for d in dns:
+                        shutil.rmtree(os.path.join(dp, d))
+                    dns[:] = []
+
+    # A WAL backlog written once while archiving fails, drained from a copy of it each time.
+    log(f"==> P6: a backlog of {n} segments (archiving failing), then drains")
+    broken = work.path("broken")
+    with open(broken, "w") as f:
+        f.write("archiving is failing on purpose\n")
+    agent.stop()
+    configure(4, broken)
+    agent.start()
+    make_backlog(agent.pgenv(), agent.pgdata, n, "nudge")
+    agent.stop()
+    template = work.path("template")
+    backlog = ready_segments(agent.pgdata)
+    os.rename(agent.pgdata, template)
+    for r in range(reps):
+        for conc in (4, 16) if r % 2 == 0 else (16, 4):
+            where = work.path(f"wal-{r}-{conc}")
+            with open(where, "w") as f:
+                f.write("archiving is failing on purpose\n")
+            configure(conc, where)
+            load_tree(template, agent.pgdata, backlog)
+            agent.start()
+            wait_archive_failed(agent.psql)
+
+            def drain():
+                os.unlink(where)
+                os.makedirs(where)
+                agent.psql("INSERT INTO nudge VALUES (1); SELECT pg_switch_wal()")
+                wait_drained(agent.pgdata)
+            peak = peak_during(drain, agent.proc.pid)
+            agent.stop()
+            shutil.rmtree(where)
+            log(f"    drain of {len(backlog)} segments, push_concurrency {conc}: peak {peak / 1024:.0f} MiB")
+            samples.setdefault(f"draining {len(backlog)} ready segments, push_concurrency {conc} "
+                               f"(look-ahead window {2 * conc}): peak", []).append(peak)
+
+    rows = [{"state": k, "n": len(v), "min_mib": min(v) / 1024, "max_mib": max(v) / 1024} for k, v in samples.items()]
+    meta["load_after"] = loadavg()
+    meta["settings"] = {
+        "agent": "release build, standalone, its Postgres 15 running, file:// store on the same disk, zstd-1 + "
+                 "AES-256-GCM, 1 MiB chunks",
+        "measured": "idle: VmRSS of the agent process; at work: the larger of the agent's VmHWM (reset before) "
+                    "and the peak summed RSS of the agent and its wal-push processes sampled every 100 ms; "
+                    "Postgres not included",
+        "work": f"`pgpilot-agent backup` of pgbench -i -s {scale}; drain of {len(backlog)} segments written by "
+                "pgbench while archiving failed (as in P2)",
+    }
+    write_report("p6", "P6: agent memory (MiB)", meta,
+                 [("state", "state", 0), ("n", "samples", 0), ("min_mib", "RSS MiB min", 0),
+                  ("max_mib", "RSS MiB max", 0)],
+                 rows, ["Memory at work grows with the objects in flight (upload_concurrency for a backup, the "
+                        "look-ahead window of 2 × push_concurrency for WAL); each holds up to (2 × codec threads + 2) "
+                        "chunks of 1 MiB (docs/archive-format.md). After the work the allocator keeps part of it."])
+    return rows
 
 
 # ---------------------------------------------------------------- report: merge the scenarios
@@ -1401,7 +1852,7 @@ def report():
                 merged[name] = json.load(f)
             with open(os.path.join(OUT, f"{name}.md")) as f:
                 parts.append(f.read())
-    p6 = p6_rows(merged)
+    p6 = None if "p6" in merged else p6_rows(merged)  # no P6 run: what P2 and P3 measured
     if p6:
         parts.append(p6)
     codec = os.path.join(ROOT, "target", "bench", "codec.md")
@@ -1438,7 +1889,7 @@ def main():
     AGENT = copy
     try:
         for w in what:
-            {"p1": p1, "p2": p2, "p3": p3, "p4": p4}[w]()
+            {"p1": p1, "p2": p2, "p3": p3, "p4": p4, "p6": p6}[w]()
     finally:
         os.unlink(copy)
 
