@@ -402,7 +402,7 @@ pub async fn download(
     let results = futures::stream::iter(order.into_iter().map(|f| async move {
         let key = layout.backup_file_key(&m.id, &f.path);
         let target = data_dir.join(&f.path);
-        // Synced all at once below (one syncfs), not file by file.
+        // Synced below: each file's writeback starts as soon as it is complete.
         let summary = store
             .get_to_file_with(&key, &target, Durability::Deferred)
             .await
@@ -422,18 +422,34 @@ pub async fn download(
         if let Some(o) = owner {
             o.chown(&target).map_err(|e| failed(format!("{}: {e}", target.display())))?;
         }
-        let mut p = progress.lock().expect("progress lock");
-        p.files_done += 1;
-        p.bytes_done += f.size;
-        Ok(())
+        {
+            let mut p = progress.lock().expect("progress lock");
+            p.files_done += 1;
+            p.bytes_done += f.size;
+        }
+        // Start this file's writeback now, while the next files are decoded, instead of
+        // leaving gigabytes of dirty pages to the final flush. Awaited below, before syncfs.
+        let path = target.clone();
+        Ok(tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&path)?.sync_data().map_err(|e| {
+                std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+            })
+        }))
     }))
     .buffer_unordered(concurrency.max(1))
-    .collect::<Vec<Result<(), RestoreError>>>()
+    .collect::<Vec<Result<_, RestoreError>>>()
     .await;
-    if let Some(err) = results.into_iter().find_map(Result::err) {
-        return Err(err);
+    let mut syncs = Vec::with_capacity(results.len());
+    for r in results {
+        syncs.push(r?);
     }
-    // One flush of the file system for every restored file, before Postgres may rely on them.
+    for s in syncs {
+        s.await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(format!("syncing a restored file: {e}")))?;
+    }
+    // One flush of the file system for the directories and anything left, before Postgres
+    // may rely on the restored files.
     let dir = data_dir.to_path_buf();
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         let f = std::fs::File::open(&dir)?;
