@@ -39,10 +39,29 @@ impl LogTail {
         self.0.lock().expect("log tail lock").clear();
     }
 
-    /// The most telling recent line: the last PANIC or FATAL, else the last ERROR.
+    /// What a backend answers a client that connects while the server starts, recovers or
+    /// stops: logged as FATAL, but never the reason the server stopped.
+    const CONNECTION_REFUSALS: [&'static str; 6] = [
+        "the database system is starting up",
+        "the database system is in recovery mode",
+        "the database system is shutting down",
+        "the database system is not yet accepting connections",
+        "the database system is not accepting connections",
+        "terminating connection due to administrator command",
+    ];
+
+    /// The most telling recent line: the last PANIC or FATAL (not a refused connection, which
+    /// the agent's own probes cause while Postgres stops), else the last ERROR.
     pub fn worst(&self) -> Option<String> {
         let q = self.0.lock().expect("log tail lock");
-        let find = |tag: &str| q.iter().rev().find(|l| l.contains(tag)).cloned();
+        let find = |tag: &str| {
+            q.iter()
+                .rev()
+                .find(|l| {
+                    l.contains(tag) && !Self::CONNECTION_REFUSALS.iter().any(|r| l.contains(r))
+                })
+                .cloned()
+        };
         find("PANIC:")
             .or_else(|| find("FATAL:"))
             .or_else(|| find("ERROR:"))
@@ -284,6 +303,35 @@ pub async fn stop_leftover_postmaster(data_dir: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worst_line_is_the_startup_failure_not_a_refused_connection() {
+        // What Postgres logged when recovery ended before its target, while the agent's
+        // readiness probes kept connecting (seen in CI: the last FATAL was a refusal).
+        let tail = LogTail::default();
+        for line in [
+            "2026-11-30 13:28:25.158 UTC [1901] postgres@postgres FATAL:  the database system is starting up",
+            "2026-11-30 13:28:25.390 UTC [1898] LOG:  redo done at 0/3021148",
+            "2026-11-30 13:28:25.390 UTC [1898] FATAL:  recovery ended before configured recovery target was reached",
+            "2026-11-30 13:28:25.392 UTC [1891] LOG:  startup process (PID 1898) exited with exit code 1",
+            "2026-11-30 13:28:25.400 UTC [1934] postgres@postgres FATAL:  the database system is in recovery mode",
+            "2026-11-30 13:28:25.416 UTC [1891] LOG:  database system is shut down",
+        ] {
+            tail.push(line);
+        }
+        assert_eq!(
+            tail.worst().as_deref(),
+            Some("FATAL: recovery ended before configured recovery target was reached")
+        );
+        // Only refusals and an ERROR: the ERROR explains more than a refusal.
+        let tail = LogTail::default();
+        tail.push("2026-11-30 13:28:25.000 UTC [7] ERROR:  could not open file \"x\"");
+        tail.push("2026-11-30 13:28:25.100 UTC [8] postgres@postgres FATAL:  the database system is shutting down");
+        assert_eq!(
+            tail.worst().as_deref(),
+            Some("ERROR: could not open file \"x\"")
+        );
+    }
 
     #[test]
     fn maps_postgres_severities() {
