@@ -1464,6 +1464,16 @@ def pg_cpu(agent):
     return total / CLK_TCK
 
 
+def drop_backups(store):
+    """Deletes the base backups in a pgpilot store directory (its WAL stays), so that repeated
+    backups of a 5 GB database do not fill the disk."""
+    for dp, dns, _ in os.walk(store):
+        if os.path.basename(dp) == "backups":
+            for d in dns:
+                shutil.rmtree(os.path.join(dp, d))
+            dns[:] = []
+
+
 def tree_bytes(top, skip=None):
     n = 0
     for dp, dns, fs in os.walk(top):
@@ -1556,11 +1566,7 @@ def _p3(work, reps, scale):
             tool_cpu += a_cpu1 - a_cpu0
             rss = a_hwm
             stored = tree_bytes(top, skip="wal") - size0
-            for dp, dns, _ in os.walk(top):
-                if os.path.basename(dp) == "backups":
-                    for d in dns:
-                        shutil.rmtree(os.path.join(dp, d))  # keep the disk from filling up
-                    dns[:] = []
+            drop_backups(top)
         else:
             rss = peer_rss
         if tool.startswith("pgBackRest"):
@@ -1755,11 +1761,7 @@ def _p6(work, reps, scale, n):
             samples.setdefault(f"base backup ({db_bytes / 1e9:.1f} GB), upload_concurrency {conc}: peak",
                                []).append(peak)
             samples.setdefault(f"10 s after that backup (upload_concurrency {conc})", []).append(after)
-            for dp, dns, _ in os.walk(store):
-                if os.path.basename(dp) == "backups":
-                    for d in dns:
-                        shutil.rmtree(os.path.join(dp, d))
-                    dns[:] = []
+            drop_backups(store)
 
     # A WAL backlog written once while archiving fails, drained from a copy of it each time.
     log(f"==> P6: a backlog of {n} segments (archiving failing), then drains")
