@@ -728,7 +728,22 @@ def run_sampled(cmd, env=None):
     return peak
 
 
-class PeerCluster:
+class PgCtlCluster:
+    """Postgres 15 run by the postgres user with pg_ctl: self.pgdata, self.socket_dir, self.env."""
+
+    def start(self, wait=True):
+        sh(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", self.pgdata, "-l",
+            os.path.join(self.socket_dir, "postgres.log"), "-t", "3600", "-w" if wait else "-W", "start"])
+
+    def stop(self):
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", self.pgdata, "-m", "fast",
+                        "-w", "stop"], capture_output=True)
+
+    def psql(self, sql):
+        return sh([f"{PGBIN}/psql", "-Atq", "-c", sql], env=self.env).strip()
+
+
+class PeerCluster(PgCtlCluster):
     """A plain Postgres 15 run by the postgres user for pgBackRest, with the agent cluster's WAL
     settings, archive_command = pgbackrest archive-push, stanza `bench` created."""
 
@@ -766,17 +781,6 @@ class PeerCluster:
 
     def password(self):
         return ""
-
-    def start(self, wait=True):
-        sh(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", self.pgdata, "-l",
-            os.path.join(self.socket_dir, "postgres.log"), "-t", "3600", "-w" if wait else "-W", "start"])
-
-    def stop(self):
-        subprocess.run(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", self.pgdata, "-m", "fast",
-                        "-w", "stop"], capture_output=True)
-
-    def psql(self, sql):
-        return sh([f"{PGBIN}/psql", "-Atq", "-c", sql], env=self.env).strip()
 
 
 # ---------------------------------------------------------------- P2: drain a backlog
@@ -901,6 +905,31 @@ def warm(pgdata, names):
                 pass
 
 
+def break_file_store(path):
+    """A regular file where a file:// store's directory should be: every push fails."""
+    with open(path, "w") as f:
+        f.write("archiving is failing on purpose\n")
+
+
+def give_back_file_store(path):
+    os.unlink(path)
+    os.makedirs(path)
+
+
+def clear_hwm(pid):
+    """Resets a process's VmHWM (peak RSS) to its current RSS."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def agent_sampler(agent):
+    """Sampler of the agent's CPU and RSS plus the RSS of its wal-push processes; the agent's
+    VmHWM is reset first."""
+    pid, rt = agent.proc.pid, agent.runtime()
+    clear_hwm(pid)
+    return Sampler(lambda p, pp, cmd, t: "own" if p == pid else (rt in cmd and "rss"))
+
+
 def wait_archive_failed(psql, timeout=120):
     end = time.time() + timeout
     while int(psql("SELECT failed_count FROM pg_stat_archiver")) == 0:
@@ -909,7 +938,7 @@ def wait_archive_failed(psql, timeout=120):
         time.sleep(0.2)
 
 
-class CopyPeer:
+class CopyPeer(PgCtlCluster):
     """Postgres 15 started by pg_ctl on a copy of the agent cluster's stopped data dir (same
     system id, same WAL, the same settings from pgpilot.conf), for pgBackRest: port, sockets,
     pg_hba and archive_command overridden in postgresql.auto.conf; archive_command reads the
@@ -961,17 +990,6 @@ class CopyPeer:
                 shutil.rmtree(os.path.join(arch, n))
         shutil.rmtree(os.path.join(self.spool, "archive"), ignore_errors=True)
 
-    def start(self):
-        sh(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", self.pgdata, "-l",
-            os.path.join(self.socket_dir, "postgres.log"), "-t", "3600", "-w", "start"])
-
-    def stop(self):
-        subprocess.run(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", self.pgdata, "-m", "fast",
-                        "-w", "stop"], capture_output=True)
-
-    def psql(self, sql):
-        return sh([f"{PGBIN}/psql", "-Atq", "-c", sql], env=self.env).strip()
-
 
 def p2():
     reps = int(os.environ.get("PGPILOT_BENCH_REPS", "1" if QUICK else "2"))
@@ -1002,8 +1020,7 @@ def _p2(work, reps, n):
     agent = Agent(work)
     params = '[postgres.parameters]\nwal_recycle = "off"'
     broken = work.path("store-broken")
-    with open(broken, "w") as f:  # a regular file where the store dir should be: archiving fails
-        f.write("archiving is failing on purpose\n")
+    break_file_store(broken)
     agent.configure(f"file://{broken}", encrypt=True, extra=params)
     agent.start()
     meta = base_meta(reps, {})
@@ -1054,24 +1071,19 @@ def _p2(work, reps, n):
         else:
             where = work.path(name)
             agent.configure(f"file://{where}", encrypt=enc, extra=params)
-            with open(where, "w") as f:  # a regular file where the store dir should be
-                f.write("archiving is failing on purpose\n")
+            break_file_store(where)
         load_tree(template, agent.pgdata, backlog)
         agent.start()
         wait_archive_failed(agent.psql)
         warm(agent.pgdata, backlog)
         a0, _, _ = agent.proc_stat()
         arch0 = archiver_cpu(agent.pgdata)
-        with open(f"/proc/{agent.proc.pid}/clear_refs", "w") as f:
-            f.write("5")
-        pid, rt = agent.proc.pid, agent.runtime()
-        sampler = Sampler(lambda p, pp, cmd, t: "own" if p == pid else (rt in cmd and "rss"))
+        sampler = agent_sampler(agent)
         t0 = time.perf_counter()
         if st == "s3":
             s3.start()
         else:
-            os.unlink(where)
-            os.makedirs(where)
+            give_back_file_store(where)
         agent.psql("INSERT INTO nudge VALUES (1); SELECT pg_switch_wal()")
         wait_drained(agent.pgdata)
         wall = time.perf_counter() - t0
@@ -1524,10 +1536,6 @@ def _p3(work, reps, scale):
                  env={**os.environ, "PGPILOT_LOG": "warn"})
         return out
 
-    def clear_hwm(pid):
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-
     def newest_backup(repo):
         """Bytes of the newest backup in a pgBackRest repo (retention-full=1 expired the one before)."""
         top = os.path.join(repo, "backup", "bench")
@@ -1732,13 +1740,10 @@ def _p6(work, reps, scale, n):
     samples[f"idle, {idle_wait} s after start"] = [rss_now()]
     log(f"==> P6 idle: {samples}")
 
-    def peak_during(fn, pid):
+    def peak_during(fn):
         """VmHWM of the agent (reset first) and the peak summed RSS of the agent and its wal-push
         children, sampled every 100 ms, while fn runs."""
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-        rt = agent.runtime()
-        sampler = Sampler(lambda p, pp, cmd, t: "own" if p == pid else (rt in cmd and "rss"))
+        sampler = agent_sampler(agent)
         fn()
         _, peak = sampler.stop()
         return max(agent.proc_stat()[1], peak)
@@ -1754,7 +1759,7 @@ def _p6(work, reps, scale, n):
             configure(conc)
             agent.start()
             peak = peak_during(lambda: sh([AGENT, "backup", *api, "--label", "p6"],
-                                          env={**os.environ, "PGPILOT_LOG": "warn"}), agent.proc.pid)
+                                          env={**os.environ, "PGPILOT_LOG": "warn"}))
             time.sleep(10)
             after = rss_now()
             log(f"    backup, concurrency {conc}: peak {peak / 1024:.0f} MiB, 10 s later {after / 1024:.0f} MiB")
@@ -1766,8 +1771,7 @@ def _p6(work, reps, scale, n):
     # A WAL backlog written once while archiving fails, drained from a copy of it each time.
     log(f"==> P6: a backlog of {n} segments (archiving failing), then drains")
     broken = work.path("broken")
-    with open(broken, "w") as f:
-        f.write("archiving is failing on purpose\n")
+    break_file_store(broken)
     agent.stop()
     configure(4, broken)
     agent.start()
@@ -1779,19 +1783,17 @@ def _p6(work, reps, scale, n):
     for r in range(reps):
         for conc in (4, 16) if r % 2 == 0 else (16, 4):
             where = work.path(f"wal-{r}-{conc}")
-            with open(where, "w") as f:
-                f.write("archiving is failing on purpose\n")
+            break_file_store(where)
             configure(conc, where)
             load_tree(template, agent.pgdata, backlog)
             agent.start()
             wait_archive_failed(agent.psql)
 
             def drain():
-                os.unlink(where)
-                os.makedirs(where)
+                give_back_file_store(where)
                 agent.psql("INSERT INTO nudge VALUES (1); SELECT pg_switch_wal()")
                 wait_drained(agent.pgdata)
-            peak = peak_during(drain, agent.proc.pid)
+            peak = peak_during(drain)
             agent.stop()
             shutil.rmtree(where)
             log(f"    drain of {len(backlog)} segments, push_concurrency {conc}: peak {peak / 1024:.0f} MiB")

@@ -439,11 +439,7 @@ pub async fn download(
     .buffer_unordered(concurrency.max(1))
     .collect::<Vec<Result<_, RestoreError>>>()
     .await;
-    let mut syncs = Vec::with_capacity(results.len());
-    for r in results {
-        syncs.push(r?);
-    }
-    for s in syncs {
+    for s in results.into_iter().collect::<Result<Vec<_>, _>>()? {
         s.await
             .map_err(|e| failed(e.to_string()))?
             .map_err(|e| failed(format!("syncing a restored file: {e}")))?;

@@ -466,17 +466,16 @@ pub async fn create_only(base: &StoreConfig, dir: &Path) {
     assert!(
         matches!(again, PutOutcome::AlreadyStored(ref s) if s.sha256 == first.summary().sha256)
     );
+    // Different content: refused, and the archived segment is still the first one.
     std::fs::write(&seg, random_bytes(CHUNK + 5, 4)).unwrap();
-    let err = push_segment(&store, "create/wal/000000010000000000000007", &seg)
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
-    // The archived segment is still the first one.
-    let (bytes, _) = store
-        .get_bytes("create/wal/000000010000000000000007")
-        .await
-        .unwrap();
-    assert!(bytes.as_ref() == random_bytes(CHUNK + 5, 3).as_slice());
+    assert_conflict_keeps(
+        &store,
+        &store,
+        "create/wal/000000010000000000000007",
+        &seg,
+        &random_bytes(CHUNK + 5, 3),
+    )
+    .await;
 
     // A segment stored before encryption was turned on (uploaded ahead by an agent without
     // keys, then pushed again by one with keys): the same content is replaced by an encrypted
@@ -506,15 +505,23 @@ pub async fn create_only(base: &StoreConfig, dir: &Path) {
         .await
         .unwrap();
     std::fs::write(&seg, random_bytes(3 * CHUNK + 1, 6)).unwrap();
-    let err = push_segment(&store, "create/wal/000000010000000000000009", &seg)
-        .await
-        .unwrap_err();
+    assert_conflict_keeps(
+        &store,
+        &plain,
+        "create/wal/000000010000000000000009",
+        &seg,
+        &random_bytes(3 * CHUNK + 1, 5),
+    )
+    .await;
+}
+
+/// Pushing `seg` under `key` through `store` is refused as a conflict, and `reader` still reads
+/// `kept` there.
+async fn assert_conflict_keeps(store: &Store, reader: &Store, key: &str, seg: &Path, kept: &[u8]) {
+    let err = push_segment(store, key, seg).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
-    let (bytes, _) = plain
-        .get_bytes("create/wal/000000010000000000000009")
-        .await
-        .unwrap();
-    assert_eq!(bytes.as_ref(), random_bytes(3 * CHUNK + 1, 5).as_slice());
+    let (bytes, _) = reader.get_bytes(key).await.unwrap();
+    assert_eq!(bytes.as_ref(), kept);
 }
 
 /// Listing by prefix, head, delete.
