@@ -18,7 +18,7 @@ use pgpilot_common::wal::{DEFAULT_SEGMENT_SIZE, WalFile};
 
 use crate::metrics::ArchiveMetrics;
 use crate::postgres::OsUser;
-use crate::store::{Durability, Store, StoreError};
+use crate::store::{Caching, Durability, Store, StoreError};
 
 /// Prefetch downloads in flight at once.
 const PREFETCH_PARALLEL: usize = 2;
@@ -191,7 +191,12 @@ impl WalFetcher {
         match self
             .store
             // No fsync: a spooled file lost in a crash is fetched again.
-            .get_to_file_with(&self.layout.wal_key(name), &partial, Durability::Deferred)
+            .get_to_file_with(
+                &self.layout.wal_key(name),
+                &partial,
+                Durability::Deferred,
+                Caching::Cached,
+            )
             .await
         {
             Ok(_) => {

@@ -24,7 +24,7 @@ use crate::archive::catalog::{self, Catalog};
 use crate::archive::push::timestamp;
 use crate::config::Config;
 use crate::postgres::OsUser;
-use crate::store::{Durability, Store};
+use crate::store::{Caching, Durability, Store};
 
 /// The agent-owned include file holding the recovery target while a restore runs.
 pub const RECOVERY_CONF: &str = "pgpilot-recovery.conf";
@@ -404,7 +404,7 @@ pub async fn download(
         let target = data_dir.join(&f.path);
         // Synced below: each file's writeback starts as soon as it is complete.
         let summary = store
-            .get_to_file_with(&key, &target, Durability::Deferred)
+            .get_to_file_with(&key, &target, Durability::Deferred, Caching::Direct)
             .await
             .map_err(|e| failed(format!("restoring {}: {e}", f.path)))?;
         if summary.sha256_hex() != f.sha256 || summary.plaintext_len != f.size {

@@ -51,6 +51,16 @@ pub enum Durability {
     Deferred,
 }
 
+/// Whether a download goes through the page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caching {
+    /// Buffered writes: the file is read again soon (a WAL segment for `restore_command`).
+    Cached,
+    /// Whole blocks written with `O_DIRECT` where the file system allows it: gigabytes written
+    /// once (a restore) cost no page-cache copy and leave no dirty pages behind.
+    Direct,
+}
+
 /// What a put does when the key exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutMode {
@@ -469,7 +479,7 @@ impl Store {
     async fn get_at(
         &self,
         key: &str,
-        file: Arc<std::fs::File>,
+        file: Arc<archive::ChunkFile>,
     ) -> Result<ArchiveSummary, StoreError> {
         let reader = self.open_reader(key).await?;
         let object = self.object_name(key);
@@ -501,19 +511,20 @@ impl Store {
         key: &str,
         target: &Path,
     ) -> Result<ArchiveSummary, StoreError> {
-        self.get_to_file_with(key, target, Durability::Durable)
+        self.get_to_file_with(key, target, Durability::Durable, Caching::Cached)
             .await
     }
 
     /// [`Store::get_to_file`] with a choice of durability: [`Durability::Deferred`] skips the
     /// file and directory fsyncs (the file is still verified before it gets its name), for
     /// callers that sync many files at once afterwards (a restore) or can fetch again after a
-    /// crash (the WAL prefetch spool).
+    /// crash (the WAL prefetch spool); and of [`Caching`].
     pub async fn get_to_file_with(
         &self,
         key: &str,
         target: &Path,
         durability: Durability,
+        caching: Caching,
     ) -> Result<ArchiveSummary, StoreError> {
         let durable = durability == Durability::Durable;
         let dir = target
@@ -537,11 +548,12 @@ impl Store {
                 let temp = temp.clone();
                 async move {
                     // Chunks are written by the decode workers at their offsets, in parallel.
-                    let file =
-                        Arc::new(std::fs::File::create(&temp).map_err(|e| local_io(&temp, e))?);
+                    let file = archive::ChunkFile::create(&temp, caching == Caching::Direct)
+                        .map_err(|e| local_io(&temp, e))?;
+                    let file = Arc::new(file);
                     let summary = self.get_at(key, file.clone()).await?;
                     if durable {
-                        tokio::task::spawn_blocking(move || file.sync_all())
+                        tokio::task::spawn_blocking(move || file.file().sync_all())
                             .await
                             .map_err(std::io::Error::other)
                             .and_then(|r| r)

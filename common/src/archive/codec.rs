@@ -7,6 +7,8 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::str::FromStr;
 
+use bytes::Bytes;
+
 use serde::{Deserialize, Serialize};
 
 /// The compression algorithm chosen in configuration (`compression = "zstd"`).
@@ -164,14 +166,19 @@ pub(crate) fn compression_from_id(id: u8) -> Option<Compression> {
     }
 }
 
+/// Alignment of decompressed zstd chunks in memory, so that a chunk can be written to a file
+/// opened with `O_DIRECT` without a copy. 4096 satisfies every common logical block size.
+pub const DIRECT_IO_ALIGN: usize = 4096;
+
 /// Decompresses one chunk, refusing output larger than `max_len` (so a crafted chunk cannot
-/// make the reader allocate without bound).
+/// make the reader allocate without bound). Zstd output starts at a [`DIRECT_IO_ALIGN`]-aligned
+/// address.
 pub(crate) fn decompress(
     compression: Compression,
     data: Vec<u8>,
     max_len: usize,
-) -> io::Result<Vec<u8>> {
-    match compression {
+) -> io::Result<Bytes> {
+    let out = match compression {
         // Stored as is: hand the buffer back rather than copying it.
         Compression::None => {
             if data.len() > max_len {
@@ -180,33 +187,43 @@ pub(crate) fn decompress(
                     data.len()
                 )));
             }
-            Ok(data)
+            Bytes::from(data)
         }
-        Compression::Zstd => ZSTD_DECOMPRESSOR.with(|cell| {
+        Compression::Zstd => ZSTD_DECOMPRESSOR.with(|cell| -> io::Result<Bytes> {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
                 *slot = Some(zstd::bulk::Decompressor::new()?);
             }
             let decompressor = slot.as_mut().expect("just set");
-            let mut out = Vec::with_capacity(max_len);
-            decompressor.decompress_to_buffer(&data, &mut out)?;
-            Ok(out)
-        }),
-        Compression::Lz4 => {
-            read_bounded(lz4_flex::frame::FrameDecoder::new(data.as_slice()), max_len)
-        }
-        Compression::Gzip => read_bounded(flate2::read::GzDecoder::new(data.as_slice()), max_len),
-    }
-}
-
-fn read_bounded(reader: impl Read, max_len: usize) -> io::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(max_len.min(1 << 20));
-    reader.take(max_len as u64 + 1).read_to_end(&mut out)?;
+            // Decompress behind an aligned start; the few bytes before it are never used.
+            let buf: Vec<u8> = Vec::with_capacity(max_len + DIRECT_IO_ALIGN);
+            let start = buf.as_ptr().align_offset(DIRECT_IO_ALIGN);
+            let mut cursor = io::Cursor::new(buf);
+            cursor.set_position(start as u64);
+            decompressor.decompress_to_buffer(&data, &mut cursor)?;
+            Ok(Bytes::from(cursor.into_inner()).slice(start..))
+        })?,
+        Compression::Lz4 => Bytes::from(read_bounded(
+            lz4_flex::frame::FrameDecoder::new(data.as_slice()),
+            max_len,
+        )?),
+        Compression::Gzip => Bytes::from(read_bounded(
+            flate2::read::GzDecoder::new(data.as_slice()),
+            max_len,
+        )?),
+    };
     if out.len() > max_len {
         return Err(io::Error::other(format!(
             "chunk decompresses to more than {max_len} bytes"
         )));
     }
+    Ok(out)
+}
+
+fn read_bounded(reader: impl Read, max_len: usize) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(max_len.min(1 << 20));
+    // One byte over the bound is enough for the caller to refuse the chunk.
+    reader.take(max_len as u64 + 1).read_to_end(&mut out)?;
     Ok(out)
 }
 
@@ -233,6 +250,17 @@ mod tests {
                 decompress(codec.compression(), packed.clone(), data.len() - 1).is_err(),
                 "{codec:?} bound"
             );
+        }
+    }
+
+    #[test]
+    fn zstd_output_starts_aligned_for_direct_io() {
+        let data = vec![7u8; 3 * DIRECT_IO_ALIGN + 5];
+        let packed = Codec::Zstd { level: 1 }.compress(&data).unwrap();
+        for _ in 0..8 {
+            let back = decompress(Compression::Zstd, packed.clone(), 1 << 20).unwrap();
+            assert_eq!(back, data);
+            assert_eq!(back.as_ptr().align_offset(DIRECT_IO_ALIGN), 0);
         }
     }
 

@@ -465,7 +465,7 @@ impl ObjectContext {
         index: u64,
         kind: u8,
         payload: Vec<u8>,
-    ) -> Result<Vec<u8>, ArchiveError> {
+    ) -> Result<Bytes, ArchiveError> {
         let body = self.unprotect(index, kind, Part::Chunk(index), payload)?;
         let plain = codec::decompress(self.header.compression, body, self.chunk_size())
             .map_err(|e| self.malformed(format!("chunk {index} does not decompress: {e}")))?;

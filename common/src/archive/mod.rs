@@ -23,8 +23,8 @@ pub use crypto::{ArchiveKey, KEY_LEN, KeyRing, KeySource};
 pub use error::{ArchiveError, Part};
 pub use format::{DEFAULT_CHUNK_SIZE, Header, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, VERSION, hex};
 pub use pipeline::{
-    ArchiveSummary, ChunkRead, FileChunks, ReadOptions, StreamDecoder, StreamEncoder, WriteOptions,
-    decode, decode_sync, default_concurrency, encode, encode_sync, verify,
+    ArchiveSummary, ChunkFile, ChunkRead, FileChunks, ReadOptions, StreamDecoder, StreamEncoder,
+    WriteOptions, decode, decode_sync, default_concurrency, encode, encode_sync, verify,
 };
 
 #[cfg(test)]

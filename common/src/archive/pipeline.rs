@@ -384,6 +384,116 @@ impl<R: ChunkRead> StreamEncoder<R> {
     }
 }
 
+/// The file decode workers write their chunks into, each at its own offset: positional writes,
+/// so the chunks of one object reach the file from every core at once.
+///
+/// With [`ChunkFile::with_direct`], whole blocks go through a second descriptor opened with
+/// `O_DIRECT`: the data is not copied into the page cache, and a restore of gigabytes neither
+/// pays for fresh page-cache pages nor leaves them dirty for writeback. What is not a whole
+/// aligned block (the tail of a file) goes through the ordinary descriptor. If the file system
+/// refuses a direct write (`EINVAL`), that write and every later one is buffered instead. Either
+/// way the caller still owes an `fdatasync`: a direct write does not make the file's metadata
+/// durable.
+pub struct ChunkFile {
+    file: std::fs::File,
+    direct: Option<std::fs::File>,
+    direct_ok: std::sync::atomic::AtomicBool,
+}
+
+thread_local! {
+    /// Aligned scratch for direct writes of chunks that do not start at an aligned address.
+    static DIRECT_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl ChunkFile {
+    /// Creates (or truncates) `path`. With `direct`, also opens it with `O_DIRECT` where the file
+    /// system allows it (not on tmpfs, for one); otherwise every write is buffered.
+    pub fn create(path: &std::path::Path, direct: bool) -> io::Result<ChunkFile> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::File::create(path)?;
+        if !direct {
+            return Ok(ChunkFile::new(file));
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(direct) => Ok(ChunkFile::with_direct(file, direct)),
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(ChunkFile::new(file)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes through `file` only.
+    pub fn new(file: std::fs::File) -> ChunkFile {
+        ChunkFile {
+            file,
+            direct: None,
+            direct_ok: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Writes whole aligned blocks through `direct`, the same file opened with `O_DIRECT`.
+    pub fn with_direct(file: std::fs::File, direct: std::fs::File) -> ChunkFile {
+        ChunkFile {
+            file,
+            direct: Some(direct),
+            direct_ok: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    /// The ordinary descriptor (for the caller's fsync).
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+
+    /// Whether whole blocks go past the page cache: a direct descriptor, and no direct write
+    /// refused so far.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some() && self.direct_ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        use std::sync::atomic::Ordering;
+        const ALIGN: usize = super::codec::DIRECT_IO_ALIGN;
+        let whole = data.len() / ALIGN * ALIGN;
+        if let Some(direct) = &self.direct
+            && whole > 0
+            && offset.is_multiple_of(ALIGN as u64)
+            && self.direct_ok.load(Ordering::Relaxed)
+        {
+            let written = if data.as_ptr().align_offset(ALIGN) == 0 {
+                direct.write_all_at(&data[..whole], offset)
+            } else {
+                DIRECT_SCRATCH.with(|cell| {
+                    let mut scratch = cell.borrow_mut();
+                    scratch.resize(whole + ALIGN, 0);
+                    let start = scratch.as_ptr().align_offset(ALIGN);
+                    let block = &mut scratch[start..start + whole];
+                    block.copy_from_slice(&data[..whole]);
+                    direct.write_all_at(block, offset)
+                })
+            };
+            match written {
+                Ok(()) => {
+                    return match &data[whole..] {
+                        [] => Ok(()),
+                        tail => self.file.write_all_at(tail, offset + whole as u64),
+                    };
+                }
+                // Not possible on this file system or with this alignment: buffer from now on.
+                Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                    self.direct_ok.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.file.write_all_at(data, offset)
+    }
+}
+
 /// Decodes an archive stream into verified plaintext chunks, pulled one at a time with
 /// [`StreamDecoder::next_chunk`]. Each chunk is authenticated (or CRC-checked) before it is
 /// returned; the whole object (length, SHA-256, completeness) only once `next_chunk` returned
@@ -395,10 +505,10 @@ pub struct StreamDecoder<R> {
     next_index: u64,
     saw_final: bool,
     trailer_payload: Option<Vec<u8>>,
-    in_flight: VecDeque<JoinHandle<Result<Vec<u8>, ArchiveError>>>,
+    in_flight: VecDeque<JoinHandle<Result<Bytes, ArchiveError>>>,
     hasher: Option<HashWorker>,
     /// When set, each chunk worker also writes its verified chunk at its offset in this file.
-    sink: Option<Arc<std::fs::File>>,
+    sink: Option<Arc<ChunkFile>>,
     plaintext_len: u64,
     stored_len: u64,
     summary: Option<ArchiveSummary>,
@@ -410,7 +520,7 @@ impl<R: AsyncRead + Unpin> StreamDecoder<R> {
     /// through one sequential writer). [`next_chunk`](Self::next_chunk) still returns the chunks
     /// in order. The content is only known good once `next_chunk` returned `None`: write into a
     /// temporary file and give it its name after that.
-    pub fn write_at(mut self, file: Arc<std::fs::File>) -> Self {
+    pub fn write_at(mut self, file: Arc<ChunkFile>) -> Self {
         self.sink = Some(file);
         self
     }
@@ -501,16 +611,14 @@ impl<R: AsyncRead + Unpin> StreamDecoder<R> {
                         .push_back(tokio::task::spawn_blocking(move || {
                             let plain = ctx.open_chunk(index, kind, payload)?;
                             if let Some(file) = sink {
-                                use std::os::unix::fs::FileExt;
                                 // Every chunk but the last holds exactly the chunk size
                                 // (`open_chunk` checks it), so this is its plaintext offset.
                                 let offset = index * ctx.chunk_size() as u64;
-                                file.write_all_at(&plain, offset).map_err(|e| {
-                                    ArchiveError::Io {
+                                file.write_at(&plain, offset)
+                                    .map_err(|e| ArchiveError::Io {
                                         object: ctx.name().to_owned(),
                                         source: e,
-                                    }
-                                })?;
+                                    })?;
                             }
                             Ok(plain)
                         }));
@@ -522,7 +630,7 @@ impl<R: AsyncRead + Unpin> StreamDecoder<R> {
             }
         }
         if let Some(handle) = self.in_flight.pop_front() {
-            let plain = Bytes::from(handle.await.map_err(|e| join_error(self.ctx.name(), e))??);
+            let plain = handle.await.map_err(|e| join_error(self.ctx.name(), e))??;
             self.plaintext_len += plain.len() as u64;
             if let Some(h) = self.hasher.as_mut() {
                 h.update(plain.clone()).await;

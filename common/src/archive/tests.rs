@@ -181,42 +181,56 @@ async fn file_chunks_encode_like_any_reader() {
 }
 
 /// A decoder that writes chunks at their offsets leaves exactly the plaintext in the file,
-/// whatever order the workers finish in; a tampered object still fails (and the caller drops
-/// the half-written file).
+/// whatever order the workers finish in, buffered or with `O_DIRECT` (zstd output is aligned;
+/// stored and lz4 chunks go through the aligned scratch; tails through the buffered descriptor);
+/// a tampered object still fails (and the caller drops the half-written file).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decoder_writes_chunks_at_their_offsets() {
     let dir = temp_dir("write-at");
     let keys = keys();
-    for len in [0, 1, CHUNK, CHUNK + 1, 9 * CHUNK + 77] {
-        let plain = data(len);
-        let stored = enc(&plain, &keys, Codec::Zstd { level: 1 });
-        let path = dir.join(format!("out{len}"));
-        let file = std::sync::Arc::new(std::fs::File::create(&path).unwrap());
-        let mut dec = StreamDecoder::open("obj", stored.as_slice(), &keys, &ReadOptions::default())
-            .await
-            .unwrap()
-            .write_at(file);
-        while dec.next_chunk().await.unwrap().is_some() {}
-        assert_eq!(dec.summary().unwrap().plaintext_len as usize, len);
-        assert_eq!(std::fs::read(&path).unwrap(), plain, "len {len}");
-
-        if len > CHUNK {
-            let mut bad = stored.clone();
-            let last = bad.len() - 60; // inside the trailer record
-            bad[last] ^= 1;
-            let file = std::sync::Arc::new(std::fs::File::create(&path).unwrap());
+    for (codec, direct) in [
+        (Codec::Zstd { level: 1 }, false),
+        (Codec::Zstd { level: 1 }, true),
+        (Codec::Lz4, true),
+        (Codec::None, true),
+    ] {
+        for len in [0, 1, CHUNK, CHUNK + 1, 9 * CHUNK + 77, 12 * CHUNK] {
+            let plain = data(len);
+            let stored = enc(&plain, &keys, codec);
+            let path = dir.join(format!("out{len}"));
+            let file = std::sync::Arc::new(ChunkFile::create(&path, direct).unwrap());
             let mut dec =
-                StreamDecoder::open("obj", bad.as_slice(), &keys, &ReadOptions::default())
+                StreamDecoder::open("obj", stored.as_slice(), &keys, &ReadOptions::default())
                     .await
                     .unwrap()
-                    .write_at(file);
-            let result = loop {
-                match dec.next_chunk().await {
-                    Ok(Some(_)) => continue,
-                    other => break other,
-                }
-            };
-            assert!(result.is_err(), "tampered trailer accepted for len {len}");
+                    .write_at(file.clone());
+            while dec.next_chunk().await.unwrap().is_some() {}
+            assert_eq!(dec.summary().unwrap().plaintext_len as usize, len);
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                plain,
+                "len {len}, {codec:?}, direct {} (asked {direct})",
+                file.is_direct()
+            );
+
+            if len > CHUNK {
+                let mut bad = stored.clone();
+                let last = bad.len() - 60; // inside the trailer record
+                bad[last] ^= 1;
+                let file = std::sync::Arc::new(ChunkFile::create(&path, direct).unwrap());
+                let mut dec =
+                    StreamDecoder::open("obj", bad.as_slice(), &keys, &ReadOptions::default())
+                        .await
+                        .unwrap()
+                        .write_at(file);
+                let result = loop {
+                    match dec.next_chunk().await {
+                        Ok(Some(_)) => continue,
+                        other => break other,
+                    }
+                };
+                assert!(result.is_err(), "tampered trailer accepted for len {len}");
+            }
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();
