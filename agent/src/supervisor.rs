@@ -902,7 +902,11 @@ async fn perform_restore(
     let work = async {
         let progress = work_progress;
         if force {
-            restore::empty_data_dir(&shared.cfg.data_dir)?;
+            // Unlinking gigabytes blocks: keep it off the async workers.
+            let dir = shared.cfg.data_dir.clone();
+            tokio::task::spawn_blocking(move || restore::empty_data_dir(&dir))
+                .await
+                .map_err(|e| restore::RestoreError::Failed(e.to_string()))??;
         }
         let concurrency = archiver.store().upload_concurrency() * 2;
         restore::download(
