@@ -515,10 +515,11 @@ impl Store {
             .await
     }
 
-    /// [`Store::get_to_file`] with a choice of durability: [`Durability::Deferred`] skips the
-    /// file and directory fsyncs (the file is still verified before it gets its name), for
-    /// callers that sync many files at once afterwards (a restore) or can fetch again after a
-    /// crash (the WAL prefetch spool); and of [`Caching`].
+    /// [`Store::get_to_file`] with a choice of durability and of page-cache use.
+    /// [`Durability::Deferred`] skips the file and directory fsyncs (the file is still verified
+    /// before it gets its name), for callers that sync many files at once afterwards (a restore)
+    /// or can fetch again after a crash (the WAL prefetch spool). [`Caching::Direct`] writes past
+    /// the page cache (a restore).
     pub async fn get_to_file_with(
         &self,
         key: &str,

@@ -387,7 +387,7 @@ impl<R: ChunkRead> StreamEncoder<R> {
 /// The file decode workers write their chunks into, each at its own offset: positional writes,
 /// so the chunks of one object reach the file from every core at once.
 ///
-/// With [`ChunkFile::with_direct`], whole blocks go through a second descriptor opened with
+/// Created with `direct`, whole blocks go through a second descriptor opened with
 /// `O_DIRECT`: the data is not copied into the page cache, and a restore of gigabytes neither
 /// pays for fresh page-cache pages nor leaves them dirty for writeback. What is not a whole
 /// aligned block (the tail of a file) goes through the ordinary descriptor. If the file system
@@ -426,7 +426,7 @@ impl ChunkFile {
     }
 
     /// Writes through `file` only.
-    pub fn new(file: std::fs::File) -> ChunkFile {
+    fn new(file: std::fs::File) -> ChunkFile {
         ChunkFile {
             file,
             direct: None,
@@ -435,7 +435,7 @@ impl ChunkFile {
     }
 
     /// Writes whole aligned blocks through `direct`, the same file opened with `O_DIRECT`.
-    pub fn with_direct(file: std::fs::File, direct: std::fs::File) -> ChunkFile {
+    fn with_direct(file: std::fs::File, direct: std::fs::File) -> ChunkFile {
         ChunkFile {
             file,
             direct: Some(direct),
