@@ -367,16 +367,9 @@ class Agent:
         return sh([f"{PGBIN}/psql", "-Atq", "-c", sql], env=self.pgenv()).strip()
 
     def status(self):
-        out = sh([AGENT, "status", "--api-url", f"http://127.0.0.1:{self.lo}", "--json"])
-        return json.loads(out)
-
-    def raw_status(self):
-        """GET /v1/status straight over HTTP (no CLI process): cheap enough to poll."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.lo}/v1/status", timeout=5) as r:
-                return json.load(r)
-        except (OSError, ValueError):
-            return {}
+        """GET /v1/status over HTTP (no CLI process, so cheap enough to poll)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.lo}/v1/status", timeout=5) as r:
+            return json.load(r)
 
     def proc_stat(self):
         """(cpu seconds, VmHWM KiB, VmRSS KiB) of the agent process."""
@@ -1362,7 +1355,7 @@ def _p4(work, reps, scale, wal_mib, enc, stores, results, notes):
                                     env={**os.environ, "PGPILOT_LOG": "warn"})
             cpu = None  # the agent's CPU until the base backup is in place (download_seconds set)
             while proc.poll() is None:
-                if cpu is None and (agent.raw_status().get("restore") or {}).get("download_seconds") is not None:
+                if cpu is None and (agent.status().get("restore") or {}).get("download_seconds") is not None:
                     cpu = agent.proc_stat()[0] - cpu0
                 time.sleep(0.05)
             out = proc.communicate()[0]
