@@ -238,7 +238,20 @@ impl Store {
             &self.inner.settings.write,
         )
         .map_err(StoreError::from_archive)?;
-        self.upload(key, &object, enc, mode).await
+        match self.upload(key, &object, enc, mode).await {
+            // A server may answer a create-only PUT of an existing key (412) before reading the
+            // body and close the connection: the client then sees a broken pipe, not the
+            // refusal, and so would every retry. An object under the key now means the same
+            // refusal a readable answer (or the next attempt) would have given; a caller that
+            // must know whose content it is reads it back (see `put_file`).
+            Err(e) if mode == PutMode::CreateOnly && e.is_transient() => {
+                match self.head(key).await {
+                    Ok(Some(_)) => Err(StoreError::AlreadyExists { object }),
+                    _ => Err(e),
+                }
+            }
+            other => other,
+        }
     }
 
     /// Stores the content of a local file, retrying transient failures. With
