@@ -422,19 +422,12 @@ impl Config {
     /// Unix socket directory of Postgres (kept out of the data dir so a restore can replace
     /// the data dir wholesale).
     pub fn socket_dir(&self) -> PathBuf {
-        self.state_dir.join("run")
+        crate::files::socket_dir(&self.state_dir)
     }
 
     /// Lock file that keeps a second agent off this data dir.
     pub fn lock_file(&self) -> PathBuf {
-        let name = self
-            .data_dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned());
-        self.state_dir.join(format!(
-            ".{}.pgpilot-agent.lock",
-            name.unwrap_or_else(|| "data".into())
-        ))
+        crate::files::lock_file(&self.state_dir, &self.data_dir)
     }
 }
 

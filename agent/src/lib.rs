@@ -7,6 +7,10 @@
 
 pub mod archive;
 pub mod config;
+pub mod context;
+pub mod core;
+pub mod error;
+pub mod files;
 pub mod http;
 pub mod logging;
 pub mod metrics;
@@ -14,7 +18,7 @@ pub mod postgres;
 pub mod restore;
 pub mod secrets;
 pub mod store;
-pub mod supervisor;
+pub mod time;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,11 +26,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use nix::fcntl::{Flock, FlockArg};
-use pgpilot_common::state::{AgentState, BootstrapMethod};
+use pgpilot_common::state::AgentState;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, RunArgs};
+use crate::core::executor::Begin;
 use crate::postgres::OsUser;
 use crate::postgres::bins::PgBinaries;
 use crate::postgres::bootstrap::{self, DataDirState};
@@ -89,7 +94,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
-    let parts = supervisor::Parts {
+    let ctx = Arc::new(context::Context::new(
         cfg,
         bins,
         owner,
@@ -99,51 +104,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics,
         archiver,
         fetcher,
+    ));
+    let begin = match (data_state, initial_restore) {
+        (_, Some(req)) => Begin::Restore(Box::new(req)),
+        (DataDirState::Empty, None) => Begin::Initdb,
+        _ => Begin::Existing,
     };
-    let (shared, requests) = supervisor::new(parts, AgentState::Initializing);
+    let (handle, executor) = core::new(ctx.clone(), AgentState::Initializing);
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(http::server::serve(
-        shared.clone(),
+        handle.clone(),
         loopback,
         external,
         shutdown.clone(),
     ));
     tokio::spawn(watch_signals(shutdown.clone()));
-    if let Some(archiver) = &shared.archiver {
+    if let Some(archiver) = &ctx.archiver {
         tokio::spawn(archiver.clone().run_background(shutdown.clone()));
     }
-
-    if data_state == DataDirState::Empty && initial_restore.is_none() {
-        shared.set_state(AgentState::Bootstrapping {
-            method: BootstrapMethod::Initdb,
-        });
-        let cfg = &shared.cfg;
-        let result = bootstrap::initdb(
-            &shared.bins,
-            &cfg.data_dir,
-            &cfg.superuser,
-            &shared.superuser_password,
-            &cfg.socket_dir(),
-            shared.owner.as_ref(),
-        )
-        .await;
-        if let Err(e) = result {
-            shared.set_state(AgentState::Failed {
-                reason: e.to_string(),
-            });
-            shutdown.cancel();
-            let _ = server.await;
-            return Err(e.into());
-        }
-    }
-
-    tokio::spawn(announce_when_running(shared.clone()));
-    if initial_restore.is_some() {
-        shared.set_state(AgentState::Bootstrapping {
-            method: BootstrapMethod::Restore,
-        });
-    }
-    let result = supervisor::run(shared.clone(), requests, shutdown.clone(), initial_restore).await;
+    tokio::spawn(announce_when_running(handle.clone()));
+    let result = executor.run(begin, shutdown.clone()).await;
     shutdown.cancel();
     server
         .await
@@ -271,16 +251,16 @@ async fn watch_signals(shutdown: CancellationToken) {
 }
 
 /// Prints how to connect, once, when Postgres first accepts connections.
-async fn announce_when_running(shared: Arc<supervisor::Shared>) {
-    let mut rx = shared.subscribe();
+async fn announce_when_running(handle: core::Handle) {
+    let mut rx = handle.subscribe();
     if rx
-        .wait_for(|s| matches!(s, AgentState::Running { .. }))
+        .wait_for(|s| matches!(s.state, AgentState::Running { .. }))
         .await
         .is_err()
     {
         return;
     }
-    let cfg = &shared.cfg;
+    let cfg = &handle.ctx.cfg;
     let host = if cfg
         .postgres_listen_addresses
         .split(',')
@@ -298,7 +278,7 @@ async fn announce_when_running(shared: Arc<supervisor::Shared>) {
     let pw: PathBuf = cfg.superuser_password.path.clone();
     println!(
         "\npgpilot-agent: PostgreSQL {} is running.\n  psql: PGPASSWORD=\"$(cat {})\" psql -h {host} -p {} -U {} postgres\n  API:  http://{}/v1/status  (loopback http://{}; token in {})\n",
-        shared.bins.major,
+        handle.ctx.bins.major,
         pw.display(),
         cfg.postgres_port,
         cfg.superuser,

@@ -35,6 +35,9 @@ enum Command {
         /// Shutdown mode.
         #[arg(long, value_enum, default_value = "fast")]
         mode: Mode,
+        /// Cancel a base backup in flight instead of being refused.
+        #[arg(long)]
+        cancel_backup: bool,
     },
     /// Start Postgres after a stop.
     Start {
@@ -48,6 +51,9 @@ enum Command {
         /// Shutdown mode.
         #[arg(long, value_enum, default_value = "fast")]
         mode: Mode,
+        /// Cancel a base backup in flight instead of being refused.
+        #[arg(long)]
+        cancel_backup: bool,
     },
     /// Re-read [postgres.parameters] from the config file and reload Postgres.
     Reload {
@@ -225,10 +231,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Stop { api, mode } => {
+        Command::Stop {
+            api,
+            mode,
+            cancel_backup,
+        } => {
             let r = api
                 .client(true)?
-                .stop(&ShutdownRequest { mode: mode.into() })
+                .stop(&ShutdownRequest {
+                    mode: mode.into(),
+                    cancel_backup,
+                })
                 .await?;
             println!("Postgres stopped; agent state {}", r.state);
             Ok(())
@@ -242,10 +255,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Restart { api, mode } => {
+        Command::Restart {
+            api,
+            mode,
+            cancel_backup,
+        } => {
             let r = api
                 .client(true)?
-                .restart(&ShutdownRequest { mode: mode.into() })
+                .restart(&ShutdownRequest {
+                    mode: mode.into(),
+                    cancel_backup,
+                })
                 .await?;
             println!(
                 "Postgres restarted (pid {}); agent state {}",
@@ -337,9 +357,29 @@ fn fmt_secs(s: u64) -> String {
     }
 }
 
+fn render_operation(op: &pgpilot_common::state::Operation) -> String {
+    let p = &op.progress;
+    let mut line = format!("{} {}: {} ({:?})", op.kind, op.id, op.step, op.outcome);
+    if p.bytes_total > 0 {
+        line += &format!(
+            ", {}/{} files, {:.0} %",
+            p.files_done,
+            p.files_total,
+            100.0 * p.bytes_done as f64 / p.bytes_total as f64
+        );
+    }
+    if let Some(e) = &op.error {
+        line += &format!(": {e}");
+    }
+    line
+}
+
 fn render_status(url: &str, s: &StatusResponse) -> String {
     let mut out = format!("pgpilot-agent at {url}\n");
     out += &format!("  state:     {}\n", s.state);
+    if let Some(op) = &s.operation {
+        out += &format!("  operation: {}\n", render_operation(op));
+    }
     out += &format!(
         "  postgres:  {} (major {}), pid {}, port {}, up {}\n",
         s.postgres_version.as_deref().unwrap_or("-"),

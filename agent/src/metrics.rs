@@ -18,6 +18,8 @@ pub struct Metrics {
     pub requested_restarts: IntCounter,
     pub api_requests: IntCounterVec,
     pub api_duration: HistogramVec,
+    /// API errors by route and error kind (`conflict`, `refused`, `internal`, …).
+    pub api_errors: IntCounterVec,
     pub archive: ArchiveMetrics,
 }
 
@@ -172,6 +174,14 @@ impl Metrics {
             &["route"],
         )
         .expect("static metric");
+        let api_errors = IntCounterVec::new(
+            Opts::new(
+                "pgpilot_api_errors_total",
+                "API error answers by route and error kind (conflict, refused, internal, ...)",
+            ),
+            &["route", "kind"],
+        )
+        .expect("static metric");
         for c in [
             Box::new(state.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(postgres_up.clone()),
@@ -179,6 +189,7 @@ impl Metrics {
             Box::new(requested_restarts.clone()),
             Box::new(api_requests.clone()),
             Box::new(api_duration.clone()),
+            Box::new(api_errors.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -195,6 +206,7 @@ impl Metrics {
             requested_restarts,
             api_requests,
             api_duration,
+            api_errors,
         }
     }
 
@@ -202,7 +214,7 @@ impl Metrics {
         for name in AgentState::NAMES {
             self.state
                 .with_label_values(&[name])
-                .set(i64::from(name == current.name()));
+                .set(i64::from(*name == current.name()));
         }
         self.postgres_up
             .set(i64::from(matches!(current, AgentState::Running { .. })));

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{AgentState, Role};
+use crate::state::{AgentState, Operation, Role};
 
 /// The one error body every route returns on failure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -49,7 +49,11 @@ pub struct StatusResponse {
     /// WAL archiving health; absent when no backup store is configured.
     #[serde(default)]
     pub archive: Option<ArchiveStatus>,
-    /// The current or last restore, if any since the agent started.
+    /// The long operation in flight (a backup, a restore), or else the last one since the agent
+    /// started: kind, id, step, outcome and progress, in the same shape for every kind.
+    #[serde(default)]
+    pub operation: Option<Operation>,
+    /// The current or last restore's own record (LSNs, timings), if any since the agent started.
     #[serde(default)]
     pub restore: Option<RestoreProgress>,
     /// The newest completed base backup known to the agent; absent when none (or no store).
@@ -76,6 +80,10 @@ pub enum ShutdownMode {
 pub struct ShutdownRequest {
     #[serde(default)]
     pub mode: ShutdownMode,
+    /// Cancel a base backup in flight instead of being refused (409 naming it). The backup
+    /// ends as failed and leaves no manifest.
+    #[serde(default)]
+    pub cancel_backup: bool,
 }
 
 /// Response of the lifecycle routes (`/v1/restart`, `/v1/stop`, `/v1/start`).
@@ -320,6 +328,9 @@ pub struct RestoreRequest {
     /// dir is restored into.
     #[serde(default)]
     pub force: bool,
+    /// Cancel a base backup in flight instead of being refused (409 naming it).
+    #[serde(default)]
+    pub cancel_backup: bool,
 }
 
 /// The answer to `POST /v1/restore`: accepted, running in the background.

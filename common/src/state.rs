@@ -1,7 +1,9 @@
-//! The agent's explicit state machine (drawn in agent/README.md).
+//! The agent's explicit state machine (drawn in agent/README.md) and the one shape in which every
+//! long operation reports its progress.
 //!
-//! Every API request is checked against the current state; one that does not fit gets 409 with
-//! the state in the body, never a half-done action.
+//! Every API request is checked against the current state by the agent's pure admission
+//! function; one that does not fit gets 409 with the state in the body, never a half-done action.
+//! State names come from the types (`strum`), never from a hand-kept list.
 
 use std::fmt;
 
@@ -10,7 +12,10 @@ use serde::{Deserialize, Serialize};
 /// Replication role of a running Postgres.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum Role {
+    /// Accepts writes.
     Primary,
+    /// Streams or replays WAL from a primary and follows it (not a restore's replay: that is
+    /// [`AgentState::Recovering`]).
     Replica,
 }
 
@@ -24,56 +29,55 @@ pub enum BootstrapMethod {
 }
 
 /// The agent's state. Serialized as `{"state": "Running", "role": "Primary"}` and so on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
 #[serde(tag = "state")]
 pub enum AgentState {
     /// Validating configuration and inspecting the data dir.
     Initializing,
     /// Creating the data dir.
     Bootstrapping { method: BootstrapMethod },
-    /// Restoring a base backup into the data dir (progress in `/v1/status`, `restore`). Postgres
-    /// then starts in recovery (`Starting`, `Running(Replica)`) and promotes at the target.
+    /// Restoring a base backup into the data dir (the `restore` operation's download step,
+    /// progress in `/v1/status` `operation`). Postgres then starts and replays WAL
+    /// (`Recovering`) until it promotes at the target.
     Restoring,
     /// The postmaster is started and the agent waits until it accepts connections.
     Starting,
+    /// Postgres accepts connections and replays archived WAL towards a restore target; it
+    /// promotes there (then `Running(Primary)`). It is neither a primary nor a replica: role
+    /// checks (`/primary`, `/replica`) answer 503.
+    Recovering,
     /// Postgres accepts connections.
     Running { role: Role },
     /// A shutdown of Postgres was requested and is in progress.
     Stopping,
     /// Postgres is stopped on request (API or agent shutdown) and stays stopped.
     Stopped,
-    /// Postgres is not running for a reason other than a request (crash, failed start). The
-    /// agent retries with backoff; `reason` says what happened.
+    /// Postgres is not running for a reason other than a request (crash, failed start, failed
+    /// restore). After a crash the agent retries with backoff; `reason` says what happened.
     Failed { reason: String },
 }
 
 impl AgentState {
     /// The state's name without its details, as used in metrics labels and 409 bodies.
     pub fn name(&self) -> &'static str {
-        match self {
-            AgentState::Initializing => "Initializing",
-            AgentState::Bootstrapping { .. } => "Bootstrapping",
-            AgentState::Restoring => "Restoring",
-            AgentState::Starting => "Starting",
-            AgentState::Running { .. } => "Running",
-            AgentState::Stopping => "Stopping",
-            AgentState::Stopped => "Stopped",
-            AgentState::Failed { .. } => "Failed",
-        }
+        self.into()
     }
 
-    /// Every state name, for metrics that export one series per state.
-    pub const NAMES: [&'static str; 8] = [
-        "Initializing",
-        "Bootstrapping",
-        "Restoring",
-        "Starting",
-        "Running",
-        "Stopping",
-        "Stopped",
-        "Failed",
-    ];
+    /// Every state name, for metrics that export one series per state (derived from the type).
+    pub const NAMES: &'static [&'static str] = <AgentState as strum::VariantNames>::VARIANTS;
 
+    /// The role of a running Postgres; `None` in every other state (a restore's replay
+    /// included).
     pub fn role(&self) -> Option<Role> {
         match self {
             AgentState::Running { role } => Some(*role),
@@ -90,6 +94,75 @@ impl fmt::Display for AgentState {
             AgentState::Failed { reason } => write!(f, "Failed({reason})"),
             other => f.write_str(other.name()),
         }
+    }
+}
+
+/// The kinds of long operation the agent carries out, one at a time. Replication adds
+/// switchover, the drain handshake adds drain.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
+#[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+pub enum OperationKind {
+    /// A base backup (`POST /v1/backups`).
+    Backup,
+    /// A point-in-time restore (`POST /v1/restore`, `run --bootstrap-from-backup`).
+    Restore,
+}
+
+/// Where an operation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// Counters every long operation reports, in the same shape.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Progress {
+    pub bytes_done: u64,
+    /// 0 while unknown.
+    pub bytes_total: u64,
+    pub files_done: u64,
+    /// 0 while unknown.
+    pub files_total: u64,
+}
+
+/// A long operation of the agent (the one in flight, or the last one since the agent started),
+/// as `/v1/status` reports it. The kind's own record has the details: `GET /v1/backups/{id}`
+/// for a backup, `/v1/status` `restore` for a restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Operation {
+    pub kind: OperationKind,
+    /// The backup's id; for a restore, the id of the backup being restored.
+    pub id: String,
+    /// The kind's current step, e.g. `copying` (backup) or `replaying` (restore).
+    pub step: String,
+    pub outcome: Outcome,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339, once it ended.
+    pub finished_at: Option<String>,
+    pub progress: Progress,
+    /// Why it failed, in words.
+    pub error: Option<String>,
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} ({})", self.kind, self.id, self.step)
     }
 }
 
@@ -115,8 +188,9 @@ mod tests {
         );
     }
 
+    /// The derived names are the serde tags: a metric label, a 409 body and the JSON agree.
     #[test]
-    fn names_cover_every_state() {
+    fn names_are_the_serialized_tags() {
         let all = [
             AgentState::Initializing,
             AgentState::Bootstrapping {
@@ -124,6 +198,7 @@ mod tests {
             },
             AgentState::Restoring,
             AgentState::Starting,
+            AgentState::Recovering,
             AgentState::Running {
                 role: Role::Replica,
             },
@@ -131,9 +206,20 @@ mod tests {
             AgentState::Stopped,
             AgentState::Failed { reason: "x".into() },
         ];
+        assert_eq!(all.len(), AgentState::NAMES.len());
         for s in &all {
+            let tag = serde_json::to_value(s).unwrap()["state"].clone();
+            assert_eq!(tag, s.name(), "{s}");
             assert!(AgentState::NAMES.contains(&s.name()), "{s}");
         }
-        assert_eq!(all.len(), AgentState::NAMES.len());
+    }
+
+    #[test]
+    fn operation_kind_serializes_lowercase() {
+        assert_eq!(
+            serde_json::to_value(OperationKind::Backup).unwrap(),
+            "backup"
+        );
+        assert_eq!(OperationKind::Restore.to_string(), "restore");
     }
 }

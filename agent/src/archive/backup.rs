@@ -11,7 +11,8 @@
 //! store (not Postgres' once-a-second wait on archive_status). The manifest is written last,
 //! create-only: a backup exists only once its manifest does.
 //!
-//! [`BackupRuns`] tracks this agent's runs for the API: at most one at a time, with progress.
+//! [`begin`] starts a run the executor admitted (one at a time: admission refuses a second);
+//! [`BackupRuns`] keeps the runs' progress for the API.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -28,14 +29,18 @@ use pgpilot_common::layout::Layout;
 use pgpilot_common::manifest::{
     BackupLabel, BackupManifest, MANIFEST_FORMAT, ManifestDir, ManifestFile, wal_range,
 };
-use pgpilot_common::state::{AgentState, Role};
 use pgpilot_common::wal::{Lsn, Segment};
 
-use super::fetch::SPOOL_DIR;
-use super::push::{timestamp, unix_now};
+use super::push::WalArchiver;
+use crate::config::Config;
+use crate::error::AgentError;
+use crate::files::SPOOL_DIR;
+use crate::metrics::ArchiveMetrics;
 use crate::postgres::sql;
+use crate::secrets::Secret;
 use crate::store::{PutMode, Store, StoreError};
-use crate::supervisor::Shared;
+use crate::time::{timestamp, unix_now};
+use tokio_util::sync::CancellationToken;
 
 /// Test-only slow-down: milliseconds to sleep after each uploaded file, so a test can kill the
 /// agent in the middle of a backup of a small database. Documented in docs/backups.md.
@@ -51,12 +56,8 @@ const KEEP_RUNS: usize = 50;
 /// working on.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
-    #[error("base backups need a backup store: no [backup] store is configured")]
-    NotConfigured,
-    #[error("{message}")]
-    State { state: AgentState, message: String },
-    #[error("backup {0} is already running; wait for it to finish")]
-    Busy(String),
+    #[error("cancelled on request (the backup session ended, so Postgres aborted the backup)")]
+    Cancelled,
     #[error("{what}: {source}")]
     Postgres {
         what: String,
@@ -81,6 +82,15 @@ pub enum BackupError {
     WalNotArchived(String),
 }
 
+impl From<BackupError> for AgentError {
+    fn from(e: BackupError) -> Self {
+        match e {
+            BackupError::Invalid(m) => AgentError::BadRequest(m),
+            other => AgentError::Failed(other.to_string()),
+        }
+    }
+}
+
 fn pg(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> BackupError {
     let what = what.into();
     move |source| BackupError::Postgres { what, source }
@@ -96,15 +106,13 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
 // ----- runs -----
 
 /// This agent's backup runs: the one in progress and the recent ones, for the API.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct BackupRuns {
-    state: Mutex<RunsState>,
+    state: Arc<Mutex<RunsState>>,
 }
 
 #[derive(Default)]
 struct RunsState {
-    /// A run is being started or runs.
-    busy: Option<String>,
     runs: BTreeMap<String, Arc<Run>>,
     last: Option<LastBackup>,
     /// The store was asked once for the newest backup (for `/v1/status` after a restart).
@@ -211,16 +219,16 @@ impl Run {
 
 /// The newest completed backup for `/v1/status`. After an agent restart the first call starts
 /// a background look into the store (status must stay fast) and later calls see its answer.
-pub fn last_backup(shared: &Arc<Shared>) -> Option<LastBackup> {
-    let archiver = shared.archiver.as_ref()?;
-    let mut st = shared.backups.lock();
+pub fn last_backup(runs: &BackupRuns, archiver: Option<&WalArchiver>) -> Option<LastBackup> {
+    let archiver = archiver?;
+    let mut st = runs.lock();
     if !st.last_loaded {
         st.last_loaded = true;
         let (store, layout) = (archiver.store().clone(), archiver.layout().clone());
-        let shared = shared.clone();
+        let runs = runs.clone();
         tokio::spawn(async move {
             match super::catalog::newest_completed(&store, &layout).await {
-                Ok(Some(last)) => shared.backups.note_completed(last),
+                Ok(Some(last)) => runs.note_completed(last),
                 Ok(None) => {}
                 Err(e) => tracing::warn!("cannot look up the newest backup for status: {e}"),
             }
@@ -229,25 +237,30 @@ pub fn last_backup(shared: &Arc<Shared>) -> Option<LastBackup> {
     st.last.clone()
 }
 
-/// Starts a base backup in the background and returns its id and initial progress at once.
-pub async fn start(
-    shared: &Arc<Shared>,
+/// What a backup needs, handed over by the executor (the backup knows nothing of the agent's
+/// state: the executor admitted it).
+pub struct BackupDeps {
+    pub cfg: Config,
+    pub superuser_password: Secret,
+    pub store: Store,
+    pub layout: Layout,
+    pub metrics: ArchiveMetrics,
+    pub runs: BackupRuns,
+}
+
+/// A backup started in the background: its progress record and its task.
+pub struct Started {
+    pub run: Arc<Run>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a base backup in the background and returns at once. The executor owns the task:
+/// `cancel` ends it (its session closes, so Postgres aborts the backup; it leaves no manifest).
+pub async fn begin(
+    deps: BackupDeps,
     req: BackupRequest,
-) -> Result<BackupProgress, BackupError> {
-    let archiver = shared.archiver.as_ref().ok_or(BackupError::NotConfigured)?;
-    let state = shared.state();
-    if state
-        != (AgentState::Running {
-            role: Role::Primary,
-        })
-    {
-        return Err(BackupError::State {
-            message: format!(
-                "a base backup needs a running primary (backups from a replica are not supported yet); the agent is {state}"
-            ),
-            state,
-        });
-    }
+    cancel: CancellationToken,
+) -> Result<Started, BackupError> {
     if let Some(label) = &req.label
         && (label.len() > 200 || label.contains(['\n', '\r', '\0']))
     {
@@ -255,42 +268,27 @@ pub async fn start(
             "label must be one line of at most 200 bytes".into(),
         ));
     }
-    {
-        let mut st = shared.backups.lock();
-        if let Some(id) = &st.busy {
-            return Err(BackupError::Busy(id.clone()));
-        }
-        st.busy = Some("(starting)".into());
-    }
-    let (store, layout) = (archiver.store().clone(), archiver.layout().clone());
-    let id = match new_backup_id(&store, &layout, &shared.backups).await {
-        Ok(id) => id,
-        Err(e) => {
-            shared.backups.lock().busy = None;
-            return Err(e);
-        }
-    };
+    let id = new_backup_id(&deps.store, &deps.layout, &deps.runs).await?;
     let label = req.label.unwrap_or_else(|| format!("pgpilot {id}"));
     let run = Arc::new(Run::new(id.clone(), label));
     {
-        let mut st = shared.backups.lock();
-        st.busy = Some(id.clone());
+        let mut st = deps.runs.lock();
         st.runs.insert(id.clone(), run.clone());
         while st.runs.len() > KEEP_RUNS {
             st.runs.pop_first();
         }
     }
-    tracing::info!(backup = %id, store = %store, "base backup started");
-    let shared = shared.clone();
-    let snapshot = run.snapshot();
-    tokio::spawn(async move {
-        let _finish = Finish {
-            shared: shared.clone(),
-            run: run.clone(),
-        };
+    tracing::info!(backup = %id, store = %deps.store, "base backup started");
+    let task_run = run.clone();
+    let task = tokio::spawn(async move {
+        let run = task_run;
+        let _finish = Finish { run: run.clone() };
         let began = Instant::now();
-        let result = take(&shared, &store, &layout, &run).await;
-        let m = &shared.metrics.archive;
+        let result = tokio::select! {
+            r = take(&deps, &run) => r,
+            _ = cancel.cancelled() => Err(BackupError::Cancelled),
+        };
+        let m = &deps.metrics;
         match result {
             Ok(manifest) => {
                 let secs = began.elapsed().as_secs_f64();
@@ -312,7 +310,7 @@ pub async fn start(
                     d.phase = BackupPhase::Done;
                     d.finished = Some(SystemTime::now());
                 });
-                shared.backups.note_completed(LastBackup {
+                deps.runs.note_completed(LastBackup {
                     id: run.id.clone(),
                     time: manifest.stop_time.clone(),
                 });
@@ -329,13 +327,12 @@ pub async fn start(
             }
         }
     });
-    Ok(snapshot)
+    Ok(Started { run, task })
 }
 
 /// Ends a run however its task ends (a panic included): the next backup must not get 409
 /// forever, and the run must not show as running forever.
 struct Finish {
-    shared: Arc<Shared>,
     run: Arc<Run>,
 }
 
@@ -348,7 +345,6 @@ impl Drop for Finish {
                 d.finished = Some(SystemTime::now());
             }
         });
-        self.shared.backups.lock().busy = None;
     }
 }
 
@@ -391,17 +387,13 @@ struct ServerFacts {
 
 /// Takes the backup and writes its manifest. The session (and with it Postgres' backup state)
 /// ends when this returns, however it returns.
-async fn take(
-    shared: &Arc<Shared>,
-    store: &Store,
-    layout: &Layout,
-    run: &Run,
-) -> Result<BackupManifest, BackupError> {
-    let data_dir = shared.cfg.data_dir.clone();
+async fn take(deps: &BackupDeps, run: &Run) -> Result<BackupManifest, BackupError> {
+    let (store, layout) = (&deps.store, &deps.layout);
+    let data_dir = deps.cfg.data_dir.clone();
     check_no_tablespaces(&data_dir)?;
     let client = sql::connect(
-        &shared.cfg,
-        shared.superuser_password.expose(),
+        &deps.cfg,
+        deps.superuser_password.expose(),
         Duration::from_secs(10),
     )
     .await

@@ -14,8 +14,8 @@ use pgpilot_common::layout::Layout;
 use pgpilot_common::manifest::BackupManifest;
 use pgpilot_common::wal::{Segment, WalFile};
 
-use super::push::timestamp;
 use crate::store::{ObjectInfo, Store, StoreError};
+use crate::time::timestamp;
 
 /// One backup id in the store.
 #[derive(Debug, Clone)]

@@ -24,7 +24,7 @@ use crate::store::{Caching, Durability, Store, StoreError};
 const PREFETCH_PARALLEL: usize = 2;
 
 /// Spool directory name inside the data dir (excluded from base backups).
-pub const SPOOL_DIR: &str = "pgpilot_spool";
+pub use crate::files::SPOOL_DIR;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {

@@ -356,19 +356,7 @@ pub fn is_wal_name(name: &str) -> bool {
     WalFile::parse(name, 1 << 20).is_some()
 }
 
-pub fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-/// RFC 3339 UTC.
-pub fn timestamp(t: SystemTime) -> String {
-    jiff::Timestamp::try_from(t)
-        .map(|t| t.to_string())
-        .unwrap_or_default()
-}
+use crate::time::{timestamp, unix_now};
 
 /// The direct path of `wal-push` when the agent cannot be reached: the same create-only put and
 /// the same check, without look-ahead.

@@ -42,7 +42,7 @@ impl std::fmt::Debug for ArchiveRuntime {
 
 impl ArchiveRuntime {
     pub fn path(cfg: &Config) -> PathBuf {
-        cfg.socket_dir().join("archive-runtime.json")
+        crate::files::archive_runtime(&cfg.state_dir)
     }
 
     /// Writes the runtime file for `cfg` (which must have a `[backup]` store).
@@ -87,21 +87,5 @@ impl ArchiveRuntime {
         })?;
         serde_json::from_slice(&text)
             .map_err(|e| anyhow::anyhow!("runtime file {} is not valid: {e}", path.display()))
-    }
-}
-
-/// Quotes `s` for a POSIX shell (archive_command and restore_command run through `sh -c`).
-pub fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::sh_quote;
-
-    #[test]
-    fn quotes_for_the_shell() {
-        assert_eq!(sh_quote("/a b/c"), "'/a b/c'");
-        assert_eq!(sh_quote("it's"), r"'it'\''s'");
     }
 }

@@ -1,7 +1,5 @@
 //! Bearer-token authentication for routes that change state.
 
-use std::sync::Arc;
-
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
@@ -9,8 +7,8 @@ use axum::response::Response;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::ApiError;
-use crate::supervisor::Shared;
+use crate::core::Handle;
+use crate::error::AgentError;
 
 /// Compares digests of the presented and expected tokens in constant time, so neither the
 /// content nor the length of the token leaks through timing.
@@ -21,15 +19,15 @@ pub fn token_matches(presented: &str, expected: &str) -> bool {
 }
 
 pub async fn require_token(
-    State(shared): State<Arc<Shared>>,
+    State(h): State<Handle>,
     req: Request,
     next: Next,
-) -> Result<Response, ApiError> {
+) -> Result<Response, AgentError> {
     let presented = req
         .headers()
         .get(AUTHORIZATION)
         .ok_or_else(|| {
-            ApiError::Unauthorized(
+            AgentError::Unauthorized(
                 "this route requires an Authorization: Bearer <token> header".into(),
             )
         })?
@@ -37,11 +35,11 @@ pub async fn require_token(
         .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| {
-            ApiError::Unauthorized("the Authorization header must be \"Bearer <token>\"".into())
+            AgentError::Unauthorized("the Authorization header must be \"Bearer <token>\"".into())
         })?;
-    if !token_matches(presented.trim(), shared.api_token.expose()) {
+    if !token_matches(presented.trim(), h.ctx.api_token.expose()) {
         tracing::warn!(path = %req.uri().path(), "API request with a wrong bearer token refused");
-        return Err(ApiError::Unauthorized(
+        return Err(AgentError::Unauthorized(
             "the bearer token is not valid".into(),
         ));
     }

@@ -1,98 +1,42 @@
-//! The one place that maps errors to HTTP status codes and the one JSON error body
-//! ([`pgpilot_common::api::ErrorBody`]).
+//! The one place that maps the agent's one error kind ([`AgentError`]) to HTTP status codes and
+//! the one JSON error body ([`pgpilot_common::api::ErrorBody`]).
 
 use axum::Json;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use pgpilot_common::api::ErrorBody;
-use pgpilot_common::state::AgentState;
 
-use crate::supervisor::ActionError;
+use crate::error::AgentError;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    Unauthorized(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    MethodNotAllowed(String),
-    #[error("{message}")]
-    Conflict { state: AgentState, message: String },
-    /// Well-formed, but impossible with what exists (a restore target no backup can reach).
-    #[error("{0}")]
-    Unprocessable(String),
-    #[error("{message}")]
-    Unavailable {
-        state: Option<AgentState>,
-        message: String,
-    },
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl ApiError {
-    fn status(&self) -> StatusCode {
-        match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Conflict { .. } => StatusCode::CONFLICT,
-            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
-    fn kind(&self) -> &'static str {
-        match self {
-            ApiError::BadRequest(_) => "bad_request",
-            ApiError::Unauthorized(_) => "unauthorized",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::MethodNotAllowed(_) => "method_not_allowed",
-            ApiError::Conflict { .. } => "conflict",
-            ApiError::Unprocessable(_) => "refused",
-            ApiError::Unavailable { .. } => "unavailable",
-            ApiError::Internal(_) => "internal",
-        }
+fn status(e: &AgentError) -> StatusCode {
+    match e {
+        AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        AgentError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        AgentError::NotFound(_) => StatusCode::NOT_FOUND,
+        AgentError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+        AgentError::Conflict { .. } => StatusCode::CONFLICT,
+        AgentError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        AgentError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        AgentError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
-impl From<ActionError> for ApiError {
-    fn from(e: ActionError) -> Self {
-        match e {
-            ActionError::Conflict { state, message } => ApiError::Conflict {
-                message: format!("{message} (agent state: {state})"),
-                state,
-            },
-            ActionError::Refused(message) => ApiError::Unprocessable(message),
-            ActionError::Failed(message) => ApiError::Internal(message),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
+impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
-        let status = self.status();
-        if status.is_server_error() {
+        let code = status(&self);
+        if code.is_server_error() {
             // Logged here, where it is handled, not where it was passed up.
-            tracing::error!(code = status.as_u16(), "API request failed: {self}");
+            tracing::error!(code = code.as_u16(), "API request failed: {self}");
         }
-        let state = match &self {
-            ApiError::Conflict { state, .. } => Some(state.clone()),
-            ApiError::Unavailable { state, .. } => state.clone(),
-            _ => None,
-        };
         let body = ErrorBody {
             error: self.kind().to_string(),
             message: self.to_string(),
-            state,
+            state: self.state().cloned(),
         };
-        let mut resp = (status, Json(body)).into_response();
-        if status == StatusCode::UNAUTHORIZED {
+        let mut resp = (code, Json(body)).into_response();
+        // The error kind travels to the metrics middleware (`pgpilot_api_errors_total{kind}`).
+        resp.extensions_mut().insert(ErrorKind(self.kind()));
+        if code == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer"),
@@ -101,3 +45,7 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// The kind of an error response, for the metrics middleware.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorKind(pub &'static str);

@@ -6,5 +6,3 @@ pub mod extract;
 pub mod openapi;
 pub mod routes;
 pub mod server;
-
-pub use error::ApiError;

@@ -1,8 +1,7 @@
-//! The router and the two listeners: loopback (wal-push, wal-fetch, the CLI inside the pod)
-//! and the external address (the operator). Every route is declared here, with why it is or
-//! is not authenticated.
+//! The two listeners and their routers: loopback (wal-push, wal-fetch, the CLI inside the pod)
+//! and the external address (the operator, load balancers). Every route is declared here, with
+//! why it is or is not authenticated and which listener serves it.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
@@ -13,12 +12,13 @@ use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::ApiError;
 use super::auth::require_token;
 use super::routes::{backups, lifecycle, metrics, probes, restore, status, wal};
-use crate::supervisor::Shared;
+use crate::core::Handle;
+use crate::error::AgentError;
 
-pub fn router(shared: Arc<Shared>) -> Router {
+/// Routes both listeners serve.
+fn common() -> (Router<Handle>, Router<Handle>) {
     // Open: the kubelet and load balancers call the probes and role checks without
     // credentials, Prometheus scrapes /metrics, and /v1/status is read-only and holds no
     // secret (paths and positions only).
@@ -34,37 +34,51 @@ pub fn router(shared: Arc<Shared>) -> Router {
         // store URL carries no credentials), like /v1/status. Starting one needs the token.
         .route("/v1/backups", get(backups::list))
         .route("/v1/backups/{id}", get(backups::get));
-    // Bearer token: everything that changes the state of Postgres.
+    // Bearer token: everything that changes the state of Postgres (the operator on the pod
+    // IP, the CLI on loopback).
     let protected = Router::new()
         .route("/v1/restart", post(lifecycle::restart))
         .route("/v1/stop", post(lifecycle::stop))
         .route("/v1/start", post(lifecycle::start))
         .route("/v1/reload", post(lifecycle::reload))
-        // Archiving: wal-push and wal-fetch carry the token from the agent's runtime file.
         .route("/v1/restore", post(restore::restore))
+        .route("/v1/backups", post(backups::start));
+    (open, protected)
+}
+
+/// The external listener (pod IP): what the operator and load balancers call. Pod-internal
+/// routes (WAL push and fetch) are not served here.
+pub fn external_router(h: Handle) -> Router {
+    let (open, protected) = common();
+    finish(h, open, protected)
+}
+
+/// The loopback listener: everything the external one serves, plus the pod-only routes that
+/// `wal-push` (archive_command) and `wal-fetch` (restore_command) call from inside the pod.
+pub fn loopback_router(h: Handle) -> Router {
+    let (open, protected) = common();
+    // Bearer token from the agent's runtime file, which only the Postgres user can read.
+    let protected = protected
         .route("/v1/wal/push", post(wal::push))
-        .route("/v1/wal/fetch", post(wal::fetch))
-        .route("/v1/backups", post(backups::start))
-        .route_layer(middleware::from_fn_with_state(
-            shared.clone(),
-            require_token,
-        ));
+        .route("/v1/wal/fetch", post(wal::fetch));
+    finish(h, open, protected)
+}
+
+fn finish(h: Handle, open: Router<Handle>, protected: Router<Handle>) -> Router {
+    let protected = protected.route_layer(middleware::from_fn_with_state(h.clone(), require_token));
     open.merge(protected)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(
-            shared.clone(),
-            record_metrics,
-        ))
-        .with_state(shared)
+        .layer(middleware::from_fn_with_state(h.clone(), record_metrics))
+        .with_state(h)
 }
 
-async fn not_found(req: Request) -> ApiError {
-    ApiError::NotFound(format!("no route {} {}", req.method(), req.uri().path()))
+async fn not_found(req: Request) -> AgentError {
+    AgentError::NotFound(format!("no route {} {}", req.method(), req.uri().path()))
 }
 
-async fn method_not_allowed(req: Request) -> ApiError {
-    ApiError::MethodNotAllowed(format!(
+async fn method_not_allowed(req: Request) -> AgentError {
+    AgentError::MethodNotAllowed(format!(
         "{} is not allowed on {}",
         req.method(),
         req.uri().path()
@@ -72,7 +86,7 @@ async fn method_not_allowed(req: Request) -> ApiError {
 }
 
 /// Counts requests by route template (not raw path, to keep label cardinality bounded).
-async fn record_metrics(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+async fn record_metrics(State(h): State<Handle>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -81,27 +95,30 @@ async fn record_metrics(State(shared): State<Arc<Shared>>, req: Request, next: N
     let method = req.method().as_str().to_string();
     let start = Instant::now();
     let resp = next.run(req).await;
-    let m = &shared.metrics;
+    let m = &h.ctx.metrics;
     m.api_requests
         .with_label_values(&[&route, &method, resp.status().as_str()])
         .inc();
     m.api_duration
         .with_label_values(&[&route])
         .observe(start.elapsed().as_secs_f64());
+    if let Some(kind) = resp.extensions().get::<super::error::ErrorKind>() {
+        m.api_errors.with_label_values(&[&route, kind.0]).inc();
+    }
     resp
 }
 
 /// Serves the router on both listeners until `shutdown` is cancelled.
 pub async fn serve(
-    shared: Arc<Shared>,
+    h: Handle,
     loopback: TcpListener,
     external: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router(shared);
-    let a = axum::serve(loopback, app.clone())
+    let a = axum::serve(loopback, loopback_router(h.clone()))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let b = axum::serve(external, app).with_graceful_shutdown(shutdown.cancelled_owned());
+    let b = axum::serve(external, external_router(h))
+        .with_graceful_shutdown(shutdown.cancelled_owned());
     let (ra, rb) = tokio::join!(a.into_future(), b.into_future());
     ra.and(rb)
 }

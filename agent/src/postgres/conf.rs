@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::archive::runtime::sh_quote;
 use crate::config::{Config, ConfigError};
+use crate::files::{self, sh_quote};
 
-pub const INCLUDE_FILE: &str = "pgpilot.conf";
+pub use crate::files::INCLUDE_FILE;
 const INCLUDE_LINE: &str =
     "include_if_exists = 'pgpilot.conf'\t# added by pgpilot-agent; keep last";
 
@@ -108,9 +108,7 @@ pub fn settings(cfg: &Config, user: &BTreeMap<String, String>) -> Vec<(String, S
         let exe = std::env::current_exe()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "pgpilot-agent".into());
-        let runtime = crate::archive::runtime::ArchiveRuntime::path(cfg)
-            .display()
-            .to_string();
+        let runtime = files::archive_runtime(&cfg.state_dir).display().to_string();
         let (exe, runtime) = (sh_quote(&exe), sh_quote(&runtime));
         out.push(("archive_mode".into(), "on".into()));
         out.push((
@@ -148,7 +146,7 @@ pub fn render_pgpilot_conf(cfg: &Config, user: &BTreeMap<String, String>) -> Str
     // Present only while a restore recovers towards its target (restore/mod.rs).
     s.push_str(&format!(
         "include_if_exists = {}\n",
-        quote(crate::restore::RECOVERY_CONF)
+        quote(files::RECOVERY_CONF)
     ));
     s
 }

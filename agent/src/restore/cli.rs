@@ -64,6 +64,7 @@ impl RestoreTargetArgs {
 
     pub fn request(&self, opts: &RestoreOptions, force: bool) -> RestoreRequest {
         RestoreRequest {
+            cancel_backup: false,
             target: self.target(),
             backup_id: opts.backup_id.clone(),
             inclusive: opts.exclusive.then_some(false),

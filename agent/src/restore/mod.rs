@@ -1,12 +1,13 @@
 //! Point-in-time restore: choose the backup, check that the target can be reached, download and
-//! verify the base backup, and write the recovery settings. The supervisor then starts Postgres
-//! in recovery and follows it to promotion (see `supervisor.rs`).
+//! verify the base backup, and write the recovery settings. [`run`] is the operation the
+//! executor drives: it starts Postgres in recovery and follows it to promotion.
 //!
 //! Every refusal happens in [`plan`], before anything is stopped or deleted: no complete backup,
 //! a target before the earliest backup or after the last archived WAL, a gap in the WAL chain
 //! (named), a timeline without its history file, a wrong or missing encryption key.
 
 pub mod cli;
+pub mod run;
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
@@ -21,13 +22,12 @@ use pgpilot_common::manifest::BackupManifest;
 use pgpilot_common::wal::Lsn;
 
 use crate::archive::catalog::{self, Catalog};
-use crate::archive::push::timestamp;
 use crate::config::Config;
 use crate::postgres::OsUser;
 use crate::store::{Caching, Durability, Store};
+use crate::time::timestamp;
 
-/// The agent-owned include file holding the recovery target while a restore runs.
-pub const RECOVERY_CONF: &str = "pgpilot-recovery.conf";
+use crate::files::{RECOVERY_CONF, RECOVERY_SIGNAL, STANDBY_SIGNAL};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -36,6 +36,15 @@ pub enum RestoreError {
     Refused(String),
     #[error("{0}")]
     Failed(String),
+}
+
+impl From<RestoreError> for crate::error::AgentError {
+    fn from(e: RestoreError) -> Self {
+        match e {
+            RestoreError::Refused(m) => crate::error::AgentError::Refused(m),
+            RestoreError::Failed(m) => crate::error::AgentError::Failed(m),
+        }
+    }
 }
 
 fn refused(msg: impl Into<String>) -> RestoreError {
@@ -481,10 +490,10 @@ pub fn write_recovery_config(
     }
     crate::postgres::conf::write_if_changed(&cfg.data_dir.join(RECOVERY_CONF), &text, owner)
         .map_err(failed)?;
-    crate::postgres::conf::write_if_changed(&cfg.data_dir.join("recovery.signal"), "", owner)
+    crate::postgres::conf::write_if_changed(&cfg.data_dir.join(RECOVERY_SIGNAL), "", owner)
         .map_err(failed)?;
     // A standby.signal in the backup would make this a standby instead of a restore.
-    let _ = std::fs::remove_file(cfg.data_dir.join("standby.signal"));
+    let _ = std::fs::remove_file(cfg.data_dir.join(STANDBY_SIGNAL));
     Ok(())
 }
 

@@ -2,34 +2,18 @@
 //! (the store's backups and the recoverability window) and `GET /v1/backups/{id}` (one backup
 //! and its progress).
 
-use std::sync::Arc;
-
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use pgpilot_common::api::{BackupList, BackupProgress, BackupRequest, ErrorBody};
 
-use crate::archive::backup::{self, BackupError};
 use crate::archive::catalog;
-use crate::http::ApiError;
+use crate::core::Handle;
+use crate::error::AgentError;
 use crate::http::extract::OptionalJson;
-use crate::supervisor::Shared;
 
-impl From<BackupError> for ApiError {
-    fn from(e: BackupError) -> Self {
-        match e {
-            BackupError::State { state, message } => ApiError::Conflict { state, message },
-            BackupError::Invalid(m) => ApiError::BadRequest(m),
-            other => ApiError::Internal(other.to_string()),
-        }
-    }
-}
-
-fn conflict(shared: &Shared, message: String) -> ApiError {
-    ApiError::Conflict {
-        state: shared.state(),
-        message,
-    }
+fn conflict(h: &Handle, message: String) -> AgentError {
+    AgentError::conflict(&h.state(), message)
 }
 
 /// Start an online base backup of the primary. Runs in the background: poll
@@ -38,19 +22,14 @@ fn conflict(shared: &Shared, message: String) -> ApiError {
     request_body(content = Option<BackupRequest>, description = "optional"),
     responses((status = 202, description = "started", body = BackupProgress), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 409, description = "a backup is already running, no store is configured, or the agent is not a running primary", body = ErrorBody),
+        (status = 409, description = "an operation is in flight (named), no store is configured, or the agent is not a running primary", body = ErrorBody),
         (status = 500, body = ErrorBody)))]
 pub async fn start(
-    State(shared): State<Arc<Shared>>,
+    State(h): State<Handle>,
     OptionalJson(req): OptionalJson<BackupRequest>,
-) -> Result<(StatusCode, Json<BackupProgress>), ApiError> {
-    match backup::start(&shared, req).await {
-        Ok(p) => Ok((StatusCode::ACCEPTED, Json(p))),
-        Err(e @ (BackupError::Busy(_) | BackupError::NotConfigured)) => {
-            Err(conflict(&shared, e.to_string()))
-        }
-        Err(e) => Err(e.into()),
-    }
+) -> Result<(StatusCode, Json<BackupProgress>), AgentError> {
+    let p = h.backup(req).await?;
+    Ok((StatusCode::ACCEPTED, Json(p)))
 }
 
 /// The backups in the store (completed, incomplete, failed, running) and the recoverability
@@ -58,17 +37,16 @@ pub async fn start(
 #[utoipa::path(get, path = "/v1/backups", tag = "backups",
     responses((status = 200, body = BackupList), (status = 409, description = "no store configured", body = ErrorBody),
         (status = 500, description = "the store could not be listed", body = ErrorBody)))]
-pub async fn list(State(shared): State<Arc<Shared>>) -> Result<Json<BackupList>, ApiError> {
-    let archiver = shared.archiver.as_ref().ok_or_else(|| {
-        conflict(
-            &shared,
-            "no backup store is configured ([backup] store)".into(),
-        )
-    })?;
+pub async fn list(State(h): State<Handle>) -> Result<Json<BackupList>, AgentError> {
+    let archiver = h
+        .ctx
+        .archiver
+        .as_ref()
+        .ok_or_else(|| conflict(&h, "no backup store is configured ([backup] store)".into()))?;
     let cat = catalog::load(archiver.store(), archiver.layout())
         .await
-        .map_err(|e| ApiError::Internal(format!("listing backups: {e}")))?;
-    let runs = shared.backups.all();
+        .map_err(|e| AgentError::Failed(format!("listing backups: {e}")))?;
+    let runs = h.ctx.backups.all();
     let list = catalog::list(&cat, &runs);
     if let Some(newest) = list
         .backups
@@ -77,7 +55,7 @@ pub async fn list(State(shared): State<Arc<Shared>>) -> Result<Json<BackupList>,
         .find(|b| b.state == pgpilot_common::api::BackupState::Completed)
         && let Some(time) = &newest.stop_time
     {
-        shared
+        h.ctx
             .backups
             .note_completed(pgpilot_common::api::LastBackup {
                 id: newest.id.clone(),
@@ -94,33 +72,32 @@ pub async fn list(State(shared): State<Arc<Shared>>) -> Result<Json<BackupList>,
         (status = 404, description = "no such backup", body = ErrorBody), (status = 409, body = ErrorBody),
         (status = 500, body = ErrorBody)))]
 pub async fn get(
-    State(shared): State<Arc<Shared>>,
+    State(h): State<Handle>,
     Path(id): Path<String>,
-) -> Result<Json<BackupProgress>, ApiError> {
+) -> Result<Json<BackupProgress>, AgentError> {
     if !catalog::valid_id(&id) {
-        return Err(ApiError::BadRequest(format!(
+        return Err(AgentError::BadRequest(format!(
             "{id:?} is not a backup id (like 20261123T181500Z)"
         )));
     }
     // This agent's running or failed runs; completed ones are answered from the store, which
     // says whether they still exist (retention may have deleted them).
-    if let Some(p) = shared.backups.get(&id)
+    if let Some(p) = h.ctx.backups.get(&id)
         && p.state != pgpilot_common::api::BackupState::Completed
     {
         return Ok(Json(p));
     }
-    let archiver = shared.archiver.as_ref().ok_or_else(|| {
-        conflict(
-            &shared,
-            "no backup store is configured ([backup] store)".into(),
-        )
-    })?;
+    let archiver = h
+        .ctx
+        .archiver
+        .as_ref()
+        .ok_or_else(|| conflict(&h, "no backup store is configured ([backup] store)".into()))?;
     let found = catalog::load_backups(archiver.store(), archiver.layout(), Some(&id))
         .await
-        .map_err(|e| ApiError::Internal(format!("looking up backup {id}: {e}")))?;
+        .map_err(|e| AgentError::Failed(format!("looking up backup {id}: {e}")))?;
     match found.into_iter().find(|b| b.id == id) {
         Some(b) => Ok(Json(catalog::progress_from_store(&b))),
-        None => Err(ApiError::NotFound(format!(
+        None => Err(AgentError::NotFound(format!(
             "backup {id} not found in {}",
             archiver.store()
         ))),

@@ -1,8 +1,6 @@
 //! Kubernetes probes and load-balancer role checks. They answer 200 or 503 with a small JSON
 //! body, never anything slower than a one-second connection check.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Json;
@@ -11,40 +9,41 @@ use pgpilot_common::api::ErrorBody;
 use pgpilot_common::state::{AgentState, Role};
 use serde_json::{Value, json};
 
-use crate::http::ApiError;
+use crate::core::Handle;
+use crate::error::AgentError;
 use crate::postgres::sql;
-use crate::supervisor::Shared;
 
 /// Liveness: the agent's process answers. Postgres being down is not a reason to kill the pod
 /// (the agent restarts Postgres itself), so this does not look at Postgres.
 #[utoipa::path(get, path = "/healthz", tag = "probes", responses((status = 200, body = Object)))]
-pub async fn healthz(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    Json(json!({"status": "ok", "state": shared.state()}))
+pub async fn healthz(State(h): State<Handle>) -> Json<Value> {
+    Json(json!({"status": "ok", "state": h.state()}))
 }
 
-/// Readiness: Postgres runs and accepts connections now.
+/// Readiness: Postgres runs (as primary or replica, or replaying a restore) and accepts
+/// connections now.
 #[utoipa::path(get, path = "/readyz", tag = "probes", responses((status = 200, body = Object), (status = 503, body = ErrorBody)))]
-pub async fn readyz(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
-    let state = shared.state();
-    if !matches!(state, AgentState::Running { .. }) {
-        return Err(ApiError::Unavailable {
+pub async fn readyz(State(h): State<Handle>) -> Result<Json<Value>, AgentError> {
+    let state = h.state();
+    if !matches!(state, AgentState::Running { .. } | AgentState::Recovering) {
+        return Err(AgentError::Unavailable {
             message: format!("not ready: agent state is {state}"),
             state: Some(state),
         });
     }
-    let pw = shared.superuser_password.expose();
+    let pw = h.ctx.superuser_password.expose();
     match tokio::time::timeout(
         Duration::from_secs(1),
-        sql::connect(&shared.cfg, pw, Duration::from_secs(1)),
+        sql::connect(&h.ctx.cfg, pw, Duration::from_secs(1)),
     )
     .await
     {
         Ok(Ok(_)) => Ok(Json(json!({"status": "ready", "state": state}))),
-        Ok(Err(e)) => Err(ApiError::Unavailable {
+        Ok(Err(e)) => Err(AgentError::Unavailable {
             message: format!("not ready: cannot connect: {e}"),
             state: Some(state),
         }),
-        Err(_) => Err(ApiError::Unavailable {
+        Err(_) => Err(AgentError::Unavailable {
             message: "not ready: connection check timed out".into(),
             state: Some(state),
         }),
@@ -54,24 +53,24 @@ pub async fn readyz(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, Ap
 /// Startup: Postgres has accepted connections at least once since the agent started (crash
 /// recovery or a restore may take long; the startup probe gives it that time).
 #[utoipa::path(get, path = "/startupz", tag = "probes", responses((status = 200, body = Object), (status = 503, body = ErrorBody)))]
-pub async fn startupz(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
-    if shared.ever_running.load(Ordering::Relaxed) {
+pub async fn startupz(State(h): State<Handle>) -> Result<Json<Value>, AgentError> {
+    if h.snapshot().ever_running {
         Ok(Json(json!({"status": "started"})))
     } else {
-        let state = shared.state();
-        Err(ApiError::Unavailable {
+        let state = h.state();
+        Err(AgentError::Unavailable {
             message: format!("not started yet: agent state is {state}"),
             state: Some(state),
         })
     }
 }
 
-fn role_check(shared: &Shared, want: Role) -> Result<Json<Value>, ApiError> {
-    let state = shared.state();
+fn role_check(h: &Handle, want: Role) -> Result<Json<Value>, AgentError> {
+    let state = h.state();
     if state.role() == Some(want) {
         Ok(Json(json!({"role": want})))
     } else {
-        Err(ApiError::Unavailable {
+        Err(AgentError::Unavailable {
             message: format!("not a running {want:?}: agent state is {state}"),
             state: Some(state),
         })
@@ -80,12 +79,13 @@ fn role_check(shared: &Shared, want: Role) -> Result<Json<Value>, ApiError> {
 
 /// 200 when this instance is a running primary (for Services and load balancers).
 #[utoipa::path(get, path = "/primary", tag = "probes", responses((status = 200, body = Object), (status = 503, body = ErrorBody)))]
-pub async fn primary(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
-    role_check(&shared, Role::Primary)
+pub async fn primary(State(h): State<Handle>) -> Result<Json<Value>, AgentError> {
+    role_check(&h, Role::Primary)
 }
 
-/// 200 when this instance is a running replica.
+/// 200 when this instance is a running replica (not while it replays a restore: that is
+/// `Recovering`).
 #[utoipa::path(get, path = "/replica", tag = "probes", responses((status = 200, body = Object), (status = 503, body = ErrorBody)))]
-pub async fn replica(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
-    role_check(&shared, Role::Replica)
+pub async fn replica(State(h): State<Handle>) -> Result<Json<Value>, AgentError> {
+    role_check(&h, Role::Replica)
 }

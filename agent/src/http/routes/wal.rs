@@ -2,7 +2,6 @@
 //! (restore_command) call on the loopback listener.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
@@ -12,9 +11,9 @@ use pgpilot_common::api::{
 
 use crate::archive::fetch::FetchError;
 use crate::archive::push::PushError;
-use crate::http::ApiError;
+use crate::core::Handle;
+use crate::error::AgentError;
 use crate::http::extract::OptionalJson;
-use crate::supervisor::Shared;
 
 /// Archive one WAL file; answers once it is stored and verified.
 #[utoipa::path(post, path = "/v1/wal/push", tag = "archive", security(("bearer" = [])),
@@ -23,25 +22,29 @@ use crate::supervisor::Shared;
         (status = 409, description = "archiving not configured, or the archive holds different content under this name", body = ErrorBody),
         (status = 500, body = ErrorBody)))]
 pub async fn push(
-    State(shared): State<Arc<Shared>>,
+    State(h): State<Handle>,
     OptionalJson(req): OptionalJson<Option<WalPushRequest>>,
-) -> Result<Json<WalPushResponse>, ApiError> {
+) -> Result<Json<WalPushResponse>, AgentError> {
     let req = req.ok_or_else(|| {
-        ApiError::BadRequest("body {\"path\": \"pg_wal/<file>\"} is required".into())
+        AgentError::BadRequest("body {\"path\": \"pg_wal/<file>\"} is required".into())
     })?;
-    let archiver = shared.archiver.as_ref().ok_or_else(|| ApiError::Conflict {
-        state: shared.state(),
-        message: "WAL archiving is not configured: no [backup] store".into(),
-    })?;
-    let name = wal_name_from_path(&req.path, &shared.cfg.data_dir)?;
+    let archiver = h
+        .ctx
+        .archiver
+        .as_ref()
+        .ok_or_else(|| AgentError::Conflict {
+            state: h.state(),
+            message: "WAL archiving is not configured: no [backup] store".into(),
+        })?;
+    let name = wal_name_from_path(&req.path, &h.ctx.cfg.data_dir)?;
     match archiver.push(&name).await {
         Ok(r) => Ok(Json(r)),
-        Err(PushError::InvalidName(m)) => Err(ApiError::BadRequest(m)),
-        Err(PushError::Conflict(m)) => Err(ApiError::Conflict {
-            state: shared.state(),
+        Err(PushError::InvalidName(m)) => Err(AgentError::BadRequest(m)),
+        Err(PushError::Conflict(m)) => Err(AgentError::Conflict {
+            state: h.state(),
             message: m,
         }),
-        Err(PushError::Failed(m)) => Err(ApiError::Internal(m)),
+        Err(PushError::Failed(m)) => Err(AgentError::Failed(m)),
     }
 }
 
@@ -52,28 +55,28 @@ pub async fn push(
         (status = 404, description = "not in the archive (normal at the end of recovery)", body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 500, body = ErrorBody)))]
 pub async fn fetch(
-    State(shared): State<Arc<Shared>>,
+    State(h): State<Handle>,
     OptionalJson(req): OptionalJson<Option<WalFetchRequest>>,
-) -> Result<Json<WalFetchResponse>, ApiError> {
+) -> Result<Json<WalFetchResponse>, AgentError> {
     let req = req.ok_or_else(|| {
-        ApiError::BadRequest("body {\"name\": \"<WAL file name>\"} is required".into())
+        AgentError::BadRequest("body {\"name\": \"<WAL file name>\"} is required".into())
     })?;
-    let fetcher = shared.fetcher.as_ref().ok_or_else(|| ApiError::Conflict {
-        state: shared.state(),
+    let fetcher = h.ctx.fetcher.as_ref().ok_or_else(|| AgentError::Conflict {
+        state: h.state(),
         message: "WAL fetching is not configured: no [backup] store".into(),
     })?;
     match fetcher.fetch(&req.name).await {
         Ok(r) => Ok(Json(r)),
-        Err(FetchError::InvalidName(m)) => Err(ApiError::BadRequest(m)),
-        Err(FetchError::NotFound(name)) => {
-            Err(ApiError::NotFound(format!("{name} is not in the archive")))
-        }
-        Err(FetchError::Failed(m)) => Err(ApiError::Internal(m)),
+        Err(FetchError::InvalidName(m)) => Err(AgentError::BadRequest(m)),
+        Err(FetchError::NotFound(name)) => Err(AgentError::NotFound(format!(
+            "{name} is not in the archive"
+        ))),
+        Err(FetchError::Failed(m)) => Err(AgentError::Failed(m)),
     }
 }
 
 /// `pg_wal/<name>` (relative to the data dir) or an absolute path into the data dir's pg_wal.
-fn wal_name_from_path(path: &str, data_dir: &Path) -> Result<String, ApiError> {
+fn wal_name_from_path(path: &str, data_dir: &Path) -> Result<String, AgentError> {
     let p = Path::new(path);
     let rel = if p.is_absolute() {
         p.strip_prefix(data_dir).unwrap_or(p)
@@ -85,7 +88,7 @@ fn wal_name_from_path(path: &str, data_dir: &Path) -> Result<String, ApiError> {
         (Some(dir), Some(file), None) if dir.as_os_str() == "pg_wal" => {
             Ok(file.as_os_str().to_string_lossy().into_owned())
         }
-        _ => Err(ApiError::BadRequest(format!(
+        _ => Err(AgentError::BadRequest(format!(
             "{path:?} is not a file directly under pg_wal/ of the data dir"
         ))),
     }

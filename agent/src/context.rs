@@ -1,0 +1,74 @@
+//! The agent's read-only context: what it was configured and started with. Built once by
+//! [`crate::run`], shared by the executor and the HTTP routes behind an `Arc`, never changed.
+//! The agent's state is not here: the executor owns it and publishes it through
+//! [`crate::core::Handle`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::archive::backup::BackupRuns;
+use crate::archive::fetch::WalFetcher;
+use crate::archive::push::WalArchiver;
+use crate::config::Config;
+use crate::core::monitor::Monitor;
+use crate::metrics::Metrics;
+use crate::postgres::OsUser;
+use crate::postgres::bins::PgBinaries;
+use crate::postgres::process::LogTail;
+use crate::secrets::Secret;
+
+pub struct Context {
+    pub cfg: Config,
+    pub bins: PgBinaries,
+    /// The OS user Postgres runs as when the agent runs as root.
+    pub owner: Option<OsUser>,
+    pub superuser_password: Secret,
+    pub replication_password: Secret,
+    pub api_token: Secret,
+    pub metrics: Metrics,
+    /// WAL archiving, when a backup store is configured.
+    pub archiver: Option<Arc<WalArchiver>>,
+    /// WAL fetching for recovery, when a backup store is configured.
+    pub fetcher: Option<Arc<WalFetcher>>,
+    /// Progress records of this agent's base backups (written only by the backup tasks the
+    /// executor starts; read by the API).
+    pub backups: BackupRuns,
+    /// Postgres' last log lines (for failure reasons).
+    pub pg_log: LogTail,
+    /// The one long-lived monitoring connection to Postgres.
+    pub monitor: Monitor,
+    pub started_at: Instant,
+}
+
+impl Context {
+    /// Everything the agent needs besides its state.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: Config,
+        bins: PgBinaries,
+        owner: Option<OsUser>,
+        superuser_password: Secret,
+        replication_password: Secret,
+        api_token: Secret,
+        metrics: Metrics,
+        archiver: Option<Arc<WalArchiver>>,
+        fetcher: Option<Arc<WalFetcher>>,
+    ) -> Context {
+        let monitor = Monitor::new(&cfg, &superuser_password);
+        Context {
+            cfg,
+            bins,
+            owner,
+            superuser_password,
+            replication_password,
+            api_token,
+            metrics,
+            archiver,
+            fetcher,
+            backups: BackupRuns::default(),
+            pg_log: LogTail::default(),
+            monitor,
+            started_at: Instant::now(),
+        }
+    }
+}

@@ -1,0 +1,899 @@
+//! The executor: the one task that owns the postmaster and every long operation. One loop waits
+//! for the next event (a request, the postmaster's exit, a tick, the end of a crash backoff, an
+//! operation's task ending, shutdown); requests go through [`admit`] and the admitted step is
+//! carried out here; after every event the snapshot is published.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgpilot_common::api::{
+    BackupProgress, BackupRequest, LifecycleResponse, ReloadResponse, RestoreAccepted,
+    RestorePhase, RestoreRequest, ShutdownMode,
+};
+use pgpilot_common::state::{AgentState, BootstrapMethod, OperationKind, Role};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::admission::{Command, InFlight, Situation, Step, admit};
+use super::{OpRecord, Reply, Request, RuntimeInfo, Snapshot};
+use crate::archive::backup::{self, Run};
+use crate::context::Context;
+use crate::error::AgentError;
+use crate::postgres::process::Postmaster;
+use crate::postgres::{bootstrap, conf, sql};
+use crate::restore::{self, RestoreError, RestorePlan};
+
+/// How long a fast or smart shutdown may take before the agent escalates to immediate.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A run this long resets the crash backoff.
+const STABLE_RUN: Duration = Duration::from_secs(60);
+/// How often a starting Postgres is probed, and how often a running one is looked at.
+const PROBE_STARTING: Duration = Duration::from_millis(100);
+const PROBE_RUNNING: Duration = Duration::from_millis(500);
+/// How long a cancelled backup may take to end (its session closes, Postgres aborts it).
+const CANCEL_GRACE: Duration = Duration::from_secs(10);
+
+/// How the agent begins, decided by `run` from the data dir and the command line.
+pub enum Begin {
+    /// The data dir holds a cluster: start it.
+    Existing,
+    /// The data dir is empty: initdb, then start.
+    Initdb,
+    /// The data dir is empty: restore into it (`run --bootstrap-from-backup`).
+    Restore(Box<RestoreRequest>),
+}
+
+/// The long operation the executor is carrying out.
+enum OpTask {
+    Backup {
+        run: Arc<Run>,
+        task: JoinHandle<()>,
+        cancel: CancellationToken,
+    },
+    Restore {
+        plan: Box<RestorePlan>,
+        progress: restore::Progress,
+        /// Set while the base backup downloads (polled by the executor's loop, dropped to
+        /// abandon it); `None` once Postgres replays.
+        download: Option<Download>,
+    },
+}
+
+impl OpTask {
+    fn in_flight(&self) -> InFlight {
+        match self {
+            OpTask::Backup { run, .. } => InFlight {
+                kind: OperationKind::Backup,
+                id: run.id.clone(),
+            },
+            OpTask::Restore { plan, .. } => InFlight {
+                kind: OperationKind::Restore,
+                id: plan.manifest.id.clone(),
+            },
+        }
+    }
+}
+
+/// The download of a restore: a future the executor polls in its loop (its stream of
+/// per-file futures is not `Send`, so it is not a spawned task; dropping it abandons it).
+type Download = Pin<Box<dyn Future<Output = Result<(), RestoreError>>>>;
+
+enum Event {
+    Shutdown,
+    Request(Request),
+    Exited(std::io::Result<std::process::ExitStatus>),
+    Tick,
+    Retry,
+    BackupEnded,
+    Downloaded(Result<(), RestoreError>),
+}
+
+pub struct Executor {
+    ctx: Arc<Context>,
+    status: watch::Sender<Snapshot>,
+    requests: mpsc::Receiver<Request>,
+    state: AgentState,
+    pm: Option<Postmaster>,
+    runtime: RuntimeInfo,
+    ever_running: bool,
+    /// In a crash backoff: when to start again.
+    retry_at: Option<tokio::time::Instant>,
+    backoff: Duration,
+    next_tick: tokio::time::Instant,
+    /// Start and restart requests answered once Postgres accepts connections.
+    pending_start: Vec<Reply<LifecycleResponse>>,
+    op: Option<OpTask>,
+    last_op: Option<OpRecord>,
+    last_restore: Option<restore::Progress>,
+    /// A failed restore ends the agent (it was `run --bootstrap-from-backup`).
+    exit_on_restore_failure: bool,
+}
+
+impl Executor {
+    pub(super) fn new(
+        ctx: Arc<Context>,
+        status: watch::Sender<Snapshot>,
+        requests: mpsc::Receiver<Request>,
+        initial: AgentState,
+    ) -> Executor {
+        Executor {
+            ctx,
+            status,
+            requests,
+            state: initial,
+            pm: None,
+            runtime: RuntimeInfo::default(),
+            ever_running: false,
+            retry_at: None,
+            backoff: BACKOFF_MIN,
+            next_tick: tokio::time::Instant::now(),
+            pending_start: Vec::new(),
+            op: None,
+            last_op: None,
+            last_restore: None,
+            exit_on_restore_failure: false,
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled, then ends every operation, stops Postgres (fast) and
+    /// returns. An error says why the agent could not start at all (initdb or the initial
+    /// restore failed).
+    pub async fn run(mut self, begin: Begin, shutdown: CancellationToken) -> Result<(), String> {
+        match begin {
+            Begin::Existing => self.spawn_postgres(),
+            Begin::Initdb => {
+                self.set_state(AgentState::Bootstrapping {
+                    method: BootstrapMethod::Initdb,
+                });
+                let ctx = &self.ctx;
+                let cfg = &ctx.cfg;
+                if let Err(e) = bootstrap::initdb(
+                    &ctx.bins,
+                    &cfg.data_dir,
+                    &cfg.superuser,
+                    &ctx.superuser_password,
+                    &cfg.socket_dir(),
+                    ctx.owner.as_ref(),
+                )
+                .await
+                {
+                    let reason = e.to_string();
+                    self.set_state(AgentState::Failed {
+                        reason: reason.clone(),
+                    });
+                    return Err(reason);
+                }
+                self.spawn_postgres();
+            }
+            Begin::Restore(req) => {
+                self.set_state(AgentState::Bootstrapping {
+                    method: BootstrapMethod::Restore,
+                });
+                self.exit_on_restore_failure = true;
+                let plan = self.plan_restore(&req).await.map_err(|e| e.to_string())?;
+                self.begin_restore(plan, false);
+            }
+        }
+        loop {
+            self.publish();
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => Event::Shutdown,
+                Some(req) = self.requests.recv() => Event::Request(req),
+                status = wait_exit(&mut self.pm) => Event::Exited(status),
+                _ = wait_until(self.retry_at) => Event::Retry,
+                ended = wait_op(&mut self.op) => ended,
+                _ = tokio::time::sleep_until(self.next_tick) => Event::Tick,
+            };
+            match event {
+                Event::Shutdown => {
+                    self.shut_down().await;
+                    return Ok(());
+                }
+                Event::Request(req) => self.handle(req).await,
+                Event::Exited(status) => self.on_exit(status),
+                Event::Retry => {
+                    self.retry_at = None;
+                    self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                    self.spawn_postgres();
+                }
+                Event::Tick => self.on_tick().await,
+                Event::BackupEnded => {
+                    if let Some(OpTask::Backup { run, .. }) = self.op.take() {
+                        self.last_op = Some(OpRecord::Backup(run));
+                    }
+                }
+                Event::Downloaded(result) => {
+                    if let Err(reason) = self.on_downloaded(result) {
+                        self.publish();
+                        return Err(reason);
+                    }
+                }
+            }
+        }
+    }
+
+    // ----- state and snapshot -----
+
+    fn set_state(&mut self, new: AgentState) {
+        if self.state != new {
+            tracing::info!(from = %self.state, to = %new, "agent state");
+        }
+        if matches!(new, AgentState::Running { .. } | AgentState::Recovering) {
+            self.ever_running = true;
+        }
+        self.ctx.metrics.set_state(&new);
+        self.state = new;
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let operation = match &self.op {
+            Some(OpTask::Backup { run, .. }) => Some(OpRecord::Backup(run.clone())),
+            Some(OpTask::Restore { progress, .. }) => Some(OpRecord::Restore(progress.clone())),
+            None => self.last_op.clone(),
+        };
+        self.ctx.metrics.postgres_up.set(i64::from(matches!(
+            self.state,
+            AgentState::Running { .. } | AgentState::Recovering
+        )));
+        self.status.send_replace(Snapshot {
+            state: self.state.clone(),
+            in_flight: self.op.as_ref().map(OpTask::in_flight),
+            operation,
+            restore: self.last_restore.clone(),
+            runtime: self.runtime.clone(),
+            ever_running: self.ever_running,
+        });
+    }
+
+    fn situation(&self) -> Situation {
+        Situation {
+            state: self.state.clone(),
+            in_flight: self.op.as_ref().map(OpTask::in_flight),
+        }
+    }
+
+    fn conflict(&self, message: impl Into<String>) -> AgentError {
+        AgentError::conflict(&self.state, message)
+    }
+
+    // ----- requests -----
+
+    async fn handle(&mut self, req: Request) {
+        let cmd = match &req {
+            Request::Stop { req, .. } => Command::Stop {
+                mode: req.mode,
+                cancel_backup: req.cancel_backup,
+            },
+            Request::Start { .. } => Command::Start,
+            Request::Restart { req, .. } => Command::Restart {
+                mode: req.mode,
+                cancel_backup: req.cancel_backup,
+            },
+            Request::Reload { .. } => Command::Reload,
+            Request::Restore { req, .. } => Command::Restore {
+                force: req.force,
+                replaces_cluster: std::fs::read_dir(&self.ctx.cfg.data_dir)
+                    .is_ok_and(|mut d| d.next().is_some()),
+                cancel_backup: req.cancel_backup,
+            },
+            Request::Backup { .. } => Command::Backup,
+        };
+        let step = admit(&self.situation(), &cmd);
+        tracing::debug!(?cmd, ?step, "admission");
+        match (req, step) {
+            (Request::Stop { reply, .. }, Err(e))
+            | (Request::Start { reply }, Err(e))
+            | (Request::Restart { reply, .. }, Err(e)) => {
+                let _ = reply.send(Err(e));
+            }
+            (Request::Reload { reply }, Err(e)) => {
+                let _ = reply.send(Err(e));
+            }
+            (Request::Restore { reply, .. }, Err(e)) => {
+                let _ = reply.send(Err(e));
+            }
+            (Request::Backup { reply, .. }, Err(e)) => {
+                let _ = reply.send(Err(e));
+            }
+            (Request::Stop { reply, .. }, Ok(step)) => {
+                let r = self.stop_step(step).await;
+                let _ = reply.send(r);
+            }
+            (Request::Start { reply }, Ok(_)) => {
+                self.retry_at = None;
+                self.backoff = BACKOFF_MIN;
+                self.pending_start.push(reply);
+                self.spawn_postgres();
+            }
+            (Request::Restart { reply, .. }, Ok(step)) => self.restart_step(step, reply).await,
+            (Request::Reload { reply }, Ok(_)) => {
+                let _ = reply.send(self.reload().await);
+            }
+            (Request::Restore { req, reply }, Ok(Step::Restore { cancel })) => {
+                self.restore_step(*req, cancel, reply).await
+            }
+            (Request::Backup { req, reply }, Ok(_)) => {
+                let _ = reply.send(self.begin_backup(req).await);
+            }
+            (Request::Restore { reply, .. }, Ok(step)) => {
+                let _ = reply.send(Err(AgentError::Failed(format!(
+                    "internal: restore admitted as {step:?}"
+                ))));
+            }
+        }
+    }
+
+    async fn stop_step(&mut self, step: Step) -> Result<LifecycleResponse, AgentError> {
+        match step {
+            Step::Stop { mode, cancel } => {
+                if cancel {
+                    self.cancel_backup("stop requested with cancel_backup")
+                        .await;
+                }
+                self.stop_postgres(mode).await?;
+                self.set_state(AgentState::Stopped);
+            }
+            Step::StayStopped => {
+                self.retry_at = None;
+                self.backoff = BACKOFF_MIN;
+                self.set_state(AgentState::Stopped);
+            }
+            other => {
+                return Err(AgentError::Failed(format!(
+                    "internal: stop admitted as {other:?}"
+                )));
+            }
+        }
+        Ok(LifecycleResponse {
+            state: self.state.clone(),
+            postmaster_pid: None,
+        })
+    }
+
+    async fn restart_step(&mut self, step: Step, reply: Reply<LifecycleResponse>) {
+        match step {
+            Step::Restart { mode, cancel } => {
+                self.ctx.metrics.requested_restarts.inc();
+                self.runtime.requested_restarts += 1;
+                if cancel {
+                    self.cancel_backup("restart requested with cancel_backup")
+                        .await;
+                }
+                if let Err(e) = self.stop_postgres(mode).await {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            }
+            Step::Start => {
+                self.retry_at = None;
+                self.backoff = BACKOFF_MIN;
+            }
+            other => {
+                let _ = reply.send(Err(AgentError::Failed(format!(
+                    "internal: restart admitted as {other:?}"
+                ))));
+                return;
+            }
+        }
+        self.pending_start.push(reply);
+        self.spawn_postgres();
+    }
+
+    /// Re-renders the configuration from the config file and signals Postgres to re-read it.
+    async fn reload(&mut self) -> Result<ReloadResponse, AgentError> {
+        let ctx = self.ctx.clone();
+        let cfg = &ctx.cfg;
+        let params: BTreeMap<String, String> = cfg
+            .reread_parameters()
+            .map_err(|e| AgentError::Failed(format!("config file not reloaded: {e}")))?;
+        let changed = conf::render_all(cfg, &params, ctx.owner.as_ref())
+            .map_err(|e| AgentError::Failed(format!("cannot render configuration: {e}")))?;
+        let Some(pm) = &self.pm else {
+            return Err(self.conflict("Postgres is not running; nothing to reload"));
+        };
+        pm.reload();
+        tracing::info!(?changed, "configuration reloaded");
+        // Postgres applies SIGHUP asynchronously; give it a moment before asking what is pending.
+        let client = ctx.monitor.client().await.map_err(|e| {
+            AgentError::Failed(format!("reload sent, but cannot connect to check it: {e}"))
+        })?;
+        let mut pending_restart = Vec::new();
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            pending_restart = sql::pending_restart(&client).await.map_err(|e| {
+                AgentError::Failed(format!(
+                    "reload sent, but pg_settings could not be read: {e}"
+                ))
+            })?;
+            if !pending_restart.is_empty() {
+                break;
+            }
+        }
+        Ok(ReloadResponse {
+            changed,
+            pending_restart,
+        })
+    }
+
+    // ----- the postmaster -----
+
+    /// Renders the configuration and starts the postmaster; `Starting` until it accepts
+    /// connections (see `on_tick`).
+    fn spawn_postgres(&mut self) {
+        let ctx = self.ctx.clone();
+        let cfg = &ctx.cfg;
+        let params = match cfg.reread_parameters() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(
+                    "config file: {e}; starting with the parameters read at agent start"
+                );
+                cfg.parameters.clone()
+            }
+        };
+        self.set_state(AgentState::Starting);
+        if let Err(e) = conf::render_all(cfg, &params, ctx.owner.as_ref()) {
+            return self.crashed(
+                format!(
+                    "cannot render configuration into {}: {e}",
+                    cfg.data_dir.display()
+                ),
+                false,
+            );
+        }
+        match Postmaster::spawn(&ctx.bins, &cfg.data_dir, ctx.owner.as_ref(), &ctx.pg_log) {
+            Ok(pm) => {
+                self.runtime.postmaster_pid = Some(pm.pid());
+                self.runtime.running_since = None;
+                self.pm = Some(pm);
+                self.next_tick = tokio::time::Instant::now() + PROBE_STARTING;
+            }
+            Err(e) => self.crashed(
+                format!("cannot start {}: {e}", ctx.bins.path("postgres").display()),
+                false,
+            ),
+        }
+    }
+
+    async fn stop_postgres(&mut self, mode: ShutdownMode) -> Result<(), AgentError> {
+        let Some(mut pm) = self.pm.take() else {
+            return Ok(());
+        };
+        self.set_state(AgentState::Stopping);
+        tracing::info!(postmaster_pid = pm.pid(), ?mode, "stopping Postgres");
+        let result = pm.shutdown(mode, SHUTDOWN_GRACE).await;
+        self.postmaster_gone().await;
+        match result {
+            Ok(status) => {
+                tracing::info!(postmaster_pid = pm.pid(), %status, "Postgres stopped");
+                Ok(())
+            }
+            Err(e) => {
+                let reason = format!("waiting for the postmaster to exit: {e}");
+                self.set_state(AgentState::Failed {
+                    reason: reason.clone(),
+                });
+                Err(AgentError::Failed(reason))
+            }
+        }
+    }
+
+    async fn postmaster_gone(&mut self) {
+        self.runtime.postmaster_pid = None;
+        self.runtime.running_since = None;
+        self.ctx.monitor.reset().await;
+    }
+
+    /// The postmaster exited on its own.
+    fn on_exit(&mut self, status: std::io::Result<std::process::ExitStatus>) {
+        self.pm = None;
+        let stable = self
+            .runtime
+            .running_since
+            .is_some_and(|t| t.elapsed() >= STABLE_RUN);
+        self.runtime.postmaster_pid = None;
+        self.runtime.running_since = None;
+        let reason = match status {
+            Ok(s) => format!("postmaster exited unexpectedly ({s})"),
+            Err(e) => format!("lost track of the postmaster: {e}"),
+        };
+        // While recovering towards a restore target, an exit ends the restore: no restart, the
+        // data dir is left for inspection.
+        if matches!(self.op, Some(OpTask::Restore { download: None, .. })) {
+            let why = self.ctx.pg_log.worst().unwrap_or(reason);
+            let reason = format!(
+                "Postgres stopped during recovery: {why}. The data dir {} is left as it is for inspection",
+                self.ctx.cfg.data_dir.display()
+            );
+            self.fail_restore(reason);
+            return;
+        }
+        self.crashed(reason, stable);
+    }
+
+    /// Postgres is down for a reason other than a request: count it, answer waiting starts,
+    /// retry after the backoff.
+    fn crashed(&mut self, reason: String, stable: bool) {
+        self.pm = None;
+        if stable {
+            self.backoff = BACKOFF_MIN;
+        }
+        self.ctx.metrics.crash_restarts.inc();
+        self.runtime.crash_restarts += 1;
+        self.runtime.last_failure = Some(reason.clone());
+        for reply in self.pending_start.drain(..) {
+            let _ = reply.send(Err(AgentError::Failed(format!(
+                "Postgres did not start: {reason}"
+            ))));
+        }
+        let backoff = self.backoff;
+        tracing::error!(retry_in = ?backoff, "Postgres is down: {reason}");
+        self.set_state(AgentState::Failed {
+            reason: format!("{reason}; restarting in {backoff:?}"),
+        });
+        self.retry_at = Some(tokio::time::Instant::now() + backoff);
+    }
+
+    /// Starting: probe until Postgres accepts connections. Running or recovering: follow role
+    /// changes (a promotion) and a restore's replay.
+    async fn on_tick(&mut self) {
+        let period = if self.state == AgentState::Starting {
+            PROBE_STARTING
+        } else {
+            PROBE_RUNNING
+        };
+        self.next_tick = tokio::time::Instant::now() + period;
+        if self.pm.is_none() {
+            return;
+        }
+        let ctx = self.ctx.clone();
+        let obs = match ctx.monitor.observe().await {
+            Ok(o) => o,
+            Err(e) => {
+                if e.is_wrong_password() {
+                    // A data dir restored from another node's backup keeps that node's
+                    // superuser password: waiting will not help, say so once.
+                    let msg = format!(
+                        "Postgres refuses the superuser password from {}: it is not this cluster's password \
+                         (a restored backup keeps the password of the cluster it was taken from)",
+                        ctx.cfg.superuser_password.path.display()
+                    );
+                    if self.runtime.last_failure.as_deref() != Some(msg.as_str()) {
+                        tracing::error!("{msg}");
+                        self.runtime.last_failure = Some(msg);
+                    }
+                    self.next_tick = tokio::time::Instant::now() + Duration::from_secs(1);
+                }
+                return;
+            }
+        };
+        if self.state == AgentState::Starting {
+            self.runtime.running_since = Some(Instant::now());
+            self.runtime.last_failure = None;
+        }
+        // A restore's replay: progress, and completion once Postgres left recovery (whether or
+        // not a tick saw it in recovery: a short replay ends before the first probe).
+        if let Some(OpTask::Restore {
+            progress,
+            download: None,
+            ..
+        }) = &self.op
+        {
+            let progress = progress.clone();
+            if obs.replayed_lsn.is_some() {
+                progress.lock().expect("progress lock").replayed_lsn = obs.replayed_lsn.clone();
+            }
+            if obs.in_recovery {
+                if self.state != AgentState::Recovering {
+                    self.set_state(AgentState::Recovering);
+                }
+            } else {
+                self.complete_restore(progress).await;
+            }
+        }
+        let new = if self.op_is_replaying() {
+            AgentState::Recovering
+        } else {
+            AgentState::Running {
+                role: if obs.in_recovery {
+                    Role::Replica
+                } else {
+                    Role::Primary
+                },
+            }
+        };
+        if new != self.state {
+            let became_primary = new.role() == Some(Role::Primary);
+            self.set_state(new);
+            if became_primary {
+                self.ensure_roles().await;
+            }
+        }
+        if !self.pending_start.is_empty() {
+            let resp = LifecycleResponse {
+                state: self.state.clone(),
+                postmaster_pid: self.runtime.postmaster_pid,
+            };
+            for reply in self.pending_start.drain(..) {
+                let _ = reply.send(Ok(resp.clone()));
+            }
+        }
+    }
+
+    fn op_is_replaying(&self) -> bool {
+        matches!(self.op, Some(OpTask::Restore { download: None, .. }))
+    }
+
+    async fn ensure_roles(&self) {
+        let ctx = &self.ctx;
+        let cfg = &ctx.cfg;
+        let result = async {
+            let client = ctx.monitor.client().await.map_err(|e| e.to_string())?;
+            sql::ensure_replication_role(
+                &client,
+                &cfg.replication_user,
+                ctx.replication_password.expose(),
+            )
+            .await
+            .map_err(|e| e.to_string())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::error!(role = %cfg.replication_user, "cannot create or update the replication role: {e}");
+        }
+    }
+
+    // ----- base backups -----
+
+    async fn begin_backup(&mut self, req: BackupRequest) -> Result<BackupProgress, AgentError> {
+        let Some(archiver) = &self.ctx.archiver else {
+            return Err(
+                self.conflict("base backups need a backup store: no [backup] store is configured")
+            );
+        };
+        let deps = backup::BackupDeps {
+            cfg: self.ctx.cfg.clone(),
+            superuser_password: self.ctx.superuser_password.clone(),
+            store: archiver.store().clone(),
+            layout: archiver.layout().clone(),
+            metrics: self.ctx.metrics.archive.clone(),
+            runs: self.ctx.backups.clone(),
+        };
+        let cancel = CancellationToken::new();
+        let started = backup::begin(deps, req, cancel.clone()).await?;
+        let snapshot = started.run.snapshot();
+        self.op = Some(OpTask::Backup {
+            run: started.run,
+            task: started.task,
+            cancel,
+        });
+        Ok(snapshot)
+    }
+
+    /// Cancels the backup in flight, if any, and waits (bounded) for its task to end.
+    async fn cancel_backup(&mut self, why: &str) {
+        if let Some(OpTask::Backup { run, task, cancel }) = self.op.take() {
+            tracing::warn!(backup = %run.id, "cancelling the base backup: {why}");
+            cancel.cancel();
+            if tokio::time::timeout(CANCEL_GRACE, task).await.is_err() {
+                tracing::error!(backup = %run.id, "the cancelled backup did not end within {CANCEL_GRACE:?}");
+            }
+            self.last_op = Some(OpRecord::Backup(run));
+        }
+    }
+
+    // ----- restores -----
+
+    async fn plan_restore(&self, req: &RestoreRequest) -> Result<RestorePlan, AgentError> {
+        let Some(archiver) = &self.ctx.archiver else {
+            return Err(self.conflict(
+                "no backup store is configured ([backup] in the config, or --backup-store)",
+            ));
+        };
+        restore::plan(archiver.store(), archiver.layout(), req)
+            .await
+            .map_err(AgentError::from)
+    }
+
+    async fn restore_step(
+        &mut self,
+        req: RestoreRequest,
+        cancel: bool,
+        reply: Reply<RestoreAccepted>,
+    ) {
+        let plan = match self.plan_restore(&req).await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if cancel {
+            self.cancel_backup("restore requested with cancel_backup")
+                .await;
+        }
+        // The progress is published before the answer, so a caller polling /v1/status never
+        // mistakes the previous restore's result for this one's.
+        let progress = restore::new_progress(&plan);
+        let accepted = RestoreAccepted {
+            backup_id: plan.manifest.id.clone(),
+            target: plan.description.clone(),
+            started_at: progress.lock().expect("progress lock").started_at.clone(),
+        };
+        self.last_restore = Some(progress.clone());
+        self.publish();
+        let _ = reply.send(Ok(accepted));
+        self.retry_at = None;
+        if let Err(e) = self.stop_postgres(ShutdownMode::Fast).await {
+            let reason = format!("could not stop Postgres before restoring: {e}");
+            let mut p = progress.lock().expect("progress lock");
+            p.phase = RestorePhase::Failed;
+            p.error = Some(reason.clone());
+            p.finished_at = Some(crate::time::now());
+            drop(p);
+            self.last_op = Some(OpRecord::Restore(progress));
+            self.set_state(AgentState::Failed { reason });
+            return;
+        }
+        self.begin_restore_with(plan, req.force, progress);
+    }
+
+    fn begin_restore(&mut self, plan: RestorePlan, force: bool) {
+        let progress = restore::new_progress(&plan);
+        self.last_restore = Some(progress.clone());
+        self.begin_restore_with(plan, force, progress);
+    }
+
+    /// Downloads the backup in a task (`Restoring`); the executor keeps answering requests.
+    fn begin_restore_with(&mut self, plan: RestorePlan, force: bool, progress: restore::Progress) {
+        self.set_state(AgentState::Restoring);
+        tracing::info!(backup = %plan.manifest.id, "restoring {}", plan.description);
+        let ctx = self.ctx.clone();
+        let task_plan = plan.clone();
+        let task_progress = progress.clone();
+        let download: Download = Box::pin(async move {
+            let archiver = ctx
+                .archiver
+                .as_ref()
+                .ok_or_else(|| RestoreError::Failed("no backup store".into()))?;
+            if let Some(f) = &ctx.fetcher {
+                f.set_segment_size(task_plan.manifest.wal_segment_size);
+                let _ = f.reset_spool();
+            }
+            restore::run::download_and_prepare(
+                &ctx.cfg,
+                archiver.store(),
+                archiver.layout(),
+                &task_plan,
+                ctx.owner.as_ref(),
+                force,
+                &task_progress,
+            )
+            .await
+        });
+        self.op = Some(OpTask::Restore {
+            plan: Box::new(plan),
+            progress,
+            download: Some(download),
+        });
+    }
+
+    /// The download ended: start Postgres in recovery, or fail the restore.
+    fn on_downloaded(&mut self, result: Result<(), RestoreError>) -> Result<(), String> {
+        match result {
+            Ok(()) => {
+                if let Some(OpTask::Restore {
+                    progress, download, ..
+                }) = &mut self.op
+                {
+                    *download = None;
+                    progress.lock().expect("progress lock").phase = RestorePhase::Replaying;
+                }
+                self.spawn_postgres();
+                Ok(())
+            }
+            Err(e) => {
+                let id = match &self.op {
+                    Some(OpTask::Restore { plan, .. }) => plan.manifest.id.clone(),
+                    _ => "?".into(),
+                };
+                let reason = format!("restore of backup {id} failed: {e}");
+                self.fail_restore(reason.clone());
+                if self.exit_on_restore_failure {
+                    Err(reason)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Ends the restore in flight as failed; Postgres stays down (`Failed`).
+    fn fail_restore(&mut self, reason: String) {
+        if let Some(OpTask::Restore { progress, .. }) = self.op.take() {
+            restore::run::mark_failed(&progress, &reason);
+            self.last_op = Some(OpRecord::Restore(progress));
+        }
+        tracing::error!("{reason}");
+        self.set_state(AgentState::Failed { reason });
+    }
+
+    /// Postgres promoted at the target: the restore is complete.
+    async fn complete_restore(&mut self, progress: restore::Progress) {
+        let timeline = self
+            .ctx
+            .monitor
+            .status()
+            .await
+            .ok()
+            .and_then(|s| s.timeline);
+        let started = self.runtime.running_since;
+        restore::run::mark_completed(&self.ctx.cfg, &progress, timeline, started);
+        if let Some(OpTask::Restore { progress, .. }) = self.op.take() {
+            self.last_op = Some(OpRecord::Restore(progress));
+        }
+    }
+
+    // ----- shutdown -----
+
+    async fn shut_down(&mut self) {
+        match self.op.take() {
+            Some(OpTask::Backup { run, task, cancel }) => {
+                self.op = Some(OpTask::Backup { run, task, cancel });
+                self.cancel_backup("the agent is shutting down").await;
+            }
+            Some(OpTask::Restore {
+                plan,
+                progress,
+                download,
+            }) => {
+                if let Some(d) = download {
+                    drop(d);
+                    tracing::warn!(backup = %plan.manifest.id, "restore download abandoned: the agent is shutting down");
+                    restore::run::mark_failed(&progress, "the agent shut down during the download");
+                }
+                self.last_op = Some(OpRecord::Restore(progress));
+            }
+            None => {}
+        }
+        let _ = self.stop_postgres(ShutdownMode::Fast).await;
+        for reply in self.pending_start.drain(..) {
+            let _ = reply.send(Err(AgentError::Failed("the agent is shutting down".into())));
+        }
+        self.set_state(AgentState::Stopped);
+    }
+}
+
+async fn wait_exit(pm: &mut Option<Postmaster>) -> std::io::Result<std::process::ExitStatus> {
+    match pm {
+        Some(pm) => pm.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_op(op: &mut Option<OpTask>) -> Event {
+    match op {
+        Some(OpTask::Backup { task, .. }) => {
+            let _ = task.await;
+            Event::BackupEnded
+        }
+        Some(OpTask::Restore {
+            download: Some(d), ..
+        }) => Event::Downloaded(d.await),
+        _ => std::future::pending().await,
+    }
+}

@@ -1,0 +1,240 @@
+//! The agent's core: one state machine that owns every operation.
+//!
+//! - [`admission`] is the pure rule book: situation × command → step or refusal.
+//! - [`executor`] is the one task that owns the postmaster and every long operation (base
+//!   backups, restores; next switchover and drain). It admits each request through
+//!   [`admission::admit`], carries out the step, and publishes one [`Snapshot`].
+//! - [`Handle`] is what everything else holds: the read-only [`Context`], a request sender and
+//!   a `watch` of the snapshot. Nothing outside the executor changes the agent's state.
+//! - [`monitor`] is the one long-lived monitoring connection to Postgres.
+
+pub mod admission;
+pub mod executor;
+pub mod monitor;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use pgpilot_common::api::{
+    BackupProgress, BackupRequest, BackupState, LifecycleResponse, ReloadResponse, RestoreAccepted,
+    RestorePhase, RestoreProgress, RestoreRequest, ShutdownRequest,
+};
+use pgpilot_common::state::{AgentState, Operation, OperationKind, Outcome, Progress};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::archive::backup::Run;
+use crate::context::Context;
+use crate::error::AgentError;
+use crate::restore;
+
+pub use admission::InFlight;
+
+type Reply<T> = oneshot::Sender<Result<T, AgentError>>;
+
+/// Requests the executor serves, each with its reply channel.
+#[derive(Debug)]
+pub(crate) enum Request {
+    Stop {
+        req: ShutdownRequest,
+        reply: Reply<LifecycleResponse>,
+    },
+    Start {
+        reply: Reply<LifecycleResponse>,
+    },
+    Restart {
+        req: ShutdownRequest,
+        reply: Reply<LifecycleResponse>,
+    },
+    Reload {
+        reply: Reply<ReloadResponse>,
+    },
+    Restore {
+        req: Box<RestoreRequest>,
+        reply: Reply<RestoreAccepted>,
+    },
+    Backup {
+        req: BackupRequest,
+        reply: Reply<BackupProgress>,
+    },
+}
+
+/// Facts about the running Postgres that `/v1/status` reports.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeInfo {
+    pub postmaster_pid: Option<u32>,
+    pub running_since: Option<Instant>,
+    pub crash_restarts: u64,
+    pub requested_restarts: u64,
+    pub last_failure: Option<String>,
+}
+
+/// The live record of an operation: its progress is updated by the task doing the work.
+#[derive(Clone)]
+pub enum OpRecord {
+    Backup(Arc<Run>),
+    Restore(restore::Progress),
+}
+
+impl OpRecord {
+    /// The operation in the one shape every kind reports in.
+    pub fn view(&self) -> Operation {
+        match self {
+            OpRecord::Backup(run) => {
+                let p = run.snapshot();
+                Operation {
+                    kind: OperationKind::Backup,
+                    id: p.id,
+                    step: serde_json::to_value(p.phase)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default(),
+                    outcome: match p.state {
+                        BackupState::Running => Outcome::Running,
+                        BackupState::Completed => Outcome::Succeeded,
+                        BackupState::Failed | BackupState::Incomplete => Outcome::Failed,
+                    },
+                    started_at: p.started_at.unwrap_or_default(),
+                    finished_at: p.finished_at,
+                    progress: Progress {
+                        bytes_done: p.bytes_done,
+                        bytes_total: p.bytes_total,
+                        files_done: p.files_done,
+                        files_total: p.files_total,
+                    },
+                    error: p.reason,
+                }
+            }
+            OpRecord::Restore(progress) => {
+                let p = progress.lock().expect("progress lock").clone();
+                Operation {
+                    kind: OperationKind::Restore,
+                    id: p.backup_id,
+                    step: serde_json::to_value(p.phase)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default(),
+                    outcome: match p.phase {
+                        RestorePhase::Downloading | RestorePhase::Replaying => Outcome::Running,
+                        RestorePhase::Completed => Outcome::Succeeded,
+                        RestorePhase::Failed => Outcome::Failed,
+                    },
+                    started_at: p.started_at,
+                    finished_at: p.finished_at,
+                    progress: Progress {
+                        bytes_done: p.bytes_done,
+                        bytes_total: p.bytes_total,
+                        files_done: p.files_done,
+                        files_total: p.files_total,
+                    },
+                    error: p.error,
+                }
+            }
+        }
+    }
+}
+
+/// What the executor publishes after every event.
+#[derive(Clone)]
+pub struct Snapshot {
+    pub state: AgentState,
+    /// The long operation in flight, if any.
+    pub in_flight: Option<InFlight>,
+    /// The operation in flight, or else the last one since the agent started.
+    pub operation: Option<OpRecord>,
+    /// The current or last restore (its own record for `/v1/status`).
+    pub restore: Option<restore::Progress>,
+    pub runtime: RuntimeInfo,
+    /// Postgres has accepted connections at least once since the agent started.
+    pub ever_running: bool,
+}
+
+impl Snapshot {
+    pub fn new(state: AgentState) -> Snapshot {
+        Snapshot {
+            state,
+            in_flight: None,
+            operation: None,
+            restore: None,
+            runtime: RuntimeInfo::default(),
+            ever_running: false,
+        }
+    }
+
+    pub fn restore_progress(&self) -> Option<RestoreProgress> {
+        self.restore
+            .as_ref()
+            .map(|p| p.lock().expect("progress lock").clone())
+    }
+}
+
+/// What the HTTP routes, the CLI-facing parts and `run` hold: the read-only context, the way
+/// to ask the executor for something, and the published snapshot.
+#[derive(Clone)]
+pub struct Handle {
+    pub ctx: Arc<Context>,
+    requests: mpsc::Sender<Request>,
+    status: watch::Receiver<Snapshot>,
+}
+
+impl Handle {
+    pub fn snapshot(&self) -> Snapshot {
+        self.status.borrow().clone()
+    }
+
+    pub fn state(&self) -> AgentState {
+        self.status.borrow().state.clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
+        self.status.clone()
+    }
+
+    async fn request<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, AgentError> {
+        let gone = || AgentError::Failed("the agent is shutting down".into());
+        let (tx, rx) = oneshot::channel();
+        self.requests.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    pub async fn stop(&self, req: ShutdownRequest) -> Result<LifecycleResponse, AgentError> {
+        self.request(|reply| Request::Stop { req, reply }).await
+    }
+
+    pub async fn start(&self) -> Result<LifecycleResponse, AgentError> {
+        self.request(|reply| Request::Start { reply }).await
+    }
+
+    pub async fn restart(&self, req: ShutdownRequest) -> Result<LifecycleResponse, AgentError> {
+        self.request(|reply| Request::Restart { req, reply }).await
+    }
+
+    pub async fn reload(&self) -> Result<ReloadResponse, AgentError> {
+        self.request(|reply| Request::Reload { reply }).await
+    }
+
+    pub async fn restore(&self, req: RestoreRequest) -> Result<RestoreAccepted, AgentError> {
+        self.request(|reply| Request::Restore {
+            req: Box::new(req),
+            reply,
+        })
+        .await
+    }
+
+    pub async fn backup(&self, req: BackupRequest) -> Result<BackupProgress, AgentError> {
+        self.request(|reply| Request::Backup { req, reply }).await
+    }
+}
+
+/// Creates the handle and the executor that serves it, starting in `initial`.
+pub fn new(ctx: Arc<Context>, initial: AgentState) -> (Handle, executor::Executor) {
+    let (tx, rx) = mpsc::channel(16);
+    ctx.metrics.set_state(&initial);
+    let (status_tx, status_rx) = watch::channel(Snapshot::new(initial.clone()));
+    let handle = Handle {
+        ctx: ctx.clone(),
+        requests: tx,
+        status: status_rx,
+    };
+    let exec = executor::Executor::new(ctx, status_tx, rx, initial);
+    (handle, exec)
+}

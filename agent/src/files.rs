@@ -1,0 +1,56 @@
+//! Every file and directory the agent owns in the data dir and the state dir, named in one
+//! place. Modules that write or read them (configuration rendering, restore, WAL fetch, base
+//! backups, which must skip them) take the names from here instead of from each other.
+
+use std::path::{Path, PathBuf};
+
+/// The agent-rendered include file of `postgresql.conf` (`<data_dir>/pgpilot.conf`).
+pub const INCLUDE_FILE: &str = "pgpilot.conf";
+/// The client authentication file the agent renders (`<data_dir>/pg_hba.conf`).
+pub const HBA_FILE: &str = "pg_hba.conf";
+/// The include file holding a restore's recovery target; removed after promotion.
+pub const RECOVERY_CONF: &str = "pgpilot-recovery.conf";
+/// Postgres' signal file for a targeted recovery.
+pub const RECOVERY_SIGNAL: &str = "recovery.signal";
+/// Postgres' signal file for a standby.
+pub const STANDBY_SIGNAL: &str = "standby.signal";
+/// The WAL prefetch spool inside the data dir (never part of a base backup).
+pub const SPOOL_DIR: &str = "pgpilot_spool";
+
+/// Postgres' Unix socket directory, `<state_dir>/run` (outside the data dir, so a restore can
+/// replace the data dir wholesale).
+pub fn socket_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("run")
+}
+
+/// The runtime file `wal-push` and `wal-fetch` read (agent address, token path, store).
+pub fn archive_runtime(state_dir: &Path) -> PathBuf {
+    socket_dir(state_dir).join("archive-runtime.json")
+}
+
+/// The lock file that keeps a second agent off a data dir.
+pub fn lock_file(state_dir: &Path, data_dir: &Path) -> PathBuf {
+    let name = data_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    state_dir.join(format!(
+        ".{}.pgpilot-agent.lock",
+        name.unwrap_or_else(|| "data".into())
+    ))
+}
+
+/// Quotes a path for a shell command line Postgres runs (`archive_command`).
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sh_quote;
+
+    #[test]
+    fn quotes_for_the_shell() {
+        assert_eq!(sh_quote("/a b/c"), "'/a b/c'");
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+    }
+}
