@@ -210,6 +210,7 @@ async fn stop_and_start_keep_the_data(major: u32) {
         .client()
         .restart(&ShutdownRequest {
             mode: ShutdownMode::Fast,
+            cancel_backup: false,
         })
         .await
         .unwrap();

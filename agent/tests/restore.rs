@@ -135,6 +135,7 @@ fn req(target: RestoreTarget) -> RestoreRequest {
         inclusive: None,
         timeline: Some("current".into()),
         force: true,
+        cancel_backup: false,
     }
 }
 

@@ -65,6 +65,9 @@ pub async fn fetch(
         state: h.state(),
         message: "WAL fetching is not configured: no [backup] store".into(),
     })?;
+    if let Some(delay) = test_fetch_delay() {
+        tokio::time::sleep(delay).await;
+    }
     match fetcher.fetch(&req.name).await {
         Ok(r) => Ok(Json(r)),
         Err(FetchError::InvalidName(m)) => Err(AgentError::BadRequest(m)),
@@ -73,6 +76,17 @@ pub async fn fetch(
         ))),
         Err(FetchError::Failed(m)) => Err(AgentError::Failed(m)),
     }
+}
+
+/// Test-only slow-down: milliseconds each WAL fetch waits before it is served, so a test can
+/// observe a restore's replay (`Recovering`). Documented in docs/restore.md.
+pub const FETCH_DELAY_ENV: &str = "PGPILOT_TEST_WAL_FETCH_DELAY_MS";
+
+fn test_fetch_delay() -> Option<std::time::Duration> {
+    std::env::var(FETCH_DELAY_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis)
 }
 
 /// `pg_wal/<name>` (relative to the data dir) or an absolute path into the data dir's pg_wal.
