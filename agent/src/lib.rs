@@ -19,6 +19,7 @@ pub mod restore;
 pub mod secrets;
 pub mod store;
 pub mod time;
+pub mod units;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -3,6 +3,7 @@
 //! directly with the settings of the agent's runtime file (as `wal-push` does), so they also
 //! work while the agent is down. main.rs only dispatches here.
 
+use crate::units::human;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -103,22 +104,6 @@ fn summary(p: &BackupProgress, took: Duration) -> String {
         p.stop_lsn.as_deref().unwrap_or("-")
     );
     out
-}
-
-/// Bytes for humans (binary units).
-pub fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 /// `pgpilot-agent backups`: the table, or the raw JSON.

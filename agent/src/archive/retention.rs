@@ -206,7 +206,7 @@ pub fn render(plan: &Plan, dry_run: bool) -> String {
             b.id,
             if b.complete { "complete" } else { "incomplete" },
             b.keys.len(),
-            super::cli::human(b.stored_size)
+            crate::units::human(b.stored_size)
         );
     }
     let wal_bytes: u64 = plan.delete_wal.iter().map(|(_, _, s)| s).sum();
@@ -215,7 +215,7 @@ pub fn render(plan: &Plan, dry_run: bool) -> String {
         "{verb} {} WAL file(s) before {} ({})",
         plan.delete_wal.len(),
         plan.wal_cutoff.as_deref().unwrap_or("-"),
-        super::cli::human(wal_bytes)
+        crate::units::human(wal_bytes)
     );
     for (name, _, _) in &plan.delete_wal {
         let _ = writeln!(out, "  {name}");

@@ -238,7 +238,7 @@ pub fn render(r: &VerifyReport) -> String {
     for c in &r.files {
         match &c.problem {
             None => {
-                let _ = writeln!(out, "  ok    {} ({})", c.name, super::cli::human(c.size));
+                let _ = writeln!(out, "  ok    {} ({})", c.name, crate::units::human(c.size));
             }
             Some(p) => {
                 let _ = writeln!(out, "  FAIL  {}: {} ({p})", c.name, c.object);
