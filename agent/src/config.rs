@@ -485,6 +485,64 @@ fn parameter_value(name: &str, value: &toml::Value) -> Result<String, ConfigErro
     }
 }
 
+/// Parameters the agent sets itself; a user value would break what the agent relies on.
+const RESERVED: &[&str] = &[
+    "port",
+    "listen_addresses",
+    "unix_socket_directories",
+    "data_directory",
+    "config_file",
+    "hba_file",
+    "ident_file",
+    "external_pid_file",
+    "logging_collector",
+    "log_destination",
+    "archive_mode",
+    "archive_command",
+    "archive_library",
+    "restore_command",
+    "primary_conninfo",
+    "primary_slot_name",
+    "recovery_target",
+    "recovery_target_time",
+    "recovery_target_lsn",
+    "recovery_target_xid",
+    "recovery_target_name",
+];
+
+/// Rejects parameter names Postgres would not accept and parameters the agent owns.
+fn validate_user_parameters(params: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    for (name, value) in params {
+        let valid_name = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
+        if !valid_name {
+            return Err(ConfigError::Invalid {
+                key: "postgres.parameters",
+                message: format!(
+                    "{name:?} is not a valid parameter name (lower case, digits, _ and .)"
+                ),
+            });
+        }
+        if RESERVED.contains(&name.as_str()) {
+            return Err(ConfigError::Invalid {
+                key: "postgres.parameters",
+                message: format!(
+                    "{name} is managed by pgpilot-agent; set it through the agent's own options"
+                ),
+            });
+        }
+        if value.contains('\n') || value.contains('\0') {
+            return Err(ConfigError::Invalid {
+                key: "postgres.parameters",
+                message: format!("{name}: value contains a line break or NUL"),
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -562,62 +620,4 @@ mod tests {
         assert_eq!(cfg.parameters["max_connections"], "50");
         assert_eq!(cfg.parameters["jit"], "off");
     }
-}
-
-/// Parameters the agent sets itself; a user value would break what the agent relies on.
-const RESERVED: &[&str] = &[
-    "port",
-    "listen_addresses",
-    "unix_socket_directories",
-    "data_directory",
-    "config_file",
-    "hba_file",
-    "ident_file",
-    "external_pid_file",
-    "logging_collector",
-    "log_destination",
-    "archive_mode",
-    "archive_command",
-    "archive_library",
-    "restore_command",
-    "primary_conninfo",
-    "primary_slot_name",
-    "recovery_target",
-    "recovery_target_time",
-    "recovery_target_lsn",
-    "recovery_target_xid",
-    "recovery_target_name",
-];
-
-/// Rejects parameter names Postgres would not accept and parameters the agent owns.
-fn validate_user_parameters(params: &BTreeMap<String, String>) -> Result<(), ConfigError> {
-    for (name, value) in params {
-        let valid_name = !name.is_empty()
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
-        if !valid_name {
-            return Err(ConfigError::Invalid {
-                key: "postgres.parameters",
-                message: format!(
-                    "{name:?} is not a valid parameter name (lower case, digits, _ and .)"
-                ),
-            });
-        }
-        if RESERVED.contains(&name.as_str()) {
-            return Err(ConfigError::Invalid {
-                key: "postgres.parameters",
-                message: format!(
-                    "{name} is managed by pgpilot-agent; set it through the agent's own options"
-                ),
-            });
-        }
-        if value.contains('\n') || value.contains('\0') {
-            return Err(ConfigError::Invalid {
-                key: "postgres.parameters",
-                message: format!("{name}: value contains a line break or NUL"),
-            });
-        }
-    }
-    Ok(())
 }
