@@ -51,7 +51,7 @@ fn references(text: &str, module: &str, is_mod_file: bool) -> Vec<String> {
     for line in text.lines() {
         let code = line.split("//").next().unwrap_or("");
         let mut rest = code;
-        while let Some(i) = rest.find(|c: char| c == 'c' || c == 's') {
+        while let Some(i) = rest.find(['c', 's']) {
             let tail = &rest[i..];
             let boundary = i == 0
                 || !rest[..i]
