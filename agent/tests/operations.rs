@@ -22,6 +22,22 @@ use pgpilot_test_support::agent::{AgentFixture, AgentOptions, file_backup_toml};
 const BIN: &str = env!("CARGO_BIN_EXE_pgpilot-agent");
 const LONG: Duration = Duration::from_secs(180);
 
+/// An agent on PostgreSQL 15 with a file:// store and one test environment variable.
+async fn agent_with_store(var: &str, value: &str) -> (AgentFixture, tempfile::TempDir) {
+    let store = tempfile::tempdir().unwrap();
+    let fx = AgentFixture::start_with(
+        Path::new(BIN),
+        15,
+        AgentOptions {
+            extra_toml: file_backup_toml(store.path()),
+            env: vec![(var.into(), value.into())],
+        },
+    )
+    .await
+    .unwrap();
+    (fx, store)
+}
+
 fn api_error(err: ClientError) -> (u16, ErrorBody) {
     match err {
         ClientError::Api { status, body, .. } => (status, body),
@@ -81,18 +97,8 @@ async fn wait_backup_end(fx: &AgentFixture, id: &str) -> BackupState {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_in_flight_is_never_killed_silently() {
-    let store = tempfile::tempdir().unwrap();
-    let fx = AgentFixture::start_with(
-        Path::new(BIN),
-        15,
-        AgentOptions {
-            extra_toml: file_backup_toml(store.path()),
-            // ~1000 files, a few at a time: a backup takes seconds.
-            env: vec![(FILE_DELAY_ENV.into(), "20".into())],
-        },
-    )
-    .await
-    .unwrap();
+    // ~1000 files, a few at a time: a backup takes seconds.
+    let (fx, _store) = agent_with_store(FILE_DELAY_ENV, "20").await;
     let client = fx.client();
     let id = backup_uploading(&fx).await;
 
@@ -164,18 +170,8 @@ async fn a_backup_in_flight_is_never_killed_silently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_replay_is_recovering_not_a_replica() {
-    let store = tempfile::tempdir().unwrap();
-    let mut fx = AgentFixture::start_with(
-        Path::new(BIN),
-        15,
-        AgentOptions {
-            extra_toml: file_backup_toml(store.path()),
-            // Each WAL fetch waits: the replay of a few segments takes seconds.
-            env: vec![(FETCH_DELAY_ENV.into(), "700".into())],
-        },
-    )
-    .await
-    .unwrap();
+    // Each WAL fetch waits: the replay of a few segments takes seconds.
+    let (mut fx, _store) = agent_with_store(FETCH_DELAY_ENV, "700").await;
     let client = fx.client();
     let id = client
         .start_backup(&BackupRequest::default())

@@ -84,10 +84,7 @@ impl OpRecord {
                 Operation {
                     kind: OperationKind::Backup,
                     id: p.id,
-                    step: serde_json::to_value(p.phase)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default(),
+                    step: step_name(p.phase),
                     outcome: match p.state {
                         BackupState::Running => Outcome::Running,
                         BackupState::Completed => Outcome::Succeeded,
@@ -95,24 +92,16 @@ impl OpRecord {
                     },
                     started_at: p.started_at.unwrap_or_default(),
                     finished_at: p.finished_at,
-                    progress: Progress {
-                        bytes_done: p.bytes_done,
-                        bytes_total: p.bytes_total,
-                        files_done: p.files_done,
-                        files_total: p.files_total,
-                    },
+                    progress: progress(p.bytes_done, p.bytes_total, p.files_done, p.files_total),
                     error: p.reason,
                 }
             }
-            OpRecord::Restore(progress) => {
-                let p = progress.lock().expect("progress lock").clone();
+            OpRecord::Restore(record) => {
+                let p = record.lock().expect("progress lock").clone();
                 Operation {
                     kind: OperationKind::Restore,
                     id: p.backup_id,
-                    step: serde_json::to_value(p.phase)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default(),
+                    step: step_name(p.phase),
                     outcome: match p.phase {
                         RestorePhase::Downloading | RestorePhase::Replaying => Outcome::Running,
                         RestorePhase::Completed => Outcome::Succeeded,
@@ -120,16 +109,28 @@ impl OpRecord {
                     },
                     started_at: p.started_at,
                     finished_at: p.finished_at,
-                    progress: Progress {
-                        bytes_done: p.bytes_done,
-                        bytes_total: p.bytes_total,
-                        files_done: p.files_done,
-                        files_total: p.files_total,
-                    },
+                    progress: progress(p.bytes_done, p.bytes_total, p.files_done, p.files_total),
                     error: p.error,
                 }
             }
         }
+    }
+}
+
+/// A phase enum's serialized name (`copying`, `replaying`), as the operation's step.
+fn step_name(phase: impl serde::Serialize) -> String {
+    serde_json::to_value(phase)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+fn progress(bytes_done: u64, bytes_total: u64, files_done: u64, files_total: u64) -> Progress {
+    Progress {
+        bytes_done,
+        bytes_total,
+        files_done,
+        files_total,
     }
 }
 
