@@ -339,6 +339,13 @@ impl Executor {
                 }
                 self.stop_postgres(mode).await?;
                 self.set_state(AgentState::Stopped);
+                // A start or restart still waiting for connections will not get them.
+                for reply in self.pending_start.drain(..) {
+                    let _ = reply.send(Err(AgentError::conflict(
+                        &AgentState::Stopped,
+                        "Postgres was stopped before it accepted connections",
+                    )));
+                }
             }
             Step::StayStopped => {
                 self.retry_at = None;
