@@ -617,11 +617,11 @@ impl Executor {
             }
         };
         if new != self.state {
-            let became_primary = new.role() == Some(Role::Primary);
-            self.set_state(new);
-            if became_primary {
+            // The replication role exists before anyone is told this is a running primary.
+            if new.role() == Some(Role::Primary) {
                 self.ensure_roles().await;
             }
+            self.set_state(new);
         }
         if !self.pending_start.is_empty() {
             let resp = LifecycleResponse {
