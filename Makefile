@@ -18,7 +18,7 @@ deps-run: ## Install what `make run` needs (PostgreSQL), if missing
 	@./scripts/install-test-deps.sh --run-only
 
 .PHONY: deps-test
-deps-test: ## Install what the tests need (PostgreSQL 15 and 17, s3s-fs, Azurite), if missing
+deps-test: ## Install what the tests need (PostgreSQL 14-18, s3s-fs, Azurite), if missing
 	@./scripts/install-test-deps.sh
 
 .PHONY: build
