@@ -45,9 +45,10 @@ fmt: ## Format the code
 	$(CARGO) fmt --all
 
 .PHONY: lint
-lint: ## rustfmt check and clippy with warnings as errors
+lint: ## rustfmt check, clippy with warnings as errors, the operator's build of common stays light
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	CARGO=$(CARGO) ./scripts/check-light-contract.sh
 
 .PHONY: test
 test: deps-test lint ## Everything CI runs: install test deps, lint, all tests against real servers

@@ -2,6 +2,11 @@
 //! request/response types and error body, and the typed HTTP client that the CLI and the
 //! operator use. The agent (server) and the operator (client) both depend on this crate and
 //! never on each other.
+//!
+//! The archive format's implementation (`archive`: codecs, encryption, hashing) sits behind
+//! the `archive` feature, which the agent enables and the operator does not, so the contract
+//! stays light for clients. The layout, manifest and WAL-name types are plain data and always
+//! here.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -11,4 +16,5 @@ pub mod manifest;
 pub mod state;
 pub mod wal;
 
+#[cfg(feature = "archive")]
 pub mod archive;
