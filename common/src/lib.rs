@@ -8,6 +8,9 @@
 //! stays light for clients. The layout, manifest and WAL-name types are plain data and always
 //! here.
 #![forbid(unsafe_code)]
+// A library the operator links: it reports through return values and `tracing`, never by
+// printing to the caller's terminal.
+#![warn(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod api;
 pub mod client;
