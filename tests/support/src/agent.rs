@@ -17,7 +17,7 @@ use pgpilot_common::layout::Layout;
 use pgpilot_common::state::AgentState;
 
 use crate::net::free_ports;
-use crate::postgres;
+use crate::{postgres, store};
 
 /// How long a test waits for anything the agent does (start, backup, restore, archiving)
 /// before it fails with the agent's log: generous, because CI shares 2 cores among many tests.
@@ -39,9 +39,9 @@ pub struct AgentOptions {
     pub extra_toml: String,
     /// Extra environment variables for the agent process.
     pub env: Vec<(String, String)>,
-    /// `[cluster] name` (the object-store layout); the agent's default, `local`, when `None`.
+    /// `[cluster] name` (the object-store layout); the agent's default when `None`.
     pub cluster: Option<String>,
-    /// `[cluster] shard`; the agent's default, `0`, when `None`.
+    /// `[cluster] shard`; the agent's default when `None`.
     pub shard: Option<String>,
 }
 
@@ -156,13 +156,13 @@ impl AgentFixture {
     /// Where this agent's objects go in its store: `<cluster>/<shard>/…`.
     pub fn layout(&self) -> Layout {
         let (cluster, shard) = self.cluster_and_shard();
-        crate::store::layout(cluster, shard)
+        store::layout(cluster, shard)
     }
 
     fn cluster_and_shard(&self) -> (&str, &str) {
         (
-            self.cluster.as_deref().unwrap_or("local"),
-            self.shard.as_deref().unwrap_or("0"),
+            self.cluster.as_deref().unwrap_or(store::DEFAULT_CLUSTER),
+            self.shard.as_deref().unwrap_or(store::DEFAULT_SHARD),
         )
     }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use pgpilot_common::client::AgentClient;
 
 use crate::agent::{AgentFixture, AgentOptions, LONG};
-use crate::store::BackupStore;
+use crate::store::{BackupStore, DEFAULT_SHARD};
 
 /// The cluster name every agent of a [`ClusterFixture`] uses unless told otherwise.
 pub const CLUSTER_NAME: &str = "test";
@@ -57,12 +57,13 @@ impl ClusterFixture {
 
     /// Prepares one more agent (config written, not started) and returns its index. Its config
     /// gets the shared store's `[backup]` table first, then `opts.extra_toml` (which must open
-    /// its own tables), then `[cluster]` with this cluster's name and `opts.shard` (`0` if none).
+    /// its own tables), then `[cluster]` with this cluster's name and `opts.shard` (the agent's
+    /// default shard if none).
     pub fn add(&mut self, opts: AgentOptions) -> anyhow::Result<usize> {
         let opts = AgentOptions {
             extra_toml: format!("{}{}", self.store.toml(), opts.extra_toml),
             cluster: Some(opts.cluster.unwrap_or_else(|| self.name.clone())),
-            shard: Some(opts.shard.unwrap_or_else(|| "0".into())),
+            shard: Some(opts.shard.unwrap_or_else(|| DEFAULT_SHARD.into())),
             ..opts
         };
         let fx = AgentFixture::prepare(&self.bin, self.major, &opts)?;

@@ -9,9 +9,13 @@ use pgpilot_common::layout::Layout;
 
 use crate::s3::S3Server;
 
-/// The layout of an agent that sets no `[cluster]` table (cluster `local`, shard `0`).
+/// The agent's cluster name and shard when its config has no `[cluster]` table.
+pub const DEFAULT_CLUSTER: &str = "local";
+pub const DEFAULT_SHARD: &str = "0";
+
+/// The layout of an agent that sets no `[cluster]` table.
 pub fn default_layout() -> Layout {
-    layout("local", "0")
+    layout(DEFAULT_CLUSTER, DEFAULT_SHARD)
 }
 
 /// The object-store layout of one shard.
