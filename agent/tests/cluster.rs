@@ -1,6 +1,6 @@
 //! The multi-agent fixture the replication tests build on: three agents on one machine, each
 //! with its own ports, data dir and Postgres, all archiving into one S3 store, each under its
-//! own shard's prefix.
+//! own shard's prefix; and a test that panics with a cluster up leaves no process or dir behind.
 
 use std::collections::BTreeSet;
 
@@ -8,6 +8,7 @@ use pgpilot_common::state::{AgentState, Role};
 use pgpilot_test_support::agent::LONG;
 use pgpilot_test_support::agent_bin;
 use pgpilot_test_support::cluster::ClusterFixture;
+use pgpilot_test_support::postgres::{live_postmaster, pid_alive};
 use pgpilot_test_support::store::BackupStore;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,4 +88,37 @@ async fn three_agents_share_one_store_each_in_its_own_shard() {
         outside.is_empty(),
         "objects outside the shard prefixes: {outside:?}"
     );
+}
+
+/// A test that panics with a cluster up leaves nothing behind: every agent and postmaster is
+/// gone and every temp dir removed once the panic has unwound through the fixture.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_test_leaves_no_agent_or_postmaster_behind() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let test = tokio::spawn(async move {
+        let cluster = ClusterFixture::start(agent_bin!(), 15, BackupStore::file().unwrap(), 2)
+            .await
+            .unwrap();
+        for fx in cluster.agents() {
+            let postmaster = live_postmaster(&fx.data_dir()).expect("a running postmaster");
+            tx.send((
+                fx.agent_pid().unwrap(),
+                postmaster,
+                fx.dir.path().to_path_buf(),
+            ))
+            .unwrap();
+        }
+        panic!("a failing assertion with the cluster up");
+    });
+    assert!(test.await.unwrap_err().is_panic());
+    let left: Vec<_> = rx.try_iter().collect();
+    assert_eq!(left.len(), 2);
+    for (agent, postmaster, dir) in left {
+        assert!(!pid_alive(agent), "agent {agent} still running");
+        assert!(
+            !pid_alive(postmaster),
+            "postmaster {postmaster} still running"
+        );
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
 }
