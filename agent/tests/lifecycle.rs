@@ -1,23 +1,21 @@
-//! Agent core against real PostgreSQL (15 and 17): bootstrap, start/stop, crash restart,
-//! reload, authentication, state conflicts, malformed bodies, the data-dir lock and shutdown
-//! without orphans. Each scenario runs once per major in `TEST_MAJORS`.
+//! Agent core against real PostgreSQL: bootstrap, start/stop, crash restart, reload,
+//! authentication, state conflicts, malformed bodies, the data-dir lock and shutdown without
+//! orphans, each on the full-suite majors (`postgres::FULL_MAJORS`: 15 and the newest); and a
+//! smoke test (bootstrap, a write, a backup, stop) on every supported major.
 
-use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use pgpilot_common::api::{ErrorBody, ShutdownMode, ShutdownRequest};
-use pgpilot_common::client::ClientError;
 use pgpilot_common::state::{AgentState, Role};
-use pgpilot_test_support::agent::{AgentFixture, AgentOptions};
+use pgpilot_test_support::agent::{AgentFixture, AgentOptions, LONG, api_error};
+use pgpilot_test_support::agent_bin;
 use pgpilot_test_support::postgres::{live_postmaster, pid_alive};
+use pgpilot_test_support::store::BackupStore;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pgpilot-agent");
-const LONG: Duration = Duration::from_secs(60);
-
-fn bin() -> &'static Path {
-    Path::new(BIN)
+fn bin() -> &'static std::path::Path {
+    agent_bin!()
 }
 
 pgpilot_test_support::per_major!(
@@ -33,11 +31,44 @@ pgpilot_test_support::per_major!(
     kill_9_of_the_agent_leaves_no_orphan,
 );
 
-fn api_error(err: ClientError) -> (u16, ErrorBody) {
-    match err {
-        ClientError::Api { status, body, .. } => (status, body),
-        other => panic!("expected an API error, got {other}"),
-    }
+pgpilot_test_support::per_major!(every: smoke);
+
+/// Every supported major bootstraps, runs, takes a write, a WAL switch archived and a base
+/// backup (the backup functions differ by major), and stops cleanly.
+async fn smoke(major: u32) {
+    let backups = BackupStore::file().unwrap();
+    let mut fx = AgentFixture::start_with(bin(), major, AgentOptions::toml(backups.toml()))
+        .await
+        .unwrap();
+    let status = fx.client().status().await.unwrap();
+    assert_eq!(
+        status.state,
+        AgentState::Running {
+            role: Role::Primary
+        }
+    );
+    assert_eq!(status.postgres_major, major);
+    let sql = fx.sql().await.unwrap();
+    let checksums: String = sql
+        .query_one("SHOW data_checksums", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(checksums, "on");
+    sql.batch_execute("CREATE TABLE t AS SELECT generate_series(1, 1000) AS i")
+        .await
+        .unwrap();
+    let segment = fx.switch_wal_and_wait_archived(LONG).await.unwrap();
+    let key = fx.layout().wal_key(&segment);
+    assert!(
+        backups.open().head(&key).await.unwrap().is_some(),
+        "{key} not in the store"
+    );
+    fx.take_backup().await.unwrap();
+    drop(sql);
+    fx.signal_agent(Signal::SIGTERM).unwrap();
+    assert!(fx.wait_exit(LONG).unwrap().success());
+    assert!(!fx.data_dir().join("postmaster.pid").exists());
 }
 
 async fn bootstraps_an_empty_data_dir(major: u32) {
@@ -129,7 +160,6 @@ async fn bootstraps_an_empty_data_dir(major: u32) {
         "{hba}"
     );
     // Probes.
-    let http = reqwest::Client::new();
     for (path, code) in [
         ("/healthz", 200),
         ("/readyz", 200),
@@ -137,16 +167,7 @@ async fn bootstraps_an_empty_data_dir(major: u32) {
         ("/primary", 200),
         ("/replica", 503),
     ] {
-        assert_eq!(
-            http.get(fx.url(path))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16(),
-            code,
-            "{path}"
-        );
+        assert_eq!(fx.get_status(path).await.unwrap(), code, "{path}");
     }
 }
 
@@ -169,25 +190,8 @@ async fn stop_and_start_keep_the_data(major: u32) {
     let status = fx.client().status().await.unwrap();
     assert_eq!(status.state, AgentState::Stopped);
     assert_eq!(status.postmaster_pid, None);
-    let http = reqwest::Client::new();
-    assert_eq!(
-        http.get(fx.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        503
-    );
-    assert_eq!(
-        http.get(fx.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        200
-    );
+    assert_eq!(fx.get_status("/readyz").await.unwrap(), 503);
+    assert_eq!(fx.get_status("/healthz").await.unwrap(), 200);
 
     let started = fx.client().start().await.unwrap();
     assert_eq!(
@@ -257,12 +261,7 @@ async fn restarts_postgres_after_kill_9(major: u32) {
         .unwrap()
         .get(0);
     assert_eq!(answer, 42);
-    let metrics = reqwest::get(fx.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fx.metrics().await.unwrap();
     assert!(
         metrics.contains("pgpilot_postgres_crash_restarts_total 1"),
         "{metrics}"

@@ -6,7 +6,6 @@
 //!   (it is not a streaming replica), and `operation` shows the restore replaying; after
 //!   promotion it is `Running(Primary)`.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pgpilot_agent::archive::backup::FILE_DELAY_ENV;
@@ -15,34 +14,22 @@ use pgpilot_common::api::{
     BackupRequest, BackupState, ErrorBody, RestoreRequest, RestoreTarget, ShutdownMode,
     ShutdownRequest,
 };
-use pgpilot_common::client::ClientError;
 use pgpilot_common::state::{AgentState, OperationKind, Outcome, Role};
-use pgpilot_test_support::agent::{AgentFixture, AgentOptions, file_backup_toml};
-
-const BIN: &str = env!("CARGO_BIN_EXE_pgpilot-agent");
-const LONG: Duration = Duration::from_secs(180);
+use pgpilot_test_support::agent::{AgentFixture, AgentOptions, LONG, api_error};
+use pgpilot_test_support::agent_bin;
+use pgpilot_test_support::store::BackupStore;
 
 /// An agent on PostgreSQL 15 with a file:// store and one test environment variable.
-async fn agent_with_store(var: &str, value: &str) -> (AgentFixture, tempfile::TempDir) {
-    let store = tempfile::tempdir().unwrap();
+async fn agent_with_store(var: &str, value: &str) -> (AgentFixture, BackupStore) {
+    let store = BackupStore::file().unwrap();
     let fx = AgentFixture::start_with(
-        Path::new(BIN),
+        agent_bin!(),
         15,
-        AgentOptions {
-            extra_toml: file_backup_toml(store.path()),
-            env: vec![(var.into(), value.into())],
-        },
+        AgentOptions::toml(store.toml()).env(var, value),
     )
     .await
     .unwrap();
     (fx, store)
-}
-
-fn api_error(err: ClientError) -> (u16, ErrorBody) {
-    match err {
-        ClientError::Api { status, body, .. } => (status, body),
-        other => panic!("expected an API error, got {other}"),
-    }
 }
 
 fn stop(cancel_backup: bool) -> ShutdownRequest {
@@ -84,15 +71,7 @@ async fn backup_uploading(fx: &AgentFixture) -> String {
 }
 
 async fn wait_backup_end(fx: &AgentFixture, id: &str) -> BackupState {
-    let deadline = Instant::now() + LONG;
-    loop {
-        let p = fx.client().backup(id).await.unwrap();
-        if p.state != BackupState::Running {
-            return p.state;
-        }
-        assert!(Instant::now() < deadline, "backup {id} did not end");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    fx.wait_backup(id).await.unwrap().state
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,12 +152,7 @@ async fn a_restore_replay_is_recovering_not_a_replica() {
     // Each WAL fetch waits: the replay of a few segments takes seconds.
     let (mut fx, _store) = agent_with_store(FETCH_DELAY_ENV, "700").await;
     let client = fx.client();
-    let id = client
-        .start_backup(&BackupRequest::default())
-        .await
-        .unwrap()
-        .id;
-    assert_eq!(wait_backup_end(&fx, &id).await, BackupState::Completed);
+    let id = fx.take_backup().await.unwrap();
     let sql = fx.sql().await.unwrap();
     sql.batch_execute("CREATE TABLE t (i int); INSERT INTO t SELECT generate_series(1, 1000)")
         .await

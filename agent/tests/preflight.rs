@@ -1,17 +1,12 @@
-//! What the agent checks before it touches anything, how it logs, and the majors beyond the
-//! two the lifecycle suite runs on.
+//! What the agent checks before it touches anything, and how it logs. (Every supported major
+//! gets its smoke test in lifecycle.rs.)
 
-use std::path::Path;
-use std::time::Duration;
-
-use pgpilot_common::state::{AgentState, Role};
 use pgpilot_test_support::agent::{AgentFixture, AgentOptions};
+use pgpilot_test_support::agent_bin;
 use pgpilot_test_support::postgres::is_root;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pgpilot-agent");
-
-fn bin() -> &'static Path {
-    Path::new(BIN)
+fn bin() -> &'static std::path::Path {
+    agent_bin!()
 }
 
 /// Runs the prepared agent to completion and returns its stderr; it must fail.
@@ -95,15 +90,7 @@ fn refuses_a_data_dir_that_is_not_a_cluster() {
 
 #[test]
 fn refuses_an_invalid_config_file_naming_the_key() {
-    let fx = AgentFixture::prepare(
-        bin(),
-        15,
-        &AgentOptions {
-            extra_toml: "postgres_prot = 1\n".into(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let fx = AgentFixture::prepare(bin(), 15, &AgentOptions::toml("postgres_prot = 1\n")).unwrap();
     let err = run_expecting_failure(&fx, &[]);
     assert!(
         err.contains("is not valid") && err.contains("postgres_prot"),
@@ -137,10 +124,7 @@ fn refuses_a_data_dir_postgres_cannot_reach() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_postgres_lines_and_no_secrets() {
-    let opts = AgentOptions {
-        env: vec![("PGPILOT_LOG_FORMAT".into(), "json".into())],
-        ..Default::default()
-    };
+    let opts = AgentOptions::default().env("PGPILOT_LOG_FORMAT", "json");
     let fx = AgentFixture::start_with(bin(), 15, opts).await.unwrap();
     fx.client().reload().await.unwrap();
     let logs = fx.logs();
@@ -167,45 +151,4 @@ async fn json_logs_carry_postgres_lines_and_no_secrets() {
         assert!(!logs.contains(value.trim()), "{secret} reached the log");
     }
     assert!(!logs.contains(&fx.token));
-}
-
-/// The lifecycle suite runs on 15 and 17; the other supported majors at least bootstrap, run
-/// and stop cleanly (pg_backup_start and friends differ by major, so later suites matter more).
-async fn smoke(major: u32) {
-    let mut fx = AgentFixture::start(bin(), major).await.unwrap();
-    let status = fx.client().status().await.unwrap();
-    assert_eq!(
-        status.state,
-        AgentState::Running {
-            role: Role::Primary
-        }
-    );
-    assert_eq!(status.postgres_major, major);
-    let checksums: String = fx
-        .sql()
-        .await
-        .unwrap()
-        .query_one("SHOW data_checksums", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(checksums, "on");
-    fx.signal_agent(nix::sys::signal::Signal::SIGTERM).unwrap();
-    assert!(fx.wait_exit(Duration::from_secs(60)).unwrap().success());
-    assert!(!fx.data_dir().join("postmaster.pid").exists());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smoke_pg14() {
-    smoke(14).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smoke_pg16() {
-    smoke(16).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smoke_pg18() {
-    smoke(18).await
 }

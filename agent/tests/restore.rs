@@ -6,26 +6,24 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pgpilot_common::api::{
-    BackupRequest, BackupState, RestorePhase, RestoreProgress, RestoreRequest, RestoreTarget,
-};
+use pgpilot_common::api::{RestorePhase, RestoreProgress, RestoreRequest, RestoreTarget};
 use pgpilot_common::client::ClientError;
 use pgpilot_common::state::{AgentState, Role};
-use pgpilot_test_support::agent::{AgentFixture, AgentOptions, file_backup_toml};
-use pgpilot_test_support::s3::S3Server;
+use pgpilot_test_support::agent::{AgentFixture, AgentOptions, LONG};
+use pgpilot_test_support::agent_bin;
+use pgpilot_test_support::postgres::NEWEST;
+use pgpilot_test_support::store::BackupStore;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pgpilot-agent");
-const LONG: Duration = Duration::from_secs(180);
-
-fn bin() -> &'static Path {
-    Path::new(BIN)
-}
-
-fn file_backup(dir: &Path) -> String {
-    format!(
+/// An agent on `major` archiving into a file:// store, with commit timestamps (to name a
+/// transaction's commit time as a target).
+async fn agent(major: u32, store: &BackupStore) -> AgentFixture {
+    let toml = format!(
         "{}[postgres.parameters]\ntrack_commit_timestamp = true\n",
-        file_backup_toml(dir)
-    )
+        store.toml()
+    );
+    AgentFixture::start_with(agent_bin!(), major, AgentOptions::toml(toml))
+        .await
+        .unwrap()
 }
 
 /// Rows 1..=n with a deterministic payload: (count, md5 of the contents in id order).
@@ -66,25 +64,6 @@ async fn insert(sql: &tokio_postgres::Client, from: i64, to: i64) -> String {
         .get(0);
     sql.simple_query("COMMIT").await.unwrap();
     xid
-}
-
-async fn take_backup(fx: &AgentFixture) -> String {
-    let started = fx
-        .client()
-        .start_backup(&BackupRequest { label: None })
-        .await
-        .unwrap();
-    let deadline = Instant::now() + LONG;
-    loop {
-        let b = fx.client().backup(&started.id).await.unwrap();
-        match b.state {
-            BackupState::Completed => return b.id,
-            BackupState::Running => {}
-            other => panic!("backup ended {other:?}: {:?}\n{}", b.reason, fx.logs()),
-        }
-        assert!(Instant::now() < deadline, "backup did not finish");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 async fn switch_and_wait_archived(fx: &AgentFixture) {
@@ -153,23 +132,14 @@ async fn refused(fx: &AgentFixture, r: RestoreRequest) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_target_kind_restores_exactly_the_rows_before_it() {
-    let store_dir = tempfile::tempdir().unwrap();
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: file_backup(store_dir.path()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let backups = BackupStore::file().unwrap();
+    let mut fx = agent(15, &backups).await;
     let sql = fx.sql().await.unwrap();
     sql.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, payload text)")
         .await
         .unwrap();
     insert(&sql, 0, 100).await;
-    let backup = take_backup(&fx).await;
+    let backup = fx.take_backup().await.unwrap();
 
     // A, a restore point, B, C: each a committed transaction, separated in time.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -280,23 +250,14 @@ async fn every_target_kind_restores_exactly_the_rows_before_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restores_across_timelines() {
-    let store_dir = tempfile::tempdir().unwrap();
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        17,
-        AgentOptions {
-            extra_toml: file_backup(store_dir.path()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let backups = BackupStore::file().unwrap();
+    let mut fx = agent(NEWEST, &backups).await;
     let sql = fx.sql().await.unwrap();
     sql.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, payload text)")
         .await
         .unwrap();
     insert(&sql, 0, 100).await;
-    take_backup(&fx).await;
+    fx.take_backup().await.unwrap();
     let xid_a = insert(&sql, 100, 200).await;
     insert(&sql, 200, 300).await;
     switch_and_wait_archived(&fx).await;
@@ -349,17 +310,8 @@ async fn restores_across_timelines() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn impossible_restores_are_refused_before_anything_is_touched() {
-    let store_dir = tempfile::tempdir().unwrap();
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: file_backup(store_dir.path()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let backups = BackupStore::file().unwrap();
+    let mut fx = agent(15, &backups).await;
     // No backup yet.
     let msg = refused(&fx, req(RestoreTarget::Latest)).await;
     assert!(msg.contains("no complete backup"), "{msg}");
@@ -369,7 +321,7 @@ async fn impossible_restores_are_refused_before_anything_is_touched() {
         .await
         .unwrap();
     insert(&sql, 0, 100).await;
-    let backup = take_backup(&fx).await;
+    let backup = fx.take_backup().await.unwrap();
     insert(&sql, 100, 200).await;
     switch_and_wait_archived(&fx).await;
     let pid_before = fx.client().status().await.unwrap().postmaster_pid;
@@ -442,7 +394,7 @@ async fn impossible_restores_are_refused_before_anything_is_touched() {
     assert_eq!(err.status(), Some(409));
 
     // A gap in the WAL chain is named.
-    let wal_dir = store_dir.path().join("local/0/wal");
+    let wal_dir = backups.root().join("local/0/wal");
     let mut segs: Vec<String> = std::fs::read_dir(&wal_dir)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
@@ -450,7 +402,7 @@ async fn impossible_restores_are_refused_before_anything_is_touched() {
         .collect();
     segs.sort();
     let hole = segs[segs.len() - 2].clone();
-    let hidden = store_dir.path().join("hidden");
+    let hidden = backups.root().join("hidden");
     std::fs::rename(wal_dir.join(&hole), &hidden).unwrap();
     let msg = refused(&fx, req(RestoreTarget::Latest)).await;
     assert!(
@@ -503,53 +455,32 @@ async fn impossible_restores_are_refused_before_anything_is_touched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_from_backup_on_s3_and_wrong_keys_are_refused() {
-    let s3 = S3Server::start().unwrap();
-    s3.create_bucket("pitr").unwrap();
-    let (ak, sk) = s3.credential_files().unwrap();
+    let backups = BackupStore::s3().unwrap();
     let keys = tempfile::tempdir().unwrap();
     let good = keys.path().join("good");
     let bad = keys.path().join("bad");
     std::fs::write(&good, "11".repeat(32)).unwrap();
     std::fs::write(&bad, "22".repeat(32)).unwrap();
     let backup = |key: &Path| {
-        format!(
-            "[backup]\nstore = \"s3://pitr/pg\"\nendpoint = \"{}\"\npath_style = true\nregion = \"us-east-1\"\n\
-             access_key_id_file = \"{}\"\nsecret_access_key_file = \"{}\"\nencryption_key_files = [\"k1={}\"]\n",
-            s3.endpoint,
-            ak.display(),
-            sk.display(),
+        AgentOptions::toml(backups.toml_with(&format!(
+            "encryption_key_files = [\"k1={}\"]",
             key.display()
-        )
+        )))
     };
-    let source = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: backup(&good),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let source = AgentFixture::start_with(agent_bin!(), 15, backup(&good))
+        .await
+        .unwrap();
     let sql = source.sql().await.unwrap();
     sql.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, payload text)")
         .await
         .unwrap();
     insert(&sql, 0, 500).await;
-    take_backup(&source).await;
+    source.take_backup().await.unwrap();
     insert(&sql, 500, 750).await;
     switch_and_wait_archived(&source).await;
 
     // A new node with the wrong key refuses, naming the object it could not decrypt.
-    let wrong = AgentFixture::prepare(
-        bin(),
-        15,
-        &AgentOptions {
-            extra_toml: backup(&bad),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let wrong = AgentFixture::prepare(agent_bin!(), 15, &backup(&bad)).unwrap();
     let out = wrong
         .command()
         .args(["--bootstrap-from-backup", "--latest"])
@@ -558,7 +489,7 @@ async fn bootstrap_from_backup_on_s3_and_wrong_keys_are_refused() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("manifest") && stderr.contains("pitr/pg"),
+        stderr.contains("manifest") && stderr.contains("archive/pg"),
         "{stderr}"
     );
     assert!(
@@ -567,15 +498,7 @@ async fn bootstrap_from_backup_on_s3_and_wrong_keys_are_refused() {
     );
 
     // With the right key it starts as a restored copy with every committed row.
-    let mut copy = AgentFixture::prepare(
-        bin(),
-        15,
-        &AgentOptions {
-            extra_toml: backup(&good),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut copy = AgentFixture::prepare(agent_bin!(), 15, &backup(&good)).unwrap();
     // The copy needs the cluster's superuser password (shared like a Kubernetes Secret).
     std::fs::copy(
         source.dir.path().join("superuser-password"),

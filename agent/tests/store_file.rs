@@ -4,27 +4,13 @@
 mod store_shared;
 
 use pgpilot_agent::store::StoreConfig;
+use pgpilot_test_support::store::files_under;
 use store_shared as suite;
 
 fn setup() -> (tempfile::TempDir, StoreConfig) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = StoreConfig::new(format!("file://{}", dir.path().join("backups").display()));
     (dir, cfg)
-}
-
-fn files_under(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else {
-                out.push(e.path().display().to_string());
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@ mod store_shared;
 
 use pgpilot_agent::store::{Store, StoreConfig, StoreError};
 use pgpilot_test_support::s3::S3Server;
+use pgpilot_test_support::store::files_under;
 use store_shared as suite;
 
 fn setup() -> (S3Server, tempfile::TempDir, StoreConfig) {
@@ -39,7 +40,7 @@ async fn store_s3_interrupted_upload_leaves_nothing() {
     let (server, _dir, cfg) = setup();
     suite::interrupted_uploads(&cfg).await;
     // Nothing under the bucket's prefix either (s3s-fs keeps objects as files).
-    let left: Vec<_> = walk(&server.data_dir().join("backups/clusters"))
+    let left: Vec<_> = files_under(&server.data_dir().join("backups/clusters"))
         .into_iter()
         .filter(|f| !f.contains(".upload"))
         .collect();
@@ -93,21 +94,6 @@ async fn store_s3_wrong_credentials_fail_permanently_and_name_the_object() {
             && !format!("{err:?}").contains("not-the-secret")
     );
     assert!(!format!("{store:?}").contains(&server.secret_key));
-}
-
-fn walk(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else {
-                out.push(e.path().display().to_string());
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use pgpilot_agent::store::{PutMode, PutOutcome, Store, StoreConfig, StoreError};
 use pgpilot_common::archive::{ArchiveError, Compression, Part};
+pub use pgpilot_test_support::data::random_bytes;
 use tokio::io::{AsyncRead, ReadBuf};
 
 pub const CHUNK: usize = 1 << 20;
@@ -23,20 +24,6 @@ pub fn key_file(dir: &Path, id: &str, seed: u8) -> String {
         .collect();
     std::fs::write(&path, format!("{hex}\n")).unwrap();
     format!("{id}={}", path.display())
-}
-
-/// Deterministic pseudo-random bytes (incompressible).
-pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// A copy of `base` with this codec and these keys, and small thresholds so that multipart

@@ -107,7 +107,7 @@ fn widget(name: &str, spec: Value) -> Value {
 async fn eventually<F, Fut>(what: &str, mut check: F) -> R
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = R<bool>>,
+    Fut: Future<Output = R<bool>>,
 {
     for _ in 0..100 {
         if check().await? {

@@ -1,5 +1,6 @@
 //! A real `pgpilot-agent run` process owning a real PostgreSQL, on free 127.0.0.1 ports in a
-//! temp dir. Dropping the fixture stops the agent (SIGTERM, then SIGKILL) and kills any
+//! temp dir, and what tests do with one: its API client, a SQL session, its CLI, pgbench, a
+//! base backup. Dropping the fixture stops the agent (SIGTERM, then SIGKILL) and kills any
 //! postmaster left on its data dir, then removes the dir.
 
 use std::fmt::Write as _;
@@ -10,12 +11,26 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use pgpilot_common::api::StatusResponse;
-use pgpilot_common::client::AgentClient;
+use pgpilot_common::api::{BackupProgress, BackupRequest, BackupState, ErrorBody, StatusResponse};
+use pgpilot_common::client::{AgentClient, ClientError};
+use pgpilot_common::layout::Layout;
 use pgpilot_common::state::AgentState;
 
-use crate::net::free_port;
-use crate::postgres;
+use crate::net::free_ports;
+use crate::{postgres, store};
+
+/// How long a test waits for anything the agent does (start, backup, restore, archiving)
+/// before it fails with the agent's log: generous, because CI shares 2 cores among many tests.
+pub const LONG: Duration = Duration::from_secs(180);
+
+/// The `pgpilot-agent` binary Cargo built for the calling integration test (`CARGO_BIN_EXE_*`
+/// exists only there, so this is a macro expanded in the caller), as a `&'static Path`.
+#[macro_export]
+macro_rules! agent_bin {
+    () => {
+        ::std::path::Path::new(env!("CARGO_BIN_EXE_pgpilot-agent"))
+    };
+}
 
 /// What a test may change before the agent starts.
 #[derive(Debug, Clone, Default)]
@@ -24,6 +39,26 @@ pub struct AgentOptions {
     pub extra_toml: String,
     /// Extra environment variables for the agent process.
     pub env: Vec<(String, String)>,
+    /// `[cluster] name` (the object-store layout); the agent's default when `None`.
+    pub cluster: Option<String>,
+    /// `[cluster] shard`; the agent's default when `None`.
+    pub shard: Option<String>,
+}
+
+impl AgentOptions {
+    /// Options with `extra_toml` appended to the config (a `[backup]` table, parameters…).
+    pub fn toml(extra_toml: impl Into<String>) -> AgentOptions {
+        AgentOptions {
+            extra_toml: extra_toml.into(),
+            ..AgentOptions::default()
+        }
+    }
+
+    /// Adds an environment variable for the agent process.
+    pub fn env(mut self, key: &str, value: &str) -> AgentOptions {
+        self.env.push((key.into(), value.into()));
+        self
+    }
 }
 
 pub struct AgentFixture {
@@ -37,6 +72,8 @@ pub struct AgentFixture {
     pub log_path: PathBuf,
     pub token: String,
     env: Vec<(String, String)>,
+    cluster: Option<String>,
+    shard: Option<String>,
     child: Option<Child>,
 }
 
@@ -61,9 +98,9 @@ impl AgentFixture {
     pub fn prepare(bin: &Path, major: u32, opts: &AgentOptions) -> anyhow::Result<AgentFixture> {
         let bin_dir = postgres::bin_dir(major)?;
         let dir = postgres::temp_dir()?;
-        let pg_port = free_port();
-        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let loopback: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let [pg_port, api_port, loopback_port] = free_ports();
+        let api = SocketAddr::from(([127, 0, 0, 1], api_port));
+        let loopback = SocketAddr::from(([127, 0, 0, 1], loopback_port));
         let token = format!("test-token-{}", std::process::id());
         std::fs::write(dir.path().join("token"), format!("{token}\n"))?;
         let config_path = dir.path().join("pgpilot.toml");
@@ -77,6 +114,8 @@ impl AgentFixture {
             config_path,
             token,
             env: opts.env.clone(),
+            cluster: opts.cluster.clone(),
+            shard: opts.shard.clone(),
             child: None,
             dir,
         };
@@ -98,12 +137,49 @@ impl AgentFixture {
         writeln!(text, "api_loopback_listen = \"{}\"", self.loopback)?;
         writeln!(text, "api_token_file = \"token\"")?;
         text.push_str(extra_toml);
+        // Last, so that top-level keys in `extra_toml` stay top-level.
+        if self.cluster.is_some() || self.shard.is_some() {
+            let (cluster, shard) = self.cluster_and_shard();
+            write!(
+                text,
+                "\n[cluster]\nname = \"{cluster}\"\nshard = \"{shard}\"\n"
+            )?;
+        }
         std::fs::write(&self.config_path, text)?;
         Ok(())
     }
 
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("pg")
+    }
+
+    /// Where this agent's objects go in its store: `<cluster>/<shard>/…`.
+    pub fn layout(&self) -> Layout {
+        let (cluster, shard) = self.cluster_and_shard();
+        store::layout(cluster, shard)
+    }
+
+    fn cluster_and_shard(&self) -> (&str, &str) {
+        (
+            self.cluster.as_deref().unwrap_or(store::DEFAULT_CLUSTER),
+            self.shard.as_deref().unwrap_or(store::DEFAULT_SHARD),
+        )
+    }
+
+    /// The file the agent writes for `wal-push`, `wal-fetch`, `verify` and `retention`: the
+    /// store settings and the loopback API address (`<state dir>/run/archive-runtime.json`).
+    pub fn runtime_file(&self) -> PathBuf {
+        self.dir.path().join("run/archive-runtime.json")
+    }
+
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.path().join("token")
+    }
+
+    /// The superuser password the agent generated at bootstrap.
+    pub fn superuser_password(&self) -> anyhow::Result<String> {
+        let path = self.dir.path().join("superuser-password");
+        Ok(std::fs::read_to_string(path)?.trim().to_string())
     }
 
     /// The agent command line for this fixture (config file only; no secret on it).
@@ -207,12 +283,12 @@ impl AgentFixture {
 
     /// A SQL session as the superuser over TCP, with the password the agent generated.
     pub async fn sql(&self) -> anyhow::Result<tokio_postgres::Client> {
-        let password = std::fs::read_to_string(self.dir.path().join("superuser-password"))?;
+        let password = self.superuser_password()?;
         let mut cfg = tokio_postgres::Config::new();
         cfg.host("127.0.0.1")
             .port(self.pg_port)
             .user("postgres")
-            .password(password.trim())
+            .password(password)
             .dbname("postgres")
             .connect_timeout(Duration::from_secs(5));
         let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
@@ -287,21 +363,182 @@ impl AgentFixture {
     }
 }
 
-/// A `[backup]` section for a file:// store in `dir`, with quick retries so outages show fast.
-pub fn file_backup_toml(dir: &Path) -> String {
-    format!(
-        "[backup]\nstore = \"file://{}\"\ncompression = \"zstd\"\n[backup.retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\n",
-        dir.display()
-    )
+impl AgentFixture {
+    /// Prometheus metrics from `/metrics`.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(reqwest::get(self.url("/metrics")).await?.text().await?)
+    }
+
+    /// The HTTP status of `GET path` on the external listener, without a token (probes).
+    pub async fn get_status(&self, path: &str) -> anyhow::Result<u16> {
+        Ok(reqwest::get(self.url(path)).await?.status().as_u16())
+    }
+
+    /// Runs the agent's CLI against this agent as an administrator would, with the API URL,
+    /// token file and runtime file in the environment.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<CliOutput> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args)
+            .env("PGPILOT_API_URL", format!("http://{}", self.loopback))
+            .env("PGPILOT_API_TOKEN_FILE", self.token_file())
+            .env("PGPILOT_ARCHIVE_RUNTIME", self.runtime_file())
+            .env("PGPILOT_LOG", "warn");
+        CliOutput::of(&mut cmd)
+    }
+
+    /// Runs `wal-push` or `wal-fetch` as Postgres' archive_command and restore_command do: in
+    /// the data dir, with `--runtime` and nothing else to find the agent or the store.
+    pub fn wal_command(&self, subcommand: &str, args: &[&str]) -> anyhow::Result<CliOutput> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg(subcommand)
+            .arg("--runtime")
+            .arg(self.runtime_file())
+            .args(args)
+            .current_dir(self.data_dir());
+        CliOutput::of(&mut cmd)
+    }
+
+    /// A PostgreSQL client tool (`pgbench`, `psql`, …) connected to this agent's Postgres as the
+    /// superuser through libpq's environment; the caller adds arguments and runs it.
+    pub fn client_tool(&self, tool: &str) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(postgres::client_tool(tool)?);
+        cmd.env("PGHOST", "127.0.0.1")
+            .env("PGPORT", self.pg_port.to_string())
+            .env("PGUSER", "postgres")
+            .env("PGDATABASE", "postgres")
+            .env("PGPASSWORD", self.superuser_password()?);
+        Ok(cmd)
+    }
+
+    /// `pgbench` with `args` against this agent's Postgres, output discarded but for stderr
+    /// (piped, for the caller's error message).
+    pub fn pgbench(&self, args: &[&str]) -> anyhow::Result<Child> {
+        Ok(self
+            .client_tool("pgbench")?
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?)
+    }
+
+    /// Waits until base backup `id` is no longer running; returns its last progress.
+    pub async fn wait_backup(&self, id: &str) -> anyhow::Result<BackupProgress> {
+        let client = self.client();
+        let deadline = Instant::now() + LONG;
+        loop {
+            let p = client.backup(id).await?;
+            if p.state != BackupState::Running {
+                return Ok(p);
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("backup {id} still running: {p:?}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Takes a base backup through the API and waits for it; fails unless it completed.
+    pub async fn take_backup(&self) -> anyhow::Result<String> {
+        let started = self
+            .client()
+            .start_backup(&BackupRequest::default())
+            .await?;
+        let done = self.wait_backup(&started.id).await?;
+        anyhow::ensure!(
+            done.state == BackupState::Completed,
+            "backup {} ended {:?}: {:?}\n{}",
+            started.id,
+            done.state,
+            done.reason,
+            self.logs()
+        );
+        Ok(started.id)
+    }
+
+    /// Sends SIGTERM to the agent without waiting (a cluster stops all its agents at once).
+    pub(crate) fn begin_stop(&self) {
+        if let Some(pid) = self.agent_pid() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+    }
 }
 
-/// Generates one test per PostgreSQL major of [`crate::postgres::TEST_MAJORS`] from `async fn
-/// name(major: u32)` functions: `pg15::name`, `pg17::name`.
+/// The HTTP status and error body of a failed API call; panics on any other error.
+pub fn api_error(err: ClientError) -> (u16, ErrorBody) {
+    match err {
+        ClientError::Api { status, body, .. } => (status, body),
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+/// What a CLI run printed.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    fn of(cmd: &mut Command) -> anyhow::Result<CliOutput> {
+        let out = cmd.stdin(Stdio::null()).output()?;
+        Ok(CliOutput {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// stdout then stderr, for assertions on what the user sees.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Generates tests from `async fn name(major: u32)` functions, one module per PostgreSQL major:
+///
+/// - `per_major!(a, b)`: the full suites, on [`crate::postgres::FULL_MAJORS`] (`pg15::a`,
+///   `pg18::a`, …);
+/// - `per_major!(every: smoke)`: on every supported major, [`crate::postgres::ALL_MAJORS`]
+///   (`every_major::pg14::smoke` … `every_major::pg18::smoke`).
+///
+/// The module lists here and the constants must name the same majors (macro_rules cannot build
+/// a module name from a constant).
 #[macro_export]
 macro_rules! per_major {
+    (every: $($name:ident),* $(,)?) => {
+        mod every_major {
+            use super::*;
+            $crate::__major_module!(pg14, 14, $($name),*);
+            $crate::__major_module!(pg15, 15, $($name),*);
+            $crate::__major_module!(pg16, 16, $($name),*);
+            $crate::__major_module!(pg17, 17, $($name),*);
+            $crate::__major_module!(pg18, 18, $($name),*);
+        }
+    };
     ($($name:ident),* $(,)?) => {
-        mod pg15 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(15).await } )* }
-        mod pg17 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(17).await } )* }
+        $crate::__major_module!(pg15, 15, $($name),*);
+        $crate::__major_module!(pg18, 18, $($name),*);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __major_module {
+    ($module:ident, $major:literal, $($name:ident),*) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($major).await
+                }
+            )*
+        }
     };
 }
 

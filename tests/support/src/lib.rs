@@ -4,10 +4,13 @@
 
 pub mod agent;
 pub mod azurite;
+pub mod cluster;
+pub mod data;
 pub mod gcs;
 pub mod net;
 pub mod postgres;
 pub mod s3;
+pub mod store;
 pub mod tools;
 pub mod wal;
 

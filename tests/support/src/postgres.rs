@@ -5,8 +5,16 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-/// Majors the integration tests run on (CI installs both).
-pub const TEST_MAJORS: [u32; 2] = [15, 17];
+/// Majors the full suites run on (`per_major!(…)`): Debian's 15, the only one with client
+/// tools here, and the newest supported.
+pub const FULL_MAJORS: [u32; 2] = [15, NEWEST];
+
+/// Every supported major, all installed by scripts/install-test-deps.sh; each gets the smoke
+/// test (`per_major!(every: …)`).
+pub const ALL_MAJORS: [u32; 5] = [14, 15, 16, 17, 18];
+
+/// The newest supported major.
+pub const NEWEST: u32 = 18;
 
 /// Server binaries of `major`, or an error saying how to install them.
 pub fn bin_dir(major: u32) -> anyhow::Result<PathBuf> {
@@ -23,6 +31,28 @@ pub fn bin_dir(major: u32) -> anyhow::Result<PathBuf> {
         debian.display(),
         npm.display()
     )
+}
+
+/// A client tool (`pgbench`, `psql`, `pg_waldump`…) from the newest Debian PostgreSQL
+/// installed (15 in CI; the npm majors ship server binaries only).
+pub fn client_tool(name: &str) -> anyhow::Result<PathBuf> {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let major = e.file_name().to_str()?.parse().ok()?;
+            let path = e.path().join("bin").join(name);
+            path.is_file().then_some((major, path))
+        })
+        .collect();
+    found.sort();
+    match found.pop() {
+        Some((_, path)) => Ok(path),
+        None => anyhow::bail!(
+            "{name} not found under /usr/lib/postgresql/*/bin: run scripts/install-test-deps.sh (make test does)"
+        ),
+    }
 }
 
 pub fn is_root() -> bool {
