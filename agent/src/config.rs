@@ -127,6 +127,10 @@ pub struct ArchiveSection {
     pub verify: VerifyMode,
     /// `archive_timeout` for Postgres, in seconds (0 = never force a segment switch).
     pub archive_timeout_secs: u64,
+    /// The longest one `wal-push` or `wal-fetch` process runs, in seconds: past it, it gives up
+    /// and exits 1 (Postgres keeps the WAL file and calls again), so a hung store never holds
+    /// Postgres' archiver or recovery, or a shutdown waiting for them.
+    pub command_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +147,7 @@ impl Default for ArchiveSection {
             prefetch: 8,
             verify: VerifyMode::Size,
             archive_timeout_secs: 60,
+            command_timeout_secs: 60,
         }
     }
 }

@@ -31,6 +31,10 @@ use crate::postgres::OsUser;
 use crate::postgres::bins::PgBinaries;
 use crate::postgres::bootstrap::{self, DataDirState};
 
+/// How long, once Postgres has stopped, the agent waits for abandoned background work to unwind
+/// (normally at once: each task is dropped at its next poll).
+const BACKGROUND_SHUTDOWN_BOUND: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Runs the agent until a termination signal, then stops Postgres (fast) and returns.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args)?;
@@ -82,9 +86,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let metrics = metrics::Metrics::new();
+    let shutdown = CancellationToken::new();
+    let background = archive::background::Background::new(shutdown.clone());
     let (archiver, fetcher) = match &cfg.backup {
         Some(store_cfg) => {
-            let (a, f) = open_archive(&cfg, store_cfg, &api_token, owner.as_ref(), &metrics)?;
+            let (a, f) = open_archive(
+                &cfg,
+                store_cfg,
+                &api_token,
+                owner.as_ref(),
+                &metrics,
+                &background,
+            )?;
             (Some(a), Some(f))
         }
         None => (None, None),
@@ -101,7 +114,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         fetcher,
     };
     let (shared, requests) = supervisor::new(parts, AgentState::Initializing);
-    let shutdown = CancellationToken::new();
     let server = tokio::spawn(http::server::serve(
         shared.clone(),
         loopback,
@@ -145,6 +157,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let result = supervisor::run(shared.clone(), requests, shutdown.clone(), initial_restore).await;
     shutdown.cancel();
+    // Postgres has stopped: nobody waits for uploads, prefetches or a backup any more.
+    background.shutdown(BACKGROUND_SHUTDOWN_BOUND).await;
     server
         .await
         .context("API server task")?
@@ -164,6 +178,7 @@ fn open_archive(
     token: &secrets::Secret,
     owner: Option<&OsUser>,
     metrics: &metrics::Metrics,
+    background: &archive::background::Background,
 ) -> anyhow::Result<(
     Arc<archive::push::WalArchiver>,
     Arc<archive::fetch::WalFetcher>,
@@ -188,6 +203,7 @@ fn open_archive(
         concurrency,
         cfg.archive.verify,
         metrics.archive.clone(),
+        background.clone(),
     );
     let fetcher = archive::fetch::WalFetcher::new(
         store,
@@ -196,6 +212,7 @@ fn open_archive(
         cfg.archive.prefetch,
         owner.cloned(),
         metrics.archive.clone(),
+        background.clone(),
     );
     fetcher
         .reset_spool()

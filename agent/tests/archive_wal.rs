@@ -726,7 +726,10 @@ async fn sigterm_after_fetching_a_corrupt_segment_exits_promptly() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a corrupt segment was served");
-    assert!(stderr.contains(&key), "the refusal names the object: {stderr}");
+    assert!(
+        stderr.contains(&key),
+        "the refusal names the object: {stderr}"
+    );
     assert!(!fx.data_dir().join("RECOVERYXLOG").exists());
     let spool = fx.data_dir().join("pgpilot_spool");
     let leftovers: Vec<String> = std::fs::read_dir(&spool)
@@ -738,6 +741,13 @@ async fn sigterm_after_fetching_a_corrupt_segment_exits_promptly() {
         })
         .unwrap_or_default();
     assert!(leftovers.is_empty(), "the spool kept {leftovers:?}");
+    // The corrupt object and the prefetches past the end of the archive (not found) are
+    // permanent answers, never retried with backoff.
+    assert!(
+        !fx.logs().contains("transient store failure"),
+        "{}",
+        fx.logs()
+    );
 
     sigterm_and_time_exit(&mut fx);
     assert_eq!(

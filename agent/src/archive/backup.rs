@@ -218,13 +218,15 @@ pub fn last_backup(shared: &Arc<Shared>) -> Option<LastBackup> {
         st.last_loaded = true;
         let (store, layout) = (archiver.store().clone(), archiver.layout().clone());
         let shared = shared.clone();
-        tokio::spawn(async move {
-            match super::catalog::newest_completed(&store, &layout).await {
-                Ok(Some(last)) => shared.backups.note_completed(last),
-                Ok(None) => {}
-                Err(e) => tracing::warn!("cannot look up the newest backup for status: {e}"),
-            }
-        });
+        archiver
+            .background()
+            .spawn("look-up of the newest backup".into(), async move {
+                match super::catalog::newest_completed(&store, &layout).await {
+                    Ok(Some(last)) => shared.backups.note_completed(last),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("cannot look up the newest backup for status: {e}"),
+                }
+            });
     }
     st.last.clone()
 }
@@ -281,9 +283,12 @@ pub async fn start(
         }
     }
     tracing::info!(backup = %id, store = %store, "base backup started");
+    let background = archiver.background().clone();
     let shared = shared.clone();
     let snapshot = run.snapshot();
-    tokio::spawn(async move {
+    // Abandoned with the rest of the background work once Postgres has stopped (the backup could
+    // not end anyway): without its manifest it does not count.
+    background.spawn(format!("base backup {id}"), async move {
         let _finish = Finish {
             shared: shared.clone(),
             run: run.clone(),
@@ -626,8 +631,7 @@ async fn upload_file(
     run: &Run,
 ) -> Result<Option<ArchiveSummary>, BackupError> {
     let result = store
-        .retry_policy()
-        .run("backup put", |attempt| async move {
+        .retried("backup put", |attempt| async move {
             let file = match std::fs::File::open(path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
