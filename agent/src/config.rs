@@ -198,6 +198,10 @@ pub struct Config {
     pub backup: Option<StoreConfig>,
     pub cluster: ClusterSection,
     pub archive: ArchiveSection,
+    /// The agent binary archive_command and restore_command run, set at start when a store is
+    /// configured: this binary, or a copy the Postgres user can execute ([`crate::install`]).
+    /// `None`: this binary.
+    pub agent_exe: Option<PathBuf>,
 }
 
 /// A configuration error, saying what to fix.
@@ -407,6 +411,7 @@ impl Config {
             replication_user,
             allow_networks: file.postgres.allow_networks,
             parameters,
+            agent_exe: None,
         })
     }
 

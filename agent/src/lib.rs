@@ -8,6 +8,7 @@
 pub mod archive;
 pub mod config;
 pub mod http;
+pub mod install;
 pub mod logging;
 pub mod metrics;
 pub mod postgres;
@@ -37,7 +38,7 @@ const BACKGROUND_SHUTDOWN_BOUND: std::time::Duration = std::time::Duration::from
 
 /// Runs the agent until a termination signal, then stops Postgres (fast) and returns.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let cfg = Config::load(&args)?;
+    let mut cfg = Config::load(&args)?;
     let owner = OsUser::for_postgres(&cfg.postgres_user)?;
     let bins = PgBinaries::discover(cfg.pg_bin_dir.as_deref())?;
     tracing::info!(bin_dir = %bins.bin_dir.display(), version = %bins.version, "PostgreSQL binaries");
@@ -85,6 +86,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         check_writable(cfg.data_dir.parent().unwrap_or(Path::new("/")))?;
     }
 
+    if cfg.backup.is_some() {
+        // archive_command runs as the Postgres user: it must be able to run this binary.
+        cfg.agent_exe = Some(install::exe_for_postgres(&cfg.state_dir, owner.as_ref())?);
+    }
     let metrics = metrics::Metrics::new();
     let shutdown = CancellationToken::new();
     let background = archive::background::Background::new(shutdown.clone());
@@ -186,10 +191,6 @@ fn open_archive(
     let store = store::Store::open(store_cfg).context("backup store")?;
     let layout = pgpilot_common::layout::Layout::new(&cfg.cluster.name, &cfg.cluster.shard)
         .map_err(anyhow::Error::msg)?;
-    // archive_command runs as the Postgres user: it must be able to run this binary.
-    let exe = std::env::current_exe().context("locating the agent binary for archive_command")?;
-    bootstrap::check_reachable(&exe, owner)
-        .context("archive_command runs the agent binary as the Postgres user")?;
     archive::runtime::ArchiveRuntime::write(cfg, store_cfg, token.expose(), owner)
         .context("writing the archive runtime file")?;
     let concurrency = cfg
