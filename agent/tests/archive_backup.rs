@@ -104,19 +104,7 @@ async fn wait_backup(fx: &AgentFixture, id: &str) -> BackupProgress {
 }
 
 async fn take_backup(fx: &AgentFixture) -> String {
-    let started = fx
-        .client()
-        .start_backup(&BackupRequest::default())
-        .await
-        .unwrap();
-    let done = wait_backup(fx, &started.id).await;
-    assert_eq!(
-        done.state,
-        BackupState::Completed,
-        "{done:?}\n{}",
-        fx.logs()
-    );
-    started.id
+    fx.take_backup(LONG).await.unwrap()
 }
 
 async fn manifest(store: &Store, id: &str) -> BackupManifest {

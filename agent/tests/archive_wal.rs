@@ -13,7 +13,7 @@ use pgpilot_common::api::{ErrorBody, WalFetchRequest, WalPushRequest};
 use pgpilot_common::client::ClientError;
 use pgpilot_common::layout::Layout;
 use pgpilot_common::wal::{DEFAULT_SEGMENT_SIZE, WalFile};
-use pgpilot_test_support::agent::{AgentFixture, AgentOptions, file_backup_toml as file_backup};
+use pgpilot_test_support::agent::{AgentFixture, file_backup_toml as file_backup};
 use pgpilot_test_support::s3::S3Server;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgpilot-agent");
@@ -112,6 +112,21 @@ fn pgbench(fx: &AgentFixture, args: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
+/// `pgbench -i -s scale`, then `secs` seconds of 4 clients; both must succeed.
+fn pgbench_init_and_run(fx: &AgentFixture, scale: &str, secs: &str) {
+    for args in [
+        &["-i", "-s", scale, "-q"][..],
+        &["-c", "4", "-j", "2", "-T", secs, "-n"][..],
+    ] {
+        let out = pgbench(fx, args).wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 pgpilot_test_support::per_major!(every_segment_reaches_a_file_archive_under_pgbench);
 
 async fn every_segment_reaches_a_file_archive_under_pgbench(major: u32) {
@@ -128,22 +143,10 @@ async fn every_segment_reaches_an_s3_archive_under_pgbench() {
 /// pgbench init and a short run; then every segment from the first to the current one is in
 /// the archive and reads back intact, and no archive_command call failed.
 async fn archive_under_pgbench(major: u32, toml: &str) {
-    let opts = AgentOptions {
-        extra_toml: toml.to_string(),
-        ..Default::default()
-    };
-    let fx = AgentFixture::start_with(bin(), major, opts).await.unwrap();
-    for args in [
-        &["-i", "-s", "10", "-q"][..],
-        &["-c", "4", "-j", "2", "-T", "4", "-n"][..],
-    ] {
-        let out = pgbench(&fx, args).wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let fx = AgentFixture::start_with_toml(bin(), major, toml)
+        .await
+        .unwrap();
+    pgbench_init_and_run(&fx, "10", "4");
     let last = switch_and_wait_archived(&fx).await;
     assert_chain_complete(&open_store(toml), &last).await;
 
@@ -180,16 +183,9 @@ async fn archive_under_pgbench(major: u32, toml: &str) {
 async fn kill_9_of_the_agent_while_archiving_loses_nothing() {
     let store_dir = tempfile::tempdir().unwrap();
     let toml = file_backup(store_dir.path());
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: toml.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut fx = AgentFixture::start_with_toml(bin(), 15, &toml)
+        .await
+        .unwrap();
     let mut load = pgbench(&fx, &["-i", "-s", "30", "-q"]);
     // Let WAL pile up and uploads start, then kill the agent (its postmaster follows it).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -220,29 +216,14 @@ async fn kill_9_of_the_agent_while_archiving_loses_nothing() {
 async fn store_outage_keeps_the_wal_and_archiving_catches_up() {
     let mut s3 = S3Server::start().unwrap();
     let toml = s3_backup(&s3);
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: toml.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut fx = AgentFixture::start_with_toml(bin(), 15, &toml)
+        .await
+        .unwrap();
     switch_and_wait_archived(&fx).await;
 
     s3.stop();
     let sql = fx.sql().await.unwrap();
-    let mut pending = Vec::new();
-    for _ in 0..3 {
-        sql.batch_execute(
-            "CREATE TABLE IF NOT EXISTS t (x int); INSERT INTO t SELECT generate_series(1, 10000)",
-        )
-        .await
-        .unwrap();
-        pending.push(one(&sql, "SELECT pg_walfile_name(pg_switch_wal())").await);
-    }
+    let pending = write_and_switch(&sql, 3).await;
     // archive_command fails; Postgres keeps the segments and their .ready markers.
     let deadline = Instant::now() + LONG;
     loop {
@@ -260,19 +241,7 @@ async fn store_outage_keeps_the_wal_and_archiving_catches_up() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for name in &pending {
-        assert!(
-            fx.data_dir().join("pg_wal").join(name).exists(),
-            "{name} was removed while not archived"
-        );
-        assert!(
-            fx.data_dir()
-                .join("pg_wal/archive_status")
-                .join(format!("{name}.ready"))
-                .exists(),
-            "{name}"
-        );
-    }
+    assert_kept_for_archiving(&fx, &pending);
     // The agent's view: failures recorded, and (after its next scan of archive_status, every
     // 2 s) the backlog counted.
     let status = fx
@@ -292,6 +261,38 @@ async fn store_outage_keeps_the_wal_and_archiving_catches_up() {
     let last = switch_and_wait_archived(&fx).await;
     assert!(last > *pending.last().unwrap());
     assert_chain_complete(&open_store(&toml), &last).await;
+}
+
+/// `n` times: some rows, then a WAL switch; the names of the segments switched away from.
+async fn write_and_switch(sql: &tokio_postgres::Client, n: usize) -> Vec<String> {
+    let mut names = Vec::new();
+    for _ in 0..n {
+        sql.batch_execute(
+            "CREATE TABLE IF NOT EXISTS t (x int); INSERT INTO t SELECT generate_series(1, 10000)",
+        )
+        .await
+        .unwrap();
+        names.push(one(sql, "SELECT pg_walfile_name(pg_switch_wal())").await);
+    }
+    names
+}
+
+/// Postgres still holds each of `names` in pg_wal, marked ready: nothing was lost, and it will
+/// be archived when the store and the agent are back.
+fn assert_kept_for_archiving(fx: &AgentFixture, names: &[String]) {
+    for name in names {
+        assert!(
+            fx.data_dir().join("pg_wal").join(name).exists(),
+            "{name} was removed while not archived"
+        );
+        assert!(
+            fx.data_dir()
+                .join("pg_wal/archive_status")
+                .join(format!("{name}.ready"))
+                .exists(),
+            "{name} lost its .ready marker"
+        );
+    }
 }
 
 /// A WAL file name Postgres itself will never produce or recycle (timeline 0x99, far ahead).
@@ -335,16 +336,9 @@ fn cli(fx: &AgentFixture, args: &[&str]) -> std::process::Output {
 async fn identical_repush_succeeds_and_different_content_is_refused() {
     let store_dir = tempfile::tempdir().unwrap();
     let toml = file_backup(store_dir.path());
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: toml.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut fx = AgentFixture::start_with_toml(bin(), 15, &toml)
+        .await
+        .unwrap();
     let name = fake_segment(0);
     let rel = format!("pg_wal/{name}");
     let original = random_segment();
@@ -482,16 +476,9 @@ async fn identical_repush_succeeds_and_different_content_is_refused() {
 async fn wal_fetch_restores_archived_files_and_prefetches_the_next() {
     let store_dir = tempfile::tempdir().unwrap();
     let toml = file_backup(store_dir.path());
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: toml.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut fx = AgentFixture::start_with_toml(bin(), 15, &toml)
+        .await
+        .unwrap();
     // Three consecutive segments of a fake timeline, archived through the API.
     let mut contents = Vec::new();
     for n in 0..3u8 {
@@ -667,40 +654,12 @@ async fn sigterm_after_fetching_a_corrupt_segment_exits_promptly() {
     let store_dir = tempfile::tempdir().unwrap();
     let keys = tempfile::tempdir().unwrap();
     let toml = encrypted_file_backup(store_dir.path(), &keys.path().join("k1"));
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: toml.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    for args in [
-        &["-i", "-s", "5", "-q"][..],
-        &["-c", "4", "-j", "2", "-T", "3", "-n"][..],
-    ] {
-        let out = pgbench(&fx, args).wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let last = switch_and_wait_archived(&fx).await;
-    let started = fx
-        .client()
-        .start_backup(&pgpilot_common::api::BackupRequest::default())
+    let mut fx = AgentFixture::start_with_toml(bin(), 15, &toml)
         .await
         .unwrap();
-    let deadline = Instant::now() + LONG;
-    while fx.client().backup(&started.id).await.unwrap().state
-        == pgpilot_common::api::BackupState::Running
-    {
-        assert!(Instant::now() < deadline, "backup still running");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    pgbench_init_and_run(&fx, "5", "3");
+    let last = switch_and_wait_archived(&fx).await;
+    fx.take_backup(LONG).await.unwrap();
     let store = open_store(&toml);
     assert_chain_complete(&store, &last).await;
 
@@ -774,31 +733,16 @@ async fn sigterm_during_uploads_to_a_stopped_s3_server_exits_promptly() {
         ak.display(),
         sk.display()
     );
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: toml.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut fx = AgentFixture::start_with_toml(bin(), 15, &toml)
+        .await
+        .unwrap();
     let archived = switch_and_wait_archived(&fx).await;
     let store = open_store(&toml);
     let before = stored_wal(&store).await;
 
     s3.stop();
     let sql = fx.sql().await.unwrap();
-    let mut pending = Vec::new();
-    for _ in 0..4 {
-        sql.batch_execute(
-            "CREATE TABLE IF NOT EXISTS t (x int); INSERT INTO t SELECT generate_series(1, 10000)",
-        )
-        .await
-        .unwrap();
-        pending.push(one(&sql, "SELECT pg_walfile_name(pg_switch_wal())").await);
-    }
+    let pending = write_and_switch(&sql, 4).await;
     drop(sql);
     // Uploads are in flight (and retrying) against the dead endpoint.
     fx.wait_for("uploads in flight", LONG, |s| {
@@ -808,19 +752,7 @@ async fn sigterm_during_uploads_to_a_stopped_s3_server_exits_promptly() {
     .unwrap();
 
     sigterm_and_time_exit(&mut fx);
-    for name in &pending {
-        assert!(
-            fx.data_dir().join("pg_wal").join(name).exists(),
-            "{name} was removed while not archived"
-        );
-        assert!(
-            fx.data_dir()
-                .join("pg_wal/archive_status")
-                .join(format!("{name}.ready"))
-                .exists(),
-            "{name} lost its .ready marker"
-        );
-    }
+    assert_kept_for_archiving(&fx, &pending);
     s3.restart().unwrap();
     let after = stored_wal(&store).await;
     for (key, sha) in &before {

@@ -6,9 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pgpilot_common::api::{
-    BackupRequest, BackupState, RestorePhase, RestoreProgress, RestoreRequest, RestoreTarget,
-};
+use pgpilot_common::api::{RestorePhase, RestoreProgress, RestoreRequest, RestoreTarget};
 use pgpilot_common::client::ClientError;
 use pgpilot_common::state::{AgentState, Role};
 use pgpilot_test_support::agent::{AgentFixture, AgentOptions, file_backup_toml};
@@ -69,22 +67,7 @@ async fn insert(sql: &tokio_postgres::Client, from: i64, to: i64) -> String {
 }
 
 async fn take_backup(fx: &AgentFixture) -> String {
-    let started = fx
-        .client()
-        .start_backup(&BackupRequest { label: None })
-        .await
-        .unwrap();
-    let deadline = Instant::now() + LONG;
-    loop {
-        let b = fx.client().backup(&started.id).await.unwrap();
-        match b.state {
-            BackupState::Completed => return b.id,
-            BackupState::Running => {}
-            other => panic!("backup ended {other:?}: {:?}\n{}", b.reason, fx.logs()),
-        }
-        assert!(Instant::now() < deadline, "backup did not finish");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    fx.take_backup(LONG).await.unwrap()
 }
 
 async fn switch_and_wait_archived(fx: &AgentFixture) {
@@ -153,16 +136,9 @@ async fn refused(fx: &AgentFixture, r: RestoreRequest) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_target_kind_restores_exactly_the_rows_before_it() {
     let store_dir = tempfile::tempdir().unwrap();
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: file_backup(store_dir.path()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut fx = AgentFixture::start_with_toml(bin(), 15, &file_backup(store_dir.path()))
+        .await
+        .unwrap();
     let sql = fx.sql().await.unwrap();
     sql.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, payload text)")
         .await
@@ -280,16 +256,9 @@ async fn every_target_kind_restores_exactly_the_rows_before_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restores_across_timelines() {
     let store_dir = tempfile::tempdir().unwrap();
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        17,
-        AgentOptions {
-            extra_toml: file_backup(store_dir.path()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut fx = AgentFixture::start_with_toml(bin(), 17, &file_backup(store_dir.path()))
+        .await
+        .unwrap();
     let sql = fx.sql().await.unwrap();
     sql.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, payload text)")
         .await
@@ -349,16 +318,9 @@ async fn restores_across_timelines() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn impossible_restores_are_refused_before_anything_is_touched() {
     let store_dir = tempfile::tempdir().unwrap();
-    let mut fx = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: file_backup(store_dir.path()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut fx = AgentFixture::start_with_toml(bin(), 15, &file_backup(store_dir.path()))
+        .await
+        .unwrap();
     // No backup yet.
     let msg = refused(&fx, req(RestoreTarget::Latest)).await;
     assert!(msg.contains("no complete backup"), "{msg}");
@@ -520,16 +482,9 @@ async fn bootstrap_from_backup_on_s3_and_wrong_keys_are_refused() {
             key.display()
         )
     };
-    let source = AgentFixture::start_with(
-        bin(),
-        15,
-        AgentOptions {
-            extra_toml: backup(&good),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let source = AgentFixture::start_with_toml(bin(), 15, &backup(&good))
+        .await
+        .unwrap();
     let sql = source.sql().await.unwrap();
     sql.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, payload text)")
         .await
@@ -608,16 +563,9 @@ async fn agent_binary_in_a_0700_dir_archives_and_restores_through_a_copy() {
     let agent = private.path().join("pgpilot-agent");
     std::fs::copy(bin(), &agent).unwrap();
     let store_dir = tempfile::tempdir().unwrap();
-    let mut fx = AgentFixture::start_with(
-        &agent,
-        15,
-        AgentOptions {
-            extra_toml: file_backup(store_dir.path()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut fx = AgentFixture::start_with_toml(&agent, 15, &file_backup(store_dir.path()))
+        .await
+        .unwrap();
     let conf = std::fs::read_to_string(fx.data_dir().join("pgpilot.conf")).unwrap();
     let copy_prefix = fx.dir.path().join("bin/pgpilot-agent-");
     assert!(

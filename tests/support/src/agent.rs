@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use pgpilot_common::api::StatusResponse;
+use pgpilot_common::api::{BackupRequest, BackupState, StatusResponse};
 use pgpilot_common::client::AgentClient;
 use pgpilot_common::state::AgentState;
 
@@ -55,6 +55,20 @@ impl AgentFixture {
         fx.spawn()?;
         fx.wait_running(Duration::from_secs(60)).await?;
         Ok(fx)
+    }
+
+    /// [`AgentFixture::start_with`] with `extra_toml` (e.g. a `[backup]` section) and nothing
+    /// else changed.
+    pub async fn start_with_toml(
+        bin: &Path,
+        major: u32,
+        extra_toml: &str,
+    ) -> anyhow::Result<AgentFixture> {
+        let opts = AgentOptions {
+            extra_toml: extra_toml.to_string(),
+            ..Default::default()
+        };
+        Self::start_with(bin, major, opts).await
     }
 
     /// Writes the config and token but does not start the agent.
@@ -253,6 +267,29 @@ impl AgentFixture {
 }
 
 impl AgentFixture {
+    /// Takes a base backup through the API and waits for it to end; its id when it completed,
+    /// an error with its reason and the agent's log otherwise.
+    pub async fn take_backup(&self, timeout: Duration) -> anyhow::Result<String> {
+        let client = self.client();
+        let started = client.start_backup(&BackupRequest::default()).await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let b = client.backup(&started.id).await?;
+            match b.state {
+                BackupState::Completed => return Ok(b.id),
+                BackupState::Running if Instant::now() < deadline => {}
+                state => anyhow::bail!(
+                    "backup {} {state:?} after {:?}: {:?}\n--- agent log ---\n{}",
+                    b.id,
+                    timeout,
+                    b.reason,
+                    self.logs()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Switches Postgres to a new WAL segment and waits until it reports the previous one
     /// archived (`pg_stat_archiver`); returns that segment's name.
     pub async fn switch_wal_and_wait_archived(&self, timeout: Duration) -> anyhow::Result<String> {
