@@ -127,6 +127,10 @@ pub struct ArchiveSection {
     pub verify: VerifyMode,
     /// `archive_timeout` for Postgres, in seconds (0 = never force a segment switch).
     pub archive_timeout_secs: u64,
+    /// The longest one `wal-push` or `wal-fetch` process runs, in seconds: past it, it gives up
+    /// and exits 1 (Postgres keeps the WAL file and calls again), so a hung store never holds
+    /// Postgres' archiver or recovery, or a shutdown waiting for them.
+    pub command_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +147,7 @@ impl Default for ArchiveSection {
             prefetch: 8,
             verify: VerifyMode::Size,
             archive_timeout_secs: 60,
+            command_timeout_secs: 60,
         }
     }
 }
@@ -193,6 +198,10 @@ pub struct Config {
     pub backup: Option<StoreConfig>,
     pub cluster: ClusterSection,
     pub archive: ArchiveSection,
+    /// The agent binary archive_command and restore_command run, set at start when a store is
+    /// configured: this binary, or a copy the Postgres user can execute ([`crate::install`]).
+    /// `None`: this binary.
+    pub agent_exe: Option<PathBuf>,
 }
 
 /// A configuration error, saying what to fix.
@@ -402,6 +411,7 @@ impl Config {
             replication_user,
             allow_networks: file.postgres.allow_networks,
             parameters,
+            agent_exe: None,
         })
     }
 

@@ -12,6 +12,7 @@ pub mod core;
 pub mod error;
 pub mod files;
 pub mod http;
+pub mod install;
 pub mod logging;
 pub mod metrics;
 pub mod postgres;
@@ -37,9 +38,13 @@ use crate::postgres::OsUser;
 use crate::postgres::bins::PgBinaries;
 use crate::postgres::bootstrap::{self, DataDirState};
 
+/// How long, once Postgres has stopped, the agent waits for abandoned background work to unwind
+/// (normally at once: each task is dropped at its next poll).
+const BACKGROUND_SHUTDOWN_BOUND: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Runs the agent until a termination signal, then stops Postgres (fast) and returns.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let cfg = Config::load(&args)?;
+    let mut cfg = Config::load(&args)?;
     let owner = OsUser::for_postgres(&cfg.postgres_user)?;
     let bins = PgBinaries::discover(cfg.pg_bin_dir.as_deref())?;
     tracing::info!(bin_dir = %bins.bin_dir.display(), version = %bins.version, "PostgreSQL binaries");
@@ -87,10 +92,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         check_writable(cfg.data_dir.parent().unwrap_or(Path::new("/")))?;
     }
 
+    if cfg.backup.is_some() {
+        // archive_command runs as the Postgres user: it must be able to run this binary.
+        cfg.agent_exe = Some(install::exe_for_postgres(&cfg.state_dir, owner.as_ref())?);
+    }
     let metrics = metrics::Metrics::new();
+    let shutdown = CancellationToken::new();
+    let background = archive::background::Background::new(shutdown.clone());
     let (archiver, fetcher) = match &cfg.backup {
         Some(store_cfg) => {
-            let (a, f) = open_archive(&cfg, store_cfg, &api_token, owner.as_ref(), &metrics)?;
+            let (a, f) = open_archive(
+                &cfg,
+                store_cfg,
+                &api_token,
+                owner.as_ref(),
+                &metrics,
+                &background,
+            )?;
             (Some(a), Some(f))
         }
         None => (None, None),
@@ -112,7 +130,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ => Begin::Existing,
     };
     let (handle, executor) = core::new(ctx.clone(), AgentState::Initializing);
-    let shutdown = CancellationToken::new();
     let server = tokio::spawn(http::server::serve(
         handle.clone(),
         loopback,
@@ -126,6 +143,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(announce_when_running(handle.clone()));
     let result = executor.run(begin, shutdown.clone()).await;
     shutdown.cancel();
+    // Postgres has stopped: nobody waits for uploads, prefetches or a backup any more.
+    background.shutdown(BACKGROUND_SHUTDOWN_BOUND).await;
     server
         .await
         .context("API server task")?
@@ -145,6 +164,7 @@ fn open_archive(
     token: &secrets::Secret,
     owner: Option<&OsUser>,
     metrics: &metrics::Metrics,
+    background: &archive::background::Background,
 ) -> anyhow::Result<(
     Arc<archive::push::WalArchiver>,
     Arc<archive::fetch::WalFetcher>,
@@ -152,10 +172,6 @@ fn open_archive(
     let store = store::Store::open(store_cfg).context("backup store")?;
     let layout = pgpilot_common::layout::Layout::new(&cfg.cluster.name, &cfg.cluster.shard)
         .map_err(anyhow::Error::msg)?;
-    // archive_command runs as the Postgres user: it must be able to run this binary.
-    let exe = std::env::current_exe().context("locating the agent binary for archive_command")?;
-    bootstrap::check_reachable(&exe, owner)
-        .context("archive_command runs the agent binary as the Postgres user")?;
     archive::runtime::ArchiveRuntime::write(cfg, store_cfg, token.expose(), owner)
         .context("writing the archive runtime file")?;
     let concurrency = cfg
@@ -169,6 +185,7 @@ fn open_archive(
         concurrency,
         cfg.archive.verify,
         metrics.archive.clone(),
+        background.clone(),
     );
     let fetcher = archive::fetch::WalFetcher::new(
         store,
@@ -177,6 +194,7 @@ fn open_archive(
         cfg.archive.prefetch,
         owner.cloned(),
         metrics.archive.clone(),
+        background.clone(),
     );
     fetcher
         .reset_spool()

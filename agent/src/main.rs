@@ -208,7 +208,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    let result = runtime.block_on(dispatch(cli));
+    // Dropping a runtime waits for every blocking task without limit; a codec worker of
+    // abandoned work must not keep the process alive after its command is done.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_BOUND);
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The whole cause chain on one line, no backtrace: these are user-facing errors.
@@ -217,6 +221,9 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+/// How long the process waits, after its command ended, for blocking tasks still running.
+const RUNTIME_SHUTDOWN_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {

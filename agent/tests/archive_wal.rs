@@ -3,6 +3,7 @@
 //! away for a while, retries of identical content succeed and different content is refused,
 //! and wal-fetch restores what was archived.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -13,7 +14,8 @@ use pgpilot_common::wal::{DEFAULT_SEGMENT_SIZE, WalFile};
 use pgpilot_test_support::agent::{AgentFixture, AgentOptions, LONG};
 use pgpilot_test_support::agent_bin;
 use pgpilot_test_support::data::random_segment;
-use pgpilot_test_support::store::{BackupStore, default_layout as layout};
+use pgpilot_test_support::s3::S3Server;
+use pgpilot_test_support::store::{BackupStore, default_layout as layout, open as open_store};
 
 /// An agent on `major` archiving into `store`.
 async fn agent(major: u32, store: &BackupStore) -> AgentFixture {
@@ -154,15 +156,7 @@ async fn store_outage_keeps_the_wal_and_archiving_catches_up() {
 
     backups.s3_server().stop();
     let sql = fx.sql().await.unwrap();
-    let mut pending = Vec::new();
-    for _ in 0..3 {
-        sql.batch_execute(
-            "CREATE TABLE IF NOT EXISTS t (x int); INSERT INTO t SELECT generate_series(1, 10000)",
-        )
-        .await
-        .unwrap();
-        pending.push(one(&sql, "SELECT pg_walfile_name(pg_switch_wal())").await);
-    }
+    let pending = write_and_switch(&sql, 3).await;
     // archive_command fails; Postgres keeps the segments and their .ready markers.
     let deadline = Instant::now() + LONG;
     loop {
@@ -180,19 +174,7 @@ async fn store_outage_keeps_the_wal_and_archiving_catches_up() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for name in &pending {
-        assert!(
-            fx.data_dir().join("pg_wal").join(name).exists(),
-            "{name} was removed while not archived"
-        );
-        assert!(
-            fx.data_dir()
-                .join("pg_wal/archive_status")
-                .join(format!("{name}.ready"))
-                .exists(),
-            "{name}"
-        );
-    }
+    assert_kept_for_archiving(&fx, &pending);
     // The agent's view: failures recorded, and (after its next scan of archive_status, every
     // 2 s) the backlog counted.
     let status = fx
@@ -212,6 +194,38 @@ async fn store_outage_keeps_the_wal_and_archiving_catches_up() {
     let last = switch_and_wait_archived(&fx).await;
     assert!(last > *pending.last().unwrap());
     assert_chain_complete(&backups.open(), &last).await;
+}
+
+/// `n` times: some rows, then a WAL switch; the names of the segments switched away from.
+async fn write_and_switch(sql: &tokio_postgres::Client, n: usize) -> Vec<String> {
+    let mut names = Vec::new();
+    for _ in 0..n {
+        sql.batch_execute(
+            "CREATE TABLE IF NOT EXISTS t (x int); INSERT INTO t SELECT generate_series(1, 10000)",
+        )
+        .await
+        .unwrap();
+        names.push(one(sql, "SELECT pg_walfile_name(pg_switch_wal())").await);
+    }
+    names
+}
+
+/// Postgres still holds each of `names` in pg_wal, marked ready: nothing was lost, and it will
+/// be archived when the store and the agent are back.
+fn assert_kept_for_archiving(fx: &AgentFixture, names: &[String]) {
+    for name in names {
+        assert!(
+            fx.data_dir().join("pg_wal").join(name).exists(),
+            "{name} was removed while not archived"
+        );
+        assert!(
+            fx.data_dir()
+                .join("pg_wal/archive_status")
+                .join(format!("{name}.ready"))
+                .exists(),
+            "{name} lost its .ready marker"
+        );
+    }
 }
 
 /// A WAL file name Postgres itself will never produce or recycle (timeline 0x99, far ahead).
@@ -400,4 +414,166 @@ async fn wal_fetch_restores_archived_files_and_prefetches_the_next() {
         .unwrap();
     assert!(out.success(), "{}", out.stderr);
     assert_eq!(std::fs::read(&dest).unwrap(), contents[0]);
+}
+
+// ----- shutdown: no background store operation outlives the agent (issue 26) -----
+
+/// How long a SIGTERM'd agent may take to be gone: well within Kubernetes' default
+/// `terminationGracePeriodSeconds` (30 s). A bound on waiting, not a speed assertion.
+const EXIT_BOUND: Duration = Duration::from_secs(10);
+
+/// A file:// store with an encryption key and the default retry policy (5 attempts, backoff up
+/// to 10 s), as a user would configure it: the quick retries of `file_backup` would hide a
+/// retry loop that outlives shutdown.
+fn encrypted_file_backup(store: &Path, key: &Path) -> String {
+    std::fs::write(key, "5a".repeat(32)).unwrap();
+    format!(
+        "[backup]\nstore = \"file://{}\"\ncompression = \"zstd\"\nencryption_key_files = [\"k1={}\"]\n",
+        store.display(),
+        key.display()
+    )
+}
+
+/// Every WAL object in the store with the SHA-256 of its stored bytes.
+async fn stored_wal(store: &Store) -> std::collections::BTreeMap<String, [u8; 32]> {
+    use sha2::Digest;
+    let mut out = std::collections::BTreeMap::new();
+    for o in store.list(&layout().wal_prefix()).await.unwrap() {
+        let raw = store.get_raw(&o.key).await.unwrap();
+        out.insert(o.key, sha2::Sha256::digest(&raw).into());
+    }
+    out
+}
+
+/// SIGTERM, then the time until the process is gone; fails when it outlives `EXIT_BOUND`.
+fn sigterm_and_time_exit(fx: &mut AgentFixture) -> Duration {
+    let sent = Instant::now();
+    fx.signal_agent(Signal::SIGTERM).unwrap();
+    let status = fx.wait_exit(EXIT_BOUND).unwrap();
+    let took = sent.elapsed();
+    eprintln!("agent gone {took:?} after SIGTERM ({status})");
+    if std::env::var_os("SHOW_LOGS").is_some() {
+        eprintln!("{}", fx.logs());
+    }
+    assert!(status.success(), "{status}\n{}", fx.logs());
+    took
+}
+
+/// The issue's scenario: WAL archived under load, a base backup, one archived segment
+/// corrupted in the store; wal-fetch of it is refused naming the object and nothing of it stays
+/// in the prefetch spool; then SIGTERM: the agent is gone within the bound and every archived
+/// object is still there, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_after_fetching_a_corrupt_segment_exits_promptly() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let toml = encrypted_file_backup(store_dir.path(), &keys.path().join("k1"));
+    let mut fx = AgentFixture::start_with_toml(agent_bin!(), 15, &toml)
+        .await
+        .unwrap();
+    for args in [
+        &["-i", "-s", "5", "-q"][..],
+        &["-c", "4", "-j", "2", "-T", "3", "-n"][..],
+    ] {
+        let out = fx.pgbench(args).unwrap().wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let last = switch_and_wait_archived(&fx).await;
+    fx.take_backup().await.unwrap();
+    let store = open_store(&toml).unwrap();
+    assert_chain_complete(&store, &last).await;
+
+    // Flip one byte in the middle of an early segment (its successors are archived too, so
+    // fetching it starts prefetches of objects that exist).
+    let victim = "000000010000000000000002";
+    let key = layout().wal_key(victim);
+    let mut raw = store.get_raw(&key).await.unwrap().to_vec();
+    let mid = raw.len() / 2;
+    raw[mid] ^= 0x01;
+    store.put_raw(&key, raw.into()).await.unwrap();
+    let before = stored_wal(&store).await;
+
+    let out = fx
+        .wal_command("wal-fetch", &[victim, "RECOVERYXLOG"])
+        .unwrap();
+    let stderr = &out.stderr;
+    assert!(!out.status.success(), "a corrupt segment was served");
+    assert!(
+        stderr.contains(&key),
+        "the refusal names the object: {stderr}"
+    );
+    assert!(!fx.data_dir().join("RECOVERYXLOG").exists());
+    let spool = fx.data_dir().join("pgpilot_spool");
+    let leftovers: Vec<String> = std::fs::read_dir(&spool)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains(victim))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "the spool kept {leftovers:?}");
+    // The corrupt object and the prefetches past the end of the archive (not found) are
+    // permanent answers, never retried with backoff.
+    assert!(
+        !fx.logs().contains("transient store failure"),
+        "{}",
+        fx.logs()
+    );
+
+    sigterm_and_time_exit(&mut fx);
+    assert_eq!(
+        stored_wal(&store).await,
+        before,
+        "archived objects changed or vanished"
+    );
+}
+
+/// SIGTERM while look-ahead uploads run against an S3 server that went away (each upload
+/// retrying with backoff): the agent abandons them and is gone within the bound; what was
+/// archived before stays archived, and what was not stays in pg_wal, marked ready, for the
+/// next start (Postgres deletes a segment only after archive_command succeeded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_uploads_to_a_stopped_s3_server_exits_promptly() {
+    let mut s3 = S3Server::start().unwrap();
+    s3.create_bucket("archive").unwrap();
+    let (ak, sk) = s3.credential_files().unwrap();
+    // The default retry policy (no [backup.retry]): its backoff is what must not hold shutdown.
+    let toml = format!(
+        "[backup]\nstore = \"s3://archive/pg\"\nendpoint = \"{}\"\npath_style = true\nregion = \"us-east-1\"\n\
+         access_key_id_file = \"{}\"\nsecret_access_key_file = \"{}\"\n",
+        s3.endpoint,
+        ak.display(),
+        sk.display()
+    );
+    let mut fx = AgentFixture::start_with_toml(agent_bin!(), 15, &toml)
+        .await
+        .unwrap();
+    let archived = switch_and_wait_archived(&fx).await;
+    let store = open_store(&toml).unwrap();
+    let before = stored_wal(&store).await;
+
+    s3.stop();
+    let sql = fx.sql().await.unwrap();
+    let pending = write_and_switch(&sql, 4).await;
+    drop(sql);
+    // Uploads are in flight (and retrying) against the dead endpoint.
+    fx.wait_for("uploads in flight", LONG, |s| {
+        s.archive.as_ref().is_some_and(|a| a.in_flight > 0)
+    })
+    .await
+    .unwrap();
+
+    sigterm_and_time_exit(&mut fx);
+    assert_kept_for_archiving(&fx, &pending);
+    s3.restart().unwrap();
+    let after = stored_wal(&store).await;
+    for (key, sha) in &before {
+        assert_eq!(after.get(key), Some(sha), "{key} changed or vanished");
+    }
+    assert!(before.contains_key(&layout().wal_key(&archived)));
 }

@@ -520,3 +520,49 @@ async fn bootstrap_from_backup_on_s3_and_wrong_keys_are_refused() {
     .unwrap();
     assert_eq!(actual(&copy).await, expected(&sql, 750).await);
 }
+
+/// The agent binary in a directory the Postgres user cannot enter (a clone under /root, mode
+/// 0700; the tests run as root): the agent installs a copy of itself under its state dir,
+/// archive_command and restore_command run the copy, and archiving and a restore work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_binary_in_a_0700_dir_archives_and_restores_through_a_copy() {
+    use std::os::unix::fs::PermissionsExt;
+    let private = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let agent = private.path().join("pgpilot-agent");
+    std::fs::copy(agent_bin!(), &agent).unwrap();
+    let store = BackupStore::file().unwrap();
+    let mut fx = AgentFixture::start_with_toml(&agent, 15, &store.toml())
+        .await
+        .unwrap();
+    let conf = std::fs::read_to_string(fx.data_dir().join("pgpilot.conf")).unwrap();
+    let copy_prefix = fx.dir.path().join("bin/pgpilot-agent-");
+    assert!(
+        conf.contains(&format!("archive_command = '''{}", copy_prefix.display()))
+            && conf.contains(&format!("restore_command = '''{}", copy_prefix.display())),
+        "{conf}"
+    );
+    assert!(
+        fx.logs()
+            .contains("the Postgres user cannot execute the agent binary where it is"),
+        "{}",
+        fx.logs()
+    );
+
+    let sql = fx.sql().await.unwrap();
+    sql.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, payload text)")
+        .await
+        .unwrap();
+    insert(&sql, 0, 100).await;
+    fx.take_backup().await.unwrap();
+    insert(&sql, 100, 300).await;
+    let want = expected(&sql, 300).await;
+    switch_and_wait_archived(&fx).await;
+    drop(sql);
+
+    let p = restore(&mut fx, req(RestoreTarget::Latest)).await;
+    assert_eq!(p.phase, RestorePhase::Completed, "{p:?}\n{}", fx.logs());
+    // Rows 101..=300 came after the backup: only WAL replayed through restore_command, that
+    // is through the copy, brings them back.
+    assert_eq!(actual(&fx).await, want);
+}

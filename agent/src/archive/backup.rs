@@ -226,13 +226,15 @@ pub fn last_backup(runs: &BackupRuns, archiver: Option<&WalArchiver>) -> Option<
         st.last_loaded = true;
         let (store, layout) = (archiver.store().clone(), archiver.layout().clone());
         let runs = runs.clone();
-        tokio::spawn(async move {
-            match super::catalog::newest_completed(&store, &layout).await {
-                Ok(Some(last)) => runs.note_completed(last),
-                Ok(None) => {}
-                Err(e) => tracing::warn!("cannot look up the newest backup for status: {e}"),
-            }
-        });
+        archiver
+            .background()
+            .spawn("look-up of the newest backup".into(), async move {
+                match super::catalog::newest_completed(&store, &layout).await {
+                    Ok(Some(last)) => runs.note_completed(last),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("cannot look up the newest backup for status: {e}"),
+                }
+            });
     }
     st.last.clone()
 }
@@ -618,8 +620,7 @@ async fn upload_file(
     run: &Run,
 ) -> Result<Option<ArchiveSummary>, BackupError> {
     let result = store
-        .retry_policy()
-        .run("backup put", |attempt| async move {
+        .retried("backup put", |attempt| async move {
             let file = match std::fs::File::open(path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

@@ -1,7 +1,8 @@
 //! `pgpilot-agent wal-push %p` and `wal-fetch %f %p`: what Postgres runs as archive_command and
 //! restore_command. Each asks the running agent over the loopback API and falls back to doing
 //! the work itself when the agent cannot be reached, so archiving never depends on the daemon
-//! being up. Exit status is what Postgres acts on: 0 only after success.
+//! being up. Exit status is what Postgres acts on: 0 only after success. Each process ends
+//! within `[archive] command_timeout_secs`, whatever the store does.
 
 use std::path::Path;
 
@@ -20,9 +21,29 @@ fn open(rt: &ArchiveRuntime) -> anyhow::Result<(Store, Layout)> {
     Ok((store, layout))
 }
 
+/// Runs one archive_command or restore_command within the runtime file's
+/// `command_timeout_secs`: past it, an error (exit 1; Postgres keeps the file and calls again).
+async fn bounded<T>(
+    rt: &ArchiveRuntime,
+    what: &str,
+    fut: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let bound = std::time::Duration::from_secs(rt.archive.command_timeout_secs.max(1));
+    match tokio::time::timeout(bound, fut).await {
+        Ok(r) => r,
+        Err(_) => anyhow::bail!(
+            "{what}: gave up after {bound:?} ([archive] command_timeout_secs); Postgres will call again"
+        ),
+    }
+}
+
 /// Archives `path` (`%p`). Ok only once the file is stored and verified.
 pub async fn wal_push(runtime: &Path, path: &str) -> anyhow::Result<()> {
     let rt = ArchiveRuntime::read(runtime)?;
+    bounded(&rt, &format!("wal-push {path}"), push(&rt, path)).await
+}
+
+async fn push(rt: &ArchiveRuntime, path: &str) -> anyhow::Result<()> {
     let client = AgentClient::new(&rt.api_url, Some(rt.token.clone()));
     match client
         .wal_push(&WalPushRequest {
@@ -37,7 +58,7 @@ pub async fn wal_push(runtime: &Path, path: &str) -> anyhow::Result<()> {
                 .file_name()
                 .and_then(|n| n.to_str())
                 .ok_or_else(|| anyhow::anyhow!("{path:?} has no file name"))?;
-            let (store, layout) = open(&rt)?;
+            let (store, layout) = open(rt)?;
             push_direct(store, layout, &rt.data_dir, name, rt.archive.verify).await?;
             Ok(())
         }
@@ -55,6 +76,10 @@ pub enum Fetched {
 /// Restores WAL file `name` (`%f`) into `dest` (`%p`).
 pub async fn wal_fetch(runtime: &Path, name: &str, dest: &Path) -> anyhow::Result<Fetched> {
     let rt = ArchiveRuntime::read(runtime)?;
+    bounded(&rt, &format!("wal-fetch {name}"), fetch(&rt, name, dest)).await
+}
+
+async fn fetch(rt: &ArchiveRuntime, name: &str, dest: &Path) -> anyhow::Result<Fetched> {
     let client = AgentClient::new(&rt.api_url, Some(rt.token.clone()));
     match client
         .wal_fetch(&WalFetchRequest {
@@ -71,7 +96,7 @@ pub async fn wal_fetch(runtime: &Path, name: &str, dest: &Path) -> anyhow::Resul
         Err(ClientError::Api { status: 404, .. }) => Ok(Fetched::Missing),
         Err(ClientError::Transport { cause, .. }) => {
             eprintln!("wal-fetch: agent unreachable ({cause}); fetching {name} directly");
-            let (store, layout) = open(&rt)?;
+            let (store, layout) = open(rt)?;
             match fetch_direct(&store, &layout, name, dest).await {
                 Ok(()) => Ok(Fetched::Done),
                 Err(FetchError::NotFound(_)) => Ok(Fetched::Missing),

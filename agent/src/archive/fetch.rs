@@ -3,6 +3,12 @@
 //! The fetcher downloads the requested file and the next `prefetch` segments into a spool dir
 //! in the data dir (verified, fsynced, renamed into place), so the next requests are served
 //! from local disk. `wal-fetch` then moves the spool file into the path Postgres gave.
+//!
+//! A file the archive does not hold is [`FetchError::NotFound`] (never retried); a damaged one
+//! is refused naming the object, and nothing of it stays in the spool. Downloads run in tasks
+//! of the archive's [`Background`]: no prefetch starts and nothing retries once the agent is
+//! stopping, and what is still running when Postgres has stopped is abandoned (the spool is
+//! only a cache, cleared at start).
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -16,6 +22,7 @@ use pgpilot_common::api::WalFetchResponse;
 use pgpilot_common::layout::Layout;
 use pgpilot_common::wal::{DEFAULT_SEGMENT_SIZE, WalFile};
 
+use super::background::Background;
 use crate::metrics::ArchiveMetrics;
 use crate::postgres::OsUser;
 use crate::store::{Caching, Durability, Store, StoreError};
@@ -48,6 +55,7 @@ pub struct WalFetcher {
     seg_size: AtomicU64,
     metrics: ArchiveMetrics,
     in_flight: Mutex<HashMap<String, FetchFuture>>,
+    background: Background,
     /// Prefetches run two at a time, in order (the semaphore is fair), so the next segment is
     /// ready first; the segment Postgres is waiting for does not queue behind them.
     prefetch_permits: Arc<tokio::sync::Semaphore>,
@@ -61,9 +69,10 @@ impl WalFetcher {
         prefetch: usize,
         owner: Option<OsUser>,
         metrics: ArchiveMetrics,
+        background: Background,
     ) -> Arc<WalFetcher> {
         Arc::new(WalFetcher {
-            store,
+            store: store.with_cancel(background.stopping().clone()),
             layout,
             spool: data_dir.join(SPOOL_DIR),
             prefetch,
@@ -71,6 +80,7 @@ impl WalFetcher {
             seg_size: AtomicU64::new(DEFAULT_SEGMENT_SIZE),
             metrics,
             in_flight: Mutex::new(HashMap::new()),
+            background,
             prefetch_permits: Arc::new(tokio::sync::Semaphore::new(PREFETCH_PARALLEL)),
         })
     }
@@ -129,11 +139,14 @@ impl WalFetcher {
         } else {
             self.metrics.prefetch_misses.inc();
         }
-        // Prefetch only follows segments; the name is parsed again with the real size.
-        if let Some(seg) = WalFile::parse(name, seg_size).and_then(|f| match f {
-            WalFile::Segment(s) => Some(s),
-            _ => None,
-        }) {
+        // Prefetch only follows segments; the name is parsed again with the real size. Nothing
+        // new starts once the agent is stopping.
+        if !self.background.is_stopping()
+            && let Some(seg) = WalFile::parse(name, seg_size).and_then(|f| match f {
+                WalFile::Segment(s) => Some(s),
+                _ => None,
+            })
+        {
             self.prune_before(seg.name(seg_size).as_str());
             let mut next = seg;
             let mut in_flight = self.in_flight.lock().expect("fetch lock");
@@ -141,8 +154,8 @@ impl WalFetcher {
                 next = next.next();
                 let n = next.name(seg_size);
                 if !self.spool.join(&n).exists() && !in_flight.contains_key(&n) {
-                    let f = self.start_locked(&mut in_flight, &n, true);
-                    tokio::spawn(f.map(|_| ()));
+                    // Driven by its own task; nobody waits for it here.
+                    drop(self.start_locked(&mut in_flight, &n, true));
                 }
             }
         }
@@ -166,19 +179,33 @@ impl WalFetcher {
     ) -> FetchFuture {
         let this = self.clone();
         let owned = name.to_string();
+        let what = if queued { "prefetch" } else { "fetch" };
         let fut = async move {
-            let _permit = if queued {
-                this.prefetch_permits.clone().acquire_owned().await.ok()
-            } else {
-                None
+            let download = async {
+                let _permit = if queued {
+                    this.prefetch_permits.clone().acquire_owned().await.ok()
+                } else {
+                    None
+                };
+                this.download(&owned).await
             };
-            let result = this.download(&owned).await;
+            let result = this
+                .background
+                .guard(format!("{what} of {owned}"), download)
+                .await
+                .unwrap_or_else(|| {
+                    Err(FetchError::Failed(format!(
+                        "{what} of {owned} abandoned: the agent is stopping"
+                    )))
+                });
             this.in_flight.lock().expect("fetch lock").remove(&owned);
             result
         }
         .boxed()
         .shared();
         in_flight.insert(name.to_string(), fut.clone());
+        // Driven to its end by a task of its own (see `WalArchiver::start_locked`).
+        self.background.drive(fut.clone().map(|_| ()));
         fut
     }
 

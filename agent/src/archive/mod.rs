@@ -1,6 +1,8 @@
 //! WAL archiving and fetching (this file's siblings `push`, `fetch`, `runtime`), base backups,
-//! listing, retention and verification, all through the backup [`crate::store`].
+//! listing, retention and verification, all through the backup [`crate::store`]. Their
+//! background work is owned by one [`background::Background`].
 
+pub mod background;
 pub mod backup;
 pub mod catalog;
 pub mod cli;

@@ -8,6 +8,10 @@
 //! other files Postgres has marked ready (`pg_wal/archive_status/*.ready`), up to
 //! `push_concurrency` at a time, so when Postgres asks for them they are already stored and the
 //! call returns at once.
+//!
+//! Every upload runs in a task of the archive's [`Background`]: once the agent is stopping no
+//! look-ahead starts and no upload retries; once Postgres has stopped the rest is abandoned
+//! (Postgres keeps the segments and asks again at the next start).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -21,6 +25,7 @@ use pgpilot_common::layout::Layout;
 use pgpilot_common::wal::WalFile;
 use tokio::sync::Semaphore;
 
+use super::background::Background;
 use crate::config::VerifyMode;
 use crate::metrics::ArchiveMetrics;
 use crate::store::{PutMode, PutOutcome, Store, StoreError};
@@ -47,6 +52,7 @@ pub struct WalArchiver {
     permits: Arc<Semaphore>,
     concurrency: usize,
     metrics: ArchiveMetrics,
+    background: Background,
     state: Mutex<ArchiverState>,
 }
 
@@ -73,21 +79,30 @@ impl WalArchiver {
         concurrency: usize,
         verify: VerifyMode,
         metrics: ArchiveMetrics,
+        background: Background,
     ) -> Arc<WalArchiver> {
         Arc::new(WalArchiver {
-            store,
+            // Retries stop once the agent is stopping: Postgres' last archive_command calls
+            // during its shutdown get one attempt each, not a backoff schedule.
+            store: store.with_cancel(background.stopping().clone()),
             layout,
             pg_wal: data_dir.join("pg_wal"),
             verify,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             concurrency: concurrency.max(1),
             metrics,
+            background,
             state: Mutex::new(ArchiverState::default()),
         })
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The owner of the archive's background work (backups run there too).
+    pub fn background(&self) -> &Background {
+        &self.background
     }
 
     pub fn layout(&self) -> &Layout {
@@ -130,8 +145,12 @@ impl WalArchiver {
         result
     }
 
-    /// Starts uploading every ready file that is neither done nor in flight, in order.
+    /// Starts uploading every ready file that is neither done nor in flight, in order. Nothing
+    /// once the agent is stopping.
     pub fn look_ahead(self: &Arc<Self>) {
+        if self.background.is_stopping() {
+            return;
+        }
         let ready = match ready_files(&self.pg_wal) {
             Ok(r) => r,
             Err(e) => {
@@ -159,8 +178,8 @@ impl WalArchiver {
             {
                 continue;
             }
-            let fut = self.start_locked(&mut st, name);
-            tokio::spawn(fut.map(|_| ()));
+            // Driven by its own task; nobody waits for it here.
+            drop(self.start_locked(&mut st, name));
         }
     }
 
@@ -176,7 +195,15 @@ impl WalArchiver {
         let this = self.clone();
         let owned = name.to_string();
         let fut = async move {
-            let result = this.upload(&owned).await;
+            let result = this
+                .background
+                .guard(format!("upload of {owned}"), this.upload(&owned))
+                .await
+                .unwrap_or_else(|| {
+                    Err(PushError::Failed(format!(
+                        "upload of {owned} abandoned: the agent is stopping; Postgres keeps the file and asks again"
+                    )))
+                });
             {
                 let mut st = this.state.lock().expect("archiver lock");
                 st.in_flight.remove(&owned);
@@ -202,6 +229,9 @@ impl WalArchiver {
         .boxed()
         .shared();
         st.in_flight.insert(name.to_string(), fut.clone());
+        // Driven to its end by a task of its own, whoever waits for it: a caller that goes away
+        // (an HTTP request) must not leave it half-polled, holding its codec workers.
+        self.background.drive(fut.clone().map(|_| ()));
         fut
     }
 
@@ -319,11 +349,12 @@ impl WalArchiver {
     }
 
     /// Keeps the look-ahead and the ready gauge moving while Postgres waits between retries
-    /// (after three failures its archiver sleeps a minute).
+    /// (after three failures its archiver sleeps a minute). Ends when the agent is stopping.
     pub async fn run_background(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = self.background.stopping().cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_secs(2)) => self.look_ahead(),
             }
         }
@@ -374,6 +405,7 @@ pub async fn push_direct(
         1,
         verify,
         crate::metrics::Metrics::new().archive,
+        Background::default(),
     );
     if !is_wal_name(name) {
         return Err(PushError::InvalidName(format!(

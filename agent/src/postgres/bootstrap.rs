@@ -96,6 +96,21 @@ pub fn prepare_dir(dir: &Path, mode: u32, owner: Option<&OsUser>) -> Result<(), 
 /// says which one does not (a clone under /root is the usual case).
 pub fn check_reachable(path: &Path, owner: Option<&OsUser>) -> Result<(), BootstrapError> {
     let Some(owner) = owner else { return Ok(()) };
+    match blocking_dir(path, owner) {
+        None => Ok(()),
+        Some((dir, mode)) => Err(BootstrapError::Unreachable(format!(
+            "Postgres runs as user {:?}, which cannot reach {}: {} has mode {:o}. \
+             Choose a data dir outside it, or run the agent as that user",
+            owner.name,
+            path.display(),
+            dir.display(),
+            mode
+        ))),
+    }
+}
+
+/// The first ancestor directory of `path` that `user` cannot enter, with its mode bits.
+pub fn blocking_dir(path: &Path, user: &OsUser) -> Option<(PathBuf, u32)> {
     let mut ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
     ancestors.reverse();
     for dir in ancestors {
@@ -103,25 +118,18 @@ pub fn check_reachable(path: &Path, owner: Option<&OsUser>) -> Result<(), Bootst
             continue;
         };
         let mode = meta.mode();
-        let ok = if meta.uid() == owner.uid.as_raw() {
+        let ok = if meta.uid() == user.uid.as_raw() {
             mode & 0o100 != 0
-        } else if meta.gid() == owner.gid.as_raw() {
+        } else if meta.gid() == user.gid.as_raw() {
             mode & 0o010 != 0
         } else {
             mode & 0o001 != 0
         };
         if !ok {
-            return Err(BootstrapError::Unreachable(format!(
-                "Postgres runs as user {:?}, which cannot reach {}: {} has mode {:o}. \
-                 Choose a data dir outside it, or run the agent as that user",
-                owner.name,
-                path.display(),
-                dir.display(),
-                mode & 0o7777
-            )));
+            return Some((dir.to_path_buf(), mode & 0o7777));
         }
     }
-    Ok(())
+    None
 }
 
 /// Runs initdb: UTF-8, data checksums, SCRAM authentication, the superuser's password from its

@@ -47,9 +47,12 @@ pub fn settings(cfg: &Config, user: &BTreeMap<String, String>) -> Vec<(String, S
     if cfg.backup.is_some() {
         // wal-push and wal-fetch find the agent and the store through the runtime file; no
         // secret is on these command lines.
-        let exe = std::env::current_exe()
+        let exe = cfg
+            .agent_exe
+            .clone()
+            .or_else(|| std::env::current_exe().ok())
             .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| "pgpilot-agent".into());
+            .unwrap_or_else(|| "pgpilot-agent".into());
         let runtime = files::archive_runtime(&cfg.state_dir).display().to_string();
         let (exe, runtime) = (sh_quote(&exe), sh_quote(&runtime));
         out.push(("archive_mode".into(), "on".into()));

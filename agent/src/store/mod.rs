@@ -34,6 +34,7 @@ use pgpilot_common::archive::{
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio_util::sync::CancellationToken;
 
 pub use config::{ArchiveSettings, ConfigError, RetrySettings, StoreConfig, StoreLocation};
 pub use error::StoreError;
@@ -119,6 +120,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    /// Once cancelled, operations stop retrying ([`Store::with_cancel`]).
+    cancel: Option<CancellationToken>,
 }
 
 impl std::fmt::Debug for Store {
@@ -171,7 +174,27 @@ impl Store {
                 part_size: cfg.part_size,
                 retry: cfg.retry.into(),
             }),
+            cancel: None,
         })
+    }
+
+    /// This store, with retries that stop once `cancel` is cancelled (the agent is stopping):
+    /// the attempt in progress finishes, no other starts, a backoff wait is cut short.
+    pub fn with_cancel(&self, cancel: CancellationToken) -> Store {
+        Store {
+            inner: self.inner.clone(),
+            cancel: Some(cancel),
+        }
+    }
+
+    /// Runs a restartable operation under the store's retry policy and cancellation (for callers
+    /// that build their own, like a backup's file upload).
+    pub async fn retried<T, F, Fut>(&self, what: &str, op: F) -> Result<T, StoreError>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        self.inner.retry.run(what, self.cancel.as_ref(), op).await
     }
 
     /// The store URL as configured.
@@ -191,11 +214,6 @@ impl Store {
     /// The key ring (ids only show in Debug).
     pub fn keys(&self) -> &KeyRing {
         &self.inner.settings.keys
-    }
-
-    /// The retry policy, for callers that build their own restartable operations.
-    pub fn retry_policy(&self) -> RetryPolicy {
-        self.inner.retry
     }
 
     /// `<store url>/<key>`: how errors and logs name an object.
@@ -310,13 +328,11 @@ impl Store {
         path: &Path,
         mode: PutMode,
     ) -> Result<ArchiveSummary, StoreError> {
-        self.inner
-            .retry
-            .run("put", |_| async move {
-                let file = std::fs::File::open(path).map_err(|e| local_io(path, e))?;
-                self.put(key, FileChunks::new(file), mode).await
-            })
-            .await
+        self.retried("put", |_| async move {
+            let file = std::fs::File::open(path).map_err(|e| local_io(path, e))?;
+            self.put(key, FileChunks::new(file), mode).await
+        })
+        .await
     }
 
     /// Stores bytes (a manifest, a history file), retrying transient failures.
@@ -326,9 +342,7 @@ impl Store {
         data: Bytes,
         mode: PutMode,
     ) -> Result<ArchiveSummary, StoreError> {
-        self.inner
-            .retry
-            .run("put", |_| self.put(key, data.as_ref(), mode))
+        self.retried("put", |_| self.put(key, data.as_ref(), mode))
             .await
     }
 
@@ -556,9 +570,7 @@ impl Store {
             rand::random::<u64>()
         ));
         let result = self
-            .inner
-            .retry
-            .run("get", |_| {
+            .retried("get", |_| {
                 let temp = temp.clone();
                 async move {
                     // Chunks are written by the decode workers at their offsets, in parallel.
@@ -602,14 +614,12 @@ impl Store {
 
     /// Reads a small object whole (a manifest). Retries transient failures.
     pub async fn get_bytes(&self, key: &str) -> Result<(Bytes, ArchiveSummary), StoreError> {
-        self.inner
-            .retry
-            .run("get", |_| async move {
-                let mut out = Vec::new();
-                let summary = self.get(key, &mut out).await?;
-                Ok((Bytes::from(out), summary))
-            })
-            .await
+        self.retried("get", |_| async move {
+            let mut out = Vec::new();
+            let summary = self.get(key, &mut out).await?;
+            Ok((Bytes::from(out), summary))
+        })
+        .await
     }
 
     /// [`Store::verify`] that also accepts an object without encryption when keys are
@@ -632,20 +642,18 @@ impl Store {
         key: &str,
         opts: &archive::ReadOptions,
     ) -> Result<ArchiveSummary, StoreError> {
-        self.inner
-            .retry
-            .run("verify", |_| async move {
-                let reader = self.open_reader(key).await?;
-                archive::verify(
-                    &self.object_name(key),
-                    reader,
-                    &self.inner.settings.keys,
-                    opts,
-                )
-                .await
-                .map_err(StoreError::from_archive)
-            })
+        self.retried("verify", |_| async move {
+            let reader = self.open_reader(key).await?;
+            archive::verify(
+                &self.object_name(key),
+                reader,
+                &self.inner.settings.keys,
+                opts,
+            )
             .await
+            .map_err(StoreError::from_archive)
+        })
+        .await
     }
 
     // ----- metadata -----
@@ -654,9 +662,7 @@ impl Store {
     pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
         let object = self.object_name(key);
         let r = self
-            .inner
-            .retry
-            .run("head", |_| async {
+            .retried("head", |_| async {
                 match &self.inner.backend {
                     Backend::Local(local) => local
                         .head(&self.full_key(key)?)
@@ -698,70 +704,66 @@ impl Store {
             });
         }
         let object = self.object_name(prefix);
-        self.inner
-            .retry
-            .run("list", |_| async {
-                match &self.inner.backend {
-                    Backend::Local(local) => Ok(local
-                        .list(prefix)
+        self.retried("list", |_| async {
+            match &self.inner.backend {
+                Backend::Local(local) => Ok(local
+                    .list(prefix)
+                    .await
+                    .map_err(|e| StoreError::from_local_io(&object, "list", e))?
+                    .into_iter()
+                    .map(|m| ObjectInfo {
+                        key: m.key,
+                        size: m.size,
+                        last_modified: m.modified,
+                    })
+                    .collect()),
+                Backend::Remote(store) => {
+                    // List the directory part of the prefix, then filter on the rest.
+                    let dir = match prefix.rfind('/') {
+                        Some(i) => &prefix[..i],
+                        None => "",
+                    };
+                    let full_dir = match (self.inner.prefix.is_empty(), dir.is_empty()) {
+                        (true, _) => dir.to_owned(),
+                        (false, true) => self.inner.prefix.clone(),
+                        (false, false) => format!("{}/{dir}", self.inner.prefix),
+                    };
+                    let list_path = (!full_dir.is_empty())
+                        .then(|| object_store::path::Path::from(full_dir.as_str()));
+                    let metas: Vec<_> = store
+                        .list(list_path.as_ref())
+                        .try_collect()
                         .await
-                        .map_err(|e| StoreError::from_local_io(&object, "list", e))?
+                        .map_err(|e| StoreError::from_object_store(&object, "list", e))?;
+                    let strip = if self.inner.prefix.is_empty() {
+                        0
+                    } else {
+                        self.inner.prefix.len() + 1
+                    };
+                    let mut out: Vec<ObjectInfo> = metas
                         .into_iter()
-                        .map(|m| ObjectInfo {
-                            key: m.key,
-                            size: m.size,
-                            last_modified: m.modified,
-                        })
-                        .collect()),
-                    Backend::Remote(store) => {
-                        // List the directory part of the prefix, then filter on the rest.
-                        let dir = match prefix.rfind('/') {
-                            Some(i) => &prefix[..i],
-                            None => "",
-                        };
-                        let full_dir = match (self.inner.prefix.is_empty(), dir.is_empty()) {
-                            (true, _) => dir.to_owned(),
-                            (false, true) => self.inner.prefix.clone(),
-                            (false, false) => format!("{}/{dir}", self.inner.prefix),
-                        };
-                        let list_path = (!full_dir.is_empty())
-                            .then(|| object_store::path::Path::from(full_dir.as_str()));
-                        let metas: Vec<_> = store
-                            .list(list_path.as_ref())
-                            .try_collect()
-                            .await
-                            .map_err(|e| StoreError::from_object_store(&object, "list", e))?;
-                        let strip = if self.inner.prefix.is_empty() {
-                            0
-                        } else {
-                            self.inner.prefix.len() + 1
-                        };
-                        let mut out: Vec<ObjectInfo> = metas
-                            .into_iter()
-                            .filter_map(|m| {
-                                let key = m.location.as_ref().get(strip..)?.to_owned();
-                                key.starts_with(prefix).then(|| ObjectInfo {
-                                    key,
-                                    size: m.size,
-                                    last_modified: m.last_modified.into(),
-                                })
+                        .filter_map(|m| {
+                            let key = m.location.as_ref().get(strip..)?.to_owned();
+                            key.starts_with(prefix).then(|| ObjectInfo {
+                                key,
+                                size: m.size,
+                                last_modified: m.last_modified.into(),
                             })
-                            .collect();
-                        out.sort_by(|a, b| a.key.cmp(&b.key));
-                        Ok(out)
-                    }
+                        })
+                        .collect();
+                    out.sort_by(|a, b| a.key.cmp(&b.key));
+                    Ok(out)
                 }
-            })
-            .await
+            }
+        })
+        .await
     }
 
     /// Deletes `key`. Deleting a missing object is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let object = self.object_name(key);
         let r = self
-            .inner
-            .retry
-            .run("delete", |_| async {
+            .retried("delete", |_| async {
                 match &self.inner.backend {
                     Backend::Local(local) => local
                         .delete(&self.full_key(key)?)

@@ -1,12 +1,15 @@
 //! Retrying whole store operations on transient failures, with exponential backoff and full
 //! jitter (AWS architecture blog, "Exponential Backoff And Jitter"): the wait before attempt
 //! `n + 1` is uniform in `[0, min(max, initial × 2^(n-1))]`, which spreads retries of many agents
-//! hitting the same failing store. Permanent failures return at once.
+//! hitting the same failing store. Permanent failures return at once, and so does everything
+//! once the caller's cancellation token is cancelled (the agent is stopping): the attempt in
+//! progress finishes, no further attempt starts, and a backoff wait is cut short.
 
 use std::future::Future;
 use std::time::Duration;
 
 use rand::Rng;
+use tokio_util::sync::CancellationToken;
 
 use super::config::RetrySettings;
 use super::error::StoreError;
@@ -51,8 +54,14 @@ impl RetryPolicy {
         })
     }
 
-    /// Runs `op` until it succeeds, fails permanently, or attempts run out.
-    pub async fn run<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, StoreError>
+    /// Runs `op` until it succeeds, fails permanently, attempts run out, or `cancel` is
+    /// cancelled (then the last error is returned without another attempt).
+    pub async fn run<T, F, Fut>(
+        &self,
+        what: &str,
+        cancel: Option<&CancellationToken>,
+        mut op: F,
+    ) -> Result<T, StoreError>
     where
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
@@ -62,9 +71,29 @@ impl RetryPolicy {
             match op(attempt).await {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_transient() && attempt < self.max_attempts => {
+                    let stopping = || cancel.is_some_and(|c| c.is_cancelled());
+                    if stopping() {
+                        tracing::info!(operation = what, attempt, error = %e, "transient store failure, not retrying: the agent is stopping");
+                        return Err(e);
+                    }
                     let wait = self.backoff(attempt);
                     tracing::warn!(operation = what, attempt, error = %e, ?wait, "transient store failure, retrying");
-                    tokio::time::sleep(wait).await;
+                    match cancel {
+                        Some(c) => {
+                            if c.run_until_cancelled(tokio::time::sleep(wait))
+                                .await
+                                .is_none()
+                            {
+                                tracing::info!(
+                                    operation = what,
+                                    attempt,
+                                    "retry abandoned: the agent is stopping"
+                                );
+                                return Err(e);
+                            }
+                        }
+                        None => tokio::time::sleep(wait).await,
+                    }
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
@@ -113,7 +142,7 @@ mod tests {
         };
         let calls = AtomicU32::new(0);
         let r = p
-            .run("t", |_| async {
+            .run("t", None, |_| async {
                 if calls.fetch_add(1, Ordering::SeqCst) < 2 {
                     Err(transient())
                 } else {
@@ -126,7 +155,7 @@ mod tests {
 
         calls.store(0, Ordering::SeqCst);
         let r: Result<(), _> = p
-            .run("t", |_| async {
+            .run("t", None, |_| async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Err(transient())
             })
@@ -140,7 +169,7 @@ mod tests {
 
         calls.store(0, Ordering::SeqCst);
         let r: Result<(), _> = p
-            .run("t", |_| async {
+            .run("t", None, |_| async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Err(StoreError::NotFound { object: "o".into() })
             })
@@ -151,5 +180,41 @@ mod tests {
             1,
             "permanent errors are not retried"
         );
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_token_stops_retrying_and_cuts_the_backoff_short() {
+        let p = RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_secs(3600),
+            max_backoff: Duration::from_secs(3600),
+        };
+        let cancel = CancellationToken::new();
+        let calls = AtomicU32::new(0);
+        let run = p.run("t", Some(&cancel), |_| async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(transient())
+        });
+        let canceller = async {
+            // The first attempt has failed and the (hour-long) backoff has begun.
+            while calls.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+            cancel.cancel();
+        };
+        let (r, ()) = tokio::join!(run, canceller);
+        assert!(r.unwrap_err().is_transient());
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "no attempt after cancel");
+
+        // Already cancelled: the first attempt still runs, no second one.
+        calls.store(0, Ordering::SeqCst);
+        let r: Result<(), _> = p
+            .run("t", Some(&cancel), |_| async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(transient())
+            })
+            .await;
+        assert!(r.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }

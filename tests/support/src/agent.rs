@@ -94,6 +94,16 @@ impl AgentFixture {
         Ok(fx)
     }
 
+    /// [`AgentFixture::start_with`] with `extra_toml` (e.g. a `[backup]` section) and nothing
+    /// else changed.
+    pub async fn start_with_toml(
+        bin: &Path,
+        major: u32,
+        extra_toml: &str,
+    ) -> anyhow::Result<AgentFixture> {
+        Self::start_with(bin, major, AgentOptions::toml(extra_toml)).await
+    }
+
     /// Writes the config and token but does not start the agent.
     pub fn prepare(bin: &Path, major: u32, opts: &AgentOptions) -> anyhow::Result<AgentFixture> {
         let bin_dir = postgres::bin_dir(major)?;

@@ -1,0 +1,196 @@
+//! Copies of the agent binary where another user can execute it. archive_command and
+//! restore_command run the agent binary as the Postgres user; when the agent runs as root from
+//! a directory that user cannot enter (a clone under `/root`, a `mktemp -d` dir), the agent
+//! installs a copy of itself under its state dir and renders the commands with that path. The
+//! Kubernetes init container makes the same move (copy the binary into a shared volume) with
+//! the same function, [`install_copy`].
+//!
+//! A copy is named by the SHA-256 of its content (`pgpilot-agent-<16 hex>`), so agents of
+//! different versions sharing a directory, and upgrades, never overwrite a binary another
+//! agent's Postgres may be running; it is written to a temp file, fsynced, made 0755 and
+//! renamed into place, so a name only ever holds a complete binary.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::postgres::OsUser;
+use crate::postgres::bootstrap::blocking_dir;
+
+/// Where, under the state dir, the agent installs a copy of itself for the Postgres user.
+pub const COPY_DIR: &str = "bin";
+
+/// Why no binary the Postgres user can execute could be found or made.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("cannot locate the agent binary: {0}")]
+    CurrentExe(io::Error),
+    /// Neither the binary nor a copy under the state dir is reachable by the Postgres user.
+    #[error(
+        "archive_command runs the agent binary as user {user:?}, which cannot execute {exe} ({why}), \
+         and a copy under {dir} would not be reachable either ({copy_why}). Choose a state dir \
+         (--state-dir) or a data dir that user can reach, install the agent binary where it can \
+         (e.g. /usr/local/bin), or run the agent as that user"
+    )]
+    Unreachable {
+        user: String,
+        exe: String,
+        why: String,
+        dir: String,
+        copy_why: String,
+    },
+    #[error(
+        "archive_command runs the agent binary as user {user:?}, which cannot execute {exe} ({why}); \
+         installing a copy in {dir} failed: {source}. Make {dir} writable by the agent, or install \
+         the agent binary where that user can reach it (e.g. /usr/local/bin)"
+    )]
+    Copy {
+        user: String,
+        exe: String,
+        why: String,
+        dir: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The agent binary that archive_command and restore_command should run: this one when
+/// Postgres runs as the agent's own user or can execute it where it is; otherwise a copy
+/// installed under `<state_dir>/bin` (logged once).
+pub fn exe_for_postgres(state_dir: &Path, owner: Option<&OsUser>) -> Result<PathBuf, InstallError> {
+    let exe = std::env::current_exe().map_err(InstallError::CurrentExe)?;
+    let Some(owner) = owner else {
+        return Ok(exe);
+    };
+    let blocked = |path: &Path| {
+        blocking_dir(path, owner).map(|(dir, mode)| format!("{} has mode {mode:o}", dir.display()))
+    };
+    let Some(why) = blocked(&exe) else {
+        return Ok(exe);
+    };
+    let dir = state_dir.join(COPY_DIR);
+    // The copy's own directory is made 0755 by the agent; its ancestors decide.
+    if let Some(copy_why) = blocked(&dir) {
+        return Err(InstallError::Unreachable {
+            user: owner.name.clone(),
+            exe: exe.display().to_string(),
+            why,
+            dir: dir.display().to_string(),
+            copy_why,
+        });
+    }
+    let copy = install_copy(&exe, &dir).map_err(|source| InstallError::Copy {
+        user: owner.name.clone(),
+        exe: exe.display().to_string(),
+        why: why.clone(),
+        dir: dir.display().to_string(),
+        source,
+    })?;
+    tracing::info!(
+        user = %owner.name,
+        exe = %exe.display(),
+        copy = %copy.display(),
+        "the Postgres user cannot execute the agent binary where it is; archive_command and restore_command run a copy"
+    );
+    Ok(copy)
+}
+
+/// Installs a copy of the binary `src` in `dest_dir` (created 0755 when missing) as
+/// `pgpilot-agent-<first 16 hex digits of its SHA-256>`, mode 0755, and returns its path. An
+/// existing copy of that name and size is reused; otherwise the copy is written to a temp file,
+/// fsynced, and renamed into place (then the directory is fsynced), so concurrent installs of
+/// the same binary are harmless and a name never holds a partial file.
+pub fn install_copy(src: &Path, dest_dir: &Path) -> io::Result<PathBuf> {
+    let with_path =
+        |p: &Path, e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", p.display()));
+    let (len, digest) = sha256_file(src).map_err(|e| with_path(src, e))?;
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let name = format!("pgpilot-agent-{hex}");
+    let dest = dest_dir.join(&name);
+    if let Ok(meta) = fs::metadata(&dest)
+        && meta.is_file()
+        && meta.len() == len
+        && meta.permissions().mode() & 0o7777 == 0o755
+    {
+        return Ok(dest);
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dest_dir)
+        .map_err(|e| with_path(dest_dir, e))?;
+    let temp = dest_dir.join(format!(
+        ".{name}.tmp-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let written = (|| {
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o700)
+            .open(&temp)?;
+        io::copy(&mut fs::File::open(src)?, &mut out)?;
+        out.flush()?;
+        // Explicitly, whatever the umask.
+        out.set_permissions(fs::Permissions::from_mode(0o755))?;
+        out.sync_all()?;
+        fs::rename(&temp, &dest)?;
+        fs::File::open(dest_dir)?.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&temp);
+        return Err(with_path(&dest, e));
+    }
+    Ok(dest)
+}
+
+fn sha256_file(path: &Path) -> io::Result<(u64, [u8; 32])> {
+    let mut hasher = Sha256::new();
+    let len = io::copy(&mut fs::File::open(path)?, &mut hasher)?;
+    Ok((len, hasher.finalize().into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_are_named_by_content_atomic_0755_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("agent");
+        fs::write(&src, b"#!/bin/sh\necho one\n").unwrap();
+        let dest_dir = dir.path().join("state/bin");
+        let a = install_copy(&src, &dest_dir).unwrap();
+        assert_eq!(fs::read(&a).unwrap(), fs::read(&src).unwrap());
+        assert_eq!(
+            fs::metadata(&a).unwrap().permissions().mode() & 0o7777,
+            0o755
+        );
+        assert_eq!(
+            fs::metadata(&dest_dir).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        let name = a.file_name().unwrap().to_str().unwrap();
+        assert!(
+            name.starts_with("pgpilot-agent-") && name.len() == 14 + 16,
+            "{name}"
+        );
+        // Same content: the same path, reused.
+        assert_eq!(install_copy(&src, &dest_dir).unwrap(), a);
+        // An upgrade: another name, the old copy untouched (a running Postgres may use it).
+        fs::write(&src, b"#!/bin/sh\necho two\n").unwrap();
+        let b = install_copy(&src, &dest_dir).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(fs::read(&a).unwrap(), b"#!/bin/sh\necho one\n");
+        // No temp file left behind.
+        let names: Vec<_> = fs::read_dir(&dest_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+}
