@@ -157,6 +157,12 @@ impl State {
         if opts.statefulset_controller && crate::statefulset::reconcile(self, tx) {
             return true;
         }
+        if opts.endpointslice_controller && crate::endpointslices::reconcile(self, tx) {
+            return true;
+        }
+        if opts.disruption_controller && crate::pods::reconcile_budgets(self, tx) {
+            return true;
+        }
         false
     }
 

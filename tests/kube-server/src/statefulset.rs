@@ -166,7 +166,7 @@ pub(crate) fn reconcile(state: &mut State, tx: &broadcast::Sender<Arc<Change>>) 
 
 /// Running with a `Ready=True` condition: what the real controller waits for (set by the
 /// kubelet on a cluster; by the test, through the pod's status subresource, here).
-fn is_ready(pod: &Value) -> bool {
+pub(crate) fn is_ready(pod: &Value) -> bool {
     pod.pointer("/status/conditions")
         .and_then(Value::as_array)
         .is_some_and(|cs| {
