@@ -480,7 +480,10 @@ impl Store {
                 .collect();
             Ok(keys
                 .iter()
-                .map(|k| s.delete_graceful(k, opts.propagation, opts.grace_period, tx).0)
+                .map(|k| {
+                    s.delete_graceful(k, opts.propagation, opts.grace_period, tx)
+                        .0
+                })
                 .collect())
         })
     }
@@ -1107,7 +1110,12 @@ impl State {
             meta_mut(&mut new).insert("generation".into(), json!(g + 1));
         }
         let k = key(rt, meta_str(&current, "namespace"), &name);
-        if deleting && finalizers(&new).is_empty() {
+        // A pod in its grace period stays until its kubelet deletes it (see `pods`).
+        let graceful = current
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .is_some_and(|g| g > 0);
+        if deleting && !graceful && finalizers(&new).is_empty() {
             return Ok(self.commit(&k, Some(new), EventType::Deleted, tx));
         }
         Ok(self.commit(&k, Some(new), EventType::Modified, tx))

@@ -37,7 +37,12 @@ impl ImageTable {
 
     /// `pattern` (e.g. `postgres:15*`) provides the binaries in `dir`; its entrypoint is
     /// `dir/entrypoint` when given.
-    pub fn directory(mut self, pattern: &str, dir: impl Into<PathBuf>, entrypoint: Option<&str>) -> Self {
+    pub fn directory(
+        mut self,
+        pattern: &str,
+        dir: impl Into<PathBuf>,
+        entrypoint: Option<&str>,
+    ) -> Self {
         let dir = dir.into();
         self.0.push(Image {
             pattern: pattern.into(),
@@ -65,10 +70,9 @@ impl ImageTable {
             .find(image)
             .ok_or_else(|| format!("image {image:?} is not in the kubelet's image table"))?;
         let Some((first, rest)) = command.split_first() else {
-            let e = img
-                .entrypoint
-                .clone()
-                .ok_or_else(|| format!("image {image:?} has no entrypoint and the container no command"))?;
+            let e = img.entrypoint.clone().ok_or_else(|| {
+                format!("image {image:?} has no entrypoint and the container no command")
+            })?;
             return Ok((e, Vec::new()));
         };
         let p = Path::new(first);
@@ -105,12 +109,23 @@ mod tests {
         let t = ImageTable::new()
             .binary("app:*", "/bin/true")
             .directory("shell:1", "/bin", None);
-        assert_eq!(t.resolve("app:v1", &[]).unwrap().0, PathBuf::from("/bin/true"));
+        assert_eq!(
+            t.resolve("app:v1", &[]).unwrap().0,
+            PathBuf::from("/bin/true")
+        );
         let (p, rest) = t.resolve("shell:1", &["sh".into(), "-c".into()]).unwrap();
         assert!(p.ends_with("sh"));
         assert_eq!(rest, vec!["-c".to_string()]);
-        assert!(t.resolve("shell:1", &[]).unwrap_err().contains("no entrypoint"));
-        assert!(t.resolve("other", &[]).unwrap_err().contains("not in the kubelet's image table"));
+        assert!(
+            t.resolve("shell:1", &[])
+                .unwrap_err()
+                .contains("no entrypoint")
+        );
+        assert!(
+            t.resolve("other", &[])
+                .unwrap_err()
+                .contains("not in the kubelet's image table")
+        );
         assert!(t.resolve("app:v1", &["no-such-tool-xyz".into()]).is_err());
     }
 }

@@ -84,7 +84,11 @@ impl Shared {
     }
 
     pub fn node_ready(&self, node: &str) -> bool {
-        !self.not_ready.lock().unwrap_or_else(|p| p.into_inner()).contains(node)
+        !self
+            .not_ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(node)
     }
 
     pub async fn event(&self, rt: &PodRt, type_: &str, reason: &str, message: &str) {
@@ -92,8 +96,14 @@ impl Shared {
     }
 
     pub fn forget(&self, uid: &str, host: u8) {
-        self.pods.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
-        self.hosts.lock().unwrap_or_else(|p| p.into_inner()).remove(&host);
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+        self.hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&host);
     }
 
     fn find(&self, ns: &str, name: &str) -> Option<Arc<PodRt>> {
@@ -107,7 +117,12 @@ impl Shared {
     }
 
     fn all(&self) -> Vec<Arc<PodRt>> {
-        self.pods.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 }
 
@@ -127,10 +142,18 @@ impl Kubelet {
             .trim_start_matches("http://")
             .parse()
             .context("the test server's address")?;
-        let dir = tempfile::Builder::new().prefix("pgpilot-kubelet-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("pgpilot-kubelet-")
+            .tempdir()?;
         // Pods may run as another user, who must reach their directories.
-        std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(dir.path())?.permissions(), 0o755);
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        std::os::unix::fs::PermissionsExt::set_mode(
+            &mut std::fs::metadata(dir.path())?.permissions(),
+            0o755,
+        );
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
         let client = server.client();
         let shared = Arc::new(Shared {
             client: client.clone(),
@@ -155,7 +178,11 @@ impl Kubelet {
             write_node_status(&nodes, n, true).await?;
         }
         let task = tokio::spawn(watch_pods(shared.clone()));
-        Ok(Self { shared, task, _dir: dir })
+        Ok(Self {
+            shared,
+            task,
+            _dir: dir,
+        })
     }
 
     /// The IP of a pod running here.
@@ -201,7 +228,10 @@ impl Kubelet {
             .collect();
         entries.sort_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
         for e in entries {
-            text.push_str(&std::fs::read_to_string(e.path().join(format!("{container}.log"))).unwrap_or_default());
+            text.push_str(
+                &std::fs::read_to_string(e.path().join(format!("{container}.log")))
+                    .unwrap_or_default(),
+            );
         }
         text
     }
@@ -214,14 +244,32 @@ impl Kubelet {
 
     /// SIGSTOP (`true`) or SIGCONT (`false`) to every process of the pod.
     pub fn freeze(&self, ns: &str, pod: &str, frozen: bool) -> anyhow::Result<()> {
-        let sig = if frozen { Signal::SIGSTOP } else { Signal::SIGCONT };
+        let sig = if frozen {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
         self.signal(ns, pod, None, sig)
     }
 
-    fn signal(&self, ns: &str, pod: &str, container: Option<&str>, sig: Signal) -> anyhow::Result<()> {
-        let rt = self.shared.find(ns, pod).with_context(|| format!("pod {ns}/{pod} is not running here"))?;
+    fn signal(
+        &self,
+        ns: &str,
+        pod: &str,
+        container: Option<&str>,
+        sig: Signal,
+    ) -> anyhow::Result<()> {
+        let rt = self
+            .shared
+            .find(ns, pod)
+            .with_context(|| format!("pod {ns}/{pod} is not running here"))?;
         if rt.signal(container, sig) == 0 {
-            anyhow::bail!("pod {ns}/{pod} has no running process{}", container.map(|c| format!(" in container {c}")).unwrap_or_default());
+            anyhow::bail!(
+                "pod {ns}/{pod} has no running process{}",
+                container
+                    .map(|c| format!(" in container {c}"))
+                    .unwrap_or_default()
+            );
         }
         Ok(())
     }
@@ -229,7 +277,10 @@ impl Kubelet {
     /// Cuts the pod off the API server (or restores it): its API traffic goes through its own
     /// proxy, which refuses or blackholes connections.
     pub fn set_api_fault(&self, ns: &str, pod: &str, fault: ApiFault) -> anyhow::Result<()> {
-        let rt = self.shared.find(ns, pod).with_context(|| format!("pod {ns}/{pod} is not running here"))?;
+        let rt = self
+            .shared
+            .find(ns, pod)
+            .with_context(|| format!("pod {ns}/{pod} is not running here"))?;
         rt.proxy.set(fault);
         Ok(())
     }
@@ -238,7 +289,11 @@ impl Kubelet {
     /// node lifecycle controller makes them) or Ready again. Processes keep running.
     pub async fn set_node_ready(&self, node: &str, ready: bool) -> anyhow::Result<()> {
         {
-            let mut nr = self.shared.not_ready.lock().unwrap_or_else(|p| p.into_inner());
+            let mut nr = self
+                .shared
+                .not_ready
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if ready {
                 nr.remove(node);
             } else {
@@ -270,8 +325,16 @@ impl Drop for Kubelet {
         let pods = self.shared.all();
         if std::thread::panicking() {
             for rt in &pods {
-                for c in rt.containers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-                    eprintln!("----- logs of {}/{} container {} -----", rt.ns, rt.name, c.name);
+                for c in rt
+                    .containers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                {
+                    eprintln!(
+                        "----- logs of {}/{} container {} -----",
+                        rt.ns, rt.name, c.name
+                    );
                     eprintln!("{}", self.logs(&rt.ns, &rt.name, &c.name));
                 }
             }
@@ -285,8 +348,14 @@ impl Drop for Kubelet {
 }
 
 async fn write_node_status(nodes: &Api<Node>, name: &str, ready: bool) -> anyhow::Result<()> {
-    let now = jiff::Timestamp::now().round(jiff::Unit::Second)?.to_string();
-    let (status, reason) = if ready { ("True", "KubeletReady") } else { ("Unknown", "NodeStatusUnknown") };
+    let now = jiff::Timestamp::now()
+        .round(jiff::Unit::Second)?
+        .to_string();
+    let (status, reason) = if ready {
+        ("True", "KubeletReady")
+    } else {
+        ("Unknown", "NodeStatusUnknown")
+    };
     let patch = Patch::Merge(json!({"status": {
         "conditions": [{"type": "Ready", "status": status, "reason": reason,
             "lastHeartbeatTime": now, "lastTransitionTime": now}],
@@ -309,12 +378,19 @@ async fn watch_pods(shared: Arc<Shared>) {
     while let Some(ev) = stream.next().await {
         match ev {
             Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
-                let Ok(v) = serde_json::to_value(&p) else { continue };
+                let Ok(v) = serde_json::to_value(&p) else {
+                    continue;
+                };
                 handle(&shared, v, &mut next_node).await;
             }
             Ok(watcher::Event::Delete(p)) => {
                 let uid = p.metadata.uid.unwrap_or_default();
-                let rt = shared.pods.lock().unwrap_or_else(|x| x.into_inner()).get(&uid).cloned();
+                let rt = shared
+                    .pods
+                    .lock()
+                    .unwrap_or_else(|x| x.into_inner())
+                    .get(&uid)
+                    .cloned();
                 if let Some(rt) = rt {
                     rt.gone.cancel();
                     rt.begin_termination(Duration::ZERO);
@@ -327,15 +403,30 @@ async fn watch_pods(shared: Arc<Shared>) {
 }
 
 async fn handle(shared: &Arc<Shared>, pod: Value, next_node: &mut usize) {
-    let s = |p: &str| pod.pointer(p).and_then(Value::as_str).unwrap_or_default().to_string();
-    let (ns, name, uid, node) = (s("/metadata/namespace"), s("/metadata/name"), s("/metadata/uid"), s("/spec/nodeName"));
+    let s = |p: &str| {
+        pod.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (ns, name, uid, node) = (
+        s("/metadata/namespace"),
+        s("/metadata/name"),
+        s("/metadata/uid"),
+        s("/spec/nodeName"),
+    );
     let deleting = pod.pointer("/metadata/deletionTimestamp").is_some();
     if node.is_empty() {
         let scheduler = s("/spec/schedulerName");
         if deleting || !(scheduler.is_empty() || scheduler == "default-scheduler") {
             return;
         }
-        let ready: Vec<&String> = shared.opts.nodes.iter().filter(|n| shared.node_ready(n)).collect();
+        let ready: Vec<&String> = shared
+            .opts
+            .nodes
+            .iter()
+            .filter(|n| shared.node_ready(n))
+            .collect();
         if ready.is_empty() {
             return;
         }
@@ -355,16 +446,30 @@ async fn handle(shared: &Arc<Shared>, pod: Value, next_node: &mut usize) {
     if !shared.opts.nodes.contains(&node) {
         return;
     }
-    let known = shared.pods.lock().unwrap_or_else(|p| p.into_inner()).get(&uid).cloned();
+    let known = shared
+        .pods
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&uid)
+        .cloned();
     match known {
         Some(rt) if deleting => {
-            let grace = pod.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_u64).unwrap_or(30);
+            let grace = pod
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_u64)
+                .unwrap_or(30);
             rt.begin_termination(Duration::from_secs(grace));
         }
         Some(_) => {}
         None if deleting => {
             let _ = Api::<Pod>::namespaced(shared.client.clone(), &ns)
-                .delete(&name, &kube::api::DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+                .delete(
+                    &name,
+                    &kube::api::DeleteParams {
+                        grace_period_seconds: Some(0),
+                        ..Default::default()
+                    },
+                )
                 .await;
         }
         None => {
@@ -385,15 +490,26 @@ async fn handle(shared: &Arc<Shared>, pod: Value, next_node: &mut usize) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!("API proxy for {ns}/{name}: {e}");
-                    shared.hosts.lock().unwrap_or_else(|p| p.into_inner()).remove(&host);
+                    shared
+                        .hosts
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&host);
                     return;
                 }
             };
             let rt = Arc::new(new_pod(shared, &pod, host, proxy));
-            shared.pods.lock().unwrap_or_else(|p| p.into_inner()).insert(uid, rt.clone());
+            shared
+                .pods
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(uid, rt.clone());
             let _ = std::fs::create_dir_all(&rt.logs);
             let _ = std::fs::create_dir_all(&rt.dir);
-            let _ = std::fs::set_permissions(&rt.dir, std::os::unix::fs::PermissionsExt::from_mode(0o755));
+            let _ = std::fs::set_permissions(
+                &rt.dir,
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            );
             tokio::spawn(crate::pod::run(shared.clone(), rt, pod));
         }
     }

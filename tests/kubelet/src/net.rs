@@ -53,7 +53,10 @@ impl Subnet {
                 return Ok(Self { third, lock });
             }
         }
-        anyhow::bail!("every 127.0.N.0/24 subnet under {} is leased", dir.display())
+        anyhow::bail!(
+            "every 127.0.N.0/24 subnet under {} is leased",
+            dir.display()
+        )
     }
 
     pub fn ip(&self, host: u8) -> Ipv4Addr {

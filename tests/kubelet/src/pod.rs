@@ -70,7 +70,11 @@ pub(crate) struct PodRt {
 }
 
 impl PodRt {
-    pub fn with_container<R>(&self, name: &str, f: impl FnOnce(&mut ContainerState) -> R) -> Option<R> {
+    pub fn with_container<R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut ContainerState) -> R,
+    ) -> Option<R> {
         let mut cs = self.containers.lock().unwrap_or_else(|p| p.into_inner());
         let out = cs.iter_mut().find(|c| c.name == name).map(f);
         drop(cs);
@@ -119,8 +123,12 @@ impl ContainerRun {
             let mut rest = out.as_str();
             while let Some(i) = rest.find(mp) {
                 let after = rest[i + mp.len()..].chars().next();
-                let before_ok = i == 0 || !rest[..i].ends_with(|c: char| c.is_alphanumeric() || c == '/' || c == '_' || c == '-' || c == '.');
-                let after_ok = after.is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '-' || c == '.'));
+                let before_ok = i == 0
+                    || !rest[..i].ends_with(|c: char| {
+                        c.is_alphanumeric() || c == '/' || c == '_' || c == '-' || c == '.'
+                    });
+                let after_ok = after
+                    .is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '-' || c == '.'));
                 result.push_str(&rest[..i]);
                 if before_ok && after_ok {
                     result.push_str(&host.to_string_lossy());
@@ -137,8 +145,15 @@ impl ContainerRun {
 
     /// A command for `argv` (resolved in the image) followed by `args`, with the container's env,
     /// user, working dir and log file.
-    pub fn command(&self, argv: &[String], args: Option<&[String]>) -> Result<tokio::process::Command, String> {
-        let argv: Vec<String> = argv.iter().map(|a| self.rewrite(&expand(a, &self.env))).collect();
+    pub fn command(
+        &self,
+        argv: &[String],
+        args: Option<&[String]>,
+    ) -> Result<tokio::process::Command, String> {
+        let argv: Vec<String> = argv
+            .iter()
+            .map(|a| self.rewrite(&expand(a, &self.env)))
+            .collect();
         let (program, pre) = self.images.resolve(&self.image, &argv)?;
         let mut cmd = tokio::process::Command::new(&program);
         cmd.args(pre);
@@ -150,13 +165,17 @@ impl ContainerRun {
             .images
             .path_of(&self.image)
             .into_iter()
-            .chain(std::env::var_os("PATH").iter().flat_map(std::env::split_paths))
+            .chain(
+                std::env::var_os("PATH")
+                    .iter()
+                    .flat_map(std::env::split_paths),
+            )
             .collect();
         if let Ok(p) = std::env::join_paths(path) {
             cmd.env("PATH", p);
         }
         for (k, v) in &self.env {
-            cmd.env(k, v);
+            cmd.env(k, self.rewrite(v));
         }
         cmd.current_dir(&self.workdir);
         if let Some((uid, gid)) = self.user {
@@ -167,7 +186,10 @@ impl ContainerRun {
     }
 
     fn log_files(&self) -> std::io::Result<(std::fs::File, std::fs::File)> {
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         Ok((f.try_clone()?, f))
     }
 }
@@ -212,10 +234,18 @@ fn field_ref(pod: &Value, ip: Ipv4Addr, path: &str) -> Option<String> {
             .map(String::from)
     };
     if let Some(k) = map_key("metadata.labels") {
-        return pod.pointer("/metadata/labels").and_then(|l| l.get(&k)).and_then(Value::as_str).map(String::from);
+        return pod
+            .pointer("/metadata/labels")
+            .and_then(|l| l.get(&k))
+            .and_then(Value::as_str)
+            .map(String::from);
     }
     if let Some(k) = map_key("metadata.annotations") {
-        return pod.pointer("/metadata/annotations").and_then(|l| l.get(&k)).and_then(Value::as_str).map(String::from);
+        return pod
+            .pointer("/metadata/annotations")
+            .and_then(|l| l.get(&k))
+            .and_then(Value::as_str)
+            .map(String::from);
     }
     match path {
         "status.podIP" => Some(ip.to_string()),
@@ -224,7 +254,12 @@ fn field_ref(pod: &Value, ip: Ipv4Addr, path: &str) -> Option<String> {
         "metadata.labels" | "metadata.annotations" => pod
             .pointer(&format!("/{}", path.replace('.', "/")))
             .and_then(Value::as_object)
-            .map(|m| m.iter().map(|(k, v)| format!("{k}=\"{}\"", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join("\n")),
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}=\"{}\"", v.as_str().unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }),
         other => pod
             .pointer(&format!("/{}", other.replace('.', "/")))
             .and_then(Value::as_str)
@@ -232,11 +267,18 @@ fn field_ref(pod: &Value, ip: Ipv4Addr, path: &str) -> Option<String> {
     }
 }
 
-async fn secret_data(api: &Api<Secret>, name: &str) -> Result<Option<HashMap<String, Vec<u8>>>, String> {
+async fn secret_data(
+    api: &Api<Secret>,
+    name: &str,
+) -> Result<Option<HashMap<String, Vec<u8>>>, String> {
     match api.get_opt(name).await {
         Ok(Some(s)) => {
-            let mut m: HashMap<String, Vec<u8>> =
-                s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+            let mut m: HashMap<String, Vec<u8>> = s
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect();
             for (k, v) in s.string_data.unwrap_or_default() {
                 m.insert(k, v.into_bytes());
             }
@@ -247,11 +289,18 @@ async fn secret_data(api: &Api<Secret>, name: &str) -> Result<Option<HashMap<Str
     }
 }
 
-async fn config_map_data(api: &Api<ConfigMap>, name: &str) -> Result<Option<HashMap<String, Vec<u8>>>, String> {
+async fn config_map_data(
+    api: &Api<ConfigMap>,
+    name: &str,
+) -> Result<Option<HashMap<String, Vec<u8>>>, String> {
     match api.get_opt(name).await {
         Ok(Some(c)) => {
-            let mut m: HashMap<String, Vec<u8>> =
-                c.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+            let mut m: HashMap<String, Vec<u8>> = c
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes()))
+                .collect();
             for (k, v) in c.binary_data.unwrap_or_default() {
                 m.insert(k, v.0);
             }
@@ -263,7 +312,12 @@ async fn config_map_data(api: &Api<ConfigMap>, name: &str) -> Result<Option<Hash
 }
 
 /// Key → bytes of a Secret or ConfigMap source (`secretName`/`name`), `None` when absent.
-async fn source_data(shared: &Shared, ns: &str, kind: &str, name: &str) -> Result<Option<HashMap<String, Vec<u8>>>, String> {
+async fn source_data(
+    shared: &Shared,
+    ns: &str,
+    kind: &str,
+    name: &str,
+) -> Result<Option<HashMap<String, Vec<u8>>>, String> {
     if kind == "secret" {
         secret_data(&Api::namespaced(shared.client.clone(), ns), name).await
     } else {
@@ -272,15 +326,43 @@ async fn source_data(shared: &Shared, ns: &str, kind: &str, name: &str) -> Resul
 }
 
 /// The container's environment: the kubelet's in-cluster variables, then `envFrom`, then `env`.
-async fn container_env(shared: &Shared, rt: &PodRt, pod: &Value, c: &Value) -> Result<Vec<(String, String)>, String> {
+async fn container_env(
+    shared: &Shared,
+    rt: &PodRt,
+    pod: &Value,
+    c: &Value,
+) -> Result<Vec<(String, String)>, String> {
     let mut env: Vec<(String, String)> = vec![
-        ("HOSTNAME".into(), pod.pointer("/spec/hostname").and_then(Value::as_str).unwrap_or(&rt.name).to_string()),
-        ("KUBERNETES_SERVICE_HOST".into(), rt.proxy.addr.ip().to_string()),
-        ("KUBERNETES_SERVICE_PORT".into(), rt.proxy.addr.port().to_string()),
-        ("KUBECONFIG".into(), rt.dir.join("kubeconfig").to_string_lossy().into_owned()),
+        (
+            "HOSTNAME".into(),
+            pod.pointer("/spec/hostname")
+                .and_then(Value::as_str)
+                .unwrap_or(&rt.name)
+                .to_string(),
+        ),
+        (
+            "KUBERNETES_SERVICE_HOST".into(),
+            rt.proxy.addr.ip().to_string(),
+        ),
+        (
+            "KUBERNETES_SERVICE_PORT".into(),
+            rt.proxy.addr.port().to_string(),
+        ),
+        (
+            "KUBECONFIG".into(),
+            rt.dir.join("kubeconfig").to_string_lossy().into_owned(),
+        ),
     ];
-    for from in c.get("envFrom").and_then(Value::as_array).into_iter().flatten() {
-        let prefix = from.get("prefix").and_then(Value::as_str).unwrap_or_default();
+    for from in c
+        .get("envFrom")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let prefix = from
+            .get("prefix")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let (kind, r) = match (from.get("secretRef"), from.get("configMapRef")) {
             (Some(r), _) => ("secret", r),
             (_, Some(r)) => ("configmap", r),
@@ -290,7 +372,10 @@ async fn container_env(shared: &Shared, rt: &PodRt, pod: &Value, c: &Value) -> R
         match source_data(shared, &rt.ns, kind, name).await? {
             Some(data) => {
                 for (k, v) in data {
-                    env.push((format!("{prefix}{k}"), String::from_utf8_lossy(&v).into_owned()));
+                    env.push((
+                        format!("{prefix}{k}"),
+                        String::from_utf8_lossy(&v).into_owned(),
+                    ));
                 }
             }
             None if r.get("optional") == Some(&json!(true)) => {}
@@ -298,7 +383,11 @@ async fn container_env(shared: &Shared, rt: &PodRt, pod: &Value, c: &Value) -> R
         }
     }
     for e in c.get("env").and_then(Value::as_array).into_iter().flatten() {
-        let name = e.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
+        let name = e
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         if let Some(v) = e.get("value").and_then(Value::as_str) {
             let v = expand(v, &env);
             env.push((name, v));
@@ -309,7 +398,10 @@ async fn container_env(shared: &Shared, rt: &PodRt, pod: &Value, c: &Value) -> R
             continue;
         };
         let value = if let Some(f) = from.get("fieldRef") {
-            let path = f.get("fieldPath").and_then(Value::as_str).unwrap_or_default();
+            let path = f
+                .get("fieldPath")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             Some(field_ref(pod, rt.ip, path).unwrap_or_default())
         } else {
             let (kind, r) = match (from.get("secretKeyRef"), from.get("configMapKeyRef")) {
@@ -323,7 +415,9 @@ async fn container_env(shared: &Shared, rt: &PodRt, pod: &Value, c: &Value) -> R
                 .await?
                 .and_then(|d| d.get(key).map(|v| String::from_utf8_lossy(v).into_owned()));
             if v.is_none() && r.get("optional") != Some(&json!(true)) {
-                return Err(format!("env {name}: key {key:?} of {kind} {src:?} not found"));
+                return Err(format!(
+                    "env {name}: key {key:?} of {kind} {src:?} not found"
+                ));
             }
             v
         };
@@ -335,7 +429,11 @@ async fn container_env(shared: &Shared, rt: &PodRt, pod: &Value, c: &Value) -> R
 }
 
 /// Writes `files` into `dir` (atomically per file); true if anything changed.
-fn write_files(dir: &Path, files: &[(String, Vec<u8>, u32)], user: Option<(u32, u32)>) -> std::io::Result<bool> {
+fn write_files(
+    dir: &Path,
+    files: &[(String, Vec<u8>, u32)],
+    user: Option<(u32, u32)>,
+) -> std::io::Result<bool> {
     use std::os::unix::fs::PermissionsExt as _;
     let mut changed = false;
     for (rel, data, mode) in files {
@@ -359,8 +457,16 @@ fn write_files(dir: &Path, files: &[(String, Vec<u8>, u32)], user: Option<(u32, 
 }
 
 /// The files of a Secret, ConfigMap, projected or downward-API volume.
-async fn projection_files(shared: &Shared, rt: &PodRt, pod: &Value, vol: &Value) -> Result<Vec<(String, Vec<u8>, u32)>, String> {
-    let default_mode = vol.get("defaultMode").and_then(Value::as_u64).unwrap_or(0o644) as u32;
+async fn projection_files(
+    shared: &Shared,
+    rt: &PodRt,
+    pod: &Value,
+    vol: &Value,
+) -> Result<Vec<(String, Vec<u8>, u32)>, String> {
+    let default_mode = vol
+        .get("defaultMode")
+        .and_then(Value::as_u64)
+        .unwrap_or(0o644) as u32;
     let mut sources: Vec<(&str, &Value)> = Vec::new();
     if let Some(s) = vol.get("secret") {
         sources.push(("secret", s));
@@ -371,8 +477,18 @@ async fn projection_files(shared: &Shared, rt: &PodRt, pod: &Value, vol: &Value)
     if let Some(d) = vol.get("downwardAPI") {
         sources.push(("downward", d));
     }
-    for s in vol.pointer("/projected/sources").and_then(Value::as_array).into_iter().flatten() {
-        for (k, kind) in [("secret", "secret"), ("configMap", "configmap"), ("downwardAPI", "downward"), ("serviceAccountToken", "token")] {
+    for s in vol
+        .pointer("/projected/sources")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for (k, kind) in [
+            ("secret", "secret"),
+            ("configMap", "configmap"),
+            ("downwardAPI", "downward"),
+            ("serviceAccountToken", "token"),
+        ] {
             if let Some(x) = s.get(k) {
                 sources.push((kind, x));
             }
@@ -383,17 +499,39 @@ async fn projection_files(shared: &Shared, rt: &PodRt, pod: &Value, vol: &Value)
         match kind {
             "token" => {
                 let path = src.get("path").and_then(Value::as_str).unwrap_or("token");
-                files.push((path.to_string(), shared.token.as_bytes().to_vec(), default_mode));
+                files.push((
+                    path.to_string(),
+                    shared.token.as_bytes().to_vec(),
+                    default_mode,
+                ));
             }
             "downward" => {
-                for item in src.get("items").and_then(Value::as_array).into_iter().flatten() {
+                for item in src
+                    .get("items")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
                     let path = item.get("path").and_then(Value::as_str).unwrap_or_default();
-                    let field = item.pointer("/fieldRef/fieldPath").and_then(Value::as_str).unwrap_or_default();
-                    files.push((path.to_string(), field_ref(pod, rt.ip, field).unwrap_or_default().into_bytes(), default_mode));
+                    let field = item
+                        .pointer("/fieldRef/fieldPath")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    files.push((
+                        path.to_string(),
+                        field_ref(pod, rt.ip, field)
+                            .unwrap_or_default()
+                            .into_bytes(),
+                        default_mode,
+                    ));
                 }
             }
             _ => {
-                let name = src.get("secretName").or_else(|| src.get("name")).and_then(Value::as_str).unwrap_or_default();
+                let name = src
+                    .get("secretName")
+                    .or_else(|| src.get("name"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
                 let Some(data) = source_data(shared, &rt.ns, kind, name).await? else {
                     if src.get("optional") == Some(&json!(true)) {
                         continue;
@@ -406,8 +544,13 @@ async fn projection_files(shared: &Shared, rt: &PodRt, pod: &Value, vol: &Value)
                         for item in items {
                             let key = item.get("key").and_then(Value::as_str).unwrap_or_default();
                             let path = item.get("path").and_then(Value::as_str).unwrap_or(key);
-                            let mode = item.get("mode").and_then(Value::as_u64).map_or(default_mode, |m| m as u32);
-                            let v = data.get(key).ok_or_else(|| format!("key {key:?} of {kind} {name:?} not found"))?;
+                            let mode = item
+                                .get("mode")
+                                .and_then(Value::as_u64)
+                                .map_or(default_mode, |m| m as u32);
+                            let v = data.get(key).ok_or_else(|| {
+                                format!("key {key:?} of {kind} {name:?} not found")
+                            })?;
                             files.push((path.to_string(), v.clone(), mode));
                         }
                     }
@@ -436,17 +579,39 @@ fn user_of(pod: &Value, c: &Value) -> Option<(u32, u32)> {
 }
 
 /// Makes every volume's directory; returns volume name → host dir.
-async fn prepare_volumes(shared: &Shared, rt: &PodRt, pod: &Value) -> Result<HashMap<String, PathBuf>, String> {
+async fn prepare_volumes(
+    shared: &Shared,
+    rt: &PodRt,
+    pod: &Value,
+) -> Result<HashMap<String, PathBuf>, String> {
     let mut out = HashMap::new();
     let owner = pod
         .pointer("/spec/containers/0")
         .and_then(|c| user_of(pod, c));
-    for vol in pod.pointer("/spec/volumes").and_then(Value::as_array).into_iter().flatten() {
-        let name = vol.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
-        let dir = if let Some(claim) = vol.pointer("/persistentVolumeClaim/claimName").and_then(Value::as_str) {
+    for vol in pod
+        .pointer("/spec/volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let name = vol
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let dir = if let Some(claim) = vol
+            .pointer("/persistentVolumeClaim/claimName")
+            .and_then(Value::as_str)
+        {
             // A claim must exist, as the real kubelet waits for it to be bound.
-            let pvcs: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> = Api::namespaced(shared.client.clone(), &rt.ns);
-            if pvcs.get_opt(claim).await.map_err(|e| e.to_string())?.is_none() {
+            let pvcs: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+                Api::namespaced(shared.client.clone(), &rt.ns);
+            if pvcs
+                .get_opt(claim)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_none()
+            {
                 return Err(format!("persistentvolumeclaim {claim:?} not found"));
             }
             shared.pvc_dir(&rt.ns, claim)
@@ -455,10 +620,18 @@ async fn prepare_volumes(shared: &Shared, rt: &PodRt, pod: &Value) -> Result<Has
         };
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         if let Some((uid, gid)) = owner {
-            let fs_group = pod.pointer("/spec/securityContext/fsGroup").and_then(Value::as_u64).map(|g| g as u32);
-            std::os::unix::fs::chown(&dir, Some(uid), Some(fs_group.unwrap_or(gid))).map_err(|e| e.to_string())?;
+            let fs_group = pod
+                .pointer("/spec/securityContext/fsGroup")
+                .and_then(Value::as_u64)
+                .map(|g| g as u32);
+            std::os::unix::fs::chown(&dir, Some(uid), Some(fs_group.unwrap_or(gid)))
+                .map_err(|e| e.to_string())?;
         }
-        if vol.get("secret").is_some() || vol.get("configMap").is_some() || vol.get("projected").is_some() || vol.get("downwardAPI").is_some() {
+        if vol.get("secret").is_some()
+            || vol.get("configMap").is_some()
+            || vol.get("projected").is_some()
+            || vol.get("downwardAPI").is_some()
+        {
             let files = projection_files(shared, rt, pod, vol).await?;
             write_files(&dir, &files, owner).map_err(|e| format!("writing volume {name}: {e}"))?;
         }
@@ -469,32 +642,56 @@ async fn prepare_volumes(shared: &Shared, rt: &PodRt, pod: &Value) -> Result<Has
         ("token".to_string(), shared.token.as_bytes().to_vec(), 0o644),
         ("namespace".to_string(), rt.ns.as_bytes().to_vec(), 0o644),
     ];
-    write_files(&sa, &files, owner).map_err(|e| format!("writing the service account token: {e}"))?;
+    write_files(&sa, &files, owner)
+        .map_err(|e| format!("writing the service account token: {e}"))?;
     let kubeconfig = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: in-cluster\n  cluster:\n    server: http://{}\ncontexts:\n- name: in-cluster\n  context:\n    cluster: in-cluster\n    user: sa\n    namespace: {}\ncurrent-context: in-cluster\nusers:\n- name: sa\n  user:\n    tokenFile: {}\n",
         rt.proxy.addr,
         rt.ns,
         sa.join("token").display()
     );
-    write_files(&rt.dir, &[("kubeconfig".into(), kubeconfig.into_bytes(), 0o644)], owner).map_err(|e| e.to_string())?;
+    write_files(
+        &rt.dir,
+        &[("kubeconfig".into(), kubeconfig.into_bytes(), 0o644)],
+        owner,
+    )
+    .map_err(|e| e.to_string())?;
     Ok(out)
 }
 
 /// Rewrites Secret, ConfigMap and projected volumes when their sources change, as the kubelet's
 /// periodic sync does.
-async fn sync_volumes(shared: Arc<Shared>, rt: Arc<PodRt>, pod: Value, dirs: HashMap<String, PathBuf>) {
-    let owner = pod.pointer("/spec/containers/0").and_then(|c| user_of(&pod, c));
+async fn sync_volumes(
+    shared: Arc<Shared>,
+    rt: Arc<PodRt>,
+    pod: Value,
+    dirs: HashMap<String, PathBuf>,
+) {
+    let owner = pod
+        .pointer("/spec/containers/0")
+        .and_then(|c| user_of(&pod, c));
     loop {
         tokio::select! {
             _ = rt.gone.cancelled() => return,
             _ = tokio::time::sleep(shared.opts.volume_sync) => {}
         }
-        for vol in pod.pointer("/spec/volumes").and_then(Value::as_array).into_iter().flatten() {
-            if vol.get("secret").is_none() && vol.get("configMap").is_none() && vol.get("projected").is_none() {
+        for vol in pod
+            .pointer("/spec/volumes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if vol.get("secret").is_none()
+                && vol.get("configMap").is_none()
+                && vol.get("projected").is_none()
+            {
                 continue;
             }
             let name = vol.get("name").and_then(Value::as_str).unwrap_or_default();
-            let (Some(dir), Ok(files)) = (dirs.get(name), projection_files(&shared, &rt, &pod, vol).await) else {
+            let (Some(dir), Ok(files)) = (
+                dirs.get(name),
+                projection_files(&shared, &rt, &pod, vol).await,
+            ) else {
                 continue;
             };
             if let Err(e) = write_files(dir, &files, owner) {
@@ -505,13 +702,18 @@ async fn sync_volumes(shared: Arc<Shared>, rt: Arc<PodRt>, pod: Value, dirs: Has
 }
 
 fn now() -> String {
-    jiff::Timestamp::now().round(jiff::Unit::Second).unwrap_or_else(|_| jiff::Timestamp::now()).to_string()
+    jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .unwrap_or_else(|_| jiff::Timestamp::now())
+        .to_string()
 }
 
 /// Exit code as the container runtime reports it: 128 + signal for a killed process.
 fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt as _;
-    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
 /// Runs one pod until it is deleted (or completes), then removes it.
@@ -530,13 +732,22 @@ pub(crate) async fn run(shared: Arc<Shared>, rt: Arc<PodRt>, pod: Value) {
     }
     rt.gone.cancel();
     let _ = writer.await;
-    if let Ok(Some(_)) = Api::<Pod>::namespaced(shared.client.clone(), &rt.ns).get_opt(&rt.name).await {
+    if let Ok(Some(_)) = Api::<Pod>::namespaced(shared.client.clone(), &rt.ns)
+        .get_opt(&rt.name)
+        .await
+    {
         let dp = DeleteParams {
             grace_period_seconds: Some(0),
-            preconditions: Some(Preconditions { uid: Some(rt.uid.clone()), resource_version: None }),
+            preconditions: Some(Preconditions {
+                uid: Some(rt.uid.clone()),
+                resource_version: None,
+            }),
             ..Default::default()
         };
-        if let Err(e) = Api::<Pod>::namespaced(shared.client.clone(), &rt.ns).delete(&rt.name, &dp).await {
+        if let Err(e) = Api::<Pod>::namespaced(shared.client.clone(), &rt.ns)
+            .delete(&rt.name, &dp)
+            .await
+        {
             tracing::debug!("removing pod {}/{}: {e}", rt.ns, rt.name);
         }
     }
@@ -549,13 +760,27 @@ async fn run_containers(shared: &Arc<Shared>, rt: &Arc<PodRt>, pod: &Value) -> R
         Ok(d) => d,
         Err(e) => return Err(format!("MountVolume failed: {e}")),
     };
-    let sync = tokio::spawn(sync_volumes(shared.clone(), rt.clone(), pod.clone(), dirs.clone()));
-    let policy = pod.pointer("/spec/restartPolicy").and_then(Value::as_str).unwrap_or("Always").to_string();
+    let sync = tokio::spawn(sync_volumes(
+        shared.clone(),
+        rt.clone(),
+        pod.clone(),
+        dirs.clone(),
+    ));
+    let policy = pod
+        .pointer("/spec/restartPolicy")
+        .and_then(Value::as_str)
+        .unwrap_or("Always")
+        .to_string();
     let sa = pod.pointer("/spec/automountServiceAccountToken") != Some(&json!(false));
     let mut runs = Vec::new();
     let mut specs: Vec<(bool, Value)> = Vec::new();
     for (key, init) in [("initContainers", true), ("containers", false)] {
-        for c in pod.pointer(&format!("/spec/{key}")).and_then(Value::as_array).into_iter().flatten() {
+        for c in pod
+            .pointer(&format!("/spec/{key}"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             specs.push((init, c.clone()));
         }
     }
@@ -569,17 +794,32 @@ async fn run_containers(shared: &Arc<Shared>, rt: &Arc<PodRt>, pod: &Value) -> R
             .filter_map(|m| {
                 let dir = dirs.get(m.get("name")?.as_str()?)?;
                 let sub = m.get("subPath").and_then(Value::as_str).unwrap_or_default();
-                Some((m.get("mountPath")?.as_str()?.to_string(), if sub.is_empty() { dir.clone() } else { dir.join(sub) }))
+                Some((
+                    m.get("mountPath")?.as_str()?.to_string(),
+                    if sub.is_empty() {
+                        dir.clone()
+                    } else {
+                        dir.join(sub)
+                    },
+                ))
             })
             .collect();
         if sa {
             mounts.push((SA_MOUNT.into(), rt.dir.join("serviceaccount")));
         }
         mounts.sort_by_key(|(mp, _)| std::cmp::Reverse(mp.len()));
-        let name = c.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
+        let name = c
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         let mut run = ContainerRun {
             spec: c.clone(),
-            image: c.get("image").and_then(Value::as_str).unwrap_or_default().to_string(),
+            image: c
+                .get("image")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
             images: shared.opts.images.clone(),
             env: Vec::new(),
             mounts,
@@ -609,7 +849,8 @@ async fn run_containers(shared: &Arc<Shared>, rt: &Arc<PodRt>, pod: &Value) -> R
         .iter()
         .filter(|(init, _)| !*init)
         .map(|(_, run)| {
-            let (shared, rt, run, policy) = (shared.clone(), rt.clone(), run.clone(), policy.clone());
+            let (shared, rt, run, policy) =
+                (shared.clone(), rt.clone(), run.clone(), policy.clone());
             tokio::spawn(async move { container_loop(shared, rt, run, &policy, false).await })
         })
         .collect();
@@ -617,7 +858,8 @@ async fn run_containers(shared: &Arc<Shared>, rt: &Arc<PodRt>, pod: &Value) -> R
     sync.abort();
     if !rt.terminate.is_cancelled() {
         let ok = codes.iter().all(|c| matches!(c, Ok(Some(0))));
-        *rt.phase.lock().unwrap_or_else(|p| p.into_inner()) = if ok { "Succeeded" } else { "Failed" };
+        *rt.phase.lock().unwrap_or_else(|p| p.into_inner()) =
+            if ok { "Succeeded" } else { "Failed" };
         rt.dirty.notify_one();
     }
     Ok(())
@@ -625,7 +867,13 @@ async fn run_containers(shared: &Arc<Shared>, rt: &Arc<PodRt>, pod: &Value) -> R
 
 /// Runs one container under the restart policy (init containers until they succeed); returns
 /// the last exit code, or `None` when stopped by the pod's termination.
-async fn container_loop(shared: Arc<Shared>, rt: Arc<PodRt>, run: Arc<ContainerRun>, policy: &str, init: bool) -> Option<i32> {
+async fn container_loop(
+    shared: Arc<Shared>,
+    rt: Arc<PodRt>,
+    run: Arc<ContainerRun>,
+    policy: &str,
+    init: bool,
+) -> Option<i32> {
     let name = run.spec["name"].as_str().unwrap_or_default().to_string();
     let mut backoff = shared.opts.backoff_initial;
     loop {
@@ -643,7 +891,15 @@ async fn container_loop(shared: Arc<Shared>, rt: Arc<PodRt>, run: Arc<ContainerR
                 "message": format!("back-off {backoff:?} restarting failed container={name} pod={}", rt.name)}});
         });
         shared
-            .event(&rt, "Warning", "BackOff", &format!("Back-off restarting failed container {name} in pod {}_{}", rt.name, rt.ns))
+            .event(
+                &rt,
+                "Warning",
+                "BackOff",
+                &format!(
+                    "Back-off restarting failed container {name} in pod {}_{}",
+                    rt.name, rt.ns
+                ),
+            )
             .await;
         tokio::select! {
             _ = rt.terminate.cancelled() => return None,
@@ -656,18 +912,32 @@ async fn container_loop(shared: Arc<Shared>, rt: Arc<PodRt>, run: Arc<ContainerR
 
 /// Starts the process, probes it, and waits for it to exit (returning its code) or for the pod's
 /// termination (stopping it gracefully, returning `None`).
-async fn run_once(shared: &Arc<Shared>, rt: &Arc<PodRt>, run: &Arc<ContainerRun>, name: &str) -> Option<i32> {
+async fn run_once(
+    shared: &Arc<Shared>,
+    rt: &Arc<PodRt>,
+    run: &Arc<ContainerRun>,
+    name: &str,
+) -> Option<i32> {
     let spawned = run
-        .command(&strs(run.spec.get("command")), Some(&strs(run.spec.get("args"))))
+        .command(
+            &strs(run.spec.get("command")),
+            Some(&strs(run.spec.get("args"))),
+        )
         .and_then(|mut cmd| {
             let (out, err) = run.log_files().map_err(|e| e.to_string())?;
-            cmd.stdout(out).stderr(err).process_group(0).kill_on_drop(true);
-            cmd.spawn().map_err(|e| format!("starting container {name}: {e}"))
+            cmd.stdout(out)
+                .stderr(err)
+                .process_group(0)
+                .kill_on_drop(true);
+            cmd.spawn()
+                .map_err(|e| format!("starting container {name}: {e}"))
         });
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            rt.with_container(name, |c| c.state = json!({"waiting": {"reason": "CreateContainerError", "message": e}}));
+            rt.with_container(name, |c| {
+                c.state = json!({"waiting": {"reason": "CreateContainerError", "message": e}})
+            });
             shared.event(rt, "Warning", "Failed", &e).await;
             return Some(128);
         }
@@ -678,9 +948,22 @@ async fn run_once(shared: &Arc<Shared>, rt: &Arc<PodRt>, run: &Arc<ContainerRun>
         c.pid = pid;
         c.state = json!({"running": {"startedAt": started_at}});
     });
-    shared.event(rt, "Normal", "Started", &format!("Started container {name}")).await;
+    shared
+        .event(
+            rt,
+            "Normal",
+            "Started",
+            &format!("Started container {name}"),
+        )
+        .await;
     let probes = CancellationToken::new();
-    tokio::spawn(probe_container(shared.clone(), rt.clone(), run.clone(), name.to_string(), probes.clone()));
+    tokio::spawn(probe_container(
+        shared.clone(),
+        rt.clone(),
+        run.clone(),
+        name.to_string(),
+        probes.clone(),
+    ));
     let _stop_probes = probes.drop_guard();
     let status = tokio::select! {
         s = child.wait() => s.ok(),
@@ -708,7 +991,13 @@ async fn run_once(shared: &Arc<Shared>, rt: &Arc<PodRt>, run: &Arc<ContainerRun>
 }
 
 /// preStop, then SIGTERM, then SIGKILL once the grace period (preStop's time included) is over.
-async fn stop_container(shared: &Arc<Shared>, rt: &Arc<PodRt>, run: &ContainerRun, name: &str, child: &mut tokio::process::Child) {
+async fn stop_container(
+    shared: &Arc<Shared>,
+    rt: &Arc<PodRt>,
+    run: &ContainerRun,
+    name: &str,
+    child: &mut tokio::process::Child,
+) {
     let grace = *rt.grace.lock().unwrap_or_else(|p| p.into_inner());
     let deadline = Instant::now() + grace;
     if rt.gone.is_cancelled() {
@@ -716,16 +1005,32 @@ async fn stop_container(shared: &Arc<Shared>, rt: &Arc<PodRt>, run: &ContainerRu
     }
     if let Some(hook) = run.spec.pointer("/lifecycle/preStop") {
         if let Err(e) = run_handler(hook, rt.ip, run, grace).await {
-            shared.event(rt, "Warning", "FailedPreStopHook", &format!("PreStopHook failed: {e}")).await;
+            shared
+                .event(
+                    rt,
+                    "Warning",
+                    "FailedPreStopHook",
+                    &format!("PreStopHook failed: {e}"),
+                )
+                .await;
         }
     }
-    shared.event(rt, "Normal", "Killing", &format!("Stopping container {name}")).await;
+    shared
+        .event(
+            rt,
+            "Normal",
+            "Killing",
+            &format!("Stopping container {name}"),
+        )
+        .await;
     let pgid = child.id().map(|p| Pid::from_raw(p as i32));
     if let Some(p) = pgid {
         let _ = killpg(p, Signal::SIGTERM);
     }
     // A preStop that used the whole grace period still leaves the process 2 s, as kubelet does.
-    let wait = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(2));
+    let wait = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(2));
     tokio::select! {
         _ = child.wait() => {}
         _ = tokio::time::sleep(wait) => {}
@@ -738,7 +1043,13 @@ async fn stop_container(shared: &Arc<Shared>, rt: &Arc<PodRt>, run: &ContainerRu
 }
 
 /// Startup, then liveness and readiness probes of one running container.
-async fn probe_container(shared: Arc<Shared>, rt: Arc<PodRt>, run: Arc<ContainerRun>, name: String, stop: CancellationToken) {
+async fn probe_container(
+    shared: Arc<Shared>,
+    rt: Arc<PodRt>,
+    run: Arc<ContainerRun>,
+    name: String,
+    stop: CancellationToken,
+) {
     let startup = ProbeSpec::from(run.spec.get("startupProbe"));
     let liveness = ProbeSpec::from(run.spec.get("livenessProbe"));
     let readiness = ProbeSpec::from(run.spec.get("readinessProbe"));
@@ -747,7 +1058,14 @@ async fn probe_container(shared: Arc<Shared>, rt: Arc<PodRt>, run: Arc<Container
         move |msg: String| {
             let (shared, rt, name) = (shared.clone(), rt.clone(), name.clone());
             async move {
-                shared.event(&rt, "Warning", "Unhealthy", &format!("{kind} probe failed: {msg}")).await;
+                shared
+                    .event(
+                        &rt,
+                        "Warning",
+                        "Unhealthy",
+                        &format!("{kind} probe failed: {msg}"),
+                    )
+                    .await;
                 let _ = name;
             }
         }
@@ -796,12 +1114,23 @@ async fn probe_container(shared: Arc<Shared>, rt: Arc<PodRt>, run: Arc<Container
 /// Probes every period. With `until_fail_or_success` (startup, liveness), returns true at the
 /// first success for a startup probe... and false once failures reach the threshold. Readiness
 /// runs forever, reporting transitions through `on_change`.
-async fn probe_loop<F, Fut>(rt: &PodRt, run: &ContainerRun, p: &ProbeSpec, decisive: bool, on_fail: F, on_change: impl Fn(bool)) -> bool
+async fn probe_loop<F, Fut>(
+    rt: &PodRt,
+    run: &ContainerRun,
+    p: &ProbeSpec,
+    decisive: bool,
+    on_fail: F,
+    on_change: impl Fn(bool),
+) -> bool
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let startup = run.spec.get("startupProbe").map(|s| s == &p.handler).unwrap_or(false);
+    let startup = run
+        .spec
+        .get("startupProbe")
+        .map(|s| s == &p.handler)
+        .unwrap_or(false);
     tokio::time::sleep(p.initial_delay).await;
     let (mut successes, mut failures) = (0u32, 0u32);
     let mut ready = false;
@@ -840,7 +1169,12 @@ where
 /// A failed startup or liveness probe: the container is killed (and restarted by its loop).
 async fn restart_unhealthy(shared: &Shared, rt: &PodRt, name: &str, kind: &str) {
     shared
-        .event(rt, "Normal", "Killing", &format!("Container {name} failed {kind} probe, will be restarted"))
+        .event(
+            rt,
+            "Normal",
+            "Killing",
+            &format!("Container {name} failed {kind} probe, will be restarted"),
+        )
         .await;
     rt.signal(Some(name), Signal::SIGTERM);
     // Probe-triggered kills get a short grace here (Kubernetes uses the pod's grace period).
@@ -850,7 +1184,11 @@ async fn restart_unhealthy(shared: &Shared, rt: &PodRt, name: &str, kind: &str) 
 
 /// The pod's status as the kubelet reports it.
 fn status_of(rt: &PodRt, conds: &mut HashMap<&'static str, (bool, String)>) -> Value {
-    let cs = rt.containers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let cs = rt
+        .containers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let initialized = *rt.initialized.lock().unwrap_or_else(|p| p.into_inner());
     let terminating = rt.terminate.is_cancelled();
     let containers_ready = cs.iter().filter(|c| !c.init).all(|c| c.ready) && !terminating;
@@ -901,7 +1239,10 @@ async fn status_writer(shared: Arc<Shared>, rt: Arc<PodRt>, pod: Value) {
             status["startTime"] = json!(start);
             if status != last {
                 let patch = Patch::Merge(json!({"status": status}));
-                match api.patch_status(&rt.name, &PatchParams::default(), &patch).await {
+                match api
+                    .patch_status(&rt.name, &PatchParams::default(), &patch)
+                    .await
+                {
                     Ok(_) => last = status,
                     Err(e) => tracing::debug!("status of {}/{}: {e}", rt.ns, rt.name),
                 }
@@ -922,22 +1263,43 @@ async fn status_writer(shared: Arc<Shared>, rt: Arc<PodRt>, pod: Value) {
 
 /// A new pod's runtime state.
 pub(crate) fn new_pod(shared: &Shared, pod: &Value, host: u8, proxy: ApiProxy) -> PodRt {
-    let s = |p: &str| pod.pointer(p).and_then(Value::as_str).unwrap_or_default().to_string();
-    let (ns, name, uid) = (s("/metadata/namespace"), s("/metadata/name"), s("/metadata/uid"));
+    let s = |p: &str| {
+        pod.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (ns, name, uid) = (
+        s("/metadata/namespace"),
+        s("/metadata/name"),
+        s("/metadata/uid"),
+    );
     let containers = [("initContainers", true), ("containers", false)]
         .iter()
         .flat_map(|(k, init)| {
-            pod.pointer(&format!("/spec/{k}")).and_then(Value::as_array).into_iter().flatten().map(move |c| ContainerState {
-                name: c.get("name").and_then(Value::as_str).unwrap_or_default().into(),
-                image: c.get("image").and_then(Value::as_str).unwrap_or_default().into(),
-                init: *init,
-                pid: None,
-                restart_count: 0,
-                started: false,
-                ready: false,
-                state: json!({"waiting": {"reason": "ContainerCreating"}}),
-                last_state: Value::Null,
-            })
+            pod.pointer(&format!("/spec/{k}"))
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(move |c| ContainerState {
+                    name: c
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .into(),
+                    image: c
+                        .get("image")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .into(),
+                    init: *init,
+                    pid: None,
+                    restart_count: 0,
+                    started: false,
+                    ready: false,
+                    state: json!({"waiting": {"reason": "ContainerCreating"}}),
+                    last_state: Value::Null,
+                })
         })
         .collect();
     let dir = shared.root.join("pods").join(&uid);
@@ -963,7 +1325,13 @@ pub(crate) fn new_pod(shared: &Shared, pod: &Value, host: u8, proxy: ApiProxy) -
 }
 
 /// Events the kubelet records for a pod (`source.component: kubelet`).
-pub(crate) async fn record_event(client: &kube::Client, rt: &PodRt, type_: &str, reason: &str, message: &str) {
+pub(crate) async fn record_event(
+    client: &kube::Client,
+    rt: &PodRt,
+    type_: &str,
+    reason: &str,
+    message: &str,
+) {
     let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &rt.ns);
     let t = now();
     let ev = json!({"apiVersion": "v1", "kind": "Event",
@@ -988,7 +1356,10 @@ mod tests {
 
     #[test]
     fn expands_env_references() {
-        let env = vec![("A".to_string(), "1".to_string()), ("B".to_string(), "x".to_string())];
+        let env = vec![
+            ("A".to_string(), "1".to_string()),
+            ("B".to_string(), "x".to_string()),
+        ];
         assert_eq!(expand("$(A)-$(B)-$(C)-$$(A)", &env), "1-x-$(C)-$(A)");
     }
 

@@ -28,7 +28,11 @@ fn mark(line: &str) {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
             let _ = writeln!(f, "{line} {ms}");
         }
     }
@@ -64,10 +68,12 @@ async fn main() -> anyhow::Result<()> {
         )
         .route(
             "/ready/{on}",
-            post(|State(a): State<Arc<App>>, Path(on): Path<bool>| async move {
-                a.unready.store(!on, Ordering::SeqCst);
-                "ok"
-            }),
+            post(
+                |State(a): State<Arc<App>>, Path(on): Path<bool>| async move {
+                    a.unready.store(!on, Ordering::SeqCst);
+                    "ok"
+                },
+            ),
         )
         .route(
             "/env/{name}",
@@ -80,11 +86,13 @@ async fn main() -> anyhow::Result<()> {
             get(|Path((var, name)): Path<(String, String)>| async move {
                 std::fs::read_to_string(dir_file(&var, &name)?).map_err(|_| StatusCode::NOT_FOUND)
             })
-            .put(|Path((var, name)): Path<(String, String)>, body: String| async move {
-                std::fs::write(dir_file(&var, &name)?, body)
-                    .map(|_| "written")
-                    .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)
-            }),
+            .put(
+                |Path((var, name)): Path<(String, String)>, body: String| async move {
+                    std::fs::write(dir_file(&var, &name)?, body)
+                        .map(|_| "written")
+                        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)
+                },
+            ),
         )
         .route(
             "/api",
