@@ -613,3 +613,61 @@ async fn cut_api_connection_times_out_and_recovers() {
     .await;
     c.ns.cleanup().await.expect("cleanup");
 }
+
+/// Three pods of real PostgreSQL 15, run as the `postgres` user with data on their claims, each
+/// listening on its own pod IP at 5432. Prints how long the set took to become Ready (never
+/// asserted; see docs/kubelet.md for the figure on a 2-core machine).
+#[tokio::test]
+async fn statefulset_of_three_postgres_pods() {
+    let bin = std::path::Path::new("/usr/lib/postgresql/15/bin");
+    assert!(
+        bin.join("postgres").exists(),
+        "PostgreSQL 15 is missing: apt-get install -y postgresql-15 (scripts/install-test-deps.sh)"
+    );
+    let server = KubeTestServer::start_with(server_options()).await.expect("server");
+    let images = ImageTable::new().directory("postgres:15*", bin, Some("postgres"));
+    let kubelet = Kubelet::start(&server, KubeletOptions { images, ..KubeletOptions::default() })
+        .await
+        .expect("kubelet");
+    let client = server.client();
+    let ns = TestNamespace::create(&client, "pg").await.expect("namespace");
+    let uid = nix::unistd::User::from_name("postgres").expect("users").expect("a postgres user").uid.as_raw();
+    let pgdata = "/var/lib/postgresql/data/pgdata";
+    let env = json!([
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "PGDATA", "value": pgdata},
+    ]);
+    let mounts = json!([{"name": "data", "mountPath": "/var/lib/postgresql/data"}]);
+    let sts = json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "pg"},
+        "spec": {"replicas": 3, "serviceName": "pg", "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": {"app": "pg"}},
+            "template": {"metadata": {"labels": {"app": "pg"}},
+                "spec": {"securityContext": {"runAsUser": uid, "fsGroup": uid},
+                    "initContainers": [{"name": "initdb", "image": "postgres:15", "env": env, "volumeMounts": mounts,
+                        "command": ["sh", "-c", format!("test -f {pgdata}/PG_VERSION || initdb -D {pgdata} -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 --no-sync")]}],
+                    "containers": [{"name": "postgres", "image": "postgres:15", "env": env, "volumeMounts": mounts,
+                        "args": ["-D", pgdata, "-c", "listen_addresses=$(POD_IP)", "-c", "unix_socket_directories=", "-p", "5432"],
+                        "readinessProbe": {"exec": {"command": ["pg_isready", "-h", "$(POD_IP)", "-p", "5432"]}, "periodSeconds": 1}}]}},
+            "volumeClaimTemplates": [{"metadata": {"name": "data"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]}});
+    let started = Instant::now();
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), ns.name());
+    api.create(&PostParams::default(), &serde_json::from_value(sts).expect("sts")).await.expect("create");
+    eventually("3 ready PostgreSQL pods", || async {
+        (api.get("pg").await.ok()?.status?.ready_replicas == Some(3)).then_some(())
+    })
+    .await;
+    eprintln!("3 PostgreSQL pods Ready in {:.1?}", started.elapsed());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    for i in 0..3 {
+        let ip = pod_ip(&pods.get(&format!("pg-{i}")).await.expect("pod"));
+        let out = tokio::process::Command::new(bin.join("psql"))
+            .args(["-h", &ip.to_string(), "-U", "postgres", "-At", "-c", "select current_setting('listen_addresses')"])
+            .output()
+            .await
+            .expect("psql runs");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ip.to_string(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let _ = kubelet.pod_ip(ns.name(), "pg-0");
+    ns.cleanup().await.expect("cleanup");
+}
