@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -111,8 +111,7 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .filter(|p| p.ns == ns && p.name == name && !p.terminate.is_cancelled())
-            .next()
+            .find(|p| p.ns == ns && p.name == name && !p.terminate.is_cancelled())
             .cloned()
     }
 
@@ -142,14 +141,13 @@ impl Kubelet {
             .trim_start_matches("http://")
             .parse()
             .context("the test server's address")?;
-        let dir = tempfile::Builder::new()
-            .prefix("pgpilot-kubelet-")
-            .tempdir()?;
+        remove_stale_dirs();
+        let dir = tempfile::Builder::new().prefix(DIR_PREFIX).tempdir()?;
+        std::fs::write(
+            dir.path().join("kubelet.pid"),
+            std::process::id().to_string(),
+        )?;
         // Pods may run as another user, who must reach their directories.
-        std::os::unix::fs::PermissionsExt::set_mode(
-            &mut std::fs::metadata(dir.path())?.permissions(),
-            0o755,
-        );
         std::fs::set_permissions(
             dir.path(),
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
@@ -343,6 +341,26 @@ impl Drop for Kubelet {
             rt.gone.cancel();
             rt.signal(None, Signal::SIGCONT);
             rt.signal(None, Signal::SIGKILL);
+        }
+    }
+}
+
+const DIR_PREFIX: &str = "pgpilot-kubelet-";
+
+/// Removes the directories of kubelets whose process died without cleaning up (a test killed by
+/// its harness); their pods died with them (see `pod::SETPRIV`).
+fn remove_stale_dirs() {
+    let tmp = std::env::temp_dir();
+    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let path = e.path();
+        if !e.file_name().to_string_lossy().starts_with(DIR_PREFIX) {
+            continue;
+        }
+        let Ok(pid) = std::fs::read_to_string(path.join("kubelet.pid")) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{}", pid.trim())).exists() {
+            let _ = std::fs::remove_dir_all(&path);
         }
     }
 }

@@ -116,17 +116,15 @@ impl Drop for ApiProxy {
 }
 
 async fn relay(mut conn: TcpStream, upstream: SocketAddr, mut mode: watch::Receiver<ApiFault>) {
-    loop {
-        let now = *mode.borrow_and_update();
-        match now {
-            ApiFault::Refuse => return,
-            // Hold the connection silently until the fault changes, then drop it.
-            ApiFault::Blackhole => {
-                let _ = mode.changed().await;
-                return;
-            }
-            ApiFault::None => break,
+    let now = *mode.borrow_and_update();
+    match now {
+        ApiFault::Refuse => return,
+        // Hold the connection silently until the fault changes, then drop it.
+        ApiFault::Blackhole => {
+            let _ = mode.changed().await;
+            return;
         }
+        ApiFault::None => {}
     }
     let Ok(mut up) = TcpStream::connect(upstream).await else {
         return;

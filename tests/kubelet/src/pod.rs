@@ -28,6 +28,8 @@ use crate::kubelet::Shared;
 use crate::net::ApiProxy;
 use crate::probe::{ProbeSpec, run_handler};
 
+const SETPRIV: &str = "/usr/bin/setpriv";
+
 /// Where a pod's service-account token and namespace are mounted.
 const SA_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
@@ -155,7 +157,15 @@ impl ContainerRun {
             .map(|a| self.rewrite(&expand(a, &self.env)))
             .collect();
         let (program, pre) = self.images.resolve(&self.image, &argv)?;
-        let mut cmd = tokio::process::Command::new(&program);
+        // With setpriv (util-linux) the process gets SIGKILL when the kubelet's thread dies, so a
+        // test killed by its harness (no destructors run) leaves no container behind.
+        let mut cmd = if Path::new(SETPRIV).exists() {
+            let mut c = tokio::process::Command::new(SETPRIV);
+            c.args(["--pdeathsig", "KILL", "--"]).arg(&program);
+            c
+        } else {
+            tokio::process::Command::new(&program)
+        };
         cmd.args(pre);
         for a in args.unwrap_or_default() {
             cmd.arg(self.rewrite(&expand(a, &self.env)));
@@ -718,7 +728,7 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
 
 /// Runs one pod until it is deleted (or completes), then removes it.
 pub(crate) async fn run(shared: Arc<Shared>, rt: Arc<PodRt>, pod: Value) {
-    let writer = tokio::spawn(status_writer(shared.clone(), rt.clone(), pod.clone()));
+    let writer = tokio::spawn(status_writer(shared.clone(), rt.clone()));
     let outcome = run_containers(&shared, &rt, &pod).await;
     if let Err(e) = outcome {
         shared.event(&rt, "Warning", "Failed", &e).await;
@@ -1003,17 +1013,17 @@ async fn stop_container(
     if rt.gone.is_cancelled() {
         let _ = child.start_kill();
     }
-    if let Some(hook) = run.spec.pointer("/lifecycle/preStop") {
-        if let Err(e) = run_handler(hook, rt.ip, run, grace).await {
-            shared
-                .event(
-                    rt,
-                    "Warning",
-                    "FailedPreStopHook",
-                    &format!("PreStopHook failed: {e}"),
-                )
-                .await;
-        }
+    if let Some(hook) = run.spec.pointer("/lifecycle/preStop")
+        && let Err(e) = run_handler(hook, rt.ip, run, grace).await
+    {
+        shared
+            .event(
+                rt,
+                "Warning",
+                "FailedPreStopHook",
+                &format!("PreStopHook failed: {e}"),
+            )
+            .await;
     }
     shared
         .event(
@@ -1054,9 +1064,9 @@ async fn probe_container(
     let liveness = ProbeSpec::from(run.spec.get("livenessProbe"));
     let readiness = ProbeSpec::from(run.spec.get("readinessProbe"));
     let fail = |kind: &'static str| {
-        let (shared, rt, name) = (shared.clone(), rt.clone(), name.clone());
+        let (shared, rt) = (shared.clone(), rt.clone());
         move |msg: String| {
-            let (shared, rt, name) = (shared.clone(), rt.clone(), name.clone());
+            let (shared, rt) = (shared.clone(), rt.clone());
             async move {
                 shared
                     .event(
@@ -1066,7 +1076,6 @@ async fn probe_container(
                         &format!("{kind} probe failed: {msg}"),
                     )
                     .await;
-                let _ = name;
             }
         }
     };
@@ -1111,9 +1120,9 @@ async fn probe_container(
     }
 }
 
-/// Probes every period. With `until_fail_or_success` (startup, liveness), returns true at the
-/// first success for a startup probe... and false once failures reach the threshold. Readiness
-/// runs forever, reporting transitions through `on_change`.
+/// Probes every period, recording an Unhealthy event for each failure. A startup probe returns
+/// true at its first success; a `decisive` probe (startup, liveness) returns false once failures
+/// reach the threshold; readiness runs on, reporting transitions through `on_change`.
 async fn probe_loop<F, Fut>(
     rt: &PodRt,
     run: &ContainerRun,
@@ -1226,12 +1235,11 @@ fn status_of(rt: &PodRt, conds: &mut HashMap<&'static str, (bool, String)>) -> V
 }
 
 /// Writes the status whenever it changes (and the node is ready), until the pod is gone.
-async fn status_writer(shared: Arc<Shared>, rt: Arc<PodRt>, pod: Value) {
+async fn status_writer(shared: Arc<Shared>, rt: Arc<PodRt>) {
     let api: Api<Pod> = Api::namespaced(shared.client.clone(), &rt.ns);
     let mut conds = HashMap::new();
     let mut last = Value::Null;
     let start = now();
-    let _ = pod;
     loop {
         let gone = rt.gone.is_cancelled();
         if shared.node_ready(&rt.node) {

@@ -624,14 +624,28 @@ async fn statefulset_of_three_postgres_pods() {
         bin.join("postgres").exists(),
         "PostgreSQL 15 is missing: apt-get install -y postgresql-15 (scripts/install-test-deps.sh)"
     );
-    let server = KubeTestServer::start_with(server_options()).await.expect("server");
-    let images = ImageTable::new().directory("postgres:15*", bin, Some("postgres"));
-    let kubelet = Kubelet::start(&server, KubeletOptions { images, ..KubeletOptions::default() })
+    let server = KubeTestServer::start_with(server_options())
         .await
-        .expect("kubelet");
+        .expect("server");
+    let images = ImageTable::new().directory("postgres:15*", bin, Some("postgres"));
+    let kubelet = Kubelet::start(
+        &server,
+        KubeletOptions {
+            images,
+            ..KubeletOptions::default()
+        },
+    )
+    .await
+    .expect("kubelet");
     let client = server.client();
-    let ns = TestNamespace::create(&client, "pg").await.expect("namespace");
-    let uid = nix::unistd::User::from_name("postgres").expect("users").expect("a postgres user").uid.as_raw();
+    let ns = TestNamespace::create(&client, "pg")
+        .await
+        .expect("namespace");
+    let uid = nix::unistd::User::from_name("postgres")
+        .expect("users")
+        .expect("a postgres user")
+        .uid
+        .as_raw();
     let pgdata = "/var/lib/postgresql/data/pgdata";
     let env = json!([
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
@@ -652,7 +666,12 @@ async fn statefulset_of_three_postgres_pods() {
                 "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]}});
     let started = Instant::now();
     let api: Api<StatefulSet> = Api::namespaced(client.clone(), ns.name());
-    api.create(&PostParams::default(), &serde_json::from_value(sts).expect("sts")).await.expect("create");
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(sts).expect("sts"),
+    )
+    .await
+    .expect("create");
     eventually("3 ready PostgreSQL pods", || async {
         (api.get("pg").await.ok()?.status?.ready_replicas == Some(3)).then_some(())
     })
@@ -662,11 +681,24 @@ async fn statefulset_of_three_postgres_pods() {
     for i in 0..3 {
         let ip = pod_ip(&pods.get(&format!("pg-{i}")).await.expect("pod"));
         let out = tokio::process::Command::new(bin.join("psql"))
-            .args(["-h", &ip.to_string(), "-U", "postgres", "-At", "-c", "select current_setting('listen_addresses')"])
+            .args([
+                "-h",
+                &ip.to_string(),
+                "-U",
+                "postgres",
+                "-At",
+                "-c",
+                "select current_setting('listen_addresses')",
+            ])
             .output()
             .await
             .expect("psql runs");
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ip.to_string(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            ip.to_string(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let _ = kubelet.pod_ip(ns.name(), "pg-0");
     ns.cleanup().await.expect("cleanup");

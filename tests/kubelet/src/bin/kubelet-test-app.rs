@@ -3,7 +3,6 @@
 //! the API server fare), reads its own pod through kube-rs `Client::try_default()` in a loop,
 //! and logs SIGTERM to `$MARKER_FILE` (exiting unless `$IGNORE_SIGTERM` is set).
 
-use std::collections::HashMap;
 use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -134,7 +133,6 @@ async fn api_loop(app: Arc<App>) {
         }
     };
     let pods: kube::Api<Pod> = kube::Api::default_namespaced(client);
-    let mut errors = HashMap::<String, u64>::new();
     loop {
         let outcome = match tokio::time::timeout(Duration::from_secs(2), pods.get(&name)).await {
             Ok(Ok(_)) => Ok(()),
@@ -146,7 +144,6 @@ async fn api_loop(app: Arc<App>) {
                 app.api_ok.fetch_add(1, Ordering::SeqCst);
             }
             Err(e) => {
-                *errors.entry(e.clone()).or_default() += 1;
                 app.api_errors.fetch_add(1, Ordering::SeqCst);
                 eprintln!("API call failed: {e}");
                 *app.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
