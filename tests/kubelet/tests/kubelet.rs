@@ -25,10 +25,13 @@ struct Cluster {
 
 impl Cluster {
     async fn start(prefix: &str) -> Self {
+        Self::start_with(prefix, ImageTable::new().binary("kubelet-test-app:*", APP)).await
+    }
+
+    async fn start_with(prefix: &str, images: ImageTable) -> Self {
         let server = KubeTestServer::start_with(server_options())
             .await
             .expect("server");
-        let images = ImageTable::new().binary("kubelet-test-app:*", APP);
         let kubelet = Kubelet::start(
             &server,
             KubeletOptions {
@@ -624,23 +627,12 @@ async fn statefulset_of_three_postgres_pods() {
         bin.join("postgres").exists(),
         "PostgreSQL 15 is missing: apt-get install -y postgresql-15 (scripts/install-test-deps.sh)"
     );
-    let server = KubeTestServer::start_with(server_options())
-        .await
-        .expect("server");
-    let images = ImageTable::new().directory("postgres:15*", bin, Some("postgres"));
-    let kubelet = Kubelet::start(
-        &server,
-        KubeletOptions {
-            images,
-            ..KubeletOptions::default()
-        },
+    let c = Cluster::start_with(
+        "pg",
+        ImageTable::new().directory("postgres:15*", bin, Some("postgres")),
     )
-    .await
-    .expect("kubelet");
-    let client = server.client();
-    let ns = TestNamespace::create(&client, "pg")
-        .await
-        .expect("namespace");
+    .await;
+    let (client, ns) = (c.client.clone(), c.ns());
     let uid = nix::unistd::User::from_name("postgres")
         .expect("users")
         .expect("a postgres user")
@@ -665,7 +657,7 @@ async fn statefulset_of_three_postgres_pods() {
             "volumeClaimTemplates": [{"metadata": {"name": "data"},
                 "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]}});
     let started = Instant::now();
-    let api: Api<StatefulSet> = Api::namespaced(client.clone(), ns.name());
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
     api.create(
         &PostParams::default(),
         &serde_json::from_value(sts).expect("sts"),
@@ -677,7 +669,7 @@ async fn statefulset_of_three_postgres_pods() {
     })
     .await;
     eprintln!("3 PostgreSQL pods Ready in {:.1?}", started.elapsed());
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     for i in 0..3 {
         let ip = pod_ip(&pods.get(&format!("pg-{i}")).await.expect("pod"));
         let out = tokio::process::Command::new(bin.join("psql"))
@@ -700,6 +692,5 @@ async fn statefulset_of_three_postgres_pods() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let _ = kubelet.pod_ip(ns.name(), "pg-0");
-    ns.cleanup().await.expect("cleanup");
+    c.ns.cleanup().await.expect("cleanup");
 }
