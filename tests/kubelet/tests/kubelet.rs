@@ -694,3 +694,43 @@ async fn statefulset_of_three_postgres_pods() {
     }
     c.ns.cleanup().await.expect("cleanup");
 }
+
+#[tokio::test]
+async fn frozen_pod_and_not_ready_node_make_the_pod_unready() {
+    let c = Cluster::start("freeze").await;
+    c.create::<StatefulSet>(statefulset("web", 1, app_container(json!([]))))
+        .await;
+    c.ready_pod("web-0", None).await;
+
+    // SIGSTOP: the probes time out, the pod turns unready; SIGCONT brings it back.
+    c.kubelet.freeze(c.ns(), "web-0", true).expect("freeze");
+    eventually("frozen pod unready", || async {
+        c.pod("web-0").await.filter(|p| !is_ready(p))
+    })
+    .await;
+    c.kubelet.freeze(c.ns(), "web-0", false).expect("thaw");
+    c.ready_pod("web-0", None).await;
+
+    // A node gone NotReady: the Node says so and its pods are unready, the process keeps running.
+    c.kubelet
+        .set_node_ready("node-0", false)
+        .await
+        .expect("node down");
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(c.client.clone());
+    let node = nodes.get("node-0").await.expect("node");
+    let ready = node
+        .status
+        .and_then(|s| s.conditions)
+        .and_then(|cs| cs.into_iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.status);
+    assert_eq!(ready.as_deref(), Some("Unknown"));
+    let p = c.pod("web-0").await.expect("pod");
+    assert!(!is_ready(&p));
+    assert_eq!(c.get(pod_ip(&p), "/healthz").await.as_deref(), Ok("ok"));
+    c.kubelet
+        .set_node_ready("node-0", true)
+        .await
+        .expect("node back");
+    c.ready_pod("web-0", None).await;
+    c.ns.cleanup().await.expect("cleanup");
+}
