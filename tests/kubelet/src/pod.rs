@@ -277,48 +277,18 @@ fn field_ref(pod: &Value, ip: Ipv4Addr, path: &str) -> Option<String> {
     }
 }
 
-async fn secret_data(
-    api: &Api<Secret>,
-    name: &str,
-) -> Result<Option<HashMap<String, Vec<u8>>>, String> {
-    match api.get_opt(name).await {
-        Ok(Some(s)) => {
-            let mut m: HashMap<String, Vec<u8>> = s
-                .data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, v.0))
-                .collect();
-            for (k, v) in s.string_data.unwrap_or_default() {
-                m.insert(k, v.into_bytes());
-            }
-            Ok(Some(m))
-        }
-        Ok(None) => Ok(None),
-        Err(e) => Err(format!("reading secret {name}: {e}")),
-    }
-}
-
-async fn config_map_data(
-    api: &Api<ConfigMap>,
-    name: &str,
-) -> Result<Option<HashMap<String, Vec<u8>>>, String> {
-    match api.get_opt(name).await {
-        Ok(Some(c)) => {
-            let mut m: HashMap<String, Vec<u8>> = c
-                .data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, v.into_bytes()))
-                .collect();
-            for (k, v) in c.binary_data.unwrap_or_default() {
-                m.insert(k, v.0);
-            }
-            Ok(Some(m))
-        }
-        Ok(None) => Ok(None),
-        Err(e) => Err(format!("reading configmap {name}: {e}")),
-    }
+/// A Secret's or ConfigMap's keys as bytes: its text map, then its bytes map.
+fn key_bytes(
+    text: Option<std::collections::BTreeMap<String, String>>,
+    bytes: Option<std::collections::BTreeMap<String, k8s_openapi::ByteString>>,
+) -> HashMap<String, Vec<u8>> {
+    let mut m: HashMap<String, Vec<u8>> = text
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.into_bytes()))
+        .collect();
+    m.extend(bytes.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
+    m
 }
 
 /// Key → bytes of a Secret or ConfigMap source (`secretName`/`name`), `None` when absent.
@@ -328,11 +298,19 @@ async fn source_data(
     kind: &str,
     name: &str,
 ) -> Result<Option<HashMap<String, Vec<u8>>>, String> {
-    if kind == "secret" {
-        secret_data(&Api::namespaced(shared.client.clone(), ns), name).await
+    let client = shared.client.clone();
+    let got = if kind == "secret" {
+        Api::<Secret>::namespaced(client, ns)
+            .get_opt(name)
+            .await
+            .map(|s| s.map(|s| key_bytes(s.string_data, s.data)))
     } else {
-        config_map_data(&Api::namespaced(shared.client.clone(), ns), name).await
-    }
+        Api::<ConfigMap>::namespaced(client, ns)
+            .get_opt(name)
+            .await
+            .map(|c| c.map(|c| key_bytes(c.data, c.binary_data)))
+    };
+    got.map_err(|e| format!("reading {kind} {name}: {e}"))
 }
 
 /// The container's environment: the kubelet's in-cluster variables, then `envFrom`, then `env`.

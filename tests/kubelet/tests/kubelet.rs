@@ -53,6 +53,17 @@ impl Cluster {
         }
     }
 
+    /// A cluster running StatefulSet `web` of the test app with `replicas` ready pods.
+    async fn with_web(prefix: &str, replicas: u32) -> Self {
+        let c = Self::start(prefix).await;
+        c.create::<StatefulSet>(statefulset("web", replicas, app_container(json!([]))))
+            .await;
+        for i in 0..replicas {
+            c.ready_pod(&format!("web-{i}"), None).await;
+        }
+        c
+    }
+
     fn ns(&self) -> &str {
         self.ns.name()
     }
@@ -374,10 +385,8 @@ async fn secret_update_reaches_the_mounted_file() {
 
 #[tokio::test]
 async fn failing_readiness_drops_the_pod_from_service_endpoints() {
-    let c = Cluster::start("ready").await;
+    let c = Cluster::with_web("ready", 2).await;
     service(&c, "web").await;
-    c.create::<StatefulSet>(statefulset("web", 2, app_container(json!([]))))
-        .await;
     let p0 = pod_ip(&c.ready_pod("web-0", None).await);
     let p1 = pod_ip(&c.ready_pod("web-1", None).await);
     let mut both = vec![p0, p1];
@@ -494,11 +503,7 @@ async fn prestop_runs_before_sigterm_within_the_grace_period() {
 
 #[tokio::test]
 async fn eviction_honours_the_disruption_budget() {
-    let c = Cluster::start("evict").await;
-    c.create::<StatefulSet>(statefulset("web", 2, app_container(json!([]))))
-        .await;
-    c.ready_pod("web-0", None).await;
-    c.ready_pod("web-1", None).await;
+    let c = Cluster::with_web("evict", 2).await;
     c.create::<PodDisruptionBudget>(json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
         "metadata": {"name": "web"}, "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "web"}}}}))
         .await;
@@ -548,10 +553,7 @@ async fn eviction_honours_the_disruption_budget() {
 
 #[tokio::test]
 async fn killed_container_restarts_with_backoff() {
-    let c = Cluster::start("kill").await;
-    c.create::<StatefulSet>(statefulset("web", 1, app_container(json!([]))))
-        .await;
-    c.ready_pod("web-0", None).await;
+    let c = Cluster::with_web("kill", 1).await;
     for round in 1..=2 {
         c.kubelet.kill(c.ns(), "web-0", None).expect("kill -9");
         let p = eventually(&format!("restart {round}"), || async {
@@ -585,9 +587,7 @@ async fn killed_container_restarts_with_backoff() {
 
 #[tokio::test]
 async fn cut_api_connection_times_out_and_recovers() {
-    let c = Cluster::start("cut").await;
-    c.create::<StatefulSet>(statefulset("web", 1, app_container(json!([]))))
-        .await;
+    let c = Cluster::with_web("cut", 1).await;
     let ip = pod_ip(&c.ready_pod("web-0", None).await);
     let api = || async { serde_json::from_str::<Value>(&c.get(ip, "/api").await.ok()?).ok() };
     eventually("API calls succeed", || async {
@@ -697,10 +697,7 @@ async fn statefulset_of_three_postgres_pods() {
 
 #[tokio::test]
 async fn frozen_pod_and_not_ready_node_make_the_pod_unready() {
-    let c = Cluster::start("freeze").await;
-    c.create::<StatefulSet>(statefulset("web", 1, app_container(json!([]))))
-        .await;
-    c.ready_pod("web-0", None).await;
+    let c = Cluster::with_web("freeze", 1).await;
 
     // SIGSTOP: the probes time out, the pod turns unready; SIGCONT brings it back.
     c.kubelet.freeze(c.ns(), "web-0", true).expect("freeze");
