@@ -228,6 +228,14 @@ fn expand(s: &str, env: &[(String, String)]) -> String {
     out
 }
 
+/// The items of the JSON array at `pointer` (none when absent).
+fn list<'a>(v: &'a Value, pointer: &str) -> impl Iterator<Item = &'a Value> {
+    v.pointer(pointer)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+}
+
 fn strs(v: Option<&Value>) -> Vec<String> {
     v.and_then(Value::as_array)
         .into_iter()
@@ -341,12 +349,7 @@ async fn container_env(
             rt.dir.join("kubeconfig").to_string_lossy().into_owned(),
         ),
     ];
-    for from in c
-        .get("envFrom")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for from in list(c, "/envFrom") {
         let prefix = from
             .get("prefix")
             .and_then(Value::as_str)
@@ -370,7 +373,7 @@ async fn container_env(
             None => return Err(format!("{kind} {name:?} not found")),
         }
     }
-    for e in c.get("env").and_then(Value::as_array).into_iter().flatten() {
+    for e in list(c, "/env") {
         let name = e
             .get("name")
             .and_then(Value::as_str)
@@ -465,12 +468,7 @@ async fn projection_files(
     if let Some(d) = vol.get("downwardAPI") {
         sources.push(("downward", d));
     }
-    for s in vol
-        .pointer("/projected/sources")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for s in list(vol, "/projected/sources") {
         for (k, kind) in [
             ("secret", "secret"),
             ("configMap", "configmap"),
@@ -494,12 +492,7 @@ async fn projection_files(
                 ));
             }
             "downward" => {
-                for item in src
-                    .get("items")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
+                for item in list(src, "/items") {
                     let path = item.get("path").and_then(Value::as_str).unwrap_or_default();
                     let field = item
                         .pointer("/fieldRef/fieldPath")
@@ -576,12 +569,7 @@ async fn prepare_volumes(
     let owner = pod
         .pointer("/spec/containers/0")
         .and_then(|c| user_of(pod, c));
-    for vol in pod
-        .pointer("/spec/volumes")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for vol in list(pod, "/spec/volumes") {
         let name = vol
             .get("name")
             .and_then(Value::as_str)
@@ -663,12 +651,7 @@ async fn sync_volumes(
             _ = rt.gone.cancelled() => return,
             _ = tokio::time::sleep(shared.opts.volume_sync) => {}
         }
-        for vol in pod
-            .pointer("/spec/volumes")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for vol in list(&pod, "/spec/volumes") {
             if vol.get("secret").is_none()
                 && vol.get("configMap").is_none()
                 && vol.get("projected").is_none()
@@ -774,11 +757,7 @@ async fn run_containers(shared: &Arc<Shared>, rt: &Arc<PodRt>, pod: &Value) -> R
     }
     for (init, c) in &specs {
         let (init, c) = (*init, c);
-        let mut mounts: Vec<(String, PathBuf)> = c
-            .get("volumeMounts")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
+        let mut mounts: Vec<(String, PathBuf)> = list(c, "/volumeMounts")
             .filter_map(|m| {
                 let dir = dirs.get(m.get("name")?.as_str()?)?;
                 let sub = m.get("subPath").and_then(Value::as_str).unwrap_or_default();
