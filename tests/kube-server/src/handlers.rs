@@ -50,6 +50,19 @@ pub async fn dispatch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if method == Method::GET
+        && let ["api", "v1", "namespaces", ns, "pods", name, "log"] = uri
+            .path()
+            .trim_matches('/')
+            .split('/')
+            .collect::<Vec<_>>()
+            .as_slice()
+    {
+        return match crate::pods::log(&app.store, ns, name, &q).await {
+            Ok(text) => ([(header::CONTENT_TYPE, "text/plain")], text).into_response(),
+            Err(e) => e.into_response(),
+        };
+    }
     match route(&app, &method, &uri, &q, &headers, &body) {
         Ok(r) => r,
         Err(e) => e.into_response(),

@@ -3,7 +3,9 @@
 //! bound to a node (marked with `deletionTimestamp` and `deletionGracePeriodSeconds`; its
 //! kubelet stops the processes and removes the object with grace 0), the `eviction`
 //! subresource honouring PodDisruptionBudgets (429 when a budget does not allow it), and the
-//! disruption controller's PDB status (opt-in, `StoreOptions::disruption_controller`).
+//! disruption controller's PDB status (opt-in, `StoreOptions::disruption_controller`), and
+//! `pods/<name>/log` proxied to the node's kubelet (`status.daemonEndpoints.kubeletEndpoint`),
+//! as kube-apiserver does for `kubectl logs`.
 
 use std::sync::Arc;
 
@@ -294,4 +296,88 @@ impl State {
         }
         (self.commit(k, Some(new), EventType::Modified, tx), false)
     }
+}
+
+/// `GET pods/<name>/log`: the container's log from the kubelet of the pod's node, at
+/// `http://<InternalIP>:<kubeletEndpoint>/containerLogs/<ns>/<pod>/<container>`.
+pub(crate) async fn log(
+    store: &Store,
+    ns: &str,
+    name: &str,
+    q: &std::collections::HashMap<String, String>,
+) -> ApiResult<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (pod, node) = {
+        let s = store.lock();
+        let pod = s
+            .objects
+            .get(&pod_key(ns, name))
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("pods", name))?;
+        let node_name = pod
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let node = s
+            .objects
+            .get(&(String::new(), "nodes".into(), String::new(), node_name))
+            .cloned();
+        (pod, node)
+    };
+    let containers: Vec<&str> = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("name").and_then(Value::as_str))
+        .collect();
+    let container = match (q.get("container"), containers.as_slice()) {
+        (Some(c), _) => c.clone(),
+        (None, [one]) => one.to_string(),
+        (None, all) => {
+            return Err(ApiError::bad_request(format!(
+                "a container name must be specified for pod {name}, choose one of: [{}]",
+                all.join(" ")
+            )));
+        }
+    };
+    let endpoint = node.as_ref().and_then(|n| {
+        let port = n
+            .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+            .and_then(Value::as_u64)?;
+        let ip = n
+            .pointer("/status/addresses")
+            .and_then(Value::as_array)?
+            .iter()
+            .find(|a| a.get("type").and_then(Value::as_str) == Some("InternalIP"))?
+            .get("address")?
+            .as_str()?
+            .to_string();
+        Some(format!("{ip}:{port}"))
+    });
+    let Some(endpoint) = endpoint else {
+        return Err(ApiError::bad_request(format!(
+            "pod {name} is not running on a node with a kubelet"
+        )));
+    };
+    let fail = |e: std::io::Error| ApiError::internal(format!("reading logs from {endpoint}: {e}"));
+    let mut conn = tokio::net::TcpStream::connect(&endpoint)
+        .await
+        .map_err(fail)?;
+    let req = format!(
+        "GET /containerLogs/{ns}/{name}/{container} HTTP/1.1\r\nHost: {endpoint}\r\nConnection: close\r\n\r\n"
+    );
+    conn.write_all(req.as_bytes()).await.map_err(fail)?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).await.map_err(fail)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(ApiError::bad_request(format!(
+            "container {container:?} in pod {name:?} has no logs: {}",
+            head.lines().next().unwrap_or_default()
+        )));
+    }
+    Ok(body.to_string())
 }

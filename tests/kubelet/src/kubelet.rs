@@ -130,6 +130,7 @@ impl Shared {
 pub struct Kubelet {
     shared: Arc<Shared>,
     task: JoinHandle<()>,
+    log_task: JoinHandle<()>,
     _dir: tempfile::TempDir,
 }
 
@@ -164,6 +165,7 @@ impl Kubelet {
             hosts: Mutex::new(BTreeSet::new()),
             not_ready: Mutex::new(BTreeSet::new()),
         });
+        let (log_port, log_task) = serve_logs(dir.path().to_path_buf()).await?;
         let nodes: Api<Node> = Api::all(client.clone());
         for n in &opts.nodes {
             let node = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
@@ -174,11 +176,18 @@ impl Kubelet {
                 Err(e) => return Err(e).with_context(|| format!("registering node {n}")),
             }
             write_node_status(&nodes, n, true).await?;
+            let endpoints =
+                json!({"status": {"daemonEndpoints": {"kubeletEndpoint": {"Port": log_port}}}});
+            nodes
+                .patch_status(n, &PatchParams::default(), &Patch::Merge(endpoints))
+                .await
+                .with_context(|| format!("writing the kubelet endpoint of node {n}"))?;
         }
         let task = tokio::spawn(watch_pods(shared.clone()));
         Ok(Self {
             shared,
             task,
+            log_task,
             _dir: dir,
         })
     }
@@ -215,23 +224,7 @@ impl Kubelet {
 
     /// Everything a container of the pod wrote to stdout and stderr, over all its restarts.
     pub fn logs(&self, ns: &str, pod: &str, container: &str) -> String {
-        let dir = self.shared.root.join("logs");
-        let prefix = format!("{ns}_{pod}_");
-        let mut text = String::new();
-        let mut entries: Vec<_> = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-            .collect();
-        entries.sort_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
-        for e in entries {
-            text.push_str(
-                &std::fs::read_to_string(e.path().join(format!("{container}.log")))
-                    .unwrap_or_default(),
-            );
-        }
-        text
+        container_logs(&self.shared.root, ns, pod, container)
     }
 
     /// kill -9 of one container's processes (or the whole pod's), with no hooks: the containers
@@ -320,6 +313,7 @@ impl Kubelet {
 impl Drop for Kubelet {
     fn drop(&mut self) {
         self.task.abort();
+        self.log_task.abort();
         let pods = self.shared.all();
         if std::thread::panicking() {
             for rt in &pods {
@@ -343,6 +337,47 @@ impl Drop for Kubelet {
             rt.signal(None, Signal::SIGKILL);
         }
     }
+}
+
+/// A container's logs over all its pod's incarnations, oldest first.
+fn container_logs(root: &Path, ns: &str, pod: &str, container: &str) -> String {
+    let prefix = format!("{ns}_{pod}_");
+    let mut entries: Vec<_> = std::fs::read_dir(root.join("logs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .collect();
+    entries.sort_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
+    entries
+        .iter()
+        .map(|e| {
+            std::fs::read_to_string(e.path().join(format!("{container}.log"))).unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The kubelet's HTTP endpoint, which the API server proxies `pods/<name>/log` to (what
+/// `kubectl logs` reads).
+async fn serve_logs(root: PathBuf) -> anyhow::Result<(u16, JoinHandle<()>)> {
+    use axum::extract::Path as P;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the kubelet's log endpoint")?;
+    let port = listener.local_addr()?.port();
+    let router = axum::Router::new().route(
+        "/containerLogs/{ns}/{pod}/{container}",
+        axum::routing::get(
+            move |P((ns, pod, container)): P<(String, String, String)>| {
+                let root = root.clone();
+                async move { container_logs(&root, &ns, &pod, &container) }
+            },
+        ),
+    );
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    Ok((port, task))
 }
 
 const DIR_PREFIX: &str = "pgpilot-kubelet-";

@@ -92,6 +92,26 @@ impl Cluster {
             .expect("create")
     }
 
+    /// kubectl in the test namespace; its stdout. tokio's Command, because the API server runs
+    /// on this test's runtime and must keep serving.
+    async fn kubectl(&self, args: &[&str]) -> String {
+        let out = tokio::process::Command::new(
+            std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()),
+        )
+        .args(kubectl_args(Some(&self.server)))
+        .args(["-n", self.ns()])
+        .args(args)
+        .output()
+        .await
+        .expect("kubectl runs");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     async fn pod(&self, name: &str) -> Option<Pod> {
         self.api::<Pod>().get_opt(name).await.expect("get pod")
     }
@@ -282,29 +302,18 @@ async fn statefulset_of_three_pods_runs_and_is_ready() {
         "Started events are recorded"
     );
 
-    // tokio's Command: the API server runs on this test's runtime and must keep serving.
-    let out =
-        tokio::process::Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
-            .args(kubectl_args(Some(&c.server)))
-            .args([
-                "get",
-                "pods",
-                "-n",
-                c.ns(),
-                "-o",
-                "jsonpath={.items[*].status.phase}",
-            ])
-            .output()
-            .await
-            .expect("kubectl runs");
+    let phases = c
+        .kubectl(&["get", "pods", "-o", "jsonpath={.items[*].status.phase}"])
+        .await;
+    assert_eq!(phases, "Running Running Running");
+    // kubectl logs: the API server proxies pods/log to the kubelet.
+    let log = c.kubectl(&["logs", "web-1"]).await;
     assert!(
-        out.status.success(),
-        "kubectl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "Running Running Running"
+        log.contains(&format!(
+            "listening on {}:8080",
+            pod_ip(&c.pod("web-1").await.expect("pod"))
+        )),
+        "{log}"
     );
     c.ns.cleanup().await.expect("cleanup");
 }
