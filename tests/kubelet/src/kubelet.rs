@@ -474,12 +474,21 @@ async fn handle(shared: &Arc<Shared>, pod: Value, next_node: &mut usize) {
         if deleting || !(scheduler.is_empty() || scheduler == "default-scheduler") {
             return;
         }
-        let ready: Vec<&String> = shared
-            .opts
-            .nodes
-            .iter()
-            .filter(|n| shared.node_ready(n))
-            .collect();
+        // Ready and not cordoned (`kubectl cordon`/`drain` set spec.unschedulable).
+        let nodes: Api<Node> = Api::all(shared.client.clone());
+        let mut ready: Vec<&String> = Vec::new();
+        for n in shared.opts.nodes.iter().filter(|n| shared.node_ready(n)) {
+            let cordoned = nodes
+                .get_opt(n)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|node| node.spec?.unschedulable)
+                .unwrap_or(false);
+            if !cordoned {
+                ready.push(n);
+            }
+        }
         if ready.is_empty() {
             return;
         }

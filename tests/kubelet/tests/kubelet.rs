@@ -29,18 +29,18 @@ impl Cluster {
     }
 
     async fn start_with(prefix: &str, images: ImageTable) -> Self {
+        let opts = KubeletOptions {
+            images,
+            ..KubeletOptions::default()
+        };
+        Self::start_with_options(prefix, opts).await
+    }
+
+    async fn start_with_options(prefix: &str, opts: KubeletOptions) -> Self {
         let server = KubeTestServer::start_with(server_options())
             .await
             .expect("server");
-        let kubelet = Kubelet::start(
-            &server,
-            KubeletOptions {
-                images,
-                ..KubeletOptions::default()
-            },
-        )
-        .await
-        .expect("kubelet");
+        let kubelet = Kubelet::start(&server, opts).await.expect("kubelet");
         let client = server.client();
         let ns = TestNamespace::create(&client, prefix)
             .await
@@ -738,5 +738,51 @@ async fn frozen_pod_and_not_ready_node_make_the_pod_unready() {
         .await
         .expect("node back");
     c.ready_pod("web-0", None).await;
+    c.ns.cleanup().await.expect("cleanup");
+}
+
+#[tokio::test]
+async fn kubectl_drain_moves_pods_within_the_budget() {
+    let opts = KubeletOptions {
+        nodes: vec!["node-0".into(), "node-1".into()],
+        images: ImageTable::new().binary("kubelet-test-app:*", APP),
+        ..KubeletOptions::default()
+    };
+    let c = Cluster::start_with_options("drain", opts).await;
+    c.create::<StatefulSet>(statefulset("web", 2, app_container(json!([]))))
+        .await;
+    c.create::<PodDisruptionBudget>(json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "web"}, "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "web"}}}}))
+        .await;
+    let node_of = |p: &Pod| p.spec.as_ref().and_then(|s| s.node_name.clone());
+    let mut on_node0 = Vec::new();
+    for i in 0..2 {
+        let p = c.ready_pod(&format!("web-{i}"), None).await;
+        if node_of(&p).as_deref() == Some("node-0") {
+            on_node0.push((format!("web-{i}"), p.metadata.uid.clone()));
+        }
+    }
+    assert!(!on_node0.is_empty(), "pods are spread over both nodes");
+
+    c.kubectl(&[
+        "drain",
+        "node-0",
+        "--ignore-daemonsets",
+        "--delete-emptydir-data",
+        "--timeout=60s",
+    ])
+    .await;
+    for (name, uid) in on_node0 {
+        let p = c.ready_pod(&name, uid.as_deref()).await;
+        assert_eq!(node_of(&p).as_deref(), Some("node-1"), "{name} moved");
+    }
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(c.client.clone());
+    let cordoned = nodes
+        .get("node-0")
+        .await
+        .expect("node")
+        .spec
+        .and_then(|s| s.unschedulable);
+    assert_eq!(cordoned, Some(true));
     c.ns.cleanup().await.expect("cleanup");
 }
