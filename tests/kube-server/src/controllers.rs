@@ -74,7 +74,7 @@ impl State {
                 for x in &inside {
                     let o = &self.objects[x];
                     if o.pointer("/metadata/deletionTimestamp").is_none() {
-                        self.delete_inner(x, None, tx);
+                        self.delete_graceful(x, None, None, tx);
                         progressed = true;
                     }
                 }
@@ -112,7 +112,7 @@ impl State {
                         .get(d)
                         .is_some_and(|o| o.pointer("/metadata/deletionTimestamp").is_none())
                     {
-                        self.delete_inner(d, Some(Propagation::Foreground), tx);
+                        self.delete_graceful(d, Some(Propagation::Foreground), None, tx);
                         progressed = true;
                     }
                 }
@@ -137,7 +137,7 @@ impl State {
                         .is_none_or(|u| !uids.contains_key(u))
                 })
             {
-                self.delete_inner(&k, None, tx);
+                self.delete_graceful(&k, None, None, tx);
                 return true;
             }
         }
@@ -155,6 +155,12 @@ impl State {
             return true;
         }
         if opts.statefulset_controller && crate::statefulset::reconcile(self, tx) {
+            return true;
+        }
+        if opts.endpointslice_controller && crate::endpointslices::reconcile(self, tx) {
+            return true;
+        }
+        if opts.disruption_controller && crate::pods::reconcile_budgets(self, tx) {
             return true;
         }
         false
@@ -204,7 +210,7 @@ impl State {
     }
 
     pub(crate) fn controller_delete(&mut self, k: &Key, tx: &broadcast::Sender<Arc<Change>>) {
-        self.delete_inner(k, None, tx);
+        self.delete_graceful(k, None, None, tx);
     }
 
     pub(crate) fn controller_update(

@@ -96,6 +96,10 @@ pub fn resource_list(types: &[Arc<ResourceType>], group: &str, version: &str) ->
             resources.push(json!({"name": format!("{}/scale", t.plural), "singularName": "", "namespaced": t.namespaced,
                 "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]}));
         }
+        for (sub, group, version, kind, verbs) in pod_subresources(t) {
+            resources.push(json!({"name": format!("{}/{sub}", t.plural), "singularName": "", "namespaced": true,
+                "group": group, "version": version, "kind": kind, "verbs": verbs}));
+        }
     }
     let gv = if group.is_empty() {
         version.to_string()
@@ -105,6 +109,27 @@ pub fn resource_list(types: &[Arc<ResourceType>], group: &str, version: &str) ->
     Some(
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
     )
+}
+
+/// The pod subresources a kubelet and `kubectl drain`/`logs` use: `(name, group, version,
+/// kind, verbs)`.
+fn pod_subresources(
+    t: &ResourceType,
+) -> Vec<(
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    Vec<&'static str>,
+)> {
+    if !(t.group.is_empty() && t.plural == "pods") {
+        return Vec::new();
+    }
+    vec![
+        ("binding", "", "v1", "Binding", vec!["create"]),
+        ("eviction", "policy", "v1", "Eviction", vec!["create"]),
+        ("log", "", "v1", "Pod", vec!["get"]),
+    ]
 }
 
 /// The media type of aggregated discovery (`apidiscovery.k8s.io/v2`).
@@ -149,6 +174,11 @@ pub fn aggregated(types: &[Arc<ResourceType>], core: bool) -> Value {
                                 subs.push(json!({"subresource": "scale",
                                     "responseKind": {"group": "autoscaling", "version": "v1", "kind": "Scale"},
                                     "verbs": ["get", "patch", "update"]}));
+                            }
+                            for (sub, group, version, kind, verbs) in pod_subresources(t) {
+                                subs.push(json!({"subresource": sub,
+                                    "responseKind": {"group": group, "version": version, "kind": kind},
+                                    "verbs": verbs}));
                             }
                             if !subs.is_empty() {
                                 r["subresources"] = json!(subs);

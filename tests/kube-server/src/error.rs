@@ -116,6 +116,11 @@ impl ApiError {
             .with_details(json!({"name": name, "kind": kind, "causes": [{"reason": "FieldValueInvalid", "message": message}]}))
     }
 
+    /// 429, as an eviction that a PodDisruptionBudget refuses gets.
+    pub fn too_many_requests(message: impl Into<String>, causes: Value) -> Self {
+        Self::new(429, "TooManyRequests", message).with_details(json!({"causes": causes}))
+    }
+
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(403, "Forbidden", message)
     }

@@ -50,6 +50,19 @@ pub async fn dispatch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if method == Method::GET
+        && let ["api", "v1", "namespaces", ns, "pods", name, "log"] = uri
+            .path()
+            .trim_matches('/')
+            .split('/')
+            .collect::<Vec<_>>()
+            .as_slice()
+    {
+        return match crate::pods::log(&app.store, ns, name, &q).await {
+            Ok(text) => ([(header::CONTENT_TYPE, "text/plain")], text).into_response(),
+            Err(e) => e.into_response(),
+        };
+    }
     match route(&app, &method, &uri, &q, &headers, &body) {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -287,6 +300,36 @@ fn resource(
             store, &rt, paths, &ns, name, method, q, headers, body, dry_run,
         );
     }
+    if rt.group.is_empty()
+        && rt.plural == "pods"
+        && let (Some(name), Some(sub @ ("binding" | "eviction"))) =
+            (t.name.as_deref(), t.subresource.as_deref())
+    {
+        if *method != Method::POST {
+            return Err(ApiError::method_not_allowed(format!(
+                "the server does not allow this method on the requested resource ({path})"
+            )));
+        }
+        let b = parse_body(body, true)?;
+        if sub == "binding" {
+            let node = b
+                .pointer("/target/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            store.bind_pod(&ns, name, node, dry_run)?;
+        } else {
+            let grace = b
+                .pointer("/deleteOptions/gracePeriodSeconds")
+                .and_then(Value::as_i64);
+            store.evict_pod(&ns, name, grace, dry_run)?;
+        }
+        return Ok((
+            StatusCode::CREATED,
+            axum::Json(json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Success", "code": 201})),
+        )
+            .into_response());
+    }
     let scope = match t.subresource.as_deref() {
         None => Scope::Main,
         Some("status") if rt.status_subresource => Scope::Status,
@@ -511,10 +554,15 @@ fn delete_options(q: &HashMap<String, String>, body: &Bytes) -> ApiResult<Delete
         }
     };
     let s = |p: &str| b.pointer(p).and_then(Value::as_str).map(String::from);
+    let grace_period = match b.get("gracePeriodSeconds") {
+        Some(g) => g.as_i64(),
+        None => q.get("gracePeriodSeconds").and_then(|g| g.parse().ok()),
+    };
     Ok(DeleteOptions {
         propagation,
         uid: s("/preconditions/uid"),
         resource_version: s("/preconditions/resourceVersion"),
+        grace_period,
     })
 }
 

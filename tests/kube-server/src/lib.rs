@@ -5,11 +5,13 @@
 
 mod controllers;
 mod discovery;
+mod endpointslices;
 mod error;
 mod fieldset;
 mod fixtures;
 mod handlers;
 mod merge;
+mod pods;
 mod protobuf;
 mod resources;
 mod scale;

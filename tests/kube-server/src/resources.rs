@@ -223,6 +223,16 @@ const BUILTINS: &[Builtin] = &[
     Builtin {
         group: "",
         version: "v1",
+        kind: "Node",
+        plural: "nodes",
+        namespaced: false,
+        short: &["no"],
+        status: true,
+        generation: false,
+    },
+    Builtin {
+        group: "",
+        version: "v1",
         kind: "Service",
         plural: "services",
         namespaced: true,
@@ -279,6 +289,16 @@ const BUILTINS: &[Builtin] = &[
         short: &["sts"],
         status: true,
         generation: true,
+    },
+    Builtin {
+        group: "discovery.k8s.io",
+        version: "v1",
+        kind: "EndpointSlice",
+        plural: "endpointslices",
+        namespaced: true,
+        short: &[],
+        status: false,
+        generation: false,
     },
     Builtin {
         group: "policy",
@@ -338,6 +358,7 @@ fn builtin_lists(kind: &str) -> Vec<(String, ListKind)> {
             out.push(("status.conditions".into(), map(&["type"])));
         }
         "PodDisruptionBudget" => out.push(("status.conditions".into(), map(&["type"]))),
+        "Node" => out.push(("status.conditions".into(), map(&["type"]))),
         "PersistentVolumeClaim" => out.push(("status.conditions".into(), map(&["type"]))),
         "Namespace" => {
             out.push(("spec.finalizers".into(), ListKind::Set));

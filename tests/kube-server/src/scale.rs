@@ -36,7 +36,7 @@ pub fn view(paths: &ScalePaths, obj: &Value) -> Value {
 }
 
 /// `metav1.LabelSelector` as the string form `Scale.status.selector` carries.
-fn selector_string(sel: Option<&Value>) -> String {
+pub(crate) fn selector_string(sel: Option<&Value>) -> String {
     let Some(sel) = sel else { return String::new() };
     let mut parts: Vec<String> = sel
         .get("matchLabels")

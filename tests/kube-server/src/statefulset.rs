@@ -166,7 +166,7 @@ pub(crate) fn reconcile(state: &mut State, tx: &broadcast::Sender<Arc<Change>>) 
 
 /// Running with a `Ready=True` condition: what the real controller waits for (set by the
 /// kubelet on a cluster; by the test, through the pod's status subresource, here).
-fn is_ready(pod: &Value) -> bool {
+pub(crate) fn is_ready(pod: &Value) -> bool {
     pod.pointer("/status/conditions")
         .and_then(Value::as_array)
         .is_some_and(|cs| {
@@ -242,6 +242,26 @@ fn pod_from_template(
     labels["controller-revision-hash"] = json!(rev);
     labels["statefulset.kubernetes.io/pod-name"] = json!(pod_name);
     labels["apps.kubernetes.io/pod-index"] = json!(i.to_string());
+    // Each claim template becomes a volume of that name bound to the pod's own claim.
+    for claim in sts
+        .pointer("/spec/volumeClaimTemplates")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let vol_name = claim
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("data");
+        let volume = json!({"name": vol_name,
+            "persistentVolumeClaim": {"claimName": format!("{vol_name}-{pod_name}")}});
+        let spec = pod["spec"].as_object_mut().expect("spec object");
+        let vols = spec.entry("volumes").or_insert(json!([]));
+        if let Some(vols) = vols.as_array_mut() {
+            vols.retain(|v| v.get("name").and_then(Value::as_str) != Some(vol_name));
+            vols.push(volume);
+        }
+    }
     pod["spec"]["hostname"] = json!(pod_name);
     if let Some(svc) = sts.pointer("/spec/serviceName") {
         pod["spec"]["subdomain"] = svc.clone();

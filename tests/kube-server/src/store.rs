@@ -71,6 +71,8 @@ pub struct DeleteOptions {
     pub propagation: Option<Propagation>,
     pub uid: Option<String>,
     pub resource_version: Option<String>,
+    /// `gracePeriodSeconds`: for a pod bound to a node, how long its kubelet has to stop it.
+    pub grace_period: Option<i64>,
 }
 
 /// What a patch request carries: a server-side apply, or an edit of the live object.
@@ -111,6 +113,12 @@ pub struct StoreOptions {
     pub history: usize,
     /// Whether the built-in StatefulSet controller creates pods (see `statefulset`).
     pub statefulset_controller: bool,
+    /// Whether Services get EndpointSlices from the pods they select (see `endpointslices`);
+    /// useful with a kubelet that sets pod IPs and readiness.
+    pub endpointslice_controller: bool,
+    /// Whether PodDisruptionBudgets get their status kept (see `pods`); the eviction
+    /// subresource honours them either way.
+    pub disruption_controller: bool,
 }
 
 impl Default for StoreOptions {
@@ -118,6 +126,8 @@ impl Default for StoreOptions {
         Self {
             history: 10_000,
             statefulset_controller: false,
+            endpointslice_controller: false,
+            disruption_controller: false,
         }
     }
 }
@@ -338,7 +348,7 @@ impl Store {
 
     /// Runs one write and what the built-in controllers do after it. With `dry_run` it runs on
     /// a copy that is thrown away, so validation, defaulting and conflicts are all real.
-    fn write<R>(
+    pub(crate) fn write<R>(
         &self,
         dry_run: bool,
         strict: bool,
@@ -450,7 +460,7 @@ impl Store {
             {
                 return Err(ApiError::conflict(&rt.qualified(), name, &format!("Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}", meta_str(&cur, "resourceVersion"))));
             }
-            Ok(s.delete_inner(&k, opts.propagation, tx))
+            Ok(s.delete_graceful(&k, opts.propagation, opts.grace_period, tx))
         })
     }
 
@@ -470,7 +480,10 @@ impl Store {
                 .collect();
             Ok(keys
                 .iter()
-                .map(|k| s.delete_inner(k, opts.propagation, tx).0)
+                .map(|k| {
+                    s.delete_graceful(k, opts.propagation, opts.grace_period, tx)
+                        .0
+                })
                 .collect())
         })
     }
@@ -1097,7 +1110,12 @@ impl State {
             meta_mut(&mut new).insert("generation".into(), json!(g + 1));
         }
         let k = key(rt, meta_str(&current, "namespace"), &name);
-        if deleting && finalizers(&new).is_empty() {
+        // A pod in its grace period stays until its kubelet deletes it (see `pods`).
+        let graceful = current
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .is_some_and(|g| g > 0);
+        if deleting && !graceful && finalizers(&new).is_empty() {
             return Ok(self.commit(&k, Some(new), EventType::Deleted, tx));
         }
         Ok(self.commit(&k, Some(new), EventType::Modified, tx))

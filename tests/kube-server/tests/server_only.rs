@@ -1,7 +1,9 @@
 //! Behaviour of the test server itself that a real cluster cannot be made to show on demand:
 //! 410 Gone after compaction (and kube-runtime's recovery from it), bookmarks, dry runs,
-//! deletion propagation, namespace termination, CRD schema handling and the StatefulSet
-//! controller toggle. These always run against a fresh in-process server.
+//! deletion propagation, namespace termination, CRD schema handling, the StatefulSet
+//! controller toggle, and the kubelet-facing pieces (binding, graceful pod deletion, eviction
+//! with budgets, EndpointSlices) played by the test. These always run against a fresh
+//! in-process server.
 
 use std::time::Duration;
 
@@ -565,5 +567,182 @@ async fn statefulset_ordered_ready_and_rolling_update() -> R {
     assert_eq!(st.updated_replicas, Some(2));
     assert_eq!(st.current_revision, st.update_revision);
     assert_ne!(st.current_revision.as_deref(), Some(first_rev.as_str()));
+    Ok(())
+}
+
+/// What a kubelet relies on, played by the test: binding, graceful deletion of a bound pod,
+/// eviction against a PodDisruptionBudget (percentages round up), PDB status and EndpointSlices.
+#[tokio::test]
+async fn binding_graceful_deletion_eviction_and_endpoint_slices() -> R {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let server = KubeTestServer::start_with(ServerOptions {
+        store: StoreOptions {
+            endpointslice_controller: true,
+            disruption_controller: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await?;
+    // No retries on 429, so a refused eviction is seen at once.
+    let mut config = kube::Config::new(server.url().parse()?);
+    config.default_retry = false;
+    let client = kube::Client::try_from(config)?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let svc: Service = serde_json::from_value(json!({"metadata": {"name": "db"},
+        "spec": {"selector": {"app": "db"}, "ports": [{"port": 5432}]}}))?;
+    Api::<Service>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &svc)
+        .await?;
+    for i in 0..3 {
+        let p: Pod = serde_json::from_value(
+            json!({"metadata": {"name": format!("db-{i}"), "labels": {"app": "db"}},
+            "spec": {"terminationGracePeriodSeconds": 20, "containers": [{"name": "pg", "image": "postgres:16"}]}}),
+        )?;
+        pods.create(&PostParams::default(), &p).await?;
+        let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": format!("db-{i}")},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": "node-a"}});
+        let _: serde_json::Value = pods
+            .create_subresource(
+                "binding",
+                &format!("db-{i}"),
+                &PostParams::default(),
+                &binding,
+            )
+            .await?;
+        let ip = format!("127.0.9.{}", i + 2);
+        pods.patch_status(
+            &format!("db-{i}"),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+            "phase": "Running", "podIP": ip,
+            "conditions": [{"type": "Ready", "status": if i < 2 { "True" } else { "False" }}]}})),
+        )
+        .await?;
+    }
+    // Bound once only.
+    let again = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "db-0"},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": "node-b"}});
+    let err = pods
+        .create_subresource::<_, serde_json::Value>(
+            "binding",
+            "db-0",
+            &PostParams::default(),
+            &again,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref e) if e.code == 409),
+        "{err:?}"
+    );
+    assert_eq!(
+        pods.get("db-0")
+            .await?
+            .spec
+            .and_then(|s| s.node_name)
+            .as_deref(),
+        Some("node-a")
+    );
+
+    let slice = Api::<EndpointSlice>::namespaced(client.clone(), "default")
+        .get("db")
+        .await?;
+    let ready: Vec<(String, bool)> = slice
+        .endpoints
+        .iter()
+        .flatten()
+        .map(|e| {
+            (
+                e.addresses[0].clone(),
+                e.conditions.as_ref().and_then(|c| c.ready) == Some(true),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ready,
+        [
+            ("127.0.9.2".to_string(), true),
+            ("127.0.9.3".to_string(), true),
+            ("127.0.9.4".to_string(), false)
+        ]
+    );
+    assert_eq!(slice.ports.unwrap_or_default()[0].port, Some(5432));
+
+    // 67% of 3 rounds up to 3 healthy wanted, 2 are: no Ready pod may go; the unready one may
+    // not either (the budget is not met).
+    let pdb: PodDisruptionBudget = serde_json::from_value(json!({"metadata": {"name": "db"},
+        "spec": {"minAvailable": "67%", "selector": {"matchLabels": {"app": "db"}}}}))?;
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), "default");
+    pdbs.create(&PostParams::default(), &pdb).await?;
+    for name in ["db-0", "db-2"] {
+        let err = pods.evict(name, &Default::default()).await.unwrap_err();
+        assert!(
+            matches!(err, kube::Error::Api(ref e) if e.code == 429 && e.reason == "TooManyRequests"),
+            "{err:?}"
+        );
+    }
+    let st = pdbs.get_status("db").await?.status.expect("status");
+    assert_eq!(
+        (
+            st.expected_pods,
+            st.current_healthy,
+            st.desired_healthy,
+            st.disruptions_allowed
+        ),
+        (Some(3), Some(2), Some(3), Some(0))
+    );
+    pdbs.patch(
+        "db",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"minAvailable": 1}})),
+    )
+    .await?;
+    pods.evict("db-0", &Default::default()).await?;
+
+    // Evicted gracefully: the bound pod stays, marked, until its kubelet deletes it with grace 0.
+    let evicted = pods.get("db-0").await?;
+    assert_eq!(evicted.metadata.deletion_grace_period_seconds, Some(20));
+    pods.patch_status(
+        "db-0",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Running"}})),
+    )
+    .await?;
+    assert!(
+        pods.get_opt("db-0").await?.is_some(),
+        "a status update does not remove it"
+    );
+    let slice = Api::<EndpointSlice>::namespaced(client.clone(), "default")
+        .get("db")
+        .await?;
+    let terminating = slice
+        .endpoints
+        .iter()
+        .flatten()
+        .find(|e| e.addresses[0] == "127.0.9.2");
+    assert_eq!(
+        terminating
+            .and_then(|e| e.conditions.as_ref())
+            .map(|c| (c.ready, c.terminating)),
+        Some((Some(false), Some(true)))
+    );
+    pods.delete(
+        "db-0",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await?;
+    assert!(pods.get_opt("db-0").await?.is_none());
+    // An unbound pod still goes at once.
+    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "loose"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}}))?;
+    pods.create(&PostParams::default(), &p).await?;
+    pods.delete("loose", &DeleteParams::default()).await?;
+    assert!(pods.get_opt("loose").await?.is_none());
     Ok(())
 }

@@ -17,3 +17,7 @@ pub mod wal;
 /// The Kubernetes API server for tests (tests/kube-server): `kube::KubeTestServer`,
 /// `kube::test_client()` (a real cluster when KUBECONFIG is set). See docs/kube-test-server.md.
 pub use pgpilot_kube_testserver as kube;
+
+/// The kubelet that runs the API server's pods as local processes (tests/kubelet):
+/// `kubelet::Kubelet`, `kubelet::server_options()`. See docs/kubelet.md.
+pub use pgpilot_test_kubelet as kubelet;

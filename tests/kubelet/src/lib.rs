@@ -1,0 +1,16 @@
+//! A kubelet for the test API server (`pgpilot-kube-testserver`): it binds pending pods to its
+//! fake nodes and runs them as real local processes, each pod on its own loopback IP, with
+//! volumes, env, probes, restarts, graceful termination, events and logs, plus faults a test
+//! can inject. It talks to the API server over HTTP with kube-rs and watches pods, as a real
+//! kubelet does. Test support only, never in a shipped binary. See docs/kubelet.md.
+#![forbid(unsafe_code)]
+
+mod images;
+mod kubelet;
+mod net;
+mod pod;
+mod probe;
+
+pub use images::ImageTable;
+pub use kubelet::{Kubelet, KubeletOptions, server_options};
+pub use net::ApiFault;
