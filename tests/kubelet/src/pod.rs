@@ -1090,7 +1090,7 @@ async fn probe_loop<F, Fut>(
 ) -> bool
 where
     F: Fn(String) -> Fut,
-    Fut: std::future::Future<Output = ()>,
+    Fut: Future<Output = ()>,
 {
     let startup = run
         .spec

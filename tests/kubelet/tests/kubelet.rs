@@ -161,7 +161,7 @@ fn pod_ip(p: &Pod) -> Ipv4Addr {
 async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
+    Fut: Future<Output = Option<T>>,
 {
     let deadline = Instant::now() + WAIT;
     loop {
