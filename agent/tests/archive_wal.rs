@@ -76,13 +76,11 @@ async fn every_segment_reaches_an_s3_archive_under_pgbench() {
     archive_under_pgbench(15, &BackupStore::s3().unwrap()).await;
 }
 
-/// pgbench init and a short run; then every segment from the first to the current one is in
-/// the archive and reads back intact, and no archive_command call failed.
-async fn archive_under_pgbench(major: u32, store: &BackupStore) {
-    let fx = agent(major, store).await;
+/// `pgbench -i -s scale`, then `secs` seconds of 4 clients; both must succeed.
+fn pgbench_init_and_run(fx: &AgentFixture, scale: &str, secs: &str) {
     for args in [
-        &["-i", "-s", "10", "-q"][..],
-        &["-c", "4", "-j", "2", "-T", "4", "-n"][..],
+        &["-i", "-s", scale, "-q"][..],
+        &["-c", "4", "-j", "2", "-T", secs, "-n"][..],
     ] {
         let out = fx.pgbench(args).unwrap().wait_with_output().unwrap();
         assert!(
@@ -91,6 +89,13 @@ async fn archive_under_pgbench(major: u32, store: &BackupStore) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// pgbench init and a short run; then every segment from the first to the current one is in
+/// the archive and reads back intact, and no archive_command call failed.
+async fn archive_under_pgbench(major: u32, store: &BackupStore) {
+    let fx = agent(major, store).await;
+    pgbench_init_and_run(&fx, "10", "4");
     let last = switch_and_wait_archived(&fx).await;
     assert_chain_complete(&store.open(), &last).await;
 
@@ -471,17 +476,7 @@ async fn sigterm_after_fetching_a_corrupt_segment_exits_promptly() {
     let mut fx = AgentFixture::start_with_toml(agent_bin!(), 15, &toml)
         .await
         .unwrap();
-    for args in [
-        &["-i", "-s", "5", "-q"][..],
-        &["-c", "4", "-j", "2", "-T", "3", "-n"][..],
-    ] {
-        let out = fx.pgbench(args).unwrap().wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    pgbench_init_and_run(&fx, "5", "3");
     let last = switch_and_wait_archived(&fx).await;
     fx.take_backup().await.unwrap();
     let store = open_store(&toml).unwrap();

@@ -24,5 +24,7 @@ mod validation;
 mod watch;
 
 pub use fixtures::TestNamespace;
-pub use server::{KubeTestServer, ServerOptions, kubectl_args, test_client};
+pub use server::{
+    KubeTestServer, ServerOptions, install_crypto_provider, kubectl_args, test_client,
+};
 pub use store::StoreOptions;

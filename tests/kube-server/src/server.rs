@@ -45,6 +45,8 @@ impl KubeTestServer {
     }
 
     pub async fn start_with(options: ServerOptions) -> anyhow::Result<Self> {
+        // Its callers build kube clients next; see install_crypto_provider.
+        install_crypto_provider();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .context("binding the test API server to 127.0.0.1")?;

@@ -47,6 +47,8 @@ fn dir_file(var: &str, name: &str) -> Result<std::path::PathBuf, StatusCode> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
+    // Its in-cluster kube client needs rustls' provider chosen (the workspace enables two).
+    pgpilot_kube_testserver::install_crypto_provider();
     let ip = std::env::var("POD_IP")?;
     let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
     let app = Arc::new(App::default());
