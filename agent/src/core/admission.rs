@@ -91,7 +91,7 @@ pub fn admit(s: &Situation, cmd: &Command) -> Result<Step, AgentError> {
     let blocked_by_backup = |cancel: bool, what: &str| -> Option<String> {
         match backup {
             Some(op) if !cancel => Some(format!(
-                "backup {} is in progress and {what} would end it: wait for it, or pass cancel_backup to cancel it",
+                "backup {} is in progress and {what} would end it: wait for it, or cancel it with cancel_backup (CLI --cancel-backup)",
                 op.id
             )),
             _ => None,
