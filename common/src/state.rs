@@ -76,6 +76,11 @@ impl AgentState {
     /// Every state name, for metrics that export one series per state (derived from the type).
     pub const NAMES: &'static [&'static str] = <AgentState as strum::VariantNames>::VARIANTS;
 
+    /// Postgres runs and accepts connections: as primary or replica, or replaying a restore.
+    pub fn accepts_connections(&self) -> bool {
+        matches!(self, AgentState::Running { .. } | AgentState::Recovering)
+    }
+
     /// The role of a running Postgres; `None` in every other state (a restore's replay
     /// included).
     pub fn role(&self) -> Option<Role> {

@@ -29,6 +29,7 @@ use super::background::Background;
 use crate::config::VerifyMode;
 use crate::metrics::ArchiveMetrics;
 use crate::store::{PutMode, PutOutcome, Store, StoreError};
+use crate::time::{timestamp, unix_now};
 
 /// Why a push failed, cheap to clone (one upload may have several waiters).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -386,8 +387,6 @@ pub fn ready_files(pg_wal: &Path) -> std::io::Result<Vec<String>> {
 pub fn is_wal_name(name: &str) -> bool {
     WalFile::parse(name, 1 << 20).is_some()
 }
-
-use crate::time::{timestamp, unix_now};
 
 /// The direct path of `wal-push` when the agent cannot be reached: the same create-only put and
 /// the same check, without look-ahead.

@@ -224,7 +224,7 @@ impl Executor {
         if self.state != new {
             tracing::info!(from = %self.state, to = %new, "agent state");
         }
-        if matches!(new, AgentState::Running { .. } | AgentState::Recovering) {
+        if new.accepts_connections() {
             self.ever_running = true;
         }
         self.ctx.metrics.set_state(&new);
@@ -238,10 +238,10 @@ impl Executor {
             Some(OpTask::Restore { progress, .. }) => Some(OpRecord::Restore(progress.clone())),
             None => self.last_op.clone(),
         };
-        self.ctx.metrics.postgres_up.set(i64::from(matches!(
-            self.state,
-            AgentState::Running { .. } | AgentState::Recovering
-        )));
+        self.ctx
+            .metrics
+            .postgres_up
+            .set(i64::from(self.state.accepts_connections()));
         self.status.send_replace(Snapshot {
             state: self.state.clone(),
             in_flight: self.op.as_ref().map(OpTask::in_flight),
@@ -728,14 +728,12 @@ impl Executor {
         }
         // The progress is published before the answer, so a caller polling /v1/status never
         // mistakes the previous restore's result for this one's.
-        let progress = restore::new_progress(&plan);
+        let progress = self.install_progress(&plan);
         let accepted = RestoreAccepted {
             backup_id: plan.manifest.id.clone(),
             target: plan.description.clone(),
             started_at: progress.lock().expect("progress lock").started_at.clone(),
         };
-        self.last_restore = Some(progress.clone());
-        self.publish();
         let _ = reply.send(Ok(accepted));
         self.retry_at = None;
         if let Err(e) = self.stop_postgres(ShutdownMode::Fast).await {
@@ -753,9 +751,16 @@ impl Executor {
     }
 
     fn begin_restore(&mut self, plan: RestorePlan, force: bool) {
-        let progress = restore::new_progress(&plan);
-        self.last_restore = Some(progress.clone());
+        let progress = self.install_progress(&plan);
         self.begin_restore_with(plan, force, progress);
+    }
+
+    /// A new restore's progress, published at once as the current restore's record.
+    fn install_progress(&mut self, plan: &RestorePlan) -> restore::Progress {
+        let progress = restore::new_progress(plan);
+        self.last_restore = Some(progress.clone());
+        self.publish();
+        progress
     }
 
     /// Downloads the backup in a task (`Restoring`); the executor keeps answering requests.

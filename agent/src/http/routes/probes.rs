@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use pgpilot_common::api::ErrorBody;
-use pgpilot_common::state::{AgentState, Role};
+use pgpilot_common::state::Role;
 use serde_json::{Value, json};
 
 use crate::core::Handle;
@@ -25,7 +25,7 @@ pub async fn healthz(State(h): State<Handle>) -> Json<Value> {
 #[utoipa::path(get, path = "/readyz", tag = "probes", responses((status = 200, body = Object), (status = 503, body = ErrorBody)))]
 pub async fn readyz(State(h): State<Handle>) -> Result<Json<Value>, AgentError> {
     let state = h.state();
-    if !matches!(state, AgentState::Running { .. } | AgentState::Recovering) {
+    if !state.accepts_connections() {
         return Err(AgentError::Unavailable {
             message: format!("not ready: agent state is {state}"),
             state: Some(state),

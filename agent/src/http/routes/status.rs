@@ -5,7 +5,6 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use pgpilot_common::api::StatusResponse;
-use pgpilot_common::state::AgentState;
 
 use crate::core::Handle;
 
@@ -37,10 +36,7 @@ pub async fn status(State(h): State<Handle>) -> Json<StatusResponse> {
         restore: snap.restore_progress(),
         last_backup: crate::archive::backup::last_backup(&ctx.backups, ctx.archiver.as_deref()),
     };
-    if matches!(
-        snap.state,
-        AgentState::Running { .. } | AgentState::Recovering
-    ) {
+    if snap.state.accepts_connections() {
         match tokio::time::timeout(Duration::from_secs(3), ctx.monitor.status()).await {
             Ok(Ok(pg)) => {
                 resp.postgres_version = Some(pg.server_version);

@@ -82,11 +82,15 @@ pub async fn fetch(
 /// observe a restore's replay (`Recovering`). Documented in docs/restore.md.
 pub const FETCH_DELAY_ENV: &str = "PGPILOT_TEST_WAL_FETCH_DELAY_MS";
 
+/// Read once: the fetch route is on recovery's hot path.
 fn test_fetch_delay() -> Option<std::time::Duration> {
-    std::env::var(FETCH_DELAY_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(std::time::Duration::from_millis)
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var(FETCH_DELAY_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(std::time::Duration::from_millis)
+    })
 }
 
 /// `pg_wal/<name>` (relative to the data dir) or an absolute path into the data dir's pg_wal.
