@@ -64,6 +64,14 @@ pub struct RunArgs {
     /// into the (empty) data dir, to the target given by the --target-* flags, then promote.
     #[arg(long)]
     pub bootstrap_from_backup: bool,
+    /// Agent API URL of the primary to follow (`[replication] primary`). With an empty data
+    /// dir the agent clones it; absent, the agent is a primary.
+    #[arg(long, env = "PGPILOT_REPLICATION_PRIMARY")]
+    pub replication_primary: Option<String>,
+    /// This instance's name in its shard (`[replication] name`): its `application_name` and
+    /// replication slot. Default: `<host>_<postgres_port>`.
+    #[arg(long, env = "PGPILOT_REPLICATION_NAME")]
+    pub replication_name: Option<String>,
     #[command(flatten)]
     pub restore_target: crate::restore::cli::RestoreTargetArgs,
     #[command(flatten)]
@@ -93,6 +101,68 @@ pub struct FileConfig {
     pub cluster: ClusterSection,
     #[serde(default)]
     pub archive: ArchiveSection,
+    #[serde(default)]
+    pub replication: ReplicationSection,
+}
+
+/// Where a replica's first copy comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloneFrom {
+    /// Streamed from the primary over the replication protocol (`pg_basebackup`).
+    #[default]
+    Primary,
+    /// The store's latest base backup plus archived WAL: no load on the primary.
+    Backup,
+}
+
+/// `[replication]`: this instance's place in its shard (docs/replication.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationSection {
+    /// Instance name: `application_name` and slot name on the primary.
+    pub name: Option<String>,
+    /// Agent API URL of the primary to follow; absent on the primary.
+    pub primary: Option<String>,
+    pub clone_from: CloneFrom,
+    /// This agent's API URL as its peers reach it. Default: `http://<api_listen>`.
+    pub advertise_url: Option<String>,
+    /// Host of this instance's Postgres as its peers reach it. Default: the host of
+    /// `advertise_url`.
+    pub advertise_host: Option<String>,
+    /// An inactive slot of a replica is dropped after this many seconds, so a dead replica
+    /// cannot fill the primary's disk.
+    pub slot_grace_secs: u64,
+    /// A replica is ready (`/readyz`) only while streaming with at most this lag, in bytes.
+    pub max_lag_bytes: u64,
+}
+
+impl Default for ReplicationSection {
+    fn default() -> Self {
+        ReplicationSection {
+            name: None,
+            primary: None,
+            clone_from: CloneFrom::Primary,
+            advertise_url: None,
+            advertise_host: None,
+            slot_grace_secs: 1800,
+            max_lag_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// The validated `[replication]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replication {
+    pub name: String,
+    /// The primary named in the configuration (the agent's own record of whom it follows,
+    /// kept in the state dir after a switchover, takes precedence).
+    pub primary: Option<String>,
+    pub clone_from: CloneFrom,
+    pub advertise_url: String,
+    pub advertise_host: String,
+    pub slot_grace: std::time::Duration,
+    pub max_lag_bytes: u64,
 }
 
 /// `[cluster]`: names used in the object-store layout.
@@ -198,6 +268,7 @@ pub struct Config {
     pub backup: Option<StoreConfig>,
     pub cluster: ClusterSection,
     pub archive: ArchiveSection,
+    pub replication: Replication,
     /// The agent binary archive_command and restore_command run, set at start when a store is
     /// configured: this binary, or a copy the Postgres user can execute ([`crate::install`]).
     /// `None`: this binary.
@@ -383,7 +454,10 @@ impl Config {
             });
         }
 
+        let replication = replication_settings(args, file.replication, api_listen, postgres_port)?;
+
         Ok(Config {
+            replication,
             backup,
             cluster: file.cluster,
             archive: file.archive,
@@ -519,6 +593,85 @@ const RESERVED: &[&str] = &[
     "recovery_target_xid",
     "recovery_target_name",
 ];
+
+fn replication_settings(
+    args: &RunArgs,
+    file: ReplicationSection,
+    api_listen: SocketAddr,
+    postgres_port: u16,
+) -> Result<Replication, ConfigError> {
+    let name = match args.replication_name.clone().or(file.name) {
+        Some(n) => n,
+        None => {
+            let host = nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "node".into());
+            let mut n: String = host
+                .to_ascii_lowercase()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            n.push_str(&format!("_{postgres_port}"));
+            n
+        }
+    };
+    if name.is_empty()
+        || name.len() > 50
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+    {
+        return Err(ConfigError::Invalid {
+            key: "replication.name",
+            message: format!(
+                "{name:?} must be 1-50 characters of a-z, 0-9, '_' and '-' (it names the replication slot)"
+            ),
+        });
+    }
+    let check_url = |key: &'static str, url: &str| -> Result<String, ConfigError> {
+        pgpilot_common::client::check_agent_url(url)
+            .map_err(|message| ConfigError::Invalid { key, message })
+    };
+    let primary = match args.replication_primary.clone().or(file.primary) {
+        Some(u) => Some(check_url("replication.primary", &u)?),
+        None => None,
+    };
+    let advertise_url = match file.advertise_url {
+        Some(u) => check_url("replication.advertise_url", &u)?,
+        None => {
+            if api_listen.ip().is_unspecified() {
+                return Err(ConfigError::Invalid {
+                    key: "replication.advertise_url",
+                    message: format!(
+                        "api_listen {api_listen} listens on every address: say which URL peers reach this agent at"
+                    ),
+                });
+            }
+            format!("http://{api_listen}")
+        }
+    };
+    let advertise_host = match file.advertise_host {
+        Some(h) => h,
+        None => pgpilot_common::client::url_host(&advertise_url)
+            .unwrap_or_else(|| "127.0.0.1".into()),
+    };
+    if primary.as_deref() == Some(advertise_url.as_str()) {
+        return Err(ConfigError::Invalid {
+            key: "replication.primary",
+            message: format!("{advertise_url} is this agent's own URL: a primary does not follow itself"),
+        });
+    }
+    Ok(Replication {
+        name,
+        primary,
+        clone_from: file.clone_from,
+        advertise_url,
+        advertise_host,
+        slot_grace: std::time::Duration::from_secs(file.slot_grace_secs),
+        max_lag_bytes: file.max_lag_bytes,
+    })
+}
 
 /// Rejects parameter names Postgres would not accept and parameters the agent owns.
 fn validate_user_parameters(params: &BTreeMap<String, String>) -> Result<(), ConfigError> {

@@ -38,9 +38,16 @@ pub struct Context {
     /// The one long-lived monitoring connection to Postgres.
     pub monitor: Monitor,
     pub started_at: Instant,
+    /// Who the shard's primary is (standalone: the state dir's record; Kubernetes: the Lease).
+    pub leadership: Arc<dyn crate::replication::Leadership>,
 }
 
 impl Context {
+    /// This instance is its shard's primary, as [`Context::leadership`] records it.
+    pub fn is_leader(&self) -> bool {
+        self.leadership.leader().as_deref() == Some(self.cfg.replication.advertise_url.as_str())
+    }
+
     /// Everything the agent needs besides its state.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -55,7 +62,9 @@ impl Context {
         fetcher: Option<Arc<WalFetcher>>,
     ) -> Context {
         let monitor = Monitor::new(&cfg, &superuser_password);
+        let leadership = Arc::new(crate::replication::StaticLeadership::load(&cfg));
         Context {
+            leadership,
             cfg,
             bins,
             owner,

@@ -27,6 +27,10 @@ pub enum AgentError {
     /// refused before anything was touched (422).
     #[error("{0}")]
     Refused(String),
+    /// The request fits the state, but what it needs is not there yet: a switchover candidate
+    /// that is not streaming or lags (412). Nothing was done.
+    #[error("{0}")]
+    PreconditionFailed(String),
     /// Not able to serve now (probes and role checks, 503).
     #[error("{message}")]
     Unavailable {
@@ -56,6 +60,7 @@ impl AgentError {
             AgentError::MethodNotAllowed(_) => "method_not_allowed",
             AgentError::Conflict { .. } => "conflict",
             AgentError::Refused(_) => "refused",
+            AgentError::PreconditionFailed(_) => "precondition_failed",
             AgentError::Unavailable { .. } => "unavailable",
             AgentError::Failed(_) => "internal",
         }

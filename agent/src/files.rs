@@ -39,6 +39,21 @@ pub fn lock_file(state_dir: &Path, data_dir: &Path) -> PathBuf {
     ))
 }
 
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new content: temp
+/// file, fsync, rename, fsync of the directory.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("pgpilot-tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Quotes a path for a shell command line Postgres runs (`archive_command`).
 pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))

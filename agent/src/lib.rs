@@ -16,6 +16,7 @@ pub mod install;
 pub mod logging;
 pub mod metrics;
 pub mod postgres;
+pub mod replication;
 pub mod restore;
 pub mod secrets;
 pub mod store;
@@ -126,6 +127,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     let begin = match (data_state, initial_restore) {
         (_, Some(req)) => Begin::Restore(Box::new(req)),
+        // Another instance leads the shard: an empty data dir is a new replica of it.
+        (DataDirState::Empty, None) if !ctx.is_leader() => Begin::Clone,
         (DataDirState::Empty, None) => Begin::Initdb,
         _ => Begin::Existing,
     };

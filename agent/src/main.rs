@@ -74,6 +74,33 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Planned switchover (run against the primary's agent): the named replica, or the best
+    /// one, becomes primary; this primary and the other replicas follow it.
+    Switchover {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The replica to promote (its [replication] name). Default: the healthy streaming
+        /// replica with the highest received LSN.
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Promote this replica (low-level step; prefer `switchover`).
+    Promote {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Stop writes on this primary and start it again as a standby (low-level step).
+    Demote {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Stream from another primary, given by its agent API URL (low-level step).
+    Follow {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The primary's agent API URL, e.g. http://10.0.0.5:8008.
+        primary: String,
+    },
     /// Print the OpenAPI document of the agent's HTTP API.
     Openapi,
     /// archive_command: archive one WAL file (`%p`); exit 0 only once stored and verified.
@@ -331,6 +358,56 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             print!("{}", pgpilot_agent::http::openapi::document());
             Ok(())
         }
+        Command::Switchover { api, to } => {
+            let client = api.client(true)?;
+            eprintln!(
+                "switchover to {} ...",
+                to.as_deref().unwrap_or("the best replica")
+            );
+            let r = client
+                .switchover(&pgpilot_common::api::SwitchoverRequest { candidate: to })
+                .await
+                .context("switchover")?;
+            println!(
+                "{} is the primary (timeline {}); {} follows it; writes paused {} ms, {} ms in all",
+                r.new_primary,
+                fmt_opt(r.timeline),
+                r.followers.join(", "),
+                r.write_pause_ms,
+                r.duration_ms
+            );
+            for n in &r.not_followed {
+                println!("not re-pointed: {n}");
+            }
+            Ok(())
+        }
+        Command::Promote { api } => {
+            let r = api.client(true)?.promote().await.context("promote")?;
+            println!("promoted; agent state {}, timeline {}", r.state, fmt_opt(r.timeline));
+            Ok(())
+        }
+        Command::Demote { api } => {
+            let r = api.client(true)?.demote().await.context("demote")?;
+            println!(
+                "demoted at checkpoint {}; agent state {}",
+                r.checkpoint_lsn.as_deref().unwrap_or("-"),
+                r.state
+            );
+            Ok(())
+        }
+        Command::Follow { api, primary } => {
+            let r = api
+                .client(true)?
+                .follow(&pgpilot_common::api::FollowRequest { primary })
+                .await
+                .context("follow")?;
+            println!(
+                "following {}; agent state {}",
+                r.upstream.as_deref().unwrap_or("-"),
+                r.state
+            );
+            Ok(())
+        }
         Command::Reload { api } => {
             let r = api.client(true)?.reload().await.context("reload")?;
             println!(
@@ -367,11 +444,12 @@ fn fmt_secs(s: u64) -> String {
 fn render_operation(op: &pgpilot_common::state::Operation) -> String {
     let p = &op.progress;
     let mut line = format!("{} {}: {} ({:?})", op.kind, op.id, op.step, op.outcome);
+    if p.files_total > 0 {
+        line += &format!(", {}/{} files", p.files_done, p.files_total);
+    }
     if p.bytes_total > 0 {
         line += &format!(
-            ", {}/{} files, {:.0} %",
-            p.files_done,
-            p.files_total,
+            ", {:.0} %",
             100.0 * p.bytes_done as f64 / p.bytes_total as f64
         );
     }
@@ -410,6 +488,42 @@ fn render_status(url: &str, s: &StatusResponse) -> String {
     );
     if let Some(f) = &s.last_failure {
         out += &format!("  last failure: {f}\n");
+    }
+    if let Some(r) = &s.replication {
+        out += &format!("  instance:  {}", r.name);
+        match &r.upstream {
+            Some(u) => {
+                out += &format!(
+                    ", follows {u}, {}, received {}, replayed {}, lag {} bytes / {}\n",
+                    if r.streaming { "streaming" } else { "NOT streaming" },
+                    r.receive_lsn.as_deref().unwrap_or("-"),
+                    r.replay_lsn.as_deref().unwrap_or("-"),
+                    fmt_opt(r.lag_bytes),
+                    r.lag_seconds
+                        .map(|s| format!("{s:.1}s"))
+                        .unwrap_or_else(|| "-".into())
+                );
+            }
+            None => out.push('\n'),
+        }
+        for rep in &r.replicas {
+            out += &format!(
+                "  replica:   {} {} from {}, replayed {}, lag {} bytes\n",
+                rep.name,
+                rep.state,
+                rep.client_addr.as_deref().unwrap_or("local"),
+                rep.replay_lsn.as_deref().unwrap_or("-"),
+                fmt_opt(rep.lag_bytes)
+            );
+        }
+        for slot in &r.slots {
+            out += &format!(
+                "  slot:      {} ({}), keeps {} bytes of WAL\n",
+                slot.name,
+                if slot.active { "active" } else { "inactive" },
+                fmt_opt(slot.retained_bytes)
+            );
+        }
     }
     if let Some(b) = &s.last_backup {
         out += &format!("  last backup: {} (stopped {})\n", b.id, b.time);

@@ -21,6 +21,98 @@ pub struct Metrics {
     /// API errors by route and error kind (`conflict`, `refused`, `internal`, …).
     pub api_errors: IntCounterVec,
     pub archive: ArchiveMetrics,
+    pub replication: ReplicationMetrics,
+}
+
+/// Replication: lag, streaming, slots, switchovers.
+#[derive(Clone)]
+pub struct ReplicationMetrics {
+    /// 1 on a running primary, 0 otherwise.
+    pub is_primary: IntGauge,
+    /// Replica: 1 while the WAL receiver streams from the primary.
+    pub streaming: IntGauge,
+    pub lag_bytes: IntGauge,
+    pub lag_seconds: Gauge,
+    /// Primary: replicas streaming from it now.
+    pub connected_replicas: IntGauge,
+    pub slot_retained_bytes: IntGaugeVec,
+    pub slots_dropped: IntCounter,
+    pub switchovers: IntCounterVec,
+    pub switchover_write_pause: Histogram,
+}
+
+impl ReplicationMetrics {
+    fn new(registry: &Registry) -> ReplicationMetrics {
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone())).expect("metric registered once");
+            c
+        }
+        let g = |name: &str, help: &str| reg(registry, IntGauge::new(name, help).expect("static metric"));
+        ReplicationMetrics {
+            is_primary: g("pgpilot_replication_is_primary", "1 when this instance runs as the primary"),
+            streaming: g(
+                "pgpilot_replication_streaming",
+                "Replica: 1 while it streams WAL from its primary (alert when 0 on a replica)",
+            ),
+            lag_bytes: g(
+                "pgpilot_replication_lag_bytes",
+                "Replica: bytes between the primary's WAL end and this replica's replay position",
+            ),
+            lag_seconds: reg(
+                registry,
+                Gauge::new(
+                    "pgpilot_replication_lag_seconds",
+                    "Replica: seconds since the last replayed commit, 0 when caught up",
+                )
+                .expect("static metric"),
+            ),
+            connected_replicas: g(
+                "pgpilot_replication_connected_replicas",
+                "Primary: replicas streaming from it",
+            ),
+            slot_retained_bytes: reg(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "pgpilot_replication_slot_retained_bytes",
+                        "Primary: WAL bytes each managed slot keeps (alert before the disk fills)",
+                    ),
+                    &["slot"],
+                )
+                .expect("static metric"),
+            ),
+            slots_dropped: reg(
+                registry,
+                IntCounter::new(
+                    "pgpilot_replication_slots_dropped_total",
+                    "Slots of replicas gone longer than slot_grace_secs, dropped by the agent",
+                )
+                .expect("static metric"),
+            ),
+            switchovers: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "pgpilot_switchovers_total",
+                        "Planned switchovers run by this agent, by outcome (succeeded, failed)",
+                    ),
+                    &["outcome"],
+                )
+                .expect("static metric"),
+            ),
+            switchover_write_pause: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "pgpilot_switchover_write_pause_seconds",
+                        "From the stop of writes on the old primary to the promotion of the new one",
+                    )
+                    .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+                )
+                .expect("static metric"),
+            ),
+        }
+    }
 }
 
 /// WAL archiving, fetching and base backups.
@@ -197,8 +289,10 @@ impl Metrics {
             state.with_label_values(&[name]).set(0);
         }
         let archive = ArchiveMetrics::new(&registry);
+        let replication = ReplicationMetrics::new(&registry);
         Metrics {
             archive,
+            replication,
             registry,
             state,
             postgres_up,

@@ -59,6 +59,9 @@ pub struct StatusResponse {
     /// The newest completed base backup known to the agent; absent when none (or no store).
     #[serde(default)]
     pub last_backup: Option<LastBackup>,
+    /// Role in the shard, LSNs, lag, and on a primary its replicas and slots.
+    #[serde(default)]
+    pub replication: Option<ReplicationStatus>,
 }
 
 /// How to shut Postgres down (`pg_ctl -m`).
@@ -378,4 +381,145 @@ pub struct RestoreProgress {
     pub replay_seconds: Option<f64>,
     /// Why it failed, in words.
     pub error: Option<String>,
+}
+
+/// Replication, as `/v1/status` reports it (`replication`): this instance's place in its shard.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReplicationStatus {
+    /// This instance's name (`[replication] name`): its `application_name` and slot name on
+    /// the primary.
+    pub name: String,
+    /// The agent API URL of the primary this instance follows; absent on a primary.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Replica: the WAL receiver streams from the primary right now.
+    #[serde(default)]
+    pub streaming: bool,
+    /// Replica: last WAL position received and flushed to disk (`pg_last_wal_receive_lsn`).
+    #[serde(default)]
+    pub receive_lsn: Option<String>,
+    /// Replica: last WAL position replayed (`pg_last_wal_replay_lsn`).
+    #[serde(default)]
+    pub replay_lsn: Option<String>,
+    /// Replica: bytes between the primary's WAL end (as last reported by it) and what this
+    /// replica replayed.
+    #[serde(default)]
+    pub lag_bytes: Option<u64>,
+    /// Replica: seconds since the last replayed transaction's commit, 0 when everything
+    /// received is replayed.
+    #[serde(default)]
+    pub lag_seconds: Option<f64>,
+    /// Primary: its replicas as `pg_stat_replication` shows them.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaView>,
+    /// Primary: the replication slots the agent manages, with the WAL each retains.
+    #[serde(default)]
+    pub slots: Vec<SlotView>,
+}
+
+/// One replica as its primary sees it (`pg_stat_replication`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReplicaView {
+    /// `application_name`: the replica's instance name.
+    pub name: String,
+    /// `startup`, `catchup`, `streaming`, `backup`, `stopping`.
+    pub state: String,
+    pub client_addr: Option<String>,
+    pub sent_lsn: Option<String>,
+    pub flush_lsn: Option<String>,
+    pub replay_lsn: Option<String>,
+    /// Bytes between the primary's current WAL position and the replica's replay position.
+    pub lag_bytes: Option<u64>,
+    /// The replica's agent API URL, when it registered with this primary.
+    #[serde(default)]
+    pub api_url: Option<String>,
+}
+
+/// A physical replication slot managed by the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SlotView {
+    pub name: String,
+    pub active: bool,
+    /// WAL bytes the slot keeps on the primary (current position minus `restart_lsn`).
+    pub retained_bytes: Option<u64>,
+    /// Seconds the slot has been inactive, as far as this agent has seen.
+    #[serde(default)]
+    pub inactive_seconds: Option<u64>,
+}
+
+/// `POST /v1/replicas`: a replica registers with its primary, which creates its slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterReplicaRequest {
+    /// The replica's instance name.
+    pub name: String,
+    /// The replica's agent API URL (the primary calls it during a switchover).
+    pub api_url: String,
+}
+
+/// Answer to `POST /v1/replicas`: where and how to stream from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RegisterReplicaResponse {
+    /// The primary's instance name.
+    pub primary: String,
+    /// The physical slot the replica streams through.
+    pub slot: String,
+    /// Host and port of the primary's Postgres.
+    pub postgres_host: String,
+    pub postgres_port: u16,
+    /// The primary's database system identifier: a replica of another cluster cannot follow it.
+    pub system_identifier: String,
+    pub timeline: u32,
+}
+
+/// `POST /v1/switchover`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchoverRequest {
+    /// The replica to promote (its instance name); absent: the healthy streaming replica with
+    /// the highest received LSN.
+    #[serde(default)]
+    pub candidate: Option<String>,
+}
+
+/// A completed switchover.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SwitchoverResponse {
+    pub old_primary: String,
+    pub new_primary: String,
+    /// The new primary's agent API URL.
+    pub new_primary_url: String,
+    /// The old primary's shutdown checkpoint, which the candidate confirmed it received.
+    pub checkpoint_lsn: String,
+    /// The new primary's timeline.
+    pub timeline: Option<u32>,
+    /// Replicas re-pointed to the new primary (the old primary included).
+    pub followers: Vec<String>,
+    /// Replicas that could not be re-pointed, with why (they keep trying through their
+    /// `restore_command` and can be re-pointed with `POST /v1/follow`).
+    #[serde(default)]
+    pub not_followed: Vec<String>,
+    /// From the stop of writes to the new primary accepting them.
+    pub write_pause_ms: u64,
+    pub duration_ms: u64,
+}
+
+/// `POST /v1/follow`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FollowRequest {
+    /// The agent API URL of the primary to follow.
+    pub primary: String,
+}
+
+/// Answer to `POST /v1/promote`, `/v1/demote` and `/v1/follow`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReparentResponse {
+    pub state: AgentState,
+    /// The primary followed now, if any.
+    pub upstream: Option<String>,
+    /// Demote: the shutdown checkpoint written by the last run as primary.
+    #[serde(default)]
+    pub checkpoint_lsn: Option<String>,
+    pub timeline: Option<u32>,
 }

@@ -7,9 +7,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::{
-    BackupList, BackupProgress, BackupRequest, ErrorBody, LifecycleResponse, ReloadResponse,
-    RestoreAccepted, RestoreRequest, ShutdownRequest, StatusResponse, WalFetchRequest,
-    WalFetchResponse, WalPushRequest, WalPushResponse,
+    BackupList, BackupProgress, BackupRequest, ErrorBody, FollowRequest, LifecycleResponse,
+    RegisterReplicaRequest, RegisterReplicaResponse, ReloadResponse, ReparentResponse,
+    RestoreAccepted, RestoreRequest, ShutdownRequest, StatusResponse, SwitchoverRequest,
+    SwitchoverResponse, WalFetchRequest, WalFetchResponse, WalPushRequest, WalPushResponse,
 };
 
 /// What a call to the agent can end in, besides success.
@@ -123,6 +124,34 @@ impl AgentClient {
         self.call(Method::GET, "/v1/backups", None::<&()>).await
     }
 
+    /// Registers a replica with this primary, which creates its slot (`POST /v1/replicas`).
+    pub async fn register_replica(
+        &self,
+        req: &RegisterReplicaRequest,
+    ) -> Result<RegisterReplicaResponse, ClientError> {
+        self.call(Method::POST, "/v1/replicas", Some(req)).await
+    }
+
+    /// A planned switchover (`POST /v1/switchover` on the primary); answers when it is done.
+    pub async fn switchover(
+        &self,
+        req: &SwitchoverRequest,
+    ) -> Result<SwitchoverResponse, ClientError> {
+        self.call(Method::POST, "/v1/switchover", Some(req)).await
+    }
+
+    pub async fn promote(&self) -> Result<ReparentResponse, ClientError> {
+        self.call(Method::POST, "/v1/promote", None::<&()>).await
+    }
+
+    pub async fn demote(&self) -> Result<ReparentResponse, ClientError> {
+        self.call(Method::POST, "/v1/demote", None::<&()>).await
+    }
+
+    pub async fn follow(&self, req: &FollowRequest) -> Result<ReparentResponse, ClientError> {
+        self.call(Method::POST, "/v1/follow", Some(req)).await
+    }
+
     async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
@@ -174,4 +203,24 @@ fn status_kind(status: StatusCode) -> &'static str {
         503 => "unavailable",
         _ => "internal",
     }
+}
+
+/// Checks an agent API URL (`http://host:port`, `https://…`) and returns it without a trailing
+/// slash; the error says what is wrong with it.
+pub fn check_agent_url(url: &str) -> Result<String, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(format!(
+            "{url:?} must be an http:// or https:// agent API URL"
+        ));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+/// The host of a URL, without IPv6 brackets.
+pub fn url_host(url: &str) -> Option<String> {
+    let parsed = reqwest::Url::parse(url).ok()?;
+    parsed
+        .host_str()
+        .map(|h| h.trim_matches(['[', ']']).to_string())
 }

@@ -26,6 +26,8 @@ pub enum BootstrapMethod {
     Initdb,
     /// From a base backup and archived WAL (`run --bootstrap-from-backup`).
     Restore,
+    /// A replica's copy of its primary, streamed over the replication protocol.
+    Clone,
 }
 
 /// The agent's state. Serialized as `{"state": "Running", "role": "Primary"}` and so on.
@@ -123,6 +125,11 @@ pub enum OperationKind {
     Backup,
     /// A point-in-time restore (`POST /v1/restore`, `run --bootstrap-from-backup`).
     Restore,
+    /// A replica's clone of its primary (an empty data dir with `[replication] primary`, or
+    /// `POST /v1/reinitialize`).
+    Clone,
+    /// A planned switchover (`POST /v1/switchover`).
+    Switchover,
 }
 
 /// Where an operation stands.

@@ -42,6 +42,12 @@ pub enum Command {
         cancel_backup: bool,
     },
     Backup,
+    /// A replica registers with this primary (its slot is created).
+    Register,
+    Promote,
+    Demote,
+    Follow,
+    Switchover,
 }
 
 /// What the executor does for an admitted command.
@@ -62,6 +68,16 @@ pub enum Step {
     Restore { cancel: bool },
     /// Start a base backup.
     Backup,
+    /// Create the replica's slot and record it.
+    Register,
+    /// Promote this replica (`pg_promote`).
+    Promote,
+    /// Stop writes (fast shutdown) and start again as a standby.
+    Demote,
+    /// Register with another primary and stream from it (reload, no restart).
+    Follow,
+    /// The planned switchover sequence.
+    Switchover,
 }
 
 impl Step {
@@ -75,6 +91,11 @@ impl Step {
             Step::Reload => "reload",
             Step::Restore { .. } => "restore",
             Step::Backup => "backup",
+            Step::Register => "register",
+            Step::Promote => "promote",
+            Step::Demote => "demote",
+            Step::Follow => "follow",
+            Step::Switchover => "switchover",
         }
     }
 }
@@ -121,6 +142,80 @@ pub fn admit(s: &Situation, cmd: &Command) -> Result<Step, AgentError> {
                 )),
             }
         }
+        Command::Register => match st {
+            S::Running {
+                role: Role::Primary,
+            } => Ok(Step::Register),
+            _ => refuse(format!(
+                "replicas register with a running primary; this instance is {st}"
+            )),
+        },
+        Command::Promote => match st {
+            S::Running {
+                role: Role::Replica,
+            } => Ok(Step::Promote),
+            S::Running {
+                role: Role::Primary,
+            } => refuse("this instance is already the primary".into()),
+            S::Recovering => refuse(
+                restore_msg(restore)
+                    .map(|m| format!("{m}: it promotes at its target"))
+                    .unwrap_or_else(|| "a restore replays WAL: it promotes at its target".into()),
+            ),
+            _ => refuse(format!(
+                "only a running replica can be promoted; this instance is {st}"
+            )),
+        },
+        Command::Demote | Command::Switchover => {
+            let what = if *cmd == Command::Demote {
+                "a demote"
+            } else {
+                "a switchover"
+            };
+            if let Some(op) = busy {
+                return refuse(format!(
+                    "{} {} is in progress; {what} waits for it to end",
+                    op.kind, op.id
+                ));
+            }
+            match st {
+                S::Running {
+                    role: Role::Primary,
+                } => Ok(if *cmd == Command::Demote {
+                    Step::Demote
+                } else {
+                    Step::Switchover
+                }),
+                S::Running {
+                    role: Role::Replica,
+                } => refuse(format!(
+                    "this instance is a replica: {what} runs on the shard's primary"
+                )),
+                _ => refuse(format!("{what} needs a running primary; the agent is {st}")),
+            }
+        }
+        Command::Follow => match st {
+            S::Running {
+                role: Role::Replica,
+            }
+            | S::Stopped
+            | S::Failed { .. } => Ok(Step::Follow),
+            S::Running {
+                role: Role::Primary,
+            } => refuse(
+                "a running primary does not follow another: demote it first, or run a switchover"
+                    .into(),
+            ),
+            S::Recovering => refuse(restore_msg(restore).unwrap_or_else(|| {
+                "a restore replays WAL; follow once it is done".into()
+            })),
+            S::Starting | S::Stopping => {
+                refuse(format!("Postgres is {st}; retry once it settles"))
+            }
+            S::Initializing | S::Bootstrapping { .. } | S::Restoring => {
+                refuse(restore_msg(restore).unwrap_or_else(|| not_yet("a follow")))
+            }
+        },
         Command::Reload => match st {
             S::Running { .. } | S::Recovering => Ok(Step::Reload),
             S::Starting => refuse("Postgres is not running yet; nothing to reload".into()),
@@ -340,6 +435,11 @@ pub fn sample_commands() -> Vec<(&'static str, Command)> {
             },
         ),
         ("backup", Command::Backup),
+        ("register", Command::Register),
+        ("promote", Command::Promote),
+        ("demote", Command::Demote),
+        ("follow", Command::Follow),
+        ("switchover", Command::Switchover),
     ]
 }
 
@@ -512,6 +612,32 @@ mod tests {
         ],
     ];
 
+    /// The replication columns: register, promote, demote, follow, switchover.
+    const EXPECTED_REPARENT: &[[&str; 5]] = &[
+        // Initializing
+        ["409:register with a running primary", "409:only a running replica", "409:needs a running primary", "409:not ready", "409:needs a running primary"],
+        // Bootstrapping
+        ["409:register with a running primary", "409:only a running replica", "409:needs a running primary", "409:not ready", "409:needs a running primary"],
+        // Restoring (restore in flight)
+        ["409:register with a running primary", "409:only a running replica", "409:restore B1 is in progress", "409:restore of backup B1", "409:restore B1 is in progress"],
+        // Starting
+        ["409:register with a running primary", "409:only a running replica", "409:needs a running primary", "409:retry once it settles", "409:needs a running primary"],
+        // Recovering (restore in flight)
+        ["409:register with a running primary", "409:promotes at its target", "409:restore B1 is in progress", "409:restore of backup B1", "409:restore B1 is in progress"],
+        // Running(Primary)
+        ["register", "409:already the primary", "demote", "409:demote it first", "switchover"],
+        // Running(Primary), backup in flight
+        ["register", "409:already the primary", "409:backup B1 is in progress", "409:demote it first", "409:backup B1 is in progress"],
+        // Running(Replica)
+        ["409:register with a running primary", "promote", "409:runs on the shard's primary", "follow", "409:runs on the shard's primary"],
+        // Stopping
+        ["409:register with a running primary", "409:only a running replica", "409:needs a running primary", "409:retry once it settles", "409:needs a running primary"],
+        // Stopped
+        ["409:register with a running primary", "409:only a running replica", "409:needs a running primary", "follow", "409:needs a running primary"],
+        // Failed
+        ["409:register with a running primary", "409:only a running replica", "409:needs a running primary", "follow", "409:needs a running primary"],
+    ];
+
     #[test]
     fn every_state_times_every_request() {
         let situations = sample_situations();
@@ -524,7 +650,9 @@ mod tests {
                 "state {name} has no row"
             );
         }
-        for ((row, s), expected) in situations.iter().zip(EXPECTED) {
+        assert_eq!(situations.len(), EXPECTED_REPARENT.len(), "one row per situation");
+        for (((row, s), expected), reparent) in situations.iter().zip(EXPECTED).zip(EXPECTED_REPARENT) {
+            let expected: Vec<&str> = expected.iter().chain(reparent.iter()).copied().collect();
             assert_eq!(commands.len(), expected.len());
             for ((col, c), want) in commands.iter().zip(expected.iter()) {
                 let got = admit(s, c);

@@ -25,7 +25,10 @@ use crate::context::Context;
 use crate::error::AgentError;
 use crate::postgres::process::Postmaster;
 use crate::postgres::{bootstrap, conf, sql};
+use crate::replication::clone::LiveOp;
 use crate::restore::{self, RestoreError, RestorePlan};
+
+mod reparent;
 
 /// How long a fast or smart shutdown may take before the agent escalates to immediate.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
@@ -36,6 +39,8 @@ const STABLE_RUN: Duration = Duration::from_secs(60);
 /// How often a starting Postgres is probed, and how often a running one is looked at.
 const PROBE_STARTING: Duration = Duration::from_millis(100);
 const PROBE_RUNNING: Duration = Duration::from_millis(500);
+/// How often slots, registration and lag are looked at.
+const REPLICATION_CHECK: Duration = Duration::from_secs(2);
 /// How long a cancelled backup may take to end (its session closes, Postgres aborts it).
 const CANCEL_GRACE: Duration = Duration::from_secs(10);
 
@@ -47,6 +52,8 @@ pub enum Begin {
     Initdb,
     /// The data dir is empty: restore into it (`run --bootstrap-from-backup`).
     Restore(Box<RestoreRequest>),
+    /// The data dir is empty and another instance leads the shard: clone it, then follow it.
+    Clone,
 }
 
 /// The long operation the executor is carrying out.
@@ -55,6 +62,10 @@ enum OpTask {
         run: Arc<Run>,
         task: JoinHandle<()>,
         cancel: CancellationToken,
+    },
+    /// A planned switchover (carried out inline by the executor; recorded for `/v1/status`).
+    Live {
+        op: LiveOp,
     },
     Restore {
         plan: Box<RestorePlan>,
@@ -76,6 +87,13 @@ impl OpTask {
                 kind: OperationKind::Restore,
                 id: plan.manifest.id.clone(),
             },
+            OpTask::Live { op } => {
+                let o = op.lock().expect("op lock");
+                InFlight {
+                    kind: o.kind,
+                    id: o.id.clone(),
+                }
+            }
         }
     }
 }
@@ -113,6 +131,9 @@ pub struct Executor {
     last_restore: Option<restore::Progress>,
     /// A failed restore ends the agent (it was `run --bootstrap-from-backup`).
     exit_on_restore_failure: bool,
+    /// Replication housekeeping (slots, registration, lag metrics) is due.
+    next_replication_check: tokio::time::Instant,
+    repl: reparent::ReplicationState,
 }
 
 impl Executor {
@@ -138,6 +159,8 @@ impl Executor {
             last_op: None,
             last_restore: None,
             exit_on_restore_failure: false,
+            next_replication_check: tokio::time::Instant::now(),
+            repl: reparent::ReplicationState::default(),
         }
     }
 
@@ -145,7 +168,15 @@ impl Executor {
     /// returns. An error says why the agent could not start at all (initdb or the initial
     /// restore failed).
     pub async fn run(mut self, begin: Begin, shutdown: CancellationToken) -> Result<(), String> {
+        self.prepare_replication()?;
         match begin {
+            Begin::Clone => {
+                if !self.clone_bootstrap(&shutdown).await? {
+                    self.set_state(AgentState::Stopped);
+                    return Ok(());
+                }
+                self.spawn_postgres();
+            }
             Begin::Existing => self.spawn_postgres(),
             Begin::Initdb => {
                 self.set_state(AgentState::Bootstrapping {
@@ -236,6 +267,7 @@ impl Executor {
         let operation = match &self.op {
             Some(OpTask::Backup { run, .. }) => Some(OpRecord::Backup(run.clone())),
             Some(OpTask::Restore { progress, .. }) => Some(OpRecord::Restore(progress.clone())),
+            Some(OpTask::Live { op }) => Some(OpRecord::Live(op.clone())),
             None => self.last_op.clone(),
         };
         self.ctx
@@ -249,6 +281,7 @@ impl Executor {
             restore: self.last_restore.clone(),
             runtime: self.runtime.clone(),
             ever_running: self.ever_running,
+            receiver: self.repl.receiver.clone(),
         });
     }
 
@@ -284,9 +317,18 @@ impl Executor {
                 cancel_backup: req.cancel_backup,
             },
             Request::Backup { .. } => Command::Backup,
+            Request::Register { .. } => Command::Register,
+            Request::Promote { .. } => Command::Promote,
+            Request::Demote { .. } => Command::Demote,
+            Request::Follow { .. } => Command::Follow,
+            Request::Switchover { .. } => Command::Switchover,
         };
         let step = admit(&self.situation(), &cmd);
         tracing::debug!(?cmd, ?step, "admission");
+        let req = match self.reparent_request(req, step.clone()).await {
+            Some(req) => req,
+            None => return,
+        };
         match (req, step) {
             (Request::Stop { reply, .. }, Err(e))
             | (Request::Start { reply }, Err(e))
@@ -327,6 +369,14 @@ impl Executor {
                     "internal: restore admitted as {step:?}"
                 ))));
             }
+            (
+                Request::Register { .. }
+                | Request::Promote { .. }
+                | Request::Demote { .. }
+                | Request::Follow { .. }
+                | Request::Switchover { .. },
+                _,
+            ) => unreachable!("replication requests are served by reparent_request"),
         }
     }
 
@@ -400,7 +450,8 @@ impl Executor {
         let params: BTreeMap<String, String> = cfg
             .reread_parameters()
             .map_err(|e| AgentError::Failed(format!("config file not reloaded: {e}")))?;
-        let changed = conf::render_all(cfg, &params, ctx.owner.as_ref())
+        let standby = self.standby_conf();
+        let changed = conf::render_all(cfg, &params, standby.as_ref(), ctx.owner.as_ref())
             .map_err(|e| AgentError::Failed(format!("cannot render configuration: {e}")))?;
         let Some(pm) = &self.pm else {
             return Err(self.conflict("Postgres is not running; nothing to reload"));
@@ -446,7 +497,16 @@ impl Executor {
             }
         };
         self.set_state(AgentState::Starting);
-        if let Err(e) = conf::render_all(cfg, &params, ctx.owner.as_ref()) {
+        let standby = match self.prepare_role_files() {
+            Ok(s) => s,
+            Err(e) => {
+                return self.crashed(
+                    format!("cannot prepare {} for its role: {e}", cfg.data_dir.display()),
+                    false,
+                );
+            }
+        };
+        if let Err(e) = conf::render_all(cfg, &params, standby.as_ref(), ctx.owner.as_ref()) {
             return self.crashed(
                 format!(
                     "cannot render configuration into {}: {e}",
@@ -622,6 +682,10 @@ impl Executor {
                 self.ensure_roles().await;
             }
             self.set_state(new);
+        }
+        if tokio::time::Instant::now() >= self.next_replication_check {
+            self.next_replication_check = tokio::time::Instant::now() + REPLICATION_CHECK;
+            self.replication_housekeeping().await;
         }
         if !self.pending_start.is_empty() {
             let resp = LifecycleResponse {
@@ -873,6 +937,7 @@ impl Executor {
                 }
                 self.last_op = Some(OpRecord::Restore(progress));
             }
+            Some(OpTask::Live { op }) => self.last_op = Some(OpRecord::Live(op)),
             None => {}
         }
         let _ = self.stop_postgres(ShutdownMode::Fast).await;

@@ -16,8 +16,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pgpilot_common::api::{
-    BackupProgress, BackupRequest, BackupState, LifecycleResponse, ReloadResponse, RestoreAccepted,
-    RestorePhase, RestoreProgress, RestoreRequest, ShutdownRequest,
+    BackupProgress, BackupRequest, BackupState, FollowRequest, LifecycleResponse,
+    RegisterReplicaRequest, RegisterReplicaResponse, ReloadResponse, ReparentResponse,
+    RestoreAccepted, RestorePhase, RestoreProgress, RestoreRequest, ShutdownRequest,
+    SwitchoverRequest, SwitchoverResponse,
 };
 use pgpilot_common::state::{AgentState, Operation, OperationKind, Outcome, Progress};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -56,6 +58,24 @@ pub(crate) enum Request {
         req: BackupRequest,
         reply: Reply<BackupProgress>,
     },
+    Register {
+        req: RegisterReplicaRequest,
+        reply: Reply<RegisterReplicaResponse>,
+    },
+    Promote {
+        reply: Reply<ReparentResponse>,
+    },
+    Demote {
+        reply: Reply<ReparentResponse>,
+    },
+    Follow {
+        req: FollowRequest,
+        reply: Reply<ReparentResponse>,
+    },
+    Switchover {
+        req: SwitchoverRequest,
+        reply: Reply<SwitchoverResponse>,
+    },
 }
 
 /// Facts about the running Postgres that `/v1/status` reports.
@@ -73,6 +93,8 @@ pub struct RuntimeInfo {
 pub enum OpRecord {
     Backup(Arc<Run>),
     Restore(restore::Progress),
+    /// A clone or a switchover: the record is the operation itself.
+    Live(crate::replication::clone::LiveOp),
 }
 
 impl OpRecord {
@@ -96,6 +118,7 @@ impl OpRecord {
                     error: p.reason,
                 }
             }
+            OpRecord::Live(op) => op.lock().expect("op lock").clone(),
             OpRecord::Restore(record) => {
                 let p = record.lock().expect("progress lock").clone();
                 Operation {
@@ -147,6 +170,8 @@ pub struct Snapshot {
     pub runtime: RuntimeInfo,
     /// Postgres has accepted connections at least once since the agent started.
     pub ever_running: bool,
+    /// On a replica: its WAL receiver as last seen (every few seconds).
+    pub receiver: Option<crate::replication::sql::ReceiverStatus>,
 }
 
 impl Snapshot {
@@ -158,6 +183,7 @@ impl Snapshot {
             restore: None,
             runtime: RuntimeInfo::default(),
             ever_running: false,
+            receiver: None,
         }
     }
 
@@ -175,6 +201,9 @@ pub struct Handle {
     pub ctx: Arc<Context>,
     requests: mpsc::Sender<Request>,
     status: watch::Receiver<Snapshot>,
+    /// Held while a switchover request is being served, so a second one is refused at once
+    /// (409) instead of queueing behind it.
+    switchover: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Handle {
@@ -224,6 +253,38 @@ impl Handle {
     pub async fn backup(&self, req: BackupRequest) -> Result<BackupProgress, AgentError> {
         self.request(|reply| Request::Backup { req, reply }).await
     }
+
+    pub async fn register_replica(
+        &self,
+        req: RegisterReplicaRequest,
+    ) -> Result<RegisterReplicaResponse, AgentError> {
+        self.request(|reply| Request::Register { req, reply }).await
+    }
+
+    pub async fn promote(&self) -> Result<ReparentResponse, AgentError> {
+        self.request(|reply| Request::Promote { reply }).await
+    }
+
+    pub async fn demote(&self) -> Result<ReparentResponse, AgentError> {
+        self.request(|reply| Request::Demote { reply }).await
+    }
+
+    pub async fn follow(&self, req: FollowRequest) -> Result<ReparentResponse, AgentError> {
+        self.request(|reply| Request::Follow { req, reply }).await
+    }
+
+    pub async fn switchover(
+        &self,
+        req: SwitchoverRequest,
+    ) -> Result<SwitchoverResponse, AgentError> {
+        let Ok(_guard) = self.switchover.try_lock() else {
+            return Err(AgentError::conflict(
+                &self.state(),
+                "a switchover is already in progress on this agent",
+            ));
+        };
+        self.request(|reply| Request::Switchover { req, reply }).await
+    }
 }
 
 /// Creates the handle and the executor that serves it, starting in `initial`.
@@ -235,6 +296,7 @@ pub fn new(ctx: Arc<Context>, initial: AgentState) -> (Handle, executor::Executo
         ctx: ctx.clone(),
         requests: tx,
         status: status_rx,
+        switchover: Arc::new(tokio::sync::Mutex::new(())),
     };
     let exec = executor::Executor::new(ctx, status_tx, rx, initial);
     (handle, exec)

@@ -16,6 +16,7 @@ fn status(e: &AgentError) -> StatusCode {
         AgentError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         AgentError::Conflict { .. } => StatusCode::CONFLICT,
         AgentError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        AgentError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
         AgentError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         AgentError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }

@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::routes::{backups, lifecycle, metrics, probes, restore, status, wal};
+use super::routes::{backups, lifecycle, metrics, probes, replication, restore, status, wal};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,6 +18,8 @@ use super::routes::{backups, lifecycle, metrics, probes, restore, status, wal};
         lifecycle::stop, lifecycle::start, lifecycle::restart, lifecycle::reload,
         wal::push, wal::fetch, restore::restore,
         backups::start, backups::list, backups::get,
+        replication::register, replication::switchover, replication::promote,
+        replication::demote, replication::follow,
     ),
     modifiers(&BearerAuth)
 )]

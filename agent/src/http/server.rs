@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::require_token;
-use super::routes::{backups, lifecycle, metrics, probes, restore, status, wal};
+use super::routes::{backups, lifecycle, metrics, probes, replication, restore, status, wal};
 use crate::core::Handle;
 use crate::error::AgentError;
 
@@ -42,7 +42,13 @@ fn common() -> (Router<Handle>, Router<Handle>) {
         .route("/v1/start", post(lifecycle::start))
         .route("/v1/reload", post(lifecycle::reload))
         .route("/v1/restore", post(restore::restore))
-        .route("/v1/backups", post(backups::start));
+        .route("/v1/backups", post(backups::start))
+        // Peers call these with the shard's shared token.
+        .route("/v1/replicas", post(replication::register))
+        .route("/v1/switchover", post(replication::switchover))
+        .route("/v1/promote", post(replication::promote))
+        .route("/v1/demote", post(replication::demote))
+        .route("/v1/follow", post(replication::follow));
     (open, protected)
 }
 

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
+use crate::replication::StandbyConf;
 use crate::files::{self, sh_quote};
 
 pub use crate::files::INCLUDE_FILE;
@@ -18,7 +19,11 @@ fn quote(value: &str) -> String {
 }
 
 /// The agent-managed settings, then the user's parameters, as (name, value) in file order.
-pub fn settings(cfg: &Config, user: &BTreeMap<String, String>) -> Vec<(String, String)> {
+pub fn settings(
+    cfg: &Config,
+    user: &BTreeMap<String, String>,
+    standby: Option<&StandbyConf>,
+) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = vec![
         (
             "listen_addresses".into(),
@@ -69,6 +74,9 @@ pub fn settings(cfg: &Config, user: &BTreeMap<String, String>) -> Vec<(String, S
             format!("{exe} wal-fetch --runtime {runtime} %f %p"),
         ));
     }
+    if let Some(standby) = standby {
+        out.extend(standby.settings());
+    }
     for (k, v) in user {
         // A user value for an agent default (not a reserved one) wins: replace in place.
         if let Some(slot) = out.iter_mut().find(|(name, _)| name == k) {
@@ -80,12 +88,16 @@ pub fn settings(cfg: &Config, user: &BTreeMap<String, String>) -> Vec<(String, S
     out
 }
 
-pub fn render_pgpilot_conf(cfg: &Config, user: &BTreeMap<String, String>) -> String {
+pub fn render_pgpilot_conf(
+    cfg: &Config,
+    user: &BTreeMap<String, String>,
+    standby: Option<&StandbyConf>,
+) -> String {
     let mut s = String::from(
         "# Rendered by pgpilot-agent at every start and reload: edits here are overwritten.\n\
          # Set parameters in the agent's config file under [postgres.parameters].\n",
     );
-    for (name, value) in settings(cfg, user) {
+    for (name, value) in settings(cfg, user, standby) {
         s.push_str(&format!("{name} = {}\n", quote(&value)));
     }
     // Present only while a restore recovers towards its target (restore/mod.rs).
@@ -148,13 +160,14 @@ pub fn write_if_changed(
 pub fn render_all(
     cfg: &Config,
     user: &BTreeMap<String, String>,
+    standby: Option<&StandbyConf>,
     owner: Option<&super::OsUser>,
 ) -> std::io::Result<Vec<String>> {
     let conf_path = cfg.data_dir.join(INCLUDE_FILE);
     let before = std::fs::read_to_string(&conf_path)
         .map(|s| parse_rendered(&s))
         .unwrap_or_default();
-    let new = render_pgpilot_conf(cfg, user);
+    let new = render_pgpilot_conf(cfg, user, standby);
     write_if_changed(&conf_path, &new, owner)?;
     write_if_changed(
         &cfg.data_dir.join("pg_hba.conf"),
@@ -221,7 +234,7 @@ mod tests {
         let c = cfg(
             "[postgres.parameters]\nwork_mem = \"8MB\"\nmax_wal_senders = 4\nsearch_path = \"'$user', public\"\n",
         );
-        let text = render_pgpilot_conf(&c, &c.parameters);
+        let text = render_pgpilot_conf(&c, &c.parameters, None);
         assert!(text.contains("port = '5432'\n"), "{text}");
         assert!(text.contains("work_mem = '8MB'\n"));
         assert!(text.contains("max_wal_senders = '4'\n"));
@@ -254,16 +267,16 @@ mod tests {
         let mut c = cfg("");
         c.data_dir = dir.path().to_path_buf();
         std::fs::write(dir.path().join("postgresql.conf"), "shared_buffers = 128MB").unwrap();
-        let first = render_all(&c, &BTreeMap::new(), None).unwrap();
+        let first = render_all(&c, &BTreeMap::new(), None, None).unwrap();
         assert!(first.contains(&"port".to_string()));
         let mut user = BTreeMap::new();
         user.insert("work_mem".to_string(), "16MB".to_string());
         assert_eq!(
-            render_all(&c, &user, None).unwrap(),
+            render_all(&c, &user, None, None).unwrap(),
             vec!["work_mem".to_string()]
         );
         assert_eq!(
-            render_all(&c, &BTreeMap::new(), None).unwrap(),
+            render_all(&c, &BTreeMap::new(), None, None).unwrap(),
             vec!["work_mem".to_string()]
         );
         let main = std::fs::read_to_string(dir.path().join("postgresql.conf")).unwrap();

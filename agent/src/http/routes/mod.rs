@@ -4,6 +4,7 @@ pub mod backups;
 pub mod lifecycle;
 pub mod metrics;
 pub mod probes;
+pub mod replication;
 pub mod restore;
 pub mod status;
 pub mod wal;

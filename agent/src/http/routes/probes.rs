@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use pgpilot_common::api::ErrorBody;
 use pgpilot_common::state::Role;
 use serde_json::{Value, json};
@@ -21,7 +21,7 @@ pub async fn healthz(State(h): State<Handle>) -> Json<Value> {
 }
 
 /// Readiness: Postgres runs (as primary or replica, or replaying a restore) and accepts
-/// connections now.
+/// connections now; a replica only while it streams within `[replication] max_lag_bytes`.
 #[utoipa::path(get, path = "/readyz", tag = "probes", responses((status = 200, body = Object), (status = 503, body = ErrorBody)))]
 pub async fn readyz(State(h): State<Handle>) -> Result<Json<Value>, AgentError> {
     let state = h.state();
@@ -30,6 +30,13 @@ pub async fn readyz(State(h): State<Handle>) -> Result<Json<Value>, AgentError> 
             message: format!("not ready: agent state is {state}"),
             state: Some(state),
         });
+    }
+    if state.role() == Some(Role::Replica) {
+        let bound = h.ctx.cfg.replication.max_lag_bytes;
+        lag_within(&h, Some(bound), true).map_err(|why| AgentError::Unavailable {
+            message: format!("not ready: {why}"),
+            state: Some(state.clone()),
+        })?;
     }
     let pw = h.ctx.superuser_password.expose();
     match tokio::time::timeout(
@@ -83,9 +90,42 @@ pub async fn primary(State(h): State<Handle>) -> Result<Json<Value>, AgentError>
     role_check(&h, Role::Primary)
 }
 
+/// Query of `/replica`.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+pub struct ReplicaQuery {
+    /// Answer 200 only if the replica's lag is at most this many bytes.
+    pub lag: Option<u64>,
+}
+
 /// 200 when this instance is a running replica (not while it replays a restore: that is
-/// `Recovering`).
-#[utoipa::path(get, path = "/replica", tag = "probes", responses((status = 200, body = Object), (status = 503, body = ErrorBody)))]
-pub async fn replica(State(h): State<Handle>) -> Result<Json<Value>, AgentError> {
-    role_check(&h, Role::Replica)
+/// `Recovering`), and with `?lag=<bytes>` only while its lag is within that bound.
+#[utoipa::path(get, path = "/replica", tag = "probes", params(ReplicaQuery), responses((status = 200, body = Object), (status = 503, body = ErrorBody)))]
+pub async fn replica(
+    State(h): State<Handle>,
+    Query(q): Query<ReplicaQuery>,
+) -> Result<Json<Value>, AgentError> {
+    let ok = role_check(&h, Role::Replica)?;
+    if q.lag.is_some() {
+        lag_within(&h, q.lag, false).map_err(|message| AgentError::Unavailable {
+            message,
+            state: Some(h.state()),
+        })?;
+    }
+    Ok(ok)
+}
+
+/// Whether the replica's last seen lag is within `bound` (and it streams, if `streaming`).
+fn lag_within(h: &Handle, bound: Option<u64>, streaming: bool) -> Result<(), String> {
+    let snap = h.snapshot();
+    let Some(r) = &snap.receiver else {
+        return Err("the replica's WAL receiver has not been looked at yet".into());
+    };
+    if streaming && !r.streaming {
+        return Err("the replica does not stream from its primary".into());
+    }
+    match (bound, r.lag_bytes) {
+        (Some(b), Some(lag)) if lag > b => Err(format!("lag {lag} bytes is above {b}")),
+        (Some(_), None) => Err("the replica's lag is not known".into()),
+        _ => Ok(()),
+    }
 }

@@ -4,9 +4,11 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use pgpilot_common::api::StatusResponse;
+use pgpilot_common::api::{ReplicationStatus, SlotView, StatusResponse};
+use pgpilot_common::state::Role;
 
 use crate::core::Handle;
+use crate::replication::sql as rsql;
 
 /// The agent's state, its operation in flight (or last), and what Postgres reports (role,
 /// timeline, LSNs, version).
@@ -35,6 +37,7 @@ pub async fn status(State(h): State<Handle>) -> Json<StatusResponse> {
         operation: snap.operation.as_ref().map(|o| o.view()),
         restore: snap.restore_progress(),
         last_backup: crate::archive::backup::last_backup(&ctx.backups, ctx.archiver.as_deref()),
+        replication: None,
     };
     if snap.state.accepts_connections() {
         match tokio::time::timeout(Duration::from_secs(3), ctx.monitor.status()).await {
@@ -48,5 +51,54 @@ pub async fn status(State(h): State<Handle>) -> Json<StatusResponse> {
             Err(_) => tracing::warn!("status: Postgres did not answer within 3 s"),
         }
     }
+    resp.replication = Some(replication(&h, snap.state.role()).await);
     Json(resp)
+}
+
+/// This instance's place in its shard: on a replica its receiver (read now: a switchover
+/// confirms the candidate's received LSN through here), on a primary its replicas and slots.
+async fn replication(h: &Handle, role: Option<Role>) -> ReplicationStatus {
+    let ctx = &h.ctx;
+    let leader = ctx.leadership.leader();
+    let mut out = ReplicationStatus {
+        name: ctx.cfg.replication.name.clone(),
+        upstream: leader.filter(|_| !ctx.is_leader()),
+        ..ReplicationStatus::default()
+    };
+    let Some(role) = role else {
+        return out;
+    };
+    let work = async {
+        let client = ctx.monitor.client().await.map_err(|e| e.to_string())?;
+        match role {
+            Role::Replica => {
+                let r = rsql::receiver(&client).await.map_err(|e| e.to_string())?;
+                out.streaming = r.streaming;
+                out.receive_lsn = r.receive_lsn;
+                out.replay_lsn = r.replay_lsn;
+                out.lag_bytes = r.lag_bytes;
+                out.lag_seconds = r.lag_seconds;
+            }
+            Role::Primary => {
+                let registry = crate::replication::slots::Registry::load(&ctx.cfg);
+                out.replicas = rsql::replicas(&client).await.map_err(|e| e.to_string())?;
+                for r in &mut out.replicas {
+                    r.api_url = registry.replicas.get(&r.name).cloned();
+                }
+            }
+        }
+        out.slots = rsql::slots(&client)
+            .await
+            .map_err(|e| e.to_string())?
+            .iter()
+            .map(SlotView::from)
+            .collect();
+        Ok::<_, String>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(3), work).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("status: cannot read replication: {e}"),
+        Err(_) => tracing::warn!("status: replication views did not answer within 3 s"),
+    }
+    out
 }

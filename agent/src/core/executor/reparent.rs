@@ -1,0 +1,799 @@
+//! The executor's replication steps: cloning a replica, registering with the primary, the
+//! standby files, promote, demote, follow, the planned switchover, and the periodic
+//! housekeeping (slots, re-registration, lag metrics). They are executor methods because they
+//! start and stop the postmaster the executor owns.
+
+use std::time::{Duration, Instant};
+
+use pgpilot_common::api::{
+    FollowRequest, RegisterReplicaRequest, RegisterReplicaResponse, ReparentResponse,
+    StatusResponse, SwitchoverRequest, SwitchoverResponse,
+};
+use pgpilot_common::state::{AgentState, Operation, OperationKind, Outcome, Progress, Role};
+use tokio_util::sync::CancellationToken;
+
+use super::{Executor, OpTask};
+use crate::core::admission::Step;
+use crate::core::{OpRecord, Request};
+use crate::error::AgentError;
+use crate::postgres::conf;
+use crate::replication::clone::{self, LiveOp};
+use crate::replication::slots::{Registry, SlotKeeper};
+use crate::replication::sql::{self as rsql, ReceiverStatus};
+use crate::replication::switchover::{self, Candidate, call, peer};
+use crate::replication::{self, StandbyConf, Upstream};
+
+/// A replica not streaming for this long registers with its primary again (its slot may
+/// have been dropped, or the primary moved).
+const REREGISTER_AFTER: Duration = Duration::from_secs(10);
+/// How long a switchover waits for the candidate to confirm the old primary's last WAL.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the executor keeps about replication between events.
+#[derive(Default)]
+pub(in crate::core) struct ReplicationState {
+    /// How this replica reaches its primary (the last registration).
+    pub upstream: Option<Upstream>,
+    /// On a primary: the replicas that registered.
+    pub registry: Registry,
+    pub slots: SlotKeeper,
+    /// On a replica: its WAL receiver as last seen.
+    pub receiver: Option<ReceiverStatus>,
+    not_streaming_since: Option<Instant>,
+    last_warning: Option<(String, Instant)>,
+}
+
+fn live_op(kind: OperationKind, id: &str, step: &str) -> LiveOp {
+    std::sync::Arc::new(std::sync::Mutex::new(Operation {
+        kind,
+        id: id.to_string(),
+        step: step.to_string(),
+        outcome: Outcome::Running,
+        started_at: crate::time::now(),
+        finished_at: None,
+        progress: Progress::default(),
+        error: None,
+    }))
+}
+
+fn set_step(op: &LiveOp, step: &str) {
+    op.lock().expect("op lock").step = step.to_string();
+}
+
+impl Executor {
+    /// At start: the password file of the replication connections, the registry of replicas,
+    /// the last registration (if it is with the current leader).
+    pub(super) fn prepare_replication(&mut self) -> Result<(), String> {
+        let ctx = self.ctx.clone();
+        let cfg = &ctx.cfg;
+        replication::write_pgpass(
+            &replication::pgpass_path(cfg),
+            &[
+                (&cfg.replication_user, ctx.replication_password.expose()),
+                (&cfg.superuser, ctx.superuser_password.expose()),
+            ],
+            ctx.owner.as_ref(),
+        )
+        .map_err(|e| {
+            format!(
+                "cannot write {}: {e}",
+                replication::pgpass_path(cfg).display()
+            )
+        })?;
+        self.repl.registry = Registry::load(cfg);
+        let leader = ctx.leadership.leader();
+        self.repl.upstream =
+            replication::load_upstream(cfg).filter(|u| Some(&u.url) == leader.as_ref());
+        Ok(())
+    }
+
+    /// The standby settings while this instance follows a primary; `None` on the leader.
+    pub(super) fn standby_conf(&self) -> Option<StandbyConf> {
+        if self.ctx.is_leader() {
+            return None;
+        }
+        let up = self.repl.upstream.as_ref();
+        Some(StandbyConf {
+            conninfo: up.map(|u| replication::primary_conninfo(&self.ctx.cfg, u)),
+            slot: up.map(|u| u.slot.clone()),
+        })
+    }
+
+    /// Before a start: `standby.signal` exists exactly when this instance follows a primary.
+    /// A data dir that is a standby is never turned into a primary by a restart: only
+    /// promote does that.
+    pub(super) fn prepare_role_files(&self) -> std::io::Result<Option<StandbyConf>> {
+        let cfg = &self.ctx.cfg;
+        let signal = cfg.data_dir.join(crate::files::STANDBY_SIGNAL);
+        if self.ctx.is_leader() {
+            if signal.exists() {
+                tracing::warn!(
+                    "{} is a standby (standby.signal) although this instance is recorded as the primary: \
+                     it starts as a standby; promote it with POST /v1/promote",
+                    cfg.data_dir.display()
+                );
+                return Ok(Some(StandbyConf {
+                    conninfo: None,
+                    slot: None,
+                }));
+            }
+            return Ok(None);
+        }
+        if !signal.exists() {
+            std::fs::write(&signal, "")?;
+            if let Some(o) = &self.ctx.owner {
+                o.chown(&signal)?;
+            }
+        }
+        Ok(self.standby_conf())
+    }
+
+    /// Re-renders pgpilot.conf for the current role; returns the settings that changed.
+    fn render_conf(&self) -> Result<Vec<String>, String> {
+        let cfg = &self.ctx.cfg;
+        let params = cfg.reread_parameters().unwrap_or_else(|_| cfg.parameters.clone());
+        conf::render_all(cfg, &params, self.standby_conf().as_ref(), self.ctx.owner.as_ref())
+            .map_err(|e| format!("cannot render configuration: {e}"))
+    }
+
+    /// Registers with the primary at `url`: it creates this replica's slot and says where its
+    /// Postgres listens.
+    async fn register(&self, url: &str) -> Result<Upstream, String> {
+        let cfg = &self.ctx.cfg;
+        let client = peer(url, self.ctx.api_token.expose());
+        let req = RegisterReplicaRequest {
+            name: cfg.replication.name.clone(),
+            api_url: cfg.replication.advertise_url.clone(),
+        };
+        let what = format!("registering with the primary at {url}");
+        let resp = call(&what, client.register_replica(&req)).await?;
+        if resp.primary == cfg.replication.name {
+            return Err(format!(
+                "{url} is this instance itself ({}): an instance does not follow itself",
+                resp.primary
+            ));
+        }
+        let up = Upstream {
+            url: url.to_string(),
+            name: resp.primary,
+            host: resp.postgres_host,
+            port: resp.postgres_port,
+            slot: resp.slot,
+            system_identifier: resp.system_identifier,
+        };
+        if let Err(e) = replication::save_upstream(cfg, &up) {
+            tracing::warn!("cannot record the registration: {e}");
+        }
+        Ok(up)
+    }
+
+    /// An empty data dir and another instance leads: register with it and copy it. `false`
+    /// when the agent was asked to shut down meanwhile.
+    pub(super) async fn clone_bootstrap(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, String> {
+        self.set_state(AgentState::Bootstrapping {
+            method: pgpilot_common::state::BootstrapMethod::Clone,
+        });
+        let Some(leader) = self.ctx.leadership.leader() else {
+            return Err("no primary is known to clone from: set [replication] primary".into());
+        };
+        let op = live_op(OperationKind::Clone, &leader, "registering");
+        self.op = Some(OpTask::Live { op: op.clone() });
+        self.publish();
+        let upstream = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                r = self.register(&leader) => match r {
+                    Ok(u) => break u,
+                    Err(e) => {
+                        tracing::warn!("{e}; retrying in 2 s");
+                        op.lock().expect("op lock").error = Some(e);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(false),
+                            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        }
+                    }
+                }
+            }
+        };
+        op.lock().expect("op lock").error = None;
+        set_step(&op, "copying");
+        self.repl.upstream = Some(upstream.clone());
+        self.publish();
+        let ctx = self.ctx.clone();
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            r = clone::clone_from_primary(&ctx, &upstream, &op) => r,
+        };
+        self.op = None;
+        self.last_op = Some(OpRecord::Live(op.clone()));
+        match result {
+            Ok(()) => {
+                clone::finish(&op, Ok(()));
+                tracing::info!(primary = %upstream.url, "clone complete; starting as a replica");
+                Ok(true)
+            }
+            Err(e) => {
+                let reason = format!("cloning the primary at {} failed: {e}", upstream.url);
+                clone::finish(&op, Err(reason.clone()));
+                self.set_state(AgentState::Failed {
+                    reason: reason.clone(),
+                });
+                Err(reason)
+            }
+        }
+    }
+
+    /// Serves the replication requests; gives the others back.
+    pub(super) async fn reparent_request(
+        &mut self,
+        req: Request,
+        step: Result<Step, AgentError>,
+    ) -> Option<Request> {
+        match req {
+            Request::Register { req, reply } => {
+                let _ = reply.send(match step {
+                    Ok(_) => self.serve_register(req).await,
+                    Err(e) => Err(e),
+                });
+            }
+            Request::Promote { reply } => {
+                let _ = reply.send(match step {
+                    Ok(_) => self.promote().await,
+                    Err(e) => Err(e),
+                });
+            }
+            Request::Demote { reply } => {
+                let _ = reply.send(match step {
+                    Ok(_) => self.demote().await,
+                    Err(e) => Err(e),
+                });
+            }
+            Request::Follow { req, reply } => {
+                // Bad input before state: following oneself is never right.
+                let r = if req.primary.trim_end_matches('/') == self.ctx.cfg.replication.advertise_url {
+                    Err(AgentError::BadRequest(format!(
+                        "{} is this agent's own URL: an instance does not follow itself",
+                        req.primary
+                    )))
+                } else if let Err(e) = pgpilot_common::client::check_agent_url(&req.primary) {
+                    Err(AgentError::BadRequest(format!("primary: {e}")))
+                } else {
+                    match step {
+                        Ok(_) => self.follow(req).await,
+                        Err(e) => Err(e),
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Request::Switchover { req, reply } => {
+                let _ = reply.send(match step {
+                    Ok(_) => self.switchover(req).await,
+                    Err(e) => Err(e),
+                });
+            }
+            other => return Some(other),
+        }
+        None
+    }
+
+    async fn serve_register(
+        &mut self,
+        req: RegisterReplicaRequest,
+    ) -> Result<RegisterReplicaResponse, AgentError> {
+        let ctx = self.ctx.clone();
+        let cfg = &ctx.cfg;
+        let valid = !req.name.is_empty()
+            && req.name.len() <= 50
+            && req
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        if !valid {
+            return Err(AgentError::BadRequest(format!(
+                "replica name {:?} must be 1-50 characters of a-z, 0-9, '_' and '-'",
+                req.name
+            )));
+        }
+        if req.name == cfg.replication.name {
+            return Err(AgentError::BadRequest(format!(
+                "{} is this primary's own name: give each instance its own [replication] name",
+                req.name
+            )));
+        }
+        if let Err(e) = pgpilot_common::client::check_agent_url(&req.api_url) {
+            return Err(AgentError::BadRequest(format!("api_url: {e}")));
+        }
+        let fail = |e: &dyn std::fmt::Display| AgentError::Failed(format!("registering replica {}: {e}", req.name));
+        let client = ctx.monitor.client().await.map_err(|e| fail(&e))?;
+        let slot = replication::slot_name(&req.name);
+        if rsql::ensure_slot(&client, &slot).await.map_err(|e| fail(&e))? {
+            tracing::info!(replica = %req.name, %slot, "replication slot created");
+        }
+        self.repl.slots.forget(&slot);
+        let system_identifier = rsql::system_identifier(&client)
+            .await
+            .map_err(|e| fail(&e))?;
+        let timeline = ctx.monitor.status().await.ok().and_then(|s| s.timeline);
+        if self.repl.registry.replicas.get(&req.name) != Some(&req.api_url) {
+            self.repl
+                .registry
+                .replicas
+                .insert(req.name.clone(), req.api_url.clone());
+            self.repl.registry.save(cfg).map_err(|e| fail(&e))?;
+            tracing::info!(replica = %req.name, api_url = %req.api_url, "replica registered");
+        }
+        Ok(RegisterReplicaResponse {
+            primary: cfg.replication.name.clone(),
+            slot,
+            postgres_host: cfg.replication.advertise_host.clone(),
+            postgres_port: cfg.postgres_port,
+            system_identifier,
+            timeline: timeline.unwrap_or(0),
+        })
+    }
+
+    fn reparent_response(&self, checkpoint_lsn: Option<String>) -> ReparentResponse {
+        ReparentResponse {
+            state: self.state.clone(),
+            upstream: self.repl.upstream.as_ref().map(|u| u.url.clone()),
+            checkpoint_lsn,
+            timeline: None,
+        }
+    }
+
+    /// Promotes this replica: `pg_promote`, then the record says this instance leads.
+    async fn promote(&mut self) -> Result<ReparentResponse, AgentError> {
+        let ctx = self.ctx.clone();
+        let client = ctx
+            .monitor
+            .client()
+            .await
+            .map_err(|e| AgentError::Failed(format!("promote: {e}")))?;
+        tracing::info!("promoting");
+        let promoted = rsql::promote(&client, 60)
+            .await
+            .map_err(|e| AgentError::Failed(format!("pg_promote failed: {e}")))?;
+        if !promoted {
+            return Err(AgentError::Failed(
+                "Postgres did not finish promoting within 60 s; it may still complete: look at /v1/status".into(),
+            ));
+        }
+        ctx.leadership
+            .set_leader(Some(&ctx.cfg.replication.advertise_url))
+            .map_err(|e| AgentError::Failed(format!("promoted, but the leader record was not written: {e}")))?;
+        self.repl.upstream = None;
+        let _ = std::fs::remove_file(replication::upstream_path(&ctx.cfg));
+        if let Err(e) = self.render_conf() {
+            tracing::error!("promoted, but {e}");
+        }
+        self.on_tick().await;
+        let mut resp = self.reparent_response(None);
+        resp.timeline = ctx.monitor.status().await.ok().and_then(|s| s.timeline);
+        Ok(resp)
+    }
+
+    /// Stops writes (fast shutdown: the final checkpoint streams to connected standbys) and
+    /// starts again as a standby that follows no one until told (`POST /v1/follow`).
+    async fn demote(&mut self) -> Result<ReparentResponse, AgentError> {
+        let ctx = self.ctx.clone();
+        self.stop_postgres(pgpilot_common::api::ShutdownMode::Fast)
+            .await?;
+        let cd = replication::controldata(&ctx.bins, &ctx.cfg.data_dir)
+            .await
+            .map_err(AgentError::Failed)?;
+        ctx.leadership
+            .set_leader(None)
+            .map_err(|e| AgentError::Failed(format!("cannot record the demotion: {e}")))?;
+        self.repl.upstream = None;
+        tracing::info!(checkpoint = %cd.checkpoint_lsn, "demoted: starting as a standby");
+        self.spawn_postgres();
+        let mut resp = self.reparent_response(Some(cd.checkpoint_lsn));
+        resp.timeline = cd.timeline;
+        Ok(resp)
+    }
+
+    /// Registers with another primary and streams from it: the new `primary_conninfo` is
+    /// applied by a reload (Postgres 13+), without a restart.
+    async fn follow(&mut self, req: FollowRequest) -> Result<ReparentResponse, AgentError> {
+        let ctx = self.ctx.clone();
+        let url = req.primary.trim_end_matches('/').to_string();
+        let up = self.register(&url).await.map_err(|e| {
+            if e.contains("does not follow itself") {
+                AgentError::BadRequest(e)
+            } else {
+                AgentError::Failed(e)
+            }
+        })?;
+        let own = self.own_system_identifier().await;
+        if let Some(own) = own
+            && own != up.system_identifier
+        {
+            return Err(AgentError::Refused(format!(
+                "{url} runs another database cluster (system identifier {}, this one {own}): \
+                 a replica follows only a primary of its own cluster; reinitialize it to clone that one",
+                up.system_identifier
+            )));
+        }
+        ctx.leadership
+            .set_leader(Some(&url))
+            .map_err(|e| AgentError::Failed(format!("cannot record the new primary: {e}")))?;
+        self.repl.upstream = Some(up);
+        self.render_conf().map_err(AgentError::Failed)?;
+        if let Some(pm) = &self.pm {
+            pm.reload();
+        }
+        tracing::info!(primary = %url, "following");
+        Ok(self.reparent_response(None))
+    }
+
+    async fn own_system_identifier(&self) -> Option<String> {
+        if self.state.accepts_connections()
+            && let Ok(client) = self.ctx.monitor.client().await
+        {
+            return rsql::system_identifier(&client).await.ok();
+        }
+        None
+    }
+
+    /// The planned switchover, on the primary (shared/DESIGN.md, "Replication and
+    /// reparenting"). Refusals (unknown or unhealthy candidate) change nothing. A failure
+    /// before the candidate is promoted starts this instance again as the primary.
+    async fn switchover(
+        &mut self,
+        req: SwitchoverRequest,
+    ) -> Result<SwitchoverResponse, AgentError> {
+        let started = Instant::now();
+        let ctx = self.ctx.clone();
+        let cfg = &ctx.cfg;
+        let client = ctx
+            .monitor
+            .client()
+            .await
+            .map_err(|e| AgentError::Failed(format!("switchover: {e}")))?;
+        let views = rsql::replicas(&client)
+            .await
+            .map_err(|e| AgentError::Failed(format!("switchover: reading pg_stat_replication: {e}")))?;
+        let cand = switchover::choose(
+            req.candidate.as_deref(),
+            &cfg.replication.name,
+            &views,
+            &self.repl.registry,
+            cfg.replication.max_lag_bytes,
+        )?;
+        let cand_client = peer(&cand.api_url, ctx.api_token.expose());
+        let st = call(
+            &format!("candidate {} at {}", cand.name, cand.api_url),
+            cand_client.status(),
+        )
+        .await
+        .map_err(AgentError::PreconditionFailed)?;
+        let streaming = st.replication.as_ref().is_some_and(|r| r.streaming);
+        if st.state.role() != Some(Role::Replica) || !streaming {
+            return Err(AgentError::PreconditionFailed(format!(
+                "candidate {} is {}{}: a switchover needs a streaming replica",
+                cand.name,
+                st.state,
+                if streaming { "" } else { ", not streaming" }
+            )));
+        }
+        tracing::info!(candidate = %cand.name, "switchover: starting");
+        let op = live_op(OperationKind::Switchover, &cand.name, "stopping writes");
+        self.op = Some(OpTask::Live { op: op.clone() });
+        self.publish();
+        let result = self.switchover_steps(&cand, &op, started).await;
+        self.op = None;
+        self.last_op = Some(OpRecord::Live(op.clone()));
+        clone::finish(&op, result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        let outcome = if result.is_ok() { "succeeded" } else { "failed" };
+        ctx.metrics
+            .replication
+            .switchovers
+            .with_label_values(&[outcome])
+            .inc();
+        self.publish();
+        result
+    }
+
+    async fn switchover_steps(
+        &mut self,
+        cand: &Candidate,
+        op: &LiveOp,
+        started: Instant,
+    ) -> Result<SwitchoverResponse, AgentError> {
+        let ctx = self.ctx.clone();
+        let cfg = &ctx.cfg;
+        let cand_client = peer(&cand.api_url, ctx.api_token.expose());
+        // 1. Stop writes: a fast shutdown sends the final checkpoint to connected standbys.
+        let pause = Instant::now();
+        self.stop_postgres(pgpilot_common::api::ShutdownMode::Fast)
+            .await?;
+        let checkpoint = match replication::controldata(&ctx.bins, &cfg.data_dir).await {
+            Ok(cd) => cd.checkpoint_lsn,
+            Err(e) => return self.roll_back(cand, "stop writes", &e),
+        };
+        let Some(needed) = replication::lsn(&checkpoint) else {
+            let why = format!("cannot read the checkpoint position {checkpoint:?}");
+            return self.roll_back(cand, "stop writes", &why);
+        };
+        if let Some(delay) = test_pause() {
+            tokio::time::sleep(delay).await;
+        }
+        // 2. The candidate has received everything up to and including that checkpoint.
+        set_step(op, "confirming");
+        self.publish();
+        let deadline = Instant::now() + CONFIRM_TIMEOUT;
+        let mut last;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(2), cand_client.status()).await {
+                Ok(Ok(st)) => {
+                    let received = received_lsn(&st);
+                    if received.as_deref().and_then(replication::lsn).is_some_and(|r| r > needed) {
+                        break;
+                    }
+                    last = format!("it reports {} received", received.unwrap_or_else(|| "nothing".into()));
+                }
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = "its agent did not answer within 2 s".into(),
+            }
+            if Instant::now() >= deadline {
+                let why = format!(
+                    "{} did not confirm the shutdown checkpoint {checkpoint} within {CONFIRM_TIMEOUT:?}: {last}",
+                    cand.name
+                );
+                return self.roll_back(cand, "confirm", &why);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // 3. Promote the candidate.
+        set_step(op, "promoting");
+        self.publish();
+        if let Err(e) = call(&format!("promoting {}", cand.name), cand_client.promote()).await {
+            // It may have promoted and failed to answer: ask before deciding.
+            let promoted = tokio::time::timeout(Duration::from_secs(3), cand_client.status())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .is_some_and(|st| st.state.role() == Some(Role::Primary));
+            if !promoted {
+                return self.roll_back(cand, "promote", &e);
+            }
+        }
+        let write_pause = pause.elapsed();
+        ctx.metrics
+            .replication
+            .switchover_write_pause
+            .observe(write_pause.as_secs_f64());
+        // 4. This instance follows the new primary (no rewind needed: it stopped cleanly and
+        //    the candidate has all of its WAL).
+        set_step(op, "rejoining");
+        self.publish();
+        ctx.leadership
+            .set_leader(Some(&cand.api_url))
+            .map_err(|e| AgentError::Failed(format!(
+                "{} is the new primary, but this instance could not record it ({e}); it stays stopped",
+                cand.name
+            )))?;
+        let mut upstream = Err(String::new());
+        for _ in 0..5 {
+            upstream = self.register(&cand.api_url).await;
+            if upstream.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        if let Err(e) = &upstream {
+            tracing::warn!("switchover: {e}; starting as a standby and retrying the registration");
+        }
+        self.repl.upstream = upstream.ok();
+        self.spawn_postgres();
+        // 5. Re-point the other replicas.
+        set_step(op, "re-pointing replicas");
+        self.publish();
+        let mut followers = vec![cfg.replication.name.clone()];
+        let mut not_followed = Vec::new();
+        let others: Vec<(String, String)> = self
+            .repl
+            .registry
+            .replicas
+            .iter()
+            .filter(|(n, _)| **n != cand.name && **n != cfg.replication.name)
+            .map(|(n, u)| (n.clone(), u.clone()))
+            .collect();
+        let follow = FollowRequest {
+            primary: cand.api_url.clone(),
+        };
+        for (name, url) in others {
+            let c = peer(&url, ctx.api_token.expose());
+            match call(&format!("re-pointing {name}"), c.follow(&follow)).await {
+                Ok(_) => followers.push(name),
+                Err(e) => {
+                    tracing::warn!("switchover: {e}");
+                    not_followed.push(format!("{name}: {e}"));
+                }
+            }
+        }
+        let timeline = tokio::time::timeout(Duration::from_secs(2), cand_client.status())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|s| s.timeline);
+        tracing::info!(new_primary = %cand.name, write_pause_ms = write_pause.as_millis() as u64, "switchover complete");
+        Ok(SwitchoverResponse {
+            old_primary: cfg.replication.name.clone(),
+            new_primary: cand.name.clone(),
+            new_primary_url: cand.api_url.clone(),
+            checkpoint_lsn: checkpoint,
+            timeline,
+            followers,
+            not_followed,
+            write_pause_ms: write_pause.as_millis() as u64,
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// The candidate was not promoted: this instance is the primary again.
+    fn roll_back(
+        &mut self,
+        cand: &Candidate,
+        step: &str,
+        why: &str,
+    ) -> Result<SwitchoverResponse, AgentError> {
+        tracing::error!(candidate = %cand.name, step, "switchover failed: {why}; starting again as the primary");
+        self.spawn_postgres();
+        Err(AgentError::Failed(format!(
+            "switchover to {} failed at step {step}: {why}; {} was started again as the primary and nothing was lost",
+            cand.name, self.ctx.cfg.replication.name
+        )))
+    }
+
+    /// Every few seconds while Postgres runs: on a primary, slots (retained WAL, dropping those
+    /// of replicas gone past the grace) and replica counts; on a replica, its WAL receiver, lag,
+    /// leftover slots and registration with its primary.
+    pub(super) async fn replication_housekeeping(&mut self) {
+        let ctx = self.ctx.clone();
+        let m = &ctx.metrics.replication;
+        let role = self.state.role();
+        m.is_primary.set(i64::from(role == Some(Role::Primary)));
+        if role.is_none() {
+            self.repl.receiver = None;
+            return;
+        }
+        let Ok(client) = ctx.monitor.client().await else {
+            return;
+        };
+        let slots = rsql::slots(&client).await.unwrap_or_default();
+        m.slot_retained_bytes.reset();
+        for s in &slots {
+            m.slot_retained_bytes
+                .with_label_values(&[&s.name])
+                .set(s.retained_bytes.unwrap_or(0) as i64);
+        }
+        let now = Instant::now();
+        let grace = if role == Some(Role::Primary) {
+            ctx.cfg.replication.slot_grace
+        } else {
+            // Nothing streams from a replica: its slots are leftovers of a life as primary.
+            Duration::ZERO
+        };
+        for slot in self.repl.slots.expired(&slots, grace, now) {
+            match rsql::drop_slot(&client, &slot).await {
+                Ok(true) => {
+                    tracing::warn!(%slot, "dropped replication slot: inactive for more than {grace:?} ([replication] slot_grace_secs), so its replica no longer holds WAL on this instance");
+                    m.slots_dropped.inc();
+                    self.repl.slots.forget(&slot);
+                    let before = self.repl.registry.replicas.len();
+                    self.repl
+                        .registry
+                        .replicas
+                        .retain(|name, _| replication::slot_name(name) != slot);
+                    if self.repl.registry.replicas.len() != before
+                        && let Err(e) = self.repl.registry.save(&ctx.cfg)
+                    {
+                        tracing::warn!("cannot save the replica registry: {e}");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(%slot, "cannot drop replication slot: {e}"),
+            }
+        }
+        match role {
+            Some(Role::Primary) => {
+                self.repl.receiver = None;
+                m.streaming.set(0);
+                m.lag_bytes.set(0);
+                m.lag_seconds.set(0.0);
+                let streaming = rsql::replicas(&client)
+                    .await
+                    .map(|v| v.iter().filter(|r| r.state == "streaming").count())
+                    .unwrap_or(0);
+                m.connected_replicas.set(streaming as i64);
+            }
+            _ => {
+                m.connected_replicas.set(0);
+                let recv = rsql::receiver(&client).await.ok();
+                let streaming = recv.as_ref().is_some_and(|r| r.streaming);
+                m.streaming.set(i64::from(streaming));
+                if let Some(r) = &recv {
+                    m.lag_bytes.set(r.lag_bytes.unwrap_or(0) as i64);
+                    m.lag_seconds.set(r.lag_seconds.unwrap_or(0.0));
+                }
+                self.repl.receiver = recv;
+                if streaming {
+                    self.repl.not_streaming_since = None;
+                } else {
+                    let since = *self.repl.not_streaming_since.get_or_insert(now);
+                    let stale = self
+                        .repl
+                        .upstream
+                        .as_ref()
+                        .map(|u| Some(&u.url) != ctx.leadership.leader().as_ref())
+                        .unwrap_or(true);
+                    if stale || now.duration_since(since) >= REREGISTER_AFTER {
+                        self.repl.not_streaming_since = Some(now);
+                        self.reregister().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A replica that does not stream registers with its primary again and re-points.
+    async fn reregister(&mut self) {
+        if self.ctx.is_leader() {
+            return;
+        }
+        let Some(leader) = self.ctx.leadership.leader() else {
+            return;
+        };
+        match tokio::time::timeout(Duration::from_secs(3), self.register(&leader)).await {
+            Ok(Ok(up)) => {
+                if self.repl.upstream.as_ref() != Some(&up) {
+                    self.repl.upstream = Some(up);
+                    match self.render_conf() {
+                        Ok(changed) if !changed.is_empty() => {
+                            tracing::info!(primary = %leader, ?changed, "re-registered with the primary");
+                            if let Some(pm) = &self.pm {
+                                pm.reload();
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("{e}"),
+                    }
+                }
+            }
+            Ok(Err(e)) => self.warn_now_and_then(e),
+            Err(_) => self.warn_now_and_then(format!("registering with the primary at {leader}: no answer within 3 s")),
+        }
+    }
+
+    fn warn_now_and_then(&mut self, msg: String) {
+        let repeat = self
+            .repl
+            .last_warning
+            .as_ref()
+            .is_some_and(|(m, t)| *m == msg && t.elapsed() < Duration::from_secs(60));
+        if !repeat {
+            tracing::warn!("{msg}");
+            self.repl.last_warning = Some((msg, Instant::now()));
+        }
+    }
+}
+
+fn received_lsn(st: &StatusResponse) -> Option<String> {
+    st.replication.as_ref().and_then(|r| r.receive_lsn.clone())
+}
+
+/// Test hook: `PGPILOT_TEST_SWITCHOVER_PAUSE_MS` holds a switchover between the stop of writes
+/// and the confirmation, so a test can kill the candidate midway.
+fn test_pause() -> Option<Duration> {
+    static PAUSE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *PAUSE.get_or_init(|| {
+        std::env::var("PGPILOT_TEST_SWITCHOVER_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    })
+}

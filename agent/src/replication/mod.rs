@@ -1,0 +1,253 @@
+//! Replication: who leads the shard, how this instance follows it, and the switchover.
+//!
+//! - [`Leadership`] is the one place that answers "who is the primary of my shard". Standalone,
+//!   [`StaticLeadership`] keeps it in the state dir (from `[replication] primary`, then moved
+//!   by switchover, promote and follow); the Kubernetes Lease implements the same trait.
+//! - [`Upstream`] is how a replica reaches its primary: registered through the primary's API,
+//!   which creates the replica's slot ([`slots`]).
+//! - [`clone`] makes a replica's data dir from its primary (`pg_basebackup`).
+//! - [`switchover`] chooses the candidate and carries out a planned switchover.
+
+pub mod clone;
+pub mod slots;
+pub mod sql;
+pub mod switchover;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::postgres::OsUser;
+
+/// How a replica reaches its primary, as the primary's agent answered its registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upstream {
+    /// The primary's agent API URL.
+    pub url: String,
+    /// The primary's instance name.
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    /// This replica's slot on the primary.
+    pub slot: String,
+    pub system_identifier: String,
+}
+
+/// The primary of this instance's shard, as far as this instance knows.
+pub trait Leadership: Send + Sync {
+    /// The agent API URL of the shard's primary; `None` while unknown (a demoted instance
+    /// that was given no primary to follow).
+    fn leader(&self) -> Option<String>;
+    /// Records the shard's primary (switchover, promote, demote, follow).
+    fn set_leader(&self, url: Option<&str>) -> std::io::Result<()>;
+}
+
+/// Standalone leadership: the configured primary (or this instance when none is configured),
+/// then whatever switchover, promote, demote and follow recorded in `<state_dir>/leader`, which
+/// wins over the configuration once written.
+pub struct StaticLeadership {
+    path: PathBuf,
+    current: Mutex<Option<String>>,
+}
+
+impl StaticLeadership {
+    pub fn load(cfg: &Config) -> StaticLeadership {
+        let path = cfg.state_dir.join("leader");
+        let configured = cfg
+            .replication
+            .primary
+            .clone()
+            .unwrap_or_else(|| cfg.replication.advertise_url.clone());
+        let current = match std::fs::read_to_string(&path) {
+            Ok(s) => Some(s.trim().to_string()).filter(|s| !s.is_empty()),
+            Err(_) => Some(configured),
+        };
+        StaticLeadership {
+            path,
+            current: Mutex::new(current),
+        }
+    }
+}
+
+impl Leadership for StaticLeadership {
+    fn leader(&self) -> Option<String> {
+        self.current.lock().expect("leader lock").clone()
+    }
+
+    fn set_leader(&self, url: Option<&str>) -> std::io::Result<()> {
+        let text = format!("{}\n", url.unwrap_or(""));
+        crate::files::write_durably(&self.path, text.as_bytes())?;
+        *self.current.lock().expect("leader lock") = url.map(String::from);
+        Ok(())
+    }
+}
+
+/// The slot name of a replica: `pgpilot_<name>` (slot names allow a-z, 0-9 and `_`).
+pub fn slot_name(instance: &str) -> String {
+    format!("pgpilot_{}", instance.replace('-', "_"))
+}
+
+/// The libpq password file the replication connections use (`primary_conninfo passfile=`,
+/// `pg_basebackup`, `pg_rewind`), owned by the Postgres user, 0600: no password in any
+/// configuration file or command line.
+pub fn pgpass_path(cfg: &Config) -> PathBuf {
+    cfg.state_dir.join("pgpass")
+}
+
+/// Writes the password file for the replication role and the superuser.
+pub fn write_pgpass(
+    path: &Path,
+    entries: &[(&str, &str)],
+    owner: Option<&OsUser>,
+) -> std::io::Result<()> {
+    let esc = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
+    let mut text = String::new();
+    for (user, password) in entries {
+        text.push_str(&format!("*:*:*:{}:{}\n", esc(user), esc(password)));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(o) = owner {
+        o.chown(&tmp)?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// `primary_conninfo` for `upstream`. The password comes from the passfile.
+pub fn primary_conninfo(cfg: &Config, upstream: &Upstream) -> String {
+    let q = |s: &str| format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"));
+    format!(
+        "host={} port={} user={} passfile={} application_name={} connect_timeout=2 keepalives_idle=5 keepalives_interval=2 keepalives_count=3",
+        q(&upstream.host),
+        upstream.port,
+        q(&cfg.replication_user),
+        q(&pgpass_path(cfg).display().to_string()),
+        q(&cfg.replication.name),
+    )
+}
+
+/// The standby settings rendered into pgpilot.conf while this instance follows a primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StandbyConf {
+    pub conninfo: Option<String>,
+    pub slot: Option<String>,
+}
+
+impl StandbyConf {
+    pub fn settings(&self) -> Vec<(String, String)> {
+        let mut out = vec![("recovery_target_timeline".into(), "latest".into())];
+        if let Some(c) = &self.conninfo {
+            out.push(("primary_conninfo".into(), c.clone()));
+        }
+        if let Some(s) = &self.slot {
+            out.push(("primary_slot_name".into(), s.clone()));
+        }
+        out
+    }
+}
+
+/// `upstream.json` in the state dir: the last registration, for a restart while the primary is
+/// unreachable.
+pub fn upstream_path(cfg: &Config) -> PathBuf {
+    cfg.state_dir.join("upstream.json")
+}
+
+pub fn load_upstream(cfg: &Config) -> Option<Upstream> {
+    let text = std::fs::read_to_string(upstream_path(cfg)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+pub fn save_upstream(cfg: &Config, upstream: &Upstream) -> std::io::Result<()> {
+    let text = serde_json::to_vec_pretty(upstream).map_err(std::io::Error::other)?;
+    crate::files::write_durably(&upstream_path(cfg), &text)
+}
+
+/// What `pg_controldata` says of a stopped cluster: the fields the agent needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlData {
+    /// `Database cluster state`: `shut down` (a primary), `shut down in recovery` (a standby),
+    /// `in production`, …
+    pub cluster_state: String,
+    /// `Latest checkpoint location` (for a clean shutdown: the shutdown checkpoint).
+    pub checkpoint_lsn: String,
+    pub timeline: Option<u32>,
+}
+
+pub async fn controldata(
+    bins: &crate::postgres::bins::PgBinaries,
+    data_dir: &Path,
+) -> Result<ControlData, String> {
+    let out = tokio::process::Command::new(bins.path("pg_controldata"))
+        .arg("-D")
+        .arg(data_dir)
+        .env("LC_ALL", "C")
+        .output()
+        .await
+        .map_err(|e| format!("cannot run pg_controldata: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "pg_controldata failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    parse_controldata(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_controldata(text: &str) -> Result<ControlData, String> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(|v| v.trim().to_string()))
+    };
+    Ok(ControlData {
+        cluster_state: field("Database cluster state").ok_or("pg_controldata: no cluster state")?,
+        checkpoint_lsn: field("Latest checkpoint location").ok_or("pg_controldata: no checkpoint")?,
+        timeline: field("Latest checkpoint's TimeLineID").and_then(|t| t.parse().ok()),
+    })
+}
+
+/// Parses `X/Y` into a byte position.
+pub fn lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_names_are_valid() {
+        assert_eq!(slot_name("db-1"), "pgpilot_db_1");
+    }
+
+    #[test]
+    fn controldata_parses() {
+        let text = "pg_control version number:            1300\nDatabase cluster state:               shut down\nLatest checkpoint location:           0/3000028\nLatest checkpoint's TimeLineID:       1\n";
+        let c = parse_controldata(text).unwrap();
+        assert_eq!(c.cluster_state, "shut down");
+        assert_eq!(c.checkpoint_lsn, "0/3000028");
+        assert_eq!(c.timeline, Some(1));
+    }
+
+    #[test]
+    fn lsns_parse() {
+        assert_eq!(lsn("0/16B3748"), Some(0x16B3748));
+        assert_eq!(lsn("1/0"), Some(1 << 32));
+        assert_eq!(lsn("nope"), None);
+    }
+
+    #[test]
+    fn pgpass_escapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pgpass");
+        write_pgpass(&p, &[("replicator", "a:b\\c")], None).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "*:*:*:replicator:a\\:b\\\\c\n");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}
