@@ -112,7 +112,8 @@ pub enum CloneFrom {
     /// Streamed from the primary over the replication protocol (`pg_basebackup`).
     #[default]
     Primary,
-    /// The store's latest base backup plus archived WAL: no load on the primary.
+    /// The store's newest base backup plus archived WAL, then streaming: no load on the
+    /// primary.
     Backup,
 }
 

@@ -29,6 +29,8 @@ pub enum CloneError {
         tool: String,
         cause: std::io::Error,
     },
+    #[error("restoring the newest backup: {0}")]
+    Restore(String),
     #[error("pg_basebackup from {host}:{port} failed ({status}): {output}")]
     Failed {
         host: String,
@@ -49,6 +51,14 @@ pub async fn clone_from_primary(
     bootstrap::prepare_dir(&cfg.data_dir, 0o700, owner)
         .map_err(|e| CloneError::Prepare(e.to_string()))?;
     let tool = ctx.bins.path("pg_basebackup");
+    if !tool.exists() {
+        return Err(CloneError::Prepare(format!(
+            "{} does not exist: install the PostgreSQL {} client tools next to the server, \
+             or clone from the store's newest backup with [replication] clone_from = \"backup\"",
+            tool.display(),
+            ctx.bins.major
+        )));
+    }
     let conninfo = format!(
         "host={} port={} user={} application_name={}",
         upstream.host, upstream.port, cfg.replication_user, cfg.replication.name
@@ -114,6 +124,67 @@ pub async fn clone_from_primary(
     let _ = std::fs::remove_file(cfg.data_dir.join(crate::files::RECOVERY_CONF));
     let mut o = op.lock().expect("op lock");
     o.progress.bytes_done = o.progress.bytes_total.max(o.progress.bytes_done);
+    Ok(())
+}
+
+/// Restores the store's newest base backup into the (empty) data dir, without recovery
+/// settings: the executor then starts it as a standby, which replays archived WAL through
+/// `restore_command` until it can stream from its slot.
+pub async fn clone_from_backup(ctx: &Context, op: &LiveOp) -> Result<(), CloneError> {
+    let cfg = &ctx.cfg;
+    let Some(archiver) = &ctx.archiver else {
+        return Err(CloneError::Prepare(
+            "[replication] clone_from = \"backup\" needs a backup store ([backup] store)".into(),
+        ));
+    };
+    let req = pgpilot_common::api::RestoreRequest {
+        target: pgpilot_common::api::RestoreTarget::Immediate,
+        backup_id: None,
+        inclusive: None,
+        timeline: None,
+        force: false,
+        cancel_backup: false,
+    };
+    let plan = crate::restore::plan(archiver.store(), archiver.layout(), &req)
+        .await
+        .map_err(|e| CloneError::Prepare(format!("no backup to clone from: {e}")))?;
+    tracing::info!(backup = %plan.manifest.id, "cloning from the store's newest backup");
+    op.lock().expect("op lock").id = format!("backup {}", plan.manifest.id);
+    if let Some(f) = &ctx.fetcher {
+        f.set_segment_size(plan.manifest.wal_segment_size);
+        let _ = f.reset_spool();
+    }
+    let progress = crate::restore::new_progress(&plan);
+    let concurrency = archiver.store().upload_concurrency() * 2;
+    let download = crate::restore::download(
+        archiver.store(),
+        archiver.layout(),
+        &plan,
+        &cfg.data_dir,
+        ctx.owner.as_ref(),
+        concurrency,
+        &progress,
+    );
+    tokio::pin!(download);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    let copy = |op: &LiveOp| {
+        let p = progress.lock().expect("progress lock");
+        let mut o = op.lock().expect("op lock");
+        o.progress.bytes_done = p.bytes_done;
+        o.progress.bytes_total = p.bytes_total;
+        o.progress.files_done = p.files_done;
+        o.progress.files_total = p.files_total;
+    };
+    let result = loop {
+        tokio::select! {
+            r = &mut download => break r,
+            _ = tick.tick() => copy(op),
+        }
+    };
+    copy(op);
+    result.map_err(|e| CloneError::Restore(e.to_string()))?;
+    let _ = std::fs::remove_file(cfg.data_dir.join(crate::files::RECOVERY_SIGNAL));
+    let _ = std::fs::remove_file(cfg.data_dir.join(crate::files::RECOVERY_CONF));
     Ok(())
 }
 

@@ -166,47 +166,42 @@ pub fn save_upstream(cfg: &Config, upstream: &Upstream) -> std::io::Result<()> {
     crate::files::write_durably(&upstream_path(cfg), &text)
 }
 
-/// What `pg_controldata` says of a stopped cluster: the fields the agent needs.
+/// What `global/pg_control` says of a stopped cluster: the fields the agent needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControlData {
-    /// `Database cluster state`: `shut down` (a primary), `shut down in recovery` (a standby),
-    /// `in production`, …
-    pub cluster_state: String,
-    /// `Latest checkpoint location` (for a clean shutdown: the shutdown checkpoint).
+    /// `DBState`: 1 shut down (a primary), 2 shut down in recovery (a standby), 6 in
+    /// production, …
+    pub state: u32,
+    /// The latest checkpoint (for a clean shutdown: the shutdown checkpoint), `X/Y`.
     pub checkpoint_lsn: String,
-    pub timeline: Option<u32>,
+    pub timeline: u32,
 }
 
-pub async fn controldata(
-    bins: &crate::postgres::bins::PgBinaries,
-    data_dir: &Path,
-) -> Result<ControlData, String> {
-    let out = tokio::process::Command::new(bins.path("pg_controldata"))
-        .arg("-D")
-        .arg(data_dir)
-        .env("LC_ALL", "C")
-        .output()
-        .await
-        .map_err(|e| format!("cannot run pg_controldata: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "pg_controldata failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+impl ControlData {
+    /// Cleanly shut down as a primary.
+    pub fn shut_down_as_primary(&self) -> bool {
+        self.state == 1
     }
-    parse_controldata(&String::from_utf8_lossy(&out.stdout))
 }
 
-fn parse_controldata(text: &str) -> Result<ControlData, String> {
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(|v| v.trim().to_string()))
-    };
-    Ok(ControlData {
-        cluster_state: field("Database cluster state").ok_or("pg_controldata: no cluster state")?,
-        checkpoint_lsn: field("Latest checkpoint location").ok_or("pg_controldata: no checkpoint")?,
-        timeline: field("Latest checkpoint's TimeLineID").and_then(|t| t.parse().ok()),
+/// Reads the fields of `ControlFileData` the agent needs from `global/pg_control`. Their
+/// offsets have been the same since PostgreSQL 11 (system identifier, versions, state, time,
+/// checkpoint, then the checkpoint copy with its timeline); read directly because the server
+/// packages of some majors ship without `pg_controldata`.
+pub fn controldata(data_dir: &Path) -> Result<ControlData, String> {
+    let path = data_dir.join("global/pg_control");
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    parse_control(&bytes).ok_or_else(|| format!("{} is too short to be pg_control", path.display()))
+}
+
+fn parse_control(b: &[u8]) -> Option<ControlData> {
+    let u32_at = |o: usize| Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?));
+    let ckpt = u64_at(32)?;
+    Some(ControlData {
+        state: u32_at(16)?,
+        checkpoint_lsn: format!("{:X}/{:X}", ckpt >> 32, ckpt & 0xffff_ffff),
+        timeline: u32_at(48)?,
     })
 }
 
@@ -226,12 +221,16 @@ mod tests {
     }
 
     #[test]
-    fn controldata_parses() {
-        let text = "pg_control version number:            1300\nDatabase cluster state:               shut down\nLatest checkpoint location:           0/3000028\nLatest checkpoint's TimeLineID:       1\n";
-        let c = parse_controldata(text).unwrap();
-        assert_eq!(c.cluster_state, "shut down");
-        assert_eq!(c.checkpoint_lsn, "0/3000028");
-        assert_eq!(c.timeline, Some(1));
+    fn control_fields_parse() {
+        let mut b = vec![0u8; 64];
+        b[16..20].copy_from_slice(&1u32.to_le_bytes());
+        b[32..40].copy_from_slice(&0x1_0300_0028u64.to_le_bytes());
+        b[48..52].copy_from_slice(&2u32.to_le_bytes());
+        let c = parse_control(&b).unwrap();
+        assert!(c.shut_down_as_primary());
+        assert_eq!(c.checkpoint_lsn, "1/3000028");
+        assert_eq!(c.timeline, 2);
+        assert_eq!(parse_control(&b[..40]), None);
     }
 
     #[test]

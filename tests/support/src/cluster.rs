@@ -71,6 +71,43 @@ impl ClusterFixture {
         Ok(self.agents.len() - 1)
     }
 
+    /// Prepares an instance of a shard: `[replication] name = name`, following agent
+    /// `primary`'s API when given (it then clones that primary on start). A follower gets the
+    /// primary's superuser and replication passwords (a shard shares them, as its agents share
+    /// the API token), so the primary must have started once.
+    pub fn add_instance(
+        &mut self,
+        name: &str,
+        primary: Option<usize>,
+        shard: &str,
+        extra_toml: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<usize> {
+        let mut toml = format!("[replication]\nname = \"{name}\"\n");
+        if let Some(p) = primary {
+            toml += &format!("primary = \"http://{}\"\n", self.agents[p].api);
+        }
+        toml += extra_toml;
+        let mut opts = AgentOptions {
+            extra_toml: toml,
+            shard: Some(shard.into()),
+            ..AgentOptions::default()
+        };
+        for (k, v) in env {
+            opts = opts.env(k, v);
+        }
+        let i = self.add(opts)?;
+        if let Some(p) = primary {
+            for secret in ["superuser-password", "replication-password"] {
+                std::fs::copy(
+                    self.agents[p].dir.path().join(secret),
+                    self.agents[i].dir.path().join(secret),
+                )?;
+            }
+        }
+        Ok(i)
+    }
+
     /// Starts every agent not started yet, at once, and waits until all run.
     pub async fn start_all(&mut self) -> anyhow::Result<()> {
         for fx in self.agents.iter_mut().filter(|a| a.agent_pid().is_none()) {

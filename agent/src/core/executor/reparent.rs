@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Executor, OpTask};
 use crate::core::admission::Step;
 use crate::core::{OpRecord, Request};
+use crate::config::CloneFrom;
 use crate::error::AgentError;
 use crate::postgres::conf;
 use crate::replication::clone::{self, LiveOp};
@@ -203,9 +204,15 @@ impl Executor {
         self.repl.upstream = Some(upstream.clone());
         self.publish();
         let ctx = self.ctx.clone();
-        let result = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(false),
-            r = clone::clone_from_primary(&ctx, &upstream, &op) => r,
+        let result = match ctx.cfg.replication.clone_from {
+            CloneFrom::Primary => tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                r = clone::clone_from_primary(&ctx, &upstream, &op) => r,
+            },
+            CloneFrom::Backup => tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                r = clone::clone_from_backup(&ctx, &op) => r,
+            },
         };
         self.op = None;
         self.last_op = Some(OpRecord::Live(op.clone()));
@@ -217,6 +224,7 @@ impl Executor {
             }
             Err(e) => {
                 let reason = format!("cloning the primary at {} failed: {e}", upstream.url);
+                tracing::error!("{reason}");
                 clone::finish(&op, Err(reason.clone()));
                 self.set_state(AgentState::Failed {
                     reason: reason.clone(),
@@ -381,9 +389,8 @@ impl Executor {
         let ctx = self.ctx.clone();
         self.stop_postgres(pgpilot_common::api::ShutdownMode::Fast)
             .await?;
-        let cd = replication::controldata(&ctx.bins, &ctx.cfg.data_dir)
-            .await
-            .map_err(AgentError::Failed)?;
+        self.set_state(AgentState::Stopped);
+        let cd = replication::controldata(&ctx.cfg.data_dir).map_err(AgentError::Failed)?;
         ctx.leadership
             .set_leader(None)
             .map_err(|e| AgentError::Failed(format!("cannot record the demotion: {e}")))?;
@@ -391,7 +398,7 @@ impl Executor {
         tracing::info!(checkpoint = %cd.checkpoint_lsn, "demoted: starting as a standby");
         self.spawn_postgres();
         let mut resp = self.reparent_response(Some(cd.checkpoint_lsn));
-        resp.timeline = cd.timeline;
+        resp.timeline = Some(cd.timeline);
         Ok(resp)
     }
 
@@ -510,7 +517,8 @@ impl Executor {
         let pause = Instant::now();
         self.stop_postgres(pgpilot_common::api::ShutdownMode::Fast)
             .await?;
-        let checkpoint = match replication::controldata(&ctx.bins, &cfg.data_dir).await {
+        self.set_state(AgentState::Stopped);
+        let checkpoint = match replication::controldata(&cfg.data_dir) {
             Ok(cd) => cd.checkpoint_lsn,
             Err(e) => return self.roll_back(cand, "stop writes", &e),
         };

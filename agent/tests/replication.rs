@@ -1,0 +1,392 @@
+//! Replication and planned switchover against real PostgreSQL (15 and the newest), several
+//! agents on one machine sharing a file:// store: replicas clone their primary and stream
+//! through their own slots; a replica's Postgres killed with -9 comes back streaming; a
+//! switchover under a write loop that records every committed id loses none of them, the old
+//! primary follows the new one and the archive has no gap across the timeline change; then
+//! the shard switches back. A candidate killed midway leaves the old primary serving writes
+//! with nothing lost. Bad requests get clear 4xx and change nothing.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use pgpilot_common::api::{FollowRequest, StatusResponse, SwitchoverRequest};
+use pgpilot_common::state::{AgentState, Role};
+use pgpilot_test_support::agent::{LONG, api_error};
+use pgpilot_test_support::agent_bin;
+use pgpilot_test_support::cluster::ClusterFixture;
+use pgpilot_test_support::postgres::{bin_dir, live_postmaster};
+use pgpilot_test_support::store::BackupStore;
+
+const SHARD: &str = "0";
+
+/// A primary `n1` and replicas `n2`, `n3` cloned from it, all running.
+async fn shard(major: u32, env: &[(&str, &str)]) -> ClusterFixture {
+    let mut c = ClusterFixture::new(agent_bin!(), major, BackupStore::file().unwrap());
+    c.add_instance("n1", None, SHARD, "", env).unwrap();
+    c.start_all().await.unwrap();
+    let db = c.sql(0).await.unwrap();
+    db.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    // The npm server packages of some majors have no pg_basebackup: those replicas clone from
+    // the store's newest backup instead (both ways are tested: 15 streams, 18 restores).
+    let clone = if bin_dir(major).unwrap().join("pg_basebackup").exists() {
+        ""
+    } else {
+        c.agent(0).take_backup().await.unwrap();
+        "clone_from = \"backup\"\n"
+    };
+    c.add_instance("n2", Some(0), SHARD, clone, env).unwrap();
+    c.add_instance("n3", Some(0), SHARD, clone, env).unwrap();
+    c.start_all().await.unwrap();
+    for i in 1..3 {
+        let s = c.client(i).status().await.unwrap();
+        assert_eq!(s.state, AgentState::Running { role: Role::Replica }, "{}", c.logs(i));
+        let op = s.operation.expect("the clone is the last operation");
+        assert_eq!(op.kind.to_string(), "clone");
+        assert!(op.progress.bytes_done > 0 && op.progress.bytes_done == op.progress.bytes_total, "{op:?}");
+    }
+    c
+}
+
+/// Waits until `cond` holds for agent `i`'s status.
+async fn wait_status(
+    c: &mut ClusterFixture,
+    i: usize,
+    what: &str,
+    cond: impl Fn(&StatusResponse) -> bool,
+) -> StatusResponse {
+    c.agent_mut(i).wait_for(what, LONG, cond).await.unwrap()
+}
+
+fn streaming(s: &StatusResponse) -> bool {
+    s.state == (AgentState::Running { role: Role::Replica })
+        && s.replication.as_ref().is_some_and(|r| r.streaming)
+}
+
+fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text.split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+/// Waits until every replica has replayed what primary `p` has flushed now.
+async fn caught_up(c: &mut ClusterFixture, p: usize) {
+    let target = lsn(&c.client(p).status().await.unwrap().flushed_lsn.unwrap());
+    for i in 0..c.len() {
+        if i == p {
+            continue;
+        }
+        wait_status(c, i, "replay caught up", |s| {
+            s.replication
+                .as_ref()
+                .and_then(|r| r.replay_lsn.as_deref())
+                .is_some_and(|r| lsn(r) >= target)
+        })
+        .await;
+    }
+}
+
+/// Ids on agent `i`'s Postgres.
+async fn ids(c: &ClusterFixture, i: usize) -> BTreeSet<i64> {
+    let db = c.sql(i).await.unwrap();
+    db.query("SELECT id FROM t", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// A client that writes ids 1, 2, 3… as fast as it can, finding the primary through the agents'
+/// `/primary` and reconnecting after any error; it returns every id whose commit was
+/// acknowledged.
+fn write_loop(c: &ClusterFixture, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<i64>> {
+    let nodes: Vec<(String, u16)> = c
+        .agents()
+        .iter()
+        .map(|a| (a.url("/primary"), a.pg_port))
+        .collect();
+    let password = c.agent(0).superuser_password().unwrap();
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let mut committed = Vec::new();
+        let mut next = 1i64;
+        while !stop.load(Ordering::Relaxed) {
+            let mut port = None;
+            for (url, pg) in &nodes {
+                if let Ok(r) = http.get(url).timeout(Duration::from_secs(1)).send().await
+                    && r.status() == 200
+                {
+                    port = Some(*pg);
+                }
+            }
+            let Some(port) = port else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            let mut cfg = tokio_postgres::Config::new();
+            cfg.host("127.0.0.1")
+                .port(port)
+                .user("postgres")
+                .password(&password)
+                .dbname("postgres")
+                .connect_timeout(Duration::from_secs(1));
+            let Ok((db, conn)) = cfg.connect(tokio_postgres::NoTls).await else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            tokio::spawn(conn);
+            while !stop.load(Ordering::Relaxed) {
+                match db.execute("INSERT INTO t VALUES ($1)", &[&next]).await {
+                    Ok(_) => committed.push(next),
+                    // Unknown outcome or refused: this id is never reused, never counted.
+                    Err(_) => {
+                        next += 1;
+                        break;
+                    }
+                }
+                next += 1;
+            }
+        }
+        committed
+    })
+}
+
+async fn switchover(c: &mut ClusterFixture, from: usize, to: usize, names: [&str; 3]) {
+    let r = c
+        .client(from)
+        .switchover(&SwitchoverRequest {
+            candidate: Some(names[to].into()),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("switchover {from}->{to}: {e}\n{}", c.logs(from)));
+    assert_eq!(r.new_primary, names[to]);
+    assert_eq!(r.old_primary, names[from]);
+    assert!(r.not_followed.is_empty(), "{r:?}");
+    assert_eq!(r.followers.len(), 2, "{r:?}");
+    wait_status(c, to, "new primary", |s| {
+        s.state == AgentState::Running { role: Role::Primary }
+    })
+    .await;
+    let want = format!("http://{}", c.agent(to).api);
+    for i in 0..3 {
+        if i != to {
+            wait_status(c, i, "streaming from the new primary", |s| {
+                streaming(s)
+                    && s.replication.as_ref().and_then(|r| r.upstream.as_deref()) == Some(&want)
+            })
+            .await;
+        }
+    }
+}
+
+async fn streams_switches_over_and_back_without_losing_a_commit(major: u32) {
+    let mut c = shard(major, &[]).await;
+    let names = ["n1", "n2", "n3"];
+    // The primary's view: both replicas stream through their own active slots.
+    let s = wait_status(&mut c, 0, "two streaming replicas", |s| {
+        s.replication.as_ref().is_some_and(|r| {
+            r.replicas.iter().filter(|v| v.state == "streaming").count() == 2
+                && r.slots.iter().filter(|s| s.active).count() == 2
+        })
+    })
+    .await;
+    let r = s.replication.unwrap();
+    let slots: Vec<_> = r.slots.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(slots, ["pgpilot_n2", "pgpilot_n3"]);
+    assert!(r.replicas.iter().all(|v| v.api_url.is_some()), "{r:?}");
+    assert_eq!(c.agent(0).get_status("/primary").await.unwrap(), 200);
+    assert_eq!(c.agent(1).get_status("/primary").await.unwrap(), 503);
+    assert_eq!(c.agent(1).get_status("/replica?lag=16777216").await.unwrap(), 200);
+    assert_eq!(c.agent(1).get_status("/readyz").await.unwrap(), 200);
+
+    // pgbench on the primary; the replicas replay all of it.
+    let mut init = c.agent(0).pgbench(&["-i", "-s", "2", "-q", "postgres"]).unwrap();
+    assert!(init.wait().unwrap().success());
+    let mut bench = c.agent(0).pgbench(&["-c", "2", "-T", "4", "postgres"]).unwrap();
+    assert!(bench.wait().unwrap().success());
+    caught_up(&mut c, 0).await;
+    let sum = "SELECT sum(abalance)::bigint FROM pgbench_accounts";
+    let want: i64 = c.sql(0).await.unwrap().query_one(sum, &[]).await.unwrap().get(0);
+    for i in 1..3 {
+        let got: i64 = c.sql(i).await.unwrap().query_one(sum, &[]).await.unwrap().get(0);
+        assert_eq!(got, want, "replica {} replayed pgbench", names[i]);
+    }
+    let metrics = c.agent(1).metrics().await.unwrap();
+    assert!(metrics.contains("pgpilot_replication_streaming 1"), "{metrics}");
+
+    // kill -9 of a replica's Postgres: the agent restarts it and it streams again.
+    let pid = live_postmaster(&c.agent(2).data_dir()).unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    wait_status(&mut c, 2, "crash seen", |s| s.crash_restarts == 1).await;
+    wait_status(&mut c, 2, "streaming again", streaming).await;
+
+    // A backup before the switchover: its WAL chain must run on across the timeline change.
+    let backup = c.agent(0).take_backup().await.unwrap();
+
+    // Switchover under a write loop that records every acknowledged commit.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = write_loop(&c, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    switchover(&mut c, 0, 1, names).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let committed = writer.await.unwrap();
+    assert!(committed.len() > 10, "the writer wrote {} rows", committed.len());
+    caught_up(&mut c, 1).await;
+    for i in 0..3 {
+        let have = ids(&c, i).await;
+        let lost: Vec<_> = committed.iter().filter(|id| !have.contains(id)).collect();
+        assert!(lost.is_empty(), "{} lost acknowledged commits {lost:?}", names[i]);
+    }
+    let s = c.client(1).status().await.unwrap();
+    assert_eq!(s.timeline, Some(2));
+    // The new primary archives the new timeline: the chain from the backup reaches it.
+    c.agent(1)
+        .switch_wal_and_wait_archived(LONG)
+        .await
+        .unwrap();
+    let out = c
+        .agent(1)
+        .cli(&["verify", "--runtime", c.agent(1).runtime_file().to_str().unwrap(), &backup])
+        .unwrap();
+    assert!(out.success(), "{}", out.text());
+    assert!(out.text().contains("through 00000002"), "{}", out.text());
+    let list = c.client(1).backups().await.unwrap();
+    let w = list.window.unwrap();
+    assert_eq!(w.first_gap, None, "{w:?}");
+    assert!(w.latest_segment.unwrap().starts_with("00000002"));
+
+    // And back, under writes again.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = write_loop(&c, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    switchover(&mut c, 1, 0, names).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let committed = writer.await.unwrap();
+    caught_up(&mut c, 0).await;
+    for i in 0..3 {
+        let have = ids(&c, i).await;
+        assert!(committed.iter().all(|id| have.contains(id)), "{} lost commits", names[i]);
+    }
+    assert_eq!(c.client(0).status().await.unwrap().timeline, Some(3));
+    let metrics = c.agent(1).metrics().await.unwrap();
+    assert!(metrics.contains("pgpilot_switchovers_total{outcome=\"succeeded\"} 1"), "{metrics}");
+}
+
+async fn refusals_change_nothing(major: u32) {
+    let mut c = shard(major, &[]).await;
+    wait_status(&mut c, 0, "two streaming replicas", |s| {
+        s.replication
+            .as_ref()
+            .is_some_and(|r| r.replicas.iter().filter(|v| v.state == "streaming").count() == 2)
+    })
+    .await;
+    let check = |r: Result<_, _>, code: u16, words: &str| {
+        let (status, body) = api_error(r.map(|_: pgpilot_common::api::SwitchoverResponse| ()).unwrap_err());
+        assert_eq!(status, code, "{body:?}");
+        assert!(body.message.contains(words), "{body:?} should say {words:?}");
+    };
+    let to = |n: &str| SwitchoverRequest {
+        candidate: Some(n.into()),
+    };
+    check(c.client(0).switchover(&to("nobody")).await, 404, "unknown candidate nobody");
+    check(c.client(0).switchover(&to("n1")).await, 400, "this primary itself");
+    check(c.client(1).switchover(&to("n3")).await, 409, "replica");
+    // follow to self, follow on a primary
+    let (code, body) = api_error(
+        c.client(1)
+            .follow(&FollowRequest {
+                primary: format!("http://{}", c.agent(1).api),
+            })
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 400, "{body:?}");
+    assert!(body.message.contains("does not follow itself"), "{body:?}");
+    let (code, body) = api_error(
+        c.client(0)
+            .follow(&FollowRequest {
+                primary: format!("http://{}", c.agent(1).api),
+            })
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 409, "{body:?}");
+    let (code, _) = api_error(c.client(0).promote().await.unwrap_err());
+    assert_eq!(code, 409);
+    let (code, _) = api_error(c.client(1).demote().await.unwrap_err());
+    assert_eq!(code, 409);
+    // Nothing changed.
+    assert_eq!(c.agent(0).get_status("/primary").await.unwrap(), 200);
+    for i in 1..3 {
+        wait_status(&mut c, i, "still streaming", streaming).await;
+    }
+}
+
+/// The candidate dies between the stop of writes and its promotion: the old primary is the
+/// primary again and every acknowledged commit is there.
+async fn a_candidate_killed_midway_leaves_the_old_primary_serving(major: u32) {
+    let env = [("PGPILOT_TEST_SWITCHOVER_PAUSE_MS", "2000")];
+    let mut c = shard(major, &env).await;
+    wait_status(&mut c, 0, "two streaming replicas", |s| {
+        s.replication
+            .as_ref()
+            .is_some_and(|r| r.replicas.iter().filter(|v| v.state == "streaming").count() == 2)
+    })
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = write_loop(&c, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = c.client(0);
+    let call = tokio::spawn(async move {
+        client
+            .switchover(&SwitchoverRequest {
+                candidate: Some("n2".into()),
+            })
+            .await
+    });
+    // Writes are stopped and the switchover waits: the candidate dies now.
+    wait_status(&mut c, 0, "switchover paused", |s| {
+        s.operation
+            .as_ref()
+            .is_some_and(|o| o.kind.to_string() == "switchover" && o.step == "stopping writes")
+            && s.state == AgentState::Stopped
+    })
+    .await;
+    let pm = live_postmaster(&c.agent(1).data_dir()).unwrap();
+    c.agent(1).signal_agent(Signal::SIGKILL).unwrap();
+    kill(Pid::from_raw(pm), Signal::SIGKILL).unwrap();
+    let err = call.await.unwrap().unwrap_err();
+    let (code, body) = api_error(err);
+    assert_eq!(code, 500, "{body:?}");
+    assert!(body.message.contains("failed at step confirm"), "{body:?}");
+    assert!(body.message.contains("started again as the primary"), "{body:?}");
+    wait_status(&mut c, 0, "primary again", |s| {
+        s.state == AgentState::Running { role: Role::Primary }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let committed = writer.await.unwrap();
+    let have = ids(&c, 0).await;
+    assert!(committed.iter().all(|id| have.contains(id)), "lost commits on n1");
+    // Writes resumed after the failed switchover.
+    let before = committed.len();
+    assert!(before > 0);
+    let s = c.client(0).status().await.unwrap();
+    assert_eq!(s.timeline, Some(1), "no promotion happened anywhere");
+    let metrics = c.agent(0).metrics().await.unwrap();
+    assert!(metrics.contains("pgpilot_switchovers_total{outcome=\"failed\"} 1"), "{metrics}");
+}
+
+pgpilot_test_support::per_major!(
+    streams_switches_over_and_back_without_losing_a_commit,
+    refusals_change_nothing,
+    a_candidate_killed_midway_leaves_the_old_primary_serving,
+);
