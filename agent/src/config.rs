@@ -654,13 +654,16 @@ fn replication_settings(
     };
     let advertise_host = match file.advertise_host {
         Some(h) => h,
-        None => pgpilot_common::client::url_host(&advertise_url)
-            .unwrap_or_else(|| "127.0.0.1".into()),
+        None => {
+            pgpilot_common::client::url_host(&advertise_url).unwrap_or_else(|| "127.0.0.1".into())
+        }
     };
     if primary.as_deref() == Some(advertise_url.as_str()) {
         return Err(ConfigError::Invalid {
             key: "replication.primary",
-            message: format!("{advertise_url} is this agent's own URL: a primary does not follow itself"),
+            message: format!(
+                "{advertise_url} is this agent's own URL: a primary does not follow itself"
+            ),
         });
     }
     Ok(Replication {

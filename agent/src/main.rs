@@ -383,7 +383,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Promote { api } => {
             let r = api.client(true)?.promote().await.context("promote")?;
-            println!("promoted; agent state {}, timeline {}", r.state, fmt_opt(r.timeline));
+            println!(
+                "promoted; agent state {}, timeline {}",
+                r.state,
+                fmt_opt(r.timeline)
+            );
             Ok(())
         }
         Command::Demote { api } => {
@@ -495,7 +499,11 @@ fn render_status(url: &str, s: &StatusResponse) -> String {
             Some(u) => {
                 out += &format!(
                     ", follows {u}, {}, received {}, replayed {}, lag {} bytes / {}\n",
-                    if r.streaming { "streaming" } else { "NOT streaming" },
+                    if r.streaming {
+                        "streaming"
+                    } else {
+                        "NOT streaming"
+                    },
                     r.receive_lsn.as_deref().unwrap_or("-"),
                     r.replay_lsn.as_deref().unwrap_or("-"),
                     fmt_opt(r.lag_bytes),

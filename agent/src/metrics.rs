@@ -44,10 +44,13 @@ pub struct ReplicationMetrics {
 impl ReplicationMetrics {
     fn new(registry: &Registry) -> ReplicationMetrics {
         fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
-            r.register(Box::new(c.clone())).expect("metric registered once");
+            r.register(Box::new(c.clone()))
+                .expect("metric registered once");
             c
         }
-        let g = |name: &str, help: &str| reg(registry, IntGauge::new(name, help).expect("static metric"));
+        let g = |name: &str, help: &str| {
+            reg(registry, IntGauge::new(name, help).expect("static metric"))
+        };
         ReplicationMetrics {
             is_primary: g("pgpilot_replication_is_primary", "1 when this instance runs as the primary"),
             streaming: g(

@@ -45,10 +45,20 @@ async fn shard(major: u32, env: &[(&str, &str)]) -> ClusterFixture {
     c.start_all().await.unwrap();
     for i in 1..3 {
         let s = c.client(i).status().await.unwrap();
-        assert_eq!(s.state, AgentState::Running { role: Role::Replica }, "{}", c.logs(i));
+        assert_eq!(
+            s.state,
+            AgentState::Running {
+                role: Role::Replica
+            },
+            "{}",
+            c.logs(i)
+        );
         let op = s.operation.expect("the clone is the last operation");
         assert_eq!(op.kind.to_string(), "clone");
-        assert!(op.progress.bytes_done > 0 && op.progress.bytes_done == op.progress.bytes_total, "{op:?}");
+        assert!(
+            op.progress.bytes_done > 0 && op.progress.bytes_done == op.progress.bytes_total,
+            "{op:?}"
+        );
     }
     c
 }
@@ -64,7 +74,10 @@ async fn wait_status(
 }
 
 fn streaming(s: &StatusResponse) -> bool {
-    s.state == (AgentState::Running { role: Role::Replica })
+    s.state
+        == (AgentState::Running {
+            role: Role::Replica,
+        })
         && s.replication.as_ref().is_some_and(|r| r.streaming)
 }
 
@@ -169,7 +182,10 @@ async fn switchover(c: &mut ClusterFixture, from: usize, to: usize, names: [&str
     assert!(r.not_followed.is_empty(), "{r:?}");
     assert_eq!(r.followers.len(), 2, "{r:?}");
     wait_status(c, to, "new primary", |s| {
-        s.state == AgentState::Running { role: Role::Primary }
+        s.state
+            == AgentState::Running {
+                role: Role::Primary,
+            }
     })
     .await;
     let want = format!("http://{}", c.agent(to).api);
@@ -201,23 +217,52 @@ async fn streams_switches_over_and_back_without_losing_a_commit(major: u32) {
     assert!(r.replicas.iter().all(|v| v.api_url.is_some()), "{r:?}");
     assert_eq!(c.agent(0).get_status("/primary").await.unwrap(), 200);
     assert_eq!(c.agent(1).get_status("/primary").await.unwrap(), 503);
-    assert_eq!(c.agent(1).get_status("/replica?lag=16777216").await.unwrap(), 200);
+    assert_eq!(
+        c.agent(1)
+            .get_status("/replica?lag=16777216")
+            .await
+            .unwrap(),
+        200
+    );
     assert_eq!(c.agent(1).get_status("/readyz").await.unwrap(), 200);
 
     // pgbench on the primary; the replicas replay all of it.
-    let mut init = c.agent(0).pgbench(&["-i", "-s", "2", "-q", "postgres"]).unwrap();
+    let mut init = c
+        .agent(0)
+        .pgbench(&["-i", "-s", "2", "-q", "postgres"])
+        .unwrap();
     assert!(init.wait().unwrap().success());
-    let mut bench = c.agent(0).pgbench(&["-c", "2", "-T", "4", "postgres"]).unwrap();
+    let mut bench = c
+        .agent(0)
+        .pgbench(&["-c", "2", "-T", "4", "postgres"])
+        .unwrap();
     assert!(bench.wait().unwrap().success());
     caught_up(&mut c, 0).await;
     let sum = "SELECT sum(abalance)::bigint FROM pgbench_accounts";
-    let want: i64 = c.sql(0).await.unwrap().query_one(sum, &[]).await.unwrap().get(0);
-    for i in 1..3 {
-        let got: i64 = c.sql(i).await.unwrap().query_one(sum, &[]).await.unwrap().get(0);
-        assert_eq!(got, want, "replica {} replayed pgbench", names[i]);
+    let want: i64 = c
+        .sql(0)
+        .await
+        .unwrap()
+        .query_one(sum, &[])
+        .await
+        .unwrap()
+        .get(0);
+    for (i, name) in names.iter().enumerate().skip(1) {
+        let got: i64 = c
+            .sql(i)
+            .await
+            .unwrap()
+            .query_one(sum, &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(got, want, "replica {} replayed pgbench", name);
     }
     let metrics = c.agent(1).metrics().await.unwrap();
-    assert!(metrics.contains("pgpilot_replication_streaming 1"), "{metrics}");
+    assert!(
+        metrics.contains("pgpilot_replication_streaming 1"),
+        "{metrics}"
+    );
 
     // kill -9 of a replica's Postgres: the agent restarts it and it streams again.
     let pid = live_postmaster(&c.agent(2).data_dir()).unwrap();
@@ -236,23 +281,33 @@ async fn streams_switches_over_and_back_without_losing_a_commit(major: u32) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let committed = writer.await.unwrap();
-    assert!(committed.len() > 10, "the writer wrote {} rows", committed.len());
+    assert!(
+        committed.len() > 10,
+        "the writer wrote {} rows",
+        committed.len()
+    );
     caught_up(&mut c, 1).await;
-    for i in 0..3 {
+    for (i, name) in names.iter().enumerate() {
         let have = ids(&c, i).await;
         let lost: Vec<_> = committed.iter().filter(|id| !have.contains(id)).collect();
-        assert!(lost.is_empty(), "{} lost acknowledged commits {lost:?}", names[i]);
+        assert!(
+            lost.is_empty(),
+            "{} lost acknowledged commits {lost:?}",
+            name
+        );
     }
     let s = c.client(1).status().await.unwrap();
     assert_eq!(s.timeline, Some(2));
     // The new primary archives the new timeline: the chain from the backup reaches it.
-    c.agent(1)
-        .switch_wal_and_wait_archived(LONG)
-        .await
-        .unwrap();
+    c.agent(1).switch_wal_and_wait_archived(LONG).await.unwrap();
     let out = c
         .agent(1)
-        .cli(&["verify", "--runtime", c.agent(1).runtime_file().to_str().unwrap(), &backup])
+        .cli(&[
+            "verify",
+            "--runtime",
+            c.agent(1).runtime_file().to_str().unwrap(),
+            &backup,
+        ])
         .unwrap();
     assert!(out.success(), "{}", out.text());
     assert!(out.text().contains("through 00000002"), "{}", out.text());
@@ -270,13 +325,20 @@ async fn streams_switches_over_and_back_without_losing_a_commit(major: u32) {
     stop.store(true, Ordering::Relaxed);
     let committed = writer.await.unwrap();
     caught_up(&mut c, 0).await;
-    for i in 0..3 {
+    for (i, name) in names.iter().enumerate() {
         let have = ids(&c, i).await;
-        assert!(committed.iter().all(|id| have.contains(id)), "{} lost commits", names[i]);
+        assert!(
+            committed.iter().all(|id| have.contains(id)),
+            "{} lost commits",
+            name
+        );
     }
     assert_eq!(c.client(0).status().await.unwrap().timeline, Some(3));
     let metrics = c.agent(1).metrics().await.unwrap();
-    assert!(metrics.contains("pgpilot_switchovers_total{outcome=\"succeeded\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("pgpilot_switchovers_total{outcome=\"succeeded\"} 1"),
+        "{metrics}"
+    );
 }
 
 async fn refusals_change_nothing(major: u32) {
@@ -288,15 +350,29 @@ async fn refusals_change_nothing(major: u32) {
     })
     .await;
     let check = |r: Result<_, _>, code: u16, words: &str| {
-        let (status, body) = api_error(r.map(|_: pgpilot_common::api::SwitchoverResponse| ()).unwrap_err());
+        let (status, body) = api_error(
+            r.map(|_: pgpilot_common::api::SwitchoverResponse| ())
+                .unwrap_err(),
+        );
         assert_eq!(status, code, "{body:?}");
-        assert!(body.message.contains(words), "{body:?} should say {words:?}");
+        assert!(
+            body.message.contains(words),
+            "{body:?} should say {words:?}"
+        );
     };
     let to = |n: &str| SwitchoverRequest {
         candidate: Some(n.into()),
     };
-    check(c.client(0).switchover(&to("nobody")).await, 404, "unknown candidate nobody");
-    check(c.client(0).switchover(&to("n1")).await, 400, "this primary itself");
+    check(
+        c.client(0).switchover(&to("nobody")).await,
+        404,
+        "unknown candidate nobody",
+    );
+    check(
+        c.client(0).switchover(&to("n1")).await,
+        400,
+        "this primary itself",
+    );
     check(c.client(1).switchover(&to("n3")).await, 409, "replica");
     // follow to self, follow on a primary
     let (code, body) = api_error(
@@ -366,23 +442,35 @@ async fn a_candidate_killed_midway_leaves_the_old_primary_serving(major: u32) {
     let (code, body) = api_error(err);
     assert_eq!(code, 500, "{body:?}");
     assert!(body.message.contains("failed at step confirm"), "{body:?}");
-    assert!(body.message.contains("started again as the primary"), "{body:?}");
+    assert!(
+        body.message.contains("started again as the primary"),
+        "{body:?}"
+    );
     wait_status(&mut c, 0, "primary again", |s| {
-        s.state == AgentState::Running { role: Role::Primary }
+        s.state
+            == AgentState::Running {
+                role: Role::Primary,
+            }
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let committed = writer.await.unwrap();
     let have = ids(&c, 0).await;
-    assert!(committed.iter().all(|id| have.contains(id)), "lost commits on n1");
+    assert!(
+        committed.iter().all(|id| have.contains(id)),
+        "lost commits on n1"
+    );
     // Writes resumed after the failed switchover.
     let before = committed.len();
     assert!(before > 0);
     let s = c.client(0).status().await.unwrap();
     assert_eq!(s.timeline, Some(1), "no promotion happened anywhere");
     let metrics = c.agent(0).metrics().await.unwrap();
-    assert!(metrics.contains("pgpilot_switchovers_total{outcome=\"failed\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("pgpilot_switchovers_total{outcome=\"failed\"} 1"),
+        "{metrics}"
+    );
 }
 
 pgpilot_test_support::per_major!(

@@ -206,12 +206,11 @@ pub fn admit(s: &Situation, cmd: &Command) -> Result<Step, AgentError> {
                 "a running primary does not follow another: demote it first, or run a switchover"
                     .into(),
             ),
-            S::Recovering => refuse(restore_msg(restore).unwrap_or_else(|| {
-                "a restore replays WAL; follow once it is done".into()
-            })),
-            S::Starting | S::Stopping => {
-                refuse(format!("Postgres is {st}; retry once it settles"))
-            }
+            S::Recovering => refuse(
+                restore_msg(restore)
+                    .unwrap_or_else(|| "a restore replays WAL; follow once it is done".into()),
+            ),
+            S::Starting | S::Stopping => refuse(format!("Postgres is {st}; retry once it settles")),
             S::Initializing | S::Bootstrapping { .. } | S::Restoring => {
                 refuse(restore_msg(restore).unwrap_or_else(|| not_yet("a follow")))
             }
@@ -615,27 +614,93 @@ mod tests {
     /// The replication columns: register, promote, demote, follow, switchover.
     const EXPECTED_REPARENT: &[[&str; 5]] = &[
         // Initializing
-        ["409:register with a running primary", "409:only a running replica", "409:needs a running primary", "409:not ready", "409:needs a running primary"],
+        [
+            "409:register with a running primary",
+            "409:only a running replica",
+            "409:needs a running primary",
+            "409:not ready",
+            "409:needs a running primary",
+        ],
         // Bootstrapping
-        ["409:register with a running primary", "409:only a running replica", "409:needs a running primary", "409:not ready", "409:needs a running primary"],
+        [
+            "409:register with a running primary",
+            "409:only a running replica",
+            "409:needs a running primary",
+            "409:not ready",
+            "409:needs a running primary",
+        ],
         // Restoring (restore in flight)
-        ["409:register with a running primary", "409:only a running replica", "409:restore B1 is in progress", "409:restore of backup B1", "409:restore B1 is in progress"],
+        [
+            "409:register with a running primary",
+            "409:only a running replica",
+            "409:restore B1 is in progress",
+            "409:restore of backup B1",
+            "409:restore B1 is in progress",
+        ],
         // Starting
-        ["409:register with a running primary", "409:only a running replica", "409:needs a running primary", "409:retry once it settles", "409:needs a running primary"],
+        [
+            "409:register with a running primary",
+            "409:only a running replica",
+            "409:needs a running primary",
+            "409:retry once it settles",
+            "409:needs a running primary",
+        ],
         // Recovering (restore in flight)
-        ["409:register with a running primary", "409:promotes at its target", "409:restore B1 is in progress", "409:restore of backup B1", "409:restore B1 is in progress"],
+        [
+            "409:register with a running primary",
+            "409:promotes at its target",
+            "409:restore B1 is in progress",
+            "409:restore of backup B1",
+            "409:restore B1 is in progress",
+        ],
         // Running(Primary)
-        ["register", "409:already the primary", "demote", "409:demote it first", "switchover"],
+        [
+            "register",
+            "409:already the primary",
+            "demote",
+            "409:demote it first",
+            "switchover",
+        ],
         // Running(Primary), backup in flight
-        ["register", "409:already the primary", "409:backup B1 is in progress", "409:demote it first", "409:backup B1 is in progress"],
+        [
+            "register",
+            "409:already the primary",
+            "409:backup B1 is in progress",
+            "409:demote it first",
+            "409:backup B1 is in progress",
+        ],
         // Running(Replica)
-        ["409:register with a running primary", "promote", "409:runs on the shard's primary", "follow", "409:runs on the shard's primary"],
+        [
+            "409:register with a running primary",
+            "promote",
+            "409:runs on the shard's primary",
+            "follow",
+            "409:runs on the shard's primary",
+        ],
         // Stopping
-        ["409:register with a running primary", "409:only a running replica", "409:needs a running primary", "409:retry once it settles", "409:needs a running primary"],
+        [
+            "409:register with a running primary",
+            "409:only a running replica",
+            "409:needs a running primary",
+            "409:retry once it settles",
+            "409:needs a running primary",
+        ],
         // Stopped
-        ["409:register with a running primary", "409:only a running replica", "409:needs a running primary", "follow", "409:needs a running primary"],
+        [
+            "409:register with a running primary",
+            "409:only a running replica",
+            "409:needs a running primary",
+            "follow",
+            "409:needs a running primary",
+        ],
         // Failed
-        ["409:register with a running primary", "409:only a running replica", "409:needs a running primary", "follow", "409:needs a running primary"],
+        [
+            "409:register with a running primary",
+            "409:only a running replica",
+            "409:needs a running primary",
+            "follow",
+            "409:needs a running primary",
+        ],
     ];
 
     #[test]
@@ -650,8 +715,14 @@ mod tests {
                 "state {name} has no row"
             );
         }
-        assert_eq!(situations.len(), EXPECTED_REPARENT.len(), "one row per situation");
-        for (((row, s), expected), reparent) in situations.iter().zip(EXPECTED).zip(EXPECTED_REPARENT) {
+        assert_eq!(
+            situations.len(),
+            EXPECTED_REPARENT.len(),
+            "one row per situation"
+        );
+        for (((row, s), expected), reparent) in
+            situations.iter().zip(EXPECTED).zip(EXPECTED_REPARENT)
+        {
             let expected: Vec<&str> = expected.iter().chain(reparent.iter()).copied().collect();
             assert_eq!(commands.len(), expected.len());
             for ((col, c), want) in commands.iter().zip(expected.iter()) {

@@ -64,9 +64,7 @@ enum OpTask {
         cancel: CancellationToken,
     },
     /// A planned switchover (carried out inline by the executor; recorded for `/v1/status`).
-    Live {
-        op: LiveOp,
-    },
+    Live { op: LiveOp },
     Restore {
         plan: Box<RestorePlan>,
         progress: restore::Progress,
@@ -501,7 +499,10 @@ impl Executor {
             Ok(s) => s,
             Err(e) => {
                 return self.crashed(
-                    format!("cannot prepare {} for its role: {e}", cfg.data_dir.display()),
+                    format!(
+                        "cannot prepare {} for its role: {e}",
+                        cfg.data_dir.display()
+                    ),
                     false,
                 );
             }

@@ -283,7 +283,8 @@ impl Handle {
                 "a switchover is already in progress on this agent",
             ));
         };
-        self.request(|reply| Request::Switchover { req, reply }).await
+        self.request(|reply| Request::Switchover { req, reply })
+            .await
     }
 }
 

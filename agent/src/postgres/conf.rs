@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
-use crate::replication::StandbyConf;
 use crate::files::{self, sh_quote};
+use crate::replication::StandbyConf;
 
 pub use crate::files::INCLUDE_FILE;
 const INCLUDE_LINE: &str =

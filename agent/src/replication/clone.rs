@@ -25,10 +25,7 @@ pub enum CloneError {
     #[error("preparing the data dir: {0}")]
     Prepare(String),
     #[error("cannot run {tool}: {cause}")]
-    Spawn {
-        tool: String,
-        cause: std::io::Error,
-    },
+    Spawn { tool: String, cause: std::io::Error },
     #[error("restoring the newest backup: {0}")]
     Restore(String),
     #[error("pg_basebackup from {host}:{port} failed ({status}): {output}")]
@@ -68,7 +65,12 @@ pub async fn clone_from_primary(
         .arg(&cfg.data_dir)
         .arg("--dbname")
         .arg(&conninfo)
-        .args(["--wal-method=stream", "--checkpoint=fast", "--progress", "--no-password"])
+        .args([
+            "--wal-method=stream",
+            "--checkpoint=fast",
+            "--progress",
+            "--no-password",
+        ])
         .arg("--slot")
         .arg(&upstream.slot)
         .env("PGPASSFILE", pgpass_path(cfg))
@@ -194,7 +196,10 @@ fn last_progress(text: &str) -> Option<(u64, u64)> {
         let kb = line.find(" kB")?;
         let head = line[..kb].trim();
         let (done, total) = head.rsplit(' ').next()?.split_once('/')?;
-        Some((done.parse::<u64>().ok()? * 1024, total.parse::<u64>().ok()? * 1024))
+        Some((
+            done.parse::<u64>().ok()? * 1024,
+            total.parse::<u64>().ok()? * 1024,
+        ))
     })
 }
 

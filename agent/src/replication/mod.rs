@@ -245,8 +245,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pgpass");
         write_pgpass(&p, &[("replicator", "a:b\\c")], None).unwrap();
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "*:*:*:replicator:a\\:b\\\\c\n");
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "*:*:*:replicator:a\\:b\\\\c\n"
+        );
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

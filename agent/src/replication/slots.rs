@@ -92,13 +92,28 @@ mod tests {
         let grace = Duration::from_secs(60);
         let s = [slot("pgpilot_a", false), slot("pgpilot_b", true)];
         assert!(k.expired(&s, grace, t0).is_empty());
-        assert!(k.expired(&s, grace, t0 + Duration::from_secs(59)).is_empty());
-        assert_eq!(k.expired(&s, grace, t0 + Duration::from_secs(60)), vec!["pgpilot_a"]);
+        assert!(
+            k.expired(&s, grace, t0 + Duration::from_secs(59))
+                .is_empty()
+        );
+        assert_eq!(
+            k.expired(&s, grace, t0 + Duration::from_secs(60)),
+            vec!["pgpilot_a"]
+        );
         // Active again: the clock starts over.
         let active = [slot("pgpilot_a", true)];
-        assert!(k.expired(&active, grace, t0 + Duration::from_secs(61)).is_empty());
-        assert!(k.expired(&s, grace, t0 + Duration::from_secs(62)).is_empty());
-        assert_eq!(k.inactive_for("pgpilot_a", t0 + Duration::from_secs(70)), Some(8));
+        assert!(
+            k.expired(&active, grace, t0 + Duration::from_secs(61))
+                .is_empty()
+        );
+        assert!(
+            k.expired(&s, grace, t0 + Duration::from_secs(62))
+                .is_empty()
+        );
+        assert_eq!(
+            k.inactive_for("pgpilot_a", t0 + Duration::from_secs(70)),
+            Some(8)
+        );
         // Zero grace (a replica's leftovers): at once.
         let mut k = SlotKeeper::default();
         assert_eq!(k.expired(&s, Duration::ZERO, t0), vec!["pgpilot_a"]);

@@ -121,7 +121,10 @@ pub async fn receiver(client: &Client) -> Result<ReceiverStatus, tokio_postgres:
 /// The database system identifier (the same on a primary and every replica cloned from it).
 pub async fn system_identifier(client: &Client) -> Result<String, tokio_postgres::Error> {
     let row = client
-        .query_one("SELECT system_identifier::text FROM pg_control_system()", &[])
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
         .await?;
     Ok(row.get(0))
 }

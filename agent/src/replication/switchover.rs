@@ -79,17 +79,19 @@ pub fn choose(
     let mut why_not = Vec::new();
     let best = replicas
         .iter()
-        .filter(|r| match (registry.replicas.contains_key(&r.name), healthy(r)) {
-            (false, _) => {
-                why_not.push(format!("{} never registered with this agent", r.name));
-                false
-            }
-            (true, Err(why)) => {
-                why_not.push(why);
-                false
-            }
-            (true, Ok(())) => true,
-        })
+        .filter(
+            |r| match (registry.replicas.contains_key(&r.name), healthy(r)) {
+                (false, _) => {
+                    why_not.push(format!("{} never registered with this agent", r.name));
+                    false
+                }
+                (true, Err(why)) => {
+                    why_not.push(why);
+                    false
+                }
+                (true, Ok(())) => true,
+            },
+        )
         .max_by_key(|r| r.flush_lsn.as_deref().and_then(lsn).unwrap_or(0));
     match best {
         Some(r) => Ok(Candidate {
@@ -160,21 +162,45 @@ mod tests {
     #[test]
     fn refusals_name_what_is_wrong() {
         let reg = registry(&["a", "b"]);
-        let v = [view("a", "streaming", "0/300", 10_000), view("b", "catchup", "0/100", 0)];
+        let v = [
+            view("a", "streaming", "0/300", 10_000),
+            view("b", "catchup", "0/100", 0),
+        ];
         let err = |r: Result<Candidate, AgentError>| r.unwrap_err();
         let e = err(choose(Some("zz"), "p", &v, &reg, 100));
-        assert!(matches!(&e, AgentError::NotFound(m) if m.contains("unknown candidate zz") && m.contains("a, b")), "{e}");
+        assert!(
+            matches!(&e, AgentError::NotFound(m) if m.contains("unknown candidate zz") && m.contains("a, b")),
+            "{e}"
+        );
         let e = err(choose(Some("p"), "p", &v, &reg, 100));
-        assert!(matches!(&e, AgentError::BadRequest(m) if m.contains("this primary itself")), "{e}");
+        assert!(
+            matches!(&e, AgentError::BadRequest(m) if m.contains("this primary itself")),
+            "{e}"
+        );
         let e = err(choose(Some("a"), "p", &v, &reg, 100));
-        assert!(matches!(&e, AgentError::PreconditionFailed(m) if m.contains("lags 10000 bytes")), "{e}");
+        assert!(
+            matches!(&e, AgentError::PreconditionFailed(m) if m.contains("lags 10000 bytes")),
+            "{e}"
+        );
         let e = err(choose(Some("b"), "p", &v, &reg, 100));
-        assert!(matches!(&e, AgentError::PreconditionFailed(m) if m.contains("not streaming (state catchup)")), "{e}");
+        assert!(
+            matches!(&e, AgentError::PreconditionFailed(m) if m.contains("not streaming (state catchup)")),
+            "{e}"
+        );
         let e = err(choose(None, "p", &v, &reg, 100));
-        assert!(matches!(&e, AgentError::PreconditionFailed(m) if m.contains("no healthy streaming replica")), "{e}");
+        assert!(
+            matches!(&e, AgentError::PreconditionFailed(m) if m.contains("no healthy streaming replica")),
+            "{e}"
+        );
         let e = err(choose(None, "p", &[], &Registry::default(), 100));
-        assert!(matches!(&e, AgentError::PreconditionFailed(m) if m.contains("no replica has registered")), "{e}");
+        assert!(
+            matches!(&e, AgentError::PreconditionFailed(m) if m.contains("no replica has registered")),
+            "{e}"
+        );
         let e = err(choose(Some("b"), "p", &[], &reg, 100));
-        assert!(matches!(&e, AgentError::PreconditionFailed(m) if m.contains("not connected")), "{e}");
+        assert!(
+            matches!(&e, AgentError::PreconditionFailed(m) if m.contains("not connected")),
+            "{e}"
+        );
     }
 }

@@ -13,9 +13,9 @@ use pgpilot_common::state::{AgentState, Operation, OperationKind, Outcome, Progr
 use tokio_util::sync::CancellationToken;
 
 use super::{Executor, OpTask};
+use crate::config::CloneFrom;
 use crate::core::admission::Step;
 use crate::core::{OpRecord, Request};
-use crate::config::CloneFrom;
 use crate::error::AgentError;
 use crate::postgres::conf;
 use crate::replication::clone::{self, LiveOp};
@@ -132,9 +132,16 @@ impl Executor {
     /// Re-renders pgpilot.conf for the current role; returns the settings that changed.
     fn render_conf(&self) -> Result<Vec<String>, String> {
         let cfg = &self.ctx.cfg;
-        let params = cfg.reread_parameters().unwrap_or_else(|_| cfg.parameters.clone());
-        conf::render_all(cfg, &params, self.standby_conf().as_ref(), self.ctx.owner.as_ref())
-            .map_err(|e| format!("cannot render configuration: {e}"))
+        let params = cfg
+            .reread_parameters()
+            .unwrap_or_else(|_| cfg.parameters.clone());
+        conf::render_all(
+            cfg,
+            &params,
+            self.standby_conf().as_ref(),
+            self.ctx.owner.as_ref(),
+        )
+        .map_err(|e| format!("cannot render configuration: {e}"))
     }
 
     /// Registers with the primary at `url`: it creates this replica's slot and says where its
@@ -261,7 +268,9 @@ impl Executor {
             }
             Request::Follow { req, reply } => {
                 // Bad input before state: following oneself is never right.
-                let r = if req.primary.trim_end_matches('/') == self.ctx.cfg.replication.advertise_url {
+                let r = if req.primary.trim_end_matches('/')
+                    == self.ctx.cfg.replication.advertise_url
+                {
                     Err(AgentError::BadRequest(format!(
                         "{} is this agent's own URL: an instance does not follow itself",
                         req.primary
@@ -314,10 +323,15 @@ impl Executor {
         if let Err(e) = pgpilot_common::client::check_agent_url(&req.api_url) {
             return Err(AgentError::BadRequest(format!("api_url: {e}")));
         }
-        let fail = |e: &dyn std::fmt::Display| AgentError::Failed(format!("registering replica {}: {e}", req.name));
+        let fail = |e: &dyn std::fmt::Display| {
+            AgentError::Failed(format!("registering replica {}: {e}", req.name))
+        };
         let client = ctx.monitor.client().await.map_err(|e| fail(&e))?;
         let slot = replication::slot_name(&req.name);
-        if rsql::ensure_slot(&client, &slot).await.map_err(|e| fail(&e))? {
+        if rsql::ensure_slot(&client, &slot)
+            .await
+            .map_err(|e| fail(&e))?
+        {
             tracing::info!(replica = %req.name, %slot, "replication slot created");
         }
         self.repl.slots.forget(&slot);
@@ -371,7 +385,11 @@ impl Executor {
         }
         ctx.leadership
             .set_leader(Some(&ctx.cfg.replication.advertise_url))
-            .map_err(|e| AgentError::Failed(format!("promoted, but the leader record was not written: {e}")))?;
+            .map_err(|e| {
+                AgentError::Failed(format!(
+                    "promoted, but the leader record was not written: {e}"
+                ))
+            })?;
         self.repl.upstream = None;
         let _ = std::fs::remove_file(replication::upstream_path(&ctx.cfg));
         if let Err(e) = self.render_conf() {
@@ -460,9 +478,9 @@ impl Executor {
             .client()
             .await
             .map_err(|e| AgentError::Failed(format!("switchover: {e}")))?;
-        let views = rsql::replicas(&client)
-            .await
-            .map_err(|e| AgentError::Failed(format!("switchover: reading pg_stat_replication: {e}")))?;
+        let views = rsql::replicas(&client).await.map_err(|e| {
+            AgentError::Failed(format!("switchover: reading pg_stat_replication: {e}"))
+        })?;
         let cand = switchover::choose(
             req.candidate.as_deref(),
             &cfg.replication.name,
@@ -494,7 +512,11 @@ impl Executor {
         self.op = None;
         self.last_op = Some(OpRecord::Live(op.clone()));
         clone::finish(&op, result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-        let outcome = if result.is_ok() { "succeeded" } else { "failed" };
+        let outcome = if result.is_ok() {
+            "succeeded"
+        } else {
+            "failed"
+        };
         ctx.metrics
             .replication
             .switchovers
@@ -538,10 +560,17 @@ impl Executor {
             match tokio::time::timeout(Duration::from_secs(2), cand_client.status()).await {
                 Ok(Ok(st)) => {
                     let received = received_lsn(&st);
-                    if received.as_deref().and_then(replication::lsn).is_some_and(|r| r > needed) {
+                    if received
+                        .as_deref()
+                        .and_then(replication::lsn)
+                        .is_some_and(|r| r > needed)
+                    {
                         break;
                     }
-                    last = format!("it reports {} received", received.unwrap_or_else(|| "nothing".into()));
+                    last = format!(
+                        "it reports {} received",
+                        received.unwrap_or_else(|| "nothing".into())
+                    );
                 }
                 Ok(Err(e)) => last = e.to_string(),
                 Err(_) => last = "its agent did not answer within 2 s".into(),
@@ -773,7 +802,9 @@ impl Executor {
                 }
             }
             Ok(Err(e)) => self.warn_now_and_then(e),
-            Err(_) => self.warn_now_and_then(format!("registering with the primary at {leader}: no answer within 3 s")),
+            Err(_) => self.warn_now_and_then(format!(
+                "registering with the primary at {leader}: no answer within 3 s"
+            )),
         }
     }
 
