@@ -24,9 +24,10 @@ use pgpilot_test_support::store::BackupStore;
 const SHARD: &str = "0";
 
 /// A primary `n1` and replicas `n2`, `n3` cloned from it, all running.
-async fn shard(major: u32, env: &[(&str, &str)]) -> ClusterFixture {
+async fn shard(major: u32, env: &[(&str, &str)], primary_toml: &str) -> ClusterFixture {
     let mut c = ClusterFixture::new(agent_bin!(), major, BackupStore::file().unwrap());
-    c.add_instance("n1", None, SHARD, "", env).unwrap();
+    c.add_instance("n1", None, SHARD, primary_toml, env)
+        .unwrap();
     c.start_all().await.unwrap();
     let db = c.sql(0).await.unwrap();
     db.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY)")
@@ -201,7 +202,7 @@ async fn switchover(c: &mut ClusterFixture, from: usize, to: usize, names: [&str
 }
 
 async fn streams_switches_over_and_back_without_losing_a_commit(major: u32) {
-    let mut c = shard(major, &[]).await;
+    let mut c = shard(major, &[], "").await;
     let names = ["n1", "n2", "n3"];
     // The primary's view: both replicas stream through their own active slots.
     let s = wait_status(&mut c, 0, "two streaming replicas", |s| {
@@ -342,7 +343,7 @@ async fn streams_switches_over_and_back_without_losing_a_commit(major: u32) {
 }
 
 async fn refusals_change_nothing(major: u32) {
-    let mut c = shard(major, &[]).await;
+    let mut c = shard(major, &[], "max_lag_bytes = 65536\n").await;
     wait_status(&mut c, 0, "two streaming replicas", |s| {
         s.replication
             .as_ref()
@@ -398,6 +399,29 @@ async fn refusals_change_nothing(major: u32) {
     assert_eq!(code, 409);
     let (code, _) = api_error(c.client(1).demote().await.unwrap_err());
     assert_eq!(code, 409);
+    // A candidate that lags: n3 stops replaying while the primary writes.
+    let n3 = c.sql(2).await.unwrap();
+    n3.batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    c.sql(0)
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 20000)")
+        .await
+        .unwrap();
+    wait_status(&mut c, 0, "n3 lagging", |s| {
+        s.replication.as_ref().is_some_and(|r| {
+            r.replicas
+                .iter()
+                .any(|v| v.name == "n3" && v.lag_bytes.is_some_and(|l| l > 65536))
+        })
+    })
+    .await;
+    check(c.client(0).switchover(&to("n3")).await, 412, "n3 lags");
+    n3.batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
     // Nothing changed.
     assert_eq!(c.agent(0).get_status("/primary").await.unwrap(), 200);
     for i in 1..3 {
@@ -409,7 +433,7 @@ async fn refusals_change_nothing(major: u32) {
 /// primary again and every acknowledged commit is there.
 async fn a_candidate_killed_midway_leaves_the_old_primary_serving(major: u32) {
     let env = [("PGPILOT_TEST_SWITCHOVER_PAUSE_MS", "2000")];
-    let mut c = shard(major, &env).await;
+    let mut c = shard(major, &env, "").await;
     wait_status(&mut c, 0, "two streaming replicas", |s| {
         s.replication
             .as_ref()
@@ -473,7 +497,69 @@ async fn a_candidate_killed_midway_leaves_the_old_primary_serving(major: u32) {
     );
 }
 
+/// A stopped replica's slot keeps the WAL it needs, and it catches up on return; stopped past
+/// `slot_grace_secs`, its slot is dropped (metric, registration gone), and on return it
+/// registers again and catches up from the archive through restore_command.
+async fn a_gone_replica_is_kept_for_the_grace_then_let_go(major: u32) {
+    let mut c = shard(major, &[], "slot_grace_secs = 15\n").await;
+    let slot_of = |s: &StatusResponse, name: &str| {
+        s.replication
+            .as_ref()
+            .and_then(|r| r.slots.iter().find(|x| x.name == name).cloned())
+    };
+    let db = c.sql(0).await.unwrap();
+    // Stopped for a while, within the grace: the slot holds the WAL written meanwhile.
+    c.agent(2).signal_agent(Signal::SIGTERM).unwrap();
+    c.agent_mut(2).wait_exit(LONG).unwrap();
+    db.batch_execute("INSERT INTO t SELECT generate_series(1, 20000)")
+        .await
+        .unwrap();
+    wait_status(&mut c, 0, "inactive slot retaining WAL", |s| {
+        slot_of(s, "pgpilot_n3")
+            .is_some_and(|x| !x.active && x.retained_bytes.unwrap_or(0) > 1_000_000)
+    })
+    .await;
+    c.agent_mut(2).spawn().unwrap();
+    wait_status(&mut c, 2, "streaming after the restart", streaming).await;
+    caught_up(&mut c, 0).await;
+    assert_eq!(ids(&c, 2).await.len(), 20000);
+    // Stopped past the grace: the slot goes, with a metric.
+    c.agent(2).signal_agent(Signal::SIGTERM).unwrap();
+    c.agent_mut(2).wait_exit(LONG).unwrap();
+    wait_status(&mut c, 0, "slot dropped", |s| {
+        s.replication
+            .as_ref()
+            .is_some_and(|r| !r.slots.iter().any(|x| x.name == "pgpilot_n3"))
+    })
+    .await;
+    let metrics = c.agent(0).metrics().await.unwrap();
+    assert!(
+        metrics.contains("pgpilot_replication_slots_dropped_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        c.logs(0).contains("dropped replication slot"),
+        "{}",
+        c.logs(0)
+    );
+    // The WAL it missed is only in the archive now.
+    db.batch_execute("INSERT INTO t SELECT generate_series(20001, 40000)")
+        .await
+        .unwrap();
+    c.agent(0).switch_wal_and_wait_archived(LONG).await.unwrap();
+    db.batch_execute("CHECKPOINT").await.unwrap();
+    c.agent_mut(2).spawn().unwrap();
+    wait_status(&mut c, 2, "streaming after re-registering", streaming).await;
+    wait_status(&mut c, 0, "slot recreated and active", |s| {
+        slot_of(s, "pgpilot_n3").is_some_and(|x| x.active)
+    })
+    .await;
+    caught_up(&mut c, 0).await;
+    assert_eq!(ids(&c, 2).await.len(), 40000);
+}
+
 pgpilot_test_support::per_major!(
+    a_gone_replica_is_kept_for_the_grace_then_let_go,
     streams_switches_over_and_back_without_losing_a_commit,
     refusals_change_nothing,
     a_candidate_killed_midway_leaves_the_old_primary_serving,

@@ -442,9 +442,6 @@ pub struct SlotView {
     pub active: bool,
     /// WAL bytes the slot keeps on the primary (current position minus `restart_lsn`).
     pub retained_bytes: Option<u64>,
-    /// Seconds the slot has been inactive, as far as this agent has seen.
-    #[serde(default)]
-    pub inactive_seconds: Option<u64>,
 }
 
 /// `POST /v1/replicas`: a replica registers with its primary, which creates its slot.

@@ -143,7 +143,6 @@ impl From<&Slot> for SlotView {
             name: s.name.clone(),
             active: s.active,
             retained_bytes: s.retained_bytes,
-            inactive_seconds: None,
         }
     }
 }
