@@ -101,6 +101,14 @@ enum Command {
         /// The primary's agent API URL, e.g. http://10.0.0.5:8008.
         primary: String,
     },
+    /// Throw this replica's data dir away and clone its primary again.
+    Reinitialize {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The primary to clone and follow (agent API URL); default: the one recorded.
+        #[arg(long)]
+        primary: Option<String>,
+    },
     /// Print the OpenAPI document of the agent's HTTP API.
     Openapi,
     /// archive_command: archive one WAL file (`%p`); exit 0 only once stored and verified.
@@ -379,6 +387,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             for n in &r.not_followed {
                 println!("not re-pointed: {n}");
             }
+            Ok(())
+        }
+        Command::Reinitialize { api, primary } => {
+            eprintln!("reinitializing: cloning the primary again ...");
+            let r = api
+                .client(true)?
+                .reinitialize(&pgpilot_common::api::ReinitializeRequest { primary })
+                .await
+                .context("reinitialize")?;
+            println!(
+                "reinitialized; following {}; agent state {}",
+                r.upstream.as_deref().unwrap_or("-"),
+                r.state
+            );
             Ok(())
         }
         Command::Promote { api } => {

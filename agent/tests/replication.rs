@@ -26,21 +26,24 @@ const SHARD: &str = "0";
 /// A primary `n1` and replicas `n2`, `n3` cloned from it, all running.
 async fn shard(major: u32, env: &[(&str, &str)], primary_toml: &str) -> ClusterFixture {
     let mut c = ClusterFixture::new(agent_bin!(), major, BackupStore::file().unwrap());
-    c.add_instance("n1", None, SHARD, primary_toml, env)
+    // The npm server packages of some majors have no pg_basebackup: those instances clone from
+    // the store's newest backup instead (both ways are tested: 15 streams, 18 restores).
+    let from_backup = !bin_dir(major).unwrap().join("pg_basebackup").exists();
+    let clone = if from_backup {
+        "clone_from = \"backup\"\n"
+    } else {
+        ""
+    };
+    c.add_instance("n1", None, SHARD, &format!("{primary_toml}{clone}"), env)
         .unwrap();
     c.start_all().await.unwrap();
     let db = c.sql(0).await.unwrap();
     db.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY)")
         .await
         .unwrap();
-    // The npm server packages of some majors have no pg_basebackup: those replicas clone from
-    // the store's newest backup instead (both ways are tested: 15 streams, 18 restores).
-    let clone = if bin_dir(major).unwrap().join("pg_basebackup").exists() {
-        ""
-    } else {
+    if from_backup {
         c.agent(0).take_backup().await.unwrap();
-        "clone_from = \"backup\"\n"
-    };
+    }
     c.add_instance("n2", Some(0), SHARD, clone, env).unwrap();
     c.add_instance("n3", Some(0), SHARD, clone, env).unwrap();
     c.start_all().await.unwrap();
@@ -558,7 +561,85 @@ async fn a_gone_replica_is_kept_for_the_grace_then_let_go(major: u32) {
     assert_eq!(ids(&c, 2).await.len(), 40000);
 }
 
+/// Two writers by operator error: n2 is promoted while n1 still takes writes. n1, demoted and
+/// told to follow n2, has diverged: it is rewound (pg_rewind) where the binary exists, and
+/// otherwise the follow is refused with a pointer to reinitialize, which clones n2 again. Either
+/// way n1 ends as a replica of n2 with exactly n2's rows, and never as a second primary.
+async fn a_diverged_former_primary_is_rewound_or_reinitialized(major: u32) {
+    let mut c = shard(major, &[], "").await;
+    let n1 = c.sql(0).await.unwrap();
+    n1.batch_execute("INSERT INTO t SELECT generate_series(1, 100)")
+        .await
+        .unwrap();
+    caught_up(&mut c, 0).await;
+    let r = c.client(1).promote().await.unwrap();
+    assert_eq!(
+        r.state,
+        AgentState::Running {
+            role: Role::Primary
+        }
+    );
+    assert_eq!(r.timeline, Some(2));
+    // Both write: n1's rows after the fork exist nowhere else.
+    n1.batch_execute("INSERT INTO t SELECT generate_series(101, 5000)")
+        .await
+        .unwrap();
+    c.sql(1)
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO t SELECT generate_series(10001, 10100)")
+        .await
+        .unwrap();
+    let r = c.client(0).demote().await.unwrap();
+    assert!(r.checkpoint_lsn.is_some());
+    wait_status(&mut c, 0, "standby", |s| {
+        s.state
+            == AgentState::Running {
+                role: Role::Replica,
+            }
+    })
+    .await;
+    assert_eq!(c.agent(0).get_status("/primary").await.unwrap(), 503);
+    let n2_url = format!("http://{}", c.agent(1).api);
+    let follow = FollowRequest {
+        primary: n2_url.clone(),
+    };
+    let rewind = bin_dir(major).unwrap().join("pg_rewind").exists();
+    match c.client(0).follow(&follow).await {
+        Ok(_) => assert!(rewind, "followed without the rewind it needs"),
+        Err(e) => {
+            assert!(!rewind, "{e}\n{}", c.logs(0));
+            let (code, body) = api_error(e);
+            assert_eq!(code, 422, "{body:?}");
+            assert!(
+                body.message.contains("past") && body.message.contains("reinitialize"),
+                "{body:?}"
+            );
+            // Refused: still a standby, not a writer.
+            assert_eq!(c.agent(0).get_status("/primary").await.unwrap(), 503);
+            let req = pgpilot_common::api::ReinitializeRequest {
+                primary: Some(n2_url.clone()),
+            };
+            let r = c
+                .client(0)
+                .reinitialize(&req)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", c.logs(0)));
+            assert_eq!(r.upstream.as_deref(), Some(n2_url.as_str()));
+        }
+    }
+    wait_status(&mut c, 0, "streaming from n2", |s| {
+        streaming(s) && s.replication.as_ref().and_then(|r| r.upstream.as_deref()) == Some(&n2_url)
+    })
+    .await;
+    caught_up(&mut c, 1).await;
+    let (on1, on2) = (ids(&c, 0).await, ids(&c, 1).await);
+    assert_eq!(on1, on2, "n1 holds exactly n2's rows");
+    assert!(!on1.contains(&101) && on1.contains(&10001));
+}
+
 pgpilot_test_support::per_major!(
+    a_diverged_former_primary_is_rewound_or_reinitialized,
     a_gone_replica_is_kept_for_the_grace_then_let_go,
     streams_switches_over_and_back_without_losing_a_commit,
     refusals_change_nothing,

@@ -467,6 +467,17 @@ pub struct RegisterReplicaResponse {
     /// The primary's database system identifier: a replica of another cluster cannot follow it.
     pub system_identifier: String,
     pub timeline: u32,
+    /// The primary's timeline history (its `.history` file): where each earlier timeline
+    /// ended. A follower on one of those timelines that wrote past its end has diverged.
+    #[serde(default)]
+    pub history: Vec<TimelineSwitch>,
+}
+
+/// One line of a timeline history file: `timeline` ended at `switchpoint`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TimelineSwitch {
+    pub timeline: u32,
+    pub switchpoint: String,
 }
 
 /// `POST /v1/switchover`.
@@ -507,6 +518,15 @@ pub struct SwitchoverResponse {
 pub struct FollowRequest {
     /// The agent API URL of the primary to follow.
     pub primary: String,
+}
+
+/// `POST /v1/reinitialize` (all optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReinitializeRequest {
+    /// The agent API URL of the primary to clone and follow; default: the one recorded.
+    #[serde(default)]
+    pub primary: Option<String>,
 }
 
 /// Answer to `POST /v1/promote`, `/v1/demote` and `/v1/follow`.

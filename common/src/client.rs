@@ -8,9 +8,10 @@ use serde::de::DeserializeOwned;
 
 use crate::api::{
     BackupList, BackupProgress, BackupRequest, ErrorBody, FollowRequest, LifecycleResponse,
-    RegisterReplicaRequest, RegisterReplicaResponse, ReloadResponse, ReparentResponse,
-    RestoreAccepted, RestoreRequest, ShutdownRequest, StatusResponse, SwitchoverRequest,
-    SwitchoverResponse, WalFetchRequest, WalFetchResponse, WalPushRequest, WalPushResponse,
+    RegisterReplicaRequest, RegisterReplicaResponse, ReinitializeRequest, ReloadResponse,
+    ReparentResponse, RestoreAccepted, RestoreRequest, ShutdownRequest, StatusResponse,
+    SwitchoverRequest, SwitchoverResponse, WalFetchRequest, WalFetchResponse, WalPushRequest,
+    WalPushResponse,
 };
 
 /// What a call to the agent can end in, besides success.
@@ -150,6 +151,14 @@ impl AgentClient {
 
     pub async fn follow(&self, req: &FollowRequest) -> Result<ReparentResponse, ClientError> {
         self.call(Method::POST, "/v1/follow", Some(req)).await
+    }
+
+    /// Throws away this replica's data dir and clones its primary again.
+    pub async fn reinitialize(
+        &self,
+        req: &ReinitializeRequest,
+    ) -> Result<ReparentResponse, ClientError> {
+        self.call(Method::POST, "/v1/reinitialize", Some(req)).await
     }
 
     async fn call<B: Serialize, T: DeserializeOwned>(

@@ -26,6 +26,18 @@ impl fmt::Display for Lsn {
     }
 }
 
+/// The lines of a timeline history file (`parentTLI<TAB>switchpoint<TAB>reason`): each
+/// earlier timeline and the LSN where it ended.
+pub fn parse_history(text: &str) -> Vec<(u32, Lsn)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let timeline = f.next()?.parse().ok()?;
+            Some((timeline, Lsn::parse(f.next()?)?))
+        })
+        .collect()
+}
+
 /// A segment: timeline and segment number (LSN / segment size).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Segment {

@@ -20,7 +20,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use pgpilot_common::api::WalFetchResponse;
 use pgpilot_common::layout::Layout;
-use pgpilot_common::wal::{DEFAULT_SEGMENT_SIZE, WalFile};
+use pgpilot_common::wal::{DEFAULT_SEGMENT_SIZE, Lsn, Segment, WalFile, parse_history};
 
 use super::background::Background;
 use crate::metrics::ArchiveMetrics;
@@ -59,7 +59,13 @@ pub struct WalFetcher {
     /// Prefetches run two at a time, in order (the semaphore is fair), so the next segment is
     /// ready first; the segment Postgres is waiting for does not queue behind them.
     prefetch_permits: Arc<tokio::sync::Semaphore>,
+    /// Timeline history files read from the archive: present ones for good (they never
+    /// change), absent ones for a few seconds.
+    histories: Mutex<HashMap<u32, (Option<Vec<(u32, Lsn)>>, std::time::Instant)>>,
 }
+
+/// How long "this timeline has no history file in the archive" is believed.
+const ABSENT_HISTORY_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl WalFetcher {
     pub fn new(
@@ -82,7 +88,52 @@ impl WalFetcher {
             in_flight: Mutex::new(HashMap::new()),
             background,
             prefetch_permits: Arc::new(tokio::sync::Semaphore::new(PREFETCH_PARALLEL)),
+            histories: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The history of `timeline` in the archive, if it has one (cached).
+    async fn history(&self, timeline: u32) -> Result<Option<Vec<(u32, Lsn)>>, FetchError> {
+        if let Some((h, at)) = self.histories.lock().expect("history lock").get(&timeline)
+            && (h.is_some() || at.elapsed() < ABSENT_HISTORY_TTL)
+        {
+            return Ok(h.clone());
+        }
+        let name = format!("{timeline:08X}.history");
+        let h = match self.store.get_bytes(&self.layout.wal_key(&name)).await {
+            Ok((bytes, _)) => Some(parse_history(&String::from_utf8_lossy(&bytes))),
+            Err(StoreError::NotFound { .. }) => None,
+            Err(e) => return Err(FetchError::Failed(format!("reading {name}: {e}"))),
+        };
+        self.histories
+            .lock()
+            .expect("history lock")
+            .insert(timeline, (h.clone(), std::time::Instant::now()));
+        Ok(h)
+    }
+
+    /// A segment of timeline T that contains the point where a later timeline forked off T is
+    /// never served whole: the archive's full copy of it can only come from the old primary
+    /// after the fork (the promoted one archived the fork segment as `.partial`), so it holds
+    /// writes the new timeline does not have. Refusing it makes recovery take the segment from
+    /// the new timeline (archive or streaming) instead of replaying a former primary's writes.
+    async fn forked_inside(&self, seg: Segment) -> Result<Option<String>, FetchError> {
+        let seg_size = self.seg_size.load(Ordering::Relaxed);
+        let mut later = seg.timeline + 1;
+        while let Some(history) = self.history(later).await? {
+            if let Some((_, at)) = history.iter().find(|(tl, _)| *tl == seg.timeline)
+                && Segment::containing(seg.timeline, *at, seg_size) == seg
+                && at.0 % seg_size != 0
+            {
+                return Ok(Some(format!(
+                    "timeline {} ended at {at} inside this segment (history of timeline {later}): \
+                     a whole copy holds WAL written after the fork",
+                    seg.timeline
+                )));
+            }
+            later += 1;
+        }
+        Ok(None)
     }
 
     /// The WAL segment size, once known (it decides which name comes next).
@@ -210,6 +261,13 @@ impl WalFetcher {
     }
 
     async fn download(&self, name: &str) -> Result<(), FetchError> {
+        let seg_size = self.seg_size.load(Ordering::Relaxed);
+        if let Some(WalFile::Segment(seg)) = WalFile::parse(name, seg_size)
+            && let Some(why) = self.forked_inside(seg).await?
+        {
+            tracing::warn!(wal = name, "not served from the archive: {why}");
+            return Err(FetchError::NotFound(name.to_string()));
+        }
         // The final name must only ever appear for a file Postgres can read: download under a
         // temporary name (verified, fsynced), hand it to the Postgres user, then rename.
         let target = self.spool.join(name);

@@ -48,6 +48,7 @@ pub enum Command {
     Demote,
     Follow,
     Switchover,
+    Reinitialize,
 }
 
 /// What the executor does for an admitted command.
@@ -78,6 +79,8 @@ pub enum Step {
     Follow,
     /// The planned switchover sequence.
     Switchover,
+    /// Stop Postgres, empty the data dir, clone the primary again.
+    Reinitialize,
 }
 
 impl Step {
@@ -96,6 +99,7 @@ impl Step {
             Step::Demote => "demote",
             Step::Follow => "follow",
             Step::Switchover => "switchover",
+            Step::Reinitialize => "reinitialize",
         }
     }
 }
@@ -194,6 +198,28 @@ pub fn admit(s: &Situation, cmd: &Command) -> Result<Step, AgentError> {
                 _ => refuse(format!("{what} needs a running primary; the agent is {st}")),
             }
         }
+        Command::Reinitialize => match st {
+            S::Running {
+                role: Role::Replica,
+            }
+            | S::Stopped
+            | S::Failed { .. } => Ok(Step::Reinitialize),
+            S::Running {
+                role: Role::Primary,
+            } => refuse(
+                "this instance is the primary: reinitializing it would throw away the shard's data"
+                    .into(),
+            ),
+            S::Recovering => {
+                refuse(restore_msg(restore).unwrap_or_else(|| {
+                    "a restore replays WAL; reinitialize once it is done".into()
+                }))
+            }
+            S::Starting | S::Stopping => refuse(format!("Postgres is {st}; retry once it settles")),
+            S::Initializing | S::Bootstrapping { .. } | S::Restoring => {
+                refuse(restore_msg(restore).unwrap_or_else(|| not_yet("a reinitialize")))
+            }
+        },
         Command::Follow => match st {
             S::Running {
                 role: Role::Replica,
@@ -439,6 +465,7 @@ pub fn sample_commands() -> Vec<(&'static str, Command)> {
         ("demote", Command::Demote),
         ("follow", Command::Follow),
         ("switchover", Command::Switchover),
+        ("reinitialize", Command::Reinitialize),
     ]
 }
 
@@ -611,8 +638,8 @@ mod tests {
         ],
     ];
 
-    /// The replication columns: register, promote, demote, follow, switchover.
-    const EXPECTED_REPARENT: &[[&str; 5]] = &[
+    /// The replication columns: register, promote, demote, follow, switchover, reinitialize.
+    const EXPECTED_REPARENT: &[[&str; 6]] = &[
         // Initializing
         [
             "409:register with a running primary",
@@ -620,6 +647,7 @@ mod tests {
             "409:needs a running primary",
             "409:not ready",
             "409:needs a running primary",
+            "409:not ready",
         ],
         // Bootstrapping
         [
@@ -628,6 +656,7 @@ mod tests {
             "409:needs a running primary",
             "409:not ready",
             "409:needs a running primary",
+            "409:not ready",
         ],
         // Restoring (restore in flight)
         [
@@ -636,6 +665,7 @@ mod tests {
             "409:restore B1 is in progress",
             "409:restore of backup B1",
             "409:restore B1 is in progress",
+            "409:restore of backup B1",
         ],
         // Starting
         [
@@ -644,6 +674,7 @@ mod tests {
             "409:needs a running primary",
             "409:retry once it settles",
             "409:needs a running primary",
+            "409:retry once it settles",
         ],
         // Recovering (restore in flight)
         [
@@ -652,6 +683,7 @@ mod tests {
             "409:restore B1 is in progress",
             "409:restore of backup B1",
             "409:restore B1 is in progress",
+            "409:restore of backup B1",
         ],
         // Running(Primary)
         [
@@ -660,6 +692,7 @@ mod tests {
             "demote",
             "409:demote it first",
             "switchover",
+            "409:throw away",
         ],
         // Running(Primary), backup in flight
         [
@@ -668,6 +701,7 @@ mod tests {
             "409:backup B1 is in progress",
             "409:demote it first",
             "409:backup B1 is in progress",
+            "409:throw away",
         ],
         // Running(Replica)
         [
@@ -676,6 +710,7 @@ mod tests {
             "409:runs on the shard's primary",
             "follow",
             "409:runs on the shard's primary",
+            "reinitialize",
         ],
         // Stopping
         [
@@ -684,6 +719,7 @@ mod tests {
             "409:needs a running primary",
             "409:retry once it settles",
             "409:needs a running primary",
+            "409:retry once it settles",
         ],
         // Stopped
         [
@@ -692,6 +728,7 @@ mod tests {
             "409:needs a running primary",
             "follow",
             "409:needs a running primary",
+            "reinitialize",
         ],
         // Failed
         [
@@ -700,6 +737,7 @@ mod tests {
             "409:needs a running primary",
             "follow",
             "409:needs a running primary",
+            "reinitialize",
         ],
     ];
 

@@ -132,6 +132,8 @@ pub struct Executor {
     /// Replication housekeeping (slots, registration, lag metrics) is due.
     next_replication_check: tokio::time::Instant,
     repl: reparent::ReplicationState,
+    /// The agent's shutdown, for steps that wait long (a reinitialize's clone).
+    shutdown: CancellationToken,
 }
 
 impl Executor {
@@ -159,6 +161,7 @@ impl Executor {
             exit_on_restore_failure: false,
             next_replication_check: tokio::time::Instant::now(),
             repl: reparent::ReplicationState::default(),
+            shutdown: CancellationToken::new(),
         }
     }
 
@@ -166,6 +169,7 @@ impl Executor {
     /// returns. An error says why the agent could not start at all (initdb or the initial
     /// restore failed).
     pub async fn run(mut self, begin: Begin, shutdown: CancellationToken) -> Result<(), String> {
+        self.shutdown = shutdown.clone();
         self.prepare_replication()?;
         match begin {
             Begin::Clone => {
@@ -320,6 +324,7 @@ impl Executor {
             Request::Demote { .. } => Command::Demote,
             Request::Follow { .. } => Command::Follow,
             Request::Switchover { .. } => Command::Switchover,
+            Request::Reinitialize { .. } => Command::Reinitialize,
         };
         let step = admit(&self.situation(), &cmd);
         tracing::debug!(?cmd, ?step, "admission");
@@ -372,7 +377,8 @@ impl Executor {
                 | Request::Promote { .. }
                 | Request::Demote { .. }
                 | Request::Follow { .. }
-                | Request::Switchover { .. },
+                | Request::Switchover { .. }
+                | Request::Reinitialize { .. },
                 _,
             ) => unreachable!("replication requests are served by reparent_request"),
         }

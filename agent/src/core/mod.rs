@@ -76,6 +76,10 @@ pub(crate) enum Request {
         req: SwitchoverRequest,
         reply: Reply<SwitchoverResponse>,
     },
+    Reinitialize {
+        req: pgpilot_common::api::ReinitializeRequest,
+        reply: Reply<ReparentResponse>,
+    },
 }
 
 /// Facts about the running Postgres that `/v1/status` reports.
@@ -271,6 +275,14 @@ impl Handle {
 
     pub async fn follow(&self, req: FollowRequest) -> Result<ReparentResponse, AgentError> {
         self.request(|reply| Request::Follow { req, reply }).await
+    }
+
+    pub async fn reinitialize(
+        &self,
+        req: pgpilot_common::api::ReinitializeRequest,
+    ) -> Result<ReparentResponse, AgentError> {
+        self.request(|reply| Request::Reinitialize { req, reply })
+            .await
     }
 
     pub async fn switchover(

@@ -19,7 +19,7 @@ use super::routes::{backups, lifecycle, metrics, probes, replication, restore, s
         wal::push, wal::fetch, restore::restore,
         backups::start, backups::list, backups::get,
         replication::register, replication::switchover, replication::promote,
-        replication::demote, replication::follow,
+        replication::demote, replication::follow, replication::reinitialize,
     ),
     modifiers(&BearerAuth)
 )]

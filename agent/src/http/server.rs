@@ -48,7 +48,8 @@ fn common() -> (Router<Handle>, Router<Handle>) {
         .route("/v1/switchover", post(replication::switchover))
         .route("/v1/promote", post(replication::promote))
         .route("/v1/demote", post(replication::demote))
-        .route("/v1/follow", post(replication::follow));
+        .route("/v1/follow", post(replication::follow))
+        .route("/v1/reinitialize", post(replication::reinitialize));
     (open, protected)
 }
 

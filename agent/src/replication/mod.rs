@@ -16,6 +16,7 @@ pub mod switchover;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use pgpilot_common::api::TimelineSwitch;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -33,6 +34,11 @@ pub struct Upstream {
     /// This replica's slot on the primary.
     pub slot: String,
     pub system_identifier: String,
+    /// The primary's timeline when it answered, and its history.
+    #[serde(default)]
+    pub timeline: u32,
+    #[serde(default)]
+    pub history: Vec<TimelineSwitch>,
 }
 
 /// The primary of this instance's shard, as far as this instance knows.
@@ -139,7 +145,15 @@ pub struct StandbyConf {
 
 impl StandbyConf {
     pub fn settings(&self) -> Vec<(String, String)> {
-        let mut out = vec![("recovery_target_timeline".into(), "latest".into())];
+        // Following a primary: along its timeline switches. Following nobody (demoted): stay
+        // on this timeline, whatever newer timelines the archive holds (a diverged instance
+        // would otherwise fail to start, looping on a timeline it cannot join).
+        let timeline = if self.conninfo.is_some() {
+            "latest"
+        } else {
+            "current"
+        };
+        let mut out = vec![("recovery_target_timeline".into(), timeline.into())];
         if let Some(c) = &self.conninfo {
             out.push(("primary_conninfo".into(), c.clone()));
         }
@@ -205,6 +219,54 @@ fn parse_control(b: &[u8]) -> Option<ControlData> {
     })
 }
 
+/// Parses a timeline history file (`parentTLI<TAB>switchpoint<TAB>reason` lines).
+pub fn parse_history(text: &str) -> Vec<TimelineSwitch> {
+    pgpilot_common::wal::parse_history(text)
+        .into_iter()
+        .map(|(timeline, at)| TimelineSwitch {
+            timeline,
+            switchpoint: at.to_string(),
+        })
+        .collect()
+}
+
+/// The history of `timeline` as this instance's `pg_wal` holds it (empty on timeline 1).
+pub fn read_history(data_dir: &Path, timeline: u32) -> Vec<TimelineSwitch> {
+    if timeline <= 1 {
+        return Vec::new();
+    }
+    std::fs::read_to_string(data_dir.join(format!("pg_wal/{timeline:08X}.history")))
+        .map(|t| parse_history(&t))
+        .unwrap_or_default()
+}
+
+/// Whether an instance whose WAL reaches `own_end` on `own_timeline` has diverged from a
+/// primary on `primary_timeline` with `history`: it wrote past the point where the primary's
+/// history left its timeline, or it is on a timeline the primary never had. `Some(why)` if so.
+pub fn divergence(
+    own_timeline: u32,
+    own_end: u64,
+    primary_timeline: u32,
+    history: &[TimelineSwitch],
+) -> Option<String> {
+    if own_timeline == primary_timeline {
+        return None;
+    }
+    match history.iter().find(|h| h.timeline == own_timeline) {
+        Some(h) if own_end > lsn(&h.switchpoint).unwrap_or(u64::MAX) => Some(format!(
+            "this instance's WAL reaches {:X}/{:X} on timeline {own_timeline}, past {} where the primary's timeline {primary_timeline} left it",
+            own_end >> 32,
+            own_end & 0xffff_ffff,
+            h.switchpoint
+        )),
+        Some(_) => None,
+        None if own_timeline < primary_timeline && history.is_empty() => None,
+        None => Some(format!(
+            "this instance is on timeline {own_timeline}, which is not in the history of the primary's timeline {primary_timeline}"
+        )),
+    }
+}
+
 /// Parses `X/Y` into a byte position.
 pub fn lsn(text: &str) -> Option<u64> {
     let (hi, lo) = text.split_once('/')?;
@@ -231,6 +293,25 @@ mod tests {
         assert_eq!(c.checkpoint_lsn, "1/3000028");
         assert_eq!(c.timeline, 2);
         assert_eq!(parse_control(&b[..40]), None);
+    }
+
+    #[test]
+    fn divergence_is_writing_past_the_fork() {
+        let h = parse_history("1\t0/5000000\tno recovery target specified\n");
+        assert_eq!(h.len(), 1);
+        assert_eq!(divergence(1, 0x4FFF000, 2, &h), None);
+        assert_eq!(divergence(1, 0x5000000, 2, &h), None);
+        assert!(
+            divergence(1, 0x5000100, 2, &h)
+                .unwrap()
+                .contains("past 0/5000000")
+        );
+        assert_eq!(divergence(2, 0x9000000, 2, &h), None);
+        assert!(
+            divergence(3, 0, 2, &h)
+                .unwrap()
+                .contains("not in the history")
+        );
     }
 
     #[test]

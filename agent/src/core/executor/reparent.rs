@@ -168,6 +168,8 @@ impl Executor {
             port: resp.postgres_port,
             slot: resp.slot,
             system_identifier: resp.system_identifier,
+            timeline: resp.timeline,
+            history: resp.history,
         };
         if let Err(e) = replication::save_upstream(cfg, &up) {
             tracing::warn!("cannot record the registration: {e}");
@@ -285,6 +287,12 @@ impl Executor {
                 };
                 let _ = reply.send(r);
             }
+            Request::Reinitialize { req, reply } => {
+                let _ = reply.send(match step {
+                    Ok(_) => self.reinitialize(req).await,
+                    Err(e) => Err(e),
+                });
+            }
             Request::Switchover { req, reply } => {
                 let _ = reply.send(match step {
                     Ok(_) => self.switchover(req).await,
@@ -354,6 +362,7 @@ impl Executor {
             postgres_port: cfg.postgres_port,
             system_identifier,
             timeline: timeline.unwrap_or(0),
+            history: replication::read_history(&cfg.data_dir, timeline.unwrap_or(0)),
         })
     }
 
@@ -442,16 +451,160 @@ impl Executor {
                 up.system_identifier
             )));
         }
+        if let Some(why) = self.diverged_from(&up).await {
+            self.rewind(&up, &why).await?;
+        }
         ctx.leadership
             .set_leader(Some(&url))
             .map_err(|e| AgentError::Failed(format!("cannot record the new primary: {e}")))?;
         self.repl.upstream = Some(up);
         self.render_conf().map_err(AgentError::Failed)?;
-        if let Some(pm) = &self.pm {
-            pm.reload();
+        match &self.pm {
+            Some(pm) => pm.reload(),
+            // Stopped by a rewind (or before): start as a standby of the new primary.
+            None if self.state == AgentState::Stopped => self.spawn_postgres(),
+            None => {}
         }
         tracing::info!(primary = %url, "following");
         Ok(self.reparent_response(None))
+    }
+
+    /// Whether this instance's WAL went past the point where `up`'s history left its timeline.
+    async fn diverged_from(&self, up: &Upstream) -> Option<String> {
+        let (timeline, end) = if self.state.accepts_connections() {
+            let client = self.ctx.monitor.client().await.ok()?;
+            let row = client
+                .query_one(
+                    "SELECT (SELECT timeline_id FROM pg_control_checkpoint())::int8, \
+                            CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                                 ELSE pg_current_wal_lsn() END::text",
+                    &[],
+                )
+                .await
+                .ok()?;
+            (
+                row.get::<_, i64>(0) as u32,
+                replication::lsn(row.get::<_, &str>(1))?,
+            )
+        } else {
+            let cd = replication::controldata(&self.ctx.cfg.data_dir).ok()?;
+            (cd.timeline, replication::lsn(&cd.checkpoint_lsn)?)
+        };
+        replication::divergence(timeline, end, up.timeline, &up.history)
+    }
+
+    /// Rewinds this instance onto `up`'s timeline with `pg_rewind` (Postgres stopped cleanly
+    /// first). When that is impossible the follow is refused and the instance stays a standby
+    /// that follows nobody: never a second writer.
+    async fn rewind(&mut self, up: &Upstream, why: &str) -> Result<(), AgentError> {
+        let ctx = self.ctx.clone();
+        let cfg = &ctx.cfg;
+        let tool = ctx.bins.path("pg_rewind");
+        let reinit = format!(
+            "POST /v1/reinitialize {{\"primary\": \"{}\"}} (CLI `reinitialize --primary {}`) clones the primary again",
+            up.url, up.url
+        );
+        if !tool.exists() {
+            return Err(AgentError::Refused(format!(
+                "{why}: it must be rewound, and {} does not exist; {reinit}",
+                tool.display()
+            )));
+        }
+        tracing::warn!(primary = %up.url, "{why}: rewinding with pg_rewind");
+        if self.pm.is_some() {
+            self.stop_postgres(pgpilot_common::api::ShutdownMode::Fast)
+                .await?;
+        }
+        self.set_state(AgentState::Stopped);
+        let cd = replication::controldata(&cfg.data_dir).map_err(AgentError::Failed)?;
+        if !matches!(cd.state, 1 | 2) {
+            return Err(AgentError::Refused(format!(
+                "{why}: it must be rewound, but it was not shut down cleanly (pg_control state {}), which pg_rewind needs; {reinit}",
+                cd.state
+            )));
+        }
+        let source = format!(
+            "host={} port={} user={} dbname=postgres passfile={} connect_timeout=5",
+            up.host,
+            up.port,
+            cfg.superuser,
+            replication::pgpass_path(cfg).display()
+        );
+        let mut cmd = tokio::process::Command::new(&tool);
+        cmd.arg("--target-pgdata")
+            .arg(&cfg.data_dir)
+            .arg("--source-server")
+            .arg(&source)
+            // WAL the target recycled since the fork comes back through its restore_command.
+            .arg("--restore-target-wal")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        crate::postgres::run_as(&mut cmd, ctx.owner.as_ref());
+        let out = cmd
+            .output()
+            .await
+            .map_err(|e| AgentError::Failed(format!("cannot run {}: {e}", tool.display())))?;
+        let text = String::from_utf8_lossy(&out.stderr)
+            .trim()
+            .replace('\n', "; ");
+        if !out.status.success() {
+            return Err(AgentError::Failed(format!(
+                "pg_rewind from {} failed ({}): {text}; the instance stays stopped; {reinit}",
+                up.url, out.status
+            )));
+        }
+        tracing::info!(primary = %up.url, "pg_rewind: {text}");
+        Ok(())
+    }
+
+    /// Throws the data dir away and clones the primary again (a replica that cannot follow).
+    async fn reinitialize(
+        &mut self,
+        req: pgpilot_common::api::ReinitializeRequest,
+    ) -> Result<ReparentResponse, AgentError> {
+        let ctx = self.ctx.clone();
+        if let Some(url) = &req.primary {
+            let url = pgpilot_common::client::check_agent_url(url)
+                .map_err(|e| AgentError::BadRequest(format!("primary: {e}")))?;
+            if url == ctx.cfg.replication.advertise_url {
+                return Err(AgentError::BadRequest(format!(
+                    "{url} is this agent's own URL: an instance does not clone itself"
+                )));
+            }
+            ctx.leadership
+                .set_leader(Some(&url))
+                .map_err(|e| AgentError::Failed(format!("cannot record the primary: {e}")))?;
+            self.repl.upstream = None;
+        }
+        if ctx.is_leader() || ctx.leadership.leader().is_none() {
+            return Err(AgentError::conflict(
+                &self.state,
+                "no other primary is recorded to clone from: name one ({\"primary\": URL})",
+            ));
+        }
+        if self.pm.is_some() {
+            self.stop_postgres(pgpilot_common::api::ShutdownMode::Fast)
+                .await?;
+        }
+        self.set_state(AgentState::Stopped);
+        self.retry_at = None;
+        let dir = ctx.cfg.data_dir.clone();
+        tokio::task::spawn_blocking(move || crate::restore::empty_data_dir(&dir))
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))?
+            .map_err(|e| AgentError::Failed(format!("emptying the data dir: {e}")))?;
+        tracing::warn!(data_dir = %ctx.cfg.data_dir.display(), "reinitializing: the data dir was emptied; cloning the primary");
+        let shutdown = self.shutdown.clone();
+        match self.clone_bootstrap(&shutdown).await {
+            Ok(true) => {
+                self.spawn_postgres();
+                Ok(self.reparent_response(None))
+            }
+            Ok(false) => Err(AgentError::Failed(
+                "the agent is shutting down; the clone was abandoned".into(),
+            )),
+            Err(reason) => Err(AgentError::Failed(reason)),
+        }
     }
 
     async fn own_system_identifier(&self) -> Option<String> {

@@ -5,8 +5,8 @@
 use axum::Json;
 use axum::extract::State;
 use pgpilot_common::api::{
-    ErrorBody, FollowRequest, RegisterReplicaRequest, RegisterReplicaResponse, ReparentResponse,
-    SwitchoverRequest, SwitchoverResponse,
+    ErrorBody, FollowRequest, RegisterReplicaRequest, RegisterReplicaResponse, ReinitializeRequest,
+    ReparentResponse, SwitchoverRequest, SwitchoverResponse,
 };
 
 use crate::core::Handle;
@@ -60,6 +60,20 @@ pub async fn promote(State(h): State<Handle>) -> Result<Json<ReparentResponse>, 
         (status = 409, description = "not a running primary, or an operation in flight", body = ErrorBody)))]
 pub async fn demote(State(h): State<Handle>) -> Result<Json<ReparentResponse>, AgentError> {
     Ok(Json(h.demote().await?))
+}
+
+/// Throw this replica's data dir away and clone its primary again (when it cannot follow:
+/// diverged and not rewindable). Answers when the clone is done; progress in `/v1/status`.
+#[utoipa::path(post, path = "/v1/reinitialize", tag = "replication", security(("bearer" = [])),
+    request_body(content = Option<ReinitializeRequest>, description = "optional; default: the recorded primary"),
+    responses((status = 200, body = ReparentResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 409, description = "the primary, or no primary recorded to clone from", body = ErrorBody),
+        (status = 500, description = "the clone failed (the message says why)", body = ErrorBody)))]
+pub async fn reinitialize(
+    State(h): State<Handle>,
+    OptionalJson(req): OptionalJson<ReinitializeRequest>,
+) -> Result<Json<ReparentResponse>, AgentError> {
+    Ok(Json(h.reinitialize(req).await?))
 }
 
 /// Stream from another primary (registering with it); applied by a reload, no restart.
