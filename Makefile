@@ -66,6 +66,10 @@ bench-side-by-side: ## Full side-by-side suite P1-P4, P6 (+P5 codec) in the back
 bench-p1 bench-p2 bench-p3 bench-p4 bench-p6: ## One side-by-side scenario in the foreground (p2 and p4 take ~20 min)
 	./benches/side-by-side.sh $(subst bench-,,$@)
 
+.PHONY: bench-switchover
+bench-switchover: build ## P7: write unavailability of 20 switchovers, pgpilot and Patroni side by side (~10 min)
+	./benches/switchover.sh
+
 .PHONY: bench-quick
 bench-quick: ## Side-by-side suite, few repetitions and a small database (a few minutes)
 	./benches/side-by-side.sh --quick

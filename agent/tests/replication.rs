@@ -90,6 +90,23 @@ fn lsn(text: &str) -> u64 {
     (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
 }
 
+/// Agent `i` counts `n` switchovers that ended with `outcome`.
+async fn assert_switchovers(c: &ClusterFixture, i: usize, outcome: &str, n: u32) {
+    let metrics = c.agent(i).metrics().await.unwrap();
+    let line = format!("pgpilot_switchovers_total{{outcome=\"{outcome}\"}} {n}");
+    assert!(metrics.contains(&line), "{metrics}");
+}
+
+/// Waits until the primary `i` sees both replicas streaming.
+async fn two_streaming(c: &mut ClusterFixture, i: usize) {
+    wait_status(c, i, "two streaming replicas", |s| {
+        s.replication
+            .as_ref()
+            .is_some_and(|r| r.replicas.iter().filter(|v| v.state == "streaming").count() == 2)
+    })
+    .await;
+}
+
 /// Waits until every replica has replayed what primary `p` has flushed now.
 async fn caught_up(c: &mut ClusterFixture, p: usize) {
     let target = lsn(&c.client(p).status().await.unwrap().flushed_lsn.unwrap());
@@ -338,21 +355,16 @@ async fn streams_switches_over_and_back_without_losing_a_commit(major: u32) {
         );
     }
     assert_eq!(c.client(0).status().await.unwrap().timeline, Some(3));
-    let metrics = c.agent(1).metrics().await.unwrap();
-    assert!(
-        metrics.contains("pgpilot_switchovers_total{outcome=\"succeeded\"} 1"),
-        "{metrics}"
-    );
+    // Replicas that only ever followed were re-pointed by a reload: nothing to rewind.
+    for i in 0..3 {
+        assert!(!c.logs(i).contains("rewinding"), "{}", c.logs(i));
+    }
+    assert_switchovers(&c, 1, "succeeded", 1).await;
 }
 
 async fn refusals_change_nothing(major: u32) {
     let mut c = shard(major, &[], "max_lag_bytes = 65536\n").await;
-    wait_status(&mut c, 0, "two streaming replicas", |s| {
-        s.replication
-            .as_ref()
-            .is_some_and(|r| r.replicas.iter().filter(|v| v.state == "streaming").count() == 2)
-    })
-    .await;
+    two_streaming(&mut c, 0).await;
     let check = |r: Result<_, _>, code: u16, words: &str| {
         let (status, body) = api_error(
             r.map(|_: pgpilot_common::api::SwitchoverResponse| ())
@@ -437,12 +449,7 @@ async fn refusals_change_nothing(major: u32) {
 async fn a_candidate_killed_midway_leaves_the_old_primary_serving(major: u32) {
     let env = [("PGPILOT_TEST_SWITCHOVER_PAUSE_MS", "2000")];
     let mut c = shard(major, &env, "").await;
-    wait_status(&mut c, 0, "two streaming replicas", |s| {
-        s.replication
-            .as_ref()
-            .is_some_and(|r| r.replicas.iter().filter(|v| v.state == "streaming").count() == 2)
-    })
-    .await;
+    two_streaming(&mut c, 0).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = write_loop(&c, stop.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -462,6 +469,15 @@ async fn a_candidate_killed_midway_leaves_the_old_primary_serving(major: u32) {
             && s.state == AgentState::Stopped
     })
     .await;
+    // A second switchover meanwhile is refused at once.
+    let (code, body) = api_error(
+        c.client(0)
+            .switchover(&SwitchoverRequest::default())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 409, "{body:?}");
+    assert!(body.message.contains("already in progress"), "{body:?}");
     let pm = live_postmaster(&c.agent(1).data_dir()).unwrap();
     c.agent(1).signal_agent(Signal::SIGKILL).unwrap();
     kill(Pid::from_raw(pm), Signal::SIGKILL).unwrap();
@@ -493,11 +509,7 @@ async fn a_candidate_killed_midway_leaves_the_old_primary_serving(major: u32) {
     assert!(before > 0);
     let s = c.client(0).status().await.unwrap();
     assert_eq!(s.timeline, Some(1), "no promotion happened anywhere");
-    let metrics = c.agent(0).metrics().await.unwrap();
-    assert!(
-        metrics.contains("pgpilot_switchovers_total{outcome=\"failed\"} 1"),
-        "{metrics}"
-    );
+    assert_switchovers(&c, 0, "failed", 1).await;
 }
 
 /// A stopped replica's slot keeps the WAL it needs, and it catches up on return; stopped past
@@ -535,7 +547,15 @@ async fn a_gone_replica_is_kept_for_the_grace_then_let_go(major: u32) {
             .is_some_and(|r| !r.slots.iter().any(|x| x.name == "pgpilot_n3"))
     })
     .await;
-    let metrics = c.agent(0).metrics().await.unwrap();
+    // The status can see the slot gone a moment before the counter moves.
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = c.agent(0).metrics().await.unwrap();
+        if metrics.contains("pgpilot_replication_slots_dropped_total 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         metrics.contains("pgpilot_replication_slots_dropped_total 1"),
         "{metrics}"

@@ -540,10 +540,14 @@ impl Executor {
         let Some(mut pm) = self.pm.take() else {
             return Ok(());
         };
+        let was_primary = self.state.role() == Some(Role::Primary);
         self.set_state(AgentState::Stopping);
         tracing::info!(postmaster_pid = pm.pid(), ?mode, "stopping Postgres");
         let result = pm.shutdown(mode, SHUTDOWN_GRACE).await;
         self.postmaster_gone().await;
+        if was_primary {
+            self.note_primary_end(result.is_ok() && mode != ShutdownMode::Immediate);
+        }
         match result {
             Ok(status) => {
                 tracing::info!(postmaster_pid = pm.pid(), %status, "Postgres stopped");
@@ -568,6 +572,9 @@ impl Executor {
     /// The postmaster exited on its own.
     fn on_exit(&mut self, status: std::io::Result<std::process::ExitStatus>) {
         self.pm = None;
+        if self.state.role() == Some(Role::Primary) {
+            self.note_primary_end(false);
+        }
         let stable = self
             .runtime
             .running_since

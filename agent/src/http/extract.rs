@@ -19,13 +19,10 @@ where
     type Rejection = AgentError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| AgentError::BadRequest(format!("cannot read the request body: {e}")))?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(OptionalJson(T::default()));
+        match body(req, state).await? {
+            None => Ok(OptionalJson(T::default())),
+            Some(bytes) => parse(&bytes).map(OptionalJson),
         }
-        parse(&bytes).map(OptionalJson)
     }
 }
 
@@ -41,16 +38,21 @@ where
     type Rejection = AgentError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| AgentError::BadRequest(format!("cannot read the request body: {e}")))?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(AgentError::BadRequest(
+        match body(req, state).await? {
+            None => Err(AgentError::BadRequest(
                 "this route needs a JSON body (see docs/openapi.json)".into(),
-            ));
+            )),
+            Some(bytes) => parse(&bytes).map(ApiJson),
         }
-        parse(&bytes).map(ApiJson)
     }
+}
+
+/// The body, or `None` when it is empty or only whitespace.
+async fn body<S: Send + Sync>(req: Request, state: &S) -> Result<Option<Bytes>, AgentError> {
+    let bytes = Bytes::from_request(req, state)
+        .await
+        .map_err(|e| AgentError::BadRequest(format!("cannot read the request body: {e}")))?;
+    Ok(Some(bytes).filter(|b| !b.iter().all(u8::is_ascii_whitespace)))
 }
 
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AgentError> {

@@ -267,6 +267,37 @@ pub fn divergence(
     }
 }
 
+/// Where this instance's own WAL ended when it last stopped being a primary: the one thing
+/// that can make it diverge from a later primary. Written when Postgres stops (or dies) as a
+/// primary, removed once it streams from a primary (which Postgres refuses after a
+/// divergence), so an instance that only ever followed is never taken for a diverged one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrimaryEnd {
+    pub timeline: u32,
+    pub lsn: String,
+    /// Shut down cleanly: `lsn` is the end of its WAL. Otherwise (it died) its WAL may go
+    /// further than `lsn`, the last checkpoint.
+    pub clean: bool,
+}
+
+fn primary_end_path(cfg: &Config) -> PathBuf {
+    cfg.state_dir.join("primary-end.json")
+}
+
+pub fn save_primary_end(cfg: &Config, end: &PrimaryEnd) -> std::io::Result<()> {
+    let text = serde_json::to_vec_pretty(end).map_err(std::io::Error::other)?;
+    crate::files::write_durably(&primary_end_path(cfg), &text)
+}
+
+pub fn load_primary_end(cfg: &Config) -> Option<PrimaryEnd> {
+    let text = std::fs::read_to_string(primary_end_path(cfg)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+pub fn clear_primary_end(cfg: &Config) {
+    let _ = std::fs::remove_file(primary_end_path(cfg));
+}
+
 /// Parses `X/Y` into a byte position.
 pub fn lsn(text: &str) -> Option<u64> {
     let (hi, lo) = text.split_once('/')?;

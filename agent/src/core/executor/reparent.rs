@@ -469,28 +469,42 @@ impl Executor {
         Ok(self.reparent_response(None))
     }
 
-    /// Whether this instance's WAL went past the point where `up`'s history left its timeline.
+    /// Whether this instance's own WAL, as it ended when it last stopped being a primary, went
+    /// past the point where `up`'s history left that timeline. An instance that has streamed
+    /// from a primary since has no such record: it cannot have diverged.
     async fn diverged_from(&self, up: &Upstream) -> Option<String> {
-        let (timeline, end) = if self.state.accepts_connections() {
-            let client = self.ctx.monitor.client().await.ok()?;
-            let row = client
-                .query_one(
-                    "SELECT (SELECT timeline_id FROM pg_control_checkpoint())::int8, \
-                            CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-                                 ELSE pg_current_wal_lsn() END::text",
-                    &[],
-                )
-                .await
-                .ok()?;
-            (
-                row.get::<_, i64>(0) as u32,
-                replication::lsn(row.get::<_, &str>(1))?,
-            )
-        } else {
-            let cd = replication::controldata(&self.ctx.cfg.data_dir).ok()?;
-            (cd.timeline, replication::lsn(&cd.checkpoint_lsn)?)
-        };
-        replication::divergence(timeline, end, up.timeline, &up.history)
+        let end = replication::load_primary_end(&self.ctx.cfg)?;
+        let at = replication::lsn(&end.lsn)?;
+        let why = replication::divergence(end.timeline, at, up.timeline, &up.history);
+        match (why, end.clean) {
+            (Some(why), _) => Some(why),
+            // Died as a primary on a timeline the new primary left: its WAL may go past the
+            // last checkpoint, so it cannot be known not to have diverged.
+            (None, false) if end.timeline != up.timeline => Some(format!(
+                "this instance stopped as a primary on timeline {} without a clean shutdown \
+                 (last checkpoint {}), so its WAL may go past the fork",
+                end.timeline, end.lsn
+            )),
+            (None, _) => None,
+        }
+    }
+
+    /// Records where this instance's WAL ended, after Postgres stopped or died as a primary.
+    pub(super) fn note_primary_end(&self, clean: bool) {
+        let cfg = &self.ctx.cfg;
+        match replication::controldata(&cfg.data_dir) {
+            Ok(cd) => {
+                let end = replication::PrimaryEnd {
+                    clean: clean && cd.shut_down_as_primary(),
+                    timeline: cd.timeline,
+                    lsn: cd.checkpoint_lsn,
+                };
+                if let Err(e) = replication::save_primary_end(cfg, &end) {
+                    tracing::warn!("cannot record where this primary's WAL ended: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("cannot record where this primary's WAL ended: {e}"),
+        }
     }
 
     /// Rewinds this instance onto `up`'s timeline with `pg_rewind` (Postgres stopped cleanly
@@ -913,6 +927,7 @@ impl Executor {
                 self.repl.receiver = recv;
                 if streaming {
                     self.repl.not_streaming_since = None;
+                    replication::clear_primary_end(&ctx.cfg);
                 } else {
                     let since = *self.repl.not_streaming_since.get_or_insert(now);
                     let stale = self
