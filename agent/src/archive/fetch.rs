@@ -61,8 +61,11 @@ pub struct WalFetcher {
     prefetch_permits: Arc<tokio::sync::Semaphore>,
     /// Timeline history files read from the archive: present ones for good (they never
     /// change), absent ones for a few seconds.
-    histories: Mutex<HashMap<u32, (Option<Vec<(u32, Lsn)>>, std::time::Instant)>>,
+    histories: Mutex<HashMap<u32, CachedHistory>>,
 }
+
+/// A timeline's history as read from the archive (`None`: absent), and when.
+type CachedHistory = (Option<Vec<(u32, Lsn)>>, std::time::Instant);
 
 /// How long "this timeline has no history file in the archive" is believed.
 const ABSENT_HISTORY_TTL: std::time::Duration = std::time::Duration::from_secs(5);
