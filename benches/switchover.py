@@ -32,6 +32,7 @@ target/bench/p7.{md,json} hold the table (--both: side by side with the ratio pg
 Python 3 stdlib + psycopg2 (re-executes itself under the Patroni venv's python when needed).
 """
 import argparse
+import bisect
 import json
 import os
 import platform
@@ -44,8 +45,12 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from side_by_side import free_port, log  # noqa: E402  (shared with the P1-P6 harness)
 
 PATRONI_VENV = os.environ.get("PATRONI_VENV", "/opt/pgpilot-bench/patroni-venv")
 
@@ -65,20 +70,8 @@ NAMES = ["n1", "n2", "n3"]
 PG_OS_USER = "postgres" if os.geteuid() == 0 else None
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
 def now():
     return time.monotonic()
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def tail(path, n=30):
@@ -349,7 +342,11 @@ class Pgpilot:
         self.agent = work.path("pgpilot-agent")
         shutil.copy(agent_bin, self.agent)
         os.chmod(self.agent, 0o755)
-        self.agent_src = agent_bin
+        # what was copied: the path, its build time and the checkout, read now (not after the run)
+        built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(os.stat(agent_bin).st_mtime))
+        rev = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], text=True,
+                             capture_output=True).stdout.strip()
+        self.agent_src = f"{agent_bin}, built {built}; checkout {rev} when copied"
         self.nodes = [Node(n, work) for n in NAMES]
         self.token = secrets.token_hex(24)
         self.password = secrets.token_hex(16)
@@ -363,11 +360,7 @@ class Pgpilot:
             n.lo_port = free_port()
 
     def versions(self):
-        built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(os.stat(self.agent_src).st_mtime))
-        rev = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], text=True,
-                             capture_output=True).stdout.strip()
-        return {"pgpilot": f"{first_line([self.agent, '--version'])} ({self.agent_src}, built {built}; "
-                           f"checkout {rev})"}
+        return {"pgpilot": f"{first_line([self.agent, '--version'])} ({self.agent_src})"}
 
     def configure(self, n, primary):
         w = self.work
@@ -450,6 +443,7 @@ class Writer(threading.Thread):
         self.stop = threading.Event()
         self.ok = []        # (time acknowledged, id)
         self.failed = []    # (time, id or None for a failed connect, error)
+        self.found = []     # (time, node name): discovery answered (the writer then connects)
         self.error = None
 
     def run(self):
@@ -465,6 +459,7 @@ class Writer(threading.Thread):
                 node = find_primary(self.cluster, self.stop)
                 if node is None:
                     break
+                self.found.append((now(), node.name))
                 try:
                     conn = connect(self.cluster, node)
                     conn.autocommit = True
@@ -574,6 +569,23 @@ def outages(writer, stall):
     return out
 
 
+def breakdown(writer, gap):
+    """Where the time of one outage went, in ms after its last commit: the first failed write
+    (the old primary stopped taking writes) and the last discovery of a primary (what follows
+    is connect + the first commit)."""
+    t_prev, t_next, _ = gap
+    out = {}
+    times = [f[0] for f in writer.failed]
+    k = bisect.bisect_right(times, t_prev)
+    if k < len(times) and times[k] < t_next:
+        out["first_failure_ms"] = round((times[k] - t_prev) * 1000, 1)
+    found = [f[0] for f in writer.found]
+    k = bisect.bisect_left(found, t_next) - 1
+    if k >= 0 and found[k] > t_prev:
+        out["found_ms"] = round((found[k] - t_prev) * 1000, 1)
+    return out
+
+
 def pct(xs, p):
     xs = sorted(xs)
     if not xs:
@@ -610,7 +622,7 @@ def run_peer(peer, args):
         time.sleep(args.pause)
         load_before = loadavg()
         t_bench = now()
-        windows = []  # (from, to, old primary, target, answer)
+        windows = []  # (trigger, first commit after healthy, old primary, target, answer, to healthy, requests)
         for i in range(args.switchovers):
             target = cluster.nodes[(cluster.nodes.index(primary) + 1) % len(cluster.nodes)]
             t0 = now()
@@ -656,12 +668,16 @@ def run_peer(peer, args):
             mine = [g for g in gaps if g[1] > t0 and g[0] < t1]
             used.update(mine)
             ms = sum(g[1] - g[0] for g in mine) * 1000
+            phases = breakdown(writer, mine[0]) if mine else {}
             results.append({"i": i + 1, "from": old, "to": new, "ms": round(ms, 1), "outages": len(mine),
-                            "failed_writes": sum(g[2] for g in mine), "to_healthy_s": round(to_healthy, 2),
-                            "requests": attempts, "answer": answer})
+                            "failed_writes": sum(g[2] for g in mine), **phases,
+                            "to_healthy_s": round(to_healthy, 2), "requests": attempts, "answer": answer})
+            nfail = sum(g[2] for g in mine)
+            where = "".join(f", {label} +{phases[k]:.0f}" for k, label in
+                            (("first_failure_ms", "first failure"), ("found_ms", "/primary found")) if k in phases)
             log(f"    switchover {i + 1:2}: {old} -> {new}: {ms:7.0f} ms unavailable "
-                f"({len(mine)} outage{'s' if len(mine) != 1 else ''}, {sum(g[2] for g in mine)} failed writes; "
-                f"healthy after {to_healthy:.1f} s{f', {attempts} requests' if attempts > 1 else ''})")
+                f"({len(mine)} outage{'s' if len(mine) != 1 else ''}, {nfail} failed write{'s' if nfail != 1 else ''}"
+                f"{where}; healthy after {to_healthy:.1f} s{f', {attempts} requests' if attempts > 1 else ''})")
         stray = [g for g in gaps if g not in used]
         for g in stray:
             log(f"    outage outside any switchover: {(g[1] - g[0]) * 1000:.0f} ms ({g[2]} failed writes)")
@@ -797,17 +813,22 @@ def main():
     for peer in peers:
         try:
             summaries.append(run_peer(peer, args))
-        except (Exception, Stop) as e:  # noqa: BLE001 - with --both the other peer still runs
+        except Stop:
+            raise
+        except Exception as e:  # noqa: BLE001 - with --both the other peer still runs
+            if not isinstance(e, RuntimeError):  # our own failures explain themselves; a bug does not
+                traceback.print_exc()
             log(f"!!!!! {peer} FAILED: {e}")
             args.failures[peer] = str(e).splitlines()[0] if str(e) else repr(e)
-            if isinstance(e, Stop) or not args.both:
-                if summaries:
-                    report(summaries, args)
-                raise
-    report(summaries, args)
+    if summaries:
+        report(summaries, args)
     if args.failures or any(s["lost_commits"] for s in summaries):
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (KeyboardInterrupt, Stop) as e:  # everything started was stopped by the `finally`s
+        log(f"interrupted ({e or 'Ctrl-C'}); cleaned up")
+        sys.exit(130)
