@@ -414,6 +414,11 @@ async fn refusals_change_nothing(major: u32) {
     assert_eq!(code, 409);
     let (code, _) = api_error(c.client(1).demote().await.unwrap_err());
     assert_eq!(code, 409);
+    assert_eq!(
+        c.agent(1).get_status("/replica?lag=lots").await.unwrap(),
+        400
+    );
+    assert_eq!(c.agent(1).get_status("/replica?max=1").await.unwrap(), 400);
     // A candidate that lags: n3 stops replaying while the primary writes.
     let n3 = c.sql(2).await.unwrap();
     n3.batch_execute("SELECT pg_wal_replay_pause()")

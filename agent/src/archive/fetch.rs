@@ -115,11 +115,13 @@ impl WalFetcher {
         Ok(h)
     }
 
-    /// A segment of timeline T that contains the point where a later timeline forked off T is
-    /// never served whole: the archive's full copy of it can only come from the old primary
-    /// after the fork (the promoted one archived the fork segment as `.partial`), so it holds
-    /// writes the new timeline does not have. Refusing it makes recovery take the segment from
-    /// the new timeline (archive or streaming) instead of replaying a former primary's writes.
+    /// A segment of timeline T inside which a standby was promoted (a later timeline's history
+    /// says T ended there, and the promoted instance archived its copy as `.partial`) is never
+    /// served whole: a whole copy can only come from the old primary, and holds writes after
+    /// the promotion point that the new timeline does not have (a former primary's, after two
+    /// writers or an asynchronous failover). Refusing it makes recovery take the segment from
+    /// the new timeline (archive or streaming) instead of replaying them. A timeline forked by
+    /// a point-in-time restore leaves no `.partial`: its parent's segments stay served.
     async fn forked_inside(&self, seg: Segment) -> Result<Option<String>, FetchError> {
         let seg_size = self.seg_size.load(Ordering::Relaxed);
         let mut later = seg.timeline + 1;
@@ -127,10 +129,11 @@ impl WalFetcher {
             if let Some((_, at)) = history.iter().find(|(tl, _)| *tl == seg.timeline)
                 && Segment::containing(seg.timeline, *at, seg_size) == seg
                 && at.0 % seg_size != 0
+                && self.promoted_inside(seg).await?
             {
                 return Ok(Some(format!(
-                    "timeline {} ended at {at} inside this segment (history of timeline {later}): \
-                     a whole copy holds WAL written after the fork",
+                    "timeline {} ended at {at} inside this segment, where timeline {later} was \
+                     promoted (.partial archived): a whole copy holds the old primary's WAL after that",
                     seg.timeline
                 )));
             }
@@ -261,6 +264,18 @@ impl WalFetcher {
         // Driven to its end by a task of its own (see `WalArchiver::start_locked`).
         self.background.drive(fut.clone().map(|_| ()));
         fut
+    }
+
+    /// The archive holds `<segment>.partial`: a standby was promoted inside it.
+    async fn promoted_inside(&self, seg: Segment) -> Result<bool, FetchError> {
+        let name = format!(
+            "{}.partial",
+            seg.name(self.seg_size.load(Ordering::Relaxed))
+        );
+        match self.store.head(&self.layout.wal_key(&name)).await {
+            Ok(found) => Ok(found.is_some()),
+            Err(e) => Err(FetchError::Failed(format!("looking for {name}: {e}"))),
+        }
     }
 
     async fn download(&self, name: &str) -> Result<(), FetchError> {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::{RawQuery, State};
 use pgpilot_common::api::ErrorBody;
 use pgpilot_common::state::Role;
 use serde_json::{Value, json};
@@ -90,8 +90,10 @@ pub async fn primary(State(h): State<Handle>) -> Result<Json<Value>, AgentError>
     role_check(&h, Role::Primary)
 }
 
-/// Query of `/replica`.
-#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+/// Query of `/replica` (documentation only: parsed by hand so a bad value gets the API's error
+/// body).
+#[derive(Debug, Default, utoipa::IntoParams)]
+#[allow(dead_code, reason = "describes the query for the OpenAPI document")]
 pub struct ReplicaQuery {
     /// Answer 200 only if the replica's lag is at most this many bytes.
     pub lag: Option<u64>,
@@ -99,14 +101,34 @@ pub struct ReplicaQuery {
 
 /// 200 when this instance is a running replica (not while it replays a restore: that is
 /// `Recovering`), and with `?lag=<bytes>` only while its lag is within that bound.
-#[utoipa::path(get, path = "/replica", tag = "probes", params(ReplicaQuery), responses((status = 200, body = Object), (status = 503, body = ErrorBody)))]
+#[utoipa::path(get, path = "/replica", tag = "probes", params(ReplicaQuery), responses((status = 200, body = Object), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn replica(
     State(h): State<Handle>,
-    Query(q): Query<ReplicaQuery>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, AgentError> {
+    let mut lag = None;
+    let query = query.unwrap_or_default();
+    for (k, v) in query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+    {
+        match k {
+            "lag" => {
+                lag = Some(v.parse::<u64>().map_err(|_| {
+                    AgentError::BadRequest(format!("lag={v:?} is not a number of bytes"))
+                })?)
+            }
+            other => {
+                return Err(AgentError::BadRequest(format!(
+                    "unknown query parameter {other:?} (only lag=<bytes>)"
+                )));
+            }
+        }
+    }
     let ok = role_check(&h, Role::Replica)?;
-    if q.lag.is_some() {
-        lag_within(&h, q.lag, false).map_err(|message| AgentError::Unavailable {
+    if lag.is_some() {
+        lag_within(&h, lag, false).map_err(|message| AgentError::Unavailable {
             message,
             state: Some(h.state()),
         })?;
