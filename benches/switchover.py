@@ -50,7 +50,7 @@ import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from side_by_side import free_port, log  # noqa: E402  (shared with the P1-P6 harness)
+from side_by_side import free_port, log, tail  # noqa: E402  (shared with the P1-P6 harness)
 
 PATRONI_VENV = os.environ.get("PATRONI_VENV", "/opt/pgpilot-bench/patroni-venv")
 
@@ -72,14 +72,6 @@ PG_OS_USER = "postgres" if os.geteuid() == 0 else None
 
 def now():
     return time.monotonic()
-
-
-def tail(path, n=30):
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
 
 
 def sh(cmd, **kw):

@@ -90,6 +90,20 @@ fn lsn(text: &str) -> u64 {
     (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
 }
 
+/// The call was refused with `code` and a message that says `words`.
+fn check<T: std::fmt::Debug>(
+    r: Result<T, pgpilot_common::client::ClientError>,
+    code: u16,
+    words: &str,
+) {
+    let (status, body) = api_error(r.unwrap_err());
+    assert_eq!(status, code, "{body:?}");
+    assert!(
+        body.message.contains(words),
+        "{body:?} should say {words:?}"
+    );
+}
+
 /// Agent `i` counts `n` switchovers that ended with `outcome`.
 async fn assert_switchovers(c: &ClusterFixture, i: usize, outcome: &str, n: u32) {
     let metrics = c.agent(i).metrics().await.unwrap();
@@ -365,17 +379,6 @@ async fn streams_switches_over_and_back_without_losing_a_commit(major: u32) {
 async fn refusals_change_nothing(major: u32) {
     let mut c = shard(major, &[], "max_lag_bytes = 65536\n").await;
     two_streaming(&mut c, 0).await;
-    let check = |r: Result<_, _>, code: u16, words: &str| {
-        let (status, body) = api_error(
-            r.map(|_: pgpilot_common::api::SwitchoverResponse| ())
-                .unwrap_err(),
-        );
-        assert_eq!(status, code, "{body:?}");
-        assert!(
-            body.message.contains(words),
-            "{body:?} should say {words:?}"
-        );
-    };
     let to = |n: &str| SwitchoverRequest {
         candidate: Some(n.into()),
     };
@@ -390,30 +393,14 @@ async fn refusals_change_nothing(major: u32) {
         "this primary itself",
     );
     check(c.client(1).switchover(&to("n3")).await, 409, "replica");
-    // follow to self, follow on a primary
-    let (code, body) = api_error(
-        c.client(1)
-            .follow(&FollowRequest {
-                primary: format!("http://{}", c.agent(1).api),
-            })
-            .await
-            .unwrap_err(),
-    );
-    assert_eq!(code, 400, "{body:?}");
-    assert!(body.message.contains("does not follow itself"), "{body:?}");
-    let (code, body) = api_error(
-        c.client(0)
-            .follow(&FollowRequest {
-                primary: format!("http://{}", c.agent(1).api),
-            })
-            .await
-            .unwrap_err(),
-    );
-    assert_eq!(code, 409, "{body:?}");
-    let (code, _) = api_error(c.client(0).promote().await.unwrap_err());
-    assert_eq!(code, 409);
-    let (code, _) = api_error(c.client(1).demote().await.unwrap_err());
-    assert_eq!(code, 409);
+    // follow to self, follow on a primary, promote a primary, demote a replica
+    let n2 = FollowRequest {
+        primary: format!("http://{}", c.agent(1).api),
+    };
+    check(c.client(1).follow(&n2).await, 400, "does not follow itself");
+    check(c.client(0).follow(&n2).await, 409, "demote it first");
+    check(c.client(0).promote().await, 409, "already the primary");
+    check(c.client(1).demote().await, 409, "replica");
     assert_eq!(
         c.agent(1).get_status("/replica?lag=lots").await.unwrap(),
         400
