@@ -391,11 +391,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Reinitialize { api, primary } => {
             eprintln!("reinitializing: cloning the primary again ...");
-            let r = api
-                .client(true)?
-                .reinitialize(&pgpilot_common::api::ReinitializeRequest { primary })
-                .await
-                .context("reinitialize")?;
+            let client = api.client(true)?;
+            let r = pgpilot_agent::replication::cli::reinitialize(
+                &client,
+                &pgpilot_common::api::ReinitializeRequest { primary },
+            )
+            .await
+            .context("reinitialize")?;
             println!(
                 "reinitialized; following {}; agent state {}",
                 r.upstream.as_deref().unwrap_or("-"),

@@ -629,15 +629,17 @@ async fn a_diverged_former_primary_is_rewound_or_reinitialized(major: u32) {
             );
             // Refused: still a standby, not a writer.
             assert_eq!(c.agent(0).get_status("/primary").await.unwrap(), 503);
-            let req = pgpilot_common::api::ReinitializeRequest {
-                primary: Some(n2_url.clone()),
-            };
-            let r = c
-                .client(0)
-                .reinitialize(&req)
-                .await
-                .unwrap_or_else(|e| panic!("{e}\n{}", c.logs(0)));
-            assert_eq!(r.upstream.as_deref(), Some(n2_url.as_str()));
+            // Through the CLI, which follows the clone's progress.
+            let out = c
+                .agent(0)
+                .cli(&["reinitialize", "--primary", &n2_url])
+                .unwrap();
+            assert!(out.success(), "{}\n{}", out.text(), c.logs(0));
+            assert!(
+                out.stdout.contains(&format!("following {n2_url}")),
+                "{}",
+                out.text()
+            );
         }
     }
     wait_status(&mut c, 0, "streaming from n2", |s| {

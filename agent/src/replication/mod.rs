@@ -8,6 +8,7 @@
 //! - [`clone`] makes a replica's data dir from its primary (`pg_basebackup`).
 //! - [`switchover`] chooses the candidate and carries out a planned switchover.
 
+pub mod cli;
 pub mod clone;
 pub mod slots;
 pub mod sql;
