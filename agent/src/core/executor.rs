@@ -326,61 +326,60 @@ impl Executor {
             Request::Switchover { .. } => Command::Switchover,
             Request::Reinitialize { .. } => Command::Reinitialize,
         };
-        let step = admit(&self.situation(), &cmd);
+        // Bad input before state: a follow of this agent's own URL is never right.
+        let step = match self.input_error(&req) {
+            Some(e) => Err(e),
+            None => admit(&self.situation(), &cmd),
+        };
         tracing::debug!(?cmd, ?step, "admission");
-        let req = match self.reparent_request(req, step.clone()).await {
-            Some(req) => req,
-            None => return,
+        let step = match step {
+            Ok(step) => step,
+            Err(e) => return req.refuse(e),
         };
         match (req, step) {
-            (Request::Stop { reply, .. }, Err(e))
-            | (Request::Start { reply }, Err(e))
-            | (Request::Restart { reply, .. }, Err(e)) => {
-                let _ = reply.send(Err(e));
-            }
-            (Request::Reload { reply }, Err(e)) => {
-                let _ = reply.send(Err(e));
-            }
-            (Request::Restore { reply, .. }, Err(e)) => {
-                let _ = reply.send(Err(e));
-            }
-            (Request::Backup { reply, .. }, Err(e)) => {
-                let _ = reply.send(Err(e));
-            }
-            (Request::Stop { reply, .. }, Ok(step)) => {
+            (Request::Stop { reply, .. }, step) => {
                 let r = self.stop_step(step).await;
                 let _ = reply.send(r);
             }
-            (Request::Start { reply }, Ok(_)) => {
+            (Request::Start { reply }, _) => {
                 self.retry_at = None;
                 self.backoff = BACKOFF_MIN;
                 self.pending_start.push(reply);
                 self.spawn_postgres();
             }
-            (Request::Restart { reply, .. }, Ok(step)) => self.restart_step(step, reply).await,
-            (Request::Reload { reply }, Ok(_)) => {
+            (Request::Restart { reply, .. }, step) => self.restart_step(step, reply).await,
+            (Request::Reload { reply }, _) => {
                 let _ = reply.send(self.reload().await);
             }
-            (Request::Restore { req, reply }, Ok(Step::Restore { cancel })) => {
+            (Request::Restore { req, reply }, Step::Restore { cancel }) => {
                 self.restore_step(*req, cancel, reply).await
             }
-            (Request::Backup { req, reply }, Ok(_)) => {
-                let _ = reply.send(self.begin_backup(req).await);
-            }
-            (Request::Restore { reply, .. }, Ok(step)) => {
+            (Request::Restore { reply, .. }, step) => {
                 let _ = reply.send(Err(AgentError::Failed(format!(
                     "internal: restore admitted as {step:?}"
                 ))));
             }
-            (
-                Request::Register { .. }
-                | Request::Promote { .. }
-                | Request::Demote { .. }
-                | Request::Follow { .. }
-                | Request::Switchover { .. }
-                | Request::Reinitialize { .. },
-                _,
-            ) => unreachable!("replication requests are served by reparent_request"),
+            (Request::Backup { req, reply }, _) => {
+                let _ = reply.send(self.begin_backup(req).await);
+            }
+            (Request::Register { req, reply }, _) => {
+                let _ = reply.send(self.serve_register(req).await);
+            }
+            (Request::Promote { reply }, _) => {
+                let _ = reply.send(self.promote().await);
+            }
+            (Request::Demote { reply }, _) => {
+                let _ = reply.send(self.demote().await);
+            }
+            (Request::Follow { req, reply }, _) => {
+                let _ = reply.send(self.follow(req).await);
+            }
+            (Request::Reinitialize { req, reply }, _) => {
+                let _ = reply.send(self.reinitialize(req).await);
+            }
+            (Request::Switchover { req, reply }, _) => {
+                let _ = reply.send(self.switchover(req).await);
+            }
         }
     }
 

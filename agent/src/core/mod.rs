@@ -82,6 +82,40 @@ pub(crate) enum Request {
     },
 }
 
+impl Request {
+    /// Answers the request with `e`: admission refused it, nothing was done.
+    pub(crate) fn refuse(self, e: AgentError) {
+        match self {
+            Request::Stop { reply, .. }
+            | Request::Start { reply }
+            | Request::Restart { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Request::Reload { reply } => {
+                let _ = reply.send(Err(e));
+            }
+            Request::Restore { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Request::Backup { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Request::Register { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Request::Promote { reply }
+            | Request::Demote { reply }
+            | Request::Follow { reply, .. }
+            | Request::Reinitialize { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Request::Switchover { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
+
 /// Facts about the running Postgres that `/v1/status` reports.
 #[derive(Debug, Clone, Default)]
 pub struct RuntimeInfo {

@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Executor, OpTask};
 use crate::config::CloneFrom;
-use crate::core::admission::Step;
 use crate::core::{OpRecord, Request};
 use crate::error::AgentError;
 use crate::postgres::conf;
@@ -243,68 +242,24 @@ impl Executor {
         }
     }
 
-    /// Serves the replication requests; gives the others back.
-    pub(super) async fn reparent_request(
-        &mut self,
-        req: Request,
-        step: Result<Step, AgentError>,
-    ) -> Option<Request> {
-        match req {
-            Request::Register { req, reply } => {
-                let _ = reply.send(match step {
-                    Ok(_) => self.serve_register(req).await,
-                    Err(e) => Err(e),
-                });
-            }
-            Request::Promote { reply } => {
-                let _ = reply.send(match step {
-                    Ok(_) => self.promote().await,
-                    Err(e) => Err(e),
-                });
-            }
-            Request::Demote { reply } => {
-                let _ = reply.send(match step {
-                    Ok(_) => self.demote().await,
-                    Err(e) => Err(e),
-                });
-            }
-            Request::Follow { req, reply } => {
-                // Bad input before state: following oneself is never right.
-                let r = if req.primary.trim_end_matches('/')
-                    == self.ctx.cfg.replication.advertise_url
-                {
-                    Err(AgentError::BadRequest(format!(
-                        "{} is this agent's own URL: an instance does not follow itself",
-                        req.primary
-                    )))
-                } else if let Err(e) = pgpilot_common::client::check_agent_url(&req.primary) {
-                    Err(AgentError::BadRequest(format!("primary: {e}")))
-                } else {
-                    match step {
-                        Ok(_) => self.follow(req).await,
-                        Err(e) => Err(e),
-                    }
-                };
-                let _ = reply.send(r);
-            }
-            Request::Reinitialize { req, reply } => {
-                let _ = reply.send(match step {
-                    Ok(_) => self.reinitialize(req).await,
-                    Err(e) => Err(e),
-                });
-            }
-            Request::Switchover { req, reply } => {
-                let _ = reply.send(match step {
-                    Ok(_) => self.switchover(req).await,
-                    Err(e) => Err(e),
-                });
-            }
-            other => return Some(other),
+    /// A request whose body is wrong whatever the state: following this agent's own URL, or
+    /// something that is not an agent URL.
+    pub(super) fn input_error(&self, req: &Request) -> Option<AgentError> {
+        let Request::Follow { req, .. } = req else {
+            return None;
+        };
+        if req.primary.trim_end_matches('/') == self.ctx.cfg.replication.advertise_url {
+            return Some(AgentError::BadRequest(format!(
+                "{} is this agent's own URL: an instance does not follow itself",
+                req.primary
+            )));
         }
-        None
+        pgpilot_common::client::check_agent_url(&req.primary)
+            .err()
+            .map(|e| AgentError::BadRequest(format!("primary: {e}")))
     }
 
-    async fn serve_register(
+    pub(super) async fn serve_register(
         &mut self,
         req: RegisterReplicaRequest,
     ) -> Result<RegisterReplicaResponse, AgentError> {
@@ -376,7 +331,7 @@ impl Executor {
     }
 
     /// Promotes this replica: `pg_promote`, then the record says this instance leads.
-    async fn promote(&mut self) -> Result<ReparentResponse, AgentError> {
+    pub(super) async fn promote(&mut self) -> Result<ReparentResponse, AgentError> {
         let ctx = self.ctx.clone();
         let client = ctx
             .monitor
@@ -412,7 +367,7 @@ impl Executor {
 
     /// Stops writes (fast shutdown: the final checkpoint streams to connected standbys) and
     /// starts again as a standby that follows no one until told (`POST /v1/follow`).
-    async fn demote(&mut self) -> Result<ReparentResponse, AgentError> {
+    pub(super) async fn demote(&mut self) -> Result<ReparentResponse, AgentError> {
         let ctx = self.ctx.clone();
         self.stop_postgres(pgpilot_common::api::ShutdownMode::Fast)
             .await?;
@@ -431,7 +386,10 @@ impl Executor {
 
     /// Registers with another primary and streams from it: the new `primary_conninfo` is
     /// applied by a reload (Postgres 13+), without a restart.
-    async fn follow(&mut self, req: FollowRequest) -> Result<ReparentResponse, AgentError> {
+    pub(super) async fn follow(
+        &mut self,
+        req: FollowRequest,
+    ) -> Result<ReparentResponse, AgentError> {
         let ctx = self.ctx.clone();
         let url = req.primary.trim_end_matches('/').to_string();
         let up = self.register(&url).await.map_err(|e| {
@@ -572,7 +530,7 @@ impl Executor {
     }
 
     /// Throws the data dir away and clones the primary again (a replica that cannot follow).
-    async fn reinitialize(
+    pub(super) async fn reinitialize(
         &mut self,
         req: pgpilot_common::api::ReinitializeRequest,
     ) -> Result<ReparentResponse, AgentError> {
@@ -633,7 +591,7 @@ impl Executor {
     /// The planned switchover, on the primary (shared/DESIGN.md, "Replication and
     /// reparenting"). Refusals (unknown or unhealthy candidate) change nothing. A failure
     /// before the candidate is promoted starts this instance again as the primary.
-    async fn switchover(
+    pub(super) async fn switchover(
         &mut self,
         req: SwitchoverRequest,
     ) -> Result<SwitchoverResponse, AgentError> {
