@@ -538,6 +538,16 @@ fn is_identifier(s: &str) -> bool {
         && s.len() < 64
 }
 
+/// An instance name (`[replication] name`, a replica's registration): 1-50 characters of
+/// a-z, 0-9, `_` and `-`, so that `pgpilot_<name>` is a valid slot name.
+pub fn is_instance_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 50
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
 fn validate_cidr(net: &str) -> Result<(), ConfigError> {
     let invalid = || ConfigError::Invalid {
         key: "postgres.allow_networks",
@@ -617,12 +627,7 @@ fn replication_settings(
             n
         }
     };
-    if name.is_empty()
-        || name.len() > 50
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-    {
+    if !is_instance_name(&name) {
         return Err(ConfigError::Invalid {
             key: "replication.name",
             message: format!(

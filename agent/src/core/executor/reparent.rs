@@ -144,8 +144,9 @@ impl Executor {
     }
 
     /// Registers with the primary at `url`: it creates this replica's slot and says where its
-    /// Postgres listens.
-    async fn register(&self, url: &str) -> Result<Upstream, String> {
+    /// Postgres listens. `url` being this instance itself is bad input; anything else that
+    /// goes wrong is a failure to reach or use the primary.
+    async fn register(&self, url: &str) -> Result<Upstream, AgentError> {
         let cfg = &self.ctx.cfg;
         let client = peer(url, self.ctx.api_token.expose());
         let req = RegisterReplicaRequest {
@@ -153,12 +154,14 @@ impl Executor {
             api_url: cfg.replication.advertise_url.clone(),
         };
         let what = format!("registering with the primary at {url}");
-        let resp = call(&what, client.register_replica(&req)).await?;
+        let resp = call(&what, client.register_replica(&req))
+            .await
+            .map_err(AgentError::Failed)?;
         if resp.primary == cfg.replication.name {
-            return Err(format!(
+            return Err(AgentError::BadRequest(format!(
                 "{url} is this instance itself ({}): an instance does not follow itself",
                 resp.primary
-            ));
+            )));
         }
         let up = Upstream {
             url: url.to_string(),
@@ -198,7 +201,7 @@ impl Executor {
                     Ok(u) => break u,
                     Err(e) => {
                         tracing::warn!("{e}; retrying in 2 s");
-                        op.lock().expect("op lock").error = Some(e);
+                        op.lock().expect("op lock").error = Some(e.to_string());
                         tokio::select! {
                             _ = shutdown.cancelled() => return Ok(false),
                             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -265,13 +268,7 @@ impl Executor {
     ) -> Result<RegisterReplicaResponse, AgentError> {
         let ctx = self.ctx.clone();
         let cfg = &ctx.cfg;
-        let valid = !req.name.is_empty()
-            && req.name.len() <= 50
-            && req
-                .name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-        if !valid {
+        if !crate::config::is_instance_name(&req.name) {
             return Err(AgentError::BadRequest(format!(
                 "replica name {:?} must be 1-50 characters of a-z, 0-9, '_' and '-'",
                 req.name
@@ -392,13 +389,7 @@ impl Executor {
     ) -> Result<ReparentResponse, AgentError> {
         let ctx = self.ctx.clone();
         let url = req.primary.trim_end_matches('/').to_string();
-        let up = self.register(&url).await.map_err(|e| {
-            if e.contains("does not follow itself") {
-                AgentError::BadRequest(e)
-            } else {
-                AgentError::Failed(e)
-            }
-        })?;
+        let up = self.register(&url).await?;
         let own = self.own_system_identifier().await;
         if let Some(own) = own
             && own != up.system_identifier
@@ -738,18 +729,20 @@ impl Executor {
                 "{} is the new primary, but this instance could not record it ({e}); it stays stopped",
                 cand.name
             )))?;
-        let mut upstream = Err(String::new());
-        for _ in 0..5 {
-            upstream = self.register(&cand.api_url).await;
-            if upstream.is_ok() {
-                break;
+        let mut upstream = None;
+        for attempt in 1..=5 {
+            match self.register(&cand.api_url).await {
+                Ok(up) => {
+                    upstream = Some(up);
+                    break;
+                }
+                Err(e) if attempt == 5 => tracing::warn!(
+                    "switchover: {e}; starting as a standby and retrying the registration"
+                ),
+                Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
             }
-            tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        if let Err(e) = &upstream {
-            tracing::warn!("switchover: {e}; starting as a standby and retrying the registration");
-        }
-        self.repl.upstream = upstream.ok();
+        self.repl.upstream = upstream;
         self.spawn_postgres();
         // 5. Re-point the other replicas.
         set_step(op, "re-pointing replicas");
@@ -927,7 +920,7 @@ impl Executor {
                     }
                 }
             }
-            Ok(Err(e)) => self.warn_now_and_then(e),
+            Ok(Err(e)) => self.warn_now_and_then(e.to_string()),
             Err(_) => self.warn_now_and_then(format!(
                 "registering with the primary at {leader}: no answer within 3 s"
             )),
