@@ -284,6 +284,7 @@ impl Executor {
             runtime: self.runtime.clone(),
             ever_running: self.ever_running,
             receiver: self.repl.receiver.clone(),
+            registry: self.repl.registry.clone(),
         });
     }
 

@@ -210,6 +210,8 @@ pub struct Snapshot {
     pub ever_running: bool,
     /// On a replica: its WAL receiver as last seen (every few seconds).
     pub receiver: Option<crate::replication::sql::ReceiverStatus>,
+    /// On a primary: the replicas that registered (name → API URL).
+    pub registry: crate::replication::slots::Registry,
 }
 
 impl Snapshot {
@@ -222,6 +224,7 @@ impl Snapshot {
             runtime: RuntimeInfo::default(),
             ever_running: false,
             receiver: None,
+            registry: Default::default(),
         }
     }
 

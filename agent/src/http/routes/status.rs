@@ -7,7 +7,7 @@ use axum::extract::State;
 use pgpilot_common::api::{ReplicationStatus, SlotView, StatusResponse};
 use pgpilot_common::state::Role;
 
-use crate::core::Handle;
+use crate::core::{Handle, Snapshot};
 use crate::replication::sql as rsql;
 
 /// The agent's state, its operation in flight (or last), and what Postgres reports (role,
@@ -51,13 +51,13 @@ pub async fn status(State(h): State<Handle>) -> Json<StatusResponse> {
             Err(_) => tracing::warn!("status: Postgres did not answer within 3 s"),
         }
     }
-    resp.replication = Some(replication(&h, snap.state.role()).await);
+    resp.replication = Some(replication(&h, &snap).await);
     Json(resp)
 }
 
 /// This instance's place in its shard: on a replica its receiver (read now: a switchover
 /// confirms the candidate's received LSN through here), on a primary its replicas and slots.
-async fn replication(h: &Handle, role: Option<Role>) -> ReplicationStatus {
+async fn replication(h: &Handle, snap: &Snapshot) -> ReplicationStatus {
     let ctx = &h.ctx;
     let leader = ctx.leadership.leader();
     let mut out = ReplicationStatus {
@@ -65,7 +65,7 @@ async fn replication(h: &Handle, role: Option<Role>) -> ReplicationStatus {
         upstream: leader.filter(|_| !ctx.is_leader()),
         ..ReplicationStatus::default()
     };
-    let Some(role) = role else {
+    let Some(role) = snap.state.role() else {
         return out;
     };
     let work = async {
@@ -80,10 +80,9 @@ async fn replication(h: &Handle, role: Option<Role>) -> ReplicationStatus {
                 out.lag_seconds = r.lag_seconds;
             }
             Role::Primary => {
-                let registry = crate::replication::slots::Registry::load(&ctx.cfg);
                 out.replicas = rsql::replicas(&client).await.map_err(|e| e.to_string())?;
                 for r in &mut out.replicas {
-                    r.api_url = registry.replicas.get(&r.name).cloned();
+                    r.api_url = snap.registry.replicas.get(&r.name).cloned();
                 }
             }
         }
