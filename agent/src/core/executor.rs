@@ -454,8 +454,8 @@ impl Executor {
         let params: BTreeMap<String, String> = cfg
             .reread_parameters()
             .map_err(|e| AgentError::Failed(format!("config file not reloaded: {e}")))?;
-        let standby = self.standby_conf();
-        let changed = conf::render_all(cfg, &params, standby.as_ref(), ctx.owner.as_ref())
+        let changed = self
+            .render_conf_with(&params)
             .map_err(|e| AgentError::Failed(format!("cannot render configuration: {e}")))?;
         let Some(pm) = &self.pm else {
             return Err(self.conflict("Postgres is not running; nothing to reload"));
@@ -486,34 +486,44 @@ impl Executor {
 
     // ----- the postmaster -----
 
+    /// Re-renders pgpilot.conf and pg_hba.conf for the current role, with the config file's
+    /// parameters (those read at agent start when the file is unreadable now); returns the
+    /// settings that changed.
+    fn render_conf(&self) -> std::io::Result<Vec<String>> {
+        let cfg = &self.ctx.cfg;
+        let params = cfg.reread_parameters().unwrap_or_else(|e| {
+            tracing::warn!("config file: {e}; rendering the parameters read at agent start");
+            cfg.parameters.clone()
+        });
+        self.render_conf_with(&params)
+    }
+
+    fn render_conf_with(&self, params: &BTreeMap<String, String>) -> std::io::Result<Vec<String>> {
+        let standby = self.standby_conf();
+        conf::render_all(
+            &self.ctx.cfg,
+            params,
+            standby.as_ref(),
+            self.ctx.owner.as_ref(),
+        )
+    }
+
     /// Renders the configuration and starts the postmaster; `Starting` until it accepts
     /// connections (see `on_tick`).
     fn spawn_postgres(&mut self) {
         let ctx = self.ctx.clone();
         let cfg = &ctx.cfg;
-        let params = match cfg.reread_parameters() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(
-                    "config file: {e}; starting with the parameters read at agent start"
-                );
-                cfg.parameters.clone()
-            }
-        };
         self.set_state(AgentState::Starting);
-        let standby = match self.prepare_role_files() {
-            Ok(s) => s,
-            Err(e) => {
-                return self.crashed(
-                    format!(
-                        "cannot prepare {} for its role: {e}",
-                        cfg.data_dir.display()
-                    ),
-                    false,
-                );
-            }
-        };
-        if let Err(e) = conf::render_all(cfg, &params, standby.as_ref(), ctx.owner.as_ref()) {
+        if let Err(e) = self.ensure_standby_signal() {
+            return self.crashed(
+                format!(
+                    "cannot prepare {} for its role: {e}",
+                    cfg.data_dir.display()
+                ),
+                false,
+            );
+        }
+        if let Err(e) = self.render_conf() {
             return self.crashed(
                 format!(
                     "cannot render configuration into {}: {e}",

@@ -16,7 +16,6 @@ use super::{Executor, OpTask};
 use crate::config::CloneFrom;
 use crate::core::{OpRecord, Request};
 use crate::error::AgentError;
-use crate::postgres::conf;
 use crate::replication::clone::{self, LiveOp};
 use crate::replication::slots::{Registry, SlotKeeper};
 use crate::replication::sql::{self as rsql, ReceiverStatus};
@@ -87,10 +86,16 @@ impl Executor {
         Ok(())
     }
 
-    /// The standby settings while this instance follows a primary; `None` on the leader.
+    /// The standby settings rendered into pgpilot.conf: while this instance follows a
+    /// primary, and also on the leader when its data dir is still a standby (`standby.signal`:
+    /// only promote makes it a primary, never a restart). `None` on a primary.
     pub(super) fn standby_conf(&self) -> Option<StandbyConf> {
         if self.ctx.is_leader() {
-            return None;
+            let signal = self.ctx.cfg.data_dir.join(crate::files::STANDBY_SIGNAL);
+            return signal.exists().then_some(StandbyConf {
+                conninfo: None,
+                slot: None,
+            });
         }
         let up = self.repl.upstream.as_ref();
         Some(StandbyConf {
@@ -99,10 +104,9 @@ impl Executor {
         })
     }
 
-    /// Before a start: `standby.signal` exists exactly when this instance follows a primary.
-    /// A data dir that is a standby is never turned into a primary by a restart: only
-    /// promote does that.
-    pub(super) fn prepare_role_files(&self) -> std::io::Result<Option<StandbyConf>> {
+    /// Before a start: `standby.signal` exists when this instance follows a primary. On the
+    /// leader a leftover one is kept (and said): see [`Executor::standby_conf`].
+    pub(super) fn ensure_standby_signal(&self) -> std::io::Result<()> {
         let cfg = &self.ctx.cfg;
         let signal = cfg.data_dir.join(crate::files::STANDBY_SIGNAL);
         if self.ctx.is_leader() {
@@ -112,35 +116,14 @@ impl Executor {
                      it starts as a standby; promote it with POST /v1/promote",
                     cfg.data_dir.display()
                 );
-                return Ok(Some(StandbyConf {
-                    conninfo: None,
-                    slot: None,
-                }));
             }
-            return Ok(None);
-        }
-        if !signal.exists() {
+        } else if !signal.exists() {
             std::fs::write(&signal, "")?;
             if let Some(o) = &self.ctx.owner {
                 o.chown(&signal)?;
             }
         }
-        Ok(self.standby_conf())
-    }
-
-    /// Re-renders pgpilot.conf for the current role; returns the settings that changed.
-    fn render_conf(&self) -> Result<Vec<String>, String> {
-        let cfg = &self.ctx.cfg;
-        let params = cfg
-            .reread_parameters()
-            .unwrap_or_else(|_| cfg.parameters.clone());
-        conf::render_all(
-            cfg,
-            &params,
-            self.standby_conf().as_ref(),
-            self.ctx.owner.as_ref(),
-        )
-        .map_err(|e| format!("cannot render configuration: {e}"))
+        Ok(())
     }
 
     /// Registers with the primary at `url`: it creates this replica's slot and says where its
@@ -354,7 +337,7 @@ impl Executor {
         self.repl.upstream = None;
         let _ = std::fs::remove_file(replication::upstream_path(&ctx.cfg));
         if let Err(e) = self.render_conf() {
-            tracing::error!("promoted, but {e}");
+            tracing::error!("promoted, but cannot render configuration: {e}");
         }
         self.on_tick().await;
         let mut resp = self.reparent_response(None);
@@ -407,7 +390,8 @@ impl Executor {
             .set_leader(Some(&url))
             .map_err(|e| AgentError::Failed(format!("cannot record the new primary: {e}")))?;
         self.repl.upstream = Some(up);
-        self.render_conf().map_err(AgentError::Failed)?;
+        self.render_conf()
+            .map_err(|e| AgentError::Failed(format!("cannot render configuration: {e}")))?;
         match &self.pm {
             Some(pm) => pm.reload(),
             // Stopped by a rewind (or before): start as a standby of the new primary.
@@ -916,7 +900,7 @@ impl Executor {
                             }
                         }
                         Ok(_) => {}
-                        Err(e) => tracing::warn!("{e}"),
+                        Err(e) => tracing::warn!("cannot render configuration: {e}"),
                     }
                 }
             }
