@@ -25,7 +25,7 @@ use crate::context::Context;
 use crate::error::AgentError;
 use crate::postgres::process::Postmaster;
 use crate::postgres::{bootstrap, conf, sql};
-use crate::replication::clone::LiveOp;
+use crate::replication::live::LiveOp;
 use crate::restore::{self, RestoreError, RestorePlan};
 
 mod reparent;
@@ -86,7 +86,7 @@ impl OpTask {
                 id: plan.manifest.id.clone(),
             },
             OpTask::Live { op } => {
-                let o = op.lock().expect("op lock");
+                let o = op.lock();
                 InFlight {
                     kind: o.kind,
                     id: o.id.clone(),

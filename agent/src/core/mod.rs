@@ -132,7 +132,7 @@ pub enum OpRecord {
     Backup(Arc<Run>),
     Restore(restore::Progress),
     /// A clone or a switchover: the record is the operation itself.
-    Live(crate::replication::clone::LiveOp),
+    Live(crate::replication::live::LiveOp),
 }
 
 impl OpRecord {
@@ -156,7 +156,7 @@ impl OpRecord {
                     error: p.reason,
                 }
             }
-            OpRecord::Live(op) => op.lock().expect("op lock").clone(),
+            OpRecord::Live(op) => op.lock().clone(),
             OpRecord::Restore(record) => {
                 let p = record.lock().expect("progress lock").clone();
                 Operation {

@@ -7,18 +7,13 @@
 //! is parsed into the operation's progress. The agent's own archive format buys nothing here:
 //! the copy never leaves the two machines.
 
-use std::sync::{Arc, Mutex};
-
-use pgpilot_common::state::{Operation, Outcome};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
+use super::live::LiveOp;
 use super::{Upstream, pgpass_path};
 use crate::context::Context;
 use crate::postgres::{bootstrap, run_as};
-
-/// A live operation record (clone, switchover) updated by the code doing the work.
-pub type LiveOp = Arc<Mutex<Operation>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CloneError {
@@ -95,7 +90,7 @@ pub async fn clone_from_primary(
         }
         text.push_str(&String::from_utf8_lossy(&buf[..n]));
         if let Some((done, total)) = last_progress(&text) {
-            let mut o = op.lock().expect("op lock");
+            let mut o = op.lock();
             o.progress.bytes_done = done;
             o.progress.bytes_total = total;
         }
@@ -124,7 +119,7 @@ pub async fn clone_from_primary(
     // The primary's own leftovers are not this instance's.
     let _ = std::fs::remove_dir_all(cfg.data_dir.join(crate::files::SPOOL_DIR));
     let _ = std::fs::remove_file(cfg.data_dir.join(crate::files::RECOVERY_CONF));
-    let mut o = op.lock().expect("op lock");
+    let mut o = op.lock();
     o.progress.bytes_done = o.progress.bytes_total.max(o.progress.bytes_done);
     Ok(())
 }
@@ -151,7 +146,7 @@ pub async fn clone_from_backup(ctx: &Context, op: &LiveOp) -> Result<(), CloneEr
         .await
         .map_err(|e| CloneError::Prepare(format!("no backup to clone from: {e}")))?;
     tracing::info!(backup = %plan.manifest.id, "cloning from the store's newest backup");
-    op.lock().expect("op lock").id = format!("backup {}", plan.manifest.id);
+    op.lock().id = format!("backup {}", plan.manifest.id);
     if let Some(f) = &ctx.fetcher {
         f.set_segment_size(plan.manifest.wal_segment_size);
         let _ = f.reset_spool();
@@ -171,7 +166,7 @@ pub async fn clone_from_backup(ctx: &Context, op: &LiveOp) -> Result<(), CloneEr
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
     let copy = |op: &LiveOp| {
         let p = progress.lock().expect("progress lock");
-        let mut o = op.lock().expect("op lock");
+        let mut o = op.lock();
         o.progress.bytes_done = p.bytes_done;
         o.progress.bytes_total = p.bytes_total;
         o.progress.files_done = p.files_done;
@@ -201,19 +196,6 @@ fn last_progress(text: &str) -> Option<(u64, u64)> {
             total.parse::<u64>().ok()? * 1024,
         ))
     })
-}
-
-/// Marks a live operation ended.
-pub fn finish(op: &LiveOp, result: Result<(), String>) {
-    let mut o = op.lock().expect("op lock");
-    o.finished_at = Some(crate::time::now());
-    match result {
-        Ok(()) => o.outcome = Outcome::Succeeded,
-        Err(e) => {
-            o.outcome = Outcome::Failed;
-            o.error = Some(e);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod clone;
+pub mod live;
 pub mod slots;
 pub mod sql;
 pub mod switchover;

@@ -9,14 +9,15 @@ use pgpilot_common::api::{
     FollowRequest, RegisterReplicaRequest, RegisterReplicaResponse, ReparentResponse,
     StatusResponse, SwitchoverRequest, SwitchoverResponse,
 };
-use pgpilot_common::state::{AgentState, Operation, OperationKind, Outcome, Progress, Role};
+use pgpilot_common::state::{AgentState, OperationKind, Role};
 use tokio_util::sync::CancellationToken;
 
 use super::{Executor, OpTask};
 use crate::config::CloneFrom;
 use crate::core::{OpRecord, Request};
 use crate::error::AgentError;
-use crate::replication::clone::{self, LiveOp};
+use crate::replication::clone;
+use crate::replication::live::LiveOp;
 use crate::replication::slots::{Registry, SlotKeeper};
 use crate::replication::sql::{self as rsql, ReceiverStatus};
 use crate::replication::switchover::{self, Candidate, call, peer};
@@ -40,23 +41,6 @@ pub(in crate::core) struct ReplicationState {
     pub receiver: Option<ReceiverStatus>,
     not_streaming_since: Option<Instant>,
     last_warning: Option<(String, Instant)>,
-}
-
-fn live_op(kind: OperationKind, id: &str, step: &str) -> LiveOp {
-    std::sync::Arc::new(std::sync::Mutex::new(Operation {
-        kind,
-        id: id.to_string(),
-        step: step.to_string(),
-        outcome: Outcome::Running,
-        started_at: crate::time::now(),
-        finished_at: None,
-        progress: Progress::default(),
-        error: None,
-    }))
-}
-
-fn set_step(op: &LiveOp, step: &str) {
-    op.lock().expect("op lock").step = step.to_string();
 }
 
 impl Executor {
@@ -174,7 +158,7 @@ impl Executor {
         let Some(leader) = self.ctx.leadership.leader() else {
             return Err("no primary is known to clone from: set [replication] primary".into());
         };
-        let op = live_op(OperationKind::Clone, &leader, "registering");
+        let op = LiveOp::new(OperationKind::Clone, &leader, "registering");
         self.op = Some(OpTask::Live { op: op.clone() });
         self.publish();
         let upstream = loop {
@@ -184,7 +168,7 @@ impl Executor {
                     Ok(u) => break u,
                     Err(e) => {
                         tracing::warn!("{e}; retrying in 2 s");
-                        op.lock().expect("op lock").error = Some(e.to_string());
+                        op.lock().error = Some(e.to_string());
                         tokio::select! {
                             _ = shutdown.cancelled() => return Ok(false),
                             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -193,8 +177,8 @@ impl Executor {
                 }
             }
         };
-        op.lock().expect("op lock").error = None;
-        set_step(&op, "copying");
+        op.lock().error = None;
+        op.set_step("copying");
         self.repl.upstream = Some(upstream.clone());
         self.publish();
         let ctx = self.ctx.clone();
@@ -212,14 +196,14 @@ impl Executor {
         self.last_op = Some(OpRecord::Live(op.clone()));
         match result {
             Ok(()) => {
-                clone::finish(&op, Ok(()));
+                op.finish(Ok(()));
                 tracing::info!(primary = %upstream.url, "clone complete; starting as a replica");
                 Ok(true)
             }
             Err(e) => {
                 let reason = format!("cloning the primary at {} failed: {e}", upstream.url);
                 tracing::error!("{reason}");
-                clone::finish(&op, Err(reason.clone()));
+                op.finish(Err(reason.clone()));
                 self.set_state(AgentState::Failed {
                     reason: reason.clone(),
                 });
@@ -605,13 +589,13 @@ impl Executor {
             )));
         }
         tracing::info!(candidate = %cand.name, "switchover: starting");
-        let op = live_op(OperationKind::Switchover, &cand.name, "stopping writes");
+        let op = LiveOp::new(OperationKind::Switchover, &cand.name, "stopping writes");
         self.op = Some(OpTask::Live { op: op.clone() });
         self.publish();
         let result = self.switchover_steps(&cand, &op, started).await;
         self.op = None;
         self.last_op = Some(OpRecord::Live(op.clone()));
-        clone::finish(&op, result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        op.finish(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
         let outcome = if result.is_ok() {
             "succeeded"
         } else {
@@ -652,7 +636,7 @@ impl Executor {
             tokio::time::sleep(delay).await;
         }
         // 2. The candidate has received everything up to and including that checkpoint.
-        set_step(op, "confirming");
+        op.set_step("confirming");
         self.publish();
         let deadline = Instant::now() + CONFIRM_TIMEOUT;
         let mut last;
@@ -685,7 +669,7 @@ impl Executor {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // 3. Promote the candidate.
-        set_step(op, "promoting");
+        op.set_step("promoting");
         self.publish();
         if let Err(e) = call(&format!("promoting {}", cand.name), cand_client.promote()).await {
             // It may have promoted and failed to answer: ask before deciding.
@@ -705,7 +689,7 @@ impl Executor {
             .observe(write_pause.as_secs_f64());
         // 4. This instance follows the new primary (no rewind needed: it stopped cleanly and
         //    the candidate has all of its WAL).
-        set_step(op, "rejoining");
+        op.set_step("rejoining");
         self.publish();
         ctx.leadership
             .set_leader(Some(&cand.api_url))
@@ -729,7 +713,7 @@ impl Executor {
         self.repl.upstream = upstream;
         self.spawn_postgres();
         // 5. Re-point the other replicas.
-        set_step(op, "re-pointing replicas");
+        op.set_step("re-pointing replicas");
         self.publish();
         let mut followers = vec![cfg.replication.name.clone()];
         let mut not_followed = Vec::new();
