@@ -15,3 +15,18 @@ pub fn human(n: u64) -> String {
         format!("{v:.1} {}", UNITS[u])
     }
 }
+
+/// The CLI's progress bar for a copy that reports bytes done of a total (restore download,
+/// clone), with `msg` naming the step.
+pub fn transfer_bar(msg: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg:>10} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(msg.to_string());
+    bar
+}

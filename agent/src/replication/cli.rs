@@ -12,15 +12,7 @@ pub async fn reinitialize(
     client: &AgentClient,
     req: &ReinitializeRequest,
 ) -> anyhow::Result<ReparentResponse> {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} {msg:>10} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    bar.set_message("stopping");
+    let bar = crate::units::transfer_bar("stopping");
     let call = client.reinitialize(req);
     tokio::pin!(call);
     let mut tick = tokio::time::interval(Duration::from_millis(300));

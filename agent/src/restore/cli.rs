@@ -79,15 +79,7 @@ impl RestoreTargetArgs {
 pub async fn run_restore(client: &AgentClient, req: &RestoreRequest) -> anyhow::Result<()> {
     let accepted = client.restore(req).await?;
     eprintln!("restoring to {}", accepted.target);
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} {msg:>10} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    bar.set_message("download");
+    let bar = crate::units::transfer_bar("download");
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let Ok(status) = client.status().await else {
