@@ -138,6 +138,19 @@ async fn caught_up(c: &mut ClusterFixture, p: usize) {
     }
 }
 
+/// Inserts ids `from..=to` into `t` on agent `i`'s Postgres.
+async fn insert(c: &ClusterFixture, i: usize, from: i64, to: i64) {
+    c.sql(i)
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO t SELECT generate_series($1::bigint, $2)",
+            &[&from, &to],
+        )
+        .await
+        .unwrap();
+}
+
 /// Ids on agent `i`'s Postgres.
 async fn ids(c: &ClusterFixture, i: usize) -> BTreeSet<i64> {
     let db = c.sql(i).await.unwrap();
@@ -411,12 +424,7 @@ async fn refusals_change_nothing(major: u32) {
     n3.batch_execute("SELECT pg_wal_replay_pause()")
         .await
         .unwrap();
-    c.sql(0)
-        .await
-        .unwrap()
-        .batch_execute("INSERT INTO t SELECT generate_series(1, 20000)")
-        .await
-        .unwrap();
+    insert(&c, 0, 1, 20000).await;
     wait_status(&mut c, 0, "n3 lagging", |s| {
         s.replication.as_ref().is_some_and(|r| {
             r.replicas
@@ -514,13 +522,10 @@ async fn a_gone_replica_is_kept_for_the_grace_then_let_go(major: u32) {
             .as_ref()
             .and_then(|r| r.slots.iter().find(|x| x.name == name).cloned())
     };
-    let db = c.sql(0).await.unwrap();
     // Stopped for a while, within the grace: the slot holds the WAL written meanwhile.
     c.agent(2).signal_agent(Signal::SIGTERM).unwrap();
     c.agent_mut(2).wait_exit(LONG).unwrap();
-    db.batch_execute("INSERT INTO t SELECT generate_series(1, 20000)")
-        .await
-        .unwrap();
+    insert(&c, 0, 1, 20000).await;
     wait_status(&mut c, 0, "inactive slot retaining WAL", |s| {
         slot_of(s, "pgpilot_n3")
             .is_some_and(|x| !x.active && x.retained_bytes.unwrap_or(0) > 1_000_000)
@@ -558,11 +563,14 @@ async fn a_gone_replica_is_kept_for_the_grace_then_let_go(major: u32) {
         c.logs(0)
     );
     // The WAL it missed is only in the archive now.
-    db.batch_execute("INSERT INTO t SELECT generate_series(20001, 40000)")
+    insert(&c, 0, 20001, 40000).await;
+    c.agent(0).switch_wal_and_wait_archived(LONG).await.unwrap();
+    c.sql(0)
+        .await
+        .unwrap()
+        .batch_execute("CHECKPOINT")
         .await
         .unwrap();
-    c.agent(0).switch_wal_and_wait_archived(LONG).await.unwrap();
-    db.batch_execute("CHECKPOINT").await.unwrap();
     c.agent_mut(2).spawn().unwrap();
     wait_status(&mut c, 2, "streaming after re-registering", streaming).await;
     wait_status(&mut c, 0, "slot recreated and active", |s| {
@@ -579,10 +587,7 @@ async fn a_gone_replica_is_kept_for_the_grace_then_let_go(major: u32) {
 /// way n1 ends as a replica of n2 with exactly n2's rows, and never as a second primary.
 async fn a_diverged_former_primary_is_rewound_or_reinitialized(major: u32) {
     let mut c = shard(major, &[], "").await;
-    let n1 = c.sql(0).await.unwrap();
-    n1.batch_execute("INSERT INTO t SELECT generate_series(1, 100)")
-        .await
-        .unwrap();
+    insert(&c, 0, 1, 100).await;
     caught_up(&mut c, 0).await;
     let r = c.client(1).promote().await.unwrap();
     assert_eq!(
@@ -593,15 +598,8 @@ async fn a_diverged_former_primary_is_rewound_or_reinitialized(major: u32) {
     );
     assert_eq!(r.timeline, Some(2));
     // Both write: n1's rows after the fork exist nowhere else.
-    n1.batch_execute("INSERT INTO t SELECT generate_series(101, 5000)")
-        .await
-        .unwrap();
-    c.sql(1)
-        .await
-        .unwrap()
-        .batch_execute("INSERT INTO t SELECT generate_series(10001, 10100)")
-        .await
-        .unwrap();
+    insert(&c, 0, 101, 5000).await;
+    insert(&c, 1, 10001, 10100).await;
     let r = c.client(0).demote().await.unwrap();
     assert!(r.checkpoint_lsn.is_some());
     wait_status(&mut c, 0, "standby", |s| {
