@@ -248,6 +248,24 @@ async fn switchover(c: &mut ClusterFixture, from: usize, to: usize, names: [&str
     }
 }
 
+/// A switchover from `from` to `to` while [`write_loop`] writes (from `settle_ms` before to
+/// `settle_ms` after); returns the acknowledged ids.
+async fn switchover_under_writes(
+    c: &mut ClusterFixture,
+    from: usize,
+    to: usize,
+    names: [&str; 3],
+    settle_ms: u64,
+) -> Vec<i64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = write_loop(c, stop.clone());
+    tokio::time::sleep(Duration::from_millis(settle_ms)).await;
+    switchover(c, from, to, names).await;
+    tokio::time::sleep(Duration::from_millis(settle_ms)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap()
+}
+
 async fn streams_switches_over_and_back_without_losing_a_commit(major: u32) {
     let mut c = shard(major, &[], "").await;
     let names = ["n1", "n2", "n3"];
@@ -322,13 +340,7 @@ async fn streams_switches_over_and_back_without_losing_a_commit(major: u32) {
     let backup = c.agent(0).take_backup().await.unwrap();
 
     // Switchover under a write loop that records every acknowledged commit.
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = write_loop(&c, stop.clone());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    switchover(&mut c, 0, 1, names).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    let committed = writer.await.unwrap();
+    let committed = switchover_under_writes(&mut c, 0, 1, names, 500).await;
     assert!(
         committed.len() > 10,
         "the writer wrote {} rows",
@@ -365,13 +377,7 @@ async fn streams_switches_over_and_back_without_losing_a_commit(major: u32) {
     assert!(w.latest_segment.unwrap().starts_with("00000002"));
 
     // And back, under writes again.
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = write_loop(&c, stop.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    switchover(&mut c, 1, 0, names).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let committed = writer.await.unwrap();
+    let committed = switchover_under_writes(&mut c, 1, 0, names, 300).await;
     caught_up(&mut c, 0).await;
     for (i, name) in names.iter().enumerate() {
         let have = ids(&c, i).await;
