@@ -13,4 +13,4 @@ mod probe;
 
 pub use images::ImageTable;
 pub use kubelet::{Kubelet, KubeletOptions, server_options};
-pub use net::ApiFault;
+pub use net::{ApiFault, take_pid_lock};

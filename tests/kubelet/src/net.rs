@@ -9,7 +9,7 @@
 //! one pod off the API server ([`ApiFault`]) while the others and the kubelet keep talking.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use tokio::io::AsyncWriteExt as _;
@@ -31,25 +31,7 @@ impl Subnet {
         for i in 0..241u16 {
             let third = (10 + (u16::from(start) - 10 + i) % 241) as u8;
             let lock = dir.join(third.to_string());
-            let take = |lock: &PathBuf| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(lock)
-                    .and_then(|mut f| {
-                        std::io::Write::write_all(&mut f, std::process::id().to_string().as_bytes())
-                    })
-            };
-            if take(&lock).is_ok() {
-                return Ok(Self { third, lock });
-            }
-            // A lease left by a process that died (a killed test) is free again.
-            let holder = std::fs::read_to_string(&lock).unwrap_or_default();
-            let alive = holder
-                .trim()
-                .parse::<u32>()
-                .is_ok_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
-            if !alive && std::fs::remove_file(&lock).is_ok() && take(&lock).is_ok() {
+            if take_pid_lock(&lock) {
                 return Ok(Self { third, lock });
             }
         }
@@ -79,6 +61,30 @@ pub enum ApiFault {
     Refuse,
     /// Connections stay open but nothing gets through: the process sees timeouts.
     Blackhole,
+}
+
+/// Takes the lock file `lock` for this process (it holds our pid), or takes over one whose
+/// process is gone. Tests under nextest are processes, so a lock lives as long as its test.
+pub fn take_pid_lock(lock: &Path) -> bool {
+    let take = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(lock)
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, std::process::id().to_string().as_bytes())
+            })
+            .is_ok()
+    };
+    if take() {
+        return true;
+    }
+    let holder = std::fs::read_to_string(lock).unwrap_or_default();
+    let alive = holder
+        .trim()
+        .parse::<u32>()
+        .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+    !alive && std::fs::remove_file(lock).is_ok() && take()
 }
 
 /// A per-pod TCP proxy to the API server.

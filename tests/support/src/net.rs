@@ -5,20 +5,52 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A port that was free on 127.0.0.1 a moment ago, and never handed out before by this process
-/// (so the agents of one cluster fixture never share one). The kernel hands out ephemeral ports
-/// round-robin, so a just-released one is not reused soon by another process's bind(0) either.
+/// A free port on 127.0.0.1 for a server a fixture starts, and keeps across restarts.
+///
+/// Ports come from below the kernel's ephemeral range (`ip_local_port_range`), never from
+/// bind(0): an outgoing connection of any process may take an ephemeral port the moment a
+/// stopped server let it go, and the restarted server then fails with EADDRINUSE (seen when an
+/// agent respawned on its old API port while other tests ran). Below the range only other
+/// fixtures compete, and they take turns through a lock file per port under the system temp dir
+/// holding the owner's pid; a lock whose process is gone (every nextest test is a process) is
+/// free again. Within a process a port is never handed out twice.
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     let given = given.get_or_insert_with(HashSet::new);
-    loop {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = listener.local_addr().expect("local addr").port();
-        if given.insert(port) {
+    let (low, high) = reserved_range();
+    let span = u32::from(high - low);
+    let start: u32 = rand::random_range(0..span);
+    for i in 0..span {
+        let port = low + ((start + i) % span) as u16;
+        if given.contains(&port) || !reserve(port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
             return port;
         }
     }
+    panic!("no free port in {low}..{high} on 127.0.0.1");
+}
+
+/// `[low, high)`: the 12k ports below the ephemeral range (32768 by default on Linux).
+fn reserved_range() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let high = ephemeral_low.max(2048);
+    (high.saturating_sub(12288).max(1024), high)
+}
+
+/// Takes the cross-process lock of `port`, or takes over one whose owner is gone.
+fn reserve(port: u16) -> bool {
+    let dir = std::env::temp_dir().join("pgpilot-test-ports");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return true;
+    }
+    pgpilot_test_kubelet::take_pid_lock(&dir.join(port.to_string()))
 }
 
 /// `N` distinct free ports.

@@ -454,6 +454,13 @@ impl Executor {
                 cd.state
             )));
         }
+        self.source_checkpointed(up).await.map_err(|e| {
+            AgentError::Failed(format!(
+                "cannot make {} write its new timeline {} to its control file before pg_rewind: {e}; \
+                 the instance stays stopped; try again, or {reinit}",
+                up.url, up.timeline
+            ))
+        })?;
         let source = format!(
             "host={} port={} user={} dbname=postgres passfile={} connect_timeout=5",
             up.host,
@@ -486,6 +493,49 @@ impl Executor {
         }
         tracing::info!(primary = %up.url, "pg_rewind: {text}");
         Ok(())
+    }
+
+    /// A just-promoted primary writes its new timeline to pg_control only at its first
+    /// checkpoint, and pg_rewind reads the source's timeline from there: until then it sees
+    /// both on the old timeline and answers "no rewind required", leaving the diverged WAL in
+    /// place (the standby then fails with "requested timeline is not a child"). Like Patroni,
+    /// ask the source for a CHECKPOINT when its control file lags its history.
+    async fn source_checkpointed(&self, up: &Upstream) -> Result<(), String> {
+        let cfg = &self.ctx.cfg;
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(&up.host)
+            .port(up.port)
+            .user(&cfg.superuser)
+            .password(self.ctx.superuser_password.expose())
+            .dbname("postgres")
+            .application_name("pgpilot-agent")
+            .connect_timeout(Duration::from_secs(5));
+        let (client, conn) = pg
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        tokio::spawn(conn);
+        let control_timeline = || async {
+            client
+                .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+                .await
+                .map(|r| r.get::<_, i32>(0) as u32)
+                .map_err(|e| format!("read pg_control_checkpoint(): {e}"))
+        };
+        if control_timeline().await? >= up.timeline {
+            return Ok(());
+        }
+        tracing::info!(primary = %up.url, timeline = up.timeline, "asking the new primary for a checkpoint before pg_rewind");
+        client
+            .batch_execute("CHECKPOINT")
+            .await
+            .map_err(|e| format!("CHECKPOINT: {e}"))?;
+        match control_timeline().await? {
+            t if t >= up.timeline => Ok(()),
+            t => Err(format!(
+                "its control file still says timeline {t} after CHECKPOINT"
+            )),
+        }
     }
 
     /// Throws the data dir away and clones the primary again (a replica that cannot follow).
