@@ -72,6 +72,9 @@ pub struct RunArgs {
     /// replication slot. Default: `<host>_<postgres_port>`.
     #[arg(long, env = "PGPILOT_REPLICATION_NAME")]
     pub replication_name: Option<String>,
+    /// Kubernetes mode (`[kubernetes] mode`): `auto` (on inside a pod), `on` or `off`.
+    #[arg(long, env = "PGPILOT_KUBERNETES_MODE")]
+    pub kubernetes_mode: Option<KubernetesMode>,
     #[command(flatten)]
     pub restore_target: crate::restore::cli::RestoreTargetArgs,
     #[command(flatten)]
@@ -103,6 +106,142 @@ pub struct FileConfig {
     pub archive: ArchiveSection,
     #[serde(default)]
     pub replication: ReplicationSection,
+    #[serde(default)]
+    pub kubernetes: KubernetesSection,
+}
+
+/// Whether the agent runs in Kubernetes mode (docs/kubernetes.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum KubernetesMode {
+    /// On when the in-cluster environment is there (`KUBERNETES_SERVICE_HOST` and the pod's
+    /// name), off otherwise.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+/// `[kubernetes]`: leadership through a Lease (docs/kubernetes.md). Defaults follow
+/// client-go's leader election (15/10/2 s) scaled down so that an unplanned failover stays
+/// under 10 s; Patroni's are ttl 30 s, loop_wait 10 s.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesSection {
+    pub mode: KubernetesMode,
+    /// Default: `$POD_NAMESPACE`, then the service account's namespace file.
+    pub namespace: Option<String>,
+    /// Default: `$POD_NAME`, then `$HOSTNAME`.
+    pub pod_name: Option<String>,
+    /// How long a Lease stays valid after its last renewal, as its observers count it.
+    pub lease_duration_secs: u64,
+    /// How often the primary renews the Lease (and every agent looks at it).
+    pub renew_interval_secs: u64,
+    /// A primary that has not renewed for this long fences itself: it stops taking writes,
+    /// well before observers may consider the Lease expired.
+    pub renew_deadline_secs: u64,
+    /// A replica further behind the primary's last published WAL position than this never
+    /// takes over (Patroni's `maximum_lag_on_failover`); `None` accepts any loss.
+    pub maximum_lag_on_failover: Option<u64>,
+}
+
+impl Default for KubernetesSection {
+    fn default() -> Self {
+        KubernetesSection {
+            mode: KubernetesMode::Auto,
+            namespace: None,
+            pod_name: None,
+            lease_duration_secs: 8,
+            renew_interval_secs: 1,
+            renew_deadline_secs: 5,
+            maximum_lag_on_failover: Some(1024 * 1024),
+        }
+    }
+}
+
+/// The validated Kubernetes settings, when the agent runs in Kubernetes mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kubernetes {
+    pub namespace: String,
+    pub pod_name: String,
+    pub lease_duration: std::time::Duration,
+    pub renew_interval: std::time::Duration,
+    pub renew_deadline: std::time::Duration,
+    pub maximum_lag_on_failover: Option<u64>,
+}
+
+/// Resolves `[kubernetes]` against the environment: `None` when not in Kubernetes mode.
+pub fn kubernetes_settings(
+    mode: KubernetesMode,
+    file: KubernetesSection,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<Kubernetes>, ConfigError> {
+    let pod_name = file
+        .pod_name
+        .or_else(|| env("POD_NAME"))
+        .or_else(|| env("HOSTNAME"))
+        .filter(|s| !s.is_empty());
+    let namespace = file
+        .namespace
+        .or_else(|| env("POD_NAMESPACE"))
+        .or_else(|| {
+            std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|s| !s.is_empty());
+    let in_cluster = env("KUBERNETES_SERVICE_HOST").is_some_and(|s| !s.is_empty());
+    let on = match mode {
+        KubernetesMode::Off => return Ok(None),
+        KubernetesMode::On => true,
+        KubernetesMode::Auto => in_cluster && pod_name.is_some() && namespace.is_some(),
+    };
+    if !on {
+        return Ok(None);
+    }
+    let invalid = |key, message: &str| ConfigError::Invalid {
+        key,
+        message: message.into(),
+    };
+    let pod_name = pod_name.ok_or_else(|| {
+        invalid(
+            "kubernetes.pod_name",
+            "unknown: set POD_NAME from the downward API (fieldRef metadata.name) or the key",
+        )
+    })?;
+    let namespace = namespace.ok_or_else(|| {
+        invalid(
+            "kubernetes.namespace",
+            "unknown: set POD_NAMESPACE from the downward API (fieldRef metadata.namespace) or the key",
+        )
+    })?;
+    let secs = std::time::Duration::from_secs;
+    if file.renew_interval_secs == 0 {
+        return Err(invalid(
+            "kubernetes.renew_interval_secs",
+            "must be at least 1",
+        ));
+    }
+    if !(file.renew_interval_secs < file.renew_deadline_secs
+        && file.renew_deadline_secs < file.lease_duration_secs)
+    {
+        return Err(invalid(
+            "kubernetes",
+            &format!(
+                "renew_interval_secs ({}) < renew_deadline_secs ({}) < lease_duration_secs ({}) must hold, \
+                 so a primary fences itself before its Lease can expire",
+                file.renew_interval_secs, file.renew_deadline_secs, file.lease_duration_secs
+            ),
+        ));
+    }
+    Ok(Some(Kubernetes {
+        namespace,
+        pod_name,
+        lease_duration: secs(file.lease_duration_secs),
+        renew_interval: secs(file.renew_interval_secs),
+        renew_deadline: secs(file.renew_deadline_secs),
+        maximum_lag_on_failover: file.maximum_lag_on_failover,
+    }))
 }
 
 /// Where a replica's first copy comes from.
@@ -270,6 +409,8 @@ pub struct Config {
     pub cluster: ClusterSection,
     pub archive: ArchiveSection,
     pub replication: Replication,
+    /// Kubernetes mode: leadership by Lease (`None`: standalone).
+    pub kubernetes: Option<Kubernetes>,
     /// The agent binary archive_command and restore_command run, set at start when a store is
     /// configured: this binary, or a copy the Postgres user can execute ([`crate::install`]).
     /// `None`: this binary.
@@ -457,7 +598,14 @@ impl Config {
 
         let replication = replication_settings(args, file.replication, api_listen, postgres_port)?;
 
+        let kubernetes = kubernetes_settings(
+            args.kubernetes_mode.unwrap_or(file.kubernetes.mode),
+            file.kubernetes,
+            |k| std::env::var(k).ok(),
+        )?;
+
         Ok(Config {
+            kubernetes,
             replication,
             backup,
             cluster: file.cluster,

@@ -43,6 +43,12 @@ pub struct Context {
 }
 
 impl Context {
+    /// Replaces the standalone leadership (Kubernetes mode: the Lease).
+    pub fn with_leadership(mut self, leadership: Arc<dyn crate::replication::Leadership>) -> Self {
+        self.leadership = leadership;
+        self
+    }
+
     /// This instance is its shard's primary, as [`Context::leadership`] records it.
     pub fn is_leader(&self) -> bool {
         self.leadership.leader().as_deref() == Some(self.cfg.replication.advertise_url.as_str())

@@ -114,7 +114,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
-    let ctx = Arc::new(context::Context::new(
+    let kube = match &cfg.kubernetes {
+        Some(k) => {
+            let lead = Arc::new(replication::lease::KubeLeadership::connect(&cfg, k).await?);
+            let held = lead
+                .settle(&cfg, data_state == DataDirState::Empty)
+                .await
+                .context("Kubernetes mode: settling leadership through the Lease")?;
+            Some((lead, held))
+        }
+        None => None,
+    };
+    let ctx = context::Context::new(
         cfg,
         bins,
         owner,
@@ -124,7 +135,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics,
         archiver,
         fetcher,
-    ));
+    );
+    let ctx = Arc::new(match &kube {
+        Some((lead, _)) => ctx.with_leadership(lead.clone()),
+        None => ctx,
+    });
     let begin = match (data_state, initial_restore) {
         (_, Some(req)) => Begin::Restore(Box::new(req)),
         // Another instance leads the shard: an empty data dir is a new replica of it.
@@ -144,6 +159,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(archiver.clone().run_background(shutdown.clone()));
     }
     tokio::spawn(announce_when_running(handle.clone()));
+    if let Some((lead, held)) = kube {
+        tokio::spawn(replication::failover::run(
+            handle.clone(),
+            lead,
+            held,
+            shutdown.clone(),
+        ));
+    }
     let result = executor.run(begin, shutdown.clone()).await;
     shutdown.cancel();
     // Postgres has stopped: nobody waits for uploads, prefetches or a backup any more.

@@ -39,6 +39,13 @@ pub struct ReplicationMetrics {
     pub slots_dropped: IntCounter,
     pub switchovers: IntCounterVec,
     pub switchover_write_pause: Histogram,
+    /// Kubernetes mode: 1 while this pod holds its shard's Lease as a running primary.
+    pub lease_held: IntGauge,
+    pub lease_renew_failures: IntCounter,
+    /// Unix time of this agent's last leadership change (took, handed over, fenced).
+    pub last_transition: Gauge,
+    pub fences: IntCounter,
+    pub failovers: IntCounter,
 }
 
 impl ReplicationMetrics {
@@ -111,6 +118,42 @@ impl ReplicationMetrics {
                         "From the stop of writes on the old primary to the promotion of the new one",
                     )
                     .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+                )
+                .expect("static metric"),
+            ),
+            lease_held: g(
+                "pgpilot_lease_held",
+                "Kubernetes: 1 while this pod holds its shard's Lease as the running primary",
+            ),
+            lease_renew_failures: reg(
+                registry,
+                IntCounter::new(
+                    "pgpilot_lease_renew_failures_total",
+                    "Kubernetes: Lease renewals that failed (alert on a rising rate: the primary fences at the renew deadline)",
+                )
+                .expect("static metric"),
+            ),
+            last_transition: reg(
+                registry,
+                Gauge::new(
+                    "pgpilot_leader_last_transition_timestamp_seconds",
+                    "Kubernetes: when this agent last took, handed over or lost its shard's leadership",
+                )
+                .expect("static metric"),
+            ),
+            fences: reg(
+                registry,
+                IntCounter::new(
+                    "pgpilot_fences_total",
+                    "Kubernetes: times this primary fenced itself (stopped taking writes) because it could not keep its Lease",
+                )
+                .expect("static metric"),
+            ),
+            failovers: reg(
+                registry,
+                IntCounter::new(
+                    "pgpilot_failovers_total",
+                    "Kubernetes: expired Leases this replica took over (then promoted)",
                 )
                 .expect("static metric"),
             ),

@@ -285,6 +285,7 @@ impl Executor {
             ever_running: self.ever_running,
             receiver: self.repl.receiver.clone(),
             registry: self.repl.registry.clone(),
+            upstream: self.repl.upstream.as_ref().map(|u| u.url.clone()),
         });
     }
 

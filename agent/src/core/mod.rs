@@ -212,6 +212,8 @@ pub struct Snapshot {
     pub receiver: Option<crate::replication::sql::ReceiverStatus>,
     /// On a primary: the replicas that registered (name → API URL).
     pub registry: crate::replication::slots::Registry,
+    /// On a replica: the agent URL of the primary it registered with.
+    pub upstream: Option<String>,
 }
 
 impl Snapshot {
@@ -225,6 +227,7 @@ impl Snapshot {
             ever_running: false,
             receiver: None,
             registry: Default::default(),
+            upstream: None,
         }
     }
 

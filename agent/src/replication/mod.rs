@@ -10,6 +10,8 @@
 
 pub mod cli;
 pub mod clone;
+pub mod failover;
+pub mod lease;
 pub mod live;
 pub mod slots;
 pub mod sql;
@@ -48,8 +50,27 @@ pub trait Leadership: Send + Sync {
     /// The agent API URL of the shard's primary; `None` while unknown (a demoted instance
     /// that was given no primary to follow).
     fn leader(&self) -> Option<String>;
-    /// Records the shard's primary (switchover, promote, demote, follow).
-    fn set_leader(&self, url: Option<&str>) -> std::io::Result<()>;
+    /// Records the shard's primary (switchover, promote, demote, follow). In Kubernetes mode
+    /// this moves or releases the Lease, and refuses what the Lease contradicts.
+    fn set_leader<'a>(
+        &'a self,
+        url: Option<&'a str>,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>>;
+    /// Before this instance promotes itself: why it may not (Kubernetes: another pod holds
+    /// the Lease). Standalone, the API caller decides.
+    fn may_promote(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// After a failed switchover: leadership, handed to the candidate at `from`, comes back
+    /// to this instance (`me`) only if the candidate has not used it.
+    fn reclaim<'a>(
+        &'a self,
+        me: &'a str,
+        from: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        let _ = from;
+        self.set_leader(Some(me))
+    }
 }
 
 /// Standalone leadership: the configured primary (or this instance when none is configured),
@@ -84,11 +105,15 @@ impl Leadership for StaticLeadership {
         self.current.lock().expect("leader lock").clone()
     }
 
-    fn set_leader(&self, url: Option<&str>) -> std::io::Result<()> {
+    fn set_leader<'a>(
+        &'a self,
+        url: Option<&'a str>,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
         let text = format!("{}\n", url.unwrap_or(""));
-        crate::files::write_durably(&self.path, text.as_bytes())?;
-        *self.current.lock().expect("leader lock") = url.map(String::from);
-        Ok(())
+        let result = crate::files::write_durably(&self.path, text.as_bytes())
+            .map(|()| *self.current.lock().expect("leader lock") = url.map(String::from))
+            .map_err(|e| format!("cannot write {}: {e}", self.path.display()));
+        Box::pin(std::future::ready(result))
     }
 }
 
@@ -245,9 +270,14 @@ pub fn read_history(data_dir: &Path, timeline: u32) -> Vec<TimelineSwitch> {
 /// Whether an instance whose WAL reaches `own_end` on `own_timeline` has diverged from a
 /// primary on `primary_timeline` with `history`: it wrote past the point where the primary's
 /// history left its timeline, or it is on a timeline the primary never had. `Some(why)` if so.
+///
+/// `own_last_record` is where this instance's last WAL record starts (its shutdown or last
+/// checkpoint, from pg_control): its WAL goes past that, so it diverged when that record
+/// starts at or after the switch point (a primary fenced before its replicas received its
+/// shutdown checkpoint has exactly that record past the fork).
 pub fn divergence(
     own_timeline: u32,
-    own_end: u64,
+    own_last_record: u64,
     primary_timeline: u32,
     history: &[TimelineSwitch],
 ) -> Option<String> {
@@ -255,10 +285,9 @@ pub fn divergence(
         return None;
     }
     match history.iter().find(|h| h.timeline == own_timeline) {
-        Some(h) if own_end > lsn(&h.switchpoint).unwrap_or(u64::MAX) => Some(format!(
-            "this instance's WAL reaches {:X}/{:X} on timeline {own_timeline}, past {} where the primary's timeline {primary_timeline} left it",
-            own_end >> 32,
-            own_end & 0xffff_ffff,
+        Some(h) if own_last_record >= lsn(&h.switchpoint).unwrap_or(u64::MAX) => Some(format!(
+            "this instance's WAL reaches past {} on timeline {own_timeline}, beyond {} where the primary's timeline {primary_timeline} left it",
+            format_lsn(own_last_record),
             h.switchpoint
         )),
         Some(_) => None,
@@ -300,6 +329,15 @@ pub fn clear_primary_end(cfg: &Config) {
     let _ = std::fs::remove_file(primary_end_path(cfg));
 }
 
+/// Words in every refusal to rewind that only a new clone can resolve (the failover loop
+/// recognises them and reinitializes).
+pub const REINITIALIZE_HINT: &str = "clones the primary again";
+
+/// Formats a byte position as `X/Y`.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
 /// Parses `X/Y` into a byte position.
 pub fn lsn(text: &str) -> Option<u64> {
     let (hi, lo) = text.split_once('/')?;
@@ -333,11 +371,13 @@ mod tests {
         let h = parse_history("1\t0/5000000\tno recovery target specified\n");
         assert_eq!(h.len(), 1);
         assert_eq!(divergence(1, 0x4FFF000, 2, &h), None);
-        assert_eq!(divergence(1, 0x5000000, 2, &h), None);
+        // A last record starting at the switch point is already past it (a fenced primary's
+        // shutdown checkpoint that no replica received).
+        assert!(divergence(1, 0x5000000, 2, &h).is_some());
         assert!(
             divergence(1, 0x5000100, 2, &h)
                 .unwrap()
-                .contains("past 0/5000000")
+                .contains("beyond 0/5000000")
         );
         assert_eq!(divergence(2, 0x9000000, 2, &h), None);
         assert!(

@@ -302,6 +302,7 @@ impl Executor {
             .client()
             .await
             .map_err(|e| AgentError::Failed(format!("promote: {e}")))?;
+        ctx.leadership.may_promote().map_err(AgentError::Refused)?;
         tracing::info!("promoting");
         let promoted = rsql::promote(&client, 60)
             .await
@@ -313,6 +314,7 @@ impl Executor {
         }
         ctx.leadership
             .set_leader(Some(&ctx.cfg.replication.advertise_url))
+            .await
             .map_err(|e| {
                 AgentError::Failed(format!(
                     "promoted, but the leader record was not written: {e}"
@@ -339,6 +341,7 @@ impl Executor {
         let cd = replication::controldata(&ctx.cfg.data_dir).map_err(AgentError::Failed)?;
         ctx.leadership
             .set_leader(None)
+            .await
             .map_err(|e| AgentError::Failed(format!("cannot record the demotion: {e}")))?;
         self.repl.upstream = None;
         tracing::info!(checkpoint = %cd.checkpoint_lsn, "demoted: starting as a standby");
@@ -372,11 +375,22 @@ impl Executor {
         }
         ctx.leadership
             .set_leader(Some(&url))
+            .await
             .map_err(|e| AgentError::Failed(format!("cannot record the new primary: {e}")))?;
         self.repl.upstream = Some(up);
-        self.render_conf()
+        let changed = self
+            .render_conf()
             .map_err(|e| AgentError::Failed(format!("cannot render configuration: {e}")))?;
         match &self.pm {
+            // A standby that followed nobody recovers on its current timeline only, a setting
+            // a reload cannot change: restart it onto the new primary's timeline.
+            Some(_) if changed.iter().any(|k| k == "recovery_target_timeline") => {
+                tracing::info!(primary = %url, "restarting the standby to follow the primary's timeline");
+                self.stop_postgres(pgpilot_common::api::ShutdownMode::Fast)
+                    .await?;
+                self.set_state(AgentState::Stopped);
+                self.spawn_postgres();
+            }
             Some(pm) => pm.reload(),
             // Stopped by a rewind (or before): start as a standby of the new primary.
             None if self.state == AgentState::Stopped => self.spawn_postgres(),
@@ -432,8 +446,10 @@ impl Executor {
         let cfg = &ctx.cfg;
         let tool = ctx.bins.path("pg_rewind");
         let reinit = format!(
-            "POST /v1/reinitialize {{\"primary\": \"{}\"}} (CLI `reinitialize --primary {}`) clones the primary again",
-            up.url, up.url
+            "POST /v1/reinitialize {{\"primary\": \"{}\"}} (CLI `reinitialize --primary {}`) {}",
+            up.url,
+            up.url,
+            replication::REINITIALIZE_HINT
         );
         if !tool.exists() {
             return Err(AgentError::Refused(format!(
@@ -472,11 +488,13 @@ impl Executor {
         cmd.arg("--target-pgdata")
             .arg(&cfg.data_dir)
             .arg("--source-server")
-            .arg(&source)
-            // WAL the target recycled since the fork comes back through its restore_command.
-            .arg("--restore-target-wal")
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
+            .arg(&source);
+        // WAL the target recycled since the fork comes back through its restore_command,
+        // which exists only with a backup store; without one pg_rewind reads pg_wal alone.
+        if cfg.backup.is_some() {
+            cmd.arg("--restore-target-wal");
+        }
+        cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
         crate::postgres::run_as(&mut cmd, ctx.owner.as_ref());
         let out = cmd
             .output()
@@ -554,6 +572,7 @@ impl Executor {
             }
             ctx.leadership
                 .set_leader(Some(&url))
+                .await
                 .map_err(|e| AgentError::Failed(format!("cannot record the primary: {e}")))?;
             self.repl.upstream = None;
         }
@@ -676,11 +695,11 @@ impl Executor {
         self.set_state(AgentState::Stopped);
         let checkpoint = match replication::controldata(&cfg.data_dir) {
             Ok(cd) => cd.checkpoint_lsn,
-            Err(e) => return self.roll_back(cand, "stop writes", &e),
+            Err(e) => return self.roll_back(cand, "stop writes", &e).await,
         };
         let Some(needed) = replication::lsn(&checkpoint) else {
             let why = format!("cannot read the checkpoint position {checkpoint:?}");
-            return self.roll_back(cand, "stop writes", &why);
+            return self.roll_back(cand, "stop writes", &why).await;
         };
         if let Some(delay) = test_pause() {
             tokio::time::sleep(delay).await;
@@ -714,13 +733,17 @@ impl Executor {
                     "{} did not confirm the shutdown checkpoint {checkpoint} within {CONFIRM_TIMEOUT:?}: {last}",
                     cand.name
                 );
-                return self.roll_back(cand, "confirm", &why);
+                return self.roll_back(cand, "confirm", &why).await;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // 3. Promote the candidate.
+        // 3. Hand leadership over (Kubernetes: the Lease names the candidate before it may
+        //    promote), then promote the candidate.
         op.set_step("promoting");
         self.publish();
+        if let Err(e) = ctx.leadership.set_leader(Some(&cand.api_url)).await {
+            return self.roll_back(cand, "hand over", &e).await;
+        }
         if let Err(e) = call(&format!("promoting {}", cand.name), cand_client.promote()).await {
             // It may have promoted and failed to answer: ask before deciding.
             let promoted = tokio::time::timeout(Duration::from_secs(3), cand_client.status())
@@ -729,7 +752,7 @@ impl Executor {
                 .and_then(Result::ok)
                 .is_some_and(|st| st.state.role() == Some(Role::Primary));
             if !promoted {
-                return self.roll_back(cand, "promote", &e);
+                return self.roll_back(cand, "promote", &e).await;
             }
         }
         let write_pause = pause.elapsed();
@@ -741,12 +764,6 @@ impl Executor {
         //    the candidate has all of its WAL).
         op.set_step("rejoining");
         self.publish();
-        ctx.leadership
-            .set_leader(Some(&cand.api_url))
-            .map_err(|e| AgentError::Failed(format!(
-                "{} is the new primary, but this instance could not record it ({e}); it stays stopped",
-                cand.name
-            )))?;
         let mut upstream = None;
         for attempt in 1..=5 {
             match self.register(&cand.api_url).await {
@@ -808,12 +825,27 @@ impl Executor {
     }
 
     /// The candidate was not promoted: this instance is the primary again.
-    fn roll_back(
+    async fn roll_back(
         &mut self,
         cand: &Candidate,
         step: &str,
         why: &str,
     ) -> Result<SwitchoverResponse, AgentError> {
+        let ctx = self.ctx.clone();
+        let me = &ctx.cfg.replication.advertise_url;
+        if ctx.leadership.leader().as_deref() != Some(me.as_str())
+            && let Err(e) = ctx.leadership.reclaim(me, &cand.api_url).await
+        {
+            // The candidate may have promoted: never a second writer. Stay a standby.
+            tracing::error!(candidate = %cand.name, step, "switchover failed: {why}; leadership cannot be taken back ({e}): staying a standby");
+            self.repl.upstream = None;
+            self.spawn_postgres();
+            return Err(AgentError::Failed(format!(
+                "switchover to {} failed at step {step}: {why}; leadership could not be taken back ({e}), \
+                 so {} stays a standby following nobody: look at the candidate",
+                cand.name, ctx.cfg.replication.name
+            )));
+        }
         tracing::error!(candidate = %cand.name, step, "switchover failed: {why}; starting again as the primary");
         self.spawn_postgres();
         Err(AgentError::Failed(format!(

@@ -1,0 +1,419 @@
+//! Kubernetes mode's loop, once per renew interval (docs/kubernetes.md):
+//!
+//! - **Primary:** renew the Lease (guarded by its resourceVersion), publishing the WAL position
+//!   in it. Past the renew deadline without a renewal, or when the Lease names someone else:
+//!   fence, that is demote (fast shutdown, which ends every session and refuses new ones, then
+//!   start as a standby following nobody). The deadline is shorter than the Lease duration, so
+//!   the fence happens before any replica may count the Lease as expired.
+//! - **Replica:** count the Lease as expired `lease_duration` after it last *changed*, by this
+//!   agent's own clock (as client-go does: no trust in other clocks). Then take it only if it
+//!   is healthy, within `maximum_lag_on_failover` of the last published WAL position, and no
+//!   reachable replica has received more; the take is a guarded write, so of two racers one
+//!   gets 409. Then promote. The others see the new holder and re-register with it.
+//! - **Former primary** (fenced or restarted after losing the Lease): follow the holder, with
+//!   pg_rewind where its WAL went past the fork.
+//! - **Label** the pod `pgpilot.io/role=primary` only while it holds the Lease as a running
+//!   primary, `replica` otherwise; the label goes first when fencing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgpilot_common::api::StatusResponse;
+use pgpilot_common::state::{AgentState, Role};
+use tokio_util::sync::CancellationToken;
+
+use super::lease::{KubeLeadership, LeaseRecord, Write};
+use crate::core::Handle;
+
+/// Which replica may take an expired Lease, given this one's WAL position and what the
+/// reachable peers report. Pure, for the unit tests.
+pub fn may_take_over(
+    me: &str,
+    my_lsn: u64,
+    leader_lsn: Option<u64>,
+    max_lag: Option<u64>,
+    peers: &[(String, u64)],
+) -> Result<(), String> {
+    if let (Some(leader), Some(max)) = (leader_lsn, max_lag) {
+        let lag = leader.saturating_sub(my_lsn);
+        if lag > max {
+            return Err(format!(
+                "{lag} bytes behind the primary's last published WAL position, more than maximum_lag_on_failover ({max})"
+            ));
+        }
+    }
+    if let Some((name, lsn)) = peers
+        .iter()
+        .find(|(name, lsn)| *lsn > my_lsn || (*lsn == my_lsn && name.as_str() < me))
+    {
+        return Err(format!(
+            "{name} has received more WAL ({}), or as much and comes first by name",
+            super::format_lsn(*lsn)
+        ));
+    }
+    Ok(())
+}
+
+/// What a replica has of the WAL: the furthest of received and replayed.
+fn wal_position(receive: Option<&str>, replay: Option<&str>) -> Option<u64> {
+    let r = receive.and_then(super::lsn);
+    let p = replay.and_then(super::lsn);
+    r.max(p)
+}
+
+fn peer_position(st: &StatusResponse) -> Option<u64> {
+    if st.state.role() != Some(Role::Replica) {
+        return None;
+    }
+    let r = st.replication.as_ref()?;
+    wal_position(r.receive_lsn.as_deref(), r.replay_lsn.as_deref())
+}
+
+struct Loop {
+    handle: Handle,
+    lead: Arc<KubeLeadership>,
+    /// When this primary last renewed (or took) the Lease.
+    renewed: Option<Instant>,
+    /// The Lease's resourceVersion as last seen, and when it was first seen (our clock).
+    observed: Option<(String, Instant)>,
+    labelled: Option<&'static str>,
+    last_follow: Option<Instant>,
+    last_refusal: Option<String>,
+}
+
+/// Runs until `shutdown`. `renewed_at_start`: the Lease was taken or renewed just before the
+/// executor started.
+pub async fn run(
+    handle: Handle,
+    lead: Arc<KubeLeadership>,
+    renewed_at_start: bool,
+    shutdown: CancellationToken,
+) {
+    let mut l = Loop {
+        handle,
+        renewed: renewed_at_start.then(Instant::now),
+        observed: None,
+        labelled: None,
+        last_follow: None,
+        last_refusal: None,
+        lead,
+    };
+    let mut tick = tokio::time::interval(l.lead.settings.renew_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        l.step().await;
+    }
+}
+
+impl Loop {
+    async fn step(&mut self) {
+        let state = self.handle.state();
+        let read = self.lead.refresh().await;
+        if let Ok(rec) = &read {
+            let rv = rec.resource_version().unwrap_or("").to_string();
+            if self.observed.as_ref().is_none_or(|(seen, _)| *seen != rv) {
+                self.observed = Some((rv, Instant::now()));
+            }
+        }
+        match state.role() {
+            Some(Role::Primary) if matches!(state, AgentState::Running { .. }) => {
+                self.as_primary(read).await
+            }
+            Some(Role::Replica) => {
+                self.renewed = None;
+                if let Ok(rec) = read {
+                    self.as_replica(rec).await;
+                }
+            }
+            _ => {}
+        }
+        self.label().await;
+    }
+
+    async fn as_primary(&mut self, read: anyhow::Result<LeaseRecord>) {
+        let lead = self.lead.clone();
+        let metrics = &self.handle.ctx.metrics.replication;
+        match read {
+            Ok(rec)
+                if rec.holder() == Some(lead.me())
+                    || (rec.holder().is_none() && self.renewed.is_some()) =>
+            {
+                let lsn = self
+                    .handle
+                    .ctx
+                    .monitor
+                    .status()
+                    .await
+                    .ok()
+                    .and_then(|s| s.current_lsn);
+                match lead.write(&rec, Some(lead.me()), lsn.as_deref()).await {
+                    Ok(Write::Done) => {
+                        self.renewed = Some(Instant::now());
+                    }
+                    Ok(Write::Conflict) => {
+                        return self
+                            .fence("the Lease changed under this primary (409 on renewal)")
+                            .await;
+                    }
+                    Err(e) => {
+                        metrics.lease_renew_failures.inc();
+                        tracing::warn!(lease = %lead.name, "cannot renew the Lease: {e}");
+                    }
+                }
+            }
+            Ok(rec) => {
+                let why = format!(
+                    "the Lease {} is held by {}, not this pod",
+                    lead.name,
+                    rec.holder().unwrap_or("nobody")
+                );
+                return self.fence(&why).await;
+            }
+            Err(e) => {
+                metrics.lease_renew_failures.inc();
+                tracing::warn!(lease = %lead.name, "cannot read the Lease: {e}");
+            }
+        }
+        let deadline = lead.settings.renew_deadline;
+        if self.renewed.is_none_or(|t| t.elapsed() >= deadline) {
+            let why = format!(
+                "the Lease {} could not be renewed for {}s (renew deadline)",
+                lead.name,
+                deadline.as_secs()
+            );
+            self.fence(&why).await;
+        }
+    }
+
+    /// Stops taking writes: the label goes first, then a demote.
+    async fn fence(&mut self, why: &str) {
+        let lead = self.lead.clone();
+        let ctx = self.handle.ctx.clone();
+        tracing::error!("fencing: {why}: stopping writes and restarting as a standby");
+        lead.step_down();
+        self.renewed = None;
+        ctx.metrics.replication.fences.inc();
+        ctx.metrics.replication.lease_held.set(0);
+        ctx.metrics
+            .replication
+            .last_transition
+            .set(jiff::Timestamp::now().as_second() as f64);
+        self.label().await;
+        match self.handle.demote().await {
+            Ok(_) => {
+                lead.event(
+                    "Warning",
+                    "Fenced",
+                    &format!("stopped taking writes: {why}"),
+                )
+                .await
+            }
+            Err(e) => {
+                tracing::error!("fencing: demote failed ({e}); stopping Postgres");
+                let _ = self
+                    .handle
+                    .stop(pgpilot_common::api::ShutdownRequest {
+                        mode: pgpilot_common::api::ShutdownMode::Immediate,
+                        cancel_backup: true,
+                    })
+                    .await;
+                lead.event(
+                    "Warning",
+                    "Fenced",
+                    &format!("stopped Postgres: {why}; demote failed: {e}"),
+                )
+                .await;
+            }
+        }
+    }
+
+    async fn as_replica(&mut self, rec: LeaseRecord) {
+        let lead = self.lead.clone();
+        if rec.holder() == Some(lead.me()) {
+            return;
+        }
+        let snap = self.handle.snapshot();
+        // Follow the holder when this replica does not already: a former primary (rewound if
+        // its WAL went past the fork), or a replica of a primary that lost the Lease, whose
+        // stream to a hung primary may look alive until wal_receiver_timeout.
+        let ctx = self.handle.ctx.clone();
+        let former_primary = super::load_primary_end(&ctx.cfg).is_some()
+            && !snap.receiver.as_ref().is_some_and(|r| r.streaming);
+        if let Some(url) = rec.holder().and_then(|h| lead.url_of(h))
+            && (former_primary || snap.upstream.as_deref() != Some(url.as_str()))
+            && self
+                .last_follow
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(2))
+        {
+            self.last_follow = Some(Instant::now());
+            let req = pgpilot_common::api::FollowRequest {
+                primary: url.clone(),
+            };
+            match self.handle.follow(req).await {
+                Ok(_) => {
+                    tracing::info!(primary = %url, "rejoined as a replica of the Lease holder")
+                }
+                // Diverged and pg_rewind cannot bring it back (the WAL since the last common
+                // checkpoint is gone, or it crashed): clone the holder again, as CloudNativePG
+                // does. What it wrote past the fork was never on the new primary's timeline.
+                Err(e) if e.to_string().contains(super::REINITIALIZE_HINT) => {
+                    tracing::warn!(primary = %url, "cannot rewind onto the Lease holder ({e}); cloning it again");
+                    lead.event(
+                        "Warning",
+                        "Reinitializing",
+                        &format!("cannot rewind onto {url}: cloning it again"),
+                    )
+                    .await;
+                    let req = pgpilot_common::api::ReinitializeRequest {
+                        primary: Some(url.clone()),
+                    };
+                    if let Err(e) = self.handle.reinitialize(req).await {
+                        tracing::error!(primary = %url, "reinitialize failed: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!(primary = %url, "cannot follow the Lease holder yet: {e}"),
+            }
+            return;
+        }
+        let expired = rec.holder().is_none()
+            || self
+                .observed
+                .as_ref()
+                .is_some_and(|(_, at)| at.elapsed() >= lead.settings.lease_duration);
+        if !expired {
+            self.last_refusal = None;
+            return;
+        }
+        let Some(mine) = snap
+            .receiver
+            .as_ref()
+            .and_then(|r| wal_position(r.receive_lsn.as_deref(), r.replay_lsn.as_deref()))
+        else {
+            return self.refuse("its WAL position is not known yet".into());
+        };
+        let mut peers = Vec::new();
+        for (name, url) in lead.peers() {
+            if Some(name.as_str()) == rec.holder() {
+                continue;
+            }
+            let client = super::switchover::peer(&url, ctx.api_token.expose());
+            if let Ok(Ok(st)) = tokio::time::timeout(Duration::from_secs(1), client.status()).await
+                && let Some(lsn) = peer_position(&st)
+            {
+                peers.push((name, lsn));
+            }
+        }
+        if let Err(why) = may_take_over(
+            lead.me(),
+            mine,
+            rec.leader_lsn(),
+            lead.settings.maximum_lag_on_failover,
+            &peers,
+        ) {
+            return self.refuse(why);
+        }
+        let old = rec.holder().unwrap_or("nobody").to_string();
+        match lead.write(&rec, Some(lead.me()), None).await {
+            Ok(Write::Done) => {}
+            Ok(Write::Conflict) => {
+                tracing::info!("another replica took the Lease first");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("cannot take the expired Lease: {e}");
+                return;
+            }
+        }
+        ctx.metrics.replication.failovers.inc();
+        ctx.metrics
+            .replication
+            .last_transition
+            .set(jiff::Timestamp::now().as_second() as f64);
+        tracing::warn!(previous = %old, at = %super::format_lsn(mine), "took the expired Lease: promoting");
+        lead.event(
+            "Warning",
+            "LeaseTaken",
+            &format!(
+                "the Lease of {old} expired; this replica had the most WAL ({}) and takes over",
+                super::format_lsn(mine)
+            ),
+        )
+        .await;
+        self.renewed = Some(Instant::now());
+        match self.handle.promote().await {
+            Ok(_) => {
+                lead.event("Normal", "Promoted", "promoted to primary after a failover")
+                    .await
+            }
+            Err(e) => {
+                tracing::error!("took the Lease but the promotion failed: {e}; releasing it");
+                let _ = super::Leadership::set_leader(&*lead, None).await;
+            }
+        }
+    }
+
+    fn refuse(&mut self, why: String) {
+        if self.last_refusal.as_deref() != Some(why.as_str()) {
+            tracing::warn!("the Lease expired, but this replica does not take over: {why}");
+            self.last_refusal = Some(why);
+        }
+    }
+
+    async fn label(&mut self) {
+        let state = self.handle.state();
+        let primary = state
+            == AgentState::Running {
+                role: Role::Primary,
+            }
+            && self.lead.holds();
+        self.handle
+            .ctx
+            .metrics
+            .replication
+            .lease_held
+            .set(i64::from(primary));
+        let want = if primary { "primary" } else { "replica" };
+        if self.labelled == Some(want) {
+            return;
+        }
+        match self.lead.label_role(want).await {
+            Ok(()) => self.labelled = Some(want),
+            Err(e) => tracing::warn!(role = want, "cannot label this pod: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_replica_with_the_most_wal_takes_over_and_ties_go_by_name() {
+        let peers = |v: &[(&str, u64)]| -> Vec<(String, u64)> {
+            v.iter().map(|(n, l)| (n.to_string(), *l)).collect()
+        };
+        assert!(may_take_over("db-1", 100, None, None, &peers(&[("db-2", 90)])).is_ok());
+        let e = may_take_over("db-1", 100, None, None, &peers(&[("db-2", 101)])).unwrap_err();
+        assert!(e.contains("db-2"), "{e}");
+        // A tie: exactly one of the two goes.
+        assert!(may_take_over("db-1", 100, None, None, &peers(&[("db-2", 100)])).is_ok());
+        assert!(may_take_over("db-2", 100, None, None, &peers(&[("db-1", 100)])).is_err());
+        // No peer reachable: the lag bound alone decides.
+        assert!(may_take_over("db-1", 100, Some(150), Some(64), &[]).is_ok());
+        let e = may_take_over("db-1", 100, Some(200), Some(64), &[]).unwrap_err();
+        assert!(e.contains("maximum_lag_on_failover"), "{e}");
+        // Accepting any loss.
+        assert!(may_take_over("db-1", 100, Some(1 << 40), None, &[]).is_ok());
+    }
+
+    #[test]
+    fn the_position_is_the_furthest_of_received_and_replayed() {
+        assert_eq!(wal_position(Some("0/10"), Some("0/8")), Some(16));
+        assert_eq!(wal_position(None, Some("0/8")), Some(8));
+        assert_eq!(wal_position(None, None), None);
+    }
+}

@@ -1,0 +1,529 @@
+//! Kubernetes mode: the shard's `coordination.k8s.io/v1` Lease is the only record of who leads
+//! (shared/DESIGN.md, "Replication and reparenting"). [`KubeLeadership`] implements
+//! [`Leadership`] on it; [`super::failover`] renews it, fences, and takes it over.
+//!
+//! - Lease `<cluster>-<shard>` in the pod's namespace; `holderIdentity` is the pod name.
+//! - Every write is a replace guarded by the `resourceVersion` last read (optimistic
+//!   concurrency): two agents never both believe they took it.
+//! - Peers are the pods labelled `pgpilot.io/cluster` and `pgpilot.io/shard` like this one;
+//!   a pod's agent URL is `http://<status.podIP>:<this agent's API port>` (never DNS).
+//! - The primary publishes its WAL position in the annotation `pgpilot.io/leader-lsn` at every
+//!   renewal, so a replica can tell how much a takeover would lose.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+
+use super::Leadership;
+use crate::config::{Config, Kubernetes};
+
+pub const LABEL_CLUSTER: &str = "pgpilot.io/cluster";
+pub const LABEL_SHARD: &str = "pgpilot.io/shard";
+pub const LABEL_ROLE: &str = "pgpilot.io/role";
+pub const ANNOTATION_LEADER_LSN: &str = "pgpilot.io/leader-lsn";
+
+/// How long one API call may take before the agent treats the API server as unreachable.
+pub const API_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The Lease as last read.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseRecord {
+    /// `None`: no Lease object exists.
+    pub lease: Option<Lease>,
+}
+
+impl LeaseRecord {
+    pub fn holder(&self) -> Option<&str> {
+        self.spec()
+            .and_then(|s| s.holder_identity.as_deref())
+            .filter(|h| !h.is_empty())
+    }
+
+    fn spec(&self) -> Option<&LeaseSpec> {
+        self.lease.as_ref().and_then(|l| l.spec.as_ref())
+    }
+
+    pub fn renew_time(&self) -> Option<jiff::Timestamp> {
+        self.spec().and_then(|s| s.renew_time.as_ref()).map(|t| t.0)
+    }
+
+    pub fn transitions(&self) -> i32 {
+        self.spec().and_then(|s| s.lease_transitions).unwrap_or(0)
+    }
+
+    pub fn resource_version(&self) -> Option<&str> {
+        self.lease
+            .as_ref()
+            .and_then(|l| l.metadata.resource_version.as_deref())
+    }
+
+    /// The WAL position the holder published at its last renewal.
+    pub fn leader_lsn(&self) -> Option<u64> {
+        self.lease
+            .as_ref()
+            .and_then(|l| l.metadata.annotations.as_ref())
+            .and_then(|a| a.get(ANNOTATION_LEADER_LSN))
+            .and_then(|s| super::lsn(s))
+    }
+}
+
+/// What a guarded write of the Lease came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Write {
+    Done,
+    /// Someone else wrote it since it was read (409): re-read, and nothing was changed.
+    Conflict,
+}
+
+struct View {
+    record: LeaseRecord,
+    /// Pod name → agent URL, for the shard's pods that have an IP.
+    urls: BTreeMap<String, String>,
+    /// Set when this instance stops leading (fence, demote, hand-over) and cleared when it
+    /// takes the Lease again: until then it never counts as the leader, whatever a cached
+    /// Lease says.
+    stepped_down: bool,
+    /// The resourceVersion of the Lease as this instance handed it over (switchover): it may
+    /// take it back while the Lease is still exactly that.
+    handed: Option<String>,
+}
+
+/// Leadership by Lease. [`Leadership::leader`] answers from the last read (the failover loop
+/// re-reads every renew interval); the writes go to the API server.
+pub struct KubeLeadership {
+    pub settings: Kubernetes,
+    pub name: String,
+    pub my_url: String,
+    api_port: u16,
+    selector: String,
+    leases: Api<Lease>,
+    pods: Api<Pod>,
+    pub client: kube::Client,
+    view: Mutex<View>,
+}
+
+impl KubeLeadership {
+    /// Connects to the API server (in-cluster config or `KUBECONFIG`), checks this pod
+    /// carries its shard's labels, and reads the Lease and the shard's pods once.
+    pub async fn connect(cfg: &Config, settings: &Kubernetes) -> anyhow::Result<KubeLeadership> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut kc = kube::Config::infer()
+            .await
+            .map_err(|e| anyhow::anyhow!("Kubernetes mode: cannot find the API server: {e}"))?;
+        kc.connect_timeout = Some(API_CALL_TIMEOUT);
+        kc.read_timeout = Some(API_CALL_TIMEOUT);
+        kc.write_timeout = Some(API_CALL_TIMEOUT);
+        let client = kube::Client::try_from(kc)
+            .map_err(|e| anyhow::anyhow!("Kubernetes mode: cannot build the API client: {e}"))?;
+        let ns = &settings.namespace;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let me = timed(pods.get(&settings.pod_name)).await.map_err(|e| {
+            anyhow::anyhow!(
+                "Kubernetes mode: cannot read this pod {ns}/{}: {e}",
+                settings.pod_name
+            )
+        })?;
+        let labels = me.metadata.labels.clone().unwrap_or_default();
+        for (key, want) in [
+            (LABEL_CLUSTER, &cfg.cluster.name),
+            (LABEL_SHARD, &cfg.cluster.shard),
+        ] {
+            match labels.get(key) {
+                Some(v) if v == want => {}
+                other => anyhow::bail!(
+                    "Kubernetes mode: pod {ns}/{} must carry the label {key}={want} (from [cluster] in the config), \
+                     it has {}",
+                    settings.pod_name,
+                    other.map_or("none".to_string(), |v| format!("{key}={v}"))
+                ),
+            }
+        }
+        let lead = KubeLeadership {
+            settings: settings.clone(),
+            name: format!("{}-{}", cfg.cluster.name, cfg.cluster.shard),
+            my_url: cfg.replication.advertise_url.clone(),
+            api_port: cfg.api_listen.port(),
+            selector: format!(
+                "{LABEL_CLUSTER}={},{LABEL_SHARD}={}",
+                cfg.cluster.name, cfg.cluster.shard
+            ),
+            leases: Api::namespaced(client.clone(), ns),
+            pods,
+            client,
+            view: Mutex::new(View {
+                record: LeaseRecord::default(),
+                urls: BTreeMap::new(),
+                stepped_down: false,
+                handed: None,
+            }),
+        };
+        lead.refresh().await?;
+        Ok(lead)
+    }
+
+    pub fn me(&self) -> &str {
+        &self.settings.pod_name
+    }
+
+    /// Re-reads the shard's pods and the Lease.
+    pub async fn refresh(&self) -> anyhow::Result<LeaseRecord> {
+        let list = timed(
+            self.pods
+                .list(&ListParams::default().labels(&self.selector)),
+        )
+        .await?;
+        let urls: BTreeMap<String, String> = list
+            .items
+            .iter()
+            .filter_map(|p| {
+                let name = p.metadata.name.clone()?;
+                let ip = p.status.as_ref()?.pod_ip.clone()?;
+                Some((name, format!("http://{ip}:{}", self.api_port)))
+            })
+            .collect();
+        let lease = timed(self.leases.get_opt(&self.name)).await?;
+        let record = LeaseRecord { lease };
+        let mut v = self.view.lock().expect("lease view");
+        v.urls = urls;
+        v.record = record.clone();
+        Ok(record)
+    }
+
+    pub fn record(&self) -> LeaseRecord {
+        self.view.lock().expect("lease view").record.clone()
+    }
+
+    /// The shard's other pods with an IP: (pod name, agent URL).
+    pub fn peers(&self) -> Vec<(String, String)> {
+        let v = self.view.lock().expect("lease view");
+        v.urls
+            .iter()
+            .filter(|(n, _)| n.as_str() != self.me())
+            .map(|(n, u)| (n.clone(), u.clone()))
+            .collect()
+    }
+
+    pub fn url_of(&self, pod: &str) -> Option<String> {
+        self.view.lock().expect("lease view").urls.get(pod).cloned()
+    }
+
+    fn pod_of(&self, url: &str) -> Option<String> {
+        let v = self.view.lock().expect("lease view");
+        v.urls
+            .iter()
+            .find(|(_, u)| u.as_str() == url)
+            .map(|(n, _)| n.clone())
+    }
+
+    /// This instance holds the Lease (as last read) and has not stepped down since.
+    pub fn holds(&self) -> bool {
+        let v = self.view.lock().expect("lease view");
+        !v.stepped_down && v.record.holder() == Some(self.me())
+    }
+
+    pub fn step_down(&self) {
+        self.view.lock().expect("lease view").stepped_down = true;
+    }
+
+    /// Takes the Lease for `holder`: creates it when absent, else replaces it guarded by
+    /// the resourceVersion of `seen`.
+    pub async fn write(
+        &self,
+        seen: &LeaseRecord,
+        holder: Option<&str>,
+        leader_lsn: Option<&str>,
+    ) -> anyhow::Result<Write> {
+        let now = MicroTime(jiff::Timestamp::now());
+        let same_holder = seen.holder() == holder;
+        let mut lease = seen.lease.clone().unwrap_or_else(|| Lease {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec::default()),
+        });
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        spec.holder_identity = holder.map(str::to_string);
+        spec.lease_duration_seconds = Some(self.settings.lease_duration.as_secs() as i32);
+        spec.renew_time = Some(now.clone());
+        if !same_holder || seen.lease.is_none() {
+            spec.acquire_time = Some(now);
+            spec.lease_transitions = Some(seen.transitions() + i32::from(seen.lease.is_some()));
+        }
+        let annotations = lease.metadata.annotations.get_or_insert_with(BTreeMap::new);
+        match leader_lsn {
+            Some(lsn) => {
+                annotations.insert(ANNOTATION_LEADER_LSN.into(), lsn.into());
+            }
+            None if !same_holder => {
+                annotations.remove(ANNOTATION_LEADER_LSN);
+            }
+            None => {}
+        }
+        let result = match seen.lease {
+            None => timed(self.leases.create(&PostParams::default(), &lease)).await,
+            Some(_) => {
+                timed(
+                    self.leases
+                        .replace(&self.name, &PostParams::default(), &lease),
+                )
+                .await
+            }
+        };
+        match result {
+            Ok(written) => {
+                let mut v = self.view.lock().expect("lease view");
+                v.record = LeaseRecord {
+                    lease: Some(written),
+                };
+                if holder == Some(self.me()) {
+                    v.stepped_down = false;
+                }
+                Ok(Write::Done)
+            }
+            Err(e) if is_conflict(&e) => Ok(Write::Conflict),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Labels this pod `pgpilot.io/role=<role>` (a merge patch of its labels only).
+    pub async fn label_role(&self, role: &str) -> anyhow::Result<()> {
+        let patch = serde_json::json!({"metadata": {"labels": {LABEL_ROLE: role}}});
+        timed(
+            self.pods
+                .patch(self.me(), &PatchParams::default(), &Patch::Merge(&patch)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Records an Event on this pod (best effort: an Event is never worth failing for).
+    pub async fn event(&self, type_: &str, reason: &str, message: &str) {
+        use k8s_openapi::api::core::v1::{Event, ObjectReference};
+        let ns = &self.settings.namespace;
+        let now = jiff::Timestamp::now();
+        let ev = Event {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{}.", self.me())),
+                ..Default::default()
+            },
+            involved_object: ObjectReference {
+                kind: Some("Pod".into()),
+                api_version: Some("v1".into()),
+                name: Some(self.me().to_string()),
+                namespace: Some(ns.clone()),
+                ..Default::default()
+            },
+            reason: Some(reason.into()),
+            message: Some(message.into()),
+            type_: Some(type_.into()),
+            first_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
+            last_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
+            count: Some(1),
+            reporting_component: Some("pgpilot-agent".into()),
+            reporting_instance: Some(self.me().to_string()),
+            ..Default::default()
+        };
+        let events: Api<Event> = Api::namespaced(self.client.clone(), ns);
+        if let Err(e) = timed(events.create(&PostParams::default(), &ev)).await {
+            tracing::warn!(reason, "cannot record the Event: {e}");
+        }
+    }
+}
+
+impl Leadership for KubeLeadership {
+    fn leader(&self) -> Option<String> {
+        let v = self.view.lock().expect("lease view");
+        let holder = v.record.holder()?;
+        if holder == self.me() {
+            return (!v.stepped_down).then(|| self.my_url.clone());
+        }
+        v.urls.get(holder).cloned()
+    }
+
+    fn may_promote(&self) -> Result<(), String> {
+        if self.holds() {
+            return Ok(());
+        }
+        Err(match self.record().holder() {
+            Some(h) => format!(
+                "the Lease {} is held by {h}: in Kubernetes mode only its holder is the primary \
+                 (a switchover moves it; a failover takes it when it expires)",
+                self.name
+            ),
+            None => format!(
+                "this pod does not hold the Lease {}: a replica takes it only when it expires",
+                self.name
+            ),
+        })
+    }
+
+    fn reclaim<'a>(&'a self, _me: &'a str, _from: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(self.reclaim_lease())
+    }
+
+    fn set_leader<'a>(&'a self, url: Option<&'a str>) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            match url {
+                Some(u) if u == self.my_url => self.may_promote(),
+                Some(u) => {
+                    if !self.holds() {
+                        // Following: the Lease must name that primary already.
+                        return match self.leader() {
+                            Some(l) if l == u => Ok(()),
+                            other => Err(format!(
+                                "{u} does not hold the Lease {} (its holder is {})",
+                                self.name,
+                                other.unwrap_or_else(|| "nobody".into())
+                            )),
+                        };
+                    }
+                    // Handing over (switchover): the candidate holds it before it promotes.
+                    let pod = self
+                        .pod_of(u)
+                        .ok_or_else(|| format!("no pod of this shard has the agent URL {u}"))?;
+                    let seen = self.refresh().await.map_err(|e| e.to_string())?;
+                    if seen.holder() != Some(self.me()) {
+                        return Err(format!(
+                            "the Lease {} moved to {} meanwhile",
+                            self.name,
+                            seen.holder().unwrap_or("nobody")
+                        ));
+                    }
+                    self.step_down();
+                    match self.write(&seen, Some(&pod), None).await {
+                        Ok(Write::Done) => {
+                            let mut v = self.view.lock().expect("lease view");
+                            v.handed = v.record.resource_version().map(str::to_string);
+                            drop(v);
+                            tracing::info!(to = %pod, lease = %self.name, "handed the Lease over");
+                            Ok(())
+                        }
+                        Ok(Write::Conflict) => Err(format!(
+                            "the Lease {} changed while handing it to {pod}",
+                            self.name
+                        )),
+                        Err(e) => Err(format!("cannot hand the Lease over to {pod}: {e}")),
+                    }
+                }
+                None => {
+                    let held = self.holds();
+                    self.step_down();
+                    if held {
+                        // Release, so a replica need not wait for the expiry. Best effort: a
+                        // fence runs exactly when the API server may be unreachable.
+                        let seen = self.record();
+                        match self.write(&seen, None, None).await {
+                            Ok(_) => tracing::info!(lease = %self.name, "released the Lease"),
+                            Err(e) => {
+                                tracing::warn!(lease = %self.name, "cannot release the Lease (it will expire): {e}")
+                            }
+                        }
+                    }
+                    Ok(())
+                }
+            }
+        })
+    }
+}
+
+impl KubeLeadership {
+    /// Before the executor starts: settles this pod's role from the Lease. Returns whether
+    /// this pod holds it (freshly taken or renewed).
+    ///
+    /// - No Lease yet: the pod with an empty data dir or a primary's data dir creates it
+    ///   (create is atomic: one pod wins) and initialises or starts as the primary.
+    /// - Held by this pod (a restart within the Lease): renewed, and it starts as the primary.
+    /// - Held by another pod: this pod is a replica; with an empty data dir it waits until the
+    ///   holder has an IP to clone from. A primary's data dir here is a former primary whose
+    ///   WAL may have gone past the fork: recorded, so that following rewinds it.
+    pub async fn settle(&self, cfg: &Config, data_empty: bool) -> anyhow::Result<bool> {
+        let standby = cfg.data_dir.join(crate::files::STANDBY_SIGNAL).exists();
+        let primary_data = !data_empty && !standby;
+        let mut waited = std::time::Instant::now();
+        loop {
+            let rec = self.refresh().await?;
+            match rec.holder() {
+                Some(h) if h == self.me() => {
+                    if self.write(&rec, Some(self.me()), None).await? == Write::Done {
+                        tracing::info!(lease = %self.name, "this pod holds the Lease: starting as the primary");
+                        return Ok(true);
+                    }
+                    continue;
+                }
+                Some(h) => {
+                    if primary_data && super::load_primary_end(cfg).is_none() {
+                        match super::controldata(&cfg.data_dir) {
+                            Ok(cd) => {
+                                let end = super::PrimaryEnd {
+                                    clean: cd.shut_down_as_primary(),
+                                    timeline: cd.timeline,
+                                    lsn: cd.checkpoint_lsn,
+                                };
+                                super::save_primary_end(cfg, &end)?;
+                            }
+                            Err(e) => tracing::warn!("cannot read pg_control: {e}"),
+                        }
+                    }
+                    if !data_empty || self.url_of(h).is_some() {
+                        tracing::info!(lease = %self.name, holder = %h, "another pod holds the Lease: starting as a replica");
+                        return Ok(false);
+                    }
+                }
+                None if rec.lease.is_none() && (data_empty || primary_data) => {
+                    if self.write(&rec, Some(self.me()), None).await? == Write::Done {
+                        tracing::info!(lease = %self.name, "created the Lease: this pod starts as the primary");
+                        return Ok(true);
+                    }
+                    continue;
+                }
+                None if !data_empty => return Ok(false),
+                None => {}
+            }
+            if waited.elapsed() > Duration::from_secs(10) {
+                tracing::info!(lease = %self.name, "waiting for a primary to clone from");
+                waited = std::time::Instant::now();
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// [`Leadership::reclaim`]: the Lease comes back if it is still exactly as handed over
+    /// (or never left).
+    async fn reclaim_lease(&self) -> Result<(), String> {
+        let seen = self.refresh().await.map_err(|e| e.to_string())?;
+        let handed = self.view.lock().expect("lease view").handed.take();
+        let untouched = seen.holder() == Some(self.me())
+            || (handed.is_some() && seen.resource_version() == handed.as_deref());
+        if !untouched {
+            return Err(format!(
+                "the Lease {} is held by {} and changed since the hand-over",
+                self.name,
+                seen.holder().unwrap_or("nobody")
+            ));
+        }
+        match self.write(&seen, Some(self.me()), None).await {
+            Ok(Write::Done) => Ok(()),
+            Ok(Write::Conflict) => Err(format!("the Lease {} changed meanwhile", self.name)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// One API call, bounded (on top of the client's own timeouts).
+pub async fn timed<T>(fut: impl Future<Output = kube::Result<T>>) -> anyhow::Result<T> {
+    match tokio::time::timeout(API_CALL_TIMEOUT + Duration::from_millis(500), fut).await {
+        Ok(r) => r.map_err(anyhow::Error::from),
+        Err(_) => anyhow::bail!("the API server did not answer within {API_CALL_TIMEOUT:?}"),
+    }
+}
+
+fn is_conflict(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<kube::Error>(), Some(kube::Error::Api(s)) if s.code == 409)
+}

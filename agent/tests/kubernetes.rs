@@ -1,0 +1,358 @@
+//! Kubernetes mode end to end: three real agents with real PostgreSQL 15 as the pods of a
+//! StatefulSet, run by the test kubelet against the test API server (docs/kubernetes.md).
+//! Leadership is the shard's Lease; these tests look only at what a user of a cluster sees:
+//! the Lease, the pods' role labels, Events, and the rows in each pod's Postgres.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use pgpilot_kube_testserver::{KubeTestServer, TestNamespace};
+use pgpilot_test_kubelet::{ImageTable, Kubelet, KubeletOptions, server_options};
+use serde_json::json;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_pgpilot-agent");
+const BIN: &str = "/usr/lib/postgresql/15/bin";
+const WAIT: Duration = Duration::from_secs(90);
+const PASSWORD: &str = "kube-test-superuser";
+const TOKEN: &str = "kube-test-token";
+
+struct Shard {
+    client: kube::Client,
+    ns: TestNamespace,
+    kubelet: Kubelet,
+    _server: KubeTestServer,
+}
+
+impl Shard {
+    /// StatefulSet `db` of three agents, shard `demo`/`0`, Ready with one primary.
+    async fn start(prefix: &str) -> Shard {
+        assert!(
+            std::path::Path::new(BIN).join("postgres").exists(),
+            "PostgreSQL 15 is missing: scripts/install-test-deps.sh"
+        );
+        let server = KubeTestServer::start_with(server_options())
+            .await
+            .expect("server");
+        let images = ImageTable::new().binary("pgpilot/agent:*", AGENT);
+        let kubelet = Kubelet::start(
+            &server,
+            KubeletOptions {
+                images,
+                ..KubeletOptions::default()
+            },
+        )
+        .await
+        .expect("kubelet");
+        let client = server.client();
+        let ns = TestNamespace::create(&client, prefix)
+            .await
+            .expect("namespace");
+        let s = Shard {
+            client,
+            ns,
+            kubelet,
+            _server: server,
+        };
+        s.create::<Secret>(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db-secrets"},
+            "stringData": {"token": TOKEN, "superuser-password": PASSWORD, "replication-password": "kube-test-replication"}}))
+            .await;
+        s.create::<ConfigMap>(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "db-config"},
+            "data": {"pgpilot.toml": "[cluster]\nname = \"demo\"\nshard = \"0\"\n\n[postgres]\nallow_networks = [\"127.0.0.0/8\"]\n\n[kubernetes]\nmode = \"on\"\n"}}))
+            .await;
+        let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
+        let env = json!([
+            {"name": "POD_NAME", "valueFrom": field("metadata.name")},
+            {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
+            {"name": "POD_IP", "valueFrom": field("status.podIP")},
+            {"name": "PGPILOT_CONFIG", "value": "/config/pgpilot.toml"},
+            {"name": "PGPILOT_DATA_DIR", "value": "/data/pg"},
+            {"name": "PGPILOT_STATE_DIR", "value": "/data"},
+            {"name": "PGPILOT_POSTGRES_PORT", "value": "5432"},
+            {"name": "PGPILOT_POSTGRES_LISTEN_ADDRESSES", "value": "$(POD_IP)"},
+            {"name": "PGPILOT_API_LISTEN", "value": "$(POD_IP):8008"},
+            {"name": "PGPILOT_API_LOOPBACK_LISTEN", "value": "$(POD_IP):8009"},
+            {"name": "PGPILOT_PG_BIN_DIR", "value": BIN},
+            {"name": "PGPILOT_REPLICATION_NAME", "value": "$(POD_NAME)"},
+            {"name": "PGPILOT_API_TOKEN_FILE", "value": "/secrets/token"},
+            {"name": "PGPILOT_SUPERUSER_PASSWORD_FILE", "value": "/secrets/superuser-password"},
+            {"name": "PGPILOT_REPLICATION_PASSWORD_FILE", "value": "/secrets/replication-password"},
+        ]);
+        let labels = json!({"app": "db", "pgpilot.io/cluster": "demo", "pgpilot.io/shard": "0"});
+        s.create::<StatefulSet>(json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db"},
+            "spec": {"replicas": 3, "serviceName": "db", "podManagementPolicy": "Parallel",
+                "selector": {"matchLabels": {"app": "db"}},
+                "template": {"metadata": {"labels": labels},
+                    "spec": {"terminationGracePeriodSeconds": 10,
+                        "containers": [{"name": "postgres", "image": "pgpilot/agent:test", "args": ["run"], "env": env,
+                            "volumeMounts": [
+                                {"name": "data", "mountPath": "/data"},
+                                {"name": "config", "mountPath": "/config"},
+                                {"name": "secrets", "mountPath": "/secrets"}],
+                            "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8008}, "periodSeconds": 1}}],
+                        "volumes": [
+                            {"name": "config", "configMap": {"name": "db-config"}},
+                            {"name": "secrets", "secret": {"secretName": "db-secrets"}}]}},
+                "volumeClaimTemplates": [{"metadata": {"name": "data"},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]}}))
+            .await;
+        let started = Instant::now();
+        let sts: Api<StatefulSet> = s.api();
+        eventually("3 ready agent pods", || async {
+            (sts.get("db").await.ok()?.status?.ready_replicas == Some(3)).then_some(())
+        })
+        .await;
+        eprintln!(
+            "3 agent pods (initdb + 2 clones) Ready in {:.1?}",
+            started.elapsed()
+        );
+        s
+    }
+
+    fn ns(&self) -> &str {
+        self.ns.name()
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), self.ns())
+    }
+
+    async fn create<K>(&self, v: serde_json::Value) -> K
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + serde::Serialize,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        let obj: K = serde_json::from_value(v).expect("a valid object");
+        self.api::<K>()
+            .create(&PostParams::default(), &obj)
+            .await
+            .expect("create")
+    }
+
+    async fn holder(&self) -> Option<String> {
+        self.api::<Lease>()
+            .get_opt("demo-0")
+            .await
+            .ok()??
+            .spec?
+            .holder_identity
+            .filter(|h| !h.is_empty())
+    }
+
+    async fn role(&self, pod: &str) -> Option<String> {
+        self.api::<Pod>()
+            .get(pod)
+            .await
+            .ok()?
+            .metadata
+            .labels?
+            .get("pgpilot.io/role")
+            .cloned()
+    }
+
+    /// The pod that holds the Lease and is labelled primary, once every other pod labelled
+    /// primary is unready (a frozen pod cannot take its own label off; the Service selects
+    /// ready pods only).
+    async fn primary(&self, not: Option<&str>) -> String {
+        eventually("one primary holding the Lease", || async {
+            let holder = self.holder().await?;
+            if Some(holder.as_str()) == not {
+                return None;
+            }
+            let pods = self.api::<Pod>().list(&ListParams::default()).await.ok()?;
+            let primaries: Vec<String> = pods
+                .items
+                .iter()
+                .filter(|p| is_ready(p) || p.metadata.name.as_deref() == Some(holder.as_str()))
+                .filter(|p| {
+                    p.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("pgpilot.io/role"))
+                        .is_some_and(|r| r == "primary")
+                })
+                .filter_map(|p| p.metadata.name.clone())
+                .collect();
+            (primaries == [holder.clone()]).then_some(holder)
+        })
+        .await
+    }
+
+    fn ip(&self, pod: &str) -> String {
+        self.kubelet
+            .pod_ip(self.ns(), pod)
+            .expect("a pod IP")
+            .to_string()
+    }
+
+    async fn sql(&self, pod: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(self.ip(pod))
+            .port(5432)
+            .user("postgres")
+            .password(PASSWORD)
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(2));
+        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    async fn count(&self, pod: &str) -> Option<i64> {
+        let c = self.sql(pod).await.ok()?;
+        c.query_one("SELECT count(*) FROM t", &[])
+            .await
+            .ok()
+            .map(|r| r.get(0))
+    }
+
+    async fn metrics(&self, pod: &str) -> String {
+        let url = format!("http://{}:8008/metrics", self.ip(pod));
+        match reqwest::get(&url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    async fn events(&self, reason: &str) -> Vec<Event> {
+        self.api::<Event>()
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .collect()
+    }
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Polls `f` until it gives a value; panics naming `what` after [`WAIT`].
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The primary's pod frozen (SIGSTOP: a hung node, no renewals, no traffic) for good: a
+/// replica with all the WAL takes the Lease, promotes and serves writes; the other replica
+/// follows it. Resumed, the old primary finds it lost the Lease, fences (demotes) and rejoins
+/// as a replica of the new primary, rewound onto its timeline, with exactly its rows.
+#[tokio::test]
+async fn a_frozen_primary_is_replaced_and_rejoins_as_a_replica() {
+    let s = Shard::start("failover").await;
+    let old = s.primary(None).await;
+    let replicas: Vec<String> = (0..3)
+        .map(|i| format!("db-{i}"))
+        .filter(|p| *p != old)
+        .collect();
+    for r in &replicas {
+        eventually("replica labelled", || async {
+            (s.role(r).await.as_deref() == Some("replica")).then_some(())
+        })
+        .await;
+    }
+    let db = s.sql(&old).await.expect("connect to the primary");
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    // Each acknowledged commit is recorded.
+    let mut acked = 0;
+    for i in 1..=200 {
+        db.execute("INSERT INTO t VALUES ($1)", &[&i])
+            .await
+            .unwrap();
+        acked = i;
+    }
+    for r in &replicas {
+        eventually("replica caught up", || async {
+            (s.count(r).await == Some(i64::from(acked))).then_some(())
+        })
+        .await;
+    }
+
+    let frozen_at = Instant::now();
+    s.kubelet.freeze(s.ns(), &old, true).expect("freeze");
+    let new = s.primary(Some(&old)).await;
+    assert!(replicas.contains(&new), "{new} took over");
+    // First committed write on the new primary.
+    let db = eventually("a write on the new primary", || async {
+        let c = s.sql(&new).await.ok()?;
+        c.execute("INSERT INTO t VALUES (201)", &[]).await.ok()?;
+        Some(c)
+    })
+    .await;
+    eprintln!(
+        "frozen primary → first write on {new}: {:.1?}",
+        frozen_at.elapsed()
+    );
+    for i in 202..=300 {
+        db.execute("INSERT INTO t VALUES ($1)", &[&i])
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        s.count(&new).await,
+        Some(300),
+        "every acknowledged commit is on the new primary"
+    );
+    let other = replicas.iter().find(|r| **r != new).unwrap();
+    eventually("the other replica follows the new primary", || async {
+        (s.count(other).await == Some(300)).then_some(())
+    })
+    .await;
+    assert!(!s.events("LeaseTaken").await.is_empty());
+
+    // The old primary resumes: it must fence, then rejoin as a replica of the new one.
+    s.kubelet.freeze(s.ns(), &old, false).expect("thaw");
+    eventually("the old primary labelled replica", || async {
+        (s.role(&old).await.as_deref() == Some("replica")).then_some(())
+    })
+    .await;
+    eventually("the old primary fenced", || async {
+        s.metrics(&old)
+            .await
+            .contains("pgpilot_fences_total 1")
+            .then_some(())
+    })
+    .await;
+    eventually("the old primary streams from the new one", || async {
+        let c = s.sql(&old).await.ok()?;
+        let in_recovery: bool = c
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .ok()?
+            .get(0);
+        (in_recovery && s.count(&old).await == Some(300)).then_some(())
+    })
+    .await;
+    assert_eq!(s.holder().await.as_deref(), Some(new.as_str()));
+    assert_eq!(s.role(&new).await.as_deref(), Some("primary"));
+    s.ns.cleanup().await.expect("cleanup");
+}
