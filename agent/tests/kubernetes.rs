@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use pgpilot_kube_testserver::{KubeTestServer, TestNamespace};
+use pgpilot_test_kubelet::wait::is_ready;
 use pgpilot_test_kubelet::{ImageTable, Kubelet, KubeletOptions, server_options};
 use serde_json::json;
 
@@ -226,38 +227,17 @@ impl Shard {
     }
 
     async fn events(&self, reason: &str) -> Vec<Event> {
-        self.api::<Event>()
-            .list(&ListParams::default())
-            .await
-            .expect("events")
-            .items
-            .into_iter()
-            .filter(|e| e.reason.as_deref() == Some(reason))
-            .collect()
+        pgpilot_test_kubelet::wait::events(&self.client, self.ns(), reason).await
     }
 }
 
-fn is_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 /// Polls `f` until it gives a value; panics naming `what` after [`WAIT`].
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+async fn eventually<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    pgpilot_test_kubelet::wait::eventually(what, WAIT, f).await
 }
 
 /// The primary's pod frozen (SIGSTOP: a hung node, no renewals, no traffic) for good: a

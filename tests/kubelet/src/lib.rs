@@ -10,6 +10,7 @@ mod kubelet;
 mod net;
 mod pod;
 mod probe;
+pub mod wait;
 
 pub use images::ImageTable;
 pub use kubelet::{Kubelet, KubeletOptions, server_options};

@@ -8,8 +8,9 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Event, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Api;
-use kube::api::{DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, EvictParams, Patch, PatchParams, PostParams};
 use pgpilot_kube_testserver::{KubeTestServer, TestNamespace, kubectl_args};
+use pgpilot_test_kubelet::wait::is_ready;
 use pgpilot_test_kubelet::{ApiFault, ImageTable, Kubelet, KubeletOptions, server_options};
 use serde_json::{Value, json};
 
@@ -131,22 +132,8 @@ impl Cluster {
     }
 
     async fn events(&self, reason: &str) -> Vec<Event> {
-        self.api::<Event>()
-            .list(&ListParams::default())
-            .await
-            .expect("events")
-            .items
-            .into_iter()
-            .filter(|e| e.reason.as_deref() == Some(reason))
-            .collect()
+        pgpilot_test_kubelet::wait::events(&self.client, self.ns(), reason).await
     }
-}
-
-fn is_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 fn pod_ip(p: &Pod) -> Ipv4Addr {
@@ -158,19 +145,12 @@ fn pod_ip(p: &Pod) -> Ipv4Addr {
 }
 
 /// Polls `f` until it gives a value; panics naming `what` after [`WAIT`].
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+async fn eventually<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    pgpilot_test_kubelet::wait::eventually(what, WAIT, f).await
 }
 
 /// A plain HTTP/1.1 request to a pod; the body on 2xx, else the status line.
