@@ -25,6 +25,11 @@ use tokio_util::sync::CancellationToken;
 use super::lease::{KubeLeadership, LeaseRecord, Write};
 use crate::core::Handle;
 
+/// How long a candidate waits for a peer's status. A peer that does not answer in time is
+/// left out, so too short a bound lets a loaded peer with more WAL lose to one with less
+/// (which then rewinds it).
+const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Which replica may take an expired Lease, given this one's WAL position and what the
 /// reachable peers report. Pure, for the unit tests.
 pub fn may_take_over(
@@ -301,10 +306,17 @@ impl Loop {
                 continue;
             }
             let client = super::switchover::peer(&url, ctx.api_token.expose());
-            if let Ok(Ok(st)) = tokio::time::timeout(Duration::from_secs(1), client.status()).await
-                && let Some(lsn) = peer_position(&st)
-            {
-                peers.push((name, lsn));
+            match tokio::time::timeout(PEER_TIMEOUT, client.status()).await {
+                Ok(Ok(st)) => match peer_position(&st) {
+                    Some(lsn) => peers.push((name, lsn)),
+                    None => {
+                        tracing::info!(peer = %name, state = %st.state, "peer is not a replica with a known WAL position: left out")
+                    }
+                },
+                Ok(Err(e)) => tracing::info!(peer = %name, "peer left out: {e}"),
+                Err(_) => {
+                    tracing::info!(peer = %name, "peer left out: no answer within {PEER_TIMEOUT:?}")
+                }
             }
         }
         if let Err(why) = may_take_over(

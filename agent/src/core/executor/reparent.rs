@@ -404,7 +404,9 @@ impl Executor {
     /// past the point where `up`'s history left that timeline. An instance that has streamed
     /// from a primary since has no such record: it cannot have diverged.
     async fn diverged_from(&self, up: &Upstream) -> Option<String> {
-        let end = replication::load_primary_end(&self.ctx.cfg)?;
+        let Some(end) = replication::load_primary_end(&self.ctx.cfg) else {
+            return self.replica_diverged_from(up).await;
+        };
         let at = replication::lsn(&end.lsn)?;
         let why = replication::divergence(end.timeline, at, up.timeline, &up.history);
         match (why, end.clean) {
@@ -418,6 +420,35 @@ impl Executor {
             )),
             (None, _) => None,
         }
+    }
+
+    /// A replica that received WAL past the point where `up` switched off the timeline they
+    /// shared: after a failover to a replica that had received less (one this replica's agent
+    /// could not reach in time, or a record that arrived a moment later), Postgres refuses to
+    /// follow with "new timeline forked off current database system timeline before current
+    /// recovery point". pg_rewind on a replica that turns out not to need it is harmless.
+    async fn replica_diverged_from(&self, up: &Upstream) -> Option<String> {
+        let last = up.history.last()?;
+        let switchpoint = replication::lsn(&last.switchpoint)?;
+        if !self.state.accepts_connections() {
+            return None;
+        }
+        let client = self.ctx.monitor.client().await.ok()?;
+        let r = rsql::receiver(&client).await.ok()?;
+        let end = [r.receive_lsn, r.replay_lsn]
+            .iter()
+            .flatten()
+            .filter_map(|l| replication::lsn(l))
+            .max()?;
+        (end > switchpoint).then(|| {
+            format!(
+                "this replica has WAL up to {}, past {} where the primary's timeline {} left timeline {}",
+                replication::format_lsn(end),
+                last.switchpoint,
+                up.timeline,
+                last.timeline
+            )
+        })
     }
 
     /// Records where this instance's WAL ended, after Postgres stopped or died as a primary.
