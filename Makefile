@@ -70,6 +70,10 @@ bench-p1 bench-p2 bench-p3 bench-p4 bench-p6: ## One side-by-side scenario in th
 bench-switchover: build ## P7: write unavailability of 20 switchovers, pgpilot and Patroni side by side (~10 min)
 	./benches/switchover.sh
 
+.PHONY: bench-failover
+bench-failover: ## Unplanned failover: write unavailability over 10 frozen primaries (three agent pods; ~5 min)
+	./benches/failover.sh
+
 .PHONY: bench-quick
 bench-quick: ## Side-by-side suite, few repetitions and a small database (a few minutes)
 	./benches/side-by-side.sh --quick

@@ -12,7 +12,7 @@ use kube::Api;
 use kube::api::{ListParams, PostParams};
 use pgpilot_kube_testserver::{KubeTestServer, TestNamespace};
 use pgpilot_test_kubelet::wait::is_ready;
-use pgpilot_test_kubelet::{ImageTable, Kubelet, KubeletOptions, server_options};
+use pgpilot_test_kubelet::{ApiFault, ImageTable, Kubelet, KubeletOptions, server_options};
 use serde_json::json;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_pgpilot-agent");
@@ -198,16 +198,7 @@ impl Shard {
     }
 
     async fn sql(&self, pod: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let mut cfg = tokio_postgres::Config::new();
-        cfg.host(self.ip(pod))
-            .port(5432)
-            .user("postgres")
-            .password(PASSWORD)
-            .dbname("postgres")
-            .connect_timeout(Duration::from_secs(2));
-        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        Ok(client)
+        connect(&self.ip(pod)).await
     }
 
     async fn count(&self, pod: &str) -> Option<i64> {
@@ -245,7 +236,7 @@ where
 /// follows it. Resumed, the old primary finds it lost the Lease, fences (demotes) and rejoins
 /// as a replica of the new primary, rewound onto its timeline, with exactly its rows.
 #[tokio::test]
-async fn a_frozen_primary_is_replaced_and_rejoins_as_a_replica() {
+async fn frozen_then_cut_off_primaries_are_replaced_and_rejoin() {
     let s = Shard::start("failover").await;
     let old = s.primary(None).await;
     let replicas: Vec<String> = (0..3)
@@ -334,5 +325,199 @@ async fn a_frozen_primary_is_replaced_and_rejoins_as_a_replica() {
     .await;
     assert_eq!(s.holder().await.as_deref(), Some(new.as_str()));
     assert_eq!(s.role(&new).await.as_deref(), Some("primary"));
+
+    api_cut_primary_fences_and_never_writes_beside_its_successor(&s, &new).await;
+    s.ns.cleanup().await.expect("cleanup");
+}
+
+/// The primary cut off from the API server, still reachable by clients and peers: it fences
+/// at its renew deadline, before its Lease can expire; a replica takes over and serves writes;
+/// when the cut heals the old primary rejoins as a replica. A probe writes to every pod's
+/// Postgres directly all along: the pods that acknowledged a write never alternate (no two
+/// writers at once), and every write acknowledged by either primary is on the final one.
+async fn api_cut_primary_fences_and_never_writes_beside_its_successor(s: &Shard, primary: &str) {
+    let db = s.sql(primary).await.expect("connect to the primary");
+    db.batch_execute("CREATE TABLE probe (pod text, n int)")
+        .await
+        .unwrap();
+    let probe = Probe::start(s, &["db-0", "db-1", "db-2"]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.kubelet
+        .set_api_fault(s.ns(), primary, ApiFault::Blackhole)
+        .expect("cut");
+    let cut_at = Instant::now();
+    let new = s.primary(Some(primary)).await;
+    eventually("a probe write on the new primary", || async {
+        probe.acked_by(&new).then_some(())
+    })
+    .await;
+    eprintln!(
+        "API cut of {primary} → {new} takes writes: {:.1?}",
+        cut_at.elapsed()
+    );
+    s.kubelet
+        .set_api_fault(s.ns(), primary, ApiFault::None)
+        .expect("heal");
+    eventually("the cut primary labelled replica", || async {
+        (s.role(primary).await.as_deref() == Some("replica")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let acked = probe.stop().await;
+    // Never two writers: once another pod acknowledged a write, the earlier one never again.
+    let mut order: Vec<&str> = Vec::new();
+    for (pod, _) in &acked {
+        if order.last() != Some(&pod.as_str()) {
+            assert!(
+                !order.contains(&pod.as_str()),
+                "two writers: {pod} acknowledged a write again after {order:?}"
+            );
+            order.push(pod);
+        }
+    }
+    assert_eq!(order, [primary, new.as_str()], "the writers in turn");
+    // Every acknowledged write is on the final primary, and the rejoined one has them all.
+    let c = s.sql(&new).await.unwrap();
+    let on_new: i64 = c
+        .query_one("SELECT count(*) FROM probe", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on_new, acked.len() as i64, "acknowledged writes kept");
+    eventually("the cut primary streams with every write", || async {
+        let c = s.sql(primary).await.ok()?;
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM probe", &[])
+            .await
+            .ok()?
+            .get(0);
+        (n == on_new).then_some(())
+    })
+    .await;
+}
+
+/// Writes `INSERT INTO probe` to every pod's Postgres every 50 ms, each on its own connection,
+/// and records the acknowledged ones in order.
+struct Probe {
+    acked: std::sync::Arc<std::sync::Mutex<Vec<(String, i32)>>>,
+    stop: tokio_util::sync::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Probe {
+    async fn start(s: &Shard, pods: &[&str]) -> Probe {
+        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut tasks = Vec::new();
+        for (i, pod) in pods.iter().enumerate() {
+            let (pod, ip) = (pod.to_string(), s.ip(pod));
+            let (acked, stop) = (acked.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut n = (i as i32) * 1_000_000;
+                let mut conn: Option<tokio_postgres::Client> = None;
+                while !stop.is_cancelled() {
+                    if conn.as_ref().is_none_or(|c| c.is_closed()) {
+                        conn = connect(&ip).await.ok();
+                    }
+                    if let Some(c) = &conn {
+                        n += 1;
+                        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&pod, &n];
+                        let write = c.execute("INSERT INTO probe VALUES ($1, $2)", &params);
+                        match tokio::time::timeout(Duration::from_secs(2), write).await {
+                            Ok(Ok(_)) => acked.lock().unwrap().push((pod.clone(), n)),
+                            Ok(Err(_)) => {}
+                            Err(_) => conn = None,
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }));
+        }
+        Probe { acked, stop, tasks }
+    }
+
+    fn acked_by(&self, pod: &str) -> bool {
+        self.acked.lock().unwrap().iter().any(|(p, _)| p == pod)
+    }
+
+    async fn stop(self) -> Vec<(String, i32)> {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        std::mem::take(&mut *self.acked.lock().unwrap())
+    }
+}
+
+async fn connect(ip: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(ip)
+        .port(5432)
+        .user("postgres")
+        .password(PASSWORD)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(2));
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// Benchmark (benches/failover.sh, `make bench-failover`), not a check: unplanned failover
+/// write unavailability with default settings. Each trial freezes the primary's pod (a hung
+/// node) and times from the freeze to the first committed write on the new primary, then
+/// thaws the old one and waits until it streams again. `PGPILOT_FAILOVER_TRIALS` (default 10).
+#[tokio::test]
+#[ignore = "benchmark: make bench-failover"]
+async fn failover_trials() {
+    let trials: usize = std::env::var("PGPILOT_FAILOVER_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let s = Shard::start("failover-bench").await;
+    let mut primary = s.primary(None).await;
+    s.sql(&primary)
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let mut times = Vec::new();
+    for trial in 1..=trials {
+        let frozen_at = Instant::now();
+        s.kubelet.freeze(s.ns(), &primary, true).expect("freeze");
+        let new = s.primary(Some(&primary)).await;
+        let id = trial as i32;
+        eventually("a write on the new primary", || async {
+            let c = s.sql(&new).await.ok()?;
+            c.execute("INSERT INTO t VALUES ($1)", &[&id]).await.ok()
+        })
+        .await;
+        let took = frozen_at.elapsed();
+        eprintln!("trial {trial}: {primary} frozen → first write on {new}: {took:.2?}");
+        times.push(took.as_secs_f64());
+        s.kubelet.freeze(s.ns(), &primary, false).expect("thaw");
+        let old = primary.clone();
+        eventually("the old primary streams again", || async {
+            let c = s.sql(&old).await.ok()?;
+            let rec: bool = c
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .ok()?
+                .get(0);
+            (rec && s.count(&old).await == Some(i64::from(id))).then_some(())
+        })
+        .await;
+        primary = new;
+    }
+    times.sort_by(f64::total_cmp);
+    let pct = |p: f64| times[((p * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1];
+    eprintln!(
+        "FAILOVER trials={} p50={:.2}s p99={:.2}s min={:.2}s max={:.2}s",
+        times.len(),
+        pct(0.50),
+        pct(0.99),
+        times[0],
+        times[times.len() - 1]
+    );
     s.ns.cleanup().await.expect("cleanup");
 }
