@@ -121,6 +121,15 @@ impl KubeLeadership {
         kc.write_timeout = Some(API_CALL_TIMEOUT);
         let client = kube::Client::try_from(kc)
             .map_err(|e| anyhow::anyhow!("Kubernetes mode: cannot build the API client: {e}"))?;
+        Self::with_client(client, cfg, settings).await
+    }
+
+    /// [`KubeLeadership::connect`] with a client made elsewhere (tests, other API servers).
+    pub async fn with_client(
+        client: kube::Client,
+        cfg: &Config,
+        settings: &Kubernetes,
+    ) -> anyhow::Result<KubeLeadership> {
         let ns = &settings.namespace;
         let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
         let me = timed(pods.get(&settings.pod_name)).await.map_err(|e| {
@@ -526,4 +535,82 @@ pub async fn timed<T>(fut: impl Future<Output = kube::Result<T>>) -> anyhow::Res
 
 fn is_conflict(e: &anyhow::Error) -> bool {
     matches!(e.downcast_ref::<kube::Error>(), Some(kube::Error::Api(s)) if s.code == 409)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgpilot_kube_testserver::{KubeTestServer, TestNamespace};
+
+    async fn agent(client: &kube::Client, ns: &str, pod: &str) -> KubeLeadership {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "data_dir = \"{}\"\n[cluster]\nname = \"demo\"\nshard = \"0\"\n\
+             [kubernetes]\nmode = \"on\"\nnamespace = \"{ns}\"\npod_name = \"{pod}\"\n",
+            dir.path().join("pg").display()
+        );
+        let path = dir.path().join("pgpilot.toml");
+        std::fs::write(&path, toml).unwrap();
+        let cfg = Config::load(&crate::config::RunArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let obj: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": pod, "labels": {LABEL_CLUSTER: "demo", LABEL_SHARD: "0"}},
+            "spec": {"containers": [{"name": "postgres", "image": "pgpilot/agent:test"}]}
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &obj).await.unwrap();
+        let settings = cfg.kubernetes.clone().expect("Kubernetes mode");
+        KubeLeadership::with_client(client.clone(), &cfg, &settings)
+            .await
+            .unwrap()
+    }
+
+    /// Two replicas that both saw the same expired Lease write it at the same time: exactly
+    /// one takes it, every time, and the other changed nothing.
+    #[tokio::test]
+    async fn two_racers_for_an_expired_lease_exactly_one_wins() {
+        let server = KubeTestServer::start().await.unwrap();
+        let client = server.client();
+        let ns = TestNamespace::create(&client, "lease-race").await.unwrap();
+        let a = agent(&client, ns.name(), "db-1").await;
+        let b = agent(&client, ns.name(), "db-2").await;
+        let old = agent(&client, ns.name(), "db-0").await;
+        let first = old.refresh().await.unwrap();
+        assert_eq!(
+            old.write(&first, Some("db-0"), None).await.unwrap(),
+            Write::Done
+        );
+        let (mut holder, mut transitions) = ("db-0", 0);
+        for round in 0..20 {
+            let (seen_a, seen_b) = (a.refresh().await.unwrap(), b.refresh().await.unwrap());
+            assert_eq!(seen_a.resource_version(), seen_b.resource_version());
+            let (ra, rb) = tokio::join!(
+                a.write(&seen_a, Some("db-1"), None),
+                b.write(&seen_b, Some("db-2"), None)
+            );
+            let (ra, rb) = (ra.unwrap(), rb.unwrap());
+            assert!(
+                (ra == Write::Done) != (rb == Write::Done),
+                "round {round}: exactly one wins ({ra:?}, {rb:?})"
+            );
+            let winner = if ra == Write::Done { "db-1" } else { "db-2" };
+            let now = a.refresh().await.unwrap();
+            assert_eq!(now.holder(), Some(winner), "round {round}");
+            // A take by the holder itself is a renewal, not a transition.
+            if winner != holder {
+                transitions += 1;
+                holder = winner;
+            }
+            assert_eq!(now.transitions(), transitions, "round {round}");
+            // The winner counts as the leader only on its own side.
+            assert_eq!(a.holds(), winner == "db-1");
+            b.refresh().await.unwrap();
+            assert_eq!(b.holds(), winner == "db-2");
+        }
+        ns.cleanup().await.unwrap();
+    }
 }
