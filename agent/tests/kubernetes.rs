@@ -326,7 +326,8 @@ async fn frozen_then_cut_off_primaries_are_replaced_and_rejoin() {
     assert_eq!(s.holder().await.as_deref(), Some(new.as_str()));
     assert_eq!(s.role(&new).await.as_deref(), Some("primary"));
 
-    api_cut_primary_fences_and_never_writes_beside_its_successor(&s, &new).await;
+    let primary = api_cut_primary_fences_and_never_writes_beside_its_successor(&s, &new).await;
+    api_server_down_fences_once_and_fails_over_once(&s, &primary).await;
     s.ns.cleanup().await.expect("cleanup");
 }
 
@@ -335,7 +336,10 @@ async fn frozen_then_cut_off_primaries_are_replaced_and_rejoin() {
 /// when the cut heals the old primary rejoins as a replica. A probe writes to every pod's
 /// Postgres directly all along: the pods that acknowledged a write never alternate (no two
 /// writers at once), and every write acknowledged by either primary is on the final one.
-async fn api_cut_primary_fences_and_never_writes_beside_its_successor(s: &Shard, primary: &str) {
+async fn api_cut_primary_fences_and_never_writes_beside_its_successor(
+    s: &Shard,
+    primary: &str,
+) -> String {
     let db = s.sql(primary).await.expect("connect to the primary");
     db.batch_execute("CREATE TABLE probe (pod text, n int)")
         .await
@@ -364,18 +368,7 @@ async fn api_cut_primary_fences_and_never_writes_beside_its_successor(s: &Shard,
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let acked = probe.stop().await;
-    // Never two writers: once another pod acknowledged a write, the earlier one never again.
-    let mut order: Vec<&str> = Vec::new();
-    for (pod, _) in &acked {
-        if order.last() != Some(&pod.as_str()) {
-            assert!(
-                !order.contains(&pod.as_str()),
-                "two writers: {pod} acknowledged a write again after {order:?}"
-            );
-            order.push(pod);
-        }
-    }
-    assert_eq!(order, [primary, new.as_str()], "the writers in turn");
+    assert_eq!(writers_in_turn(&acked), [primary, new.as_str()]);
     // Every acknowledged write is on the final primary, and the rejoined one has them all.
     let c = s.sql(&new).await.unwrap();
     let on_new: i64 = c
@@ -394,12 +387,100 @@ async fn api_cut_primary_fences_and_never_writes_beside_its_successor(s: &Shard,
         (n == on_new).then_some(())
     })
     .await;
+    new
+}
+
+/// The API server unreachable for every pod for longer than the Lease: the primary keeps
+/// serving until its renew deadline, then fences (it cannot tell an outage from a partition);
+/// nobody can take the Lease meanwhile, so no pod takes writes; when the API server is back,
+/// exactly one replica takes over (one transition, no storm) and every acknowledged write is
+/// on it.
+async fn api_server_down_fences_once_and_fails_over_once(s: &Shard, primary: &str) {
+    let lease = s.api::<Lease>().get("demo-0").await.unwrap();
+    let transitions = lease.spec.and_then(|sp| sp.lease_transitions).unwrap_or(0);
+    s.sql(primary)
+        .await
+        .unwrap()
+        .batch_execute("TRUNCATE probe")
+        .await
+        .unwrap();
+    let probe = Probe::start(s, &["db-0", "db-1", "db-2"]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pods = ["db-0", "db-1", "db-2"];
+    for p in pods {
+        s.kubelet
+            .set_api_fault(s.ns(), p, ApiFault::Blackhole)
+            .expect("cut");
+    }
+    let down_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    for p in pods {
+        s.kubelet
+            .set_api_fault(s.ns(), p, ApiFault::None)
+            .expect("heal");
+    }
+    let back_at = Instant::now();
+    let new = s.primary(Some(primary)).await;
+    eventually("a probe write on the new primary", || async {
+        probe.acked_by(&new).then_some(())
+    })
+    .await;
+    eprintln!(
+        "API server down 15 s: writes resumed on {new} {:.1?} after it came back",
+        back_at.elapsed()
+    );
+    let acked = probe.stop().await;
+    assert!(
+        acked.iter().any(|(p, _, at)| p == primary && *at > down_at),
+        "the primary kept serving after the API server went away"
+    );
+    let during: Vec<&Ack> = acked
+        .iter()
+        .filter(|(_, _, at)| *at > down_at + Duration::from_secs(8) && *at < back_at)
+        .collect();
+    assert!(
+        during.is_empty(),
+        "writes acknowledged after the Lease expired, with the API server down: {during:?}"
+    );
+    assert_eq!(writers_in_turn(&acked), [primary, new.as_str()]);
+    let lease = s.api::<Lease>().get("demo-0").await.unwrap();
+    assert_eq!(
+        lease.spec.and_then(|sp| sp.lease_transitions),
+        Some(transitions + 1),
+        "exactly one takeover"
+    );
+    let c = s.sql(&new).await.unwrap();
+    let on_new: i64 = c
+        .query_one("SELECT count(*) FROM probe", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on_new, acked.len() as i64, "acknowledged writes kept");
+}
+
+/// An acknowledged probe write: the pod, the value, when the acknowledgement arrived.
+type Ack = (String, i32, Instant);
+
+/// The pods that acknowledged writes, in turn. Never two writers: once another pod
+/// acknowledged a write, the earlier one never does again.
+fn writers_in_turn(acked: &[Ack]) -> Vec<String> {
+    let mut order: Vec<String> = Vec::new();
+    for (pod, _, _) in acked {
+        if order.last() != Some(pod) {
+            assert!(
+                !order.contains(pod),
+                "two writers: {pod} acknowledged a write again after {order:?}"
+            );
+            order.push(pod.clone());
+        }
+    }
+    order
 }
 
 /// Writes `INSERT INTO probe` to every pod's Postgres every 50 ms, each on its own connection,
 /// and records the acknowledged ones in order.
 struct Probe {
-    acked: std::sync::Arc<std::sync::Mutex<Vec<(String, i32)>>>,
+    acked: std::sync::Arc<std::sync::Mutex<Vec<Ack>>>,
     stop: tokio_util::sync::CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -424,7 +505,9 @@ impl Probe {
                         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&pod, &n];
                         let write = c.execute("INSERT INTO probe VALUES ($1, $2)", &params);
                         match tokio::time::timeout(Duration::from_secs(2), write).await {
-                            Ok(Ok(_)) => acked.lock().unwrap().push((pod.clone(), n)),
+                            Ok(Ok(_)) => {
+                                acked.lock().unwrap().push((pod.clone(), n, Instant::now()))
+                            }
                             Ok(Err(_)) => {}
                             Err(_) => conn = None,
                         }
@@ -437,10 +520,10 @@ impl Probe {
     }
 
     fn acked_by(&self, pod: &str) -> bool {
-        self.acked.lock().unwrap().iter().any(|(p, _)| p == pod)
+        self.acked.lock().unwrap().iter().any(|(p, _, _)| p == pod)
     }
 
-    async fn stop(self) -> Vec<(String, i32)> {
+    async fn stop(self) -> Vec<Ack> {
         self.stop.cancel();
         for t in self.tasks {
             let _ = t.await;
