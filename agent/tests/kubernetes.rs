@@ -202,8 +202,12 @@ impl Shard {
     }
 
     async fn count(&self, pod: &str) -> Option<i64> {
+        self.rows(pod, "t").await
+    }
+
+    async fn rows(&self, pod: &str, table: &str) -> Option<i64> {
         let c = self.sql(pod).await.ok()?;
-        c.query_one("SELECT count(*) FROM t", &[])
+        c.query_one(&format!("SELECT count(*) FROM {table}"), &[])
             .await
             .ok()
             .map(|r| r.get(0))
@@ -350,11 +354,7 @@ async fn api_cut_primary_fences_and_never_writes_beside_its_successor(
         .set_api_fault(s.ns(), primary, ApiFault::Blackhole)
         .expect("cut");
     let cut_at = Instant::now();
-    let new = s.primary(Some(primary)).await;
-    eventually("a probe write on the new primary", || async {
-        probe.acked_by(&new).then_some(())
-    })
-    .await;
+    let new = probe.new_primary(s, primary).await;
     eprintln!(
         "API cut of {primary} → {new} takes writes: {:.1?}",
         cut_at.elapsed()
@@ -370,21 +370,10 @@ async fn api_cut_primary_fences_and_never_writes_beside_its_successor(
     let acked = probe.stop().await;
     assert_eq!(writers_in_turn(&acked), [primary, new.as_str()]);
     // Every acknowledged write is on the final primary, and the rejoined one has them all.
-    let c = s.sql(&new).await.unwrap();
-    let on_new: i64 = c
-        .query_one("SELECT count(*) FROM probe", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(on_new, acked.len() as i64, "acknowledged writes kept");
+    let on_new = s.rows(&new, "probe").await;
+    assert_eq!(on_new, Some(acked.len() as i64), "acknowledged writes kept");
     eventually("the cut primary streams with every write", || async {
-        let c = s.sql(primary).await.ok()?;
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM probe", &[])
-            .await
-            .ok()?
-            .get(0);
-        (n == on_new).then_some(())
+        (s.rows(primary, "probe").await == on_new).then_some(())
     })
     .await;
     new
@@ -420,11 +409,7 @@ async fn api_server_down_fences_once_and_fails_over_once(s: &Shard, primary: &st
             .expect("heal");
     }
     let back_at = Instant::now();
-    let new = s.primary(Some(primary)).await;
-    eventually("a probe write on the new primary", || async {
-        probe.acked_by(&new).then_some(())
-    })
-    .await;
+    let new = probe.new_primary(s, primary).await;
     eprintln!(
         "API server down 15 s: writes resumed on {new} {:.1?} after it came back",
         back_at.elapsed()
@@ -449,13 +434,11 @@ async fn api_server_down_fences_once_and_fails_over_once(s: &Shard, primary: &st
         Some(transitions + 1),
         "exactly one takeover"
     );
-    let c = s.sql(&new).await.unwrap();
-    let on_new: i64 = c
-        .query_one("SELECT count(*) FROM probe", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(on_new, acked.len() as i64, "acknowledged writes kept");
+    assert_eq!(
+        s.rows(&new, "probe").await,
+        Some(acked.len() as i64),
+        "acknowledged writes kept"
+    );
 }
 
 /// An acknowledged probe write: the pod, the value, when the acknowledgement arrived.
@@ -519,8 +502,15 @@ impl Probe {
         Probe { acked, stop, tasks }
     }
 
-    fn acked_by(&self, pod: &str) -> bool {
-        self.acked.lock().unwrap().iter().any(|(p, _, _)| p == pod)
+    /// The pod that took over from `old`, once it has acknowledged a probe write.
+    async fn new_primary(&self, s: &Shard, old: &str) -> String {
+        let new = s.primary(Some(old)).await;
+        eventually("a probe write on the new primary", || async {
+            let acked = self.acked.lock().unwrap();
+            acked.iter().any(|(p, _, _)| *p == new).then_some(())
+        })
+        .await;
+        new
     }
 
     async fn stop(self) -> Vec<Ack> {
