@@ -143,6 +143,10 @@ pub struct KubernetesSection {
     /// A replica further behind the primary's last published WAL position than this never
     /// takes over (Patroni's `maximum_lag_on_failover`); `None` accepts any loss.
     pub maximum_lag_on_failover: Option<u64>,
+    /// Synchronous replication managed by the agent (as Patroni's `synchronous_mode`): a commit
+    /// is acknowledged only once a streaming replica has it, and only those replicas may take
+    /// over. Without any streaming replica the primary falls back to asynchronous commits.
+    pub synchronous: bool,
 }
 
 impl Default for KubernetesSection {
@@ -155,6 +159,7 @@ impl Default for KubernetesSection {
             renew_interval_secs: 1,
             renew_deadline_secs: 5,
             maximum_lag_on_failover: Some(1024 * 1024),
+            synchronous: false,
         }
     }
 }
@@ -168,6 +173,7 @@ pub struct Kubernetes {
     pub renew_interval: std::time::Duration,
     pub renew_deadline: std::time::Duration,
     pub maximum_lag_on_failover: Option<u64>,
+    pub synchronous: bool,
 }
 
 /// Resolves `[kubernetes]` against the environment: `None` when not in Kubernetes mode.
@@ -241,6 +247,7 @@ pub fn kubernetes_settings(
         renew_interval: secs(file.renew_interval_secs),
         renew_deadline: secs(file.renew_deadline_secs),
         maximum_lag_on_failover: file.maximum_lag_on_failover,
+        synchronous: file.synchronous,
     }))
 }
 
@@ -596,13 +603,23 @@ impl Config {
             });
         }
 
-        let replication = replication_settings(args, file.replication, api_listen, postgres_port)?;
+        let name_given = args.replication_name.is_some() || file.replication.name.is_some();
+        let mut replication =
+            replication_settings(args, file.replication, api_listen, postgres_port)?;
 
         let kubernetes = kubernetes_settings(
             args.kubernetes_mode.unwrap_or(file.kubernetes.mode),
             file.kubernetes,
             |k| std::env::var(k).ok(),
         )?;
+        // In Kubernetes mode an instance is its pod: the Lease holder, the failover candidates
+        // and the synchronous standby are all named by pod name.
+        if let Some(k) = &kubernetes
+            && !name_given
+            && is_instance_name(&k.pod_name)
+        {
+            replication.name = k.pod_name.clone();
+        }
 
         Ok(Config {
             kubernetes,

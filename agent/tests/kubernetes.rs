@@ -31,6 +31,11 @@ struct Shard {
 impl Shard {
     /// StatefulSet `db` of three agents, shard `demo`/`0`, Ready with one primary.
     async fn start(prefix: &str) -> Shard {
+        Self::start_with(prefix, "").await
+    }
+
+    /// [`Shard::start`] with more `[kubernetes]` keys.
+    async fn start_with(prefix: &str, kubernetes: &str) -> Shard {
         assert!(
             std::path::Path::new(BIN).join("postgres").exists(),
             "PostgreSQL 15 is missing: scripts/install-test-deps.sh"
@@ -62,7 +67,7 @@ impl Shard {
             "stringData": {"token": TOKEN, "superuser-password": PASSWORD, "replication-password": "kube-test-replication"}}))
             .await;
         s.create::<ConfigMap>(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "db-config"},
-            "data": {"pgpilot.toml": "[cluster]\nname = \"demo\"\nshard = \"0\"\n\n[postgres]\nallow_networks = [\"127.0.0.0/8\"]\n\n[kubernetes]\nmode = \"on\"\n"}}))
+            "data": {"pgpilot.toml": format!("[cluster]\nname = \"demo\"\nshard = \"0\"\n\n[postgres]\nallow_networks = [\"127.0.0.0/8\"]\n\n[kubernetes]\nmode = \"on\"\n{kubernetes}")}}))
             .await;
         let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
         let env = json!([
@@ -533,6 +538,48 @@ async fn connect(ip: &str) -> Result<tokio_postgres::Client, tokio_postgres::Err
     let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     Ok(client)
+}
+
+/// Synchronous mode: the primary's pod frozen while a probe writes to every pod. Only the
+/// synchronous replica may take over, and the frozen primary, resumed, never acknowledges a
+/// write beside its successor: its commits wait for a standby that now follows someone else
+/// until its agent fences it. Every write acknowledged anywhere is on the new primary.
+#[tokio::test]
+async fn synchronous_mode_a_resumed_frozen_primary_never_writes_beside_its_successor() {
+    let s = Shard::start_with("sync", "synchronous = true\n").await;
+    let old = s.primary(None).await;
+    s.sql(&old)
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE probe (pod text, n int)")
+        .await
+        .unwrap();
+    let named = eventually("a synchronous standby named in the Lease", || async {
+        let lease = s.api::<Lease>().get("demo-0").await.ok()?;
+        let sync = lease.metadata.annotations?.get("pgpilot.io/sync")?.clone();
+        (!sync.is_empty() && !sync.contains(',')).then_some(sync)
+    })
+    .await;
+    let probe = Probe::start(&s, &["db-0", "db-1", "db-2"]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.kubelet.freeze(s.ns(), &old, true).expect("freeze");
+    let new = probe.new_primary(&s, &old).await;
+    assert_eq!(new, named, "only the synchronous standby takes over");
+    // Resumed: whatever its clients had in flight must not be acknowledged.
+    s.kubelet.freeze(s.ns(), &old, false).expect("thaw");
+    eventually("the old primary labelled replica", || async {
+        (s.role(&old).await.as_deref() == Some("replica")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let acked = probe.stop().await;
+    assert_eq!(writers_in_turn(&acked), [old.as_str(), new.as_str()]);
+    assert_eq!(
+        s.rows(&new, "probe").await,
+        Some(acked.len() as i64),
+        "every acknowledged write is on the new primary"
+    );
+    s.ns.cleanup().await.expect("cleanup");
 }
 
 /// Benchmark (benches/failover.sh, `make bench-failover`), not a check: unplanned failover

@@ -84,6 +84,9 @@ struct Loop {
     labelled: Option<&'static str>,
     last_follow: Option<Instant>,
     last_refusal: Option<String>,
+    /// Synchronous mode: the standby Postgres waits for now, and the WAL position when it was
+    /// chosen (the Lease may forget the previous one once this one has flushed past it).
+    sync: Option<(Option<String>, u64)>,
 }
 
 /// Runs until `shutdown`. `renewed_at_start`: the Lease was taken or renewed just before the
@@ -101,6 +104,7 @@ pub async fn run(
         labelled: None,
         last_follow: None,
         last_refusal: None,
+        sync: None,
         lead,
     };
     let mut tick = tokio::time::interval(l.lead.settings.renew_interval);
@@ -158,6 +162,9 @@ impl Loop {
                 match lead.write(&rec, Some(lead.me()), lsn.as_deref()).await {
                     Ok(Write::Done) => {
                         self.renewed = Some(Instant::now());
+                        if lead.settings.synchronous {
+                            self.manage_sync().await;
+                        }
                     }
                     Ok(Write::Conflict) => {
                         return self
@@ -191,6 +198,83 @@ impl Loop {
                 deadline.as_secs()
             );
             self.fence(&why).await;
+        }
+    }
+
+    /// Synchronous mode, on the primary right after a renewal (as Patroni's synchronous_mode,
+    /// with one synchronous standby): Postgres waits for one streaming replica
+    /// (`synchronous_standby_names`), and the Lease names every replica that may hold
+    /// acknowledged commits: a new standby is recorded before Postgres waits on it, and the
+    /// previous one is forgotten only once the new one has flushed past the point of the
+    /// change. Only a named replica may take over. Without any streaming replica, commits
+    /// go asynchronous (and nobody is named).
+    async fn manage_sync(&mut self) {
+        let ctx = self.handle.ctx.clone();
+        let lead = self.lead.clone();
+        let Ok(client) = ctx.monitor.client().await else {
+            return;
+        };
+        let Ok(replicas) = super::sql::replicas(&client).await else {
+            return;
+        };
+        let streaming: Vec<&pgpilot_common::api::ReplicaView> =
+            replicas.iter().filter(|r| r.state == "streaming").collect();
+        let current = self.sync.as_ref().and_then(|(name, _)| name.clone());
+        let want = current
+            .clone()
+            .filter(|c| streaming.iter().any(|r| r.name == *c))
+            .or_else(|| streaming.first().map(|r| r.name.clone()));
+        let rec = lead.record();
+        let recorded = rec.sync_set().unwrap_or_default();
+        if self.sync.is_none() || want != current {
+            let mut named = recorded.clone();
+            named.extend(want.iter().cloned());
+            if named != recorded && !matches!(lead.write_sync(&rec, &named).await, Ok(Write::Done))
+            {
+                return;
+            }
+            let value = want.as_ref().map_or(String::new(), |n| format!("\"{n}\""));
+            // Two statements: ALTER SYSTEM refuses to run inside a (multi-statement) transaction.
+            let alter = format!("ALTER SYSTEM SET synchronous_standby_names = '{value}'");
+            for sql in [alter.as_str(), "SELECT pg_reload_conf()"] {
+                if let Err(e) = client.batch_execute(sql).await {
+                    let why = e
+                        .as_db_error()
+                        .map_or(e.to_string(), |d| d.message().to_string());
+                    tracing::warn!("cannot set synchronous_standby_names: {why}");
+                    return;
+                }
+            }
+            let at = ctx
+                .monitor
+                .status()
+                .await
+                .ok()
+                .and_then(|s| s.current_lsn)
+                .and_then(|l| super::lsn(&l))
+                .unwrap_or(u64::MAX);
+            tracing::info!(
+                standby = want.as_deref().unwrap_or("none: asynchronous"),
+                "synchronous standby"
+            );
+            self.sync = Some((want, at));
+            return;
+        }
+        // The standby is settled: once it has flushed past the change, the record is just it.
+        let (name, at) = self.sync.clone().expect("settled above");
+        let caught_up = match &name {
+            Some(n) => streaming.iter().any(|r| {
+                r.name == *n
+                    && r.flush_lsn
+                        .as_deref()
+                        .and_then(super::lsn)
+                        .is_some_and(|f| f >= at)
+            }),
+            None => true,
+        };
+        let only: std::collections::BTreeSet<String> = name.into_iter().collect();
+        if caught_up && recorded != only {
+            let _ = lead.write_sync(&rec, &only).await;
         }
     }
 
@@ -293,6 +377,16 @@ impl Loop {
             self.last_refusal = None;
             return;
         }
+        // Synchronous mode: only the named replicas hold every acknowledged commit; they are
+        // the only candidates and the only ones compared.
+        let named = rec.sync_set().unwrap_or_default();
+        if lead.settings.synchronous && !named.contains(&ctx.cfg.replication.name) {
+            let named = named.into_iter().collect::<Vec<_>>().join(", ");
+            return self.refuse(format!(
+                "synchronous mode: only a replica the primary named as synchronous ({}) may take over",
+                if named.is_empty() { "none" } else { &named }
+            ));
+        }
         let Some(mine) = snap
             .receiver
             .as_ref()
@@ -302,7 +396,9 @@ impl Loop {
         };
         let mut peers = Vec::new();
         for (name, url) in lead.peers() {
-            if Some(name.as_str()) == rec.holder() {
+            if Some(name.as_str()) == rec.holder()
+                || (lead.settings.synchronous && !named.contains(&name))
+            {
                 continue;
             }
             let client = super::switchover::peer(&url, ctx.api_token.expose());

@@ -27,6 +27,8 @@ pub const LABEL_CLUSTER: &str = "pgpilot.io/cluster";
 pub const LABEL_SHARD: &str = "pgpilot.io/shard";
 pub const LABEL_ROLE: &str = "pgpilot.io/role";
 pub const ANNOTATION_LEADER_LSN: &str = "pgpilot.io/leader-lsn";
+/// Synchronous mode: the replicas that may hold acknowledged commits (comma-separated names).
+pub const ANNOTATION_SYNC: &str = "pgpilot.io/sync";
 
 /// How long one API call may take before the agent treats the API server as unreachable.
 pub const API_CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -70,6 +72,26 @@ impl LeaseRecord {
             .and_then(|l| l.metadata.annotations.as_ref())
             .and_then(|a| a.get(ANNOTATION_LEADER_LSN))
             .and_then(|s| super::lsn(s))
+    }
+}
+
+impl LeaseRecord {
+    /// Synchronous mode: the replicas the primary named as possibly holding acknowledged
+    /// commits; `None` when the annotation is absent.
+    pub fn sync_set(&self) -> Option<std::collections::BTreeSet<String>> {
+        let text = self
+            .lease
+            .as_ref()?
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(ANNOTATION_SYNC)?;
+        Some(
+            text.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+        )
     }
 }
 
@@ -294,6 +316,41 @@ impl KubeLeadership {
                 if holder == Some(self.me()) {
                     v.stepped_down = false;
                 }
+                Ok(Write::Done)
+            }
+            Err(e) if is_conflict(&e) => Ok(Write::Conflict),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Synchronous mode: records `set` in the Lease (guarded by the resourceVersion of `seen`).
+    pub async fn write_sync(
+        &self,
+        seen: &LeaseRecord,
+        set: &std::collections::BTreeSet<String>,
+    ) -> anyhow::Result<Write> {
+        let Some(mut lease) = seen.lease.clone() else {
+            anyhow::bail!(
+                "no Lease {} to record the synchronous replicas in",
+                self.name
+            );
+        };
+        let text = set.iter().cloned().collect::<Vec<_>>().join(",");
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(ANNOTATION_SYNC.into(), text);
+        match timed(
+            self.leases
+                .replace(&self.name, &PostParams::default(), &lease),
+        )
+        .await
+        {
+            Ok(written) => {
+                self.view.lock().expect("lease view").record = LeaseRecord {
+                    lease: Some(written),
+                };
                 Ok(Write::Done)
             }
             Err(e) if is_conflict(&e) => Ok(Write::Conflict),
