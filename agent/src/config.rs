@@ -889,6 +889,76 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_mode_follows_the_pod_environment_and_names_what_is_missing() {
+        fn env<'a>(
+            vars: &'a [(&'static str, &'static str)],
+        ) -> impl Fn(&str) -> Option<String> + 'a {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        }
+        let pod = [
+            ("KUBERNETES_SERVICE_HOST", "10.0.0.1"),
+            ("POD_NAME", "db-0"),
+            ("POD_NAMESPACE", "prod"),
+        ];
+        let section = KubernetesSection::default;
+        // auto: on inside a pod, off elsewhere (a laptop has HOSTNAME but no API server).
+        let k = kubernetes_settings(KubernetesMode::Auto, section(), env(&pod))
+            .unwrap()
+            .expect("on in a pod");
+        assert_eq!(
+            (k.pod_name.as_str(), k.namespace.as_str()),
+            ("db-0", "prod")
+        );
+        assert_eq!(k.lease_duration, std::time::Duration::from_secs(8));
+        assert!(!k.synchronous);
+        let laptop = [("HOSTNAME", "laptop")];
+        assert!(
+            kubernetes_settings(KubernetesMode::Auto, section(), env(&laptop))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            kubernetes_settings(KubernetesMode::Off, section(), env(&pod))
+                .unwrap()
+                .is_none()
+        );
+        // on, without a namespace: the error says where it comes from (unless the service
+        // account's namespace file exists, as inside a real pod).
+        if !Path::new("/var/run/secrets/kubernetes.io/serviceaccount/namespace").exists() {
+            let e = kubernetes_settings(KubernetesMode::On, section(), env(&laptop))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("kubernetes.namespace") && e.contains("POD_NAMESPACE"),
+                "{e}"
+            );
+        }
+        // A fence that could come after the expiry is refused, naming the three keys.
+        let s = file("[kubernetes]\nrenew_deadline_secs = 9\nlease_duration_secs = 8\n").kubernetes;
+        let e = kubernetes_settings(KubernetesMode::On, s, env(&pod))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("renew_deadline_secs (9)") && e.contains("lease_duration_secs (8)"),
+            "{e}"
+        );
+        let s = file("[kubernetes]\nrenew_interval_secs = 0\n").kubernetes;
+        let e = kubernetes_settings(KubernetesMode::On, s, env(&pod))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("renew_interval_secs"), "{e}");
+        // Unknown keys are refused by name.
+        let e = toml::from_str::<FileConfig>("[kubernetes]\nlease_secs = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lease_secs"), "{e}");
+    }
+
+    #[test]
     fn flags_win_over_file_and_defaults_apply() {
         let args = RunArgs {
             postgres_port: Some(6000),
