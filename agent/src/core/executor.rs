@@ -533,6 +533,12 @@ impl Executor {
                 false,
             );
         }
+        // The synchronous standby (Kubernetes synchronous mode) is chosen afresh by the running
+        // primary's agent; one left from an earlier life (or copied by a clone) would make the
+        // first commit wait for a standby that may never connect.
+        if let Err(e) = conf::forget_auto_setting(&cfg.data_dir, "synchronous_standby_names") {
+            tracing::warn!("cannot clear synchronous_standby_names from postgresql.auto.conf: {e}");
+        }
         match Postmaster::spawn(&ctx.bins, &cfg.data_dir, ctx.owner.as_ref(), &ctx.pg_log) {
             Ok(pm) => {
                 self.runtime.postmaster_pid = Some(pm.pid());

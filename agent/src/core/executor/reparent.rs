@@ -303,6 +303,17 @@ impl Executor {
             .await
             .map_err(|e| AgentError::Failed(format!("promote: {e}")))?;
         ctx.leadership.may_promote().map_err(AgentError::Refused)?;
+        // A synchronous standby inherited from the old primary (a clone copies
+        // postgresql.auto.conf) would hold this primary's first commits for a standby that may
+        // never connect: the new primary's agent chooses its own once it runs.
+        for sql in [
+            "ALTER SYSTEM RESET synchronous_standby_names",
+            "SELECT pg_reload_conf()",
+        ] {
+            if let Err(e) = client.batch_execute(sql).await {
+                tracing::warn!("promote: {sql}: {e}");
+            }
+        }
         tracing::info!("promoting");
         let promoted = rsql::promote(&client, 60)
             .await
