@@ -202,7 +202,7 @@ impl Shard {
             .to_string()
     }
 
-    async fn sql(&self, pod: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    async fn sql(&self, pod: &str) -> Result<tokio_postgres::Client, String> {
         connect(&self.ip(pod)).await
     }
 
@@ -279,6 +279,11 @@ async fn frozen_then_cut_off_primaries_are_replaced_and_rejoin() {
 
     let frozen_at = Instant::now();
     s.kubelet.freeze(s.ns(), &old, true).expect("freeze");
+    // The whole pod is frozen, Postgres included (it runs in a process group of its own).
+    assert!(
+        s.sql(&old).await.is_err(),
+        "the frozen pod's Postgres still answers"
+    );
     let new = s.primary(Some(&old)).await;
     assert!(replicas.contains(&new), "{new} took over");
     // First committed write on the new primary.
@@ -527,7 +532,7 @@ impl Probe {
     }
 }
 
-async fn connect(ip: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+async fn connect(ip: &str) -> Result<tokio_postgres::Client, String> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(ip)
         .port(5432)
@@ -535,7 +540,13 @@ async fn connect(ip: &str) -> Result<tokio_postgres::Client, tokio_postgres::Err
         .password(PASSWORD)
         .dbname("postgres")
         .connect_timeout(Duration::from_secs(2));
-    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+    // connect_timeout bounds the TCP connect only: a frozen server accepts (the kernel does)
+    // and never answers the startup message.
+    let (client, conn) =
+        tokio::time::timeout(Duration::from_secs(3), cfg.connect(tokio_postgres::NoTls))
+            .await
+            .map_err(|_| format!("{ip}:5432 did not answer within 3 s"))?
+            .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     Ok(client)
 }

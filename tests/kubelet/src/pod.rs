@@ -84,13 +84,21 @@ impl PodRt {
         out
     }
 
-    /// Sends `sig` to every running container's process group.
+    /// Sends `sig` to every running container's process group, and to every process below it
+    /// that moved to a group of its own (the agent runs its postmaster in one): a frozen or
+    /// crashed node stops every process of the pod, as the cgroup freezer does.
     pub fn signal(&self, container: Option<&str>, sig: Signal) -> usize {
         let cs = self.containers.lock().unwrap_or_else(|p| p.into_inner());
         cs.iter()
             .filter(|c| container.is_none_or(|n| n == c.name))
             .filter_map(|c| c.pid)
-            .filter(|pid| killpg(Pid::from_raw(*pid), sig).is_ok())
+            .filter(|pid| {
+                let hit = killpg(Pid::from_raw(*pid), sig).is_ok();
+                for d in descendants(*pid) {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(d), sig);
+                }
+                hit
+            })
             .count()
     }
 
@@ -1313,6 +1321,38 @@ pub(crate) async fn record_event(
         }
         Err(e) => tracing::debug!("event {reason}: {e}"),
     }
+}
+
+/// Every process below `root` (children, their children, …), from /proc.
+fn descendants(root: i32) -> Vec<i32> {
+    let mut parent_of = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            // /proc/<pid>/stat: "pid (comm) state ppid …"; comm may hold spaces and parens.
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if let Some(ppid) = ppid {
+                parent_of.push((pid, ppid));
+            }
+        }
+    }
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        found.extend(parent_of.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    found.remove(0);
+    found
 }
 
 #[cfg(test)]
