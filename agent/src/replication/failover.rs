@@ -60,7 +60,7 @@ pub fn may_take_over(
 }
 
 /// What a replica has of the WAL: the furthest of received and replayed.
-fn wal_position(receive: Option<&str>, replay: Option<&str>) -> Option<u64> {
+pub fn wal_position(receive: Option<&str>, replay: Option<&str>) -> Option<u64> {
     let r = receive.and_then(super::lsn);
     let p = replay.and_then(super::lsn);
     r.max(p)
@@ -234,16 +234,9 @@ impl Loop {
                 return;
             }
             let value = want.as_ref().map_or(String::new(), |n| format!("\"{n}\""));
-            // Two statements: ALTER SYSTEM refuses to run inside a (multi-statement) transaction.
-            let alter = format!("ALTER SYSTEM SET synchronous_standby_names = '{value}'");
-            for sql in [alter.as_str(), "SELECT pg_reload_conf()"] {
-                if let Err(e) = client.batch_execute(sql).await {
-                    let why = e
-                        .as_db_error()
-                        .map_or(e.to_string(), |d| d.message().to_string());
-                    tracing::warn!("cannot set synchronous_standby_names: {why}");
-                    return;
-                }
+            if let Err(why) = super::sql::set_synchronous_standby(&client, Some(&value)).await {
+                tracing::warn!("cannot set synchronous_standby_names: {why}");
+                return;
             }
             let at = ctx
                 .monitor

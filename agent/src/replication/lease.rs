@@ -65,17 +65,6 @@ impl LeaseRecord {
             .and_then(|l| l.metadata.resource_version.as_deref())
     }
 
-    /// The WAL position the holder published at its last renewal.
-    pub fn leader_lsn(&self) -> Option<u64> {
-        self.lease
-            .as_ref()
-            .and_then(|l| l.metadata.annotations.as_ref())
-            .and_then(|a| a.get(ANNOTATION_LEADER_LSN))
-            .and_then(|s| super::lsn(s))
-    }
-}
-
-impl LeaseRecord {
     /// Synchronous mode: the replicas the primary named as possibly holding acknowledged
     /// commits; `None` when the annotation is absent.
     pub fn sync_set(&self) -> Option<std::collections::BTreeSet<String>> {
@@ -92,6 +81,15 @@ impl LeaseRecord {
                 .map(str::to_string)
                 .collect(),
         )
+    }
+
+    /// The WAL position the holder published at its last renewal.
+    pub fn leader_lsn(&self) -> Option<u64> {
+        self.lease
+            .as_ref()
+            .and_then(|l| l.metadata.annotations.as_ref())
+            .and_then(|a| a.get(ANNOTATION_LEADER_LSN))
+            .and_then(|s| super::lsn(s))
     }
 }
 
@@ -297,25 +295,28 @@ impl KubeLeadership {
             }
             None => {}
         }
-        let result = match seen.lease {
-            None => timed(self.leases.create(&PostParams::default(), &lease)).await,
-            Some(_) => {
-                timed(
-                    self.leases
-                        .replace(&self.name, &PostParams::default(), &lease),
-                )
-                .await
-            }
+        let create = seen.lease.is_none();
+        let written = self.put(&lease, create).await?;
+        if written == Write::Done && holder == Some(self.me()) {
+            self.view.lock().expect("lease view").stepped_down = false;
+        }
+        Ok(written)
+    }
+
+    /// Creates or replaces (guarded by the resourceVersion `lease` carries) the Lease; on
+    /// success the view holds what the server wrote.
+    async fn put(&self, lease: &Lease, create: bool) -> anyhow::Result<Write> {
+        let pp = PostParams::default();
+        let result = if create {
+            timed(self.leases.create(&pp, lease)).await
+        } else {
+            timed(self.leases.replace(&self.name, &pp, lease)).await
         };
         match result {
             Ok(written) => {
-                let mut v = self.view.lock().expect("lease view");
-                v.record = LeaseRecord {
+                self.view.lock().expect("lease view").record = LeaseRecord {
                     lease: Some(written),
                 };
-                if holder == Some(self.me()) {
-                    v.stepped_down = false;
-                }
                 Ok(Write::Done)
             }
             Err(e) if is_conflict(&e) => Ok(Write::Conflict),
@@ -341,21 +342,7 @@ impl KubeLeadership {
             .annotations
             .get_or_insert_with(BTreeMap::new)
             .insert(ANNOTATION_SYNC.into(), text);
-        match timed(
-            self.leases
-                .replace(&self.name, &PostParams::default(), &lease),
-        )
-        .await
-        {
-            Ok(written) => {
-                self.view.lock().expect("lease view").record = LeaseRecord {
-                    lease: Some(written),
-                };
-                Ok(Write::Done)
-            }
-            Err(e) if is_conflict(&e) => Ok(Write::Conflict),
-            Err(e) => Err(e),
-        }
+        self.put(&lease, false).await
     }
 
     /// Labels this pod `pgpilot.io/role=<role>` (a merge patch of its labels only).

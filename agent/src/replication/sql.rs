@@ -146,3 +146,23 @@ impl From<&Slot> for SlotView {
         }
     }
 }
+
+/// Sets (`Some`, a `synchronous_standby_names` value) or resets (`None`) the synchronous
+/// standby with `ALTER SYSTEM`, then reloads. Two statements: ALTER SYSTEM refuses to run
+/// inside the transaction a multi-statement query opens. Works on a standby too.
+pub async fn set_synchronous_standby(client: &Client, value: Option<&str>) -> Result<(), String> {
+    let alter = match value {
+        Some(v) => format!(
+            "ALTER SYSTEM SET synchronous_standby_names = '{}'",
+            v.replace('\'', "''")
+        ),
+        None => "ALTER SYSTEM RESET synchronous_standby_names".to_string(),
+    };
+    for sql in [alter.as_str(), "SELECT pg_reload_conf()"] {
+        client.batch_execute(sql).await.map_err(|e| {
+            e.as_db_error()
+                .map_or(e.to_string(), |d| d.message().to_string())
+        })?;
+    }
+    Ok(())
+}

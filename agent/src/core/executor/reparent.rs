@@ -306,13 +306,8 @@ impl Executor {
         // A synchronous standby inherited from the old primary (a clone copies
         // postgresql.auto.conf) would hold this primary's first commits for a standby that may
         // never connect: the new primary's agent chooses its own once it runs.
-        for sql in [
-            "ALTER SYSTEM RESET synchronous_standby_names",
-            "SELECT pg_reload_conf()",
-        ] {
-            if let Err(e) = client.batch_execute(sql).await {
-                tracing::warn!("promote: {sql}: {e}");
-            }
+        if let Err(e) = rsql::set_synchronous_standby(&client, None).await {
+            tracing::warn!("promote: cannot reset synchronous_standby_names: {e}");
         }
         tracing::info!("promoting");
         let promoted = rsql::promote(&client, 60)
@@ -446,11 +441,8 @@ impl Executor {
         }
         let client = self.ctx.monitor.client().await.ok()?;
         let r = rsql::receiver(&client).await.ok()?;
-        let end = [r.receive_lsn, r.replay_lsn]
-            .iter()
-            .flatten()
-            .filter_map(|l| replication::lsn(l))
-            .max()?;
+        let end =
+            replication::failover::wal_position(r.receive_lsn.as_deref(), r.replay_lsn.as_deref())?;
         (end > switchpoint).then(|| {
             format!(
                 "this replica has WAL up to {}, past {} where the primary's timeline {} left timeline {}",
