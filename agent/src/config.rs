@@ -282,6 +282,9 @@ pub struct ReplicationSection {
     pub slot_grace_secs: u64,
     /// A replica is ready (`/readyz`) only while streaming with at most this lag, in bytes.
     pub max_lag_bytes: u64,
+    /// How long a drain waits for a replica to take over and for the archive before it fails
+    /// (or, with `force`, stops the only writer), in seconds.
+    pub drain_timeout_secs: u64,
 }
 
 impl Default for ReplicationSection {
@@ -294,6 +297,7 @@ impl Default for ReplicationSection {
             advertise_host: None,
             slot_grace_secs: 1800,
             max_lag_bytes: 16 * 1024 * 1024,
+            drain_timeout_secs: 300,
         }
     }
 }
@@ -310,6 +314,7 @@ pub struct Replication {
     pub advertise_host: String,
     pub slot_grace: std::time::Duration,
     pub max_lag_bytes: u64,
+    pub drain_timeout: std::time::Duration,
 }
 
 /// `[cluster]`: names used in the object-store layout.
@@ -844,6 +849,7 @@ fn replication_settings(
         advertise_host,
         slot_grace: std::time::Duration::from_secs(file.slot_grace_secs),
         max_lag_bytes: file.max_lag_bytes,
+        drain_timeout: std::time::Duration::from_secs(file.drain_timeout_secs),
     })
 }
 

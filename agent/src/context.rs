@@ -40,6 +40,8 @@ pub struct Context {
     pub started_at: Instant,
     /// Who the shard's primary is (standalone: the state dir's record; Kubernetes: the Lease).
     pub leadership: Arc<dyn crate::replication::Leadership>,
+    /// Kubernetes mode: the Lease, this pod's labels and annotations, Events.
+    pub kube: Option<Arc<crate::replication::lease::KubeLeadership>>,
 }
 
 impl Context {
@@ -47,6 +49,13 @@ impl Context {
     pub fn with_leadership(mut self, leadership: Arc<dyn crate::replication::Leadership>) -> Self {
         self.leadership = leadership;
         self
+    }
+
+    /// Kubernetes mode: the Lease leads, and the pod carries the drain handshake.
+    pub fn with_kube(self, kube: Arc<crate::replication::lease::KubeLeadership>) -> Self {
+        let mut ctx = self.with_leadership(kube.clone());
+        ctx.kube = Some(kube);
+        ctx
     }
 
     /// This instance is its shard's primary, as [`Context::leadership`] records it.
@@ -71,6 +80,7 @@ impl Context {
         let leadership = Arc::new(crate::replication::StaticLeadership::load(&cfg));
         Context {
             leadership,
+            kube: None,
             cfg,
             bins,
             owner,

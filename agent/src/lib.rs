@@ -9,6 +9,7 @@ pub mod archive;
 pub mod config;
 pub mod context;
 pub mod core;
+pub mod drain;
 pub mod error;
 pub mod files;
 pub mod http;
@@ -137,7 +138,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         fetcher,
     );
     let ctx = Arc::new(match &kube {
-        Some((lead, _)) => ctx.with_leadership(lead.clone()),
+        Some((lead, _)) => ctx.with_kube(lead.clone()),
         None => ctx,
     });
     let begin = match (data_state, initial_restore) {
@@ -160,6 +161,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tokio::spawn(announce_when_running(handle.clone()));
     if let Some((lead, held)) = kube {
+        tokio::spawn(drain::watch_annotation(
+            handle.clone(),
+            lead.clone(),
+            shutdown.clone(),
+        ));
         tokio::spawn(replication::failover::run(
             handle.clone(),
             lead,

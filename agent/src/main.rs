@@ -109,6 +109,27 @@ enum Command {
         #[arg(long)]
         primary: Option<String>,
     },
+    /// Drain this instance before its pod goes (the preStop hook runs `drain --wait`): it stops
+    /// competing for leadership, a primary switches over to its best replica, WAL is archived
+    /// to the stop point, Postgres stops. Exit codes: 0 drained, 1 the agent could not be
+    /// asked, 2 the drain failed or was cancelled, 3 --timeout ran out while still draining.
+    Drain {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Follow the drain until it ends (or --timeout runs out), showing its steps.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after this many seconds (the drain goes on). Also the
+        /// drain's own timeout when it begins here.
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Stop the only writer when no replica can take over in time (after archiving).
+        #[arg(long)]
+        force: bool,
+        /// Cancel the drain under way instead (before it stops Postgres).
+        #[arg(long, conflicts_with_all = ["wait", "force", "timeout"])]
+        cancel: bool,
+    },
     /// Print the OpenAPI document of the agent's HTTP API.
     Openapi,
     /// archive_command: archive one WAL file (`%p`); exit 0 only once stored and verified.
@@ -252,7 +273,10 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // The whole cause chain on one line, no backtrace: these are user-facing errors.
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            match e.downcast_ref::<pgpilot_agent::drain::cli::Unfinished>() {
+                Some(u) => std::process::ExitCode::from(u.code),
+                None => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -364,6 +388,40 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Openapi => {
             print!("{}", pgpilot_agent::http::openapi::document());
+            Ok(())
+        }
+        Command::Drain {
+            api,
+            wait,
+            timeout,
+            force,
+            cancel,
+        } => {
+            let client = api.client(true)?;
+            if cancel {
+                let st = client.cancel_drain().await.context("cancel the drain")?;
+                println!("drain cancelled: {}", st.message);
+                return Ok(());
+            }
+            let req = pgpilot_common::api::DrainRequest {
+                force,
+                timeout_secs: timeout,
+            };
+            let st = pgpilot_agent::drain::cli::drain(
+                &client,
+                &req,
+                wait,
+                timeout.map(std::time::Duration::from_secs),
+            )
+            .await?;
+            match st.state {
+                pgpilot_common::state::DrainState::Drained => println!("{}", st.message),
+                _ => println!(
+                    "draining ({}): {}",
+                    st.step.as_deref().unwrap_or("-"),
+                    st.message
+                ),
+            }
             Ok(())
         }
         Command::Switchover { api, to } => {

@@ -6,7 +6,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry,
 };
 
-use pgpilot_common::state::AgentState;
+use pgpilot_common::state::{AgentState, DrainState};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -46,6 +46,10 @@ pub struct ReplicationMetrics {
     pub last_transition: Gauge,
     pub fences: IntCounter,
     pub failovers: IntCounter,
+    /// The drain handshake: 1 for the current drain state.
+    pub drain_state: IntGaugeVec,
+    pub drains: IntCounterVec,
+    pub drain_duration: Histogram,
 }
 
 impl ReplicationMetrics {
@@ -157,6 +161,54 @@ impl ReplicationMetrics {
                 )
                 .expect("static metric"),
             ),
+            drain_state: {
+                let v = reg(
+                    registry,
+                    IntGaugeVec::new(
+                        Opts::new(
+                            "pgpilot_drain_state",
+                            "The drain handshake: 1 for the current state (Running, Draining, Drained); alert on Draining for longer than the drain timeout",
+                        ),
+                        &["state"],
+                    )
+                    .expect("static metric"),
+                );
+                for name in DrainState::NAMES {
+                    v.with_label_values(&[name])
+                        .set(i64::from(*name == DrainState::Running.name()));
+                }
+                v
+            },
+            drains: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "pgpilot_drains_total",
+                        "Drains of this instance by outcome (finished, failed, cancelled); alert on failed",
+                    ),
+                    &["outcome"],
+                )
+                .expect("static metric"),
+            ),
+            drain_duration: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "pgpilot_drain_duration_seconds",
+                        "From the start of a drain to its end (finished, failed or cancelled)",
+                    )
+                    .buckets(vec![0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0]),
+                )
+                .expect("static metric"),
+            ),
+        }
+    }
+
+    pub fn set_drain_state(&self, current: DrainState) {
+        for name in DrainState::NAMES {
+            self.drain_state
+                .with_label_values(&[name])
+                .set(i64::from(*name == current.name()));
         }
     }
 }

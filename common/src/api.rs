@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{AgentState, Operation, Role};
+use crate::state::{AgentState, DrainState, Operation, Role};
 
 /// The one error body every route returns on failure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -62,6 +62,9 @@ pub struct StatusResponse {
     /// Role in the shard, LSNs, lag, and on a primary its replicas and slots.
     #[serde(default)]
     pub replication: Option<ReplicationStatus>,
+    /// The drain handshake: `Running` unless this instance is leaving or has left.
+    #[serde(default)]
+    pub drain: DrainStatus,
 }
 
 /// How to shut Postgres down (`pg_ctl -m`).
@@ -478,6 +481,56 @@ pub struct RegisterReplicaResponse {
 pub struct TimelineSwitch {
     pub timeline: u32,
     pub switchpoint: String,
+}
+
+/// `POST /v1/drain`: start (or join) the drain of this instance (all fields optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// When no replica can take over within the timeout, stop the only writer anyway (after
+    /// archiving its WAL) instead of failing the drain.
+    #[serde(default)]
+    pub force: bool,
+    /// How long the drain may wait for a replica to take over and for the archive, in seconds;
+    /// absent: `[replication] drain_timeout_secs`.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// The drain handshake of this instance (`GET /v1/drain`, `/v1/status` `drain`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DrainStatus {
+    pub state: DrainState,
+    /// The step in progress or the last one: `acknowledged`, `archiving`, `switching over`,
+    /// `stopping`, `finished`, `failed` or `cancelled`.
+    #[serde(default)]
+    pub step: Option<String>,
+    /// Progress or the outcome, in words (also the pod's `pgpilot.io/drain-message`).
+    #[serde(default)]
+    pub message: String,
+    /// Who asked: `api` or `annotation`.
+    #[serde(default)]
+    pub requested_by: Option<String>,
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default)]
+    pub timeout_secs: u64,
+    /// RFC 3339.
+    #[serde(default)]
+    pub started_at: Option<String>,
+    /// RFC 3339, once drained, failed or cancelled.
+    #[serde(default)]
+    pub finished_at: Option<String>,
+    /// Why the last drain failed (the instance is a normal member again).
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The instance that took over leadership, when this one was the primary.
+    #[serde(default)]
+    pub new_primary: Option<String>,
+    /// The last WAL file archived before Postgres stopped (a `.partial` when the drain stopped
+    /// the only writer).
+    #[serde(default)]
+    pub last_archived: Option<String>,
 }
 
 /// `POST /v1/switchover`.

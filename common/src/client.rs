@@ -7,11 +7,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::{
-    BackupList, BackupProgress, BackupRequest, ErrorBody, FollowRequest, LifecycleResponse,
-    RegisterReplicaRequest, RegisterReplicaResponse, ReinitializeRequest, ReloadResponse,
-    ReparentResponse, RestoreAccepted, RestoreRequest, ShutdownRequest, StatusResponse,
-    SwitchoverRequest, SwitchoverResponse, WalFetchRequest, WalFetchResponse, WalPushRequest,
-    WalPushResponse,
+    BackupList, BackupProgress, BackupRequest, DrainRequest, DrainStatus, ErrorBody, FollowRequest,
+    LifecycleResponse, RegisterReplicaRequest, RegisterReplicaResponse, ReinitializeRequest,
+    ReloadResponse, ReparentResponse, RestoreAccepted, RestoreRequest, ShutdownRequest,
+    StatusResponse, SwitchoverRequest, SwitchoverResponse, WalFetchRequest, WalFetchResponse,
+    WalPushRequest, WalPushResponse,
 };
 
 /// What a call to the agent can end in, besides success.
@@ -159,6 +159,20 @@ impl AgentClient {
         req: &ReinitializeRequest,
     ) -> Result<ReparentResponse, ClientError> {
         self.call(Method::POST, "/v1/reinitialize", Some(req)).await
+    }
+
+    /// Starts (or joins) the drain of this instance; answers at once with its status.
+    pub async fn drain(&self, req: &DrainRequest) -> Result<DrainStatus, ClientError> {
+        self.call(Method::POST, "/v1/drain", Some(req)).await
+    }
+
+    pub async fn drain_status(&self) -> Result<DrainStatus, ClientError> {
+        self.call(Method::GET, "/v1/drain", None::<&()>).await
+    }
+
+    /// Cancels a drain that has not finished: the instance becomes a normal member again.
+    pub async fn cancel_drain(&self) -> Result<DrainStatus, ClientError> {
+        self.call(Method::DELETE, "/v1/drain", None::<&()>).await
     }
 
     async fn call<B: Serialize, T: DeserializeOwned>(

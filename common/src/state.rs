@@ -104,6 +104,44 @@ impl fmt::Display for AgentState {
     }
 }
 
+/// Where this instance stands in the drain handshake (shared/DESIGN.md, "Drain handshake"):
+/// a normal member, leaving (it refuses leadership and evacuates it), or gone (leadership
+/// evacuated, WAL archived to the stop point, Postgres stopped). A failed or cancelled drain
+/// returns to `Running`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+    strum::Display,
+)]
+pub enum DrainState {
+    /// A normal member of its shard.
+    #[default]
+    Running,
+    /// Leaving: no longer a candidate for leadership; a primary switches over, WAL is archived,
+    /// then Postgres stops.
+    Draining,
+    /// Gone: the pod may be deleted. Postgres stays stopped until the agent restarts.
+    Drained,
+}
+
+impl DrainState {
+    pub fn name(&self) -> &'static str {
+        self.into()
+    }
+
+    /// Every state name, for the metric that exports one series per state.
+    pub const NAMES: &'static [&'static str] = <DrainState as strum::VariantNames>::VARIANTS;
+}
+
 /// The kinds of long operation the agent carries out, one at a time. Replication adds
 /// switchover, the drain handshake adds drain.
 #[derive(

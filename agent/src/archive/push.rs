@@ -236,17 +236,31 @@ impl WalArchiver {
         fut
     }
 
+    /// Archives the file `file` of pg_wal under the WAL name `name` (a drain's last segment as
+    /// `<segment>.partial`), with the same create-only put and check as every push.
+    pub async fn push_as(&self, file: &str, name: &str) -> Result<WalPushResponse, PushError> {
+        if !is_wal_name(name) || !is_wal_name(file) {
+            return Err(PushError::InvalidName(format!(
+                "{file:?} as {name:?}: not WAL file names"
+            )));
+        }
+        self.upload_file(&self.pg_wal.join(file), name).await
+    }
+
     async fn upload(&self, name: &str) -> Result<WalPushResponse, PushError> {
+        self.upload_file(&self.pg_wal.join(name), name).await
+    }
+
+    async fn upload_file(&self, path: &Path, name: &str) -> Result<WalPushResponse, PushError> {
         let _permit = self
             .permits
             .acquire()
             .await
             .map_err(|_| PushError::Failed("archiver closed".into()))?;
         let started = Instant::now();
-        let path = self.pg_wal.join(name);
         let key = self.layout.wal_key(name);
         let m = &self.metrics;
-        let outcome = self.store.put_file(&key, &path, PutMode::CreateOnly).await;
+        let outcome = self.store.put_file(&key, path, PutMode::CreateOnly).await;
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {

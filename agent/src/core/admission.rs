@@ -4,7 +4,7 @@
 //! command, and `README` table is generated from the same function (see `readme_table`).
 
 use pgpilot_common::api::ShutdownMode;
-use pgpilot_common::state::{AgentState, OperationKind, Role};
+use pgpilot_common::state::{AgentState, DrainState, OperationKind, Role};
 
 use crate::error::AgentError;
 
@@ -20,6 +20,8 @@ pub struct InFlight {
 pub struct Situation {
     pub state: AgentState,
     pub in_flight: Option<InFlight>,
+    /// The drain handshake: a draining instance takes no leadership and no new work.
+    pub drain: DrainState,
 }
 
 /// A request, without its reply channel.
@@ -49,6 +51,8 @@ pub enum Command {
     Follow,
     Switchover,
     Reinitialize,
+    /// Start (or join) the drain of this instance.
+    Drain,
 }
 
 /// What the executor does for an admitted command.
@@ -81,6 +85,8 @@ pub enum Step {
     Switchover,
     /// Stop Postgres, empty the data dir, clone the primary again.
     Reinitialize,
+    /// Begin the drain (or answer with the one under way).
+    Drain,
 }
 
 impl Step {
@@ -100,6 +106,7 @@ impl Step {
             Step::Follow => "follow",
             Step::Switchover => "switchover",
             Step::Reinitialize => "reinitialize",
+            Step::Drain => "drain",
         }
     }
 }
@@ -124,7 +131,58 @@ pub fn admit(s: &Situation, cmd: &Command) -> Result<Step, AgentError> {
     };
     let not_yet = |what: &str| format!("the agent is not ready for {what} yet");
     use AgentState as S;
+    // A leaving instance: no leadership, no new work; only what the drain itself needs.
+    match (s.drain, cmd) {
+        (DrainState::Running, _) | (_, Command::Drain) => {}
+        (DrainState::Draining, Command::Promote) => {
+            return refuse(
+                "this instance is draining: it does not take leadership; cancel the drain (DELETE /v1/drain) first"
+                    .into(),
+            );
+        }
+        (
+            DrainState::Draining,
+            Command::Start
+            | Command::Restart { .. }
+            | Command::Restore { .. }
+            | Command::Backup
+            | Command::Reinitialize,
+        ) => {
+            return refuse(
+                "this instance is draining: it takes no new work; cancel the drain (DELETE /v1/drain) first"
+                    .into(),
+            );
+        }
+        (DrainState::Draining, _) => {}
+        (DrainState::Drained, Command::Stop { .. } | Command::Reload | Command::Demote) => {}
+        (DrainState::Drained, _) => {
+            return refuse(
+                "this instance is drained: it takes no new work until its agent restarts (delete the pod, or restart pgpilot-agent)"
+                    .into(),
+            );
+        }
+    }
     match cmd {
+        Command::Drain => {
+            if let Some(m) = restore_msg(restore) {
+                return refuse(format!("{m}; drain once it is done"));
+            }
+            if let Some(op) = busy.filter(|op| op.kind == OperationKind::Clone) {
+                return refuse(format!(
+                    "clone {} is in progress; drain once it is done",
+                    op.id
+                ));
+            }
+            match st {
+                S::Running { .. } | S::Stopped | S::Failed { .. } => Ok(Step::Drain),
+                S::Starting | S::Stopping => {
+                    refuse(format!("Postgres is {st}; retry once it settles"))
+                }
+                S::Initializing | S::Bootstrapping { .. } | S::Restoring | S::Recovering => {
+                    refuse(not_yet("a drain"))
+                }
+            }
+        }
         Command::Backup => {
             if let Some(op) = busy {
                 return refuse(match op.kind {
@@ -350,6 +408,7 @@ pub fn sample_situations() -> Vec<(&'static str, Situation)> {
     let at = |state: AgentState| Situation {
         state,
         in_flight: None,
+        drain: DrainState::Running,
     };
     let with = |state: AgentState, kind: OperationKind| Situation {
         state,
@@ -357,6 +416,12 @@ pub fn sample_situations() -> Vec<(&'static str, Situation)> {
             kind,
             id: "B1".into(),
         }),
+        drain: DrainState::Running,
+    };
+    let leaving = |state: AgentState, drain: DrainState| Situation {
+        state,
+        in_flight: None,
+        drain,
     };
     let primary = AgentState::Running {
         role: Role::Primary,
@@ -396,6 +461,28 @@ pub fn sample_situations() -> Vec<(&'static str, Situation)> {
             at(AgentState::Failed {
                 reason: "crash".into(),
             }),
+        ),
+        (
+            "Running(Primary), draining",
+            leaving(
+                AgentState::Running {
+                    role: Role::Primary,
+                },
+                DrainState::Draining,
+            ),
+        ),
+        (
+            "Running(Replica), draining",
+            leaving(
+                AgentState::Running {
+                    role: Role::Replica,
+                },
+                DrainState::Draining,
+            ),
+        ),
+        (
+            "Stopped, drained",
+            leaving(AgentState::Stopped, DrainState::Drained),
         ),
     ]
 }
@@ -466,6 +553,7 @@ pub fn sample_commands() -> Vec<(&'static str, Command)> {
         ("follow", Command::Follow),
         ("switchover", Command::Switchover),
         ("reinitialize", Command::Reinitialize),
+        ("drain", Command::Drain),
     ]
 }
 
@@ -636,6 +724,45 @@ mod tests {
             "restore",
             "409:running primary",
         ],
+        // Running(Primary), draining
+        [
+            "stop",
+            "stop",
+            "409:draining",
+            "409:draining",
+            "reload",
+            "409:draining",
+            "409:draining",
+            "409:draining",
+            "409:draining",
+            "409:draining",
+        ],
+        // Running(Replica), draining
+        [
+            "stop",
+            "stop",
+            "409:draining",
+            "409:draining",
+            "reload",
+            "409:draining",
+            "409:draining",
+            "409:draining",
+            "409:draining",
+            "409:draining",
+        ],
+        // Stopped, drained
+        [
+            "409:already stopped",
+            "409:already stopped",
+            "409:drained",
+            "409:drained",
+            "409:not running",
+            "409:drained",
+            "409:drained",
+            "409:drained",
+            "409:drained",
+            "409:drained",
+        ],
     ];
 
     /// The replication columns: register, promote, demote, follow, switchover, reinitialize.
@@ -739,6 +866,52 @@ mod tests {
             "409:needs a running primary",
             "reinitialize",
         ],
+        // Running(Primary), draining: it still serves its replicas and switches over.
+        [
+            "register",
+            "409:does not take leadership",
+            "demote",
+            "409:demote it first",
+            "switchover",
+            "409:draining",
+        ],
+        // Running(Replica), draining: it keeps following, never leads.
+        [
+            "409:register with a running primary",
+            "409:does not take leadership",
+            "409:runs on the shard's primary",
+            "follow",
+            "409:runs on the shard's primary",
+            "409:draining",
+        ],
+        // Stopped, drained
+        [
+            "409:drained",
+            "409:drained",
+            "409:needs a running primary",
+            "409:drained",
+            "409:drained",
+            "409:drained",
+        ],
+    ];
+
+    /// The drain column: refused only while a restore or the bootstrap is under way, or while
+    /// Postgres is between states; a drain under way is joined.
+    const EXPECTED_DRAIN: &[&str] = &[
+        "409:not ready",
+        "409:not ready",
+        "409:restore of backup B1",
+        "409:retry once it settles",
+        "409:restore of backup B1",
+        "drain",
+        "drain",
+        "drain",
+        "409:retry once it settles",
+        "drain",
+        "drain",
+        "drain",
+        "drain",
+        "drain",
     ];
 
     #[test]
@@ -758,10 +931,23 @@ mod tests {
             EXPECTED_REPARENT.len(),
             "one row per situation"
         );
-        for (((row, s), expected), reparent) in
-            situations.iter().zip(EXPECTED).zip(EXPECTED_REPARENT)
+        assert_eq!(
+            situations.len(),
+            EXPECTED_DRAIN.len(),
+            "one row per situation"
+        );
+        for ((((row, s), expected), reparent), drain) in situations
+            .iter()
+            .zip(EXPECTED)
+            .zip(EXPECTED_REPARENT)
+            .zip(EXPECTED_DRAIN)
         {
-            let expected: Vec<&str> = expected.iter().chain(reparent.iter()).copied().collect();
+            let expected: Vec<&str> = expected
+                .iter()
+                .chain(reparent.iter())
+                .chain(std::iter::once(drain))
+                .copied()
+                .collect();
             assert_eq!(commands.len(), expected.len());
             for ((col, c), want) in commands.iter().zip(expected.iter()) {
                 let got = admit(s, c);

@@ -134,6 +134,8 @@ pub struct Executor {
     repl: reparent::ReplicationState,
     /// The agent's shutdown, for steps that wait long (a reinitialize's clone).
     shutdown: CancellationToken,
+    /// The drain handshake (its state is part of every admission).
+    drain: crate::drain::DrainRecord,
 }
 
 impl Executor {
@@ -142,6 +144,7 @@ impl Executor {
         status: watch::Sender<Snapshot>,
         requests: mpsc::Receiver<Request>,
         initial: AgentState,
+        drain: crate::drain::DrainRecord,
     ) -> Executor {
         Executor {
             ctx,
@@ -162,6 +165,7 @@ impl Executor {
             next_replication_check: tokio::time::Instant::now(),
             repl: reparent::ReplicationState::default(),
             shutdown: CancellationToken::new(),
+            drain,
         }
     }
 
@@ -293,6 +297,7 @@ impl Executor {
         Situation {
             state: self.state.clone(),
             in_flight: self.op.as_ref().map(OpTask::in_flight),
+            drain: self.drain.state(),
         }
     }
 
@@ -327,6 +332,13 @@ impl Executor {
             Request::Follow { .. } => Command::Follow,
             Request::Switchover { .. } => Command::Switchover,
             Request::Reinitialize { .. } => Command::Reinitialize,
+            Request::Drain { .. } => Command::Drain,
+            Request::DrainStop { .. } => {
+                if let Request::DrainStop { reply } = req {
+                    let _ = reply.send(self.drain_stop().await);
+                }
+                return;
+            }
         };
         // Bad input before state: a follow of this agent's own URL is never right.
         let step = match self.input_error(&req) {
@@ -382,7 +394,39 @@ impl Executor {
             (Request::Switchover { req, reply }, _) => {
                 let _ = reply.send(self.switchover(req).await);
             }
+            (Request::Drain { req, by, reply }, _) => {
+                let default = self.ctx.cfg.replication.drain_timeout;
+                let _ = reply.send(Ok(self.drain.begin(&req, by, default, &self.ctx)));
+            }
+            (Request::DrainStop { reply }, _) => {
+                let _ = reply.send(Err(AgentError::Failed(
+                    "internal: a drain's stop went through admission".into(),
+                )));
+            }
         }
+    }
+
+    /// The drain's stop: a fast shutdown (ending a backup in flight), and Postgres stays
+    /// stopped.
+    async fn drain_stop(&mut self) -> Result<(), AgentError> {
+        if self.drain.state() != pgpilot_common::state::DrainState::Draining {
+            return Err(self.conflict("no drain is in progress"));
+        }
+        if matches!(self.op, Some(OpTask::Backup { .. })) {
+            self.cancel_backup("the instance is draining").await;
+        }
+        self.retry_at = None;
+        if self.pm.is_some() {
+            self.stop_postgres(ShutdownMode::Fast).await?;
+        }
+        self.set_state(AgentState::Stopped);
+        for reply in self.pending_start.drain(..) {
+            let _ = reply.send(Err(AgentError::conflict(
+                &AgentState::Stopped,
+                "Postgres was stopped by a drain before it accepted connections",
+            )));
+        }
+        Ok(())
     }
 
     async fn stop_step(&mut self, step: Step) -> Result<LifecycleResponse, AgentError> {

@@ -16,16 +16,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pgpilot_common::api::{
-    BackupProgress, BackupRequest, BackupState, FollowRequest, LifecycleResponse,
-    RegisterReplicaRequest, RegisterReplicaResponse, ReloadResponse, ReparentResponse,
-    RestoreAccepted, RestorePhase, RestoreProgress, RestoreRequest, ShutdownRequest,
-    SwitchoverRequest, SwitchoverResponse,
+    BackupProgress, BackupRequest, BackupState, DrainRequest, DrainStatus, FollowRequest,
+    LifecycleResponse, RegisterReplicaRequest, RegisterReplicaResponse, ReloadResponse,
+    ReparentResponse, RestoreAccepted, RestorePhase, RestoreProgress, RestoreRequest,
+    ShutdownRequest, SwitchoverRequest, SwitchoverResponse,
 };
 use pgpilot_common::state::{AgentState, Operation, OperationKind, Outcome, Progress};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::archive::backup::Run;
 use crate::context::Context;
+use crate::drain::DrainRecord;
 use crate::error::AgentError;
 use crate::restore;
 
@@ -80,6 +82,16 @@ pub(crate) enum Request {
         req: pgpilot_common::api::ReinitializeRequest,
         reply: Reply<ReparentResponse>,
     },
+    /// Begin (or join) the drain: its status, and the token of one that has just begun.
+    Drain {
+        req: DrainRequest,
+        by: &'static str,
+        reply: Reply<(DrainStatus, Option<CancellationToken>)>,
+    },
+    /// The drain's stop of Postgres (not admitted as a command: only a drain under way asks).
+    DrainStop {
+        reply: Reply<()>,
+    },
 }
 
 impl Request {
@@ -110,6 +122,12 @@ impl Request {
                 let _ = reply.send(Err(e));
             }
             Request::Switchover { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Request::Drain { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Request::DrainStop { reply } => {
                 let _ = reply.send(Err(e));
             }
         }
@@ -248,6 +266,7 @@ pub struct Handle {
     /// Held while a switchover request is being served, so a second one is refused at once
     /// (409) instead of queueing behind it.
     switchover: Arc<tokio::sync::Mutex<()>>,
+    drain: DrainRecord,
 }
 
 impl Handle {
@@ -325,6 +344,36 @@ impl Handle {
             .await
     }
 
+    /// The drain handshake of this instance, live.
+    pub fn drain_record(&self) -> DrainRecord {
+        self.drain.clone()
+    }
+
+    /// Begins the drain (or joins the one under way) and answers at once; the drain task
+    /// carries it out (`crate::drain`).
+    pub async fn drain(
+        &self,
+        req: DrainRequest,
+        by: &'static str,
+    ) -> Result<DrainStatus, AgentError> {
+        let (status, begun) = self
+            .request(|reply| Request::Drain { req, by, reply })
+            .await?;
+        if let Some(token) = begun {
+            tokio::spawn(crate::drain::run(self.clone(), token));
+        }
+        Ok(status)
+    }
+
+    /// Cancels a drain before it stops Postgres.
+    pub fn cancel_drain(&self, why: &str) -> Result<DrainStatus, AgentError> {
+        self.drain.cancel(&self.ctx, &self.state(), why)
+    }
+
+    pub(crate) async fn drain_stop(&self) -> Result<(), AgentError> {
+        self.request(|reply| Request::DrainStop { reply }).await
+    }
+
     pub async fn switchover(
         &self,
         req: SwitchoverRequest,
@@ -345,12 +394,14 @@ pub fn new(ctx: Arc<Context>, initial: AgentState) -> (Handle, executor::Executo
     let (tx, rx) = mpsc::channel(16);
     ctx.metrics.set_state(&initial);
     let (status_tx, status_rx) = watch::channel(Snapshot::new(initial.clone()));
+    let drain = DrainRecord::default();
     let handle = Handle {
         ctx: ctx.clone(),
         requests: tx,
         status: status_rx,
         switchover: Arc::new(tokio::sync::Mutex::new(())),
+        drain: drain.clone(),
     };
-    let exec = executor::Executor::new(ctx, status_tx, rx, initial);
+    let exec = executor::Executor::new(ctx, status_tx, rx, initial, drain);
     (handle, exec)
 }

@@ -5,7 +5,9 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::routes::{backups, lifecycle, metrics, probes, replication, restore, status, wal};
+use super::routes::{
+    backups, drain, lifecycle, metrics, probes, replication, restore, status, wal,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,6 +22,7 @@ use super::routes::{backups, lifecycle, metrics, probes, replication, restore, s
         backups::start, backups::list, backups::get,
         replication::register, replication::switchover, replication::promote,
         replication::demote, replication::follow, replication::reinitialize,
+        drain::start, drain::get, drain::cancel,
     ),
     modifiers(&BearerAuth)
 )]

@@ -13,7 +13,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::require_token;
-use super::routes::{backups, lifecycle, metrics, probes, replication, restore, status, wal};
+use super::routes::{
+    backups, drain, lifecycle, metrics, probes, replication, restore, status, wal,
+};
 use crate::core::Handle;
 use crate::error::AgentError;
 
@@ -33,7 +35,9 @@ fn common() -> (Router<Handle>, Router<Handle>) {
         // Backup listing and progress: read-only, ids, times, LSNs and sizes, no secret (the
         // store URL carries no credentials), like /v1/status. Starting one needs the token.
         .route("/v1/backups", get(backups::list))
-        .route("/v1/backups/{id}", get(backups::get));
+        .route("/v1/backups/{id}", get(backups::get))
+        // Where a drain stands: read-only, no secret.
+        .route("/v1/drain", get(drain::get));
     // Bearer token: everything that changes the state of Postgres (the operator on the pod
     // IP, the CLI on loopback).
     let protected = Router::new()
@@ -49,7 +53,9 @@ fn common() -> (Router<Handle>, Router<Handle>) {
         .route("/v1/promote", post(replication::promote))
         .route("/v1/demote", post(replication::demote))
         .route("/v1/follow", post(replication::follow))
-        .route("/v1/reinitialize", post(replication::reinitialize));
+        .route("/v1/reinitialize", post(replication::reinitialize))
+        // The preStop hook (loopback), the operator or a person.
+        .route("/v1/drain", post(drain::start).delete(drain::cancel));
     (open, protected)
 }
 

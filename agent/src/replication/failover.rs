@@ -361,6 +361,10 @@ impl Loop {
             }
             return;
         }
+        if self.handle.drain_record().state() != pgpilot_common::state::DrainState::Running {
+            self.last_refusal = None;
+            return;
+        }
         let expired = rec.holder().is_none()
             || self
                 .observed

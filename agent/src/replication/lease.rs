@@ -125,6 +125,8 @@ pub struct KubeLeadership {
     leases: Api<Lease>,
     pods: Api<Pod>,
     pub client: kube::Client,
+    /// The same API server without a read timeout, for watches.
+    watch_client: kube::Client,
     view: Mutex<View>,
 }
 
@@ -139,9 +141,16 @@ impl KubeLeadership {
         kc.connect_timeout = Some(API_CALL_TIMEOUT);
         kc.read_timeout = Some(API_CALL_TIMEOUT);
         kc.write_timeout = Some(API_CALL_TIMEOUT);
+        // Watches wait for events much longer than a call may take.
+        let mut wc = kc.clone();
+        wc.read_timeout = None;
         let client = kube::Client::try_from(kc)
             .map_err(|e| anyhow::anyhow!("Kubernetes mode: cannot build the API client: {e}"))?;
-        Self::with_client(client, cfg, settings).await
+        let watch_client = kube::Client::try_from(wc)
+            .map_err(|e| anyhow::anyhow!("Kubernetes mode: cannot build the API client: {e}"))?;
+        let mut lead = Self::with_client(client, cfg, settings).await?;
+        lead.watch_client = watch_client;
+        Ok(lead)
     }
 
     /// [`KubeLeadership::connect`] with a client made elsewhere (tests, other API servers).
@@ -184,6 +193,7 @@ impl KubeLeadership {
             ),
             leases: Api::namespaced(client.clone(), ns),
             pods,
+            watch_client: client.clone(),
             client,
             view: Mutex::new(View {
                 record: LeaseRecord::default(),
@@ -348,6 +358,40 @@ impl KubeLeadership {
     /// Labels this pod `pgpilot.io/role=<role>` (a merge patch of its labels only).
     pub async fn label_role(&self, role: &str) -> anyhow::Result<()> {
         let patch = serde_json::json!({"metadata": {"labels": {LABEL_ROLE: role}}});
+        timed(
+            self.pods
+                .patch(self.me(), &PatchParams::default(), &Patch::Merge(&patch)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The pods of this namespace, through the client for watches.
+    pub fn watched_pods(&self) -> Api<Pod> {
+        Api::namespaced(self.watch_client.clone(), &self.settings.namespace)
+    }
+
+    /// Sets (or, with `None`, removes) `pgpilot.io/drain` on this pod, with the message in
+    /// `pgpilot.io/drain-message`.
+    pub async fn annotate_drain(&self, value: Option<&str>, message: &str) -> anyhow::Result<()> {
+        use crate::drain::{ANNOTATION, MESSAGE_ANNOTATION};
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            ANNOTATION: value,
+            MESSAGE_ANNOTATION: message,
+        }}});
+        timed(
+            self.pods
+                .patch(self.me(), &PatchParams::default(), &Patch::Merge(&patch)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sets `pgpilot.io/drain-message` alone.
+    pub async fn annotate_message(&self, message: &str) -> anyhow::Result<()> {
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            crate::drain::MESSAGE_ANNOTATION: message,
+        }}});
         timed(
             self.pods
                 .patch(self.me(), &PatchParams::default(), &Patch::Merge(&patch)),

@@ -668,20 +668,42 @@ impl Executor {
         let views = rsql::replicas(&client).await.map_err(|e| {
             AgentError::Failed(format!("switchover: reading pg_stat_replication: {e}"))
         })?;
-        let cand = switchover::choose(
-            req.candidate.as_deref(),
-            &cfg.replication.name,
-            &views,
-            &self.repl.registry,
-            cfg.replication.max_lag_bytes,
-        )?;
-        let cand_client = peer(&cand.api_url, ctx.api_token.expose());
-        let st = call(
-            &format!("candidate {} at {}", cand.name, cand.api_url),
-            cand_client.status(),
-        )
-        .await
-        .map_err(AgentError::PreconditionFailed)?;
+        // A draining replica is never a candidate: the best of the others, or a refusal.
+        let mut views = views;
+        let mut draining = Vec::new();
+        let (cand, st) = loop {
+            let cand = switchover::choose(
+                req.candidate.as_deref(),
+                &cfg.replication.name,
+                &views,
+                &self.repl.registry,
+                cfg.replication.max_lag_bytes,
+            )
+            .map_err(|e| match (e, draining.is_empty()) {
+                (AgentError::PreconditionFailed(m), false) => AgentError::PreconditionFailed(
+                    format!("{m}; draining, so not candidates: {}", draining.join(", ")),
+                ),
+                (e, _) => e,
+            })?;
+            let cand_client = peer(&cand.api_url, ctx.api_token.expose());
+            let st = call(
+                &format!("candidate {} at {}", cand.name, cand.api_url),
+                cand_client.status(),
+            )
+            .await
+            .map_err(AgentError::PreconditionFailed)?;
+            if st.drain.state == pgpilot_common::state::DrainState::Running {
+                break (cand, st);
+            }
+            if req.candidate.is_some() {
+                return Err(AgentError::PreconditionFailed(format!(
+                    "candidate {} is draining ({}): it does not take leadership",
+                    cand.name, st.drain.state
+                )));
+            }
+            views.retain(|v| v.name != cand.name);
+            draining.push(cand.name);
+        };
         let streaming = st.replication.as_ref().is_some_and(|r| r.streaming);
         if st.state.role() != Some(Role::Replica) || !streaming {
             return Err(AgentError::PreconditionFailed(format!(

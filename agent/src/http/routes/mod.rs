@@ -1,6 +1,7 @@
 //! One file per group of endpoints.
 
 pub mod backups;
+pub mod drain;
 pub mod lifecycle;
 pub mod metrics;
 pub mod probes;

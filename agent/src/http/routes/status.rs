@@ -38,6 +38,7 @@ pub async fn status(State(h): State<Handle>) -> Json<StatusResponse> {
         restore: snap.restore_progress(),
         last_backup: crate::archive::backup::last_backup(&ctx.backups, ctx.archiver.as_deref()),
         replication: None,
+        drain: h.drain_record().view(),
     };
     if snap.state.accepts_connections() {
         match tokio::time::timeout(Duration::from_secs(3), ctx.monitor.status()).await {
