@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use pgpilot_common::api::{FollowRequest, StatusResponse, SwitchoverRequest};
-use pgpilot_common::state::{AgentState, Role};
+use pgpilot_common::api::{
+    DrainRequest, DrainStatus, FollowRequest, StatusResponse, SwitchoverRequest,
+};
+use pgpilot_common::state::{AgentState, DrainState, Role};
 use pgpilot_test_support::agent::{LONG, api_error};
 use pgpilot_test_support::agent_bin;
 use pgpilot_test_support::cluster::ClusterFixture;
@@ -656,7 +658,238 @@ async fn a_diverged_former_primary_is_rewound_or_reinitialized(major: u32) {
     assert!(!on1.contains(&101) && on1.contains(&10001));
 }
 
+/// Waits until agent `i`'s drain reaches `state` (or fails: then the test fails with its
+/// message) and returns it.
+async fn drain_reaches(
+    c: &ClusterFixture,
+    i: usize,
+    want: impl Fn(&DrainStatus) -> bool,
+) -> DrainStatus {
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let st = c.client(i).drain_status().await.unwrap();
+        if want(&st) {
+            return st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "drain of agent {i} stuck at {st:?}\n{}",
+            c.logs(i)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Files of the store whose name starts with `prefix`.
+fn stored(c: &ClusterFixture, prefix: &str) -> Vec<String> {
+    fn walk(dir: &std::path::Path, prefix: &str, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, prefix, out);
+            } else if let Some(n) = p.file_name().and_then(|n| n.to_str())
+                && n.starts_with(prefix)
+            {
+                out.push(n.to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(c.store().root(), prefix, &mut out);
+    out
+}
+
+/// The preStop path on a primary: `pgpilot-agent drain --wait` under a write loop. The best
+/// replica takes over, the drained instance stops with every acknowledged commit on the new
+/// primary, and the WAL chain from a backup taken before runs on across the handover.
+async fn draining_the_primary_hands_over_and_loses_nothing(major: u32) {
+    let mut c = shard(major, &[], "").await;
+    two_streaming(&mut c, 0).await;
+    let backup = c.agent(0).take_backup().await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = write_loop(&c, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = c
+        .agent(0)
+        .cli(&["drain", "--wait", "--timeout", "120"])
+        .unwrap();
+    assert!(out.success(), "{}\n{}", out.text(), c.logs(0));
+    assert!(out.stdout.contains("drained:"), "{}", out.text());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let committed = writer.await.unwrap();
+    assert!(committed.len() > 10, "the writer wrote {}", committed.len());
+
+    let st = c.client(0).drain_status().await.unwrap();
+    assert_eq!(st.state, DrainState::Drained, "{st:?}");
+    assert_eq!(st.requested_by.as_deref(), Some("api"));
+    let new = st.new_primary.clone().expect("a replica took over");
+    let p = if new == "n2" { 1 } else { 2 };
+    assert!(st.message.contains(&format!("{new} took over")), "{st:?}");
+    assert_eq!(
+        c.client(0).status().await.unwrap().state,
+        AgentState::Stopped
+    );
+    wait_status(&mut c, p, "the new primary", |s| {
+        s.state
+            == AgentState::Running {
+                role: Role::Primary,
+            }
+    })
+    .await;
+    let have = ids(&c, p).await;
+    let lost: Vec<_> = committed.iter().filter(|id| !have.contains(id)).collect();
+    assert!(lost.is_empty(), "acknowledged commits lost: {lost:?}");
+    // The other replica follows the new primary.
+    let other = 3 - p;
+    let want = format!("http://{}", c.agent(p).api);
+    wait_status(&mut c, other, "streaming from the new primary", |s| {
+        streaming(s) && s.replication.as_ref().and_then(|r| r.upstream.as_deref()) == Some(&want)
+    })
+    .await;
+    // Nothing of the old primary's WAL is missing from the archive: the chain from the backup
+    // runs through the handover onto the new timeline.
+    c.agent(p).switch_wal_and_wait_archived(LONG).await.unwrap();
+    let out = c
+        .agent(p)
+        .cli(&[
+            "verify",
+            "--runtime",
+            c.agent(p).runtime_file().to_str().unwrap(),
+            &backup,
+        ])
+        .unwrap();
+    assert!(out.success(), "{}", out.text());
+    assert!(out.text().contains("through 00000002"), "{}", out.text());
+    // Drained: a second drain joins it (200), nothing else is taken.
+    let again = c.client(0).drain(&DrainRequest::default()).await.unwrap();
+    assert_eq!(again.state, DrainState::Drained);
+    check(c.client(0).cancel_drain().await, 409, "has finished");
+    check(c.client(0).start().await, 409, "drained");
+    let m = c.agent(0).metrics().await.unwrap();
+    for line in [
+        "pgpilot_drain_state{state=\"Drained\"} 1",
+        "pgpilot_drains_total{outcome=\"finished\"} 1",
+    ] {
+        assert!(m.contains(line), "{line}\n{m}");
+    }
+}
+
+/// A replica drains (and is then no switchover candidate); a primary without a healthy replica
+/// waits, can be cancelled, fails at its timeout still serving, and with `force` stops after
+/// archiving its last segment as `.partial`. Bad bodies get 400.
+async fn drains_that_cannot_hand_over_wait_fail_or_force(major: u32) {
+    let mut c = shard(major, &[], "").await;
+    two_streaming(&mut c, 0).await;
+    let raw = reqwest::Client::new()
+        .post(c.agent(0).url("/v1/drain"))
+        .bearer_auth(c.agent(0).token.clone())
+        .body(r#"{"forse": true}"#)
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 400);
+    assert!(raw.text().await.unwrap().contains("forse"));
+    let zero = DrainRequest {
+        force: false,
+        timeout_secs: Some(0),
+    };
+    check(c.client(0).drain(&zero).await, 400, "timeout_secs");
+    check(
+        c.client(1).cancel_drain().await,
+        409,
+        "no drain is in progress",
+    );
+
+    // A replica: stops, and is no candidate any more.
+    let st = c.client(2).drain(&DrainRequest::default()).await.unwrap();
+    assert_eq!(st.state, DrainState::Draining);
+    drain_reaches(&c, 2, |s| s.state == DrainState::Drained).await;
+    assert_eq!(
+        c.client(2).status().await.unwrap().state,
+        AgentState::Stopped
+    );
+    check(c.client(2).promote().await, 409, "drained");
+    let to_n3 = SwitchoverRequest {
+        candidate: Some("n3".into()),
+    };
+    // n3's Postgres is gone from pg_stat_replication once it stopped.
+    check(c.client(0).switchover(&to_n3).await, 412, "n3");
+
+    // No healthy replica left: n2's Postgres stops.
+    c.client(1)
+        .stop(&pgpilot_common::api::ShutdownRequest::default())
+        .await
+        .unwrap();
+    let long = DrainRequest {
+        force: false,
+        timeout_secs: Some(60),
+    };
+    c.client(0).drain(&long).await.unwrap();
+    let st = drain_reaches(&c, 0, |s| s.message.contains("waiting for a replica")).await;
+    assert_eq!(st.state, DrainState::Draining);
+    check(
+        c.client(0)
+            .start_backup(&pgpilot_common::api::BackupRequest::default())
+            .await,
+        409,
+        "draining",
+    );
+    let st = c.client(0).cancel_drain().await.unwrap();
+    assert_eq!(
+        (st.state, st.step.as_deref()),
+        (DrainState::Running, Some("cancelled"))
+    );
+    insert(&c, 0, 1, 10).await;
+
+    // Times out: fails with why, still the primary.
+    let short = DrainRequest {
+        force: false,
+        timeout_secs: Some(2),
+    };
+    c.client(0).drain(&short).await.unwrap();
+    let st = drain_reaches(&c, 0, |s| s.step.as_deref() == Some("failed")).await;
+    assert_eq!(st.state, DrainState::Running);
+    let err = st.error.unwrap();
+    assert!(
+        err.contains("no replica took over within 2 s") && err.contains("stays the primary"),
+        "{err}"
+    );
+    insert(&c, 0, 11, 20).await;
+
+    // Force: the only writer stops after archiving its last segment as .partial.
+    let forced = DrainRequest {
+        force: true,
+        timeout_secs: Some(2),
+    };
+    c.client(0).drain(&forced).await.unwrap();
+    let st = drain_reaches(&c, 0, |s| s.state != DrainState::Draining).await;
+    assert_eq!(st.state, DrainState::Drained, "{st:?}\n{}", c.logs(0));
+    let partial = st.last_archived.clone().unwrap();
+    assert!(partial.ends_with(".partial"), "{st:?}");
+    assert!(st.message.contains("with force"), "{st:?}");
+    assert!(
+        !stored(&c, &partial).is_empty(),
+        "{partial} is not in the store"
+    );
+    assert_eq!(
+        c.client(0).status().await.unwrap().state,
+        AgentState::Stopped
+    );
+    let m = c.agent(0).metrics().await.unwrap();
+    for line in [
+        "pgpilot_drains_total{outcome=\"cancelled\"} 1",
+        "pgpilot_drains_total{outcome=\"failed\"} 1",
+        "pgpilot_drains_total{outcome=\"finished\"} 1",
+    ] {
+        assert!(m.contains(line), "{line}\n{m}");
+    }
+}
+
 pgpilot_test_support::per_major!(
+    draining_the_primary_hands_over_and_loses_nothing,
+    drains_that_cannot_hand_over_wait_fail_or_force,
     a_diverged_former_primary_is_rewound_or_reinitialized,
     a_gone_replica_is_kept_for_the_grace_then_let_go,
     streams_switches_over_and_back_without_losing_a_commit,
