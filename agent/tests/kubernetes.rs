@@ -25,7 +25,7 @@ struct Shard {
     client: kube::Client,
     ns: TestNamespace,
     kubelet: Kubelet,
-    _server: KubeTestServer,
+    server: KubeTestServer,
 }
 
 impl Shard {
@@ -36,6 +36,12 @@ impl Shard {
 
     /// [`Shard::start`] with more `[kubernetes]` keys.
     async fn start_with(prefix: &str, kubernetes: &str) -> Shard {
+        Self::start_opts(prefix, kubernetes, None).await
+    }
+
+    /// With `store`: WAL archiving to that directory (a file:// store shared by the pods), and
+    /// the preStop hook `pgpilot-agent drain --wait` with a grace period to match.
+    async fn start_opts(prefix: &str, kubernetes: &str, store: Option<&std::path::Path>) -> Shard {
         assert!(
             std::path::Path::new(BIN).join("postgres").exists(),
             "PostgreSQL 15 is missing: scripts/install-test-deps.sh"
@@ -61,15 +67,25 @@ impl Shard {
             client,
             ns,
             kubelet,
-            _server: server,
+            server,
         };
         s.create::<Secret>(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db-secrets"},
             "stringData": {"token": TOKEN, "superuser-password": PASSWORD, "replication-password": "kube-test-replication"}}))
             .await;
+        let backup = store.map_or(String::new(), |d| {
+            format!("[backup]\nstore = \"file://{}\"\n\n", d.display())
+        });
         s.create::<ConfigMap>(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "db-config"},
-            "data": {"pgpilot.toml": format!("[cluster]\nname = \"demo\"\nshard = \"0\"\n\n[postgres]\nallow_networks = [\"127.0.0.0/8\"]\n\n[kubernetes]\nmode = \"on\"\n{kubernetes}")}}))
+            "data": {"pgpilot.toml": format!("[cluster]\nname = \"demo\"\nshard = \"0\"\n\n[postgres]\nallow_networks = [\"127.0.0.0/8\"]\n\n{backup}[kubernetes]\nmode = \"on\"\n{kubernetes}")}}))
             .await;
         let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
+        let (grace, lifecycle) = match store {
+            Some(_) => (
+                60,
+                json!({"preStop": {"exec": {"command": ["pgpilot-agent", "drain", "--wait", "--timeout", "50"]}}}),
+            ),
+            None => (10, json!({})),
+        };
         let env = json!([
             {"name": "POD_NAME", "valueFrom": field("metadata.name")},
             {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
@@ -86,14 +102,16 @@ impl Shard {
             {"name": "PGPILOT_API_TOKEN_FILE", "value": "/secrets/token"},
             {"name": "PGPILOT_SUPERUSER_PASSWORD_FILE", "value": "/secrets/superuser-password"},
             {"name": "PGPILOT_REPLICATION_PASSWORD_FILE", "value": "/secrets/replication-password"},
+            {"name": "PGPILOT_API_URL", "value": "http://$(POD_IP):8009"},
         ]);
         let labels = json!({"app": "db", "pgpilot.io/cluster": "demo", "pgpilot.io/shard": "0"});
         s.create::<StatefulSet>(json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db"},
             "spec": {"replicas": 3, "serviceName": "db", "podManagementPolicy": "Parallel",
                 "selector": {"matchLabels": {"app": "db"}},
                 "template": {"metadata": {"labels": labels},
-                    "spec": {"terminationGracePeriodSeconds": 10,
+                    "spec": {"terminationGracePeriodSeconds": grace,
                         "containers": [{"name": "postgres", "image": "pgpilot/agent:test", "args": ["run"], "env": env,
+                            "lifecycle": lifecycle,
                             "volumeMounts": [
                                 {"name": "data", "mountPath": "/data"},
                                 {"name": "config", "mountPath": "/config"},
@@ -224,6 +242,19 @@ impl Shard {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         }
+    }
+
+    /// Waits until pod `name` is a new pod (not uid `was`), ready and labelled replica.
+    async fn back_as_replica(&self, name: &str, was: Option<String>) {
+        let pods = self.api::<Pod>();
+        eventually(&format!("{name} back as a new, ready replica"), || async {
+            let pod = pods.get(name).await.ok()?;
+            (pod.metadata.uid != was
+                && is_ready(&pod)
+                && self.role(name).await.as_deref() == Some("replica"))
+            .then_some(())
+        })
+        .await
     }
 
     async fn events(&self, reason: &str) -> Vec<Event> {
@@ -589,6 +620,169 @@ async fn synchronous_mode_a_resumed_frozen_primary_never_writes_beside_its_succe
         s.rows(&new, "probe").await,
         Some(acked.len() as i64),
         "every acknowledged write is on the new primary"
+    );
+    s.ns.cleanup().await.expect("cleanup");
+}
+
+/// The drain handshake in a pod (docs/drain.md), all on one shard with WAL archiving and the
+/// preStop hook `pgpilot-agent drain --wait`:
+/// - `kubectl annotate pod <primary> pgpilot.io/drain=Started`: a replica takes over by
+///   switchover (the Lease moves, no failover), the annotation goes Acknowledged → Finished,
+///   every acknowledged write is on the new primary, Events say so;
+/// - deleting the primary's pod runs the preStop drain: the same, and the pod comes back as a
+///   replica;
+/// - an unknown annotation value is named in `drain-message` and nothing happens;
+/// - an eviction is refused while the PodDisruptionBudget says so; once allowed, the preStop
+///   drain of the evicted replica runs and it comes back.
+#[tokio::test]
+async fn drains_by_annotation_delete_and_eviction_hand_over_without_a_failover() {
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use kube::api::{EvictParams, Patch, PatchParams};
+    let store = tempfile::tempdir().expect("store dir");
+    let s = Shard::start_opts("drain", "", Some(store.path())).await;
+    let pods = s.api::<Pod>();
+    let annotation =
+        |pod: Pod, key: &str| pod.metadata.annotations.and_then(|a| a.get(key).cloned());
+    let first = s.primary(None).await;
+    s.sql(&first)
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE probe (pod text, n int)")
+        .await
+        .unwrap();
+    let all = ["db-0", "db-1", "db-2"];
+
+    // 1. The annotation.
+    let probe = Probe::start(&s, &all).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = json!({"metadata": {"annotations": {"pgpilot.io/drain": "Started"}}});
+    pods.patch(&first, &PatchParams::default(), &Patch::Merge(&started))
+        .await
+        .expect("annotate");
+    let message = eventually("the drain Finished", || async {
+        let pod = pods.get(&first).await.ok()?;
+        (annotation(pod.clone(), "pgpilot.io/drain").as_deref() == Some("Finished"))
+            .then(|| annotation(pod, "pgpilot.io/drain-message").unwrap_or_default())
+    })
+    .await;
+    let second = probe.new_primary(&s, &first).await;
+    assert!(
+        message.contains(&format!("{second} took over")),
+        "{message}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acked = probe.stop().await;
+    assert_eq!(writers_in_turn(&acked), [first.as_str(), second.as_str()]);
+    let mut total = acked.len() as i64;
+    assert_eq!(
+        s.rows(&second, "probe").await,
+        Some(total),
+        "every acknowledged write is on the new primary"
+    );
+    for reason in ["DrainAcknowledged", "Drained"] {
+        assert!(!s.events(reason).await.is_empty(), "an Event {reason}");
+    }
+
+    // 2. Deleting the drained pod: its preStop finds it drained; it comes back as a replica.
+    //    Then deleting the primary's pod: the preStop drain hands over first.
+    let uid = |pod: &Pod| pod.metadata.uid.clone();
+    let was = uid(&pods.get(&first).await.unwrap());
+    pods.delete(&first, &Default::default())
+        .await
+        .expect("delete");
+    s.back_as_replica(&first, was).await;
+    let probe = Probe::start(&s, &all).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let was = uid(&pods.get(&second).await.unwrap());
+    pods.delete(&second, &Default::default())
+        .await
+        .expect("delete");
+    let third = probe.new_primary(&s, &second).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acked = probe.stop().await;
+    assert_eq!(writers_in_turn(&acked), [second.as_str(), third.as_str()]);
+    total += acked.len() as i64;
+    assert_eq!(
+        s.rows(&third, "probe").await,
+        Some(total),
+        "every write acknowledged around the deletion is on the new primary"
+    );
+    s.back_as_replica(&second, was).await;
+    assert_eq!(s.events("Drained").await.len(), 2, "two drains finished");
+    // Planned: never a Lease taken by expiry.
+    for pod in all {
+        let m = s.metrics(pod).await;
+        assert!(m.contains("pgpilot_failovers_total 0"), "{pod}: {m}");
+    }
+
+    // 3. An unknown value: named, nothing done.
+    let replica = all
+        .iter()
+        .find(|p| **p != third)
+        .expect("a replica")
+        .to_string();
+    let typo = json!({"metadata": {"annotations": {"pgpilot.io/drain": "Strated"}}});
+    pods.patch(&replica, &PatchParams::default(), &Patch::Merge(&typo))
+        .await
+        .expect("annotate");
+    let msg = eventually("the typo named", || async {
+        annotation(pods.get(&replica).await.ok()?, "pgpilot.io/drain-message")
+            .filter(|m| m.contains("Strated"))
+    })
+    .await;
+    assert!(msg.contains("nothing done"), "{msg}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(s.role(&replica).await.as_deref(), Some("replica"));
+    assert!(
+        is_ready(&pods.get(&replica).await.unwrap()),
+        "still serving"
+    );
+
+    // 4. Eviction within the budget.
+    s.create::<PodDisruptionBudget>(json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "db"}, "spec": {"minAvailable": 3, "selector": {"matchLabels": {"app": "db"}}}}))
+        .await;
+    let mut kc = kube::Config::new(s.server.url().parse().expect("url"));
+    kc.default_retry = false;
+    let strict: Api<Pod> = Api::namespaced(kube::Client::try_from(kc).expect("client"), s.ns());
+    eventually("the budget counts 3 healthy pods", || async {
+        let st = s
+            .api::<PodDisruptionBudget>()
+            .get("db")
+            .await
+            .ok()?
+            .status?;
+        (st.current_healthy == Some(3)).then_some(())
+    })
+    .await;
+    match strict.evict(&replica, &EvictParams::default()).await {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 429, "{e:?}"),
+        other => panic!("the budget should refuse the eviction, got {other:?}"),
+    }
+    let budget = json!({"spec": {"minAvailable": 2}});
+    s.api::<PodDisruptionBudget>()
+        .patch("db", &PatchParams::default(), &Patch::Merge(&budget))
+        .await
+        .expect("loosen the budget");
+    let was = uid(&pods.get(&replica).await.unwrap());
+    eventually("the eviction allowed", || async {
+        strict
+            .evict(&replica, &EvictParams::default())
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    s.back_as_replica(&replica, was).await;
+    assert_eq!(
+        s.events("Drained").await.len(),
+        3,
+        "the evicted replica drained first"
+    );
+    assert_eq!(
+        s.primary(None).await,
+        third,
+        "the primary was never touched"
     );
     s.ns.cleanup().await.expect("cleanup");
 }

@@ -105,13 +105,22 @@ struct View {
     record: LeaseRecord,
     /// Pod name → agent URL, for the shard's pods that have an IP.
     urls: BTreeMap<String, String>,
-    /// Set when this instance stops leading (fence, demote, hand-over) and cleared when it
-    /// takes the Lease again: until then it never counts as the leader, whatever a cached
-    /// Lease says.
-    stepped_down: bool,
+    /// Set, to the Lease's resourceVersion then, when this instance stops leading (fence,
+    /// demote, hand-over): while the Lease is still that version it never counts as the
+    /// leader, whatever it names. A newer Lease naming this pod (it took it, or a switchover
+    /// handed it back) is leadership again.
+    stepped_down: Option<String>,
     /// The resourceVersion of the Lease as this instance handed it over (switchover): it may
     /// take it back while the Lease is still exactly that.
     handed: Option<String>,
+}
+
+impl View {
+    fn stepped_down(&self) -> bool {
+        self.stepped_down
+            .as_deref()
+            .is_some_and(|rv| Some(rv) == self.record.resource_version().or(Some("")))
+    }
 }
 
 /// Leadership by Lease. [`Leadership::leader`] answers from the last read (the failover loop
@@ -198,7 +207,7 @@ impl KubeLeadership {
             view: Mutex::new(View {
                 record: LeaseRecord::default(),
                 urls: BTreeMap::new(),
-                stepped_down: false,
+                stepped_down: None,
                 handed: None,
             }),
         };
@@ -263,11 +272,12 @@ impl KubeLeadership {
     /// This instance holds the Lease (as last read) and has not stepped down since.
     pub fn holds(&self) -> bool {
         let v = self.view.lock().expect("lease view");
-        !v.stepped_down && v.record.holder() == Some(self.me())
+        !v.stepped_down() && v.record.holder() == Some(self.me())
     }
 
     pub fn step_down(&self) {
-        self.view.lock().expect("lease view").stepped_down = true;
+        let mut v = self.view.lock().expect("lease view");
+        v.stepped_down = Some(v.record.resource_version().unwrap_or("").to_string());
     }
 
     /// Takes the Lease for `holder`: creates it when absent, else replaces it guarded by
@@ -308,7 +318,7 @@ impl KubeLeadership {
         let create = seen.lease.is_none();
         let written = self.put(&lease, create).await?;
         if written == Write::Done && holder == Some(self.me()) {
-            self.view.lock().expect("lease view").stepped_down = false;
+            self.view.lock().expect("lease view").stepped_down = None;
         }
         Ok(written)
     }
@@ -439,26 +449,13 @@ impl Leadership for KubeLeadership {
         let v = self.view.lock().expect("lease view");
         let holder = v.record.holder()?;
         if holder == self.me() {
-            return (!v.stepped_down).then(|| self.my_url.clone());
+            return (!v.stepped_down()).then(|| self.my_url.clone());
         }
         v.urls.get(holder).cloned()
     }
 
-    fn may_promote(&self) -> Result<(), String> {
-        if self.holds() {
-            return Ok(());
-        }
-        Err(match self.record().holder() {
-            Some(h) => format!(
-                "the Lease {} is held by {h}: in Kubernetes mode only its holder is the primary \
-                 (a switchover moves it; a failover takes it when it expires)",
-                self.name
-            ),
-            None => format!(
-                "this pod does not hold the Lease {}: a replica takes it only when it expires",
-                self.name
-            ),
-        })
+    fn may_promote(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(self.may_promote_now())
     }
 
     fn reclaim<'a>(&'a self, _me: &'a str, _from: &'a str) -> BoxFuture<'a, Result<(), String>> {
@@ -468,10 +465,17 @@ impl Leadership for KubeLeadership {
     fn set_leader<'a>(&'a self, url: Option<&'a str>) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             match url {
-                Some(u) if u == self.my_url => self.may_promote(),
+                Some(u) if u == self.my_url => self.may_promote_now().await,
                 Some(u) => {
                     if !self.holds() {
-                        // Following: the Lease must name that primary already.
+                        // Following: the Lease must name that primary already (as the API
+                        // server has it: a switchover re-points replicas right after it
+                        // moved the Lease).
+                        if self.leader().as_deref() != Some(u)
+                            && let Err(e) = self.refresh().await
+                        {
+                            return Err(format!("cannot read the Lease {}: {e}", self.name));
+                        }
                         return match self.leader() {
                             Some(l) if l == u => Ok(()),
                             other => Err(format!(
@@ -593,6 +597,31 @@ impl KubeLeadership {
 
     /// [`Leadership::reclaim`]: the Lease comes back if it is still exactly as handed over
     /// (or never left).
+    /// A promotion needs the Lease, as the API server has it now: a switchover's candidate
+    /// learns it was handed the Lease a moment ago, not at its next refresh.
+    async fn may_promote_now(&self) -> Result<(), String> {
+        if self.holds() {
+            return Ok(());
+        }
+        if let Err(e) = self.refresh().await {
+            return Err(format!("cannot read the Lease {}: {e}", self.name));
+        }
+        if self.holds() {
+            return Ok(());
+        }
+        Err(match self.record().holder() {
+            Some(h) => format!(
+                "the Lease {} is held by {h}: in Kubernetes mode only its holder is the primary \
+                 (a switchover moves it; a failover takes it when it expires)",
+                self.name
+            ),
+            None => format!(
+                "this pod does not hold the Lease {}: a replica takes it only when it expires",
+                self.name
+            ),
+        })
+    }
+
     async fn reclaim_lease(&self) -> Result<(), String> {
         let seen = self.refresh().await.map_err(|e| e.to_string())?;
         let handed = self.view.lock().expect("lease view").handed.take();

@@ -58,8 +58,8 @@ pub trait Leadership: Send + Sync {
     ) -> futures::future::BoxFuture<'a, Result<(), String>>;
     /// Before this instance promotes itself: why it may not (Kubernetes: another pod holds
     /// the Lease). Standalone, the API caller decides.
-    fn may_promote(&self) -> Result<(), String> {
-        Ok(())
+    fn may_promote(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
     }
     /// After a failed switchover: leadership, handed to the candidate at `from`, comes back
     /// to this instance (`me`) only if the candidate has not used it.

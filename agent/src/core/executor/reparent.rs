@@ -302,7 +302,10 @@ impl Executor {
             .client()
             .await
             .map_err(|e| AgentError::Failed(format!("promote: {e}")))?;
-        ctx.leadership.may_promote().map_err(AgentError::Refused)?;
+        ctx.leadership
+            .may_promote()
+            .await
+            .map_err(AgentError::Refused)?;
         // A synchronous standby inherited from the old primary (a clone copies
         // postgresql.auto.conf) would hold this primary's first commits for a standby that may
         // never connect: the new primary's agent chooses its own once it runs.
