@@ -74,6 +74,10 @@ bench-switchover: build ## P7: write unavailability of 20 switchovers, pgpilot a
 bench-failover: ## Unplanned failover: write unavailability over 10 frozen primaries (three agent pods; ~5 min)
 	./benches/failover.sh
 
+.PHONY: bench-drain
+bench-drain: ## Planned drain of the primary: write gap over 10 drains (three agent pods; ~3 min)
+	./benches/drain.sh
+
 .PHONY: bench-quick
 bench-quick: ## Side-by-side suite, few repetitions and a small database (a few minutes)
 	./benches/side-by-side.sh --quick

@@ -846,3 +846,91 @@ async fn failover_trials() {
     );
     s.ns.cleanup().await.expect("cleanup");
 }
+
+/// Benchmark (benches/drain.sh, `make bench-drain`), not a check: the write gap of a planned
+/// drain of the primary. Each trial sets `pgpilot.io/drain=Started` on the primary's pod and
+/// times from that patch to the first committed write on the new primary (a writer tries every
+/// other pod every 10 ms on open connections), then deletes the drained pod and waits until it
+/// is back as a replica. `PGPILOT_DRAIN_TRIALS` (default 10).
+#[tokio::test]
+#[ignore = "benchmark: make bench-drain"]
+async fn drain_trials() {
+    use kube::api::{Patch, PatchParams};
+    let trials: usize = std::env::var("PGPILOT_DRAIN_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let store = tempfile::tempdir().expect("store dir");
+    let s = Shard::start_opts("drain-bench", "", Some(store.path())).await;
+    let pods = s.api::<Pod>();
+    let mut primary = s.primary(None).await;
+    s.sql(&primary)
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let started = json!({"metadata": {"annotations": {"pgpilot.io/drain": "Started"}}});
+    let mut times = Vec::new();
+    for trial in 1..=trials {
+        let others: Vec<String> = ["db-0", "db-1", "db-2"]
+            .iter()
+            .filter(|p| **p != primary)
+            .map(|p| p.to_string())
+            .collect();
+        let mut conns: Vec<Option<tokio_postgres::Client>> = Vec::new();
+        for p in &others {
+            conns.push(s.sql(p).await.ok());
+        }
+        let id = trial as i32;
+        let was = pods.get(&primary).await.unwrap().metadata.uid;
+        let at = Instant::now();
+        pods.patch(&primary, &PatchParams::default(), &Patch::Merge(&started))
+            .await
+            .expect("annotate");
+        let new = 'found: loop {
+            for (i, p) in others.iter().enumerate() {
+                if conns[i].as_ref().is_none_or(|c| c.is_closed()) {
+                    conns[i] = s.sql(p).await.ok();
+                }
+                if let Some(c) = &conns[i] {
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+                    let write = c.execute("INSERT INTO t VALUES ($1)", &params);
+                    if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), write).await {
+                        break 'found p.clone();
+                    }
+                }
+            }
+            assert!(
+                at.elapsed() < WAIT,
+                "no write on a new primary within {WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let took = at.elapsed();
+        eprintln!("trial {trial}: drain of {primary} → first write on {new}: {took:.2?}");
+        times.push(took.as_secs_f64());
+        let old = primary.clone();
+        eventually("the drain Finished", || async {
+            let pod = pods.get(&old).await.ok()?;
+            (pod.metadata.annotations?.get("pgpilot.io/drain")? == "Finished").then_some(())
+        })
+        .await;
+        pods.delete(&old, &Default::default())
+            .await
+            .expect("delete");
+        s.back_as_replica(&old, was).await;
+        primary = new;
+    }
+    times.sort_by(f64::total_cmp);
+    let pct = |p: f64| times[((p * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1];
+    eprintln!(
+        "DRAIN trials={} p50={:.2}s p99={:.2}s min={:.2}s max={:.2}s",
+        times.len(),
+        pct(0.50),
+        pct(0.99),
+        times[0],
+        times[times.len() - 1]
+    );
+    s.ns.cleanup().await.expect("cleanup");
+}

@@ -16,6 +16,7 @@ pub mod api;
 pub mod client;
 pub mod layout;
 pub mod manifest;
+pub mod names;
 pub mod state;
 pub mod wal;
 

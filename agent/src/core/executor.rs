@@ -135,7 +135,7 @@ pub struct Executor {
     /// The agent's shutdown, for steps that wait long (a reinitialize's clone).
     shutdown: CancellationToken,
     /// The drain handshake (its state is part of every admission).
-    drain: crate::drain::DrainRecord,
+    drain: super::drain_record::DrainRecord,
 }
 
 impl Executor {
@@ -144,7 +144,7 @@ impl Executor {
         status: watch::Sender<Snapshot>,
         requests: mpsc::Receiver<Request>,
         initial: AgentState,
-        drain: crate::drain::DrainRecord,
+        drain: super::drain_record::DrainRecord,
     ) -> Executor {
         Executor {
             ctx,

@@ -9,6 +9,7 @@
 //! - [`monitor`] is the one long-lived monitoring connection to Postgres.
 
 pub mod admission;
+pub mod drain_record;
 pub mod executor;
 pub mod monitor;
 
@@ -27,9 +28,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::archive::backup::Run;
 use crate::context::Context;
-use crate::drain::DrainRecord;
 use crate::error::AgentError;
 use crate::restore;
+use drain_record::DrainRecord;
 
 pub use admission::InFlight;
 
@@ -349,20 +350,15 @@ impl Handle {
         self.drain.clone()
     }
 
-    /// Begins the drain (or joins the one under way) and answers at once; the drain task
-    /// carries it out (`crate::drain`).
-    pub async fn drain(
+    /// Begins the drain (or joins the one under way): its status, and the token of one that
+    /// has just begun, whose task the caller starts (`crate::drain::start`).
+    pub async fn begin_drain(
         &self,
         req: DrainRequest,
         by: &'static str,
-    ) -> Result<DrainStatus, AgentError> {
-        let (status, begun) = self
-            .request(|reply| Request::Drain { req, by, reply })
-            .await?;
-        if let Some(token) = begun {
-            tokio::spawn(crate::drain::run(self.clone(), token));
-        }
-        Ok(status)
+    ) -> Result<(DrainStatus, Option<CancellationToken>), AgentError> {
+        self.request(|reply| Request::Drain { req, by, reply })
+            .await
     }
 
     /// Cancels a drain before it stops Postgres.

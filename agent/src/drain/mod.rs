@@ -16,7 +16,7 @@
 //! a message and leaves the instance a normal member: it never stops the only writer unless
 //! asked to with `force`. `DELETE /v1/drain` cancels one before Postgres is stopped.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgpilot_common::api::{DrainRequest, DrainStatus, SwitchoverRequest};
@@ -27,177 +27,28 @@ pub mod cli;
 
 use crate::context::Context;
 use crate::core::Handle;
+use crate::core::drain_record::{DrainRecord, End};
 use crate::error::AgentError;
 
-/// The pod annotation of the handshake, and its progress message.
-pub const ANNOTATION: &str = "pgpilot.io/drain";
-pub const MESSAGE_ANNOTATION: &str = "pgpilot.io/drain-message";
-/// Annotation values: set by whoever asks, then by the agent.
-pub const STARTED: &str = "Started";
-pub const ACKNOWLEDGED: &str = "Acknowledged";
-pub const FINISHED: &str = "Finished";
-/// Written by the agent when a drain fails; set `Started` again to retry.
-pub const FAILED: &str = "Failed";
+use pgpilot_common::names::{
+    ANNOTATION_DRAIN as ANNOTATION, DRAIN_ACKNOWLEDGED as ACKNOWLEDGED, DRAIN_FAILED as FAILED,
+    DRAIN_FINISHED as FINISHED, DRAIN_STARTED as STARTED,
+};
 
 /// How often a primary's drain asks for a switchover again while no replica can take over.
 const RETRY: Duration = Duration::from_secs(1);
 
-/// The drain of this instance, shared by the executor (admission reads its state), the drain
-/// task (which moves it on) and the API.
-#[derive(Clone, Default)]
-pub struct DrainRecord(Arc<Mutex<Inner>>);
-
-#[derive(Default)]
-struct Inner {
-    status: DrainStatus,
-    cancel: CancellationToken,
-    started: Option<Instant>,
-    /// Postgres is being stopped: too late to cancel.
-    committed: bool,
-}
-
-/// How a drain ended.
-#[derive(Debug)]
-enum End {
-    Finished(String),
-    Failed(String),
-    Cancelled(String),
-}
-
-impl DrainRecord {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.0.lock().expect("drain lock")
+/// Begins the drain (or joins the one under way) and starts its task; answers at once.
+pub async fn start(
+    handle: &Handle,
+    req: DrainRequest,
+    by: &'static str,
+) -> Result<DrainStatus, AgentError> {
+    let (status, begun) = handle.begin_drain(req, by).await?;
+    if let Some(token) = begun {
+        tokio::spawn(run(handle.clone(), token));
     }
-
-    pub fn view(&self) -> DrainStatus {
-        self.lock().status.clone()
-    }
-
-    pub fn state(&self) -> DrainState {
-        self.lock().status.state
-    }
-
-    /// Begins a drain, or joins the one under way (or finished): the status, and the token of
-    /// a drain that has just begun (whose task the caller starts).
-    pub(crate) fn begin(
-        &self,
-        req: &DrainRequest,
-        by: &str,
-        default_timeout: Duration,
-        ctx: &Context,
-    ) -> (DrainStatus, Option<CancellationToken>) {
-        let mut g = self.lock();
-        if g.status.state != DrainState::Running {
-            return (g.status.clone(), None);
-        }
-        let timeout = req
-            .timeout_secs
-            .map(Duration::from_secs)
-            .unwrap_or(default_timeout);
-        g.cancel = CancellationToken::new();
-        g.started = Some(Instant::now());
-        g.committed = false;
-        g.status = DrainStatus {
-            state: DrainState::Draining,
-            step: Some("acknowledged".into()),
-            message: "drain accepted: this instance no longer takes leadership or new work".into(),
-            requested_by: Some(by.to_string()),
-            force: req.force,
-            timeout_secs: timeout.as_secs(),
-            started_at: Some(crate::time::now()),
-            ..Default::default()
-        };
-        ctx.metrics
-            .replication
-            .set_drain_state(DrainState::Draining);
-        tracing::warn!(
-            by,
-            force = req.force,
-            timeout_secs = timeout.as_secs(),
-            "drain: started"
-        );
-        (g.status.clone(), Some(g.cancel.clone()))
-    }
-
-    fn progress(&self, step: &str, message: impl Into<String>) -> bool {
-        let message = message.into();
-        let mut g = self.lock();
-        let changed = g.status.step.as_deref() != Some(step) || g.status.message != message;
-        if changed {
-            tracing::info!(step, "drain: {message}");
-        }
-        g.status.step = Some(step.to_string());
-        g.status.message = message;
-        changed
-    }
-
-    fn deadline(&self) -> Instant {
-        let g = self.lock();
-        g.started.unwrap_or_else(Instant::now) + Duration::from_secs(g.status.timeout_secs)
-    }
-
-    /// From here on the drain stops Postgres: it can no longer be cancelled.
-    fn commit(&self) -> Result<(), End> {
-        let mut g = self.lock();
-        if g.cancel.is_cancelled() || g.status.state != DrainState::Draining {
-            return Err(End::Cancelled("cancelled".into()));
-        }
-        g.committed = true;
-        Ok(())
-    }
-
-    fn end(&self, end: &End, ctx: &Context) -> DrainStatus {
-        let mut g = self.lock();
-        let (state, step, outcome, message) = match end {
-            End::Finished(m) => (DrainState::Drained, "finished", "finished", m),
-            End::Failed(m) => (DrainState::Running, "failed", "failed", m),
-            End::Cancelled(m) => (DrainState::Running, "cancelled", "cancelled", m),
-        };
-        g.status.state = state;
-        g.status.step = Some(step.into());
-        g.status.message = message.clone();
-        g.status.finished_at = Some(crate::time::now());
-        g.status.error = matches!(end, End::Failed(_)).then(|| message.clone());
-        let m = &ctx.metrics.replication;
-        m.set_drain_state(state);
-        m.drains.with_label_values(&[outcome]).inc();
-        if let Some(t) = g.started {
-            m.drain_duration.observe(t.elapsed().as_secs_f64());
-        }
-        match end {
-            End::Finished(_) => tracing::warn!("drain: finished: {message}"),
-            _ => tracing::warn!(outcome, "drain: {message}"),
-        }
-        g.status.clone()
-    }
-
-    /// `DELETE /v1/drain`: the instance becomes a normal member again.
-    pub(crate) fn cancel(
-        &self,
-        ctx: &Context,
-        agent: &AgentState,
-        why: &str,
-    ) -> Result<DrainStatus, AgentError> {
-        {
-            let g = self.lock();
-            let refuse = |m: &str| Err(AgentError::conflict(agent, m));
-            match g.status.state {
-                DrainState::Running => return refuse("no drain is in progress"),
-                DrainState::Drained => {
-                    return refuse(
-                        "the drain has finished: Postgres is stopped and stays stopped until the agent restarts",
-                    );
-                }
-                DrainState::Draining if g.committed => {
-                    return refuse(
-                        "the drain is stopping Postgres and can no longer be cancelled; wait for it to finish",
-                    );
-                }
-                DrainState::Draining => g.cancel.cancel(),
-            }
-        }
-        Ok(self.end(&End::Cancelled(why.to_string()), ctx))
-    }
+    Ok(status)
 }
 
 /// The drain task: carries the drain out to its end, reporting every step (Kubernetes: the pod
@@ -268,7 +119,7 @@ async fn steps(handle: &Handle, rec: &DrainRecord) -> End {
                         "{} took over (writes paused {} ms)",
                         r.new_primary, r.write_pause_ms
                     ));
-                    rec.lock().status.new_primary = Some(r.new_primary);
+                    rec.update(|s| s.new_primary = Some(r.new_primary));
                     break;
                 }
                 Err(e) if Instant::now() >= deadline => {
@@ -313,7 +164,7 @@ async fn steps(handle: &Handle, rec: &DrainRecord) -> End {
         match archive_leftovers(&ctx, only_writer).await {
             Ok(Some(last)) => {
                 archived = format!("WAL archived through {last}");
-                rec.lock().status.last_archived = Some(last);
+                rec.update(|s| s.last_archived = Some(last));
             }
             Ok(None) => archived = "no WAL was left to archive".into(),
             Err(why) => {
@@ -518,7 +369,7 @@ pub async fn watch_annotation(
         match ask(previous.as_deref(), now.as_deref(), state) {
             Ask::Nothing => {}
             Ask::Start => {
-                if let Err(e) = handle.drain(DrainRequest::default(), "annotation").await {
+                if let Err(e) = start(&handle, DrainRequest::default(), "annotation").await {
                     tracing::warn!("the annotation asks for a drain, refused: {e}");
                     if let Err(e) = kube
                         .annotate_drain(Some(FAILED), &format!("drain refused: {e}"))

@@ -23,9 +23,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use super::Leadership;
 use crate::config::{Config, Kubernetes};
 
-pub const LABEL_CLUSTER: &str = "pgpilot.io/cluster";
-pub const LABEL_SHARD: &str = "pgpilot.io/shard";
-pub const LABEL_ROLE: &str = "pgpilot.io/role";
+pub use pgpilot_common::names::{LABEL_CLUSTER, LABEL_ROLE, LABEL_SHARD};
 pub const ANNOTATION_LEADER_LSN: &str = "pgpilot.io/leader-lsn";
 /// Synchronous mode: the replicas that may hold acknowledged commits (comma-separated names).
 pub const ANNOTATION_SYNC: &str = "pgpilot.io/sync";
@@ -384,7 +382,9 @@ impl KubeLeadership {
     /// Sets (or, with `None`, removes) `pgpilot.io/drain` on this pod, with the message in
     /// `pgpilot.io/drain-message`.
     pub async fn annotate_drain(&self, value: Option<&str>, message: &str) -> anyhow::Result<()> {
-        use crate::drain::{ANNOTATION, MESSAGE_ANNOTATION};
+        use pgpilot_common::names::{
+            ANNOTATION_DRAIN as ANNOTATION, ANNOTATION_DRAIN_MESSAGE as MESSAGE_ANNOTATION,
+        };
         let patch = serde_json::json!({"metadata": {"annotations": {
             ANNOTATION: value,
             MESSAGE_ANNOTATION: message,
@@ -400,7 +400,7 @@ impl KubeLeadership {
     /// Sets `pgpilot.io/drain-message` alone.
     pub async fn annotate_message(&self, message: &str) -> anyhow::Result<()> {
         let patch = serde_json::json!({"metadata": {"annotations": {
-            crate::drain::MESSAGE_ANNOTATION: message,
+            pgpilot_common::names::ANNOTATION_DRAIN_MESSAGE: message,
         }}});
         timed(
             self.pods

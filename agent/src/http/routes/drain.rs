@@ -31,7 +31,7 @@ pub async fn start(
             "timeout_secs must be at least 1 (absent: [replication] drain_timeout_secs)".into(),
         ));
     }
-    let st = h.drain(req, "api").await?;
+    let st = crate::drain::start(&h, req, "api").await?;
     let code = if st.state == DrainState::Drained {
         StatusCode::OK
     } else {
