@@ -4,7 +4,7 @@
 //!   manifest) and the stop goes through;
 //! - during a restore's replay the agent is `Recovering`: `/replica` and `/primary` answer 503
 //!   (it is not a streaming replica), and `operation` shows the restore replaying; after
-//!   promotion it is `Running(Primary)`.
+//!   promotion it is `Running(Primary)`; a second restore and a drain meanwhile get 409.
 
 use std::time::{Duration, Instant};
 
@@ -185,6 +185,18 @@ async fn a_restore_replay_is_recovering_not_a_replica() {
     let (code, body) = api_error(client.restore(&restore_latest(false)).await.unwrap_err());
     assert_eq!(code, 409);
     assert!(body.message.contains(&id), "{body:?}");
+    // So is a drain (docs/drain.md): nothing to hand over or stop mid-restore.
+    let drain = pgpilot_common::api::DrainRequest::default();
+    let (code, body) = api_error(client.drain(&drain).await.unwrap_err());
+    assert_eq!(code, 409, "{body:?}");
+    assert!(
+        body.message.contains(&id) && body.message.contains("drain once it is done"),
+        "{body:?}"
+    );
+    assert_eq!(
+        client.drain_status().await.unwrap().state,
+        pgpilot_common::state::DrainState::Running
+    );
 
     fx.wait_for("Running(Primary) after the restore", LONG, |s| {
         s.state
