@@ -44,6 +44,10 @@ status: ## Status of the agent started by `make run`
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
+.PHONY: crds
+crds: ## Generate the CRDs from common/src/crd.rs into charts/pgpilot/crds (CI fails when they are stale)
+	$(CARGO) run -q -p pgpilot-operator -- crds --dir charts/pgpilot/crds
+
 .PHONY: lint
 lint: ## rustfmt check, clippy with warnings as errors, the operator's build of common stays light
 	$(CARGO) fmt --all -- --check

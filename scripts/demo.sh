@@ -21,7 +21,7 @@ psql_() { PGPASSWORD="$(cat "$BASE/superuser-password")" psql -X -q -t -A -h 127
 cli() { "$BIN" "$@" --api-url "http://$LOOP" --token-file "$BASE/api-token"; }
 wait_running() {
   for _ in $(seq 1 300); do
-    "$BIN" status --api-url "http://$LOOP" --json 2>/dev/null | grep -q '"state": "Running"' && return 0
+    "$BIN" status --api-url "http://$LOOP" --json 2>/dev/null | grep -q '"role": "Primary"' && return 0
     sleep 0.2
   done
   return 1

@@ -98,6 +98,27 @@ pub fn exe_for_postgres(state_dir: &Path, owner: Option<&OsUser>) -> Result<Path
     Ok(copy)
 }
 
+/// Installs this binary into `dir` as `pgpilot-agent`: a content-named copy (see
+/// [`install_copy`]) and a symlink to it, replaced atomically.
+pub fn install_named(dir: &Path) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let exe = std::env::current_exe().context("cannot locate the agent binary")?;
+    let copy = install_copy(&exe, dir).context("cannot copy the agent binary")?;
+    let link = dir.join("pgpilot-agent");
+    let tmp = dir.join(".pgpilot-agent.link");
+    let _ = fs::remove_file(&tmp);
+    let target = copy.file_name().map(PathBuf::from).unwrap_or(copy.clone());
+    std::os::unix::fs::symlink(&target, &tmp)
+        .and_then(|()| fs::rename(&tmp, &link))
+        .with_context(|| format!("cannot link {}", link.display()))?;
+    Ok(link)
+}
+
 /// Installs a copy of the binary `src` in `dest_dir` (created 0755 when missing) as
 /// `pgpilot-agent-<first 16 hex digits of its SHA-256>`, mode 0755, and returns its path. An
 /// existing copy of that name and size is reused; otherwise the copy is written to a temp file,

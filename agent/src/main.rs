@@ -130,6 +130,12 @@ enum Command {
         #[arg(long, conflicts_with_all = ["wait", "force", "timeout"])]
         cancel: bool,
     },
+    /// Install this binary into a directory as `pgpilot-agent` (the operator's init container:
+    /// the agent then runs from that shared volume in any Postgres image).
+    Install {
+        /// The directory (created if missing).
+        dir: PathBuf,
+    },
     /// Print the OpenAPI document of the agent's HTTP API.
     Openapi,
     /// archive_command: archive one WAL file (`%p`); exit 0 only once stored and verified.
@@ -388,6 +394,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Openapi => {
             print!("{}", pgpilot_agent::http::openapi::document());
+            Ok(())
+        }
+        Command::Install { dir } => {
+            let path = pgpilot_agent::install::install_named(&dir)?;
+            println!("{}", path.display());
             Ok(())
         }
         Command::Drain {

@@ -834,16 +834,7 @@ async fn failover_trials() {
         .await;
         primary = new;
     }
-    times.sort_by(f64::total_cmp);
-    let pct = |p: f64| times[((p * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1];
-    eprintln!(
-        "FAILOVER trials={} p50={:.2}s p99={:.2}s min={:.2}s max={:.2}s",
-        times.len(),
-        pct(0.50),
-        pct(0.99),
-        times[0],
-        times[times.len() - 1]
-    );
+    summary("FAILOVER", times);
     s.ns.cleanup().await.expect("cleanup");
 }
 
@@ -922,15 +913,20 @@ async fn drain_trials() {
         s.back_as_replica(&old, was).await;
         primary = new;
     }
+    summary("DRAIN", times);
+    s.ns.cleanup().await.expect("cleanup");
+}
+
+/// The benchmark's summary line: `<NAME> trials=… p50=… p99=… min=… max=…` (seconds).
+fn summary(name: &str, mut times: Vec<f64>) {
     times.sort_by(f64::total_cmp);
     let pct = |p: f64| times[((p * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1];
     eprintln!(
-        "DRAIN trials={} p50={:.2}s p99={:.2}s min={:.2}s max={:.2}s",
+        "{name} trials={} p50={:.2}s p99={:.2}s min={:.2}s max={:.2}s",
         times.len(),
         pct(0.50),
         pct(0.99),
         times[0],
         times[times.len() - 1]
     );
-    s.ns.cleanup().await.expect("cleanup");
 }

@@ -285,6 +285,8 @@ async fn streams_switches_over_and_back_without_losing_a_commit(major: u32) {
     assert!(r.replicas.iter().all(|v| v.api_url.is_some()), "{r:?}");
     assert_eq!(c.agent(0).get_status("/primary").await.unwrap(), 200);
     assert_eq!(c.agent(1).get_status("/primary").await.unwrap(), 503);
+    // The replica's own view of its stream (looked at every 2 s) may lag the primary's.
+    wait_status(&mut c, 1, "streaming, as the replica sees it", streaming).await;
     assert_eq!(
         c.agent(1)
             .get_status("/replica?lag=16777216")

@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod client;
+pub mod crd;
 pub mod layout;
 pub mod manifest;
 pub mod names;

@@ -1,14 +1,147 @@
-//! `pgpilot-operator`: turns PostgresCluster resources into per-shard workloads. The reconciler
-//! arrives with the operator issue; for now the binary only identifies itself.
+//! `pgpilot-operator`: `run` reconciles PostgresCluster resources (docs/operator.md); `crds`
+//! prints the CRD manifests generated from the types.
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
-/// pgpilot-operator: reconciles PostgresCluster resources (work in progress).
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pgpilot_operator::controller::{self, Ctx};
+use pgpilot_operator::metrics::Metrics;
+use pgpilot_operator::objects::Options;
+
+/// pgpilot-operator: turns PostgresCluster resources into running shards.
 #[derive(Debug, Parser)]
 #[command(name = "pgpilot-operator", version)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Reconcile PostgresCluster resources in every namespace the service account can see.
+    Run {
+        /// `/metrics` and `/healthz`.
+        #[arg(long, env = "PGPILOT_OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        /// The agent image for clusters that name none.
+        #[arg(long, env = "PGPILOT_AGENT_IMAGE")]
+        agent_image: Option<String>,
+        /// Where Postgres images keep their binaries (`{major}` is replaced).
+        #[arg(
+            long,
+            env = "PGPILOT_PG_BIN_DIR",
+            default_value = "/usr/lib/postgresql/{major}/bin"
+        )]
+        pg_bin_dir: String,
+        /// Networks allowed to connect to Postgres (password authentication), comma-separated.
+        #[arg(
+            long,
+            env = "PGPILOT_ALLOW_NETWORKS",
+            value_delimiter = ',',
+            default_value = "0.0.0.0/0,::/0"
+        )]
+        allow_networks: Vec<String>,
+        /// The drain's timeout in the pods (their grace period is 30 s more).
+        #[arg(long, default_value_t = 300)]
+        drain_timeout_secs: u64,
+    },
+    /// Print the CRD manifests (YAML, one document each) generated from the types.
+    Crds {
+        /// Write one file per CRD into this directory instead.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
+}
 
 fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    anyhow::bail!("pgpilot-operator has no reconciler yet; see the operator issue")
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crds { dir } => {
+            for (file, body) in pgpilot_operator::crds::manifests() {
+                match &dir {
+                    Some(d) => {
+                        std::fs::create_dir_all(d)?;
+                        std::fs::write(d.join(file), body)?;
+                    }
+                    None => print!("---\n{body}"),
+                }
+            }
+            Ok(())
+        }
+        Command::Run {
+            listen,
+            agent_image,
+            pg_bin_dir,
+            allow_networks,
+            drain_timeout_secs,
+        } => {
+            init_logging();
+            let mut opts = Options {
+                pg_bin_dir,
+                allow_networks,
+                drain_timeout_secs,
+                ..Options::default()
+            };
+            if let Some(i) = agent_image {
+                opts.agent_image = i;
+            }
+            tokio::runtime::Runtime::new()?.block_on(run(listen, opts))
+        }
+    }
+}
+
+/// JSON logs in a pod, human ones elsewhere.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGPILOT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(listen: SocketAddr, opts: Options) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API server (in-cluster config or KUBECONFIG)")?;
+    let metrics = Metrics::new();
+    let ctx = Arc::new(Ctx::new(client, opts, metrics.clone()));
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = metrics.clone();
+                async move { m.render() }
+            }),
+        );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("metrics server: {e}");
+        }
+    });
+    tracing::info!(%listen, "pgpilot-operator running");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    controller::run(ctx, async move {
+        tokio::select! { _ = shutdown => {}, _ = term => {} }
+    })
+    .await;
+    tracing::info!("pgpilot-operator stopped");
+    Ok(())
 }

@@ -263,6 +263,38 @@ const BUILTINS: &[Builtin] = &[
     Builtin {
         group: "",
         version: "v1",
+        kind: "ServiceAccount",
+        plural: "serviceaccounts",
+        namespaced: true,
+        short: &["sa"],
+        status: false,
+        generation: false,
+    },
+    // Stored and served so that operators can create their workloads' RBAC; not enforced
+    // (docs/kube-test-server.md: the server authorizes every request).
+    Builtin {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "Role",
+        plural: "roles",
+        namespaced: true,
+        short: &[],
+        status: false,
+        generation: false,
+    },
+    Builtin {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "RoleBinding",
+        plural: "rolebindings",
+        namespaced: true,
+        short: &[],
+        status: false,
+        generation: false,
+    },
+    Builtin {
+        group: "",
+        version: "v1",
         kind: "Event",
         plural: "events",
         namespaced: true,

@@ -1,0 +1,571 @@
+//! The custom resources (shared/DESIGN.md, "Operator"): `PostgresCluster` and `PostgresBackup`,
+//! group `pgpilot.io`, version `v1alpha1`. The CRDs are generated from these types
+//! (`pgpilot-operator crds`, `make crds`) into `charts/pgpilot/crds/`; the doc comments become
+//! the schema's descriptions. Rules a schema cannot carry on every API server (the test server
+//! checks no `pattern`, minimum or CEL) are checked by the operator's admission
+//! ([`PostgresClusterSpec::problems`]), which reports them as the `Ready=False, reason:
+//! InvalidSpec` condition and builds nothing.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// PostgreSQL majors the agent runs (the server packages it is tested with).
+pub const SUPPORTED_MAJORS: std::ops::RangeInclusive<u32> = 14..=18;
+
+/// A sharded PostgreSQL cluster: `shards` independent shards, each one primary and
+/// `instancesPerShard - 1` streaming replicas, each instance a pod whose Postgres is owned by
+/// pgpilot-agent.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "pgpilot.io",
+    version = "v1alpha1",
+    kind = "PostgresCluster",
+    namespaced,
+    status = "PostgresClusterStatus",
+    shortname = "pgc",
+    category = "pgpilot",
+    printcolumn = r#"{"name":"Shards","type":"integer","jsonPath":".spec.shards"}"#,
+    printcolumn = r#"{"name":"Instances","type":"integer","jsonPath":".spec.instancesPerShard"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Primaries","type":"string","jsonPath":".status.shards[*].primary"}"#,
+    printcolumn = r#"{"name":"Rollout","type":"string","jsonPath":".status.rollout.phase"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresClusterSpec {
+    /// PostgreSQL major version (14 to 18).
+    pub postgres_version: u32,
+    /// The Postgres container image; default `postgres:<postgresVersion>`. Any upstream image
+    /// works: the agent is copied into the pod by an init container from `agentImage`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The pgpilot-agent image; default `ghcr.io/pgpilot/agent:<operator version>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_image: Option<String>,
+    /// Number of shards, named `shard-0` … `shard-<n-1>`. Shards cannot be removed.
+    pub shards: u32,
+    /// Instances per shard: one primary, the rest streaming replicas.
+    #[serde(default = "default_instances")]
+    #[schemars(range(min = 1))]
+    pub instances_per_shard: u32,
+    /// The data volume of every instance.
+    pub storage: StorageSpec,
+    /// Container resources of the Postgres container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// postgresql.conf parameters (values as strings).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parameters: BTreeMap<String, String>,
+    /// Databases on every shard. Keyed by name: the agent adds the ones created with SQL
+    /// (field manager `pgpilot-agent`), users own the ones they declare.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub databases: Vec<DatabaseSpec>,
+    /// WAL archiving and base backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
+    /// How a new cluster's data comes to be: `initdb` (default) or restored from a backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<BootstrapSpec>,
+    /// How a new revision reaches the shards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
+    /// Existing Secrets to use instead of generated ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<SecretsSpec>,
+    /// Stop every action of the operator on this cluster (nothing is created, changed or
+    /// deleted) until it is false again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+}
+
+fn default_instances() -> u32 {
+    2
+}
+
+/// The data volume of every instance.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Size of each instance's volume, a Kubernetes quantity such as `50Gi`.
+    pub size: String,
+    /// The StorageClass; default: the cluster's default class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Delete the volumes when the cluster is deleted. Default false: volumes are kept (as
+    /// CloudNativePG and StatefulSets do), and a cluster created again with the same name
+    /// finds its data.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delete_with_cluster: bool,
+}
+
+/// A database on every shard.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    pub name: String,
+    /// Owner role; default the superuser.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// `present` (default) or `absent`: only `absent` drops a database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensure: Option<Ensure>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Ensure {
+    Present,
+    Absent,
+}
+
+/// WAL archiving and base backups to an object store.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// Store URL: `s3://bucket/prefix`, `gs://…`, `az://…` or `file:///path`.
+    pub store: String,
+    /// Secret whose keys are the store client's environment variables (`AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `GOOGLE_SERVICE_ACCOUNT_KEY`, `AZURE_STORAGE_ACCOUNT_KEY`, …;
+    /// docs/storage.md), given to the agents as environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+    /// `zstd` (default), `lz4`, `gzip` or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+    /// Secret whose `key` is the AES-256-GCM key (32 bytes, or 64 hex characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key_secret: Option<String>,
+    /// Cron schedule of base backups (five fields), e.g. `0 3 * * *`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionSpec>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Zstd,
+    Lz4,
+    Gzip,
+    None,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionSpec {
+    /// Keep this many newest base backups per shard (and the WAL they need).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<u32>,
+}
+
+/// How a new cluster's data comes to be.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BootstrapSpec {
+    /// Restore every shard from another cluster's store, to a point in time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_backup: Option<FromBackupSpec>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FromBackupSpec {
+    /// The store the source cluster archives to.
+    pub store: String,
+    /// The source cluster's name in that store.
+    pub cluster: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key_secret: Option<String>,
+    /// Recovery target time (RFC 3339); default: the end of the archived WAL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_time: Option<String>,
+}
+
+/// How a new revision reaches the shards (canaries first, gates, halts).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<RolloutMode>,
+    /// Shards updated first, before the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_shards: Option<u32>,
+    /// Manual mode: the planned revision that may proceed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
+    /// How long an updated shard must stay healthy before the next one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soak_seconds: Option<u32>,
+    /// A replica lagging more than this counts as unhealthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_replica_lag_bytes: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RolloutMode {
+    Automatic,
+    Manual,
+}
+
+/// Existing Secrets to use; each one absent is generated as `<cluster>-<what>`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretsSpec {
+    /// Secret with `password`: the superuser's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superuser: Option<String>,
+    /// Secret with `password`: the replication user's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<String>,
+    /// Secret with `token`: the agents' API bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_token: Option<String>,
+}
+
+/// What the operator and the agents report.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresClusterStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub databases: Vec<DatabaseStatus>,
+    /// `Ready`, `Progressing`, `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardStatus {
+    /// `shard-<n>`.
+    pub name: String,
+    /// The pod labelled primary (it holds the shard's Lease).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    pub ready_instances: u32,
+    pub instances: u32,
+    /// The revision of the shard's pod template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// `Pending`, `Healthy` (every instance ready, one primary) or `Degraded`.
+    pub phase: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// `Idle`, `Pending`, `WaitingForRelease`, `InProgress`, `Halted`, `Complete`.
+    pub phase: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_revision: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub completed_shards: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseStatus {
+    pub name: String,
+    /// On how many shards it exists.
+    pub shards: u32,
+    /// `Declared` or `AdoptedFromSQL`.
+    pub origin: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// A condition in the Kubernetes shape.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// An on-demand base backup of one shard or of all.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "pgpilot.io",
+    version = "v1alpha1",
+    kind = "PostgresBackup",
+    namespaced,
+    status = "PostgresBackupStatus",
+    shortname = "pgb",
+    category = "pgpilot",
+    printcolumn = r#"{"name":"Cluster","type":"string","jsonPath":".spec.cluster"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresBackupSpec {
+    /// The PostgresCluster (same namespace).
+    pub cluster: String,
+    /// One shard (`shard-<n>`); default every shard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresBackupStatus {
+    /// `Pending`, `Running`, `Completed`, `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardBackupStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardBackupStatus {
+    pub shard: String,
+    /// `Running`, `Completed`, `Failed`.
+    pub phase: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl PostgresClusterSpec {
+    /// What is wrong with this spec, one sentence each naming the field; empty when valid.
+    /// `previous_shards`: the shard count already built (shards cannot be removed).
+    pub fn problems(&self, previous_shards: Option<u32>) -> Vec<String> {
+        let mut out = Vec::new();
+        if !SUPPORTED_MAJORS.contains(&self.postgres_version) {
+            out.push(format!(
+                "spec.postgresVersion {} is not supported (use {} to {})",
+                self.postgres_version,
+                SUPPORTED_MAJORS.start(),
+                SUPPORTED_MAJORS.end()
+            ));
+        }
+        if self.shards == 0 {
+            out.push("spec.shards must be at least 1".into());
+        }
+        if let Some(before) = previous_shards
+            && self.shards < before
+        {
+            out.push(format!(
+                "spec.shards cannot shrink ({before} → {}): a shard's data would be lost; delete the cluster instead",
+                self.shards
+            ));
+        }
+        if self.instances_per_shard == 0 {
+            out.push("spec.instancesPerShard must be at least 1".into());
+        }
+        if let Err(e) = parse_quantity(&self.storage.size) {
+            out.push(format!("spec.storage.size {:?}: {e}", self.storage.size));
+        }
+        if let Some(b) = &self.backup {
+            if let Err(e) = check_store_url(&b.store) {
+                out.push(format!("spec.backup.store {:?}: {e}", b.store));
+            }
+            if let Some(s) = &b.schedule
+                && s.split_whitespace().count() != 5
+            {
+                out.push(format!(
+                    "spec.backup.schedule {s:?}: a cron schedule has five fields (minute hour day month weekday)"
+                ));
+            }
+        }
+        for (i, d) in self.databases.iter().enumerate() {
+            if d.name.is_empty() || d.name.len() > 63 {
+                out.push(format!(
+                    "spec.databases[{i}].name {:?}: 1 to 63 characters",
+                    d.name
+                ));
+            }
+        }
+        for name in self.parameters.keys() {
+            let ok = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
+            if !ok {
+                out.push(format!(
+                    "spec.parameters: {name:?} is not a PostgreSQL parameter name"
+                ));
+            }
+        }
+        out
+    }
+
+    /// The Postgres image to run.
+    pub fn image(&self) -> String {
+        self.image
+            .clone()
+            .unwrap_or_else(|| format!("postgres:{}", self.postgres_version))
+    }
+
+    /// Shard names, `shard-0` … .
+    pub fn shard_names(&self) -> Vec<String> {
+        (0..self.shards).map(|i| format!("shard-{i}")).collect()
+    }
+}
+
+/// Bytes of a Kubernetes quantity (`50Gi`, `500M`, `1e9`), or why it is not one.
+pub fn parse_quantity(q: &str) -> Result<u64, String> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
+    let (num, suffix) = q.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| "not a quantity (a number with an optional suffix such as Gi)".to_string())?;
+    let mult: f64 = match suffix {
+        "" => 1.0,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        other => {
+            return Err(format!(
+                "unknown suffix {other:?} (use Ki, Mi, Gi, Ti or k, M, G, T)"
+            ));
+        }
+    };
+    let bytes = n * mult;
+    if bytes < 1.0 {
+        return Err("must be at least one byte".into());
+    }
+    Ok(bytes as u64)
+}
+
+/// A store URL the agent accepts: `s3://`, `gs://`, `az://` or `file://`, with a bucket or
+/// path.
+pub fn check_store_url(url: &str) -> Result<(), String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(
+            "not a URL (expected s3://bucket/prefix, gs://…, az://… or file:///path)".into(),
+        );
+    };
+    if !matches!(scheme, "s3" | "gs" | "az" | "file") {
+        return Err(format!(
+            "unknown scheme {scheme:?} (use s3, gs, az or file)"
+        ));
+    }
+    if rest.trim_matches('/').is_empty() {
+        return Err("names no bucket or path".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> PostgresClusterSpec {
+        serde_json::from_value(serde_json::json!({
+            "postgresVersion": 17, "shards": 2, "storage": {"size": "1Gi"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_minimal_spec_is_valid_with_defaults() {
+        let s = spec();
+        assert_eq!(s.instances_per_shard, 2);
+        assert_eq!(s.image(), "postgres:17");
+        assert_eq!(s.shard_names(), ["shard-0", "shard-1"]);
+        assert!(s.problems(None).is_empty(), "{:?}", s.problems(None));
+    }
+
+    #[test]
+    fn every_problem_names_its_field() {
+        let mut s = spec();
+        s.postgres_version = 9;
+        s.storage.size = "lots".into();
+        s.shards = 1;
+        s.parameters.insert("Max Connections".into(), "1".into());
+        s.backup = Some(BackupSpec {
+            store: "ftp://x".into(),
+            credentials_secret: None,
+            compression: None,
+            encryption_key_secret: None,
+            schedule: Some("daily".into()),
+            retention: None,
+        });
+        let p = s.problems(Some(2)).join("\n");
+        for words in [
+            "spec.postgresVersion 9",
+            "spec.storage.size \"lots\"",
+            "spec.shards cannot shrink (2 → 1)",
+            "spec.backup.store \"ftp://x\": unknown scheme",
+            "spec.backup.schedule \"daily\"",
+            "\"Max Connections\" is not a PostgreSQL parameter",
+        ] {
+            assert!(p.contains(words), "{words:?} missing in:\n{p}");
+        }
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity("1Gi").unwrap(), 1 << 30);
+        assert_eq!(parse_quantity("500M").unwrap(), 500_000_000);
+        assert!(
+            parse_quantity("1Gb")
+                .unwrap_err()
+                .contains("unknown suffix")
+        );
+        assert!(parse_quantity("").is_err());
+    }
+
+    #[test]
+    fn the_crd_carries_the_list_map_and_the_status_subresource() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(PostgresCluster::crd()).unwrap();
+        let v = &crd["spec"]["versions"][0];
+        assert_eq!(v["subresources"]["status"], serde_json::json!({}));
+        let db = &v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["databases"];
+        assert_eq!(db["x-kubernetes-list-type"], "map");
+        assert_eq!(
+            db["x-kubernetes-list-map-keys"],
+            serde_json::json!(["name"])
+        );
+        let desc = v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            ["postgresVersion"]["description"]
+            .as_str()
+            .unwrap();
+        assert!(desc.contains("major version"), "{desc}");
+    }
+}

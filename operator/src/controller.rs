@@ -1,0 +1,516 @@
+//! The reconciler (kube-runtime `Controller`): for each `PostgresCluster`, check the spec (an
+//! invalid one gets `Ready=False, reason InvalidSpec` and an Event, and nothing is built),
+//! make the generated Secret once, apply every object of [`objects::desired`] that is not
+//! already as desired (server-side apply, field manager `pgpilot-operator`), then report each
+//! shard's primary, ready instances and phase, and the `Ready`, `Progressing` and `Degraded`
+//! conditions. Owned objects and the cluster's pods are watched, so a pod becoming ready or a
+//! primary changing updates the status within a second or so.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use pgpilot_common::crd::{Condition, PostgresCluster, PostgresClusterStatus, ShardStatus};
+use pgpilot_common::names::{LABEL_CLUSTER, LABEL_ROLE, LABEL_SHARD};
+
+use crate::metrics::Metrics;
+use crate::objects::{self, DESIRED_HASH, Desired, MANAGER, Names, Options, SecretRefs};
+
+/// How often a cluster is looked at again without any event.
+const RESYNC: Duration = Duration::from_secs(30);
+
+/// Why a reconcile failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What every reconcile shares.
+pub struct Ctx {
+    pub client: Client,
+    pub opts: Options,
+    pub metrics: Metrics,
+    reporter: Reporter,
+}
+
+impl Ctx {
+    pub fn new(client: Client, opts: Options, metrics: Metrics) -> Ctx {
+        Ctx {
+            client,
+            opts,
+            metrics,
+            reporter: Reporter {
+                controller: MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(ctx: Arc<Ctx>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let clusters: Api<PostgresCluster> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::all(client.clone());
+    let cfg = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+    Controller::new(clusters, watcher::Config::default())
+        .owns(Api::<StatefulSet>::all(client.clone()), cfg.clone())
+        .owns(Api::<Service>::all(client.clone()), cfg.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), cfg.clone())
+        .watches(pods, cfg, |pod: Pod| {
+            let ns = pod.namespace()?;
+            let cluster = pod.labels().get(LABEL_CLUSTER)?.clone();
+            Some(ObjectRef::<PostgresCluster>::new(&cluster).within(&ns))
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!("reconcile: {e}");
+            }
+        })
+        .await;
+}
+
+fn error_policy(pc: Arc<PostgresCluster>, e: &Error, ctx: Arc<Ctx>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[&pc.name_any()])
+        .inc();
+    tracing::warn!(cluster = %pc.name_any(), "reconcile failed, retrying in 5 s: {e}");
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile(pc: Arc<PostgresCluster>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let timer = std::time::Instant::now();
+    let name = pc.name_any();
+    let result = reconcile_inner(&pc, &ctx).await;
+    let m = &ctx.metrics;
+    m.reconciles.with_label_values(&[&name]).inc();
+    m.reconcile_duration.observe(timer.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_inner(pc: &PostgresCluster, ctx: &Ctx) -> Result<Action, Error> {
+    let ns = pc
+        .namespace()
+        .ok_or_else(|| Error::Other("a PostgresCluster is namespaced".into()))?;
+    let name = pc.name_any();
+    let api: Api<PostgresCluster> = Api::namespaced(ctx.client.clone(), &ns);
+    let status = pc.status.clone().unwrap_or_default();
+    let generation = pc.metadata.generation;
+    if pc.spec.paused {
+        let mut st = status.clone();
+        set_condition(
+            &mut st,
+            "Progressing",
+            "False",
+            "Paused",
+            "spec.paused is true: the operator takes no action on this cluster",
+            generation,
+        );
+        write_status(&api, &name, &status, st, ctx).await?;
+        return Ok(Action::await_change());
+    }
+    let built = (!status.shards.is_empty()).then_some(status.shards.len() as u32);
+    let problems = pc.spec.problems(built);
+    let missing = missing_secrets(pc, &ns, ctx).await?;
+    if !problems.is_empty() || !missing.is_empty() {
+        let mut all = problems;
+        all.extend(missing);
+        let message = all.join("; ");
+        let mut st = status.clone();
+        let changed = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .is_none_or(|c| c.message != message);
+        set_condition(
+            &mut st,
+            "Ready",
+            "False",
+            "InvalidSpec",
+            &message,
+            generation,
+        );
+        set_condition(
+            &mut st,
+            "Progressing",
+            "False",
+            "InvalidSpec",
+            "nothing is built until the spec is fixed",
+            generation,
+        );
+        st.observed_generation = generation;
+        write_status(&api, &name, &status, st, ctx).await?;
+        if changed {
+            event(ctx, pc, EventType::Warning, "InvalidSpec", &message).await;
+        }
+        ctx.metrics.set_phase(&name, "Invalid");
+        return Ok(Action::await_change());
+    }
+    ensure_secret(pc, &ns, ctx).await?;
+    for d in objects::desired(pc, &ctx.opts) {
+        apply(pc, &ns, &d, ctx).await?;
+    }
+    let shards = observe(pc, &ns, ctx).await?;
+    let mut st = status.clone();
+    st.observed_generation = generation;
+    let healthy = shards.iter().filter(|s| s.phase == "Healthy").count();
+    let all_ready = healthy == shards.len();
+    let waiting: Vec<String> = shards
+        .iter()
+        .filter(|s| s.phase != "Healthy")
+        .map(|s| {
+            format!(
+                "{}: {}/{} ready, primary {}",
+                s.name,
+                s.ready_instances,
+                s.instances,
+                s.primary.as_deref().unwrap_or("none")
+            )
+        })
+        .collect();
+    let was_ready = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    if all_ready {
+        set_condition(
+            &mut st,
+            "Ready",
+            "True",
+            "AllShardsHealthy",
+            &format!(
+                "{} shards, each with a primary and every instance ready",
+                shards.len()
+            ),
+            generation,
+        );
+        set_condition(
+            &mut st,
+            "Progressing",
+            "False",
+            "Settled",
+            "every shard is as the spec says",
+            generation,
+        );
+        set_condition(
+            &mut st,
+            "Degraded",
+            "False",
+            "AllShardsHealthy",
+            "",
+            generation,
+        );
+    } else {
+        let msg = waiting.join("; ");
+        set_condition(
+            &mut st,
+            "Ready",
+            "False",
+            "ShardsNotReady",
+            &msg,
+            generation,
+        );
+        set_condition(
+            &mut st,
+            "Progressing",
+            "True",
+            "ShardsStarting",
+            &msg,
+            generation,
+        );
+        let degraded = was_ready;
+        set_condition(
+            &mut st,
+            "Degraded",
+            if degraded { "True" } else { "False" },
+            if degraded {
+                "ShardUnhealthy"
+            } else {
+                "Starting"
+            },
+            &msg,
+            generation,
+        );
+    }
+    st.shards = shards;
+    if all_ready && !was_ready {
+        event(
+            ctx,
+            pc,
+            EventType::Normal,
+            "Ready",
+            "every shard has a primary and all its instances ready",
+        )
+        .await;
+    }
+    write_status(&api, &name, &status, st, ctx).await?;
+    ctx.metrics
+        .set_phase(&name, if all_ready { "Ready" } else { "Progressing" });
+    Ok(Action::requeue(if all_ready {
+        RESYNC
+    } else {
+        Duration::from_secs(5)
+    }))
+}
+
+/// Credentials the spec names that do not exist, one message each.
+async fn missing_secrets(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Vec<String>, Error> {
+    let name = pc.name_any();
+    let generated = Names { cluster: &name }.secret();
+    let refs = SecretRefs::of(pc);
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let mut out = Vec::new();
+    let mut named: Vec<(&str, String)> = [
+        ("spec.secrets.superuser", &refs.superuser),
+        ("spec.secrets.replication", &refs.replication),
+        ("spec.secrets.apiToken", &refs.token),
+    ]
+    .into_iter()
+    .filter(|(_, (s, _))| *s != generated)
+    .map(|(f, (s, _))| (f, s.clone()))
+    .collect();
+    if let Some(b) = &pc.spec.backup {
+        if let Some(s) = &b.credentials_secret {
+            named.push(("spec.backup.credentialsSecret", s.clone()));
+        }
+        if let Some(s) = &b.encryption_key_secret {
+            named.push(("spec.backup.encryptionKeySecret", s.clone()));
+        }
+    }
+    for (field, secret) in named {
+        if api.get_opt(&secret).await?.is_none() {
+            out.push(format!(
+                "{field}: Secret {secret:?} does not exist in namespace {ns}"
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The generated Secret, made once with random credentials (never rewritten: the pods' data
+/// depends on them). Owned by the cluster, so deleting the cluster deletes it.
+async fn ensure_secret(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<(), Error> {
+    let name = pc.name_any();
+    let secret_name = Names { cluster: &name }.secret();
+    if !SecretRefs::of(pc).uses_generated(&secret_name) {
+        return Ok(());
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    if api.get_opt(&secret_name).await?.is_some() {
+        return Ok(());
+    }
+    let random = || -> Result<String, Error> {
+        let mut b = [0u8; 24];
+        use std::io::Read;
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut b))
+            .map_err(|e| Error::Other(format!("cannot read /dev/urandom: {e}")))?;
+        Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    };
+    let mut data = BTreeMap::new();
+    for key in ["superuser-password", "replication-password", "token"] {
+        data.insert(key.to_string(), random()?);
+    }
+    let mut s = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(secret_name.clone()),
+            labels: serde_json::from_value(objects::labels(&name, None)).ok(),
+            owner_references: pc.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        string_data: Some(data),
+        ..Default::default()
+    };
+    s.type_ = Some("Opaque".into());
+    match api.create(&PostParams::default(), &s).await {
+        Ok(_) => {
+            ctx.metrics.writes.inc();
+            event(
+                ctx,
+                pc,
+                EventType::Normal,
+                "Created",
+                &format!("Secret {secret_name} with generated credentials"),
+            )
+            .await;
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Applies `d` unless the live object already carries its desired hash.
+async fn apply(pc: &PostgresCluster, ns: &str, d: &Desired, ctx: &Ctx) -> Result<(), Error> {
+    let (group, version) = match d.api_version.split_once('/') {
+        Some((g, v)) => (g, v),
+        None => ("", d.api_version),
+    };
+    let plural = format!("{}s", d.kind.to_lowercase());
+    let ar = ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: d.api_version.into(),
+        kind: d.kind.into(),
+        plural: if d.kind == "PodDisruptionBudget" {
+            "poddisruptionbudgets".into()
+        } else {
+            plural
+        },
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
+    let want = d.body["metadata"]["annotations"][DESIRED_HASH].as_str();
+    let live = api.get_opt(&d.name).await?;
+    if let Some(live) = &live
+        && live.annotations().get(DESIRED_HASH).map(String::as_str) == want
+    {
+        return Ok(());
+    }
+    let pp = PatchParams::apply(MANAGER).force();
+    api.patch(&d.name, &pp, &Patch::Apply(&d.body)).await?;
+    ctx.metrics.writes.inc();
+    let verb = if live.is_some() { "Updated" } else { "Created" };
+    tracing::info!(cluster = %pc.name_any(), kind = d.kind, name = %d.name, "{}", verb.to_lowercase());
+    event(
+        ctx,
+        pc,
+        EventType::Normal,
+        verb,
+        &format!("{} {}", d.kind, d.name),
+    )
+    .await;
+    Ok(())
+}
+
+/// Each shard as its pods and StatefulSet show it.
+async fn observe(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Vec<ShardStatus>, Error> {
+    let name = pc.name_any();
+    let n = Names { cluster: &name };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    let mut out = Vec::new();
+    for shard in pc.spec.shard_names() {
+        let list = pods
+            .list(
+                &ListParams::default()
+                    .labels(&format!("{LABEL_CLUSTER}={name},{LABEL_SHARD}={shard}")),
+            )
+            .await?;
+        let ready = |p: &Pod| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        };
+        let ready_instances = list.items.iter().filter(|p| ready(p)).count() as u32;
+        let primaries: Vec<String> = list
+            .items
+            .iter()
+            .filter(|p| {
+                ready(p) && p.labels().get(LABEL_ROLE).map(String::as_str) == Some("primary")
+            })
+            .map(|p| p.name_any())
+            .collect();
+        let revision = sets
+            .get_opt(&n.shard(&shard))
+            .await?
+            .and_then(|s| s.status)
+            .and_then(|s| s.update_revision);
+        let instances = pc.spec.instances_per_shard;
+        let primary = (primaries.len() == 1).then(|| primaries[0].clone());
+        let phase = if primary.is_some() && ready_instances >= instances {
+            "Healthy"
+        } else if list.items.is_empty() {
+            "Pending"
+        } else {
+            "Degraded"
+        };
+        out.push(ShardStatus {
+            name: shard,
+            primary,
+            ready_instances,
+            instances,
+            revision,
+            phase: phase.into(),
+        });
+    }
+    Ok(out)
+}
+
+/// Sets condition `type_`, keeping its transition time when the status does not change.
+fn set_condition(
+    st: &mut PostgresClusterStatus,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) {
+    let now = jiff::Timestamp::now().to_string();
+    match st.conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            if c.status != status {
+                c.last_transition_time = Some(now);
+            }
+            c.status = status.into();
+            c.reason = reason.into();
+            c.message = message.into();
+            c.observed_generation = generation;
+        }
+        None => st.conditions.push(Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time: Some(now),
+            observed_generation: generation,
+        }),
+    }
+}
+
+/// Writes the status subresource when it changed.
+async fn write_status(
+    api: &Api<PostgresCluster>,
+    name: &str,
+    before: &PostgresClusterStatus,
+    after: PostgresClusterStatus,
+    ctx: &Ctx,
+) -> Result<(), Error> {
+    if *before == after {
+        return Ok(());
+    }
+    let patch = serde_json::json!({"status": after});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    ctx.metrics.writes.inc();
+    Ok(())
+}
+
+async fn event(ctx: &Ctx, pc: &PostgresCluster, type_: EventType, reason: &str, note: &str) {
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&ev, &pc.object_ref(&())).await {
+        tracing::debug!("cannot record an Event: {e}");
+    }
+}

@@ -1,0 +1,12 @@
+//! pgpilot-operator: turns `PostgresCluster` resources into per-shard workloads
+//! (shared/DESIGN.md, "Operator"; docs/operator.md). It is thin: Postgres itself is the
+//! agents' business; the operator builds the pods they run in and reports what they say.
+//!
+//! - [`objects`]: what a cluster becomes (pure functions, unit-tested);
+//! - [`controller`]: the reconciler that applies them and writes the status;
+//! - [`crds`]: the CRD manifests generated from the types in `pgpilot_common::crd`.
+
+pub mod controller;
+pub mod crds;
+pub mod metrics;
+pub mod objects;

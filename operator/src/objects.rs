@@ -1,0 +1,504 @@
+//! What a `PostgresCluster` becomes: pure functions from the resource (and the operator's
+//! options) to the objects the reconciler applies. Per cluster: the agents' ServiceAccount,
+//! Role and RoleBinding. Per shard: the agent's configuration (ConfigMap), a StatefulSet
+//! (`updateStrategy: OnDelete`: the operator chooses which pod moves when), a headless Service,
+//! a read-write Service on `pgpilot.io/role=primary`, a read-only one on replicas, and a
+//! PodDisruptionBudget. Every object carries the cluster's labels, an owner reference to it,
+//! and the hash of its desired content (`pgpilot.io/desired-hash`), by which the reconciler
+//! skips objects that are already as desired (no write at all in a steady state).
+
+use std::hash::{Hash, Hasher};
+
+use kube::Resource;
+use pgpilot_common::crd::PostgresCluster;
+use pgpilot_common::names::{LABEL_CLUSTER, LABEL_ROLE, LABEL_SHARD};
+use serde_json::{Value, json};
+
+/// The annotation holding the hash of an object's desired content.
+pub const DESIRED_HASH: &str = "pgpilot.io/desired-hash";
+/// Field manager of every apply.
+pub const MANAGER: &str = "pgpilot-operator";
+/// The agent's API port (external listener) and loopback listener port in the pod.
+pub const API_PORT: u16 = 8008;
+pub const LOOPBACK_PORT: u16 = 8009;
+
+/// Settings of the operator that shape the workloads.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The agent image when the cluster names none.
+    pub agent_image: String,
+    /// Where a Postgres image keeps its binaries; `{major}` is replaced.
+    pub pg_bin_dir: String,
+    /// Networks allowed to connect to Postgres (pg_hba, password auth).
+    pub allow_networks: Vec<String>,
+    /// The drain's timeout in the pods; the grace period is this plus 30 s.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            agent_image: format!("ghcr.io/pgpilot/agent:{}", env!("CARGO_PKG_VERSION")),
+            pg_bin_dir: "/usr/lib/postgresql/{major}/bin".into(),
+            allow_networks: vec!["0.0.0.0/0".into(), "::/0".into()],
+            drain_timeout_secs: 300,
+        }
+    }
+}
+
+/// One object to apply: its kind (for the API) and its body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub api_version: &'static str,
+    pub kind: &'static str,
+    pub name: String,
+    pub body: Value,
+}
+
+/// The names of a cluster's objects.
+pub struct Names<'a> {
+    pub cluster: &'a str,
+}
+
+impl Names<'_> {
+    /// StatefulSet and headless Service of a shard: `<cluster>-<shard>`.
+    pub fn shard(&self, shard: &str) -> String {
+        format!("{}-{shard}", self.cluster)
+    }
+    pub fn rw(&self, shard: &str) -> String {
+        format!("{}-{shard}-rw", self.cluster)
+    }
+    pub fn ro(&self, shard: &str) -> String {
+        format!("{}-{shard}-ro", self.cluster)
+    }
+    pub fn config(&self, shard: &str) -> String {
+        format!("{}-{shard}-config", self.cluster)
+    }
+    /// The agents' ServiceAccount, Role and RoleBinding.
+    pub fn agent(&self) -> String {
+        format!("{}-agent", self.cluster)
+    }
+    /// The generated Secret (superuser and replication passwords, API token).
+    pub fn secret(&self) -> String {
+        format!("{}-secrets", self.cluster)
+    }
+}
+
+/// Labels of every object of the cluster, and of a shard's.
+pub fn labels(cluster: &str, shard: Option<&str>) -> Value {
+    let mut l = json!({
+        "app.kubernetes.io/name": "pgpilot",
+        "app.kubernetes.io/managed-by": MANAGER,
+        LABEL_CLUSTER: cluster,
+    });
+    if let Some(s) = shard {
+        l[LABEL_SHARD] = json!(s);
+    }
+    l
+}
+
+/// Where each credential is: (Secret name, key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretRefs {
+    pub superuser: (String, String),
+    pub replication: (String, String),
+    pub token: (String, String),
+}
+
+impl SecretRefs {
+    pub fn of(pc: &PostgresCluster) -> SecretRefs {
+        let n = Names {
+            cluster: &pc.name_any_or_default(),
+        };
+        let generated = n.secret();
+        let s = pc.spec.secrets.clone().unwrap_or_default();
+        let pick = |given: Option<String>, key: &str, gen_key: &str| match given {
+            Some(name) => (name, key.to_string()),
+            None => (generated.clone(), gen_key.to_string()),
+        };
+        SecretRefs {
+            superuser: pick(s.superuser, "password", "superuser-password"),
+            replication: pick(s.replication, "password", "replication-password"),
+            token: pick(s.api_token, "token", "token"),
+        }
+    }
+
+    /// Whether any credential lives in the generated Secret.
+    pub fn uses_generated(&self, generated: &str) -> bool {
+        [&self.superuser, &self.replication, &self.token]
+            .iter()
+            .any(|(n, _)| n == generated)
+    }
+}
+
+trait NameOr {
+    fn name_any_or_default(&self) -> String;
+}
+
+impl NameOr for PostgresCluster {
+    fn name_any_or_default(&self) -> String {
+        self.metadata.name.clone().unwrap_or_default()
+    }
+}
+
+/// Every object of the cluster, in the order they are applied (what pods need first).
+pub fn desired(pc: &PostgresCluster, opts: &Options) -> Vec<Desired> {
+    let name = pc.name_any_or_default();
+    let n = Names { cluster: &name };
+    let owner = owner_reference(pc);
+    let mut out = Vec::new();
+    let mut push = |api_version: &'static str,
+                    kind: &'static str,
+                    obj_name: String,
+                    shard: Option<&str>,
+                    mut body: Value| {
+        body["apiVersion"] = json!(api_version);
+        body["kind"] = json!(kind);
+        let meta = body
+            .as_object_mut()
+            .expect("an object")
+            .entry("metadata")
+            .or_insert_with(|| json!({}));
+        meta["name"] = json!(obj_name);
+        meta["labels"] = labels(&name, shard);
+        meta["ownerReferences"] = json!([owner]);
+        let hash = content_hash(&body);
+        body["metadata"]["annotations"] = json!({ DESIRED_HASH: hash });
+        out.push(Desired {
+            api_version,
+            kind,
+            name: obj_name,
+            body,
+        });
+    };
+    let agent = n.agent();
+    push("v1", "ServiceAccount", agent.clone(), None, json!({}));
+    push(
+        "rbac.authorization.k8s.io/v1",
+        "Role",
+        agent.clone(),
+        None,
+        json!({"rules": [
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+             "verbs": ["get", "list", "watch", "create", "update", "patch"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
+            {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+            {"apiGroups": ["pgpilot.io"], "resources": ["postgresclusters"],
+             "verbs": ["get", "list", "watch", "patch"]},
+        ]}),
+    );
+    push(
+        "rbac.authorization.k8s.io/v1",
+        "RoleBinding",
+        agent.clone(),
+        None,
+        json!({"roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": agent},
+               "subjects": [{"kind": "ServiceAccount", "name": agent}]}),
+    );
+    let secrets = SecretRefs::of(pc);
+    for shard in pc.spec.shard_names() {
+        let sel = json!({LABEL_CLUSTER: name, LABEL_SHARD: shard});
+        push(
+            "v1",
+            "ConfigMap",
+            n.config(&shard),
+            Some(&shard),
+            json!({"data": {"pgpilot.toml": agent_config(pc, &shard, opts)}}),
+        );
+        push(
+            "v1",
+            "Service",
+            n.shard(&shard),
+            Some(&shard),
+            json!({"spec": {"clusterIP": "None", "publishNotReadyAddresses": true, "selector": sel,
+                "ports": [{"name": "postgres", "port": 5432}, {"name": "agent", "port": API_PORT}]}}),
+        );
+        for (svc, role) in [(n.rw(&shard), "primary"), (n.ro(&shard), "replica")] {
+            let mut role_sel = sel.clone();
+            role_sel[LABEL_ROLE] = json!(role);
+            push(
+                "v1",
+                "Service",
+                svc,
+                Some(&shard),
+                json!({"spec": {"selector": role_sel,
+                    "ports": [{"name": "postgres", "port": 5432, "targetPort": 5432}]}}),
+            );
+        }
+        push(
+            "policy/v1",
+            "PodDisruptionBudget",
+            n.shard(&shard),
+            Some(&shard),
+            json!({"spec": {"maxUnavailable": 1, "selector": {"matchLabels": sel}}}),
+        );
+        push(
+            "apps/v1",
+            "StatefulSet",
+            n.shard(&shard),
+            Some(&shard),
+            statefulset(pc, &shard, &secrets, opts),
+        );
+    }
+    out
+}
+
+fn owner_reference(pc: &PostgresCluster) -> Value {
+    json!({
+        "apiVersion": PostgresCluster::api_version(&()),
+        "kind": PostgresCluster::kind(&()),
+        "name": pc.metadata.name,
+        "uid": pc.metadata.uid,
+        "controller": true,
+        "blockOwnerDeletion": true,
+    })
+}
+
+/// The agent's pgpilot.toml for one shard.
+pub fn agent_config(pc: &PostgresCluster, shard: &str, opts: &Options) -> String {
+    let q = |s: &str| serde_json::to_string(s).expect("a string");
+    let mut out = format!(
+        "[cluster]\nname = {}\nshard = {}\n\n[postgres]\nallow_networks = [{}]\n",
+        q(&pc.name_any_or_default()),
+        q(shard),
+        opts.allow_networks
+            .iter()
+            .map(|n| q(n))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if !pc.spec.parameters.is_empty() {
+        out += "\n[postgres.parameters]\n";
+        for (k, v) in &pc.spec.parameters {
+            out += &format!("{k} = {}\n", q(v));
+        }
+    }
+    out += &format!(
+        "\n[replication]\ndrain_timeout_secs = {}\n",
+        opts.drain_timeout_secs
+    );
+    if let Some(b) = &pc.spec.backup {
+        out += &format!("\n[backup]\nstore = {}\n", q(&b.store));
+        if let Some(c) = b.compression {
+            let c = serde_json::to_value(c).expect("an enum");
+            out += &format!("compression = {c}\n");
+        }
+        if b.encryption_key_secret.is_some() {
+            out += "encryption_key_files = [\"/backup-key/key\"]\n";
+        }
+    }
+    out += "\n[kubernetes]\nmode = \"on\"\n";
+    out
+}
+
+fn statefulset(pc: &PostgresCluster, shard: &str, secrets: &SecretRefs, opts: &Options) -> Value {
+    let name = pc.name_any_or_default();
+    let n = Names { cluster: &name };
+    let major = pc.spec.postgres_version;
+    let agent_image = pc
+        .spec
+        .agent_image
+        .clone()
+        .unwrap_or_else(|| opts.agent_image.clone());
+    let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
+    let env = json!([
+        {"name": "POD_NAME", "valueFrom": field("metadata.name")},
+        {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
+        {"name": "POD_IP", "valueFrom": field("status.podIP")},
+        {"name": "PGPILOT_CONFIG", "value": "/config/pgpilot.toml"},
+        {"name": "PGPILOT_DATA_DIR", "value": "/data/pg"},
+        {"name": "PGPILOT_STATE_DIR", "value": "/data"},
+        {"name": "PGPILOT_POSTGRES_PORT", "value": "5432"},
+        {"name": "PGPILOT_POSTGRES_LISTEN_ADDRESSES", "value": "$(POD_IP)"},
+        {"name": "PGPILOT_API_LISTEN", "value": format!("$(POD_IP):{API_PORT}")},
+        {"name": "PGPILOT_API_LOOPBACK_LISTEN", "value": format!("$(POD_IP):{LOOPBACK_PORT}")},
+        {"name": "PGPILOT_API_URL", "value": format!("http://$(POD_IP):{LOOPBACK_PORT}")},
+        {"name": "PGPILOT_PG_BIN_DIR", "value": opts.pg_bin_dir.replace("{major}", &major.to_string())},
+        {"name": "PGPILOT_API_TOKEN_FILE", "value": "/secrets/token/token"},
+        {"name": "PGPILOT_SUPERUSER_PASSWORD_FILE", "value": "/secrets/superuser/password"},
+        {"name": "PGPILOT_REPLICATION_PASSWORD_FILE", "value": "/secrets/replication/password"},
+    ]);
+    // Each credential mounted as a file under a fixed name, whichever Secret and key hold it.
+    let secret_volume = |vol: &str, (secret, key): &(String, String), file: &str| json!({"name": vol, "secret": {"secretName": secret, "items": [{"key": key, "path": file}]}});
+    let mut volumes = vec![
+        json!({"name": "config", "configMap": {"name": n.config(shard)}}),
+        json!({"name": "pgpilot-bin", "emptyDir": {}}),
+        secret_volume("token", &secrets.token, "token"),
+        secret_volume("superuser", &secrets.superuser, "password"),
+        secret_volume("replication", &secrets.replication, "password"),
+    ];
+    let mut mounts = vec![
+        json!({"name": "data", "mountPath": "/data"}),
+        json!({"name": "config", "mountPath": "/config"}),
+        json!({"name": "pgpilot-bin", "mountPath": "/pgpilot/bin"}),
+        json!({"name": "token", "mountPath": "/secrets/token"}),
+        json!({"name": "superuser", "mountPath": "/secrets/superuser"}),
+        json!({"name": "replication", "mountPath": "/secrets/replication"}),
+    ];
+    if let Some(key) = pc
+        .spec
+        .backup
+        .as_ref()
+        .and_then(|b| b.encryption_key_secret.as_ref())
+    {
+        volumes.push(json!({"name": "backup-key", "secret": {"secretName": key}}));
+        mounts.push(json!({"name": "backup-key", "mountPath": "/backup-key"}));
+    }
+    let env_from: Vec<Value> = pc
+        .spec
+        .backup
+        .as_ref()
+        .and_then(|b| b.credentials_secret.as_ref())
+        .map(|creds| json!({"secretRef": {"name": creds}}))
+        .into_iter()
+        .collect();
+    let mut container = json!({
+        "name": "postgres",
+        "image": pc.spec.image(),
+        "command": ["/pgpilot/bin/pgpilot-agent", "run"],
+        "env": env,
+        "envFrom": env_from,
+        "ports": [{"name": "postgres", "containerPort": 5432}, {"name": "agent", "containerPort": API_PORT}],
+        "volumeMounts": mounts,
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": API_PORT}, "periodSeconds": 2},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}, "periodSeconds": 10, "failureThreshold": 6},
+        "lifecycle": {"preStop": {"exec": {"command": [
+            "/pgpilot/bin/pgpilot-agent", "drain", "--wait", "--timeout", opts.drain_timeout_secs.to_string()]}}},
+    });
+    if let Some(r) = &pc.spec.resources {
+        container["resources"] = serde_json::to_value(r).expect("resources");
+    }
+    let sel = json!({LABEL_CLUSTER: name, LABEL_SHARD: shard});
+    let mut claim = json!({"metadata": {"name": "data"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": pc.spec.storage.size}}}});
+    if let Some(class) = &pc.spec.storage.storage_class_name {
+        claim["spec"]["storageClassName"] = json!(class);
+    }
+    let retain = if pc.spec.storage.delete_with_cluster {
+        "Delete"
+    } else {
+        "Retain"
+    };
+    json!({"spec": {
+        "replicas": pc.spec.instances_per_shard,
+        "serviceName": n.shard(shard),
+        "podManagementPolicy": "Parallel",
+        "updateStrategy": {"type": "OnDelete"},
+        "persistentVolumeClaimRetentionPolicy": {"whenDeleted": retain, "whenScaled": "Retain"},
+        "selector": {"matchLabels": sel},
+        "template": {
+            "metadata": {"labels": labels(&name, Some(shard))},
+            "spec": {
+                "serviceAccountName": n.agent(),
+                "terminationGracePeriodSeconds": opts.drain_timeout_secs + 30,
+                "initContainers": [{
+                    "name": "install-agent",
+                    "image": agent_image,
+                    "command": ["pgpilot-agent", "install", "/pgpilot/bin"],
+                    "volumeMounts": [{"name": "pgpilot-bin", "mountPath": "/pgpilot/bin"}],
+                }],
+                "containers": [container],
+                "volumes": volumes,
+            },
+        },
+        "volumeClaimTemplates": [claim],
+    }})
+}
+
+/// A stable hash of an object's desired content (its JSON, keys sorted by serde_json's map).
+pub fn content_hash(v: &Value) -> String {
+    let mut h = std::hash::DefaultHasher::new();
+    v.to_string().hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster() -> PostgresCluster {
+        let mut pc: PostgresCluster = serde_json::from_value(json!({
+            "apiVersion": "pgpilot.io/v1alpha1", "kind": "PostgresCluster",
+            "metadata": {"name": "orders", "namespace": "db", "uid": "u-1"},
+            "spec": {"postgresVersion": 17, "shards": 2, "instancesPerShard": 3,
+                "storage": {"size": "1Gi"}, "parameters": {"max_connections": "300"},
+                "backup": {"store": "s3://b/orders", "compression": "zstd"}}
+        }))
+        .unwrap();
+        pc.metadata.uid = Some("u-1".into());
+        pc
+    }
+
+    #[test]
+    fn two_shards_make_the_workloads_of_each() {
+        let d = desired(&cluster(), &Options::default());
+        let names: Vec<String> = d.iter().map(|o| format!("{}/{}", o.kind, o.name)).collect();
+        for want in [
+            "ServiceAccount/orders-agent",
+            "Role/orders-agent",
+            "RoleBinding/orders-agent",
+            "ConfigMap/orders-shard-0-config",
+            "Service/orders-shard-0",
+            "Service/orders-shard-0-rw",
+            "Service/orders-shard-0-ro",
+            "PodDisruptionBudget/orders-shard-0",
+            "StatefulSet/orders-shard-0",
+            "StatefulSet/orders-shard-1",
+        ] {
+            assert!(names.contains(&want.to_string()), "{want} in {names:?}");
+        }
+        let sts = d
+            .iter()
+            .find(|o| o.kind == "StatefulSet" && o.name == "orders-shard-1")
+            .unwrap();
+        let spec = &sts.body["spec"];
+        assert_eq!(spec["replicas"], 3);
+        assert_eq!(spec["updateStrategy"]["type"], "OnDelete");
+        assert_eq!(spec["selector"]["matchLabels"][LABEL_SHARD], "shard-1");
+        assert_eq!(sts.body["metadata"]["ownerReferences"][0]["uid"], "u-1");
+        assert!(sts.body["metadata"]["annotations"][DESIRED_HASH].is_string());
+        let rw = d.iter().find(|o| o.name == "orders-shard-0-rw").unwrap();
+        assert_eq!(rw.body["spec"]["selector"][LABEL_ROLE], "primary");
+    }
+
+    #[test]
+    fn the_agent_config_names_the_shard_and_carries_parameters_and_store() {
+        let c = agent_config(&cluster(), "shard-1", &Options::default());
+        for line in [
+            "name = \"orders\"",
+            "shard = \"shard-1\"",
+            "max_connections = \"300\"",
+            "store = \"s3://b/orders\"",
+            "compression = \"zstd\"",
+            "mode = \"on\"",
+        ] {
+            assert!(c.contains(line), "{line} in\n{c}");
+        }
+    }
+
+    #[test]
+    fn the_hash_changes_with_the_content_only() {
+        let a = desired(&cluster(), &Options::default());
+        let b = desired(&cluster(), &Options::default());
+        assert_eq!(a, b);
+        let mut more = cluster();
+        more.spec.instances_per_shard = 4;
+        let c = desired(&more, &Options::default());
+        let hash = |d: &[Desired], name: &str| {
+            d.iter()
+                .find(|o| o.kind == "StatefulSet" && o.name == name)
+                .unwrap()
+                .body["metadata"]["annotations"][DESIRED_HASH]
+                .clone()
+        };
+        assert_ne!(hash(&a, "orders-shard-0"), hash(&c, "orders-shard-0"));
+        let cm = |d: &[Desired]| {
+            d.iter()
+                .find(|o| o.kind == "ConfigMap")
+                .unwrap()
+                .body
+                .clone()
+        };
+        assert_eq!(cm(&a), cm(&c));
+    }
+}

@@ -1,0 +1,344 @@
+//! The operator end to end: the reconciler (in this process) against the test API server, its
+//! pods run by the test kubelet as real pgpilot-agents with PostgreSQL 15 (docs/operator.md).
+//! What a user sees: the cluster's status and conditions, its Services, and the rows in each
+//! shard's Postgres.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{CustomResourceExt, ResourceExt};
+use pgpilot_common::crd::{PostgresBackup, PostgresCluster};
+use pgpilot_kube_testserver::{KubeTestServer, TestNamespace};
+use pgpilot_operator::controller::{self, Ctx};
+use pgpilot_operator::metrics::Metrics;
+use pgpilot_operator::objects::Options;
+use pgpilot_test_kubelet::{ImageTable, Kubelet, KubeletOptions, server_options};
+use serde_json::json;
+
+const BIN: &str = "/usr/lib/postgresql/15/bin";
+const WAIT: Duration = Duration::from_secs(120);
+
+/// The agent binary of this workspace's build (next to this test's own directory).
+fn agent_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("pgpilot-agent");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p pgpilot-agent; make test does)",
+        bin.display()
+    );
+    bin
+}
+
+async fn eventually<T, F, Fut>(what: &str, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    pgpilot_test_kubelet::wait::eventually(what, WAIT, f).await
+}
+
+struct Env {
+    client: kube::Client,
+    ns: TestNamespace,
+    kubelet: Kubelet,
+    metrics: Metrics,
+    _server: KubeTestServer,
+}
+
+impl Env {
+    async fn start(prefix: &str) -> Env {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("PGPILOT_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
+        assert!(
+            std::path::Path::new(BIN).join("postgres").exists(),
+            "PostgreSQL 15 is missing: scripts/install-test-deps.sh"
+        );
+        let server = KubeTestServer::start_with(server_options())
+            .await
+            .expect("server");
+        let images = ImageTable::new()
+            .binary("pgpilot/agent:*", agent_bin())
+            .directory("postgres:*", BIN, None);
+        let kubelet = Kubelet::start(
+            &server,
+            KubeletOptions {
+                images,
+                ..KubeletOptions::default()
+            },
+        )
+        .await
+        .expect("kubelet");
+        let client = server.client();
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in [PostgresCluster::crd(), PostgresBackup::crd()] {
+            crds.patch(
+                &crd.name_any(),
+                &PatchParams::apply("pgpilot-tests").force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .expect("install the CRD");
+        }
+        let ns = TestNamespace::create(&client, prefix)
+            .await
+            .expect("namespace");
+        let metrics = Metrics::new();
+        let opts = Options {
+            agent_image: "pgpilot/agent:test".into(),
+            pg_bin_dir: "/usr/lib/postgresql/{major}/bin".into(),
+            allow_networks: vec!["127.0.0.0/8".into()],
+            drain_timeout_secs: 30,
+        };
+        let ctx = Arc::new(Ctx::new(client.clone(), opts, metrics.clone()));
+        tokio::spawn(controller::run(ctx, std::future::pending()));
+        Env {
+            client,
+            ns,
+            kubelet,
+            metrics,
+            _server: server,
+        }
+    }
+
+    fn clusters(&self) -> Api<PostgresCluster> {
+        Api::namespaced(self.client.clone(), self.ns.name())
+    }
+
+    async fn create(&self, name: &str, spec: serde_json::Value) {
+        let pc: PostgresCluster = serde_json::from_value(json!({
+            "apiVersion": "pgpilot.io/v1alpha1", "kind": "PostgresCluster",
+            "metadata": {"name": name}, "spec": spec}))
+        .expect("a PostgresCluster");
+        self.clusters()
+            .create(&PostParams::default(), &pc)
+            .await
+            .expect("create");
+    }
+
+    /// The cluster once its `Ready` condition has `status`.
+    async fn ready(&self, name: &str, status: &str) -> PostgresCluster {
+        eventually(&format!("{name} Ready={status}"), || async {
+            let pc = self.clusters().get(name).await.ok()?;
+            let st = pc.status.as_ref()?;
+            tracing::info!(?st, "status");
+            st.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == status)
+                .then_some(pc)
+        })
+        .await
+    }
+
+    /// A connection to the Postgres behind Service `svc` (its first endpoint).
+    async fn sql(&self, svc: &str) -> tokio_postgres::Client {
+        let ip = eventually(&format!("an endpoint of {svc}"), || async {
+            self.kubelet
+                .service_ips(self.ns.name(), svc)
+                .await
+                .ok()?
+                .first()
+                .copied()
+        })
+        .await;
+        let password = self.superuser_password("orders").await;
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(ip.to_string())
+            .port(5432)
+            .user("postgres")
+            .password(password)
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(3));
+        let (c, conn) = cfg
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {svc} at {ip}: {e}"));
+        tokio::spawn(conn);
+        c
+    }
+
+    async fn superuser_password(&self, cluster: &str) -> String {
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(self.client.clone(), self.ns.name());
+        let s = secrets
+            .get(&format!("{cluster}-secrets"))
+            .await
+            .expect("the generated Secret");
+        let data = s.data.expect("data");
+        String::from_utf8(data["superuser-password"].0.clone()).expect("utf-8")
+    }
+
+    fn writes(&self) -> u64 {
+        self.metrics.writes.get()
+    }
+}
+
+/// A cluster of 2 shards × 2 instances becomes Ready: each shard has one primary behind its rw
+/// Service and one streaming replica; a write through each rw Service lands on that shard only;
+/// a steady-state reconcile writes nothing; scaling to 3 instances adds a streaming replica; an
+/// invalid spec gets its condition and no workload.
+#[tokio::test]
+async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
+    let env = Env::start("operator").await;
+    env.create(
+        "orders",
+        json!({"postgresVersion": 15, "image": "postgres:15", "shards": 2, "instancesPerShard": 2,
+            "storage": {"size": "1Gi"}, "parameters": {"max_connections": "50"}}),
+    )
+    .await;
+    let pc = env.ready("orders", "True").await;
+    let st = pc.status.expect("status");
+    assert_eq!(st.shards.len(), 2);
+    for s in &st.shards {
+        assert_eq!((s.ready_instances, s.instances), (2, 2), "{s:?}");
+        assert_eq!(s.phase, "Healthy");
+        let primary = s.primary.as_deref().expect("a primary");
+        assert!(primary.starts_with(&format!("orders-{}-", s.name)), "{s:?}");
+    }
+
+    // Each shard's rw Service reaches its own primary; a row written there stays in the shard.
+    for shard in ["shard-0", "shard-1"] {
+        let db = env.sql(&format!("orders-{shard}-rw")).await;
+        db.batch_execute(&format!(
+            "CREATE TABLE t (shard text); INSERT INTO t VALUES ('{shard}');"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("write through orders-{shard}-rw: {e}"));
+        let max: String = db
+            .query_one("SHOW max_connections", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(max, "50", "spec.parameters reach Postgres");
+    }
+    for shard in ["shard-0", "shard-1"] {
+        let ro = env.sql(&format!("orders-{shard}-ro")).await;
+        let rows: Vec<String> = eventually(&format!("the row on {shard}'s replica"), || async {
+            let r = ro.query("SELECT shard FROM t", &[]).await.ok()?;
+            let v: Vec<String> = r.iter().map(|r| r.get(0)).collect();
+            (!v.is_empty()).then_some(v)
+        })
+        .await;
+        assert_eq!(rows, [shard.to_string()], "{shard} holds only its own row");
+        let recovering: bool = ro
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(recovering, "the ro Service reaches a replica");
+    }
+
+    // Steady state: a reconcile (forced by an annotation) writes nothing.
+    let before = env.writes();
+    let reconciles = || env.metrics.reconciles.with_label_values(&["orders"]).get();
+    let count = reconciles();
+    let touch = json!({"metadata": {"annotations": {"test/touch": "1"}}});
+    env.clusters()
+        .patch("orders", &PatchParams::default(), &Patch::Merge(&touch))
+        .await
+        .unwrap();
+    eventually("a reconcile after the touch", || async {
+        (reconciles() > count).then_some(())
+    })
+    .await;
+    assert_eq!(
+        env.writes(),
+        before,
+        "a steady-state reconcile writes nothing"
+    );
+
+    // Scale 2 → 3: a third instance per shard, streaming.
+    let scale = json!({"spec": {"instancesPerShard": 3}});
+    env.clusters()
+        .patch("orders", &PatchParams::default(), &Patch::Merge(&scale))
+        .await
+        .unwrap();
+    let pc = eventually("3 ready instances per shard", || async {
+        let pc = env.clusters().get("orders").await.ok()?;
+        let st = pc.status.as_ref()?;
+        (st.shards.iter().all(|s| s.ready_instances == 3)
+            && st.observed_generation == pc.metadata.generation)
+            .then_some(pc)
+    })
+    .await;
+    let sets: Api<StatefulSet> = Api::namespaced(env.client.clone(), env.ns.name());
+    let sts = sets.get("orders-shard-0").await.unwrap();
+    assert_eq!(sts.spec.replicas, Some(3));
+    assert!(
+        pc.status
+            .unwrap()
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    );
+    let third = env
+        .kubelet
+        .pod_ip(env.ns.name(), "orders-shard-0-2")
+        .expect("the third pod");
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(third.to_string())
+        .port(5432)
+        .user("postgres")
+        .password(env.superuser_password("orders").await)
+        .dbname("postgres");
+    let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    let rows: Vec<String> = c
+        .query("SELECT shard FROM t", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, ["shard-0"], "the new replica cloned shard-0");
+
+    // An invalid spec: a condition that names it, an Event, no workload.
+    env.create(
+        "broken",
+        json!({"postgresVersion": 9, "shards": 1, "storage": {"size": "lots"}}),
+    )
+    .await;
+    let pc = env.ready("broken", "False").await;
+    let ready = pc
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.reason, "InvalidSpec");
+    for words in ["spec.postgresVersion 9", "spec.storage.size \"lots\""] {
+        assert!(ready.message.contains(words), "{words}: {}", ready.message);
+    }
+    assert!(sets.get_opt("broken-shard-0").await.unwrap().is_none());
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.client.clone(), env.ns.name());
+    let invalid = eventually("an InvalidSpec Event on the cluster", || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("InvalidSpec")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("broken")
+        })
+    })
+    .await;
+    assert!(
+        invalid
+            .note
+            .unwrap_or_default()
+            .contains("spec.postgresVersion 9"),
+        "the Event says what is wrong"
+    );
+    env.ns.cleanup().await.expect("cleanup");
+}
