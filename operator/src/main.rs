@@ -46,6 +46,12 @@ enum Command {
         /// The drain's timeout in the pods (their grace period is 30 s more).
         #[arg(long, default_value_t = 300)]
         drain_timeout_secs: u64,
+        /// Namespace of the leader-election Lease `pgpilot-operator`.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        lease_namespace: String,
+        /// This replica's identity in the election; default the pod name, else host and pid.
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
     },
     /// Print the CRD manifests (YAML, one document each) generated from the types.
     Crds {
@@ -76,6 +82,8 @@ fn main() -> anyhow::Result<()> {
             pg_bin_dir,
             allow_networks,
             drain_timeout_secs,
+            lease_namespace,
+            identity,
         } => {
             init_logging();
             let mut opts = Options {
@@ -87,7 +95,12 @@ fn main() -> anyhow::Result<()> {
             if let Some(i) = agent_image {
                 opts.agent_image = i;
             }
-            tokio::runtime::Runtime::new()?.block_on(run(listen, opts))
+            let identity = identity.unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                format!("{}-{}", host.trim(), std::process::id())
+            });
+            let election = pgpilot_operator::leader::Election::new(&lease_namespace, &identity);
+            tokio::runtime::Runtime::new()?.block_on(run(listen, opts, election))
         }
     }
 }
@@ -104,7 +117,11 @@ fn init_logging() {
     }
 }
 
-async fn run(listen: SocketAddr, opts: Options) -> anyhow::Result<()> {
+async fn run(
+    listen: SocketAddr,
+    opts: Options,
+    election: pgpilot_operator::leader::Election,
+) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = kube::Client::try_default()
         .await
@@ -128,20 +145,25 @@ async fn run(listen: SocketAddr, opts: Options) -> anyhow::Result<()> {
             tracing::error!("metrics server: {e}");
         }
     });
-    tracing::info!(%listen, "pgpilot-operator running");
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
+    tracing::info!(%listen, identity = %election.identity, "pgpilot-operator running; waiting to lead");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
-    };
-    controller::run(ctx, async move {
-        tokio::select! { _ = shutdown => {}, _ = term => {} }
+        on_signal.cancel();
+    });
+    pgpilot_operator::leader::run(ctx.client.clone(), election, shutdown, move |lost| {
+        controller::run(ctx, lost.cancelled_owned())
     })
-    .await;
+    .await
+    .map_err(|why| {
+        anyhow::anyhow!("leadership lost: {why}; exiting so that a follower takes over")
+    })?;
     tracing::info!("pgpilot-operator stopped");
     Ok(())
 }

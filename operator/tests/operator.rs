@@ -13,10 +13,12 @@ use kube::{CustomResourceExt, ResourceExt};
 use pgpilot_common::crd::{PostgresBackup, PostgresCluster};
 use pgpilot_kube_testserver::{KubeTestServer, TestNamespace};
 use pgpilot_operator::controller::{self, Ctx};
+use pgpilot_operator::leader::{self, Election};
 use pgpilot_operator::metrics::Metrics;
 use pgpilot_operator::objects::Options;
 use pgpilot_test_kubelet::{ImageTable, Kubelet, KubeletOptions, server_options};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 const BIN: &str = "/usr/lib/postgresql/15/bin";
 const WAIT: Duration = Duration::from_secs(120);
@@ -50,11 +52,20 @@ struct Env {
     ns: TestNamespace,
     kubelet: Kubelet,
     metrics: Metrics,
+    /// With leader election: each replica's metrics and task.
+    replicas: Vec<(Metrics, tokio::task::JoinHandle<Result<(), String>>)>,
     _server: KubeTestServer,
 }
 
 impl Env {
+    /// One operator (the controller alone).
     async fn start(prefix: &str) -> Env {
+        Self::start_with(prefix, 0).await
+    }
+
+    /// With `elected` > 0: that many operator replicas competing for the leader Lease (short
+    /// timings), instead of one controller.
+    async fn start_with(prefix: &str, elected: usize) -> Env {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_env("PGPILOT_LOG")
@@ -102,13 +113,33 @@ impl Env {
             allow_networks: vec!["127.0.0.0/8".into()],
             drain_timeout_secs: 30,
         };
-        let ctx = Arc::new(Ctx::new(client.clone(), opts, metrics.clone()));
-        tokio::spawn(controller::run(ctx, std::future::pending()));
+        let mut replicas = Vec::new();
+        if elected == 0 {
+            let ctx = Arc::new(Ctx::new(client.clone(), opts.clone(), metrics.clone()));
+            tokio::spawn(controller::run(ctx, std::future::pending()));
+        }
+        for i in 0..elected {
+            let m = Metrics::new();
+            let ctx = Arc::new(Ctx::new(client.clone(), opts.clone(), m.clone()));
+            let mut e = Election::new(ns.name(), &format!("operator-{i}"));
+            e.duration = Duration::from_secs(4);
+            e.renew = Duration::from_millis(500);
+            e.deadline = Duration::from_secs(3);
+            let c = client.clone();
+            let task = tokio::spawn(async move {
+                leader::run(c, e, CancellationToken::new(), move |lost| {
+                    controller::run(ctx, lost.cancelled_owned())
+                })
+                .await
+            });
+            replicas.push((m, task));
+        }
         Env {
             client,
             ns,
             kubelet,
             metrics,
+            replicas,
             _server: server,
         }
     }
@@ -340,5 +371,82 @@ async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
             .contains("spec.postgresVersion 9"),
         "the Event says what is wrong"
     );
+    env.ns.cleanup().await.expect("cleanup");
+}
+
+/// Two operator replicas: only the Lease holder acts. Killed (its task aborted mid-work, the
+/// Lease not released, as kill -9), the other takes over once the Lease expires and converges
+/// the cluster without duplicates.
+#[tokio::test]
+async fn two_operator_replicas_never_both_act_and_a_killed_leader_is_replaced() {
+    let env = Env::start_with("operator-ha", 2).await;
+    env.create(
+        "orders",
+        json!({"postgresVersion": 15, "image": "postgres:15", "shards": 1, "instancesPerShard": 1,
+            "storage": {"size": "1Gi"}}),
+    )
+    .await;
+    env.ready("orders", "True").await;
+    let writes = |i: usize| env.replicas[i].0.writes.get();
+    let reconciles = |i: usize| {
+        env.replicas[i]
+            .0
+            .reconciles
+            .with_label_values(&["orders"])
+            .get()
+    };
+    let leader = if writes(0) > 0 { 0 } else { 1 };
+    let follower = 1 - leader;
+    assert!(writes(leader) > 0);
+    assert_eq!(
+        (writes(follower), reconciles(follower)),
+        (0, 0),
+        "the follower never acted"
+    );
+
+    // kill -9 of the leader, then a change: the follower takes the Lease and acts on it.
+    env.replicas[leader].1.abort();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let by_the_dead = writes(leader);
+    let scale = json!({"spec": {"instancesPerShard": 2}});
+    env.clusters()
+        .patch("orders", &PatchParams::default(), &Patch::Merge(&scale))
+        .await
+        .unwrap();
+    eventually("2 ready instances, by the new leader", || async {
+        let pc = env.clusters().get("orders").await.ok()?;
+        let st = pc.status.as_ref()?;
+        (st.shards.first()?.ready_instances == 2 && writes(follower) > 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        writes(leader),
+        by_the_dead,
+        "the killed leader acts no more"
+    );
+    let sets: Api<StatefulSet> = Api::namespaced(env.client.clone(), env.ns.name());
+    let all = sets.list(&Default::default()).await.unwrap();
+    assert_eq!(all.items.len(), 1, "one StatefulSet, no duplicate");
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(env.client.clone(), env.ns.name());
+    let generated = secrets
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|s| s.name_any().starts_with("orders-secrets"))
+        .count();
+    assert_eq!(generated, 1, "the generated Secret made once");
+    let lease: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(env.client.clone(), env.ns.name());
+    let holder = lease
+        .get("pgpilot-operator")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .holder_identity;
+    assert_eq!(holder, Some(format!("operator-{follower}")));
     env.ns.cleanup().await.expect("cleanup");
 }
