@@ -59,8 +59,15 @@ impl Ctx {
     }
 }
 
-/// Runs the controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Ctx>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+/// Runs the controllers (PostgresCluster, PostgresBackup) until `shutdown` is cancelled.
+pub async fn run(ctx: Arc<Ctx>, shutdown: tokio_util::sync::CancellationToken) {
+    futures::join!(
+        clusters(ctx.clone(), shutdown.clone().cancelled_owned()),
+        crate::backup::run(ctx, shutdown.cancelled_owned()),
+    );
+}
+
+async fn clusters(ctx: Arc<Ctx>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
     let clusters: Api<PostgresCluster> = Api::all(client.clone());
     let pods: Api<Pod> = Api::all(client.clone());
@@ -502,6 +509,17 @@ async fn write_status(
 }
 
 async fn event(ctx: &Ctx, pc: &PostgresCluster, type_: EventType, reason: &str, note: &str) {
+    publish(ctx, &pc.object_ref(&()), type_, reason, note).await;
+}
+
+/// Records an Event on `object` (best effort).
+pub async fn publish(
+    ctx: &Ctx,
+    object: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let ev = Event {
         type_,
@@ -510,7 +528,7 @@ async fn event(ctx: &Ctx, pc: &PostgresCluster, type_: EventType, reason: &str, 
         action: reason.into(),
         secondary: None,
     };
-    if let Err(e) = recorder.publish(&ev, &pc.object_ref(&())).await {
+    if let Err(e) = recorder.publish(&ev, object).await {
         tracing::debug!("cannot record an Event: {e}");
     }
 }

@@ -4,9 +4,11 @@
 //!
 //! - [`objects`]: what a cluster becomes (pure functions, unit-tested);
 //! - [`controller`]: the reconciler that applies them and writes the status;
+//! - [`backup`]: `PostgresBackup`, on-demand base backups through the shards' primary agents;
 //! - [`crds`]: the CRD manifests generated from the types in `pgpilot_common::crd`;
 //! - [`leader`]: leader election among the operator's replicas (one Lease, one acts).
 
+pub mod backup;
 pub mod controller;
 pub mod crds;
 pub mod leader;

@@ -158,7 +158,7 @@ async fn run(
         on_signal.cancel();
     });
     pgpilot_operator::leader::run(ctx.client.clone(), election, shutdown, move |lost| {
-        controller::run(ctx, lost.cancelled_owned())
+        controller::run(ctx, lost)
     })
     .await
     .map_err(|why| {

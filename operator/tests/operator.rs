@@ -116,7 +116,7 @@ impl Env {
         let mut replicas = Vec::new();
         if elected == 0 {
             let ctx = Arc::new(Ctx::new(client.clone(), opts.clone(), metrics.clone()));
-            tokio::spawn(controller::run(ctx, std::future::pending()));
+            tokio::spawn(controller::run(ctx, CancellationToken::new()));
         }
         for i in 0..elected {
             let m = Metrics::new();
@@ -128,7 +128,7 @@ impl Env {
             let c = client.clone();
             let task = tokio::spawn(async move {
                 leader::run(c, e, CancellationToken::new(), move |lost| {
-                    controller::run(ctx, lost.cancelled_owned())
+                    controller::run(ctx, lost)
                 })
                 .await
             });
@@ -448,5 +448,79 @@ async fn two_operator_replicas_never_both_act_and_a_killed_leader_is_replaced() 
         .unwrap()
         .holder_identity;
     assert_eq!(holder, Some(format!("operator-{follower}")));
+    env.ns.cleanup().await.expect("cleanup");
+}
+
+/// `PostgresBackup`: a base backup of every shard, then of one, through the shards' primary
+/// agents, with ids, LSNs and sizes in the status; requests that cannot be served fail at once,
+/// saying why.
+#[tokio::test]
+async fn postgres_backups_run_on_every_shard_or_one_and_bad_requests_fail() {
+    let env = Env::start("operator-backup").await;
+    let store = tempfile::tempdir().expect("store dir");
+    env.create(
+        "orders",
+        json!({"postgresVersion": 15, "image": "postgres:15", "shards": 2, "instancesPerShard": 1,
+            "storage": {"size": "1Gi"},
+            "backup": {"store": format!("file://{}", store.path().display()), "compression": "lz4"}}),
+    )
+    .await;
+    env.ready("orders", "True").await;
+    let backups: Api<PostgresBackup> = Api::namespaced(env.client.clone(), env.ns.name());
+    let create = |name: &str, spec: serde_json::Value| {
+        let b: PostgresBackup = serde_json::from_value(json!({
+            "apiVersion": "pgpilot.io/v1alpha1", "kind": "PostgresBackup",
+            "metadata": {"name": name}, "spec": spec}))
+        .expect("a PostgresBackup");
+        let backups = backups.clone();
+        async move {
+            backups
+                .create(&PostParams::default(), &b)
+                .await
+                .expect("create")
+        }
+    };
+    let finished = |name: &'static str| {
+        let backups = backups.clone();
+        async move {
+            eventually(&format!("{name} finished"), || async {
+                let b = backups.get(name).await.ok()?;
+                let st = b.status?;
+                matches!(st.phase.as_deref(), Some("Completed" | "Failed")).then_some(st)
+            })
+            .await
+        }
+    };
+    create("all", json!({"cluster": "orders"})).await;
+    create("one", json!({"cluster": "orders", "shard": "shard-1"})).await;
+    create("nope", json!({"cluster": "nope"})).await;
+    create("typo", json!({"cluster": "orders", "shard": "shard-9"})).await;
+
+    let st = finished("all").await;
+    assert_eq!(st.phase.as_deref(), Some("Completed"), "{st:?}");
+    let shards: Vec<&str> = st.shards.iter().map(|s| s.shard.as_str()).collect();
+    assert_eq!(shards, ["shard-0", "shard-1"]);
+    for s in &st.shards {
+        assert_eq!(s.phase, "Completed", "{s:?}");
+        assert!(
+            s.backup_id.is_some() && s.start_lsn.is_some() && s.end_lsn.is_some(),
+            "{s:?}"
+        );
+        assert!(s.size_bytes.unwrap_or(0) > 0, "{s:?}");
+    }
+    let st = finished("one").await;
+    assert_eq!(st.phase.as_deref(), Some("Completed"), "{st:?}");
+    assert_eq!(st.shards.len(), 1);
+    assert_eq!(st.shards[0].shard, "shard-1");
+    let st = finished("nope").await;
+    assert_eq!(st.phase.as_deref(), Some("Failed"));
+    assert!(st.error.unwrap().contains("no PostgresCluster \"nope\""));
+    let st = finished("typo").await;
+    assert_eq!(st.phase.as_deref(), Some("Failed"));
+    let err = st.error.unwrap();
+    assert!(
+        err.contains("\"shard-9\"") && err.contains("shard-0, shard-1"),
+        "{err}"
+    );
     env.ns.cleanup().await.expect("cleanup");
 }

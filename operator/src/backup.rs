@@ -1,0 +1,274 @@
+//! `PostgresBackup`: an on-demand base backup of one shard or of every shard of a cluster. The
+//! operator asks each shard's primary agent (`POST /v1/backups`; the agent refuses base backups
+//! from replicas for now) and follows the run (`GET /v1/backups/{id}`), reporting per shard the
+//! backup id, LSNs, size or error, and the phase of the whole: `Running`, then `Completed` when
+//! every shard's backup completed, or `Failed` naming the shards that failed. A request that
+//! cannot be served (no such cluster, no store, unknown shard) fails at once with why.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use pgpilot_common::api::{BackupRequest, BackupState};
+use pgpilot_common::client::AgentClient;
+use pgpilot_common::crd::{
+    PostgresBackup, PostgresBackupStatus, PostgresCluster, ShardBackupStatus,
+};
+use pgpilot_common::names::{LABEL_CLUSTER, LABEL_ROLE, LABEL_SHARD};
+
+use crate::controller::{Ctx, Error, publish};
+use crate::objects::{API_PORT, SecretRefs};
+
+/// Runs the PostgresBackup controller until `shutdown` resolves.
+pub async fn run(ctx: Arc<Ctx>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let api: Api<PostgresBackup> = Api::all(ctx.client.clone());
+    Controller::new(api, watcher::Config::default())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!("backup reconcile: {e}");
+            }
+        })
+        .await;
+}
+
+fn error_policy(pb: Arc<PostgresBackup>, e: &Error, _ctx: Arc<Ctx>) -> Action {
+    tracing::warn!(backup = %pb.name_any(), "backup reconcile failed, retrying in 5 s: {e}");
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile(pb: Arc<PostgresBackup>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let before = pb.status.clone().unwrap_or_default();
+    if matches!(before.phase.as_deref(), Some("Completed" | "Failed")) {
+        return Ok(Action::await_change());
+    }
+    let ns = pb
+        .namespace()
+        .ok_or_else(|| Error::Other("a PostgresBackup is namespaced".into()))?;
+    let api: Api<PostgresBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = pb.name_any();
+    let mut st = before.clone();
+    let target = match plan(&pb, &ns, &ctx).await? {
+        Ok(t) => t,
+        Err(why) => {
+            st.phase = Some("Failed".into());
+            st.error = Some(why.clone());
+            write(&api, &name, &before, &st, &ctx).await?;
+            publish(
+                &ctx,
+                &pb.object_ref(&()),
+                EventType::Warning,
+                "BackupFailed",
+                &why,
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
+    };
+    for shard in &target.shards {
+        if !st.shards.iter().any(|s| s.shard == *shard) {
+            st.shards.push(ShardBackupStatus {
+                shard: shard.clone(),
+                phase: "Pending".into(),
+                ..Default::default()
+            });
+        }
+    }
+    for entry in st.shards.iter_mut() {
+        if matches!(entry.phase.as_str(), "Completed" | "Failed") {
+            continue;
+        }
+        let Some(ip) = primary_ip(&target.cluster, &entry.shard, &ns, &ctx).await? else {
+            entry.error = Some("waiting for the shard to have a ready primary".into());
+            continue;
+        };
+        let agent = AgentClient::new(
+            format!("http://{ip}:{API_PORT}"),
+            Some(target.token.clone()),
+        );
+        match &entry.backup_id {
+            None => {
+                let req = BackupRequest {
+                    label: Some(format!("PostgresBackup {ns}/{name}")),
+                };
+                match agent.start_backup(&req).await {
+                    Ok(p) => {
+                        entry.backup_id = Some(p.id.clone());
+                        entry.phase = "Running".into();
+                        entry.error = None;
+                        publish(
+                            &ctx,
+                            &pb.object_ref(&()),
+                            EventType::Normal,
+                            "BackupStarted",
+                            &format!("{}: backup {} on {ip}", entry.shard, p.id),
+                        )
+                        .await;
+                    }
+                    // Busy (another backup, a switchover): try again shortly.
+                    Err(e) if e.status() == Some(409) => entry.error = Some(e.to_string()),
+                    Err(e) if e.status().is_some() => {
+                        entry.phase = "Failed".into();
+                        entry.error = Some(e.to_string());
+                    }
+                    Err(e) => entry.error = Some(e.to_string()),
+                }
+            }
+            Some(id) => match agent.backup(id).await {
+                Ok(p) => match p.state {
+                    BackupState::Running => {}
+                    BackupState::Completed => {
+                        entry.phase = "Completed".into();
+                        entry.start_lsn = p.start_lsn;
+                        entry.end_lsn = p.stop_lsn;
+                        entry.size_bytes = Some(p.stored_bytes);
+                        entry.error = None;
+                    }
+                    BackupState::Failed | BackupState::Incomplete => {
+                        entry.phase = "Failed".into();
+                        entry.error = Some(p.reason.unwrap_or_else(|| "the backup failed".into()));
+                    }
+                },
+                // The primary may have changed; the backup's record is in the store.
+                Err(e) => entry.error = Some(format!("cannot follow backup {id}: {e}")),
+            },
+        }
+    }
+    let done = st
+        .shards
+        .iter()
+        .all(|s| matches!(s.phase.as_str(), "Completed" | "Failed"));
+    let failed: Vec<String> = st
+        .shards
+        .iter()
+        .filter(|s| s.phase == "Failed")
+        .map(|s| format!("{}: {}", s.shard, s.error.as_deref().unwrap_or("failed")))
+        .collect();
+    st.phase = Some(match (done, failed.is_empty()) {
+        (false, _) => "Running".into(),
+        (true, true) => "Completed".into(),
+        (true, false) => "Failed".into(),
+    });
+    if done && !failed.is_empty() {
+        st.error = Some(failed.join("; "));
+    }
+    write(&api, &name, &before, &st, &ctx).await?;
+    if done {
+        let (type_, reason, note) = if failed.is_empty() {
+            (
+                EventType::Normal,
+                "BackupCompleted",
+                format!("{} shard(s) backed up", st.shards.len()),
+            )
+        } else {
+            (EventType::Warning, "BackupFailed", failed.join("; "))
+        };
+        publish(&ctx, &pb.object_ref(&()), type_, reason, &note).await;
+        return Ok(Action::await_change());
+    }
+    Ok(Action::requeue(Duration::from_secs(2)))
+}
+
+struct Target {
+    cluster: String,
+    shards: Vec<String>,
+    token: String,
+}
+
+/// What the backup covers, or why it cannot be served.
+async fn plan(pb: &PostgresBackup, ns: &str, ctx: &Ctx) -> Result<Result<Target, String>, Error> {
+    let clusters: Api<PostgresCluster> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(pc) = clusters.get_opt(&pb.spec.cluster).await? else {
+        return Ok(Err(format!(
+            "spec.cluster: no PostgresCluster {:?} in namespace {ns}",
+            pb.spec.cluster
+        )));
+    };
+    if pc.spec.backup.is_none() {
+        return Ok(Err(format!(
+            "PostgresCluster {} has no spec.backup: there is no store to back up to",
+            pb.spec.cluster
+        )));
+    }
+    let all = pc.spec.shard_names();
+    let shards = match &pb.spec.shard {
+        Some(s) if all.contains(s) => vec![s.clone()],
+        Some(s) => {
+            return Ok(Err(format!(
+                "spec.shard: {s:?} is not a shard of {} (it has {})",
+                pb.spec.cluster,
+                all.join(", ")
+            )));
+        }
+        None => all,
+    };
+    let (secret, key) = SecretRefs::of(&pc).token;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let token = secrets
+        .get_opt(&secret)
+        .await?
+        .and_then(|s| s.data)
+        .and_then(|d| {
+            d.get(&key)
+                .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
+        });
+    let Some(token) = token else {
+        return Ok(Err(format!(
+            "the agents' API token (Secret {secret:?}, key {key:?}) is missing"
+        )));
+    };
+    Ok(Ok(Target {
+        cluster: pb.spec.cluster.clone(),
+        shards,
+        token,
+    }))
+}
+
+/// The pod IP of the shard's ready primary.
+async fn primary_ip(
+    cluster: &str,
+    shard: &str,
+    ns: &str,
+    ctx: &Ctx,
+) -> Result<Option<String>, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let sel = format!("{LABEL_CLUSTER}={cluster},{LABEL_SHARD}={shard},{LABEL_ROLE}=primary");
+    let list = pods.list(&ListParams::default().labels(&sel)).await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .find_map(|p| p.status.as_ref()?.pod_ip.clone()))
+}
+
+async fn write(
+    api: &Api<PostgresBackup>,
+    name: &str,
+    before: &PostgresBackupStatus,
+    after: &PostgresBackupStatus,
+    ctx: &Ctx,
+) -> Result<(), Error> {
+    if before == after {
+        return Ok(());
+    }
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(&serde_json::json!({"status": after})),
+    )
+    .await?;
+    ctx.metrics.writes.inc();
+    Ok(())
+}
