@@ -139,7 +139,8 @@ pub struct BackupSpec {
     /// Secret whose `key` is the AES-256-GCM key (32 bytes, or 64 hex characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption_key_secret: Option<String>,
-    /// Cron schedule of base backups (five fields), e.g. `0 3 * * *`.
+    /// Cron schedule of base backups of every shard (five fields, UTC, as a CronJob's), e.g.
+    /// `0 3 * * *`: each run is a `PostgresBackup` named `<cluster>-<yyyymmddhhmm>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -245,6 +246,9 @@ pub struct PostgresClusterStatus {
     /// `Ready`, `Progressing`, `Degraded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The time (RFC 3339) of the last scheduled backup run created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scheduled_backup: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -394,11 +398,9 @@ impl PostgresClusterSpec {
                 out.push(format!("spec.backup.store {:?}: {e}", b.store));
             }
             if let Some(s) = &b.schedule
-                && s.split_whitespace().count() != 5
+                && let Err(e) = crate::schedule::Schedule::parse(s)
             {
-                out.push(format!(
-                    "spec.backup.schedule {s:?}: a cron schedule has five fields (minute hour day month weekday)"
-                ));
+                out.push(format!("spec.backup.schedule {e}"));
             }
         }
         for (i, d) in self.databases.iter().enumerate() {

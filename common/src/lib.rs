@@ -18,6 +18,7 @@ pub mod crd;
 pub mod layout;
 pub mod manifest;
 pub mod names;
+pub mod schedule;
 pub mod state;
 pub mod wal;
 

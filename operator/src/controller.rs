@@ -255,6 +255,14 @@ async fn reconcile_inner(pc: &PostgresCluster, ctx: &Ctx) -> Result<Action, Erro
         );
     }
     st.shards = shards;
+    let mut next = if all_ready {
+        RESYNC
+    } else {
+        Duration::from_secs(5)
+    };
+    if let Some(wait) = scheduled_backup(pc, &ns, &mut st, ctx).await? {
+        next = next.min(wait);
+    }
     if all_ready && !was_ready {
         event(
             ctx,
@@ -268,11 +276,74 @@ async fn reconcile_inner(pc: &PostgresCluster, ctx: &Ctx) -> Result<Action, Erro
     write_status(&api, &name, &status, st, ctx).await?;
     ctx.metrics
         .set_phase(&name, if all_ready { "Ready" } else { "Progressing" });
-    Ok(Action::requeue(if all_ready {
-        RESYNC
-    } else {
-        Duration::from_secs(5)
-    }))
+    Ok(Action::requeue(next))
+}
+
+/// `spec.backup.schedule`: creates the `PostgresBackup` of the latest scheduled minute not run
+/// yet (never one from before the cluster existed; after an outage of the operator, only the
+/// latest missed run), named `<cluster>-<yyyymmddhhmm>` so that a run is created once whatever
+/// restarts. Returns how long until the next minute, when a schedule is set.
+async fn scheduled_backup(
+    pc: &PostgresCluster,
+    ns: &str,
+    st: &mut PostgresClusterStatus,
+    ctx: &Ctx,
+) -> Result<Option<Duration>, Error> {
+    let Some(spec) = pc.spec.backup.as_ref().and_then(|b| b.schedule.as_deref()) else {
+        return Ok(None);
+    };
+    let Ok(schedule) = pgpilot_common::schedule::Schedule::parse(spec) else {
+        return Ok(None);
+    };
+    let now = jiff::Timestamp::now();
+    let to_next_minute = Duration::from_secs(61 - now.as_second().rem_euclid(60) as u64);
+    let Some(due) = schedule.last_run(now, 24 * 60) else {
+        return Ok(Some(to_next_minute));
+    };
+    let created = pc.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let previous = st
+        .last_scheduled_backup
+        .as_deref()
+        .and_then(|s| s.parse::<jiff::Timestamp>().ok());
+    if created.is_some_and(|c| due < c) || previous.is_some_and(|p| due <= p) {
+        return Ok(Some(to_next_minute));
+    }
+    let name = pc.name_any();
+    let run = format!(
+        "{name}-{}",
+        due.to_zoned(jiff::tz::TimeZone::UTC).strftime("%Y%m%d%H%M")
+    );
+    let backup = pgpilot_common::crd::PostgresBackup {
+        metadata: kube::api::ObjectMeta {
+            name: Some(run.clone()),
+            labels: serde_json::from_value(objects::labels(&name, None)).ok(),
+            owner_references: pc.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec: pgpilot_common::crd::PostgresBackupSpec {
+            cluster: name.clone(),
+            shard: None,
+        },
+        status: None,
+    };
+    let api: Api<pgpilot_common::crd::PostgresBackup> = Api::namespaced(ctx.client.clone(), ns);
+    match api.create(&PostParams::default(), &backup).await {
+        Ok(_) => {
+            ctx.metrics.writes.inc();
+            event(
+                ctx,
+                pc,
+                EventType::Normal,
+                "BackupScheduled",
+                &format!("PostgresBackup {run} for the run of {due}"),
+            )
+            .await;
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    st.last_scheduled_backup = Some(due.to_string());
+    Ok(Some(to_next_minute))
 }
 
 /// Credentials the spec names that do not exist, one message each.

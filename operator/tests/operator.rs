@@ -522,5 +522,38 @@ async fn postgres_backups_run_on_every_shard_or_one_and_bad_requests_fail() {
         err.contains("\"shard-9\"") && err.contains("shard-0, shard-1"),
         "{err}"
     );
+
+    // A schedule: every minute (the shortest a cron schedule says) a PostgresBackup of every
+    // shard, named after its minute, created once.
+    let every_minute = json!({"spec": {"backup": {"schedule": "* * * * *"}}});
+    env.clusters()
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(&every_minute),
+        )
+        .await
+        .unwrap();
+    let run = eventually("a scheduled backup completed", || async {
+        let list = backups.list(&Default::default()).await.ok()?;
+        list.items.into_iter().find(|b| {
+            b.name_any().starts_with("orders-")
+                && b.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Completed")
+        })
+    })
+    .await;
+    assert_eq!(run.status.unwrap().shards.len(), 2, "every shard");
+    let pc = env.clusters().get("orders").await.unwrap();
+    let last = pc.status.unwrap().last_scheduled_backup.expect("recorded");
+    let minute: jiff::Timestamp = last.parse().unwrap();
+    assert_eq!(
+        run.metadata.name.unwrap(),
+        format!(
+            "orders-{}",
+            minute
+                .to_zoned(jiff::tz::TimeZone::UTC)
+                .strftime("%Y%m%d%H%M")
+        )
+    );
     env.ns.cleanup().await.expect("cleanup");
 }
