@@ -82,6 +82,10 @@ bench-failover: ## Unplanned failover: write unavailability over 10 frozen prima
 bench-drain: ## Planned drain of the primary: write gap over 10 drains (three agent pods; ~3 min)
 	./benches/drain.sh
 
+.PHONY: bench-operator
+bench-operator: ## The operator: time to Ready for 2x2, RSS idle and reconciling 50 clusters (~2 min)
+	./benches/operator.sh
+
 .PHONY: bench-quick
 bench-quick: ## Side-by-side suite, few repetitions and a small database (a few minutes)
 	./benches/side-by-side.sh --quick

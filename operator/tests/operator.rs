@@ -50,7 +50,8 @@ where
 struct Env {
     client: kube::Client,
     ns: TestNamespace,
-    kubelet: Kubelet,
+    kubelet: Option<Kubelet>,
+    kubeconfig: std::path::PathBuf,
     metrics: Metrics,
     /// With leader election: each replica's metrics and task.
     replicas: Vec<(Metrics, tokio::task::JoinHandle<Result<(), String>>)>,
@@ -64,7 +65,7 @@ impl Env {
     }
 
     /// With `elected` > 0: that many operator replicas competing for the leader Lease (short
-    /// timings), instead of one controller.
+    /// timings), instead of one controller; `usize::MAX`: no operator in this process.
     async fn start_with(prefix: &str, elected: usize) -> Env {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -114,11 +115,12 @@ impl Env {
             drain_timeout_secs: 30,
         };
         let mut replicas = Vec::new();
-        if elected == 0 {
+        let elected = (elected != usize::MAX).then_some(elected);
+        if elected == Some(0) {
             let ctx = Arc::new(Ctx::new(client.clone(), opts.clone(), metrics.clone()));
             tokio::spawn(controller::run(ctx, CancellationToken::new()));
         }
-        for i in 0..elected {
+        for i in 0..elected.unwrap_or(0) {
             let m = Metrics::new();
             let ctx = Arc::new(Ctx::new(client.clone(), opts.clone(), m.clone()));
             let mut e = Election::new(ns.name(), &format!("operator-{i}"));
@@ -137,7 +139,8 @@ impl Env {
         Env {
             client,
             ns,
-            kubelet,
+            kubelet: Some(kubelet),
+            kubeconfig: server.kubeconfig_path().to_path_buf(),
             metrics,
             replicas,
             _server: server,
@@ -177,6 +180,7 @@ impl Env {
     async fn sql(&self, svc: &str) -> tokio_postgres::Client {
         let ip = eventually(&format!("an endpoint of {svc}"), || async {
             self.kubelet
+                .as_ref()?
                 .service_ips(self.ns.name(), svc)
                 .await
                 .ok()?
@@ -316,6 +320,8 @@ async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
     );
     let third = env
         .kubelet
+        .as_ref()
+        .unwrap()
         .pod_ip(env.ns.name(), "orders-shard-0-2")
         .expect("the third pod");
     let mut cfg = tokio_postgres::Config::new();
@@ -556,4 +562,148 @@ async fn postgres_backups_run_on_every_shard_or_one_and_bad_requests_fail() {
         )
     );
     env.ns.cleanup().await.expect("cleanup");
+}
+
+/// Benchmark (benches/operator.sh, `make bench-operator`), not a check. The operator binary
+/// runs as its own process against the test API server (KUBECONFIG), so its memory is its own:
+/// (1) time from creating a 2 shards × 2 instances cluster to `Ready`, three times; (2) its RSS
+/// idle; (3) with the kubelet gone (pods stay Pending, as on a cluster out of capacity), 50
+/// clusters created at once: its peak RSS while reconciling them, and the writes one changed
+/// cluster costs.
+#[tokio::test]
+#[ignore = "benchmark: make bench-operator"]
+async fn operator_trials() {
+    use std::time::Instant;
+    let mut env = Env::start_with("operator-bench", usize::MAX).await;
+    let port = pgpilot_test_support_free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgpilot-operator"))
+        .args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--agent-image",
+            "pgpilot/agent:test",
+            "--allow-networks",
+            "127.0.0.0/8",
+            "--lease-namespace",
+            env.ns.name(),
+            "--identity",
+            "bench",
+        ])
+        .env("KUBECONFIG", env.kubeconfig.clone())
+        .env("PGPILOT_LOG", "warn")
+        .spawn()
+        .expect("pgpilot-operator");
+    let pid = child.id();
+    let rss = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let metric = |name: &'static str| async move {
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+    };
+    for trial in 1..=3 {
+        let name = format!("bench{trial}");
+        let at = Instant::now();
+        env.create(
+            &name,
+            json!({"postgresVersion": 15, "image": "postgres:15", "shards": 2, "instancesPerShard": 2,
+                "storage": {"size": "1Gi"}}),
+        )
+        .await;
+        env.ready(&name, "True").await;
+        eprintln!("trial {trial}: 2 x 2 Ready in {:.1?}", at.elapsed());
+        env.clusters()
+            .delete(&name, &Default::default())
+            .await
+            .expect("delete");
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    eprintln!("OPERATOR RSS idle: {} MiB", rss() / 1024);
+
+    drop(env.kubelet.take());
+    let at = Instant::now();
+    let mut peak = 0;
+    for i in 0..50 {
+        env.create(
+            &format!("many{i}"),
+            json!({"postgresVersion": 15, "image": "postgres:15", "shards": 2, "instancesPerShard": 2,
+                "storage": {"size": "1Gi"}}),
+        )
+        .await;
+        peak = peak.max(rss());
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        peak = peak.max(rss());
+        let list = env
+            .clusters()
+            .list(&Default::default())
+            .await
+            .expect("list");
+        let done = list
+            .items
+            .iter()
+            .filter(|c| {
+                c.status
+                    .as_ref()
+                    .is_some_and(|s| s.observed_generation.is_some())
+            })
+            .count();
+        if done >= 50 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "50 clusters not reconciled within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "50 clusters reconciled in {:.1?}; OPERATOR RSS peak while reconciling 50: {} MiB",
+        at.elapsed(),
+        peak / 1024
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let before = metric("pgpilot_operator_writes_total").await.unwrap_or(0.0);
+    let quiet = metric("pgpilot_operator_writes_total").await.unwrap_or(0.0);
+    let change = json!({"spec": {"parameters": {"work_mem": "8MB"}}});
+    env.clusters()
+        .patch("many7", &PatchParams::default(), &Patch::Merge(&change))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = metric("pgpilot_operator_writes_total").await.unwrap_or(0.0);
+    eprintln!(
+        "OPERATOR writes for one changed cluster among 50: {} (and {} with nothing changed); RSS after: {} MiB",
+        after - before,
+        quiet - before,
+        rss() / 1024
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    env.ns.cleanup().await.expect("cleanup");
+}
+
+/// A free port on 127.0.0.1 for the operator's metrics listener.
+fn pgpilot_test_support_free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
