@@ -285,8 +285,15 @@ async fn streams_switches_over_and_back_without_losing_a_commit(major: u32) {
     assert!(r.replicas.iter().all(|v| v.api_url.is_some()), "{r:?}");
     assert_eq!(c.agent(0).get_status("/primary").await.unwrap(), 200);
     assert_eq!(c.agent(1).get_status("/primary").await.unwrap(), 503);
-    // The replica's own view of its stream (looked at every 2 s) may lag the primary's.
-    wait_status(&mut c, 1, "streaming, as the replica sees it", streaming).await;
+    // The replica's own view of its stream and lag (looked at every 2 s) may lag the
+    // primary's: `/replica?lag=` answers 503 until its lag is known, then 200.
+    wait_status(&mut c, 1, "streaming with a known lag", |s| {
+        streaming(s)
+            && s.replication
+                .as_ref()
+                .is_some_and(|r| r.lag_bytes.is_some())
+    })
+    .await;
     assert_eq!(
         c.agent(1)
             .get_status("/replica?lag=16777216")

@@ -65,6 +65,10 @@ pub struct StatusResponse {
     /// The drain handshake: `Running` unless this instance is leaving or has left.
     #[serde(default)]
     pub drain: DrainStatus,
+    /// Kubernetes mode: parameters changed in the config (the cluster's spec) that Postgres
+    /// applies only after a restart (`pg_settings.pending_restart`).
+    #[serde(default)]
+    pub pending_restart: Vec<String>,
 }
 
 /// How to shut Postgres down (`pg_ctl -m`).

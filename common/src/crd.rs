@@ -266,6 +266,10 @@ pub struct ShardStatus {
     pub revision: Option<String>,
     /// `Pending`, `Healthy` (every instance ready, one primary) or `Degraded`.
     pub phase: String,
+    /// Parameters changed in the spec that the shard's Postgres applies only after a restart
+    /// (reported by its agents); the restart itself is a rollout's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_restart: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -509,6 +509,21 @@ async fn observe(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Vec<ShardS
             .await?
             .and_then(|s| s.status)
             .and_then(|s| s.update_revision);
+        // What the agents say needs a restart (their /v1/status is open; a pod that does not
+        // answer in time is left out until the next look).
+        let mut pending_restart = std::collections::BTreeSet::new();
+        for p in list.items.iter().filter(|p| ready(p)) {
+            let Some(ip) = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()) else {
+                continue;
+            };
+            let agent = pgpilot_common::client::AgentClient::new(
+                format!("http://{ip}:{}", objects::API_PORT),
+                None,
+            );
+            if let Ok(Ok(st)) = tokio::time::timeout(Duration::from_secs(2), agent.status()).await {
+                pending_restart.extend(st.pending_restart);
+            }
+        }
         let instances = pc.spec.instances_per_shard;
         let primary = (primaries.len() == 1).then(|| primaries[0].clone());
         let phase = if primary.is_some() && ready_instances >= instances {
@@ -525,6 +540,7 @@ async fn observe(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Vec<ShardS
             instances,
             revision,
             phase: phase.into(),
+            pending_restart: pending_restart.into_iter().collect(),
         });
     }
     Ok(out)

@@ -341,6 +341,32 @@ async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
         .collect();
     assert_eq!(rows, ["shard-0"], "the new replica cloned shard-0");
 
+    // Parameters changed in the spec: one the agents apply by a reload, one that needs a
+    // restart and is reported as pending per shard.
+    let params = json!({"spec": {"parameters": {"max_connections": "60", "work_mem": "7MB"}}});
+    env.clusters()
+        .patch("orders", &PatchParams::default(), &Patch::Merge(&params))
+        .await
+        .unwrap();
+    let db = env.sql("orders-shard-1-rw").await;
+    eventually("work_mem reloaded on shard-1's primary", || async {
+        let v: String = db.query_one("SHOW work_mem", &[]).await.ok()?.get(0);
+        (v == "7MB").then_some(())
+    })
+    .await;
+    eventually(
+        "max_connections pending a restart on every shard",
+        || async {
+            let pc = env.clusters().get("orders").await.ok()?;
+            let st = pc.status?;
+            st.shards
+                .iter()
+                .all(|s| s.pending_restart == ["max_connections"])
+                .then_some(())
+        },
+    )
+    .await;
+
     // An invalid spec: a condition that names it, an Event, no workload.
     env.create(
         "broken",

@@ -136,6 +136,10 @@ pub struct Executor {
     shutdown: CancellationToken,
     /// The drain handshake (its state is part of every admission).
     drain: super::drain_record::DrainRecord,
+    /// Kubernetes mode: the config file's parameters last applied, and what Postgres says
+    /// needs a restart.
+    applied_params: Option<BTreeMap<String, String>>,
+    pending_restart: Vec<String>,
 }
 
 impl Executor {
@@ -166,6 +170,8 @@ impl Executor {
             repl: reparent::ReplicationState::default(),
             shutdown: CancellationToken::new(),
             drain,
+            applied_params: None,
+            pending_restart: Vec::new(),
         }
     }
 
@@ -290,6 +296,7 @@ impl Executor {
             receiver: self.repl.receiver.clone(),
             registry: self.repl.registry.clone(),
             upstream: self.repl.upstream.as_ref().map(|u| u.url.clone()),
+            pending_restart: self.pending_restart.clone(),
         });
     }
 
@@ -761,6 +768,7 @@ impl Executor {
         if tokio::time::Instant::now() >= self.next_replication_check {
             self.next_replication_check = tokio::time::Instant::now() + REPLICATION_CHECK;
             self.replication_housekeeping().await;
+            self.follow_config_file().await;
         }
         if !self.pending_start.is_empty() {
             let resp = LifecycleResponse {
@@ -770,6 +778,45 @@ impl Executor {
             for reply in self.pending_start.drain(..) {
                 let _ = reply.send(Ok(resp.clone()));
             }
+        }
+    }
+
+    /// Kubernetes mode: the config file is a ConfigMap the operator rewrites when the
+    /// cluster's parameters change. When its parameters differ from those last applied, reload
+    /// (as `POST /v1/reload` does); and keep what Postgres says needs a restart in the snapshot
+    /// (`/v1/status` `pending_restart`), for the operator to report.
+    async fn follow_config_file(&mut self) {
+        let ctx = self.ctx.clone();
+        if ctx.kube.is_none() || !self.state.accepts_connections() {
+            return;
+        }
+        match ctx.cfg.reread_parameters() {
+            Ok(params) => {
+                let first = self.applied_params.is_none();
+                if self.applied_params.as_ref() != Some(&params) {
+                    if !first {
+                        match self.reload().await {
+                            Ok(r) => {
+                                tracing::info!(changed = ?r.changed, pending_restart = ?r.pending_restart, "the config file changed: reloaded")
+                            }
+                            Err(e) => tracing::warn!(
+                                "the config file changed, but the reload failed: {e}"
+                            ),
+                        }
+                    }
+                    self.applied_params = Some(params);
+                }
+            }
+            Err(e) => {
+                self.warn_now_and_then(format!("config file: {e}; keeping the parameters applied"))
+            }
+        }
+        if let Ok(client) = ctx.monitor.client().await
+            && let Ok(pending) = sql::pending_restart(&client).await
+            && pending != self.pending_restart
+        {
+            self.pending_restart = pending;
+            self.publish();
         }
     }
 

@@ -233,6 +233,8 @@ pub struct Snapshot {
     pub registry: crate::replication::slots::Registry,
     /// On a replica: the agent URL of the primary it registered with.
     pub upstream: Option<String>,
+    /// Kubernetes mode: parameters Postgres says need a restart to take effect.
+    pub pending_restart: Vec<String>,
 }
 
 impl Snapshot {
@@ -247,6 +249,7 @@ impl Snapshot {
             receiver: None,
             registry: Default::default(),
             upstream: None,
+            pending_restart: Vec::new(),
         }
     }
 

@@ -1036,7 +1036,7 @@ impl Executor {
         }
     }
 
-    fn warn_now_and_then(&mut self, msg: String) {
+    pub(super) fn warn_now_and_then(&mut self, msg: String) {
         let repeat = self
             .repl
             .last_warning

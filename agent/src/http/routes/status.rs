@@ -39,6 +39,7 @@ pub async fn status(State(h): State<Handle>) -> Json<StatusResponse> {
         last_backup: crate::archive::backup::last_backup(&ctx.backups, ctx.archiver.as_deref()),
         replication: None,
         drain: h.drain_record().view(),
+        pending_restart: snap.pending_restart.clone(),
     };
     if snap.state.accepts_connections() {
         match tokio::time::timeout(Duration::from_secs(3), ctx.monitor.status()).await {
