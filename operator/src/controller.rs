@@ -255,11 +255,9 @@ async fn reconcile_inner(pc: &PostgresCluster, ctx: &Ctx) -> Result<Action, Erro
         );
     }
     st.shards = shards;
-    let mut next = if all_ready {
-        RESYNC
-    } else {
-        Duration::from_secs(5)
-    };
+    // Progress comes as events (owned objects and pods are watched): no faster polling while
+    // a cluster is not ready, so a thousand pending clusters cost nothing between events.
+    let mut next = RESYNC;
     if let Some(wait) = scheduled_backup(pc, &ns, &mut st, ctx).await? {
         next = next.min(wait);
     }
