@@ -794,10 +794,7 @@ async fn drains_by_annotation_delete_and_eviction_hand_over_without_a_failover()
 #[tokio::test]
 #[ignore = "benchmark: make bench-failover"]
 async fn failover_trials() {
-    let trials: usize = std::env::var("PGPILOT_FAILOVER_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let trials = trials("PGPILOT_FAILOVER_TRIALS");
     let s = Shard::start("failover-bench").await;
     let mut primary = s.primary(None).await;
     s.sql(&primary)
@@ -847,10 +844,7 @@ async fn failover_trials() {
 #[ignore = "benchmark: make bench-drain"]
 async fn drain_trials() {
     use kube::api::{Patch, PatchParams};
-    let trials: usize = std::env::var("PGPILOT_DRAIN_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let trials = trials("PGPILOT_DRAIN_TRIALS");
     let store = tempfile::tempdir().expect("store dir");
     let s = Shard::start_opts("drain-bench", "", Some(store.path())).await;
     let pods = s.api::<Pod>();
@@ -929,4 +923,12 @@ fn summary(name: &str, mut times: Vec<f64>) {
         times[0],
         times[times.len() - 1]
     );
+}
+
+/// A benchmark's number of trials: the variable `var`, default 10.
+fn trials(var: &str) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
 }

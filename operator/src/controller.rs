@@ -325,21 +325,15 @@ async fn scheduled_backup(
         status: None,
     };
     let api: Api<pgpilot_common::crd::PostgresBackup> = Api::namespaced(ctx.client.clone(), ns);
-    match api.create(&PostParams::default(), &backup).await {
-        Ok(_) => {
-            ctx.metrics.writes.inc();
-            event(
-                ctx,
-                pc,
-                EventType::Normal,
-                "BackupScheduled",
-                &format!("PostgresBackup {run} for the run of {due}"),
-            )
-            .await;
-        }
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => return Err(e.into()),
-    }
+    create_once(
+        &api,
+        &backup,
+        ctx,
+        pc,
+        "BackupScheduled",
+        &format!("PostgresBackup {run} for the run of {due}"),
+    )
+    .await?;
     st.last_scheduled_backup = Some(due.to_string());
     Ok(Some(to_next_minute))
 }
@@ -413,22 +407,15 @@ async fn ensure_secret(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<(), 
         ..Default::default()
     };
     s.type_ = Some("Opaque".into());
-    match api.create(&PostParams::default(), &s).await {
-        Ok(_) => {
-            ctx.metrics.writes.inc();
-            event(
-                ctx,
-                pc,
-                EventType::Normal,
-                "Created",
-                &format!("Secret {secret_name} with generated credentials"),
-            )
-            .await;
-            Ok(())
-        }
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    create_once(
+        &api,
+        &s,
+        ctx,
+        pc,
+        "Created",
+        &format!("Secret {secret_name} with generated credentials"),
+    )
+    .await
 }
 
 /// Applies `d` unless the live object already carries its desired hash.
@@ -615,5 +602,29 @@ pub async fn publish(
     };
     if let Err(e) = recorder.publish(&ev, object).await {
         tracing::debug!("cannot record an Event: {e}");
+    }
+}
+
+/// Creates `obj` unless it exists (a name that says what it is for, so a restart never makes
+/// a second one), with an Event when it was made.
+async fn create_once<K>(
+    api: &Api<K>,
+    obj: &K,
+    ctx: &Ctx,
+    pc: &PostgresCluster,
+    reason: &str,
+    note: &str,
+) -> Result<(), Error>
+where
+    K: Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
+{
+    match api.create(&PostParams::default(), obj).await {
+        Ok(_) => {
+            ctx.metrics.writes.inc();
+            event(ctx, pc, EventType::Normal, reason, note).await;
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
