@@ -562,6 +562,18 @@ fn render_status(url: &str, s: &StatusResponse) -> String {
     if let Some(op) = &s.operation {
         out += &format!("  operation: {}\n", render_operation(op));
     }
+    // The drain, once there is something to say (under way, done, failed or cancelled).
+    if s.drain.state != pgpilot_common::state::DrainState::Running || s.drain.step.is_some() {
+        out += &format!(
+            "  drain:     {} ({}): {}\n",
+            s.drain.state,
+            s.drain.step.as_deref().unwrap_or("-"),
+            s.drain.message
+        );
+    }
+    if !s.pending_restart.is_empty() {
+        out += &format!("  pending restart: {}\n", s.pending_restart.join(", "));
+    }
     out += &format!(
         "  postgres:  {} (major {}), pid {}, port {}, up {}\n",
         s.postgres_version.as_deref().unwrap_or("-"),

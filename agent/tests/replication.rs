@@ -739,6 +739,13 @@ async fn draining_the_primary_hands_over_and_loses_nothing(major: u32) {
         c.client(0).status().await.unwrap().state,
         AgentState::Stopped
     );
+    let out = c.agent(0).cli(&["status"]).unwrap();
+    assert!(
+        out.stdout
+            .contains("drain:     Drained (finished): drained:"),
+        "{}",
+        out.text()
+    );
     wait_status(&mut c, p, "the new primary", |s| {
         s.state
             == AgentState::Running {
