@@ -856,11 +856,7 @@ fn replication_settings(
 /// Rejects parameter names Postgres would not accept and parameters the agent owns.
 fn validate_user_parameters(params: &BTreeMap<String, String>) -> Result<(), ConfigError> {
     for (name, value) in params {
-        let valid_name = !name.is_empty()
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
-        if !valid_name {
+        if !pgpilot_common::crd::is_parameter_name(name) {
             return Err(ConfigError::Invalid {
                 key: "postgres.parameters",
                 message: format!(

@@ -416,11 +416,7 @@ impl PostgresClusterSpec {
             }
         }
         for name in self.parameters.keys() {
-            let ok = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
-            if !ok {
+            if !is_parameter_name(name) {
                 out.push(format!(
                     "spec.parameters: {name:?} is not a PostgreSQL parameter name"
                 ));
@@ -440,6 +436,15 @@ impl PostgresClusterSpec {
     pub fn shard_names(&self) -> Vec<String> {
         (0..self.shards).map(|i| format!("shard-{i}")).collect()
     }
+}
+
+/// A PostgreSQL parameter name as the agent accepts it: lower case letters, digits, `_` and
+/// `.` (the agent's config and `spec.parameters` share this rule).
+pub fn is_parameter_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
 }
 
 /// Bytes of a Kubernetes quantity (`50Gi`, `500M`, `1e9`), or why it is not one.

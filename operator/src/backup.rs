@@ -22,7 +22,7 @@ use pgpilot_common::crd::{
 };
 use pgpilot_common::names::{LABEL_CLUSTER, LABEL_ROLE, LABEL_SHARD};
 
-use crate::controller::{Ctx, Error, publish};
+use crate::controller::{Ctx, Error, pod_ready, publish};
 use crate::objects::{API_PORT, SecretRefs};
 
 /// Runs the PostgresBackup controller until `shutdown` resolves.
@@ -244,12 +244,7 @@ async fn primary_ip(
     Ok(list
         .items
         .iter()
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
+        .filter(|p| pod_ready(p))
         .find_map(|p| p.status.as_ref()?.pod_ip.clone()))
 }
 

@@ -42,19 +42,20 @@ pub struct Ctx {
     pub client: Client,
     pub opts: Options,
     pub metrics: Metrics,
-    reporter: Reporter,
+    recorder: Recorder,
 }
 
 impl Ctx {
     pub fn new(client: Client, opts: Options, metrics: Metrics) -> Ctx {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Ctx {
+            recorder: Recorder::new(client.clone(), reporter),
             client,
             opts,
             metrics,
-            reporter: Reporter {
-                controller: MANAGER.into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
         }
     }
 }
@@ -424,17 +425,13 @@ async fn apply(pc: &PostgresCluster, ns: &str, d: &Desired, ctx: &Ctx) -> Result
         Some((g, v)) => (g, v),
         None => ("", d.api_version),
     };
-    let plural = format!("{}s", d.kind.to_lowercase());
+    // Every kind applied here pluralises regularly (PodDisruptionBudget too).
     let ar = ApiResource {
         group: group.into(),
         version: version.into(),
         api_version: d.api_version.into(),
         kind: d.kind.into(),
-        plural: if d.kind == "PodDisruptionBudget" {
-            "poddisruptionbudgets".into()
-        } else {
-            plural
-        },
+        plural: format!("{}s", d.kind.to_lowercase()),
     };
     let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
     let want = d.body["metadata"]["annotations"][DESIRED_HASH].as_str();
@@ -474,18 +471,12 @@ async fn observe(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Vec<ShardS
                     .labels(&format!("{LABEL_CLUSTER}={name},{LABEL_SHARD}={shard}")),
             )
             .await?;
-        let ready = |p: &Pod| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        };
-        let ready_instances = list.items.iter().filter(|p| ready(p)).count() as u32;
+        let ready_instances = list.items.iter().filter(|p| pod_ready(p)).count() as u32;
         let primaries: Vec<String> = list
             .items
             .iter()
             .filter(|p| {
-                ready(p) && p.labels().get(LABEL_ROLE).map(String::as_str) == Some("primary")
+                pod_ready(p) && p.labels().get(LABEL_ROLE).map(String::as_str) == Some("primary")
             })
             .map(|p| p.name_any())
             .collect();
@@ -497,7 +488,7 @@ async fn observe(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Vec<ShardS
         // What the agents say needs a restart (their /v1/status is open; a pod that does not
         // answer in time is left out until the next look).
         let mut pending_restart = std::collections::BTreeSet::new();
-        for p in list.items.iter().filter(|p| ready(p)) {
+        for p in list.items.iter().filter(|p| pod_ready(p)) {
             let Some(ip) = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()) else {
                 continue;
             };
@@ -529,6 +520,14 @@ async fn observe(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Vec<ShardS
         });
     }
     Ok(out)
+}
+
+/// The pod's `Ready` condition is true.
+pub fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// Sets condition `type_`, keeping its transition time when the status does not change.
@@ -592,7 +591,6 @@ pub async fn publish(
     reason: &str,
     note: &str,
 ) {
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let ev = Event {
         type_,
         reason: reason.into(),
@@ -600,7 +598,7 @@ pub async fn publish(
         action: reason.into(),
         secondary: None,
     };
-    if let Err(e) = recorder.publish(&ev, object).await {
+    if let Err(e) = ctx.recorder.publish(&ev, object).await {
         tracing::debug!("cannot record an Event: {e}");
     }
 }

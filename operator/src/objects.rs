@@ -9,7 +9,7 @@
 
 use std::hash::{Hash, Hasher};
 
-use kube::Resource;
+use kube::{Resource, ResourceExt};
 use pgpilot_common::crd::PostgresCluster;
 use pgpilot_common::names::{LABEL_CLUSTER, LABEL_ROLE, LABEL_SHARD};
 use serde_json::{Value, json};
@@ -108,7 +108,7 @@ pub struct SecretRefs {
 impl SecretRefs {
     pub fn of(pc: &PostgresCluster) -> SecretRefs {
         let n = Names {
-            cluster: &pc.name_any_or_default(),
+            cluster: &pc.name_any(),
         };
         let generated = n.secret();
         let s = pc.spec.secrets.clone().unwrap_or_default();
@@ -131,19 +131,9 @@ impl SecretRefs {
     }
 }
 
-trait NameOr {
-    fn name_any_or_default(&self) -> String;
-}
-
-impl NameOr for PostgresCluster {
-    fn name_any_or_default(&self) -> String {
-        self.metadata.name.clone().unwrap_or_default()
-    }
-}
-
 /// Every object of the cluster, in the order they are applied (what pods need first).
 pub fn desired(pc: &PostgresCluster, opts: &Options) -> Vec<Desired> {
-    let name = pc.name_any_or_default();
+    let name = pc.name_any();
     let n = Names { cluster: &name };
     let owner = owner_reference(pc);
     let mut out = Vec::new();
@@ -259,7 +249,7 @@ pub fn agent_config(pc: &PostgresCluster, shard: &str, opts: &Options) -> String
     let q = |s: &str| serde_json::to_string(s).expect("a string");
     let mut out = format!(
         "[cluster]\nname = {}\nshard = {}\n\n[postgres]\nallow_networks = [{}]\n",
-        q(&pc.name_any_or_default()),
+        q(&pc.name_any()),
         q(shard),
         opts.allow_networks
             .iter()
@@ -292,7 +282,7 @@ pub fn agent_config(pc: &PostgresCluster, shard: &str, opts: &Options) -> String
 }
 
 fn statefulset(pc: &PostgresCluster, shard: &str, secrets: &SecretRefs, opts: &Options) -> Value {
-    let name = pc.name_any_or_default();
+    let name = pc.name_any();
     let n = Names { cluster: &name };
     let major = pc.spec.postgres_version;
     let agent_image = pc

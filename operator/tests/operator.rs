@@ -602,7 +602,7 @@ async fn postgres_backups_run_on_every_shard_or_one_and_bad_requests_fail() {
 async fn operator_trials() {
     use std::time::Instant;
     let env = Env::start_with("operator-bench", usize::MAX).await;
-    let port = pgpilot_test_support_free_port();
+    let port = free_port();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgpilot-operator"))
         .args([
             "run",
@@ -744,8 +744,9 @@ async fn operator_trials() {
     env.ns.cleanup().await.expect("cleanup");
 }
 
-/// A free port on 127.0.0.1 for the operator's metrics listener.
-fn pgpilot_test_support_free_port() -> u16 {
+/// A free port on 127.0.0.1 for the operator's metrics listener (the operator does not take
+/// the test-support crate, whose `net::free_port` needs the archive feature of common).
+fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

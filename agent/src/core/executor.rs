@@ -419,21 +419,17 @@ impl Executor {
         if self.drain.state() != pgpilot_common::state::DrainState::Draining {
             return Err(self.conflict("no drain is in progress"));
         }
-        if matches!(self.op, Some(OpTask::Backup { .. })) {
-            self.cancel_backup("the instance is draining").await;
-        }
-        self.retry_at = None;
-        if self.pm.is_some() {
-            self.stop_postgres(ShutdownMode::Fast).await?;
-        }
-        self.set_state(AgentState::Stopped);
-        for reply in self.pending_start.drain(..) {
-            let _ = reply.send(Err(AgentError::conflict(
-                &AgentState::Stopped,
-                "Postgres was stopped by a drain before it accepted connections",
-            )));
-        }
-        Ok(())
+        // The stop request's own step, ending a backup in flight; with no postmaster, the
+        // crash backoff ends and Postgres stays stopped.
+        let step = if self.pm.is_some() {
+            Step::Stop {
+                mode: ShutdownMode::Fast,
+                cancel: matches!(self.op, Some(OpTask::Backup { .. })),
+            }
+        } else {
+            Step::StayStopped
+        };
+        self.stop_step(step).await.map(|_| ())
     }
 
     async fn stop_step(&mut self, step: Step) -> Result<LifecycleResponse, AgentError> {
@@ -790,10 +786,12 @@ impl Executor {
         if ctx.kube.is_none() || !self.state.accepts_connections() {
             return;
         }
+        let mut reloaded = false;
         match ctx.cfg.reread_parameters() {
             Ok(params) => {
                 let first = self.applied_params.is_none();
                 if self.applied_params.as_ref() != Some(&params) {
+                    reloaded = true;
                     if !first {
                         match self.reload().await {
                             Ok(r) => {
@@ -810,6 +808,11 @@ impl Executor {
             Err(e) => {
                 self.warn_now_and_then(format!("config file: {e}; keeping the parameters applied"))
             }
+        }
+        // What needs a restart changes only by a reload (or clears by a restart): no query of
+        // pg_settings every 2 s while nothing is pending.
+        if !reloaded && self.pending_restart.is_empty() {
+            return;
         }
         if let Ok(client) = ctx.monitor.client().await
             && let Ok(pending) = sql::pending_restart(&client).await

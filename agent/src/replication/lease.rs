@@ -365,7 +365,12 @@ impl KubeLeadership {
 
     /// Labels this pod `pgpilot.io/role=<role>` (a merge patch of its labels only).
     pub async fn label_role(&self, role: &str) -> anyhow::Result<()> {
-        let patch = serde_json::json!({"metadata": {"labels": {LABEL_ROLE: role}}});
+        self.patch_me(serde_json::json!({"metadata": {"labels": {LABEL_ROLE: role}}}))
+            .await
+    }
+
+    /// A merge patch of this pod.
+    async fn patch_me(&self, patch: serde_json::Value) -> anyhow::Result<()> {
         timed(
             self.pods
                 .patch(self.me(), &PatchParams::default(), &Patch::Merge(&patch)),
@@ -385,29 +390,19 @@ impl KubeLeadership {
         use pgpilot_common::names::{
             ANNOTATION_DRAIN as ANNOTATION, ANNOTATION_DRAIN_MESSAGE as MESSAGE_ANNOTATION,
         };
-        let patch = serde_json::json!({"metadata": {"annotations": {
+        self.patch_me(serde_json::json!({"metadata": {"annotations": {
             ANNOTATION: value,
             MESSAGE_ANNOTATION: message,
-        }}});
-        timed(
-            self.pods
-                .patch(self.me(), &PatchParams::default(), &Patch::Merge(&patch)),
-        )
-        .await?;
-        Ok(())
+        }}}))
+        .await
     }
 
     /// Sets `pgpilot.io/drain-message` alone.
     pub async fn annotate_message(&self, message: &str) -> anyhow::Result<()> {
-        let patch = serde_json::json!({"metadata": {"annotations": {
+        self.patch_me(serde_json::json!({"metadata": {"annotations": {
             pgpilot_common::names::ANNOTATION_DRAIN_MESSAGE: message,
-        }}});
-        timed(
-            self.pods
-                .patch(self.me(), &PatchParams::default(), &Patch::Merge(&patch)),
-        )
-        .await?;
-        Ok(())
+        }}}))
+        .await
     }
 
     /// Records an Event on this pod (best effort: an Event is never worth failing for).
