@@ -231,6 +231,9 @@ pub struct ArchiveMetrics {
     pub backup_duration: Histogram,
     pub backup_last_success: Gauge,
     pub backup_failures: IntCounter,
+    pub retention_deleted_backups: IntCounter,
+    pub retention_deleted_wal: IntCounter,
+    pub retention_failures: IntCounter,
 }
 
 impl ArchiveMetrics {
@@ -320,6 +323,18 @@ impl ArchiveMetrics {
                 "Unix time of the last successful base backup (alert on its age)",
             ),
             backup_failures: counter("pgpilot_backup_failures_total", "Base backups that failed"),
+            retention_deleted_backups: counter(
+                "pgpilot_retention_deleted_backups_total",
+                "Base backups deleted by the retention applied after each backup",
+            ),
+            retention_deleted_wal: counter(
+                "pgpilot_retention_deleted_wal_total",
+                "WAL files deleted by the retention applied after each backup",
+            ),
+            retention_failures: counter(
+                "pgpilot_retention_failures_total",
+                "Retention runs after a backup that failed (the store keeps growing: alert)",
+            ),
         }
     }
 }

@@ -1,4 +1,6 @@
-//! Quantities written for people (CLI output, log lines).
+//! Quantities written for people (CLI output, log lines) and read from them (durations).
+
+pub use pgpilot_common::schedule::parse_duration;
 
 /// Bytes for humans (binary units).
 pub fn human(n: u64) -> String {

@@ -606,6 +606,74 @@ async fn retention_deletes_old_backups_and_only_their_wal(major: u32) {
     assert!(!w.consistent, "{w:?}");
 }
 
+/// `[backup.retention] keep_last = 2`: after each successful backup the agent deletes the
+/// backups beyond the newest two and the WAL only they needed, counted in its metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_in_the_config_runs_after_each_backup() {
+    let backups = BackupStore::file().unwrap();
+    let opts = AgentOptions {
+        extra_toml: backups.toml_with("") + "[backup.retention]\nkeep_last = 2\n",
+        ..AgentOptions::default()
+    };
+    let fx = AgentFixture::start_with(agent_bin!(), 15, opts)
+        .await
+        .unwrap();
+    let store = backups.open();
+    let l = layout();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        advance_wal(&fx).await;
+        ids.push(fx.take_backup().await.unwrap());
+        advance_wal(&fx).await;
+    }
+    let listed: Vec<String> = fx
+        .client()
+        .backups()
+        .await
+        .unwrap()
+        .backups
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(
+        listed,
+        ids[1..],
+        "the oldest of three goes, the newest two stay"
+    );
+    let left = store.list(&l.backup_prefix(&ids[0])).await.unwrap();
+    assert!(left.is_empty(), "objects of {} left: {left:?}", ids[0]);
+    // WAL before the oldest kept backup's first segment is gone; its own WAL is there.
+    let m = manifest(&store, &ids[1]).await;
+    let first = WalFile::parse(&m.wal_start, m.wal_segment_size)
+        .unwrap()
+        .segment()
+        .unwrap();
+    for o in store.list(&l.wal_prefix()).await.unwrap() {
+        let name = l.wal_name(&o.key).unwrap();
+        if let Some(s) = WalFile::parse(name, m.wal_segment_size).and_then(|f| f.segment()) {
+            assert!(s.segno >= first.segno, "{name} survived retention");
+        }
+    }
+    assert!(
+        store
+            .head(&l.wal_key(&m.wal_start))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let out = fx.cli(&["verify"]).unwrap();
+    assert!(out.success(), "{}", out.text());
+    let metrics = fx.metrics().await.unwrap();
+    assert!(
+        metrics.contains("pgpilot_retention_deleted_backups_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pgpilot_retention_failures_total 0"),
+        "{metrics}"
+    );
+}
+
 /// The same backup through an S3 server (s3s-fs): multipart for the large files, create-only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_to_s3s_fs_completes_and_verifies() {

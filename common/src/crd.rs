@@ -159,9 +159,13 @@ pub enum Compression {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetentionSpec {
-    /// Keep this many newest base backups per shard (and the WAL they need).
+    /// Keep this many newest base backups per shard (and the WAL they need). Applied by each
+    /// shard's agent after every successful backup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_last: Option<u32>,
+    /// Also keep the backups that finished within this window (`7d`, `12h`, `2w`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_within: Option<String>,
 }
 
 /// How a new cluster's data comes to be.
@@ -406,6 +410,16 @@ impl PostgresClusterSpec {
             {
                 out.push(format!("spec.backup.schedule {e}"));
             }
+            if let Some(r) = &b.retention {
+                if r.keep_last == Some(0) {
+                    out.push("spec.backup.retention.keepLast: at least 1".into());
+                }
+                if let Some(w) = &r.keep_within
+                    && let Err(e) = crate::schedule::parse_duration(w)
+                {
+                    out.push(format!("spec.backup.retention.keepWithin {e}"));
+                }
+            }
         }
         for (i, d) in self.databases.iter().enumerate() {
             if d.name.is_empty() || d.name.len() > 63 {
@@ -534,7 +548,10 @@ mod tests {
             compression: None,
             encryption_key_secret: None,
             schedule: Some("daily".into()),
-            retention: None,
+            retention: Some(RetentionSpec {
+                keep_last: Some(0),
+                keep_within: Some("a fortnight".into()),
+            }),
         });
         let p = s.problems(Some(2)).join("\n");
         for words in [
@@ -543,6 +560,8 @@ mod tests {
             "spec.shards cannot shrink (2 → 1)",
             "spec.backup.store \"ftp://x\": unknown scheme",
             "spec.backup.schedule \"daily\"",
+            "spec.backup.retention.keepLast: at least 1",
+            "spec.backup.retention.keepWithin \"a fortnight\"",
             "\"Max Connections\" is not a PostgreSQL parameter",
         ] {
             assert!(p.contains(words), "{words:?} missing in:\n{p}");

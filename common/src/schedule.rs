@@ -2,6 +2,9 @@
 //! day-of-week, UTC), as Kubernetes CronJobs read it: `*`, numbers, ranges `a-b`, lists `a,b`,
 //! steps `*/n` and `a-b/n`; day-of-week 0–7 (0 and 7 are Sunday); when both day fields are
 //! restricted, a day matching either runs (cron's rule). No names (`MON`, `JAN`) or macros.
+//! Also the durations of retention windows ([`parse_duration`]).
+
+use std::time::Duration;
 
 use jiff::civil::DateTime;
 
@@ -113,6 +116,29 @@ fn field(text: &str, lo: u32, hi: u32) -> Result<Vec<bool>, String> {
         }
     }
     Ok(set)
+}
+
+/// Parses `30m`, `12h`, `7d`, `2w` (or a bare number of seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and a unit (s, m, h, d, w), e.g. 7d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (use s, m, h, d or w)"
+            ));
+        }
+    };
+    Ok(Duration::from_secs(n.saturating_mul(mult)))
 }
 
 #[cfg(test)]

@@ -276,6 +276,17 @@ pub fn agent_config(pc: &PostgresCluster, shard: &str, opts: &Options) -> String
         if b.encryption_key_secret.is_some() {
             out += "encryption_key_files = [\"/backup-key/key\"]\n";
         }
+        if let Some(r) = &b.retention
+            && (r.keep_last.is_some() || r.keep_within.is_some())
+        {
+            out += "\n[backup.retention]\n";
+            if let Some(n) = r.keep_last {
+                out += &format!("keep_last = {n}\n");
+            }
+            if let Some(w) = &r.keep_within {
+                out += &format!("keep_within = {}\n", q(w));
+            }
+        }
     }
     out += "\n[kubernetes]\nmode = \"on\"\n";
     out
@@ -412,7 +423,8 @@ mod tests {
             "metadata": {"name": "orders", "namespace": "db", "uid": "u-1"},
             "spec": {"postgresVersion": 17, "shards": 2, "instancesPerShard": 3,
                 "storage": {"size": "1Gi"}, "parameters": {"max_connections": "300"},
-                "backup": {"store": "s3://b/orders", "compression": "zstd"}}
+                "backup": {"store": "s3://b/orders", "compression": "zstd",
+                    "retention": {"keepLast": 3, "keepWithin": "7d"}}}
         }))
         .unwrap();
         pc.metadata.uid = Some("u-1".into());
@@ -460,6 +472,7 @@ mod tests {
             "max_connections = \"300\"",
             "store = \"s3://b/orders\"",
             "compression = \"zstd\"",
+            "[backup.retention]\nkeep_last = 3\nkeep_within = \"7d\"",
             "mode = \"on\"",
         ] {
             assert!(c.contains(line), "{line} in\n{c}");

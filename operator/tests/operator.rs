@@ -494,7 +494,8 @@ async fn postgres_backups_run_on_every_shard_or_one_and_bad_requests_fail() {
         "orders",
         json!({"postgresVersion": 15, "image": "postgres:15", "shards": 2, "instancesPerShard": 1,
             "storage": {"size": "1Gi"},
-            "backup": {"store": format!("file://{}", store.path().display()), "compression": "lz4"}}),
+            "backup": {"store": format!("file://{}", store.path().display()), "compression": "lz4",
+                "retention": {"keepLast": 1}}}),
     )
     .await;
     env.ready("orders", "True").await;
@@ -529,6 +530,7 @@ async fn postgres_backups_run_on_every_shard_or_one_and_bad_requests_fail() {
     create("typo", json!({"cluster": "orders", "shard": "shard-9"})).await;
 
     let st = finished("all").await;
+    let all_shard_1 = st.shards.get(1).and_then(|s| s.backup_id.clone());
     assert_eq!(st.phase.as_deref(), Some("Completed"), "{st:?}");
     let shards: Vec<&str> = st.shards.iter().map(|s| s.shard.as_str()).collect();
     assert_eq!(shards, ["shard-0", "shard-1"]);
@@ -544,6 +546,27 @@ async fn postgres_backups_run_on_every_shard_or_one_and_bad_requests_fail() {
     assert_eq!(st.phase.as_deref(), Some("Completed"), "{st:?}");
     assert_eq!(st.shards.len(), 1);
     assert_eq!(st.shards[0].shard, "shard-1");
+    // Retention (keepLast 1), applied by the agent before a backup shows completed: shard-1
+    // took two backups and keeps only the newest; shard-0 keeps its one.
+    let manifests = |shard: &str| -> Vec<String> {
+        let dir = store.path().join(format!("orders/{shard}/backups"));
+        let mut ids: Vec<String> = std::fs::read_dir(&dir)
+            .map(|d| d.filter_map(Result::ok).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.path().join("manifest.json.pgpilot").exists())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let newest = st.shards[0].backup_id.clone().max(all_shard_1).unwrap();
+    assert_eq!(
+        manifests("shard-1"),
+        [newest],
+        "retention keeps the newest backup of shard-1 only"
+    );
+    assert_eq!(manifests("shard-0").len(), 1);
     let st = finished("nope").await;
     assert_eq!(st.phase.as_deref(), Some("Failed"));
     assert!(st.error.unwrap().contains("no PostgresCluster \"nope\""));

@@ -307,6 +307,11 @@ pub async fn begin(
                     stop_lsn = %manifest.stop_lsn,
                     "base backup completed"
                 );
+                // Before the run shows as completed, so a client that waits for it sees the
+                // store as retention left it (the manifest is already durable).
+                if let Some(r) = deps.cfg.backup.as_ref().and_then(|b| b.retention.as_ref()) {
+                    apply_retention(&deps, r).await;
+                }
                 run.update(|d| {
                     d.state = BackupState::Completed;
                     d.phase = BackupPhase::Done;
@@ -330,6 +335,52 @@ pub async fn begin(
         }
     });
     Ok(Started { run, task })
+}
+
+/// The retention of `[backup.retention]`, after a successful backup. A failure is logged and
+/// counted; the backup stays completed, and the next backup tries again.
+async fn apply_retention(deps: &BackupDeps, settings: &crate::store::config::RetentionSettings) {
+    use super::retention;
+    let m = &deps.metrics;
+    let result = async {
+        let (keep_last, keep_within) = settings.rules()?;
+        let cat = super::catalog::load(&deps.store, &deps.layout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let plan = retention::plan(
+            &cat,
+            retention::Policy {
+                keep_last,
+                keep_within,
+            },
+            jiff::Timestamp::now(),
+        )
+        .map_err(|e| e.to_string())?;
+        retention::apply(&deps.store, &plan)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(plan)
+    }
+    .await;
+    match result {
+        Ok(plan) => {
+            m.retention_deleted_backups
+                .inc_by(plan.delete_backups.len() as u64);
+            m.retention_deleted_wal.inc_by(plan.delete_wal.len() as u64);
+            tracing::info!(
+                kept = plan.keep.len(),
+                deleted_backups = plan.delete_backups.len(),
+                deleted_wal = plan.delete_wal.len(),
+                "retention applied after the backup"
+            );
+        }
+        Err(e) => {
+            m.retention_failures.inc();
+            tracing::error!(
+                "retention after the backup failed (nothing more is deleted until the next backup): {e}"
+            );
+        }
+    }
 }
 
 /// Ends a run however its task ends (a panic included): the next backup must not get 409

@@ -58,28 +58,7 @@ pub struct Plan {
     pub delete_wal: Vec<(String, String, u64)>,
 }
 
-/// Parses `30m`, `12h`, `7d`, `2w` (or a bare number of seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number and a unit (s, m, h, d, w), e.g. 7d"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        "w" => 7 * 86_400,
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {unit:?} (use s, m, h, d or w)"
-            ));
-        }
-    };
-    Ok(Duration::from_secs(n.saturating_mul(mult)))
-}
+pub use crate::units::parse_duration;
 
 /// Decides what goes. `now` is passed in so the decision is a pure function.
 pub fn plan(cat: &Catalog, policy: Policy, now: jiff::Timestamp) -> Result<Plan, RetentionError> {

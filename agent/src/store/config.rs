@@ -67,6 +67,19 @@ pub struct StoreConfig {
     pub request_timeout_secs: u64,
     /// Retries of whole operations on transient errors.
     pub retry: RetrySettings,
+    /// Applied by the agent after each successful base backup (`[backup.retention]`); absent,
+    /// nothing is deleted automatically (`pgpilot-agent retention` still works by hand).
+    pub retention: Option<RetentionSettings>,
+}
+
+/// What the agent keeps after each successful base backup: the newest `keep_last` complete
+/// backups and/or those that stopped within `keep_within` (`7d`, `12h`; both: the union), and
+/// the WAL the oldest kept backup needs. Same rules as `pgpilot-agent retention`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSettings {
+    pub keep_last: Option<usize>,
+    pub keep_within: Option<String>,
 }
 
 /// Retry policy for transient failures: exponential backoff with full jitter.
@@ -120,6 +133,7 @@ impl Default for StoreConfig {
             azure_use_emulator: false,
             request_timeout_secs: 60,
             retry: RetrySettings::default(),
+            retention: None,
         }
     }
 }
@@ -389,6 +403,9 @@ impl StoreConfig {
                 concurrency: threads,
             },
         };
+        if let Some(r) = &self.retention {
+            r.rules().map_err(|problem| invalid("retention", problem))?;
+        }
         Ok((location, settings))
     }
 
@@ -492,6 +509,28 @@ impl StoreConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_settings_are_checked_and_name_the_problem() {
+        let with = |keep_last: Option<usize>, keep_within: Option<&str>| {
+            let mut c = StoreConfig::new("file:///b");
+            c.retention = Some(RetentionSettings {
+                keep_last,
+                keep_within: keep_within.map(str::to_string),
+            });
+            c.validate().map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert!(with(Some(2), None).is_ok());
+        assert!(with(None, Some("7d")).is_ok());
+        for (last, within, words) in [
+            (Some(0), None, "keep_last must be at least 1"),
+            (None, None, "give keep_last and/or keep_within"),
+            (None, Some("7 parsecs"), "keep_within"),
+        ] {
+            let e = with(last, within).unwrap_err();
+            assert!(e.contains("retention") && e.contains(words), "{e}");
+        }
+    }
 
     #[test]
     fn urls_parse_into_locations() {
@@ -601,5 +640,26 @@ mod tests {
                 })
             ));
         }
+    }
+}
+
+impl RetentionSettings {
+    /// The rules, checked: at least one, `keep_last` at least 1, a valid duration.
+    pub fn rules(&self) -> Result<(Option<usize>, Option<std::time::Duration>), String> {
+        let keep_within = self
+            .keep_within
+            .as_deref()
+            .map(crate::units::parse_duration)
+            .transpose()
+            .map_err(|e| format!("keep_within {e}"))?;
+        if self.keep_last.is_none() && keep_within.is_none() {
+            return Err(
+                "give keep_last and/or keep_within, or leave [backup.retention] out".into(),
+            );
+        }
+        if self.keep_last == Some(0) {
+            return Err("keep_last must be at least 1".into());
+        }
+        Ok((self.keep_last, keep_within))
     }
 }
