@@ -506,6 +506,27 @@ impl StoreConfig {
     }
 }
 
+impl RetentionSettings {
+    /// The rules, checked: at least one, `keep_last` at least 1, a valid duration.
+    pub fn rules(&self) -> Result<(Option<usize>, Option<std::time::Duration>), String> {
+        let keep_within = self
+            .keep_within
+            .as_deref()
+            .map(crate::units::parse_duration)
+            .transpose()
+            .map_err(|e| format!("keep_within {e}"))?;
+        if self.keep_last.is_none() && keep_within.is_none() {
+            return Err(
+                "give keep_last and/or keep_within, or leave [backup.retention] out".into(),
+            );
+        }
+        if self.keep_last == Some(0) {
+            return Err("keep_last must be at least 1".into());
+        }
+        Ok((self.keep_last, keep_within))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -640,26 +661,5 @@ mod tests {
                 })
             ));
         }
-    }
-}
-
-impl RetentionSettings {
-    /// The rules, checked: at least one, `keep_last` at least 1, a valid duration.
-    pub fn rules(&self) -> Result<(Option<usize>, Option<std::time::Duration>), String> {
-        let keep_within = self
-            .keep_within
-            .as_deref()
-            .map(crate::units::parse_duration)
-            .transpose()
-            .map_err(|e| format!("keep_within {e}"))?;
-        if self.keep_last.is_none() && keep_within.is_none() {
-            return Err(
-                "give keep_last and/or keep_within, or leave [backup.retention] out".into(),
-            );
-        }
-        if self.keep_last == Some(0) {
-            return Err("keep_last must be at least 1".into());
-        }
-        Ok((self.keep_last, keep_within))
     }
 }
