@@ -153,6 +153,61 @@ async fn insert(c: &ClusterFixture, i: usize, from: i64, to: i64) {
         .unwrap();
 }
 
+/// A base backup taken on a replica (Postgres' standby backup, pg_control copied last, the
+/// primary asked to close its WAL segment): its backup_label says so, and a new instance
+/// restored from it to the end of the backup has exactly the rows committed before it, not
+/// those committed after.
+async fn a_replica_takes_a_base_backup_that_restores_exactly(major: u32) {
+    let mut c = shard(major, &[], "").await;
+    insert(&c, 0, 1, 1000).await;
+    caught_up(&mut c, 0).await;
+    let id = c.agent(1).take_backup().await.unwrap();
+    let layout = pgpilot_test_support::store::layout(c.name(), SHARD);
+    let store = c.store().open();
+    let (label, _) = store
+        .get_bytes(&layout.backup_file_key(&id, "backup_label"))
+        .await
+        .unwrap();
+    let label = String::from_utf8_lossy(&label).into_owned();
+    assert!(label.contains("BACKUP FROM: standby"), "{label}");
+    insert(&c, 0, 1001, 2000).await;
+
+    let opts = pgpilot_test_support::agent::AgentOptions {
+        extra_toml: c.store().toml(),
+        cluster: Some(c.name().into()),
+        shard: Some(SHARD.into()),
+        ..Default::default()
+    };
+    let mut copy =
+        pgpilot_test_support::agent::AgentFixture::prepare(agent_bin!(), major, &opts).unwrap();
+    std::fs::copy(
+        c.agent(0).dir.path().join("superuser-password"),
+        copy.dir.path().join("superuser-password"),
+    )
+    .unwrap();
+    copy.spawn_with_args(&["--bootstrap-from-backup", "--immediate", "--backup", &id])
+        .unwrap();
+    copy.wait_for("restored from the replica's backup", LONG, |s| {
+        s.state
+            == AgentState::Running {
+                role: Role::Primary,
+            }
+    })
+    .await
+    .unwrap();
+    let rows: BTreeSet<i64> = copy
+        .sql()
+        .await
+        .unwrap()
+        .query("SELECT id FROM t", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, (1..=1000).collect::<BTreeSet<i64>>());
+}
+
 /// Ids on agent `i`'s Postgres.
 async fn ids(c: &ClusterFixture, i: usize) -> BTreeSet<i64> {
     let db = c.sql(i).await.unwrap();
@@ -906,6 +961,7 @@ async fn drains_that_cannot_hand_over_wait_fail_or_force(major: u32) {
 }
 
 pgpilot_test_support::per_major!(
+    a_replica_takes_a_base_backup_that_restores_exactly,
     draining_the_primary_hands_over_and_loses_nothing,
     drains_that_cannot_hand_over_wait_fail_or_force,
     a_diverged_former_primary_is_rewound_or_reinitialized,

@@ -113,6 +113,15 @@ pub struct ReloadResponse {
     pub pending_restart: Vec<String>,
 }
 
+/// Response of `POST /v1/wal/switch`: the primary closed its current WAL segment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WalSwitchResponse {
+    /// Where the switch record ends (`pg_switch_wal()`).
+    pub lsn: String,
+    /// The segment it closed (`pg_walfile_name`): it and every one before it are archived next.
+    pub segment: String,
+}
+
 /// `POST /v1/wal/push`: archive one WAL file (what `wal-push %p` sends).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -11,7 +11,7 @@ use crate::api::{
     LifecycleResponse, RegisterReplicaRequest, RegisterReplicaResponse, ReinitializeRequest,
     ReloadResponse, ReparentResponse, RestoreAccepted, RestoreRequest, ShutdownRequest,
     StatusResponse, SwitchoverRequest, SwitchoverResponse, WalFetchRequest, WalFetchResponse,
-    WalPushRequest, WalPushResponse,
+    WalPushRequest, WalPushResponse, WalSwitchResponse,
 };
 
 /// What a call to the agent can end in, besides success.
@@ -107,6 +107,12 @@ impl AgentClient {
 
     pub async fn wal_fetch(&self, req: &WalFetchRequest) -> Result<WalFetchResponse, ClientError> {
         self.call(Method::POST, "/v1/wal/fetch", Some(req)).await
+    }
+
+    /// Closes the primary's current WAL segment so it is archived (`POST /v1/wal/switch`); a
+    /// replica taking a base backup asks its primary for it.
+    pub async fn switch_wal(&self) -> Result<WalSwitchResponse, ClientError> {
+        self.call(Method::POST, "/v1/wal/switch", None::<&()>).await
     }
 
     /// Starts a base backup (`POST /v1/backups`); answers at once with its id.

@@ -361,6 +361,12 @@ pub struct ShardBackupStatus {
     pub phase: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup_id: Option<String>,
+    /// The pod that takes it: a ready replica when the shard has one, else the primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// `primary` or `replica`: the instance's role when the backup started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_lsn: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

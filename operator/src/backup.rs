@@ -1,7 +1,8 @@
 //! `PostgresBackup`: an on-demand base backup of one shard or of every shard of a cluster. The
-//! operator asks each shard's primary agent (`POST /v1/backups`; the agent refuses base backups
-//! from replicas for now) and follows the run (`GET /v1/backups/{id}`), reporting per shard the
-//! backup id, LSNs, size or error, and the phase of the whole: `Running`, then `Completed` when
+//! operator asks one agent per shard (`POST /v1/backups`): a ready replica when the shard has
+//! one (a ready replica streams within its lag bound), so the primary's disks and CPU are
+//! spared, else the primary. It follows the run on that same pod (`GET /v1/backups/{id}`),
+//! reporting per shard the pod, its role, the backup id, LSNs, size or error, and the phase of the whole: `Running`, then `Completed` when
 //! every shard's backup completed, or `Failed` naming the shards that failed. A request that
 //! cannot be served (no such cluster, no store, unknown shard) fails at once with why.
 
@@ -85,9 +86,29 @@ async fn reconcile(pb: Arc<PostgresBackup>, ctx: Arc<Ctx>) -> Result<Action, Err
         if matches!(entry.phase.as_str(), "Completed" | "Failed") {
             continue;
         }
-        let Some(ip) = primary_ip(&target.cluster, &entry.shard, &ns, &ctx).await? else {
-            entry.error = Some("waiting for the shard to have a ready primary".into());
-            continue;
+        let ip = match &entry.instance {
+            // Started: follow it where it runs.
+            Some(pod) => match pod_ip(pod, &ns, &ctx).await? {
+                Some(ip) => ip,
+                None => {
+                    entry.phase = "Failed".into();
+                    entry.error = Some(format!(
+                        "instance {pod} went away during the backup (it is left incomplete in the store)"
+                    ));
+                    continue;
+                }
+            },
+            None => match backup_instance(&target.cluster, &entry.shard, &ns, &ctx).await? {
+                Some((pod, role, ip)) => {
+                    entry.instance = Some(pod);
+                    entry.role = Some(role);
+                    ip
+                }
+                None => {
+                    entry.error = Some("waiting for the shard to have a ready instance".into());
+                    continue;
+                }
+            },
         };
         let agent = AgentClient::new(
             format!("http://{ip}:{API_PORT}"),
@@ -108,17 +129,26 @@ async fn reconcile(pb: Arc<PostgresBackup>, ctx: Arc<Ctx>) -> Result<Action, Err
                             &pb.object_ref(&()),
                             EventType::Normal,
                             "BackupStarted",
-                            &format!("{}: backup {} on {ip}", entry.shard, p.id),
+                            &format!(
+                                "{}: backup {} on {} ({})",
+                                entry.shard,
+                                p.id,
+                                entry.instance.as_deref().unwrap_or("?"),
+                                entry.role.as_deref().unwrap_or("?")
+                            ),
                         )
                         .await;
                     }
-                    // Busy (another backup, a switchover): try again shortly.
-                    Err(e) if e.status() == Some(409) => entry.error = Some(e.to_string()),
-                    Err(e) if e.status().is_some() => {
+                    // Busy (another backup, a switchover) or unreachable: choose again shortly.
+                    Err(e) if e.status() == Some(409) || e.status().is_none() => {
+                        entry.error = Some(e.to_string());
+                        entry.instance = None;
+                        entry.role = None;
+                    }
+                    Err(e) => {
                         entry.phase = "Failed".into();
                         entry.error = Some(e.to_string());
                     }
-                    Err(e) => entry.error = Some(e.to_string()),
                 }
             }
             Some(id) => match agent.backup(id).await {
@@ -136,7 +166,14 @@ async fn reconcile(pb: Arc<PostgresBackup>, ctx: Arc<Ctx>) -> Result<Action, Err
                         entry.error = Some(p.reason.unwrap_or_else(|| "the backup failed".into()));
                     }
                 },
-                // The primary may have changed; the backup's record is in the store.
+                // The agent restarted (its runs are in memory): the backup ended with it.
+                Err(e) if e.status() == Some(404) => {
+                    entry.phase = "Failed".into();
+                    entry.error = Some(format!(
+                        "backup {id} is unknown to {}: its agent restarted during the backup",
+                        entry.instance.as_deref().unwrap_or("the instance")
+                    ));
+                }
                 Err(e) => entry.error = Some(format!("cannot follow backup {id}: {e}")),
             },
         }
@@ -231,21 +268,35 @@ async fn plan(pb: &PostgresBackup, ns: &str, ctx: &Ctx) -> Result<Result<Target,
     }))
 }
 
-/// The pod IP of the shard's ready primary.
-async fn primary_ip(
+/// The instance that takes the shard's backup: (pod, role, pod IP) of a ready replica (the
+/// first by name), else of the ready primary.
+async fn backup_instance(
     cluster: &str,
     shard: &str,
     ns: &str,
     ctx: &Ctx,
-) -> Result<Option<String>, Error> {
+) -> Result<Option<(String, String, String)>, Error> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let sel = format!("{LABEL_CLUSTER}={cluster},{LABEL_SHARD}={shard},{LABEL_ROLE}=primary");
-    let list = pods.list(&ListParams::default().labels(&sel)).await?;
-    Ok(list
-        .items
-        .iter()
-        .filter(|p| pod_ready(p))
-        .find_map(|p| p.status.as_ref()?.pod_ip.clone()))
+    let sel = format!("{LABEL_CLUSTER}={cluster},{LABEL_SHARD}={shard}");
+    let mut list = pods.list(&ListParams::default().labels(&sel)).await?.items;
+    list.sort_by_key(|p| p.name_any());
+    for role in ["replica", "primary"] {
+        let found = list.iter().filter(|p| pod_ready(p)).find_map(|p| {
+            (p.labels().get(LABEL_ROLE).map(String::as_str) == Some(role)).then_some(())?;
+            let ip = p.status.as_ref()?.pod_ip.clone()?;
+            Some((p.name_any(), role.to_string(), ip))
+        });
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
+}
+
+/// The IP of a pod by name; `None` when it no longer exists (or has no IP).
+async fn pod_ip(pod: &str, ns: &str, ctx: &Ctx) -> Result<Option<String>, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    Ok(pods.get_opt(pod).await?.and_then(|p| p.status?.pod_ip))
 }
 
 async fn write(

@@ -492,7 +492,7 @@ async fn postgres_backups_run_on_every_shard_or_one_and_bad_requests_fail() {
     let store = tempfile::tempdir().expect("store dir");
     env.create(
         "orders",
-        json!({"postgresVersion": 15, "image": "postgres:15", "shards": 2, "instancesPerShard": 1,
+        json!({"postgresVersion": 15, "image": "postgres:15", "shards": 2, "instancesPerShard": 2,
             "storage": {"size": "1Gi"},
             "backup": {"store": format!("file://{}", store.path().display()), "compression": "lz4",
                 "retention": {"keepLast": 1}}}),
@@ -541,6 +541,14 @@ async fn postgres_backups_run_on_every_shard_or_one_and_bad_requests_fail() {
             "{s:?}"
         );
         assert!(s.size_bytes.unwrap_or(0) > 0, "{s:?}");
+        // Taken on the shard's ready replica, sparing the primary.
+        assert_eq!(s.role.as_deref(), Some("replica"), "{s:?}");
+        assert!(
+            s.instance
+                .as_deref()
+                .is_some_and(|p| p.starts_with(&format!("orders-{}-", s.shard))),
+            "{s:?}"
+        );
     }
     let st = finished("one").await;
     assert_eq!(st.phase.as_deref(), Some("Completed"), "{st:?}");

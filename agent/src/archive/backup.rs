@@ -248,6 +248,9 @@ pub struct BackupDeps {
     pub layout: Layout,
     pub metrics: ArchiveMetrics,
     pub runs: BackupRuns,
+    /// On a replica: its primary's agent, asked to close the current WAL segment once the
+    /// backup stops (the primary archives the WAL a standby backup needs).
+    pub primary: Option<pgpilot_common::client::AgentClient>,
 }
 
 /// A backup started in the background: its progress record and its task.
@@ -467,11 +470,10 @@ async fn take(deps: &BackupDeps, run: &Run) -> Result<BackupManifest, BackupErro
         system_identifier: row.get(2),
         wal_segment_size: row.get::<_, i64>(3) as u64,
     };
-    if row.get::<_, bool>(4) {
-        return Err(BackupError::Invalid(
-            "Postgres is in recovery: backups from a replica are not supported yet".into(),
-        ));
-    }
+    // A standby backup: Postgres marks its backup_label `BACKUP FROM: standby`, and recovery
+    // from it ends at the minRecoveryPoint of the copied pg_control, so pg_control is copied
+    // after every other file (as pg_basebackup does).
+    let standby: bool = row.get(4);
 
     let start_sql = if facts.version_num >= 150000 {
         "SELECT pg_backup_start($1, fast => true)::text"
@@ -504,20 +506,28 @@ async fn take(deps: &BackupDeps, run: &Run) -> Result<BackupManifest, BackupErro
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_millis);
     let concurrency = store.upload_concurrency().max(1);
-    let mut files: Vec<ManifestFile> = futures::stream::iter(walked.files)
-        .map(|f| async move {
-            let key = layout.backup_file_key(&run.id, &f.rel);
-            let summary = upload_file(store, &key, &f.path, run).await?;
-            run.files_done.fetch_add(1, Ordering::Relaxed);
-            if let Some(d) = delay {
-                tokio::time::sleep(d).await;
-            }
-            Ok::<_, BackupError>(summary.map(|s| manifest_file(f.rel, &s, f.mode)))
-        })
+    let (last, rest): (Vec<WalkedFile>, Vec<WalkedFile>) = walked
+        .files
+        .into_iter()
+        .partition(|f| standby && f.rel == "global/pg_control");
+    let upload = |f: WalkedFile| async move {
+        let key = layout.backup_file_key(&run.id, &f.rel);
+        let summary = upload_file(store, &key, &f.path, run).await?;
+        run.files_done.fetch_add(1, Ordering::Relaxed);
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        Ok::<_, BackupError>(summary.map(|s| manifest_file(f.rel, &s, f.mode)))
+    };
+    let mut files: Vec<ManifestFile> = futures::stream::iter(rest)
+        .map(upload)
         .buffer_unordered(concurrency)
         .try_filter_map(|f| async move { Ok(f) })
         .try_collect()
         .await?;
+    for f in last {
+        files.extend(upload(f).await?);
+    }
 
     let copy_secs = t_copy.elapsed().as_secs_f64();
     run.update(|d| d.phase = BackupPhase::Stopping);
@@ -551,6 +561,23 @@ async fn take(deps: &BackupDeps, run: &Run) -> Result<BackupManifest, BackupErro
             run.id
         ))
     })?;
+    if standby {
+        // The WAL up to the stop point is the primary's to archive: ask it to close the current
+        // segment now rather than wait for archive_timeout.
+        match &deps.primary {
+            Some(primary) => match primary.switch_wal().await {
+                Ok(s) => {
+                    tracing::info!(backup = %run.id, segment = %s.segment, "the primary closed its WAL segment for this standby backup")
+                }
+                Err(e) => {
+                    tracing::warn!(backup = %run.id, "the primary could not switch WAL ({e}); waiting for archive_timeout")
+                }
+            },
+            None => {
+                tracing::warn!(backup = %run.id, "standby backup without a known primary: waiting for archive_timeout to close the WAL segment")
+            }
+        }
+    }
     let seg = facts.wal_segment_size;
     let (first, last) = wal_range(label.timeline, label.start_lsn, stop_lsn, seg);
     wait_archived(store, layout, &run.id, first, last, seg).await?;

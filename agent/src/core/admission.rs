@@ -193,14 +193,9 @@ pub fn admit(s: &Situation, cmd: &Command) -> Result<Step, AgentError> {
                 });
             }
             match st {
-                S::Running {
-                    role: Role::Primary,
-                } => Ok(Step::Backup),
-                S::Running {
-                    role: Role::Replica,
-                } => refuse("base backups from a replica are not supported yet".into()),
+                S::Running { .. } => Ok(Step::Backup),
                 _ => refuse(format!(
-                    "a base backup needs a running primary; the agent is {st}"
+                    "a base backup needs a running Postgres (primary or replica); the agent is {st}"
                 )),
             }
         }
@@ -602,7 +597,7 @@ mod tests {
             "409:not ready",
             "409:not ready",
             "409:not ready",
-            "409:running primary",
+            "409:running Postgres",
         ],
         [
             "409:not ready",
@@ -614,7 +609,7 @@ mod tests {
             "409:not ready",
             "409:not ready",
             "409:not ready",
-            "409:running primary",
+            "409:running Postgres",
         ],
         [
             "409:restore of backup B1",
@@ -638,7 +633,7 @@ mod tests {
             "409:starting",
             "409:starting",
             "409:starting",
-            "409:running primary",
+            "409:running Postgres",
         ],
         [
             "stop",
@@ -686,7 +681,7 @@ mod tests {
             "409:pass force",
             "restore",
             "restore",
-            "409:from a replica",
+            "backup",
         ],
         [
             "409:already stopping",
@@ -698,7 +693,7 @@ mod tests {
             "409:stopping",
             "409:stopping",
             "409:stopping",
-            "409:running primary",
+            "409:running Postgres",
         ],
         [
             "409:already stopped",
@@ -710,7 +705,7 @@ mod tests {
             "409:pass force",
             "restore",
             "restore",
-            "409:running primary",
+            "409:running Postgres",
         ],
         [
             "stay stopped",
@@ -722,7 +717,7 @@ mod tests {
             "409:pass force",
             "restore",
             "restore",
-            "409:running primary",
+            "409:running Postgres",
         ],
         // Running(Primary), draining
         [

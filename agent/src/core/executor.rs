@@ -854,14 +854,18 @@ impl Executor {
                 self.conflict("base backups need a backup store: no [backup] store is configured")
             );
         };
-        let deps = backup::BackupDeps {
-            cfg: self.ctx.cfg.clone(),
-            superuser_password: self.ctx.superuser_password.clone(),
-            store: archiver.store().clone(),
-            layout: archiver.layout().clone(),
-            metrics: self.ctx.metrics.archive.clone(),
-            runs: self.ctx.backups.clone(),
-        };
+        let deps =
+            backup::BackupDeps {
+                cfg: self.ctx.cfg.clone(),
+                superuser_password: self.ctx.superuser_password.clone(),
+                store: archiver.store().clone(),
+                layout: archiver.layout().clone(),
+                metrics: self.ctx.metrics.archive.clone(),
+                runs: self.ctx.backups.clone(),
+                primary: self.repl.upstream.as_ref().map(|u| {
+                    crate::replication::switchover::peer(&u.url, self.ctx.api_token.expose())
+                }),
+            };
         let cancel = CancellationToken::new();
         let started = backup::begin(deps, req, cancel.clone()).await?;
         let snapshot = started.run.snapshot();

@@ -18,7 +18,7 @@ use super::routes::{
         probes::healthz, probes::readyz, probes::startupz, probes::primary, probes::replica,
         metrics::metrics, status::status,
         lifecycle::stop, lifecycle::start, lifecycle::restart, lifecycle::reload,
-        wal::push, wal::fetch, restore::restore,
+        wal::push, wal::fetch, wal::switch, restore::restore,
         backups::start, backups::list, backups::get,
         replication::register, replication::switchover, replication::promote,
         replication::demote, replication::follow, replication::reinitialize,

@@ -47,6 +47,8 @@ fn common() -> (Router<Handle>, Router<Handle>) {
         .route("/v1/reload", post(lifecycle::reload))
         .route("/v1/restore", post(restore::restore))
         .route("/v1/backups", post(backups::start))
+        // A replica taking a base backup asks its primary to close the current segment.
+        .route("/v1/wal/switch", post(wal::switch))
         // Peers call these with the shard's shared token.
         .route("/v1/replicas", post(replication::register))
         .route("/v1/switchover", post(replication::switchover))

@@ -7,6 +7,7 @@ use axum::Json;
 use axum::extract::State;
 use pgpilot_common::api::{
     ErrorBody, WalFetchRequest, WalFetchResponse, WalPushRequest, WalPushResponse,
+    WalSwitchResponse,
 };
 
 use crate::archive::fetch::FetchError;
@@ -14,6 +15,42 @@ use crate::archive::push::PushError;
 use crate::core::Handle;
 use crate::error::AgentError;
 use crate::http::extract::OptionalJson;
+
+/// Close the primary's current WAL segment (`pg_switch_wal()`), so that it and every segment
+/// before it are archived: a replica taking a base backup asks its primary for this, as the
+/// WAL its backup needs is archived by the primary. Only a running primary does it.
+#[utoipa::path(post, path = "/v1/wal/switch", tag = "archive", security(("bearer" = [])),
+    responses((status = 200, body = WalSwitchResponse), (status = 401, body = ErrorBody),
+        (status = 409, description = "not a running primary", body = ErrorBody),
+        (status = 500, body = ErrorBody)))]
+pub async fn switch(State(h): State<Handle>) -> Result<Json<WalSwitchResponse>, AgentError> {
+    use pgpilot_common::state::{AgentState, Role};
+    let state = h.state();
+    if state
+        != (AgentState::Running {
+            role: Role::Primary,
+        })
+    {
+        return Err(AgentError::conflict(
+            &state,
+            format!("only a running primary switches WAL; this agent is {state}"),
+        ));
+    }
+    let client = h.ctx.monitor.client().await.map_err(|e| {
+        AgentError::Failed(format!("cannot connect to Postgres to switch WAL: {e}"))
+    })?;
+    let row = client
+        .query_one(
+            "SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() AS s",
+            &[],
+        )
+        .await
+        .map_err(|e| AgentError::Failed(format!("pg_switch_wal failed: {e}")))?;
+    Ok(Json(WalSwitchResponse {
+        lsn: row.get(0),
+        segment: row.get(1),
+    }))
+}
 
 /// Archive one WAL file; answers once it is stored and verified.
 #[utoipa::path(post, path = "/v1/wal/push", tag = "archive", security(("bearer" = [])),
