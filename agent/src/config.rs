@@ -108,6 +108,25 @@ pub struct FileConfig {
     pub replication: ReplicationSection,
     #[serde(default)]
     pub kubernetes: KubernetesSection,
+    /// A new shard's data restored from another cluster's archive (docs/restore.md).
+    pub bootstrap: Option<BootstrapSection>,
+}
+
+/// `[bootstrap]`: the first instance of a new shard (an empty data dir that leads its shard:
+/// standalone always, in Kubernetes the pod that creates the Lease) restores a base backup and
+/// WAL of another cluster, to `target_time` or the end of its archive, then promotes and
+/// archives into its own `[backup]` store. Replicas clone it as usual.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapSection {
+    /// The source cluster's name in the store (`<cluster>/<shard>/…`).
+    pub cluster: String,
+    /// The source shard; default: this instance's shard.
+    pub shard: Option<String>,
+    /// Recovery target time (RFC 3339); default: the end of the archived WAL.
+    pub target_time: Option<String>,
+    /// The source's store; default: `[backup]` (the same store, another cluster's prefix).
+    pub store: Option<StoreConfig>,
 }
 
 /// Whether the agent runs in Kubernetes mode (docs/kubernetes.md).
@@ -423,6 +442,8 @@ pub struct Config {
     pub replication: Replication,
     /// Kubernetes mode: leadership by Lease (`None`: standalone).
     pub kubernetes: Option<Kubernetes>,
+    /// `[bootstrap]`, checked: the source store is set (its own or `[backup]`'s).
+    pub bootstrap: Option<BootstrapSection>,
     /// The agent binary archive_command and restore_command run, set at start when a store is
     /// configured: this binary, or a copy the Postgres user can execute ([`crate::install`]).
     /// `None`: this binary.
@@ -591,6 +612,35 @@ impl Config {
                 message,
             },
         )?;
+        let bootstrap = match file.bootstrap {
+            Some(mut b) => {
+                let invalid =
+                    |key: &'static str, message: String| ConfigError::Invalid { key, message };
+                let shard = b
+                    .shard
+                    .clone()
+                    .unwrap_or_else(|| file.cluster.shard.clone());
+                pgpilot_common::layout::Layout::new(&b.cluster, &shard)
+                    .map_err(|m| invalid("bootstrap.cluster", m))?;
+                if let Some(t) = &b.target_time {
+                    crate::restore::parse_time(t)
+                        .map_err(|e| invalid("bootstrap.target_time", e.to_string()))?;
+                }
+                let Some(own) = &backup else {
+                    return Err(invalid(
+                        "bootstrap",
+                        "needs [backup]: the restored cluster archives there, and recovery fetches the source's WAL through it".into(),
+                    ));
+                };
+                let store = b.store.take().unwrap_or_else(|| own.clone());
+                store
+                    .validate()
+                    .map_err(|e| invalid("bootstrap.store", e.to_string()))?;
+                b.store = Some(store);
+                Some(b)
+            }
+            None => None,
+        };
         if file
             .archive
             .push_concurrency
@@ -628,6 +678,7 @@ impl Config {
 
         Ok(Config {
             kubernetes,
+            bootstrap,
             replication,
             backup,
             cluster: file.cluster,

@@ -141,8 +141,34 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some((lead, _)) => ctx.with_kube(lead.clone()),
         None => ctx,
     });
+    // `[bootstrap]`: the first instance of a new shard (the one that leads it) restores
+    // another cluster's archive; `--bootstrap-from-backup` reads it too when it is configured.
+    let bootstrap_restore = initial_restore.is_none()
+        && data_state == DataDirState::Empty
+        && ctx.cfg.bootstrap.is_some()
+        && ctx.is_leader();
+    let source = match &ctx.cfg.bootstrap {
+        Some(b) if bootstrap_restore || initial_restore.is_some() => {
+            Some(Box::new(restore_source(&ctx.cfg, b)?))
+        }
+        _ => None,
+    };
+    let initial_restore = match (initial_restore, &ctx.cfg.bootstrap) {
+        (None, Some(b)) if bootstrap_restore => Some(pgpilot_common::api::RestoreRequest {
+            target: match &b.target_time {
+                Some(time) => pgpilot_common::api::RestoreTarget::Time { time: time.clone() },
+                None => pgpilot_common::api::RestoreTarget::Latest,
+            },
+            backup_id: None,
+            inclusive: None,
+            timeline: None,
+            force: false,
+            cancel_backup: false,
+        }),
+        (r, _) => r,
+    };
     let begin = match (data_state, initial_restore) {
-        (_, Some(req)) => Begin::Restore(Box::new(req)),
+        (_, Some(req)) => Begin::Restore(Box::new(req), source),
         // Another instance leads the shard: an empty data dir is a new replica of it.
         (DataDirState::Empty, None) if !ctx.is_leader() => Begin::Clone,
         (DataDirState::Empty, None) => Begin::Initdb,
@@ -188,6 +214,30 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The archive a `[bootstrap]` restore reads.
+fn restore_source(
+    cfg: &Config,
+    b: &config::BootstrapSection,
+) -> anyhow::Result<core::executor::RestoreSource> {
+    let store_cfg = b
+        .store
+        .clone()
+        .expect("checked at load: the source store is set");
+    let shard = b.shard.clone().unwrap_or_else(|| cfg.cluster.shard.clone());
+    let store = store::Store::open(&store_cfg).context("[bootstrap] store")?;
+    let layout =
+        pgpilot_common::layout::Layout::new(&b.cluster, &shard).map_err(anyhow::Error::msg)?;
+    Ok(core::executor::RestoreSource {
+        store,
+        layout,
+        fetch_from: archive::runtime::FetchSource {
+            store: store_cfg,
+            cluster: b.cluster.clone(),
+            shard,
+        },
+    })
+}
+
 /// Opens the backup store and sets up WAL archiving and fetching: the runtime file that
 /// archive_command and restore_command read, the archiver and the fetcher.
 fn open_archive(
@@ -204,7 +254,7 @@ fn open_archive(
     let store = store::Store::open(store_cfg).context("backup store")?;
     let layout = pgpilot_common::layout::Layout::new(&cfg.cluster.name, &cfg.cluster.shard)
         .map_err(anyhow::Error::msg)?;
-    archive::runtime::ArchiveRuntime::write(cfg, store_cfg, token.expose(), owner)
+    archive::runtime::ArchiveRuntime::write(cfg, store_cfg, token.expose(), owner, None)
         .context("writing the archive runtime file")?;
     let concurrency = cfg
         .archive

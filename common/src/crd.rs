@@ -378,6 +378,11 @@ pub struct ShardBackupStatus {
 }
 
 impl PostgresClusterSpec {
+    /// `bootstrap.fromBackup`, when given.
+    pub fn from_backup(&self) -> Option<&FromBackupSpec> {
+        self.bootstrap.as_ref()?.from_backup.as_ref()
+    }
+
     /// What is wrong with this spec, one sentence each naming the field; empty when valid.
     /// `previous_shards`: the shard count already built (shards cannot be removed).
     pub fn problems(&self, previous_shards: Option<u32>) -> Vec<String> {
@@ -425,6 +430,27 @@ impl PostgresClusterSpec {
                 {
                     out.push(format!("spec.backup.retention.keepWithin {e}"));
                 }
+            }
+        }
+        if let Some(fb) = self.from_backup() {
+            if let Err(e) = check_store_url(&fb.store) {
+                out.push(format!(
+                    "spec.bootstrap.fromBackup.store {:?}: {e}",
+                    fb.store
+                ));
+            }
+            if fb.cluster.is_empty() || fb.cluster.contains('/') {
+                out.push(format!(
+                    "spec.bootstrap.fromBackup.cluster {:?}: the source cluster's name, without '/'",
+                    fb.cluster
+                ));
+            }
+            if let Some(t) = &fb.target_time
+                && t.parse::<jiff::Timestamp>().is_err()
+            {
+                out.push(format!(
+                    "spec.bootstrap.fromBackup.targetTime {t:?}: not an RFC 3339 time with a zone (2026-12-05T10:00:00Z)"
+                ));
             }
         }
         for (i, d) in self.databases.iter().enumerate() {

@@ -363,6 +363,14 @@ async fn missing_secrets(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Ve
             named.push(("spec.backup.encryptionKeySecret", s.clone()));
         }
     }
+    if let Some(fb) = pc.spec.from_backup() {
+        if let Some(s) = &fb.credentials_secret {
+            named.push(("spec.bootstrap.fromBackup.credentialsSecret", s.clone()));
+        }
+        if let Some(s) = &fb.encryption_key_secret {
+            named.push(("spec.bootstrap.fromBackup.encryptionKeySecret", s.clone()));
+        }
+    }
     for (field, secret) in named {
         if api.get_opt(&secret).await?.is_none() {
             out.push(format!(

@@ -288,9 +288,28 @@ pub fn agent_config(pc: &PostgresCluster, shard: &str, opts: &Options) -> String
             }
         }
     }
+    if let Some(fb) = pc.spec.from_backup() {
+        // Only the shard's first instance (the pod that creates the Lease, on an empty volume)
+        // restores; the others clone it.
+        out += &format!("\n[bootstrap]\ncluster = {}\n", q(&fb.cluster));
+        if let Some(t) = &fb.target_time {
+            out += &format!("target_time = {}\n", q(t));
+        }
+        out += &format!("\n[bootstrap.store]\nstore = {}\n", q(&fb.store));
+        if fb.encryption_key_secret.is_some() {
+            out += "encryption_key_files = [\"/bootstrap-key/key\"]\n";
+        }
+        if fb.credentials_secret.is_some() {
+            out += &format!("credentials_env_prefix = {}\n", q(BOOTSTRAP_ENV_PREFIX));
+        }
+    }
     out += "\n[kubernetes]\nmode = \"on\"\n";
     out
 }
+
+/// The prefix of the `fromBackup` credentials Secret's keys in the agent's environment (beside
+/// the cluster's own store credentials, unprefixed).
+pub const BOOTSTRAP_ENV_PREFIX: &str = "PGPILOT_BOOTSTRAP_";
 
 fn statefulset(pc: &PostgresCluster, shard: &str, secrets: &SecretRefs, opts: &Options) -> Value {
     let name = pc.name_any();
@@ -345,7 +364,7 @@ fn statefulset(pc: &PostgresCluster, shard: &str, secrets: &SecretRefs, opts: &O
         volumes.push(json!({"name": "backup-key", "secret": {"secretName": key}}));
         mounts.push(json!({"name": "backup-key", "mountPath": "/backup-key"}));
     }
-    let env_from: Vec<Value> = pc
+    let mut env_from: Vec<Value> = pc
         .spec
         .backup
         .as_ref()
@@ -353,6 +372,15 @@ fn statefulset(pc: &PostgresCluster, shard: &str, secrets: &SecretRefs, opts: &O
         .map(|creds| json!({"secretRef": {"name": creds}}))
         .into_iter()
         .collect();
+    if let Some(fb) = pc.spec.from_backup() {
+        if let Some(creds) = &fb.credentials_secret {
+            env_from.push(json!({"prefix": BOOTSTRAP_ENV_PREFIX, "secretRef": {"name": creds}}));
+        }
+        if let Some(key) = &fb.encryption_key_secret {
+            volumes.push(json!({"name": "bootstrap-key", "secret": {"secretName": key}}));
+            mounts.push(json!({"name": "bootstrap-key", "mountPath": "/bootstrap-key"}));
+        }
+    }
     let mut container = json!({
         "name": "postgres",
         "image": pc.spec.image(),
@@ -477,6 +505,36 @@ mod tests {
         ] {
             assert!(c.contains(line), "{line} in\n{c}");
         }
+    }
+
+    #[test]
+    fn from_backup_renders_the_source_with_its_own_key_and_prefixed_credentials() {
+        let mut pc = cluster();
+        pc.spec.bootstrap = Some(serde_json::from_value(json!({"fromBackup": {
+            "store": "s3://old/archive", "cluster": "orders-old", "targetTime": "2026-12-05T10:00:00Z",
+            "credentialsSecret": "old-s3", "encryptionKeySecret": "old-key"}})).unwrap());
+        let c = agent_config(&pc, "shard-0", &Options::default());
+        for line in [
+            "[bootstrap]\ncluster = \"orders-old\"\ntarget_time = \"2026-12-05T10:00:00Z\"",
+            "[bootstrap.store]\nstore = \"s3://old/archive\"\nencryption_key_files = [\"/bootstrap-key/key\"]\ncredentials_env_prefix = \"PGPILOT_BOOTSTRAP_\"",
+        ] {
+            assert!(c.contains(line), "{line} in\n{c}");
+        }
+        let d = desired(&pc, &Options::default());
+        let sts = d.iter().find(|o| o.kind == "StatefulSet").unwrap();
+        let container = &sts.body["spec"]["template"]["spec"]["containers"][0];
+        assert!(
+            container["envFrom"].as_array().unwrap().contains(
+                &json!({"prefix": BOOTSTRAP_ENV_PREFIX, "secretRef": {"name": "old-s3"}})
+            ),
+            "{container}"
+        );
+        assert!(
+            container["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({"name": "bootstrap-key", "mountPath": "/bootstrap-key"}))
+        );
     }
 
     #[test]

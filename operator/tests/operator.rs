@@ -176,8 +176,13 @@ impl Env {
         .await
     }
 
-    /// A connection to the Postgres behind Service `svc` (its first endpoint).
+    /// A connection to the Postgres behind Service `svc` (its first endpoint) of `orders`.
     async fn sql(&self, svc: &str) -> tokio_postgres::Client {
+        self.sql_of("orders", svc).await
+    }
+
+    /// A connection to the Postgres behind Service `svc` of `cluster`, as its superuser.
+    async fn sql_of(&self, cluster: &str, svc: &str) -> tokio_postgres::Client {
         let ip = eventually(&format!("an endpoint of {svc}"), || async {
             self.kubelet
                 .as_ref()?
@@ -188,7 +193,7 @@ impl Env {
                 .copied()
         })
         .await;
-        let password = self.superuser_password("orders").await;
+        let password = self.superuser_password(cluster).await;
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(ip.to_string())
             .port(5432)
@@ -483,11 +488,12 @@ async fn two_operator_replicas_never_both_act_and_a_killed_leader_is_replaced() 
     env.ns.cleanup().await.expect("cleanup");
 }
 
-/// `PostgresBackup`: a base backup of every shard, then of one, through the shards' primary
-/// agents, with ids, LSNs and sizes in the status; requests that cannot be served fail at once,
-/// saying why.
+/// `PostgresBackup`: a base backup of every shard, then of one, taken on the shards' replicas,
+/// with ids, LSNs and sizes in the status; retention keeps the newest; requests that cannot be
+/// served fail at once, saying why; a schedule creates runs; a new cluster bootstrapped
+/// `fromBackup` with a time target has exactly the rows committed before it.
 #[tokio::test]
-async fn postgres_backups_run_on_every_shard_or_one_and_bad_requests_fail() {
+async fn postgres_backups_retention_schedule_and_a_cluster_restored_from_them() {
     let env = Env::start("operator-backup").await;
     let store = tempfile::tempdir().expect("store dir");
     env.create(
@@ -618,6 +624,86 @@ async fn postgres_backups_run_on_every_shard_or_one_and_bad_requests_fail() {
                 .strftime("%Y%m%d%H%M")
         )
     );
+
+    // bootstrap.fromBackup with a time target: no schedule from now on (with keepLast 1 a
+    // backup after the target would retire the one before it), and every run finished.
+    let no_schedule = json!({"spec": {"backup": {"schedule": null}}});
+    env.clusters()
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(&no_schedule),
+        )
+        .await
+        .unwrap();
+    eventually("every backup run finished", || async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let list = backups.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .all(|b| {
+                matches!(
+                    b.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Completed" | "Failed")
+                )
+            })
+            .then_some(())
+    })
+    .await;
+    let db = env.sql("orders-shard-0-rw").await;
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 100)",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let target = jiff::Timestamp::now();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    db.batch_execute("INSERT INTO t SELECT generate_series(101, 200)")
+        .await
+        .unwrap();
+    let seg: String = db
+        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let archived = store
+        .path()
+        .join(format!("orders/shard-0/wal/{seg}.pgpilot"));
+    eventually("the rows after the target archived", || async {
+        archived.exists().then_some(())
+    })
+    .await;
+    env.create(
+        "copy",
+        json!({"postgresVersion": 15, "image": "postgres:15", "shards": 1, "instancesPerShard": 2,
+            "storage": {"size": "1Gi"},
+            "backup": {"store": format!("file://{}", store.path().display())},
+            "bootstrap": {"fromBackup": {"store": format!("file://{}", store.path().display()),
+                "cluster": "orders", "targetTime": target.to_string()}}}),
+    )
+    .await;
+    env.ready("copy", "True").await;
+    let rows: Vec<i32> = env
+        .sql_of("copy", "copy-shard-0-rw")
+        .await
+        .query("SELECT id FROM t ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        rows,
+        (1..=100).collect::<Vec<i32>>(),
+        "exactly the rows committed before the target"
+    );
+    // The copy archives into its own prefix, and its replica streams from the restored primary.
+    let copy_wal = store.path().join("copy/shard-0/wal");
+    eventually("the copy archives its own WAL", || async {
+        std::fs::read_dir(&copy_wal).ok()?.next().map(|_| ())
+    })
+    .await;
     env.ns.cleanup().await.expect("cleanup");
 }
 

@@ -96,7 +96,13 @@ async fn fetch(rt: &ArchiveRuntime, name: &str, dest: &Path) -> anyhow::Result<F
         Err(ClientError::Api { status: 404, .. }) => Ok(Fetched::Missing),
         Err(ClientError::Transport { cause, .. }) => {
             eprintln!("wal-fetch: agent unreachable ({cause}); fetching {name} directly");
-            let (store, layout) = open(rt)?;
+            let (store, layout) = match &rt.fetch_from {
+                Some(src) => (
+                    Store::open(&src.store)?,
+                    Layout::new(&src.cluster, &src.shard).map_err(anyhow::Error::msg)?,
+                ),
+                None => open(rt)?,
+            };
             match fetch_direct(&store, &layout, name, dest).await {
                 Ok(()) => Ok(Fetched::Done),
                 Err(FetchError::NotFound(_)) => Ok(Fetched::Missing),

@@ -47,8 +47,10 @@ pub enum FetchError {
 type FetchFuture = Shared<BoxFuture<'static, Result<(), FetchError>>>;
 
 pub struct WalFetcher {
-    store: Store,
-    layout: Layout,
+    /// Where WAL comes from: this cluster's archive, or another's during a `[bootstrap]`
+    /// restore ([`WalFetcher::redirect`]).
+    source: std::sync::RwLock<(Store, Layout)>,
+    background_stopping: tokio_util::sync::CancellationToken,
     spool: PathBuf,
     prefetch: usize,
     owner: Option<OsUser>,
@@ -81,8 +83,11 @@ impl WalFetcher {
         background: Background,
     ) -> Arc<WalFetcher> {
         Arc::new(WalFetcher {
-            store: store.with_cancel(background.stopping().clone()),
-            layout,
+            source: std::sync::RwLock::new((
+                store.with_cancel(background.stopping().clone()),
+                layout,
+            )),
+            background_stopping: background.stopping().clone(),
             spool: data_dir.join(SPOOL_DIR),
             prefetch,
             owner,
@@ -95,6 +100,19 @@ impl WalFetcher {
         })
     }
 
+    /// The archive WAL is read from, now.
+    fn source(&self) -> (Store, Layout) {
+        self.source.read().expect("fetch source lock").clone()
+    }
+
+    /// Reads WAL from another archive from now on (a `[bootstrap]` restore, and back to this
+    /// cluster's own once it is done). Cached histories are forgotten.
+    pub fn redirect(&self, store: Store, layout: Layout) {
+        *self.source.write().expect("fetch source lock") =
+            (store.with_cancel(self.background_stopping.clone()), layout);
+        self.histories.lock().expect("history lock").clear();
+    }
+
     /// The history of `timeline` in the archive, if it has one (cached).
     async fn history(&self, timeline: u32) -> Result<Option<Vec<(u32, Lsn)>>, FetchError> {
         if let Some((h, at)) = self.histories.lock().expect("history lock").get(&timeline)
@@ -103,7 +121,8 @@ impl WalFetcher {
             return Ok(h.clone());
         }
         let name = format!("{timeline:08X}.history");
-        let h = match self.store.get_bytes(&self.layout.wal_key(&name)).await {
+        let (store, layout) = self.source();
+        let h = match store.get_bytes(&layout.wal_key(&name)).await {
             Ok((bytes, _)) => Some(parse_history(&String::from_utf8_lossy(&bytes))),
             Err(StoreError::NotFound { .. }) => None,
             Err(e) => return Err(FetchError::Failed(format!("reading {name}: {e}"))),
@@ -272,7 +291,8 @@ impl WalFetcher {
             "{}.partial",
             seg.name(self.seg_size.load(Ordering::Relaxed))
         );
-        match self.store.head(&self.layout.wal_key(&name)).await {
+        let (store, layout) = self.source();
+        match store.head(&layout.wal_key(&name)).await {
             Ok(found) => Ok(found.is_some()),
             Err(e) => Err(FetchError::Failed(format!("looking for {name}: {e}"))),
         }
@@ -291,11 +311,11 @@ impl WalFetcher {
         let target = self.spool.join(name);
         let partial = self.spool.join(format!("{name}.download"));
         let failed = |e: std::io::Error| FetchError::Failed(format!("{}: {e}", partial.display()));
-        match self
-            .store
-            // No fsync: a spooled file lost in a crash is fetched again.
+        let (store, layout) = self.source();
+        // No fsync: a spooled file lost in a crash is fetched again.
+        match store
             .get_to_file_with(
-                &self.layout.wal_key(name),
+                &layout.wal_key(name),
                 &partial,
                 Durability::Deferred,
                 Caching::Cached,

@@ -24,6 +24,18 @@ pub struct ArchiveRuntime {
     pub cluster: String,
     pub shard: String,
     pub archive: ArchiveSection,
+    /// While a `[bootstrap]` restore replays another cluster's WAL: where `wal-fetch` reads
+    /// (never `wal-push`, which always writes to this cluster's own archive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_from: Option<FetchSource>,
+}
+
+/// Another cluster's archive to fetch WAL from.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct FetchSource {
+    pub store: StoreConfig,
+    pub cluster: String,
+    pub shard: String,
 }
 
 impl std::fmt::Debug for ArchiveRuntime {
@@ -51,6 +63,7 @@ impl ArchiveRuntime {
         store: &StoreConfig,
         token: &str,
         owner: Option<&OsUser>,
+        fetch_from: Option<FetchSource>,
     ) -> std::io::Result<PathBuf> {
         let rt = ArchiveRuntime {
             api_url: format!("http://{}", cfg.api_loopback_listen),
@@ -60,6 +73,7 @@ impl ArchiveRuntime {
             cluster: cfg.cluster.name.clone(),
             shard: cfg.cluster.shard.clone(),
             archive: cfg.archive.clone(),
+            fetch_from,
         };
         let path = Self::path(cfg);
         let tmp = path.with_extension("tmp");

@@ -50,10 +50,20 @@ pub enum Begin {
     Existing,
     /// The data dir is empty: initdb, then start.
     Initdb,
-    /// The data dir is empty: restore into it (`run --bootstrap-from-backup`).
-    Restore(Box<RestoreRequest>),
+    /// The data dir is empty: restore into it (`run --bootstrap-from-backup`, or `[bootstrap]`
+    /// from another cluster's archive: the source given here).
+    Restore(Box<RestoreRequest>, Option<Box<RestoreSource>>),
     /// The data dir is empty and another instance leads the shard: clone it, then follow it.
     Clone,
+}
+
+/// Another cluster's archive a `[bootstrap]` restore reads (base backup and WAL).
+#[derive(Clone)]
+pub struct RestoreSource {
+    pub store: crate::store::Store,
+    pub layout: pgpilot_common::layout::Layout,
+    /// For the runtime file, so `wal-fetch`'s direct path reads the same archive.
+    pub fetch_from: crate::archive::runtime::FetchSource,
 }
 
 /// The long operation the executor is carrying out.
@@ -129,6 +139,8 @@ pub struct Executor {
     last_restore: Option<restore::Progress>,
     /// A failed restore ends the agent (it was `run --bootstrap-from-backup`).
     exit_on_restore_failure: bool,
+    /// The archive of the initial `[bootstrap]` restore, until it completes.
+    restore_source: Option<RestoreSource>,
     /// Replication housekeeping (slots, registration, lag metrics) is due.
     next_replication_check: tokio::time::Instant,
     repl: reparent::ReplicationState,
@@ -166,6 +178,7 @@ impl Executor {
             last_op: None,
             last_restore: None,
             exit_on_restore_failure: false,
+            restore_source: None,
             next_replication_check: tokio::time::Instant::now(),
             repl: reparent::ReplicationState::default(),
             shutdown: CancellationToken::new(),
@@ -214,11 +227,16 @@ impl Executor {
                 }
                 self.spawn_postgres();
             }
-            Begin::Restore(req) => {
+            Begin::Restore(req, source) => {
                 self.set_state(AgentState::Bootstrapping {
                     method: BootstrapMethod::Restore,
                 });
                 self.exit_on_restore_failure = true;
+                if let Some(src) = source {
+                    tracing::info!(source = %src.store, cluster = %src.fetch_from.cluster, shard = %src.fetch_from.shard, "bootstrapping from another cluster's archive");
+                    self.point_fetching_at(Some(&src));
+                    self.restore_source = Some(*src);
+                }
                 let plan = self.plan_restore(&req).await.map_err(|e| e.to_string())?;
                 self.begin_restore(plan, false);
             }
@@ -548,11 +566,20 @@ impl Executor {
 
     fn render_conf_with(&self, params: &BTreeMap<String, String>) -> std::io::Result<Vec<String>> {
         let standby = self.standby_conf();
+        // A restore in flight, or one interrupted by an agent restart (recovery.signal).
+        let restoring = matches!(self.op, Some(OpTask::Restore { .. }))
+            || self
+                .ctx
+                .cfg
+                .data_dir
+                .join(crate::files::RECOVERY_SIGNAL)
+                .exists();
         conf::render_all(
             &self.ctx.cfg,
             params,
             standby.as_ref(),
             self.ctx.owner.as_ref(),
+            restoring,
         )
     }
 
@@ -897,9 +924,38 @@ impl Executor {
                 "no backup store is configured ([backup] in the config, or --backup-store)",
             ));
         };
-        restore::plan(archiver.store(), archiver.layout(), req)
+        let (store, layout) = match &self.restore_source {
+            Some(src) => (&src.store, &src.layout),
+            None => (archiver.store(), archiver.layout()),
+        };
+        restore::plan(store, layout, req)
             .await
             .map_err(AgentError::from)
+    }
+
+    /// Where recovery's WAL comes from: another cluster's archive during a `[bootstrap]`
+    /// restore (`Some`), this cluster's own otherwise. Both the fetcher and the runtime file
+    /// (`wal-fetch`'s direct path) follow.
+    fn point_fetching_at(&self, source: Option<&RestoreSource>) {
+        let ctx = &self.ctx;
+        let (Some(archiver), Some(fetcher), Some(store_cfg)) =
+            (&ctx.archiver, &ctx.fetcher, &ctx.cfg.backup)
+        else {
+            return;
+        };
+        match source {
+            Some(src) => fetcher.redirect(src.store.clone(), src.layout.clone()),
+            None => fetcher.redirect(archiver.store().clone(), archiver.layout().clone()),
+        }
+        if let Err(e) = crate::archive::runtime::ArchiveRuntime::write(
+            &ctx.cfg,
+            store_cfg,
+            ctx.api_token.expose(),
+            ctx.owner.as_ref(),
+            source.map(|s| s.fetch_from.clone()),
+        ) {
+            tracing::error!("cannot rewrite the archive runtime file: {e}");
+        }
     }
 
     async fn restore_step(
@@ -963,19 +1019,25 @@ impl Executor {
         let ctx = self.ctx.clone();
         let task_plan = plan.clone();
         let task_progress = progress.clone();
+        let source = self
+            .restore_source
+            .as_ref()
+            .map(|s| (s.store.clone(), s.layout.clone()));
         let download: Download = Box::pin(async move {
             let archiver = ctx
                 .archiver
                 .as_ref()
                 .ok_or_else(|| RestoreError::Failed("no backup store".into()))?;
+            let (store, layout) =
+                source.unwrap_or_else(|| (archiver.store().clone(), archiver.layout().clone()));
             if let Some(f) = &ctx.fetcher {
                 f.set_segment_size(task_plan.manifest.wal_segment_size);
                 let _ = f.reset_spool();
             }
             restore::run::download_and_prepare(
                 &ctx.cfg,
-                archiver.store(),
-                archiver.layout(),
+                &store,
+                &layout,
                 &task_plan,
                 ctx.owner.as_ref(),
                 force,
@@ -1041,6 +1103,41 @@ impl Executor {
             .and_then(|s| s.timeline);
         let started = self.runtime.running_since;
         restore::run::mark_completed(&self.ctx.cfg, &progress, timeline, started);
+        if self.restore_source.take().is_some() {
+            // Promoted: from now on this cluster's own archive is the one recovery reads.
+            self.point_fetching_at(None);
+        }
+        self.own_the_restored_catalog().await;
+    }
+
+    /// The restored catalog holds the backup's superuser password (another cluster's, or an
+    /// older one): set this agent's, then drop the socket trust line of the restore (the
+    /// replication role's password is set as the instance becomes the primary, just after).
+    async fn own_the_restored_catalog(&mut self) {
+        let cfg = &self.ctx.cfg;
+        let result = async {
+            let client = self.ctx.monitor.client().await.map_err(|e| e.to_string())?;
+            sql::set_password(
+                &client,
+                &cfg.superuser,
+                self.ctx.superuser_password.expose(),
+            )
+            .await
+            .map_err(|e| format!("setting the superuser's password: {e}"))?;
+            self.render_conf()
+                .map_err(|e| format!("rendering pg_hba.conf: {e}"))?;
+            client
+                .batch_execute("SELECT pg_reload_conf()")
+                .await
+                .map_err(|e| format!("reloading pg_hba.conf: {e}"))
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                tracing::info!(role = %cfg.superuser, "restored catalog: the superuser's password is this agent's; the restore's trust line is gone")
+            }
+            Err(e) => tracing::error!("after the restore: {e}"),
+        }
         if let Some(OpTask::Restore { progress, .. }) = self.op.take() {
             self.last_op = Some(OpRecord::Restore(progress));
         }

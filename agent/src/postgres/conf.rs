@@ -108,13 +108,24 @@ pub fn render_pgpilot_conf(
     s
 }
 
-pub fn render_pg_hba(cfg: &Config) -> String {
+/// `restoring`: a restore is replaying a backup whose catalog holds another cluster's (or an
+/// older) superuser password, so the agent's own superuser may connect over the Unix socket
+/// without one until the agent has set its password, once Postgres is promoted.
+pub fn render_pg_hba(cfg: &Config, restoring: bool) -> String {
     let mut s = String::from(
         "# Rendered by pgpilot-agent at every start and reload: edits here are overwritten.\n\
          # TYPE  DATABASE     USER             ADDRESS          METHOD\n",
     );
     let su = &cfg.superuser;
     let repl = &cfg.replication_user;
+    if restoring {
+        s.push_str(
+            "# During a restore only: removed once the agent has set the superuser's password.\n",
+        );
+        s.push_str(&format!(
+            "local   all          {su:<16}                  trust\n"
+        ));
+    }
     s.push_str("local   all          all                               scram-sha-256\n");
     s.push_str(&format!(
         "local   replication  {repl:<16}                  scram-sha-256\n"
@@ -183,6 +194,7 @@ pub fn render_all(
     user: &BTreeMap<String, String>,
     standby: Option<&StandbyConf>,
     owner: Option<&super::OsUser>,
+    restoring: bool,
 ) -> std::io::Result<Vec<String>> {
     let conf_path = cfg.data_dir.join(INCLUDE_FILE);
     let before = std::fs::read_to_string(&conf_path)
@@ -192,7 +204,7 @@ pub fn render_all(
     write_if_changed(&conf_path, &new, owner)?;
     write_if_changed(
         &cfg.data_dir.join("pg_hba.conf"),
-        &render_pg_hba(cfg),
+        &render_pg_hba(cfg, restoring),
         owner,
     )?;
     ensure_include(&cfg.data_dir.join("postgresql.conf"), owner)?;
@@ -306,16 +318,16 @@ mod tests {
         let mut c = cfg("");
         c.data_dir = dir.path().to_path_buf();
         std::fs::write(dir.path().join("postgresql.conf"), "shared_buffers = 128MB").unwrap();
-        let first = render_all(&c, &BTreeMap::new(), None, None).unwrap();
+        let first = render_all(&c, &BTreeMap::new(), None, None, false).unwrap();
         assert!(first.contains(&"port".to_string()));
         let mut user = BTreeMap::new();
         user.insert("work_mem".to_string(), "16MB".to_string());
         assert_eq!(
-            render_all(&c, &user, None, None).unwrap(),
+            render_all(&c, &user, None, None, false).unwrap(),
             vec!["work_mem".to_string()]
         );
         assert_eq!(
-            render_all(&c, &BTreeMap::new(), None, None).unwrap(),
+            render_all(&c, &BTreeMap::new(), None, None, false).unwrap(),
             vec!["work_mem".to_string()]
         );
         let main = std::fs::read_to_string(dir.path().join("postgresql.conf")).unwrap();

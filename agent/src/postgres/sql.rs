@@ -75,6 +75,19 @@ pub async fn ensure_replication_role(
         .await
 }
 
+/// Sets `role`'s password (a SCRAM verifier: the password itself never reaches Postgres' logs).
+pub async fn set_password(
+    client: &Client,
+    role: &str,
+    password: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+    // Role names are validated identifiers (config); the verifier has no quote characters.
+    client
+        .batch_execute(&format!("ALTER ROLE {role} PASSWORD '{verifier}'"))
+        .await
+}
+
 /// Parameters Postgres says need a restart to take effect.
 pub async fn pending_restart(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
     let rows = client

@@ -67,6 +67,11 @@ pub struct StoreConfig {
     pub request_timeout_secs: u64,
     /// Retries of whole operations on transient errors.
     pub retry: RetrySettings,
+    /// Also read the store client's environment variables under this prefix, over the plain
+    /// ones: with `PGPILOT_BOOTSTRAP_`, `PGPILOT_BOOTSTRAP_AWS_ACCESS_KEY_ID` is this store's
+    /// `AWS_ACCESS_KEY_ID` (a second store's credentials beside the first's, e.g. the source
+    /// of a `[bootstrap]` restore given by `envFrom` with a prefix).
+    pub credentials_env_prefix: Option<String>,
     /// Applied by the agent after each successful base backup (`[backup.retention]`); absent,
     /// nothing is deleted automatically (`pgpilot-agent retention` still works by hand).
     pub retention: Option<RetentionSettings>,
@@ -134,6 +139,7 @@ impl Default for StoreConfig {
             request_timeout_secs: 60,
             retry: RetrySettings::default(),
             retention: None,
+            credentials_env_prefix: None,
         }
     }
 }

@@ -65,7 +65,13 @@ pub(crate) fn build(
     };
     match location {
         StoreLocation::S3 { bucket, .. } => {
-            let mut b = AmazonS3Builder::from_env()
+            let mut b = AmazonS3Builder::from_env();
+            for (k, v) in prefixed_env(cfg, "AWS_") {
+                if let Ok(key) = k.parse() {
+                    b = b.with_config(key, v);
+                }
+            }
+            let mut b = b
                 .with_bucket_name(bucket)
                 .with_client_options(options)
                 .with_retry(retry)
@@ -94,7 +100,13 @@ pub(crate) fn build(
             built(b.build().map(|s| Arc::new(s) as _))
         }
         StoreLocation::Gcs { bucket, .. } => {
-            let mut b = GoogleCloudStorageBuilder::from_env()
+            let mut b = GoogleCloudStorageBuilder::from_env();
+            for (k, v) in prefixed_env(cfg, "GOOGLE_") {
+                if let Ok(key) = k.parse() {
+                    b = b.with_config(key, v);
+                }
+            }
+            let mut b = b
                 .with_bucket_name(bucket)
                 .with_client_options(options)
                 .with_retry(retry);
@@ -110,7 +122,13 @@ pub(crate) fn build(
             built(b.build().map(|s| Arc::new(s) as _))
         }
         StoreLocation::Azure { container, .. } => {
-            let mut b = MicrosoftAzureBuilder::from_env()
+            let mut b = MicrosoftAzureBuilder::from_env();
+            for (k, v) in prefixed_env(cfg, "AZURE_") {
+                if let Ok(key) = k.parse() {
+                    b = b.with_config(key, v);
+                }
+            }
+            let mut b = b
                 .with_container_name(container)
                 .with_client_options(options)
                 .with_retry(retry);
@@ -152,4 +170,19 @@ pub(crate) fn build(
         }
         StoreLocation::File { .. } => unreachable!("file:// stores are not built by object_store"),
     }
+}
+
+/// The environment variables `<credentials_env_prefix><family>…`, prefix stripped and
+/// lower-cased as object_store's `from_env` parses its own (`aws_access_key_id`).
+fn prefixed_env(cfg: &StoreConfig, family: &str) -> Vec<(String, String)> {
+    let Some(prefix) = cfg.credentials_env_prefix.as_deref() else {
+        return Vec::new();
+    };
+    std::env::vars()
+        .filter_map(|(k, v)| {
+            let rest = k.strip_prefix(prefix)?;
+            rest.starts_with(family)
+                .then(|| (rest.to_ascii_lowercase(), v))
+        })
+        .collect()
 }
