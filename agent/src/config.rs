@@ -623,8 +623,8 @@ impl Config {
                 pgpilot_common::layout::Layout::new(&b.cluster, &shard)
                     .map_err(|m| invalid("bootstrap.cluster", m))?;
                 if let Some(t) = &b.target_time {
-                    crate::restore::parse_time(t)
-                        .map_err(|e| invalid("bootstrap.target_time", e.to_string()))?;
+                    crate::time::parse_target_time(t)
+                        .map_err(|e| invalid("bootstrap.target_time", e))?;
                 }
                 let Some(own) = &backup else {
                     return Err(invalid(

@@ -1,5 +1,10 @@
 //! The operator end to end: the reconciler (in this process) against the test API server, its
 //! pods run by the test kubelet as real pgpilot-agents with PostgreSQL 15 (docs/operator.md).
+//! With `KUBECONFIG` set, against that cluster instead (no server or kubelet started here): its
+//! nodes run the pods from `PGPILOT_TEST_AGENT_IMAGE` and `postgres:15`; the tests reach the pods
+//! by their IPs and read the file:// backup store under the system temp dir, so the cluster's
+//! pods must be routable from here and share that directory (the test kubelet's
+//! `examples/serve` does both; a kind node with the temp dir mounted does too).
 //! What a user sees: the cluster's status and conditions, its Services, and the rows in each
 //! shard's Postgres.
 
@@ -50,12 +55,13 @@ where
 struct Env {
     client: kube::Client,
     ns: TestNamespace,
-    kubelet: Option<Kubelet>,
+    /// `None` with `KUBECONFIG`: that cluster runs the pods.
+    _kubelet: Option<Kubelet>,
     kubeconfig: std::path::PathBuf,
     metrics: Metrics,
     /// With leader election: each replica's metrics and task.
     replicas: Vec<(Metrics, tokio::task::JoinHandle<Result<(), String>>)>,
-    _server: KubeTestServer,
+    _server: Option<KubeTestServer>,
 }
 
 impl Env {
@@ -78,22 +84,35 @@ impl Env {
             std::path::Path::new(BIN).join("postgres").exists(),
             "PostgreSQL 15 is missing: scripts/install-test-deps.sh"
         );
-        let server = KubeTestServer::start_with(server_options())
-            .await
-            .expect("server");
-        let images = ImageTable::new()
-            .binary("pgpilot/agent:*", agent_bin())
-            .directory("postgres:*", BIN, None);
-        let kubelet = Kubelet::start(
-            &server,
-            KubeletOptions {
-                images,
-                ..KubeletOptions::default()
-            },
-        )
-        .await
-        .expect("kubelet");
-        let client = server.client();
+        let real = std::env::var_os("KUBECONFIG").filter(|k| !k.is_empty());
+        let (client, server, kubelet, kubeconfig) = match real {
+            Some(path) => {
+                pgpilot_kube_testserver::install_crypto_provider();
+                let client = kube::Client::try_default()
+                    .await
+                    .expect("the cluster named by KUBECONFIG");
+                (client, None, None, std::path::PathBuf::from(path))
+            }
+            None => {
+                let server = KubeTestServer::start_with(server_options())
+                    .await
+                    .expect("server");
+                let images = ImageTable::new()
+                    .binary("pgpilot/agent:*", agent_bin())
+                    .directory("postgres:*", BIN, None);
+                let kubelet = Kubelet::start(
+                    &server,
+                    KubeletOptions {
+                        images,
+                        ..KubeletOptions::default()
+                    },
+                )
+                .await
+                .expect("kubelet");
+                let path = server.kubeconfig_path().to_path_buf();
+                (server.client(), Some(server), Some(kubelet), path)
+            }
+        };
         let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
         for crd in [PostgresCluster::crd(), PostgresBackup::crd()] {
             crds.patch(
@@ -108,10 +127,15 @@ impl Env {
             .await
             .expect("namespace");
         let metrics = Metrics::new();
+        let env_or =
+            |var: &str, default: &str| std::env::var(var).unwrap_or_else(|_| default.into());
         let opts = Options {
-            agent_image: "pgpilot/agent:test".into(),
+            agent_image: env_or("PGPILOT_TEST_AGENT_IMAGE", "pgpilot/agent:test"),
             pg_bin_dir: "/usr/lib/postgresql/{major}/bin".into(),
-            allow_networks: vec!["127.0.0.0/8".into()],
+            allow_networks: env_or("PGPILOT_TEST_ALLOW_NETWORKS", "127.0.0.0/8")
+                .split(',')
+                .map(str::to_string)
+                .collect(),
             drain_timeout_secs: 30,
         };
         let mut replicas = Vec::new();
@@ -139,8 +163,8 @@ impl Env {
         Env {
             client,
             ns,
-            kubelet: Some(kubelet),
-            kubeconfig: server.kubeconfig_path().to_path_buf(),
+            _kubelet: kubelet,
+            kubeconfig,
             metrics,
             replicas,
             _server: server,
@@ -184,9 +208,7 @@ impl Env {
     /// A connection to the Postgres behind Service `svc` of `cluster`, as its superuser.
     async fn sql_of(&self, cluster: &str, svc: &str) -> tokio_postgres::Client {
         let ip = eventually(&format!("an endpoint of {svc}"), || async {
-            self.kubelet
-                .as_ref()?
-                .service_ips(self.ns.name(), svc)
+            pgpilot_test_kubelet::service_ips(&self.client, self.ns.name(), svc)
                 .await
                 .ok()?
                 .first()
@@ -323,12 +345,15 @@ async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
             .iter()
             .any(|c| c.type_ == "Ready" && c.status == "True")
     );
-    let third = env
-        .kubelet
-        .as_ref()
-        .unwrap()
-        .pod_ip(env.ns.name(), "orders-shard-0-2")
-        .expect("the third pod");
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(env.client.clone(), env.ns.name());
+    let third = pods
+        .get("orders-shard-0-2")
+        .await
+        .expect("the third pod")
+        .status
+        .and_then(|s| s.pod_ip)
+        .expect("its IP");
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(third.to_string())
         .port(5432)

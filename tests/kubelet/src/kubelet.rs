@@ -205,21 +205,7 @@ impl Kubelet {
     /// What a name lookup of the Service would give inside the cluster: the ready endpoints of
     /// its EndpointSlices. In-cluster DNS is not simulated; this is for tests only.
     pub async fn service_ips(&self, ns: &str, service: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
-        let slices: Api<EndpointSlice> = Api::namespaced(self.shared.client.clone(), ns);
-        let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
-        let mut out: Vec<Ipv4Addr> = slices
-            .list(&lp)
-            .await
-            .with_context(|| format!("listing EndpointSlices of service {ns}/{service}"))?
-            .items
-            .into_iter()
-            .flat_map(|s| s.endpoints.into_iter().flatten())
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-            .flat_map(|e| e.addresses)
-            .filter_map(|a| a.parse().ok())
-            .collect();
-        out.sort();
-        Ok(out)
+        service_ips(&self.shared.client, ns, service).await
     }
 
     /// Everything a container of the pod wrote to stdout and stderr, over all its restarts.
@@ -575,4 +561,28 @@ async fn handle(shared: &Arc<Shared>, pod: Value, next_node: &mut usize) {
             tokio::spawn(crate::pod::run(shared.clone(), rt, pod));
         }
     }
+}
+
+/// The ready endpoint addresses of a Service, from its EndpointSlices (the API only: the same
+/// on a real cluster), sorted.
+pub async fn service_ips(
+    client: &Client,
+    ns: &str,
+    service: &str,
+) -> anyhow::Result<Vec<Ipv4Addr>> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
+    let mut out: Vec<Ipv4Addr> = slices
+        .list(&lp)
+        .await
+        .with_context(|| format!("listing EndpointSlices of service {ns}/{service}"))?
+        .items
+        .into_iter()
+        .flat_map(|s| s.endpoints.into_iter().flatten())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .flat_map(|e| e.addresses)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    out.sort();
+    Ok(out)
 }

@@ -1,0 +1,45 @@
+//! A test API server with the test kubelet running its pods, until interrupted: what the
+//! Kubernetes suites run against when `KUBECONFIG` names it, to exercise their real-cluster path
+//! on one machine (docs/kubelet.md). Images: `pgpilot/agent:*` is the agent binary
+//! (`PGPILOT_AGENT_BIN`, default `target/debug/pgpilot-agent`), `postgres:*` the server binaries
+//! in `PGPILOT_PG_BIN` (default `/usr/lib/postgresql/15/bin`).
+//!
+//! ```sh
+//! cargo build -p pgpilot-agent
+//! cargo run -p pgpilot-test-kubelet --example serve &     # prints the kubeconfig path
+//! KUBECONFIG=<that path> cargo nextest run -p pgpilot-operator
+//! ```
+
+use pgpilot_kube_testserver::KubeTestServer;
+use pgpilot_test_kubelet::{ImageTable, Kubelet, KubeletOptions, server_options};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    pgpilot_kube_testserver::install_crypto_provider();
+    let agent =
+        std::env::var("PGPILOT_AGENT_BIN").unwrap_or_else(|_| "target/debug/pgpilot-agent".into());
+    let agent = std::path::absolute(&agent)?;
+    anyhow::ensure!(
+        agent.exists(),
+        "{} is missing: cargo build -p pgpilot-agent (or set PGPILOT_AGENT_BIN)",
+        agent.display()
+    );
+    let pg_bin =
+        std::env::var("PGPILOT_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    let server = KubeTestServer::start_with(server_options()).await?;
+    let images = ImageTable::new()
+        .binary("pgpilot/agent:*", agent)
+        .directory("postgres:*", &pg_bin, None);
+    let _kubelet = Kubelet::start(
+        &server,
+        KubeletOptions {
+            images,
+            ..KubeletOptions::default()
+        },
+    )
+    .await?;
+    println!("url: {}", server.url());
+    println!("kubeconfig: {}", server.kubeconfig_path().display());
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
