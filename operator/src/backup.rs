@@ -28,7 +28,7 @@ use crate::objects::{API_PORT, SecretRefs};
 
 /// Runs the PostgresBackup controller until `shutdown` resolves.
 pub async fn run(ctx: Arc<Ctx>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let api: Api<PostgresBackup> = Api::all(ctx.client.clone());
+    let api: Api<PostgresBackup> = ctx.watched();
     Controller::new(api, watcher::Config::default())
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -170,7 +170,7 @@ async fn reconcile(pb: Arc<PostgresBackup>, ctx: Arc<Ctx>) -> Result<Action, Err
                 Err(e) if e.status() == Some(404) => {
                     entry.phase = "Failed".into();
                     entry.error = Some(format!(
-                        "backup {id} is unknown to {}: its agent restarted during the backup",
+                        "backup {id} is unknown to {}: its agent restarted before the backup completed",
                         entry.instance.as_deref().unwrap_or("the instance")
                     ));
                 }

@@ -46,6 +46,22 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// The API of a namespaced kind over what this operator watches: one namespace
+    /// (`--watch-namespace`) or all.
+    pub fn watched<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        match &self.opts.watch_namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
+    }
+
     pub fn new(client: Client, opts: Options, metrics: Metrics) -> Ctx {
         let reporter = Reporter {
             controller: MANAGER.into(),
@@ -69,14 +85,13 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: tokio_util::sync::CancellationToken) {
 }
 
 async fn clusters(ctx: Arc<Ctx>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let client = ctx.client.clone();
-    let clusters: Api<PostgresCluster> = Api::all(client.clone());
-    let pods: Api<Pod> = Api::all(client.clone());
+    let clusters: Api<PostgresCluster> = ctx.watched();
+    let pods: Api<Pod> = ctx.watched();
     let cfg = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
     Controller::new(clusters, watcher::Config::default())
-        .owns(Api::<StatefulSet>::all(client.clone()), cfg.clone())
-        .owns(Api::<Service>::all(client.clone()), cfg.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), cfg.clone())
+        .owns(ctx.watched::<StatefulSet>(), cfg.clone())
+        .owns(ctx.watched::<Service>(), cfg.clone())
+        .owns(ctx.watched::<ConfigMap>(), cfg.clone())
         .watches(pods, cfg, |pod: Pod| {
             let ns = pod.namespace()?;
             let cluster = pod.labels().get(LABEL_CLUSTER)?.clone();

@@ -20,8 +20,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Reconcile PostgresCluster resources in every namespace the service account can see.
+    /// Reconcile PostgresCluster resources in every namespace the service account can see (or
+    /// in one, `--watch-namespace`).
     Run {
+        /// Watch and act in this namespace only (a Role instead of a ClusterRole suffices).
+        #[arg(long, env = "PGPILOT_WATCH_NAMESPACE")]
+        watch_namespace: Option<String>,
         /// `/metrics` and `/healthz`.
         #[arg(long, env = "PGPILOT_OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
         listen: SocketAddr,
@@ -77,6 +81,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run {
+            watch_namespace,
             listen,
             agent_image,
             pg_bin_dir,
@@ -90,6 +95,7 @@ fn main() -> anyhow::Result<()> {
                 pg_bin_dir,
                 allow_networks,
                 drain_timeout_secs,
+                watch_namespace,
                 ..Options::default()
             };
             if let Some(i) = agent_image {

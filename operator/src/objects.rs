@@ -33,6 +33,8 @@ pub struct Options {
     pub allow_networks: Vec<String>,
     /// The drain's timeout in the pods; the grace period is this plus 30 s.
     pub drain_timeout_secs: u64,
+    /// Watch and act in this namespace only; `None`: every namespace.
+    pub watch_namespace: Option<String>,
 }
 
 impl Default for Options {
@@ -42,6 +44,7 @@ impl Default for Options {
             pg_bin_dir: "/usr/lib/postgresql/{major}/bin".into(),
             allow_networks: vec!["0.0.0.0/0".into(), "::/0".into()],
             drain_timeout_secs: 300,
+            watch_namespace: None,
         }
     }
 }

@@ -137,6 +137,9 @@ impl Env {
                 .map(str::to_string)
                 .collect(),
             drain_timeout_secs: 30,
+            // Its own namespace only: with KUBECONFIG the tests share one API server, and each
+            // test's operator must act on its own clusters (as one operator per cluster would).
+            watch_namespace: Some(ns.name().to_string()),
         };
         let mut replicas = Vec::new();
         let elected = (elected != usize::MAX).then_some(elected);
@@ -302,24 +305,30 @@ async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
         assert!(recovering, "the ro Service reaches a replica");
     }
 
-    // Steady state: a reconcile (forced by an annotation) writes nothing.
-    let before = env.writes();
+    // Steady state: a reconcile (forced by an annotation) writes nothing. The status may still
+    // be settling (a probe flips, a lag is first reported): a write is then legitimate, so the
+    // touch is repeated until the cluster is quiet, within a few tries.
     let reconciles = || env.metrics.reconciles.with_label_values(&["orders"]).get();
-    let count = reconciles();
-    let touch = json!({"metadata": {"annotations": {"test/touch": "1"}}});
-    env.clusters()
-        .patch("orders", &PatchParams::default(), &Patch::Merge(&touch))
-        .await
-        .unwrap();
-    eventually("a reconcile after the touch", || async {
-        (reconciles() > count).then_some(())
-    })
-    .await;
-    assert_eq!(
-        env.writes(),
-        before,
-        "a steady-state reconcile writes nothing"
-    );
+    let mut quiet = false;
+    for i in 0..5 {
+        let before = env.writes();
+        let count = reconciles();
+        let touch = json!({"metadata": {"annotations": {"test/touch": i.to_string()}}});
+        env.clusters()
+            .patch("orders", &PatchParams::default(), &Patch::Merge(&touch))
+            .await
+            .unwrap();
+        eventually("a reconcile after the touch", || async {
+            (reconciles() > count).then_some(())
+        })
+        .await;
+        if env.writes() == before {
+            quiet = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(quiet, "a steady-state reconcile writes nothing");
 
     // Scale 2 → 3: a third instance per shard, streaming.
     let scale = json!({"spec": {"instancesPerShard": 3}});
@@ -754,6 +763,8 @@ async fn operator_trials() {
             "pgpilot/agent:test",
             "--allow-networks",
             "127.0.0.0/8",
+            "--watch-namespace",
+            env.ns.name(),
             "--lease-namespace",
             env.ns.name(),
             "--identity",

@@ -81,11 +81,13 @@ pub async fn get(
         )));
     }
     // This agent's running or failed runs; completed ones are answered from the store, which
-    // says whether they still exist (retention may have deleted them).
-    if let Some(p) = h.ctx.backups.get(&id)
+    // says whether they still exist, and from this agent's record of the run when retention
+    // has deleted them since (a follower must not mistake a completed backup for a lost one).
+    let mine = h.ctx.backups.get(&id);
+    if let Some(p) = &mine
         && p.state != pgpilot_common::api::BackupState::Completed
     {
-        return Ok(Json(p));
+        return Ok(Json(p.clone()));
     }
     let archiver = h
         .ctx
@@ -97,9 +99,12 @@ pub async fn get(
         .map_err(|e| AgentError::Failed(format!("looking up backup {id}: {e}")))?;
     match found.into_iter().find(|b| b.id == id) {
         Some(b) => Ok(Json(catalog::progress_from_store(&b))),
-        None => Err(AgentError::NotFound(format!(
-            "backup {id} not found in {}",
-            archiver.store()
-        ))),
+        None => match mine {
+            Some(p) => Ok(Json(p)),
+            None => Err(AgentError::NotFound(format!(
+                "backup {id} not found in {}",
+                archiver.store()
+            ))),
+        },
     }
 }
