@@ -784,6 +784,35 @@ async fn drains_by_annotation_delete_and_eviction_hand_over_without_a_failover()
         third,
         "the primary was never touched"
     );
+
+    // 5. Every pod of the shard deleted at once (its cluster deleted): nobody can take over, so
+    //    the primary's drain does not wait for its timeout; it archives and stops, and the
+    //    shard comes back (the StatefulSet recreates the pods) with every row.
+    let rows = s.rows(&third, "probe").await.expect("rows");
+    let was = uid(&pods.get(&third).await.unwrap());
+    for pod in all {
+        pods.delete(pod, &Default::default()).await.expect("delete");
+    }
+    let message = eventually(
+        "the primary's drain finished without a successor",
+        || async {
+            let pod = pods.get(&third).await.ok()?;
+            (pod.metadata.uid == was
+                && annotation(pod.clone(), "pgpilot.io/drain").as_deref() == Some("Finished"))
+            .then(|| annotation(pod, "pgpilot.io/drain-message").unwrap_or_default())
+        },
+    )
+    .await;
+    assert!(message.contains("only writer was stopped"), "{message}");
+    let back = s.primary(None).await;
+    assert_eq!(
+        eventually("the rows after the shard came back", || async {
+            s.rows(&back, "probe").await
+        })
+        .await,
+        rows,
+        "every row survives the whole shard going away"
+    );
     s.ns.cleanup().await.expect("cleanup");
 }
 

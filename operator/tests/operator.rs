@@ -745,9 +745,9 @@ async fn postgres_backups_retention_schedule_and_a_cluster_restored_from_them() 
 /// runs as its own process against the test API server (KUBECONFIG), so its memory is its own:
 /// (1) time from creating a 2 shards × 2 instances cluster to `Ready`, three times; (2) its RSS
 /// idle; (3) with the node cordoned (pods stay Pending, as on a cluster out of capacity),
-/// `PGPILOT_OPERATOR_CLUSTERS` more clusters (default 20: the test API server, a debug build
-/// that re-runs its controllers after every write, slows down past that): the operator's peak
-/// RSS while reconciling them, and the writes one changed cluster costs.
+/// `PGPILOT_OPERATOR_CLUSTERS` more clusters (default 50; benches/operator.sh runs it against
+/// a release build of the test API server, which a debug build cannot keep up with): the
+/// operator's peak RSS while reconciling them, and the writes one changed cluster costs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: make bench-operator"]
 async fn operator_trials() {
@@ -830,7 +830,7 @@ async fn operator_trials() {
     let many: usize = std::env::var("PGPILOT_OPERATOR_CLUSTERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(50);
     eprintln!("node cordoned; creating {many} clusters");
     let at = Instant::now();
     let mut peak = 0;

@@ -135,6 +135,14 @@ async fn steps(handle: &Handle, rec: &DrainRecord) -> End {
                         "no replica took over within {timeout} s: {e}; this instance stays the primary and keeps running (drain with force to stop it anyway)"
                     ));
                 }
+                Err(e) if shard_going_away(&ctx).await => {
+                    only_writer = true;
+                    rec.progress(
+                        "stopping",
+                        format!("every pod of the shard is being deleted, so no replica can take over ({e}): stopping the only writer after archiving its WAL"),
+                    );
+                    break;
+                }
                 Err(e) => {
                     if rec.progress(
                         "switching over",
@@ -181,6 +189,18 @@ async fn steps(handle: &Handle, rec: &DrainRecord) -> End {
         ),
         (None, false) => format!("drained: {archived}; Postgres stopped"),
     })
+}
+
+/// Kubernetes: this pod and all its shard's pods are being deleted (see
+/// `KubeLeadership::shard_going_away`); false when unknown.
+async fn shard_going_away(ctx: &Context) -> bool {
+    match &ctx.kube {
+        Some(kube) => kube.shard_going_away().await.unwrap_or_else(|e| {
+            tracing::warn!("cannot list the shard's pods: {e}");
+            false
+        }),
+        None => false,
+    }
 }
 
 /// On the primary before it hands over: completes the current segment and waits until it and

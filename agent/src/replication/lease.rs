@@ -255,6 +255,25 @@ impl KubeLeadership {
             .collect()
     }
 
+    /// Whether this pod and every other pod of the shard are being deleted (a whole cluster or
+    /// shard going away, a single-instance shard's pod deleted): nobody can take over, so a
+    /// drain need not wait for a replica. Read from the API server now.
+    pub async fn shard_going_away(&self) -> anyhow::Result<bool> {
+        let list = timed(
+            self.pods
+                .list(&ListParams::default().labels(&self.selector)),
+        )
+        .await?;
+        let me_deleted = list.items.iter().any(|p| {
+            p.metadata.name.as_deref() == Some(self.me()) && p.metadata.deletion_timestamp.is_some()
+        });
+        Ok(me_deleted
+            && list
+                .items
+                .iter()
+                .all(|p| p.metadata.deletion_timestamp.is_some()))
+    }
+
     pub fn url_of(&self, pod: &str) -> Option<String> {
         self.view.lock().expect("lease view").urls.get(pod).cloned()
     }
