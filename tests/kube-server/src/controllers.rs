@@ -26,6 +26,7 @@ impl State {
                 break;
             }
         }
+        self.dirty.clear();
         while self.history.len() > opts.history {
             if let Some(c) = self.history.pop_front() {
                 self.floor = c.rv;
@@ -52,12 +53,45 @@ impl State {
                 }
             }
         }
-        let keys: Vec<Key> = self.objects.keys().cloned().collect();
+        // Only objects being deleted or with owners can need anything here: the others are
+        // not cloned (a write must not cost a deep copy of every object in the store).
+        let keys: Vec<Key> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| {
+                o.pointer("/metadata/deletionTimestamp").is_some()
+                    || o.pointer("/metadata/ownerReferences")
+                        .and_then(Value::as_array)
+                        .is_some_and(|r| !r.is_empty())
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
         for k in keys {
-            let Some(obj) = self.objects.get(&k).cloned() else {
+            let Some(obj) = self.objects.get(&k) else {
                 continue;
             };
             let deleting = obj.pointer("/metadata/deletionTimestamp").is_some();
+            if !deleting {
+                // Background garbage collection: a dependent whose owners are all gone is
+                // deleted.
+                if obj
+                    .pointer("/metadata/ownerReferences")
+                    .and_then(Value::as_array)
+                    .is_some_and(|refs| {
+                        !refs.is_empty()
+                            && refs.iter().all(|r| {
+                                r.get("uid")
+                                    .and_then(Value::as_str)
+                                    .is_none_or(|u| !uids.contains_key(u))
+                            })
+                    })
+                {
+                    self.delete_graceful(&k, None, None, tx);
+                    return true;
+                }
+                continue;
+            }
+            let obj = obj.clone();
             let fins = finalizers(&obj);
             let my_uid = meta_str(&obj, "uid").to_string();
             let deps = dependents.get(&my_uid).cloned().unwrap_or_default();
@@ -125,21 +159,6 @@ impl State {
                 }
                 continue;
             }
-            // Background garbage collection: a dependent whose owners are all gone is deleted.
-            if !deleting
-                && let Some(refs) = obj
-                    .pointer("/metadata/ownerReferences")
-                    .and_then(Value::as_array)
-                && !refs.is_empty()
-                && refs.iter().all(|r| {
-                    r.get("uid")
-                        .and_then(Value::as_str)
-                        .is_none_or(|u| !uids.contains_key(u))
-                })
-            {
-                self.delete_graceful(&k, None, None, tx);
-                return true;
-            }
         }
         // A CRD's deletion takes its custom resources with it.
         let orphaned: Vec<Key> = self
@@ -154,13 +173,43 @@ impl State {
             }
             return true;
         }
-        if opts.statefulset_controller && crate::statefulset::reconcile(self, tx) {
+        // Each controller only when an object of a kind it reads was written in this settle.
+        let dirty = self.dirty.clone();
+        let touched = |kinds: &[(&str, &str)]| {
+            kinds
+                .iter()
+                .any(|(g, p)| dirty.contains(&(g.to_string(), p.to_string())))
+        };
+        if opts.statefulset_controller
+            && touched(&[
+                ("apps", "statefulsets"),
+                ("", "pods"),
+                ("", "persistentvolumeclaims"),
+                ("", "namespaces"),
+            ])
+            && crate::statefulset::reconcile(self, tx)
+        {
             return true;
         }
-        if opts.endpointslice_controller && crate::endpointslices::reconcile(self, tx) {
+        if opts.endpointslice_controller
+            && touched(&[
+                ("", "pods"),
+                ("", "services"),
+                ("discovery.k8s.io", "endpointslices"),
+                ("", "namespaces"),
+            ])
+            && crate::endpointslices::reconcile(self, tx)
+        {
             return true;
         }
-        if opts.disruption_controller && crate::pods::reconcile_budgets(self, tx) {
+        if opts.disruption_controller
+            && touched(&[
+                ("policy", "poddisruptionbudgets"),
+                ("", "pods"),
+                ("", "namespaces"),
+            ])
+            && crate::pods::reconcile_budgets(self, tx)
+        {
             return true;
         }
         false

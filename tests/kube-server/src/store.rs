@@ -151,6 +151,10 @@ pub(crate) struct State {
     next_ip: u32,
     /// Set for the duration of one client write that asked for strict field validation.
     strict: bool,
+    /// (group, plural) of the objects written since the controllers last settled: a
+    /// controller runs only when something it reads changed (an Event or a status write of
+    /// another kind costs no pass over every pod).
+    pub(crate) dirty: std::collections::BTreeSet<(String, String)>,
 }
 
 pub fn now() -> String {
@@ -229,6 +233,7 @@ impl Store {
             floor: 1,
             next_ip: 1,
             strict: false,
+            dirty: Default::default(),
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let rt = state
@@ -692,6 +697,7 @@ impl State {
         tx: &broadcast::Sender<Arc<Change>>,
     ) -> Value {
         self.rv += 1;
+        self.dirty.insert((k.0.clone(), k.1.clone()));
         let old = self.objects.get(k).cloned();
         let mut object = obj.or_else(|| old.clone()).unwrap_or(Value::Null);
         meta_mut(&mut object).insert("resourceVersion".into(), json!(self.rv.to_string()));

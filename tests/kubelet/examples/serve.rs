@@ -40,6 +40,11 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     println!("url: {}", server.url());
     println!("kubeconfig: {}", server.kubeconfig_path().display());
-    tokio::signal::ctrl_c().await?;
+    // SIGINT or SIGTERM: return, so the kubelet stops its pods and removes its directory.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
     Ok(())
 }
