@@ -83,7 +83,7 @@ bench-drain: ## Planned drain of the primary: write gap over 10 drains (three ag
 	./benches/drain.sh
 
 .PHONY: bench-operator
-bench-operator: ## The operator: time to Ready for 2x2, RSS idle and reconciling 50 clusters (~2 min)
+bench-operator: ## The operator: time to Ready for 2x2, RSS idle and reconciling 50 clusters (~4 min, first run builds the test API server in release)
 	./benches/operator.sh
 
 .PHONY: bench-quick

@@ -152,10 +152,17 @@ impl Budget {
             pdb.pointer("/spec/selector"),
         ))
         .ok()?;
-        let pods: Vec<Value> = s
-            .objects_of("", "pods")
-            .into_iter()
-            .filter(|(k, p)| k.2 == ns && !deleting(p) && selector.matches_object(p))
+        // By reference: one budget per shard must not copy every pod of the store.
+        let pods: Vec<&Value> = s
+            .objects
+            .iter()
+            .filter(|(k, p)| {
+                k.0.is_empty()
+                    && k.1 == "pods"
+                    && k.2 == ns
+                    && !deleting(p)
+                    && selector.matches_object(p)
+            })
             .map(|(_, p)| p)
             .collect();
         let expected = pods.len() as i64;
