@@ -12,7 +12,7 @@ use kube::Api;
 use kube::api::{ListParams, PostParams};
 use pgpilot_kube_testserver::{KubeTestServer, TestNamespace};
 use pgpilot_test_kubelet::wait::is_ready;
-use pgpilot_test_kubelet::{ApiFault, ImageTable, Kubelet, KubeletOptions, server_options};
+use pgpilot_test_kubelet::{ApiFault, ImageTable, Kubelet, start_cluster};
 use serde_json::json;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_pgpilot-agent");
@@ -46,19 +46,10 @@ impl Shard {
             std::path::Path::new(BIN).join("postgres").exists(),
             "PostgreSQL 15 is missing: scripts/install-test-deps.sh"
         );
-        let server = KubeTestServer::start_with(server_options())
-            .await
-            .expect("server");
         let images = ImageTable::new().binary("pgpilot/agent:*", AGENT);
-        let kubelet = Kubelet::start(
-            &server,
-            KubeletOptions {
-                images,
-                ..KubeletOptions::default()
-            },
-        )
-        .await
-        .expect("kubelet");
+        let (server, kubelet) = start_cluster(images)
+            .await
+            .expect("test API server and kubelet");
         let client = server.client();
         let ns = TestNamespace::create(&client, prefix)
             .await

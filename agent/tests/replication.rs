@@ -178,13 +178,10 @@ async fn a_replica_takes_a_base_backup_that_restores_exactly(major: u32) {
         shard: Some(SHARD.into()),
         ..Default::default()
     };
+    // With its own superuser password: the agent lets itself in during the restore and sets
+    // its password on the restored catalog once promoted.
     let mut copy =
         pgpilot_test_support::agent::AgentFixture::prepare(agent_bin!(), major, &opts).unwrap();
-    std::fs::copy(
-        c.agent(0).dir.path().join("superuser-password"),
-        copy.dir.path().join("superuser-password"),
-    )
-    .unwrap();
     copy.spawn_with_args(&["--bootstrap-from-backup", "--immediate", "--backup", &id])
         .unwrap();
     copy.wait_for("restored from the replica's backup", LONG, |s| {

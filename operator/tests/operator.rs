@@ -21,7 +21,7 @@ use pgpilot_operator::controller::{self, Ctx};
 use pgpilot_operator::leader::{self, Election};
 use pgpilot_operator::metrics::Metrics;
 use pgpilot_operator::objects::Options;
-use pgpilot_test_kubelet::{ImageTable, Kubelet, KubeletOptions, server_options};
+use pgpilot_test_kubelet::{ImageTable, Kubelet, start_cluster};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -94,21 +94,12 @@ impl Env {
                 (client, None, None, std::path::PathBuf::from(path))
             }
             None => {
-                let server = KubeTestServer::start_with(server_options())
-                    .await
-                    .expect("server");
                 let images = ImageTable::new()
                     .binary("pgpilot/agent:*", agent_bin())
                     .directory("postgres:*", BIN, None);
-                let kubelet = Kubelet::start(
-                    &server,
-                    KubeletOptions {
-                        images,
-                        ..KubeletOptions::default()
-                    },
-                )
-                .await
-                .expect("kubelet");
+                let (server, kubelet) = start_cluster(images)
+                    .await
+                    .expect("test API server and kubelet");
                 let path = server.kubeconfig_path().to_path_buf();
                 (server.client(), Some(server), Some(kubelet), path)
             }

@@ -10,8 +10,7 @@
 //! KUBECONFIG=<that path> cargo nextest run -p pgpilot-operator
 //! ```
 
-use pgpilot_kube_testserver::KubeTestServer;
-use pgpilot_test_kubelet::{ImageTable, Kubelet, KubeletOptions, server_options};
+use pgpilot_test_kubelet::{ImageTable, start_cluster};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -26,18 +25,10 @@ async fn main() -> anyhow::Result<()> {
     );
     let pg_bin =
         std::env::var("PGPILOT_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
-    let server = KubeTestServer::start_with(server_options()).await?;
     let images = ImageTable::new()
         .binary("pgpilot/agent:*", agent)
         .directory("postgres:*", &pg_bin, None);
-    let _kubelet = Kubelet::start(
-        &server,
-        KubeletOptions {
-            images,
-            ..KubeletOptions::default()
-        },
-    )
-    .await?;
+    let (server, _kubelet) = start_cluster(images).await?;
     println!("url: {}", server.url());
     println!("kubeconfig: {}", server.kubeconfig_path().display());
     // SIGINT or SIGTERM: return, so the kubelet stops its pods and removes its directory.

@@ -65,6 +65,21 @@ pub fn server_options() -> ServerOptions {
     }
 }
 
+/// A test API server with [`server_options`] and a kubelet running its pods from `images`:
+/// what every end-to-end suite starts (keep both alive for the test).
+pub async fn start_cluster(images: ImageTable) -> anyhow::Result<(KubeTestServer, Kubelet)> {
+    let server = KubeTestServer::start_with(server_options()).await?;
+    let kubelet = Kubelet::start(
+        &server,
+        KubeletOptions {
+            images,
+            ..KubeletOptions::default()
+        },
+    )
+    .await?;
+    Ok((server, kubelet))
+}
+
 pub(crate) struct Shared {
     pub client: Client,
     pub opts: KubeletOptions,

@@ -13,5 +13,5 @@ mod probe;
 pub mod wait;
 
 pub use images::ImageTable;
-pub use kubelet::{Kubelet, KubeletOptions, server_options, service_ips};
+pub use kubelet::{Kubelet, KubeletOptions, server_options, service_ips, start_cluster};
 pub use net::{ApiFault, take_pid_lock};
