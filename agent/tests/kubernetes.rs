@@ -212,7 +212,12 @@ impl Shard {
     }
 
     async fn sql(&self, pod: &str) -> Result<tokio_postgres::Client, String> {
-        connect(&self.ip(pod)).await
+        // A pod being recreated has no IP yet: an error to retry, not a panic.
+        let ip = self
+            .kubelet
+            .pod_ip(self.ns(), pod)
+            .ok_or_else(|| format!("{pod} has no IP yet"))?;
+        connect(&ip.to_string()).await
     }
 
     async fn count(&self, pod: &str) -> Option<i64> {
