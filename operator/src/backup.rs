@@ -11,20 +11,18 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use pgpilot_common::api::{BackupRequest, BackupState};
-use pgpilot_common::client::AgentClient;
 use pgpilot_common::crd::{
     PostgresBackup, PostgresBackupStatus, PostgresCluster, ShardBackupStatus,
 };
-use pgpilot_common::names::{LABEL_CLUSTER, LABEL_ROLE, LABEL_SHARD};
 
-use crate::controller::{Ctx, Error, pod_ready, publish};
-use crate::objects::{API_PORT, SecretRefs};
+use crate::controller::{Ctx, Error, agent_at, pod_ready, pod_role, publish, shard_pods};
+use crate::objects::SecretRefs;
 
 /// Runs the PostgresBackup controller until `shutdown` resolves.
 pub async fn run(ctx: Arc<Ctx>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
@@ -110,10 +108,7 @@ async fn reconcile(pb: Arc<PostgresBackup>, ctx: Arc<Ctx>) -> Result<Action, Err
                 }
             },
         };
-        let agent = AgentClient::new(
-            format!("http://{ip}:{API_PORT}"),
-            Some(target.token.clone()),
-        );
+        let agent = agent_at(&ip, Some(target.token.clone()));
         match &entry.backup_id {
             None => {
                 let req = BackupRequest {
@@ -276,13 +271,11 @@ async fn backup_instance(
     ns: &str,
     ctx: &Ctx,
 ) -> Result<Option<(String, String, String)>, Error> {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let sel = format!("{LABEL_CLUSTER}={cluster},{LABEL_SHARD}={shard}");
-    let mut list = pods.list(&ListParams::default().labels(&sel)).await?.items;
+    let mut list = shard_pods(ctx, ns, cluster, shard).await?;
     list.sort_by_key(|p| p.name_any());
     for role in ["replica", "primary"] {
         let found = list.iter().filter(|p| pod_ready(p)).find_map(|p| {
-            (p.labels().get(LABEL_ROLE).map(String::as_str) == Some(role)).then_some(())?;
+            (pod_role(p) == Some(role)).then_some(())?;
             let ip = p.status.as_ref()?.pod_ip.clone()?;
             Some((p.name_any(), role.to_string(), ip))
         });

@@ -484,23 +484,14 @@ async fn apply(pc: &PostgresCluster, ns: &str, d: &Desired, ctx: &Ctx) -> Result
 async fn observe(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Vec<ShardStatus>, Error> {
     let name = pc.name_any();
     let n = Names { cluster: &name };
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
     let mut out = Vec::new();
     for shard in pc.spec.shard_names() {
-        let list = pods
-            .list(
-                &ListParams::default()
-                    .labels(&format!("{LABEL_CLUSTER}={name},{LABEL_SHARD}={shard}")),
-            )
-            .await?;
-        let ready_instances = list.items.iter().filter(|p| pod_ready(p)).count() as u32;
-        let primaries: Vec<String> = list
-            .items
+        let pods = shard_pods(ctx, ns, &name, &shard).await?;
+        let ready_instances = pods.iter().filter(|p| pod_ready(p)).count() as u32;
+        let primaries: Vec<String> = pods
             .iter()
-            .filter(|p| {
-                pod_ready(p) && p.labels().get(LABEL_ROLE).map(String::as_str) == Some("primary")
-            })
+            .filter(|p| pod_ready(p) && pod_role(p) == Some("primary"))
             .map(|p| p.name_any())
             .collect();
         let revision = sets
@@ -511,14 +502,11 @@ async fn observe(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Vec<ShardS
         // What the agents say needs a restart (their /v1/status is open; a pod that does not
         // answer in time is left out until the next look).
         let mut pending_restart = std::collections::BTreeSet::new();
-        for p in list.items.iter().filter(|p| pod_ready(p)) {
+        for p in pods.iter().filter(|p| pod_ready(p)) {
             let Some(ip) = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()) else {
                 continue;
             };
-            let agent = pgpilot_common::client::AgentClient::new(
-                format!("http://{ip}:{}", objects::API_PORT),
-                None,
-            );
+            let agent = agent_at(ip, None);
             if let Ok(Ok(st)) = tokio::time::timeout(Duration::from_secs(2), agent.status()).await {
                 pending_restart.extend(st.pending_restart);
             }
@@ -527,7 +515,7 @@ async fn observe(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Vec<ShardS
         let primary = (primaries.len() == 1).then(|| primaries[0].clone());
         let phase = if primary.is_some() && ready_instances >= instances {
             "Healthy"
-        } else if list.items.is_empty() {
+        } else if pods.is_empty() {
             "Pending"
         } else {
             "Degraded"
@@ -543,6 +531,28 @@ async fn observe(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Vec<ShardS
         });
     }
     Ok(out)
+}
+
+/// The pods of one shard of a cluster.
+pub async fn shard_pods(
+    ctx: &Ctx,
+    ns: &str,
+    cluster: &str,
+    shard: &str,
+) -> Result<Vec<Pod>, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let sel = format!("{LABEL_CLUSTER}={cluster},{LABEL_SHARD}={shard}");
+    Ok(pods.list(&ListParams::default().labels(&sel)).await?.items)
+}
+
+/// The pod's `pgpilot.io/role` label (`primary`, `replica`), as its agent set it.
+pub fn pod_role(p: &Pod) -> Option<&str> {
+    p.labels().get(LABEL_ROLE).map(String::as_str)
+}
+
+/// A client for the agent of the pod at `ip` (its external API port).
+pub fn agent_at(ip: &str, token: Option<String>) -> pgpilot_common::client::AgentClient {
+    pgpilot_common::client::AgentClient::new(format!("http://{ip}:{}", objects::API_PORT), token)
 }
 
 /// The pod's `Ready` condition is true.

@@ -277,7 +277,7 @@ pub fn agent_config(pc: &PostgresCluster, shard: &str, opts: &Options) -> String
             out += &format!("compression = {c}\n");
         }
         if b.encryption_key_secret.is_some() {
-            out += "encryption_key_files = [\"/backup-key/key\"]\n";
+            out += &format!("encryption_key_files = [{}]\n", q(&key_file(BACKUP_KEY)));
         }
         if let Some(r) = &b.retention
             && (r.keep_last.is_some() || r.keep_within.is_some())
@@ -300,7 +300,7 @@ pub fn agent_config(pc: &PostgresCluster, shard: &str, opts: &Options) -> String
         }
         out += &format!("\n[bootstrap.store]\nstore = {}\n", q(&fb.store));
         if fb.encryption_key_secret.is_some() {
-            out += "encryption_key_files = [\"/bootstrap-key/key\"]\n";
+            out += &format!("encryption_key_files = [{}]\n", q(&key_file(BOOTSTRAP_KEY)));
         }
         if fb.credentials_secret.is_some() {
             out += &format!("credentials_env_prefix = {}\n", q(BOOTSTRAP_ENV_PREFIX));
@@ -308,6 +308,15 @@ pub fn agent_config(pc: &PostgresCluster, shard: &str, opts: &Options) -> String
     }
     out += "\n[kubernetes]\nmode = \"on\"\n";
     out
+}
+
+/// The volumes holding the encryption key of the cluster's own store and of a `fromBackup`
+/// source, mounted at `/<volume>/key`.
+const BACKUP_KEY: &str = "backup-key";
+const BOOTSTRAP_KEY: &str = "bootstrap-key";
+
+fn key_file(volume: &str) -> String {
+    format!("/{volume}/key")
 }
 
 /// The prefix of the `fromBackup` credentials Secret's keys in the agent's environment (beside
@@ -358,30 +367,38 @@ fn statefulset(pc: &PostgresCluster, shard: &str, secrets: &SecretRefs, opts: &O
         json!({"name": "superuser", "mountPath": "/secrets/superuser"}),
         json!({"name": "replication", "mountPath": "/secrets/replication"}),
     ];
-    if let Some(key) = pc
-        .spec
-        .backup
-        .as_ref()
-        .and_then(|b| b.encryption_key_secret.as_ref())
-    {
-        volumes.push(json!({"name": "backup-key", "secret": {"secretName": key}}));
-        mounts.push(json!({"name": "backup-key", "mountPath": "/backup-key"}));
-    }
-    let mut env_from: Vec<Value> = pc
-        .spec
-        .backup
-        .as_ref()
-        .and_then(|b| b.credentials_secret.as_ref())
-        .map(|creds| json!({"secretRef": {"name": creds}}))
-        .into_iter()
-        .collect();
-    if let Some(fb) = pc.spec.from_backup() {
-        if let Some(creds) = &fb.credentials_secret {
-            env_from.push(json!({"prefix": BOOTSTRAP_ENV_PREFIX, "secretRef": {"name": creds}}));
+    // Each store's Secrets: credentials as environment (the source's under a prefix), the key
+    // mounted where the agent config says.
+    let mut env_from: Vec<Value> = Vec::new();
+    let stores = [
+        pc.spec.backup.as_ref().map(|b| {
+            (
+                None,
+                &b.credentials_secret,
+                &b.encryption_key_secret,
+                BACKUP_KEY,
+            )
+        }),
+        pc.spec.from_backup().map(|fb| {
+            (
+                Some(BOOTSTRAP_ENV_PREFIX),
+                &fb.credentials_secret,
+                &fb.encryption_key_secret,
+                BOOTSTRAP_KEY,
+            )
+        }),
+    ];
+    for (prefix, creds, key, volume) in stores.into_iter().flatten() {
+        if let Some(creds) = creds {
+            let mut from = json!({"secretRef": {"name": creds}});
+            if let Some(p) = prefix {
+                from["prefix"] = json!(p);
+            }
+            env_from.push(from);
         }
-        if let Some(key) = &fb.encryption_key_secret {
-            volumes.push(json!({"name": "bootstrap-key", "secret": {"secretName": key}}));
-            mounts.push(json!({"name": "bootstrap-key", "mountPath": "/bootstrap-key"}));
+        if let Some(key) = key {
+            volumes.push(json!({"name": volume, "secret": {"secretName": key}}));
+            mounts.push(json!({"name": volume, "mountPath": format!("/{volume}")}));
         }
     }
     let mut container = json!({

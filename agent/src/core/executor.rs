@@ -924,13 +924,22 @@ impl Executor {
                 "no backup store is configured ([backup] in the config, or --backup-store)",
             ));
         };
-        let (store, layout) = match &self.restore_source {
-            Some(src) => (&src.store, &src.layout),
-            None => (archiver.store(), archiver.layout()),
-        };
-        restore::plan(store, layout, req)
+        let (store, layout) = self.restore_archive(archiver);
+        restore::plan(&store, &layout, req)
             .await
             .map_err(AgentError::from)
+    }
+
+    /// The archive a restore reads: the `[bootstrap]` source until the initial restore
+    /// completes, this cluster's own otherwise.
+    fn restore_archive(
+        &self,
+        archiver: &crate::archive::push::WalArchiver,
+    ) -> (crate::store::Store, pgpilot_common::layout::Layout) {
+        match &self.restore_source {
+            Some(src) => (src.store.clone(), src.layout.clone()),
+            None => (archiver.store().clone(), archiver.layout().clone()),
+        }
     }
 
     /// Where recovery's WAL comes from: another cluster's archive during a `[bootstrap]`
@@ -1019,17 +1028,10 @@ impl Executor {
         let ctx = self.ctx.clone();
         let task_plan = plan.clone();
         let task_progress = progress.clone();
-        let source = self
-            .restore_source
-            .as_ref()
-            .map(|s| (s.store.clone(), s.layout.clone()));
+        let source = self.ctx.archiver.as_ref().map(|a| self.restore_archive(a));
         let download: Download = Box::pin(async move {
-            let archiver = ctx
-                .archiver
-                .as_ref()
-                .ok_or_else(|| RestoreError::Failed("no backup store".into()))?;
             let (store, layout) =
-                source.unwrap_or_else(|| (archiver.store().clone(), archiver.layout().clone()));
+                source.ok_or_else(|| RestoreError::Failed("no backup store".into()))?;
             if let Some(f) = &ctx.fetcher {
                 f.set_segment_size(task_plan.manifest.wal_segment_size);
                 let _ = f.reset_spool();
