@@ -355,7 +355,19 @@ async fn streams_switches_over_and_back_without_losing_a_commit(major: u32) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(c.agent(1).get_status("/readyz").await.unwrap(), 200);
+    // /readyz answers from the same view, refreshed every 2 s: it may still say 503 once.
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let code = c.agent(1).get_status("/readyz").await.unwrap();
+        if code == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz still answers {code}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // pgbench on the primary; the replicas replay all of it.
     let mut init = c
