@@ -80,14 +80,11 @@ pub async fn get(
             "{id:?} is not a backup id (like 20261123T181500Z)"
         )));
     }
-    // This agent's running or failed runs; completed ones are answered from the store, which
-    // says whether they still exist, and from this agent's record of the run when retention
-    // has deleted them since (a follower must not mistake a completed backup for a lost one).
-    let mine = h.ctx.backups.get(&id);
-    if let Some(p) = &mine
-        && p.state != pgpilot_common::api::BackupState::Completed
-    {
-        return Ok(Json(p.clone()));
+    // This agent's own runs, in whatever state: a completed one stays completed even while
+    // retention deletes it (manifest first, so the store would call it incomplete) or once it
+    // is gone. Other ids (older runs, another agent's) are answered from the store.
+    if let Some(p) = h.ctx.backups.get(&id) {
+        return Ok(Json(p));
     }
     let archiver = h
         .ctx
@@ -99,12 +96,9 @@ pub async fn get(
         .map_err(|e| AgentError::Failed(format!("looking up backup {id}: {e}")))?;
     match found.into_iter().find(|b| b.id == id) {
         Some(b) => Ok(Json(catalog::progress_from_store(&b))),
-        None => match mine {
-            Some(p) => Ok(Json(p)),
-            None => Err(AgentError::NotFound(format!(
-                "backup {id} not found in {}",
-                archiver.store()
-            ))),
-        },
+        None => Err(AgentError::NotFound(format!(
+            "backup {id} not found in {}",
+            archiver.store()
+        ))),
     }
 }
