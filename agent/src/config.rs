@@ -166,6 +166,9 @@ pub struct KubernetesSection {
     /// is acknowledged only once a streaming replica has it, and only those replicas may take
     /// over. Without any streaming replica the primary falls back to asynchronous commits.
     pub synchronous: bool,
+    /// How often the primary's agent reads `pg_database` and syncs it with the cluster
+    /// resource's `spec.databases` (docs/databases.md); 0 turns catalog sync off.
+    pub catalog_interval_secs: u64,
 }
 
 impl Default for KubernetesSection {
@@ -179,6 +182,7 @@ impl Default for KubernetesSection {
             renew_deadline_secs: 5,
             maximum_lag_on_failover: Some(1024 * 1024),
             synchronous: false,
+            catalog_interval_secs: 5,
         }
     }
 }
@@ -193,6 +197,8 @@ pub struct Kubernetes {
     pub renew_deadline: std::time::Duration,
     pub maximum_lag_on_failover: Option<u64>,
     pub synchronous: bool,
+    /// `None`: catalog sync is off.
+    pub catalog_interval: Option<std::time::Duration>,
 }
 
 /// Resolves `[kubernetes]` against the environment: `None` when not in Kubernetes mode.
@@ -267,6 +273,8 @@ pub fn kubernetes_settings(
         renew_deadline: secs(file.renew_deadline_secs),
         maximum_lag_on_failover: file.maximum_lag_on_failover,
         synchronous: file.synchronous,
+        catalog_interval: (file.catalog_interval_secs > 0)
+            .then(|| secs(file.catalog_interval_secs)),
     }))
 }
 

@@ -9,6 +9,7 @@ pub mod archive;
 pub mod config;
 pub mod context;
 pub mod core;
+pub mod databases;
 pub mod drain;
 pub mod error;
 pub mod files;
@@ -192,6 +193,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             lead.clone(),
             shutdown.clone(),
         ));
+        if let Some(interval) = lead.settings.catalog_interval {
+            tokio::spawn(databases::run(
+                handle.clone(),
+                lead.clone(),
+                interval,
+                shutdown.clone(),
+            ));
+        }
         tokio::spawn(replication::failover::run(
             handle.clone(),
             lead,

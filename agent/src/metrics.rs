@@ -22,6 +22,58 @@ pub struct Metrics {
     pub api_errors: IntCounterVec,
     pub archive: ArchiveMetrics,
     pub replication: ReplicationMetrics,
+    pub catalog: CatalogMetrics,
+}
+
+/// Catalog sync (Kubernetes mode, the shard's primary): `pg_database` against
+/// `spec.databases`.
+#[derive(Clone)]
+pub struct CatalogMetrics {
+    pub adopted: IntCounter,
+    pub created: IntCounter,
+    pub dropped: IntCounter,
+    /// This shard's databases that are not as declared (missing, failed, another owner).
+    pub drift: IntGauge,
+    pub failures: IntCounter,
+}
+
+impl CatalogMetrics {
+    fn new(registry: &Registry) -> CatalogMetrics {
+        let c = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("static metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let drift = IntGauge::new(
+            "pgpilot_catalog_drift",
+            "Databases of spec.databases not as declared on this shard (missing, failed to create or drop, another owner): alert when above 0 for long",
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(drift.clone()))
+            .expect("metric registered once");
+        CatalogMetrics {
+            adopted: c(
+                "pgpilot_catalog_adopted_total",
+                "Databases created with SQL that this agent added to spec.databases",
+            ),
+            created: c(
+                "pgpilot_catalog_created_total",
+                "Databases of spec.databases this agent created on its shard",
+            ),
+            dropped: c(
+                "pgpilot_catalog_dropped_total",
+                "Databases this agent dropped because their entry says ensure: absent",
+            ),
+            drift,
+            failures: c(
+                "pgpilot_catalog_sync_failures_total",
+                "Catalog sync rounds that failed (Postgres or the API server unreachable, a write refused); alert on a steady rate",
+            ),
+        }
+    }
 }
 
 /// Replication: lag, streaming, slots, switchovers.
@@ -403,7 +455,9 @@ impl Metrics {
         }
         let archive = ArchiveMetrics::new(&registry);
         let replication = ReplicationMetrics::new(&registry);
+        let catalog = CatalogMetrics::new(&registry);
         Metrics {
+            catalog,
             archive,
             replication,
             registry,

@@ -12,6 +12,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Databases every PostgreSQL has: never adopted, created or dropped through `spec.databases`.
+pub const SYSTEM_DATABASES: &[&str] = &["postgres", "template0", "template1"];
+
 /// PostgreSQL majors the agent runs (the server packages it is tested with).
 pub const SUPPORTED_MAJORS: std::ops::RangeInclusive<u32> = 14..=18;
 
@@ -102,10 +105,12 @@ pub struct StorageSpec {
     pub delete_with_cluster: bool,
 }
 
-/// A database on every shard.
+/// A database on every shard (docs/databases.md): created by each shard's primary agent where
+/// it is missing, with this owner; never changed where it exists.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseSpec {
+    /// The database's name, as written in SQL without quotes (any case, spaces or quotes).
     pub name: String,
     /// Owner role; default the superuser.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -245,9 +250,11 @@ pub struct PostgresClusterStatus {
     pub shards: Vec<ShardStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
+    /// What the agents see of `spec.databases` and of each shard's catalog.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub databases: Vec<DatabaseStatus>,
-    /// `Ready`, `Progressing`, `Degraded`.
+    /// `Ready`, `Progressing`, `Degraded`, `DatabasesInSync`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The time (RFC 3339) of the last scheduled backup run created.
@@ -287,16 +294,51 @@ pub struct RolloutStatus {
     pub completed_shards: Vec<String>,
 }
 
+/// A database as the shards' primary agents see it (docs/databases.md). Written by the agents
+/// with server-side apply on the status subresource, one field manager per shard
+/// (`pgpilot-agent-<shard>`), each owning its own item of `shards`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseStatus {
     pub name: String,
-    /// On how many shards it exists.
-    pub shards: u32,
-    /// `Declared` or `AdoptedFromSQL`.
+    /// `Declared` (a user's entry in `spec.databases`), `AdoptedFromSQL` (the agent's entry:
+    /// created with SQL, then adopted) or `Undeclared` (exists in SQL; a user removed its entry,
+    /// so it is left alone and not adopted again).
     pub origin: String,
+    /// The owner the entry declares (default: the superuser).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// Each shard's view, written by that shard's primary agent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["shard"]))]
+    pub shards: Vec<DatabaseShardStatus>,
+}
+
+/// One shard's view of a database.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseShardStatus {
+    /// `shard-<n>`.
+    pub shard: String,
+    /// `Present`, `Missing` (it was on this shard and is gone: dropped with SQL; re-created
+    /// only when a user declares it) or `Failed` (could not be created or dropped: `message`).
+    pub state: String,
+    /// Its owner on this shard (never changed by pgpilot: a difference from the declared owner
+    /// is drift, reported here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl DatabaseStatus {
+    /// The shards where it exists now.
+    pub fn present_on(&self) -> impl Iterator<Item = &str> {
+        self.shards
+            .iter()
+            .filter(|s| s.state == "Present")
+            .map(|s| s.shard.as_str())
+    }
 }
 
 /// A condition in the Kubernetes shape.
@@ -454,9 +496,15 @@ impl PostgresClusterSpec {
             }
         }
         for (i, d) in self.databases.iter().enumerate() {
-            if d.name.is_empty() || d.name.len() > 63 {
+            if d.name.is_empty() || d.name.len() > 63 || d.name.contains('\0') {
                 out.push(format!(
-                    "spec.databases[{i}].name {:?}: 1 to 63 characters",
+                    "spec.databases[{i}].name {:?}: 1 to 63 bytes, no NUL",
+                    d.name
+                ));
+            }
+            if SYSTEM_DATABASES.contains(&d.name.as_str()) {
+                out.push(format!(
+                    "spec.databases[{i}].name {:?}: PostgreSQL's own database, not managed here",
                     d.name
                 ));
             }

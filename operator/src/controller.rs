@@ -271,6 +271,7 @@ async fn reconcile_inner(pc: &PostgresCluster, ctx: &Ctx) -> Result<Action, Erro
         );
     }
     st.shards = shards;
+    databases_condition(pc, &mut st, generation, ctx);
     // Progress comes as events (owned objects and pods are watched): no faster polling while
     // a cluster is not ready, so a thousand pending clusters cost nothing between events.
     let mut next = RESYNC;
@@ -594,17 +595,68 @@ fn set_condition(
     }
 }
 
-/// Writes the status subresource when it changed.
+/// `DatabasesInSync` from what the shards' agents report in `status.databases` (they write
+/// it; the operator only reads it), and the drift gauge.
+fn databases_condition(
+    pc: &PostgresCluster,
+    st: &mut PostgresClusterStatus,
+    generation: Option<i64>,
+    ctx: &Ctx,
+) {
+    let mut off = Vec::new();
+    for d in &st.databases {
+        let shards: Vec<String> = d
+            .shards
+            .iter()
+            .filter(|s| s.state != "Present" || (d.owner.is_some() && s.owner != d.owner))
+            .map(|s| match (&s.message, s.state.as_str()) {
+                (Some(m), _) => format!("{}: {m}", s.shard),
+                (None, "Present") => format!(
+                    "{}: owner {:?}, declared {:?}",
+                    s.shard,
+                    s.owner.as_deref().unwrap_or(""),
+                    d.owner.as_deref().unwrap_or("")
+                ),
+                (None, state) => format!("{}: {state}", s.shard),
+            })
+            .collect();
+        if !shards.is_empty() {
+            off.push(format!("{:?} ({})", d.name, shards.join(", ")));
+        }
+    }
+    ctx.metrics
+        .database_drift
+        .with_label_values(&[&pc.name_any()])
+        .set(off.len() as i64);
+    let (status, reason, message) = if off.is_empty() {
+        (
+            "True",
+            "InSync",
+            format!(
+                "{} databases as declared on every shard",
+                st.databases.len()
+            ),
+        )
+    } else {
+        ("False", "Drift", off.join("; "))
+    };
+    set_condition(st, "DatabasesInSync", status, reason, &message, generation);
+}
+
+/// Writes the status subresource when it changed. `status.databases` is the agents' (each
+/// shard's primary applies its own items): it is never written here, so a reconcile that
+/// read an older status cannot undo what an agent wrote since.
 async fn write_status(
     api: &Api<PostgresCluster>,
     name: &str,
     before: &PostgresClusterStatus,
-    after: PostgresClusterStatus,
+    mut after: PostgresClusterStatus,
     ctx: &Ctx,
 ) -> Result<(), Error> {
     if *before == after {
         return Ok(());
     }
+    after.databases.clear();
     let patch = serde_json::json!({"status": after});
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;

@@ -14,6 +14,8 @@ pub struct Metrics {
     /// Creates, applies and status writes to the API server.
     pub writes: IntCounter,
     pub phase: IntGaugeVec,
+    /// Per cluster: databases not as declared on some shard, as the agents report them.
+    pub database_drift: IntGaugeVec,
 }
 
 /// The phases a cluster is reported in (one series each).
@@ -53,8 +55,17 @@ impl Metrics {
             &["cluster", "phase"],
         )
         .expect("static metric");
+        let database_drift = IntGaugeVec::new(
+            Opts::new(
+                "pgpilot_operator_database_drift",
+                "Databases of a cluster that are missing, failed or owned by another role on some shard (status.databases); alert when above 0 for long",
+            ),
+            &["cluster"],
+        )
+        .expect("static metric");
         for c in [
-            Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(database_drift.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reconciles.clone()),
             Box::new(reconcile_errors.clone()),
             Box::new(reconcile_duration.clone()),
             Box::new(writes.clone()),
@@ -69,6 +80,7 @@ impl Metrics {
             reconcile_duration,
             writes,
             phase,
+            database_drift,
         }
     }
 

@@ -176,7 +176,7 @@ pub fn desired(pc: &PostgresCluster, opts: &Options) -> Vec<Desired> {
              "verbs": ["get", "list", "watch", "create", "update", "patch"]},
             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
             {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
-            {"apiGroups": ["pgpilot.io"], "resources": ["postgresclusters"],
+            {"apiGroups": ["pgpilot.io"], "resources": ["postgresclusters", "postgresclusters/status"],
              "verbs": ["get", "list", "watch", "patch"]},
         ]}),
     );

@@ -436,6 +436,323 @@ async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
     env.ns.cleanup().await.expect("cleanup");
 }
 
+/// The field managers that own entry `name` of `spec.databases` (from managedFields, as
+/// `kubectl get -o yaml --show-managed-fields` shows them).
+fn entry_owners(pc: &PostgresCluster, name: &str) -> Vec<String> {
+    let key = format!("k:{}", json!({ "name": name }));
+    let mut out: Vec<String> = pc
+        .managed_fields()
+        .iter()
+        .filter(|m| m.subresource.as_deref().unwrap_or("").is_empty())
+        .filter(|m| {
+            m.fields_v1
+                .as_ref()
+                .and_then(|f| f.0.pointer("/f:spec/f:databases"))
+                .is_some_and(|d| d.get(&key).is_some())
+        })
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Whether `name` exists in the Postgres behind `db`.
+async fn has_database(db: &tokio_postgres::Client, name: &str) -> Option<bool> {
+    let row = db
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname = $1",
+            &[&name],
+        )
+        .await
+        .ok()?;
+    Some(row.get::<_, i64>(0) == 1)
+}
+
+/// This shard's state of `name` in `status.databases`.
+fn db_state(pc: &PostgresCluster, name: &str, shard: &str) -> Option<String> {
+    let d = pc
+        .status
+        .as_ref()?
+        .databases
+        .iter()
+        .find(|d| d.name == name)?;
+    Some(d.shards.iter().find(|s| s.shard == shard)?.state.clone())
+}
+
+/// Catalog to resource sync (docs/databases.md) on 2 shards × 2 instances, with the users'
+/// writes made as a GitOps tool makes them (server-side apply, field manager `gitops`):
+/// - `CREATE DATABASE "Sales Q4"` (and a name with a quote, double quotes and a non-ASCII
+///   letter) on shard 0 is adopted into `spec.databases` under field manager `pgpilot-agent`,
+///   with an Event, and shard 1 creates it; the status says `AdoptedFromSQL`, present on both;
+/// - a user then declares "Sales Q4" with another field: no conflict, the agent lets go of
+///   the entry (managedFields name only the user), no write loop (the generation stays);
+/// - `DROP DATABASE "Sales Q4"` on shard 1: re-created because declared, with an Event;
+/// - the adopted odd name dropped with SQL on shard 0: reported `Missing`, never re-created;
+/// - a database created just before a switchover of shard 0 is adopted all the same;
+/// - a declared owner role that does not exist: `Failed` with the reason, an Event,
+///   `DatabasesInSync=False` and the drift gauge, and no database;
+/// - `ensure: absent`: dropped on every shard.
+#[tokio::test]
+async fn databases_made_with_sql_are_adopted_and_every_shard_converges() {
+    const SALES: &str = "Sales Q4";
+    const ODD: &str = "o'Brien \"Ü\"";
+    let env = Env::start("dbsync").await;
+    env.create(
+        "orders",
+        json!({"postgresVersion": 15, "image": "postgres:15", "shards": 2, "instancesPerShard": 2,
+            "storage": {"size": "1Gi"}}),
+    )
+    .await;
+    env.ready("orders", "True").await;
+    let get = || async { env.clusters().get("orders").await.ok() };
+    let s0 = env.sql("orders-shard-0-rw").await;
+    let s1 = env.sql("orders-shard-1-rw").await;
+
+    // Adopted from shard 0, created on shard 1.
+    // (One statement per call: CREATE DATABASE cannot run in a multi-statement query's
+    // implicit transaction.)
+    for q in [
+        r#"CREATE DATABASE "Sales Q4""#,
+        r#"CREATE DATABASE "o'Brien ""Ü""""#,
+    ] {
+        s0.batch_execute(q)
+            .await
+            .expect("CREATE DATABASE on shard 0");
+    }
+    let pc = eventually("both adopted into spec.databases", || async {
+        let pc = get().await?;
+        let names: Vec<&str> = pc.spec.databases.iter().map(|d| d.name.as_str()).collect();
+        (names.contains(&SALES) && names.contains(&ODD)).then_some(pc)
+    })
+    .await;
+    for name in [SALES, ODD] {
+        assert_eq!(entry_owners(&pc, name), ["pgpilot-agent"], "{name}");
+        let d = pc.spec.databases.iter().find(|d| d.name == name).unwrap();
+        assert_eq!(
+            d.owner.as_deref(),
+            Some("postgres"),
+            "adopted with its owner"
+        );
+        eventually(&format!("{name:?} on shard 1"), || async {
+            has_database(&s1, name).await?.then_some(())
+        })
+        .await;
+    }
+    let pc = eventually("the status shows both on both shards", || async {
+        let pc = get().await?;
+        [SALES, ODD]
+            .iter()
+            .all(|n| {
+                ["shard-0", "shard-1"]
+                    .iter()
+                    .all(|s| db_state(&pc, n, s).as_deref() == Some("Present"))
+            })
+            .then_some(pc)
+    })
+    .await;
+    let st = pc.status.unwrap();
+    let sales = st.databases.iter().find(|d| d.name == SALES).unwrap();
+    assert_eq!(sales.origin, "AdoptedFromSQL");
+    assert_eq!(sales.owner.as_deref(), Some("postgres"));
+    assert_eq!(
+        sales.present_on().collect::<Vec<_>>(),
+        ["shard-0", "shard-1"]
+    );
+    let adopted =
+        pgpilot_test_kubelet::wait::events(&env.client, env.ns.name(), "DatabaseAdopted").await;
+    assert!(
+        adopted
+            .iter()
+            .any(|e| e.message.as_deref().unwrap_or("").contains("\"Sales Q4\"")),
+        "an Event for the adoption: {adopted:?}"
+    );
+
+    // A user declares it too, with another field: no conflict; the entry becomes the user's.
+    let declare = |dbs: serde_json::Value| {
+        json!({"apiVersion": "pgpilot.io/v1alpha1", "kind": "PostgresCluster",
+               "metadata": {"name": "orders"}, "spec": {"databases": dbs}})
+    };
+    let clusters = env.clusters();
+    let apply = |body: serde_json::Value| {
+        let clusters = clusters.clone();
+        async move {
+            clusters
+                .patch(
+                    "orders",
+                    &PatchParams::apply("gitops"),
+                    &Patch::Apply(&body),
+                )
+                .await
+        }
+    };
+    apply(declare(
+        json!([{"name": SALES, "owner": "postgres", "ensure": "present"}]),
+    ))
+    .await
+    .expect("a user's apply of an adopted entry meets no conflict");
+    let pc = eventually("the agent lets go of the user's entry", || async {
+        let pc = get().await?;
+        (entry_owners(&pc, SALES) == ["gitops"]).then_some(pc)
+    })
+    .await;
+    assert_eq!(
+        entry_owners(&pc, ODD),
+        ["pgpilot-agent"],
+        "its own entries stay"
+    );
+    let d = pc.spec.databases.iter().find(|d| d.name == SALES).unwrap();
+    assert_eq!(d.owner.as_deref(), Some("postgres"));
+    let generation = pc.metadata.generation;
+    eventually("the status says Declared", || async {
+        let pc = get().await?;
+        let d = pc.status?.databases.into_iter().find(|d| d.name == SALES)?;
+        (d.origin == "Declared").then_some(())
+    })
+    .await;
+    // Two rounds of every agent later, nobody wrote the spec again.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(
+        get().await.unwrap().metadata.generation,
+        generation,
+        "no write loop over spec.databases"
+    );
+
+    // Dropped with SQL on shard 1: re-created, because a user declares it.
+    s1.batch_execute(r#"DROP DATABASE "Sales Q4""#)
+        .await
+        .expect("DROP DATABASE on shard 1");
+    eventually("a DatabaseRecreated Event for shard 1", || async {
+        let ev =
+            pgpilot_test_kubelet::wait::events(&env.client, env.ns.name(), "DatabaseRecreated")
+                .await;
+        ev.iter()
+            .any(|e| e.message.as_deref().unwrap_or("").contains("shard-1"))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(has_database(&s1, SALES).await, Some(true));
+
+    // The agent's own entry dropped with SQL where it was adopted: reported, not re-created.
+    s0.batch_execute(r#"DROP DATABASE "o'Brien ""Ü""""#)
+        .await
+        .expect("DROP DATABASE on shard 0");
+    eventually("shard 0 reports the odd name Missing", || async {
+        let pc = get().await?;
+        (db_state(&pc, ODD, "shard-0").as_deref() == Some("Missing")).then_some(())
+    })
+    .await;
+    let missing =
+        pgpilot_test_kubelet::wait::events(&env.client, env.ns.name(), "DatabaseMissing").await;
+    assert!(!missing.is_empty(), "an Event for the drop");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(has_database(&s0, ODD).await, Some(false), "not re-created");
+    let pc = get().await.unwrap();
+    assert!(
+        pc.spec.databases.iter().any(|d| d.name == ODD),
+        "the entry stays"
+    );
+    assert_eq!(db_state(&pc, ODD, "shard-1").as_deref(), Some("Present"));
+
+    // Created on shard 0 just before its switchover: adopted all the same.
+    s0.batch_execute(r#"CREATE DATABASE "after switch""#)
+        .await
+        .expect("CREATE DATABASE before the switchover");
+    let ip = pgpilot_test_kubelet::service_ips(&env.client, env.ns.name(), "orders-shard-0-rw")
+        .await
+        .expect("the rw endpoint")[0];
+    let token = {
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(env.client.clone(), env.ns.name());
+        let s = secrets.get("orders-secrets").await.expect("the Secret");
+        String::from_utf8(s.data.unwrap()["token"].0.clone()).unwrap()
+    };
+    let done = controller::agent_at(&ip.to_string(), Some(token))
+        .switchover(&pgpilot_common::api::SwitchoverRequest { candidate: None })
+        .await
+        .expect("switchover of shard 0");
+    assert_ne!(done.old_primary, done.new_primary);
+    let pc = eventually("\"after switch\" adopted", || async {
+        let pc = get().await?;
+        (entry_owners(&pc, "after switch") == ["pgpilot-agent"]).then_some(pc)
+    })
+    .await;
+    assert!(pc.spec.databases.iter().any(|d| d.name == SALES));
+    eventually("\"after switch\" on shard 1", || async {
+        has_database(&s1, "after switch").await?.then_some(())
+    })
+    .await;
+
+    // A declared owner that does not exist: nothing created, reported everywhere.
+    apply(declare(json!([
+        {"name": SALES, "owner": "postgres", "ensure": "present"},
+        {"name": "needs_role", "owner": "nobody"},
+    ])))
+    .await
+    .expect("declare needs_role");
+    let pc = eventually("needs_role Failed on both shards", || async {
+        let pc = get().await?;
+        ["shard-0", "shard-1"]
+            .iter()
+            .all(|s| db_state(&pc, "needs_role", s).as_deref() == Some("Failed"))
+            .then_some(pc)
+    })
+    .await;
+    let d = pc
+        .status
+        .as_ref()
+        .unwrap()
+        .databases
+        .iter()
+        .find(|d| d.name == "needs_role")
+        .unwrap();
+    let why = d.shards[0].message.clone().unwrap_or_default();
+    assert!(why.contains("\"nobody\" does not exist"), "{why}");
+    let s0 = env.sql("orders-shard-0-rw").await;
+    assert_eq!(has_database(&s0, "needs_role").await, Some(false));
+    eventually("DatabasesInSync=False and the drift gauge", || async {
+        let pc = get().await?;
+        let c = pc
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "DatabasesInSync")?;
+        let drift = env
+            .metrics
+            .database_drift
+            .with_label_values(&["orders"])
+            .get();
+        (c.status == "False" && c.message.contains("needs_role") && drift >= 1).then_some(())
+    })
+    .await;
+    assert!(
+        !pgpilot_test_kubelet::wait::events(&env.client, env.ns.name(), "DatabaseNotCreated")
+            .await
+            .is_empty()
+    );
+
+    // ensure: absent drops it on every shard; the user's other entry leaves the spec.
+    apply(declare(json!([{"name": SALES, "ensure": "absent"}])))
+        .await
+        .expect("ensure: absent");
+    eventually("Sales Q4 dropped on both shards", || async {
+        let s1 = env.sql("orders-shard-1-rw").await;
+        (!has_database(&s0, SALES).await? && !has_database(&s1, SALES).await?).then_some(())
+    })
+    .await;
+    eventually("no status for Sales Q4 nor needs_role", || async {
+        let pc = get().await?;
+        let st = pc.status?;
+        (!st.databases
+            .iter()
+            .any(|d| d.name == SALES || d.name == "needs_role"))
+        .then_some(())
+    })
+    .await;
+    let pc = get().await.unwrap();
+    assert!(!pc.spec.databases.iter().any(|d| d.name == "needs_role"));
+    env.ns.cleanup().await.expect("cleanup");
+}
+
 /// Two operator replicas: only the Lease holder acts. Killed (its task aborted mid-work, the
 /// Lease not released, as kill -9), the other takes over once the Lease expires and converges
 /// the cluster without duplicates.

@@ -426,23 +426,35 @@ impl KubeLeadership {
 
     /// Records an Event on this pod (best effort: an Event is never worth failing for).
     pub async fn event(&self, type_: &str, reason: &str, message: &str) {
-        use k8s_openapi::api::core::v1::{Event, ObjectReference};
+        let pod = k8s_openapi::api::core::v1::ObjectReference {
+            kind: Some("Pod".into()),
+            api_version: Some("v1".into()),
+            name: Some(self.me().to_string()),
+            namespace: Some(self.settings.namespace.clone()),
+            ..Default::default()
+        };
+        self.event_on(pod, type_, reason, message).await;
+    }
+
+    /// Records an Event on `object` (best effort), reported by this pod.
+    pub async fn event_on(
+        &self,
+        object: k8s_openapi::api::core::v1::ObjectReference,
+        type_: &str,
+        reason: &str,
+        message: &str,
+    ) {
+        use k8s_openapi::api::core::v1::Event;
         let ns = &self.settings.namespace;
         let now = jiff::Timestamp::now();
         let ev = Event {
             metadata: ObjectMeta {
-                generate_name: Some(format!("{}.", self.me())),
+                generate_name: Some(format!("{}.", object.name.as_deref().unwrap_or(self.me()))),
                 ..Default::default()
             },
-            involved_object: ObjectReference {
-                kind: Some("Pod".into()),
-                api_version: Some("v1".into()),
-                name: Some(self.me().to_string()),
-                namespace: Some(ns.clone()),
-                ..Default::default()
-            },
+            involved_object: object,
             reason: Some(reason.into()),
-            message: Some(message.into()),
+            message: Some(message.chars().take(1000).collect()),
             type_: Some(type_.into()),
             first_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
             last_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
