@@ -56,7 +56,7 @@ struct Env {
     client: kube::Client,
     ns: TestNamespace,
     /// `None` with `KUBECONFIG`: that cluster runs the pods.
-    _kubelet: Option<Kubelet>,
+    kubelet: Option<Kubelet>,
     kubeconfig: std::path::PathBuf,
     metrics: Metrics,
     /// With leader election: each replica's metrics and task.
@@ -157,7 +157,7 @@ impl Env {
         Env {
             client,
             ns,
-            _kubelet: kubelet,
+            kubelet,
             kubeconfig,
             metrics,
             replicas,
@@ -631,6 +631,45 @@ async fn databases_made_with_sql_are_adopted_and_every_shard_converges() {
     })
     .await;
     assert_eq!(has_database(&s1, SALES).await, Some(true));
+
+    // Shard 1's primary cut off from the API server (3 s, under its renew deadline: it stays
+    // primary) while a database is created there: the round fails, is retried after a
+    // backoff, and the database is adopted once the API server answers again. (With
+    // KUBECONFIG there is no kubelet to cut a pod off: that step is skipped.)
+    if let Some(kubelet) = &env.kubelet {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(env.client.clone(), env.ns.name());
+        let primary = pods
+            .list(&kube::api::ListParams::default().labels(
+                "pgpilot.io/cluster=orders,pgpilot.io/shard=shard-1,pgpilot.io/role=primary",
+            ))
+            .await
+            .unwrap()
+            .items[0]
+            .name_any();
+        let cut = pgpilot_test_kubelet::ApiFault::Refuse;
+        kubelet.set_api_fault(env.ns.name(), &primary, cut).unwrap();
+        s1.batch_execute(r#"CREATE DATABASE "during cut""#)
+            .await
+            .expect("CREATE DATABASE while cut off");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let heal = pgpilot_test_kubelet::ApiFault::None;
+        kubelet
+            .set_api_fault(env.ns.name(), &primary, heal)
+            .unwrap();
+        eventually(
+            "\"during cut\" adopted once the API server answers",
+            || async {
+                let pc = get().await?;
+                (entry_owners(&pc, "during cut") == ["pgpilot-agent"]).then_some(())
+            },
+        )
+        .await;
+        eventually("\"during cut\" on shard 0", || async {
+            has_database(&s0, "during cut").await?.then_some(())
+        })
+        .await;
+    }
 
     // The agent's own entry dropped with SQL where it was adopted: reported, not re-created.
     s0.batch_execute(r#"DROP DATABASE "o'Brien ""Ü""""#)
