@@ -525,6 +525,14 @@ async fn databases_made_with_sql_are_adopted_and_every_shard_converges() {
         (names.contains(&SALES) && names.contains(&ODD)).then_some(pc)
     })
     .await;
+    assert!(
+        !pc.spec
+            .databases
+            .iter()
+            .any(|d| ["postgres", "template0", "template1"].contains(&d.name.as_str())),
+        "PostgreSQL's own databases are never adopted: {:?}",
+        pc.spec.databases
+    );
     for name in [SALES, ODD] {
         assert_eq!(entry_owners(&pc, name), ["pgpilot-agent"], "{name}");
         let d = pc.spec.databases.iter().find(|d| d.name == name).unwrap();
