@@ -781,15 +781,17 @@ async fn drains_by_annotation_delete_and_eviction_hand_over_without_a_failover()
         "the primary was never touched"
     );
 
-    // 5. Every pod of the shard deleted at once (its cluster deleted): nobody can take over, so
-    //    the last primary's drain does not wait for its timeout; it archives and stops, and the
-    //    shard comes back (the StatefulSet recreates the pods) with every row. (The primary may
-    //    first hand over to a replica whose own deletion has not begun; the last writer's
-    //    drain then ends this way. Its Event outlives the pod.)
+    // 5. The whole shard going away (its cluster deleted; here: the StatefulSet scaled to 0,
+    //    so no pod is made again meanwhile; deleting the pods raced with the StatefulSet
+    //    recreating a replica, which then took over): nobody can take over, so the primary's
+    //    drain does not wait for its timeout; it archives and stops. Scaled back, the shard
+    //    comes back with every row. (The Event outlives the pod.)
     let rows = s.rows(&third, "probe").await.expect("rows");
-    for pod in all {
-        pods.delete(pod, &Default::default()).await.expect("delete");
-    }
+    let sts: Api<StatefulSet> = s.api();
+    let scale = |n: i32| json!({"spec": {"replicas": n}});
+    sts.patch("db", &PatchParams::default(), &Patch::Merge(&scale(0)))
+        .await
+        .expect("scale to 0");
     let message = eventually(
         "the last writer's drain finished without a successor",
         || async {
@@ -802,6 +804,18 @@ async fn drains_by_annotation_delete_and_eviction_hand_over_without_a_failover()
     )
     .await;
     assert!(message.contains("only writer was stopped"), "{message}");
+    eventually("every pod gone", || async {
+        pods.list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    sts.patch("db", &PatchParams::default(), &Patch::Merge(&scale(3)))
+        .await
+        .expect("scale back to 3");
     let back = s.primary(None).await;
     assert_eq!(
         eventually("the rows after the shard came back", || async {

@@ -207,7 +207,8 @@ pub struct RolloutSpec {
     /// Shards updated first, before the others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary_shards: Option<u32>,
-    /// Manual mode: the planned revision that may proceed.
+    /// Manual mode, the gate: `<revision>` (as `status.rollout.targetRevision` shows it)
+    /// releases the canary shards; `<revision>/all` releases the rest once they are done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<String>,
     /// How long an updated shard must stay healthy before the next one.
@@ -216,6 +217,10 @@ pub struct RolloutSpec {
     /// A replica lagging more than this counts as unhealthy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_replica_lag_bytes: Option<u64>,
+    /// An updated pod not Ready this long after it was created halts the rollout (default
+    /// 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_timeout_seconds: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -288,10 +293,34 @@ pub struct ShardStatus {
 pub struct RolloutStatus {
     /// `Idle`, `Pending`, `WaitingForRelease`, `InProgress`, `Halted`, `Complete`.
     pub phase: String,
+    /// The revision being rolled out (`pgpilot.io/revision` of the pod template): what
+    /// `spec.rollout.release` names in Manual mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_revision: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub completed_shards: Vec<String>,
+    /// The shard being rolled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_shard: Option<String>,
+    /// What the rollout does or waits for now, in words (`drain pod orders-shard-0-1`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// Why it halted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The current shard's primary as the rollout left it: another one means a failover
+    /// happened, and the rollout halts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_primary: Option<String>,
+    /// When the current shard's soak began (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soak_started: Option<String>,
+    /// Manual mode: the canary shards were released for this revision.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub canaries_released: bool,
+    /// The spec generation a halt happened at: it resumes once the spec changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halted_generation: Option<i64>,
 }
 
 /// A database as the shards' primary agents see it (docs/databases.md). Written by the agents

@@ -20,10 +20,14 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use pgpilot_common::crd::{Condition, PostgresCluster, PostgresClusterStatus, ShardStatus};
-use pgpilot_common::names::{LABEL_CLUSTER, LABEL_ROLE, LABEL_SHARD};
+use pgpilot_common::names::{
+    ANNOTATION_DRAIN, ANNOTATION_DRAIN_MESSAGE, DRAIN_STARTED, LABEL_CLUSTER, LABEL_ROLE,
+    LABEL_SHARD,
+};
 
 use crate::metrics::Metrics;
 use crate::objects::{self, DESIRED_HASH, Desired, MANAGER, Names, Options, SecretRefs};
+use crate::rollout;
 
 /// How often a cluster is looked at again without any event.
 const RESYNC: Duration = Duration::from_secs(30);
@@ -188,7 +192,7 @@ async fn reconcile_inner(pc: &PostgresCluster, ctx: &Ctx) -> Result<Action, Erro
     for d in objects::desired(pc, &ctx.opts) {
         apply(pc, &ns, &d, ctx).await?;
     }
-    let shards = observe(pc, &ns, ctx).await?;
+    let (shards, views) = observe(pc, &ns, ctx).await?;
     let mut st = status.clone();
     st.observed_generation = generation;
     let healthy = shards.iter().filter(|s| s.phase == "Healthy").count();
@@ -272,10 +276,14 @@ async fn reconcile_inner(pc: &PostgresCluster, ctx: &Ctx) -> Result<Action, Erro
     }
     st.shards = shards;
     databases_condition(pc, &mut st, generation, ctx);
+    let roll_again = roll(pc, &ns, &views, &api, &status, &mut st, ctx).await?;
     // Progress comes as events (owned objects and pods are watched): no faster polling while
     // a cluster is not ready, so a thousand pending clusters cost nothing between events.
     let mut next = RESYNC;
     if let Some(wait) = scheduled_backup(pc, &ns, &mut st, ctx).await? {
+        next = next.min(wait);
+    }
+    if let Some(wait) = roll_again {
         next = next.min(wait);
     }
     if all_ready && !was_ready {
@@ -481,12 +489,17 @@ async fn apply(pc: &PostgresCluster, ns: &str, d: &Desired, ctx: &Ctx) -> Result
     Ok(())
 }
 
-/// Each shard as its pods and StatefulSet show it.
-async fn observe(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Vec<ShardStatus>, Error> {
+/// Each shard as its pods and StatefulSet show it, and as the rollout planner sees it.
+async fn observe(
+    pc: &PostgresCluster,
+    ns: &str,
+    ctx: &Ctx,
+) -> Result<(Vec<ShardStatus>, Vec<rollout::ShardView>), Error> {
     let name = pc.name_any();
     let n = Names { cluster: &name };
     let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
     let mut out = Vec::new();
+    let mut views = Vec::new();
     for shard in pc.spec.shard_names() {
         let pods = shard_pods(ctx, ns, &name, &shard).await?;
         let ready_instances = pods.iter().filter(|p| pod_ready(p)).count() as u32;
@@ -500,17 +513,23 @@ async fn observe(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Vec<ShardS
             .await?
             .and_then(|s| s.status)
             .and_then(|s| s.update_revision);
-        // What the agents say needs a restart (their /v1/status is open; a pod that does not
-        // answer in time is left out until the next look).
+        // What the agents say: restarts pending, lag, archiving (their /v1/status is open; a
+        // pod that does not answer in time is left out until the next look).
         let mut pending_restart = std::collections::BTreeSet::new();
-        for p in pods.iter().filter(|p| pod_ready(p)) {
-            let Some(ip) = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()) else {
-                continue;
-            };
-            let agent = agent_at(ip, None);
-            if let Ok(Ok(st)) = tokio::time::timeout(Duration::from_secs(2), agent.status()).await {
-                pending_restart.extend(st.pending_restart);
+        let mut pod_views = Vec::new();
+        for p in &pods {
+            let ip = p.status.as_ref().and_then(|s| s.pod_ip.as_deref());
+            let mut agent_status = None;
+            if let Some(ip) = ip.filter(|_| pod_ready(p)) {
+                let agent = agent_at(ip, None);
+                if let Ok(Ok(st)) =
+                    tokio::time::timeout(Duration::from_secs(2), agent.status()).await
+                {
+                    pending_restart.extend(st.pending_restart.iter().cloned());
+                    agent_status = Some(st);
+                }
             }
+            pod_views.push(pod_view(p, agent_status.as_ref()));
         }
         let instances = pc.spec.instances_per_shard;
         let primary = (primaries.len() == 1).then(|| primaries[0].clone());
@@ -521,6 +540,11 @@ async fn observe(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Vec<ShardS
         } else {
             "Degraded"
         };
+        views.push(rollout::ShardView {
+            name: shard.clone(),
+            pods: pod_views,
+            instances: instances as usize,
+        });
         out.push(ShardStatus {
             name: shard,
             primary,
@@ -531,7 +555,50 @@ async fn observe(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Vec<ShardS
             pending_restart: pending_restart.into_iter().collect(),
         });
     }
-    Ok(out)
+    Ok((out, views))
+}
+
+/// A pod as the rollout planner sees it.
+fn pod_view(p: &Pod, st: Option<&pgpilot_common::api::StatusResponse>) -> rollout::PodView {
+    let annotations = p.annotations();
+    let created = p.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    rollout::PodView {
+        name: p.name_any(),
+        ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
+        revision: p.labels().get(objects::LABEL_REVISION).cloned(),
+        ready: pod_ready(p),
+        primary: pod_role(p) == Some("primary"),
+        deleting: p.metadata.deletion_timestamp.is_some(),
+        age: created
+            .and_then(|c| Duration::try_from(jiff::Timestamp::now().duration_since(c)).ok())
+            .unwrap_or_default(),
+        unready_for: if pod_ready(p) {
+            Duration::ZERO
+        } else {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+                .and_then(|c| c.last_transition_time.as_ref())
+                .or(p.metadata.creation_timestamp.as_ref())
+                .and_then(|t| Duration::try_from(jiff::Timestamp::now().duration_since(t.0)).ok())
+                .unwrap_or_default()
+        },
+        lag_bytes: st.and_then(|s| match s.role {
+            Some(pgpilot_common::state::Role::Primary) => Some(0),
+            _ => s.replication.as_ref()?.lag_bytes,
+        }),
+        archive_backlog: st.and_then(|s| s.archive.as_ref()).map(|a| a.ready),
+        drain: annotations.get(ANNOTATION_DRAIN).map(|v| {
+            (
+                v.clone(),
+                annotations
+                    .get(ANNOTATION_DRAIN_MESSAGE)
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+        }),
+    }
 }
 
 /// The pods of one shard of a cluster.
@@ -593,6 +660,166 @@ fn set_condition(
             observed_generation: generation,
         }),
     }
+}
+
+/// The rollout (docs/rollouts.md): plans the next step from what was observed
+/// ([`rollout::plan`]), applies it, and sets `status.rollout`, the `RolloutHalted` condition
+/// (and `Progressing` while it rolls) and an Event per step. Returns how soon to look again.
+async fn roll(
+    pc: &PostgresCluster,
+    ns: &str,
+    views: &[rollout::ShardView],
+    api: &Api<PostgresCluster>,
+    before: &PostgresClusterStatus,
+    st: &mut PostgresClusterStatus,
+    ctx: &Ctx,
+) -> Result<Option<Duration>, Error> {
+    use rollout::Step;
+    let generation = pc.metadata.generation;
+    let secrets = SecretRefs::of(pc);
+    let target = objects::revision(pc, &secrets, &ctx.opts);
+    let settings = rollout::Settings::of(pc.spec.rollout.as_ref());
+    let last = st.rollout.clone();
+    let (step, mut rs) = rollout::plan(&rollout::Observed {
+        target: &target,
+        generation,
+        settings: &settings,
+        shards: views,
+        last: last.as_ref(),
+        now: jiff::Timestamp::now(),
+    });
+    let new_step = last.as_ref().and_then(|l| l.step.as_ref()) != rs.step.as_ref();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let name = pc.name_any();
+    let describe = step.describe();
+    match &step {
+        Step::DrainPod { shard, pod } => {
+            let patch =
+                serde_json::json!({"metadata": {"annotations": {ANNOTATION_DRAIN: DRAIN_STARTED}}});
+            pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            ctx.metrics.writes.inc();
+            let note = format!("{shard}: draining pod {pod} for revision {target}");
+            event(ctx, pc, EventType::Normal, "RolloutDrain", &note).await;
+        }
+        Step::DeletePod { shard, pod } => {
+            match pods.delete(pod, &Default::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            ctx.metrics.writes.inc();
+            let note = format!("{shard}: deleting pod {pod}; it comes back at revision {target}");
+            event(ctx, pc, EventType::Normal, "RolloutDelete", &note).await;
+        }
+        Step::Switchover { shard, from, to } => {
+            // The intent first: an operator that stops during the switchover knows, from
+            // the recorded step, that the new primary is its own doing.
+            let mut intent = st.clone();
+            intent.rollout = Some(rs.clone());
+            write_status(api, &name, before, intent, ctx).await?;
+            let ip = views
+                .iter()
+                .flat_map(|s| s.pods.iter())
+                .find(|p| &p.name == from)
+                .and_then(|p| p.ip.clone())
+                .ok_or_else(|| Error::Other(format!("pod {from} has no IP")))?;
+            let token = agent_token(pc, ns, ctx).await?;
+            let req = pgpilot_common::api::SwitchoverRequest {
+                candidate: Some(to.clone()),
+            };
+            let agent = agent_at(&ip, Some(token));
+            match tokio::time::timeout(Duration::from_secs(120), agent.switchover(&req)).await {
+                Ok(Ok(done)) => {
+                    rs.shard_primary = Some(done.new_primary.clone());
+                    let note = format!(
+                        "{shard}: switchover {} → {} for revision {target}",
+                        done.old_primary, done.new_primary
+                    );
+                    event(ctx, pc, EventType::Normal, "RolloutSwitchover", &note).await;
+                }
+                outcome => {
+                    let why = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "no answer within 120 s".into(),
+                    };
+                    let reason = format!("the switchover of {shard} to {to} failed: {why}");
+                    rs.phase = rollout::HALTED.into();
+                    rs.step = Some(format!("halted: {reason}"));
+                    rs.reason = Some(reason.clone());
+                    rs.halted_generation = generation;
+                    event(ctx, pc, EventType::Warning, "RolloutHalted", &reason).await;
+                }
+            }
+        }
+        Step::Halt(reason) if new_step => {
+            tracing::warn!(cluster = %name, "rollout halted: {reason}");
+            event(ctx, pc, EventType::Warning, "RolloutHalted", reason).await;
+        }
+        Step::Complete if last.as_ref().is_none_or(|l| l.phase != rollout::COMPLETE) => {
+            let note = format!("every shard runs revision {target}");
+            event(ctx, pc, EventType::Normal, "RolloutComplete", &note).await;
+        }
+        Step::WaitForRelease if new_step => {
+            let note = rs.step.clone().unwrap_or_default();
+            event(
+                ctx,
+                pc,
+                EventType::Normal,
+                "RolloutWaitingForRelease",
+                &note,
+            )
+            .await;
+        }
+        Step::Soak { shard, .. } if new_step && rs.soak_started.is_some() => {
+            let note = format!("{shard} runs revision {target}: soaking");
+            event(ctx, pc, EventType::Normal, "RolloutSoak", &note).await;
+        }
+        _ => {}
+    }
+    if new_step {
+        tracing::info!(cluster = %name, phase = %rs.phase, "rollout: {describe}");
+    }
+    let halted = rs.phase == rollout::HALTED;
+    set_condition(
+        st,
+        "RolloutHalted",
+        if halted { "True" } else { "False" },
+        if halted { "Halted" } else { "NotHalted" },
+        rs.reason.as_deref().unwrap_or(""),
+        generation,
+    );
+    if rs.phase == rollout::IN_PROGRESS {
+        set_condition(
+            st,
+            "Progressing",
+            "True",
+            "RollingOut",
+            &format!("revision {target}: {}", rs.step.as_deref().unwrap_or("")),
+            generation,
+        );
+    }
+    let again = match rs.phase.as_str() {
+        rollout::IN_PROGRESS => Some(Duration::from_secs(2)),
+        rollout::PENDING => Some(Duration::from_secs(1)),
+        _ => None,
+    };
+    st.rollout = Some(rs);
+    Ok(again)
+}
+
+/// The agents' API token (from the Secret the spec names or the generated one).
+async fn agent_token(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<String, Error> {
+    let (secret, key) = SecretRefs::of(pc).token;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let s = api.get(&secret).await?;
+    let bytes = s
+        .data
+        .and_then(|mut d| d.remove(&key))
+        .ok_or_else(|| Error::Other(format!("Secret {secret} has no key {key}")))?;
+    String::from_utf8(bytes.0)
+        .map(|t| t.trim().to_string())
+        .map_err(|_| Error::Other(format!("Secret {secret}/{key} is not UTF-8")))
 }
 
 /// `DatabasesInSync` from what the shards' agents report in `status.databases` (they write
@@ -657,11 +884,47 @@ async fn write_status(
         return Ok(());
     }
     after.databases.clear();
-    let patch = serde_json::json!({"status": after});
+    let mut old = serde_json::to_value(before).expect("a status");
+    if let Some(o) = old.as_object_mut() {
+        o.remove("databases");
+    }
+    let new = serde_json::to_value(&after).expect("a status");
+    // A merge patch from what was read: a field that went away (a rollout's current shard,
+    // a soak start) is written as null, so it is really removed.
+    let patch = serde_json::json!({"status": merge_patch(&old, &new)});
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     ctx.metrics.writes.inc();
     Ok(())
+}
+
+/// The JSON merge patch (RFC 7386) that turns `old` into `new`: changed and new keys, removed
+/// keys as null, objects compared key by key.
+fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            let mut out = serde_json::Map::new();
+            for (k, v) in n {
+                match o.get(k) {
+                    Some(ov) if ov == v => {}
+                    Some(ov @ Value::Object(_)) if v.is_object() => {
+                        out.insert(k.clone(), merge_patch(ov, v));
+                    }
+                    _ => {
+                        out.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            for k in o.keys() {
+                if !n.contains_key(k) {
+                    out.insert(k.clone(), Value::Null);
+                }
+            }
+            Value::Object(out)
+        }
+        _ => new.clone(),
+    }
 }
 
 async fn event(ctx: &Ctx, pc: &PostgresCluster, type_: EventType, reason: &str, note: &str) {
@@ -709,5 +972,23 @@ where
         }
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_patch;
+    use serde_json::json;
+
+    #[test]
+    fn a_merge_patch_removes_fields_that_went_away_and_leaves_equal_ones_out() {
+        let old = json!({"rollout": {"phase": "InProgress", "currentShard": "shard-0", "completedShards": []},
+                         "observedGeneration": 3});
+        let new = json!({"rollout": {"phase": "InProgress", "completedShards": ["shard-0"]},
+                         "observedGeneration": 3});
+        assert_eq!(
+            merge_patch(&old, &new),
+            json!({"rollout": {"currentShard": null, "completedShards": ["shard-0"]}})
+        );
     }
 }

@@ -14,3 +14,4 @@ pub mod crds;
 pub mod leader;
 pub mod metrics;
 pub mod objects;
+pub mod rollout;

@@ -57,6 +57,12 @@ enum Command {
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
     },
+    /// A cluster's rollout at a glance: each shard's pods with role, readiness and revision,
+    /// and the plan (in-cluster config or KUBECONFIG).
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
     /// Print the CRD manifests (YAML, one document each) generated from the types.
     Crds {
         /// Write one file per CRD into this directory instead.
@@ -65,9 +71,22 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// Print the rollout status of one PostgresCluster.
+    Status {
+        cluster: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Rollout {
+            command: RolloutCommand::Status { cluster, namespace },
+        } => tokio::runtime::Runtime::new()?.block_on(rollout_status(&cluster, &namespace)),
         Command::Crds { dir } => {
             for (file, body) in pgpilot_operator::crds::manifests() {
                 match &dir {
@@ -109,6 +128,24 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Runtime::new()?.block_on(run(listen, opts, election))
         }
     }
+}
+
+async fn rollout_status(cluster: &str, ns: &str) -> anyhow::Result<()> {
+    use kube::api::{Api, ListParams};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API server (in-cluster config or KUBECONFIG)")?;
+    let clusters: Api<pgpilot_common::crd::PostgresCluster> = Api::namespaced(client.clone(), ns);
+    let pc = clusters
+        .get_opt(cluster)
+        .await?
+        .with_context(|| format!("no PostgresCluster {ns}/{cluster}"))?;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client, ns);
+    let sel = format!("{}={cluster}", pgpilot_common::names::LABEL_CLUSTER);
+    let list = pods.list(&ListParams::default().labels(&sel)).await?;
+    print!("{}", pgpilot_operator::rollout::render(&pc, &list.items));
+    Ok(())
 }
 
 /// JSON logs in a pod, human ones elsewhere.

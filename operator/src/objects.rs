@@ -7,6 +7,7 @@
 //! and the hash of its desired content (`pgpilot.io/desired-hash`), by which the reconciler
 //! skips objects that are already as desired (no write at all in a steady state).
 
+use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
 use kube::{Resource, ResourceExt};
@@ -18,6 +19,67 @@ use serde_json::{Value, json};
 pub const DESIRED_HASH: &str = "pgpilot.io/desired-hash";
 /// Field manager of every apply.
 pub const MANAGER: &str = "pgpilot-operator";
+/// The pod template's revision label: a pod runs the current revision when it carries
+/// [`revision`]'s value (docs/rollouts.md).
+pub const LABEL_REVISION: &str = "pgpilot.io/revision";
+
+/// Parameters PostgreSQL applies only at a restart (`pg_settings.context = 'postmaster'`):
+/// a change of one of them is a new revision, rolled out shard by shard. The others reach
+/// Postgres by a reload without any rollout.
+pub const RESTART_PARAMETERS: &[&str] = &[
+    "archive_mode",
+    "autovacuum_max_workers",
+    "autovacuum_worker_slots",
+    "bonjour",
+    "bonjour_name",
+    "cluster_name",
+    "config_file",
+    "data_directory",
+    "data_sync_retry",
+    "dynamic_shared_memory_type",
+    "event_source",
+    "external_pid_file",
+    "hba_file",
+    "hot_standby",
+    "huge_pages",
+    "huge_page_size",
+    "ident_file",
+    "io_max_concurrency",
+    "io_method",
+    "io_workers",
+    "jit_provider",
+    "listen_addresses",
+    "logging_collector",
+    "max_connections",
+    "max_files_per_process",
+    "max_locks_per_transaction",
+    "max_logical_replication_workers",
+    "max_notify_queue_pages",
+    "max_pred_locks_per_transaction",
+    "max_prepared_transactions",
+    "max_replication_slots",
+    "max_wal_senders",
+    "max_worker_processes",
+    "min_dynamic_shared_memory",
+    "old_snapshot_threshold",
+    "port",
+    "recovery_prefetch",
+    "reserved_connections",
+    "shared_buffers",
+    "shared_memory_type",
+    "shared_preload_libraries",
+    "superuser_reserved_connections",
+    "summarize_wal_slots",
+    "track_activity_query_size",
+    "track_commit_timestamp",
+    "unix_socket_directories",
+    "unix_socket_group",
+    "unix_socket_permissions",
+    "wal_buffers",
+    "wal_decode_buffer_size",
+    "wal_level",
+    "wal_log_hints",
+];
 /// The agent's API port (external listener) and loopback listener port in the pod.
 pub const API_PORT: u16 = 8008;
 pub const LOOPBACK_PORT: u16 = 8009;
@@ -324,6 +386,18 @@ fn key_file(volume: &str) -> String {
 pub const BOOTSTRAP_ENV_PREFIX: &str = "PGPILOT_BOOTSTRAP_";
 
 fn statefulset(pc: &PostgresCluster, shard: &str, secrets: &SecretRefs, opts: &Options) -> Value {
+    let mut sts = statefulset_inner(pc, shard, secrets, opts);
+    sts["spec"]["template"]["metadata"]["labels"][LABEL_REVISION] =
+        json!(revision(pc, secrets, opts));
+    sts
+}
+
+fn statefulset_inner(
+    pc: &PostgresCluster,
+    shard: &str,
+    secrets: &SecretRefs,
+    opts: &Options,
+) -> Value {
     let name = pc.name_any();
     let n = Names { cluster: &name };
     let major = pc.spec.postgres_version;
@@ -428,6 +502,21 @@ fn statefulset(pc: &PostgresCluster, shard: &str, secrets: &SecretRefs, opts: &O
     } else {
         "Retain"
     };
+    let template = json!({
+        "metadata": {"labels": labels(&name, Some(shard))},
+        "spec": {
+            "serviceAccountName": n.agent(),
+            "terminationGracePeriodSeconds": opts.drain_timeout_secs + 30,
+            "initContainers": [{
+                "name": "install-agent",
+                "image": agent_image,
+                "command": ["pgpilot-agent", "install", "/pgpilot/bin"],
+                "volumeMounts": [{"name": "pgpilot-bin", "mountPath": "/pgpilot/bin"}],
+            }],
+            "containers": [container],
+            "volumes": volumes,
+        },
+    });
     json!({"spec": {
         "replicas": pc.spec.instances_per_shard,
         "serviceName": n.shard(shard),
@@ -435,23 +524,37 @@ fn statefulset(pc: &PostgresCluster, shard: &str, secrets: &SecretRefs, opts: &O
         "updateStrategy": {"type": "OnDelete"},
         "persistentVolumeClaimRetentionPolicy": {"whenDeleted": retain, "whenScaled": "Retain"},
         "selector": {"matchLabels": sel},
-        "template": {
-            "metadata": {"labels": labels(&name, Some(shard))},
-            "spec": {
-                "serviceAccountName": n.agent(),
-                "terminationGracePeriodSeconds": opts.drain_timeout_secs + 30,
-                "initContainers": [{
-                    "name": "install-agent",
-                    "image": agent_image,
-                    "command": ["pgpilot-agent", "install", "/pgpilot/bin"],
-                    "volumeMounts": [{"name": "pgpilot-bin", "mountPath": "/pgpilot/bin"}],
-                }],
-                "containers": [container],
-                "volumes": volumes,
-            },
-        },
+        "template": template,
         "volumeClaimTemplates": [claim],
     }})
+}
+
+/// The cluster's revision: what every pod should run. A hash of the pod template of shard-0
+/// (every shard's template differs only by names) and of the restart-only parameters, 10 hex
+/// characters. A new image, agent image, resources, Secrets layout or operator version that
+/// changes the template, or a restart-only parameter, is a new revision; a reloadable
+/// parameter is not.
+pub fn revision(pc: &PostgresCluster, secrets: &SecretRefs, opts: &Options) -> String {
+    let mut probe = statefulset_template_without_revision(pc, secrets, opts);
+    let restart: BTreeMap<&String, &String> = pc
+        .spec
+        .parameters
+        .iter()
+        .filter(|(k, _)| RESTART_PARAMETERS.contains(&k.as_str()))
+        .collect();
+    probe["restartParameters"] = json!(restart);
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(probe.to_string().as_bytes());
+    digest[..5].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn statefulset_template_without_revision(
+    pc: &PostgresCluster,
+    secrets: &SecretRefs,
+    opts: &Options,
+) -> Value {
+    let mut sts = statefulset_inner(pc, "shard-0", secrets, opts);
+    sts["spec"]["template"].take()
 }
 
 /// A stable hash of an object's desired content (its JSON, keys sorted by serde_json's map).

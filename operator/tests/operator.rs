@@ -800,6 +800,345 @@ async fn databases_made_with_sql_are_adopted_and_every_shard_converges() {
     env.ns.cleanup().await.expect("cleanup");
 }
 
+/// A write loop through a shard's rw Service: every acknowledged id with its time.
+struct Writer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<(i64, std::time::Instant)>>,
+}
+
+impl Writer {
+    async fn start(env: &Env, shard: &str) -> Writer {
+        let client = env.client.clone();
+        let ns = env.ns.name().to_string();
+        let svc = format!("orders-{shard}-rw");
+        let password = env.superuser_password("orders").await;
+        let db = env.sql(&svc).await;
+        db.batch_execute("CREATE TABLE IF NOT EXISTS acks (id bigint PRIMARY KEY)")
+            .await
+            .unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let halt = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut db: Option<tokio_postgres::Client> = None;
+            let mut id = 0i64;
+            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+                if db.as_ref().is_none_or(|c| c.is_closed()) {
+                    db = connect_first(&client, &ns, &svc, &password).await;
+                }
+                if let Some(c) = &db {
+                    id += 1;
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+                    let insert = c.execute("INSERT INTO acks VALUES ($1)", &params);
+                    match tokio::time::timeout(Duration::from_secs(3), insert).await {
+                        Ok(Ok(_)) => acked.push((id, std::time::Instant::now())),
+                        _ => db = None,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            acked
+        });
+        Writer { stop, task }
+    }
+
+    /// The acknowledged ids, and the longest time between two acknowledgements.
+    async fn stop(self) -> (Vec<i64>, Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let acked = self.task.await.unwrap();
+        let gap = acked
+            .windows(2)
+            .map(|w| w[1].1 - w[0].1)
+            .max()
+            .unwrap_or_default();
+        (acked.into_iter().map(|(id, _)| id).collect(), gap)
+    }
+}
+
+/// A connection to the first endpoint of `svc`, or none (3 s bound).
+async fn connect_first(
+    client: &kube::Client,
+    ns: &str,
+    svc: &str,
+    password: &str,
+) -> Option<tokio_postgres::Client> {
+    let ip = *pgpilot_test_kubelet::service_ips(client, ns, svc)
+        .await
+        .ok()?
+        .first()?;
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(ip.to_string())
+        .port(5432)
+        .user("postgres")
+        .password(password)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(2));
+    let (c, conn) =
+        tokio::time::timeout(Duration::from_secs(3), cfg.connect(tokio_postgres::NoTls))
+            .await
+            .ok()?
+            .ok()?;
+    tokio::spawn(conn);
+    Some(c)
+}
+
+/// Each pod of the cluster with its `pgpilot.io/revision`.
+async fn pod_revisions(env: &Env, shard: &str) -> Vec<(String, String)> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(env.client.clone(), env.ns.name());
+    let sel = format!("pgpilot.io/cluster=orders,pgpilot.io/shard={shard}");
+    let mut out: Vec<(String, String)> = pods
+        .list(&kube::api::ListParams::default().labels(&sel))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|p| {
+            let rev = p
+                .labels()
+                .get("pgpilot.io/revision")
+                .cloned()
+                .unwrap_or_default();
+            (p.name_any(), rev)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Gated, shard-by-shard rollouts (docs/rollouts.md) on 3 shards × 2 instances with a write
+/// loop on each shard, two operator replicas (leader election):
+/// - Manual mode, canaryShards 1: a new image → `WaitingForRelease` with the target revision;
+///   `release: <rev>` → only shard-0 rolls, then `WaitingForRelease` again; `<rev>/all` →
+///   shards 1 and 2 roll, the operator leader killed (its task aborted, as kill -9) during a
+///   drain and the other replica goes on → `Complete`; every pod at the revision; every
+///   acknowledged write on every shard's primary; each shard's longest write gap reported;
+/// - a restart-only parameter that stops Postgres from starting: halted on the canary after
+///   the ready timeout, shards 1 and 2 untouched, the condition and an Event say why; going
+///   back to the good spec repairs the canary and completes;
+/// - Automatic mode: a new agent image rolls every shard without a gate.
+#[tokio::test]
+async fn rollouts_go_shard_by_shard_behind_gates_and_halt_on_a_bad_revision() {
+    let env = Env::start_with("rollout", 2).await;
+    env.create(
+        "orders",
+        json!({"postgresVersion": 15, "image": "postgres:15", "shards": 3, "instancesPerShard": 2,
+            "storage": {"size": "1Gi"},
+            "rollout": {"mode": "Manual", "canaryShards": 1, "soakSeconds": 2, "readyTimeoutSeconds": 25}}),
+    )
+    .await;
+    env.ready("orders", "True").await;
+    let get = || async { env.clusters().get("orders").await.ok() };
+    let rollout = |pc: &PostgresCluster| pc.status.as_ref().and_then(|s| s.rollout.clone());
+    let first = eventually("an idle rollout", || async {
+        let r = rollout(&get().await?)?;
+        (r.phase == "Idle").then_some(r)
+    })
+    .await;
+    let old_rev = first.target_revision.clone().expect("the current revision");
+    let shards = ["shard-0", "shard-1", "shard-2"];
+    let mut writers = Vec::new();
+    for s in shards {
+        writers.push(Writer::start(&env, s).await);
+    }
+    let clusters = env.clusters();
+    let patch = |v: serde_json::Value| {
+        let clusters = clusters.clone();
+        async move {
+            clusters
+                .patch("orders", &PatchParams::default(), &Patch::Merge(&v))
+                .await
+                .expect("patch the cluster");
+        }
+    };
+    let started = std::time::Instant::now();
+
+    // A new image: planned, waiting for the release.
+    patch(json!({"spec": {"image": "postgres:15.18"}})).await;
+    let waiting = eventually("WaitingForRelease", || async {
+        let r = rollout(&get().await?)?;
+        (r.phase == "WaitingForRelease" && r.target_revision.as_deref() != Some(&old_rev))
+            .then_some(r)
+    })
+    .await;
+    let rev = waiting.target_revision.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for s in shards {
+        assert!(
+            pod_revisions(&env, s)
+                .await
+                .iter()
+                .all(|(_, r)| r == &old_rev),
+            "nothing moves before the release"
+        );
+    }
+
+    // Released: the canary only, then waiting again.
+    patch(json!({"spec": {"rollout": {"release": rev}}})).await;
+    let r = eventually("the canary done, waiting for the rest", || async {
+        let r = rollout(&get().await?)?;
+        (r.phase == "WaitingForRelease" && r.completed_shards == ["shard-0"]).then_some(r)
+    })
+    .await;
+    assert!(r.step.unwrap().contains(&format!("{rev}/all")));
+    assert!(
+        pod_revisions(&env, "shard-0")
+            .await
+            .iter()
+            .all(|(_, r)| r == &rev)
+    );
+    for s in ["shard-1", "shard-2"] {
+        assert!(
+            pod_revisions(&env, s)
+                .await
+                .iter()
+                .all(|(_, r)| r == &old_rev),
+            "{s} untouched after the canary"
+        );
+    }
+
+    // The rest, with the operator leader killed during a drain.
+    patch(json!({"spec": {"rollout": {"release": format!("{rev}/all")}}})).await;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(env.client.clone(), env.ns.name());
+    eventually("a drain of shard-1", || async {
+        let list = pods
+            .list(&kube::api::ListParams::default().labels("pgpilot.io/shard=shard-1"))
+            .await
+            .ok()?;
+        list.items
+            .iter()
+            .any(|p| p.annotations().contains_key("pgpilot.io/drain"))
+            .then_some(())
+    })
+    .await;
+    let leader = if env.replicas[0].0.writes.get() > env.replicas[1].0.writes.get() {
+        0
+    } else {
+        1
+    };
+    env.replicas[leader].1.abort();
+    let done = eventually("Complete", || async {
+        let r = rollout(&get().await?)?;
+        (r.phase == "Complete").then_some(r)
+    })
+    .await;
+    let took = started.elapsed();
+    assert_eq!(done.completed_shards, shards);
+    for s in shards {
+        assert!(
+            pod_revisions(&env, s).await.iter().all(|(_, r)| r == &rev),
+            "{s}"
+        );
+    }
+    // The CLI view, as a user runs it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgpilot-operator"))
+        .args(["rollout", "status", "orders", "-n", env.ns.name()])
+        .env("KUBECONFIG", &env.kubeconfig)
+        .output()
+        .expect("pgpilot-operator rollout status");
+    let view = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{view} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(view.contains("rollout Complete"), "{view}");
+    assert_eq!(view.matches(" done ").count(), 6, "{view}");
+    assert!(!view.contains("(old)"), "{view}");
+    let events =
+        pgpilot_test_kubelet::wait::events(&env.client, env.ns.name(), "RolloutSwitchover").await;
+    assert!(events.len() >= 3, "a switchover per shard: {events:?}");
+    env.ready("orders", "True").await;
+    for (s, w) in shards.iter().zip(writers) {
+        let (acked, gap) = w.stop().await;
+        let db = env.sql(&format!("orders-{s}-rw")).await;
+        let ids: Vec<i64> = db
+            .query("SELECT id FROM acks", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let have: std::collections::BTreeSet<i64> = ids.into_iter().collect();
+        let lost: Vec<&i64> = acked.iter().filter(|id| !have.contains(id)).collect();
+        assert!(lost.is_empty(), "{s}: acknowledged writes lost: {lost:?}");
+        eprintln!(
+            "rollout {s}: {} acknowledged writes, none lost, longest write gap {:.2} s",
+            acked.len(),
+            gap.as_secs_f64()
+        );
+    }
+    eprintln!(
+        "rollout of 3 shards × 2 instances, Manual with 2 gates: {:.1} s from the spec change",
+        took.as_secs_f64()
+    );
+
+    // A bad revision (Postgres cannot start with it): halted on the canary.
+    patch(json!({"spec": {"parameters": {"shared_buffers": "100TB"}}})).await;
+    let bad = eventually("WaitingForRelease for the bad revision", || async {
+        let r = rollout(&get().await?)?;
+        (r.phase == "WaitingForRelease" && r.target_revision.as_deref() != Some(&rev)).then_some(r)
+    })
+    .await
+    .target_revision
+    .unwrap();
+    patch(json!({"spec": {"rollout": {"release": bad}}})).await;
+    let halted = eventually("Halted on the canary", || async {
+        let pc = get().await?;
+        let r = rollout(&pc)?;
+        (r.phase == "Halted").then_some(pc)
+    })
+    .await;
+    let r = rollout(&halted).unwrap();
+    assert_eq!(r.current_shard.as_deref(), Some("shard-0"));
+    assert!(r.reason.as_deref().unwrap().contains("not Ready"), "{r:?}");
+    let cond = halted
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "RolloutHalted")
+        .unwrap();
+    assert_eq!(cond.status, "True");
+    assert!(
+        !pgpilot_test_kubelet::wait::events(&env.client, env.ns.name(), "RolloutHalted")
+            .await
+            .is_empty()
+    );
+    for s in ["shard-1", "shard-2"] {
+        assert!(
+            pod_revisions(&env, s).await.iter().all(|(_, r)| r == &rev),
+            "{s} untouched by the halted rollout"
+        );
+    }
+    // Back to the good spec: the canary is repaired, the others need nothing.
+    patch(json!({"spec": {"parameters": null, "rollout": {"release": rev}}})).await;
+    eventually("Complete again at the good revision", || async {
+        let r = rollout(&get().await?)?;
+        (r.phase == "Complete" && r.target_revision.as_deref() == Some(&rev)).then_some(())
+    })
+    .await;
+    env.ready("orders", "True").await;
+
+    // Automatic mode: every shard, no gate.
+    patch(json!({"spec": {"agentImage": "pgpilot/agent:next", "rollout": {"mode": "Automatic"}}}))
+        .await;
+    let auto = eventually("an automatic rollout complete", || async {
+        let r = rollout(&get().await?)?;
+        (r.phase == "Complete" && r.target_revision.as_deref() != Some(&rev)).then_some(r)
+    })
+    .await;
+    let next = auto.target_revision.unwrap();
+    for s in shards {
+        assert!(
+            pod_revisions(&env, s).await.iter().all(|(_, r)| r == &next),
+            "{s}"
+        );
+    }
+    env.ns.cleanup().await.expect("cleanup");
+}
+
 /// Two operator replicas: only the Lease holder acts. Killed (its task aborted mid-work, the
 /// Lease not released, as kill -9), the other takes over once the Lease expires and converges
 /// the cluster without duplicates.
