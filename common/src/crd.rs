@@ -312,6 +312,12 @@ pub struct RolloutStatus {
     /// happened, and the rollout halts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard_primary: Option<String>,
+    /// The rollout's own switchover in flight: the primary it moves away from, and when it
+    /// began (RFC 3339). Until the pods' role labels follow, that primary is expected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switchover_from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switchover_at: Option<String>,
     /// When the current shard's soak began (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub soak_started: Option<String>,

@@ -731,7 +731,6 @@ async fn roll(
             let agent = agent_at(&ip, Some(token));
             match tokio::time::timeout(Duration::from_secs(120), agent.switchover(&req)).await {
                 Ok(Ok(done)) => {
-                    rs.shard_primary = Some(done.new_primary.clone());
                     let note = format!(
                         "{shard}: switchover {} → {} for revision {target}",
                         done.old_primary, done.new_primary

@@ -27,6 +27,9 @@ pub const COMPLETE: &str = "Complete";
 /// primary rejoining after a switchover is unready for a few seconds).
 pub const BROKEN_AFTER: Duration = Duration::from_secs(30);
 
+/// How long the pods' role labels may take to follow the rollout's own switchover.
+pub const SWITCHOVER_LABELS: Duration = Duration::from_secs(60);
+
 /// A pod as the reconciler saw it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodView {
@@ -354,6 +357,8 @@ pub fn plan(o: &Observed<'_>) -> (Step, RolloutStatus) {
         st.completed_shards.push(current);
         st.current_shard = None;
         st.shard_primary = None;
+        st.switchover_from = None;
+        st.switchover_at = None;
         st.soak_started = None;
         let all_done = canaries
             .iter()
@@ -377,21 +382,35 @@ fn shard_step(shard: &ShardView, o: &Observed<'_>, st: &mut RolloutStatus) -> St
     let target = o.target;
     // A failover the rollout did not make: the agents decide leadership, never fight them.
     let primary = shard.primary().map(|p| p.name.clone());
-    if let (Some(expected), Some(now)) = (&st.shard_primary, &primary)
-        && expected != now
-    {
-        // The rollout's own switchover (recorded before it ran; the operator may have
-        // stopped before it could record the outcome).
-        let ours = format!("switchover {expected} → {now}");
-        if o.last.and_then(|l| l.step.as_deref()) == Some(ours.as_str()) {
-            st.shard_primary = Some(now.clone());
-            return shard_step(shard, o, st);
+    if let (Some(expected), Some(now)) = (&st.shard_primary, &primary) {
+        if expected == now {
+            st.switchover_from = None;
+            st.switchover_at = None;
+        } else if st.switchover_from.as_ref() == Some(now) {
+            // The rollout's own switchover: the role labels follow within seconds.
+            let began = st
+                .switchover_at
+                .as_deref()
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                .unwrap_or(o.now);
+            let waited = Duration::try_from(o.now.duration_since(began)).unwrap_or_default();
+            if waited < SWITCHOVER_LABELS {
+                return Step::Wait(format!(
+                    "the role labels to follow the switchover from {now} to {expected}"
+                ));
+            }
+            return Step::Halt(format!(
+                "the switchover of {} from {now} to {expected} did not happen within {} s",
+                shard.name,
+                SWITCHOVER_LABELS.as_secs()
+            ));
+        } else {
+            return Step::Halt(format!(
+                "{}'s primary changed from {expected} to {now} during the rollout (a failover): \
+                 the operator does not fight the agents; fix the cause, then change the spec to resume",
+                shard.name
+            ));
         }
-        return Step::Halt(format!(
-            "{}'s primary changed from {expected} to {now} during the rollout (a failover): \
-             the operator does not fight the agents; fix the cause, then change the spec to resume",
-            shard.name
-        ));
     }
     if st.shard_primary.is_none() {
         st.shard_primary = primary.clone();
@@ -479,11 +498,18 @@ fn shard_step(shard: &ShardView, o: &Observed<'_>, st: &mut RolloutStatus) -> St
             .filter(|p| !p.primary)
             .min_by_key(|p| (p.lag_bytes.unwrap_or(u64::MAX), p.name.clone()));
         return match candidate {
-            Some(c) => Step::Switchover {
-                shard: shard.name.clone(),
-                from: primary.name.clone(),
-                to: c.name.clone(),
-            },
+            Some(c) => {
+                // Recorded before the switchover runs (the reconciler writes this status
+                // first): whatever happens to the operator, the new primary is expected.
+                st.shard_primary = Some(c.name.clone());
+                st.switchover_from = Some(primary.name.clone());
+                st.switchover_at = Some(o.now.to_string());
+                Step::Switchover {
+                    shard: shard.name.clone(),
+                    from: primary.name.clone(),
+                    to: c.name.clone(),
+                }
+            }
             // A single instance: nobody can take over, so the pod is deleted, and its
             // preStop drain, seeing every pod of the shard going, archives and stops the only
             // writer (docs/drain.md). The write gap is a restart's.

@@ -153,18 +153,26 @@ fn inside_a_shard_replicas_then_switchover_then_the_old_primary_then_soak() {
             to: "c-shard-0-1".into()
         }
     );
-    // The switchover happened (the reconciler records the step before it runs it, so even
-    // an operator that stopped before recording the outcome knows it was its own).
-    assert_eq!(
-        st.step.as_deref(),
-        Some("switchover c-shard-0-0 → c-shard-0-1")
+    // Recorded before it runs: the new primary is expected, and until the role labels follow
+    // (they lag by a moment), the old one is waited for, not taken for a failover.
+    assert_eq!(st.shard_primary.as_deref(), Some("c-shard-0-1"));
+    assert_eq!(st.switchover_from.as_deref(), Some("c-shard-0-0"));
+    let (step, st) = run(&sh, &s, Some(&st), 5);
+    assert!(
+        matches!(step, Step::Wait(ref w) if w.contains("role labels")),
+        "{step:?}"
+    );
+    let (late, _) = run(&sh, &s, Some(&st), 70);
+    assert!(
+        matches!(late, Step::Halt(ref r) if r.contains("did not happen")),
+        "{late:?}"
     );
     sh[0].pods[0].primary = false;
     sh[0].pods[0].lag_bytes = Some(0);
     sh[0].pods[1].primary = true;
-    let (step, st) = run(&sh, &s, Some(&st), 5);
+    let (step, st) = run(&sh, &s, Some(&st), 6);
     assert!(matches!(step, Step::DrainPod { ref pod, .. } if pod == "c-shard-0-0"));
-    assert_eq!(st.shard_primary.as_deref(), Some("c-shard-0-1"));
+    assert_eq!(st.switchover_from, None, "the labels followed");
     sh[0].pods[0] = pod("shard-0", 0, NEW, false);
     let (step, st) = run(&sh, &s, Some(&st), 6);
     assert!(matches!(step, Step::Soak { .. }), "{step:?}");
