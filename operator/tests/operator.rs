@@ -180,16 +180,36 @@ impl Env {
             .expect("create");
     }
 
+    /// The spec every test starts from: PostgreSQL 15, `shards` × `instances`, 1 Gi volumes,
+    /// plus the fields of `extra`.
+    fn spec(shards: u32, instances: u32, extra: serde_json::Value) -> serde_json::Value {
+        let mut spec = json!({"postgresVersion": 15, "image": "postgres:15", "shards": shards,
+            "instancesPerShard": instances, "storage": {"size": "1Gi"}});
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        spec
+    }
+
+    /// Creates `name` from [`Env::spec`] and waits until it is Ready.
+    async fn create_ready(
+        &self,
+        name: &str,
+        shards: u32,
+        instances: u32,
+        extra: serde_json::Value,
+    ) -> PostgresCluster {
+        self.create(name, Self::spec(shards, instances, extra))
+            .await;
+        self.ready(name, "True").await
+    }
+
     /// The cluster once its `Ready` condition has `status`.
     async fn ready(&self, name: &str, status: &str) -> PostgresCluster {
         eventually(&format!("{name} Ready={status}"), || async {
             let pc = self.clusters().get(name).await.ok()?;
-            let st = pc.status.as_ref()?;
-            tracing::info!(?st, "status");
-            st.conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == status)
-                .then_some(pc)
+            tracing::info!(st = ?pc.status, "status");
+            (condition(&pc, "Ready")?.status == status).then_some(pc)
         })
         .await
     }
@@ -248,13 +268,14 @@ impl Env {
 #[tokio::test]
 async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
     let env = Env::start("operator").await;
-    env.create(
-        "orders",
-        json!({"postgresVersion": 15, "image": "postgres:15", "shards": 2, "instancesPerShard": 2,
-            "storage": {"size": "1Gi"}, "parameters": {"max_connections": "50"}}),
-    )
-    .await;
-    let pc = env.ready("orders", "True").await;
+    let pc = env
+        .create_ready(
+            "orders",
+            2,
+            2,
+            json!({"parameters": {"max_connections": "50"}, "rollout": {"mode": "Manual"}}),
+        )
+        .await;
     let st = pc.status.expect("status");
     assert_eq!(st.shards.len(), 2);
     for s in &st.shards {
@@ -338,13 +359,7 @@ async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
     let sets: Api<StatefulSet> = Api::namespaced(env.client.clone(), env.ns.name());
     let sts = sets.get("orders-shard-0").await.unwrap();
     assert_eq!(sts.spec.replicas, Some(3));
-    assert!(
-        pc.status
-            .unwrap()
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-    );
+    assert_eq!(condition(&pc, "Ready").unwrap().status, "True");
     let pods: Api<k8s_openapi::api::core::v1::Pod> =
         Api::namespaced(env.client.clone(), env.ns.name());
     let third = pods
@@ -372,7 +387,8 @@ async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
     assert_eq!(rows, ["shard-0"], "the new replica cloned shard-0");
 
     // Parameters changed in the spec: one the agents apply by a reload, one that needs a
-    // restart and is reported as pending per shard.
+    // restart and is reported as pending per shard. The restart is a new revision's rollout,
+    // which (Manual mode) waits for its release (docs/rollouts.md).
     let params = json!({"spec": {"parameters": {"max_connections": "60", "work_mem": "7MB"}}});
     env.clusters()
         .patch("orders", &PatchParams::default(), &Patch::Merge(&params))
@@ -396,6 +412,11 @@ async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
         },
     )
     .await;
+    eventually("the restart planned, waiting for its release", || async {
+        let pc = env.clusters().get("orders").await.ok()?;
+        (pc.status?.rollout?.phase == "WaitingForRelease").then_some(())
+    })
+    .await;
 
     // An invalid spec: a condition that names it, an Event, no workload.
     env.create(
@@ -404,13 +425,7 @@ async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
     )
     .await;
     let pc = env.ready("broken", "False").await;
-    let ready = pc
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap();
+    let ready = condition(&pc, "Ready").unwrap();
     assert_eq!(ready.reason, "InvalidSpec");
     for words in ["spec.postgresVersion 9", "spec.storage.size \"lots\""] {
         assert!(ready.message.contains(words), "{words}: {}", ready.message);
@@ -497,13 +512,7 @@ async fn databases_made_with_sql_are_adopted_and_every_shard_converges() {
     const SALES: &str = "Sales Q4";
     const ODD: &str = "o'Brien \"Ü\"";
     let env = Env::start("dbsync").await;
-    env.create(
-        "orders",
-        json!({"postgresVersion": 15, "image": "postgres:15", "shards": 2, "instancesPerShard": 2,
-            "storage": {"size": "1Gi"}}),
-    )
-    .await;
-    env.ready("orders", "True").await;
+    env.create_ready("orders", 2, 2, json!({})).await;
     let get = || async { env.clusters().get("orders").await.ok() };
     let s0 = env.sql("orders-shard-0-rw").await;
     let s1 = env.sql("orders-shard-1-rw").await;
@@ -758,11 +767,7 @@ async fn databases_made_with_sql_are_adopted_and_every_shard_converges() {
     assert_eq!(has_database(&s0, "needs_role").await, Some(false));
     eventually("DatabasesInSync=False and the drift gauge", || async {
         let pc = get().await?;
-        let c = pc
-            .status?
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "DatabasesInSync")?;
+        let c = condition(&pc, "DatabasesInSync")?;
         let drift = env
             .metrics
             .database_drift
@@ -882,6 +887,16 @@ async fn connect_first(
     Some(c)
 }
 
+/// The cluster's condition `type_`, if set.
+fn condition(pc: &PostgresCluster, type_: &str) -> Option<pgpilot_common::crd::Condition> {
+    pc.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .cloned()
+}
+
 /// The operator's Events (events.k8s.io/v1, as its recorder writes them) with `reason`.
 async fn operator_events(env: &Env, reason: &str) -> Vec<k8s_openapi::api::events::v1::Event> {
     let events: Api<k8s_openapi::api::events::v1::Event> =
@@ -934,14 +949,10 @@ async fn pod_revisions(env: &Env, shard: &str) -> Vec<(String, String)> {
 #[tokio::test]
 async fn rollouts_go_shard_by_shard_behind_gates_and_halt_on_a_bad_revision() {
     let env = Env::start_with("rollout", 2).await;
-    env.create(
-        "orders",
-        json!({"postgresVersion": 15, "image": "postgres:15", "shards": 3, "instancesPerShard": 2,
-            "storage": {"size": "1Gi"},
-            "rollout": {"mode": "Manual", "canaryShards": 1, "soakSeconds": 2, "readyTimeoutSeconds": 25}}),
-    )
-    .await;
-    env.ready("orders", "True").await;
+    let rollout = json!({"mode": "Manual", "canaryShards": 1, "soakSeconds": 2,
+        "readyTimeoutSeconds": 25});
+    env.create_ready("orders", 3, 2, json!({ "rollout": rollout }))
+        .await;
     let get = || async { env.clusters().get("orders").await.ok() };
     let rollout = |pc: &PostgresCluster| pc.status.as_ref().and_then(|s| s.rollout.clone());
     let first = eventually("an idle rollout", || async {
@@ -1112,13 +1123,7 @@ async fn rollouts_go_shard_by_shard_behind_gates_and_halt_on_a_bad_revision() {
     let r = rollout(&halted).unwrap();
     assert_eq!(r.current_shard.as_deref(), Some("shard-0"));
     assert!(r.reason.as_deref().unwrap().contains("not Ready"), "{r:?}");
-    let cond = halted
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "RolloutHalted")
-        .unwrap();
+    let cond = condition(&halted, "RolloutHalted").unwrap();
     assert_eq!(cond.status, "True");
     assert!(!operator_events(&env, "RolloutHalted").await.is_empty());
     for s in ["shard-1", "shard-2"] {
@@ -1160,13 +1165,7 @@ async fn rollouts_go_shard_by_shard_behind_gates_and_halt_on_a_bad_revision() {
 #[tokio::test]
 async fn two_operator_replicas_never_both_act_and_a_killed_leader_is_replaced() {
     let env = Env::start_with("operator-ha", 2).await;
-    env.create(
-        "orders",
-        json!({"postgresVersion": 15, "image": "postgres:15", "shards": 1, "instancesPerShard": 1,
-            "storage": {"size": "1Gi"}}),
-    )
-    .await;
-    env.ready("orders", "True").await;
+    env.create_ready("orders", 1, 1, json!({})).await;
     let writes = |i: usize| env.replicas[i].0.writes.get();
     let reconciles = |i: usize| {
         env.replicas[i]
@@ -1239,15 +1238,10 @@ async fn two_operator_replicas_never_both_act_and_a_killed_leader_is_replaced() 
 async fn postgres_backups_retention_schedule_and_a_cluster_restored_from_them() {
     let env = Env::start("operator-backup").await;
     let store = tempfile::tempdir().expect("store dir");
-    env.create(
-        "orders",
-        json!({"postgresVersion": 15, "image": "postgres:15", "shards": 2, "instancesPerShard": 2,
-            "storage": {"size": "1Gi"},
-            "backup": {"store": format!("file://{}", store.path().display()), "compression": "lz4",
-                "retention": {"keepLast": 1}}}),
-    )
-    .await;
-    env.ready("orders", "True").await;
+    let url = format!("file://{}", store.path().display());
+    let backup = json!({"store": url, "compression": "lz4", "retention": {"keepLast": 1}});
+    env.create_ready("orders", 2, 2, json!({ "backup": backup }))
+        .await;
     let backups: Api<PostgresBackup> = Api::namespaced(env.client.clone(), env.ns.name());
     let create = |name: &str, spec: serde_json::Value| {
         let b: PostgresBackup = serde_json::from_value(json!({
@@ -1417,16 +1411,15 @@ async fn postgres_backups_retention_schedule_and_a_cluster_restored_from_them() 
         archived.exists().then_some(())
     })
     .await;
-    env.create(
+    env.create_ready(
         "copy",
-        json!({"postgresVersion": 15, "image": "postgres:15", "shards": 1, "instancesPerShard": 2,
-            "storage": {"size": "1Gi"},
-            "backup": {"store": format!("file://{}", store.path().display())},
+        1,
+        2,
+        json!({"backup": {"store": format!("file://{}", store.path().display())},
             "bootstrap": {"fromBackup": {"store": format!("file://{}", store.path().display()),
                 "cluster": "orders", "targetTime": target.to_string()}}}),
     )
     .await;
-    env.ready("copy", "True").await;
     let rows: Vec<i32> = env
         .sql_of("copy", "copy-shard-0-rw")
         .await
@@ -1508,13 +1501,7 @@ async fn operator_trials() {
     for trial in 1..=3 {
         let name = format!("bench{trial}");
         let at = Instant::now();
-        env.create(
-            &name,
-            json!({"postgresVersion": 15, "image": "postgres:15", "shards": 2, "instancesPerShard": 2,
-                "storage": {"size": "1Gi"}}),
-        )
-        .await;
-        env.ready(&name, "True").await;
+        env.create_ready(&name, 2, 2, json!({})).await;
         eprintln!("trial {trial}: 2 x 2 Ready in {:.1?}", at.elapsed());
         // Paused, then left: deleting a whole cluster drains each pod in turn (docs/drain.md).
         let pause = json!({"spec": {"paused": true}});
@@ -1544,12 +1531,8 @@ async fn operator_trials() {
     let at = Instant::now();
     let mut peak = 0;
     for i in 0..many {
-        env.create(
-            &format!("many{i}"),
-            json!({"postgresVersion": 15, "image": "postgres:15", "shards": 2, "instancesPerShard": 2,
-                "storage": {"size": "1Gi"}}),
-        )
-        .await;
+        env.create(&format!("many{i}"), Env::spec(2, 2, json!({})))
+            .await;
         peak = peak.max(rss());
         if i % 10 == 9 {
             eprintln!("{} clusters created", i + 1);
