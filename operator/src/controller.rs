@@ -589,6 +589,9 @@ fn pod_view(p: &Pod, st: Option<&pgpilot_common::api::StatusResponse>) -> rollou
             _ => s.replication.as_ref()?.lag_bytes,
         }),
         archive_backlog: st.and_then(|s| s.archive.as_ref()).map(|a| a.ready),
+        streaming: st
+            .and_then(|s| s.replication.as_ref())
+            .is_some_and(|r| r.streaming),
         drain: annotations.get(ANNOTATION_DRAIN).map(|v| {
             (
                 v.clone(),
@@ -732,9 +735,10 @@ async fn roll(
             match tokio::time::timeout(Duration::from_secs(120), agent.switchover(&req)).await {
                 Ok(Ok(done)) => {
                     let note = format!(
-                        "{shard}: switchover {} → {} for revision {target}",
-                        done.old_primary, done.new_primary
+                        "{shard}: switchover {} → {} for revision {target} (writes paused {} ms)",
+                        done.old_primary, done.new_primary, done.write_pause_ms
                     );
+                    tracing::info!(cluster = %name, "{note}");
                     event(ctx, pc, EventType::Normal, "RolloutSwitchover", &note).await;
                 }
                 outcome => {

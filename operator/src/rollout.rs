@@ -51,6 +51,8 @@ pub struct PodView {
     pub lag_bytes: Option<u64>,
     /// Segments waiting to be archived, as its agent reports it (a primary's).
     pub archive_backlog: Option<usize>,
+    /// A replica's WAL receiver streams from the primary, as its agent reports it.
+    pub streaming: bool,
     /// `pgpilot.io/drain` and its message.
     pub drain: Option<(String, String)>,
 }
@@ -492,11 +494,19 @@ fn shard_step(shard: &ShardView, o: &Observed<'_>, st: &mut RolloutStatus) -> St
     }
     if primary.revision.as_deref() != Some(target) {
         // Hand over to the updated replica that lags least, then the old primary is a replica.
-        let candidate = shard
-            .pods
+        // Only a streaming one: a replica still catching up from its restart would make the
+        // switchover wait, with writes stopped, for its WAL receiver.
+        let replicas: Vec<&PodView> = shard.pods.iter().filter(|p| !p.primary).collect();
+        let candidate = replicas
             .iter()
-            .filter(|p| !p.primary)
+            .filter(|p| p.streaming)
             .min_by_key(|p| (p.lag_bytes.unwrap_or(u64::MAX), p.name.clone()));
+        if candidate.is_none() && !replicas.is_empty() {
+            return Step::Wait(format!(
+                "an updated replica of {} to stream from the primary",
+                shard.name
+            ));
+        }
         return match candidate {
             Some(c) => {
                 // Recorded before the switchover runs (the reconciler writes this status

@@ -805,7 +805,9 @@ async fn databases_made_with_sql_are_adopted_and_every_shard_converges() {
     env.ns.cleanup().await.expect("cleanup");
 }
 
-/// A write loop through a shard's rw Service: every acknowledged id with its time.
+/// A write loop through a shard's rw Service: every acknowledged id with its time
+/// (`PGPILOT_TEST_TRACE_WRITER=1` prints every failed write and reconnect, to see where a write
+/// gap comes from).
 struct Writer {
     stop: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<Vec<(i64, std::time::Instant)>>,
@@ -830,6 +832,14 @@ impl Writer {
             while !halt.load(std::sync::atomic::Ordering::Relaxed) {
                 if db.as_ref().is_none_or(|c| c.is_closed()) {
                     db = connect_first(&client, &ns, &svc, &password).await;
+                    if std::env::var_os("PGPILOT_TEST_TRACE_WRITER").is_some() {
+                        let ips = pgpilot_test_kubelet::service_ips(&client, &ns, &svc).await;
+                        eprintln!(
+                            "{} writer {svc}: reconnect -> {} {ips:?}",
+                            jiff::Timestamp::now(),
+                            db.is_some()
+                        );
+                    }
                 }
                 if let Some(c) = &db {
                     id += 1;
@@ -837,7 +847,16 @@ impl Writer {
                     let insert = c.execute("INSERT INTO acks VALUES ($1)", &params);
                     match tokio::time::timeout(Duration::from_secs(3), insert).await {
                         Ok(Ok(_)) => acked.push((id, std::time::Instant::now())),
-                        _ => db = None,
+                        other => {
+                            if std::env::var_os("PGPILOT_TEST_TRACE_WRITER").is_some() {
+                                eprintln!(
+                                    "{} writer {svc}: {:?}",
+                                    jiff::Timestamp::now(),
+                                    other.map(|r| r.map(|_| ()))
+                                );
+                            }
+                            db = None
+                        }
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -23,6 +23,7 @@ fn pod(shard: &str, i: usize, rev: &str, primary: bool) -> PodView {
         unready_for: Duration::ZERO,
         lag_bytes: (!primary).then_some(0),
         archive_backlog: primary.then_some(0),
+        streaming: !primary,
         drain: None,
     }
 }
@@ -144,6 +145,13 @@ fn inside_a_shard_replicas_then_switchover_then_the_old_primary_then_soak() {
         "{step:?}"
     );
     sh[0].pods[1].lag_bytes = Some(0);
+    sh[0].pods[1].streaming = false;
+    let (step, st) = run(&sh, &s, Some(&st), 4);
+    assert!(
+        matches!(step, Step::Wait(ref w) if w.contains("to stream")),
+        "not before it streams: {step:?}"
+    );
+    sh[0].pods[1].streaming = true;
     let (step, st) = run(&sh, &s, Some(&st), 4);
     assert_eq!(
         step,
