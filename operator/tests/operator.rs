@@ -506,7 +506,8 @@ fn db_state(pc: &PostgresCluster, name: &str, shard: &str) -> Option<String> {
 /// - a database created just before a switchover of shard 0 is adopted all the same;
 /// - a declared owner role that does not exist: `Failed` with the reason, an Event,
 ///   `DatabasesInSync=False` and the drift gauge, and no database;
-/// - `ensure: absent`: dropped on every shard.
+/// - `ensure: absent`: dropped on every shard;
+/// - the cluster deleted with its pods orphaned: a database made then never brings it back.
 #[tokio::test]
 async fn databases_made_with_sql_are_adopted_and_every_shard_converges() {
     const SALES: &str = "Sales Q4";
@@ -802,6 +803,36 @@ async fn databases_made_with_sql_are_adopted_and_every_shard_converges() {
     .await;
     let pc = get().await.unwrap();
     assert!(!pc.spec.databases.iter().any(|d| d.name == "needs_role"));
+
+    // The cluster resource deleted while its pods still run (orphaned): the agents stop
+    // syncing, and a database made now never brings the resource back (their applies carry
+    // the resourceVersion they read, so none can create it).
+    let orphan = kube::api::DeleteParams {
+        propagation_policy: Some(kube::api::PropagationPolicy::Orphan),
+        ..Default::default()
+    };
+    env.clusters()
+        .delete("orders", &orphan)
+        .await
+        .expect("delete the cluster, orphaning its pods");
+    eventually("the cluster gone", || async {
+        env.clusters()
+            .get_opt("orders")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let s0 = env.sql("orders-shard-0-rw").await;
+    s0.batch_execute(r#"CREATE DATABASE "after delete""#)
+        .await
+        .expect("CREATE DATABASE after the cluster was deleted");
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        env.clusters().get_opt("orders").await.unwrap().is_none(),
+        "no agent brought the deleted cluster back"
+    );
     env.ns.cleanup().await.expect("cleanup");
 }
 
