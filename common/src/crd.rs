@@ -367,6 +367,14 @@ pub struct DatabaseShardStatus {
 }
 
 impl DatabaseStatus {
+    /// The shards' items not as declared: missing, failed, or present with another owner
+    /// than the declared one (drift, as the agents' and the operator's gauges count it).
+    pub fn drifted(&self) -> impl Iterator<Item = &DatabaseShardStatus> {
+        self.shards
+            .iter()
+            .filter(|s| s.state != "Present" || (self.owner.is_some() && s.owner != self.owner))
+    }
+
     /// The shards where it exists now.
     pub fn present_on(&self) -> impl Iterator<Item = &str> {
         self.shards

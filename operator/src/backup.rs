@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
@@ -21,8 +21,9 @@ use pgpilot_common::crd::{
     PostgresBackup, PostgresBackupStatus, PostgresCluster, ShardBackupStatus,
 };
 
-use crate::controller::{Ctx, Error, agent_at, pod_ready, pod_role, publish, shard_pods};
-use crate::objects::SecretRefs;
+use crate::controller::{
+    Ctx, Error, agent_at, agent_token, pod_ready, pod_role, publish, shard_pods,
+};
 
 /// Runs the PostgresBackup controller until `shutdown` resolves.
 pub async fn run(ctx: Arc<Ctx>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
@@ -241,20 +242,9 @@ async fn plan(pb: &PostgresBackup, ns: &str, ctx: &Ctx) -> Result<Result<Target,
         }
         None => all,
     };
-    let (secret, key) = SecretRefs::of(&pc).token;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let token = secrets
-        .get_opt(&secret)
-        .await?
-        .and_then(|s| s.data)
-        .and_then(|d| {
-            d.get(&key)
-                .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
-        });
-    let Some(token) = token else {
-        return Ok(Err(format!(
-            "the agents' API token (Secret {secret:?}, key {key:?}) is missing"
-        )));
+    let token = match agent_token(&pc, ns, ctx).await? {
+        Ok(t) => t,
+        Err(why) => return Ok(Err(why)),
     };
     Ok(Ok(Target {
         cluster: pb.spec.cluster.clone(),

@@ -575,10 +575,7 @@ fn pod_view(p: &Pod, st: Option<&pgpilot_common::api::StatusResponse>) -> rollou
         unready_for: if pod_ready(p) {
             Duration::ZERO
         } else {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+            ready_condition(p)
                 .and_then(|c| c.last_transition_time.as_ref())
                 .or(p.metadata.creation_timestamp.as_ref())
                 .and_then(|t| Duration::try_from(jiff::Timestamp::now().duration_since(t.0)).ok())
@@ -628,10 +625,16 @@ pub fn agent_at(ip: &str, token: Option<String>) -> pgpilot_common::client::Agen
 
 /// The pod's `Ready` condition is true.
 pub fn pod_ready(p: &Pod) -> bool {
+    ready_condition(p).is_some_and(|c| c.status == "True")
+}
+
+fn ready_condition(p: &Pod) -> Option<&k8s_openapi::api::core::v1::PodCondition> {
     p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")
 }
 
 /// Sets condition `type_`, keeping its transition time when the status does not change.
@@ -727,7 +730,7 @@ async fn roll(
                 .find(|p| &p.name == from)
                 .and_then(|p| p.ip.clone())
                 .ok_or_else(|| Error::Other(format!("pod {from} has no IP")))?;
-            let token = agent_token(pc, ns, ctx).await?;
+            let token = agent_token(pc, ns, ctx).await?.map_err(Error::Other)?;
             let req = pgpilot_common::api::SwitchoverRequest {
                 candidate: Some(to.clone()),
             };
@@ -811,18 +814,26 @@ async fn roll(
     Ok(again)
 }
 
-/// The agents' API token (from the Secret the spec names or the generated one).
-async fn agent_token(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<String, Error> {
+/// The agents' API token (from the Secret the spec names or the generated one), or why it
+/// is not there.
+pub async fn agent_token(
+    pc: &PostgresCluster,
+    ns: &str,
+    ctx: &Ctx,
+) -> Result<Result<String, String>, Error> {
     let (secret, key) = SecretRefs::of(pc).token;
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let s = api.get(&secret).await?;
-    let bytes = s
-        .data
-        .and_then(|mut d| d.remove(&key))
-        .ok_or_else(|| Error::Other(format!("Secret {secret} has no key {key}")))?;
-    String::from_utf8(bytes.0)
-        .map(|t| t.trim().to_string())
-        .map_err(|_| Error::Other(format!("Secret {secret}/{key} is not UTF-8")))
+    let token = api
+        .get_opt(&secret)
+        .await?
+        .and_then(|s| s.data)
+        .and_then(|d| {
+            d.get(&key)
+                .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
+        });
+    Ok(token.ok_or_else(|| {
+        format!("the agents' API token (Secret {secret:?}, key {key:?}) is missing")
+    }))
 }
 
 /// `DatabasesInSync` from what the shards' agents report in `status.databases` (they write
@@ -836,9 +847,7 @@ fn databases_condition(
     let mut off = Vec::new();
     for d in &st.databases {
         let shards: Vec<String> = d
-            .shards
-            .iter()
-            .filter(|s| s.state != "Present" || (d.owner.is_some() && s.owner != d.owner))
+            .drifted()
             .map(|s| match (&s.message, s.state.as_str()) {
                 (Some(m), _) => format!("{}: {m}", s.shard),
                 (None, "Present") => format!(

@@ -144,8 +144,79 @@ async fn rollout_status(cluster: &str, ns: &str) -> anyhow::Result<()> {
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client, ns);
     let sel = format!("{}={cluster}", pgpilot_common::names::LABEL_CLUSTER);
     let list = pods.list(&ListParams::default().labels(&sel)).await?;
-    print!("{}", pgpilot_operator::rollout::render(&pc, &list.items));
+    print!("{}", render(&pc, &list.items));
     Ok(())
+}
+
+/// `pgpilot-operator rollout status`: each shard's pods with role, readiness and revision,
+/// and the plan, at a glance.
+fn render(
+    pc: &pgpilot_common::crd::PostgresCluster,
+    pods: &[k8s_openapi::api::core::v1::Pod],
+) -> String {
+    use kube::ResourceExt;
+    use pgpilot_common::names::LABEL_SHARD;
+    use pgpilot_operator::controller::{pod_ready, pod_role};
+    use pgpilot_operator::rollout::Settings;
+    let r = pc
+        .status
+        .as_ref()
+        .and_then(|s| s.rollout.clone())
+        .unwrap_or_default();
+    let target = r.target_revision.as_deref().unwrap_or("?");
+    let s = Settings::of(pc.spec.rollout.as_ref());
+    let mut out = format!(
+        "cluster {}: rollout {}, target revision {target} ({:?}, canary shards {}, release {})\n",
+        pc.name_any(),
+        if r.phase.is_empty() {
+            "unknown"
+        } else {
+            &r.phase
+        },
+        s.mode,
+        s.canaries,
+        s.release.as_deref().unwrap_or("none"),
+    );
+    if let Some(step) = &r.step {
+        out += &format!("step: {step}\n");
+    }
+    if let Some(reason) = &r.reason {
+        out += &format!("halted: {reason}\n");
+    }
+    out += &format!(
+        "{:<10} {:<12} {:<32} {:<8} {:<6} REVISION\n",
+        "SHARD", "SHARD STATE", "POD", "ROLE", "READY"
+    );
+    for shard in pc.spec.shard_names() {
+        let state = if r.completed_shards.contains(&shard) {
+            "done"
+        } else if r.current_shard.as_deref() == Some(shard.as_str()) {
+            "rolling"
+        } else {
+            "waiting"
+        };
+        let mut mine: Vec<&k8s_openapi::api::core::v1::Pod> = pods
+            .iter()
+            .filter(|p| p.labels().get(LABEL_SHARD) == Some(&shard))
+            .collect();
+        mine.sort_by_key(|p| p.name_any());
+        for p in mine {
+            let rev = p
+                .labels()
+                .get(pgpilot_operator::objects::LABEL_REVISION)
+                .map_or("?", String::as_str);
+            out += &format!(
+                "{:<10} {:<12} {:<32} {:<8} {:<6} {rev}{}\n",
+                shard,
+                state,
+                p.name_any(),
+                pod_role(p).unwrap_or("-"),
+                if pod_ready(p) { "yes" } else { "no" },
+                if rev == target { "" } else { " (old)" },
+            );
+        }
+    }
+    out
 }
 
 /// JSON logs in a pod, human ones elsewhere.

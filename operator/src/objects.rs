@@ -251,6 +251,8 @@ pub fn desired(pc: &PostgresCluster, opts: &Options) -> Vec<Desired> {
                "subjects": [{"kind": "ServiceAccount", "name": agent}]}),
     );
     let secrets = SecretRefs::of(pc);
+    // Once per cluster, not per shard: it renders shard-0's template.
+    let rev = revision(pc, &secrets, opts);
     for shard in pc.spec.shard_names() {
         let sel = json!({LABEL_CLUSTER: name, LABEL_SHARD: shard});
         push(
@@ -292,7 +294,7 @@ pub fn desired(pc: &PostgresCluster, opts: &Options) -> Vec<Desired> {
             "StatefulSet",
             n.shard(&shard),
             Some(&shard),
-            statefulset(pc, &shard, &secrets, opts),
+            statefulset(pc, &shard, &secrets, opts, &rev),
         );
     }
     out
@@ -385,10 +387,15 @@ fn key_file(volume: &str) -> String {
 /// the cluster's own store credentials, unprefixed).
 pub const BOOTSTRAP_ENV_PREFIX: &str = "PGPILOT_BOOTSTRAP_";
 
-fn statefulset(pc: &PostgresCluster, shard: &str, secrets: &SecretRefs, opts: &Options) -> Value {
+fn statefulset(
+    pc: &PostgresCluster,
+    shard: &str,
+    secrets: &SecretRefs,
+    opts: &Options,
+    rev: &str,
+) -> Value {
     let mut sts = statefulset_inner(pc, shard, secrets, opts);
-    sts["spec"]["template"]["metadata"]["labels"][LABEL_REVISION] =
-        json!(revision(pc, secrets, opts));
+    sts["spec"]["template"]["metadata"]["labels"][LABEL_REVISION] = json!(rev);
     sts
 }
 

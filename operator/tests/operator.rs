@@ -221,28 +221,11 @@ impl Env {
 
     /// A connection to the Postgres behind Service `svc` of `cluster`, as its superuser.
     async fn sql_of(&self, cluster: &str, svc: &str) -> tokio_postgres::Client {
-        let ip = eventually(&format!("an endpoint of {svc}"), || async {
-            pgpilot_test_kubelet::service_ips(&self.client, self.ns.name(), svc)
-                .await
-                .ok()?
-                .first()
-                .copied()
-        })
-        .await;
         let password = self.superuser_password(cluster).await;
-        let mut cfg = tokio_postgres::Config::new();
-        cfg.host(ip.to_string())
-            .port(5432)
-            .user("postgres")
-            .password(password)
-            .dbname("postgres")
-            .connect_timeout(Duration::from_secs(3));
-        let (c, conn) = cfg
-            .connect(tokio_postgres::NoTls)
-            .await
-            .unwrap_or_else(|e| panic!("connect to {svc} at {ip}: {e}"));
-        tokio::spawn(conn);
-        c
+        eventually(&format!("a connection through {svc}"), || {
+            connect_first(&self.client, self.ns.name(), svc, &password)
+        })
+        .await
     }
 
     async fn superuser_password(&self, cluster: &str) -> String {

@@ -316,12 +316,7 @@ impl Sync {
         why: &str,
     ) {
         tracing::warn!(database = %name, "{why}");
-        let before = o
-            .status
-            .iter()
-            .find(|d| d.name == name)
-            .and_then(|d| d.shards.iter().find(|s| s.shard == o.shard))
-            .and_then(|s| s.message.as_deref());
+        let before = o.mine(name).and_then(|s| s.message.as_deref());
         if before != Some(why) {
             self.event(
                 pc,

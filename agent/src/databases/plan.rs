@@ -61,7 +61,7 @@ impl Observed<'_> {
     }
 
     /// This shard's item for `name` in the status as last written.
-    fn mine(&self, name: &str) -> Option<&DatabaseShardStatus> {
+    pub fn mine(&self, name: &str) -> Option<&DatabaseShardStatus> {
         self.previous(name)?
             .shards
             .iter()
@@ -232,11 +232,7 @@ pub fn mine_in(status: &[DatabaseStatus], shard: &str) -> Vec<DatabaseStatus> {
 pub fn drift(report: &[DatabaseStatus]) -> usize {
     report
         .iter()
-        .filter(|d| {
-            d.shards
-                .iter()
-                .any(|s| s.state != PRESENT || (d.owner.is_some() && s.owner != d.owner))
-        })
+        .filter(|d| d.drifted().next().is_some())
         .count()
 }
 
