@@ -73,6 +73,16 @@ impl Schedule {
             .filter_map(|s| jiff::Timestamp::from_second(s).ok())
             .find(|t| self.matches(t.to_zoned(jiff::tz::TimeZone::UTC).datetime()))
     }
+
+    /// The first minute after `after` that the schedule runs in, looking ahead at most
+    /// `within` minutes.
+    pub fn next_run(&self, after: jiff::Timestamp, within: u32) -> Option<jiff::Timestamp> {
+        let minute = after.as_second() - after.as_second().rem_euclid(60);
+        (1..=i64::from(within))
+            .map(|ahead| minute + ahead * 60)
+            .filter_map(|s| jiff::Timestamp::from_second(s).ok())
+            .find(|t| self.matches(t.to_zoned(jiff::tz::TimeZone::UTC).datetime()))
+    }
 }
 
 fn field(text: &str, lo: u32, hi: u32) -> Result<Vec<bool>, String> {
@@ -190,5 +200,16 @@ mod tests {
             "2026-12-05T10:30:00Z"
         );
         assert_eq!(s.last_run(now, 10), None);
+        assert_eq!(
+            s.next_run(now, 60).unwrap().to_string(),
+            "2026-12-05T11:30:00Z"
+        );
+        let run = s.last_run(now, 60).unwrap();
+        assert_eq!(
+            s.next_run(run, 60).unwrap().to_string(),
+            "2026-12-05T11:30:00Z",
+            "strictly after"
+        );
+        assert_eq!(s.next_run(now, 30), None);
     }
 }

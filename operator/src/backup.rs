@@ -47,6 +47,9 @@ fn error_policy(pb: Arc<PostgresBackup>, e: &Error, _ctx: Arc<Ctx>) -> Action {
 async fn reconcile(pb: Arc<PostgresBackup>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let before = pb.status.clone().unwrap_or_default();
     if matches!(before.phase.as_deref(), Some("Completed" | "Failed")) {
+        if before.phase.as_deref() == Some("Completed") {
+            succeeded(&pb, &ctx);
+        }
         return Ok(Action::await_change());
     }
     let ns = pb
@@ -194,6 +197,9 @@ async fn reconcile(pb: Arc<PostgresBackup>, ctx: Arc<Ctx>) -> Result<Action, Err
     }
     write(&api, &name, &before, &st, &ctx).await?;
     if done {
+        if failed.is_empty() {
+            succeeded(&pb, &ctx);
+        }
         let (type_, reason, note) = if failed.is_empty() {
             (
                 EventType::Normal,
@@ -207,6 +213,15 @@ async fn reconcile(pb: Arc<PostgresBackup>, ctx: Arc<Ctx>) -> Result<Action, Err
         return Ok(Action::await_change());
     }
     Ok(Action::requeue(Duration::from_secs(2)))
+}
+
+/// A completed backup moves its cluster's last-success gauge to when the backup was asked for
+/// (the backup-age alert's input).
+fn succeeded(pb: &PostgresBackup, ctx: &Ctx) {
+    if let (Some(ns), Some(created)) = (pb.namespace(), pb.metadata.creation_timestamp.as_ref()) {
+        ctx.metrics
+            .backup_succeeded(&ns, &pb.spec.cluster, created.0.as_second());
+    }
 }
 
 struct Target {

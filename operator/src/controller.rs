@@ -320,10 +320,24 @@ async fn scheduled_backup(
     };
     let now = jiff::Timestamp::now();
     let to_next_minute = Duration::from_secs(61 - now.as_second().rem_euclid(60) as u64);
+    let created = pc.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    // What the backup-age alert compares: the time between two runs, and (until a backup
+    // completes) the cluster's creation as the last success.
+    let cluster = pc.name_any();
+    if let Some(next) = schedule.next_run(now, 31 * 24 * 60)
+        && let Some(after) = schedule.next_run(next, 366 * 24 * 60)
+    {
+        ctx.metrics
+            .backup_interval
+            .with_label_values(&[ns, &cluster])
+            .set((after - next).get_seconds());
+    }
+    if let Some(c) = created {
+        ctx.metrics.backup_succeeded(ns, &cluster, c.as_second());
+    }
     let Some(due) = schedule.last_run(now, 24 * 60) else {
         return Ok(Some(to_next_minute));
     };
-    let created = pc.metadata.creation_timestamp.as_ref().map(|t| t.0);
     let previous = st
         .last_scheduled_backup
         .as_deref()
@@ -532,6 +546,17 @@ async fn observe(
             pod_views.push(pod_view(p, agent_status.as_ref()));
         }
         let instances = pc.spec.instances_per_shard;
+        let labels = [ns, name.as_str(), shard.as_str()];
+        let m = &ctx.metrics;
+        m.shard_primaries
+            .with_label_values(&labels)
+            .set(primaries.len() as i64);
+        m.shard_ready_instances
+            .with_label_values(&labels)
+            .set(i64::from(ready_instances));
+        m.shard_instances
+            .with_label_values(&labels)
+            .set(i64::from(instances));
         let primary = (primaries.len() == 1).then(|| primaries[0].clone());
         let phase = if primary.is_some() && ready_instances >= instances {
             "Healthy"
@@ -787,6 +812,10 @@ async fn roll(
         tracing::info!(cluster = %name, phase = %rs.phase, "rollout: {describe}");
     }
     let halted = rs.phase == rollout::HALTED;
+    ctx.metrics
+        .rollout_halted
+        .with_label_values(&[ns, &name])
+        .set(i64::from(halted));
     set_condition(
         st,
         "RolloutHalted",

@@ -1,9 +1,14 @@
 //! The operator's metrics (`/metrics`): reconciles, errors, their duration, the writes it makes
-//! to the API server (zero in a steady state), and each cluster's phase.
+//! to the API server (zero in a steady state), each cluster's phase, its shards' primaries and
+//! ready instances, a halted rollout and the age of its last backup: what the chart's alerts
+//! read (charts/pgpilot/files/alerts.yaml).
 
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
+
+/// Labels of the per-shard gauges.
+pub const SHARD_LABELS: &[&str] = &["namespace", "cluster", "shard"];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -16,6 +21,16 @@ pub struct Metrics {
     pub phase: IntGaugeVec,
     /// Per cluster: databases not as declared on some shard, as the agents report them.
     pub database_drift: IntGaugeVec,
+    /// Per shard: ready pods labelled primary (alert on 0: no writer; above 1 never happens).
+    pub shard_primaries: IntGaugeVec,
+    pub shard_ready_instances: IntGaugeVec,
+    pub shard_instances: IntGaugeVec,
+    /// Per cluster: 1 while its rollout is halted.
+    pub rollout_halted: IntGaugeVec,
+    /// Per cluster with a backup schedule: when its latest completed backup started (the
+    /// cluster's creation until one completes), and the time between two scheduled runs.
+    pub backup_last_success: IntGaugeVec,
+    pub backup_interval: IntGaugeVec,
 }
 
 /// The phases a cluster is reported in (one series each).
@@ -63,8 +78,47 @@ impl Metrics {
             &["cluster"],
         )
         .expect("static metric");
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric")
+        };
+        let shard_primaries = gauge(
+            "pgpilot_operator_shard_primaries",
+            "Ready pods labelled pgpilot.io/role=primary in a shard; alert when 0 (no writer)",
+            SHARD_LABELS,
+        );
+        let shard_ready_instances = gauge(
+            "pgpilot_operator_shard_ready_instances",
+            "Ready pods of a shard",
+            SHARD_LABELS,
+        );
+        let shard_instances = gauge(
+            "pgpilot_operator_shard_instances",
+            "Pods a shard should have (spec.instancesPerShard)",
+            SHARD_LABELS,
+        );
+        let rollout_halted = gauge(
+            "pgpilot_operator_rollout_halted",
+            "1 while a cluster's rollout is halted (status.rollout.reason says why)",
+            &["namespace", "cluster"],
+        );
+        let backup_last_success = gauge(
+            "pgpilot_operator_backup_last_success_timestamp_seconds",
+            "Start of the latest completed PostgresBackup of a cluster with a backup schedule (its creation time until one completes)",
+            &["namespace", "cluster"],
+        );
+        let backup_interval = gauge(
+            "pgpilot_operator_backup_interval_seconds",
+            "Seconds between two runs of a cluster's spec.backup.schedule; alert when the last success is older than twice this",
+            &["namespace", "cluster"],
+        );
         for c in [
-            Box::new(database_drift.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(shard_primaries.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(shard_ready_instances.clone()),
+            Box::new(shard_instances.clone()),
+            Box::new(rollout_halted.clone()),
+            Box::new(backup_last_success.clone()),
+            Box::new(backup_interval.clone()),
+            Box::new(database_drift.clone()),
             Box::new(reconciles.clone()),
             Box::new(reconcile_errors.clone()),
             Box::new(reconcile_duration.clone()),
@@ -81,6 +135,21 @@ impl Metrics {
             writes,
             phase,
             database_drift,
+            shard_primaries,
+            shard_ready_instances,
+            shard_instances,
+            rollout_halted,
+            backup_last_success,
+            backup_interval,
+        }
+    }
+
+    /// Records that a backup of `cluster` that started at `started` (Unix seconds) completed;
+    /// the gauge only moves forward.
+    pub fn backup_succeeded(&self, ns: &str, cluster: &str, started: i64) {
+        let g = self.backup_last_success.with_label_values(&[ns, cluster]);
+        if started > g.get() {
+            g.set(started);
         }
     }
 

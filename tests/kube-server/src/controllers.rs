@@ -191,6 +191,12 @@ impl State {
         {
             return true;
         }
+        if opts.deployment_controller
+            && touched(&[("apps", "deployments"), ("", "pods"), ("", "namespaces")])
+            && crate::deployment::reconcile(self, tx)
+        {
+            return true;
+        }
         if opts.endpointslice_controller
             && touched(&[
                 ("", "pods"),

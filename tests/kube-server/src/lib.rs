@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod controllers;
+mod deployment;
 mod discovery;
 mod endpointslices;
 mod error;

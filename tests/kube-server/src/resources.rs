@@ -323,6 +323,46 @@ const BUILTINS: &[Builtin] = &[
         generation: true,
     },
     Builtin {
+        group: "apps",
+        version: "v1",
+        kind: "Deployment",
+        plural: "deployments",
+        namespaced: true,
+        short: &["deploy"],
+        status: true,
+        generation: true,
+    },
+    Builtin {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "ClusterRole",
+        plural: "clusterroles",
+        namespaced: false,
+        short: &[],
+        status: false,
+        generation: false,
+    },
+    Builtin {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "ClusterRoleBinding",
+        plural: "clusterrolebindings",
+        namespaced: false,
+        short: &[],
+        status: false,
+        generation: false,
+    },
+    Builtin {
+        group: "networking.k8s.io",
+        version: "v1",
+        kind: "NetworkPolicy",
+        plural: "networkpolicies",
+        namespaced: true,
+        short: &["netpol"],
+        status: false,
+        generation: true,
+    },
+    Builtin {
         group: "discovery.k8s.io",
         version: "v1",
         kind: "EndpointSlice",
@@ -381,7 +421,7 @@ fn builtin_lists(kind: &str) -> Vec<(String, ListKind)> {
             pod_spec_lists("spec", &mut out);
             out.push(("status.conditions".into(), map(&["type"])));
         }
-        "StatefulSet" => {
+        "StatefulSet" | "Deployment" => {
             pod_spec_lists("spec.template.spec", &mut out);
             out.push(("status.conditions".into(), map(&["type"])));
         }
@@ -416,7 +456,7 @@ pub fn builtins() -> Vec<ResourceType> {
             namespaced: b.namespaced,
             short_names: b.short.iter().map(|s| s.to_string()).collect(),
             // `kubectl get all` lists the types in category "all".
-            categories: if matches!(b.kind, "Pod" | "Service" | "StatefulSet") {
+            categories: if matches!(b.kind, "Pod" | "Service" | "StatefulSet" | "Deployment") {
                 vec!["all".into()]
             } else {
                 Vec::new()
@@ -427,7 +467,7 @@ pub fn builtins() -> Vec<ResourceType> {
             schema: Schema::Builtin(builtin_lists(b.kind)),
             strategic_merge: true,
             unconditional_update: b.kind != "CustomResourceDefinition",
-            scale: (b.kind == "StatefulSet").then(|| ScalePaths {
+            scale: matches!(b.kind, "StatefulSet" | "Deployment").then(|| ScalePaths {
                 spec_replicas: ".spec.replicas".into(),
                 status_replicas: ".status.replicas".into(),
                 label_selector: None,

@@ -113,6 +113,8 @@ pub struct StoreOptions {
     pub history: usize,
     /// Whether the built-in StatefulSet controller creates pods (see `statefulset`).
     pub statefulset_controller: bool,
+    /// Whether the built-in Deployment controller creates pods (see `deployment`).
+    pub deployment_controller: bool,
     /// Whether Services get EndpointSlices from the pods they select (see `endpointslices`);
     /// useful with a kubelet that sets pod IPs and readiness.
     pub endpointslice_controller: bool,
@@ -126,6 +128,7 @@ impl Default for StoreOptions {
         Self {
             history: 10_000,
             statefulset_controller: false,
+            deployment_controller: false,
             endpointslice_controller: false,
             disruption_controller: false,
         }

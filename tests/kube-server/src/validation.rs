@@ -380,7 +380,7 @@ pub fn builtin_create(kind: &str, obj: &Value) -> Result<(), Vec<String>> {
     };
     match kind {
         "Pod" => check_containers("/spec/containers", "spec.containers", &mut errors),
-        "StatefulSet" => {
+        "StatefulSet" | "Deployment" => {
             check_containers(
                 "/spec/template/spec/containers",
                 "spec.template.spec.containers",
@@ -452,6 +452,11 @@ pub fn builtin_update(kind: &str, old: &Value, new: &Value) -> Result<(), Vec<St
             };
             if fixed(old) != fixed(new) {
                 errors.push("spec: Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden".into());
+            }
+        }
+        "Deployment" => {
+            if old.pointer("/spec/selector") != new.pointer("/spec/selector") {
+                errors.push("spec.selector: Invalid value: field is immutable".into());
             }
         }
         "PersistentVolumeClaim" => {

@@ -8,10 +8,11 @@
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::ResourceExt;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams,
     PostParams, PropagationPolicy, WatchEvent, WatchParams,
@@ -403,6 +404,103 @@ async fn statefulset_controller_toggle() -> R {
         ["db-0"]
     );
     sts.delete("db", &DeleteParams::default()).await?;
+    assert!(pods.list(&ListParams::default()).await?.items.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn deployment_controller_rolls_pods() -> R {
+    let server = KubeTestServer::start_with(ServerOptions {
+        store: StoreOptions {
+            deployment_controller: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await?;
+    let client = server.client();
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let d: Deployment = serde_json::from_value(
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "op"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "op"}},
+            "template": {"metadata": {"labels": {"app": "op"}}, "spec": {"containers": [{"name": "op", "image": "op:1"}]}}}}),
+    )?;
+    deploys.create(&PostParams::default(), &d).await?;
+    let listed = pods
+        .list(&ListParams::default().labels("app=op"))
+        .await?
+        .items;
+    assert_eq!(listed.len(), 2);
+    let first_hash = listed[0].labels()["pod-template-hash"].clone();
+    for p in &listed {
+        assert!(
+            p.name_any().starts_with(&format!("op-{first_hash}-")),
+            "{}",
+            p.name_any()
+        );
+        let owner = &p.owner_references()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("Deployment", "op")
+        );
+    }
+    let status = deploys.get_status("op").await?.status.unwrap();
+    assert_eq!(
+        (status.replicas, status.updated_replicas),
+        (Some(2), Some(2))
+    );
+    assert_eq!(
+        status.ready_replicas,
+        Some(0),
+        "no kubelet: nothing is ready"
+    );
+
+    // A new template: new pods are made, the old ones stay while none of the new is ready
+    // (rolling update keeps the ready count)...
+    let patch =
+        json!({"spec": {"template": {"spec": {"containers": [{"name": "op", "image": "op:2"}]}}}});
+    deploys
+        .patch("op", &PatchParams::default(), &Patch::Strategic(patch))
+        .await?;
+    let image = |p: &Pod| {
+        p.spec.as_ref().unwrap().containers[0]
+            .image
+            .clone()
+            .unwrap()
+    };
+    let now = pods.list(&ListParams::default()).await?.items;
+    // ...but these old pods were not ready either, so they go at once.
+    assert_eq!(
+        now.len(),
+        2,
+        "{:?}",
+        now.iter().map(|p| p.name_any()).collect::<Vec<_>>()
+    );
+    assert!(now.iter().all(|p| image(p) == "op:2"));
+    let status = deploys.get_status("op").await?.status.unwrap();
+    assert_eq!(status.observed_generation, Some(2));
+
+    // Scaling through the scale subresource; a changed selector is refused; deleting the
+    // Deployment collects its pods.
+    deploys
+        .patch_scale(
+            "op",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+        )
+        .await?;
+    assert_eq!(pods.list(&ListParams::default()).await?.items.len(), 1);
+    let err = deploys
+        .patch(
+            "op",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"selector": {"matchLabels": {"app": "other"}}}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("spec.selector"), "{err}");
+    deploys.delete("op", &DeleteParams::default()).await?;
     assert!(pods.list(&ListParams::default()).await?.items.is_empty());
     Ok(())
 }

@@ -52,11 +52,12 @@ impl Default for KubeletOptions {
 }
 
 /// Server options with the controllers that pods running on a kubelet need: StatefulSets,
-/// EndpointSlices and PodDisruptionBudget status.
+/// Deployments, EndpointSlices and PodDisruptionBudget status.
 pub fn server_options() -> ServerOptions {
     ServerOptions {
         store: StoreOptions {
             statefulset_controller: true,
+            deployment_controller: true,
             endpointslice_controller: true,
             disruption_controller: true,
             ..StoreOptions::default()

@@ -1,0 +1,158 @@
+//! An optional stand-in for the Deployment controller (`StoreOptions::deployment_controller`),
+//! so that a chart's Deployment (the operator's) runs on the test kubelet. Pods are named
+//! `<deployment>-<hash>-<random>` (generateName) from the template, labelled
+//! `pod-template-hash`, and owned by the Deployment itself: there are no ReplicaSet objects, the
+//! hash label plays their part (docs/kube-test-server.md). Scale up and down; `RollingUpdate`
+//! (the default) creates the new template's pods first and removes one outdated pod each time a
+//! new one is ready; `Recreate` removes every outdated pod before creating new ones. The status
+//! carries what `kubectl rollout status` reads.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use crate::ssa::Scope;
+use crate::statefulset::is_ready;
+use crate::store::{Change, Key, State};
+
+/// A short stable hash of the pod template (the real one is a hash of the template too).
+fn template_hash(template: &Value) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in template.to_string().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{:x}", h & 0xff_ffff_ffff)
+}
+
+/// One step toward the desired pods of every Deployment; true if something changed.
+pub(crate) fn reconcile(state: &mut State, tx: &broadcast::Sender<Arc<Change>>) -> bool {
+    let deployments = state.objects_of("apps", "deployments");
+    let pods = state.objects_of("", "pods");
+    for (k, d) in deployments {
+        if d.pointer("/metadata/deletionTimestamp").is_some() {
+            continue;
+        }
+        let (ns, name) = (k.2.clone(), k.3.clone());
+        let replicas = d
+            .pointer("/spec/replicas")
+            .and_then(Value::as_u64)
+            .unwrap_or(1);
+        let template = d.pointer("/spec/template").cloned().unwrap_or(json!({}));
+        let hash = template_hash(&template);
+        let recreate = d.pointer("/spec/strategy/type").and_then(Value::as_str) == Some("Recreate");
+        let uid = d
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let live: Vec<_> = pods
+            .iter()
+            .filter(|(pk, p)| {
+                pk.2 == ns
+                    && p.pointer("/metadata/deletionTimestamp").is_none()
+                    && p.pointer("/metadata/ownerReferences")
+                        .and_then(Value::as_array)
+                        .is_some_and(|rs| {
+                            rs.iter()
+                                .any(|r| r.get("uid").and_then(Value::as_str) == Some(&uid))
+                        })
+            })
+            .collect();
+        let current = |p: &Value| {
+            p.pointer("/metadata/labels/pod-template-hash")
+                .and_then(Value::as_str)
+                == Some(hash.as_str())
+        };
+        let (new, old): (Vec<&(Key, Value)>, Vec<&(Key, Value)>) =
+            live.iter().copied().partition(|(_, p)| current(p));
+        // Failed pods (restartPolicy Never) are replaced, as the ReplicaSet does.
+        if let Some((pk, _)) = new
+            .iter()
+            .find(|(_, p)| p.pointer("/status/phase").and_then(Value::as_str) == Some("Failed"))
+        {
+            state.controller_delete(pk, tx);
+            return true;
+        }
+        // Scale down: the newest pods of the current template go first (not-ready ones first).
+        if new.len() as u64 > replicas
+            && let Some((pk, _)) = new.iter().min_by_key(|(pk, p)| (is_ready(p), pk.3.clone()))
+        {
+            state.controller_delete(pk, tx);
+            return true;
+        }
+        if recreate && let Some((pk, _)) = old.first() {
+            state.controller_delete(pk, tx);
+            return true;
+        }
+        if (new.len() as u64) < replicas {
+            let pod = pod_from_template(&template, &name, &uid, &hash);
+            if state.controller_create("", "pods", &ns, pod, tx).is_ok() {
+                return true;
+            }
+        }
+        // RollingUpdate: an outdated pod goes once enough new ones are ready to keep the count.
+        let new_ready = new.iter().filter(|(_, p)| is_ready(p)).count();
+        let old_ready = old.iter().filter(|(_, p)| is_ready(p)).count();
+        if let Some((pk, _)) = old.iter().find(|(_, p)| !is_ready(p)).or_else(|| {
+            old.first()
+                .filter(|_| new_ready + old_ready > replicas as usize)
+        }) {
+            state.controller_delete(pk, tx);
+            return true;
+        }
+        let ready = new_ready + old_ready;
+        let complete = old.is_empty() && new.len() as u64 == replicas && new_ready == new.len();
+        // maxUnavailable's default, 25 % rounded down.
+        let available = ready as u64 >= replicas - replicas / 4;
+        let generation = d
+            .pointer("/metadata/generation")
+            .cloned()
+            .unwrap_or(json!(1));
+        let condition = |t: &str, ok: bool, reason: &str| json!({"type": t, "status": if ok { "True" } else { "False" }, "reason": reason});
+        let status = json!({
+            "observedGeneration": generation,
+            "replicas": live.len(),
+            "updatedReplicas": new.len(),
+            "readyReplicas": ready,
+            "availableReplicas": ready,
+            "unavailableReplicas": (replicas as usize).saturating_sub(ready),
+            "conditions": [
+                condition("Available", available,
+                    if available { "MinimumReplicasAvailable" } else { "MinimumReplicasUnavailable" }),
+                condition("Progressing", true,
+                    if complete { "NewReplicaSetAvailable" } else { "ReplicaSetUpdated" }),
+            ],
+        });
+        if d.get("status") != Some(&status) {
+            let mut updated = d.clone();
+            updated["status"] = status;
+            if state
+                .controller_update("apps", "deployments", d.clone(), updated, Scope::Status, tx)
+                .is_ok()
+            {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// A pod of the template, with the hash label and the Deployment as its controller.
+fn pod_from_template(template: &Value, name: &str, uid: &str, hash: &str) -> Value {
+    let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": template.get("metadata").cloned().unwrap_or(json!({})),
+        "spec": template.get("spec").cloned().unwrap_or(json!({}))});
+    let meta = pod["metadata"].as_object_mut().expect("metadata object");
+    meta.remove("name");
+    meta.insert("generateName".into(), json!(format!("{name}-{hash}-")));
+    meta.insert(
+        "ownerReferences".into(),
+        json!([{"apiVersion": "apps/v1", "kind": "Deployment", "name": name, "uid": uid,
+            "controller": true, "blockOwnerDeletion": true}]),
+    );
+    let labels = meta.entry("labels").or_insert(json!({}));
+    labels["pod-template-hash"] = json!(hash);
+    pod
+}
