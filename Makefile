@@ -48,6 +48,11 @@ fmt: ## Format the code
 crds: ## Generate the CRDs from common/src/crd.rs into charts/pgpilot/crds (CI fails when they are stale)
 	$(CARGO) run -q -p pgpilot-operator -- crds --dir charts/pgpilot/crds
 
+.PHONY: chart
+chart: deps-test ## Lint and render the Helm chart (defaults and every option), validate it against the Kubernetes schemas, promtool-test its alerts
+	$(CARGO) build -q -p pgpilot-operator
+	./scripts/chart.sh check
+
 .PHONY: lint
 lint: ## rustfmt check, clippy with warnings as errors, the operator's build of common stays light
 	$(CARGO) fmt --all -- --check
@@ -55,7 +60,7 @@ lint: ## rustfmt check, clippy with warnings as errors, the operator's build of 
 	CARGO=$(CARGO) ./scripts/check-light-contract.sh
 
 .PHONY: test
-test: deps-test lint ## Everything CI runs: install test deps, lint, all tests against real servers
+test: deps-test lint chart ## Everything CI runs: install test deps, lint, the chart's checks, all tests against real servers
 	$(CARGO) nextest run --workspace --profile $(NEXTEST_PROFILE)
 	$(CARGO) test --workspace --doc
 

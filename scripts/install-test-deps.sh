@@ -34,6 +34,8 @@ if [ "${1:-}" != "--run-only" ]; then
   command -v kubectl >/dev/null || apt_pkgs+=(kubernetes-client)
   command -v npm >/dev/null || apt_pkgs+=(nodejs npm)
   command -v pkg-config >/dev/null || apt_pkgs+=(pkg-config)
+  # The venv module builds the chart's tools (below).
+  /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || apt_pkgs+=(python3-venv)
 fi
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   say "apt-get install ${apt_pkgs[*]}"
@@ -74,6 +76,27 @@ if [ $missing = 1 ]; then
   mkdir -p "$npm_dir"
   [ -f "$npm_dir/package.json" ] || echo '{"name":"pgpilot-test-tools","private":true}' > "$npm_dir/package.json"
   (cd "$npm_dir" && npm install --silent --no-audit --no-fund "${npm_pkgs[@]}")
+fi
+# promtool tests the chart's alerts (make chart). Taken out of Debian's prometheus package
+# rather than installing it, which would start a Prometheus server listening on every address.
+if ! command -v promtool >/dev/null && [ ! -x "$tools/bin/promtool" ]; then
+  say "promtool from Debian's prometheus package into $tools/bin"
+  deb_dir=$(mktemp -d)
+  (cd "$deb_dir" && { apt-get download prometheus >/dev/null 2>&1 ||
+    { sudo_ apt-get update -qq && apt-get download prometheus >/dev/null; }; } &&
+    dpkg-deb -x prometheus_*.deb root)
+  mkdir -p "$tools/bin"
+  cp "$deb_dir/root/usr/bin/promtool" "$tools/bin/promtool"
+  rm -rf "$deb_dir"
+fi
+# The chart's tools (make chart): Helm's own Go SDK through PyPI helm-python-sdk (no helm binary
+# is installable here), and kubernetes-validate, the Kubernetes OpenAPI schemas of each release.
+chart_venv="$tools/chart-venv"
+if ! "$chart_venv/bin/python" -c 'import helm_python, kubernetes_validate' 2>/dev/null; then
+  say "pip install helm-python-sdk and kubernetes-validate into $chart_venv"
+  /usr/bin/python3 -m venv "$chart_venv"
+  "$chart_venv/bin/pip" install --quiet --disable-pip-version-check \
+    helm-python-sdk==0.2.2 kubernetes-validate==1.37.0
 fi
 # The postgres user must be able to run the server binaries.
 chmod -R a+rX "$tools"

@@ -14,6 +14,9 @@ pub struct Metrics {
     /// 1 for the current state, 0 for the others.
     pub state: IntGaugeVec,
     pub postgres_up: IntGauge,
+    /// Client connections by `pg_stat_activity.state` (active, idle, idle in transaction, ...).
+    pub connections: IntGaugeVec,
+    pub max_connections: IntGauge,
     pub crash_restarts: IntCounter,
     pub requested_restarts: IntCounter,
     pub api_requests: IntCounterVec,
@@ -405,6 +408,19 @@ impl Metrics {
         let postgres_up =
             IntGauge::new("pgpilot_postgres_up", "1 when Postgres accepts connections")
                 .expect("static metric");
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                "pgpilot_postgres_connections",
+                "Client connections by state (pg_stat_activity), sampled every few seconds",
+            ),
+            &["state"],
+        )
+        .expect("static metric");
+        let max_connections = IntGauge::new(
+            "pgpilot_postgres_max_connections",
+            "Postgres max_connections; alert when connections approach it",
+        )
+        .expect("static metric");
         let crash_restarts = IntCounter::new(
             "pgpilot_postgres_crash_restarts_total",
             "Postgres restarts after an unexpected exit of the postmaster",
@@ -442,6 +458,8 @@ impl Metrics {
         for c in [
             Box::new(state.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(postgres_up.clone()),
+            Box::new(connections.clone()),
+            Box::new(max_connections.clone()),
             Box::new(crash_restarts.clone()),
             Box::new(requested_restarts.clone()),
             Box::new(api_requests.clone()),
@@ -463,6 +481,8 @@ impl Metrics {
             registry,
             state,
             postgres_up,
+            connections,
+            max_connections,
             crash_restarts,
             requested_restarts,
             api_requests,

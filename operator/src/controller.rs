@@ -126,6 +126,8 @@ async fn reconcile(pc: Arc<PostgresCluster>, ctx: Arc<Ctx>) -> Result<Action, Er
     let result = reconcile_inner(&pc, &ctx).await;
     let m = &ctx.metrics;
     m.reconciles.with_label_values(&[&name]).inc();
+    // The error series exists from the first reconcile on, so that a rate sees the first error.
+    m.reconcile_errors.with_label_values(&[&name]);
     m.reconcile_duration.observe(timer.elapsed().as_secs_f64());
     result
 }
@@ -890,6 +892,24 @@ fn databases_condition(
             .collect();
         if !shards.is_empty() {
             off.push(format!("{:?} ({})", d.name, shards.join(", ")));
+        }
+    }
+    // A declared database that a shard's primary has not reported yet is not in sync either:
+    // `kubectl wait --for=condition=DatabasesInSync` returns once every one exists everywhere.
+    for d in &pc.spec.databases {
+        if d.ensure == Some(pgpilot_common::crd::Ensure::Absent) {
+            continue;
+        }
+        let reported = st.databases.iter().find(|s| s.name == d.name);
+        let unreported: Vec<String> = pc
+            .spec
+            .shard_names()
+            .into_iter()
+            .filter(|shard| reported.is_none_or(|r| !r.shards.iter().any(|s| &s.shard == shard)))
+            .map(|shard| format!("{shard}: not reported yet"))
+            .collect();
+        if !unreported.is_empty() {
+            off.push(format!("{:?} ({})", d.name, unreported.join(", ")));
         }
     }
     ctx.metrics

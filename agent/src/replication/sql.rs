@@ -59,6 +59,27 @@ pub async fn drop_slot(client: &Client, name: &str) -> Result<bool, tokio_postgr
     Ok(!rows.is_empty())
 }
 
+/// Client connections by state, and `max_connections`.
+pub async fn connections(
+    client: &Client,
+) -> Result<(Vec<(String, i64)>, i64), tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT coalesce(state, 'unknown'), count(*) FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' GROUP BY 1",
+            &[],
+        )
+        .await?;
+    let max: i64 = client
+        .query_one(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'max_connections'",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok((rows.iter().map(|r| (r.get(0), r.get(1))).collect(), max))
+}
+
 /// The primary's view of its replicas (`pg_stat_replication`).
 pub async fn replicas(client: &Client) -> Result<Vec<ReplicaView>, tokio_postgres::Error> {
     let rows = client

@@ -65,8 +65,8 @@ pub(crate) fn reconcile(state: &mut State, tx: &broadcast::Sender<Arc<Change>>) 
                 .and_then(Value::as_str)
                 == Some(hash.as_str())
         };
-        let (new, old): (Vec<&(Key, Value)>, Vec<&(Key, Value)>) =
-            live.iter().copied().partition(|(_, p)| current(p));
+        type Pods<'a> = Vec<&'a (Key, Value)>;
+        let (new, old): (Pods<'_>, Pods<'_>) = live.iter().copied().partition(|(_, p)| current(p));
         // Failed pods (restartPolicy Never) are replaced, as the ReplicaSet does.
         if let Some((pk, _)) = new
             .iter()

@@ -208,33 +208,186 @@ fn human_age(ts: &str) -> String {
     }
 }
 
-/// Evaluates the simple JSONPath forms printer columns use: `.a.b`, `.a[0].b`.
-fn json_path<'a>(obj: &'a Value, path: &str) -> Option<&'a Value> {
-    let mut node = obj;
-    for part in path
-        .trim_start_matches('.')
-        .split('.')
-        .filter(|p| !p.is_empty())
-    {
-        let (field, index) = match part.split_once('[') {
-            Some((f, rest)) => (f, rest.trim_end_matches(']').parse::<usize>().ok()),
-            None => (part, None),
-        };
+/// Evaluates the JSONPath forms printer columns use: `.a.b`, `.a[0].b`, `.a[*].b` and
+/// `.a[?(@.k=="v")].b`. Every match, in order.
+fn json_path<'a>(obj: &'a Value, path: &str) -> Vec<&'a Value> {
+    let mut nodes = vec![obj];
+    let mut rest = path.trim_start_matches('.');
+    while !rest.is_empty() {
+        let end = rest.find(['.', '[']).unwrap_or(rest.len());
+        let (field, tail) = rest.split_at(end);
         if !field.is_empty() {
-            node = node.get(field)?;
+            nodes = nodes.into_iter().filter_map(|n| n.get(field)).collect();
         }
-        if let Some(i) = index {
-            node = node.get(i)?;
+        rest = tail;
+        if let Some(t) = rest.strip_prefix('[') {
+            let Some(close) = t.find(']') else {
+                return Vec::new();
+            };
+            let selector = &t[..close];
+            rest = &t[close + 1..];
+            let lists = nodes;
+            let items = || {
+                lists
+                    .iter()
+                    .filter_map(|l| l.as_array())
+                    .flat_map(|a| a.iter())
+            };
+            nodes = if selector == "*" {
+                items().collect()
+            } else if let Ok(i) = selector.parse::<usize>() {
+                lists.iter().filter_map(|l| l.get(i)).collect()
+            } else if let Some(cond) = selector
+                .strip_prefix("?(@.")
+                .and_then(|c| c.strip_suffix(')'))
+                && let Some((key, want)) = cond.split_once("==")
+            {
+                let want = want.trim().trim_matches(['"', '\'']);
+                items()
+                    .filter(|i| {
+                        json_path(i, key.trim())
+                            .first()
+                            .is_some_and(|v| v.as_str().map_or(v.to_string(), String::from) == want)
+                    })
+                    .collect()
+            } else {
+                return Vec::new();
+            };
         }
+        rest = rest.trim_start_matches('.');
     }
-    Some(node)
+    nodes
 }
 
-/// A `meta.k8s.io/v1 Table` of `items`: Name, then the CRD's printer columns (or Age).
+/// A printer column's cell: nothing, the one value, or every value joined with commas.
+fn cell(values: Vec<&Value>) -> Value {
+    match values.as_slice() {
+        [] => Value::Null,
+        [one] => (*one).clone(),
+        many => json!(
+            many.iter()
+                .map(|v| v.as_str().map_or(v.to_string(), String::from))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    }
+}
+
+/// The columns `kubectl get` shows for a few built-in kinds (after Name, before Age), as the
+/// real server's printers compute them; priority 1 columns appear with `-o wide`.
+fn builtin_columns(kind: &str) -> &'static [(&'static str, i32)] {
+    match kind {
+        "Pod" => &[
+            ("Ready", 0),
+            ("Status", 0),
+            ("Restarts", 0),
+            ("IP", 1),
+            ("Node", 1),
+        ],
+        "StatefulSet" => &[("Ready", 0)],
+        "Deployment" => &[("Ready", 0), ("Up-to-date", 0), ("Available", 0)],
+        "Service" => &[("Type", 0), ("Cluster-IP", 0), ("Port(s)", 0)],
+        _ => &[],
+    }
+}
+
+fn builtin_cells(kind: &str, o: &Value) -> Vec<Value> {
+    let n = |p: &str| o.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    let list = |p: &str| {
+        o.pointer(p)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    match kind {
+        "Pod" => {
+            let statuses = list("/status/containerStatuses");
+            let ready = statuses
+                .iter()
+                .filter(|c| c.get("ready") == Some(&json!(true)))
+                .count();
+            let restarts: u64 = statuses
+                .iter()
+                .filter_map(|c| c.get("restartCount").and_then(Value::as_u64))
+                .sum();
+            let status = if o.pointer("/metadata/deletionTimestamp").is_some() {
+                "Terminating".to_string()
+            } else {
+                o.pointer("/status/phase")
+                    .and_then(Value::as_str)
+                    .unwrap_or("Pending")
+                    .to_string()
+            };
+            let s = |p: &str| o.pointer(p).cloned().unwrap_or(json!("<none>"));
+            vec![
+                json!(format!("{ready}/{}", list("/spec/containers").len())),
+                json!(status),
+                json!(restarts),
+                s("/status/podIP"),
+                s("/spec/nodeName"),
+            ]
+        }
+        "StatefulSet" => vec![json!(format!(
+            "{}/{}",
+            n("/status/readyReplicas"),
+            o.pointer("/spec/replicas")
+                .and_then(Value::as_u64)
+                .unwrap_or(1)
+        ))],
+        "Deployment" => vec![
+            json!(format!(
+                "{}/{}",
+                n("/status/readyReplicas"),
+                o.pointer("/spec/replicas")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1)
+            )),
+            json!(n("/status/updatedReplicas")),
+            json!(n("/status/availableReplicas")),
+        ],
+        "Service" => {
+            let ports: Vec<String> = list("/spec/ports")
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}/{}",
+                        p.get("port").and_then(Value::as_u64).unwrap_or(0),
+                        p.get("protocol").and_then(Value::as_str).unwrap_or("TCP")
+                    )
+                })
+                .collect();
+            vec![
+                o.pointer("/spec/type")
+                    .cloned()
+                    .unwrap_or(json!("ClusterIP")),
+                o.pointer("/spec/clusterIP")
+                    .cloned()
+                    .unwrap_or(json!("<none>")),
+                json!(if ports.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    ports.join(",")
+                }),
+            ]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// A `meta.k8s.io/v1 Table` of `items`: Name, then the CRD's printer columns (or, for a
+/// built-in, its printer's columns and Age).
 pub fn table(rt: &ResourceType, items: &[Value], resource_version: &str) -> Value {
     let mut columns = vec![
         json!({"name": "Name", "type": "string", "format": "name", "description": "Name must be unique within a namespace.", "priority": 0}),
     ];
+    let builtin = if rt.printer_columns.is_empty() {
+        builtin_columns(&rt.kind)
+    } else {
+        &[]
+    };
+    for (name, priority) in builtin {
+        columns.push(json!({"name": name, "type": "string", "format": "", "description": "", "priority": priority}));
+    }
     let printer: Vec<&Value> = rt.printer_columns.iter().collect();
     if printer.is_empty() {
         columns.push(json!({"name": "Age", "type": "date", "format": "", "description": "CreationTimestamp", "priority": 0}));
@@ -248,12 +401,15 @@ pub fn table(rt: &ResourceType, items: &[Value], resource_version: &str) -> Valu
         .iter()
         .map(|o| {
             let mut cells = vec![o.pointer("/metadata/name").cloned().unwrap_or(Value::Null)];
+            if !builtin.is_empty() {
+                cells.extend(builtin_cells(&rt.kind, o));
+            }
             if printer.is_empty() {
                 cells.push(json!(human_age(o.pointer("/metadata/creationTimestamp").and_then(Value::as_str).unwrap_or_default())));
             }
             for c in &printer {
                 let path = c.get("jsonPath").and_then(Value::as_str).unwrap_or_default();
-                let v = json_path(o, path).cloned().unwrap_or(Value::Null);
+                let v = cell(json_path(o, path));
                 let cell = match (c.get("type").and_then(Value::as_str), &v) {
                     (Some("date"), Value::String(s)) => json!(human_age(s)),
                     _ => v,
@@ -344,8 +500,25 @@ mod tests {
     #[test]
     fn json_path_forms() {
         let o = json!({"spec": {"a": [{"b": 1}], "c": "x"}});
-        assert_eq!(json_path(&o, ".spec.c"), Some(&json!("x")));
-        assert_eq!(json_path(&o, ".spec.a[0].b"), Some(&json!(1)));
-        assert_eq!(json_path(&o, ".spec.missing"), None);
+        assert_eq!(json_path(&o, ".spec.c"), [&json!("x")]);
+        assert_eq!(json_path(&o, ".spec.a[0].b"), [&json!(1)]);
+        assert!(json_path(&o, ".spec.missing").is_empty());
+        let st = json!({"status": {"conditions": [{"type": "Ready", "status": "True"},
+            {"type": "Degraded", "status": "False"}], "shards": [{"primary": "p0"}, {}, {"primary": "p2"}]}});
+        assert_eq!(
+            cell(json_path(
+                &st,
+                r#".status.conditions[?(@.type=="Ready")].status"#
+            )),
+            json!("True")
+        );
+        assert_eq!(
+            cell(json_path(&st, ".status.shards[*].primary")),
+            json!("p0,p2")
+        );
+        assert_eq!(
+            cell(json_path(&st, ".status.shards[1].primary")),
+            Value::Null
+        );
     }
 }

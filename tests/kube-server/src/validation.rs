@@ -454,10 +454,8 @@ pub fn builtin_update(kind: &str, old: &Value, new: &Value) -> Result<(), Vec<St
                 errors.push("spec: Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden".into());
             }
         }
-        "Deployment" => {
-            if old.pointer("/spec/selector") != new.pointer("/spec/selector") {
-                errors.push("spec.selector: Invalid value: field is immutable".into());
-            }
+        "Deployment" if old.pointer("/spec/selector") != new.pointer("/spec/selector") => {
+            errors.push("spec.selector: Invalid value: field is immutable".into());
         }
         "PersistentVolumeClaim" => {
             let fixed = |v: &Value| {

@@ -913,7 +913,7 @@ impl Executor {
         )))
     }
 
-    /// Every few seconds while Postgres runs: on a primary, slots (retained WAL, dropping those
+    /// Every few seconds while Postgres runs: client connections; on a primary, slots (retained WAL, dropping those
     /// of replicas gone past the grace) and replica counts; on a replica, its WAL receiver, lag,
     /// leftover slots and registration with its primary.
     pub(super) async fn replication_housekeeping(&mut self) {
@@ -928,6 +928,13 @@ impl Executor {
         let Ok(client) = ctx.monitor.client().await else {
             return;
         };
+        if let Ok((by_state, max)) = rsql::connections(&client).await {
+            ctx.metrics.connections.reset();
+            for (state, n) in by_state {
+                ctx.metrics.connections.with_label_values(&[&state]).set(n);
+            }
+            ctx.metrics.max_connections.set(max);
+        }
         let slots = rsql::slots(&client).await.unwrap_or_default();
         m.slot_retained_bytes.reset();
         for s in &slots {

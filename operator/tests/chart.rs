@@ -1,0 +1,506 @@
+//! "helm install" as a user does it, end to end: the chart rendered (scripts/chart.sh, Helm's
+//! Go SDK) and applied with kubectl to the test API server; its operator Deployment's two pods
+//! run by the test kubelet from this workspace's binary, as the chart's non-root user; then the
+//! `test:` blocks of docs/user-guide.md run in order with kubectl, and the guide's first
+//! cluster becomes Ready with real PostgreSQL. Every metric the chart's alerts and dashboard
+//! name is checked against what the running operator and agents export.
+//!
+//! With `KUBECONFIG` set, against that cluster instead: the images are the chart's defaults
+//! unless `PGPILOT_TEST_OPERATOR_IMAGE` / `PGPILOT_TEST_AGENT_IMAGE` name others, and the pods
+//! must be routable from here (see operator/tests/operator.rs).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use pgpilot_common::crd::PostgresCluster;
+use pgpilot_kube_testserver::{KubeTestServer, TestNamespace};
+use pgpilot_test_kubelet::{ImageTable, Kubelet, start_cluster};
+use serde_json::json;
+
+const BIN: &str = "/usr/lib/postgresql/15/bin";
+const WAIT: Duration = Duration::from_secs(180);
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
+}
+
+/// A binary of this workspace's build, next to this test's own directory.
+fn built(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p pgpilot-agent; make test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// One fenced block of the guide marked `test:<name>`.
+#[derive(Debug)]
+struct Block {
+    name: String,
+    lang: String,
+    /// `file=<name>` for a block that is a file the next commands use.
+    file: Option<String>,
+    body: String,
+}
+
+/// The guide's `test:` blocks, in order.
+fn guide_blocks(text: &str) -> Vec<Block> {
+    let mut out = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let Some(info) = line.strip_prefix("```") else {
+            continue;
+        };
+        let mut words = info.split_whitespace();
+        let lang = words.next().unwrap_or_default().to_string();
+        let mut name = None;
+        let mut file = None;
+        for w in words {
+            if let Some(n) = w.strip_prefix("test:") {
+                name = Some(n.to_string());
+            } else if let Some(f) = w.strip_prefix("file=") {
+                file = Some(f.to_string());
+            }
+        }
+        let body: Vec<&str> = lines.by_ref().take_while(|l| *l != "```").collect();
+        if let Some(name) = name {
+            out.push(Block {
+                name,
+                lang,
+                file,
+                body: body.join("\n") + "\n",
+            });
+        }
+    }
+    out
+}
+
+struct Env {
+    client: Client,
+    ns: TestNamespace,
+    dir: tempfile::TempDir,
+    /// A kubeconfig whose current context is the test namespace: the guide's commands name
+    /// no namespace, as a user's would not.
+    kubeconfig: PathBuf,
+    _kubelet: Option<Kubelet>,
+    _server: Option<KubeTestServer>,
+}
+
+impl Env {
+    async fn start() -> Env {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("PGPILOT_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let real = std::env::var_os("KUBECONFIG").filter(|k| !k.is_empty());
+        let (client, server, kubelet, source) = match real {
+            Some(path) => {
+                pgpilot_kube_testserver::install_crypto_provider();
+                let client = Client::try_default()
+                    .await
+                    .expect("the cluster of KUBECONFIG");
+                (client, None, None, PathBuf::from(path))
+            }
+            None => {
+                // The image holds the binary where the chart's non-root user can run it (this
+                // clone may sit in a directory only root can enter).
+                let image = dir.path().join("operator-image");
+                std::fs::create_dir_all(&image).expect("image dir");
+                let op = image.join("pgpilot-operator");
+                std::fs::copy(env!("CARGO_BIN_EXE_pgpilot-operator"), &op)
+                    .expect("copy the operator");
+                use std::os::unix::fs::PermissionsExt as _;
+                for p in [dir.path(), image.as_path()] {
+                    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))
+                        .expect("chmod");
+                }
+                let images = ImageTable::new()
+                    .binary("ghcr.io/pgpilot/pgpilot-operator:*", op)
+                    .binary("ghcr.io/pgpilot/pgpilot-agent:*", built("pgpilot-agent"))
+                    .directory("postgres:*", BIN, None);
+                let (server, kubelet) = start_cluster(images)
+                    .await
+                    .expect("test API server and kubelet");
+                let path = server.kubeconfig_path().to_path_buf();
+                (server.client(), Some(server), Some(kubelet), path)
+            }
+        };
+        let ns = TestNamespace::create(&client, "chart")
+            .await
+            .expect("namespace");
+        let kubeconfig = dir.path().join("kubeconfig");
+        let flat = std::process::Command::new(kubectl())
+            .env("KUBECONFIG", &source)
+            .args(["config", "view", "--flatten", "--minify"])
+            .output()
+            .expect("kubectl config view");
+        assert!(
+            flat.status.success(),
+            "{}",
+            String::from_utf8_lossy(&flat.stderr)
+        );
+        std::fs::write(&kubeconfig, &flat.stdout).expect("kubeconfig");
+        let env = Env {
+            client,
+            ns,
+            dir,
+            kubeconfig,
+            _kubelet: kubelet,
+            _server: server,
+        };
+        env.sh(&format!(
+            "kubectl config set-context --current --namespace={}",
+            env.ns.name()
+        ))
+        .await;
+        env
+    }
+
+    /// Runs `script` with bash in the test's directory, kubectl pointed at the test namespace;
+    /// panics with its output when it fails.
+    async fn sh(&self, script: &str) -> String {
+        let out = tokio::process::Command::new("bash")
+            .args(["-euo", "pipefail", "-c", script])
+            .current_dir(self.dir.path())
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("PATH", path_with_kubectl())
+            .output()
+            .await
+            .expect("bash");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{script}\nfailed: {}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), self.ns.name())
+    }
+}
+
+fn kubectl() -> String {
+    std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into())
+}
+
+/// PATH with the directory of `$KUBECTL` first, when set.
+fn path_with_kubectl() -> String {
+    let path = std::env::var("PATH").unwrap_or_default();
+    match std::env::var("KUBECTL").ok().as_deref().map(Path::new) {
+        Some(k) if k.is_absolute() => format!("{}:{path}", k.parent().unwrap().display()),
+        _ => path,
+    }
+}
+
+/// Metric names an alert or dashboard expression reads: every `pgpilot_…` identifier, with
+/// a histogram's `_bucket`/`_count`/`_sum` taken back to the histogram.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("pgpilot_") {
+        let start = i + at;
+        let boundary = start == 0
+            || !(bytes[start - 1].is_ascii_alphanumeric()
+                || bytes[start - 1] == b'_'
+                || bytes[start - 1] == b'.');
+        let end = text[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(text.len(), |e| start + e);
+        // `pgpilot_io_cluster` and friends are labels (from the pods' pgpilot.io/* labels).
+        let name = &text[start..end];
+        if boundary && !name.starts_with("pgpilot_io_") {
+            out.insert(name.to_string());
+        }
+        i = end;
+    }
+    out
+}
+
+/// Metric families in a Prometheus text exposition.
+fn exported(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+async fn scrape(ip: &str, port: u16) -> String {
+    let url = format!("http://{ip}:{port}/metrics");
+    reqwest::get(&url)
+        .await
+        .and_then(|r| r.error_for_status())
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .expect("metrics body")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_installs_the_operator_and_the_guide_works() {
+    assert!(
+        Path::new(BIN).join("postgres").exists(),
+        "PostgreSQL 15 is missing: scripts/install-test-deps.sh"
+    );
+    let env = Env::start().await;
+    let ns = env.ns.name().to_string();
+
+    // 1. helm install, as `helm template --include-crds | kubectl apply` does it. The
+    //    operator watches the test's namespace only (the Role variant of its RBAC), so that
+    //    on a shared cluster it leaves everything else alone.
+    let mut values = json!({
+        "operator": {"watchNamespace": ns, "drainTimeoutSeconds": 30},
+        "agent": {"allowNetworks": ["127.0.0.0/8"]},
+    });
+    for (var, key) in [
+        ("PGPILOT_TEST_OPERATOR_IMAGE", "operator"),
+        ("PGPILOT_TEST_AGENT_IMAGE", "agent"),
+    ] {
+        if let Ok(image) = std::env::var(var) {
+            let (repo, tag) = image.rsplit_once(':').expect("image with a tag");
+            values[key]["image"] = json!({"repository": repo, "tag": tag});
+        }
+    }
+    if std::env::var_os("KUBECONFIG").is_some() {
+        values["agent"]["allowNetworks"] = json!(["0.0.0.0/0"]);
+    }
+    let chart = root().join("scripts/chart.sh");
+    let rendered = env
+        .sh(&format!(
+            "{} render pgpilot {ns} --set-json '{values}' > pgpilot.yaml && kubectl apply -f pgpilot.yaml",
+            chart.display()
+        ))
+        .await;
+    for line in [
+        "customresourcedefinition.apiextensions.k8s.io/postgresclusters.pgpilot.io",
+        "deployment.apps/pgpilot created",
+        "serviceaccount/pgpilot created",
+        "role.rbac.authorization.k8s.io/pgpilot created",
+        "service/pgpilot-metrics created",
+    ] {
+        assert!(rendered.contains(line), "{line}\n{rendered}");
+    }
+    let status = env
+        .sh("kubectl rollout status deployment/pgpilot --timeout=120s")
+        .await;
+    assert!(status.contains("successfully rolled out"), "{status}");
+
+    // Two operator pods, running as the chart's non-root user; one of them leads.
+    let operators = env
+        .pods()
+        .list(&ListParams::default().labels("app.kubernetes.io/name=pgpilot-operator"))
+        .await
+        .expect("operator pods");
+    let names: BTreeSet<String> = operators.items.iter().map(|p| p.name_any()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &ns);
+    let leader = pgpilot_test_kubelet::wait::eventually("an operator leads", WAIT, || async {
+        leases
+            .get_opt("pgpilot-operator")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+    })
+    .await;
+    assert!(
+        names.contains(&leader),
+        "leader {leader} is not one of {names:?}"
+    );
+
+    // 2. The guide, block by block.
+    let guide = std::fs::read_to_string(root().join("docs/user-guide.md")).expect("the guide");
+    let blocks = guide_blocks(&guide);
+    assert!(
+        blocks.iter().any(|b| b.name == "first-cluster"),
+        "no test:first-cluster block in the guide"
+    );
+    let mut outputs = Vec::new();
+    for b in &blocks {
+        match (&b.file, b.lang.as_str()) {
+            (Some(file), _) => {
+                std::fs::write(env.dir.path().join(file), &b.body).expect("guide file")
+            }
+            (None, "sh") => {
+                let out = env.sh(&b.body).await;
+                eprintln!("--- guide test:{}\n{}{out}", b.name, b.body);
+                outputs.push((b.name.clone(), out));
+            }
+            (None, other) => panic!(
+                "guide block test:{} in {other} has no file= and is not sh",
+                b.name
+            ),
+        }
+    }
+
+    // What the guide promises: the cluster is Ready with one primary, `kubectl get` lists it
+    // all, and the password and address it prints let a client write and read.
+    let clusters: Api<PostgresCluster> = Api::namespaced(env.client.clone(), &ns);
+    let pc = clusters.get("orders").await.expect("orders");
+    let ready = pc
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.status.clone());
+    assert_eq!(ready.as_deref(), Some("True"), "{:?}", pc.status);
+    let get = &outputs
+        .iter()
+        .find(|(n, _)| n == "first-cluster")
+        .expect("first-cluster ran")
+        .1;
+    for what in [
+        "postgrescluster.pgpilot.io/orders",
+        "statefulset.apps/orders-shard-0",
+        "pod/orders-shard-0-0",
+        "pod/orders-shard-0-1",
+        "service/orders-shard-0-rw",
+    ] {
+        assert!(get.contains(what), "{what} not in\n{get}");
+    }
+    let address = outputs
+        .iter()
+        .find(|(n, _)| n == "connect")
+        .expect("connect ran")
+        .1
+        .trim()
+        .to_string();
+    let password =
+        std::fs::read_to_string(env.dir.path().join("superuser-password")).expect("password file");
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(&address)
+        .port(5432)
+        .user("postgres")
+        .password(password.trim())
+        .dbname("app")
+        .connect_timeout(Duration::from_secs(5));
+    let (pg, conn) = cfg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect to the rw address as the guide says");
+    tokio::spawn(conn);
+    pg.batch_execute("CREATE TABLE guide (id int primary key); INSERT INTO guide VALUES (1)")
+        .await
+        .expect("write through the primary");
+
+    // 3. Every metric the alerts and the dashboard read is exported. A backup schedule makes
+    //    the operator's backup series appear (they exist only for scheduled clusters).
+    let store = env.dir.path().join("store");
+    std::fs::create_dir_all(&store).expect("store dir");
+    clusters
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"backup": {"store": format!("file://{}", store.display()), "schedule": "0 3 * * *"}}})),
+        )
+        .await
+        .expect("add a backup schedule");
+    let leader_ip = pod_ip(&env, &leader).await;
+    let wanted: BTreeSet<String> = [
+        root().join("charts/pgpilot/files/alerts.yaml"),
+        root().join("charts/pgpilot/files/dashboard.json"),
+    ]
+    .iter()
+    .flat_map(|f| metric_names(&std::fs::read_to_string(f).expect("chart file")))
+    .collect();
+    let mut have = BTreeSet::new();
+    pgpilot_test_kubelet::wait::eventually("the backup series on the operator", WAIT, || async {
+        let m = scrape(&leader_ip, 8080).await;
+        m.contains("pgpilot_operator_backup_interval_seconds{")
+            .then_some(())
+    })
+    .await;
+    have.extend(exported(&scrape(&leader_ip, 8080).await));
+    for p in env
+        .pods()
+        .list(&ListParams::default().labels("pgpilot.io/cluster=orders"))
+        .await
+        .expect("agent pods")
+    {
+        have.extend(exported(
+            &scrape(&pod_ip(&env, &p.name_any()).await, 8008).await,
+        ));
+    }
+    let missing: Vec<&String> = wanted
+        .iter()
+        .filter(|m| {
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| m.strip_suffix(s))
+                .unwrap_or(m);
+            !have.contains(m.as_str()) && !have.contains(base)
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the chart's alerts or dashboard read metrics nothing exports: {missing:?}"
+    );
+    assert!(wanted.len() > 20, "{wanted:?}");
+    eprintln!(
+        "{} metric names of alerts and dashboard all exported",
+        wanted.len()
+    );
+
+    clusters
+        .delete("orders", &Default::default())
+        .await
+        .expect("delete");
+    env.ns.cleanup().await.expect("cleanup");
+}
+
+async fn pod_ip(env: &Env, pod: &str) -> String {
+    env.pods()
+        .get(pod)
+        .await
+        .expect("pod")
+        .status
+        .and_then(|s| s.pod_ip)
+        .unwrap_or_else(|| panic!("{pod} has no IP"))
+}
+
+#[test]
+fn guide_blocks_are_found_with_their_files() {
+    let text = "x\n```yaml test:a file=a.yaml\nk: v\n```\n```sh\nnot run\n```\n```sh test:b\necho hi\n```\n";
+    let b = guide_blocks(text);
+    assert_eq!(b.len(), 2);
+    assert_eq!(
+        (b[0].name.as_str(), b[0].file.as_deref(), b[0].body.as_str()),
+        ("a", Some("a.yaml"), "k: v\n")
+    );
+    assert_eq!(
+        (b[1].name.as_str(), b[1].lang.as_str(), b[1].body.as_str()),
+        ("b", "sh", "echo hi\n")
+    );
+}
+
+#[test]
+fn metric_names_skip_labels_and_keep_histograms() {
+    let names = metric_names(
+        r#"sum by (pgpilot_io_shard) (rate(pgpilot_wal_archive_duration_seconds_bucket[5m])) > pgpilot_x and on(pod) foo_pgpilot_y"#,
+    );
+    assert_eq!(
+        names.into_iter().collect::<Vec<_>>(),
+        ["pgpilot_wal_archive_duration_seconds_bucket", "pgpilot_x"]
+    );
+}
