@@ -53,6 +53,11 @@ chart: deps-test ## Lint and render the Helm chart (defaults and every option), 
 	$(CARGO) build -q -p pgpilot-operator
 	./scripts/chart.sh check
 
+.PHONY: images-check
+images-check: ## Validate the container images' Dockerfiles and what they copy (no registry is reachable here; images/README.md)
+	$(CARGO) build -q -p pgpilot-agent -p pgpilot-operator
+	./scripts/images-check.sh
+
 .PHONY: lint
 lint: ## rustfmt check, clippy with warnings as errors, the operator's build of common stays light
 	$(CARGO) fmt --all -- --check
@@ -60,7 +65,7 @@ lint: ## rustfmt check, clippy with warnings as errors, the operator's build of 
 	CARGO=$(CARGO) ./scripts/check-light-contract.sh
 
 .PHONY: test
-test: deps-test lint chart ## Everything CI runs: install test deps, lint, the chart's checks, all tests against real servers
+test: deps-test lint chart images-check ## Everything CI runs: install test deps, lint, the chart's checks, all tests against real servers
 	$(CARGO) nextest run --workspace --profile $(NEXTEST_PROFILE)
 	$(CARGO) test --workspace --doc
 

@@ -106,6 +106,16 @@ def check():
             if not r["annotations"]["runbook_url"].startswith(base + "#"):
                 fail(f"alert {r['alert']}: runbook_url {r['annotations']['runbook_url']} is not under {base}")
 
+    # Every alert's runbook is a section of the user guide.
+    guide = (ROOT / "docs" / "user-guide.md").read_text()
+    headings = {line[4:].strip().lower() for line in guide.splitlines() if line.startswith("### ")}
+    for group in alerts["groups"]:
+        for r in group["rules"]:
+            anchor = r["annotations"]["runbook_url"].rsplit("#", 1)[-1]
+            if anchor != r["alert"].lower() or anchor not in headings:
+                fail(f"alert {r['alert']}: no '### {r['alert']}' runbook section in docs/user-guide.md for #{anchor}")
+    print(f"chart: every alert has its runbook section in docs/user-guide.md ({sum(len(g['rules']) for g in alerts['groups'])} alerts)")
+
     # Bad values fail at install, naming the field.
     for bad, field in [
         ({"operator": {"replicas": "two"}}, "replicas"),

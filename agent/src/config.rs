@@ -60,6 +60,21 @@ pub struct RunArgs {
     /// `[backup] store`. Enables WAL archiving and base backups.
     #[arg(long, env = "PGPILOT_BACKUP_STORE")]
     pub backup_store: Option<String>,
+    /// Encryption key files of the backup store, comma-separated, each `path` or `id=path`
+    /// (the first encrypts); override `[backup] encryption_key_files`.
+    #[arg(
+        long,
+        env = "PGPILOT_BACKUP_ENCRYPTION_KEY_FILES",
+        value_delimiter = ','
+    )]
+    pub backup_encryption_key_files: Vec<String>,
+    /// Encryption key files of `[bootstrap.store]`, as `--backup-encryption-key-files`.
+    #[arg(
+        long,
+        env = "PGPILOT_BOOTSTRAP_ENCRYPTION_KEY_FILES",
+        value_delimiter = ','
+    )]
+    pub bootstrap_encryption_key_files: Vec<String>,
     /// Start as a restored copy: restore a base backup and archived WAL from the backup store
     /// into the (empty) data dir, to the target given by the --target-* flags, then promote.
     #[arg(long)]
@@ -595,6 +610,11 @@ impl Config {
         if let Some(url) = &args.backup_store {
             backup.get_or_insert_with(StoreConfig::default).store = url.clone();
         }
+        if let Some(b) = &mut backup
+            && !args.backup_encryption_key_files.is_empty()
+        {
+            b.encryption_key_files = args.backup_encryption_key_files.clone();
+        }
         if let Some(b) = &mut backup {
             // A relative file:// store in the config file is relative to the file.
             if let Some(rel) = b
@@ -640,7 +660,10 @@ impl Config {
                         "needs [backup]: the restored cluster archives there, and recovery fetches the source's WAL through it".into(),
                     ));
                 };
-                let store = b.store.take().unwrap_or_else(|| own.clone());
+                let mut store = b.store.take().unwrap_or_else(|| own.clone());
+                if !args.bootstrap_encryption_key_files.is_empty() {
+                    store.encryption_key_files = args.bootstrap_encryption_key_files.clone();
+                }
                 store
                     .validate()
                     .map_err(|e| invalid("bootstrap.store", e.to_string()))?;

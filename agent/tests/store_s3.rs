@@ -14,7 +14,7 @@ fn setup() -> (S3Server, tempfile::TempDir, StoreConfig) {
     let (ak, sk) = server.credential_files().unwrap();
     let cfg = StoreConfig {
         endpoint: Some(server.endpoint.clone()),
-        path_style: true,
+        path_style: Some(true),
         region: Some("us-east-1".into()),
         access_key_id_file: Some(ak),
         secret_access_key_file: Some(sk),

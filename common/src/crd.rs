@@ -141,9 +141,15 @@ pub struct BackupSpec {
     /// `zstd` (default), `lz4`, `gzip` or `none`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<Compression>,
-    /// Secret whose `key` is the AES-256-GCM key (32 bytes, or 64 hex characters).
+    /// Secret holding the AES-256-GCM keys (32 bytes, or 64 hex characters, each): every key
+    /// of the Secret decrypts, under its own name as key id; `encryptionKeyId` encrypts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption_key_secret: Option<String>,
+    /// The key of `encryptionKeySecret` that encrypts new objects (default `key`). To rotate,
+    /// add a key to the Secret and name it here: objects written before stay readable with
+    /// the keys kept beside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key_id: Option<String>,
     /// Cron schedule of base backups of every shard (five fields, UTC, as a CronJob's), e.g.
     /// `0 3 * * *`: each run is a `PostgresBackup` named `<cluster>-<yyyymmddhhmm>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -191,6 +197,7 @@ pub struct FromBackupSpec {
     pub cluster: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
+    /// Secret holding the source's keys: every key of it decrypts, under its name as key id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption_key_secret: Option<String>,
     /// Recovery target time (RFC 3339); default: the end of the archived WAL.
@@ -518,6 +525,12 @@ impl PostgresClusterSpec {
             }
         }
         if let Some(fb) = self.from_backup() {
+            if self.backup.is_none() {
+                out.push(
+                    "spec.bootstrap.fromBackup needs spec.backup: a restored cluster archives from its first moment, and fetches the source's WAL through its own store settings (the source's store will do: each cluster writes under its own name)"
+                        .into(),
+                );
+            }
             if let Err(e) = check_store_url(&fb.store) {
                 out.push(format!(
                     "spec.bootstrap.fromBackup.store {:?}: {e}",
@@ -659,6 +672,24 @@ mod tests {
     }
 
     #[test]
+    fn a_restored_cluster_needs_a_store_of_its_own() {
+        let mut s = spec();
+        s.bootstrap = Some(
+            serde_json::from_value(serde_json::json!({"fromBackup": {
+                "store": "s3://b/orders", "cluster": "orders"}}))
+            .unwrap(),
+        );
+        let p = s.problems(None).join("\n");
+        assert!(
+            p.contains("spec.bootstrap.fromBackup needs spec.backup"),
+            "{p}"
+        );
+        s.backup =
+            Some(serde_json::from_value(serde_json::json!({"store": "s3://b/orders"})).unwrap());
+        assert!(s.problems(None).is_empty(), "{:?}", s.problems(None));
+    }
+
+    #[test]
     fn every_problem_names_its_field() {
         let mut s = spec();
         s.postgres_version = 9;
@@ -670,6 +701,7 @@ mod tests {
             credentials_secret: None,
             compression: None,
             encryption_key_secret: None,
+            encryption_key_id: None,
             schedule: Some("daily".into()),
             retention: Some(RetentionSpec {
                 keep_last: Some(0),

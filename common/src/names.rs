@@ -19,3 +19,8 @@ pub const DRAIN_ACKNOWLEDGED: &str = "Acknowledged";
 pub const DRAIN_FINISHED: &str = "Finished";
 /// Set by the agent when a drain fails; `Started` again retries.
 pub const DRAIN_FAILED: &str = "Failed";
+
+/// On a PostgresCluster: `<pod>` asks the operator for a planned switchover of that pod's
+/// shard to it. Carried out once; the operator then removes the annotation and says how it
+/// went in an Event (`Switchover`, or `SwitchoverRefused` with the reason).
+pub const ANNOTATION_SWITCHOVER: &str = "pgpilot.io/switchover";

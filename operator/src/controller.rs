@@ -21,8 +21,8 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use pgpilot_common::crd::{Condition, PostgresCluster, PostgresClusterStatus, ShardStatus};
 use pgpilot_common::names::{
-    ANNOTATION_DRAIN, ANNOTATION_DRAIN_MESSAGE, DRAIN_STARTED, LABEL_CLUSTER, LABEL_ROLE,
-    LABEL_SHARD,
+    ANNOTATION_DRAIN, ANNOTATION_DRAIN_MESSAGE, ANNOTATION_SWITCHOVER, DRAIN_STARTED,
+    LABEL_CLUSTER, LABEL_ROLE, LABEL_SHARD,
 };
 
 use crate::metrics::Metrics;
@@ -47,7 +47,14 @@ pub struct Ctx {
     pub opts: Options,
     pub metrics: Metrics,
     recorder: Recorder,
+    /// Per cluster (namespace, name): when a rollout's switchover was first refused with
+    /// nothing done (412), while it is retried.
+    refused_switchovers: std::sync::Mutex<BTreeMap<(String, String), std::time::Instant>>,
 }
+
+/// How long a rollout retries a switchover its agent refused with nothing done (a candidate
+/// that has just come back, not yet reachable or caught up) before it halts.
+const SWITCHOVER_RETRY_FOR: Duration = Duration::from_secs(60);
 
 impl Ctx {
     /// The API of a namespaced kind over what this operator watches: one namespace
@@ -72,6 +79,7 @@ impl Ctx {
             instance: std::env::var("POD_NAME").ok(),
         };
         Ctx {
+            refused_switchovers: Default::default(),
             recorder: Recorder::new(client.clone(), reporter),
             client,
             opts,
@@ -155,7 +163,7 @@ async fn reconcile_inner(pc: &PostgresCluster, ctx: &Ctx) -> Result<Action, Erro
     }
     let built = (!status.shards.is_empty()).then_some(status.shards.len() as u32);
     let problems = pc.spec.problems(built);
-    let missing = missing_secrets(pc, &ns, ctx).await?;
+    let (missing, secrets) = missing_secrets(pc, &ns, ctx).await?;
     if !problems.is_empty() || !missing.is_empty() {
         let mut all = problems;
         all.extend(missing);
@@ -191,10 +199,14 @@ async fn reconcile_inner(pc: &PostgresCluster, ctx: &Ctx) -> Result<Action, Erro
         return Ok(Action::await_change());
     }
     ensure_secret(pc, &ns, ctx).await?;
-    for d in objects::desired(pc, &ctx.opts) {
+    for d in objects::desired(pc, &ctx.opts, &secrets) {
         apply(pc, &ns, &d, ctx).await?;
     }
     let (shards, views) = observe(pc, &ns, ctx).await?;
+    if requested_switchover(pc, &ns, &views, &status, &api, ctx).await? {
+        // The shards changed under the views just taken: look again.
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let mut st = status.clone();
     st.observed_generation = generation;
     let healthy = shards.iter().filter(|s| s.phase == "Healthy").count();
@@ -278,7 +290,7 @@ async fn reconcile_inner(pc: &PostgresCluster, ctx: &Ctx) -> Result<Action, Erro
     }
     st.shards = shards;
     databases_condition(pc, &mut st, generation, ctx);
-    let roll_again = roll(pc, &ns, &views, &api, &status, &mut st, ctx).await?;
+    let roll_again = roll(pc, &ns, &views, &secrets, &api, &status, &mut st, ctx).await?;
     // Progress comes as events (owned objects and pods are watched): no faster polling while
     // a cluster is not ready, so a thousand pending clusters cost nothing between events.
     let mut next = RESYNC;
@@ -379,8 +391,14 @@ async fn scheduled_backup(
     Ok(Some(to_next_minute))
 }
 
-/// Credentials the spec names that do not exist, one message each.
-async fn missing_secrets(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Vec<String>, Error> {
+/// Credentials the spec names that do not exist, one message each; and the Secrets'
+/// references with the names of the encryption keys they really hold (a key Secret without
+/// the encrypting key, or with no key at all, is a problem too).
+async fn missing_secrets(
+    pc: &PostgresCluster,
+    ns: &str,
+    ctx: &Ctx,
+) -> Result<(Vec<String>, SecretRefs), Error> {
     let name = pc.name_any();
     let generated = Names { cluster: &name }.secret();
     let refs = SecretRefs::of(pc);
@@ -395,12 +413,17 @@ async fn missing_secrets(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Ve
     .filter(|(_, (s, _))| *s != generated)
     .map(|(f, (s, _))| (f, s.clone()))
     .collect();
+    let mut key_secrets: Vec<(&str, String, Option<String>)> = Vec::new();
     if let Some(b) = &pc.spec.backup {
         if let Some(s) = &b.credentials_secret {
             named.push(("spec.backup.credentialsSecret", s.clone()));
         }
         if let Some(s) = &b.encryption_key_secret {
-            named.push(("spec.backup.encryptionKeySecret", s.clone()));
+            let current = b
+                .encryption_key_id
+                .clone()
+                .unwrap_or(objects::DEFAULT_KEY_ID.into());
+            key_secrets.push(("spec.backup.encryptionKeySecret", s.clone(), Some(current)));
         }
     }
     if let Some(fb) = pc.spec.from_backup() {
@@ -408,7 +431,11 @@ async fn missing_secrets(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Ve
             named.push(("spec.bootstrap.fromBackup.credentialsSecret", s.clone()));
         }
         if let Some(s) = &fb.encryption_key_secret {
-            named.push(("spec.bootstrap.fromBackup.encryptionKeySecret", s.clone()));
+            key_secrets.push((
+                "spec.bootstrap.fromBackup.encryptionKeySecret",
+                s.clone(),
+                None,
+            ));
         }
     }
     for (field, secret) in named {
@@ -418,7 +445,39 @@ async fn missing_secrets(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Ve
             ));
         }
     }
-    Ok(out)
+    let mut keys = objects::KeyIds::default();
+    for (field, secret, current) in key_secrets {
+        let Some(s) = api.get_opt(&secret).await? else {
+            out.push(format!(
+                "{field}: Secret {secret:?} does not exist in namespace {ns}"
+            ));
+            continue;
+        };
+        let names: Vec<String> = s
+            .data
+            .iter()
+            .flat_map(|d| d.keys())
+            .chain(s.string_data.iter().flat_map(|d| d.keys()))
+            .cloned()
+            .collect();
+        if names.is_empty() {
+            out.push(format!("{field}: Secret {secret:?} holds no key"));
+            continue;
+        }
+        match current {
+            Some(c) => {
+                if !names.contains(&c) {
+                    out.push(format!(
+                        "spec.backup.encryptionKeyId {c:?}: Secret {secret:?} has no such key (it has {})",
+                        names.join(", ")
+                    ));
+                }
+                keys.backup = objects::KeyIds::ordered(names, &c);
+            }
+            None => keys.bootstrap = objects::KeyIds::ordered(names, objects::DEFAULT_KEY_ID),
+        }
+    }
+    Ok((out, refs.with_keys(keys)))
 }
 
 /// The generated Secret, made once with random credentials (never rewritten: the pods' data
@@ -645,6 +704,102 @@ pub fn pod_role(p: &Pod) -> Option<&str> {
     p.labels().get(LABEL_ROLE).map(String::as_str)
 }
 
+/// `pgpilot.io/switchover: <pod>` on the cluster: a planned switchover of that pod's shard to
+/// it, once. The annotation is removed whatever the outcome, which an Event reports
+/// (`Switchover`, or `SwitchoverRefused` with the reason): a request is never retried behind
+/// the user's back. Refused while a rollout is in progress (it moves primaries itself) and
+/// when the shard has no ready primary; the agent refuses a candidate that is not streaming or
+/// lags (412, its reason in the Event). True when a switchover was made.
+async fn requested_switchover(
+    pc: &PostgresCluster,
+    ns: &str,
+    views: &[rollout::ShardView],
+    status: &PostgresClusterStatus,
+    api: &Api<PostgresCluster>,
+    ctx: &Ctx,
+) -> Result<bool, Error> {
+    let Some(target) = pc.annotations().get(ANNOTATION_SWITCHOVER).cloned() else {
+        return Ok(false);
+    };
+    let name = pc.name_any();
+    let rolling = status
+        .rollout
+        .as_ref()
+        .is_some_and(|r| r.phase == rollout::IN_PROGRESS);
+    let outcome: Result<Option<String>, String> = async {
+        let (shard, pod) = views
+            .iter()
+            .find_map(|s| s.pods.iter().find(|p| p.name == target).map(|p| (s, p)))
+            .ok_or_else(|| format!("pod {target:?} is not an instance of cluster {name}"))?;
+        if pod.primary {
+            return Ok(None);
+        }
+        if rolling {
+            return Err(format!(
+                "a rollout is in progress ({}); it moves the primaries itself",
+                status
+                    .rollout
+                    .as_ref()
+                    .and_then(|r| r.step.clone())
+                    .unwrap_or_default()
+            ));
+        }
+        let primary = shard
+            .pods
+            .iter()
+            .find(|p| p.primary && p.ready)
+            .ok_or_else(|| format!("{} has no ready primary to hand over", shard.name))?;
+        if !pod.ready {
+            return Err(format!("{target} is not ready"));
+        }
+        let ip = primary
+            .ip
+            .clone()
+            .ok_or_else(|| format!("the primary {} has no IP", primary.name))?;
+        let token = agent_token(pc, ns, ctx)
+            .await
+            .map_err(|e| e.to_string())??;
+        let req = pgpilot_common::api::SwitchoverRequest {
+            candidate: Some(target.clone()),
+        };
+        let agent = agent_at(&ip, Some(token));
+        match tokio::time::timeout(Duration::from_secs(120), agent.switchover(&req)).await {
+            Ok(Ok(done)) => Ok(Some(format!(
+                "{}: switchover {} → {} (writes paused {} ms)",
+                shard.name, done.old_primary, done.new_primary, done.write_pause_ms
+            ))),
+            Ok(Err(e)) => Err(format!(
+                "the switchover of {} to {target} failed: {e}",
+                shard.name
+            )),
+            Err(_) => Err(format!(
+                "the switchover of {} to {target} got no answer within 120 s",
+                shard.name
+            )),
+        }
+    }
+    .await;
+    let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_SWITCHOVER: null}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    ctx.metrics.writes.inc();
+    match &outcome {
+        Ok(Some(note)) => {
+            tracing::info!(cluster = %name, "{note}");
+            event(ctx, pc, EventType::Normal, "Switchover", note).await;
+        }
+        Ok(None) => {
+            let note = format!("{target} is already the primary: nothing to do");
+            event(ctx, pc, EventType::Normal, "Switchover", &note).await;
+        }
+        Err(why) => {
+            tracing::warn!(cluster = %name, "switchover refused: {why}");
+            event(ctx, pc, EventType::Warning, "SwitchoverRefused", why).await;
+        }
+    }
+    Ok(matches!(outcome, Ok(Some(_))))
+}
+
 /// A client for the agent of the pod at `ip` (its external API port).
 pub fn agent_at(ip: &str, token: Option<String>) -> pgpilot_common::client::AgentClient {
     pgpilot_common::client::AgentClient::new(format!("http://{ip}:{}", objects::API_PORT), token)
@@ -698,10 +853,12 @@ fn set_condition(
 /// The rollout (docs/rollouts.md): plans the next step from what was observed
 /// ([`rollout::plan`]), applies it, and sets `status.rollout`, the `RolloutHalted` condition
 /// (and `Progressing` while it rolls) and an Event per step. Returns how soon to look again.
+#[allow(clippy::too_many_arguments)]
 async fn roll(
     pc: &PostgresCluster,
     ns: &str,
     views: &[rollout::ShardView],
+    secrets: &SecretRefs,
     api: &Api<PostgresCluster>,
     before: &PostgresClusterStatus,
     st: &mut PostgresClusterStatus,
@@ -709,8 +866,7 @@ async fn roll(
 ) -> Result<Option<Duration>, Error> {
     use rollout::Step;
     let generation = pc.metadata.generation;
-    let secrets = SecretRefs::of(pc);
-    let target = objects::revision(pc, &secrets, &ctx.opts);
+    let target = objects::revision(pc, secrets, &ctx.opts);
     let settings = rollout::Settings::of(pc.spec.rollout.as_ref());
     let last = st.rollout.clone();
     let (step, mut rs) = rollout::plan(&rollout::Observed {
@@ -750,7 +906,7 @@ async fn roll(
             // the recorded step, that the new primary is its own doing.
             let mut intent = st.clone();
             intent.rollout = Some(rs.clone());
-            write_status(api, &name, before, intent, ctx).await?;
+            write_status(api, &name, before, intent.clone(), ctx).await?;
             let ip = views
                 .iter()
                 .flat_map(|s| s.pods.iter())
@@ -762,7 +918,26 @@ async fn roll(
                 candidate: Some(to.clone()),
             };
             let agent = agent_at(&ip, Some(token));
-            match tokio::time::timeout(Duration::from_secs(120), agent.switchover(&req)).await {
+            let key = (ns.to_string(), name.clone());
+            let outcome =
+                tokio::time::timeout(Duration::from_secs(120), agent.switchover(&req)).await;
+            let refused_since = match &outcome {
+                Ok(Err(e)) if e.status() == Some(412) => Some(
+                    *ctx.refused_switchovers
+                        .lock()
+                        .expect("refusals lock")
+                        .entry(key.clone())
+                        .or_insert_with(std::time::Instant::now),
+                ),
+                _ => {
+                    ctx.refused_switchovers
+                        .lock()
+                        .expect("refusals lock")
+                        .remove(&key);
+                    None
+                }
+            };
+            match outcome {
                 Ok(Ok(done)) => {
                     let note = format!(
                         "{shard}: switchover {} → {} for revision {target} (writes paused {} ms)",
@@ -771,7 +946,27 @@ async fn roll(
                     tracing::info!(cluster = %name, "{note}");
                     event(ctx, pc, EventType::Normal, "RolloutSwitchover", &note).await;
                 }
+                // Refused with nothing done: the candidate may have come back a moment ago.
+                // The plan is made again on the next reconcile, for a while.
+                Ok(Err(e)) if refused_since.is_some_and(|t| t.elapsed() < SWITCHOVER_RETRY_FOR) => {
+                    let note =
+                        format!("{shard}: the switchover to {to} was refused, retrying: {e}");
+                    tracing::info!(cluster = %name, "{note}");
+                    rs.shard_primary = None;
+                    rs.switchover_from = None;
+                    rs.switchover_at = None;
+                    rs.step = Some(format!("waiting: {note}"));
+                    // The recorded intent is withdrawn now (the final status write compares
+                    // with the status before the intent, so it would leave it in place).
+                    let mut withdrawn = st.clone();
+                    withdrawn.rollout = Some(rs.clone());
+                    write_status(api, &name, &intent, withdrawn, ctx).await?;
+                }
                 outcome => {
+                    ctx.refused_switchovers
+                        .lock()
+                        .expect("refusals lock")
+                        .remove(&key);
                     let why = match outcome {
                         Ok(Err(e)) => e.to_string(),
                         _ => "no answer within 120 s".into(),

@@ -168,6 +168,9 @@ pub struct SecretRefs {
     pub superuser: (String, String),
     pub replication: (String, String),
     pub token: (String, String),
+    /// The encryption keys' names, as the Secrets hold them ([`SecretRefs::of`] assumes the
+    /// spec's: the encrypting one, or `key`).
+    pub keys: KeyIds,
 }
 
 impl SecretRefs {
@@ -181,11 +184,34 @@ impl SecretRefs {
             Some(name) => (name, key.to_string()),
             None => (generated.clone(), gen_key.to_string()),
         };
+        let backup = pc
+            .spec
+            .backup
+            .as_ref()
+            .filter(|b| b.encryption_key_secret.is_some());
+        let bootstrap = pc
+            .spec
+            .from_backup()
+            .filter(|fb| fb.encryption_key_secret.is_some());
         SecretRefs {
             superuser: pick(s.superuser, "password", "superuser-password"),
             replication: pick(s.replication, "password", "replication-password"),
             token: pick(s.api_token, "token", "token"),
+            keys: KeyIds {
+                backup: backup
+                    .map(|b| vec![b.encryption_key_id.clone().unwrap_or(DEFAULT_KEY_ID.into())])
+                    .unwrap_or_default(),
+                bootstrap: bootstrap
+                    .map(|_| vec![DEFAULT_KEY_ID.to_string()])
+                    .unwrap_or_default(),
+            },
         }
+    }
+
+    /// With the keys the Secrets really hold.
+    pub fn with_keys(mut self, keys: KeyIds) -> SecretRefs {
+        self.keys = keys;
+        self
     }
 
     /// Whether any credential lives in the generated Secret.
@@ -197,7 +223,7 @@ impl SecretRefs {
 }
 
 /// Every object of the cluster, in the order they are applied (what pods need first).
-pub fn desired(pc: &PostgresCluster, opts: &Options) -> Vec<Desired> {
+pub fn desired(pc: &PostgresCluster, opts: &Options, secrets: &SecretRefs) -> Vec<Desired> {
     let name = pc.name_any();
     let n = Names { cluster: &name };
     let owner = owner_reference(pc);
@@ -250,9 +276,8 @@ pub fn desired(pc: &PostgresCluster, opts: &Options) -> Vec<Desired> {
         json!({"roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": agent},
                "subjects": [{"kind": "ServiceAccount", "name": agent}]}),
     );
-    let secrets = SecretRefs::of(pc);
     // Once per cluster, not per shard: it renders shard-0's template.
-    let rev = revision(pc, &secrets, opts);
+    let rev = revision(pc, secrets, opts);
     for shard in pc.spec.shard_names() {
         let sel = json!({LABEL_CLUSTER: name, LABEL_SHARD: shard});
         push(
@@ -294,7 +319,7 @@ pub fn desired(pc: &PostgresCluster, opts: &Options) -> Vec<Desired> {
             "StatefulSet",
             n.shard(&shard),
             Some(&shard),
-            statefulset(pc, &shard, &secrets, opts, &rev),
+            statefulset(pc, &shard, secrets, opts, &rev),
         );
     }
     out
@@ -340,9 +365,6 @@ pub fn agent_config(pc: &PostgresCluster, shard: &str, opts: &Options) -> String
             let c = serde_json::to_value(c).expect("an enum");
             out += &format!("compression = {c}\n");
         }
-        if b.encryption_key_secret.is_some() {
-            out += &format!("encryption_key_files = [{}]\n", q(&key_file(BACKUP_KEY)));
-        }
         if let Some(r) = &b.retention
             && (r.keep_last.is_some() || r.keep_within.is_some())
         {
@@ -363,9 +385,6 @@ pub fn agent_config(pc: &PostgresCluster, shard: &str, opts: &Options) -> String
             out += &format!("target_time = {}\n", q(t));
         }
         out += &format!("\n[bootstrap.store]\nstore = {}\n", q(&fb.store));
-        if fb.encryption_key_secret.is_some() {
-            out += &format!("encryption_key_files = [{}]\n", q(&key_file(BOOTSTRAP_KEY)));
-        }
         if fb.credentials_secret.is_some() {
             out += &format!("credentials_env_prefix = {}\n", q(BOOTSTRAP_ENV_PREFIX));
         }
@@ -374,13 +393,42 @@ pub fn agent_config(pc: &PostgresCluster, shard: &str, opts: &Options) -> String
     out
 }
 
-/// The volumes holding the encryption key of the cluster's own store and of a `fromBackup`
-/// source, mounted at `/<volume>/key`.
+/// The volumes holding the encryption keys of the cluster's own store and of a `fromBackup`
+/// source: the whole Secret, one file per key, at `/<volume>/<key>`.
 const BACKUP_KEY: &str = "backup-key";
 const BOOTSTRAP_KEY: &str = "bootstrap-key";
 
-fn key_file(volume: &str) -> String {
-    format!("/{volume}/key")
+/// The key of an encryption-key Secret that encrypts when the spec names none.
+pub const DEFAULT_KEY_ID: &str = "key";
+
+/// The keys of the encryption-key Secrets, by name (read from the API server by the
+/// reconciler): the cluster's own store's with the encrypting one first, and the `fromBackup`
+/// source's. They reach the agent as `id=path` lists in its environment
+/// (`PGPILOT_BACKUP_ENCRYPTION_KEY_FILES`, `PGPILOT_BOOTSTRAP_ENCRYPTION_KEY_FILES`), so a key
+/// added to the Secret changes the pods' template and reaches them by a rollout.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyIds {
+    pub backup: Vec<String>,
+    pub bootstrap: Vec<String>,
+}
+
+impl KeyIds {
+    /// Orders a Secret's key names: `current` first, the others sorted.
+    pub fn ordered(mut names: Vec<String>, current: &str) -> Vec<String> {
+        names.sort();
+        if let Some(i) = names.iter().position(|n| n == current) {
+            let c = names.remove(i);
+            names.insert(0, c);
+        }
+        names
+    }
+}
+
+fn key_files(volume: &str, ids: &[String]) -> String {
+    ids.iter()
+        .map(|id| format!("{id}=/{volume}/{id}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The prefix of the `fromBackup` credentials Secret's keys in the agent's environment (beside
@@ -469,6 +517,27 @@ fn statefulset_inner(
             )
         }),
     ];
+    let env = {
+        let mut env = env;
+        let list = env.as_array_mut().expect("env list");
+        for (var, volume, ids) in [
+            (
+                "PGPILOT_BACKUP_ENCRYPTION_KEY_FILES",
+                BACKUP_KEY,
+                &secrets.keys.backup,
+            ),
+            (
+                "PGPILOT_BOOTSTRAP_ENCRYPTION_KEY_FILES",
+                BOOTSTRAP_KEY,
+                &secrets.keys.bootstrap,
+            ),
+        ] {
+            if !ids.is_empty() {
+                list.push(json!({"name": var, "value": key_files(volume, ids)}));
+            }
+        }
+        env
+    };
     for (prefix, creds, key, volume) in stores.into_iter().flatten() {
         if let Some(creds) = creds {
             let mut from = json!({"secretRef": {"name": creds}});
@@ -591,7 +660,7 @@ mod tests {
 
     #[test]
     fn two_shards_make_the_workloads_of_each() {
-        let d = desired(&cluster(), &Options::default());
+        let d = desired(&cluster(), &Options::default(), &SecretRefs::of(&cluster()));
         let names: Vec<String> = d.iter().map(|o| format!("{}/{}", o.kind, o.name)).collect();
         for want in [
             "ServiceAccount/orders-agent",
@@ -646,11 +715,11 @@ mod tests {
         let c = agent_config(&pc, "shard-0", &Options::default());
         for line in [
             "[bootstrap]\ncluster = \"orders-old\"\ntarget_time = \"2026-12-05T10:00:00Z\"",
-            "[bootstrap.store]\nstore = \"s3://old/archive\"\nencryption_key_files = [\"/bootstrap-key/key\"]\ncredentials_env_prefix = \"PGPILOT_BOOTSTRAP_\"",
+            "[bootstrap.store]\nstore = \"s3://old/archive\"\ncredentials_env_prefix = \"PGPILOT_BOOTSTRAP_\"",
         ] {
             assert!(c.contains(line), "{line} in\n{c}");
         }
-        let d = desired(&pc, &Options::default());
+        let d = desired(&pc, &Options::default(), &SecretRefs::of(&pc));
         let sts = d.iter().find(|o| o.kind == "StatefulSet").unwrap();
         let container = &sts.body["spec"]["template"]["spec"]["containers"][0];
         assert!(
@@ -665,16 +734,58 @@ mod tests {
                 .unwrap()
                 .contains(&json!({"name": "bootstrap-key", "mountPath": "/bootstrap-key"}))
         );
+        assert!(
+            container["env"].as_array().unwrap().contains(&json!({
+                "name": "PGPILOT_BOOTSTRAP_ENCRYPTION_KEY_FILES", "value": "key=/bootstrap-key/key"}))
+        );
+    }
+
+    #[test]
+    fn every_key_of_the_secret_decrypts_and_the_named_one_encrypts() {
+        let mut pc = cluster();
+        pc.spec.backup = Some(
+            serde_json::from_value(json!({"store": "s3://b/orders",
+            "encryptionKeySecret": "orders-key", "encryptionKeyId": "2027"}))
+            .unwrap(),
+        );
+        let one = SecretRefs::of(&pc);
+        assert_eq!(
+            one.keys.backup,
+            ["2027"],
+            "the spec's key until the Secret is read"
+        );
+        let keys = KeyIds {
+            backup: KeyIds::ordered(vec!["key".into(), "2027".into(), "2025".into()], "2027"),
+            bootstrap: Vec::new(),
+        };
+        let secrets = SecretRefs::of(&pc).with_keys(keys);
+        let d = desired(&pc, &Options::default(), &secrets);
+        let sts = d.iter().find(|o| o.kind == "StatefulSet").unwrap();
+        let container = &sts.body["spec"]["template"]["spec"]["containers"][0];
+        assert!(
+            container["env"].as_array().unwrap().contains(&json!({
+                "name": "PGPILOT_BACKUP_ENCRYPTION_KEY_FILES",
+                "value": "2027=/backup-key/2027,2025=/backup-key/2025,key=/backup-key/key"})),
+            "{container}"
+        );
+        // A key added to the Secret is a new revision: the pods get it by a rollout.
+        assert_ne!(
+            revision(&pc, &one, &Options::default()),
+            revision(&pc, &secrets, &Options::default())
+        );
+        assert!(
+            !agent_config(&pc, "shard-0", &Options::default()).contains("encryption_key_files")
+        );
     }
 
     #[test]
     fn the_hash_changes_with_the_content_only() {
-        let a = desired(&cluster(), &Options::default());
-        let b = desired(&cluster(), &Options::default());
+        let a = desired(&cluster(), &Options::default(), &SecretRefs::of(&cluster()));
+        let b = desired(&cluster(), &Options::default(), &SecretRefs::of(&cluster()));
         assert_eq!(a, b);
         let mut more = cluster();
         more.spec.instances_per_shard = 4;
-        let c = desired(&more, &Options::default());
+        let c = desired(&more, &Options::default(), &SecretRefs::of(&more));
         let hash = |d: &[Desired], name: &str| {
             d.iter()
                 .find(|o| o.kind == "StatefulSet" && o.name == name)

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use pgpilot_common::crd::PostgresCluster;
 use pgpilot_kube_testserver::{KubeTestServer, TestNamespace};
@@ -55,6 +55,8 @@ struct Block {
     lang: String,
     /// `file=<name>` for a block that is a file the next commands use.
     file: Option<String>,
+    /// `expect:<name>`: lines (or parts of lines) the `test:<name>` commands printed.
+    expect: bool,
     body: String,
 }
 
@@ -70,9 +72,13 @@ fn guide_blocks(text: &str) -> Vec<Block> {
         let lang = words.next().unwrap_or_default().to_string();
         let mut name = None;
         let mut file = None;
+        let mut expect = false;
         for w in words {
             if let Some(n) = w.strip_prefix("test:") {
                 name = Some(n.to_string());
+            } else if let Some(n) = w.strip_prefix("expect:") {
+                name = Some(n.to_string());
+                expect = true;
             } else if let Some(f) = w.strip_prefix("file=") {
                 file = Some(f.to_string());
             }
@@ -83,6 +89,7 @@ fn guide_blocks(text: &str) -> Vec<Block> {
                 name,
                 lang,
                 file,
+                expect,
                 body: body.join("\n") + "\n",
             });
         }
@@ -187,11 +194,25 @@ impl Env {
             .await
             .expect("bash");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{script}\nfailed: {}\n{stdout}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !out.status.success() {
+            // What a user would look at next.
+            let look = tokio::process::Command::new("bash")
+                .args([
+                    "-c",
+                    "kubectl get pods -o wide --show-labels; kubectl get postgresclusters -o yaml",
+                ])
+                .current_dir(self.dir.path())
+                .env("KUBECONFIG", &self.kubeconfig)
+                .env("PATH", path_with_kubectl())
+                .output()
+                .await
+                .expect("bash");
+            panic!(
+                "{script}\nfailed: {}\n{stdout}\n--- then:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&look.stdout)
+            );
+        }
         stdout
     }
 
@@ -330,33 +351,76 @@ async fn the_chart_installs_the_operator_and_the_guide_works() {
         "leader {leader} is not one of {names:?}"
     );
 
-    // 2. The guide, block by block.
+    // 2. The guide, block by block, as one shell session (exported variables carry over),
+    //    in a directory holding the repository's charts/ as a user's clone would. Its S3
+    //    section runs against s3s-fs on 127.0.0.1, unless AWS_ENDPOINT names another store.
+    std::os::unix::fs::symlink(root().join("charts"), env.dir.path().join("charts"))
+        .expect("charts link");
+    let _s3 = if std::env::var_os("AWS_ENDPOINT").is_none() {
+        let s3 = pgpilot_test_support::s3::S3Server::start().expect("s3s-fs");
+        s3.create_bucket("orders-backups").expect("bucket");
+        let exports = format!(
+            "export AWS_ACCESS_KEY_ID={} AWS_SECRET_ACCESS_KEY={} AWS_ENDPOINT={} AWS_ALLOW_HTTP=true\n",
+            s3.access_key, s3.secret_key, s3.endpoint
+        );
+        std::fs::write(env.dir.path().join(SESSION), exports).expect("session env");
+        Some(s3)
+    } else {
+        None
+    };
     let guide = std::fs::read_to_string(root().join("docs/user-guide.md")).expect("the guide");
     let blocks = guide_blocks(&guide);
-    assert!(
-        blocks.iter().any(|b| b.name == "first-cluster"),
-        "no test:first-cluster block in the guide"
-    );
-    let mut outputs = Vec::new();
+    for name in [
+        "first-cluster",
+        "connect",
+        "switchover",
+        "backups",
+        "pitr",
+        "rollouts",
+    ] {
+        assert!(
+            blocks.iter().any(|b| b.name == name),
+            "no test:{name} block in the guide"
+        );
+    }
+    let mut outputs: Vec<(String, String)> = Vec::new();
     for b in &blocks {
         match (&b.file, b.lang.as_str()) {
             (Some(file), _) => {
                 std::fs::write(env.dir.path().join(file), &b.body).expect("guide file")
             }
             (None, "sh") => {
-                let out = env.sh(&b.body).await;
+                let script = format!(
+                    "[ ! -f {SESSION} ] || source {SESSION}\n{}export -p > {SESSION}\n",
+                    b.body
+                );
+                let out = env.sh(&script).await;
                 eprintln!("--- guide test:{}\n{}{out}", b.name, b.body);
                 outputs.push((b.name.clone(), out));
             }
+            (None, "text") if b.expect => {
+                let printed: String = outputs
+                    .iter()
+                    .filter(|(n, _)| *n == b.name)
+                    .map(|(_, o)| o.as_str())
+                    .collect();
+                for line in b.body.lines().filter(|l| !l.trim().is_empty()) {
+                    assert!(
+                        printed.lines().any(|l| l.contains(line.trim_end())),
+                        "the guide says test:{} prints {line:?}; it printed:\n{printed}",
+                        b.name
+                    );
+                }
+            }
             (None, other) => panic!(
-                "guide block test:{} in {other} has no file= and is not sh",
+                "guide block test:{} in {other} is neither a file=, a sh block nor an expect:",
                 b.name
             ),
         }
     }
 
-    // What the guide promises: the cluster is Ready with one primary, `kubectl get` lists it
-    // all, and the password and address it prints let a client write and read.
+    // What the guide promised along the way is checked by its expect: blocks; here what a
+    // user sees of it all: the first cluster Ready, and `kubectl get` listing its parts.
     let clusters: Api<PostgresCluster> = Api::namespaced(env.client.clone(), &ns);
     let pc = clusters.get("orders").await.expect("orders");
     let ready = pc
@@ -379,43 +443,17 @@ async fn the_chart_installs_the_operator_and_the_guide_works() {
     ] {
         assert!(get.contains(what), "{what} not in\n{get}");
     }
-    let address = outputs
-        .iter()
-        .find(|(n, _)| n == "connect")
-        .expect("connect ran")
-        .1
-        .trim()
-        .to_string();
-    let password =
-        std::fs::read_to_string(env.dir.path().join("superuser-password")).expect("password file");
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host(&address)
-        .port(5432)
-        .user("postgres")
-        .password(password.trim())
-        .dbname("app")
-        .connect_timeout(Duration::from_secs(5));
-    let (pg, conn) = cfg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("connect to the rw address as the guide says");
-    tokio::spawn(conn);
-    pg.batch_execute("CREATE TABLE guide (id int primary key); INSERT INTO guide VALUES (1)")
-        .await
-        .expect("write through the primary");
 
-    // 3. Every metric the alerts and the dashboard read is exported. A backup schedule makes
-    //    the operator's backup series appear (they exist only for scheduled clusters).
-    let store = env.dir.path().join("store");
-    std::fs::create_dir_all(&store).expect("store dir");
-    clusters
-        .patch(
-            "orders",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"backup": {"store": format!("file://{}", store.display()), "schedule": "0 3 * * *"}}})),
-        )
+    // 3. Every metric the alerts and the dashboard read is exported by the operator that leads
+    //    now or by the agents (the guide gave `orders` a backup schedule, so the operator's
+    //    backup series exist).
+    let leader = leases
+        .get("pgpilot-operator")
         .await
-        .expect("add a backup schedule");
+        .expect("the operator's Lease")
+        .spec
+        .and_then(|s| s.holder_identity)
+        .expect("a holder");
     let leader_ip = pod_ip(&env, &leader).await;
     let wanted: BTreeSet<String> = [
         root().join("charts/pgpilot/files/alerts.yaml"),
@@ -424,14 +462,7 @@ async fn the_chart_installs_the_operator_and_the_guide_works() {
     .iter()
     .flat_map(|f| metric_names(&std::fs::read_to_string(f).expect("chart file")))
     .collect();
-    let mut have = BTreeSet::new();
-    pgpilot_test_kubelet::wait::eventually("the backup series on the operator", WAIT, || async {
-        let m = scrape(&leader_ip, 8080).await;
-        m.contains("pgpilot_operator_backup_interval_seconds{")
-            .then_some(())
-    })
-    .await;
-    have.extend(exported(&scrape(&leader_ip, 8080).await));
+    let mut have = exported(&scrape(&leader_ip, 8080).await);
     for p in env
         .pods()
         .list(&ListParams::default().labels("pgpilot.io/cluster=orders"))
@@ -458,16 +489,18 @@ async fn the_chart_installs_the_operator_and_the_guide_works() {
     );
     assert!(wanted.len() > 20, "{wanted:?}");
     eprintln!(
-        "{} metric names of alerts and dashboard all exported",
+        "{} metric names of alerts and dashboard, all exported",
         wanted.len()
     );
 
-    clusters
-        .delete("orders", &Default::default())
-        .await
-        .expect("delete");
+    for c in ["orders", "orders-restored"] {
+        let _ = clusters.delete(c, &Default::default()).await;
+    }
     env.ns.cleanup().await.expect("cleanup");
 }
+
+/// The guide session's exported variables, between blocks.
+const SESSION: &str = ".guide-session";
 
 async fn pod_ip(env: &Env, pod: &str) -> String {
     env.pods()
@@ -481,9 +514,10 @@ async fn pod_ip(env: &Env, pod: &str) -> String {
 
 #[test]
 fn guide_blocks_are_found_with_their_files() {
-    let text = "x\n```yaml test:a file=a.yaml\nk: v\n```\n```sh\nnot run\n```\n```sh test:b\necho hi\n```\n";
+    let text = "x\n```yaml test:a file=a.yaml\nk: v\n```\n```sh\nnot run\n```\n```sh test:b\necho hi\n```\n```text expect:b\nhi\n```\n";
     let b = guide_blocks(text);
-    assert_eq!(b.len(), 2);
+    assert_eq!(b.len(), 3);
+    assert!(b[2].expect && !b[1].expect && b[2].name == "b");
     assert_eq!(
         (b[0].name.as_str(), b[0].file.as_deref(), b[0].body.as_str()),
         ("a", Some("a.yaml"), "k: v\n")

@@ -786,6 +786,11 @@ impl Executor {
             if new.role() == Some(Role::Primary) {
                 self.ensure_roles().await;
             }
+            // A replica looks at its WAL receiver and registers with its primary (where its
+            // agent answers now) at once, before it reports ready.
+            if new.role() == Some(Role::Replica) {
+                self.next_replication_check = tokio::time::Instant::now();
+            }
             self.set_state(new);
         }
         if tokio::time::Instant::now() >= self.next_replication_check {

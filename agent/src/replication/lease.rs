@@ -471,6 +471,15 @@ impl KubeLeadership {
 }
 
 impl Leadership for KubeLeadership {
+    fn peer_url(&self, name: &str) -> Option<String> {
+        self.view
+            .lock()
+            .expect("lease view")
+            .urls
+            .get(name)
+            .cloned()
+    }
+
     fn leader(&self) -> Option<String> {
         let v = self.view.lock().expect("lease view");
         let holder = v.record.holder()?;

@@ -71,6 +71,12 @@ pub trait Leadership: Send + Sync {
         let _ = from;
         self.set_leader(Some(me))
     }
+    /// Where the agent of the shard's instance `name` answers now, when the platform says
+    /// (Kubernetes: its pod's IP), rather than where it last registered from.
+    fn peer_url(&self, name: &str) -> Option<String> {
+        let _ = name;
+        None
+    }
 }
 
 /// Standalone leadership: the configured primary (or this instance when none is configured),

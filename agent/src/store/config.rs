@@ -44,7 +44,9 @@ pub struct StoreConfig {
     /// S3 region. Default: `AWS_REGION`/`AWS_DEFAULT_REGION`, else us-east-1.
     pub region: Option<String>,
     /// S3 path-style requests (`endpoint/bucket/key`) instead of virtual-hosted style.
-    pub path_style: bool,
+    /// Default: `AWS_VIRTUAL_HOSTED_STYLE_REQUEST` when set, else path style for a store with
+    /// its own endpoint (`endpoint`, `AWS_ENDPOINT`) and virtual-hosted style for AWS.
+    pub path_style: Option<bool>,
     /// Allow plain http endpoints. Default: true only when `endpoint` starts with `http://`.
     pub allow_http: Option<bool>,
     /// S3 access key id, read from this file.
@@ -126,7 +128,7 @@ impl Default for StoreConfig {
             part_size: 8 << 20,
             endpoint: None,
             region: None,
-            path_style: false,
+            path_style: None,
             allow_http: None,
             access_key_id_file: None,
             secret_access_key_file: None,
@@ -425,7 +427,7 @@ impl StoreConfig {
         let na = |field: &'static str| Err(ConfigError::NotApplicable { field, scheme });
         let s3_only = [
             ("region", self.region.is_some()),
-            ("path_style", self.path_style),
+            ("path_style", self.path_style.is_some()),
             ("access_key_id_file", self.access_key_id_file.is_some()),
             (
                 "secret_access_key_file",
@@ -632,7 +634,7 @@ mod tests {
         };
         assert!(c.validate().unwrap_err().to_string().contains("zstd_level"));
         let c = StoreConfig {
-            path_style: true,
+            path_style: Some(true),
             ..StoreConfig::new("gs://b")
         };
         assert_eq!(

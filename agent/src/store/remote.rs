@@ -37,11 +37,23 @@ pub(crate) fn build(
     location: &StoreLocation,
     cfg: &StoreConfig,
 ) -> Result<Arc<dyn ObjectStore>, ConfigError> {
-    let allow_http = cfg.allow_http.unwrap_or_else(|| {
-        cfg.endpoint
-            .as_deref()
-            .is_some_and(|e| e.starts_with("http://"))
+    // Plain HTTP: as configured; for S3 also as AWS_ALLOW_HTTP says (the client options below
+    // replace those `from_env` read); else only towards an http:// endpoint, the configured
+    // one or, for S3, AWS_ENDPOINT's.
+    let s3 = matches!(location, StoreLocation::S3 { .. });
+    let env = s3_env(cfg);
+    let endpoint = cfg.endpoint.clone().or_else(|| {
+        s3.then(|| env("aws_endpoint").or_else(|| env("aws_endpoint_url")))
+            .flatten()
     });
+    let allow_http = cfg
+        .allow_http
+        .or_else(|| {
+            s3.then(|| env("aws_allow_http"))
+                .flatten()
+                .map(|v| v.eq_ignore_ascii_case("true") || v == "1")
+        })
+        .unwrap_or_else(|| endpoint.is_some_and(|e| e.starts_with("http://")));
     let options = ClientOptions::new()
         .with_timeout(Duration::from_secs(cfg.request_timeout_secs))
         .with_connect_timeout(Duration::from_secs(cfg.request_timeout_secs.min(10)))
@@ -74,8 +86,20 @@ pub(crate) fn build(
             let mut b = b
                 .with_bucket_name(bucket)
                 .with_client_options(options)
-                .with_retry(retry)
-                .with_virtual_hosted_style_request(!cfg.path_style);
+                .with_retry(retry);
+            // Path style: as configured; else as AWS_VIRTUAL_HOSTED_STYLE_REQUEST says; else
+            // for a store at its own endpoint (S3-compatible servers mostly need it), and
+            // virtual-hosted style for AWS itself.
+            match cfg.path_style {
+                Some(p) => b = b.with_virtual_hosted_style_request(!p),
+                None if env("aws_virtual_hosted_style_request").is_some() => {}
+                None => {
+                    let own_endpoint = cfg.endpoint.is_some()
+                        || env("aws_endpoint").is_some()
+                        || env("aws_endpoint_url").is_some();
+                    b = b.with_virtual_hosted_style_request(!own_endpoint);
+                }
+            }
             if let Some(endpoint) = &cfg.endpoint {
                 b = b.with_endpoint(endpoint);
             }
@@ -169,6 +193,19 @@ pub(crate) fn build(
             built(b.build().map(|s| Arc::new(s) as _))
         }
         StoreLocation::File { .. } => unreachable!("file:// stores are not built by object_store"),
+    }
+}
+
+/// This store's S3 environment: `name` (lower case, e.g. `aws_endpoint`) looked up under the
+/// store's credentials prefix, or unprefixed when it has none.
+fn s3_env(cfg: &StoreConfig) -> impl Fn(&str) -> Option<String> + '_ {
+    move |name: &str| {
+        let var = format!(
+            "{}{}",
+            cfg.credentials_env_prefix.as_deref().unwrap_or(""),
+            name.to_ascii_uppercase()
+        );
+        std::env::var(var).ok().filter(|v| !v.is_empty())
     }
 }
 

@@ -13,18 +13,8 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 use crate::ssa::Scope;
-use crate::statefulset::is_ready;
+use crate::statefulset::{is_ready, template_hash};
 use crate::store::{Change, Key, State};
-
-/// A short stable hash of the pod template (the real one is a hash of the template too).
-fn template_hash(template: &Value) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in template.to_string().bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{:x}", h & 0xff_ffff_ffff)
-}
 
 /// One step toward the desired pods of every Deployment; true if something changed.
 pub(crate) fn reconcile(state: &mut State, tx: &broadcast::Sender<Arc<Change>>) -> bool {

@@ -15,14 +15,20 @@ use tokio::sync::broadcast;
 use crate::ssa::Scope;
 use crate::store::{Change, Key, State};
 
-/// A short stable hash of the pod template, like `controller-revision-hash`.
-fn revision(name: &str, template: &Value) -> String {
+/// A short stable hash of a pod template (FNV-1a, 10 hex digits), as the controllers label
+/// their pods with.
+pub(crate) fn template_hash(template: &Value) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in template.to_string().bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    format!("{name}-{:x}", h & 0xff_ffff_ffff)
+    format!("{:x}", h & 0xff_ffff_ffff)
+}
+
+/// Like `controller-revision-hash`: the set's name and the template's hash.
+fn revision(name: &str, template: &Value) -> String {
+    format!("{name}-{}", template_hash(template))
 }
 
 /// One step toward the desired pods of every StatefulSet; true if something changed.

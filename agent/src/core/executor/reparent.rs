@@ -688,6 +688,11 @@ impl Executor {
                 ),
                 (e, _) => e,
             })?;
+            // A replica whose pod came back at a new address: where it answers now.
+            let mut cand = cand;
+            if let Some(url) = ctx.leadership.peer_url(&cand.name) {
+                cand.api_url = url;
+            }
             let cand_client = peer(&cand.api_url, ctx.api_token.expose());
             let st = call(
                 &format!("candidate {} at {}", cand.name, cand.api_url),
@@ -995,6 +1000,12 @@ impl Executor {
                 if streaming {
                     self.repl.not_streaming_since = None;
                     replication::clear_primary_end(&ctx.cfg);
+                    // A replica that came back streaming on the settings in its data dir (a
+                    // restarted pod, at a new address) has not told this primary where its
+                    // agent answers now: a switchover to it would go to the old address.
+                    if self.repl.upstream.is_none() {
+                        self.reregister().await;
+                    }
                 } else {
                     let since = *self.repl.not_streaming_since.get_or_insert(now);
                     let stale = self
@@ -1012,7 +1023,8 @@ impl Executor {
         }
     }
 
-    /// A replica that does not stream registers with its primary again and re-points.
+    /// A replica registers with its primary again (when it does not stream, or has not
+    /// registered since it started) and re-points.
     async fn reregister(&mut self) {
         if self.ctx.is_leader() {
             return;

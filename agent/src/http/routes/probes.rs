@@ -21,7 +21,10 @@ pub async fn healthz(State(h): State<Handle>) -> Json<Value> {
 }
 
 /// Readiness: Postgres runs (as primary or replica, or replaying a restore) and accepts
-/// connections now; a replica only while it streams within `[replication] max_lag_bytes`.
+/// connections now; a replica only while it streams within `[replication] max_lag_bytes`, and
+/// once it has registered with its primary in this life (so that the primary knows where its
+/// agent answers now: a pod that came back at a new address is not a switchover candidate at
+/// the old one).
 #[utoipa::path(get, path = "/readyz", tag = "probes", responses((status = 200, body = Object), (status = 503, body = ErrorBody)))]
 pub async fn readyz(State(h): State<Handle>) -> Result<Json<Value>, AgentError> {
     let state = h.state();
@@ -37,6 +40,12 @@ pub async fn readyz(State(h): State<Handle>) -> Result<Json<Value>, AgentError> 
             message: format!("not ready: {why}"),
             state: Some(state.clone()),
         })?;
+        if h.snapshot().upstream.is_none() {
+            return Err(AgentError::Unavailable {
+                message: "not ready: the replica has not registered with its primary yet".into(),
+                state: Some(state),
+            });
+        }
     }
     let pw = h.ctx.superuser_password.expose();
     match tokio::time::timeout(
