@@ -759,21 +759,13 @@ async fn requested_switchover(
         let token = agent_token(pc, ns, ctx)
             .await
             .map_err(|e| e.to_string())??;
-        let req = pgpilot_common::api::SwitchoverRequest {
-            candidate: Some(target.clone()),
-        };
-        let agent = agent_at(&ip, Some(token));
-        match tokio::time::timeout(Duration::from_secs(120), agent.switchover(&req)).await {
-            Ok(Ok(done)) => Ok(Some(format!(
+        match switch_over(&ip, token, &target).await {
+            Ok(done) => Ok(Some(format!(
                 "{}: switchover {} → {} (writes paused {} ms)",
                 shard.name, done.old_primary, done.new_primary, done.write_pause_ms
             ))),
-            Ok(Err(e)) => Err(format!(
-                "the switchover of {} to {target} failed: {e}",
-                shard.name
-            )),
-            Err(_) => Err(format!(
-                "the switchover of {} to {target} got no answer within 120 s",
+            Err((_, why)) => Err(format!(
+                "the switchover of {} to {target} failed: {why}",
                 shard.name
             )),
         }
@@ -798,6 +790,24 @@ async fn requested_switchover(
         }
     }
     Ok(matches!(outcome, Ok(Some(_))))
+}
+
+/// A planned switchover by the agent of the primary at `ip` to `candidate`, given 120 s. The
+/// error says why, with the agent's HTTP status when it answered (412: refused, nothing done).
+async fn switch_over(
+    ip: &str,
+    token: String,
+    candidate: &str,
+) -> Result<pgpilot_common::api::SwitchoverResponse, (Option<u16>, String)> {
+    let req = pgpilot_common::api::SwitchoverRequest {
+        candidate: Some(candidate.to_string()),
+    };
+    let agent = agent_at(ip, Some(token));
+    match tokio::time::timeout(Duration::from_secs(120), agent.switchover(&req)).await {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(e)) => Err((e.status(), e.to_string())),
+        Err(_) => Err((None, "no answer within 120 s".into())),
+    }
 }
 
 /// A client for the agent of the pod at `ip` (its external API port).
@@ -914,31 +924,30 @@ async fn roll(
                 .and_then(|p| p.ip.clone())
                 .ok_or_else(|| Error::Other(format!("pod {from} has no IP")))?;
             let token = agent_token(pc, ns, ctx).await?.map_err(Error::Other)?;
-            let req = pgpilot_common::api::SwitchoverRequest {
-                candidate: Some(to.clone()),
-            };
-            let agent = agent_at(&ip, Some(token));
-            let key = (ns.to_string(), name.clone());
-            let outcome =
-                tokio::time::timeout(Duration::from_secs(120), agent.switchover(&req)).await;
-            let refused_since = match &outcome {
-                Ok(Err(e)) if e.status() == Some(412) => Some(
-                    *ctx.refused_switchovers
-                        .lock()
-                        .expect("refusals lock")
-                        .entry(key.clone())
-                        .or_insert_with(std::time::Instant::now),
-                ),
-                _ => {
-                    ctx.refused_switchovers
-                        .lock()
-                        .expect("refusals lock")
-                        .remove(&key);
-                    None
+            let outcome = switch_over(&ip, token, to).await;
+            // Refused with nothing done (412): retried for a while, from the first refusal.
+            let retry = {
+                let key = (ns.to_string(), name.clone());
+                let mut refused = ctx.refused_switchovers.lock().expect("refusals lock");
+                match &outcome {
+                    Err((Some(412), _)) => {
+                        let since = *refused
+                            .entry(key.clone())
+                            .or_insert_with(std::time::Instant::now);
+                        let within = since.elapsed() < SWITCHOVER_RETRY_FOR;
+                        if !within {
+                            refused.remove(&key);
+                        }
+                        within
+                    }
+                    _ => {
+                        refused.remove(&key);
+                        false
+                    }
                 }
             };
             match outcome {
-                Ok(Ok(done)) => {
+                Ok(done) => {
                     let note = format!(
                         "{shard}: switchover {} → {} for revision {target} (writes paused {} ms)",
                         done.old_primary, done.new_primary, done.write_pause_ms
@@ -948,9 +957,9 @@ async fn roll(
                 }
                 // Refused with nothing done: the candidate may have come back a moment ago.
                 // The plan is made again on the next reconcile, for a while.
-                Ok(Err(e)) if refused_since.is_some_and(|t| t.elapsed() < SWITCHOVER_RETRY_FOR) => {
+                Err((_, why)) if retry => {
                     let note =
-                        format!("{shard}: the switchover to {to} was refused, retrying: {e}");
+                        format!("{shard}: the switchover to {to} was refused, retrying: {why}");
                     tracing::info!(cluster = %name, "{note}");
                     rs.shard_primary = None;
                     rs.switchover_from = None;
@@ -962,15 +971,7 @@ async fn roll(
                     withdrawn.rollout = Some(rs.clone());
                     write_status(api, &name, &intent, withdrawn, ctx).await?;
                 }
-                outcome => {
-                    ctx.refused_switchovers
-                        .lock()
-                        .expect("refusals lock")
-                        .remove(&key);
-                    let why = match outcome {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "no answer within 120 s".into(),
-                    };
+                Err((_, why)) => {
                     let reason = format!("the switchover of {shard} to {to} failed: {why}");
                     rs.phase = rollout::HALTED.into();
                     rs.step = Some(format!("halted: {reason}"));

@@ -9,6 +9,8 @@
 //! unless `PGPILOT_TEST_OPERATOR_IMAGE` / `PGPILOT_TEST_AGENT_IMAGE` name others, and the pods
 //! must be routable from here (see operator/tests/operator.rs).
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,22 +32,6 @@ fn root() -> PathBuf {
         .parent()
         .expect("workspace")
         .to_path_buf()
-}
-
-/// A binary of this workspace's build, next to this test's own directory.
-fn built(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .join(name);
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo build -p pgpilot-agent; make test does)",
-        bin.display()
-    );
-    bin
 }
 
 /// One fenced block of the guide marked `test:<name>`.
@@ -110,13 +96,7 @@ struct Env {
 
 impl Env {
     async fn start() -> Env {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_env("PGPILOT_LOG")
-                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-            )
-            .with_test_writer()
-            .try_init();
+        support::init_tracing();
         let dir = tempfile::tempdir().expect("temp dir");
         let real = std::env::var_os("KUBECONFIG").filter(|k| !k.is_empty());
         let (client, server, kubelet, source) = match real {
@@ -142,7 +122,10 @@ impl Env {
                 }
                 let images = ImageTable::new()
                     .binary("ghcr.io/pgpilot/pgpilot-operator:*", op)
-                    .binary("ghcr.io/pgpilot/pgpilot-agent:*", built("pgpilot-agent"))
+                    .binary(
+                        "ghcr.io/pgpilot/pgpilot-agent:*",
+                        support::built("pgpilot-agent"),
+                    )
                     .directory("postgres:*", BIN, None);
                 let (server, kubelet) = start_cluster(images)
                     .await
@@ -185,28 +168,16 @@ impl Env {
     /// Runs `script` with bash in the test's directory, kubectl pointed at the test namespace;
     /// panics with its output when it fails.
     async fn sh(&self, script: &str) -> String {
-        let out = tokio::process::Command::new("bash")
-            .args(["-euo", "pipefail", "-c", script])
-            .current_dir(self.dir.path())
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("PATH", path_with_kubectl())
-            .output()
-            .await
-            .expect("bash");
+        let out = self.bash(&["-euo", "pipefail", "-c", script]).await;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
             // What a user would look at next.
-            let look = tokio::process::Command::new("bash")
-                .args([
+            let look = self
+                .bash(&[
                     "-c",
                     "kubectl get pods -o wide --show-labels; kubectl get postgresclusters -o yaml",
                 ])
-                .current_dir(self.dir.path())
-                .env("KUBECONFIG", &self.kubeconfig)
-                .env("PATH", path_with_kubectl())
-                .output()
-                .await
-                .expect("bash");
+                .await;
             panic!(
                 "{script}\nfailed: {}\n{stdout}\n--- then:\n{}",
                 String::from_utf8_lossy(&out.stderr),
@@ -216,8 +187,27 @@ impl Env {
         stdout
     }
 
+    /// bash with `args`, in the test's directory, kubectl pointed at the test namespace.
+    async fn bash(&self, args: &[&str]) -> std::process::Output {
+        tokio::process::Command::new("bash")
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("PATH", path_with_kubectl())
+            .output()
+            .await
+            .expect("bash")
+    }
+
     fn pods(&self) -> Api<Pod> {
         Api::namespaced(self.client.clone(), self.ns.name())
+    }
+}
+
+/// Every one of `items` appears in what kubectl printed.
+fn assert_lists(printed: &str, items: &[&str]) {
+    for item in items {
+        assert!(printed.contains(item), "{item} not in\n{printed}");
     }
 }
 
@@ -314,15 +304,16 @@ async fn the_chart_installs_the_operator_and_the_guide_works() {
             chart.display()
         ))
         .await;
-    for line in [
-        "customresourcedefinition.apiextensions.k8s.io/postgresclusters.pgpilot.io",
-        "deployment.apps/pgpilot created",
-        "serviceaccount/pgpilot created",
-        "role.rbac.authorization.k8s.io/pgpilot created",
-        "service/pgpilot-metrics created",
-    ] {
-        assert!(rendered.contains(line), "{line}\n{rendered}");
-    }
+    assert_lists(
+        &rendered,
+        &[
+            "customresourcedefinition.apiextensions.k8s.io/postgresclusters.pgpilot.io",
+            "deployment.apps/pgpilot created",
+            "serviceaccount/pgpilot created",
+            "role.rbac.authorization.k8s.io/pgpilot created",
+            "service/pgpilot-metrics created",
+        ],
+    );
     let status = env
         .sh("kubectl rollout status deployment/pgpilot --timeout=120s")
         .await;
@@ -434,15 +425,16 @@ async fn the_chart_installs_the_operator_and_the_guide_works() {
         .find(|(n, _)| n == "first-cluster")
         .expect("first-cluster ran")
         .1;
-    for what in [
-        "postgrescluster.pgpilot.io/orders",
-        "statefulset.apps/orders-shard-0",
-        "pod/orders-shard-0-0",
-        "pod/orders-shard-0-1",
-        "service/orders-shard-0-rw",
-    ] {
-        assert!(get.contains(what), "{what} not in\n{get}");
-    }
+    assert_lists(
+        get,
+        &[
+            "postgrescluster.pgpilot.io/orders",
+            "statefulset.apps/orders-shard-0",
+            "pod/orders-shard-0-0",
+            "pod/orders-shard-0-1",
+            "service/orders-shard-0-rw",
+        ],
+    );
 
     // 3. Every metric the alerts and the dashboard read is exported by the operator that leads
     //    now or by the agents (the guide gave `orders` a backup schedule, so the operator's

@@ -8,6 +8,8 @@
 //! What a user sees: the cluster's status and conditions, its Services, and the rows in each
 //! shard's Postgres.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,22 +29,6 @@ use tokio_util::sync::CancellationToken;
 
 const BIN: &str = "/usr/lib/postgresql/15/bin";
 const WAIT: Duration = Duration::from_secs(120);
-
-/// The agent binary of this workspace's build (next to this test's own directory).
-fn agent_bin() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test binary");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .join("pgpilot-agent");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo build -p pgpilot-agent; make test does)",
-        bin.display()
-    );
-    bin
-}
 
 async fn eventually<T, F, Fut>(what: &str, f: F) -> T
 where
@@ -73,13 +59,7 @@ impl Env {
     /// With `elected` > 0: that many operator replicas competing for the leader Lease (short
     /// timings), instead of one controller; `usize::MAX`: no operator in this process.
     async fn start_with(prefix: &str, elected: usize) -> Env {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_env("PGPILOT_LOG")
-                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-            )
-            .with_test_writer()
-            .try_init();
+        support::init_tracing();
         assert!(
             std::path::Path::new(BIN).join("postgres").exists(),
             "PostgreSQL 15 is missing: scripts/install-test-deps.sh"
@@ -95,7 +75,7 @@ impl Env {
             }
             None => {
                 let images = ImageTable::new()
-                    .binary("pgpilot/agent:*", agent_bin())
+                    .binary("pgpilot/agent:*", support::built("pgpilot-agent"))
                     .directory("postgres:*", BIN, None);
                 let (server, kubelet) = start_cluster(images)
                     .await

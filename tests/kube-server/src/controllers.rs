@@ -268,6 +268,24 @@ impl State {
         self.delete_graceful(k, None, None, tx);
     }
 
+    /// Writes `status` into `obj`'s status subresource when it differs; true if written.
+    pub(crate) fn set_status(
+        &mut self,
+        group: &str,
+        plural: &str,
+        obj: &Value,
+        status: Value,
+        tx: &broadcast::Sender<Arc<Change>>,
+    ) -> bool {
+        if obj.get("status") == Some(&status) {
+            return false;
+        }
+        let mut new = obj.clone();
+        new["status"] = status;
+        self.controller_update(group, plural, obj.clone(), new, Scope::Status, tx)
+            .is_ok()
+    }
+
     pub(crate) fn controller_update(
         &mut self,
         group: &str,

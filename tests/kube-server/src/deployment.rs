@@ -12,8 +12,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use crate::ssa::Scope;
-use crate::statefulset::{is_ready, template_hash};
+use crate::statefulset::{is_ready, owned_pods, pod_of, template_hash};
 use crate::store::{Change, Key, State};
 
 /// One step toward the desired pods of every Deployment; true if something changed.
@@ -37,19 +36,8 @@ pub(crate) fn reconcile(state: &mut State, tx: &broadcast::Sender<Arc<Change>>) 
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
-        let live: Vec<_> = pods
-            .iter()
-            .filter(|(pk, p)| {
-                pk.2 == ns
-                    && p.pointer("/metadata/deletionTimestamp").is_none()
-                    && p.pointer("/metadata/ownerReferences")
-                        .and_then(Value::as_array)
-                        .is_some_and(|rs| {
-                            rs.iter()
-                                .any(|r| r.get("uid").and_then(Value::as_str) == Some(&uid))
-                        })
-            })
-            .collect();
+        let mut live = owned_pods(&pods, &ns, &uid);
+        live.retain(|(_, p)| p.pointer("/metadata/deletionTimestamp").is_none());
         let current = |p: &Value| {
             p.pointer("/metadata/labels/pod-template-hash")
                 .and_then(Value::as_str)
@@ -115,15 +103,8 @@ pub(crate) fn reconcile(state: &mut State, tx: &broadcast::Sender<Arc<Change>>) 
                     if complete { "NewReplicaSetAvailable" } else { "ReplicaSetUpdated" }),
             ],
         });
-        if d.get("status") != Some(&status) {
-            let mut updated = d.clone();
-            updated["status"] = status;
-            if state
-                .controller_update("apps", "deployments", d.clone(), updated, Scope::Status, tx)
-                .is_ok()
-            {
-                return true;
-            }
+        if state.set_status("apps", "deployments", &d, status, tx) {
+            return true;
         }
     }
     false
@@ -131,17 +112,10 @@ pub(crate) fn reconcile(state: &mut State, tx: &broadcast::Sender<Arc<Change>>) 
 
 /// A pod of the template, with the hash label and the Deployment as its controller.
 fn pod_from_template(template: &Value, name: &str, uid: &str, hash: &str) -> Value {
-    let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": template.get("metadata").cloned().unwrap_or(json!({})),
-        "spec": template.get("spec").cloned().unwrap_or(json!({}))});
+    let mut pod = pod_of(template, "Deployment", name, uid);
     let meta = pod["metadata"].as_object_mut().expect("metadata object");
     meta.remove("name");
     meta.insert("generateName".into(), json!(format!("{name}-{hash}-")));
-    meta.insert(
-        "ownerReferences".into(),
-        json!([{"apiVersion": "apps/v1", "kind": "Deployment", "name": name, "uid": uid,
-            "controller": true, "blockOwnerDeletion": true}]),
-    );
     let labels = meta.entry("labels").or_insert(json!({}));
     labels["pod-template-hash"] = json!(hash);
     pod

@@ -14,7 +14,6 @@ use tokio::sync::broadcast;
 
 use crate::error::{ApiError, ApiResult};
 use crate::selectors::LabelSelector;
-use crate::ssa::Scope;
 use crate::statefulset::is_ready;
 use crate::store::{Change, EventType, Key, Propagation, State, Store, meta_mut, meta_str};
 
@@ -226,22 +225,8 @@ pub(crate) fn reconcile_budgets(state: &mut State, tx: &broadcast::Sender<Arc<Ch
             "observedGeneration": status["observedGeneration"],
             "lastTransitionTime": crate::store::now(),
         }))]);
-        if pdb.get("status") != Some(&status) {
-            let mut new = pdb.clone();
-            new["status"] = status;
-            if state
-                .controller_update(
-                    "policy",
-                    "poddisruptionbudgets",
-                    pdb,
-                    new,
-                    Scope::Status,
-                    tx,
-                )
-                .is_ok()
-            {
-                return true;
-            }
+        if state.set_status("policy", "poddisruptionbudgets", &pdb, status, tx) {
+            return true;
         }
     }
     false

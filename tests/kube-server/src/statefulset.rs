@@ -12,7 +12,6 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use crate::ssa::Scope;
 use crate::store::{Change, Key, State};
 
 /// A short stable hash of a pod template (FNV-1a, 10 hex digits), as the controllers label
@@ -55,18 +54,7 @@ pub(crate) fn reconcile(state: &mut State, tx: &broadcast::Sender<Arc<Change>>) 
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
-        let owned: Vec<_> = pods
-            .iter()
-            .filter(|(pk, p)| {
-                pk.2 == ns
-                    && p.pointer("/metadata/ownerReferences")
-                        .and_then(Value::as_array)
-                        .is_some_and(|rs| {
-                            rs.iter()
-                                .any(|r| r.get("uid").and_then(Value::as_str) == Some(&uid))
-                        })
-            })
-            .collect();
+        let owned = owned_pods(&pods, &ns, &uid);
         let ordinal = |pod_name: &str| {
             pod_name
                 .strip_prefix(&format!("{name}-"))
@@ -156,18 +144,41 @@ pub(crate) fn reconcile(state: &mut State, tx: &broadcast::Sender<Arc<Change>>) 
             "updateRevision": rev,
             "collisionCount": 0,
         });
-        if sts.get("status") != Some(&status) {
-            let mut new = sts.clone();
-            new["status"] = status;
-            if state
-                .controller_update("apps", "statefulsets", sts.clone(), new, Scope::Status, tx)
-                .is_ok()
-            {
-                return true;
-            }
+        if state.set_status("apps", "statefulsets", &sts, status, tx) {
+            return true;
         }
     }
     false
+}
+
+/// The pods in `ns` whose owner references name `uid` (terminating ones too).
+pub(crate) fn owned_pods<'a>(
+    pods: &'a [(Key, Value)],
+    ns: &str,
+    uid: &str,
+) -> Vec<&'a (Key, Value)> {
+    pods.iter()
+        .filter(|(pk, p)| {
+            pk.2 == ns
+                && p.pointer("/metadata/ownerReferences")
+                    .and_then(Value::as_array)
+                    .is_some_and(|rs| {
+                        rs.iter()
+                            .any(|r| r.get("uid").and_then(Value::as_str) == Some(uid))
+                    })
+        })
+        .collect()
+}
+
+/// A pod made of a workload's template, with the workload (`kind` `name`, `uid`) as its
+/// controller; the caller names it and adds its controller's labels.
+pub(crate) fn pod_of(template: &Value, kind: &str, name: &str, uid: &str) -> Value {
+    let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": template.get("metadata").cloned().unwrap_or(json!({})),
+        "spec": template.get("spec").cloned().unwrap_or(json!({}))});
+    pod["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": kind,
+        "name": name, "uid": uid, "controller": true, "blockOwnerDeletion": true}]);
+    pod
 }
 
 /// Running with a `Ready=True` condition: what the real controller waits for (set by the
@@ -234,16 +245,9 @@ fn pod_from_template(
     i: u64,
 ) -> Value {
     let pod_name = format!("{name}-{i}");
-    let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": template.get("metadata").cloned().unwrap_or(json!({})),
-        "spec": template.get("spec").cloned().unwrap_or(json!({}))});
+    let mut pod = pod_of(template, "StatefulSet", name, uid);
     let meta = pod["metadata"].as_object_mut().expect("metadata object");
     meta.insert("name".into(), json!(pod_name));
-    meta.insert(
-        "ownerReferences".into(),
-        json!([{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": name, "uid": uid,
-            "controller": true, "blockOwnerDeletion": true}]),
-    );
     let labels = meta.entry("labels").or_insert(json!({}));
     labels["controller-revision-hash"] = json!(rev);
     labels["statefulset.kubernetes.io/pod-name"] = json!(pod_name);
