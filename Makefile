@@ -65,9 +65,18 @@ lint: ## rustfmt check, clippy with warnings as errors, the operator's build of 
 	CARGO=$(CARGO) ./scripts/check-light-contract.sh
 
 .PHONY: test
-test: deps-test lint chart images-check ## Everything CI runs: install test deps, lint, the chart's checks, all tests against real servers
+test: deps-test lint chart images-check ## Everything CI runs: install test deps, lint, the chart's checks, all tests against real servers, the trials' short mode
 	$(CARGO) nextest run --workspace --profile $(NEXTEST_PROFILE)
 	$(CARGO) test --workspace --doc
+	./scripts/chaos.sh --quick
+
+.PHONY: chaos
+chaos: deps-test ## Reliability trials R1-R5, disk full and the Kubernetes failover trial, full run counts (~1 h); prints the table (docs/chaos.md)
+	./scripts/chaos.sh --kubernetes
+
+.PHONY: chaos-quick
+chaos-quick: deps-test ## The trials' short mode (part of make test): a few runs of each, the same checkers
+	./scripts/chaos.sh --quick
 
 .PHONY: bench
 bench: bench-codec bench-side-by-side ## All benchmarks: codec pipeline + side-by-side vs pgBackRest/barman-cloud/pg_basebackup

@@ -98,6 +98,13 @@ if ! "$chart_venv/bin/python" -c 'import helm_python, kubernetes_validate' 2>/de
   "$chart_venv/bin/pip" install --quiet --disable-pip-version-check \
     helm-python-sdk==0.2.2 kubernetes-validate==1.37.0
 fi
+# The chaos trials' API fuzzer (make chaos, R5): schemathesis, driven by docs/openapi.json.
+chaos_venv="$tools/chaos-venv"
+if ! "$chaos_venv/bin/schemathesis" --version 2>/dev/null | grep -q '4.32.5'; then
+  say "pip install schemathesis into $chaos_venv"
+  /usr/bin/python3 -m venv "$chaos_venv"
+  "$chaos_venv/bin/pip" install --quiet --disable-pip-version-check schemathesis==4.32.5
+fi
 # The postgres user must be able to run the server binaries.
 chmod -R a+rX "$tools"
 say "test tools ready in $tools"

@@ -915,6 +915,16 @@ fn replication_settings(
             pgpilot_common::client::url_host(&advertise_url).unwrap_or_else(|| "127.0.0.1".into())
         }
     };
+    let max_drain = pgpilot_common::api::MAX_DRAIN_TIMEOUT_SECS;
+    if !(1..=max_drain).contains(&file.drain_timeout_secs) {
+        return Err(ConfigError::Invalid {
+            key: "replication.drain_timeout_secs",
+            message: format!(
+                "{} must be 1 to {max_drain} seconds",
+                file.drain_timeout_secs
+            ),
+        });
+    }
     if primary.as_deref() == Some(advertise_url.as_str()) {
         return Err(ConfigError::Invalid {
             key: "replication.primary",

@@ -19,6 +19,9 @@ pub enum AgentError {
     NotFound(String),
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// A request body over [`crate::http::MAX_BODY_BYTES`] (413); nothing was read past it.
+    #[error("{0}")]
+    PayloadTooLarge(String),
     /// The request does not fit the agent's state, or another operation is in flight; nothing
     /// was done (409). `message` names what is in the way.
     #[error("{message} (agent state: {state})")]
@@ -58,6 +61,7 @@ impl AgentError {
             AgentError::Unauthorized(_) => "unauthorized",
             AgentError::NotFound(_) => "not_found",
             AgentError::MethodNotAllowed(_) => "method_not_allowed",
+            AgentError::PayloadTooLarge(_) => "payload_too_large",
             AgentError::Conflict { .. } => "conflict",
             AgentError::Refused(_) => "refused",
             AgentError::PreconditionFailed(_) => "precondition_failed",

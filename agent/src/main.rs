@@ -377,10 +377,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             name,
             dest,
         } => {
-            match pgpilot_agent::archive::cmd::wal_fetch(&runtime, &name, &dest).await? {
-                pgpilot_agent::archive::cmd::Fetched::Done => Ok(()),
+            use pgpilot_agent::archive::cmd::{self as wal, Fetched};
+            match wal::wal_fetch(&runtime, &name, &dest).await {
+                Ok(Fetched::Done) => Ok(()),
                 // Postgres asks for files past the end of the archive on purpose; say nothing.
-                pgpilot_agent::archive::cmd::Fetched::Missing => std::process::exit(1),
+                Ok(Fetched::Missing) => std::process::exit(1),
+                // Postgres runs restore_command in the data dir.
+                Err(e) if wal::in_archive_recovery(std::path::Path::new(".")) => {
+                    eprintln!(
+                        "error: {e:#}; stopping recovery here rather than ending it early at {name} (exit {})",
+                        wal::FETCH_FATAL_EXIT
+                    );
+                    std::process::exit(wal::FETCH_FATAL_EXIT.into())
+                }
+                Err(e) => Err(e),
             }
         }
         Command::Restore {

@@ -13,7 +13,7 @@ use pgpilot_common::client::ClientError;
 use pgpilot_common::wal::{DEFAULT_SEGMENT_SIZE, WalFile};
 use pgpilot_test_support::agent::{AgentFixture, AgentOptions, LONG};
 use pgpilot_test_support::agent_bin;
-use pgpilot_test_support::data::random_segment;
+use pgpilot_test_support::data::{random_segment, random_segment_named};
 use pgpilot_test_support::s3::S3Server;
 use pgpilot_test_support::store::{BackupStore, default_layout as layout, open as open_store};
 
@@ -337,7 +337,9 @@ async fn wal_fetch_restores_archived_files_and_prefetches_the_next() {
     let mut contents = Vec::new();
     for n in 0..3u8 {
         let rel = format!("pg_wal/{}", fake_segment(0xD + n));
-        let data = random_segment();
+        let sysid =
+            pgpilot_agent::archive::identity::local_system_identifier(&fx.data_dir()).unwrap();
+        let data = random_segment_named(&fake_segment(0xD + n), sysid);
         std::fs::write(fx.data_dir().join(&rel), &data).unwrap();
         fx.client()
             .wal_push(&WalPushRequest { path: rel.clone() })
@@ -571,4 +573,62 @@ async fn sigterm_during_uploads_to_a_stopped_s3_server_exits_promptly() {
         assert_eq!(after.get(key), Some(sha), "{key} changed or vanished");
     }
     assert!(before.contains_key(&layout().wal_key(&archived)));
+}
+
+/// Two clusters configured with the same store, cluster name and shard (a copied config, a data
+/// dir initialised again): the archive belongs to the first one's database system, so every
+/// push and backup of the second is refused before anything is written, loudly (log line,
+/// conflicts metric), and the first keeps archiving. Without this, the second's segments past
+/// the first's position landed in its archive and the first's own push of those names failed
+/// for good (found by the R4 trial, docs/chaos.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_cluster_on_the_same_archive_is_refused() {
+    let backups = BackupStore::file().unwrap();
+    let first = agent(15, &backups).await;
+    switch_and_wait_archived(&first).await;
+    let owner = std::fs::read(backups.root().join(layout().identity_key())).unwrap();
+    assert!(!owner.is_empty(), "the archive records its owner");
+    let keys_before = backups.keys_under(&layout().wal_prefix()).await;
+
+    let second = agent(15, &backups).await;
+    let sql = second.sql().await.unwrap();
+    for _ in 0..keys_before.len() + 2 {
+        sql.batch_execute("CREATE TABLE IF NOT EXISTS x (i int); INSERT INTO x VALUES (1); SELECT pg_switch_wal()")
+            .await
+            .unwrap();
+    }
+    let started = second
+        .client()
+        .start_backup(&pgpilot_common::api::BackupRequest::default())
+        .await
+        .unwrap();
+    let done = second.wait_backup(&started.id).await.unwrap();
+    assert_eq!(
+        done.state,
+        pgpilot_common::api::BackupState::Failed,
+        "{done:?}"
+    );
+    assert!(
+        done.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("another cluster"),
+        "{done:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !second.logs().contains("another cluster") {
+        assert!(Instant::now() < deadline, "{}", second.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = second.metrics().await.unwrap();
+    assert!(
+        !metrics.contains("pgpilot_wal_archive_conflicts_total 0"),
+        "{metrics}"
+    );
+    // Nothing of the second's WAL is in the archive; the first goes on.
+    let keys_after = backups.keys_under(&layout().wal_prefix()).await;
+    assert_eq!(keys_after, keys_before);
+    drop(second);
+    let last = switch_and_wait_archived(&first).await;
+    assert_chain_complete(&backups.open(), &last).await;
 }

@@ -952,6 +952,114 @@ async fn drain_trials() {
     s.ns.cleanup().await.expect("cleanup");
 }
 
+/// Reliability trial (`make chaos`, docs/chaos.md), not part of `make test`: the primary's pod
+/// killed with kill -9 (every process of the pod, no hooks: a crash; the kubelet restarts its
+/// containers) or frozen past the Lease (a hung node, thawed once another pod took over), at
+/// random, while a probe writes to every pod's Postgres directly. After each run: never two
+/// writers (once another pod acknowledged a write the earlier never does again), every write
+/// acknowledged anywhere is on the primary, and all three pods are ready again.
+#[tokio::test]
+#[ignore = "chaos: make chaos"]
+async fn chaos_failover_under_kill_and_freeze() {
+    use pgpilot_test_support::chaos::Trial;
+    use rand::Rng;
+    let mut t = Trial::new(
+        "R6 failover under kill -9 and freeze",
+        "never two writers (a probe writes to every pod); every acknowledged write on the primary; all pods ready again",
+        10,
+        2,
+    );
+    let s = Shard::start("chaos-failover").await;
+    let first = s.primary(None).await;
+    s.sql(&first)
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE probe (pod text, n int)")
+        .await
+        .unwrap();
+    // The two-writer check catches a planted overlap.
+    let now = Instant::now();
+    let planted: Vec<Ack> = vec![
+        ("db-0".into(), 1, now),
+        ("db-1".into(), 2, now),
+        ("db-0".into(), 3, now),
+    ];
+    t.self_test(
+        "never two writers",
+        std::panic::catch_unwind(|| writers_in_turn(&planted)).is_err(),
+    );
+    let mut total = 0usize;
+    for run in 1..=t.runs() {
+        let old = s.primary(None).await;
+        let probe = Probe::start(&s, &["db-0", "db-1", "db-2"]).await;
+        tokio::time::sleep(Duration::from_millis(t.rng().random_range(500..2000))).await;
+        let kill = t.rng().random_bool(0.5);
+        let faulted = Instant::now();
+        let result = async {
+            if kill {
+                t.count("kill -9 of the primary's pod");
+                s.kubelet
+                    .kill(s.ns(), &old, None)
+                    .map_err(|e| e.to_string())?;
+            } else {
+                t.count("primary's pod frozen past the Lease");
+                s.kubelet
+                    .freeze(s.ns(), &old, true)
+                    .map_err(|e| e.to_string())?;
+                let new = probe.new_primary(&s, &old).await;
+                s.kubelet
+                    .freeze(s.ns(), &old, false)
+                    .map_err(|e| e.to_string())?;
+                let _ = new;
+            }
+            // A write acknowledged after the fault names the primary now.
+            let new = eventually("a probe write acknowledged after the fault", || async {
+                let acked = probe.acked.lock().unwrap();
+                acked
+                    .iter()
+                    .rev()
+                    .find(|(_, _, at)| *at > faulted + Duration::from_millis(100))
+                    .map(|(p, _, _)| p.clone())
+            })
+            .await;
+            t.count(if new == old {
+                "the same pod came back as primary"
+            } else {
+                "another pod took over"
+            });
+            eventually("every pod ready, one primary", || async {
+                let pods = s.api::<Pod>().list(&ListParams::default()).await.ok()?;
+                (pods.items.len() == 3 && pods.items.iter().all(is_ready)).then_some(())
+            })
+            .await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok::<_, String>(s.primary(None).await)
+        }
+        .await;
+        // Stopped whatever happened, so the next run's counts are its own.
+        let acked = probe.stop().await;
+        total += acked.len();
+        let result = match result {
+            Ok(primary) => match std::panic::catch_unwind(|| writers_in_turn(&acked)) {
+                Err(_) => Err(format!(
+                    "two writers: {:?}",
+                    acked.iter().map(|a| &a.0).collect::<Vec<_>>()
+                )),
+                Ok(order) => match s.rows(&primary, "probe").await {
+                    Some(rows) if rows == total as i64 => Ok(()),
+                    rows => Err(format!(
+                        "{primary} holds {rows:?} probe rows, {total} were acknowledged (writers in turn: {order:?})"
+                    )),
+                },
+            },
+            Err(e) => Err(e),
+        };
+        t.check(run, result);
+    }
+    s.ns.cleanup().await.expect("cleanup");
+    t.finish();
+}
+
 /// The benchmark's summary line: `<NAME> trials=… p50=… p99=… min=… max=…` (seconds).
 fn summary(name: &str, mut times: Vec<f64>) {
     times.sort_by(f64::total_cmp);

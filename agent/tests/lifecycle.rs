@@ -228,6 +228,21 @@ async fn stop_and_start_keep_the_data(major: u32) {
     let status = fx.wait_running(LONG).await.unwrap();
     assert_eq!(status.requested_restarts, 1);
     assert_eq!(status.crash_restarts, 0);
+
+    // A smart restart with no client session left: the agent's own session does not hold it
+    // up (it did, until the grace ran out and the shutdown went immediate; docs/chaos.md).
+    drop(sql);
+    fx.client()
+        .restart(&ShutdownRequest {
+            mode: ShutdownMode::Smart,
+            cancel_backup: false,
+        })
+        .await
+        .unwrap();
+    let logs = fx.logs();
+    assert!(!logs.contains("switching to immediate"), "{logs}");
+    assert!(!logs.contains("automatic recovery in progress"), "{logs}");
+    assert_eq!(fx.wait_running(LONG).await.unwrap().requested_restarts, 2);
 }
 
 async fn restarts_postgres_after_kill_9(major: u32) {
@@ -438,9 +453,24 @@ async fn malformed_bodies_get_400_and_change_nothing(major: u32) {
             );
         }
     }
+    // A body over the limit: 413 before it is read, on a route that reads a body or not.
+    for path in ["/v1/restart", "/v1/demote"] {
+        let resp = http
+            .post(fx.url(path))
+            .bearer_auth(&fx.token)
+            .header("content-type", "application/json")
+            .body(format!("{{\"pad\": \"{}\"}}", "x".repeat(1 << 20)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 413, "{path}");
+        let err: ErrorBody = resp.json().await.unwrap();
+        assert_eq!(err.error, "payload_too_large", "{err:?}");
+    }
     let after = fx.client().status().await.unwrap();
     assert_eq!(after.postmaster_pid, before.postmaster_pid);
     assert_eq!(after.requested_restarts, 0);
+    assert_eq!(after.state, before.state, "nothing was demoted");
     // Unknown routes and methods get the same JSON body.
     let resp = http.get(fx.url("/v1/nope")).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 404);

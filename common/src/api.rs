@@ -504,11 +504,15 @@ pub struct DrainRequest {
     /// archiving its WAL) instead of failing the drain.
     #[serde(default)]
     pub force: bool,
-    /// How long the drain may wait for a replica to take over and for the archive, in seconds;
-    /// absent: `[replication] drain_timeout_secs`.
+    /// How long the drain may wait for a replica to take over and for the archive, in seconds
+    /// (1 to 86400); absent: `[replication] drain_timeout_secs`.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 86400)]
     pub timeout_secs: Option<u64>,
 }
+
+/// The longest drain timeout a request may ask for (a day).
+pub const MAX_DRAIN_TIMEOUT_SECS: u64 = 86_400;
 
 /// The drain handshake of this instance (`GET /v1/drain`, `/v1/status` `drain`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

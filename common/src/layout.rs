@@ -55,6 +55,12 @@ impl Layout {
         key.strip_prefix(&self.wal_prefix())?.strip_suffix(EXT)
     }
 
+    /// The object recording which database system (its system identifier) this shard's archive
+    /// belongs to; pushes and backups of another system are refused.
+    pub fn identity_key(&self) -> String {
+        format!("{}/system-identifier{EXT}", self.base())
+    }
+
     /// Prefix of all backups (with a trailing slash).
     pub fn backups_prefix(&self) -> String {
         format!("{}/backups/", self.base())

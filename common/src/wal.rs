@@ -151,6 +151,87 @@ impl WalFile {
     }
 }
 
+/// The long page header at the start of every WAL segment (`XLogLongPageHeaderData`): where
+/// the segment starts, and which database system wrote it. Postgres reads a segment whose
+/// header names another position or system as the end of WAL, not as an error, so a restore
+/// given a swapped or foreign segment would end early and promote; the fetcher checks the
+/// header before handing a segment over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub page_addr: Lsn,
+    pub system_identifier: u64,
+    pub seg_size: u64,
+}
+
+impl SegmentHeader {
+    /// Bytes to read from the start of a segment for [`SegmentHeader::parse`].
+    pub const LEN: usize = 40;
+
+    /// Parses the long header (machine byte order, as Postgres writes it); `None` when `b` does
+    /// not start with one.
+    pub fn parse(b: &[u8]) -> Option<SegmentHeader> {
+        const XLP_LONG_HEADER: u16 = 0x0002;
+        let b = b.get(..Self::LEN)?;
+        let u16_at = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+        let u32_at = |i: usize| u32::from_ne_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        if u16_at(2) & XLP_LONG_HEADER == 0 {
+            return None;
+        }
+        let seg_size = u64::from(u32_at(32));
+        (seg_size.is_power_of_two() && (1 << 20..=1 << 30).contains(&seg_size)).then(|| {
+            SegmentHeader {
+                page_addr: Lsn(u64_at(8)),
+                system_identifier: u64_at(24),
+                seg_size,
+            }
+        })
+    }
+}
+
+/// Checks that `first` (the first [`SegmentHeader::LEN`] bytes of a file restored as WAL file
+/// `name`) is that segment, of database system `system_identifier` when it is known. Files
+/// other than segments and `.partial` files pass. The error says what the file holds instead.
+pub fn check_segment(
+    name: &str,
+    first: &[u8],
+    system_identifier: Option<u64>,
+) -> Result<(), String> {
+    let Some(WalFile::Segment(_) | WalFile::Partial(_)) =
+        WalFile::parse(name, DEFAULT_SEGMENT_SIZE)
+    else {
+        return Ok(());
+    };
+    let header = SegmentHeader::parse(first).ok_or_else(|| {
+        format!("the content restored as {name} does not start with a WAL segment header")
+    })?;
+    let seg = match WalFile::parse(name, header.seg_size).and_then(|f| f.segment()) {
+        Some(seg) => seg,
+        None => {
+            return Err(format!(
+                "{name} is not a segment name for {} byte segments",
+                header.seg_size
+            ));
+        }
+    };
+    let expected = seg.start_lsn(header.seg_size);
+    if header.page_addr != expected {
+        return Err(format!(
+            "the content restored as {name} is the WAL segment starting at {}, not at {expected}: the object was swapped with another one",
+            header.page_addr
+        ));
+    }
+    if let Some(sysid) = system_identifier
+        && header.system_identifier != sysid
+    {
+        return Err(format!(
+            "the content restored as {name} was written by database system {}, and this one is {sysid}: the object belongs to another cluster",
+            header.system_identifier
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,5 +299,42 @@ mod tests {
         ] {
             assert_eq!(WalFile::parse(bad, SZ), None, "{bad}");
         }
+    }
+
+    fn header(page_addr: u64, sysid: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[2..4].copy_from_slice(&0x0002u16.to_ne_bytes());
+        b[8..16].copy_from_slice(&page_addr.to_ne_bytes());
+        b[24..32].copy_from_slice(&sysid.to_ne_bytes());
+        b[32..36].copy_from_slice(&(SZ as u32).to_ne_bytes());
+        b
+    }
+
+    #[test]
+    fn a_restored_segment_must_be_the_one_asked_for() {
+        let name = "000000010000000000000003";
+        assert_eq!(check_segment(name, &header(3 * SZ, 7), Some(7)), Ok(()));
+        assert_eq!(check_segment(name, &header(3 * SZ, 7), None), Ok(()));
+        let swapped = check_segment(name, &header(4 * SZ, 7), Some(7)).unwrap_err();
+        assert!(
+            swapped.contains("0/4000000") && swapped.contains("swapped"),
+            "{swapped}"
+        );
+        let foreign = check_segment(name, &header(3 * SZ, 8), Some(7)).unwrap_err();
+        assert!(foreign.contains("another cluster"), "{foreign}");
+        let junk = check_segment(name, &[0u8; 64], Some(7)).unwrap_err();
+        assert!(junk.contains("header"), "{junk}");
+        assert!(
+            check_segment("000000010000000000000003.partial", &header(4 * SZ, 7), None).is_err()
+        );
+        // History and backup history files are not segments.
+        assert_eq!(
+            check_segment("00000002.history", b"1\t0/3000000\tx\n", Some(7)),
+            Ok(())
+        );
+        assert_eq!(
+            check_segment("000000010000000000000003.00000028.backup", b"START", None),
+            Ok(())
+        );
     }
 }

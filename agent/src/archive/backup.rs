@@ -470,6 +470,10 @@ async fn take(deps: &BackupDeps, run: &Run) -> Result<BackupManifest, BackupErro
         system_identifier: row.get(2),
         wal_segment_size: row.get::<_, i64>(3) as u64,
     };
+    // Never into another database system's archive (archive/identity.rs).
+    super::identity::check(store, layout, &facts.system_identifier)
+        .await
+        .map_err(|e| BackupError::Invalid(e.to_string()))?;
     // A standby backup: Postgres marks its backup_label `BACKUP FROM: standby`, and recovery
     // from it ends at the minRecoveryPoint of the copied pg_control, so pg_control is copied
     // after every other file (as pg_basebackup does).

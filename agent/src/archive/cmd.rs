@@ -73,6 +73,22 @@ pub enum Fetched {
     Missing,
 }
 
+/// The exit status of `wal-fetch` when a file the archive holds cannot be restored (damaged,
+/// wrong key, store unreachable) during archive recovery. Postgres ends recovery at the first
+/// file restore_command does not deliver with an ordinary failure, so a damaged segment in the
+/// middle of the archive would end a restore early, promote, and report success without the
+/// commits after it. An exit status above 125 makes Postgres stop recovery with FATAL instead
+/// ("could not restore file … from archive"; see RestoreArchivedFile in PostgreSQL), and the
+/// agent fails the restore, naming the file.
+pub const FETCH_FATAL_EXIT: u8 = 200;
+
+/// Whether the data dir `dir` is in archive recovery (a restore: `recovery.signal` without
+/// `standby.signal`). A standby instead falls back to streaming from its primary when
+/// restore_command fails, so there a failed fetch stays an ordinary failure.
+pub fn in_archive_recovery(dir: &Path) -> bool {
+    dir.join("recovery.signal").exists() && !dir.join("standby.signal").exists()
+}
+
 /// Restores WAL file `name` (`%f`) into `dest` (`%p`).
 pub async fn wal_fetch(runtime: &Path, name: &str, dest: &Path) -> anyhow::Result<Fetched> {
     let rt = ArchiveRuntime::read(runtime)?;

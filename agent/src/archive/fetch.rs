@@ -323,6 +323,13 @@ impl WalFetcher {
             .await
         {
             Ok(_) => {
+                let data_dir = self.spool.parent().unwrap_or(Path::new("."));
+                if let Err(why) = check_restored_segment(data_dir, name, &partial) {
+                    let _ = std::fs::remove_file(&partial);
+                    let key = layout.wal_key(name);
+                    tracing::error!(wal = name, "refusing {key}: {why}");
+                    return Err(FetchError::Failed(format!("{key}: {why}")));
+                }
                 std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o600))
                     .map_err(failed)?;
                 if let Some(owner) = &self.owner {
@@ -384,9 +391,29 @@ pub async fn fetch_direct(
             "{name:?} is not a WAL file name"
         )));
     }
-    match store.get_to_file(&layout.wal_key(name), dest).await {
-        Ok(_) => Ok(()),
+    let key = layout.wal_key(name);
+    match store.get_to_file(&key, dest).await {
+        // restore_command runs in the data dir.
+        Ok(_) => check_restored_segment(Path::new("."), name, dest).map_err(|why| {
+            let _ = std::fs::remove_file(dest);
+            FetchError::Failed(format!("{key}: {why}"))
+        }),
         Err(StoreError::NotFound { .. }) => Err(FetchError::NotFound(name.to_string())),
         Err(e) => Err(FetchError::Failed(e.to_string())),
     }
+}
+
+/// Checks that the file restored as WAL file `name` at `path` is that segment of this data
+/// dir's database system (`global/pg_control`; unchecked when it cannot be read), so that a
+/// swapped or foreign object is an error rather than an early end of recovery
+/// ([`pgpilot_common::wal::check_segment`]).
+fn check_restored_segment(data_dir: &Path, name: &str, path: &Path) -> Result<(), String> {
+    use pgpilot_common::wal::{SegmentHeader, check_segment};
+    use std::io::Read;
+    let mut first = Vec::with_capacity(SegmentHeader::LEN);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(SegmentHeader::LEN as u64).read_to_end(&mut first))
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let sysid = super::identity::local_system_identifier(data_dir).ok();
+    check_segment(name, &first, sysid)
 }

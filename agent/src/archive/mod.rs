@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod cli;
 pub mod cmd;
 pub mod fetch;
+pub mod identity;
 pub mod push;
 pub mod retention;
 pub mod runtime;

@@ -26,6 +26,7 @@ use pgpilot_common::wal::WalFile;
 use tokio::sync::Semaphore;
 
 use super::background::Background;
+use super::identity::{self, IdentityError};
 use crate::config::VerifyMode;
 use crate::metrics::ArchiveMetrics;
 use crate::store::{PutMode, PutOutcome, Store, StoreError};
@@ -55,6 +56,8 @@ pub struct WalArchiver {
     metrics: ArchiveMetrics,
     background: Background,
     state: Mutex<ArchiverState>,
+    /// Set once the archive is known to belong to this data dir's database system.
+    owner_checked: tokio::sync::OnceCell<()>,
 }
 
 #[derive(Default)]
@@ -94,6 +97,7 @@ impl WalArchiver {
             metrics,
             background,
             state: Mutex::new(ArchiverState::default()),
+            owner_checked: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -260,6 +264,16 @@ impl WalArchiver {
         let started = Instant::now();
         let key = self.layout.wal_key(name);
         let m = &self.metrics;
+        if let Err(e) = self.check_owner().await {
+            m.failures.inc();
+            if matches!(e, IdentityError::Foreign { .. }) {
+                m.conflicts.inc();
+                tracing::error!(wal = name, "{e}");
+                return Err(PushError::Conflict(e.to_string()));
+            }
+            tracing::warn!(wal = name, "archiving failed: {e}");
+            return Err(PushError::Failed(e.to_string()));
+        }
         let outcome = self.store.put_file(&key, path, PutMode::CreateOnly).await;
         let outcome = match outcome {
             Ok(o) => o,
@@ -312,6 +326,24 @@ impl WalArchiver {
             upload_ms: elapsed.as_millis() as u64,
             waited_ms: 0,
         })
+    }
+
+    /// Checks once that the archive belongs to this data dir's database system (its
+    /// `global/pg_control`), recording it in an archive that has no owner yet.
+    async fn check_owner(&self) -> Result<(), IdentityError> {
+        self.owner_checked
+            .get_or_try_init(|| async {
+                let data_dir = self.pg_wal.parent().unwrap_or(Path::new("."));
+                let local = identity::local_system_identifier(data_dir).map_err(|e| {
+                    IdentityError::Store {
+                        key: data_dir.join("global/pg_control").display().to_string(),
+                        cause: e.to_string(),
+                    }
+                })?;
+                identity::check(&self.store, &self.layout, &local.to_string()).await
+            })
+            .await
+            .map(|_| ())
     }
 
     /// The check a push must pass before Postgres may delete the file.

@@ -9,6 +9,7 @@ use futures::StreamExt;
 use pgpilot_common::archive::hex;
 use pgpilot_common::layout::Layout;
 use pgpilot_common::manifest::BackupManifest;
+use pgpilot_common::wal::check_segment;
 
 use super::catalog::{self, chain};
 use crate::store::{Store, StoreError};
@@ -22,8 +23,12 @@ pub enum VerifyError {
     NoBackup(String),
     #[error("backup {id} not found in {store}")]
     NotFound { id: String, store: String },
-    #[error("backup {id} has no usable manifest ({reason}): it is not a complete backup")]
-    Incomplete { id: String, reason: String },
+    #[error("backup {id} has no usable manifest {key} ({reason}): it is not a complete backup")]
+    Incomplete {
+        id: String,
+        key: String,
+        reason: String,
+    },
 }
 
 /// The result of checking one object.
@@ -102,6 +107,7 @@ pub async fn verify(
     };
     let Some(m) = b.manifest else {
         return Err(VerifyError::Incomplete {
+            key: store.object_name(&layout.manifest_key(&b.id)),
             id: b.id,
             reason: b
                 .manifest_error
@@ -197,14 +203,23 @@ async fn verify_wal(
     if m.timeline > 1 {
         names.insert(0, format!("{:08X}.history", m.timeline));
     }
+    let sysid: Option<u64> = m.system_identifier.parse().ok();
     let checked = futures::stream::iter(names)
         .map(|name| async move {
             let key = layout.wal_key(&name);
             let object = store.object_name(&key);
-            let (size, problem) = match store.verify(&key).await {
+            let (size, mut problem) = match store.verify(&key).await {
                 Ok(s) => (s.plaintext_len, None),
                 Err(e) => (0, Some(strip_object(&e.to_string(), &object))),
             };
+            // Intact as an object, but is it this segment of this database system? (A
+            // swapped or foreign segment reads as the end of WAL to Postgres.)
+            if problem.is_none() && name.len() == 24 {
+                problem = match store.get_bytes(&key).await {
+                    Ok((bytes, _)) => check_segment(&name, &bytes, sysid).err(),
+                    Err(e) => Some(strip_object(&e.to_string(), &object)),
+                };
+            }
             Checked {
                 name,
                 object,

@@ -634,6 +634,10 @@ impl Executor {
         let was_primary = self.state.role() == Some(Role::Primary);
         self.set_state(AgentState::Stopping);
         tracing::info!(postmaster_pid = pm.pid(), ?mode, "stopping Postgres");
+        // The agent's own session first: a smart shutdown waits for every session to end, and
+        // with the monitor's open it waited out SHUTDOWN_GRACE and ended immediate (found by
+        // the R5 trial, docs/chaos.md). Postgres refuses new sessions from here on.
+        self.ctx.monitor.reset().await;
         let result = pm.shutdown(mode, SHUTDOWN_GRACE).await;
         self.postmaster_gone().await;
         if was_primary {

@@ -287,7 +287,12 @@ impl Handle {
     }
 
     async fn request<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, AgentError> {
-        let gone = || AgentError::Failed("the agent is shutting down".into());
+        // Nothing was done: a conflict with the agent's state (documented on every route
+        // that takes a request), not an internal error.
+        let gone = || AgentError::Conflict {
+            state: self.state(),
+            message: "the agent is shutting down".into(),
+        };
         let (tx, rx) = oneshot::channel();
         self.requests.send(make(tx)).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?

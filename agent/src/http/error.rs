@@ -14,6 +14,7 @@ fn status(e: &AgentError) -> StatusCode {
         AgentError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         AgentError::NotFound(_) => StatusCode::NOT_FOUND,
         AgentError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+        AgentError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         AgentError::Conflict { .. } => StatusCode::CONFLICT,
         AgentError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
         AgentError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,

@@ -49,13 +49,25 @@ where
 
 /// The body, or `None` when it is empty or only whitespace.
 async fn body<S: Send + Sync>(req: Request, state: &S) -> Result<Option<Bytes>, AgentError> {
-    let bytes = Bytes::from_request(req, state)
-        .await
-        .map_err(|e| AgentError::BadRequest(format!("cannot read the request body: {e}")))?;
+    let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            too_large()
+        } else {
+            AgentError::BadRequest(format!("cannot read the request body: {e}"))
+        }
+    })?;
     Ok(Some(bytes).filter(|b| !b.iter().all(u8::is_ascii_whitespace)))
 }
 
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AgentError> {
     serde_json::from_slice(bytes)
         .map_err(|e| AgentError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+/// The answer to a body over [`super::MAX_BODY_BYTES`].
+pub fn too_large() -> AgentError {
+    AgentError::PayloadTooLarge(format!(
+        "the request body is larger than {} bytes",
+        super::MAX_BODY_BYTES
+    ))
 }

@@ -6,3 +6,7 @@ pub mod extract;
 pub mod openapi;
 pub mod routes;
 pub mod server;
+
+/// The largest request body the API reads (its bodies are small JSON documents); larger ones
+/// are answered 413.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;

@@ -5,9 +5,9 @@
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -84,8 +84,25 @@ fn finish(h: Handle, open: Router<Handle>, protected: Router<Handle>) -> Router 
     open.merge(protected)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Bodies are small JSON documents: a larger one is refused (413) before it is read,
+        // whether the route reads a body or not, and a chunked one once it passes the limit.
+        .layer(DefaultBodyLimit::max(super::MAX_BODY_BYTES))
+        .layer(middleware::from_fn(limit_body))
         .layer(middleware::from_fn_with_state(h.clone(), record_metrics))
         .with_state(h)
+}
+
+/// Refuses a request whose Content-Length is over [`super::MAX_BODY_BYTES`].
+async fn limit_body(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > super::MAX_BODY_BYTES) {
+        return super::extract::too_large().into_response();
+    }
+    next.run(req).await
 }
 
 async fn not_found(req: Request) -> AgentError {

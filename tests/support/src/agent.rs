@@ -315,6 +315,18 @@ impl AgentFixture {
         Ok(())
     }
 
+    /// The agent's exit status if it has exited, without waiting.
+    pub fn wait_exit_now(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(None);
+        };
+        let status = child.try_wait()?;
+        if status.is_some() {
+            self.child = None;
+        }
+        Ok(status)
+    }
+
     /// Waits for the agent process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         let child = self

@@ -24,3 +24,21 @@ pub fn random_segment() -> Vec<u8> {
         .unwrap_or(1);
     random_bytes(SEGMENT_SIZE as usize, seed)
 }
+
+/// [`random_segment`] that starts with the long page header of WAL segment `name` (16 MiB
+/// segments) of database system `system_identifier`, as the agent's fetcher requires of a
+/// restored segment (pgpilot_common::wal::check_segment).
+pub fn random_segment_named(name: &str, system_identifier: u64) -> Vec<u8> {
+    let mut data = random_segment();
+    let seg = pgpilot_common::wal::WalFile::parse(name, SEGMENT_SIZE)
+        .and_then(|f| f.segment())
+        .expect("a segment name");
+    data[..40].fill(0);
+    data[2..4].copy_from_slice(&0x0002u16.to_ne_bytes()); // XLP_LONG_HEADER
+    data[4..8].copy_from_slice(&seg.timeline.to_ne_bytes());
+    data[8..16].copy_from_slice(&seg.start_lsn(SEGMENT_SIZE).0.to_ne_bytes());
+    data[24..32].copy_from_slice(&system_identifier.to_ne_bytes());
+    data[32..36].copy_from_slice(&(SEGMENT_SIZE as u32).to_ne_bytes());
+    data[36..40].copy_from_slice(&8192u32.to_ne_bytes());
+    data
+}

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod azurite;
+pub mod chaos;
 pub mod cluster;
 pub mod data;
 pub mod gcs;

@@ -5,7 +5,7 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use pgpilot_common::api::{DrainRequest, DrainStatus, ErrorBody};
+use pgpilot_common::api::{DrainRequest, DrainStatus, ErrorBody, MAX_DRAIN_TIMEOUT_SECS};
 use pgpilot_common::state::DrainState;
 
 use crate::core::Handle;
@@ -26,10 +26,12 @@ pub async fn start(
     State(h): State<Handle>,
     OptionalJson(req): OptionalJson<DrainRequest>,
 ) -> Result<(StatusCode, Json<DrainStatus>), AgentError> {
-    if req.timeout_secs == Some(0) {
-        return Err(AgentError::BadRequest(
-            "timeout_secs must be at least 1 (absent: [replication] drain_timeout_secs)".into(),
-        ));
+    if let Some(t) = req.timeout_secs
+        && !(1..=MAX_DRAIN_TIMEOUT_SECS).contains(&t)
+    {
+        return Err(AgentError::BadRequest(format!(
+            "timeout_secs must be 1 to {MAX_DRAIN_TIMEOUT_SECS} seconds, not {t} (absent: [replication] drain_timeout_secs)"
+        )));
     }
     let st = crate::drain::start(&h, req, "api").await?;
     let code = if st.state == DrainState::Drained {

@@ -56,6 +56,7 @@ pub async fn switch(State(h): State<Handle>) -> Result<Json<WalSwitchResponse>, 
 #[utoipa::path(post, path = "/v1/wal/push", tag = "archive", security(("bearer" = [])),
     request_body = WalPushRequest,
     responses((status = 200, body = WalPushResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, description = "on the pod-IP listener: WAL push is served on the loopback listener only", body = ErrorBody),
         (status = 409, description = "archiving not configured, or the archive holds different content under this name", body = ErrorBody),
         (status = 500, body = ErrorBody)))]
 pub async fn push(
@@ -89,7 +90,7 @@ pub async fn push(
 #[utoipa::path(post, path = "/v1/wal/fetch", tag = "archive", security(("bearer" = [])),
     request_body = WalFetchRequest,
     responses((status = 200, body = WalFetchResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 404, description = "not in the archive (normal at the end of recovery)", body = ErrorBody),
+        (status = 404, description = "not in the archive (normal at the end of recovery); on the pod-IP listener, always: WAL fetch is served on the loopback listener only", body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 500, body = ErrorBody)))]
 pub async fn fetch(
     State(h): State<Handle>,
