@@ -1194,15 +1194,13 @@ async fn r5_api_and_cli_fuzzing() {
         }
         if method == "POST" {
             run += 1;
-            let big = format!("{{\"pad\": \"{}\"}}", "x".repeat(3 << 20));
-            let status = http
-                .post(&url)
-                .bearer_auth(&fx.token)
-                .header("content-type", "application/json")
-                .body(big)
-                .send()
-                .await
-                .map(|r| r.status().as_u16());
+            let status = pgpilot_test_support::net::status_of_declared_body(
+                fx.loopback,
+                path,
+                &fx.token,
+                3 << 20,
+            )
+            .await;
             t.count("413 checks");
             t.check(
                 run,
@@ -1477,7 +1475,7 @@ impl Drop for SmallDisk {
 async fn disk_full_while_writing_and_restoring() {
     let mut t = Trial::new(
         "Disk full",
-        "the full disk is named in the log and status; every archived object verifies, no gap; after space returns every acknowledged commit is there and archiving goes on; a restore onto a full disk fails clearly and changes no object",
+        "the full disk is named in the failed statement and the agent's log; every archived object verifies, no gap; after space returns every acknowledged commit is there and archiving goes on; a restore onto a full disk fails clearly and changes no object",
         3,
         1,
     );

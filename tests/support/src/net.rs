@@ -71,3 +71,30 @@ pub fn wait_for_listen(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The HTTP status a server answers to `POST path` declaring a `Content-Length` of `len` bytes,
+/// of which only the first KiB is sent: a server that refuses large bodies answers before
+/// reading them (and may close the connection at once, which a client still writing the body
+/// would see as a broken pipe).
+pub async fn status_of_declared_body(
+    addr: SocketAddr,
+    path: &str,
+    token: &str,
+    len: usize,
+) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await?;
+    let _ = conn.write_all(&vec![b' '; len.min(1024)]).await;
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await??;
+    let line = String::from_utf8_lossy(&buf[..n]);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no HTTP status line in {line:?}"))
+}
