@@ -71,7 +71,7 @@ test: deps-test lint chart images-check ## Everything CI runs: install test deps
 	./scripts/chaos.sh --quick
 
 .PHONY: chaos
-chaos: deps-test ## Reliability trials R1-R5, disk full and the Kubernetes failover trial, full run counts (~1 h); prints the table (docs/chaos.md)
+chaos: deps-test ## Reliability trials R1-R5, disk full and the Kubernetes failover trial R6, full run counts (~40 min); prints the table (docs/chaos.md)
 	./scripts/chaos.sh --kubernetes
 
 .PHONY: chaos-quick

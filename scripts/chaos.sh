@@ -6,7 +6,7 @@
 #
 #   scripts/chaos.sh [--quick] [--only FILTER] [--kubernetes]
 #
-# --kubernetes adds the Kubernetes trials (Lease failover under kill -9 and freezes, with the
+# --kubernetes adds the Kubernetes trials (Lease failover under kill -9, freezes and API cuts, with the
 # never-two-writers probe); `make chaos` passes it.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -118,9 +118,22 @@ async fn all_acked_present(
     }
 }
 
-/// A new instance (cluster `copy`) bootstrapped from the newest backup of `source`'s archive
-/// and its WAL to the end; `Ok(copy)` once it runs as a primary, `Err` naming why it did not.
+/// A new instance (cluster `copy_name`) bootstrapped from the newest backup of `source`'s
+/// archive and its WAL to the end; `Ok(copy)` once it runs as a primary, `Err` naming why not.
 async fn restore_copy(
+    source: &AgentFixture,
+    store_toml: &str,
+    copy_name: &str,
+) -> Result<AgentFixture, String> {
+    let mut copy = prepare_copy(source, store_toml, copy_name)?;
+    copy.spawn().map_err(|e| e.to_string())?;
+    wait_restored(&mut copy).await?;
+    Ok(copy)
+}
+
+/// The copy [`restore_copy`] starts, prepared but not started (its data dir may be mounted
+/// first).
+fn prepare_copy(
     source: &AgentFixture,
     store_toml: &str,
     copy_name: &str,
@@ -132,13 +145,19 @@ async fn restore_copy(
             "{store_toml}\n[bootstrap]\ncluster = \"{CLUSTER}\"\nshard = \"{SHARD}\"\n"
         ))
     };
-    let mut copy = AgentFixture::prepare(agent_bin!(), 15, &opts).map_err(|e| e.to_string())?;
+    let copy = AgentFixture::prepare(agent_bin!(), 15, &opts).map_err(|e| e.to_string())?;
+    // The cluster's superuser password (shared like a Kubernetes Secret).
     std::fs::copy(
         source.dir.path().join("superuser-password"),
         copy.dir.path().join("superuser-password"),
     )
     .map_err(|e| e.to_string())?;
-    copy.spawn().map_err(|e| e.to_string())?;
+    Ok(copy)
+}
+
+/// Waits until a started copy runs as a primary with its restore completed; `Err` with the
+/// reason (and its log's error lines) when it failed or exited.
+async fn wait_restored(copy: &mut AgentFixture) -> Result<(), String> {
     let deadline = Instant::now() + LONG;
     loop {
         if let Ok(Some(status)) = copy.wait_exit_now() {
@@ -152,9 +171,10 @@ async fn restore_copy(
             if phase == Some(RestorePhase::Failed) || matches!(st.state, AgentState::Failed { .. })
             {
                 return Err(format!(
-                    "the restore failed: {:?} {:?}",
+                    "the restore failed: {:?} {:?}: {}",
                     st.state,
-                    st.restore.and_then(|r| r.error)
+                    st.restore.and_then(|r| r.error),
+                    tail(&copy.logs())
                 ));
             }
             if st.state
@@ -163,7 +183,7 @@ async fn restore_copy(
                 })
                 && phase == Some(RestorePhase::Completed)
             {
-                return Ok(copy);
+                return Ok(());
             }
         }
         if Instant::now() > deadline {
@@ -171,6 +191,25 @@ async fn restore_copy(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Run `problems` as a checker's verdict: none is a pass.
+fn verdict(problems: Vec<String>) -> Result<(), String> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// `CREATE TABLE acked`, where the trials' writers record acknowledged commits.
+async fn create_acked(fx: &AgentFixture) {
+    fx.sql()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY, pad text)")
+        .await
+        .unwrap();
 }
 
 /// The error lines of a log (or its last lines), for a failure message.
@@ -265,12 +304,7 @@ async fn r1_crash_during_archiving_and_backup() {
         key.display()
     ));
     let mut fx = agent(&store, "").await;
-    fx.sql()
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
-        .await
-        .unwrap();
+    create_acked(&fx).await;
     let init = fx
         .pgbench(&["-i", "-s", "2", "-q"])
         .unwrap()
@@ -515,7 +549,7 @@ impl Damage {
 
 /// Every kind of damage to `original`, at positions the RNG picks; `other` is an object to
 /// swap in.
-fn damages(t: &mut Trial, original: &[u8], other: &Path) -> Vec<Damage> {
+fn damages(t: &mut Trial, original: &[u8], other: &Path, encrypted: bool) -> Vec<Damage> {
     use pgpilot_common::archive::crypto::TAG_LEN;
     use pgpilot_common::archive::format::RECORD_HEAD_LEN;
     let (header, recs) = records(original);
@@ -532,10 +566,12 @@ fn damages(t: &mut Trial, original: &[u8], other: &Path) -> Vec<Damage> {
         },
         {
             let (pos, len) = data[t.rng().random_range(0..data.len())];
-            Damage::Flip(
-                "a chunk's tag",
-                pos + len - 1 - t.rng().random_range(0..TAG_LEN),
-            )
+            let part = if encrypted {
+                "a chunk's tag"
+            } else {
+                "a chunk's last bytes"
+            };
+            Damage::Flip(part, pos + len - 1 - t.rng().random_range(0..TAG_LEN))
         },
         Damage::Flip(
             "the trailer",
@@ -567,10 +603,34 @@ async fn r2_damaged_archives_are_refused() {
         1,
         1,
     );
+    t.set_runs(0);
+    let mut run = 0;
+    // Encrypted and compressed (GCM tags catch the damage), then plain and uncompressed
+    // (checksums catch it; every WAL object has the same size, so a swap is a same-size swap).
+    damaged_archives(&mut t, &mut run, true, "zstd").await;
+    damaged_archives(&mut t, &mut run, false, "none").await;
+    t.finish();
+}
+
+/// R2 on one archive: `encrypted` or not, with `compression`.
+async fn damaged_archives(t: &mut Trial, run: &mut usize, encrypted: bool, compression: &str) {
+    let kind = format!(
+        "{compression}, {}",
+        if encrypted {
+            "AES-256-GCM"
+        } else {
+            "unencrypted"
+        }
+    );
     let keys = tempfile::tempdir().unwrap();
     let key = key_file(keys.path(), "k1", "5c");
     let key_toml = format!("encryption_key_files = [\"k1={}\"]", key.display());
-    let store = BackupStore::file().unwrap().with_keys(&key_toml);
+    let store = BackupStore::file_with_compression(compression).unwrap();
+    let store = if encrypted {
+        store.with_keys(&key_toml)
+    } else {
+        store
+    };
     let fx = agent(&store, "").await;
     let sql = fx.sql().await.unwrap();
     // Enough rows for a data file of several chunks.
@@ -647,12 +707,11 @@ async fn r2_damaged_archives_are_refused() {
     let mut cases = Vec::new();
     for (what, key, other) in targets {
         let original = std::fs::read(store.root().join(&key)).unwrap();
-        for damage in damages(&mut t, &original, &store.root().join(&other)) {
+        for damage in damages(t, &original, &store.root().join(&other), encrypted) {
             cases.push((what.clone(), key.clone(), damage));
         }
     }
-    t.set_runs(cases.len() + 2);
-    let mut run = 0;
+    t.set_runs(t.runs() + cases.len() + if encrypted { 2 } else { 0 });
     for (what, key, damage) in cases {
         let path = store.root().join(&key);
         let original = std::fs::read(&path).unwrap();
@@ -665,8 +724,10 @@ async fn r2_damaged_archives_are_refused() {
         let is_wal = key.starts_with(&layout().wal_prefix());
         let verify_needs = !what.ends_with("(restore)");
         {
-            run += 1;
+            *run += 1;
+            let run = *run;
             damage.apply(&path, &original);
+            t.count(format!("archive: {kind}"));
             t.count(format!("damaged: {what}"));
             t.count(format!("damage: {}", damage.label()));
             let result = async {
@@ -709,20 +770,15 @@ async fn r2_damaged_archives_are_refused() {
                         }
                     }
                 }
-                if problems.is_empty() {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{what}, {}: {}",
-                        damage.label(),
-                        problems.join("; ")
-                    ))
-                }
+                verdict(problems).map_err(|e| format!("{what}, {}: {e}", damage.label()))
             }
             .await;
             std::fs::write(&path, &original).unwrap();
             t.check(run, result);
         }
+    }
+    if !encrypted {
+        return;
     }
     // The wrong key, and a key file that is not there.
     let wrong = key_file(keys.path(), "wrong", "77");
@@ -730,7 +786,8 @@ async fn r2_damaged_archives_are_refused() {
         ("wrong key", wrong),
         ("key file missing", keys.path().join("absent")),
     ] {
-        run += 1;
+        *run += 1;
+        let run = *run;
         t.count(label);
         let toml = store.toml().replace(
             &key_toml,
@@ -745,7 +802,6 @@ async fn r2_damaged_archives_are_refused() {
         };
         t.check(run, result);
     }
-    t.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -778,10 +834,8 @@ async fn r4_two_writers_into_one_archive() {
     );
     let store = BackupStore::file().unwrap();
     let a = agent(&store, "").await;
+    create_acked(&a).await;
     let sql = a.sql().await.unwrap();
-    sql.batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
-        .await
-        .unwrap();
     a.take_backup().await.unwrap();
     let mut acked: BTreeSet<i64> = BTreeSet::new();
     let prefix = store.root().join(CLUSTER);
@@ -861,11 +915,7 @@ async fn r4_two_writers_into_one_archive() {
             }
             let copy = restore_copy(&a, &store.toml(), &format!("copy{run}")).await?;
             all_acked_present(&copy.sql().await.map_err(|e| e.to_string())?, &acked, "restored copy").await?;
-            if problems.is_empty() {
-                Ok(())
-            } else {
-                Err(problems.join("; "))
-            }
+            verdict(problems)
         }
         .await;
         t.check(run, result);
@@ -991,7 +1041,8 @@ fn metric(page: &str, name: &str) -> f64 {
 }
 
 /// Under a writer: the S3 store down (s3s-fs stopped) for 60 s (10 s quick), then slow and
-/// resetting connections through a proxy for 60 s (15 s quick). During the outage
+/// resetting connections through a proxy for 60 s (15 s quick); then a file store made
+/// read-only for as long. During the outage
 /// archive_command fails, Postgres keeps the WAL as `.ready`, the failure metric and the
 /// archive age move; afterwards archiving catches up with no gap and a restore holds every
 /// acknowledged commit.
@@ -1022,83 +1073,136 @@ async fn r3_store_outages() {
     let fx = AgentFixture::start_with(agent_bin!(), 15, opts)
         .await
         .unwrap();
-    fx.sql()
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
-        .await
-        .unwrap();
+    create_acked(&fx).await;
     fx.take_backup().await.unwrap();
     let mut acked_all = BTreeSet::new();
     let (outage, slow) = if quick { (10, 15) } else { (60, 60) };
     for run in 1..=t.runs() {
         let result = async {
-            let sql = fx.sql().await.map_err(|e| e.to_string())?;
-            let failed_before: i64 = sql
-                .query_one("SELECT failed_count FROM pg_stat_archiver", &[])
-                .await
-                .map_err(|e| e.to_string())?
-                .get(0);
-            let failures_before = metric(
-                &fx.metrics().await.map_err(|e| e.to_string())?,
-                "pgpilot_wal_archive_failures_total",
-            );
+            let before = ArchiveFailures::read(&fx).await?;
             let writer = Writer::start(&fx, run as i64 * 10_000_000).await;
             store.s3_server().stop();
-            t.count(format!("store down {outage} s"));
+            t.count(format!("S3 store down {outage} s"));
             tokio::time::sleep(Duration::from_secs(outage)).await;
-            let mut problems = Vec::new();
-            let failed: i64 = sql
-                .query_one("SELECT failed_count FROM pg_stat_archiver", &[])
-                .await
-                .map_err(|e| e.to_string())?
-                .get(0);
-            if failed <= failed_before {
-                problems.push("archive_command never failed during the outage".to_string());
-            }
-            let ready = ready_files(&fx);
-            if ready == 0 {
-                problems.push("no WAL kept as .ready during the outage".into());
-            }
-            t.count(format!(
-                "WAL files kept .ready at the outage's end: {}",
-                if ready > 8 { "> 8" } else { "1-8" }
-            ));
-            let page = fx.metrics().await.map_err(|e| e.to_string())?;
-            if metric(&page, "pgpilot_wal_archive_failures_total") <= failures_before {
-                problems.push("pgpilot_wal_archive_failures_total did not move".into());
-            }
+            let mut problems = before.moved(&fx, &mut t).await?;
             store.s3_server().restart().map_err(|e| e.to_string())?;
             proxy.faulty.store(true, Ordering::Relaxed);
-            t.count(format!("store slow and resetting {slow} s"));
+            t.count(format!("S3 store slow and resetting {slow} s"));
             tokio::time::sleep(Duration::from_secs(slow)).await;
             proxy.faulty.store(false, Ordering::Relaxed);
             acked_all.extend(writer.finish().await);
-            fx.switch_wal_and_wait_archived(LONG)
-                .await
-                .map_err(|e| format!("archiving did not catch up: {e}"))?;
-            let missing = gaps(&archived_wal(&store, &layout()).await);
-            if !missing.is_empty() {
-                problems.push(format!("the archive misses {missing:?}"));
-            }
-            let copy = restore_copy(&fx, &store.toml(), &format!("copy{run}")).await?;
-            all_acked_present(
-                &copy.sql().await.map_err(|e| e.to_string())?,
-                &acked_all,
-                "restored copy",
-            )
-            .await?;
-            if problems.is_empty() {
-                Ok(())
-            } else {
-                Err(problems.join("; "))
-            }
+            problems.extend(caught_up(&fx, &store, &acked_all, &format!("copy{run}")).await?);
+            verdict(problems)
         }
         .await;
         t.check(run, result);
     }
-    t.count(format!("acknowledged commits checked: {}", acked_all.len()));
+    drop(fx);
+
+    // The file store made unwritable (a read-only mount: root writes through file modes).
+    let runs = t.runs();
+    let store = BackupStore::file().unwrap();
+    let Some(disk) = SmallDisk::mount(store.root(), "1g") else {
+        t.count("file store outage skipped: mounting a tmpfs needs root with CAP_SYS_ADMIN");
+        t.finish();
+        return;
+    };
+    t.set_runs(runs + 1);
+    let fx = agent(&store, "").await;
+    create_acked(&fx).await;
+    fx.take_backup().await.unwrap();
+    let mut acked_file = BTreeSet::new();
+    let result = async {
+        let before = ArchiveFailures::read(&fx).await?;
+        let writer = Writer::start(&fx, 1).await;
+        disk.remount("ro");
+        t.count(format!("file store read-only {outage} s"));
+        tokio::time::sleep(Duration::from_secs(outage)).await;
+        let mut problems = before.moved(&fx, &mut t).await?;
+        disk.remount("rw");
+        acked_file.extend(writer.finish().await);
+        problems.extend(caught_up(&fx, &store, &acked_file, "copy-file").await?);
+        verdict(problems)
+    }
+    .await;
+    t.check(runs + 1, result);
+    t.count(format!(
+        "acknowledged commits checked: {}",
+        acked_all.len() + acked_file.len()
+    ));
+    drop(fx);
+    drop(disk);
     t.finish();
+}
+
+/// Archiving's failure counters before an outage: Postgres' own and the agent's metric.
+struct ArchiveFailures {
+    postgres: i64,
+    metric: f64,
+}
+
+impl ArchiveFailures {
+    async fn read(fx: &AgentFixture) -> Result<ArchiveFailures, String> {
+        let sql = fx.sql().await.map_err(|e| e.to_string())?;
+        let postgres = sql
+            .query_one("SELECT failed_count FROM pg_stat_archiver", &[])
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        let page = fx.metrics().await.map_err(|e| e.to_string())?;
+        Ok(ArchiveFailures {
+            postgres,
+            metric: metric(&page, "pgpilot_wal_archive_failures_total"),
+        })
+    }
+
+    /// At an outage's end: archive_command failed, Postgres kept the WAL as `.ready`, and the
+    /// failure metric moved. What did not happen, as problems.
+    async fn moved(&self, fx: &AgentFixture, t: &mut Trial) -> Result<Vec<String>, String> {
+        let now = ArchiveFailures::read(fx).await?;
+        let mut problems = Vec::new();
+        if now.postgres <= self.postgres {
+            problems.push("archive_command never failed during the outage".to_string());
+        }
+        let ready = ready_files(fx);
+        if ready == 0 {
+            problems.push("no WAL kept as .ready during the outage".into());
+        }
+        t.count(format!(
+            "WAL files kept .ready at the outage's end: {}",
+            if ready > 8 { "> 8" } else { "1-8" }
+        ));
+        if now.metric <= self.metric {
+            problems.push("pgpilot_wal_archive_failures_total did not move".into());
+        }
+        Ok(problems)
+    }
+}
+
+/// After an outage: archiving catches up, the archive has no gap, and a copy restored from it
+/// holds every acknowledged commit. The gap as a problem; the rest as errors.
+async fn caught_up(
+    fx: &AgentFixture,
+    store: &BackupStore,
+    acked: &BTreeSet<i64>,
+    copy_name: &str,
+) -> Result<Vec<String>, String> {
+    fx.switch_wal_and_wait_archived(LONG)
+        .await
+        .map_err(|e| format!("archiving did not catch up: {e}"))?;
+    let mut problems = Vec::new();
+    let missing = gaps(&archived_wal(store, &layout()).await);
+    if !missing.is_empty() {
+        problems.push(format!("the archive misses {missing:?}"));
+    }
+    let copy = restore_copy(fx, &store.toml(), copy_name).await?;
+    all_acked_present(
+        &copy.sql().await.map_err(|e| e.to_string())?,
+        acked,
+        "restored copy",
+    )
+    .await?;
+    Ok(problems)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1181,14 +1285,7 @@ async fn r5_api_and_cli_fuzzing() {
                 t.count(format!("401 checks ({label}, both listeners)"));
                 t.check(
                     run,
-                    if problems.is_empty() {
-                        Ok(())
-                    } else {
-                        Err(format!(
-                            "{method} {path} with {label}: {}",
-                            problems.join("; ")
-                        ))
-                    },
+                    verdict(problems).map_err(|e| format!("{method} {path} with {label}: {e}")),
                 );
             }
         }
@@ -1447,12 +1544,17 @@ impl SmallDisk {
     }
 
     fn resize(&self, size: &str) {
+        self.remount(&format!("size={size}"));
+    }
+
+    /// `mount -o remount,<options>` (a size, `ro`, `rw`).
+    fn remount(&self, options: &str) {
         let ok = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
+            .args(["-o", &format!("remount,{options}")])
             .arg(&self.dir)
             .status()
             .is_ok_and(|s| s.success());
-        assert!(ok, "remount {} to {size}", self.dir.display());
+        assert!(ok, "remount {} {options}", self.dir.display());
     }
 }
 
@@ -1495,15 +1597,13 @@ async fn disk_full_while_writing_and_restoring() {
     };
     fx.spawn().unwrap();
     fx.wait_running(LONG).await.unwrap();
-    fx.sql()
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY, pad text)")
-        .await
-        .unwrap();
+    create_acked(&fx).await;
     fx.take_backup().await.unwrap();
     let mut acked: BTreeSet<i64> = BTreeSet::new();
-    for run in 1..=t.runs() {
+    // The runs that fill the disk, then one restore onto a full disk.
+    let fills = t.runs();
+    t.set_runs(fills + 1);
+    for run in 1..=fills {
         let result = async {
             // Fill the disk: rows of incompressible text until Postgres refuses or stops.
             let sql = fx.sql().await.map_err(|e| e.to_string())?;
@@ -1577,7 +1677,7 @@ async fn disk_full_while_writing_and_restoring() {
             fx.switch_wal_and_wait_archived(LONG)
                 .await
                 .map_err(|e| format!("archiving did not resume: {e}"))?;
-            if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
+            verdict(problems)
         }
         .await;
         t.check(run, result);
@@ -1585,40 +1685,12 @@ async fn disk_full_while_writing_and_restoring() {
     // A restore onto a disk too small for the backup.
     fx.take_backup().await.unwrap();
     let before = object_digests(&store.root().join(CLUSTER));
-    let copy_opts = AgentOptions {
-        cluster: Some("small".into()),
-        shard: Some(SHARD.into()),
-        ..AgentOptions::toml(format!(
-            "{}\n[bootstrap]\ncluster = \"{CLUSTER}\"\nshard = \"{SHARD}\"\n",
-            store.toml()
-        ))
-    };
-    let mut copy = AgentFixture::prepare(agent_bin!(), 15, &copy_opts).unwrap();
-    std::fs::copy(
-        fx.dir.path().join("superuser-password"),
-        copy.dir.path().join("superuser-password"),
-    )
-    .unwrap();
+    let mut copy = prepare_copy(&fx, &store.toml(), "small").unwrap();
     let small = SmallDisk::mount(&copy.data_dir(), "48m").unwrap();
     copy.spawn().unwrap();
-    let deadline = Instant::now() + LONG;
-    let outcome = loop {
-        if let Ok(Some(st)) = copy.wait_exit_now() {
-            break format!("exited ({st}): {}", tail(&copy.logs()));
-        }
-        if let Ok(st) = copy.client().status().await
-            && (matches!(st.state, AgentState::Failed { .. })
-                || st
-                    .restore
-                    .as_ref()
-                    .is_some_and(|r| r.phase == RestorePhase::Failed))
-        {
-            break format!("{:?}: {}", st.state, tail(&copy.logs()));
-        }
-        if Instant::now() > deadline {
-            break "still restoring".into();
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let outcome = match wait_restored(&mut copy).await {
+        Ok(()) => "the restore completed".to_string(),
+        Err(e) => e,
     };
     drop(copy);
     drop(small);
@@ -1626,7 +1698,7 @@ async fn disk_full_while_writing_and_restoring() {
     t.count("restores onto a full disk");
     let changed = before != object_digests(&store.root().join(CLUSTER));
     t.check(
-        t.runs() + 1,
+        fills + 1,
         if logs_say && !changed {
             Ok(())
         } else {

@@ -220,6 +220,18 @@ impl Shard {
         connect(&ip.to_string()).await
     }
 
+    /// `CREATE TABLE probe` on the primary (what [`Probe`] writes to); returns the primary.
+    async fn probe_table(&self) -> String {
+        let primary = self.primary(None).await;
+        self.sql(&primary)
+            .await
+            .expect("connect to the primary")
+            .batch_execute("CREATE TABLE probe (pod text, n int)")
+            .await
+            .expect("create the probe table");
+        primary
+    }
+
     async fn count(&self, pod: &str) -> Option<i64> {
         self.rows(pod, "t").await
     }
@@ -585,13 +597,7 @@ async fn connect(ip: &str) -> Result<tokio_postgres::Client, String> {
 #[tokio::test]
 async fn synchronous_mode_a_resumed_frozen_primary_never_writes_beside_its_successor() {
     let s = Shard::start_with("sync", "synchronous = true\n").await;
-    let old = s.primary(None).await;
-    s.sql(&old)
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE probe (pod text, n int)")
-        .await
-        .unwrap();
+    let old = s.probe_table().await;
     let named = eventually("a synchronous standby named in the Lease", || async {
         let lease = s.api::<Lease>().get("demo-0").await.ok()?;
         let sync = lease.metadata.annotations?.get("pgpilot.io/sync")?.clone();
@@ -639,13 +645,7 @@ async fn drains_by_annotation_delete_and_eviction_hand_over_without_a_failover()
     let pods = s.api::<Pod>();
     let annotation =
         |pod: Pod, key: &str| pod.metadata.annotations.and_then(|a| a.get(key).cloned());
-    let first = s.primary(None).await;
-    s.sql(&first)
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE probe (pod text, n int)")
-        .await
-        .unwrap();
+    let first = s.probe_table().await;
     let all = ["db-0", "db-1", "db-2"];
 
     // 1. The annotation.
@@ -954,29 +954,24 @@ async fn drain_trials() {
 
 /// Reliability trial (`make chaos`, docs/chaos.md), not part of `make test`: the primary's pod
 /// killed with kill -9 (every process of the pod, no hooks: a crash; the kubelet restarts its
-/// containers) or frozen past the Lease (a hung node, thawed once another pod took over), at
-/// random, while a probe writes to every pod's Postgres directly. After each run: never two
+/// containers), frozen past the Lease (a hung node, thawed once another pod took over), or cut
+/// off from the API server (healed once another pod took over), at random, while a probe
+/// writes to every pod's Postgres directly. After each run: never two
 /// writers (once another pod acknowledged a write the earlier never does again), every write
 /// acknowledged anywhere is on the primary, and all three pods are ready again.
 #[tokio::test]
 #[ignore = "chaos: make chaos"]
-async fn chaos_failover_under_kill_and_freeze() {
+async fn chaos_failover_under_kill_freeze_and_api_cut() {
     use pgpilot_test_support::chaos::Trial;
     use rand::Rng;
     let mut t = Trial::new(
-        "R6 failover under kill -9 and freeze",
+        "R6 failover under kill -9, freeze and API cut",
         "never two writers (a probe writes to every pod); every acknowledged write on the primary; all pods ready again",
         10,
         2,
     );
     let s = Shard::start("chaos-failover").await;
-    let first = s.primary(None).await;
-    s.sql(&first)
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE probe (pod text, n int)")
-        .await
-        .unwrap();
+    s.probe_table().await;
     // The two-writer check catches a planted overlap.
     let now = Instant::now();
     let planted: Vec<Ack> = vec![
@@ -993,24 +988,31 @@ async fn chaos_failover_under_kill_and_freeze() {
         let old = s.primary(None).await;
         let probe = Probe::start(&s, &["db-0", "db-1", "db-2"]).await;
         tokio::time::sleep(Duration::from_millis(t.rng().random_range(500..2000))).await;
-        let kill = t.rng().random_bool(0.5);
+        let fault = t.rng().random_range(0..3);
         let faulted = Instant::now();
         let result = async {
-            if kill {
-                t.count("kill -9 of the primary's pod");
-                s.kubelet
-                    .kill(s.ns(), &old, None)
-                    .map_err(|e| e.to_string())?;
-            } else {
-                t.count("primary's pod frozen past the Lease");
-                s.kubelet
-                    .freeze(s.ns(), &old, true)
-                    .map_err(|e| e.to_string())?;
-                let new = probe.new_primary(&s, &old).await;
-                s.kubelet
-                    .freeze(s.ns(), &old, false)
-                    .map_err(|e| e.to_string())?;
-                let _ = new;
+            let e = |e: anyhow::Error| e.to_string();
+            match fault {
+                0 => {
+                    t.count("kill -9 of the primary's pod");
+                    s.kubelet.kill(s.ns(), &old, None).map_err(e)?;
+                }
+                1 => {
+                    t.count("primary's pod frozen past the Lease");
+                    s.kubelet.freeze(s.ns(), &old, true).map_err(e)?;
+                    probe.new_primary(&s, &old).await;
+                    s.kubelet.freeze(s.ns(), &old, false).map_err(e)?;
+                }
+                _ => {
+                    t.count("primary cut off from the API server");
+                    s.kubelet
+                        .set_api_fault(s.ns(), &old, ApiFault::Blackhole)
+                        .map_err(e)?;
+                    probe.new_primary(&s, &old).await;
+                    s.kubelet
+                        .set_api_fault(s.ns(), &old, ApiFault::None)
+                        .map_err(e)?;
+                }
             }
             // A write acknowledged after the fault names the primary now.
             let new = eventually("a probe write acknowledged after the fault", || async {

@@ -49,12 +49,17 @@ pub struct BackupStore {
 impl BackupStore {
     /// A file:// store in a fresh temp dir (zstd).
     pub fn file() -> anyhow::Result<BackupStore> {
+        Self::file_with_compression("zstd")
+    }
+
+    /// A file:// store in a fresh temp dir with `compression` (`none`, `zstd`, `lz4`, `gzip`).
+    pub fn file_with_compression(compression: &str) -> anyhow::Result<BackupStore> {
         let dir = tempfile::tempdir()?;
         let url = format!("file://{}", dir.path().display());
         Ok(BackupStore {
             backend: Backend::File(dir),
             url,
-            keys: "compression = \"zstd\"\n".into(),
+            keys: format!("compression = \"{compression}\"\n"),
         })
     }
 
