@@ -97,6 +97,10 @@ bench-switchover: build ## P7: write unavailability of 20 switchovers, pgpilot a
 bench-failover: ## Unplanned failover: write unavailability over 10 frozen primaries (three agent pods; ~5 min)
 	./benches/failover.sh
 
+.PHONY: bench-failover-side-by-side
+bench-failover-side-by-side: ## The same next to Patroni (3 nodes + etcd, defaults, primary frozen the same way), one run (~15 min, root)
+	./benches/failover.sh --side-by-side
+
 .PHONY: bench-drain
 bench-drain: ## Planned drain of the primary: write gap over 10 drains (three agent pods; ~3 min)
 	./benches/drain.sh

@@ -1571,13 +1571,13 @@ impl Drop for SmallDisk {
 /// as it does (the log says "No space left on device"), the archive stays intact (every object
 /// verifies, no gap), and once space returns Postgres is back with every acknowledged commit
 /// and archiving goes on. A restore onto a file system too small for the backup fails with the
-/// same clear reason and touches nothing in the archive.
+/// same clear reason and touches nothing in the archive; with space back it restores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "chaos: make chaos"]
 async fn disk_full_while_writing_and_restoring() {
     let mut t = Trial::new(
         "Disk full",
-        "the full disk is named in the failed statement and the agent's log; every archived object verifies, no gap; after space returns every acknowledged commit is there and archiving goes on; a restore onto a full disk fails clearly and changes no object",
+        "the full disk is named in the failed statement and the agent's log; every archived object verifies, no gap; after space returns every acknowledged commit is there and archiving goes on; a restore onto a full disk fails clearly and changes no object, and restores once space returns",
         3,
         1,
     );
@@ -1692,19 +1692,33 @@ async fn disk_full_while_writing_and_restoring() {
         Ok(()) => "the restore completed".to_string(),
         Err(e) => e,
     };
-    drop(copy);
-    drop(small);
     let logs_say = outcome.contains("No space left on device");
     t.count("restores onto a full disk");
     let changed = before != object_digests(&store.root().join(CLUSTER));
+    // Space returns (a bigger volume): the same instance, its data dir emptied, restores.
+    let retried = async {
+        let _ = copy.signal_agent(Signal::SIGTERM);
+        copy.wait_exit(LONG).map_err(|e| e.to_string())?;
+        for entry in std::fs::read_dir(copy.data_dir()).map_err(|e| e.to_string())? {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+        }
+        small.resize("1g");
+        copy.spawn().map_err(|e| e.to_string())?;
+        wait_restored(&mut copy).await?;
+        let sql = copy.sql().await.map_err(|e| e.to_string())?;
+        all_acked_present(&sql, &acked, "restored once space returned").await
+    }
+    .await;
+    drop(copy);
+    drop(small);
     t.check(
         fills + 1,
-        if logs_say && !changed {
-            Ok(())
-        } else {
-            Err(format!(
-                "restore onto a full disk: {outcome}; archive changed: {changed}"
-            ))
+        match (logs_say && !changed, retried) {
+            (true, Ok(())) => Ok(()),
+            (ok, retried) => Err(format!(
+                "restore onto a full disk: {outcome}; archive changed: {changed}; clear error and unchanged: {ok}; once space returned: {retried:?}"
+            )),
         },
     );
     t.finish();
