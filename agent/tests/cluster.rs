@@ -80,9 +80,14 @@ async fn three_agents_share_one_store_each_in_its_own_shard() {
             fx.log_path.display()
         );
     }
+    // Each shard is its own database system: its archive records its own owner.
+    for i in 0..3 {
+        let owner = cluster.agent(i).layout().identity_key();
+        assert!(keys.contains(&owner), "shard {i}: {owner} not in {keys:?}");
+    }
     let outside: Vec<&String> = keys
         .iter()
-        .filter(|k| !(0..3).any(|i| k.starts_with(&format!("{}/{i}/wal/", cluster.name()))))
+        .filter(|k| !(0..3).any(|i| k.starts_with(&format!("{}/{i}/", cluster.name()))))
         .collect();
     assert!(
         outside.is_empty(),

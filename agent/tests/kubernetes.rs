@@ -1013,7 +1013,9 @@ async fn chaos_failover_under_kill_freeze_and_api_faults() {
                     }
                     tokio::time::sleep(Duration::from_secs(15)).await;
                     for p in ["db-0", "db-1", "db-2"] {
-                        s.kubelet.set_api_fault(s.ns(), p, ApiFault::None).map_err(e)?;
+                        s.kubelet
+                            .set_api_fault(s.ns(), p, ApiFault::None)
+                            .map_err(e)?;
                     }
                 }
                 _ => {
