@@ -952,25 +952,46 @@ async fn drain_trials() {
     s.ns.cleanup().await.expect("cleanup");
 }
 
-/// Reliability trial (`make chaos`, docs/chaos.md), not part of `make test`: the primary's pod
-/// killed with kill -9 (every process of the pod, no hooks: a crash; the kubelet restarts its
-/// containers), frozen past the Lease (a hung node, thawed once another pod took over), cut
-/// off from the API server (healed once another pod took over), or the API server unreachable
-/// for every pod for 15 s, at random, while a probe writes to every pod's Postgres directly. After each run: never two
-/// writers (once another pod acknowledged a write the earlier never does again), every write
-/// acknowledged anywhere is on the primary, and all three pods are ready again.
+/// Reliability trial (`make chaos`, docs/chaos.md), not part of `make test`, in synchronous
+/// mode: the primary's pod killed with kill -9 (every process of the pod, no hooks: a crash;
+/// the kubelet restarts its containers), frozen past the Lease (a hung node, thawed once another
+/// pod took over), cut off from the API server (healed once another pod took over), or the API
+/// server unreachable for every pod for 15 s, at random, while a probe writes to every pod's
+/// Postgres directly. After each run: never two writers, every acknowledged write on the
+/// primary, every pod ready.
 #[tokio::test]
 #[ignore = "chaos: make chaos"]
-async fn chaos_failover_under_kill_freeze_and_api_faults() {
+async fn chaos_failover_synchronous() {
+    failover_trial(
+        "R6 failover, synchronous mode",
+        "synchronous = true\n",
+        true,
+    )
+    .await;
+}
+
+/// The same trial in the default (asynchronous) mode. Every fault but the freeze must keep the
+/// same promises. A frozen primary resumed is the documented gap of asynchronous mode
+/// (docs/kubernetes.md, "What the default promises"): until its agent's next tick fences it,
+/// its Postgres may acknowledge a write its successor never sees. That run is counted (writes
+/// acknowledged by the resumed primary after its successor's first, and acknowledged writes
+/// missing), not failed; every other check of the run still applies.
+#[tokio::test]
+#[ignore = "chaos: make chaos"]
+async fn chaos_failover_default_async() {
+    failover_trial("R6 failover, default (asynchronous) mode", "", false).await;
+}
+
+async fn failover_trial(name: &str, kubernetes: &str, strict_freeze: bool) {
     use pgpilot_test_support::chaos::Trial;
     use rand::Rng;
     let mut t = Trial::new(
-        "R6 failover under kill -9, freeze, API cut and API server down",
+        name,
         "never two writers (a probe writes to every pod); every acknowledged write on the primary; all pods ready again",
         10,
         2,
     );
-    let s = Shard::start("chaos-failover").await;
+    let s = Shard::start_with("chaos-failover", kubernetes).await;
     s.probe_table().await;
     // The two-writer check catches a planted overlap.
     let now = Instant::now();
@@ -983,9 +1004,12 @@ async fn chaos_failover_under_kill_freeze_and_api_faults() {
         "never two writers",
         std::panic::catch_unwind(|| writers_in_turn(&planted)).is_err(),
     );
-    let mut total = 0usize;
     for run in 1..=t.runs() {
         let old = s.primary(None).await;
+        // Each run counts its own writes.
+        if let Ok(c) = s.sql(&old).await {
+            let _ = c.batch_execute("TRUNCATE probe").await;
+        }
         let probe = Probe::start(&s, &["db-0", "db-1", "db-2"]).await;
         tokio::time::sleep(Duration::from_millis(t.rng().random_range(500..2000))).await;
         let fault = t.rng().random_range(0..4);
@@ -1002,7 +1026,17 @@ async fn chaos_failover_under_kill_freeze_and_api_faults() {
                     probe.new_primary(&s, &old).await;
                     s.kubelet.freeze(s.ns(), &old, false).map_err(e)?;
                 }
-                3 => {
+                2 => {
+                    t.count("primary cut off from the API server");
+                    s.kubelet
+                        .set_api_fault(s.ns(), &old, ApiFault::Blackhole)
+                        .map_err(e)?;
+                    probe.new_primary(&s, &old).await;
+                    s.kubelet
+                        .set_api_fault(s.ns(), &old, ApiFault::None)
+                        .map_err(e)?;
+                }
+                _ => {
                     // Longer than the Lease: the primary fences at its renew deadline, nobody
                     // can take the Lease meanwhile, one replica takes over once it is back.
                     t.count("API server unreachable for every pod for 15 s");
@@ -1017,16 +1051,6 @@ async fn chaos_failover_under_kill_freeze_and_api_faults() {
                             .set_api_fault(s.ns(), p, ApiFault::None)
                             .map_err(e)?;
                     }
-                }
-                _ => {
-                    t.count("primary cut off from the API server");
-                    s.kubelet
-                        .set_api_fault(s.ns(), &old, ApiFault::Blackhole)
-                        .map_err(e)?;
-                    probe.new_primary(&s, &old).await;
-                    s.kubelet
-                        .set_api_fault(s.ns(), &old, ApiFault::None)
-                        .map_err(e)?;
                 }
             }
             // Writes go on: one acknowledged after the fault ended, then every pod ready.
@@ -1053,26 +1077,74 @@ async fn chaos_failover_under_kill_freeze_and_api_faults() {
         .await;
         // Stopped whatever happened, so the next run's counts are its own.
         let acked = probe.stop().await;
-        total += acked.len();
-        let result = match result {
-            Ok(primary) => match std::panic::catch_unwind(|| writers_in_turn(&acked)) {
-                Err(_) => Err(format!(
-                    "two writers: {:?}",
-                    acked.iter().map(|a| &a.0).collect::<Vec<_>>()
-                )),
-                Ok(order) => match s.rows(&primary, "probe").await {
-                    Some(rows) if rows == total as i64 => Ok(()),
-                    rows => Err(format!(
-                        "{primary} holds {rows:?} probe rows, {total} were acknowledged (writers in turn: {order:?})"
-                    )),
-                },
-            },
-            Err(e) => Err(e),
+        let primary = match result {
+            Ok(p) => p,
+            Err(e) => {
+                t.check(run, Err(e));
+                continue;
+            }
+        };
+        let rows = s.rows(&primary, "probe").await.unwrap_or(-1);
+        let two_writers = std::panic::catch_unwind(|| writers_in_turn(&acked)).is_err();
+        let lost = acked.len() as i64 - rows;
+        let result = if fault == 1 && !strict_freeze {
+            // The documented window of asynchronous mode, counted.
+            let late = late_writes(&acked, &old);
+            if late > 0 {
+                t.count(format!(
+                    "freeze runs where the resumed primary acknowledged writes after its successor (documented async gap): {late} writes"
+                ));
+            }
+            if lost > 0 {
+                t.count(format!(
+                    "acknowledged writes lost in a freeze failover (async): {lost}"
+                ));
+            }
+            Ok(())
+        } else if two_writers {
+            Err(format!(
+                "two writers after fault {fault} on {old}: {}",
+                turns(&acked)
+            ))
+        } else if lost != 0 {
+            Err(format!(
+                "{primary} holds {rows} probe rows, {} were acknowledged ({})",
+                acked.len(),
+                turns(&acked)
+            ))
+        } else {
+            Ok(())
         };
         t.check(run, result);
     }
     s.ns.cleanup().await.expect("cleanup");
     t.finish();
+}
+
+/// The pods that acknowledged writes, in turn, with how many each: `db-0×11 db-1×5`.
+fn turns(acked: &[Ack]) -> String {
+    let mut out: Vec<(String, usize)> = Vec::new();
+    for (pod, _, _) in acked {
+        match out.last_mut() {
+            Some((p, n)) if p == pod => *n += 1,
+            _ => out.push((pod.clone(), 1)),
+        }
+    }
+    out.iter()
+        .map(|(p, n)| format!("{p}×{n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Writes `old` acknowledged after another pod's first acknowledged write.
+fn late_writes(acked: &[Ack], old: &str) -> usize {
+    match acked.iter().position(|(p, _, _)| p != old) {
+        Some(first_other) => acked[first_other..]
+            .iter()
+            .filter(|(p, _, _)| p == old)
+            .count(),
+        None => 0,
+    }
 }
 
 /// The benchmark's summary line: `<NAME> trials=… p50=… p99=… min=… max=…` (seconds).
