@@ -850,11 +850,8 @@ def run_peer(peer, args):
             "peer": peer, "label": cluster.label, "n": len(ms),
             "p50_ms": round(pct(ms, 50), 1) if ms else None, "p99_ms": round(pct(ms, 99), 1) if ms else None,
             "max_ms": max(ms) if ms else None, "min_ms": min(ms) if ms else None,
-            "lost_commits": len(lost), "acknowledged_commits": len(acked),
-            "failed_writes": len(writer.failed), "stray_outages": len(stray),
-            "pgbench_tps": round(pgbench_tx / bench_secs, 1), "pgbench_restarts": pgbench.runs - 1,
-            "writer_interval_ms": args.interval_ms, "load_before": load_before, "load_after": loadavg(),
-            "versions": {**cluster.versions(), "postgres": first_line([f"{PGBIN}/postgres", "--version"])},
+            "stray_outages": len(stray),
+            **run_facts(cluster, writer, pgbench, pgbench_tx / bench_secs, args, load_before, acked, lost),
             "switchovers": results,
         }
         log(f"==> {cluster.label}: n={summary['n']} p50 {summary['p50_ms']} ms, p99 {summary['p99_ms']} ms, "
@@ -949,11 +946,8 @@ def run_failovers(cluster, writer, pgbench, primary, args, frozen, load_before, 
     summary = {
         "peer": "patroni", "label": cluster.label, "unit": "s", "n": len(secs),
         "p50": rank_pct(secs, 50), "p99": rank_pct(secs, 99), "min": min(secs), "max": max(secs),
-        "lost_commits": len(lost), "acknowledged_commits": len(acked), "failed_writes": len(writer.failed),
         "client_timeouts": writer.timeouts, "client_timeout_s": args.client_timeout,
-        "pgbench_tps": round(pgbench_tx / bench_secs, 1), "pgbench_restarts": pgbench.runs - 1,
-        "writer_interval_ms": args.interval_ms, "load_before": load_before, "load_after": loadavg(),
-        "versions": {**cluster.versions(), "postgres": first_line([f"{PGBIN}/postgres", "--version"])},
+        **run_facts(cluster, writer, pgbench, pgbench_tx / bench_secs, args, load_before, acked, lost),
         "trials": results,
     }
     log(f"==> {cluster.label} failover: n={summary['n']} p50 {summary['p50']:.2f} s, p99 {summary['p99']:.2f} s, "
@@ -961,6 +955,16 @@ def run_failovers(cluster, writer, pgbench, primary, args, frozen, load_before, 
         f"{len(lost)} missing on the final primary")
     print("P8 " + json.dumps({k: v for k, v in summary.items() if k != "trials"}), flush=True)
     return summary
+
+
+def run_facts(cluster, writer, pgbench, tps, args, load_before, acked, lost):
+    """The summary fields P7 and P8 share: commits, load, versions."""
+    return {
+        "lost_commits": len(lost), "acknowledged_commits": len(acked), "failed_writes": len(writer.failed),
+        "pgbench_tps": round(tps, 1), "pgbench_restarts": pgbench.runs - 1,
+        "writer_interval_ms": args.interval_ms, "load_before": load_before, "load_after": loadavg(),
+        "versions": {**cluster.versions(), "postgres": first_line([f"{PGBIN}/postgres", "--version"])},
+    }
 
 
 def loadavg():
