@@ -813,11 +813,7 @@ def run_peer(peer, args):
             primary = target
             time.sleep(args.pause)
         bench_secs = now() - t_bench
-        writer.stop.set()
-        writer.join(30)
-        pgbench.finish()
-        if writer.error:
-            raise writer.error
+        stop_load(writer, pgbench)
 
         # attribute each outage to the switchover whose window it touches
         gaps = outages(writer, args.stall_ms / 1000)
@@ -930,11 +926,7 @@ def run_failovers(cluster, writer, pgbench, primary, args, frozen, load_before, 
         primary = new
         time.sleep(args.pause)
     bench_secs = now() - t_bench
-    writer.stop.set()
-    writer.join(30)
-    pgbench.finish()
-    if writer.error:
-        raise writer.error
+    stop_load(writer, pgbench)
 
     # asynchronous replication: the commits acknowledged by a primary just before it froze may
     # not have reached the new one; they are counted, not a failure
@@ -955,6 +947,15 @@ def run_failovers(cluster, writer, pgbench, primary, args, frozen, load_before, 
         f"{len(lost)} missing on the final primary")
     print("P8 " + json.dumps({k: v for k, v in summary.items() if k != "trials"}), flush=True)
     return summary
+
+
+def stop_load(writer, pgbench):
+    """Stops the writer and pgbench at a run's end; raises the writer's error, if any."""
+    writer.stop.set()
+    writer.join(30)
+    pgbench.finish()
+    if writer.error:
+        raise writer.error
 
 
 def run_facts(cluster, writer, pgbench, tps, args, load_before, acked, lost):

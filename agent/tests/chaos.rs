@@ -32,14 +32,22 @@ fn layout() -> Layout {
 
 /// An agent of cluster `chaos` archiving into `store`, with `extra` TOML after the store's.
 async fn agent(store: &BackupStore, extra: &str) -> AgentFixture {
-    let opts = AgentOptions {
-        cluster: Some(CLUSTER.into()),
+    AgentFixture::start_with(
+        agent_bin!(),
+        15,
+        options(CLUSTER, format!("{}{extra}", store.toml())),
+    )
+    .await
+    .unwrap()
+}
+
+/// Options of an agent of cluster `cluster` (shard `0`) with `toml` as its extra config.
+fn options(cluster: &str, toml: String) -> AgentOptions {
+    AgentOptions {
+        cluster: Some(cluster.into()),
         shard: Some(SHARD.into()),
-        ..AgentOptions::toml(format!("{}{extra}", store.toml()))
-    };
-    AgentFixture::start_with(agent_bin!(), 15, opts)
-        .await
-        .unwrap()
+        ..AgentOptions::toml(toml)
+    }
 }
 
 /// A 32-byte key file for `encryption_key_files`.
@@ -138,13 +146,10 @@ fn prepare_copy(
     store_toml: &str,
     copy_name: &str,
 ) -> Result<AgentFixture, String> {
-    let opts = AgentOptions {
-        cluster: Some(copy_name.into()),
-        shard: Some(SHARD.into()),
-        ..AgentOptions::toml(format!(
-            "{store_toml}\n[bootstrap]\ncluster = \"{CLUSTER}\"\nshard = \"{SHARD}\"\n"
-        ))
-    };
+    let opts = options(
+        copy_name,
+        format!("{store_toml}\n[bootstrap]\ncluster = \"{CLUSTER}\"\nshard = \"{SHARD}\"\n"),
+    );
     let copy = AgentFixture::prepare(agent_bin!(), 15, &opts).map_err(|e| e.to_string())?;
     // The cluster's superuser password (shared like a Kubernetes Secret).
     std::fs::copy(
@@ -1065,12 +1070,7 @@ async fn r3_store_outages() {
         &format!("127.0.0.1:{s3_port}"),
         &format!("127.0.0.1:{}", proxy.port),
     );
-    let opts = AgentOptions {
-        cluster: Some(CLUSTER.into()),
-        shard: Some(SHARD.into()),
-        ..AgentOptions::toml(through_proxy)
-    };
-    let fx = AgentFixture::start_with(agent_bin!(), 15, opts)
+    let fx = AgentFixture::start_with(agent_bin!(), 15, options(CLUSTER, through_proxy))
         .await
         .unwrap();
     create_acked(&fx).await;
@@ -1582,14 +1582,13 @@ async fn disk_full_while_writing_and_restoring() {
         1,
     );
     let store = BackupStore::file().unwrap();
-    let opts = AgentOptions {
-        cluster: Some(CLUSTER.into()),
-        shard: Some(SHARD.into()),
-        ..AgentOptions::toml(format!(
+    let opts = options(
+        CLUSTER,
+        format!(
             "{}[postgres.parameters]\nmax_wal_size = '64MB'\nmin_wal_size = '32MB'\n",
             store.toml()
-        ))
-    };
+        ),
+    );
     let mut fx = AgentFixture::prepare(agent_bin!(), 15, &opts).unwrap();
     let Some(disk) = SmallDisk::mount(&fx.data_dir(), "160m") else {
         t.skip("mounting a tmpfs needs root with CAP_SYS_ADMIN");

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use pgpilot_common::archive::hex;
 use pgpilot_common::layout::Layout;
 use pgpilot_common::manifest::BackupManifest;
-use pgpilot_common::wal::check_segment;
+use pgpilot_common::wal::{SegmentHeader, check_segment};
 
 use super::catalog::{self, chain};
 use crate::store::{Store, StoreError};
@@ -208,18 +208,12 @@ async fn verify_wal(
         .map(|name| async move {
             let key = layout.wal_key(&name);
             let object = store.object_name(&key);
-            let (size, mut problem) = match store.verify(&key).await {
-                Ok(s) => (s.plaintext_len, None),
+            // Intact as an object, and (in the same read) this segment of this database
+            // system? A swapped or foreign segment reads as the end of WAL to Postgres.
+            let (size, problem) = match store.verify_head(&key, SegmentHeader::LEN).await {
+                Ok((s, head)) => (s.plaintext_len, check_segment(&name, &head, sysid).err()),
                 Err(e) => (0, Some(strip_object(&e.to_string(), &object))),
             };
-            // Intact as an object, but is it this segment of this database system? (A
-            // swapped or foreign segment reads as the end of WAL to Postgres.)
-            if problem.is_none() && name.len() == 24 {
-                problem = match store.get_bytes(&key).await {
-                    Ok((bytes, _)) => check_segment(&name, &bytes, sysid).err(),
-                    Err(e) => Some(strip_object(&e.to_string(), &object)),
-                };
-            }
             Checked {
                 name,
                 object,

@@ -637,6 +637,24 @@ impl Store {
         self.verify_with(key, &self.inner.settings.read).await
     }
 
+    /// [`Store::verify`] that also keeps the first `n` plaintext bytes (a WAL segment's page
+    /// header), in the same single read of the object.
+    pub async fn verify_head(
+        &self,
+        key: &str,
+        n: usize,
+    ) -> Result<(ArchiveSummary, Vec<u8>), StoreError> {
+        self.retried("verify", |_| async move {
+            let mut head = HeadSink {
+                keep: n,
+                head: Vec::with_capacity(n),
+            };
+            let summary = self.get(key, &mut head).await?;
+            Ok((summary, head.head))
+        })
+        .await
+    }
+
     async fn verify_with(
         &self,
         key: &str,
@@ -870,4 +888,36 @@ pub fn validate_key(key: &str) -> Result<(), StoreError> {
         return bad("contains the temporary-file marker");
     }
     Ok(())
+}
+
+/// An [`AsyncWrite`] that keeps the first `keep` bytes written and drops the rest.
+struct HeadSink {
+    keep: usize,
+    head: Vec<u8>,
+}
+
+impl AsyncWrite for HeadSink {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let room = self.keep.saturating_sub(self.head.len()).min(buf.len());
+        self.head.extend_from_slice(&buf[..room]);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }
