@@ -42,9 +42,29 @@ pub fn lock_file(state_dir: &Path, data_dir: &Path) -> PathBuf {
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new content: temp
 /// file, fsync, rename, fsync of the directory.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_durably_as(path, bytes, None)
+}
+
+/// [`write_durably`] of a file that exists, keeping its owner and mode: an agent running as
+/// root must not hand Postgres back a root-owned file of its data directory.
+pub fn rewrite_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    write_durably_as(path, bytes, Some(&meta))
+}
+
+fn write_durably_as(
+    path: &Path,
+    bytes: &[u8],
+    like: Option<&std::fs::Metadata>,
+) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
     let tmp = path.with_extension("pgpilot-tmp");
     let mut f = std::fs::File::create(&tmp)?;
+    if let Some(meta) = like {
+        std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))?;
+        f.set_permissions(meta.permissions())?;
+    }
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;

@@ -661,6 +661,21 @@ async fn drains_by_annotation_delete_and_eviction_hand_over_without_a_failover()
             .then(|| annotation(pod, "pgpilot.io/drain-message").unwrap_or_default())
     })
     .await;
+    // Cut off from the API server right after the hand-over, for less than the renew deadline:
+    // the hand-over counts as the new primary's first renewal, so it keeps serving (it once
+    // fenced at its first failed read).
+    let others: Vec<&str> = all.iter().copied().filter(|p| *p != first).collect();
+    for p in &others {
+        s.kubelet
+            .set_api_fault(s.ns(), p, ApiFault::Blackhole)
+            .expect("cut");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for p in &others {
+        s.kubelet
+            .set_api_fault(s.ns(), p, ApiFault::None)
+            .expect("heal");
+    }
     let second = probe.new_primary(&s, &first).await;
     assert!(
         message.contains(&format!("{second} took over")),
@@ -705,10 +720,11 @@ async fn drains_by_annotation_delete_and_eviction_hand_over_without_a_failover()
     );
     s.back_as_replica(&second, was).await;
     assert_eq!(s.events("Drained").await.len(), 2, "two drains finished");
-    // Planned: never a Lease taken by expiry.
+    // Planned: never a Lease taken by expiry, nor a fence.
     for pod in all {
         let m = s.metrics(pod).await;
         assert!(m.contains("pgpilot_failovers_total 0"), "{pod}: {m}");
+        assert!(m.contains("pgpilot_fences_total 0"), "{pod}: {m}");
     }
 
     // 3. An unknown value: named, nothing done.
@@ -729,10 +745,18 @@ async fn drains_by_annotation_delete_and_eviction_hand_over_without_a_failover()
     assert!(msg.contains("nothing done"), "{msg}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(s.role(&replica).await.as_deref(), Some("replica"));
-    assert!(
-        is_ready(&pods.get(&replica).await.unwrap()),
-        "still serving"
+    assert_eq!(
+        annotation(pods.get(&replica).await.unwrap(), "pgpilot.io/drain").as_deref(),
+        Some("Strated"),
+        "the agent leaves an unknown value as it is"
     );
+    assert_eq!(s.events("Drained").await.len(), 2, "no drain for a typo");
+    // Still serving (polled: a replica's readiness may blink under load, e.g. a slow
+    // connection check, which has nothing to do with the annotation).
+    eventually("the replica still serving", || async {
+        is_ready(&pods.get(&replica).await.ok()?).then_some(())
+    })
+    .await;
 
     // 4. Eviction within the budget.
     s.create::<PodDisruptionBudget>(json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",

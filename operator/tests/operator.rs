@@ -962,12 +962,29 @@ async fn pod_revisions(env: &Env, shard: &str) -> Vec<(String, String)> {
 #[tokio::test]
 async fn rollouts_go_shard_by_shard_behind_gates_and_halt_on_a_bad_revision() {
     let env = Env::start_with("rollout", 2).await;
+    // The ready timeout of a good revision leaves room for a loaded 2-core machine (a pod
+    // restarts, catches up and registers); the bad revision below gets a short one.
     let rollout = json!({"mode": "Manual", "canaryShards": 1, "soakSeconds": 2,
-        "readyTimeoutSeconds": 25});
+        "readyTimeoutSeconds": 90});
     env.create_ready("orders", 3, 2, json!({ "rollout": rollout }))
         .await;
     let get = || async { env.clusters().get("orders").await.ok() };
-    let rollout = |pc: &PostgresCluster| pc.status.as_ref().and_then(|s| s.rollout.clone());
+    // Every rollout status the test sees, printed when it changes (shown if the test fails).
+    let seen = std::sync::Mutex::new(String::new());
+    let rollout = |pc: &PostgresCluster| {
+        let r = pc.status.as_ref().and_then(|s| s.rollout.clone());
+        let line = format!(
+            "{:?}",
+            r.as_ref()
+                .map(|r| (&r.phase, &r.current_shard, &r.step, &r.reason))
+        );
+        let mut last = seen.lock().unwrap();
+        if *last != line {
+            eprintln!("rollout status: {line}");
+            *last = line;
+        }
+        r
+    };
     let first = eventually("an idle rollout", || async {
         let r = rollout(&get().await?)?;
         (r.phase == "Idle").then_some(r)
@@ -1118,7 +1135,9 @@ async fn rollouts_go_shard_by_shard_behind_gates_and_halt_on_a_bad_revision() {
     );
 
     // A bad revision (Postgres cannot start with it): halted on the canary.
-    patch(json!({"spec": {"parameters": {"shared_buffers": "100TB"}}})).await;
+    patch(json!({"spec": {"parameters": {"shared_buffers": "100TB"},
+        "rollout": {"readyTimeoutSeconds": 25}}}))
+    .await;
     let bad = eventually("WaitingForRelease for the bad revision", || async {
         let r = rollout(&get().await?)?;
         (r.phase == "WaitingForRelease" && r.target_revision.as_deref() != Some(&rev)).then_some(r)
@@ -1146,7 +1165,9 @@ async fn rollouts_go_shard_by_shard_behind_gates_and_halt_on_a_bad_revision() {
         );
     }
     // Back to the good spec: the canary is repaired, the others need nothing.
-    patch(json!({"spec": {"parameters": null, "rollout": {"release": rev}}})).await;
+    patch(json!({"spec": {"parameters": null,
+        "rollout": {"release": rev, "readyTimeoutSeconds": 90}}}))
+    .await;
     eventually("Complete again at the good revision", || async {
         let r = rollout(&get().await?)?;
         (r.phase == "Complete" && r.target_revision.as_deref() == Some(&rev)).then_some(())

@@ -84,9 +84,32 @@ struct Loop {
     labelled: Option<&'static str>,
     last_follow: Option<Instant>,
     last_refusal: Option<String>,
-    /// Synchronous mode: the standby Postgres waits for now, and the WAL position when it was
-    /// chosen (the Lease may forget the previous one once this one has flushed past it).
-    sync: Option<(Option<String>, u64)>,
+    /// Synchronous mode: what this primary set up, `None` until it did.
+    sync: Option<SyncState>,
+}
+
+/// Synchronous mode, on the primary.
+#[derive(Clone)]
+struct SyncState {
+    /// The standby chosen to stay (`None`: asynchronous, nobody streams).
+    standby: Option<String>,
+    /// Every replica whose flush a commit waits for (`synchronous_standby_names`).
+    waited: std::collections::BTreeSet<String>,
+    /// The WAL position when `standby` was first waited on: once it has flushed past it, it
+    /// holds every acknowledged commit and is named alone.
+    since: u64,
+}
+
+/// `synchronous_standby_names` waiting for every one of `names` (a non-empty set).
+pub fn standby_names(names: &std::collections::BTreeSet<String>) -> String {
+    let quoted: Vec<String> = names
+        .iter()
+        .map(|n| format!("\"{}\"", n.replace('"', "\"\"")))
+        .collect();
+    match quoted.as_slice() {
+        [one] => one.clone(),
+        all => format!("FIRST {} ({})", all.len(), all.join(", ")),
+    }
 }
 
 /// Runs until `shutdown`. `renewed_at_start`: the Lease was taken or renewed just before the
@@ -134,6 +157,8 @@ impl Loop {
             }
             Some(Role::Replica) => {
                 self.renewed = None;
+                // Promotion resets synchronous_standby_names: set it up again as primary.
+                self.sync = None;
                 if let Ok(rec) = read {
                     self.as_replica(rec).await;
                 }
@@ -145,6 +170,11 @@ impl Loop {
 
     async fn as_primary(&mut self, read: anyhow::Result<LeaseRecord>) {
         let lead = self.lead.clone();
+        if self.renewed.is_none() {
+            // Promoted by a switchover since the last tick: the hand-over was the last renewal,
+            // so one failed read right after it is not a reason to fence.
+            self.renewed = lead.held_since();
+        }
         let metrics = &self.handle.ctx.metrics.replication;
         match read {
             Ok(rec)
@@ -201,14 +231,22 @@ impl Loop {
         }
     }
 
-    /// Synchronous mode, on the primary right after a renewal (as Patroni's synchronous_mode,
-    /// with one synchronous standby): Postgres waits for one streaming replica
-    /// (`synchronous_standby_names`), and the Lease names every replica that may hold
-    /// acknowledged commits: a new standby is recorded before Postgres waits on it, and the
-    /// previous one is forgotten only once the new one has flushed past the point of the
-    /// change. Only a named replica may take over. Without any streaming replica, commits
-    /// go asynchronous (and nobody is named).
+    /// Synchronous mode, on the primary right after a renewal (Patroni's synchronous_mode with
+    /// one synchronous standby, docs/kubernetes.md). Two sets, kept in this order:
+    ///
+    /// - **named** (the Lease's `pgpilot.io/sync`): who may take over. Each holds every
+    ///   acknowledged commit.
+    /// - **waited on** (`synchronous_standby_names`, `FIRST n` of all of them): whose flush a
+    ///   commit needs. Always a superset of the named, so once a named replica takes over and
+    ///   stops streaming, the old primary cannot acknowledge anything, even resumed from a
+    ///   freeze before its agent fences it; and what the winner acknowledged before promoting,
+    ///   it replays when promoting.
+    ///
+    /// A new standby is waited on first, then named (alone) once it has flushed past the point
+    /// where it was added; then the others are no longer waited on. Without any streaming
+    /// replica, nobody is named first, then commits go asynchronous.
     async fn manage_sync(&mut self) {
+        use std::collections::BTreeSet;
         let ctx = self.handle.ctx.clone();
         let lead = self.lead.clone();
         let Ok(client) = ctx.monitor.client().await else {
@@ -219,26 +257,59 @@ impl Loop {
         };
         let streaming: Vec<&pgpilot_common::api::ReplicaView> =
             replicas.iter().filter(|r| r.state == "streaming").collect();
-        let current = self.sync.as_ref().and_then(|(name, _)| name.clone());
+        let rec = lead.record();
+        let named: BTreeSet<String> = rec
+            .sync_set()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n != lead.me())
+            .collect();
+        // After a restart of the agent, what Postgres waits on is not known: set it again.
+        let known = self.sync.clone();
+        let current = known.as_ref().and_then(|s| s.standby.clone());
         let want = current
-            .clone()
             .filter(|c| streaming.iter().any(|r| r.name == *c))
             .or_else(|| streaming.first().map(|r| r.name.clone()));
-        let rec = lead.record();
-        let recorded = rec.sync_set().unwrap_or_default();
-        if self.sync.is_none() || want != current {
-            let mut named = recorded.clone();
-            named.extend(want.iter().cloned());
-            if named != recorded && !matches!(lead.write_sync(&rec, &named).await, Ok(Write::Done))
+        let Some(want) = want else {
+            // Nobody streams: forget the names, then stop waiting (asynchronous).
+            if !named.is_empty()
+                && !matches!(
+                    lead.write_sync(&rec, &BTreeSet::new()).await,
+                    Ok(Write::Done)
+                )
             {
                 return;
             }
-            let value = want.as_ref().map_or(String::new(), |n| format!("\"{n}\""));
-            if let Err(why) = super::sql::set_synchronous_standby(&client, Some(&value)).await {
+            if known.as_ref().is_none_or(|s| !s.waited.is_empty()) {
+                if let Err(why) = super::sql::set_synchronous_standby(&client, None).await {
+                    tracing::warn!("cannot reset synchronous_standby_names: {why}");
+                    return;
+                }
+                tracing::info!(standby = "none: asynchronous", "synchronous standby");
+            }
+            self.sync = Some(SyncState {
+                standby: None,
+                waited: BTreeSet::new(),
+                since: 0,
+            });
+            return;
+        };
+        let waited = known.as_ref().map(|s| s.waited.clone());
+        if known
+            .as_ref()
+            .is_none_or(|s| s.standby.as_ref() != Some(&want))
+            || waited.as_ref().is_none_or(|w| !w.contains(&want))
+        {
+            // Wait on the new standby as well as on every named one.
+            let mut all = named.clone();
+            all.insert(want.clone());
+            if let Err(why) =
+                super::sql::set_synchronous_standby(&client, Some(&standby_names(&all))).await
+            {
                 tracing::warn!("cannot set synchronous_standby_names: {why}");
                 return;
             }
-            let at = ctx
+            let since = ctx
                 .monitor
                 .status()
                 .await
@@ -246,28 +317,41 @@ impl Loop {
                 .and_then(|s| s.current_lsn)
                 .and_then(|l| super::lsn(&l))
                 .unwrap_or(u64::MAX);
-            tracing::info!(
-                standby = want.as_deref().unwrap_or("none: asynchronous"),
-                "synchronous standby"
-            );
-            self.sync = Some((want, at));
+            tracing::info!(standby = %want, waited_on = %standby_names(&all), "synchronous standby");
+            self.sync = Some(SyncState {
+                standby: Some(want),
+                waited: all,
+                since,
+            });
             return;
         }
-        // The standby is settled: once it has flushed past the change, the record is just it.
-        let (name, at) = self.sync.clone().expect("settled above");
-        let caught_up = match &name {
-            Some(n) => streaming.iter().any(|r| {
-                r.name == *n
-                    && r.flush_lsn
-                        .as_deref()
-                        .and_then(super::lsn)
-                        .is_some_and(|f| f >= at)
-            }),
-            None => true,
-        };
-        let only: std::collections::BTreeSet<String> = name.into_iter().collect();
-        if caught_up && recorded != only {
-            let _ = lead.write_sync(&rec, &only).await;
+        let state = known.expect("checked above");
+        let caught_up = streaming.iter().any(|r| {
+            r.name == want
+                && r.flush_lsn
+                    .as_deref()
+                    .and_then(super::lsn)
+                    .is_some_and(|f| f >= state.since)
+        });
+        if !caught_up {
+            return;
+        }
+        let only: BTreeSet<String> = [want].into_iter().collect();
+        if rec.sync_set().unwrap_or_default() != only
+            && !matches!(lead.write_sync(&rec, &only).await, Ok(Write::Done))
+        {
+            return;
+        }
+        if state.waited != only {
+            if let Err(why) =
+                super::sql::set_synchronous_standby(&client, Some(&standby_names(&only))).await
+            {
+                tracing::warn!("cannot set synchronous_standby_names: {why}");
+                return;
+            }
+            if let Some(s) = self.sync.as_mut() {
+                s.waited = only;
+            }
         }
     }
 
@@ -278,6 +362,7 @@ impl Loop {
         tracing::error!("fencing: {why}: stopping writes and restarting as a standby");
         lead.step_down();
         self.renewed = None;
+        self.sync = None;
         ctx.metrics.replication.fences.inc();
         ctx.metrics.replication.lease_held.set(0);
         ctx.metrics
@@ -495,6 +580,17 @@ impl Loop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postgres_waits_for_every_replica_that_may_take_over() {
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        assert_eq!(standby_names(&set(&["db-1"])), "\"db-1\"");
+        assert_eq!(
+            standby_names(&set(&["db-2", "db-0"])),
+            "FIRST 2 (\"db-0\", \"db-2\")"
+        );
+        assert_eq!(standby_names(&set(&["a\"b"])), "\"a\"\"b\"");
+    }
 
     #[test]
     fn the_replica_with_the_most_wal_takes_over_and_ties_go_by_name() {

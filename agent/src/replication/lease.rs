@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -101,6 +101,8 @@ pub enum Write {
 
 struct View {
     record: LeaseRecord,
+    /// When `record` was read from (or written to) the API server, by this agent's clock.
+    read_at: Option<Instant>,
     /// Pod name → agent URL, for the shard's pods that have an IP.
     urls: BTreeMap<String, String>,
     /// Set, to the Lease's resourceVersion then, when this instance stops leading (fence,
@@ -204,6 +206,7 @@ impl KubeLeadership {
             client,
             view: Mutex::new(View {
                 record: LeaseRecord::default(),
+                read_at: None,
                 urls: BTreeMap::new(),
                 stepped_down: None,
                 handed: None,
@@ -238,6 +241,7 @@ impl KubeLeadership {
         let mut v = self.view.lock().expect("lease view");
         v.urls = urls;
         v.record = record.clone();
+        v.read_at = Some(Instant::now());
         Ok(record)
     }
 
@@ -292,6 +296,16 @@ impl KubeLeadership {
         !v.stepped_down() && v.record.holder() == Some(self.me())
     }
 
+    /// When this instance last learned, from the API server, that it holds the Lease (as last
+    /// read, not stepped down since): a switchover's candidate counts its renew deadline from
+    /// there, as from a renewal.
+    pub fn held_since(&self) -> Option<Instant> {
+        let v = self.view.lock().expect("lease view");
+        (!v.stepped_down() && v.record.holder() == Some(self.me()))
+            .then_some(v.read_at)
+            .flatten()
+    }
+
     pub fn step_down(&self) {
         let mut v = self.view.lock().expect("lease view");
         v.stepped_down = Some(v.record.resource_version().unwrap_or("").to_string());
@@ -332,6 +346,12 @@ impl KubeLeadership {
             }
             None => {}
         }
+        if !same_holder && holder.is_some() && annotations.contains_key(ANNOTATION_SYNC) {
+            // Synchronous mode: the names were the previous holder's standbys. The new holder
+            // commits asynchronously until it names its own, so nobody may take over from it.
+            // (A release keeps them: the named still hold every acknowledged commit.)
+            annotations.insert(ANNOTATION_SYNC.into(), String::new());
+        }
         let create = seen.lease.is_none();
         let written = self.put(&lease, create).await?;
         if written == Write::Done && holder == Some(self.me()) {
@@ -351,9 +371,11 @@ impl KubeLeadership {
         };
         match result {
             Ok(written) => {
-                self.view.lock().expect("lease view").record = LeaseRecord {
+                let mut v = self.view.lock().expect("lease view");
+                v.record = LeaseRecord {
                     lease: Some(written),
                 };
+                v.read_at = Some(Instant::now());
                 Ok(Write::Done)
             }
             Err(e) if is_conflict(&e) => Ok(Write::Conflict),
@@ -582,7 +604,7 @@ impl KubeLeadership {
     pub async fn settle(&self, cfg: &Config, data_empty: bool) -> anyhow::Result<bool> {
         let standby = cfg.data_dir.join(crate::files::STANDBY_SIGNAL).exists();
         let primary_data = !data_empty && !standby;
-        let mut waited = std::time::Instant::now();
+        let mut waited = Instant::now();
         loop {
             let rec = self.refresh().await?;
             match rec.holder() {
@@ -624,7 +646,7 @@ impl KubeLeadership {
             }
             if waited.elapsed() > Duration::from_secs(10) {
                 tracing::info!(lease = %self.name, "waiting for a primary to clone from");
-                waited = std::time::Instant::now();
+                waited = Instant::now();
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -763,6 +785,73 @@ mod tests {
             b.refresh().await.unwrap();
             assert_eq!(b.holds(), winner == "db-2");
         }
+        ns.cleanup().await.unwrap();
+    }
+
+    /// A hand-over (switchover): the candidate learns it holds the Lease, and counts its renew
+    /// deadline from then; the previous holder's synchronous names do not carry over to the
+    /// new holder (it names its own), while renewals and a release keep them.
+    #[tokio::test]
+    async fn a_hand_over_counts_as_a_renewal_and_clears_the_synchronous_names() {
+        let server = KubeTestServer::start().await.unwrap();
+        let client = server.client();
+        let ns = TestNamespace::create(&client, "lease-hand-over")
+            .await
+            .unwrap();
+        let old = agent(&client, ns.name(), "db-0").await;
+        let new = agent(&client, ns.name(), "db-1").await;
+        let seen = old.refresh().await.unwrap();
+        assert_eq!(
+            old.write(&seen, Some("db-0"), None).await.unwrap(),
+            Write::Done
+        );
+        assert!(old.held_since().is_some());
+        let named: std::collections::BTreeSet<String> = ["db-1".to_string()].into();
+        assert_eq!(
+            old.write_sync(&old.record(), &named).await.unwrap(),
+            Write::Done
+        );
+        // A renewal keeps the names.
+        assert_eq!(
+            old.write(&old.record(), Some("db-0"), Some("0/5000000"))
+                .await
+                .unwrap(),
+            Write::Done
+        );
+        assert_eq!(old.record().sync_set(), Some(named.clone()));
+
+        // The hand-over: the old holder steps down, the candidate reads that it holds it.
+        new.refresh().await.unwrap();
+        assert_eq!(new.held_since(), None, "a replica holds nothing");
+        old.step_down();
+        assert_eq!(
+            old.write(&old.record(), Some("db-1"), None).await.unwrap(),
+            Write::Done
+        );
+        assert_eq!(old.held_since(), None, "stepped down");
+        let before = Instant::now();
+        new.refresh().await.unwrap();
+        let since = new.held_since().expect("the candidate holds the Lease");
+        assert!(since >= before, "counted from when it learned it");
+        assert_eq!(
+            new.record().sync_set(),
+            Some(Default::default()),
+            "the new holder's names start empty"
+        );
+
+        // A release keeps the names: the named replicas still hold every acknowledged commit.
+        assert_eq!(
+            new.write_sync(&new.record(), &["db-0".to_string()].into())
+                .await
+                .unwrap(),
+            Write::Done
+        );
+        new.step_down();
+        assert_eq!(
+            new.write(&new.record(), None, None).await.unwrap(),
+            Write::Done
+        );
+        assert_eq!(new.record().sync_set(), Some(["db-0".to_string()].into()));
         ns.cleanup().await.unwrap();
     }
 }
