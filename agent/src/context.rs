@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 use crate::postgres::OsUser;
 use crate::postgres::bins::PgBinaries;
 use crate::postgres::process::LogTail;
-use crate::secrets::Secret;
+use crate::secrets::{Secret, Tokens};
 
 pub struct Context {
     pub cfg: Config,
@@ -24,7 +24,8 @@ pub struct Context {
     pub owner: Option<OsUser>,
     pub superuser_password: Secret,
     pub replication_password: Secret,
-    pub api_token: Secret,
+    /// The API tokens accepted (the first is presented to peers); reloaded from their file.
+    pub api_token: Tokens,
     pub metrics: Metrics,
     /// WAL archiving, when a backup store is configured.
     pub archiver: Option<Arc<WalArchiver>>,
@@ -71,7 +72,7 @@ impl Context {
         owner: Option<OsUser>,
         superuser_password: Secret,
         replication_password: Secret,
-        api_token: Secret,
+        api_token: Tokens,
         metrics: Metrics,
         archiver: Option<Arc<WalArchiver>>,
         fetcher: Option<Arc<WalFetcher>>,

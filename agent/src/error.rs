@@ -19,6 +19,13 @@ pub enum AgentError {
     NotFound(String),
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// Too many wrong tokens from this peer lately (429): refused without looking at the
+    /// credential, for `retry_after_secs`.
+    #[error("{message}")]
+    TooManyRequests {
+        message: String,
+        retry_after_secs: u64,
+    },
     /// A request body over [`crate::http::MAX_BODY_BYTES`] (413); nothing was read past it.
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -62,6 +69,7 @@ impl AgentError {
             AgentError::NotFound(_) => "not_found",
             AgentError::MethodNotAllowed(_) => "method_not_allowed",
             AgentError::PayloadTooLarge(_) => "payload_too_large",
+            AgentError::TooManyRequests { .. } => "too_many_requests",
             AgentError::Conflict { .. } => "conflict",
             AgentError::Refused(_) => "refused",
             AgentError::PreconditionFailed(_) => "precondition_failed",

@@ -62,7 +62,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     bootstrap::check_reachable(&cfg.data_dir, owner.as_ref())?;
     check_writable(&cfg.state_dir)?;
 
-    let api_token = secrets::load("API token", &cfg.api_token)?;
+    let api_token = secrets::Tokens::load("API token", &cfg.api_token)?;
     let superuser_password = secrets::load("superuser password", &cfg.superuser_password)?;
     let replication_password = secrets::load("replication password", &cfg.replication_password)?;
 
@@ -107,7 +107,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             let (a, f) = open_archive(
                 &cfg,
                 store_cfg,
-                &api_token,
+                &api_token.current(),
                 owner.as_ref(),
                 &metrics,
                 &background,
@@ -187,6 +187,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(archiver.clone().run_background(shutdown.clone()));
     }
     tokio::spawn(announce_when_running(handle.clone()));
+    tokio::spawn(reload_tokens(ctx.clone(), shutdown.clone()));
     if let Some((lead, held)) = kube {
         tokio::spawn(drain::watch_annotation(
             handle.clone(),
@@ -221,6 +222,53 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// How often the API token file is re-read.
+pub const TOKEN_RELOAD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Re-reads the API token file every [`TOKEN_RELOAD`], so a rotation (docs/security.md) needs no
+/// restart; the runtime file of `wal-push` follows the current token.
+async fn reload_tokens(ctx: Arc<context::Context>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(TOKEN_RELOAD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match ctx.api_token.reload() {
+            Ok(changed) => {
+                last_error = None;
+                if !changed {
+                    continue;
+                }
+                ctx.metrics.api_token_reloads.inc();
+                tracing::info!(
+                    accepted = ctx.api_token.count(),
+                    path = %ctx.cfg.api_token.path.display(),
+                    "API tokens reloaded"
+                );
+                if ctx.cfg.backup.is_some()
+                    && let Err(e) = archive::runtime::ArchiveRuntime::rotate_token(
+                        &ctx.cfg,
+                        ctx.api_token.current().expose(),
+                        ctx.owner.as_ref(),
+                    )
+                {
+                    tracing::error!("API token rotation: {e}");
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if last_error.as_ref() != Some(&why) {
+                    tracing::warn!("cannot reload the API tokens (the accepted ones stay): {why}");
+                }
+                last_error = Some(why);
+            }
+        }
+    }
 }
 
 /// The archive a `[bootstrap]` restore reads.

@@ -246,10 +246,18 @@ impl ApiArgs {
             None => default.exists().then_some(default),
         };
         let token = match (path, needs_token) {
+            // The first line: during a rotation the file holds the new token above the old.
             (Some(p), _) => Some(
-                pgpilot_agent::secrets::read("API token", &p)?
-                    .expose()
-                    .to_string(),
+                pgpilot_agent::secrets::Tokens::load(
+                    "API token",
+                    &pgpilot_agent::config::SecretFile {
+                        path: p,
+                        generate_if_missing: false,
+                    },
+                )?
+                .current()
+                .expose()
+                .to_string(),
             ),
             (None, true) => anyhow::bail!(
                 "this command needs the API token: pass --token-file or set PGPILOT_API_TOKEN_FILE"

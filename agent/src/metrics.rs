@@ -23,10 +23,19 @@ pub struct Metrics {
     pub api_duration: HistogramVec,
     /// API errors by route and error kind (`conflict`, `refused`, `internal`, …).
     pub api_errors: IntCounterVec,
+    /// Refused authentications by reason: `no_credential`, `malformed`, `wrong_token`,
+    /// `rate_limited` (a peer over the limit of wrong tokens).
+    pub api_auth_failures: IntCounterVec,
+    /// API token reloads that changed the accepted tokens (a rotation step).
+    pub api_token_reloads: IntCounter,
     pub archive: ArchiveMetrics,
     pub replication: ReplicationMetrics,
     pub catalog: CatalogMetrics,
 }
+
+/// The reasons of `pgpilot_api_auth_failures_total`, each exported from the start at 0.
+pub const AUTH_FAILURE_REASONS: [&str; 4] =
+    ["no_credential", "malformed", "wrong_token", "rate_limited"];
 
 /// Catalog sync (Kubernetes mode, the shard's primary): `pg_database` against
 /// `spec.databases`.
@@ -455,8 +464,26 @@ impl Metrics {
             &["route", "kind"],
         )
         .expect("static metric");
+        let api_auth_failures = IntCounterVec::new(
+            Opts::new(
+                "pgpilot_api_auth_failures_total",
+                "Refused API authentications by reason (no_credential, malformed, wrong_token, rate_limited)",
+            ),
+            &["reason"],
+        )
+        .expect("static metric");
+        for reason in AUTH_FAILURE_REASONS {
+            api_auth_failures.with_label_values(&[reason]).reset();
+        }
+        let api_token_reloads = IntCounter::new(
+            "pgpilot_api_token_reloads_total",
+            "Reloads of the API token file that changed the accepted tokens",
+        )
+        .expect("static metric");
         for c in [
-            Box::new(state.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(api_auth_failures.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(api_token_reloads.clone()),
+            Box::new(state.clone()),
             Box::new(postgres_up.clone()),
             Box::new(connections.clone()),
             Box::new(max_connections.clone()),
@@ -488,6 +515,8 @@ impl Metrics {
             api_requests,
             api_duration,
             api_errors,
+            api_auth_failures,
+            api_token_reloads,
         }
     }
 

@@ -80,6 +80,99 @@ pub fn read(what: &'static str, path: &Path) -> Result<Secret, SecretError> {
     Ok(Secret(value))
 }
 
+/// The API tokens the agent accepts, from one file: each non-empty line is a token. The first
+/// is the current one, which the agent presents to its peers and writes for `wal-push`; the
+/// others stay accepted while they are in the file (a rotation: write `new` above `old`, move
+/// every client to `new`, then remove `old`). [`Tokens::reload`] re-reads the file, so a
+/// rotation needs no restart.
+pub struct Tokens {
+    what: &'static str,
+    path: std::path::PathBuf,
+    set: std::sync::RwLock<Vec<Secret>>,
+}
+
+impl Tokens {
+    pub fn load(what: &'static str, file: &SecretFile) -> Result<Tokens, SecretError> {
+        let first = load(what, file)?;
+        let tokens = Tokens {
+            what,
+            path: file.path.clone(),
+            set: std::sync::RwLock::new(vec![first]),
+        };
+        tokens.reload()?;
+        Ok(tokens)
+    }
+
+    /// Fixed tokens, for tests.
+    pub fn fixed(what: &'static str, values: &[&str]) -> Tokens {
+        Tokens {
+            what,
+            path: std::path::PathBuf::new(),
+            set: std::sync::RwLock::new(values.iter().map(|v| Secret(v.to_string())).collect()),
+        }
+    }
+
+    /// The token this agent presents.
+    pub fn current(&self) -> Secret {
+        self.set.read().expect("tokens")[0].clone()
+    }
+
+    /// How many tokens are accepted now.
+    pub fn count(&self) -> usize {
+        self.set.read().expect("tokens").len()
+    }
+
+    /// Whether `presented` is one of the accepted tokens (each compared in constant time).
+    pub fn accepts(&self, presented: &str) -> bool {
+        let set = self.set.read().expect("tokens");
+        set.iter().fold(false, |ok, t| {
+            crate::http::auth::token_matches(presented, t.expose()) | ok
+        })
+    }
+
+    /// Re-reads the file. `Ok(true)` when the accepted tokens changed. On an error (the file
+    /// gone or empty mid-rotation) the tokens stay as they were, and the error says why.
+    pub fn reload(&self) -> Result<bool, SecretError> {
+        if self.path.as_os_str().is_empty() {
+            return Ok(false);
+        }
+        let path_s = self.path.display().to_string();
+        let text =
+            std::fs::read_to_string(&self.path).map_err(|cause| SecretError::Unreadable {
+                what: self.what,
+                path: path_s.clone(),
+                cause,
+            })?;
+        let fresh: Vec<Secret> = pgpilot_common::client::api_tokens(&text)
+            .into_iter()
+            .map(|l| Secret(l.to_string()))
+            .collect();
+        if fresh.is_empty() {
+            return Err(SecretError::Empty {
+                what: self.what,
+                path: path_s,
+            });
+        }
+        let mut set = self.set.write().expect("tokens");
+        if *set == fresh {
+            return Ok(false);
+        }
+        *set = fresh;
+        Ok(true)
+    }
+}
+
+impl fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Tokens({} from {}, <redacted>)",
+            self.count(),
+            self.path.display()
+        )
+    }
+}
+
 fn generate(path: &Path) -> std::io::Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
@@ -113,6 +206,43 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a.expose().len(), 48);
         assert_eq!(format!("{a:?} {a}"), "<redacted> <redacted>");
+    }
+
+    #[test]
+    fn tokens_rotate_through_the_file_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tok");
+        std::fs::write(&path, "old-token\n").unwrap();
+        let file = SecretFile {
+            path: path.clone(),
+            generate_if_missing: false,
+        };
+        let t = Tokens::load("API token", &file).unwrap();
+        assert!(t.accepts("old-token") && !t.accepts("new-token"));
+        // The window: both accepted, the new one presented.
+        std::fs::write(&path, "new-token\n  old-token  \n\n").unwrap();
+        assert!(t.reload().unwrap());
+        assert!(t.accepts("old-token") && t.accepts("new-token"));
+        assert_eq!(t.current().expose(), "new-token");
+        assert!(!t.reload().unwrap(), "unchanged");
+        // The window closes.
+        std::fs::write(&path, "new-token\n").unwrap();
+        assert!(t.reload().unwrap());
+        assert!(!t.accepts("old-token") && t.accepts("new-token"));
+        assert!(!t.accepts("") && !t.accepts("new-toke"));
+        // Emptied or removed mid-rotation: refused with the file named, tokens unchanged.
+        std::fs::write(&path, "\n").unwrap();
+        let err = t.reload().unwrap_err().to_string();
+        assert!(err.contains("is empty") && err.contains("tok"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            t.reload()
+                .unwrap_err()
+                .to_string()
+                .contains("cannot be read")
+        );
+        assert!(t.accepts("new-token"));
+        assert!(!format!("{t:?}").contains("new-token"));
     }
 
     #[test]

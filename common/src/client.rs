@@ -236,6 +236,20 @@ fn status_kind(status: StatusCode) -> &'static str {
 
 /// Checks an agent API URL (`http://host:port`, `https://…`) and returns it without a trailing
 /// slash; the error says what is wrong with it.
+/// The API tokens an agent's token file (or Secret key) holds: one per non-empty line, the
+/// first the one to present, the others still accepted during a rotation (docs/security.md).
+pub fn api_tokens(text: &str) -> Vec<&str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// The token a client presents: the first of [`api_tokens`].
+pub fn presented_token(text: &str) -> Option<&str> {
+    api_tokens(text).into_iter().next()
+}
+
 pub fn check_agent_url(url: &str) -> Result<String, String> {
     let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {

@@ -1055,8 +1055,10 @@ pub async fn agent_token(
         .await?
         .and_then(|s| s.data)
         .and_then(|d| {
-            d.get(&key)
-                .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
+            d.get(&key).and_then(|v| {
+                pgpilot_common::client::presented_token(&String::from_utf8_lossy(&v.0))
+                    .map(str::to_string)
+            })
         });
     Ok(token.ok_or_else(|| {
         format!("the agents' API token (Secret {secret:?}, key {key:?}) is missing")

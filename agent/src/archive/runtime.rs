@@ -76,6 +76,25 @@ impl ArchiveRuntime {
             fetch_from,
         };
         let path = Self::path(cfg);
+        rt.store_at(&path, owner)?;
+        Ok(path)
+    }
+
+    /// After the API token rotated: the runtime file names the new current token, everything
+    /// else unchanged (a `[bootstrap]` restore's source included). No file: nothing to do.
+    pub fn rotate_token(cfg: &Config, token: &str, owner: Option<&OsUser>) -> anyhow::Result<()> {
+        let path = Self::path(cfg);
+        if !path.exists() {
+            return Ok(());
+        }
+        let mut rt = Self::read(&path)?;
+        rt.token = token.to_string();
+        rt.store_at(&path, owner)
+            .map_err(|e| anyhow::anyhow!("cannot rewrite the runtime file {}: {e}", path.display()))
+    }
+
+    fn store_at(&self, path: &Path, owner: Option<&OsUser>) -> std::io::Result<()> {
+        let rt = self;
         let tmp = path.with_extension("tmp");
         let _ = std::fs::remove_file(&tmp);
         let mut f = std::fs::OpenOptions::new()
@@ -88,8 +107,8 @@ impl ArchiveRuntime {
         if let Some(owner) = owner {
             owner.chown(&tmp)?;
         }
-        std::fs::rename(&tmp, &path)?;
-        Ok(path)
+        std::fs::rename(&tmp, path)?;
+        Ok(())
     }
 
     pub fn read(path: &Path) -> anyhow::Result<ArchiveRuntime> {

@@ -890,18 +890,17 @@ impl Executor {
                 self.conflict("base backups need a backup store: no [backup] store is configured")
             );
         };
-        let deps =
-            backup::BackupDeps {
-                cfg: self.ctx.cfg.clone(),
-                superuser_password: self.ctx.superuser_password.clone(),
-                store: archiver.store().clone(),
-                layout: archiver.layout().clone(),
-                metrics: self.ctx.metrics.archive.clone(),
-                runs: self.ctx.backups.clone(),
-                primary: self.repl.upstream.as_ref().map(|u| {
-                    crate::replication::switchover::peer(&u.url, self.ctx.api_token.expose())
-                }),
-            };
+        let deps = backup::BackupDeps {
+            cfg: self.ctx.cfg.clone(),
+            superuser_password: self.ctx.superuser_password.clone(),
+            store: archiver.store().clone(),
+            layout: archiver.layout().clone(),
+            metrics: self.ctx.metrics.archive.clone(),
+            runs: self.ctx.backups.clone(),
+            primary: self.repl.upstream.as_ref().map(|u| {
+                crate::replication::switchover::peer(&u.url, self.ctx.api_token.current().expose())
+            }),
+        };
         let cancel = CancellationToken::new();
         let started = backup::begin(deps, req, cancel.clone()).await?;
         let snapshot = started.run.snapshot();
@@ -968,7 +967,7 @@ impl Executor {
         if let Err(e) = crate::archive::runtime::ArchiveRuntime::write(
             &ctx.cfg,
             store_cfg,
-            ctx.api_token.expose(),
+            ctx.api_token.current().expose(),
             ctx.owner.as_ref(),
             source.map(|s| s.fetch_from.clone()),
         ) {

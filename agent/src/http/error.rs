@@ -15,6 +15,7 @@ fn status(e: &AgentError) -> StatusCode {
         AgentError::NotFound(_) => StatusCode::NOT_FOUND,
         AgentError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         AgentError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        AgentError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
         AgentError::Conflict { .. } => StatusCode::CONFLICT,
         AgentError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
         AgentError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
@@ -30,6 +31,12 @@ impl IntoResponse for AgentError {
             // Logged here, where it is handled, not where it was passed up.
             tracing::error!(code = code.as_u16(), "API request failed: {self}");
         }
+        let retry_after = match &self {
+            AgentError::TooManyRequests {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        };
         let body = ErrorBody {
             error: self.kind().to_string(),
             message: self.to_string(),
@@ -38,6 +45,10 @@ impl IntoResponse for AgentError {
         let mut resp = (code, Json(body)).into_response();
         // The error kind travels to the metrics middleware (`pgpilot_api_errors_total{kind}`).
         resp.extensions_mut().insert(ErrorKind(self.kind()));
+        if let Some(secs) = retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
         if code == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -37,6 +37,27 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+        // Every route that takes the token may answer 429: too many wrong tokens from the
+        // peer (pod-IP listener), with Retry-After; the body is the 401's ErrorBody.
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if let Some(unauthorized) = op.responses.responses.get("401").cloned() {
+                    op.responses
+                        .responses
+                        .entry("429".into())
+                        .or_insert(unauthorized);
+                }
+            }
+        }
     }
 }
 

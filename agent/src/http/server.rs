@@ -2,6 +2,7 @@
 //! and the external address (the operator, load balancers). Every route is declared here, with
 //! why it is or is not authenticated and which listener serves it.
 
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use axum::Router;
@@ -65,7 +66,7 @@ fn common() -> (Router<Handle>, Router<Handle>) {
 /// routes (WAL push and fetch) are not served here.
 pub fn external_router(h: Handle) -> Router {
     let (open, protected) = common();
-    finish(h, open, protected)
+    finish(h, open, protected, Some(Default::default()))
 }
 
 /// The loopback listener: everything the external one serves, plus the pod-only routes that
@@ -76,11 +77,20 @@ pub fn loopback_router(h: Handle) -> Router {
     let protected = protected
         .route("/v1/wal/push", post(wal::push))
         .route("/v1/wal/fetch", post(wal::fetch));
-    finish(h, open, protected)
+    finish(h, open, protected, None)
 }
 
-fn finish(h: Handle, open: Router<Handle>, protected: Router<Handle>) -> Router {
-    let protected = protected.route_layer(middleware::from_fn_with_state(h.clone(), require_token));
+fn finish(
+    h: Handle,
+    open: Router<Handle>,
+    protected: Router<Handle>,
+    limiter: Option<std::sync::Arc<super::auth::Limiter>>,
+) -> Router {
+    let auth = super::auth::Auth {
+        h: h.clone(),
+        limiter,
+    };
+    let protected = protected.route_layer(middleware::from_fn_with_state(auth, require_token));
     open.merge(protected)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -147,10 +157,17 @@ pub async fn serve(
     external: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let a = axum::serve(loopback, loopback_router(h.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let b = axum::serve(external, external_router(h))
-        .with_graceful_shutdown(shutdown.cancelled_owned());
+    // With the peer's address: the external listener limits wrong tokens per peer.
+    let a = axum::serve(
+        loopback,
+        loopback_router(h.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let b = axum::serve(
+        external,
+        external_router(h).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned());
     let (ra, rb) = tokio::join!(a.into_future(), b.into_future());
     ra.and(rb)
 }

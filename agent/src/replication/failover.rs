@@ -483,7 +483,7 @@ impl Loop {
             {
                 continue;
             }
-            let client = super::switchover::peer(&url, ctx.api_token.expose());
+            let client = super::switchover::peer(&url, ctx.api_token.current().expose());
             match tokio::time::timeout(PEER_TIMEOUT, client.status()).await {
                 Ok(Ok(st)) => match peer_position(&st) {
                     Some(lsn) => peers.push((name, lsn)),

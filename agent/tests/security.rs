@@ -1,0 +1,402 @@
+//! The agent's API credentials against a real agent and PostgreSQL 15 (issue 23, docs/security.md):
+//! the token rotates through its file without a restart, with `wal-push` following it; wrong
+//! tokens are counted by reason and limited per peer on the pod-IP listener; planted secrets
+//! never leak.
+
+use std::time::Duration;
+
+use pgpilot_common::api::ErrorBody;
+use pgpilot_test_support::agent::{AgentFixture, AgentOptions, LONG};
+use pgpilot_test_support::agent_bin;
+use pgpilot_test_support::store::BackupStore;
+
+const NEW: &str = "0123456789abcdef-the-rotated-token";
+
+/// The status of `POST path` with `token` on `base` (an `http://host:port`).
+async fn post(http: &reqwest::Client, base: &str, path: &str, token: &str) -> reqwest::Response {
+    http.post(format!("{base}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Polls until `POST /v1/reload` with `token` answers `code` (the agent re-reads its token
+/// file every 2 s).
+async fn until_answers(fx: &AgentFixture, token: &str, code: u16) {
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", fx.loopback);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = post(&http, &base, "/v1/reload", token)
+            .await
+            .status()
+            .as_u16();
+        if got == code {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the token file change was not picked up: still {got}, not {code}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn runtime_token(fx: &AgentFixture) -> String {
+    let rt: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fx.runtime_file()).unwrap()).unwrap();
+    rt["token"].as_str().unwrap().to_string()
+}
+
+fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics"))
+}
+
+#[tokio::test]
+async fn the_api_token_rotates_without_a_restart_and_wrong_tokens_are_limited() {
+    let store = BackupStore::file().unwrap();
+    let fx = AgentFixture::start_with(agent_bin!(), 15, AgentOptions::toml(store.toml()))
+        .await
+        .unwrap();
+    let old = fx.token.clone();
+    let http = reqwest::Client::new();
+    let external = format!("http://{}", fx.api);
+
+    // 1. The window: the new token above the old, both accepted; the new one is presented
+    //    (wal-push's runtime file, the CLI).
+    std::fs::write(fx.token_file(), format!("{NEW}\n{old}\n")).unwrap();
+    until_answers(&fx, NEW, 200).await;
+    assert_eq!(
+        post(&http, &external, "/v1/reload", &old).await.status(),
+        200
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while runtime_token(&fx) != NEW {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "runtime file not rotated"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = fx.cli(&["reload"]).unwrap();
+    assert!(out.success(), "the CLI presents the first token: {out:?}");
+
+    // 2. The window closes: the old token is refused, archiving goes on with the new one.
+    std::fs::write(fx.token_file(), format!("{NEW}\n")).unwrap();
+    until_answers(&fx, &old, 401).await;
+    assert_eq!(
+        post(&http, &external, "/v1/reload", NEW).await.status(),
+        200
+    );
+    fx.switch_wal_and_wait_archived(LONG)
+        .await
+        .expect("wal-push with the rotated token");
+    // A file emptied mid-rotation changes nothing: the accepted token stays.
+    std::fs::write(fx.token_file(), "\n").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        post(&http, &external, "/v1/reload", NEW).await.status(),
+        200
+    );
+    std::fs::write(fx.token_file(), format!("{NEW}\n")).unwrap();
+
+    // 3. Wrong tokens from one peer on the pod-IP listener: 401 up to the limit, then 429 for
+    //    everything from it, the right token too, with Retry-After. Loopback is not limited.
+    for i in 0..30 {
+        let r = post(&http, &external, "/v1/reload", &format!("guess-{i}")).await;
+        assert_eq!(r.status(), 401, "guess {i}");
+    }
+    let limited = post(&http, &external, "/v1/reload", "guess-31").await;
+    assert_eq!(limited.status(), 429);
+    let retry: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let body: ErrorBody = limited.json().await.unwrap();
+    assert_eq!(body.error, "too_many_requests");
+    assert!(
+        body.message
+            .contains("too many wrong API tokens from 127.0.0.1"),
+        "{body:?}"
+    );
+    assert_eq!(
+        post(&http, &external, "/v1/reload", NEW).await.status(),
+        429
+    );
+    let loopback = format!("http://{}", fx.loopback);
+    assert_eq!(
+        post(&http, &loopback, "/v1/reload", NEW).await.status(),
+        200
+    );
+    assert_eq!(
+        post(&http, &loopback, "/v1/reload", "guess-loopback")
+            .await
+            .status(),
+        401
+    );
+    // Open routes stay open for the limited peer.
+    assert_eq!(fx.get_status("/v1/status").await.unwrap(), 200);
+    let none = http
+        .post(format!("{loopback}/v1/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(none.status(), 401);
+    let malformed = http
+        .post(format!("{loopback}/v1/reload"))
+        .header("authorization", "Basic Zm9vOmJhcg==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), 401);
+
+    // 4. Counted by reason, and never a token in the log.
+    let m = fx.metrics().await.unwrap();
+    assert_eq!(metric(&m, "pgpilot_api_token_reloads_total"), 2.0, "{m}");
+    let failures = |reason: &str| {
+        metric(
+            &m,
+            &format!("pgpilot_api_auth_failures_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    // The old token after the window (once or more while polling), 30 guesses, one on loopback.
+    assert!(failures("wrong_token") >= 32.0, "{m}");
+    assert_eq!(failures("rate_limited"), 2.0, "{m}");
+    assert_eq!(failures("no_credential"), 1.0, "{m}");
+    assert_eq!(failures("malformed"), 1.0, "{m}");
+    let logs = fx.logs();
+    assert!(logs.contains("API tokens reloaded"), "{logs}");
+    assert!(logs.contains("cannot reload the API tokens"), "{logs}");
+    for secret in [old.as_str(), NEW] {
+        assert!(!logs.contains(secret), "a token reached the log");
+    }
+}
+
+/// Known secret values planted everywhere the agent takes one: the API token, the two Postgres
+/// passwords, the S3 secret key and the archive's encryption key. Then every path that prints
+/// something: a backup and WAL archiving, the open routes on both listeners, error answers of
+/// every kind, the CLI's commands and its failures, a reload and a restart. None of the values
+/// may show in the agent's log, an HTTP body, a CLI's output, a process's command line, or a
+/// file the agent rendered; the files that hold them are 0600.
+#[tokio::test]
+async fn planted_secrets_never_reach_logs_outputs_command_lines_or_rendered_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let keys = tempfile::tempdir().unwrap();
+    let key_hex = format!("{:0>64}", "5ec2e7a11ce0b5e55ed");
+    let key_path = keys.path().join("archive.key");
+    std::fs::write(&key_path, &key_hex).unwrap();
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let store = BackupStore::s3().unwrap().with_keys(&format!(
+        "encryption_key_files = [\"k1={}\"]",
+        key_path.display()
+    ));
+    let toml = store.toml();
+    let s3_secret = {
+        let line = toml
+            .lines()
+            .find(|l| l.starts_with("secret_access_key_file"))
+            .expect("the S3 secret key file");
+        let path = line.split('"').nth(1).unwrap();
+        std::fs::read_to_string(path).unwrap().trim().to_string()
+    };
+    let token = "planted-api-token-7c1f09d3e2b4a5968778";
+    let mut fx = AgentFixture::prepare(agent_bin!(), 15, &AgentOptions::toml(toml)).unwrap();
+    std::fs::write(fx.token_file(), format!("{token}\n")).unwrap();
+    fx.token = token.to_string();
+    fx.spawn().unwrap();
+    fx.wait_running(LONG).await.unwrap();
+    let superuser = fx.superuser_password().unwrap();
+    let replication = std::fs::read_to_string(fx.dir.path().join("replication-password"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let secrets = [
+        ("API token", token.to_string()),
+        ("superuser password", superuser),
+        ("replication password", replication),
+        ("S3 secret key", s3_secret),
+        ("encryption key", key_hex.clone()),
+    ];
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let mut record = |what: String, text: String| seen.push((what, text));
+
+    // Work that logs: archiving, a backup, a reload, a restart.
+    fx.switch_wal_and_wait_archived(LONG).await.unwrap();
+    let id = fx.take_backup().await.unwrap();
+    let http = reqwest::Client::new();
+    for (path, body) in [("/v1/reload", ""), ("/v1/restart", "{}")] {
+        let r = post_body(&http, &format!("http://{}", fx.loopback), path, token, body).await;
+        record(format!("POST {path}"), r);
+    }
+    fx.wait_running(LONG).await.unwrap();
+
+    // Open routes on both listeners.
+    for base in [
+        format!("http://{}", fx.api),
+        format!("http://{}", fx.loopback),
+    ] {
+        for path in [
+            "/v1/status".to_string(),
+            "/metrics".into(),
+            "/v1/backups".into(),
+            format!("/v1/backups/{id}"),
+            "/v1/drain".into(),
+            "/readyz".into(),
+        ] {
+            let text = http
+                .get(format!("{base}{path}"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            record(format!("GET {base}{path}"), text);
+        }
+    }
+    // Error answers: a wrong token, a malformed body, an impossible restore, an unknown backup,
+    // a missing segment.
+    let loopback = format!("http://{}", fx.loopback);
+    for (path, tok, body) in [
+        ("/v1/reload", "a-wrong-token", ""),
+        ("/v1/restore", token, "{\"target\": "),
+        (
+            "/v1/restore",
+            token,
+            "{\"target\": {\"time\": \"1999-01-01T00:00:00Z\"}}",
+        ),
+        (
+            "/v1/wal/fetch",
+            token,
+            "{\"name\": \"0000000100000009000000FF\", \"dest\": \"/tmp/nowhere\"}",
+        ),
+    ] {
+        let r = post_body(&http, &loopback, path, tok, body).await;
+        record(format!("POST {path} {body}"), r);
+    }
+    let r = http
+        .get(format!("{loopback}/v1/backups/no-such-backup"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    record("GET an unknown backup".into(), r);
+
+    // The CLI: commands that work and commands that fail.
+    for args in [
+        vec!["status"],
+        vec!["status", "--json"],
+        vec!["backups"],
+        vec!["backups", "--json"],
+        vec!["verify"],
+        vec!["reload"],
+        vec!["restore", "--target-time", "1999-01-01T00:00:00Z"],
+        vec!["wal-fetch", "0000000100000009000000FF", "/tmp/nowhere"],
+        vec!["backup", "--wait=false", "--label", "leak-test"],
+    ] {
+        let out = fx.cli(&args).unwrap();
+        record(
+            format!("pgpilot-agent {}", args.join(" ")),
+            format!("{}{}", out.stdout, out.stderr),
+        );
+    }
+    let wrong = fx.dir.path().join("wrong-token");
+    std::fs::write(&wrong, "not-it\n").unwrap();
+    let out = std::process::Command::new(agent_bin!())
+        .args(["reload"])
+        .env("PGPILOT_API_URL", &loopback)
+        .env("PGPILOT_API_TOKEN_FILE", &wrong)
+        .output()
+        .unwrap();
+    record(
+        "the CLI with a wrong token".into(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    );
+
+    // Command lines of the agent and every process of its Postgres.
+    let mut processes = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let line = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let data_dir = fx.data_dir().display().to_string();
+        if line.contains(&data_dir) || line.contains(&fx.config_path.display().to_string()) {
+            processes += 1;
+            record(format!("the command line of {line}"), line.clone());
+        }
+    }
+    assert!(processes >= 2, "the agent and its postmaster at least");
+
+    // Files the agent rendered; the ones that hold secrets are 0600.
+    for name in [
+        "postgresql.conf",
+        "pgpilot.conf",
+        "postgresql.auto.conf",
+        "pg_hba.conf",
+    ] {
+        let path = fx.data_dir().join(name);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            record(path.display().to_string(), text);
+        }
+    }
+    for path in [
+        fx.dir.path().join("superuser-password"),
+        fx.dir.path().join("replication-password"),
+        fx.runtime_file(),
+    ] {
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", path.display());
+    }
+    record("the agent's log".into(), fx.logs());
+
+    let leaks = |seen: &[(String, String)]| {
+        let mut found = Vec::new();
+        for (what, text) in seen {
+            for (name, value) in &secrets {
+                if text.contains(value.as_str()) {
+                    found.push(format!("the {name} in {what}"));
+                }
+            }
+        }
+        found
+    };
+    // The checker finds what is there: the files that hold the secrets.
+    let planted: Vec<(String, String)> = [fx.token_file(), fx.runtime_file()]
+        .iter()
+        .map(|p| (p.display().to_string(), std::fs::read_to_string(p).unwrap()))
+        .collect();
+    assert_eq!(leaks(&planted).len(), 2, "{:?}", leaks(&planted));
+    let found = leaks(&seen);
+    assert!(found.is_empty(), "secrets leaked: {found:#?}");
+    assert!(seen.len() >= 30, "checked {} outputs", seen.len());
+}
+
+async fn post_body(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> String {
+    let mut req = http.post(format!("{base}{path}")).bearer_auth(token);
+    if !body.is_empty() {
+        req = req
+            .header("content-type", "application/json")
+            .body(body.to_string());
+    }
+    let resp = req.send().await.unwrap();
+    format!("{} {}", resp.status(), resp.text().await.unwrap())
+}
