@@ -31,7 +31,7 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 pg_port=$(free_port); api=$(free_port); lo=$(free_port)
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/key"; chmod 600 "$work/key"
-echo "bench-token" > "$work/token"
+echo "bench-token" > "$work/token"; chmod 600 "$work/token"
 
 write_config() { # $1 = store dir, $2 = extra [backup] lines
   cat > "$work/pgpilot.toml" <<EOF

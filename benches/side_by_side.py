@@ -294,12 +294,18 @@ class Agent:
         os.makedirs(self.dir, exist_ok=True)
         os.chmod(self.dir, 0o755)
         self.pg_port, self.api, self.lo = free_port(), free_port(), free_port()
-        with open(os.path.join(self.dir, "token"), "w") as f:
+        token = os.path.join(self.dir, "token")
+        with open(token, "w") as f:
             f.write("bench-token\n")
+        os.chmod(token, 0o600)  # the agent refuses a secret file every user can read
         self.key = os.path.join(self.dir, "key")
         with open(self.key, "w") as f:
             f.write(os.urandom(32).hex())
-        os.chmod(self.key, 0o644)  # the direct path runs as postgres and needs to read it
+        # The direct path runs as postgres and needs to read it: group postgres, never others.
+        os.chmod(self.key, 0o640)
+        if os.geteuid() == 0:
+            import grp
+            os.chown(self.key, 0, grp.getgrnam("postgres").gr_gid)
         self.proc = None
 
     def configure(self, store, encrypt=False, level=1, extra_backup="", extra=""):

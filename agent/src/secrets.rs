@@ -43,6 +43,9 @@ pub enum SecretError {
     },
     #[error("{what} file {path} is empty")]
     Empty { what: &'static str, path: String },
+    /// Readable by every user of the machine.
+    #[error("{0}")]
+    Exposed(String),
     #[error("cannot create {what} file {path}: {cause}")]
     Create {
         what: &'static str,
@@ -67,6 +70,8 @@ pub fn load(what: &'static str, file: &SecretFile) -> Result<Secret, SecretError
 }
 
 pub fn read(what: &'static str, path: &Path) -> Result<Secret, SecretError> {
+    pgpilot_common::secret_file::check_not_world_readable(what, path)
+        .map_err(SecretError::Exposed)?;
     let path_s = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|cause| SecretError::Unreadable {
         what,
@@ -137,6 +142,8 @@ impl Tokens {
             return Ok(false);
         }
         let path_s = self.path.display().to_string();
+        pgpilot_common::secret_file::check_not_world_readable(self.what, &self.path)
+            .map_err(SecretError::Exposed)?;
         let text =
             std::fs::read_to_string(&self.path).map_err(|cause| SecretError::Unreadable {
                 what: self.what,
@@ -213,6 +220,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tok");
         std::fs::write(&path, "old-token\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let file = SecretFile {
             path: path.clone(),
             generate_if_missing: false,
@@ -230,6 +239,12 @@ mod tests {
         assert!(t.reload().unwrap());
         assert!(!t.accepts("old-token") && t.accepts("new-token"));
         assert!(!t.accepts("") && !t.accepts("new-toke"));
+        // Made readable by every user: refused, tokens unchanged.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = t.reload().unwrap_err().to_string();
+        assert!(err.contains("readable by every user"), "{err}");
+        assert!(t.accepts("new-token"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         // Emptied or removed mid-rotation: refused with the file named, tokens unchanged.
         std::fs::write(&path, "\n").unwrap();
         let err = t.reload().unwrap_err().to_string();

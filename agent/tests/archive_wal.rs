@@ -433,7 +433,7 @@ const EXIT_BOUND: Duration = Duration::from_secs(10);
 /// to 10 s), as a user would configure it: the quick retries of `file_backup` would hide a
 /// retry loop that outlives shutdown.
 fn encrypted_file_backup(store: &Path, key: &Path) -> String {
-    std::fs::write(key, "5a".repeat(32)).unwrap();
+    pgpilot_test_support::write_secret(key, "5a".repeat(32)).unwrap();
     format!(
         "[backup]\nstore = \"file://{}\"\ncompression = \"zstd\"\nencryption_key_files = [\"k1={}\"]\n",
         store.display(),

@@ -53,7 +53,7 @@ fn options(cluster: &str, toml: String) -> AgentOptions {
 /// A 32-byte key file for `encryption_key_files`.
 fn key_file(dir: &Path, name: &str, byte: &str) -> PathBuf {
     let path = dir.join(name);
-    std::fs::write(&path, byte.repeat(32)).unwrap();
+    pgpilot_test_support::write_secret(&path, byte.repeat(32)).unwrap();
     path
 }
 

@@ -110,7 +110,7 @@ impl Shard {
                             "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8008}, "periodSeconds": 1}}],
                         "volumes": [
                             {"name": "config", "configMap": {"name": "db-config"}},
-                            {"name": "secrets", "secret": {"secretName": "db-secrets"}}]}},
+                            {"name": "secrets", "secret": {"secretName": "db-secrets", "defaultMode": 0o440}}]}},
                 "volumeClaimTemplates": [{"metadata": {"name": "data"},
                     "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]}}))
             .await;

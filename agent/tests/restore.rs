@@ -459,8 +459,8 @@ async fn bootstrap_from_backup_on_s3_and_wrong_keys_are_refused() {
     let keys = tempfile::tempdir().unwrap();
     let good = keys.path().join("good");
     let bad = keys.path().join("bad");
-    std::fs::write(&good, "11".repeat(32)).unwrap();
-    std::fs::write(&bad, "22".repeat(32)).unwrap();
+    pgpilot_test_support::write_secret(&good, "11".repeat(32)).unwrap();
+    pgpilot_test_support::write_secret(&bad, "22".repeat(32)).unwrap();
     let backup = |key: &Path| {
         AgentOptions::toml(backups.toml_with(&format!(
             "encryption_key_files = [\"k1={}\"]",

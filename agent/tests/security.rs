@@ -190,8 +190,7 @@ async fn planted_secrets_never_reach_logs_outputs_command_lines_or_rendered_file
     let keys = tempfile::tempdir().unwrap();
     let key_hex = format!("{:0>64}", "5ec2e7a11ce0b5e55ed");
     let key_path = keys.path().join("archive.key");
-    std::fs::write(&key_path, &key_hex).unwrap();
-    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    pgpilot_test_support::write_secret(&key_path, &key_hex).unwrap();
     let store = BackupStore::s3().unwrap().with_keys(&format!(
         "encryption_key_files = [\"k1={}\"]",
         key_path.display()
@@ -301,7 +300,7 @@ async fn planted_secrets_never_reach_logs_outputs_command_lines_or_rendered_file
         );
     }
     let wrong = fx.dir.path().join("wrong-token");
-    std::fs::write(&wrong, "not-it\n").unwrap();
+    pgpilot_test_support::write_secret(&wrong, "not-it\n").unwrap();
     let out = std::process::Command::new(agent_bin!())
         .args(["reload"])
         .env("PGPILOT_API_URL", &loopback)
@@ -391,4 +390,50 @@ async fn post_body(
     }
     let resp = req.send().await.unwrap();
     format!("{} {}", resp.status(), resp.text().await.unwrap())
+}
+
+/// A key file or the token file that every user can read: the agent refuses to start, naming
+/// the file, its mode and the fix; nothing is started.
+#[tokio::test]
+async fn world_readable_secret_files_are_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("archive.key");
+    std::fs::write(&key, "5a".repeat(32)).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let store = BackupStore::file().unwrap().with_keys(&format!(
+        "encryption_key_files = [\"k1={}\"]",
+        key.display()
+    ));
+    let mut fx =
+        AgentFixture::prepare(agent_bin!(), 15, &AgentOptions::toml(store.toml())).unwrap();
+    fx.spawn().unwrap();
+    let status = fx.wait_exit(LONG).unwrap();
+    assert!(!status.success());
+    let logs = fx.logs();
+    assert!(
+        logs.contains(&format!(
+            "encryption key file {} is readable by every user (mode 0644)",
+            key.display()
+        )),
+        "{logs}"
+    );
+    assert!(
+        !fx.data_dir().join("PG_VERSION").exists(),
+        "nothing was started"
+    );
+
+    // The key fixed, the token file opened to everyone: refused the same way.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(fx.token_file(), std::fs::Permissions::from_mode(0o604)).unwrap();
+    fx.spawn().unwrap();
+    assert!(!fx.wait_exit(LONG).unwrap().success());
+    let logs = fx.logs();
+    assert!(
+        logs.contains(&format!(
+            "API token file {} is readable by every user (mode 0604)",
+            fx.token_file().display()
+        )),
+        "{logs}"
+    );
 }

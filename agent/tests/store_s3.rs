@@ -63,7 +63,7 @@ async fn store_s3_list_head_delete() {
 async fn store_s3_wrong_credentials_fail_permanently_and_name_the_object() {
     let (server, dir, mut cfg) = setup();
     let bad = dir.path().join("bad-secret");
-    std::fs::write(&bad, "not-the-secret").unwrap();
+    pgpilot_test_support::write_secret(&bad, "not-the-secret").unwrap();
     cfg.secret_access_key_file = Some(bad);
     cfg.retry.max_attempts = 3;
     let store = Store::open(&cfg).unwrap();

@@ -19,6 +19,7 @@ pub mod layout;
 pub mod manifest;
 pub mod names;
 pub mod schedule;
+pub mod secret_file;
 pub mod state;
 pub mod wal;
 

@@ -480,7 +480,8 @@ fn statefulset_inner(
         {"name": "PGPILOT_REPLICATION_PASSWORD_FILE", "value": "/secrets/replication/password"},
     ]);
     // Each credential mounted as a file under a fixed name, whichever Secret and key hold it.
-    let secret_volume = |vol: &str, (secret, key): &(String, String), file: &str| json!({"name": vol, "secret": {"secretName": secret, "items": [{"key": key, "path": file}]}});
+    // Secret files are never readable by every user: the agent refuses those (docs/security.md).
+    let secret_volume = |vol: &str, (secret, key): &(String, String), file: &str| json!({"name": vol, "secret": {"secretName": secret, "defaultMode": SECRET_FILE_MODE, "items": [{"key": key, "path": file}]}});
     let mut volumes = vec![
         json!({"name": "config", "configMap": {"name": n.config(shard)}}),
         json!({"name": "pgpilot-bin", "emptyDir": {}}),
@@ -547,7 +548,7 @@ fn statefulset_inner(
             env_from.push(from);
         }
         if let Some(key) = key {
-            volumes.push(json!({"name": volume, "secret": {"secretName": key}}));
+            volumes.push(json!({"name": volume, "secret": {"secretName": key, "defaultMode": SECRET_FILE_MODE}}));
             mounts.push(json!({"name": volume, "mountPath": format!("/{volume}")}));
         }
     }
@@ -604,6 +605,10 @@ fn statefulset_inner(
         "volumeClaimTemplates": [claim],
     }})
 }
+
+/// The mode of Secret volume files in the agents' pods (0440): never readable by every user,
+/// which the agent refuses.
+pub const SECRET_FILE_MODE: u32 = 0o440;
 
 /// The cluster's revision: what every pod should run. A hash of the pod template of shard-0
 /// (every shard's template differs only by names) and of the restart-only parameters, 10 hex

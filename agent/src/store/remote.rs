@@ -18,6 +18,8 @@ pub const AZURITE_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 fn read_secret(field: &'static str, path: &std::path::Path) -> Result<String, ConfigError> {
+    pgpilot_common::secret_file::check_not_world_readable(field, path)
+        .map_err(|problem| ConfigError::Invalid { field, problem })?;
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
         field,
         problem: format!("cannot read {}: {e}", path.display()),
@@ -135,6 +137,14 @@ pub(crate) fn build(
                 .with_client_options(options)
                 .with_retry(retry);
             if let Some(path) = &cfg.gcs_service_account_file {
+                pgpilot_common::secret_file::check_not_world_readable(
+                    "gcs_service_account_file",
+                    path,
+                )
+                .map_err(|problem| ConfigError::Invalid {
+                    field: "gcs_service_account_file",
+                    problem,
+                })?;
                 b = b.with_service_account_path(path.to_string_lossy());
             }
             if let Some(endpoint) = &cfg.endpoint {

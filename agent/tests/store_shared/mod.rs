@@ -22,7 +22,7 @@ pub fn key_file(dir: &Path, id: &str, seed: u8) -> String {
     let hex: String = (0..32u8)
         .map(|i| format!("{:02x}", i.wrapping_mul(31).wrapping_add(seed)))
         .collect();
-    std::fs::write(&path, format!("{hex}\n")).unwrap();
+    pgpilot_test_support::write_secret(&path, format!("{hex}\n")).unwrap();
     format!("{id}={}", path.display())
 }
 

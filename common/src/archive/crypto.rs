@@ -75,6 +75,8 @@ impl ArchiveKey {
 
     /// Reads a key file. Without an explicit id, the id is the file name.
     pub fn from_file(id: Option<&str>, path: &Path) -> Result<Self, ArchiveError> {
+        crate::secret_file::check_not_world_readable("encryption key", path)
+            .map_err(ArchiveError::Key)?;
         let content = std::fs::read(path).map_err(|e| {
             ArchiveError::Key(format!(
                 "cannot read encryption key file {}: {e}",

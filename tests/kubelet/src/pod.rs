@@ -462,9 +462,10 @@ async fn projection_files(
     pod: &Value,
     vol: &Value,
 ) -> Result<Vec<(String, Vec<u8>, u32)>, String> {
-    let default_mode = vol
-        .get("defaultMode")
-        .and_then(Value::as_u64)
+    // `defaultMode` sits in the source: `secret`, `configMap`, `downwardAPI` or `projected`.
+    let default_mode = ["secret", "configMap", "downwardAPI", "projected"]
+        .iter()
+        .find_map(|k| vol.get(*k)?.get("defaultMode")?.as_u64())
         .unwrap_or(0o644) as u32;
     let mut sources: Vec<(&str, &Value)> = Vec::new();
     if let Some(s) = vol.get("secret") {

@@ -112,7 +112,7 @@ impl AgentFixture {
         let api = SocketAddr::from(([127, 0, 0, 1], api_port));
         let loopback = SocketAddr::from(([127, 0, 0, 1], loopback_port));
         let token = format!("test-token-{}", std::process::id());
-        std::fs::write(dir.path().join("token"), format!("{token}\n"))?;
+        crate::write_secret(&dir.path().join("token"), format!("{token}\n"))?;
         let config_path = dir.path().join("pgpilot.toml");
         let fx = AgentFixture {
             major,

@@ -140,7 +140,7 @@ impl FakeGcs {
             "private_key": "",
             "private_key_id": "",
         });
-        std::fs::write(&path, serde_json::to_vec(&json)?)?;
+        crate::write_secret(&path, serde_json::to_vec(&json)?)?;
         Ok(path)
     }
 
