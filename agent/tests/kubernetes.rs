@@ -623,6 +623,63 @@ async fn synchronous_mode_a_resumed_frozen_primary_never_writes_beside_its_succe
         Some(acked.len() as i64),
         "every acknowledged write is on the new primary"
     );
+
+    // The primary and its synchronous standby both hung: the third replica may hold less than
+    // was acknowledged, so it never takes over, and its status says why.
+    let named = eventually("the new primary's synchronous standby named", || async {
+        let lease = s.api::<Lease>().get("demo-0").await.ok()?;
+        let sync = lease.metadata.annotations?.get("pgpilot.io/sync")?.clone();
+        (!sync.is_empty() && !sync.contains(',') && sync != new).then_some(sync)
+    })
+    .await;
+    let third = ["db-0", "db-1", "db-2"]
+        .into_iter()
+        .find(|p| *p != new && *p != named)
+        .expect("a third pod")
+        .to_string();
+    // Registered with the new primary and streaming from it: a replica that is not yet keeps
+    // trying to follow the holder first (the safe order for a former primary).
+    let shard = &s;
+    let status_of = |pod: String| async move {
+        let url = format!("http://{}:8008/v1/status", shard.ip(&pod));
+        reqwest::get(&url)
+            .await
+            .ok()?
+            .json::<pgpilot_common::api::StatusResponse>()
+            .await
+            .ok()
+    };
+    eventually("the third replica ready and streaming", || async {
+        let ready = is_ready(&s.api::<Pod>().get(&third).await.ok()?);
+        let streaming = status_of(third.clone()).await?.replication?.streaming;
+        (ready && streaming).then_some(())
+    })
+    .await;
+    for p in [&new, &named] {
+        s.kubelet.freeze(s.ns(), p, true).expect("freeze");
+    }
+    let why = eventually("the third replica's refusal in its status", || async {
+        status_of(third.clone())
+            .await?
+            .replication?
+            .failover_refusal
+    })
+    .await;
+    assert!(
+        why.contains("only a replica the primary named as synchronous") && why.contains(&named),
+        "{why}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        s.role(&third).await.as_deref(),
+        Some("replica"),
+        "it never took over"
+    );
+    for p in [&new, &named] {
+        s.kubelet.freeze(s.ns(), p, false).expect("thaw");
+    }
+    // Resumed: one primary again, every pod ready.
+    s.primary(None).await;
     s.ns.cleanup().await.expect("cleanup");
 }
 

@@ -431,6 +431,11 @@ pub struct ReplicationStatus {
     /// Primary: the replication slots the agent manages, with the WAL each retains.
     #[serde(default)]
     pub slots: Vec<SlotView>,
+    /// Kubernetes mode, a replica: why it does not take the shard's expired Lease (lag beyond
+    /// `maximum_lag_on_failover`, a peer with more WAL, synchronous mode naming another).
+    /// Absent while the Lease is held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_refusal: Option<String>,
 }
 
 /// One replica as its primary sees it (`pg_stat_replication`).

@@ -448,6 +448,7 @@ impl Loop {
         }
         if self.handle.drain_record().state() != pgpilot_common::state::DrainState::Running {
             self.last_refusal = None;
+            self.lead.set_refusal(None);
             return;
         }
         let expired = rec.holder().is_none()
@@ -457,6 +458,7 @@ impl Loop {
                 .is_some_and(|(_, at)| at.elapsed() >= lead.settings.lease_duration);
         if !expired {
             self.last_refusal = None;
+            self.lead.set_refusal(None);
             return;
         }
         // Synchronous mode: only the named replicas hold every acknowledged commit; they are
@@ -549,6 +551,7 @@ impl Loop {
     fn refuse(&mut self, why: String) {
         if self.last_refusal.as_deref() != Some(why.as_str()) {
             tracing::warn!("the Lease expired, but this replica does not take over: {why}");
+            self.lead.set_refusal(Some(why.clone()));
             self.last_refusal = Some(why);
         }
     }

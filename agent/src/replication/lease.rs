@@ -113,6 +113,8 @@ struct View {
     /// The resourceVersion of the Lease as this instance handed it over (switchover): it may
     /// take it back while the Lease is still exactly that.
     handed: Option<String>,
+    /// A replica: why it did not take the expired Lease (`/v1/status`).
+    refusal: Option<String>,
 }
 
 impl View {
@@ -210,6 +212,7 @@ impl KubeLeadership {
                 urls: BTreeMap::new(),
                 stepped_down: None,
                 handed: None,
+                refusal: None,
             }),
         };
         lead.refresh().await?;
@@ -304,6 +307,16 @@ impl KubeLeadership {
         (!v.stepped_down() && v.record.holder() == Some(self.me()))
             .then_some(v.read_at)
             .flatten()
+    }
+
+    /// Records (or clears) why this replica does not take the expired Lease.
+    pub fn set_refusal(&self, why: Option<String>) {
+        self.view.lock().expect("lease view").refusal = why;
+    }
+
+    /// Why this replica does not take the expired Lease, if it does not.
+    pub fn refusal(&self) -> Option<String> {
+        self.view.lock().expect("lease view").refusal.clone()
     }
 
     pub fn step_down(&self) {

@@ -65,6 +65,7 @@ async fn replication(h: &Handle, snap: &Snapshot) -> ReplicationStatus {
     let mut out = ReplicationStatus {
         name: ctx.cfg.replication.name.clone(),
         upstream: leader.filter(|_| !ctx.is_leader()),
+        failover_refusal: ctx.kube.as_ref().and_then(|k| k.refusal()),
         ..ReplicationStatus::default()
     };
     let Some(role) = snap.state.role() else {
