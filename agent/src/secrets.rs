@@ -85,6 +85,16 @@ pub fn read(what: &'static str, path: &Path) -> Result<Secret, SecretError> {
     Ok(Secret(value))
 }
 
+/// Compares digests of the presented and expected tokens in constant time, so neither the
+/// content nor the length of the token leaks through timing.
+pub fn token_matches(presented: &str, expected: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    let a = Sha256::digest(presented.as_bytes());
+    let b = Sha256::digest(expected.as_bytes());
+    a.ct_eq(&b).into()
+}
+
 /// The API tokens the agent accepts, from one file: each non-empty line is a token. The first
 /// is the current one, which the agent presents to its peers and writes for `wal-push`; the
 /// others stay accepted while they are in the file (a rotation: write `new` above `old`, move
@@ -130,9 +140,8 @@ impl Tokens {
     /// Whether `presented` is one of the accepted tokens (each compared in constant time).
     pub fn accepts(&self, presented: &str) -> bool {
         let set = self.set.read().expect("tokens");
-        set.iter().fold(false, |ok, t| {
-            crate::http::auth::token_matches(presented, t.expose()) | ok
-        })
+        set.iter()
+            .fold(false, |ok, t| token_matches(presented, t.expose()) | ok)
     }
 
     /// Re-reads the file. `Ok(true)` when the accepted tokens changed. On an error (the file

@@ -10,8 +10,6 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::Response;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::core::Handle;
 use crate::error::AgentError;
@@ -22,14 +20,6 @@ pub const MAX_WRONG_TOKENS: u32 = 30;
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// Peers remembered at most; beyond, those whose window ended are forgotten.
 const MAX_PEERS: usize = 4096;
-
-/// Compares digests of the presented and expected tokens in constant time, so neither the
-/// content nor the length of the token leaks through timing.
-pub fn token_matches(presented: &str, expected: &str) -> bool {
-    let a = Sha256::digest(presented.as_bytes());
-    let b = Sha256::digest(expected.as_bytes());
-    a.ct_eq(&b).into()
-}
 
 /// Wrong tokens per peer address, in fixed windows.
 #[derive(Default)]
@@ -128,6 +118,7 @@ pub async fn require_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secrets::token_matches;
 
     #[test]
     fn compares_tokens() {
