@@ -77,12 +77,15 @@ pub async fn run(handle: Handle, cancel: CancellationToken) {
         .await;
         return;
     }
-    let status = rec.end(&end, &ctx);
-    report(&ctx, &rec).await;
-    match end {
-        End::Finished(_) => event(&ctx, "Normal", "Drained", &status.message).await,
-        _ => event(&ctx, "Warning", "DrainFailed", &status.message).await,
+    // The Event before the end is visible: once the record says Drained, a preStop
+    // `drain --wait` returns and the kubelet stops this process, before a later Event could be
+    // posted (seen in the drain test under load).
+    match &end {
+        End::Finished(m) => event(&ctx, "Normal", "Drained", m).await,
+        End::Failed(m) | End::Cancelled(m) => event(&ctx, "Warning", "DrainFailed", m).await,
     }
+    rec.end(&end, &ctx);
+    report(&ctx, &rec).await;
 }
 
 async fn steps(handle: &Handle, rec: &DrainRecord) -> End {
