@@ -57,32 +57,48 @@ pub enum SecretError {
 /// Reads the secret, generating it first when allowed and absent. Trailing newlines are
 /// stripped (files written by `echo` or Kubernetes Secrets often end with one).
 pub fn load(what: &'static str, file: &SecretFile) -> Result<Secret, SecretError> {
-    let path_s = file.path.display().to_string();
-    if file.generate_if_missing && !file.path.exists() {
-        generate(&file.path).map_err(|cause| SecretError::Create {
-            what,
-            path: path_s.clone(),
-            cause,
-        })?;
-        tracing::info!(path = %path_s, "generated {what}");
-    }
+    generate_if_missing(what, file)?;
     read(what, &file.path)
 }
 
+fn generate_if_missing(what: &'static str, file: &SecretFile) -> Result<(), SecretError> {
+    if file.generate_if_missing && !file.path.exists() {
+        let path = file.path.display().to_string();
+        generate(&file.path).map_err(|cause| SecretError::Create {
+            what,
+            path: path.clone(),
+            cause,
+        })?;
+        tracing::info!(path = %path, "generated {what}");
+    }
+    Ok(())
+}
+
 pub fn read(what: &'static str, path: &Path) -> Result<Secret, SecretError> {
-    pgpilot_common::secret_file::check_not_world_readable(what, path)
-        .map_err(SecretError::Exposed)?;
-    let path_s = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|cause| SecretError::Unreadable {
-        what,
-        path: path_s.clone(),
-        cause,
-    })?;
+    let text = read_text(what, path)?;
     let value = text.trim_end_matches(['\n', '\r']).to_string();
     if value.is_empty() {
-        return Err(SecretError::Empty { what, path: path_s });
+        return Err(empty(what, path));
     }
     Ok(Secret(value))
+}
+
+/// A secret file's text, refused when every user can read it.
+fn read_text(what: &'static str, path: &Path) -> Result<String, SecretError> {
+    pgpilot_common::secret_file::check_not_world_readable(what, path)
+        .map_err(SecretError::Exposed)?;
+    std::fs::read_to_string(path).map_err(|cause| SecretError::Unreadable {
+        what,
+        path: path.display().to_string(),
+        cause,
+    })
+}
+
+fn empty(what: &'static str, path: &Path) -> SecretError {
+    SecretError::Empty {
+        what,
+        path: path.display().to_string(),
+    }
 }
 
 /// Compares digests of the presented and expected tokens in constant time, so neither the
@@ -108,23 +124,14 @@ pub struct Tokens {
 
 impl Tokens {
     pub fn load(what: &'static str, file: &SecretFile) -> Result<Tokens, SecretError> {
-        let first = load(what, file)?;
+        generate_if_missing(what, file)?;
         let tokens = Tokens {
             what,
             path: file.path.clone(),
-            set: std::sync::RwLock::new(vec![first]),
+            set: std::sync::RwLock::new(Vec::new()),
         };
         tokens.reload()?;
         Ok(tokens)
-    }
-
-    /// Fixed tokens, for tests.
-    pub fn fixed(what: &'static str, values: &[&str]) -> Tokens {
-        Tokens {
-            what,
-            path: std::path::PathBuf::new(),
-            set: std::sync::RwLock::new(values.iter().map(|v| Secret(v.to_string())).collect()),
-        }
     }
 
     /// The token this agent presents.
@@ -147,27 +154,13 @@ impl Tokens {
     /// Re-reads the file. `Ok(true)` when the accepted tokens changed. On an error (the file
     /// gone or empty mid-rotation) the tokens stay as they were, and the error says why.
     pub fn reload(&self) -> Result<bool, SecretError> {
-        if self.path.as_os_str().is_empty() {
-            return Ok(false);
-        }
-        let path_s = self.path.display().to_string();
-        pgpilot_common::secret_file::check_not_world_readable(self.what, &self.path)
-            .map_err(SecretError::Exposed)?;
-        let text =
-            std::fs::read_to_string(&self.path).map_err(|cause| SecretError::Unreadable {
-                what: self.what,
-                path: path_s.clone(),
-                cause,
-            })?;
+        let text = read_text(self.what, &self.path)?;
         let fresh: Vec<Secret> = pgpilot_common::client::api_tokens(&text)
             .into_iter()
             .map(|l| Secret(l.to_string()))
             .collect();
         if fresh.is_empty() {
-            return Err(SecretError::Empty {
-                what: self.what,
-                path: path_s,
-            });
+            return Err(empty(self.what, &self.path));
         }
         let mut set = self.set.write().expect("tokens");
         if *set == fresh {

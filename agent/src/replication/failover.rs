@@ -83,7 +83,6 @@ struct Loop {
     observed: Option<(String, Instant)>,
     labelled: Option<&'static str>,
     last_follow: Option<Instant>,
-    last_refusal: Option<String>,
     /// Synchronous mode: what this primary set up, `None` until it did.
     sync: Option<SyncState>,
 }
@@ -126,7 +125,6 @@ pub async fn run(
         observed: None,
         labelled: None,
         last_follow: None,
-        last_refusal: None,
         sync: None,
         lead,
     };
@@ -294,11 +292,9 @@ impl Loop {
             });
             return;
         };
-        let waited = known.as_ref().map(|s| s.waited.clone());
         if known
             .as_ref()
-            .is_none_or(|s| s.standby.as_ref() != Some(&want))
-            || waited.as_ref().is_none_or(|w| !w.contains(&want))
+            .is_none_or(|s| s.standby.as_ref() != Some(&want) || !s.waited.contains(&want))
         {
             // Wait on the new standby as well as on every named one.
             let mut all = named.clone();
@@ -447,7 +443,6 @@ impl Loop {
             return;
         }
         if self.handle.drain_record().state() != pgpilot_common::state::DrainState::Running {
-            self.last_refusal = None;
             self.lead.set_refusal(None);
             return;
         }
@@ -457,7 +452,6 @@ impl Loop {
                 .as_ref()
                 .is_some_and(|(_, at)| at.elapsed() >= lead.settings.lease_duration);
         if !expired {
-            self.last_refusal = None;
             self.lead.set_refusal(None);
             return;
         }
@@ -549,10 +543,10 @@ impl Loop {
     }
 
     fn refuse(&mut self, why: String) {
-        if self.last_refusal.as_deref() != Some(why.as_str()) {
+        // Logged once per change; the current one is in /v1/status.
+        if self.lead.refusal().as_deref() != Some(why.as_str()) {
             tracing::warn!("the Lease expired, but this replica does not take over: {why}");
-            self.lead.set_refusal(Some(why.clone()));
-            self.last_refusal = Some(why);
+            self.lead.set_refusal(Some(why));
         }
     }
 

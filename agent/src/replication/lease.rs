@@ -118,6 +118,11 @@ struct View {
 }
 
 impl View {
+    /// The Lease as last read names `me`, and this instance has not stepped down since.
+    fn held_by(&self, me: &str) -> bool {
+        !self.stepped_down() && self.record.holder() == Some(me)
+    }
+
     fn stepped_down(&self) -> bool {
         self.stepped_down
             .as_deref()
@@ -295,8 +300,7 @@ impl KubeLeadership {
 
     /// This instance holds the Lease (as last read) and has not stepped down since.
     pub fn holds(&self) -> bool {
-        let v = self.view.lock().expect("lease view");
-        !v.stepped_down() && v.record.holder() == Some(self.me())
+        self.view.lock().expect("lease view").held_by(self.me())
     }
 
     /// When this instance last learned, from the API server, that it holds the Lease (as last
@@ -304,9 +308,7 @@ impl KubeLeadership {
     /// there, as from a renewal.
     pub fn held_since(&self) -> Option<Instant> {
         let v = self.view.lock().expect("lease view");
-        (!v.stepped_down() && v.record.holder() == Some(self.me()))
-            .then_some(v.read_at)
-            .flatten()
+        v.read_at.filter(|_| v.held_by(self.me()))
     }
 
     /// Records (or clears) why this replica does not take the expired Lease.
