@@ -85,4 +85,48 @@ mod tests {
             "docs/openapi.json is stale: run `UPDATE_OPENAPI=1 cargo test -p pgpilot-agent openapi` and commit it"
         );
     }
+
+    /// `http::extract` refuses an array anywhere in a request body (serde would read a struct
+    /// from one); that holds only while no request schema has a list in it.
+    #[test]
+    fn request_schemas_hold_no_list() {
+        use serde_json::Value;
+        let doc: Value = serde_json::from_str(&super::document()).unwrap();
+        fn walk(doc: &Value, v: &Value, at: &str, seen: &mut Vec<String>) {
+            match v {
+                Value::Object(m) => {
+                    assert_ne!(
+                        m.get("type"),
+                        Some(&Value::from("array")),
+                        "{at} holds a list"
+                    );
+                    if let Some(Value::Array(types)) = m.get("type") {
+                        assert!(!types.contains(&Value::from("array")), "{at} holds a list");
+                    }
+                    if let Some(Value::String(r)) = m.get("$ref") {
+                        let name = r.trim_start_matches("#/components/schemas/").to_string();
+                        if !seen.contains(&name) {
+                            seen.push(name.clone());
+                            walk(doc, &doc["components"]["schemas"][&name], &name, seen);
+                        }
+                    }
+                    for (k, x) in m {
+                        walk(doc, x, &format!("{at}.{k}"), seen);
+                    }
+                }
+                Value::Array(xs) => xs.iter().for_each(|x| walk(doc, x, at, seen)),
+                _ => {}
+            }
+        }
+        let mut bodies = 0;
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                if let Some(body) = op.get("requestBody") {
+                    bodies += 1;
+                    walk(&doc, body, &format!("{method} {path}"), &mut Vec::new());
+                }
+            }
+        }
+        assert!(bodies >= 10, "only {bodies} request bodies found");
+    }
 }
