@@ -64,8 +64,12 @@ lint: ## rustfmt check, clippy with warnings as errors, the operator's build of 
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	CARGO=$(CARGO) ./scripts/check-light-contract.sh
 
+.PHONY: deny
+deny: ## cargo-deny: licences, bans, sources (offline) and RustSec advisories (needs the advisory DB; docs/security.md#dependencies)
+	@./scripts/deny.sh
+
 .PHONY: test
-test: deps-test lint chart images-check ## Everything CI runs: install test deps, lint, the chart's checks, all tests against real servers, the trials' short mode
+test: deps-test deny lint chart images-check ## Everything CI runs: install test deps, cargo-deny, lint, the chart's checks, all tests against real servers, the trials' short mode
 	$(CARGO) nextest run --workspace --profile $(NEXTEST_PROFILE)
 	$(CARGO) test --workspace --doc
 	./scripts/chaos.sh --quick
