@@ -90,6 +90,17 @@ pub struct RunArgs {
     /// Kubernetes mode (`[kubernetes] mode`): `auto` (on inside a pod), `on` or `off`.
     #[arg(long, env = "PGPILOT_KUBERNETES_MODE")]
     pub kubernetes_mode: Option<KubernetesMode>,
+    /// PEM certificate (chain) of the pod-IP listener: with `--tls-key-file`, that listener
+    /// serves HTTPS only (`[tls] cert_file`). Re-read when it changes.
+    #[arg(long, env = "PGPILOT_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `--tls-cert-file` (`[tls] key_file`); refused when world-readable.
+    #[arg(long, env = "PGPILOT_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificates that sign client certificates and peers' certificates
+    /// (`[tls] ca_file`): clients may then authenticate by certificate (mTLS).
+    #[arg(long, env = "PGPILOT_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
     #[command(flatten)]
     pub restore_target: crate::restore::cli::RestoreTargetArgs,
     #[command(flatten)]
@@ -125,6 +136,85 @@ pub struct FileConfig {
     pub kubernetes: KubernetesSection,
     /// A new shard's data restored from another cluster's archive (docs/restore.md).
     pub bootstrap: Option<BootstrapSection>,
+    /// HTTPS and client certificates on the pod-IP listener (docs/security.md).
+    #[serde(default)]
+    pub tls: TlsSection,
+}
+
+/// `[tls]`: the pod-IP listener serves HTTPS with `cert_file`/`key_file`; with `ca_file` it
+/// asks for client certificates, and one signed by that CA and named in `client_names`
+/// authenticates a state-changing request without the bearer token. The loopback listener
+/// stays plain HTTP. Files are re-read every 2 s when they change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    /// The DNS name peers' certificates carry, verified when this agent calls a peer by pod
+    /// IP. Default: the first DNS name of this agent's own certificate.
+    pub server_name: Option<String>,
+    /// Client certificate names (DNS SAN, or CN without SANs) that authenticate. Default:
+    /// `server_name` (the shard's peers).
+    #[serde(default)]
+    pub client_names: Vec<String>,
+    /// Whether the bearer token still authenticates on the pod-IP listener. Default true;
+    /// false needs `ca_file` (certificates only).
+    pub accept_token: Option<bool>,
+}
+
+/// `[tls]`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub client_names: Vec<String>,
+    pub accept_token: bool,
+}
+
+impl Tls {
+    /// The name peers' certificates carry: `server_name`, else the first name of this agent's
+    /// own certificate (the shard's agents share one).
+    pub fn peer_name(&self) -> Result<String, String> {
+        if let Some(n) = &self.server_name {
+            return Ok(n.clone());
+        }
+        let what = self.cert_file.display().to_string();
+        let pem = std::fs::read(&self.cert_file).map_err(|e| format!("{what}: {e}"))?;
+        let chain = pgpilot_common::tls::certs(&pem, &what)?;
+        let info = pgpilot_common::tls::cert_info(&chain[0]).map_err(|e| format!("{what}: {e}"))?;
+        info.names
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("{what} has no DNS name: set [tls] server_name"))
+    }
+
+    /// The names of client certificates that authenticate: `client_names`, else the peers'.
+    pub fn accepted_client_names(&self) -> Vec<String> {
+        if !self.client_names.is_empty() {
+            return self.client_names.clone();
+        }
+        self.peer_name().into_iter().collect()
+    }
+
+    /// The TLS of calls to peers: their certificate verified against `ca_file` and
+    /// [`Tls::peer_name`], this agent's certificate presented as its client certificate. Read
+    /// from the files at each call, so a rotation is picked up.
+    pub fn peer_client(&self) -> Result<rustls::ClientConfig, String> {
+        let Some(ca_file) = &self.ca_file else {
+            return Err(
+                "calling a peer over HTTPS needs [tls] ca_file, the CA that signs the peers' certificates"
+                    .into(),
+            );
+        };
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let ca = read(ca_file)?;
+        let cert = read(&self.cert_file)?;
+        let key = read(&self.key_file)?;
+        pgpilot_common::tls::client_config(&ca, &self.peer_name()?, Some((&cert, &key)))
+    }
 }
 
 /// `[bootstrap]`: the first instance of a new shard (an empty data dir that leads its shard:
@@ -467,6 +557,8 @@ pub struct Config {
     pub kubernetes: Option<Kubernetes>,
     /// `[bootstrap]`, checked: the source store is set (its own or `[backup]`'s).
     pub bootstrap: Option<BootstrapSection>,
+    /// HTTPS on the pod-IP listener (`None`: plain HTTP).
+    pub tls: Option<Tls>,
     /// The agent binary archive_command and restore_command run, set at start when a store is
     /// configured: this binary, or a copy the Postgres user can execute ([`crate::install`]).
     /// `None`: this binary.
@@ -689,9 +781,20 @@ impl Config {
             });
         }
 
+        let tls = tls_settings(TlsSection {
+            cert_file: from_flag(&args.tls_cert_file).or_else(|| from_file(file.tls.cert_file)),
+            key_file: from_flag(&args.tls_key_file).or_else(|| from_file(file.tls.key_file)),
+            ca_file: from_flag(&args.tls_ca_file).or_else(|| from_file(file.tls.ca_file)),
+            ..file.tls
+        })?;
         let name_given = args.replication_name.is_some() || file.replication.name.is_some();
-        let mut replication =
-            replication_settings(args, file.replication, api_listen, postgres_port)?;
+        let mut replication = replication_settings(
+            args,
+            file.replication,
+            api_listen,
+            postgres_port,
+            tls.is_some(),
+        )?;
 
         let kubernetes = kubernetes_settings(
             args.kubernetes_mode.unwrap_or(file.kubernetes.mode),
@@ -738,8 +841,14 @@ impl Config {
             replication_user,
             allow_networks: file.postgres.allow_networks,
             parameters,
+            tls,
             agent_exe: None,
         })
+    }
+
+    /// The scheme of this agent's pod-IP API, and so of its peers' in one shard.
+    pub fn api_scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
     /// Re-reads only the user parameters from the config file (for `POST /v1/reload`).
@@ -798,6 +907,63 @@ pub fn is_instance_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+fn tls_settings(t: TlsSection) -> Result<Option<Tls>, ConfigError> {
+    let invalid = |key: &'static str, message: &str| ConfigError::Invalid {
+        key,
+        message: message.into(),
+    };
+    let (cert_file, key_file) = match (t.cert_file, t.key_file) {
+        (Some(c), Some(k)) => (c, k),
+        (None, None) => {
+            if t.ca_file.is_some()
+                || t.server_name.is_some()
+                || !t.client_names.is_empty()
+                || t.accept_token.is_some()
+            {
+                return Err(invalid(
+                    "tls",
+                    "ca_file, server_name, client_names and accept_token need cert_file and key_file",
+                ));
+            }
+            return Ok(None);
+        }
+        (Some(_), None) => {
+            return Err(invalid(
+                "tls.key_file",
+                "cert_file is set: set key_file too",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "tls.cert_file",
+                "key_file is set: set cert_file too",
+            ));
+        }
+    };
+    if t.ca_file.is_none() && (!t.client_names.is_empty() || t.accept_token == Some(false)) {
+        return Err(invalid(
+            "tls.ca_file",
+            "client_names and accept_token = false check client certificates: set ca_file, the CA that signs them",
+        ));
+    }
+    for name in t.server_name.iter().chain(&t.client_names) {
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err(ConfigError::Invalid {
+                key: "tls",
+                message: format!("{name:?} is not a certificate name"),
+            });
+        }
+    }
+    Ok(Some(Tls {
+        cert_file,
+        key_file,
+        ca_file: t.ca_file,
+        server_name: t.server_name,
+        client_names: t.client_names,
+        accept_token: t.accept_token.unwrap_or(true),
+    }))
 }
 
 fn validate_cidr(net: &str) -> Result<(), ConfigError> {
@@ -862,6 +1028,7 @@ fn replication_settings(
     file: ReplicationSection,
     api_listen: SocketAddr,
     postgres_port: u16,
+    tls: bool,
 ) -> Result<Replication, ConfigError> {
     let name = match args.replication_name.clone().or(file.name) {
         Some(n) => n,
@@ -906,7 +1073,7 @@ fn replication_settings(
                     ),
                 });
             }
-            format!("http://{api_listen}")
+            format!("{}://{api_listen}", if tls { "https" } else { "http" })
         }
     };
     let advertise_host = match file.advertise_host {

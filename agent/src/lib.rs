@@ -100,6 +100,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         cfg.agent_exe = Some(install::exe_for_postgres(&cfg.state_dir, owner.as_ref())?);
     }
     let metrics = metrics::Metrics::new();
+    let tls = match &cfg.tls {
+        Some(t) => Some(
+            http::tls::ServerTls::load(t, &metrics).map_err(|e| anyhow::anyhow!("[tls]: {e}"))?,
+        ),
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     let background = archive::background::Background::new(shutdown.clone());
     let (archiver, fetcher) = match &cfg.backup {
@@ -176,10 +182,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ => Begin::Existing,
     };
     let (handle, executor) = core::new(ctx.clone(), AgentState::Initializing);
+    if let Some(tls) = &tls {
+        tokio::spawn(tls.clone().watch(shutdown.clone()));
+    }
     let server = tokio::spawn(http::server::serve(
         handle.clone(),
         loopback,
         external,
+        tls,
         shutdown.clone(),
     ));
     tokio::spawn(watch_signals(shutdown.clone()));
@@ -435,11 +445,12 @@ async fn announce_when_running(handle: core::Handle) {
     };
     let pw: PathBuf = cfg.superuser_password.path.clone();
     println!(
-        "\npgpilot-agent: PostgreSQL {} is running.\n  psql: PGPASSWORD=\"$(cat {})\" psql -h {host} -p {} -U {} postgres\n  API:  http://{}/v1/status  (loopback http://{}; token in {})\n",
+        "\npgpilot-agent: PostgreSQL {} is running.\n  psql: PGPASSWORD=\"$(cat {})\" psql -h {host} -p {} -U {} postgres\n  API:  {}://{}/v1/status  (loopback http://{}; token in {})\n",
         handle.ctx.bins.major,
         pw.display(),
         cfg.postgres_port,
         cfg.superuser,
+        cfg.api_scheme(),
         cfg.api_listen,
         cfg.api_loopback_listen,
         cfg.api_token.path.display(),

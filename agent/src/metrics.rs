@@ -28,14 +28,23 @@ pub struct Metrics {
     pub api_auth_failures: IntCounterVec,
     /// API token reloads that changed the accepted tokens (a rotation step).
     pub api_token_reloads: IntCounter,
+    /// TLS certificate reloads that changed the pod-IP listener's certificate, key or CA.
+    pub tls_reloads: IntCounter,
+    /// When the pod-IP listener's certificate expires (Unix seconds; 0 without TLS).
+    pub tls_cert_expiry: IntGauge,
     pub archive: ArchiveMetrics,
     pub replication: ReplicationMetrics,
     pub catalog: CatalogMetrics,
 }
 
 /// The reasons of `pgpilot_api_auth_failures_total`, each exported from the start at 0.
-pub const AUTH_FAILURE_REASONS: [&str; 4] =
-    ["no_credential", "malformed", "wrong_token", "rate_limited"];
+pub const AUTH_FAILURE_REASONS: [&str; 5] = [
+    "no_credential",
+    "malformed",
+    "wrong_token",
+    "rate_limited",
+    "bad_certificate",
+];
 
 /// Catalog sync (Kubernetes mode, the shard's primary): `pg_database` against
 /// `spec.databases`.
@@ -467,7 +476,7 @@ impl Metrics {
         let api_auth_failures = IntCounterVec::new(
             Opts::new(
                 "pgpilot_api_auth_failures_total",
-                "Refused API authentications by reason (no_credential, malformed, wrong_token, rate_limited)",
+                "Refused API authentications by reason (no_credential, malformed, wrong_token, rate_limited, bad_certificate)",
             ),
             &["reason"],
         )
@@ -480,9 +489,21 @@ impl Metrics {
             "Reloads of the API token file that changed the accepted tokens",
         )
         .expect("static metric");
+        let tls_reloads = IntCounter::new(
+            "pgpilot_tls_reloads_total",
+            "Reloads of the pod-IP listener's TLS files that changed its certificate, key or CA",
+        )
+        .expect("static metric");
+        let tls_cert_expiry = IntGauge::new(
+            "pgpilot_tls_certificate_expiry_timestamp_seconds",
+            "When the pod-IP listener's TLS certificate expires (Unix time; 0 without TLS)",
+        )
+        .expect("static metric");
         for c in [
             Box::new(api_auth_failures.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(api_token_reloads.clone()),
+            Box::new(tls_reloads.clone()),
+            Box::new(tls_cert_expiry.clone()),
             Box::new(state.clone()),
             Box::new(postgres_up.clone()),
             Box::new(connections.clone()),
@@ -517,6 +538,8 @@ impl Metrics {
             api_errors,
             api_auth_failures,
             api_token_reloads,
+            tls_reloads,
+            tls_cert_expiry,
         }
     }
 

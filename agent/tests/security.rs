@@ -437,3 +437,278 @@ async fn world_readable_secret_files_are_refused_at_start() {
         "{logs}"
     );
 }
+
+mod tls {
+    use super::*;
+    use pgpilot_common::tls::issue::{Issued, Validity, leaf, new_ca};
+    use std::path::{Path, PathBuf};
+
+    const SERVER: &str = "orders-0.agents.pgpilot.test";
+    const OPERATOR: &str = "pgpilot-operator";
+    const DAY: Duration = Duration::from_secs(86400);
+
+    /// Writes `content` through a rename, as the kubelet swaps a Secret volume's files.
+    fn swap(path: &Path, content: &str) {
+        let tmp = path.with_extension("tmp");
+        pgpilot_test_support::write_secret(&tmp, content).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    fn client(ca: &Issued, server_name: &str, identity: Option<&Issued>) -> reqwest::Client {
+        let tls = pgpilot_common::tls::client_config(
+            ca.cert_pem.as_bytes(),
+            server_name,
+            identity.map(|i| (i.cert_pem.as_bytes(), i.key_pem.as_bytes())),
+        )
+        .unwrap();
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .build()
+            .unwrap()
+    }
+
+    /// `POST /v1/reload` over HTTPS: the status, or the connection error's text.
+    async fn reload(
+        http: &reqwest::Client,
+        base: &str,
+        token: Option<&str>,
+    ) -> Result<u16, String> {
+        let mut req = http.post(format!("{base}/v1/reload"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        match req.send().await {
+            Ok(r) => Ok(r.status().as_u16()),
+            Err(e) => Err(format!("{e:?}")),
+        }
+    }
+
+    struct Files {
+        dir: tempfile::TempDir,
+    }
+
+    impl Files {
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.path().join(name)
+        }
+    }
+
+    /// The pod-IP listener with `[tls]` and certificates only (`accept_token = false`): no
+    /// certificate, an untrusted one, an expired one, one of another name and the operator's;
+    /// the server's certificate verified under its DNS name while dialled by IP; the
+    /// certificate and the CA rotated on disk and picked up without a restart; a world-readable
+    /// key refused at start.
+    #[tokio::test]
+    async fn client_certificates_are_checked_and_rotated_without_a_restart() {
+        let v = Validity::starting_now(DAY);
+        let ca = new_ca("pgpilot test CA", v).unwrap();
+        let other_ca = new_ca("someone else's CA", v).unwrap();
+        let server = leaf(&ca, &[SERVER.into()], v).unwrap();
+        let operator = leaf(&ca, &[OPERATOR.into()], v).unwrap();
+        let stranger = leaf(&ca, &["someone-else".into()], v).unwrap();
+        let untrusted = leaf(&other_ca, &[OPERATOR.into()], v).unwrap();
+        let past = Validity {
+            not_before: std::time::SystemTime::now() - 10 * DAY,
+            not_after: std::time::SystemTime::now() - DAY,
+        };
+        let expired = leaf(&ca, &[OPERATOR.into()], past).unwrap();
+
+        let files = Files {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        swap(&files.path("tls.crt"), &server.cert_pem);
+        swap(&files.path("tls.key"), &server.key_pem);
+        swap(&files.path("ca.crt"), &ca.cert_pem);
+        let toml = format!(
+            "\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\nclient_names = [\"{OPERATOR}\"]\naccept_token = false\n",
+            files.path("tls.crt").display(),
+            files.path("tls.key").display(),
+            files.path("ca.crt").display(),
+        );
+        let mut fx = AgentFixture::start_with(agent_bin!(), 15, AgentOptions::toml(toml.clone()))
+            .await
+            .unwrap();
+        let base = format!("https://{}", fx.api);
+        let token = Some(fx.token.as_str());
+
+        // Plain HTTP on the pod-IP listener gets no answer.
+        let plain = reqwest::Client::new()
+            .get(format!("http://{}/healthz", fx.api))
+            .send()
+            .await;
+        assert!(plain.is_err(), "plain HTTP answered: {plain:?}");
+
+        // No certificate: the open routes answer (probes, Prometheus); a state-changing route
+        // wants the operator's certificate, and the token does not replace it here.
+        let anonymous = client(&ca, SERVER, None);
+        let health = anonymous
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.status(), 200);
+        assert_eq!(reload(&anonymous, &base, token).await, Ok(401));
+        let body: ErrorBody = anonymous
+            .post(format!("{base}/v1/reload"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            body.message
+                .contains("requires a client certificate named pgpilot-operator"),
+            "{body:?}"
+        );
+        // The loopback listener stays plain HTTP with the token (wal-push, the CLI).
+        assert_eq!(
+            post(
+                &reqwest::Client::new(),
+                &format!("http://{}", fx.loopback),
+                "/v1/reload",
+                &fx.token
+            )
+            .await
+            .status(),
+            200
+        );
+
+        // The server's certificate: verified under its DNS name, though dialled by IP.
+        let wrong_name = reload(
+            &client(&ca, "elsewhere.pgpilot.test", Some(&operator)),
+            &base,
+            None,
+        )
+        .await;
+        assert!(
+            wrong_name
+                .as_ref()
+                .is_err_and(|e| e.contains("NotValidForName")),
+            "{wrong_name:?}"
+        );
+
+        // Untrusted and expired client certificates fail the handshake, counted.
+        let bad = reload(&client(&ca, SERVER, Some(&untrusted)), &base, None).await;
+        assert!(
+            bad.is_err(),
+            "an untrusted certificate was accepted: {bad:?}"
+        );
+        let bad = reload(&client(&ca, SERVER, Some(&expired)), &base, None).await;
+        assert!(bad.is_err(), "an expired certificate was accepted: {bad:?}");
+        let metrics = anonymous
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(
+            metric(
+                &metrics,
+                "pgpilot_api_auth_failures_total{reason=\"bad_certificate\"}"
+            ),
+            2.0
+        );
+        // Trusted, but of another name: refused, saying why.
+        let http = client(&ca, SERVER, Some(&stranger));
+        let body: ErrorBody = http
+            .post(format!("{base}/v1/reload"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            body.message
+                .contains("names (someone-else) are not among those accepted (pgpilot-operator)"),
+            "{body:?}"
+        );
+        // The operator's certificate authenticates without a token.
+        assert_eq!(
+            reload(&client(&ca, SERVER, Some(&operator)), &base, None).await,
+            Ok(200)
+        );
+        let expiry = |m: &str| metric(m, "pgpilot_tls_certificate_expiry_timestamp_seconds") as i64;
+        let not_after = |i: &Issued| {
+            let chain = pgpilot_common::tls::certs(i.cert_pem.as_bytes(), "cert").unwrap();
+            pgpilot_common::tls::cert_info(&chain[0]).unwrap().not_after
+        };
+        assert_eq!(expiry(&metrics), not_after(&server));
+
+        // 2. Rotation on disk, no restart: a new server certificate under a new name, then a
+        //    new CA. Each is in use within a few reload periods.
+        let v2 = Validity::starting_now(2 * DAY);
+        let renamed = "orders-0.renamed.pgpilot.test";
+        let server2 = leaf(&ca, &[renamed.into()], v2).unwrap();
+        swap(&files.path("tls.key"), &server2.key_pem);
+        swap(&files.path("tls.crt"), &server2.cert_pem);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while reload(&client(&ca, renamed, Some(&operator)), &base, None).await != Ok(200) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the new certificate was not picked up"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // (A new client: a pooled connection keeps the certificate of its handshake.)
+        let metrics = client(&ca, SERVER, None).get(format!("{base}/metrics")).send().await;
+        assert!(metrics.is_err(), "the old name still verifies");
+        let metrics = client(&ca, renamed, None)
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(expiry(&metrics), not_after(&server2));
+        assert!(metric(&metrics, "pgpilot_tls_reloads_total") >= 1.0);
+
+        // The CA rotated to one that signs a new operator certificate: the old one is refused.
+        let ca2 = new_ca("pgpilot test CA 2", v2).unwrap();
+        let operator2 = leaf(&ca2, &[OPERATOR.into()], v2).unwrap();
+        swap(&files.path("ca.crt"), &ca2.cert_pem);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while reload(&client(&ca, renamed, Some(&operator2)), &base, None).await != Ok(200) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the new CA was not picked up"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let old = reload(&client(&ca, renamed, Some(&operator)), &base, None).await;
+        assert!(
+            old.is_err(),
+            "a certificate of the old CA is still accepted: {old:?}"
+        );
+        let logs = fx.logs();
+        assert!(logs.contains("TLS certificate reloaded"), "{logs}");
+        for secret in [&server.key_pem, &server2.key_pem, &ca.key_pem] {
+            let body = secret.lines().nth(1).unwrap();
+            assert!(!logs.contains(body), "a private key reached the log");
+        }
+
+        // 3. A world-readable key file: refused at start, naming it.
+        fx.signal_agent(nix::sys::signal::Signal::SIGTERM).unwrap();
+        assert!(fx.wait_exit(LONG).unwrap().success());
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            files.path("tls.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        fx.spawn().unwrap();
+        assert!(!fx.wait_exit(LONG).unwrap().success());
+        let logs = fx.logs();
+        assert!(
+            logs.contains(&format!(
+                "the TLS key file {} is readable by every user (mode 0644)",
+                files.path("tls.key").display()
+            )),
+            "{logs}"
+        );
+    }
+}

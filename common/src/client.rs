@@ -60,10 +60,24 @@ impl AgentClient {
     /// `base` is the agent's API URL, e.g. `http://127.0.0.1:8009`. `token` is needed for
     /// routes that change state.
     pub fn new(base: impl Into<String>, token: Option<String>) -> Self {
-        let http = reqwest::Client::builder()
+        Self::with_tls(base, token, None)
+    }
+
+    /// As [`AgentClient::new`], over HTTPS with `tls` (see [`crate::tls::client_config`]) when
+    /// given; `base` then starts with `https://`.
+    pub fn with_tls(
+        base: impl Into<String>,
+        token: Option<String>,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Self {
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             // Lifecycle calls wait for Postgres to stop and start again.
-            .timeout(Duration::from_secs(300))
+            .timeout(Duration::from_secs(300));
+        if let Some(tls) = tls {
+            builder = builder.use_preconfigured_tls(tls);
+        }
+        let http = builder
             .build()
             .expect("reqwest client with static settings");
         Self {

@@ -21,6 +21,7 @@ pub mod names;
 pub mod schedule;
 pub mod secret_file;
 pub mod state;
+pub mod tls;
 pub mod wal;
 
 #[cfg(feature = "archive")]

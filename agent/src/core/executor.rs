@@ -897,9 +897,11 @@ impl Executor {
             layout: archiver.layout().clone(),
             metrics: self.ctx.metrics.archive.clone(),
             runs: self.ctx.backups.clone(),
-            primary: self.repl.upstream.as_ref().map(|u| {
-                crate::replication::switchover::peer(&u.url, self.ctx.api_token.current().expose())
-            }),
+            primary: self
+                .repl
+                .upstream
+                .as_ref()
+                .map(|u| crate::replication::switchover::peer(&self.ctx, &u.url)),
         };
         let cancel = CancellationToken::new();
         let started = backup::begin(deps, req, cancel.clone()).await?;

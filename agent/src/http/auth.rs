@@ -2,7 +2,7 @@
 //! reason and, on the pod-IP listener, a limit on wrong tokens per peer (docs/security.md).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::Response;
 
+use super::tls::Peer;
 use crate::core::Handle;
 use crate::error::AgentError;
 
@@ -51,12 +52,23 @@ impl Limiter {
     }
 }
 
+/// Client certificates that authenticate on the pod-IP listener (`[tls] ca_file` set).
+#[derive(Debug)]
+pub struct Certificates {
+    /// A verified certificate carrying one of these names authenticates.
+    pub names: Vec<String>,
+    /// Whether the bearer token also does.
+    pub accept_token: bool,
+}
+
 /// The middleware's state: the agent, and the limiter of this listener (`None` on loopback,
-/// where `wal-push` must never be locked out by a misbehaving local process).
+/// where `wal-push` must never be locked out by a misbehaving local process), and the client
+/// certificates it accepts (`None`: tokens only).
 #[derive(Clone)]
 pub struct Auth {
     pub h: Handle,
     pub limiter: Option<Arc<Limiter>>,
+    pub certificates: Option<Arc<Certificates>>,
 }
 
 pub async fn require_token(
@@ -72,10 +84,37 @@ pub async fn require_token(
             .with_label_values(&[reason])
             .inc()
     };
-    let peer = req
+    let info = req
         .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
+        .get::<ConnectInfo<Peer>>()
+        .map(|c| c.0.clone());
+    let peer = info.as_ref().map(|p| p.addr.ip());
+    if let Some(certs) = &auth.certificates {
+        let names = info.as_ref().and_then(|p| p.cert_names.clone());
+        match names {
+            // Verified against the CA in the handshake; here only its name is checked.
+            Some(names) if names.iter().any(|n| certs.names.contains(n)) => {
+                return Ok(next.run(req).await);
+            }
+            Some(names) => {
+                failed("bad_certificate");
+                tracing::warn!(path = %req.uri().path(), peer = ?peer, names = ?names, "API request with a client certificate of another name refused");
+                return Err(AgentError::Unauthorized(format!(
+                    "the client certificate's names ({}) are not among those accepted ({})",
+                    names.join(", "),
+                    certs.names.join(", ")
+                )));
+            }
+            None if !certs.accept_token => {
+                failed("no_credential");
+                return Err(AgentError::Unauthorized(format!(
+                    "this route requires a client certificate named {}",
+                    certs.names.join(" or ")
+                )));
+            }
+            None => {}
+        }
+    }
     let now = Instant::now();
     if let (Some(limiter), Some(peer)) = (&auth.limiter, peer)
         && let Some(secs) = limiter.refused(peer, now)

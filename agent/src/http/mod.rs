@@ -6,6 +6,7 @@ pub mod extract;
 pub mod openapi;
 pub mod routes;
 pub mod server;
+pub mod tls;
 
 /// The largest request body the API reads (its bodies are small JSON documents); larger ones
 /// are answered 413.

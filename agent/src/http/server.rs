@@ -2,7 +2,6 @@
 //! and the external address (the operator, load balancers). Every route is declared here, with
 //! why it is or is not authenticated and which listener serves it.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use axum::Router;
@@ -17,6 +16,7 @@ use super::auth::require_token;
 use super::routes::{
     backups, drain, lifecycle, metrics, probes, replication, restore, status, wal,
 };
+use super::tls::Peer;
 use crate::core::Handle;
 use crate::error::AgentError;
 
@@ -66,7 +66,15 @@ fn common() -> (Router<Handle>, Router<Handle>) {
 /// routes (WAL push and fetch) are not served here.
 pub fn external_router(h: Handle) -> Router {
     let (open, protected) = common();
-    finish(h, open, protected, Some(Default::default()))
+    let certificates = h.ctx.cfg.tls.as_ref().and_then(|t| {
+        t.ca_file.is_some().then(|| {
+            std::sync::Arc::new(super::auth::Certificates {
+                names: t.accepted_client_names(),
+                accept_token: t.accept_token,
+            })
+        })
+    });
+    finish(h, open, protected, Some(Default::default()), certificates)
 }
 
 /// The loopback listener: everything the external one serves, plus the pod-only routes that
@@ -77,7 +85,7 @@ pub fn loopback_router(h: Handle) -> Router {
     let protected = protected
         .route("/v1/wal/push", post(wal::push))
         .route("/v1/wal/fetch", post(wal::fetch));
-    finish(h, open, protected, None)
+    finish(h, open, protected, None, None)
 }
 
 fn finish(
@@ -85,10 +93,12 @@ fn finish(
     open: Router<Handle>,
     protected: Router<Handle>,
     limiter: Option<std::sync::Arc<super::auth::Limiter>>,
+    certificates: Option<std::sync::Arc<super::auth::Certificates>>,
 ) -> Router {
     let auth = super::auth::Auth {
         h: h.clone(),
         limiter,
+        certificates,
     };
     let protected = protected.route_layer(middleware::from_fn_with_state(auth, require_token));
     open.merge(protected)
@@ -150,24 +160,38 @@ async fn record_metrics(State(h): State<Handle>, req: Request, next: Next) -> Re
     resp
 }
 
-/// Serves the router on both listeners until `shutdown` is cancelled.
+/// Serves the router on both listeners until `shutdown` is cancelled; the external one over
+/// HTTPS when `tls` is given.
 pub async fn serve(
     h: Handle,
     loopback: TcpListener,
     external: TcpListener,
+    tls: Option<std::sync::Arc<super::tls::ServerTls>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    // With the peer's address: the external listener limits wrong tokens per peer.
+    // With the peer (address, client certificate): the external listener limits wrong tokens
+    // per peer and accepts certificates.
     let a = axum::serve(
         loopback,
-        loopback_router(h.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+        loopback_router(h.clone()).into_make_service_with_connect_info::<Peer>(),
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let b = axum::serve(
-        external,
-        external_router(h).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned());
-    let (ra, rb) = tokio::join!(a.into_future(), b.into_future());
+    let external_service = external_router(h).into_make_service_with_connect_info::<Peer>();
+    let b = async {
+        match tls {
+            Some(tls) => {
+                let listener = tls.listen(external, shutdown.clone());
+                axum::serve(listener, external_service)
+                    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                    .await
+            }
+            None => {
+                axum::serve(external, external_service)
+                    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                    .await
+            }
+        }
+    };
+    let (ra, rb) = tokio::join!(a.into_future(), b);
     ra.and(rb)
 }

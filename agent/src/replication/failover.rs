@@ -479,7 +479,7 @@ impl Loop {
             {
                 continue;
             }
-            let client = super::switchover::peer(&url, ctx.api_token.current().expose());
+            let client = super::switchover::peer(&ctx, &url);
             match tokio::time::timeout(PEER_TIMEOUT, client.status()).await {
                 Ok(Ok(st)) => match peer_position(&st) {
                     Some(lsn) => peers.push((name, lsn)),

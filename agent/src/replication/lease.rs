@@ -137,6 +137,8 @@ pub struct KubeLeadership {
     pub name: String,
     pub my_url: String,
     api_port: u16,
+    /// `https` with `[tls]`: the shard's agents share one configuration.
+    api_scheme: &'static str,
     selector: String,
     leases: Api<Lease>,
     pods: Api<Pod>,
@@ -203,6 +205,7 @@ impl KubeLeadership {
             name: format!("{}-{}", cfg.cluster.name, cfg.cluster.shard),
             my_url: cfg.replication.advertise_url.clone(),
             api_port: cfg.api_listen.port(),
+            api_scheme: cfg.api_scheme(),
             selector: format!(
                 "{LABEL_CLUSTER}={},{LABEL_SHARD}={}",
                 cfg.cluster.name, cfg.cluster.shard
@@ -241,7 +244,10 @@ impl KubeLeadership {
             .filter_map(|p| {
                 let name = p.metadata.name.clone()?;
                 let ip = p.status.as_ref()?.pod_ip.clone()?;
-                Some((name, format!("http://{ip}:{}", self.api_port)))
+                Some((
+                    name,
+                    format!("{}://{ip}:{}", self.api_scheme, self.api_port),
+                ))
             })
             .collect();
         let lease = timed(self.leases.get_opt(&self.name)).await?;

@@ -106,9 +106,18 @@ pub fn choose(
     }
 }
 
-/// A client for a peer agent, with the shard's shared API token.
-pub fn peer(url: &str, token: &str) -> AgentClient {
-    AgentClient::new(url, Some(token.to_string()))
+/// A client for a peer agent, with the shard's shared API token and, with `[tls]`, the peers'
+/// CA and this agent's certificate (read afresh, so a rotation is picked up).
+pub fn peer(ctx: &crate::context::Context, url: &str) -> AgentClient {
+    let token = Some(ctx.api_token.current().expose().to_string());
+    let tls = ctx.cfg.tls.as_ref().and_then(|t| match t.peer_client() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(peer = url, "TLS to peers: {e}");
+            None
+        }
+    });
+    AgentClient::with_tls(url, token, tls)
 }
 
 /// Runs a peer call with [`PEER_TIMEOUT`], turning both failures into words.

@@ -115,7 +115,7 @@ impl Executor {
     /// goes wrong is a failure to reach or use the primary.
     async fn register(&self, url: &str) -> Result<Upstream, AgentError> {
         let cfg = &self.ctx.cfg;
-        let client = peer(url, self.ctx.api_token.current().expose());
+        let client = peer(&self.ctx, url);
         let req = RegisterReplicaRequest {
             name: cfg.replication.name.clone(),
             api_url: cfg.replication.advertise_url.clone(),
@@ -693,7 +693,7 @@ impl Executor {
             if let Some(url) = ctx.leadership.peer_url(&cand.name) {
                 cand.api_url = url;
             }
-            let cand_client = peer(&cand.api_url, ctx.api_token.current().expose());
+            let cand_client = peer(&ctx, &cand.api_url);
             let st = call(
                 &format!("candidate {} at {}", cand.name, cand.api_url),
                 cand_client.status(),
@@ -751,7 +751,7 @@ impl Executor {
     ) -> Result<SwitchoverResponse, AgentError> {
         let ctx = self.ctx.clone();
         let cfg = &ctx.cfg;
-        let cand_client = peer(&cand.api_url, ctx.api_token.current().expose());
+        let cand_client = peer(&ctx, &cand.api_url);
         // 1. Stop writes: a fast shutdown sends the final checkpoint to connected standbys.
         let pause = Instant::now();
         self.stop_postgres(pgpilot_common::api::ShutdownMode::Fast)
@@ -860,7 +860,7 @@ impl Executor {
             primary: cand.api_url.clone(),
         };
         for (name, url) in others {
-            let c = peer(&url, ctx.api_token.current().expose());
+            let c = peer(&ctx, &url);
             match call(&format!("re-pointing {name}"), c.follow(&follow)).await {
                 Ok(_) => followers.push(name),
                 Err(e) => {
