@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use pgpilot_kube_testserver::{KubeTestServer, TestNamespace};
@@ -25,7 +26,32 @@ struct Shard {
     client: kube::Client,
     ns: TestNamespace,
     kubelet: Kubelet,
-    server: KubeTestServer,
+    server: Checked,
+}
+
+/// The test server, which on drop checks that RBAC refused no request of an agent (code may
+/// only log a 403, or retry it, so a test could pass with a Role that lacks a verb).
+struct Checked(KubeTestServer);
+
+impl std::ops::Deref for Checked {
+    type Target = KubeTestServer;
+    fn deref(&self) -> &KubeTestServer {
+        &self.0
+    }
+}
+
+impl Drop for Checked {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let denied = self.0.denied();
+        assert!(
+            denied.is_empty(),
+            "RBAC refused requests of the agents (the Role in pgpilot_common::rbac lacks them):\n{}",
+            denied.join("\n")
+        );
+    }
 }
 
 impl Shard {
@@ -58,8 +84,21 @@ impl Shard {
             client,
             ns,
             kubelet,
-            server,
+            server: Checked(server),
         };
+        // The agents run as service account `db` with the Role the operator gives agents: the
+        // test API server enforces it, and every test here ends with no request refused.
+        s.create::<ServiceAccount>(
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "db"}}),
+        )
+        .await;
+        s.create::<Role>(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "db"},
+            "rules": pgpilot_common::rbac::agent_role_rules()}))
+            .await;
+        s.create::<RoleBinding>(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "db"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "db"},
+            "subjects": [{"kind": "ServiceAccount", "name": "db"}]}))
+            .await;
         s.create::<Secret>(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db-secrets"},
             "stringData": {"token": TOKEN, "superuser-password": PASSWORD, "replication-password": "kube-test-replication"}}))
             .await;
@@ -100,7 +139,7 @@ impl Shard {
             "spec": {"replicas": 3, "serviceName": "db", "podManagementPolicy": "Parallel",
                 "selector": {"matchLabels": {"app": "db"}},
                 "template": {"metadata": {"labels": labels},
-                    "spec": {"terminationGracePeriodSeconds": grace,
+                    "spec": {"terminationGracePeriodSeconds": grace, "serviceAccountName": "db",
                         "containers": [{"name": "postgres", "image": "pgpilot/agent:test", "args": ["run"], "env": env,
                             "lifecycle": lifecycle,
                             "volumeMounts": [

@@ -18,6 +18,7 @@ pub mod crd;
 pub mod layout;
 pub mod manifest;
 pub mod names;
+pub mod rbac;
 pub mod schedule;
 pub mod secret_file;
 pub mod state;

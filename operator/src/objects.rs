@@ -259,14 +259,8 @@ pub fn desired(pc: &PostgresCluster, opts: &Options, secrets: &SecretRefs) -> Ve
         "Role",
         agent.clone(),
         None,
-        json!({"rules": [
-            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-             "verbs": ["get", "list", "watch", "create", "update", "patch"]},
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
-            {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
-            {"apiGroups": ["pgpilot.io"], "resources": ["postgresclusters", "postgresclusters/status"],
-             "verbs": ["get", "list", "watch", "patch"]},
-        ]}),
+        // Exactly what the agent calls (pgpilot_common::rbac; checked by operator/tests).
+        json!({"rules": pgpilot_common::rbac::agent_role_rules()}),
     );
     push(
         "rbac.authorization.k8s.io/v1",

@@ -485,6 +485,22 @@ async fn the_chart_installs_the_operator_and_the_guide_works() {
         wanted.len()
     );
 
+    // The chart's operator pods and their agents ran under the chart's RBAC (the test server
+    // enforces it): nothing refused, and the grants support/rbac.rs assigns to this test used.
+    if let Some(server) = &env._server {
+        let denied = server.denied();
+        assert!(
+            denied.is_empty(),
+            "RBAC refused requests (charts/pgpilot/templates/rbac.yaml or pgpilot_common::rbac lack them):\n{}",
+            denied.join("\n")
+        );
+        support::rbac::check_used(
+            server,
+            support::OPERATOR_SA,
+            "the_chart_installs_the_operator_and_the_guide_works",
+        );
+    }
+
     for c in ["orders", "orders-restored"] {
         let _ = clusters.delete(c, &Default::default()).await;
     }

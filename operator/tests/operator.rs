@@ -47,7 +47,82 @@ struct Env {
     metrics: Metrics,
     /// With leader election: each replica's metrics and task.
     replicas: Vec<(Metrics, tokio::task::JoinHandle<Result<(), String>>)>,
-    _server: Option<KubeTestServer>,
+    _server: Checked,
+}
+
+/// The test server, which on drop checks that RBAC refused no request of the operator or of
+/// an agent (code may only log a 403, or retry it, so a test could pass with a Role that lacks
+/// a verb), and that the test used every grant support/rbac.rs assigns to it.
+struct Checked(Option<KubeTestServer>);
+
+impl Drop for Checked {
+    fn drop(&mut self) {
+        let Some(server) = self.0.as_ref() else {
+            return;
+        };
+        if std::thread::panicking() {
+            return;
+        }
+        let denied = server.denied();
+        assert!(
+            denied.is_empty(),
+            "RBAC refused requests (the chart's rules in charts/pgpilot/templates/rbac.yaml or the agents' in pgpilot_common::rbac lack them):\n{}",
+            denied.join("\n")
+        );
+        // libtest runs each test on a thread named after it, where its Env drops.
+        let thread = std::thread::current();
+        let test = thread.name().unwrap_or_default();
+        assert!(
+            !test.is_empty() && test != "main",
+            "an Env dropped off its test's thread ({test:?}): the RBAC use check needs the test's name"
+        );
+        let test = test.rsplit("::").next().unwrap_or(test);
+        support::rbac::check_used(server, support::OPERATOR_SA, test);
+    }
+}
+
+/// The table of grants in support/rbac.rs against the chart's rules and the agents' Role.
+#[test]
+fn every_grant_of_the_chart_and_the_agents_role_is_listed_with_its_test() {
+    let chart = support::chart_rules();
+    support::rbac::check_table(
+        &[&chart.operator, &chart.leader_election],
+        &pgpilot_common::rbac::agent_role_rules(),
+    );
+}
+
+/// The chart's RBAC for its operator ServiceAccount in `ns`: its Role and leader-election Role
+/// and their RoleBindings, as `helm install` with `operator.watchNamespace` creates them.
+async fn grant_chart_rbac(client: &kube::Client, ns: &str) {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let rules = support::chart_rules();
+    let sa = support::OPERATOR_SA;
+    let pp = PostParams::default();
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let account = serde_json::from_value(json!({"metadata": {"name": sa}})).expect("an account");
+    accounts
+        .create(&pp, &account)
+        .await
+        .expect("the operator's ServiceAccount");
+    let roles: Api<Role> = Api::namespaced(client.clone(), ns);
+    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), ns);
+    for (name, rules) in [
+        (sa.to_string(), rules.operator),
+        (format!("{sa}-leader-election"), rules.leader_election),
+    ] {
+        let role = serde_json::from_value(json!({"metadata": {"name": name}, "rules": rules}))
+            .expect("a Role");
+        roles.create(&pp, &role).await.expect("the chart's Role");
+        let binding = serde_json::from_value(json!({"metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]}))
+        .expect("a RoleBinding");
+        bindings
+            .create(&pp, &binding)
+            .await
+            .expect("the chart's RoleBinding");
+    }
 }
 
 impl Env {
@@ -97,6 +172,16 @@ impl Env {
         let ns = TestNamespace::create(&client, prefix)
             .await
             .expect("namespace");
+        // On the test server the operator runs as the chart's ServiceAccount with the chart's
+        // rules (scoped to its namespace, as with `operator.watchNamespace`), which the server
+        // enforces: every test here proves the chart grants what the operator calls.
+        let operator = match &server {
+            Some(server) => {
+                grant_chart_rbac(&client, ns.name()).await;
+                server.client_as(ns.name(), support::OPERATOR_SA)
+            }
+            None => client.clone(),
+        };
         let metrics = Metrics::new();
         let env_or =
             |var: &str, default: &str| std::env::var(var).unwrap_or_else(|_| default.into());
@@ -115,17 +200,17 @@ impl Env {
         let mut replicas = Vec::new();
         let elected = (elected != usize::MAX).then_some(elected);
         if elected == Some(0) {
-            let ctx = Arc::new(Ctx::new(client.clone(), opts.clone(), metrics.clone()));
+            let ctx = Arc::new(Ctx::new(operator.clone(), opts.clone(), metrics.clone()));
             tokio::spawn(controller::run(ctx, CancellationToken::new()));
         }
         for i in 0..elected.unwrap_or(0) {
             let m = Metrics::new();
-            let ctx = Arc::new(Ctx::new(client.clone(), opts.clone(), m.clone()));
+            let ctx = Arc::new(Ctx::new(operator.clone(), opts.clone(), m.clone()));
             let mut e = Election::new(ns.name(), &format!("operator-{i}"));
             e.duration = Duration::from_secs(4);
             e.renew = Duration::from_millis(500);
             e.deadline = Duration::from_secs(3);
-            let c = client.clone();
+            let c = operator.clone();
             let task = tokio::spawn(async move {
                 leader::run(c, e, CancellationToken::new(), move |lost| {
                     controller::run(ctx, lost)
@@ -141,7 +226,7 @@ impl Env {
             kubeconfig,
             metrics,
             replicas,
-            _server: server,
+            _server: Checked(server),
         }
     }
 

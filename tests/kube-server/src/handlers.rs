@@ -27,6 +27,7 @@ pub struct App {
     /// `host:port`, for `serverAddressByClientCIDRs`.
     pub address: String,
     pub bookmark_interval: Duration,
+    pub audit: Arc<crate::auth::Audit>,
 }
 
 /// A resolved request path below a group/version.
@@ -58,6 +59,17 @@ pub async fn dispatch(
             .collect::<Vec<_>>()
             .as_slice()
     {
+        let req = crate::auth::Request {
+            verb: "get",
+            group: "",
+            resource: "pods",
+            subresource: "log",
+            namespace: ns,
+            name,
+        };
+        if let Err(e) = crate::auth::authorize(&app.store, &app.audit, &headers, &req) {
+            return e.into_response();
+        }
         return match crate::pods::log(&app.store, ns, name, &q).await {
             Ok(text) => ([(header::CONTENT_TYPE, "text/plain")], text).into_response(),
             Err(e) => e.into_response(),
@@ -268,6 +280,46 @@ fn resource(
 ) -> ApiResult<Response> {
     let t = resolve(app, group, version, rest, path)?;
     let rt = t.rt.clone();
+    crate::auth::authorize(
+        &app.store,
+        &app.audit,
+        headers,
+        &crate::auth::Request {
+            verb: crate::auth::verb(method, t.name.is_some(), is_true(q, "watch")),
+            group: &rt.group,
+            resource: &rt.plural,
+            subresource: t.subresource.as_deref().unwrap_or_default(),
+            namespace: t.namespace.as_deref().unwrap_or_default(),
+            name: t.name.as_deref().unwrap_or_default(),
+        },
+    )?;
+    // A server-side apply (or a PUT) of an object that does not exist creates it, and the real
+    // server then checks the `create` verb as well.
+    let applies = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|c| c.to_str().ok())
+        .is_some_and(|c| c.contains("apply-patch"));
+    if let (Some(name), None) = (t.name.as_deref(), t.subresource.as_deref())
+        && ((*method == Method::PATCH && applies) || *method == Method::PUT)
+        && app
+            .store
+            .get(&rt, t.namespace.as_deref().unwrap_or_default(), name)
+            .is_err()
+    {
+        crate::auth::authorize(
+            &app.store,
+            &app.audit,
+            headers,
+            &crate::auth::Request {
+                verb: "create",
+                group: &rt.group,
+                resource: &rt.plural,
+                subresource: "",
+                namespace: t.namespace.as_deref().unwrap_or_default(),
+                name: "",
+            },
+        )?;
+    }
     let store = &app.store;
     let ns = t.namespace.clone().unwrap_or_default();
     // JSON (and YAML for apply) bodies, plus the protobuf kubectl's imperative commands send

@@ -3,6 +3,7 @@
 //! only; never a dependency of a shipped binary. See docs/kube-test-server.md.
 #![forbid(unsafe_code)]
 
+mod auth;
 mod controllers;
 mod deployment;
 mod discovery;
@@ -24,8 +25,10 @@ mod store;
 mod validation;
 mod watch;
 
+pub use auth::{AuditKey, SA_PREFIX};
 pub use fixtures::TestNamespace;
 pub use server::{
-    KubeTestServer, ServerOptions, install_crypto_provider, kubectl_args, test_client,
+    KubeTestServer, ServerOptions, install_crypto_provider, kubectl_args, service_account_token,
+    test_client,
 };
 pub use store::StoreOptions;

@@ -33,6 +33,7 @@ impl Default for ServerOptions {
 pub struct KubeTestServer {
     addr: SocketAddr,
     store: Arc<Store>,
+    audit: Arc<crate::auth::Audit>,
     task: JoinHandle<()>,
     /// Holds the kubeconfig file; removed with the server.
     _dir: tempfile::TempDir,
@@ -52,10 +53,12 @@ impl KubeTestServer {
             .context("binding the test API server to 127.0.0.1")?;
         let addr = listener.local_addr()?;
         let store = Arc::new(Store::new(options.store));
+        let audit = Arc::new(crate::auth::Audit::default());
         let app = App {
             store: store.clone(),
             address: addr.to_string(),
             bookmark_interval: options.bookmark_interval,
+            audit: audit.clone(),
         };
         // kube-apiserver accepts request bodies up to 3 MiB (axum's default is 2 MiB; large
         // CRDs with embedded pod templates come close).
@@ -75,6 +78,7 @@ impl KubeTestServer {
         Ok(Self {
             addr,
             store,
+            audit,
             task,
             _dir: dir,
             kubeconfig,
@@ -92,6 +96,51 @@ impl KubeTestServer {
         let url = self.url().parse().expect("a valid URL");
         let config = kube::Config::new(url);
         kube::Client::try_from(config).expect("a plain-HTTP kube client builds")
+    }
+
+    /// A kube-rs client that acts as service account `namespace`/`name`: its bearer token is
+    /// [`service_account_token`], so RBAC in this server's store decides what it may do (see
+    /// `auth.rs`), and the audit counts its requests under that user.
+    pub fn client_as(&self, namespace: &str, name: &str) -> kube::Client {
+        install_crypto_provider();
+        let url = self.url().parse().expect("a valid URL");
+        let mut config = kube::Config::new(url);
+        config.default_namespace = namespace.to_string();
+        let value = format!("Bearer {}", service_account_token(namespace, name))
+            .parse()
+            .expect("a valid header value");
+        config
+            .headers
+            .push((axum::http::header::AUTHORIZATION, value));
+        kube::Client::try_from(config).expect("a plain-HTTP kube client builds")
+    }
+
+    /// Every resource request so far, counted per (user, verb, group, resource, subresource,
+    /// namespace, allowed). Callers without a service-account token count as `admin`.
+    pub fn audit(&self) -> std::collections::BTreeMap<crate::auth::AuditKey, u64> {
+        self.audit.snapshot()
+    }
+
+    /// The requests RBAC refused, one line each (user, verb, resource, namespace, count): a
+    /// test that runs code as a service account asserts this is empty, since code may retry a
+    /// 403 or only log it. Refusals in a namespace being deleted are left out: its Roles go
+    /// with it while the code there may still run.
+    pub fn denied(&self) -> Vec<String> {
+        self.audit()
+            .into_iter()
+            .filter(|(k, _)| !k.allowed && !k.teardown)
+            .map(|(k, n)| {
+                let mut r = if k.group.is_empty() {
+                    k.resource.clone()
+                } else {
+                    format!("{}.{}", k.resource, k.group)
+                };
+                if !k.subresource.is_empty() {
+                    r = format!("{r}/{}", k.subresource);
+                }
+                format!("{} {} {r} in {:?} ({n}x)", k.user, k.verb, k.namespace)
+            })
+            .collect()
     }
 
     /// A kubeconfig file for kubectl (`kubectl --kubeconfig <path>` or `KUBECONFIG=<path>`).
@@ -152,6 +201,12 @@ impl Drop for KubeTestServer {
         self.store.close_watches();
         self.task.abort();
     }
+}
+
+/// The bearer token that stands for service account `namespace`/`name` on this server (the
+/// test kubelet mounts it into the pods that run as that account).
+pub fn service_account_token(namespace: &str, name: &str) -> String {
+    format!("{}{namespace}:{name}", crate::auth::SA_PREFIX)
 }
 
 fn kubeconfig_yaml(url: &str) -> String {

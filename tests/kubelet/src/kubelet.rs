@@ -87,8 +87,6 @@ pub(crate) struct Shared {
     pub root: PathBuf,
     api: SocketAddr,
     pub subnet: Subnet,
-    /// The token mounted into pods (the test server does not check it).
-    pub token: String,
     pods: Mutex<HashMap<String, Arc<PodRt>>>,
     hosts: Mutex<BTreeSet<u8>>,
     not_ready: Mutex<BTreeSet<String>>,
@@ -176,7 +174,6 @@ impl Kubelet {
             root: dir.path().to_path_buf(),
             api,
             subnet: Subnet::lease()?,
-            token: "pgpilot-test-kubelet-token".into(),
             pods: Mutex::new(HashMap::new()),
             hosts: Mutex::new(BTreeSet::new()),
             not_ready: Mutex::new(BTreeSet::new()),

@@ -30,6 +30,24 @@ use crate::probe::{ProbeSpec, run_handler};
 
 const SETPRIV: &str = "/usr/bin/setpriv";
 
+/// The token of the pod's service account (`spec.serviceAccountName`, else `default`): the test
+/// API server takes it as that account and applies RBAC to it.
+fn sa_token(pod: &Value) -> String {
+    let ns = pod
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let sa = ["/spec/serviceAccountName", "/spec/serviceAccount"]
+        .iter()
+        .find_map(|p| {
+            pod.pointer(p)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or("default");
+    pgpilot_kube_testserver::service_account_token(ns, sa)
+}
+
 /// Where a pod's service-account token and namespace are mounted.
 const SA_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
@@ -494,11 +512,7 @@ async fn projection_files(
         match kind {
             "token" => {
                 let path = src.get("path").and_then(Value::as_str).unwrap_or("token");
-                files.push((
-                    path.to_string(),
-                    shared.token.as_bytes().to_vec(),
-                    default_mode,
-                ));
+                files.push((path.to_string(), sa_token(pod).into_bytes(), default_mode));
             }
             "downward" => {
                 for item in list(src, "/items") {
@@ -624,7 +638,7 @@ async fn prepare_volumes(
     }
     let sa = rt.dir.join("serviceaccount");
     let files = vec![
-        ("token".to_string(), shared.token.as_bytes().to_vec(), 0o644),
+        ("token".to_string(), sa_token(pod).into_bytes(), 0o644),
         ("namespace".to_string(), rt.ns.as_bytes().to_vec(), 0o644),
     ];
     write_files(&sa, &files, owner)

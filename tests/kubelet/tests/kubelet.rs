@@ -8,7 +8,9 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Event, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Api;
-use kube::api::{DeleteParams, EvictParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, EvictParams, Patch, PatchParams, PostParams,
+};
 use pgpilot_kube_testserver::{KubeTestServer, TestNamespace, kubectl_args};
 use pgpilot_test_kubelet::wait::is_ready;
 use pgpilot_test_kubelet::{ApiFault, ImageTable, Kubelet, KubeletOptions, server_options};
@@ -46,6 +48,35 @@ impl Cluster {
         let ns = TestNamespace::create(&client, prefix)
             .await
             .expect("namespace");
+        // The test app reads its own pod as the namespace's `default` ServiceAccount, and the
+        // test API server enforces RBAC for service accounts.
+        let rbac = "rbac.authorization.k8s.io/v1";
+        for (plural, obj) in [
+            (
+                "roles",
+                json!({"apiVersion": rbac, "kind": "Role", "metadata": {"name": "read-pods"},
+                "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]}),
+            ),
+            (
+                "rolebindings",
+                json!({"apiVersion": rbac, "kind": "RoleBinding", "metadata": {"name": "read-pods"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read-pods"},
+                "subjects": [{"kind": "ServiceAccount", "name": "default"}]}),
+            ),
+        ] {
+            let ar = ApiResource {
+                group: "rbac.authorization.k8s.io".into(),
+                version: "v1".into(),
+                api_version: rbac.into(),
+                kind: obj["kind"].as_str().unwrap_or_default().into(),
+                plural: plural.into(),
+            };
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns.name(), &ar);
+            let obj: DynamicObject = serde_json::from_value(obj).expect("an object");
+            api.create(&PostParams::default(), &obj)
+                .await
+                .expect("the test app's RBAC");
+        }
         Self {
             client,
             ns,
