@@ -4,7 +4,8 @@
 # Run by `make lint`. Fails, naming what crept in, when:
 #  - the operator's build of pgpilot-common has the `archive` feature on;
 #  - a codec or the KDF (zstd, lz4_flex, flate2, hkdf) is anywhere in the operator's tree;
-#  - ring is there through anything but the TLS stack (rustls), which the operator needs anyway.
+#  - ring is there through anything but the TLS stack: rustls, which the operator needs anyway, and
+#    rcgen and x509-parser, with which it issues and reads the agents' certificates (spec.tls).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo=${CARGO:-cargo}
@@ -27,9 +28,9 @@ fi
 
 # `cargo tree -i` fails when the package is not in the tree at all: nothing to check then.
 ring_users=$($cargo tree -p pgpilot-operator -e normal -i ring --depth 1 --prefix none 2>/dev/null | tail -n +2 || true)
-not_tls=$(grep -vE '^(rustls|rustls-webpki) ' <<<"$ring_users" || true)
+not_tls=$(grep -vE '^(rustls|rustls-webpki|rcgen|x509-parser) ' <<<"$ring_users" || true)
 if [ -n "$not_tls" ]; then
-  echo "ring reaches pgpilot-operator other than through rustls:" >&2
+  echo "ring reaches pgpilot-operator other than through the TLS stack (rustls, rcgen, x509-parser):" >&2
   echo "$not_tls" >&2
   fail=1
 fi

@@ -1220,6 +1220,36 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings_come_whole_or_are_refused_naming_what_is_missing() {
+        let msg = |toml: &str| match Config::merge(&RunArgs::default(), file(toml)) {
+            Err(ConfigError::Invalid { key, message }) => format!("{key}: {message}"),
+            other => panic!("expected an invalid setting, got {other:?}"),
+        };
+        assert!(msg("[tls]\ncert_file = \"/c\"").starts_with("tls.key_file: cert_file is set"));
+        assert!(msg("[tls]\nca_file = \"/ca\"").starts_with("tls: ca_file, server_name"));
+        assert!(
+            msg("[tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\naccept_token = false")
+                .starts_with("tls.ca_file: client_names and accept_token = false")
+        );
+        let cfg = Config::merge(&RunArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!((cfg.tls.is_none(), cfg.api_scheme()), (true, "http"));
+        // Flags give the files; the file the names. Peers are then reached over HTTPS.
+        let args = RunArgs {
+            tls_cert_file: Some("/t/tls.crt".into()),
+            tls_key_file: Some("/t/tls.key".into()),
+            tls_ca_file: Some("/t/ca.crt".into()),
+            ..RunArgs::default()
+        };
+        let cfg = Config::merge(&args, file("[tls]\nclient_names = [\"op\"]")).unwrap();
+        let tls = cfg.tls.clone().unwrap();
+        assert_eq!(tls.key_file, PathBuf::from("/t/tls.key"));
+        assert_eq!(tls.client_names, ["op"]);
+        assert!(tls.accept_token);
+        assert_eq!(cfg.api_scheme(), "https");
+        assert!(cfg.replication.advertise_url.starts_with("https://"));
+    }
+
+    #[test]
     fn flags_win_over_file_and_defaults_apply() {
         let args = RunArgs {
             postgres_port: Some(6000),

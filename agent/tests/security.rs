@@ -654,7 +654,10 @@ mod tls {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         // (A new client: a pooled connection keeps the certificate of its handshake.)
-        let metrics = client(&ca, SERVER, None).get(format!("{base}/metrics")).send().await;
+        let metrics = client(&ca, SERVER, None)
+            .get(format!("{base}/metrics"))
+            .send()
+            .await;
         assert!(metrics.is_err(), "the old name still verifies");
         let metrics = client(&ca, renamed, None)
             .get(format!("{base}/metrics"))

@@ -79,6 +79,10 @@ pub struct PostgresClusterSpec {
     /// Existing Secrets to use instead of generated ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets: Option<SecretsSpec>,
+    /// HTTPS and client certificates between the operator and the agents (docs/security.md).
+    /// Default: the operator keeps a CA and the agents' certificate for the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
     /// Stop every action of the operator on this cluster (nothing is created, changed or
     /// deleted) until it is false again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -234,6 +238,32 @@ pub struct RolloutSpec {
 pub enum RolloutMode {
     Automatic,
     Manual,
+}
+
+/// TLS on the agents' API (port 8008).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// `operator` (default): the operator keeps a CA for the cluster (Secret `<cluster>-ca`)
+    /// and the agents' certificate (Secret `<cluster>-agent-tls`), renewed 30 days before it
+    /// ends, and presents a certificate of its own. `secret`: the agents use `secretName`
+    /// (`tls.crt`, `tls.key`, `ca.crt`, as cert-manager writes them; the certificate must
+    /// carry the DNS name `<cluster>.<namespace>.agents.pgpilot.internal`) and the operator
+    /// authenticates with the API token. `disabled`: plain HTTP.
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// With `mode: secret`: the Secret holding the agents' certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    #[default]
+    Operator,
+    Secret,
+    Disabled,
 }
 
 /// Existing Secrets to use; each one absent is generated as `<cluster>-<what>`.
@@ -470,6 +500,11 @@ pub struct ShardBackupStatus {
 }
 
 impl PostgresClusterSpec {
+    /// How the agents' API is secured (`spec.tls`, defaulted).
+    pub fn tls_mode(&self) -> TlsMode {
+        self.tls.as_ref().map(|t| t.mode).unwrap_or_default()
+    }
+
     /// `bootstrap.fromBackup`, when given.
     pub fn from_backup(&self) -> Option<&FromBackupSpec> {
         self.bootstrap.as_ref()?.from_backup.as_ref()
@@ -500,6 +535,17 @@ impl PostgresClusterSpec {
         }
         if self.instances_per_shard == 0 {
             out.push("spec.instancesPerShard must be at least 1".into());
+        }
+        if let Some(t) = &self.tls {
+            match (t.mode, &t.secret_name) {
+                (TlsMode::Secret, None) => {
+                    out.push("spec.tls.mode secret needs spec.tls.secretName".into())
+                }
+                (TlsMode::Operator | TlsMode::Disabled, Some(_)) => {
+                    out.push("spec.tls.secretName is used only with spec.tls.mode secret".into())
+                }
+                _ => {}
+            }
         }
         if let Err(e) = parse_quantity(&self.storage.size) {
             out.push(format!("spec.storage.size {:?}: {e}", self.storage.size));

@@ -112,7 +112,7 @@ async fn reconcile(pb: Arc<PostgresBackup>, ctx: Arc<Ctx>) -> Result<Action, Err
                 }
             },
         };
-        let agent = agent_at(&ip, Some(target.token.clone()));
+        let agent = agent_at(&ip, Some(target.token.clone()), target.tls.clone());
         match &entry.backup_id {
             None => {
                 let req = BackupRequest {
@@ -228,6 +228,8 @@ struct Target {
     cluster: String,
     shards: Vec<String>,
     token: String,
+    /// The cluster's agents' TLS (`spec.tls`).
+    tls: Option<rustls::ClientConfig>,
 }
 
 /// What the backup covers, or why it cannot be served.
@@ -261,10 +263,12 @@ async fn plan(pb: &PostgresBackup, ns: &str, ctx: &Ctx) -> Result<Result<Target,
         Ok(t) => t,
         Err(why) => return Ok(Err(why)),
     };
+    let tls = crate::tls::client(&pc, ns, ctx).await?;
     Ok(Ok(Target {
         cluster: pb.spec.cluster.clone(),
         shards,
         token,
+        tls,
     }))
 }
 

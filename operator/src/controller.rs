@@ -50,6 +50,8 @@ pub struct Ctx {
     /// Per cluster (namespace, name): when a rollout's switchover was first refused with
     /// nothing done (412), while it is retried.
     refused_switchovers: std::sync::Mutex<BTreeMap<(String, String), std::time::Instant>>,
+    /// The operator's client certificates, per cluster (`spec.tls`).
+    pub identities: crate::tls::Identities,
 }
 
 /// How long a rollout retries a switchover its agent refused with nothing done (a candidate
@@ -80,6 +82,7 @@ impl Ctx {
         };
         Ctx {
             refused_switchovers: Default::default(),
+            identities: Default::default(),
             recorder: Recorder::new(client.clone(), reporter),
             client,
             opts,
@@ -199,6 +202,8 @@ async fn reconcile_inner(pc: &PostgresCluster, ctx: &Ctx) -> Result<Action, Erro
         return Ok(Action::await_change());
     }
     ensure_secret(pc, &ns, ctx).await?;
+    // Before the workloads that mount it.
+    let renew_in = crate::tls::ensure(pc, &ns, ctx).await?;
     for d in objects::desired(pc, &ctx.opts, &secrets) {
         apply(pc, &ns, &d, ctx).await?;
     }
@@ -294,6 +299,9 @@ async fn reconcile_inner(pc: &PostgresCluster, ctx: &Ctx) -> Result<Action, Erro
     // Progress comes as events (owned objects and pods are watched): no faster polling while
     // a cluster is not ready, so a thousand pending clusters cost nothing between events.
     let mut next = RESYNC;
+    if let Some(wait) = renew_in {
+        next = next.min(wait);
+    }
     if let Some(wait) = scheduled_backup(pc, &ns, &mut st, ctx).await? {
         next = next.min(wait);
     }
@@ -413,6 +421,11 @@ async fn missing_secrets(
     .filter(|(_, (s, _))| *s != generated)
     .map(|(f, (s, _))| (f, s.clone()))
     .collect();
+    if pc.spec.tls_mode() == pgpilot_common::crd::TlsMode::Secret
+        && let Some(s) = crate::tls::agent_secret(pc)
+    {
+        named.push(("spec.tls.secretName", s));
+    }
     let mut key_secrets: Vec<(&str, String, Option<String>)> = Vec::new();
     if let Some(b) = &pc.spec.backup {
         if let Some(s) = &b.credentials_secret {
@@ -592,11 +605,12 @@ async fn observe(
         // pod that does not answer in time is left out until the next look).
         let mut pending_restart = std::collections::BTreeSet::new();
         let mut pod_views = Vec::new();
+        let tls = crate::tls::client(pc, ns, ctx).await?;
         for p in &pods {
             let ip = p.status.as_ref().and_then(|s| s.pod_ip.as_deref());
             let mut agent_status = None;
             if let Some(ip) = ip.filter(|_| pod_ready(p)) {
-                let agent = agent_at(ip, None);
+                let agent = agent_at(ip, None, tls.clone());
                 if let Ok(Ok(st)) =
                     tokio::time::timeout(Duration::from_secs(2), agent.status()).await
                 {
@@ -759,7 +773,10 @@ async fn requested_switchover(
         let token = agent_token(pc, ns, ctx)
             .await
             .map_err(|e| e.to_string())??;
-        match switch_over(&ip, token, &target).await {
+        let tls = crate::tls::client(pc, ns, ctx)
+            .await
+            .map_err(|e| e.to_string())?;
+        match switch_over(&ip, token, tls, &target).await {
             Ok(done) => Ok(Some(format!(
                 "{}: switchover {} → {} (writes paused {} ms)",
                 shard.name, done.old_primary, done.new_primary, done.write_pause_ms
@@ -797,12 +814,13 @@ async fn requested_switchover(
 async fn switch_over(
     ip: &str,
     token: String,
+    tls: Option<rustls::ClientConfig>,
     candidate: &str,
 ) -> Result<pgpilot_common::api::SwitchoverResponse, (Option<u16>, String)> {
     let req = pgpilot_common::api::SwitchoverRequest {
         candidate: Some(candidate.to_string()),
     };
-    let agent = agent_at(ip, Some(token));
+    let agent = agent_at(ip, Some(token), tls);
     match tokio::time::timeout(Duration::from_secs(120), agent.switchover(&req)).await {
         Ok(Ok(done)) => Ok(done),
         Ok(Err(e)) => Err((e.status(), e.to_string())),
@@ -810,9 +828,19 @@ async fn switch_over(
     }
 }
 
-/// A client for the agent of the pod at `ip` (its external API port).
-pub fn agent_at(ip: &str, token: Option<String>) -> pgpilot_common::client::AgentClient {
-    pgpilot_common::client::AgentClient::new(format!("http://{ip}:{}", objects::API_PORT), token)
+/// A client for the agent of the pod at `ip` (its external API port), over HTTPS with `tls`
+/// (see [`crate::tls::client`]).
+pub fn agent_at(
+    ip: &str,
+    token: Option<String>,
+    tls: Option<rustls::ClientConfig>,
+) -> pgpilot_common::client::AgentClient {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    pgpilot_common::client::AgentClient::with_tls(
+        format!("{scheme}://{ip}:{}", objects::API_PORT),
+        token,
+        tls,
+    )
 }
 
 /// The pod's `Ready` condition is true.
@@ -924,7 +952,8 @@ async fn roll(
                 .and_then(|p| p.ip.clone())
                 .ok_or_else(|| Error::Other(format!("pod {from} has no IP")))?;
             let token = agent_token(pc, ns, ctx).await?.map_err(Error::Other)?;
-            let outcome = switch_over(&ip, token, to).await;
+            let tls = crate::tls::client(pc, ns, ctx).await?;
+            let outcome = switch_over(&ip, token, tls, to).await;
             // Refused with nothing done (412): retried for a while, from the first refusal.
             let retry = {
                 let key = (ns.to_string(), name.clone());
@@ -1186,7 +1215,13 @@ fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::
     }
 }
 
-async fn event(ctx: &Ctx, pc: &PostgresCluster, type_: EventType, reason: &str, note: &str) {
+pub(crate) async fn event(
+    ctx: &Ctx,
+    pc: &PostgresCluster,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
     publish(ctx, &pc.object_ref(&()), type_, reason, note).await;
 }
 
@@ -1212,7 +1247,7 @@ pub async fn publish(
 
 /// Creates `obj` unless it exists (a name that says what it is for, so a restart never makes
 /// a second one), with an Event when it was made.
-async fn create_once<K>(
+pub(crate) async fn create_once<K>(
     api: &Api<K>,
     obj: &K,
     ctx: &Ctx,

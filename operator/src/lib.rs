@@ -6,7 +6,8 @@
 //! - [`controller`]: the reconciler that applies them and writes the status;
 //! - [`backup`]: `PostgresBackup`, on-demand base backups through the shards' primary agents;
 //! - [`crds`]: the CRD manifests generated from the types in `pgpilot_common::crd`;
-//! - [`leader`]: leader election among the operator's replicas (one Lease, one acts).
+//! - [`leader`]: leader election among the operator's replicas (one Lease, one acts);
+//! - [`tls`]: the cluster's CA, the agents' certificate and its renewal, the operator's client TLS.
 
 pub mod backup;
 pub mod controller;
@@ -15,3 +16,4 @@ pub mod leader;
 pub mod metrics;
 pub mod objects;
 pub mod rollout;
+pub mod tls;

@@ -50,6 +50,10 @@ enum Command {
         /// The drain's timeout in the pods (their grace period is 30 s more).
         #[arg(long, default_value_t = 300)]
         drain_timeout_secs: u64,
+        /// Life of the agents' certificates the operator issues (`spec.tls.mode: operator`), in
+        /// days; each is renewed in its last third, at most 30 days before it ends.
+        #[arg(long, env = "PGPILOT_AGENT_CERT_DAYS", default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=3650))]
+        agent_cert_days: u64,
         /// Namespace of the leader-election Lease `pgpilot-operator`.
         #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
         lease_namespace: String,
@@ -106,6 +110,7 @@ fn main() -> anyhow::Result<()> {
             pg_bin_dir,
             allow_networks,
             drain_timeout_secs,
+            agent_cert_days,
             lease_namespace,
             identity,
         } => {
@@ -115,6 +120,7 @@ fn main() -> anyhow::Result<()> {
                 allow_networks,
                 drain_timeout_secs,
                 watch_namespace,
+                agent_cert_lifetime: std::time::Duration::from_secs(agent_cert_days * 86400),
                 ..Options::default()
             };
             if let Some(i) = agent_image {

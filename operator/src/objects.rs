@@ -97,6 +97,9 @@ pub struct Options {
     pub drain_timeout_secs: u64,
     /// Watch and act in this namespace only; `None`: every namespace.
     pub watch_namespace: Option<String>,
+    /// The life of the agents' certificate (`spec.tls.mode: operator`), renewed in its last
+    /// third (at most 30 days before it ends).
+    pub agent_cert_lifetime: std::time::Duration,
 }
 
 impl Default for Options {
@@ -107,6 +110,7 @@ impl Default for Options {
             allow_networks: vec!["0.0.0.0/0".into(), "::/0".into()],
             drain_timeout_secs: 300,
             watch_namespace: None,
+            agent_cert_lifetime: std::time::Duration::from_secs(90 * 86400),
         }
     }
 }
@@ -383,9 +387,25 @@ pub fn agent_config(pc: &PostgresCluster, shard: &str, opts: &Options) -> String
             out += &format!("credentials_env_prefix = {}\n", q(BOOTSTRAP_ENV_PREFIX));
         }
     }
+    if crate::tls::agent_secret(pc).is_some() {
+        let name = crate::tls::server_name(&pc.name_any(), &pc.namespace().unwrap_or_default());
+        let mut clients = vec![name.clone()];
+        if pc.spec.tls_mode() == pgpilot_common::crd::TlsMode::Operator {
+            clients.push(crate::tls::OPERATOR_CLIENT_NAME.into());
+        }
+        // The files come through the environment (PGPILOT_TLS_*_FILE), as the other Secrets'.
+        out += &format!(
+            "\n[tls]\nserver_name = {}\nclient_names = [{}]\n",
+            q(&name),
+            clients.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ")
+        );
+    }
     out += "\n[kubernetes]\nmode = \"on\"\n";
     out
 }
+
+/// Where the agents' certificate is mounted (`spec.tls`).
+const TLS_DIR: &str = "/secrets/tls";
 
 /// The volumes holding the encryption keys of the cluster's own store and of a `fromBackup`
 /// source: the whole Secret, one file per key, at `/<volume>/<key>`.
@@ -546,6 +566,22 @@ fn statefulset_inner(
             mounts.push(json!({"name": volume, "mountPath": format!("/{volume}")}));
         }
     }
+    let tls = crate::tls::agent_secret(pc);
+    let mut env = env;
+    if let Some(secret) = &tls {
+        volumes.push(json!({"name": "tls", "secret": {"secretName": secret, "defaultMode": SECRET_FILE_MODE}}));
+        mounts.push(json!({"name": "tls", "mountPath": TLS_DIR}));
+        let list = env.as_array_mut().expect("env list");
+        for (var, file) in [
+            ("PGPILOT_TLS_CERT_FILE", "tls.crt"),
+            ("PGPILOT_TLS_KEY_FILE", "tls.key"),
+            ("PGPILOT_TLS_CA_FILE", "ca.crt"),
+        ] {
+            list.push(json!({"name": var, "value": format!("{TLS_DIR}/{file}")}));
+        }
+    }
+    // The kubelet's probes speak HTTPS without a client certificate (the open routes).
+    let scheme = if tls.is_some() { "HTTPS" } else { "HTTP" };
     let mut container = json!({
         "name": "postgres",
         "image": pc.spec.image(),
@@ -554,8 +590,8 @@ fn statefulset_inner(
         "envFrom": env_from,
         "ports": [{"name": "postgres", "containerPort": 5432}, {"name": "agent", "containerPort": API_PORT}],
         "volumeMounts": mounts,
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": API_PORT}, "periodSeconds": 2},
-        "livenessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}, "periodSeconds": 10, "failureThreshold": 6},
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": API_PORT, "scheme": scheme}, "periodSeconds": 2},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT, "scheme": scheme}, "periodSeconds": 10, "failureThreshold": 6},
         "lifecycle": {"preStop": {"exec": {"command": [
             "/pgpilot/bin/pgpilot-agent", "drain", "--wait", "--timeout", opts.drain_timeout_secs.to_string()]}}},
     });
@@ -774,6 +810,77 @@ mod tests {
         );
         assert!(
             !agent_config(&pc, "shard-0", &Options::default()).contains("encryption_key_files")
+        );
+    }
+
+    #[test]
+    fn tls_by_default_a_secret_of_ones_own_or_none() {
+        let container = |pc: &PostgresCluster| {
+            let sts = statefulset(pc, "shard-0", &SecretRefs::of(pc), &Options::default(), "r");
+            sts["spec"]["template"]["spec"]["containers"][0].clone()
+        };
+        let env_names = |c: &Value| -> Vec<String> {
+            c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        // Default: the operator's Secret, HTTPS probes, the files in the environment, the
+        // operator among the accepted client names.
+        let mut pc = cluster();
+        pc.metadata.namespace = Some("db".into());
+        let c = container(&pc);
+        assert_eq!(c["readinessProbe"]["httpGet"]["scheme"], "HTTPS");
+        assert!(env_names(&c).contains(&"PGPILOT_TLS_CERT_FILE".to_string()));
+        let sts = statefulset(
+            &pc,
+            "shard-0",
+            &SecretRefs::of(&pc),
+            &Options::default(),
+            "r",
+        );
+        let volumes = sts["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .clone();
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v["secret"]["secretName"] == "orders-agent-tls"
+                    && v["secret"]["defaultMode"] == SECRET_FILE_MODE)
+        );
+        let toml = agent_config(&pc, "shard-0", &Options::default());
+        assert!(toml.contains("[tls]\nserver_name = \"orders.db.agents.pgpilot.internal\"\nclient_names = [\"orders.db.agents.pgpilot.internal\", \"pgpilot-operator\"]"), "{toml}");
+        // A Secret of one's own (cert-manager): the token authenticates the operator.
+        pc.spec.tls = Some(
+            serde_json::from_value(json!({"mode": "secret", "secretName": "orders-cm"})).unwrap(),
+        );
+        let toml = agent_config(&pc, "shard-0", &Options::default());
+        assert!(
+            toml.contains("client_names = [\"orders.db.agents.pgpilot.internal\"]"),
+            "{toml}"
+        );
+        let sts = statefulset(
+            &pc,
+            "shard-0",
+            &SecretRefs::of(&pc),
+            &Options::default(),
+            "r",
+        );
+        assert!(sts.to_string().contains("\"secretName\":\"orders-cm\""));
+        // Disabled: plain HTTP, no [tls], no TLS volume.
+        pc.spec.tls = Some(serde_json::from_value(json!({"mode": "disabled"})).unwrap());
+        let c = container(&pc);
+        assert_eq!(c["readinessProbe"]["httpGet"]["scheme"], "HTTP");
+        assert!(!env_names(&c).contains(&"PGPILOT_TLS_CERT_FILE".to_string()));
+        assert!(!agent_config(&pc, "shard-0", &Options::default()).contains("[tls]"));
+        let mut bad = pc.spec.clone();
+        bad.tls = Some(serde_json::from_value(json!({"mode": "secret"})).unwrap());
+        assert!(
+            bad.problems(None)
+                .contains(&"spec.tls.mode secret needs spec.tls.secretName".to_string())
         );
     }
 

@@ -196,6 +196,7 @@ impl Env {
             // Its own namespace only: with KUBECONFIG the tests share one API server, and each
             // test's operator must act on its own clusters (as one operator per cluster would).
             watch_namespace: Some(ns.name().to_string()),
+            agent_cert_lifetime: Options::default().agent_cert_lifetime,
         };
         let mut replicas = Vec::new();
         let elected = (elected != usize::MAX).then_some(elected);
@@ -390,6 +391,8 @@ async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
     }
     assert!(quiet, "a steady-state reconcile writes nothing");
 
+    tls_is_issued_enforced_and_renewed(&env).await;
+
     // Scale 2 → 3: a third instance per shard, streaming.
     let scale = json!({"spec": {"instancesPerShard": 3}});
     env.clusters()
@@ -497,6 +500,159 @@ async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
         "the Event says what is wrong"
     );
     env.ns.cleanup().await.expect("cleanup");
+}
+
+/// `spec.tls` by default (mode `operator`): the cluster's CA and the agents' certificate in
+/// Secrets; the agents speak only HTTPS on 8008 (the probes too), verified under the cluster's
+/// DNS name; the operator's client certificate authenticates without a token; a certificate
+/// near its end is renewed by the operator and picked up by every agent without a restart.
+async fn tls_is_issued_enforced_and_renewed(env: &Env) {
+    use k8s_openapi::api::core::v1::{Pod, Secret};
+    use pgpilot_common::tls::{cert_info, certs, client_config, issue};
+    let ns = env.ns.name();
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), ns);
+    let data =
+        |s: &Secret, key: &str| String::from_utf8(s.data.as_ref().unwrap()[key].0.clone()).unwrap();
+    let ca_secret = secrets.get("orders-ca").await.expect("the cluster's CA");
+    let ca = issue::Issued {
+        cert_pem: data(&ca_secret, "ca.crt"),
+        key_pem: data(&ca_secret, "ca.key"),
+    };
+    let agent_secret = secrets
+        .get("orders-agent-tls")
+        .await
+        .expect("the agents' certificate");
+    assert_eq!(agent_secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let name = pgpilot_operator::tls::server_name("orders", ns);
+    let first = cert_info(&certs(data(&agent_secret, "tls.crt").as_bytes(), "tls.crt").unwrap()[0])
+        .unwrap();
+    assert_eq!(first.names, std::slice::from_ref(&name));
+    assert_eq!(data(&agent_secret, "ca.crt"), ca.cert_pem);
+
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), ns);
+    let ip = pods
+        .get("orders-shard-0-0")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .pod_ip
+        .unwrap();
+    let https = |identity: Option<&issue::Issued>| {
+        reqwest::Client::builder()
+            .use_preconfigured_tls(
+                client_config(
+                    ca.cert_pem.as_bytes(),
+                    &name,
+                    identity.map(|i| (i.cert_pem.as_bytes(), i.key_pem.as_bytes())),
+                )
+                .unwrap(),
+            )
+            .build()
+            .unwrap()
+    };
+    let base = format!("https://{ip}:8008");
+    assert!(
+        reqwest::get(format!("http://{ip}:8008/healthz"))
+            .await
+            .is_err(),
+        "plain HTTP answered on 8008"
+    );
+    assert_eq!(
+        https(None)
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let anonymous = https(None)
+        .post(format!("{base}/v1/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        anonymous.status(),
+        401,
+        "a state-changing route without credentials"
+    );
+    // The operator's own client: its certificate, no token.
+    let ctx = Ctx::new(env.client.clone(), Options::default(), Metrics::new());
+    let pc = env.clusters().get("orders").await.unwrap();
+    let tls = pgpilot_operator::tls::client(&pc, ns, &ctx).await.unwrap();
+    let reload = controller::agent_at(&ip, None, tls).reload().await;
+    assert!(
+        reload.is_ok(),
+        "the operator's certificate authenticates: {reload:?}"
+    );
+
+    // A certificate in its last days (as if the operator had been away): renewed, and every
+    // agent serves the renewed one without a restart.
+    let now = std::time::SystemTime::now();
+    let day = Duration::from_secs(86400);
+    let late = issue::leaf(
+        &ca,
+        std::slice::from_ref(&name),
+        issue::Validity {
+            not_before: now - 88 * day,
+            not_after: now + 2 * day,
+        },
+    )
+    .unwrap();
+    let mut s = agent_secret.clone();
+    let d = s.data.as_mut().unwrap();
+    d.insert(
+        "tls.crt".into(),
+        k8s_openapi::ByteString(late.cert_pem.clone().into_bytes()),
+    );
+    d.insert(
+        "tls.key".into(),
+        k8s_openapi::ByteString(late.key_pem.clone().into_bytes()),
+    );
+    secrets
+        .replace("orders-agent-tls", &PostParams::default(), &s)
+        .await
+        .unwrap();
+    let renewed = eventually("the late certificate renewed by the operator", || async {
+        let s = secrets.get("orders-agent-tls").await.ok()?;
+        let info = cert_info(&certs(data(&s, "tls.crt").as_bytes(), "c").ok()?[0]).ok()?;
+        (info.not_after > first.not_after - 3600).then_some(info)
+    })
+    .await;
+    let renewal = operator_events(env, "CertificateRenewed").await;
+    assert!(
+        renewal
+            .iter()
+            .any(|e| e.note.as_deref().unwrap_or("").contains("it ends in")),
+        "{renewal:?}"
+    );
+    for pod in [
+        "orders-shard-0-0",
+        "orders-shard-0-1",
+        "orders-shard-1-0",
+        "orders-shard-1-1",
+    ] {
+        let ip = pods.get(pod).await.unwrap().status.unwrap().pod_ip.unwrap();
+        eventually(&format!("{pod} serves the renewed certificate"), || async {
+            let text = https(None)
+                .get(format!("https://{ip}:8008/metrics"))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let expiry: i64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("pgpilot_tls_certificate_expiry_timestamp_seconds "))?
+                .trim()
+                .parse()
+                .ok()?;
+            (expiry == renewed.not_after).then_some(())
+        })
+        .await;
+    }
 }
 
 /// The field managers that own entry `name` of `spec.databases` (from managedFields, as
@@ -771,7 +927,20 @@ async fn databases_made_with_sql_are_adopted_and_every_shard_converges() {
         let s = secrets.get("orders-secrets").await.expect("the Secret");
         String::from_utf8(s.data.unwrap()["token"].0.clone()).unwrap()
     };
-    let done = controller::agent_at(&ip.to_string(), Some(token))
+    // As a person with the token would: HTTPS, the agent verified against the cluster's CA.
+    let tls = {
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(env.client.clone(), env.ns.name());
+        let ca = secrets.get("orders-ca").await.expect("the cluster's CA");
+        let ca = ca.data.unwrap()["ca.crt"].0.clone();
+        pgpilot_common::tls::client_config(
+            &ca,
+            &pgpilot_operator::tls::server_name("orders", env.ns.name()),
+            None,
+        )
+        .unwrap()
+    };
+    let done = controller::agent_at(&ip.to_string(), Some(token), Some(tls))
         .switchover(&pgpilot_common::api::SwitchoverRequest { candidate: None })
         .await
         .expect("switchover of shard 0");

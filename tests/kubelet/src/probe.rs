@@ -1,5 +1,5 @@
-//! Probe and lifecycle-hook handlers as the kubelet runs them: `httpGet` (plain HTTP, success
-//! on 200–399), `tcpSocket` (a connection opens) and `exec` (exit 0, run as the container
+//! Probe and lifecycle-hook handlers as the kubelet runs them: `httpGet` (HTTP, or HTTPS
+//! without verifying the certificate; success on 200–399), `tcpSocket` (a connection opens) and `exec` (exit 0, run as the container
 //! runs), each within a timeout; and a probe's timing and thresholds from the pod spec.
 
 use std::net::Ipv4Addr;
@@ -79,7 +79,8 @@ pub(crate) async fn run_handler(
         if let Some(h) = handler.get("httpGet") {
             let port = port(h.get("port"), &run.spec)?;
             let path = h.get("path").and_then(Value::as_str).unwrap_or("/");
-            http_get(&host(h), port, path).await
+            let https = h.get("scheme").and_then(Value::as_str) == Some("HTTPS");
+            http_get(&host(h), port, path, https).await
         } else if let Some(t) = handler.get("tcpSocket") {
             let port = port(t.get("port"), &run.spec)?;
             TcpStream::connect((host(t).as_str(), port))
@@ -125,11 +126,43 @@ pub(crate) async fn run_handler(
         .unwrap_or_else(|_| Err(format!("timed out after {timeout:?}")))
 }
 
-async fn http_get(host: &str, port: u16, path: &str) -> Result<(), String> {
-    let url = format!("http://{host}:{port}{path}");
-    let mut s = TcpStream::connect((host, port))
+/// `GET` over HTTP or, with `https`, over TLS without verifying the server's certificate (as
+/// the kubelet's probes do).
+async fn http_get(host: &str, port: u16, path: &str, https: bool) -> Result<(), String> {
+    let url = format!(
+        "{}://{host}:{port}{path}",
+        if https { "https" } else { "http" }
+    );
+    let tcp = TcpStream::connect((host, port))
         .await
         .map_err(|e| format!("Get {url:?}: {e}"))?;
+    if https {
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(NoVerify))
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| format!("Get {url:?}: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("Get {url:?}: {e}"))?;
+        return exchange(tls, &url, host, port, path).await;
+    }
+    exchange(tcp, &url, host, port, path).await
+}
+
+async fn exchange(
+    mut s: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    url: &str,
+    host: &str,
+    port: u16,
+    path: &str,
+) -> Result<(), String> {
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.32\r\nConnection: close\r\n\r\n"
     );
@@ -159,6 +192,47 @@ async fn http_get(host: &str, port: u16, path: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("HTTP probe failed with statuscode: {code}"))
+    }
+}
+
+/// The kubelet does not verify a probed server's certificate.
+#[derive(Debug)]
+struct NoVerify;
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
