@@ -238,9 +238,46 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 pub const TOKEN_RELOAD: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Re-reads the API token file every [`TOKEN_RELOAD`], so a rotation (docs/security.md) needs no
-/// restart; the runtime file of `wal-push` follows the current token.
+/// restart; `wal-push`'s runtime file follows the first token.
 async fn reload_tokens(ctx: Arc<context::Context>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(TOKEN_RELOAD);
+    let reload = || ctx.api_token.reload().map_err(|e| e.to_string());
+    let changed = || {
+        ctx.metrics.api_token_reloads.inc();
+        tracing::info!(
+            accepted = ctx.api_token.count(),
+            path = %ctx.cfg.api_token.path.display(),
+            "API tokens reloaded"
+        );
+        if ctx.cfg.backup.is_some()
+            && let Err(e) = archive::runtime::ArchiveRuntime::rotate_token(
+                &ctx.cfg,
+                ctx.api_token.current().expose(),
+                ctx.owner.as_ref(),
+            )
+        {
+            tracing::error!("API token rotation: {e}");
+        }
+    };
+    reload_every(
+        TOKEN_RELOAD,
+        shutdown,
+        "cannot reload the API tokens (the accepted ones stay)",
+        reload,
+        changed,
+    )
+    .await
+}
+
+/// Calls `reload` every `period` until `shutdown`, and `changed` when it reports a change. A
+/// failure is logged (after `failure`) once, until it changes or clears: what is in use stays.
+pub(crate) async fn reload_every(
+    period: std::time::Duration,
+    shutdown: CancellationToken,
+    failure: &str,
+    mut reload: impl FnMut() -> Result<bool, String>,
+    mut changed: impl FnMut(),
+) {
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error: Option<String> = None;
     loop {
@@ -248,32 +285,15 @@ async fn reload_tokens(ctx: Arc<context::Context>, shutdown: CancellationToken) 
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match ctx.api_token.reload() {
-            Ok(changed) => {
+        match reload() {
+            Ok(true) => {
                 last_error = None;
-                if !changed {
-                    continue;
-                }
-                ctx.metrics.api_token_reloads.inc();
-                tracing::info!(
-                    accepted = ctx.api_token.count(),
-                    path = %ctx.cfg.api_token.path.display(),
-                    "API tokens reloaded"
-                );
-                if ctx.cfg.backup.is_some()
-                    && let Err(e) = archive::runtime::ArchiveRuntime::rotate_token(
-                        &ctx.cfg,
-                        ctx.api_token.current().expose(),
-                        ctx.owner.as_ref(),
-                    )
-                {
-                    tracing::error!("API token rotation: {e}");
-                }
+                changed();
             }
-            Err(e) => {
-                let why = e.to_string();
+            Ok(false) => last_error = None,
+            Err(why) => {
                 if last_error.as_ref() != Some(&why) {
-                    tracing::warn!("cannot reload the API tokens (the accepted ones stay): {why}");
+                    tracing::warn!("{failure}: {why}");
                 }
                 last_error = Some(why);
             }

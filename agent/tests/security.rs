@@ -483,6 +483,18 @@ mod tls {
         }
     }
 
+    /// The error body of a refused `POST /v1/reload`.
+    async fn refusal(http: &reqwest::Client, base: &str) -> ErrorBody {
+        let r = http.post(format!("{base}/v1/reload")).send().await.unwrap();
+        r.json().await.unwrap()
+    }
+
+    /// `/metrics` over HTTPS.
+    async fn metrics_text(http: &reqwest::Client, base: &str) -> String {
+        let r = http.get(format!("{base}/metrics")).send().await.unwrap();
+        r.text().await.unwrap()
+    }
+
     struct Files {
         dir: tempfile::TempDir,
     }
@@ -548,14 +560,7 @@ mod tls {
             .unwrap();
         assert_eq!(health.status(), 200);
         assert_eq!(reload(&anonymous, &base, token).await, Ok(401));
-        let body: ErrorBody = anonymous
-            .post(format!("{base}/v1/reload"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = refusal(&anonymous, &base).await;
         assert!(
             body.message
                 .contains("requires a client certificate named pgpilot-operator"),
@@ -596,14 +601,7 @@ mod tls {
         );
         let bad = reload(&client(&ca, SERVER, Some(&expired)), &base, None).await;
         assert!(bad.is_err(), "an expired certificate was accepted: {bad:?}");
-        let metrics = anonymous
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = metrics_text(&anonymous, &base).await;
         assert_eq!(
             metric(
                 &metrics,
@@ -612,15 +610,7 @@ mod tls {
             2.0
         );
         // Trusted, but of another name: refused, saying why.
-        let http = client(&ca, SERVER, Some(&stranger));
-        let body: ErrorBody = http
-            .post(format!("{base}/v1/reload"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = refusal(&client(&ca, SERVER, Some(&stranger)), &base).await;
         assert!(
             body.message
                 .contains("names (someone-else) are not among those accepted (pgpilot-operator)"),
@@ -659,14 +649,7 @@ mod tls {
             .send()
             .await;
         assert!(metrics.is_err(), "the old name still verifies");
-        let metrics = client(&ca, renamed, None)
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = metrics_text(&client(&ca, renamed, None), &base).await;
         assert_eq!(expiry(&metrics), not_after(&server2));
         assert!(metric(&metrics, "pgpilot_tls_reloads_total") >= 1.0);
 

@@ -74,34 +74,15 @@ impl ServerTls {
 
     /// Reloads every [`RELOAD_INTERVAL`] until `shutdown`; failures are logged once each.
     pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(RELOAD_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_error: Option<String> = None;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            match self.reload() {
-                Ok(changed) => {
-                    last_error = None;
-                    if changed {
-                        tracing::info!(
-                            cert = %self.cfg.cert_file.display(),
-                            "TLS certificate reloaded"
-                        );
-                    }
-                }
-                Err(why) => {
-                    if last_error.as_ref() != Some(&why) {
-                        tracing::warn!(
-                            "cannot reload the TLS files (the certificate in use stays): {why}"
-                        );
-                    }
-                    last_error = Some(why);
-                }
-            }
-        }
+        let cert = self.cfg.cert_file.display().to_string();
+        crate::reload_every(
+            RELOAD_INTERVAL,
+            shutdown,
+            "cannot reload the TLS files (the certificate in use stays)",
+            || self.reload(),
+            || tracing::info!(cert = %cert, "TLS certificate reloaded"),
+        )
+        .await
     }
 
     /// Accepts TCP connections on `listener` and hands over those whose handshake succeeds.
