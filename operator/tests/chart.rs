@@ -258,9 +258,16 @@ fn exported(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
-async fn scrape(ip: &str, port: u16) -> String {
-    let url = format!("http://{ip}:{port}/metrics");
-    reqwest::get(&url)
+/// `/metrics` as Prometheus scrapes it: the operator over HTTP, the agents over HTTPS without
+/// verifying their certificate (the chart's PodMonitor, `monitoring.podMonitor.scheme`).
+async fn scrape(ip: &str, port: u16, scheme: &str) -> String {
+    let url = format!("{scheme}://{ip}:{port}/metrics");
+    let http = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .expect("a client");
+    http.get(&url)
+        .send()
         .await
         .and_then(|r| r.error_for_status())
         .unwrap_or_else(|e| panic!("GET {url}: {e}"))
@@ -454,7 +461,7 @@ async fn the_chart_installs_the_operator_and_the_guide_works() {
     .iter()
     .flat_map(|f| metric_names(&std::fs::read_to_string(f).expect("chart file")))
     .collect();
-    let mut have = exported(&scrape(&leader_ip, 8080).await);
+    let mut have = exported(&scrape(&leader_ip, 8080, "http").await);
     for p in env
         .pods()
         .list(&ListParams::default().labels("pgpilot.io/cluster=orders"))
@@ -462,7 +469,7 @@ async fn the_chart_installs_the_operator_and_the_guide_works() {
         .expect("agent pods")
     {
         have.extend(exported(
-            &scrape(&pod_ip(&env, &p.name_any()).await, 8008).await,
+            &scrape(&pod_ip(&env, &p.name_any()).await, 8008, "https").await,
         ));
     }
     let missing: Vec<&String> = wanted
