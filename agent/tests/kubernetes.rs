@@ -665,19 +665,10 @@ async fn synchronous_mode_a_resumed_frozen_primary_never_writes_beside_its_succe
 
     // The primary and its synchronous standby both hung: the third replica may hold less than
     // was acknowledged, so it never takes over, and its status says why.
-    let named = eventually("the new primary's synchronous standby named", || async {
-        let lease = s.api::<Lease>().get("demo-0").await.ok()?;
-        let sync = lease.metadata.annotations?.get("pgpilot.io/sync")?.clone();
-        (!sync.is_empty() && !sync.contains(',') && sync != new).then_some(sync)
-    })
-    .await;
-    let third = ["db-0", "db-1", "db-2"]
-        .into_iter()
-        .find(|p| *p != new && *p != named)
-        .expect("a third pod")
-        .to_string();
     // Registered with the new primary and streaming from it: a replica that is not yet keeps
-    // trying to follow the holder first (the safe order for a former primary).
+    // trying to follow the holder first (the safe order for a former primary). The standby the
+    // primary names can change while the old primary rejoins (it starts streaming and may be
+    // chosen): the pair is taken once the name holds across the third replica's check.
     let shard = &s;
     let status_of = |pod: String| async move {
         let url = format!("http://{}:8008/v1/status", shard.ip(&pod));
@@ -688,11 +679,25 @@ async fn synchronous_mode_a_resumed_frozen_primary_never_writes_beside_its_succe
             .await
             .ok()
     };
-    eventually("the third replica ready and streaming", || async {
-        let ready = is_ready(&s.api::<Pod>().get(&third).await.ok()?);
-        let streaming = status_of(third.clone()).await?.replication?.streaming;
-        (ready && streaming).then_some(())
-    })
+    let sync_named = || async {
+        let lease = s.api::<Lease>().get("demo-0").await.ok()?;
+        let sync = lease.metadata.annotations?.get("pgpilot.io/sync")?.clone();
+        (!sync.is_empty() && !sync.contains(',') && sync != new).then_some(sync)
+    };
+    let (named, third) = eventually(
+        "the new primary's synchronous standby named, and the third replica ready and streaming",
+        || async {
+            let named = sync_named().await?;
+            let third = ["db-0", "db-1", "db-2"]
+                .into_iter()
+                .find(|p| *p != new && *p != named)?
+                .to_string();
+            let ready = is_ready(&s.api::<Pod>().get(&third).await.ok()?);
+            let streaming = status_of(third.clone()).await?.replication?.streaming;
+            let still = sync_named().await? == named;
+            (ready && streaming && still).then_some((named, third))
+        },
+    )
     .await;
     for p in [&new, &named] {
         s.kubelet.freeze(s.ns(), p, true).expect("freeze");

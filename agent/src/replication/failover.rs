@@ -404,6 +404,16 @@ impl Loop {
         // its WAL went past the fork), or a replica of a primary that lost the Lease, whose
         // stream to a hung primary may look alive until wal_receiver_timeout.
         let ctx = self.handle.ctx.clone();
+        let expired = rec.holder().is_none()
+            || self
+                .observed
+                .as_ref()
+                .is_some_and(|(_, at)| at.elapsed() >= lead.settings.lease_duration);
+        if !expired {
+            // A live holder: an earlier refusal to take over no longer stands, also while this
+            // replica is busy following it (a rewind, or a clone that takes minutes).
+            self.lead.set_refusal(None);
+        }
         let former_primary = super::load_primary_end(&ctx.cfg).is_some()
             && !snap.receiver.as_ref().is_some_and(|r| r.streaming);
         if let Some(url) = rec.holder().and_then(|h| lead.url_of(h))
@@ -446,11 +456,6 @@ impl Loop {
             self.lead.set_refusal(None);
             return;
         }
-        let expired = rec.holder().is_none()
-            || self
-                .observed
-                .as_ref()
-                .is_some_and(|(_, at)| at.elapsed() >= lead.settings.lease_duration);
         if !expired {
             self.lead.set_refusal(None);
             return;
