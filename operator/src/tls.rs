@@ -72,31 +72,71 @@ pub fn renewal_reason(
     name: &str,
     now: SystemTime,
 ) -> Option<String> {
+    renewal(cert_pem, key_present, secret_ca, ca_pem, name, now).err()
+}
+
+/// [`renewal_reason`], with when the renewal window opens (Unix seconds) while it is good.
+fn renewal(
+    cert_pem: Option<&str>,
+    key_present: bool,
+    secret_ca: Option<&str>,
+    ca_pem: &str,
+    name: &str,
+    now: SystemTime,
+) -> Result<i64, String> {
     let Some(cert_pem) = cert_pem.filter(|_| key_present) else {
-        return Some("it does not exist yet".into());
+        return Err("it does not exist yet".into());
     };
     if secret_ca != Some(ca_pem) {
-        return Some("the CA changed".into());
+        return Err("the CA changed".into());
     }
     let info = pgpilot_common::tls::certs(cert_pem.as_bytes(), "tls.crt")
-        .and_then(|c| pgpilot_common::tls::cert_info(&c[0]));
-    let info = match info {
-        Ok(i) => i,
-        Err(e) => return Some(format!("it cannot be read ({e})")),
-    };
+        .and_then(|c| pgpilot_common::tls::cert_info(&c[0]))
+        .map_err(|e| format!("it cannot be read ({e})"))?;
     if !info.names.iter().any(|n| n == name) {
-        return Some(format!("it does not carry the name {name}"));
+        return Err(format!("it does not carry the name {name}"));
     }
     let life = (info.not_after - info.not_before).max(0);
     let before = (life / 3).min(RENEW_BEFORE.as_secs() as i64);
+    let due = info.not_after - before;
     let now = secs(now);
-    (now >= info.not_after - before).then(|| {
-        format!(
+    if now >= due {
+        return Err(format!(
             "it ends in {} s (renewed in the last {} s of its life)",
             info.not_after - now,
             before
-        )
-    })
+        ));
+    }
+    Ok(due)
+}
+
+/// A Secret of the cluster's, owned by it (deleted with it).
+fn owned_secret(pc: &PostgresCluster, name: &str, type_: &str, data: &[(&str, &str)]) -> Secret {
+    let data = data
+        .iter()
+        .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+        .collect();
+    Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_string()),
+            labels: serde_json::from_value(objects::labels(&pc.name_any(), None)).ok(),
+            owner_references: pc.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        type_: Some(type_.into()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+/// The CA a Secret `name` holds.
+fn stored_ca(s: &Secret, name: &str) -> Result<Issued, Error> {
+    match (text(s, "ca.crt"), text(s, "ca.key")) {
+        (Some(cert_pem), Some(key_pem)) => Ok(Issued { cert_pem, key_pem }),
+        _ => Err(Error::Other(format!(
+            "Secret {name} lacks ca.crt or ca.key: delete it and the operator creates a new CA"
+        ))),
+    }
 }
 
 /// Creates the CA and the agents' certificate where missing and renews the certificate when
@@ -111,56 +151,42 @@ pub async fn ensure(pc: &PostgresCluster, ns: &str, ctx: &Ctx) -> Result<Option<
     let name = server_name(&cluster, ns);
     let secret_name = agent_secret(pc).expect("mode operator");
     let live = api.get_opt(&secret_name).await?;
-    let cert = live.as_ref().and_then(|s| text(s, "tls.crt"));
-    let reason = renewal_reason(
-        cert.as_deref(),
+    let due = renewal(
+        live.as_ref().and_then(|s| text(s, "tls.crt")).as_deref(),
         live.as_ref().and_then(|s| text(s, "tls.key")).is_some(),
         live.as_ref().and_then(|s| text(s, "ca.crt")).as_deref(),
         &ca.cert_pem,
         &name,
         SystemTime::now(),
     );
-    let lifetime = ctx.opts.agent_cert_lifetime;
-    let Some(reason) = reason else {
+    let reason = match due {
         // Good: look again when the window opens (the resync comes sooner anyway).
-        let info = pgpilot_common::tls::certs(cert.unwrap_or_default().as_bytes(), "tls.crt")
-            .and_then(|c| pgpilot_common::tls::cert_info(&c[0]))
-            .map_err(Error::Other)?;
-        let life = info.not_after - info.not_before;
-        let due = info.not_after - (life / 3).min(RENEW_BEFORE.as_secs() as i64);
-        let wait = (due - secs(SystemTime::now())).max(1) as u64;
-        return Ok(Some(Duration::from_secs(wait)));
+        Ok(due) => {
+            let wait = (due - secs(SystemTime::now())).max(1) as u64;
+            return Ok(Some(Duration::from_secs(wait)));
+        }
+        Err(reason) => reason,
     };
-    let leaf = issue::leaf(&ca, &[name], Validity::starting_now(lifetime)).map_err(Error::Other)?;
-    let mut data = BTreeMap::new();
-    data.insert(
-        "tls.crt".to_string(),
-        ByteString(leaf.cert_pem.into_bytes()),
-    );
-    data.insert("tls.key".to_string(), ByteString(leaf.key_pem.into_bytes()));
-    data.insert(
-        "ca.crt".to_string(),
-        ByteString(ca.cert_pem.clone().into_bytes()),
-    );
+    let leaf = issue::leaf(
+        &ca,
+        &[name],
+        Validity::starting_now(ctx.opts.agent_cert_lifetime),
+    )
+    .map_err(Error::Other)?;
+    let data = [
+        ("tls.crt", leaf.cert_pem.as_str()),
+        ("tls.key", leaf.key_pem.as_str()),
+        ("ca.crt", ca.cert_pem.as_str()),
+    ];
     let note = format!("Secret {secret_name}: the agents' certificate issued, because {reason}");
     match live {
         None => {
-            let s = Secret {
-                metadata: kube::api::ObjectMeta {
-                    name: Some(secret_name.clone()),
-                    labels: serde_json::from_value(objects::labels(&cluster, None)).ok(),
-                    owner_references: pc.controller_owner_ref(&()).map(|o| vec![o]),
-                    ..Default::default()
-                },
-                type_: Some("kubernetes.io/tls".into()),
-                data: Some(data),
-                ..Default::default()
-            };
+            let s = owned_secret(pc, &secret_name, "kubernetes.io/tls", &data);
             create_once(&api, &s, ctx, pc, "CertificateIssued", &note).await?;
         }
         Some(mut s) => {
             // resourceVersion guards the replace: two operators never both renew.
-            s.data = Some(data);
+            s.data = owned_secret(pc, &secret_name, "kubernetes.io/tls", &data).data;
             match api.replace(&secret_name, &PostParams::default(), &s).await {
                 Ok(_) => {
                     ctx.metrics.writes.inc();
@@ -180,38 +206,18 @@ async fn ca(pc: &PostgresCluster, ns: &str, ctx: &Ctx, api: &Api<Secret>) -> Res
     let cluster = pc.name_any();
     let name = ca_secret(&cluster);
     if let Some(s) = api.get_opt(&name).await? {
-        return match (text(&s, "ca.crt"), text(&s, "ca.key")) {
-            (Some(cert_pem), Some(key_pem)) => Ok(Issued { cert_pem, key_pem }),
-            _ => Err(Error::Other(format!(
-                "Secret {name} lacks ca.crt or ca.key: delete it and the operator creates a new CA"
-            ))),
-        };
+        return stored_ca(&s, &name);
     }
     let ca = issue::new_ca(
         &format!("pgpilot CA of {ns}/{cluster}"),
         Validity::starting_now(CA_LIFETIME),
     )
     .map_err(Error::Other)?;
-    let mut data = BTreeMap::new();
-    data.insert(
-        "ca.crt".to_string(),
-        ByteString(ca.cert_pem.clone().into_bytes()),
-    );
-    data.insert(
-        "ca.key".to_string(),
-        ByteString(ca.key_pem.clone().into_bytes()),
-    );
-    let s = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.clone()),
-            labels: serde_json::from_value(objects::labels(&cluster, None)).ok(),
-            owner_references: pc.controller_owner_ref(&()).map(|o| vec![o]),
-            ..Default::default()
-        },
-        type_: Some("Opaque".into()),
-        data: Some(data),
-        ..Default::default()
-    };
+    let data = [
+        ("ca.crt", ca.cert_pem.as_str()),
+        ("ca.key", ca.key_pem.as_str()),
+    ];
+    let s = owned_secret(pc, &name, "Opaque", &data);
     create_once(
         api,
         &s,
@@ -226,12 +232,7 @@ async fn ca(pc: &PostgresCluster, ns: &str, ctx: &Ctx, api: &Api<Secret>) -> Res
         .get_opt(&name)
         .await?
         .ok_or_else(|| Error::Other(format!("Secret {name} vanished after its creation")))?;
-    match (text(&s, "ca.crt"), text(&s, "ca.key")) {
-        (Some(cert_pem), Some(key_pem)) => Ok(Issued { cert_pem, key_pem }),
-        _ => Err(Error::Other(format!(
-            "Secret {name} lacks ca.crt or ca.key"
-        ))),
-    }
+    stored_ca(&s, &name)
 }
 
 /// The operator's client identities, per cluster (namespace, name), while their CA stays the
