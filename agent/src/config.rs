@@ -183,7 +183,16 @@ impl Tls {
         }
         let what = self.cert_file.display().to_string();
         let pem = std::fs::read(&self.cert_file).map_err(|e| format!("{what}: {e}"))?;
-        let chain = pgpilot_common::tls::certs(&pem, &what)?;
+        self.name_in(&pem)
+    }
+
+    /// `server_name`, else the first DNS name of the certificate `pem` (of `cert_file`).
+    fn name_in(&self, pem: &[u8]) -> Result<String, String> {
+        if let Some(n) = &self.server_name {
+            return Ok(n.clone());
+        }
+        let what = self.cert_file.display().to_string();
+        let chain = pgpilot_common::tls::certs(pem, &what)?;
         let info = pgpilot_common::tls::cert_info(&chain[0]).map_err(|e| format!("{what}: {e}"))?;
         info.names
             .into_iter()
@@ -213,7 +222,8 @@ impl Tls {
         let ca = read(ca_file)?;
         let cert = read(&self.cert_file)?;
         let key = read(&self.key_file)?;
-        pgpilot_common::tls::client_config(&ca, &self.peer_name()?, Some((&cert, &key)))
+        // The name from the certificate just read: the file is read once per call.
+        pgpilot_common::tls::client_config(&ca, &self.name_in(&cert)?, Some((&cert, &key)))
     }
 }
 
