@@ -161,6 +161,9 @@ pub struct TlsSection {
     /// Whether the bearer token still authenticates on the pod-IP listener. Default true;
     /// false needs `ca_file` (certificates only).
     pub accept_token: Option<bool>,
+    /// Whether Postgres serves TLS with the same certificate, and takes TCP connections over
+    /// TLS only (`hostssl` in pg_hba.conf). Default true.
+    pub postgres: Option<bool>,
 }
 
 /// `[tls]`, checked.
@@ -172,6 +175,8 @@ pub struct Tls {
     pub server_name: Option<String>,
     pub client_names: Vec<String>,
     pub accept_token: bool,
+    /// Postgres serves TLS with this certificate, TCP connections over TLS only.
+    pub postgres: bool,
 }
 
 impl Tls {
@@ -931,10 +936,11 @@ fn tls_settings(t: TlsSection) -> Result<Option<Tls>, ConfigError> {
                 || t.server_name.is_some()
                 || !t.client_names.is_empty()
                 || t.accept_token.is_some()
+                || t.postgres.is_some()
             {
                 return Err(invalid(
                     "tls",
-                    "ca_file, server_name, client_names and accept_token need cert_file and key_file",
+                    "ca_file, server_name, client_names, accept_token and postgres need cert_file and key_file",
                 ));
             }
             return Ok(None);
@@ -973,6 +979,7 @@ fn tls_settings(t: TlsSection) -> Result<Option<Tls>, ConfigError> {
         server_name: t.server_name,
         client_names: t.client_names,
         accept_token: t.accept_token.unwrap_or(true),
+        postgres: t.postgres.unwrap_or(true),
     }))
 }
 

@@ -74,6 +74,35 @@ fn write_durably_as(
     Ok(())
 }
 
+/// Writes a file only its owner may read (0600 from its creation, never wider), owned by
+/// `owner` when Postgres runs as another user, through a temp file, fsync and rename: password
+/// files, Postgres' copy of the TLS key.
+pub fn write_private(
+    path: &Path,
+    bytes: &[u8],
+    owner: Option<&crate::postgres::OsUser>,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("pgpilot-tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    if let Some(owner) = owner {
+        owner.chown(&tmp)?;
+    }
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Quotes a path for a shell command line Postgres runs (`archive_command`).
 pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))

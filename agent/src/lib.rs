@@ -72,6 +72,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     postgres::process::stop_leftover_postmaster(&cfg.data_dir).await?;
     check_port_free(cfg.postgres_port)?;
     bootstrap::prepare_dir(&cfg.socket_dir(), 0o755, owner.as_ref())?;
+    // Postgres' copy of the certificate, before a clone's pg_basebackup needs its CA.
+    postgres::tls::install(&cfg, owner.as_ref())
+        .map_err(|e| anyhow::anyhow!("[tls] for Postgres: {e}"))?;
 
     let data_state = bootstrap::inspect(&cfg.data_dir, &bins)?;
     let initial_restore = if args.bootstrap_from_backup {
@@ -183,7 +186,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let (handle, executor) = core::new(ctx.clone(), AgentState::Initializing);
     if let Some(tls) = &tls {
-        tokio::spawn(tls.clone().watch(shutdown.clone()));
+        // A new certificate reaches Postgres too: its copy is rewritten and Postgres reloaded.
+        let h = handle.clone();
+        let postgres = postgres::tls::enabled(&ctx.cfg).is_some();
+        tokio::spawn(tls.clone().watch(shutdown.clone(), move || {
+            if postgres {
+                let h = h.clone();
+                tokio::spawn(async move {
+                    match h.reload().await {
+                        Ok(_) => tracing::info!("Postgres reloaded with the new TLS certificate"),
+                        Err(e) => {
+                            tracing::debug!("Postgres not reloaded for the new certificate: {e}")
+                        }
+                    }
+                });
+            }
+        }));
     }
     let server = tokio::spawn(http::server::serve(
         handle.clone(),

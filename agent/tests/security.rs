@@ -495,6 +495,46 @@ mod tls {
         r.text().await.unwrap()
     }
 
+    /// A session with the agent's Postgres over TCP: over TLS verified against `ca` under
+    /// `name`, or plain. The error's text when refused.
+    async fn pg(fx: &AgentFixture, tls: Option<(&Issued, &str)>) -> Result<bool, String> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("127.0.0.1")
+            .port(fx.pg_port)
+            .user("postgres")
+            .password(fx.superuser_password().unwrap())
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(5));
+        let client = match tls {
+            Some((ca, name)) => {
+                let config =
+                    pgpilot_common::tls::client_config(ca.cert_pem.as_bytes(), name, None)?;
+                let (c, conn) = cfg
+                    .connect(pgpilot_common::tls::postgres::MakeRustls::new(config))
+                    .await
+                    .map_err(|e| format!("{e:?}"))?;
+                tokio::spawn(conn);
+                c
+            }
+            None => {
+                let (c, conn) = cfg
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| format!("{e:?}"))?;
+                tokio::spawn(conn);
+                c
+            }
+        };
+        let row = client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(row.get(0))
+    }
+
     struct Files {
         dir: tempfile::TempDir,
     }
@@ -579,6 +619,19 @@ mod tls {
             200
         );
 
+        // Postgres serves the same certificate and takes TCP connections over TLS only.
+        assert_eq!(pg(&fx, Some((&ca, SERVER))).await, Ok(true));
+        let plain = pg(&fx, None).await;
+        assert!(
+            plain.as_ref().is_err_and(|e| e.contains("no encryption")),
+            "{plain:?}"
+        );
+        let wrong = pg(&fx, Some((&ca, "elsewhere.pgpilot.test"))).await;
+        assert!(
+            wrong.as_ref().is_err_and(|e| e.contains("NotValidForName")),
+            "{wrong:?}"
+        );
+
         // The server's certificate: verified under its DNS name, though dialled by IP.
         let wrong_name = reload(
             &client(&ca, "elsewhere.pgpilot.test", Some(&operator)),
@@ -651,6 +704,16 @@ mod tls {
         assert!(metrics.is_err(), "the old name still verifies");
         let metrics = metrics_text(&client(&ca, renamed, None), &base).await;
         assert_eq!(expiry(&metrics), not_after(&server2));
+        // Postgres too, reloaded by the agent: new sessions get the new certificate.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while pg(&fx, Some((&ca, renamed))).await != Ok(true) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Postgres did not take the new certificate"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(pg(&fx, Some((&ca, SERVER))).await.is_err());
         assert!(metric(&metrics, "pgpilot_tls_reloads_total") >= 1.0);
 
         // The CA rotated to one that signs a new operator certificate: the old one is refused.

@@ -54,6 +54,10 @@ enum Command {
         /// days; each is renewed in its last third, at most 30 days before it ends.
         #[arg(long, env = "PGPILOT_AGENT_CERT_DAYS", default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=3650))]
         agent_cert_days: u64,
+        /// The user id the Postgres images run Postgres as (999 in the Debian-based `postgres`
+        /// images, 70 in the Alpine ones): the agents' pods run as it, never as root.
+        #[arg(long, env = "PGPILOT_POSTGRES_UID", default_value_t = 999, value_parser = clap::value_parser!(u32).range(1..))]
+        postgres_uid: u32,
         /// Namespace of the leader-election Lease `pgpilot-operator`.
         #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
         lease_namespace: String,
@@ -111,6 +115,7 @@ fn main() -> anyhow::Result<()> {
             allow_networks,
             drain_timeout_secs,
             agent_cert_days,
+            postgres_uid,
             lease_namespace,
             identity,
         } => {
@@ -121,6 +126,7 @@ fn main() -> anyhow::Result<()> {
                 drain_timeout_secs,
                 watch_namespace,
                 agent_cert_lifetime: std::time::Duration::from_secs(agent_cert_days * 86400),
+                postgres_uid,
                 ..Options::default()
             };
             if let Some(i) = agent_image {

@@ -100,6 +100,9 @@ pub struct Options {
     /// The life of the agents' certificate (`spec.tls.mode: operator`), renewed in its last
     /// third (at most 30 days before it ends).
     pub agent_cert_lifetime: std::time::Duration,
+    /// The user id the Postgres images run Postgres as (999 in the Debian-based `postgres`
+    /// images): the agents' pods run as it, never as root.
+    pub postgres_uid: u32,
 }
 
 impl Default for Options {
@@ -111,6 +114,7 @@ impl Default for Options {
             drain_timeout_secs: 300,
             watch_namespace: None,
             agent_cert_lifetime: std::time::Duration::from_secs(90 * 86400),
+            postgres_uid: 999,
         }
     }
 }
@@ -594,6 +598,7 @@ fn statefulset_inner(
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT, "scheme": scheme}, "periodSeconds": 10, "failureThreshold": 6},
         "lifecycle": {"preStop": {"exec": {"command": [
             "/pgpilot/bin/pgpilot-agent", "drain", "--wait", "--timeout", opts.drain_timeout_secs.to_string()]}}},
+        "securityContext": CONTAINER_SECURITY.clone(),
     });
     if let Some(r) = &pc.spec.resources {
         container["resources"] = serde_json::to_value(r).expect("resources");
@@ -614,11 +619,22 @@ fn statefulset_inner(
         "spec": {
             "serviceAccountName": n.agent(),
             "terminationGracePeriodSeconds": opts.drain_timeout_secs + 30,
+            // Everything runs as the image's postgres user; the volumes (the claim, the Secrets
+            // at 0440) belong to its group.
+            "securityContext": {
+                "runAsNonRoot": true,
+                "runAsUser": opts.postgres_uid,
+                "runAsGroup": opts.postgres_uid,
+                "fsGroup": opts.postgres_uid,
+                "fsGroupChangePolicy": "OnRootMismatch",
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
             "initContainers": [{
                 "name": "install-agent",
                 "image": agent_image,
                 "command": ["pgpilot-agent", "install", "/pgpilot/bin"],
                 "volumeMounts": [{"name": "pgpilot-bin", "mountPath": "/pgpilot/bin"}],
+                "securityContext": CONTAINER_SECURITY.clone(),
             }],
             "containers": [container],
             "volumes": volumes,
@@ -635,6 +651,16 @@ fn statefulset_inner(
         "volumeClaimTemplates": [claim],
     }})
 }
+
+/// Every container of the agents' pods: a read-only root filesystem (Postgres and the agent
+/// write only to the claim at /data), no capabilities, no privilege escalation.
+static CONTAINER_SECURITY: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| {
+    json!({
+        "readOnlyRootFilesystem": true,
+        "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]},
+    })
+});
 
 /// The mode of Secret volume files in the agents' pods (0440): never readable by every user,
 /// which the agent refuses.

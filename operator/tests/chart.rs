@@ -126,7 +126,9 @@ impl Env {
                         "ghcr.io/pgpilot/pgpilot-agent:*",
                         support::built("pgpilot-agent"),
                     )
-                    .directory("postgres:*", BIN, None);
+                    .directory("postgres:*", BIN, None)
+                    // The postgres images' uid 999 is this machine's postgres user.
+                    .user(999, "postgres");
                 let (server, kubelet) = start_cluster(images)
                     .await
                     .expect("test API server and kubelet");
@@ -507,6 +509,15 @@ async fn the_chart_installs_the_operator_and_the_guide_works() {
             "the_chart_installs_the_operator_and_the_guide_works",
         );
     }
+
+    // No Secret value in an Event, an object, a log (the operator pods' too) or a pod's
+    // command line.
+    let logs = env
+        ._kubelet
+        .as_ref()
+        .map(|k| k.namespace_logs(env.ns.name()))
+        .unwrap_or_default();
+    support::assert_no_secret_leaks(&env.client, env.ns.name(), &logs).await;
 
     for c in ["orders", "orders-restored"] {
         let _ = clusters.delete(c, &Default::default()).await;

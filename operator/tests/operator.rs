@@ -151,7 +151,9 @@ impl Env {
             None => {
                 let images = ImageTable::new()
                     .binary("pgpilot/agent:*", support::built("pgpilot-agent"))
-                    .directory("postgres:*", BIN, None);
+                    .directory("postgres:*", BIN, None)
+                    // The postgres images' uid 999 is this machine's postgres user.
+                    .user(999, "postgres");
                 let (server, kubelet) = start_cluster(images)
                     .await
                     .expect("test API server and kubelet");
@@ -197,6 +199,7 @@ impl Env {
             // test's operator must act on its own clusters (as one operator per cluster would).
             watch_namespace: Some(ns.name().to_string()),
             agent_cert_lifetime: Options::default().agent_cert_lifetime,
+            postgres_uid: Options::default().postgres_uid,
         };
         let mut replicas = Vec::new();
         let elected = (elected != usize::MAX).then_some(elected);
@@ -289,7 +292,7 @@ impl Env {
     async fn sql_of(&self, cluster: &str, svc: &str) -> tokio_postgres::Client {
         let password = self.superuser_password(cluster).await;
         eventually(&format!("a connection through {svc}"), || {
-            connect_first(&self.client, self.ns.name(), svc, &password)
+            connect_first(&self.client, self.ns.name(), cluster, svc, &password)
         })
         .await
     }
@@ -392,6 +395,7 @@ async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
     assert!(quiet, "a steady-state reconcile writes nothing");
 
     tls_is_issued_enforced_and_renewed(&env).await;
+    postgres_is_tls_only_unprivileged_and_read_only(&env).await;
 
     // Scale 2 → 3: a third instance per shard, streaming.
     let scale = json!({"spec": {"instancesPerShard": 3}});
@@ -426,8 +430,9 @@ async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
         .user("postgres")
         .password(env.superuser_password("orders").await)
         .dbname("postgres");
-    let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.expect("connect");
-    tokio::spawn(conn);
+    let c = pg_connect(&env.client, env.ns.name(), "orders", cfg)
+        .await
+        .expect("connect");
     let rows: Vec<String> = c
         .query("SELECT shard FROM t", &[])
         .await
@@ -499,7 +504,78 @@ async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
             .contains("spec.postgresVersion 9"),
         "the Event says what is wrong"
     );
+
+    // Nothing secret reached the Events, the objects, a log or a command line.
+    let logs = env
+        .kubelet
+        .as_ref()
+        .map(|k| k.namespace_logs(env.ns.name()))
+        .unwrap_or_default();
+    support::assert_no_secret_leaks(&env.client, env.ns.name(), &logs).await;
     env.ns.cleanup().await.expect("cleanup");
+}
+
+/// Postgres serves the operator's certificate and takes TCP only over TLS, the replicas stream
+/// over verified TLS, and everything in the pods runs as the image's postgres user on a
+/// read-only root filesystem (the test kubelet enforces it: its `isolation` module).
+async fn postgres_is_tls_only_unprivileged_and_read_only(env: &Env) {
+    let db = env.sql("orders-shard-0-rw").await;
+    let streaming_over_tls: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) \
+             WHERE r.state = 'streaming' AND s.ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(streaming_over_tls, 1, "the replica streams over TLS");
+    let ip = pgpilot_test_kubelet::service_ips(&env.client, env.ns.name(), "orders-shard-0-rw")
+        .await
+        .unwrap()[0];
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(ip.to_string())
+        .port(5432)
+        .user("postgres")
+        .password(env.superuser_password("orders").await)
+        .dbname("postgres");
+    let plain = cfg.connect(tokio_postgres::NoTls).await.err();
+    assert!(
+        plain
+            .as_ref()
+            .is_some_and(|e| format!("{e:?}").contains("no encryption")),
+        "{plain:?}"
+    );
+    if env.kubelet.is_some() {
+        // The image's uid 999 is this machine's postgres user in the test kubelet.
+        let status: String = db
+            .query_one("SELECT pg_read_file('/proc/self/status')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let uid = nix::unistd::User::from_name("postgres")
+            .unwrap()
+            .expect("a postgres user")
+            .uid;
+        let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(
+            line.split_whitespace()
+                .skip(1)
+                .all(|u| u == uid.to_string()),
+            "Postgres runs as {line}"
+        );
+    }
+    let write = db
+        .batch_execute("COPY (SELECT 1) TO '/tmp/pgpilot-read-only-root-probe'")
+        .await
+        .err()
+        .map(|e| format!("{e:?}"));
+    assert!(
+        write
+            .as_ref()
+            .is_some_and(|e| e.contains("Read-only file system")),
+        "a write outside the volumes: {write:?}"
+    );
 }
 
 /// `spec.tls` by default (mode `operator`): the cluster's CA and the agents' certificate in
@@ -1079,7 +1155,7 @@ impl Writer {
             let mut id = 0i64;
             while !halt.load(std::sync::atomic::Ordering::Relaxed) {
                 if db.as_ref().is_none_or(|c| c.is_closed()) {
-                    db = connect_first(&client, &ns, &svc, &password).await;
+                    db = connect_first(&client, &ns, "orders", &svc, &password).await;
                     if std::env::var_os("PGPILOT_TEST_TRACE_WRITER").is_some() {
                         let ips = pgpilot_test_kubelet::service_ips(&client, &ns, &svc).await;
                         eprintln!(
@@ -1127,10 +1203,11 @@ impl Writer {
     }
 }
 
-/// A connection to the first endpoint of `svc`, or none (3 s bound).
+/// A connection to the first endpoint of `svc` of `cluster`, or none (3 s bound).
 async fn connect_first(
     client: &kube::Client,
     ns: &str,
+    cluster: &str,
     svc: &str,
     password: &str,
 ) -> Option<tokio_postgres::Client> {
@@ -1145,13 +1222,48 @@ async fn connect_first(
         .password(password)
         .dbname("postgres")
         .connect_timeout(Duration::from_secs(2));
-    let (c, conn) =
-        tokio::time::timeout(Duration::from_secs(3), cfg.connect(tokio_postgres::NoTls))
-            .await
-            .ok()?
-            .ok()?;
-    tokio::spawn(conn);
-    Some(c)
+    tokio::time::timeout(Duration::from_secs(3), pg_connect(client, ns, cluster, cfg))
+        .await
+        .ok()?
+        .ok()
+}
+
+/// Connects as a client of the cluster's Postgres does: over TLS verified against the CA in
+/// the agents' Secret under the cluster's certificate name when the cluster has TLS (Postgres
+/// takes TCP connections over TLS only, then), plain otherwise.
+async fn pg_connect(
+    client: &kube::Client,
+    ns: &str,
+    cluster: &str,
+    cfg: tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, String> {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
+    let ca = secrets
+        .get_opt(&format!("{cluster}-agent-tls"))
+        .await
+        .map_err(|e| e.to_string())?
+        .and_then(|s| s.data?.remove("ca.crt"));
+    let c = match ca {
+        Some(ca) => {
+            let name = pgpilot_operator::tls::server_name(cluster, ns);
+            let tls = pgpilot_common::tls::client_config(&ca.0, &name, None)?;
+            let (c, conn) = cfg
+                .connect(pgpilot_common::tls::postgres::MakeRustls::new(tls))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            c
+        }
+        None => {
+            let (c, conn) = cfg
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            c
+        }
+    };
+    Ok(c)
 }
 
 /// The cluster's condition `type_`, if set.

@@ -72,15 +72,19 @@ impl ServerTls {
         Ok(true)
     }
 
-    /// Reloads every [`RELOAD_INTERVAL`] until `shutdown`; failures are logged once each.
-    pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Reloads every [`RELOAD_INTERVAL`] until `shutdown`, calling `changed` after each new
+    /// certificate in use; failures are logged once each.
+    pub async fn watch(self: Arc<Self>, shutdown: CancellationToken, mut changed: impl FnMut()) {
         let cert = self.cfg.cert_file.display().to_string();
         crate::reload_every(
             RELOAD_INTERVAL,
             shutdown,
             "cannot reload the TLS files (the certificate in use stays)",
             || self.reload(),
-            || tracing::info!(cert = %cert, "TLS certificate reloaded"),
+            || {
+                tracing::info!(cert = %cert, "TLS certificate reloaded");
+                changed()
+            },
         )
         .await
     }

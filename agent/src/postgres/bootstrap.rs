@@ -144,7 +144,8 @@ pub async fn initdb(
 ) -> Result<(), BootstrapError> {
     prepare_dir(data_dir, 0o700, owner)?;
     let pwfile = scratch_dir.join(".initdb-pwfile");
-    write_private(&pwfile, password.expose(), owner)?;
+    crate::files::write_private(&pwfile, password.expose().as_bytes(), owner)
+        .map_err(io(&pwfile))?;
     let mut cmd = Command::new(bins.path("initdb"));
     cmd.arg("-D")
         .arg(data_dir)
@@ -172,23 +173,6 @@ pub async fn initdb(
             status: out.status.to_string(),
             output,
         });
-    }
-    Ok(())
-}
-
-fn write_private(path: &Path, content: &str, owner: Option<&OsUser>) -> Result<(), BootstrapError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(path))?;
-    f.write_all(content.as_bytes()).map_err(io(path))?;
-    if let Some(owner) = owner {
-        owner.chown(path).map_err(io(path))?;
     }
     Ok(())
 }

@@ -53,6 +53,7 @@ pub fn settings(
         ("wal_retrieve_retry_interval".into(), "500ms".into()),
         ("password_encryption".into(), "scram-sha-256".into()),
     ];
+    out.extend(super::tls::settings(cfg));
     if cfg.backup.is_some() {
         // wal-push and wal-fetch find the agent and the store through the runtime file; no
         // secret is on these command lines.
@@ -137,14 +138,20 @@ pub fn render_pg_hba(cfg: &Config, restoring: bool) -> String {
     s.push_str(&format!(
         "local   replication  {su:<16}                  scram-sha-256\n"
     ));
+    // With Postgres' TLS ([tls]), every TCP connection must use it, loopback too.
+    let host = if super::tls::enabled(cfg).is_some() {
+        "hostssl"
+    } else {
+        "host   "
+    };
     let mut nets = vec!["127.0.0.1/32".to_string(), "::1/128".to_string()];
     nets.extend(cfg.allow_networks.iter().cloned());
     for net in &nets {
         s.push_str(&format!(
-            "host    all          all              {net:<16} scram-sha-256\n"
+            "{host} all          all              {net:<16} scram-sha-256\n"
         ));
         s.push_str(&format!(
-            "host    replication  {repl:<16} {net:<16} scram-sha-256\n"
+            "{host} replication  {repl:<16} {net:<16} scram-sha-256\n"
         ));
     }
     s
@@ -204,6 +211,14 @@ pub fn render_all(
     let before = std::fs::read_to_string(&conf_path)
         .map(|s| parse_rendered(&s))
         .unwrap_or_default();
+    match super::tls::install(cfg, owner) {
+        Ok(_) => {}
+        // A rotation to files that do not go together: Postgres keeps the copy it has.
+        Err(e) if super::tls::dir(cfg).join(super::tls::KEY_FILE).exists() => {
+            tracing::warn!("Postgres keeps the TLS certificate it has: {e}")
+        }
+        Err(e) => return Err(std::io::Error::other(format!("Postgres' TLS: {e}"))),
+    }
     let new = render_pgpilot_conf(cfg, user, standby);
     write_if_changed(&conf_path, &new, owner)?;
     write_if_changed(
@@ -351,5 +366,40 @@ mod tests {
         let hba = std::fs::read_to_string(dir.path().join("pg_hba.conf")).unwrap();
         assert!(hba.contains("replication  replicator"));
         assert!(!hba.contains("trust"));
+    }
+
+    #[test]
+    fn with_tls_postgres_serves_it_and_every_tcp_rule_wants_it() {
+        let c = cfg(
+            "[tls]\ncert_file = \"/t/tls.crt\"\nkey_file = \"/t/tls.key\"\nca_file = \"/t/ca.crt\"\nserver_name = \"orders.db.agents.pgpilot.internal\"\n",
+        );
+        let hba = render_pg_hba(&c, false);
+        assert!(
+            hba.contains("hostssl replication  replicator       127.0.0.1/32"),
+            "{hba}"
+        );
+        assert!(!hba.lines().any(|l| l.starts_with("host ")), "{hba}");
+        let set: BTreeMap<String, String> =
+            settings(&c, &BTreeMap::new(), None).into_iter().collect();
+        assert_eq!(set["ssl"], "on");
+        assert!(set["ssl_key_file"].ends_with("/tls/server.key"), "{set:?}");
+        assert!(set["ssl_ca_file"].ends_with("/tls/ca.crt"), "{set:?}");
+        let by_ip = super::super::tls::peer_conninfo(&c, "10.1.2.3");
+        assert!(
+            by_ip.starts_with("host='orders.db.agents.pgpilot.internal' hostaddr='10.1.2.3' sslmode='verify-full' sslrootcert="),
+            "{by_ip}"
+        );
+        let by_name = super::super::tls::peer_conninfo(&c, "db.example");
+        assert!(
+            by_name.starts_with("host='db.example' sslmode='verify-ca'"),
+            "{by_name}"
+        );
+        // Off with `postgres = false`, and without [tls].
+        let off = cfg("[tls]\ncert_file = \"/t/c\"\nkey_file = \"/t/k\"\npostgres = false\n");
+        assert!(!render_pg_hba(&off, false).contains("hostssl"));
+        assert_eq!(
+            super::super::tls::peer_conninfo(&off, "10.1.2.3"),
+            "host='10.1.2.3'"
+        );
     }
 }

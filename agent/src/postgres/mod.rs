@@ -6,6 +6,7 @@ pub mod bootstrap;
 pub mod conf;
 pub mod process;
 pub mod sql;
+pub mod tls;
 
 use std::path::Path;
 

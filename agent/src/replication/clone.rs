@@ -52,8 +52,11 @@ pub async fn clone_from_primary(
         )));
     }
     let conninfo = format!(
-        "host={} port={} user={} application_name={}",
-        upstream.host, upstream.port, cfg.replication_user, cfg.replication.name
+        "{} port={} user={} application_name={}",
+        crate::postgres::tls::peer_conninfo(cfg, &upstream.host),
+        upstream.port,
+        crate::postgres::tls::conninfo_quote(&cfg.replication_user),
+        crate::postgres::tls::conninfo_quote(&cfg.replication.name)
     );
     let mut cmd = Command::new(&tool);
     cmd.arg("--pgdata")

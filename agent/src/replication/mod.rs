@@ -146,22 +146,15 @@ pub fn write_pgpass(
     for (user, password) in entries {
         text.push_str(&format!("*:*:*:{}:{}\n", esc(user), esc(password)));
     }
-    use std::os::unix::fs::PermissionsExt;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    if let Some(o) = owner {
-        o.chown(&tmp)?;
-    }
-    std::fs::rename(&tmp, path)
+    crate::files::write_private(path, text.as_bytes(), owner)
 }
 
 /// `primary_conninfo` for `upstream`. The password comes from the passfile.
 pub fn primary_conninfo(cfg: &Config, upstream: &Upstream) -> String {
-    let q = |s: &str| format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"));
+    let q = |s: &str| crate::postgres::tls::conninfo_quote(s);
     format!(
-        "host={} port={} user={} passfile={} application_name={} connect_timeout=2 keepalives_idle=5 keepalives_interval=2 keepalives_count=3",
-        q(&upstream.host),
+        "{} port={} user={} passfile={} application_name={} connect_timeout=2 keepalives_idle=5 keepalives_interval=2 keepalives_count=3",
+        crate::postgres::tls::peer_conninfo(cfg, &upstream.host),
         upstream.port,
         q(&cfg.replication_user),
         q(&pgpass_path(cfg).display().to_string()),

@@ -80,3 +80,102 @@ pub struct ChartRules {
 #[allow(dead_code)]
 pub const OPERATOR_SA: &str = "pgpilot";
 pub mod rbac;
+
+/// Fails when a value of a Secret of `ns` appears where it must never be (docs/security.md):
+/// Events, ConfigMaps, the pods (specs and statuses), the custom resources, `logs` (every
+/// container's output: the agents', the operator's in the chart test), and the command line
+/// of every process on this machine not running as root (`ps`: the pods' processes). Certificates are public and not searched for; a
+/// PEM private key is searched for by each line of its body.
+#[allow(dead_code)] // not every test binary uses it
+pub async fn assert_no_secret_leaks(client: &kube::Client, ns: &str, logs: &str) {
+    use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret};
+    use kube::api::{Api, ListParams};
+    use pgpilot_common::crd::{PostgresBackup, PostgresCluster};
+    let lp = ListParams::default();
+    let mut needles: Vec<(String, String)> = Vec::new();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for s in secrets.list(&lp).await.expect("list Secrets") {
+        let name = s.metadata.name.clone().unwrap_or_default();
+        for (key, value) in s.data.unwrap_or_default() {
+            if key.ends_with(".crt") {
+                continue;
+            }
+            let text = String::from_utf8_lossy(&value.0).to_string();
+            let what = format!("Secret {name} key {key}");
+            if text.contains("-----BEGIN") {
+                for line in text
+                    .lines()
+                    .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+                {
+                    needles.push((what.clone(), line.to_string()));
+                }
+            } else if text.trim().len() >= 8 {
+                needles.push((what, text.trim().to_string()));
+            }
+        }
+    }
+    assert!(
+        !needles.is_empty(),
+        "no Secret values in {ns} to search for"
+    );
+    let mut places: Vec<(String, String)> = vec![("container logs".into(), logs.to_string())];
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    places.push((
+        "Events".into(),
+        json(&events.list(&lp).await.expect("Events").items),
+    ));
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    places.push((
+        "ConfigMaps".into(),
+        json(&cms.list(&lp).await.expect("ConfigMaps").items),
+    ));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    places.push((
+        "Pods".into(),
+        json(&pods.list(&lp).await.expect("Pods").items),
+    ));
+    let pcs: Api<PostgresCluster> = Api::namespaced(client.clone(), ns);
+    places.push((
+        "PostgresClusters".into(),
+        json(&pcs.list(&lp).await.expect("clusters").items),
+    ));
+    let pbs: Api<PostgresBackup> = Api::namespaced(client.clone(), ns);
+    places.push((
+        "PostgresBackups".into(),
+        json(&pbs.list(&lp).await.expect("backups").items),
+    ));
+    // The pods' processes: none runs as root (the test's own fixtures, such as the S3 server
+    // with its keys on its command line, do).
+    let mut cmdlines = String::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        let root = status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .is_none_or(|l| l.split_whitespace().nth(1) == Some("0"));
+        if root {
+            continue;
+        }
+        if let Ok(raw) = std::fs::read(entry.path().join("cmdline")) {
+            cmdlines.push_str(&String::from_utf8_lossy(&raw).replace('\0', " "));
+            cmdlines.push('\n');
+        }
+    }
+    places.push(("process command lines".into(), cmdlines));
+    let leaks: Vec<String> = needles
+        .iter()
+        .flat_map(|(what, value)| {
+            places
+                .iter()
+                .filter(|(_, hay)| hay.contains(value.as_str()))
+                .map(move |(place, _)| format!("{what} appears in {place}"))
+        })
+        .collect();
+    assert!(leaks.is_empty(), "secrets leaked:\n{}", leaks.join("\n"));
+}
+
+/// Anything serializable, as JSON text.
+#[allow(dead_code)]
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}

@@ -13,9 +13,9 @@ struct Image {
     path: Vec<PathBuf>,
 }
 
-/// Image reference → local binaries.
+/// Image reference → local binaries, and the images' user ids → local users.
 #[derive(Debug, Clone, Default)]
-pub struct ImageTable(Vec<Image>);
+pub struct ImageTable(Vec<Image>, Vec<(u32, u32, u32)>);
 
 impl ImageTable {
     pub fn new() -> Self {
@@ -50,6 +50,29 @@ impl ImageTable {
             path: vec![dir],
         });
         self
+    }
+
+    /// `uid` (and the group of the same number) in the images is the local user `name`, as
+    /// upstream `postgres` images run Postgres as uid 999 and this machine has its own
+    /// `postgres` user. Ids without an entry run as themselves.
+    pub fn user(mut self, uid: u32, name: &str) -> Self {
+        let local = nix::unistd::User::from_name(name)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("local user {name:?} does not exist"));
+        self.1.push((uid, local.uid.as_raw(), local.gid.as_raw()));
+        self
+    }
+
+    /// The local `(uid, gid)` for an image's `runAsUser`/`runAsGroup`.
+    pub(crate) fn local_user(&self, uid: u32, gid: u32) -> (u32, u32) {
+        let uid = self.1.iter().find(|m| m.0 == uid).map_or(uid, |m| m.1);
+        (uid, self.local_group(gid))
+    }
+
+    /// The local gid for an image's group id (`runAsGroup`, `fsGroup`).
+    pub(crate) fn local_group(&self, gid: u32) -> u32 {
+        self.1.iter().find(|m| m.0 == gid).map_or(gid, |m| m.2)
     }
 
     fn find(&self, image: &str) -> Option<&Image> {

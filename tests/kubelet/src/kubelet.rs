@@ -226,6 +226,28 @@ impl Kubelet {
         container_logs(&self.shared.root, ns, pod, container)
     }
 
+    /// Every log line any container of any pod of `ns` wrote, over all incarnations: what a
+    /// test searches for what must never be logged (secrets).
+    pub fn namespace_logs(&self, ns: &str) -> String {
+        let prefix = format!("{ns}_");
+        let mut out = String::new();
+        for pod in std::fs::read_dir(self.shared.root.join("logs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        {
+            for file in std::fs::read_dir(pod.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                out.push_str(&std::fs::read_to_string(file.path()).unwrap_or_default());
+            }
+        }
+        out
+    }
+
     /// kill -9 of one container's processes (or the whole pod's), with no hooks: the containers
     /// restart under their restart policy, as after an OOM kill or a crash.
     pub fn kill(&self, ns: &str, pod: &str, container: Option<&str>) -> anyhow::Result<()> {

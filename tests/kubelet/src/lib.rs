@@ -3,9 +3,11 @@
 //! volumes, env, probes, restarts, graceful termination, events and logs, plus faults a test
 //! can inject. It talks to the API server over HTTP with kube-rs and watches pods, as a real
 //! kubelet does. Test support only, never in a shipped binary. See docs/kubelet.md.
-#![forbid(unsafe_code)]
+// One block may be unsafe: the read-only root and user applied between fork and exec (pod.rs).
+#![deny(unsafe_code)]
 
 mod images;
+mod isolation;
 mod kubelet;
 mod net;
 mod pod;

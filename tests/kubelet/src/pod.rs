@@ -3,10 +3,12 @@
 //! back to the API server, and graceful termination (preStop, SIGTERM, SIGKILL after the grace
 //! period) before the pod object is removed.
 //!
-//! Containers share the host's filesystem (no mount namespaces), so a `volumeMount` is a host
-//! directory, and the kubelet rewrites every mount path that appears in the container's
-//! `command`, `args`, env values and `workingDir` to that directory. A program that takes its
-//! paths from its arguments or env (as ours do) runs unchanged.
+//! Containers share the host's filesystem, so a `volumeMount` is a host directory, and the
+//! kubelet rewrites every mount path that appears in the container's `command`, `args`, env
+//! values and `workingDir` to that directory. A program that takes its paths from its arguments
+//! or env (as ours do) runs unchanged. A container with `readOnlyRootFilesystem` gets a mount
+//! namespace in which all of that filesystem but its volumes is read-only
+//! ([`crate::isolation`]).
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -24,6 +26,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::images::ImageTable;
+use crate::isolation::Isolation;
 use crate::kubelet::Shared;
 use crate::net::ApiProxy;
 use crate::probe::{ProbeSpec, run_handler};
@@ -137,6 +140,8 @@ pub(crate) struct ContainerRun {
     /// `(mountPath, host dir)`, longest mount path first.
     pub mounts: Vec<(String, PathBuf)>,
     pub user: Option<(u32, u32)>,
+    /// Applied between fork and exec: the read-only root and the user.
+    pub isolation: Isolation,
     pub workdir: PathBuf,
     pub log: PathBuf,
 }
@@ -214,8 +219,15 @@ impl ContainerRun {
             cmd.env(k, self.rewrite(v));
         }
         cmd.current_dir(&self.workdir);
-        if let Some((uid, gid)) = self.user {
-            cmd.uid(uid).gid(gid);
+        if !self.isolation.is_empty() {
+            let isolation = self.isolation.clone();
+            // SAFETY: `apply` runs in the forked child and only makes system calls (unshare,
+            // mount, setgroups, setgid, setuid) on data allocated before the fork: no lock, no
+            // allocation, which is what `pre_exec` requires.
+            #[allow(unsafe_code)]
+            unsafe {
+                cmd.pre_exec(move || isolation.apply());
+            }
         }
         cmd.stdin(std::process::Stdio::null());
         Ok(cmd)
@@ -568,7 +580,7 @@ async fn projection_files(
 
 /// The pod's user: the container's `securityContext.runAsUser`/`runAsGroup`, else the pod's,
 /// applied only when the kubelet runs as root.
-fn user_of(pod: &Value, c: &Value) -> Option<(u32, u32)> {
+fn user_of(images: &ImageTable, pod: &Value, c: &Value) -> Option<(u32, u32)> {
     if !nix::unistd::geteuid().is_root() {
         return None;
     }
@@ -579,7 +591,7 @@ fn user_of(pod: &Value, c: &Value) -> Option<(u32, u32)> {
             .map(|v| v as u32)
     };
     let uid = get("runAsUser")?;
-    Some((uid, get("runAsGroup").unwrap_or(uid)))
+    Some(images.local_user(uid, get("runAsGroup").unwrap_or(uid)))
 }
 
 /// Makes every volume's directory; returns volume name → host dir.
@@ -591,7 +603,7 @@ async fn prepare_volumes(
     let mut out = HashMap::new();
     let owner = pod
         .pointer("/spec/containers/0")
-        .and_then(|c| user_of(pod, c));
+        .and_then(|c| user_of(&shared.opts.images, pod, c));
     for vol in list(pod, "/spec/volumes") {
         let name = vol
             .get("name")
@@ -622,7 +634,7 @@ async fn prepare_volumes(
             let fs_group = pod
                 .pointer("/spec/securityContext/fsGroup")
                 .and_then(Value::as_u64)
-                .map(|g| g as u32);
+                .map(|g| shared.opts.images.local_group(g as u32));
             std::os::unix::fs::chown(&dir, Some(uid), Some(fs_group.unwrap_or(gid)))
                 .map_err(|e| e.to_string())?;
         }
@@ -668,7 +680,7 @@ async fn sync_volumes(
 ) {
     let owner = pod
         .pointer("/spec/containers/0")
-        .and_then(|c| user_of(&pod, c));
+        .and_then(|c| user_of(&shared.opts.images, &pod, c));
     loop {
         tokio::select! {
             _ = rt.gone.cancelled() => return,
@@ -813,10 +825,29 @@ async fn run_containers(shared: &Arc<Shared>, rt: &Arc<PodRt>, pod: &Value) -> R
             images: shared.opts.images.clone(),
             env: Vec::new(),
             mounts,
-            user: user_of(pod, c),
+            user: user_of(&shared.opts.images, pod, c),
+            isolation: Isolation::default(),
             workdir: rt.dir.clone(),
             log: rt.logs.join(format!("{name}.log")),
         };
+        let read_only = c
+            .pointer("/securityContext/readOnlyRootFilesystem")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let writable: Vec<PathBuf> = run
+            .mounts
+            .iter()
+            .filter(|(mp, _)| mp != SA_MOUNT)
+            .map(|(_, dir)| dir.clone())
+            .collect();
+        run.isolation = Isolation::new(read_only, &writable, run.user);
+        if read_only && !run.isolation.enforced() {
+            tracing::warn!(
+                "{}/{} container {name}: readOnlyRootFilesystem is not enforced (the kubelet does not run as root)",
+                rt.ns,
+                rt.name
+            );
+        }
         run.env = container_env(shared, rt, pod, c).await?;
         if let Some(w) = c.get("workingDir").and_then(Value::as_str) {
             run.workdir = PathBuf::from(run.rewrite(w));
@@ -1392,6 +1423,7 @@ mod tests {
             env: Vec::new(),
             mounts: vec![("/data".into(), PathBuf::from("/tmp/x/pvc"))],
             user: None,
+            isolation: Isolation::default(),
             workdir: PathBuf::from("/"),
             log: PathBuf::from("/dev/null"),
         };

@@ -184,7 +184,7 @@ where
     pgpilot_test_kubelet::wait::eventually(what, WAIT, f).await
 }
 
-/// A plain HTTP/1.1 request to a pod; the body on 2xx, else the status line.
+/// A plain HTTP/1.1 request to a pod; the body on 2xx, else the status line and the body.
 async fn http(ip: Ipv4Addr, method: &str, path: &str, body: &str) -> Result<String, String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut s = tokio::net::TcpStream::connect((ip, 8080))
@@ -205,7 +205,9 @@ async fn http(ip: Ipv4Addr, method: &str, path: &str, body: &str) -> Result<Stri
     if head.starts_with("HTTP/1.1 2") {
         Ok(rest.to_string())
     } else {
-        Err(head.lines().next().unwrap_or_default().to_string())
+        // The status line, then the body (the error a test app route reports).
+        let status = head.lines().next().unwrap_or_default();
+        Err(format!("{status} {rest}").trim_end().to_string())
     }
 }
 
@@ -361,6 +363,60 @@ async fn pvc_data_survives_pod_deletion() {
             .join("hello")
             .exists()
     );
+    c.ns.cleanup().await.expect("cleanup");
+}
+
+#[tokio::test]
+async fn read_only_root_filesystem_and_run_as_user_are_enforced() {
+    // uid 999 in the image is this machine's `postgres` user, as for the agents' pods.
+    let images = ImageTable::new()
+        .binary("kubelet-test-app:*", APP)
+        .user(999, "postgres");
+    let c = Cluster::start_with("rofs", images).await;
+    let postgres = nix::unistd::User::from_name("postgres")
+        .expect("passwd")
+        .expect("a postgres user");
+    // A directory outside every volume that anyone may write: only the read-only root stops it.
+    let outside = tempfile::tempdir().expect("tempdir");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o777))
+        .expect("chmod");
+    let mut container = with_data_mount(app_container(json!([
+        {"name": "OUTSIDE_DIR", "value": outside.path().to_str().expect("utf-8")},
+        {"name": "SCRATCH_DIR", "value": "/scratch"},
+    ])));
+    container["volumeMounts"]
+        .as_array_mut()
+        .expect("mounts")
+        .push(json!({"name": "scratch", "mountPath": "/scratch"}));
+    container["securityContext"] = json!({"readOnlyRootFilesystem": true,
+        "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}});
+    let mut sts = statefulset("ro", 1, container);
+    sts["spec"]["template"]["spec"]["securityContext"] =
+        json!({"runAsUser": 999, "runAsGroup": 999, "fsGroup": 999, "runAsNonRoot": true});
+    sts["spec"]["template"]["spec"]["volumes"] = json!([{"name": "scratch", "emptyDir": {}}]);
+    c.create::<StatefulSet>(sts).await;
+    let ip = pod_ip(&c.ready_pod("ro-0", None).await);
+    // The volumes are writable, by the mapped user.
+    for var in ["DATA_DIR", "SCRATCH_DIR"] {
+        http(ip, "PUT", &format!("/files/{var}/f"), "x")
+            .await
+            .unwrap_or_else(|e| panic!("writing into {var}: {e}"));
+    }
+    let meta = std::fs::metadata(c.kubelet.pvc_dir(c.ns(), "data-ro-0").join("f")).expect("f");
+    use std::os::unix::fs::MetadataExt as _;
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (postgres.uid.as_raw(), postgres.gid.as_raw())
+    );
+    // Anywhere else is the image's read-only filesystem.
+    let refused = http(ip, "PUT", "/files/OUTSIDE_DIR/f", "x")
+        .await
+        .expect_err("a write outside the volumes");
+    assert!(refused.contains("Read-only file system"), "{refused}");
+    assert!(!outside.path().join("f").exists());
+    // The host's view is unchanged.
+    std::fs::write(outside.path().join("host"), "x").expect("the host still writes there");
     c.ns.cleanup().await.expect("cleanup");
 }
 

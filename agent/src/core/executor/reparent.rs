@@ -514,12 +514,13 @@ impl Executor {
                 up.url, up.timeline
             ))
         })?;
+        let q = crate::postgres::tls::conninfo_quote;
         let source = format!(
-            "host={} port={} user={} dbname=postgres passfile={} connect_timeout=5",
-            up.host,
+            "{} port={} user={} dbname=postgres passfile={} connect_timeout=5",
+            crate::postgres::tls::peer_conninfo(cfg, &up.host),
             up.port,
-            cfg.superuser,
-            replication::pgpass_path(cfg).display()
+            q(&cfg.superuser),
+            q(&replication::pgpass_path(cfg).display().to_string())
         );
         let mut cmd = tokio::process::Command::new(&tool);
         cmd.arg("--target-pgdata")
@@ -558,18 +559,39 @@ impl Executor {
     async fn source_checkpointed(&self, up: &Upstream) -> Result<(), String> {
         let cfg = &self.ctx.cfg;
         let mut pg = tokio_postgres::Config::new();
-        pg.host(&up.host)
-            .port(up.port)
+        for (k, v) in crate::postgres::tls::peer_params(cfg, &up.host) {
+            match k {
+                "host" => pg.host(&v),
+                "hostaddr" => pg.hostaddr(v.parse().map_err(|e| format!("{v}: {e}"))?),
+                // The connector below verifies the chain and the name, whatever the mode says.
+                "sslmode" => pg.ssl_mode(tokio_postgres::config::SslMode::Require),
+                _ => &mut pg,
+            };
+        }
+        pg.port(up.port)
             .user(&cfg.superuser)
             .password(self.ctx.superuser_password.expose())
             .dbname("postgres")
             .application_name("pgpilot-agent")
             .connect_timeout(Duration::from_secs(5));
-        let (client, conn) = pg
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        tokio::spawn(conn);
+        let client = match crate::postgres::tls::peer_connector(cfg)? {
+            Some(tls) => {
+                let (client, conn) = pg
+                    .connect(pgpilot_common::tls::postgres::MakeRustls::new(tls))
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                tokio::spawn(conn);
+                client
+            }
+            None => {
+                let (client, conn) = pg
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                tokio::spawn(conn);
+                client
+            }
+        };
         let control_timeline = || async {
             client
                 .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])

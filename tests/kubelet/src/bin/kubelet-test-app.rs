@@ -89,9 +89,10 @@ async fn main() -> anyhow::Result<()> {
             })
             .put(
                 |Path((var, name)): Path<(String, String)>, body: String| async move {
-                    std::fs::write(dir_file(&var, &name)?, body)
+                    let path = dir_file(&var, &name).map_err(|s| (s, String::new()))?;
+                    std::fs::write(path, body)
                         .map(|_| "written")
-                        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)
+                        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
                 },
             ),
         )
