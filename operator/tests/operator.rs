@@ -515,6 +515,60 @@ async fn a_sharded_cluster_becomes_ready_serves_each_shard_and_scales() {
     env.ns.cleanup().await.expect("cleanup");
 }
 
+/// Writes Secret `secret` (type kubernetes.io/tls) with a certificate for `cluster`'s agents
+/// from a CA of the test's own; returns that CA's PEM.
+async fn own_tls_secret(env: &Env, cluster: &str, secret: &str) -> String {
+    use pgpilot_common::tls::issue::{Validity, leaf, new_ca};
+    let v = Validity::starting_now(Duration::from_secs(30 * 86400));
+    let ca = new_ca("the test's own CA", v).unwrap();
+    let name = pgpilot_operator::tls::server_name(cluster, env.ns.name());
+    let cert = leaf(&ca, &[name], v).unwrap();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(env.client.clone(), env.ns.name());
+    let body = serde_json::from_value(json!({"metadata": {"name": secret},
+        "type": "kubernetes.io/tls",
+        "stringData": {"tls.crt": cert.cert_pem, "tls.key": cert.key_pem, "ca.crt": ca.cert_pem}}))
+    .unwrap();
+    secrets.create(&PostParams::default(), &body).await.unwrap();
+    ca.cert_pem
+}
+
+/// Every agent of `cluster` serves the certificate of Secret-mode TLS (verified against
+/// `ca_pem` under the cluster's name), and the operator made no CA of its own.
+async fn assert_serves_own_certificate(env: &Env, cluster: &str, ca_pem: &str) {
+    let ns = env.ns.name();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(env.client.clone(), ns);
+    assert!(
+        secrets
+            .get_opt(&format!("{cluster}-ca"))
+            .await
+            .unwrap()
+            .is_none(),
+        "mode secret: the operator keeps no CA"
+    );
+    let name = pgpilot_operator::tls::server_name(cluster, ns);
+    let tls = pgpilot_common::tls::client_config(ca_pem.as_bytes(), &name, None).unwrap();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .unwrap();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), ns);
+    let list = pods
+        .list(&kube::api::ListParams::default().labels(&format!("pgpilot.io/cluster={cluster}")))
+        .await
+        .unwrap();
+    assert!(!list.items.is_empty());
+    for pod in list.items {
+        let ip = pod.status.and_then(|s| s.pod_ip).expect("a pod IP");
+        let r = http
+            .get(format!("https://{ip}:8008/healthz"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{ip}: {e:?}"));
+        assert_eq!(r.status(), 200);
+    }
+}
+
 /// Postgres serves the operator's certificate and takes TCP only over TLS, the replicas stream
 /// over verified TLS, and everything in the pods runs as the image's postgres user on a
 /// read-only root filesystem (the test kubelet enforces it: its `isolation` module).
@@ -793,7 +847,18 @@ async fn databases_made_with_sql_are_adopted_and_every_shard_converges() {
     const SALES: &str = "Sales Q4";
     const ODD: &str = "o'Brien \"Ü\"";
     let env = Env::start("dbsync").await;
-    env.create_ready("orders", 2, 2, json!({})).await;
+    // `spec.tls.mode: secret`: the agents' certificate from a Secret of one's own, as
+    // cert-manager writes one (tls.crt, tls.key, ca.crt); the operator keeps no CA then and
+    // calls the agents with the token, verifying them against that ca.crt.
+    let own_ca = own_tls_secret(&env, "orders", "orders-own-tls").await;
+    env.create_ready(
+        "orders",
+        2,
+        2,
+        json!({"tls": {"mode": "secret", "secretName": "orders-own-tls"}}),
+    )
+    .await;
+    assert_serves_own_certificate(&env, "orders", &own_ca).await;
     let get = || async { env.clusters().get("orders").await.ok() };
     let s0 = env.sql("orders-shard-0-rw").await;
     let s1 = env.sql("orders-shard-1-rw").await;
@@ -1003,19 +1068,14 @@ async fn databases_made_with_sql_are_adopted_and_every_shard_converges() {
         let s = secrets.get("orders-secrets").await.expect("the Secret");
         String::from_utf8(s.data.unwrap()["token"].0.clone()).unwrap()
     };
-    // As a person with the token would: HTTPS, the agent verified against the cluster's CA.
-    let tls = {
-        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
-            Api::namespaced(env.client.clone(), env.ns.name());
-        let ca = secrets.get("orders-ca").await.expect("the cluster's CA");
-        let ca = ca.data.unwrap()["ca.crt"].0.clone();
-        pgpilot_common::tls::client_config(
-            &ca,
-            &pgpilot_operator::tls::server_name("orders", env.ns.name()),
-            None,
-        )
-        .unwrap()
-    };
+    // As a person with the token would: HTTPS, the agent verified against the CA of the
+    // cluster's own certificate (mode secret).
+    let tls = pgpilot_common::tls::client_config(
+        own_ca.as_bytes(),
+        &pgpilot_operator::tls::server_name("orders", env.ns.name()),
+        None,
+    )
+    .unwrap();
     let done = controller::agent_at(&ip.to_string(), Some(token), Some(tls))
         .switchover(&pgpilot_common::api::SwitchoverRequest { candidate: None })
         .await
@@ -1100,6 +1160,8 @@ async fn databases_made_with_sql_are_adopted_and_every_shard_converges() {
     // The cluster resource deleted while its pods still run (orphaned): the agents stop
     // syncing, and a database made now never brings the resource back (their applies carry
     // the resourceVersion they read, so none can create it).
+    // (The session is opened first: its TLS is verified against the CA the cluster names.)
+    let s0 = env.sql("orders-shard-0-rw").await;
     let orphan = kube::api::DeleteParams {
         propagation_policy: Some(kube::api::PropagationPolicy::Orphan),
         ..Default::default()
@@ -1117,7 +1179,6 @@ async fn databases_made_with_sql_are_adopted_and_every_shard_converges() {
             .then_some(())
     })
     .await;
-    let s0 = env.sql("orders-shard-0-rw").await;
     s0.batch_execute(r#"CREATE DATABASE "after delete""#)
         .await
         .expect("CREATE DATABASE after the cluster was deleted");
@@ -1238,11 +1299,16 @@ async fn pg_connect(
     cfg: tokio_postgres::Config,
 ) -> Result<tokio_postgres::Client, String> {
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
-    let ca = secrets
-        .get_opt(&format!("{cluster}-agent-tls"))
-        .await
-        .map_err(|e| e.to_string())?
-        .and_then(|s| s.data?.remove("ca.crt"));
+    let clusters: Api<PostgresCluster> = Api::namespaced(client.clone(), ns);
+    let pc = clusters.get(cluster).await.map_err(|e| e.to_string())?;
+    let ca = match pgpilot_operator::tls::agent_secret(&pc) {
+        Some(secret) => secrets
+            .get_opt(&secret)
+            .await
+            .map_err(|e| e.to_string())?
+            .and_then(|s| s.data?.remove("ca.crt")),
+        None => None,
+    };
     let c = match ca {
         Some(ca) => {
             let name = pgpilot_operator::tls::server_name(cluster, ns);
