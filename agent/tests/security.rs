@@ -438,6 +438,114 @@ async fn world_readable_secret_files_are_refused_at_start() {
     );
 }
 
+/// A physical replication session as `replicator` (startup parameter `replication=true`,
+/// SCRAM-SHA-256), its TCP connection made from `source`, a loopback address of the test's
+/// choosing (libpq and tokio-postgres cannot choose theirs, nor start a replication session):
+/// `Ok` once the server is ready for queries, else the server's error message.
+async fn replication_from(fx: &AgentFixture, source: &str) -> Result<(), String> {
+    use bytes::BytesMut;
+    use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+    use postgres_protocol::message::{backend, frontend};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let password = std::fs::read_to_string(fx.dir.path().join("replication-password")).unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut stream = socket
+        .connect(format!("127.0.0.1:{}", fx.pg_port).parse().unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = BytesMut::new();
+    frontend::startup_message(
+        [
+            ("user", "replicator"),
+            ("database", "replication"),
+            ("replication", "true"),
+        ],
+        &mut out,
+    )
+    .unwrap();
+    stream.write_all(&out).await.unwrap();
+    let mut input = BytesMut::new();
+    let mut scram: Option<ScramSha256> = None;
+    loop {
+        let (message, raw) = loop {
+            let raw = input.clone();
+            if let Some(m) = backend::Message::parse(&mut input).map_err(|e| e.to_string())? {
+                break (m, raw);
+            }
+            if stream
+                .read_buf(&mut input)
+                .await
+                .map_err(|e| e.to_string())?
+                == 0
+            {
+                return Err("the server closed the connection".into());
+            }
+        };
+        out.clear();
+        match message {
+            backend::Message::AuthenticationSasl(_) => {
+                let s = ScramSha256::new(password.trim().as_bytes(), ChannelBinding::unsupported());
+                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out).unwrap();
+                scram = Some(s);
+            }
+            backend::Message::AuthenticationSaslContinue(body) => {
+                let s = scram.as_mut().expect("SASL began");
+                s.update(body.data()).map_err(|e| e.to_string())?;
+                frontend::sasl_response(s.message(), &mut out).unwrap();
+            }
+            backend::Message::AuthenticationSaslFinal(body) => {
+                let s = scram.as_mut().expect("SASL began");
+                s.finish(body.data()).map_err(|e| e.to_string())?;
+            }
+            backend::Message::ReadyForQuery(_) => return Ok(()),
+            // Its fields (severity, code, message …) as text.
+            backend::Message::ErrorResponse(_) => {
+                return Err(String::from_utf8_lossy(&raw).replace('\0', " "));
+            }
+            _ => {}
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await.unwrap();
+        }
+    }
+}
+
+/// pg_hba.conf takes replication only from loopback and the addresses of the replicas that
+/// registered (`POST /v1/replicas`), though `allow_networks` admits every loopback address for
+/// ordinary sessions; a replica's address is in force when its registration answers.
+#[tokio::test]
+async fn replication_is_taken_only_from_registered_replicas() {
+    let toml = "\n[postgres]\nallow_networks = [\"127.0.0.0/8\"]\n";
+    let fx = AgentFixture::start_with(agent_bin!(), 15, AgentOptions::toml(toml))
+        .await
+        .unwrap();
+    assert_eq!(replication_from(&fx, "127.0.0.1").await, Ok(()));
+    let before = replication_from(&fx, "127.0.0.77").await;
+    assert!(
+        before.as_ref().is_err_and(|e| e
+            .contains("no pg_hba.conf entry for replication connection from host \"127.0.0.77\"")),
+        "{before:?}"
+    );
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("http://{}/v1/replicas", fx.loopback))
+        .bearer_auth(&fx.token)
+        .json(&serde_json::json!({"name": "replica-77", "api_url": "http://127.0.0.77:8008"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    assert_eq!(replication_from(&fx, "127.0.0.77").await, Ok(()));
+    let other = replication_from(&fx, "127.0.0.78").await;
+    assert!(
+        other
+            .as_ref()
+            .is_err_and(|e| e.contains("no pg_hba.conf entry for replication connection")),
+        "{other:?}"
+    );
+}
+
 mod tls {
     use super::*;
     use pgpilot_common::tls::issue::{Issued, Validity, leaf, new_ca};

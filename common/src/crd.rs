@@ -135,7 +135,7 @@ pub enum Ensure {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupSpec {
-    /// Store URL: `s3://bucket/prefix`, `gs://…`, `az://…` or `file:///path`.
+    /// Store URL: `s3://bucket/prefix`, `gs://…` or `az://…`.
     pub store: String,
     /// Secret whose keys are the store client's environment variables (`AWS_ACCESS_KEY_ID`,
     /// `AWS_SECRET_ACCESS_KEY`, `GOOGLE_SERVICE_ACCOUNT_KEY`, `AZURE_STORAGE_ACCOUNT_KEY`, …;
@@ -678,18 +678,22 @@ pub fn parse_quantity(q: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-/// A store URL the agent accepts: `s3://`, `gs://`, `az://` or `file://`, with a bucket or
-/// path.
+/// A store URL a cluster's agents can use: `s3://`, `gs://` or `az://`, with a bucket. Not
+/// `file://`: the pods mount no volume at its path and their root filesystem is read-only
+/// (a standalone agent takes `file://`).
 pub fn check_store_url(url: &str) -> Result<(), String> {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return Err(
-            "not a URL (expected s3://bucket/prefix, gs://…, az://… or file:///path)".into(),
-        );
+        return Err("not a URL (expected s3://bucket/prefix, gs://… or az://…)".into());
     };
-    if !matches!(scheme, "s3" | "gs" | "az" | "file") {
-        return Err(format!(
-            "unknown scheme {scheme:?} (use s3, gs, az or file)"
-        ));
+    if scheme == "file" {
+        return Err(
+            "a file:// store is not supported in a cluster: its pods mount no volume at that \
+             path and their root filesystem is read-only; use s3://, gs:// or az://"
+                .into(),
+        );
+    }
+    if !matches!(scheme, "s3" | "gs" | "az") {
+        return Err(format!("unknown scheme {scheme:?} (use s3, gs or az)"));
     }
     if rest.trim_matches('/').is_empty() {
         return Err("names no bucket or path".into());

@@ -2,9 +2,9 @@
 //! pods run by the test kubelet as real pgpilot-agents with PostgreSQL 15 (docs/operator.md).
 //! With `KUBECONFIG` set, against that cluster instead (no server or kubelet started here): its
 //! nodes run the pods from `PGPILOT_TEST_AGENT_IMAGE` and `postgres:15`; the tests reach the pods
-//! by their IPs and read the file:// backup store under the system temp dir, so the cluster's
-//! pods must be routable from here and share that directory (the test kubelet's
-//! `examples/serve` does both; a kind node with the temp dir mounted does too).
+//! by their IPs and the backup test's S3 server (s3s-fs) on this host's 127.0.0.1, so the
+//! cluster's pods must be routable from here and reach it (the test kubelet's `examples/serve`
+//! does both).
 //! What a user sees: the cluster's status and conditions, its Services, and the rows in each
 //! shard's Postgres.
 
@@ -1703,9 +1703,25 @@ async fn two_operator_replicas_never_both_act_and_a_killed_leader_is_replaced() 
 #[tokio::test]
 async fn postgres_backups_retention_schedule_and_a_cluster_restored_from_them() {
     let env = Env::start("operator-backup").await;
-    let store = tempfile::tempdir().expect("store dir");
-    let url = format!("file://{}", store.path().display());
-    let backup = json!({"store": url, "compression": "lz4", "retention": {"keepLast": 1}});
+    // The store: an S3 server (s3s-fs keeps each object as a file under the bucket's dir, so
+    // the test reads what was stored from there). The pods' root filesystem is read-only: a
+    // store must be a service, and file:// is refused for clusters.
+    let s3 = pgpilot_test_support::s3::S3Server::start().expect("s3s-fs");
+    s3.create_bucket("backups").expect("bucket");
+    let store = s3.data_dir().join("backups");
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(env.client.clone(), env.ns.name());
+    let creds = serde_json::from_value(json!({"metadata": {"name": "store-credentials"},
+        "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT": s3.endpoint, "AWS_ALLOW_HTTP": "true"}}))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &creds)
+        .await
+        .expect("the store's credentials");
+    let url = "s3://backups";
+    let backup = json!({"store": url, "credentialsSecret": "store-credentials",
+        "compression": "lz4", "retention": {"keepLast": 1}});
     env.create_ready("orders", 2, 2, json!({ "backup": backup }))
         .await;
     let backups: Api<PostgresBackup> = Api::namespaced(env.client.clone(), env.ns.name());
@@ -1766,7 +1782,7 @@ async fn postgres_backups_retention_schedule_and_a_cluster_restored_from_them() 
     // Retention (keepLast 1), applied by the agent before a backup shows completed: shard-1
     // took two backups and keeps only the newest; shard-0 keeps its one.
     let manifests = |shard: &str| -> Vec<String> {
-        let dir = store.path().join(format!("orders/{shard}/backups"));
+        let dir = store.join(format!("orders/{shard}/backups"));
         let mut ids: Vec<String> = std::fs::read_dir(&dir)
             .map(|d| d.filter_map(Result::ok).collect::<Vec<_>>())
             .unwrap_or_default()
@@ -1870,9 +1886,7 @@ async fn postgres_backups_retention_schedule_and_a_cluster_restored_from_them() 
         .await
         .unwrap()
         .get(0);
-    let archived = store
-        .path()
-        .join(format!("orders/shard-0/wal/{seg}.pgpilot"));
+    let archived = store.join(format!("orders/shard-0/wal/{seg}.pgpilot"));
     eventually("the rows after the target archived", || async {
         archived.exists().then_some(())
     })
@@ -1881,8 +1895,8 @@ async fn postgres_backups_retention_schedule_and_a_cluster_restored_from_them() 
         "copy",
         1,
         2,
-        json!({"backup": {"store": format!("file://{}", store.path().display())},
-            "bootstrap": {"fromBackup": {"store": format!("file://{}", store.path().display()),
+        json!({"backup": {"store": url, "credentialsSecret": "store-credentials"},
+            "bootstrap": {"fromBackup": {"store": url, "credentialsSecret": "store-credentials",
                 "cluster": "orders", "targetTime": target.to_string()}}}),
     )
     .await;
@@ -1901,7 +1915,7 @@ async fn postgres_backups_retention_schedule_and_a_cluster_restored_from_them() 
         "exactly the rows committed before the target"
     );
     // The copy archives into its own prefix, and its replica streams from the restored primary.
-    let copy_wal = store.path().join("copy/shard-0/wal");
+    let copy_wal = store.join("copy/shard-0/wal");
     eventually("the copy archives its own WAL", || async {
         std::fs::read_dir(&copy_wal).ok()?.next().map(|_| ())
     })

@@ -574,12 +574,20 @@ impl Executor {
                 .data_dir
                 .join(crate::files::RECOVERY_SIGNAL)
                 .exists();
+        let replicas: Vec<String> = self
+            .repl
+            .registry
+            .replicas
+            .values()
+            .filter_map(|url| pgpilot_common::client::url_host(url))
+            .collect();
         conf::render_all(
             &self.ctx.cfg,
             params,
             standby.as_ref(),
             self.ctx.owner.as_ref(),
             restoring,
+            &replicas,
         )
     }
 

@@ -116,7 +116,11 @@ pub fn render_pgpilot_conf(
 /// `restoring`: a restore is replaying a backup whose catalog holds another cluster's (or an
 /// older) superuser password, so the agent's own superuser may connect over the Unix socket
 /// without one until the agent has set its password, once Postgres is promoted.
-pub fn render_pg_hba(cfg: &Config, restoring: bool) -> String {
+///
+/// `replicas`: where the registered replicas connect from (their API URLs' hosts). Replication
+/// connections are taken from those addresses and loopback only; a registered replica whose
+/// host is a name, not an address, widens replication to `allow_networks`.
+pub fn render_pg_hba(cfg: &Config, restoring: bool, replicas: &[String]) -> String {
     let mut s = String::from(
         "# Rendered by pgpilot-agent at every start and reload: edits here are overwritten.\n\
          # TYPE  DATABASE     USER             ADDRESS          METHOD\n",
@@ -144,12 +148,29 @@ pub fn render_pg_hba(cfg: &Config, restoring: bool) -> String {
     } else {
         "host   "
     };
-    let mut nets = vec!["127.0.0.1/32".to_string(), "::1/128".to_string()];
-    nets.extend(cfg.allow_networks.iter().cloned());
-    for net in &nets {
+    let loopback = ["127.0.0.1/32".to_string(), "::1/128".to_string()];
+    for net in loopback.iter().chain(&cfg.allow_networks) {
         s.push_str(&format!(
             "{host} all          all              {net:<16} scram-sha-256\n"
         ));
+    }
+    let mut from: Vec<String> = loopback.to_vec();
+    let mut named = false;
+    for r in replicas {
+        match r.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                let net = format!("{ip}/{}", if ip.is_ipv4() { 32 } else { 128 });
+                if !from.contains(&net) {
+                    from.push(net);
+                }
+            }
+            Err(_) => named = true,
+        }
+    }
+    if named {
+        from.extend(cfg.allow_networks.iter().cloned());
+    }
+    for net in &from {
         s.push_str(&format!(
             "{host} replication  {repl:<16} {net:<16} scram-sha-256\n"
         ));
@@ -206,6 +227,7 @@ pub fn render_all(
     standby: Option<&StandbyConf>,
     owner: Option<&super::OsUser>,
     restoring: bool,
+    replicas: &[String],
 ) -> std::io::Result<Vec<String>> {
     let conf_path = cfg.data_dir.join(INCLUDE_FILE);
     let before = std::fs::read_to_string(&conf_path)
@@ -223,7 +245,7 @@ pub fn render_all(
     write_if_changed(&conf_path, &new, owner)?;
     write_if_changed(
         &cfg.data_dir.join("pg_hba.conf"),
-        &render_pg_hba(cfg, restoring),
+        &render_pg_hba(cfg, restoring, replicas),
         owner,
     )?;
     ensure_include(&cfg.data_dir.join("postgresql.conf"), owner)?;
@@ -349,16 +371,16 @@ mod tests {
         let mut c = cfg("");
         c.data_dir = dir.path().to_path_buf();
         std::fs::write(dir.path().join("postgresql.conf"), "shared_buffers = 128MB").unwrap();
-        let first = render_all(&c, &BTreeMap::new(), None, None, false).unwrap();
+        let first = render_all(&c, &BTreeMap::new(), None, None, false, &[]).unwrap();
         assert!(first.contains(&"port".to_string()));
         let mut user = BTreeMap::new();
         user.insert("work_mem".to_string(), "16MB".to_string());
         assert_eq!(
-            render_all(&c, &user, None, None, false).unwrap(),
+            render_all(&c, &user, None, None, false, &[]).unwrap(),
             vec!["work_mem".to_string()]
         );
         assert_eq!(
-            render_all(&c, &BTreeMap::new(), None, None, false).unwrap(),
+            render_all(&c, &BTreeMap::new(), None, None, false, &[]).unwrap(),
             vec!["work_mem".to_string()]
         );
         let main = std::fs::read_to_string(dir.path().join("postgresql.conf")).unwrap();
@@ -373,7 +395,7 @@ mod tests {
         let c = cfg(
             "[tls]\ncert_file = \"/t/tls.crt\"\nkey_file = \"/t/tls.key\"\nca_file = \"/t/ca.crt\"\nserver_name = \"orders.db.agents.pgpilot.internal\"\n",
         );
-        let hba = render_pg_hba(&c, false);
+        let hba = render_pg_hba(&c, false, &[]);
         assert!(
             hba.contains("hostssl replication  replicator       127.0.0.1/32"),
             "{hba}"
@@ -396,10 +418,44 @@ mod tests {
         );
         // Off with `postgres = false`, and without [tls].
         let off = cfg("[tls]\ncert_file = \"/t/c\"\nkey_file = \"/t/k\"\npostgres = false\n");
-        assert!(!render_pg_hba(&off, false).contains("hostssl"));
+        assert!(!render_pg_hba(&off, false, &[]).contains("hostssl"));
         assert_eq!(
             super::super::tls::peer_conninfo(&off, "10.1.2.3"),
             "host='10.1.2.3'"
+        );
+    }
+
+    #[test]
+    fn replication_is_taken_from_loopback_and_the_registered_replicas_only() {
+        let c = cfg("[postgres]\nallow_networks = [\"10.0.0.0/8\"]\n");
+        let hba = render_pg_hba(&c, false, &[]);
+        let repl: Vec<&str> = hba
+            .lines()
+            .filter(|l| l.starts_with("host") && l.contains(" replication "))
+            .collect();
+        assert_eq!(repl.len(), 2, "{hba}");
+        assert!(
+            hba.contains("all          all              10.0.0.0/8"),
+            "{hba}"
+        );
+        let hba = render_pg_hba(&c, false, &["10.1.2.3".into(), "fd00::7".into()]);
+        assert!(
+            hba.contains("replication  replicator       10.1.2.3/32"),
+            "{hba}"
+        );
+        assert!(
+            hba.contains("replication  replicator       fd00::7/128"),
+            "{hba}"
+        );
+        assert!(
+            !hba.contains("replication  replicator       10.0.0.0/8"),
+            "{hba}"
+        );
+        // A replica known by name only: replication from allow_networks.
+        let hba = render_pg_hba(&c, false, &["db-1.example".into()]);
+        assert!(
+            hba.contains("replication  replicator       10.0.0.0/8"),
+            "{hba}"
         );
     }
 }

@@ -273,6 +273,13 @@ impl Executor {
                 .insert(req.name.clone(), req.api_url.clone());
             self.repl.registry.save(cfg).map_err(|e| fail(&e))?;
             tracing::info!(replica = %req.name, api_url = %req.api_url, "replica registered");
+            // pg_hba.conf takes replication from the registered replicas' addresses: this one's
+            // is in it, and loaded, before the replica clones or streams.
+            self.render_conf().map_err(|e| fail(&e))?;
+            if let Some(pm) = &self.pm {
+                pm.reload();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
         Ok(RegisterReplicaResponse {
             primary: cfg.replication.name.clone(),
