@@ -1761,19 +1761,40 @@ def _p6(work, reps, scale, n):
     def rss_now():
         return agent.proc_stat()[2]
 
+    after_s = (1, 5, 10)
+
+    def after_series(t_end):
+        """The agent's VmRSS 1, 5 and 10 s after the work ended (at t_end, time.monotonic())."""
+        out = []
+        for s in after_s:
+            time.sleep(max(0.0, t_end + s - time.monotonic()))
+            out.append(rss_now())
+        return out
+
     time.sleep(5)
     samples["idle, 5 s after start"] = [rss_now()]
     time.sleep(idle_wait - 5)
     samples[f"idle, {idle_wait} s after start"] = [rss_now()]
     log(f"==> P6 idle: {samples}")
+    speeds = {}  # state -> MB/s of the work (10^6 bytes per second)
 
     def peak_during(fn):
         """VmHWM of the agent (reset first) and the peak summed RSS of the agent and its wal-push
-        children, sampled every 100 ms, while fn runs."""
+        children, sampled every 100 ms, while fn runs; with fn's wall seconds and when it ended."""
         sampler = agent_sampler(agent)
+        t0 = time.perf_counter()
         fn()
+        wall = time.perf_counter() - t0
+        t_end = time.monotonic()
         _, peak = sampler.stop()
-        return max(agent.proc_stat()[1], peak)
+        return max(agent.proc_stat()[1], peak), wall, t_end
+
+    def record(what, then, peak, after, mb_s):
+        """Rows `what: peak` (with the work's MB/s) and `N s after {then}` for each after sample."""
+        samples.setdefault(f"{what}: peak", []).append(peak)
+        speeds.setdefault(f"{what}: peak", []).append(mb_s)
+        for s, rss in zip(after_s, after):
+            samples.setdefault(f"{s} s after {then}", []).append(rss)
 
     log(f"==> P6: pgbench -i -s {scale}")
     sh([f"{PGBIN}/pgbench", "-i", "-s", str(scale), "-q"], env=agent.pgenv())
@@ -1785,14 +1806,14 @@ def _p6(work, reps, scale, n):
             agent.stop()
             configure(conc)
             agent.start()
-            peak = peak_during(lambda: sh([AGENT, "backup", *api, "--label", "p6"],
-                                          env={**os.environ, "PGPILOT_LOG": "warn"}))
-            time.sleep(10)
-            after = rss_now()
-            log(f"    backup, concurrency {conc}: peak {peak / 1024:.0f} MiB, 10 s later {after / 1024:.0f} MiB")
-            samples.setdefault(f"base backup ({db_bytes / 1e9:.1f} GB), upload_concurrency {conc}: peak",
-                               []).append(peak)
-            samples.setdefault(f"10 s after that backup (upload_concurrency {conc})", []).append(after)
+            peak, wall, t_end = peak_during(lambda: sh([AGENT, "backup", *api, "--label", "p6"],
+                                                       env={**os.environ, "PGPILOT_LOG": "warn"}))
+            after = after_series(t_end)
+            mb_s = db_bytes / 1e6 / wall
+            log(f"    backup, concurrency {conc}: {mb_s:.0f} MB/s, peak {peak / 1024:.0f} MiB, 1/5/10 s later "
+                + "/".join(f"{a / 1024:.0f}" for a in after) + " MiB")
+            record(f"base backup ({db_bytes / 1e9:.1f} GB), upload_concurrency {conc}",
+                   f"that backup (upload_concurrency {conc})", peak, after, mb_s)
             drop_backups(store)
 
     # A WAL backlog written once while archiving fails, drained from a copy of it each time.
@@ -1820,30 +1841,43 @@ def _p6(work, reps, scale, n):
                 give_back_file_store(where)
                 agent.psql("INSERT INTO nudge VALUES (1); SELECT pg_switch_wal()")
                 wait_drained(agent.pgdata)
-            peak = peak_during(drain)
+            peak, wall, t_end = peak_during(drain)
+            after = after_series(t_end)
             agent.stop()
             shutil.rmtree(where)
-            log(f"    drain of {len(backlog)} segments, push_concurrency {conc}: peak {peak / 1024:.0f} MiB")
-            samples.setdefault(f"draining {len(backlog)} ready segments, push_concurrency {conc} "
-                               f"(look-ahead window {2 * conc}): peak", []).append(peak)
+            mb_s = len(backlog) * 16 * 2**20 / 1e6 / wall
+            log(f"    drain of {len(backlog)} segments, push_concurrency {conc}: {mb_s:.0f} MB/s, peak "
+                f"{peak / 1024:.0f} MiB, 1/5/10 s later " + "/".join(f"{a / 1024:.0f}" for a in after) + " MiB")
+            record(f"draining {len(backlog)} ready segments, push_concurrency {conc} (look-ahead window {2 * conc})",
+                   f"that drain (push_concurrency {conc})", peak, after, mb_s)
 
-    rows = [{"state": k, "n": len(v), "min_mib": min(v) / 1024, "max_mib": max(v) / 1024} for k, v in samples.items()]
+    rows = []
+    for k, v in samples.items():
+        row = {"state": k, "n": len(v), "min_mib": min(v) / 1024, "max_mib": max(v) / 1024}
+        if k in speeds:
+            row["min_mb_s"], row["max_mb_s"] = min(speeds[k]), max(speeds[k])
+        rows.append(row)
     meta["load_after"] = loadavg()
     meta["settings"] = {
         "agent": "release build, standalone, its Postgres 15 running, file:// store on the same disk, zstd-1 + "
                  "AES-256-GCM, 1 MiB chunks",
-        "measured": "idle: VmRSS of the agent process; at work: the larger of the agent's VmHWM (reset before) "
-                    "and the peak summed RSS of the agent and its wal-push processes sampled every 100 ms; "
-                    "Postgres not included",
+        "measured": "idle: VmRSS of the agent process; at work (peak): the larger of the agent's VmHWM (reset "
+                    "before) and the peak summed RSS of the agent and its wal-push processes sampled every 100 ms; "
+                    "after the work: the agent's VmRSS 1, 5 and 10 s after the `backup` command returned / the "
+                    "last .ready file went; Postgres not included",
         "work": f"`pgpilot-agent backup` of pgbench -i -s {scale}; drain of {len(backlog)} segments written by "
-                "pgbench while archiving failed (as in P2)",
+                "pgbench while archiving failed (as in P2); MB/s: database bytes (pg_wal excluded) / wall time of "
+                "the `backup` command, 16 MiB × segments / time from giving the store back to no .ready file left "
+                "(MB = 10^6 bytes)",
     }
     write_report("p6", "P6: agent memory (MiB)", meta,
                  [("state", "state", 0), ("n", "samples", 0), ("min_mib", "RSS MiB min", 0),
-                  ("max_mib", "RSS MiB max", 0)],
+                  ("max_mib", "RSS MiB max", 0), ("min_mb_s", "work MB/s min", 0), ("max_mb_s", "work MB/s max", 0)],
                  rows, ["Memory at work grows with the objects in flight (upload_concurrency for a backup, the "
                         "look-ahead window of 2 × push_concurrency for WAL); each holds up to (2 × codec threads + 2) "
-                        "chunks of 1 MiB (docs/archive-format.md). After the work the allocator keeps part of it."])
+                        "chunks of 1 MiB (docs/archive-format.md). After the work the agent's malloc_trim thread (every 2 s, "
+                        "agent/src/alloc.rs) returns the freed chunks, and the idle codec threads, which hold their "
+                        "stacks and cached zstd contexts, exit 3 s after their last task."])
     return rows
 
 

@@ -1,5 +1,7 @@
 //! `pgpilot-agent`: the thin binary. Logic lives in the library.
 
+mod alloc;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -271,7 +273,11 @@ impl ApiArgs {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     pgpilot_agent::logging::init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -295,12 +301,19 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// How long an idle blocking thread (a codec worker) lives on; Tokio's default is 10 s. Each
+/// holds its stack and cached zstd contexts, so the agent's memory only falls back after this.
+const BLOCKING_THREAD_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// How long the process waits, after its command ended, for blocking tasks still running.
 const RUNTIME_SHUTDOWN_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(args) => pgpilot_agent::run(*args).await,
+        Command::Run(args) => {
+            alloc::trim_periodically();
+            pgpilot_agent::run(*args).await
+        }
         Command::Status { api, json } => {
             let client = api.client(false)?;
             let status = client.status().await?;
