@@ -57,17 +57,23 @@ fn write_durably_as(
     bytes: &[u8],
     like: Option<&std::fs::Metadata>,
 ) -> std::io::Result<()> {
-    use std::io::Write;
     use std::os::unix::fs::MetadataExt;
     let tmp = path.with_extension("pgpilot-tmp");
-    let mut f = std::fs::File::create(&tmp)?;
+    let f = std::fs::File::create(&tmp)?;
     if let Some(meta) = like {
         std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))?;
         f.set_permissions(meta.permissions())?;
     }
+    commit(f, &tmp, path, bytes)
+}
+
+/// Writes `bytes` into the temp file `f` (at `tmp`), syncs it, renames it onto `path` and syncs
+/// the directory: after it returns, `path` holds `bytes` across a crash.
+fn commit(mut f: std::fs::File, tmp: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
     f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    std::fs::rename(tmp, path)?;
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir)?.sync_all()?;
     }
@@ -82,11 +88,10 @@ pub fn write_private(
     bytes: &[u8],
     owner: Option<&crate::postgres::OsUser>,
 ) -> std::io::Result<()> {
-    use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("pgpilot-tmp");
     let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
@@ -94,13 +99,7 @@ pub fn write_private(
     if let Some(owner) = owner {
         owner.chown(&tmp)?;
     }
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    commit(f, &tmp, path, bytes)
 }
 
 /// Quotes a path for a shell command line Postgres runs (`archive_command`).

@@ -4,8 +4,6 @@
 //! agent cannot be reached. Written by the agent at start, mode 0600, owned by the Postgres user
 //! — secrets never go on the archive_command line.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -94,21 +92,8 @@ impl ArchiveRuntime {
     }
 
     fn store_at(&self, path: &Path, owner: Option<&OsUser>) -> std::io::Result<()> {
-        let rt = self;
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(&rt).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        if let Some(owner) = owner {
-            owner.chown(&tmp)?;
-        }
-        std::fs::rename(&tmp, path)?;
-        Ok(())
+        let bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        crate::files::write_private(path, &bytes, owner)
     }
 
     pub fn read(path: &Path) -> anyhow::Result<ArchiveRuntime> {
