@@ -64,6 +64,33 @@ impl ImageTable {
         self
     }
 
+    /// "Pulls" every binary image into `dir` (the kubelet's own, readable by every user): a
+    /// copy of its entrypoint, 0755, which its commands are then looked up next to. A pod that
+    /// runs as another user can then execute it wherever it was built (a clone under `/root`,
+    /// a 0700 temp dir), as a real node runs an image from its own storage.
+    pub(crate) fn pull_into(&mut self, dir: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        for (i, img) in self.0.iter_mut().enumerate() {
+            let Some(entry) = img.entrypoint.clone() else {
+                continue;
+            };
+            // Directory images (a Postgres install) stay where they are: system paths.
+            if img.path.first() != entry.parent().map(Path::to_path_buf).as_ref() {
+                continue;
+            }
+            let layer = dir.join(i.to_string());
+            std::fs::create_dir_all(&layer)?;
+            std::fs::set_permissions(&layer, std::fs::Permissions::from_mode(0o755))?;
+            let name = entry.file_name().unwrap_or_default();
+            let copy = layer.join(name);
+            std::fs::copy(&entry, &copy)?;
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+            img.entrypoint = Some(copy);
+            img.path = vec![layer];
+        }
+        Ok(())
+    }
+
     /// The local `(uid, gid)` for an image's `runAsUser`/`runAsGroup`.
     pub(crate) fn local_user(&self, uid: u32, gid: u32) -> (u32, u32) {
         let uid = self.1.iter().find(|m| m.0 == uid).map_or(uid, |m| m.1);

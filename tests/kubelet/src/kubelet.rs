@@ -168,6 +168,12 @@ impl Kubelet {
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )?;
         let client = server.client();
+        let mut opts = opts;
+        let images = dir.path().join("images");
+        opts.images
+            .pull_into(&images)
+            .with_context(|| format!("copying the images' binaries into {}", images.display()))?;
+        std::fs::set_permissions(&images, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         let shared = Arc::new(Shared {
             client: client.clone(),
             opts: opts.clone(),
