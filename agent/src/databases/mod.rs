@@ -268,7 +268,12 @@ impl Sync {
         for (name, owner, again) in &p.create {
             self.still_leading()?;
             match create(&client, name, owner, shard).await {
-                Ok(()) => {
+                // Made meanwhile (a CREATE or an unfinished DROP with SQL raced this round's
+                // read): what the spec asks for holds, and it counts as present.
+                Ok(false) => {
+                    tracing::debug!(database = %name, "already exists: nothing to create");
+                }
+                Ok(true) => {
                     metrics.created.inc();
                     tracing::info!(database = %name, owner = %owner, again, "created");
                     let (reason, note) = if *again {
@@ -380,13 +385,14 @@ impl Sync {
     }
 }
 
-/// Creates `name` owned by `owner`, if the role exists (else nothing is created).
+/// Creates `name` owned by `owner`, if the role exists (else nothing is created). `Ok(false)`:
+/// it exists already.
 async fn create(
     client: &tokio_postgres::Client,
     name: &str,
     owner: &str,
     shard: &str,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let role = client
         .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&owner])
         .await
@@ -401,10 +407,13 @@ async fn create(
         postgres_protocol::escape::escape_identifier(name),
         postgres_protocol::escape::escape_identifier(owner)
     );
-    client
-        .batch_execute(&q)
-        .await
-        .map_err(|e| format!("CREATE DATABASE failed: {}", pg_message(&e)))
+    match client.batch_execute(&q).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {
+            Ok(false)
+        }
+        Err(e) => Err(format!("CREATE DATABASE failed: {}", pg_message(&e))),
+    }
 }
 
 fn pg_message(e: &tokio_postgres::Error) -> String {
