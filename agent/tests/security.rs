@@ -613,26 +613,14 @@ mod tls {
             .password(fx.superuser_password().unwrap())
             .dbname("postgres")
             .connect_timeout(Duration::from_secs(5));
-        let client = match tls {
-            Some((ca, name)) => {
-                let config =
-                    pgpilot_common::tls::client_config(ca.cert_pem.as_bytes(), name, None)?;
-                let (c, conn) = cfg
-                    .connect(pgpilot_common::tls::postgres::MakeRustls::new(config))
-                    .await
-                    .map_err(|e| format!("{e:?}"))?;
-                tokio::spawn(conn);
-                c
-            }
-            None => {
-                let (c, conn) = cfg
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                    .map_err(|e| format!("{e:?}"))?;
-                tokio::spawn(conn);
-                c
-            }
-        };
+        let config = tls
+            .map(|(ca, name)| {
+                pgpilot_common::tls::client_config(ca.cert_pem.as_bytes(), name, None)
+            })
+            .transpose()?;
+        let client = pgpilot_common::tls::postgres::connect(&cfg, config)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
         let row = client
             .query_one(
                 "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",

@@ -367,6 +367,27 @@ pub mod postgres {
         }
     }
 
+    /// A session with `config`: over TLS with `tls`, plain without; the connection runs on a
+    /// task of its own.
+    pub async fn connect(
+        config: &tokio_postgres::Config,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let client = match tls {
+            Some(tls) => {
+                let (client, conn) = config.connect(MakeRustls::new(tls)).await?;
+                tokio::spawn(conn);
+                client
+            }
+            None => {
+                let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
+                tokio::spawn(conn);
+                client
+            }
+        };
+        Ok(client)
+    }
+
     /// A TLS stream to Postgres (no channel binding: SCRAM-SHA-256 over the verified channel).
     pub struct Stream<S>(tokio_rustls::client::TlsStream<S>);
 

@@ -1309,27 +1309,13 @@ async fn pg_connect(
             .and_then(|s| s.data?.remove("ca.crt")),
         None => None,
     };
-    let c = match ca {
-        Some(ca) => {
-            let name = pgpilot_operator::tls::server_name(cluster, ns);
-            let tls = pgpilot_common::tls::client_config(&ca.0, &name, None)?;
-            let (c, conn) = cfg
-                .connect(pgpilot_common::tls::postgres::MakeRustls::new(tls))
-                .await
-                .map_err(|e| e.to_string())?;
-            tokio::spawn(conn);
-            c
-        }
-        None => {
-            let (c, conn) = cfg
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|e| e.to_string())?;
-            tokio::spawn(conn);
-            c
-        }
-    };
-    Ok(c)
+    let name = pgpilot_operator::tls::server_name(cluster, ns);
+    let tls = ca
+        .map(|ca| pgpilot_common::tls::client_config(&ca.0, &name, None))
+        .transpose()?;
+    pgpilot_common::tls::postgres::connect(&cfg, tls)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// The cluster's condition `type_`, if set.

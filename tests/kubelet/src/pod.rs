@@ -139,7 +139,6 @@ pub(crate) struct ContainerRun {
     pub env: Vec<(String, String)>,
     /// `(mountPath, host dir)`, longest mount path first.
     pub mounts: Vec<(String, PathBuf)>,
-    pub user: Option<(u32, u32)>,
     /// Applied between fork and exec: the read-only root and the user.
     pub isolation: Isolation,
     pub workdir: PathBuf,
@@ -825,7 +824,6 @@ async fn run_containers(shared: &Arc<Shared>, rt: &Arc<PodRt>, pod: &Value) -> R
             images: shared.opts.images.clone(),
             env: Vec::new(),
             mounts,
-            user: user_of(&shared.opts.images, pod, c),
             isolation: Isolation::default(),
             workdir: rt.dir.clone(),
             log: rt.logs.join(format!("{name}.log")),
@@ -840,7 +838,8 @@ async fn run_containers(shared: &Arc<Shared>, rt: &Arc<PodRt>, pod: &Value) -> R
             .filter(|(mp, _)| mp != SA_MOUNT)
             .map(|(_, dir)| dir.clone())
             .collect();
-        run.isolation = Isolation::new(read_only, &writable, run.user);
+        let user = user_of(&shared.opts.images, pod, c);
+        run.isolation = Isolation::new(read_only, &writable, user);
         if read_only && !run.isolation.enforced() {
             tracing::warn!(
                 "{}/{} container {name}: readOnlyRootFilesystem is not enforced (the kubelet does not run as root)",
@@ -1422,7 +1421,6 @@ mod tests {
             images: ImageTable::new(),
             env: Vec::new(),
             mounts: vec![("/data".into(), PathBuf::from("/tmp/x/pvc"))],
-            user: None,
             isolation: Isolation::default(),
             workdir: PathBuf::from("/"),
             log: PathBuf::from("/dev/null"),

@@ -581,24 +581,10 @@ impl Executor {
             .dbname("postgres")
             .application_name("pgpilot-agent")
             .connect_timeout(Duration::from_secs(5));
-        let client = match crate::postgres::tls::peer_connector(cfg)? {
-            Some(tls) => {
-                let (client, conn) = pg
-                    .connect(pgpilot_common::tls::postgres::MakeRustls::new(tls))
-                    .await
-                    .map_err(|e| format!("connect: {e}"))?;
-                tokio::spawn(conn);
-                client
-            }
-            None => {
-                let (client, conn) = pg
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                    .map_err(|e| format!("connect: {e}"))?;
-                tokio::spawn(conn);
-                client
-            }
-        };
+        let tls = crate::postgres::tls::peer_connector(cfg)?;
+        let client = pgpilot_common::tls::postgres::connect(&pg, tls)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         let control_timeline = || async {
             client
                 .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
