@@ -260,7 +260,7 @@ async fn identical_repush_succeeds_and_different_content_is_refused() {
         .await
         .unwrap();
     assert!(again.already_stored, "{again:?}");
-    assert_eq!(again.sha256, first.sha256);
+    assert_eq!(again.digest, first.digest);
     // archive_command's own path: exit 0 for the identical retry.
     let out = fx.wal_command("wal-push", &[&rel]).unwrap();
     assert!(out.success(), "{}", out.stderr);
@@ -279,13 +279,13 @@ async fn identical_repush_succeeds_and_different_content_is_refused() {
     };
     assert_eq!(status, 409);
     assert!(
-        body.message.contains("different content") && body.message.contains(&first.sha256),
+        body.message.contains("different content") && body.message.contains(&first.digest),
         "{body:?}"
     );
     let out = fx.wal_command("wal-push", &[&rel]).unwrap();
     assert!(!out.success(), "a conflicting push must fail");
     assert!(
-        fx.logs().contains(&first.sha256),
+        fx.logs().contains(&first.digest),
         "the log names the stored checksum"
     );
     let metrics = fx.metrics().await.unwrap();

@@ -265,6 +265,7 @@ fn stream(c: &mut Criterion) {
         let read_opts = ReadOptions {
             require_encryption: true,
             concurrency: cores,
+            recompute_digests: false,
         };
         g.bench_function(format!("read_{}", label(name, true)), |b| {
             b.iter(|| {

@@ -138,8 +138,12 @@ pub struct WalPushResponse {
     pub already_stored: bool,
     /// It had been uploaded ahead of the request (look-ahead).
     pub ahead: bool,
-    /// SHA-256 of the WAL file.
-    pub sha256: String,
+    /// Digest of the WAL file as stored (hex): the stored object's trailer digest, of kind
+    /// `digest_kind`.
+    pub digest: String,
+    /// `sha256-chunks` (archive format 2: SHA-256 over the SHA-256 of each chunk and the
+    /// length) or `sha256` (an object stored in format 1: SHA-256 of the whole file).
+    pub digest_kind: String,
     pub size: u64,
     pub stored_size: u64,
     pub upload_ms: u64,

@@ -8,8 +8,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::wal::{Lsn, Segment, WalFile};
 
-/// Version of the manifest format; bumped on incompatible changes.
-pub const MANIFEST_FORMAT: u32 = 1;
+/// Version of the manifest format; bumped on incompatible changes. 2: files carry `digest`
+/// and `digest_kind` (format 1 had `sha256`, which is read as `digest` of kind `sha256`).
+pub const MANIFEST_FORMAT: u32 = 2;
+
+/// `digest_kind` of a file stored in archive format version 1: SHA-256 of the plaintext.
+pub const DIGEST_SHA256: &str = "sha256";
+/// `digest_kind` of a file stored in archive format version 2: SHA-256 over the SHA-256 of each
+/// chunk of the plaintext and its length (docs/archive-format.md).
+pub const DIGEST_SHA256_CHUNKS: &str = "sha256-chunks";
+
+fn digest_sha256() -> String {
+    DIGEST_SHA256.to_owned()
+}
 
 /// A complete base backup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,8 +78,12 @@ pub struct ManifestFile {
     /// Plaintext bytes stored (what was read; the file may have changed since, WAL replay
     /// repairs that).
     pub size: u64,
-    /// SHA-256 of those bytes, hex.
-    pub sha256: String,
+    /// Digest of those bytes, hex: the stored object's trailer digest, of kind `digest_kind`.
+    #[serde(alias = "sha256")]
+    pub digest: String,
+    /// [`DIGEST_SHA256`] or [`DIGEST_SHA256_CHUNKS`]; absent (format 1) means `sha256`.
+    #[serde(default = "digest_sha256")]
+    pub digest_kind: String,
     /// Bytes of the object in the store.
     pub stored_size: u64,
     /// Permission bits.

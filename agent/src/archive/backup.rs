@@ -686,7 +686,8 @@ fn manifest_file(path: String, s: &ArchiveSummary, mode: u32) -> ManifestFile {
     ManifestFile {
         path,
         size: s.plaintext_len,
-        sha256: hex(&s.sha256),
+        digest: hex(&s.digest),
+        digest_kind: s.digest_kind.name().to_owned(),
         stored_size: s.stored_len,
         mode,
     }

@@ -282,7 +282,7 @@ impl WalArchiver {
                 if let StoreError::Conflict { stored, local, .. } = &e {
                     m.conflicts.inc();
                     tracing::error!(
-                        wal = name, stored_sha256 = %stored, local_sha256 = %local,
+                        wal = name, stored_digest = %stored, local_digest = %local,
                         "the archive already holds {name} with different content: is another cluster archiving into {}? Refusing to overwrite it",
                         self.store
                     );
@@ -320,7 +320,8 @@ impl WalArchiver {
             name: name.to_string(),
             already_stored: already,
             ahead: false,
-            sha256: summary.sha256_hex(),
+            digest: summary.digest_hex(),
+            digest_kind: summary.digest_kind.name().to_owned(),
             size: summary.plaintext_len,
             stored_size: summary.stored_len,
             upload_ms: elapsed.as_millis() as u64,
@@ -364,13 +365,13 @@ impl WalArchiver {
             },
             VerifyMode::Full => {
                 let back = self.store.verify(key).await.map_err(|e| e.to_string())?;
-                if back.sha256 == summary.sha256 && back.plaintext_len == summary.plaintext_len {
+                if back.digest == summary.digest && back.plaintext_len == summary.plaintext_len {
                     Ok(())
                 } else {
                     Err(format!(
-                        "read back SHA-256 {} differs from written {}",
-                        back.sha256_hex(),
-                        summary.sha256_hex()
+                        "read back digest {} differs from written {}",
+                        back.digest_hex(),
+                        summary.digest_hex()
                     ))
                 }
             }

@@ -138,11 +138,15 @@ async fn verify_files(store: &Store, layout: &Layout, m: &BackupManifest) -> Vec
                     "size {} but the manifest says {}",
                     s.plaintext_len, f.size
                 )),
-                Ok(s) if hex(&s.sha256) != f.sha256 => Some(format!(
-                    "SHA-256 {} but the manifest says {}",
-                    hex(&s.sha256),
-                    f.sha256
-                )),
+                Ok(s) if s.digest_kind.name() != f.digest_kind || hex(&s.digest) != f.digest => {
+                    Some(format!(
+                        "digest {} {} but the manifest says {} {}",
+                        s.digest_kind.name(),
+                        hex(&s.digest),
+                        f.digest_kind,
+                        f.digest
+                    ))
+                }
                 Ok(_) => None,
                 Err(e) => Some(strip_object(&e.to_string(), &object)),
             };

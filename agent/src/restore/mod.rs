@@ -406,13 +406,18 @@ pub async fn download(
             .get_to_file_with(&key, &target, Durability::Deferred, Caching::Direct)
             .await
             .map_err(|e| failed(format!("restoring {}: {e}", f.path)))?;
-        if summary.sha256_hex() != f.sha256 || summary.plaintext_len != f.size {
+        if summary.digest_hex() != f.digest
+            || summary.digest_kind.name() != f.digest_kind
+            || summary.plaintext_len != f.size
+        {
             return Err(failed(format!(
-                "{}: content does not match the manifest (SHA-256 {} and {} bytes, manifest says {} and {} bytes)",
+                "{}: content does not match the manifest (digest {} {} and {} bytes, manifest says {} {} and {} bytes)",
                 store.object_name(&key),
-                summary.sha256_hex(),
+                summary.digest_kind.name(),
+                summary.digest_hex(),
                 summary.plaintext_len,
-                f.sha256,
+                f.digest_kind,
+                f.digest,
                 f.size
             )));
         }

@@ -407,6 +407,7 @@ impl StoreConfig {
                 concurrency: threads,
             },
             read: archive::ReadOptions {
+                recompute_digests: false,
                 require_encryption,
                 concurrency: threads,
             },

@@ -32,7 +32,6 @@ use object_store::{
 use pgpilot_common::archive::{
     self, ArchiveError, ArchiveSummary, ChunkRead, FileChunks, KeyRing, StreamEncoder,
 };
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio_util::sync::CancellationToken;
 
@@ -250,7 +249,7 @@ impl Store {
     ) -> Result<ArchiveSummary, StoreError> {
         let object = self.object_name(key);
         let enc = StreamEncoder::new(
-            &object,
+            archive::ObjectRef::new(&object, key),
             reader,
             &self.inner.settings.keys,
             &self.inner.settings.write,
@@ -285,17 +284,18 @@ impl Store {
         match self.put_file_retried(key, path, mode).await {
             Ok(summary) => Ok(PutOutcome::Stored(summary)),
             Err(StoreError::AlreadyExists { object }) if mode == PutMode::CreateOnly => {
-                let (local_len, local_sha) = sha256_file(path).await?;
-                let same =
-                    |s: &ArchiveSummary| s.sha256 == local_sha && s.plaintext_len == local_len;
-                let conflict = |s: &ArchiveSummary| StoreError::Conflict {
-                    object: object.clone(),
-                    stored: s.sha256_hex(),
-                    local: archive::hex(&local_sha),
-                };
+                // The local file's digest of the kind the stored object has (the stored one may
+                // be of format 1, or of another chunk size).
+                let local = async |s: &ArchiveSummary| digest_file(path, s.digest_kind).await;
                 match self.verify(key).await {
-                    Ok(stored) if same(&stored) => Ok(PutOutcome::AlreadyStored(stored)),
-                    Ok(stored) => Err(conflict(&stored)),
+                    Ok(stored) => {
+                        let (len, digest) = local(&stored).await?;
+                        if stored.digest == digest && stored.plaintext_len == len {
+                            Ok(PutOutcome::AlreadyStored(stored))
+                        } else {
+                            Err(conflict(&object, &stored, &digest))
+                        }
+                    }
                     // Stored before encryption was configured (e.g. uploaded ahead, then the
                     // agent restarted with keys): the reader now refuses it, so a restore could
                     // not use it. When its content is this file's, replace it with an encrypted
@@ -303,8 +303,9 @@ impl Store {
                     // a conflict like any other.
                     Err(StoreError::Archive(ArchiveError::NotEncrypted { .. })) => {
                         let stored = self.verify_accepting_unencrypted(key).await?;
-                        if !same(&stored) {
-                            return Err(conflict(&stored));
+                        let (len, digest) = local(&stored).await?;
+                        if stored.digest != digest || stored.plaintext_len != len {
+                            return Err(conflict(&object, &stored, &digest));
                         }
                         tracing::warn!(
                             object,
@@ -491,7 +492,7 @@ impl Store {
         let reader = self.open_reader(key).await?;
         let object = self.object_name(key);
         archive::decode(
-            &object,
+            archive::ObjectRef::new(&object, key),
             reader,
             writer,
             &self.inner.settings.keys,
@@ -511,7 +512,7 @@ impl Store {
         let reader = self.open_reader(key).await?;
         let object = self.object_name(key);
         let mut dec = archive::StreamDecoder::open(
-            &object,
+            archive::ObjectRef::new(&object, key),
             reader,
             &self.inner.settings.keys,
             &self.inner.settings.read,
@@ -663,7 +664,7 @@ impl Store {
         self.retried("verify", |_| async move {
             let reader = self.open_reader(key).await?;
             archive::verify(
-                &self.object_name(key),
+                archive::ObjectRef::new(&self.object_name(key), key),
                 reader,
                 &self.inner.settings.keys,
                 opts,
@@ -848,19 +849,25 @@ fn local_io(path: &Path, e: std::io::Error) -> StoreError {
     }
 }
 
-/// Length and SHA-256 of a local file.
-pub async fn sha256_file(path: &Path) -> Result<(u64, [u8; 32]), StoreError> {
+fn conflict(object: &str, stored: &ArchiveSummary, local: &[u8; 32]) -> StoreError {
+    StoreError::Conflict {
+        object: object.to_owned(),
+        stored: stored.digest_hex(),
+        local: archive::hex(local),
+    }
+}
+
+/// Length and digest of a local file, of the given kind.
+pub async fn digest_file(
+    path: &Path,
+    kind: archive::DigestKind,
+) -> Result<(u64, [u8; 32]), StoreError> {
     let p: PathBuf = path.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::File::open(&p)?;
-        let mut hasher = Sha256::new();
-        let len = std::io::copy(&mut file, &mut hasher)?;
-        Ok::<_, std::io::Error>((len, hasher.finalize().into()))
-    })
-    .await
-    .map_err(std::io::Error::other)
-    .and_then(|r| r)
-    .map_err(|e| local_io(path, e))
+    tokio::task::spawn_blocking(move || kind.of_reader(std::fs::File::open(&p)?))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|e| local_io(path, e))
 }
 
 /// Keys are relative paths of plain segments: no leading or trailing `/`, no empty, `.` or `..`

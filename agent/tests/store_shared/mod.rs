@@ -66,7 +66,7 @@ async fn round_trip(store: &Store, key: &str, data: &[u8]) {
         .await
         .unwrap_or_else(|e| panic!("get {key}: {e}"));
     assert!(back == data, "{key}: content differs after round trip");
-    assert_eq!(got.sha256, put.sha256);
+    assert_eq!(got.digest, put.digest);
     assert_eq!(store.verify(key).await.unwrap().object_id, put.object_id);
 }
 
@@ -256,6 +256,39 @@ pub async fn tamper_cases(base: &StoreConfig, key_dir: &Path) {
         )
         .await;
 
+        // Archive format 2: the last 32 bytes of a chunk's body are the SHA-256 of its content,
+        // just before the CRC (4 bytes) or the GCM tag (16). One of them edited.
+        let tail = if encrypted { 16 } else { 4 };
+        let mut t = original.to_vec();
+        t[recs[2].0 + 5 + recs[2].1 - tail - 7] ^= 0x01;
+        refused(
+            &store,
+            &key,
+            "chunk digest edited",
+            t,
+            integrity(Part::Chunk(2)),
+        )
+        .await;
+        // Another object of exactly the same size, copied over this one's name: every record
+        // is bound to the store key it was written under.
+        let mut twin = data.clone();
+        twin[0] ^= 0xff;
+        let twin_key = format!("tamper/{encrypted}/twin");
+        store
+            .put(&twin_key, twin.as_slice(), PutMode::Overwrite)
+            .await
+            .unwrap();
+        let twin_raw = store.get_raw(&twin_key).await.unwrap();
+        assert_eq!(twin_raw.len(), original.len(), "same size");
+        refused(
+            &store,
+            &key,
+            "an object of the same size from another name",
+            twin_raw.to_vec(),
+            integrity(Part::Chunk(0)),
+        )
+        .await;
+
         // The untouched object still reads.
         store.put_raw(&key, original.clone()).await.unwrap();
         store.verify(&key).await.unwrap();
@@ -316,15 +349,15 @@ pub async fn tamper_cases(base: &StoreConfig, key_dir: &Path) {
     ));
     // A future format version.
     store
-        .put_bytes("tamper/v2", Bytes::from_static(b"x"), PutMode::Overwrite)
+        .put_bytes("tamper/v3", Bytes::from_static(b"x"), PutMode::Overwrite)
         .await
         .unwrap();
-    let mut raw = store.get_raw("tamper/v2").await.unwrap().to_vec();
-    raw[8] = 2;
-    store.put_raw("tamper/v2", Bytes::from(raw)).await.unwrap();
+    let mut raw = store.get_raw("tamper/v3").await.unwrap().to_vec();
+    raw[8] = 3;
+    store.put_raw("tamper/v3", Bytes::from(raw)).await.unwrap();
     assert!(matches!(
-        archive_err(store.verify("tamper/v2").await),
-        ArchiveError::UnsupportedVersion { version: 2, .. }
+        archive_err(store.verify("tamper/v3").await),
+        ArchiveError::UnsupportedVersion { version: 3, .. }
     ));
 }
 
@@ -451,7 +484,7 @@ pub async fn create_only(base: &StoreConfig, dir: &Path) {
         .await
         .unwrap();
     assert!(
-        matches!(again, PutOutcome::AlreadyStored(ref s) if s.sha256 == first.summary().sha256)
+        matches!(again, PutOutcome::AlreadyStored(ref s) if s.digest == first.summary().digest)
     );
     // Different content: refused, and the archived segment is still the first one.
     std::fs::write(&seg, random_bytes(CHUNK + 5, 4)).unwrap();

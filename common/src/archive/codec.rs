@@ -105,8 +105,9 @@ impl Codec {
     pub fn compress(&self, plain: &[u8]) -> io::Result<Vec<u8>> {
         match *self {
             Codec::None => {
-                // Room for the tag or CRC appended next, so sealing does not reallocate.
-                let mut out = Vec::with_capacity(plain.len() + 16);
+                // Room for the chunk digest and the tag or CRC appended next, so sealing does not
+                // reallocate.
+                let mut out = Vec::with_capacity(plain.len() + 48);
                 out.extend_from_slice(plain);
                 Ok(out)
             }
@@ -115,7 +116,11 @@ impl Codec {
                 // A compression context is expensive to build (allocations sized by the level), so
                 // each worker thread keeps one per level instead of one per chunk.
                 if slot.as_ref().is_none_or(|(l, _)| *l != level) {
-                    *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+                    let mut c = zstd::bulk::Compressor::new(level)?;
+                    // The frame's content checksum (XXH64) is what a reader of an encrypted
+                    // object checks instead of re-hashing the chunk (format version 2).
+                    c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+                    *slot = Some((level, c));
                 }
                 let (_, compressor) = slot.as_mut().expect("just set");
                 let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(plain.len()));
@@ -123,8 +128,10 @@ impl Codec {
                 Ok(out)
             }),
             Codec::Lz4 => {
-                let mut encoder =
-                    lz4_flex::frame::FrameEncoder::new(Vec::with_capacity(plain.len() / 2 + 64));
+                let mut encoder = lz4_flex::frame::FrameEncoder::with_frame_info(
+                    lz4_flex::frame::FrameInfo::new().content_checksum(true),
+                    Vec::with_capacity(plain.len() / 2 + 64),
+                );
                 encoder.write_all(plain)?;
                 encoder.finish().map_err(io::Error::other)
             }
@@ -163,6 +170,22 @@ pub(crate) fn compression_from_id(id: u8) -> Option<Compression> {
         2 => Some(Compression::Lz4),
         3 => Some(Compression::Gzip),
         _ => None,
+    }
+}
+
+/// Whether a compressed chunk carries its codec's checksum of the content: the zstd frame's
+/// content checksum flag, the LZ4 frame's content checksum flag; gzip always ends with the CRC-32
+/// of its content; uncompressed data has none to carry. Only the frame header is looked at: the
+/// decompressor checks the checksum itself.
+pub(crate) fn has_content_checksum(compression: Compression, data: &[u8]) -> bool {
+    const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
+    const LZ4_MAGIC: [u8; 4] = [0x04, 0x22, 0x4D, 0x18];
+    match compression {
+        Compression::None | Compression::Gzip => true,
+        // Frame header descriptor, bit 2: Content_Checksum_flag.
+        Compression::Zstd => data.len() > 4 && data[..4] == ZSTD_MAGIC && data[4] & 0x04 != 0,
+        // FLG byte, bit 2: content checksum.
+        Compression::Lz4 => data.len() > 4 && data[..4] == LZ4_MAGIC && data[4] & 0x04 != 0,
     }
 }
 

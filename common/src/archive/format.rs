@@ -1,5 +1,8 @@
-//! Byte layout of archive format version 1 (see docs/archive-format.md): the header, the record
-//! framing of chunks and trailer, and sealing/opening one record. Everything here works on one
+//! Byte layout of the archive format, versions 1 and 2 (see docs/archive-format.md): the header,
+//! the record framing of chunks and trailer, and sealing/opening one record. Version 2 (written
+//! since issue 24) adds the SHA-256 of each chunk's plaintext inside the sealed chunk, an object
+//! digest over those chunk digests in the trailer, and binds the object's store key into every
+//! record; version 1 objects are still read. Everything here works on one
 //! record at a time, so the stream pipeline (`pipeline.rs`) can seal or open chunks on several
 //! threads while keeping memory bounded.
 
@@ -14,13 +17,18 @@ use super::error::{ArchiveError, Part};
 
 /// First eight bytes of every archive object.
 pub const MAGIC: [u8; 8] = *b"PGPLTARC";
-/// The format version this code writes and reads.
-pub const VERSION: u8 = 1;
+/// The format version this code writes.
+pub const VERSION: u8 = 2;
+/// The first format version: one SHA-256 of the whole plaintext in the trailer, no store key
+/// bound. Still read, never written.
+pub const VERSION_1: u8 = 1;
+/// Length of a chunk digest (SHA-256), appended to each chunk's body in version 2.
+pub const CHUNK_DIGEST_LEN: usize = 32;
 /// Length of the header up to and including the key id length byte.
 pub const FIXED_HEADER_LEN: usize = 49;
 /// Length of a record's type and length fields.
 pub const RECORD_HEAD_LEN: usize = 5;
-/// Length of the trailer body (plaintext length, chunk count, SHA-256).
+/// Length of the trailer body (plaintext length, chunk count, digest).
 pub const TRAILER_BODY_LEN: usize = 48;
 /// Default plaintext bytes per chunk.
 pub const DEFAULT_CHUNK_SIZE: usize = 1 << 20;
@@ -28,6 +36,9 @@ pub const DEFAULT_CHUNK_SIZE: usize = 1 << 20;
 pub const MIN_CHUNK_SIZE: usize = 4 << 10;
 /// Largest allowed chunk size.
 pub const MAX_CHUNK_SIZE: usize = 16 << 20;
+
+/// Longest store key a version 2 object binds (its length is stored as u16; keys are paths).
+pub const MAX_BOUND_KEY_LEN: usize = 4096;
 
 /// Cipher byte: no encryption.
 pub const CIPHER_NONE: u8 = 0;
@@ -82,7 +93,7 @@ impl Header {
                 detail: "not a pgpilot archive (bad magic)".into(),
             });
         }
-        if fixed[8] != VERSION {
+        if fixed[8] != VERSION && fixed[8] != VERSION_1 {
             return Err(ArchiveError::UnsupportedVersion {
                 object: object.to_owned(),
                 version: fixed[8],
@@ -158,7 +169,88 @@ impl Header {
 pub struct Trailer {
     pub plaintext_len: u64,
     pub chunk_count: u64,
-    pub sha256: [u8; 32],
+    /// Version 1: SHA-256 of the whole plaintext. Version 2: the object digest
+    /// ([`ObjectDigest`]).
+    pub digest: [u8; 32],
+}
+
+/// Which digest an object's trailer (and a manifest entry) holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DigestKind {
+    /// Format version 1: SHA-256 of the whole plaintext.
+    Sha256,
+    /// Format version 2: SHA-256 over the SHA-256 of each chunk of `chunk_size` plaintext bytes,
+    /// in order, then the plaintext length (u64, little-endian).
+    ChunkedSha256 { chunk_size: u32 },
+}
+
+impl DigestKind {
+    /// The name a manifest records: `sha256` or `sha256-chunks`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DigestKind::Sha256 => "sha256",
+            DigestKind::ChunkedSha256 { .. } => "sha256-chunks",
+        }
+    }
+
+    /// The digest of `reader`'s content of this kind, with its length (a local file compared
+    /// with a stored object).
+    pub fn of_reader(&self, mut reader: impl std::io::Read) -> std::io::Result<(u64, [u8; 32])> {
+        use sha2::{Digest, Sha256};
+        match *self {
+            DigestKind::Sha256 => {
+                let mut h = Sha256::new();
+                let len = std::io::copy(&mut reader, &mut h)?;
+                Ok((len, h.finalize().into()))
+            }
+            DigestKind::ChunkedSha256 { chunk_size } => {
+                let mut object = ObjectDigest::default();
+                let mut buf = vec![0u8; chunk_size as usize];
+                let mut len = 0u64;
+                loop {
+                    let n = read_full(&mut reader, &mut buf)?;
+                    // An empty object still has one (empty) final chunk; otherwise a short read
+                    // is the last chunk and an empty one after full chunks is no chunk.
+                    if n > 0 || len == 0 {
+                        object.add_chunk(&Sha256::digest(&buf[..n]).into());
+                    }
+                    len += n as u64;
+                    if n < buf.len() {
+                        return Ok((len, object.finish(len)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn read_full(reader: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// The version 2 object digest, fed the chunk digests in order (32 bytes per chunk: cheap
+/// enough for the thread that orders the chunks).
+#[derive(Default, Clone)]
+pub struct ObjectDigest(sha2::Sha256);
+
+impl ObjectDigest {
+    pub fn add_chunk(&mut self, chunk_digest: &[u8; 32]) {
+        sha2::Digest::update(&mut self.0, chunk_digest);
+    }
+
+    pub fn finish(mut self, plaintext_len: u64) -> [u8; 32] {
+        sha2::Digest::update(&mut self.0, plaintext_len.to_le_bytes());
+        sha2::Digest::finalize(self.0).into()
+    }
 }
 
 impl Trailer {
@@ -166,7 +258,7 @@ impl Trailer {
         let mut b = [0u8; TRAILER_BODY_LEN];
         b[..8].copy_from_slice(&self.plaintext_len.to_le_bytes());
         b[8..16].copy_from_slice(&self.chunk_count.to_le_bytes());
-        b[16..].copy_from_slice(&self.sha256);
+        b[16..].copy_from_slice(&self.digest);
         b
     }
 
@@ -174,7 +266,7 @@ impl Trailer {
         Trailer {
             plaintext_len: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
             chunk_count: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
-            sha256: b[16..].try_into().expect("32 bytes"),
+            digest: b[16..].try_into().expect("32 bytes"),
         }
     }
 }
@@ -233,6 +325,8 @@ pub fn parse_record_head(
 /// Everything needed to seal or open the records of one object. Shared between worker threads.
 pub struct ObjectContext {
     name: Arc<str>,
+    /// The store key bound into every record (version 2; empty in version 1).
+    key: Arc<str>,
     header: Header,
     header_bytes: Bytes,
     codec: Codec,
@@ -252,6 +346,7 @@ impl ObjectContext {
     /// A new object: random object id, encrypted with the ring's writing key if there is one.
     pub fn for_writing(
         name: &str,
+        key: &str,
         codec: Codec,
         keys: &KeyRing,
         chunk_size: usize,
@@ -261,6 +356,15 @@ impl ObjectContext {
                 object: name.to_owned(),
                 detail: format!(
                     "chunk size {chunk_size} outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}"
+                ),
+            });
+        }
+        if key.len() > MAX_BOUND_KEY_LEN {
+            return Err(ArchiveError::Malformed {
+                object: name.to_owned(),
+                detail: format!(
+                    "store key of {} bytes is longer than {MAX_BOUND_KEY_LEN}",
+                    key.len()
                 ),
             });
         }
@@ -286,6 +390,7 @@ impl ObjectContext {
         let header_bytes = Bytes::from(header.to_bytes());
         Ok(ObjectContext {
             name: name.into(),
+            key: key.into(),
             header,
             header_bytes,
             codec,
@@ -294,9 +399,11 @@ impl ObjectContext {
     }
 
     /// An existing object whose header bytes were read: checks the header, finds the key and
-    /// checks it is the right one.
+    /// checks it is the right one. `key` is the store key the object is read under: a version
+    /// 2 object written under another key is refused (its first record does not verify).
     pub fn for_reading(
         name: &str,
+        key: &str,
         header_bytes: Bytes,
         keys: &KeyRing,
         require_encryption: bool,
@@ -332,8 +439,19 @@ impl ObjectContext {
         };
         // Only the algorithm matters for reading; the level is the writer's business.
         let codec = Codec::from_compression(header.compression, None);
+        let key = if header.version == VERSION_1 { "" } else { key };
+        if key.len() > MAX_BOUND_KEY_LEN {
+            return Err(ArchiveError::Malformed {
+                object: name.to_owned(),
+                detail: format!(
+                    "store key of {} bytes is longer than {MAX_BOUND_KEY_LEN}",
+                    key.len()
+                ),
+            });
+        }
         Ok(ObjectContext {
             name: name.into(),
+            key: key.into(),
             header,
             header_bytes,
             codec,
@@ -358,6 +476,27 @@ impl ObjectContext {
         self.header.chunk_size as usize
     }
 
+    /// Version 2 or later: chunk digests, an object digest, the store key bound.
+    pub fn chunked(&self) -> bool {
+        self.header.version != VERSION_1
+    }
+
+    /// Which digest the trailer holds.
+    pub fn digest_kind(&self) -> DigestKind {
+        if self.chunked() {
+            DigestKind::ChunkedSha256 {
+                chunk_size: self.header.chunk_size,
+            }
+        } else {
+            DigestKind::Sha256
+        }
+    }
+
+    /// Whether the object is encrypted.
+    pub fn encrypted(&self) -> bool {
+        self.cipher.is_some()
+    }
+
     /// The key id when encrypted.
     pub fn key_id(&self) -> Option<&str> {
         self.cipher.as_ref().map(|_| self.header.key_id.as_str())
@@ -365,7 +504,11 @@ impl ObjectContext {
 
     /// Upper bound of a record payload for this object's chunk size.
     pub fn max_payload_len(&self) -> usize {
-        zstd::zstd_safe::compress_bound(self.chunk_size()) + self.chunk_size() / 64 + 1024 + TAG_LEN
+        zstd::zstd_safe::compress_bound(self.chunk_size())
+            + self.chunk_size() / 64
+            + 1024
+            + CHUNK_DIGEST_LEN
+            + TAG_LEN
     }
 
     fn malformed(&self, detail: String) -> ArchiveError {
@@ -375,29 +518,64 @@ impl ObjectContext {
         }
     }
 
+    /// Version 2 binds the store key: its length (u16) and bytes, empty in version 1.
+    fn bound_key(&self) -> ([u8; 2], &[u8]) {
+        if self.chunked() {
+            ((self.key.len() as u16).to_le_bytes(), self.key.as_bytes())
+        } else {
+            ([0; 2], &[])
+        }
+    }
+
     fn aad(&self, index: u64, kind: u8) -> Vec<u8> {
-        let mut aad = Vec::with_capacity(self.header_bytes.len() + 9);
+        let mut aad = Vec::with_capacity(self.header_bytes.len() + self.key.len() + 11);
         aad.extend_from_slice(&self.header_bytes);
+        if self.chunked() {
+            let (len, key) = self.bound_key();
+            aad.extend_from_slice(&len);
+            aad.extend_from_slice(key);
+        }
         aad.extend_from_slice(&index.to_le_bytes());
         aad.push(kind);
         aad
     }
 
     fn record_crc(&self, index: u64, kind: u8, body: &[u8]) -> u32 {
-        crc32(&[&self.header.object_id, &index.to_le_bytes(), &[kind], body])
+        if self.chunked() {
+            let (len, key) = self.bound_key();
+            crc32(&[
+                &self.header.object_id,
+                &len,
+                key,
+                &index.to_le_bytes(),
+                &[kind],
+                body,
+            ])
+        } else {
+            crc32(&[&self.header.object_id, &index.to_le_bytes(), &[kind], body])
+        }
     }
 
-    /// Compresses, then encrypts (or checksums) chunk `index`.
-    pub fn seal_chunk(&self, index: u64, last: bool, plain: &[u8]) -> Result<Frame, ArchiveError> {
+    /// Hashes (version 2), compresses, then encrypts (or checksums) chunk `index`. Returns the
+    /// record and the chunk's SHA-256, which the caller feeds to the [`ObjectDigest`].
+    pub fn seal_chunk(
+        &self,
+        index: u64,
+        last: bool,
+        plain: &[u8],
+    ) -> Result<(Frame, [u8; 32]), ArchiveError> {
+        use sha2::{Digest, Sha256};
         let kind = if last { RECORD_FINAL_DATA } else { RECORD_DATA };
-        let body = self
+        let digest: [u8; 32] = Sha256::digest(plain).into();
+        let mut body = self
             .codec
             .compress(plain)
             .map_err(|e| ArchiveError::Compression {
                 object: self.name.to_string(),
                 detail: e.to_string(),
             })?;
-        Ok(Frame::new(kind, self.protect(index, kind, body)))
+        body.extend_from_slice(&digest);
+        Ok((Frame::new(kind, self.protect(index, kind, body)), digest))
     }
 
     /// The trailer record, sealed like a chunk at index `trailer.chunk_count`.
@@ -460,13 +638,35 @@ impl ObjectContext {
 
     /// Checks and decrypts chunk `index`, then decompresses it. Checks its plaintext length: a
     /// chunk that is not the last one is exactly `chunk_size` long.
+    ///
+    /// Version 2 also returns the chunk digest stored with it. The codec's own content checksum
+    /// must be present and is checked by the decompressor. The digest is recomputed and
+    /// compared when `recompute` is set or the object is not encrypted; an encrypted chunk is
+    /// already authenticated by its tag, so the hot path (restore, WAL fetch) skips the SHA-256.
     pub fn open_chunk(
         &self,
         index: u64,
         kind: u8,
         payload: Vec<u8>,
-    ) -> Result<Bytes, ArchiveError> {
-        let body = self.unprotect(index, kind, Part::Chunk(index), payload)?;
+        recompute: bool,
+    ) -> Result<(Bytes, Option<[u8; 32]>), ArchiveError> {
+        let mut body = self.unprotect(index, kind, Part::Chunk(index), payload)?;
+        let stored = if self.chunked() {
+            if body.len() < CHUNK_DIGEST_LEN {
+                return Err(self.malformed(format!("chunk {index} has no digest")));
+            }
+            let split = body.len() - CHUNK_DIGEST_LEN;
+            let digest: [u8; 32] = body[split..].try_into().expect("32 bytes");
+            body.truncate(split);
+            if !codec::has_content_checksum(self.header.compression, &body) {
+                return Err(self.malformed(format!(
+                    "chunk {index} was compressed without the codec's content checksum"
+                )));
+            }
+            Some(digest)
+        } else {
+            None
+        };
         let plain = codec::decompress(self.header.compression, body, self.chunk_size())
             .map_err(|e| self.malformed(format!("chunk {index} does not decompress: {e}")))?;
         if kind == RECORD_DATA && plain.len() != self.chunk_size() {
@@ -475,7 +675,24 @@ impl ObjectContext {
                 plain.len()
             )));
         }
-        Ok(plain)
+        if let Some(stored) = stored
+            && (recompute || self.cipher.is_none())
+        {
+            use sha2::{Digest, Sha256};
+            let actual: [u8; 32] = Sha256::digest(&plain).into();
+            if actual != stored {
+                return Err(ArchiveError::ChecksumMismatch {
+                    object: self.name.to_string(),
+                    part: Part::Chunk(index),
+                    detail: format!(
+                        "SHA-256 of the chunk's content is {}, the chunk says {}",
+                        hex(&actual),
+                        hex(&stored)
+                    ),
+                });
+            }
+        }
+        Ok((plain, stored))
     }
 
     /// Checks and decrypts the trailer, expected after `chunk_count` chunks.
@@ -519,11 +736,16 @@ impl ObjectContext {
                 trailer.plaintext_len, seen.plaintext_len
             )));
         }
-        if trailer.sha256 != seen.sha256 {
+        if trailer.digest != seen.digest {
+            let what = if self.chunked() {
+                "digest of the chunk digests"
+            } else {
+                "SHA-256 of the content"
+            };
             return Err(mismatch(format!(
-                "SHA-256 of the content is {}, trailer says {}",
-                hex(&seen.sha256),
-                hex(&trailer.sha256)
+                "{what} is {}, trailer says {}",
+                hex(&seen.digest),
+                hex(&trailer.digest)
             )));
         }
         Ok(())

@@ -2,8 +2,11 @@
 //!
 //! The async pipeline reads plaintext one chunk at a time, hands each chunk to a blocking worker
 //! (compress + encrypt, or decrypt + decompress) with at most `2 × concurrency` chunks in flight
-//! (so a worker that finishes finds the next chunk waiting), and emits the records in order. SHA-256 of the plaintext is inherently sequential, so it runs on
-//! its own blocking thread fed through a bounded channel, overlapping with the chunk workers.
+//! (so a worker that finishes finds the next chunk waiting), and emits the records in order.
+//! Each worker also hashes its chunk (format version 2), so the digests use every core; the
+//! object digest over the chunk digests is 32 bytes per chunk for the ordering thread. Reading a
+//! version 1 object, whose trailer holds one SHA-256 of the whole plaintext (inherently
+//! sequential), hashes on its own blocking thread fed through a bounded channel.
 //! Memory is bounded by about `(2 × concurrency + 2) × chunk size` whatever the object size.
 //!
 //! The sync functions do the same on the calling thread; the benchmark uses them to measure the
@@ -23,9 +26,36 @@ use super::codec::{Codec, Compression};
 use super::crypto::KeyRing;
 use super::error::ArchiveError;
 use super::format::{
-    DEFAULT_CHUNK_SIZE, FIXED_HEADER_LEN, Header, ObjectContext, RECORD_DATA, RECORD_FINAL_DATA,
-    RECORD_HEAD_LEN, RECORD_TRAILER, Trailer, parse_record_head,
+    DEFAULT_CHUNK_SIZE, DigestKind, FIXED_HEADER_LEN, Header, ObjectContext, ObjectDigest,
+    RECORD_DATA, RECORD_FINAL_DATA, RECORD_HEAD_LEN, RECORD_TRAILER, Trailer, parse_record_head,
+    read_full,
 };
+
+/// An object as the pipeline sees it: the name errors show (a URL, say) and the store key bound
+/// into a version 2 object, which must be the same when it is read. A plain `&str` is both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectRef<'a> {
+    pub name: &'a str,
+    pub key: &'a str,
+}
+
+impl<'a> ObjectRef<'a> {
+    pub fn new(name: &'a str, key: &'a str) -> ObjectRef<'a> {
+        ObjectRef { name, key }
+    }
+}
+
+impl<'a> From<&'a str> for ObjectRef<'a> {
+    fn from(name: &'a str) -> ObjectRef<'a> {
+        ObjectRef { name, key: name }
+    }
+}
+
+impl<'a> From<&'a String> for ObjectRef<'a> {
+    fn from(name: &'a String) -> ObjectRef<'a> {
+        ObjectRef::from(name.as_str())
+    }
+}
 
 /// How to write objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +85,10 @@ pub struct ReadOptions {
     pub require_encryption: bool,
     /// Chunks decrypted/decompressed at the same time.
     pub concurrency: usize,
+    /// Recompute every chunk's SHA-256 of an encrypted version 2 object too (`verify`). Off on
+    /// the hot path, where each chunk's GCM tag, the codec's checksum and the authenticated
+    /// trailer prove it. Unencrypted objects and version 1 objects are always re-hashed.
+    pub recompute_digests: bool,
 }
 
 impl Default for ReadOptions {
@@ -62,6 +96,7 @@ impl Default for ReadOptions {
         ReadOptions {
             require_encryption: false,
             concurrency: default_concurrency(),
+            recompute_digests: false,
         }
     }
 }
@@ -71,9 +106,11 @@ pub fn default_concurrency() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// What was written or read: identity, sizes and the SHA-256 of the plaintext.
+/// What was written or read: identity, sizes and the digest of the plaintext.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArchiveSummary {
+    /// Format version of the object.
+    pub version: u8,
     pub object_id: [u8; 16],
     pub compression: Compression,
     /// The key id, when encrypted.
@@ -82,25 +119,30 @@ pub struct ArchiveSummary {
     /// Bytes of the object in the store.
     pub stored_len: u64,
     pub chunk_count: u64,
-    pub sha256: [u8; 32],
+    /// What [`digest`](Self::digest) is: the SHA-256 of the plaintext (version 1) or of its
+    /// chunks' digests (version 2).
+    pub digest_kind: DigestKind,
+    pub digest: [u8; 32],
 }
 
 impl ArchiveSummary {
     fn new(ctx: &ObjectContext, trailer: &Trailer, stored_len: u64) -> ArchiveSummary {
         ArchiveSummary {
+            version: ctx.header().version,
             object_id: ctx.header().object_id,
             compression: ctx.header().compression,
             key_id: ctx.key_id().map(str::to_owned),
             plaintext_len: trailer.plaintext_len,
             stored_len,
             chunk_count: trailer.chunk_count,
-            sha256: trailer.sha256,
+            digest_kind: ctx.digest_kind(),
+            digest: trailer.digest,
         }
     }
 
-    /// SHA-256 of the plaintext, as lower-case hex.
-    pub fn sha256_hex(&self) -> String {
-        super::format::hex(&self.sha256)
+    /// The digest, as lower-case hex.
+    pub fn digest_hex(&self) -> String {
+        super::format::hex(&self.digest)
     }
 }
 
@@ -251,6 +293,11 @@ impl ChunkRead for &mut FileChunks<'_> {
     }
 }
 
+/// A chunk's record on the wire and the SHA-256 of its plaintext.
+type SealedChunk = (Bytes, [u8; 32]);
+/// A chunk's plaintext and the digest stored with it (version 2).
+type OpenedChunk = (Bytes, Option<[u8; 32]>);
+
 /// Encodes a plaintext stream into archive records, pulled one at a time with
 /// [`StreamEncoder::next_frame`].
 pub struct StreamEncoder<R> {
@@ -261,24 +308,27 @@ pub struct StreamEncoder<R> {
     eof: bool,
     pending: Option<Bytes>,
     next_index: u64,
-    in_flight: VecDeque<JoinHandle<Result<Bytes, ArchiveError>>>,
-    hasher: Option<HashWorker>,
+    in_flight: VecDeque<JoinHandle<Result<SealedChunk, ArchiveError>>>,
+    object_digest: Option<ObjectDigest>,
     plaintext_len: u64,
     stored_len: u64,
     summary: Option<ArchiveSummary>,
 }
 
 impl<R: ChunkRead> StreamEncoder<R> {
-    /// Starts a new object named `name` (used in errors), encrypted when `keys` has a writer.
-    /// Must be called inside a Tokio runtime (the chunk and hash workers are blocking tasks).
-    pub fn new(
-        name: &str,
+    /// Starts a new object (its name is used in errors, its key bound into it), encrypted when
+    /// `keys` has a writer. Must be called inside a Tokio runtime (the chunk workers are
+    /// blocking tasks).
+    pub fn new<'a>(
+        object: impl Into<ObjectRef<'a>>,
         reader: R,
         keys: &KeyRing,
         opts: &WriteOptions,
     ) -> Result<Self, ArchiveError> {
+        let object = object.into();
         let ctx = Arc::new(ObjectContext::for_writing(
-            name,
+            object.name,
+            object.key,
             opts.codec,
             keys,
             opts.chunk_size,
@@ -293,7 +343,7 @@ impl<R: ChunkRead> StreamEncoder<R> {
             pending: None,
             next_index: 0,
             in_flight: VecDeque::with_capacity(concurrency),
-            hasher: Some(HashWorker::start(concurrency + 1)),
+            object_digest: Some(ObjectDigest::default()),
             plaintext_len: 0,
             stored_len: 0,
             summary: None,
@@ -322,7 +372,8 @@ impl<R: ChunkRead> StreamEncoder<R> {
         self.next_index += 1;
         self.in_flight
             .push_back(tokio::task::spawn_blocking(move || {
-                ctx.seal_chunk(index, last, &chunk).map(|f| f.into_bytes())
+                ctx.seal_chunk(index, last, &chunk)
+                    .map(|(f, digest)| (f.into_bytes(), digest))
             }));
     }
 
@@ -338,11 +389,6 @@ impl<R: ChunkRead> StreamEncoder<R> {
             let chunk = self.read_chunk().await?;
             let at_eof = chunk.len() < self.ctx.chunk_size();
             self.plaintext_len += chunk.len() as u64;
-            if !chunk.is_empty()
-                && let Some(h) = self.hasher.as_mut()
-            {
-                h.update(chunk.clone()).await;
-            }
             // A full chunk may or may not be the last one: hold it until the next read says.
             match self.pending.take() {
                 Some(prev) if chunk.is_empty() => self.dispatch(prev, true),
@@ -360,15 +406,18 @@ impl<R: ChunkRead> StreamEncoder<R> {
             self.eof = at_eof;
         }
         if let Some(handle) = self.in_flight.pop_front() {
-            let frame = handle.await.map_err(|e| join_error(self.ctx.name(), e))??;
+            let (frame, digest) = handle.await.map_err(|e| join_error(self.ctx.name(), e))??;
+            if let Some(d) = self.object_digest.as_mut() {
+                d.add_chunk(&digest);
+            }
             self.stored_len += frame.len() as u64;
             return Ok(Some(frame));
         }
-        if let Some(hasher) = self.hasher.take() {
+        if let Some(digest) = self.object_digest.take() {
             let trailer = Trailer {
                 plaintext_len: self.plaintext_len,
                 chunk_count: self.next_index,
-                sha256: hasher.finish().await,
+                digest: digest.finish(self.plaintext_len),
             };
             let frame = self.ctx.seal_trailer(&trailer).into_bytes();
             self.stored_len += frame.len() as u64;
@@ -505,8 +554,12 @@ pub struct StreamDecoder<R> {
     next_index: u64,
     saw_final: bool,
     trailer_payload: Option<Vec<u8>>,
-    in_flight: VecDeque<JoinHandle<Result<Bytes, ArchiveError>>>,
+    in_flight: VecDeque<JoinHandle<Result<OpenedChunk, ArchiveError>>>,
+    recompute: bool,
+    /// Version 1: SHA-256 of the whole plaintext on its own thread.
     hasher: Option<HashWorker>,
+    /// Version 2: the object digest over the chunk digests.
+    object_digest: Option<ObjectDigest>,
     /// When set, each chunk worker also writes its verified chunk at its offset in this file.
     sink: Option<Arc<ChunkFile>>,
     plaintext_len: u64,
@@ -527,12 +580,14 @@ impl<R: AsyncRead + Unpin> StreamDecoder<R> {
 
     /// Reads and checks the header, and finds the key. The chunk and hash workers are Tokio
     /// blocking tasks.
-    pub async fn open(
-        name: &str,
+    pub async fn open<'a>(
+        object: impl Into<ObjectRef<'a>>,
         mut reader: R,
         keys: &KeyRing,
         opts: &ReadOptions,
     ) -> Result<Self, ArchiveError> {
+        let object = object.into();
+        let name = object.name;
         let mut fixed = [0u8; FIXED_HEADER_LEN];
         reader
             .read_exact(&mut fixed)
@@ -548,11 +603,13 @@ impl<R: AsyncRead + Unpin> StreamDecoder<R> {
         let stored_len = header.len() as u64;
         let ctx = Arc::new(ObjectContext::for_reading(
             name,
+            object.key,
             Bytes::from(header),
             keys,
             opts.require_encryption,
         )?);
         let concurrency = opts.concurrency.max(1);
+        let chunked = ctx.chunked();
         Ok(StreamDecoder {
             ctx,
             reader,
@@ -561,7 +618,9 @@ impl<R: AsyncRead + Unpin> StreamDecoder<R> {
             saw_final: false,
             trailer_payload: None,
             in_flight: VecDeque::with_capacity(concurrency),
-            hasher: Some(HashWorker::start(concurrency + 1)),
+            recompute: opts.recompute_digests,
+            hasher: (!chunked).then(|| HashWorker::start(concurrency + 1)),
+            object_digest: chunked.then(ObjectDigest::default),
             sink: None,
             plaintext_len: 0,
             stored_len,
@@ -607,9 +666,11 @@ impl<R: AsyncRead + Unpin> StreamDecoder<R> {
                     let index = self.next_index;
                     self.next_index += 1;
                     let sink = self.sink.clone();
+                    let recompute = self.recompute;
                     self.in_flight
                         .push_back(tokio::task::spawn_blocking(move || {
-                            let plain = ctx.open_chunk(index, kind, payload)?;
+                            let (plain, digest) =
+                                ctx.open_chunk(index, kind, payload, recompute)?;
                             if let Some(file) = sink {
                                 // Every chunk but the last holds exactly the chunk size
                                 // (`open_chunk` checks it), so this is its plaintext offset.
@@ -620,7 +681,7 @@ impl<R: AsyncRead + Unpin> StreamDecoder<R> {
                                         source: e,
                                     })?;
                             }
-                            Ok(plain)
+                            Ok((plain, digest))
                         }));
                 }
                 _ => {
@@ -630,10 +691,13 @@ impl<R: AsyncRead + Unpin> StreamDecoder<R> {
             }
         }
         if let Some(handle) = self.in_flight.pop_front() {
-            let plain = handle.await.map_err(|e| join_error(self.ctx.name(), e))??;
+            let (plain, digest) = handle.await.map_err(|e| join_error(self.ctx.name(), e))??;
             self.plaintext_len += plain.len() as u64;
             if let Some(h) = self.hasher.as_mut() {
                 h.update(plain.clone()).await;
+            }
+            if let (Some(d), Some(digest)) = (self.object_digest.as_mut(), digest) {
+                d.add_chunk(&digest);
             }
             return Ok(Some(plain));
         }
@@ -651,14 +715,15 @@ impl<R: AsyncRead + Unpin> StreamDecoder<R> {
                     detail: "data after the trailer".into(),
                 });
             }
-            let hasher = self
-                .hasher
-                .take()
-                .expect("hasher present until the trailer");
+            let digest = match (self.hasher.take(), self.object_digest.take()) {
+                (Some(hasher), _) => hasher.finish().await,
+                (None, Some(d)) => d.finish(self.plaintext_len),
+                (None, None) => unreachable!("one digest is kept until the trailer"),
+            };
             let seen = Trailer {
                 plaintext_len: self.plaintext_len,
                 chunk_count: self.next_index,
-                sha256: hasher.finish().await,
+                digest,
             };
             self.ctx.check_trailer(&trailer, &seen, self.saw_final)?;
             self.summary = Some(ArchiveSummary::new(&self.ctx, &trailer, self.stored_len));
@@ -673,8 +738,8 @@ impl<R: AsyncRead + Unpin> StreamDecoder<R> {
 }
 
 /// Encodes `reader` into `writer` (flushed, not shut down).
-pub async fn encode<R, W>(
-    name: &str,
+pub async fn encode<'a, R, W>(
+    object: impl Into<ObjectRef<'a>>,
     reader: R,
     writer: &mut W,
     keys: &KeyRing,
@@ -684,7 +749,9 @@ where
     R: ChunkRead,
     W: AsyncWrite + Unpin,
 {
-    let mut enc = StreamEncoder::new(name, reader, keys, opts)?;
+    let object = object.into();
+    let name = object.name;
+    let mut enc = StreamEncoder::new(object, reader, keys, opts)?;
     let io = |e| ArchiveError::Io {
         object: name.to_owned(),
         source: e,
@@ -698,8 +765,8 @@ where
 
 /// Decodes `reader` into `writer` (flushed, not shut down). What reaches `writer` is only known
 /// good when this returns `Ok`.
-pub async fn decode<R, W>(
-    name: &str,
+pub async fn decode<'a, R, W>(
+    object: impl Into<ObjectRef<'a>>,
     reader: R,
     writer: &mut W,
     keys: &KeyRing,
@@ -709,7 +776,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut dec = StreamDecoder::open(name, reader, keys, opts).await?;
+    let object = object.into();
+    let name = object.name;
+    let mut dec = StreamDecoder::open(object, reader, keys, opts).await?;
     let io = |e| ArchiveError::Io {
         object: name.to_owned(),
         source: e,
@@ -721,38 +790,32 @@ where
     Ok(dec.summary.expect("summary set after the last chunk"))
 }
 
-/// Checks a whole object without keeping its content.
-pub async fn verify<R: AsyncRead + Unpin>(
-    name: &str,
+/// Checks a whole object without keeping its content, recomputing every digest whatever
+/// `opts.recompute_digests` says.
+pub async fn verify<'a, R: AsyncRead + Unpin>(
+    object: impl Into<ObjectRef<'a>>,
     reader: R,
     keys: &KeyRing,
     opts: &ReadOptions,
 ) -> Result<ArchiveSummary, ArchiveError> {
-    decode(name, reader, &mut tokio::io::sink(), keys, opts).await
-}
-
-fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
+    let opts = ReadOptions {
+        recompute_digests: true,
+        ..*opts
+    };
+    decode(object, reader, &mut tokio::io::sink(), keys, &opts).await
 }
 
 /// Single-threaded [`encode`] on blocking I/O.
-pub fn encode_sync(
-    name: &str,
+pub fn encode_sync<'a>(
+    object: impl Into<ObjectRef<'a>>,
     mut reader: impl Read,
     mut writer: impl Write,
     keys: &KeyRing,
     opts: &WriteOptions,
 ) -> Result<ArchiveSummary, ArchiveError> {
-    let ctx = ObjectContext::for_writing(name, opts.codec, keys, opts.chunk_size)?;
+    let object = object.into();
+    let name = object.name;
+    let ctx = ObjectContext::for_writing(name, object.key, opts.codec, keys, opts.chunk_size)?;
     let io = |e| ArchiveError::Io {
         object: name.to_owned(),
         source: e,
@@ -760,7 +823,7 @@ pub fn encode_sync(
     let size = ctx.chunk_size();
     writer.write_all(ctx.header_bytes()).map_err(io)?;
     let mut stored = ctx.header_bytes().len() as u64;
-    let mut hasher = Sha256::new();
+    let mut object_digest = ObjectDigest::default();
     let (mut cur, mut next) = (vec![0u8; size], vec![0u8; size]);
     let mut cur_len = read_full(&mut reader, &mut cur).map_err(io)?;
     let (mut index, mut total) = (0u64, 0u64);
@@ -771,9 +834,9 @@ pub fn encode_sync(
             0
         };
         let last = next_len == 0;
-        hasher.update(&cur[..cur_len]);
         total += cur_len as u64;
-        let frame = ctx.seal_chunk(index, last, &cur[..cur_len])?;
+        let (frame, digest) = ctx.seal_chunk(index, last, &cur[..cur_len])?;
+        object_digest.add_chunk(&digest);
         writer
             .write_all(&frame.head)
             .and_then(|()| writer.write_all(&frame.payload))
@@ -789,7 +852,7 @@ pub fn encode_sync(
     let trailer = Trailer {
         plaintext_len: total,
         chunk_count: index,
-        sha256: hasher.finalize().into(),
+        digest: object_digest.finish(total),
     };
     let frame = ctx.seal_trailer(&trailer);
     writer
@@ -802,13 +865,15 @@ pub fn encode_sync(
 }
 
 /// Single-threaded [`decode`] on blocking I/O.
-pub fn decode_sync(
-    name: &str,
+pub fn decode_sync<'a>(
+    object: impl Into<ObjectRef<'a>>,
     mut reader: impl Read,
     mut writer: impl Write,
     keys: &KeyRing,
     opts: &ReadOptions,
 ) -> Result<ArchiveSummary, ArchiveError> {
+    let object = object.into();
+    let name = object.name;
     let io = |e: io::Error| io_error(name, e);
     let mut fixed = [0u8; FIXED_HEADER_LEN];
     reader.read_exact(&mut fixed).map_err(io)?;
@@ -818,8 +883,15 @@ pub fn decode_sync(
         .read_exact(&mut header[FIXED_HEADER_LEN..])
         .map_err(io)?;
     let mut stored = header.len() as u64;
-    let ctx = ObjectContext::for_reading(name, Bytes::from(header), keys, opts.require_encryption)?;
+    let ctx = ObjectContext::for_reading(
+        name,
+        object.key,
+        Bytes::from(header),
+        keys,
+        opts.require_encryption,
+    )?;
     let mut hasher = Sha256::new();
+    let mut object_digest = ObjectDigest::default();
     let (mut index, mut total, mut saw_final) = (0u64, 0u64, false);
     loop {
         let mut head = [0u8; RECORD_HEAD_LEN];
@@ -839,7 +911,11 @@ pub fn decode_sync(
             let seen = Trailer {
                 plaintext_len: total,
                 chunk_count: index,
-                sha256: hasher.finalize().into(),
+                digest: if ctx.chunked() {
+                    object_digest.finish(total)
+                } else {
+                    hasher.finalize().into()
+                },
             };
             ctx.check_trailer(&trailer, &seen, saw_final)?;
             writer.flush().map_err(io)?;
@@ -852,8 +928,11 @@ pub fn decode_sync(
             });
         }
         saw_final = kind == RECORD_FINAL_DATA;
-        let plain = ctx.open_chunk(index, kind, payload)?;
-        hasher.update(&plain);
+        let (plain, digest) = ctx.open_chunk(index, kind, payload, opts.recompute_digests)?;
+        match digest {
+            Some(d) => object_digest.add_chunk(&d),
+            None => hasher.update(&plain),
+        }
         total += plain.len() as u64;
         writer.write_all(&plain).map_err(io)?;
         index += 1;

@@ -170,12 +170,7 @@ async fn file_chunks_encode_like_any_reader() {
         let expected_chunks = if len == 0 { 1 } else { len.div_ceil(CHUNK) };
         assert_eq!(written.chunk_count as usize, expected_chunks, "len {len}");
         assert_eq!(dec(&stored, &keys).unwrap(), plain, "len {len}");
-        let mut sha = sha2::Sha256::default();
-        sha2::Digest::update(&mut sha, &plain);
-        assert_eq!(
-            written.sha256.as_slice(),
-            sha2::Digest::finalize(sha).as_slice()
-        );
+        assert_eq!(written.digest, chunked_digest(&plain, CHUNK));
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -236,21 +231,235 @@ async fn decoder_writes_chunks_at_their_offsets() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The version 2 object digest, computed the long way: SHA-256 over each chunk's SHA-256, then
+/// the length.
+fn chunked_digest(plain: &[u8], chunk: usize) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    if plain.is_empty() {
+        h.update(Sha256::digest(b""));
+    }
+    for c in plain.chunks(chunk) {
+        h.update(Sha256::digest(c));
+    }
+    h.update((plain.len() as u64).to_le_bytes());
+    h.finalize().into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digest_is_over_the_chunk_digests_and_the_length() {
+    for len in BOUNDARY_LENS {
+        let plain = data(len);
+        let mut out = Vec::new();
+        let s = encode_sync(
+            "obj",
+            plain.as_slice(),
+            &mut out,
+            &keys(),
+            &opts(Codec::Lz4),
+        )
+        .unwrap();
+        assert_eq!(s.version, VERSION);
+        assert_eq!(
+            s.digest_kind,
+            DigestKind::ChunkedSha256 {
+                chunk_size: CHUNK as u32
+            }
+        );
+        assert_eq!(s.digest, chunked_digest(&plain, CHUNK), "len {len}");
+        assert_eq!(s.key_id.as_deref(), Some("k1"));
+        // What a local file's digest of that kind is (wal-push compares the two).
+        assert_eq!(
+            s.digest_kind.of_reader(plain.as_slice()).unwrap(),
+            (len as u64, s.digest)
+        );
+        // The full check (`verify`, recomputing every chunk's SHA-256) agrees.
+        let v = verify("obj", out.as_slice(), &keys(), &ReadOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(v, s);
+    }
+    assert_eq!(
+        DigestKind::Sha256.of_reader(&b"abc"[..]).unwrap().1,
+        <[u8; 32]>::from(<sha2::Sha256 as sha2::Digest>::digest(b"abc"))
+    );
+}
+
+/// A version 2 object is bound to the store key it was written under: the same bytes under
+/// another key (an object copied or swapped, even one of the same size) are refused, with or
+/// without encryption, before any content is returned.
 #[test]
-fn sha256_is_of_the_plaintext() {
-    use sha2::Digest;
-    let plain = data(3 * CHUNK + 7);
-    let mut out = Vec::new();
-    let s = encode_sync(
-        "obj",
-        plain.as_slice(),
-        &mut out,
-        &keys(),
-        &opts(Codec::Lz4),
-    )
-    .unwrap();
-    assert_eq!(s.sha256.as_slice(), sha2::Sha256::digest(&plain).as_slice());
-    assert_eq!(s.key_id.as_deref(), Some("k1"));
+fn an_object_under_another_key_is_refused() {
+    for keys in [KeyRing::empty(), keys()] {
+        let encrypted = !keys.is_empty();
+        let plain_a = data(3 * CHUNK + 5);
+        let mut plain_b = plain_a.clone();
+        plain_b[7] ^= 1; // same size, other content
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        let o = opts(Codec::Zstd { level: 1 });
+        let wal_a = "c/0/wal/000000010000000000000001.pgpilot";
+        let wal_b = "c/0/wal/000000010000000000000002.pgpilot";
+        encode_sync(
+            ObjectRef::new("A", wal_a),
+            plain_a.as_slice(),
+            &mut a,
+            &keys,
+            &o,
+        )
+        .unwrap();
+        encode_sync(
+            ObjectRef::new("B", wal_b),
+            plain_b.as_slice(),
+            &mut b,
+            &keys,
+            &o,
+        )
+        .unwrap();
+        let read = |bytes: &[u8], key: &str| {
+            let mut out = Vec::new();
+            decode_sync(
+                ObjectRef::new(key, key),
+                bytes,
+                &mut out,
+                &keys,
+                &ReadOptions::default(),
+            )
+            .map(|_| out)
+        };
+        assert_eq!(read(&a, wal_a).unwrap(), plain_a);
+        assert_eq!(read(&b, wal_b).unwrap(), plain_b);
+        // Swapped: A's bytes stored under B's key and the other way round.
+        for (bytes, key) in [(&a, wal_b), (&b, wal_a)] {
+            let err = read(bytes, key).unwrap_err();
+            assert!(
+                is_integrity(&err, encrypted, Part::Chunk(0)),
+                "swapped, encrypted {encrypted}: {err}"
+            );
+            assert!(err.to_string().contains(key), "names the object: {err}");
+        }
+    }
+}
+
+/// The CRC a version 2 record of an unencrypted object written under key "obj" carries.
+fn v2_crc(stored: &[u8], index: u64, kind: u8, body: &[u8]) -> u32 {
+    let mut c = flate2::Crc::new();
+    c.update(&stored[16..32]); // object id
+    c.update(&(3u16).to_le_bytes());
+    c.update(b"obj");
+    c.update(&index.to_le_bytes());
+    c.update(&[kind]);
+    c.update(body);
+    c.sum()
+}
+
+/// Rewrites record `i` of an unencrypted object with `body` and a CRC recomputed as an attacker
+/// (or a bug) would.
+fn reseal_plain(stored: &[u8], recs: &[(usize, usize)], i: usize, body: &[u8]) -> Vec<u8> {
+    let (pos, len) = recs[i];
+    let kind = stored[pos];
+    let crc = v2_crc(stored, i as u64, kind, body);
+    let mut t = stored[..pos].to_vec();
+    t.push(kind);
+    t.extend_from_slice(&((body.len() + 4) as u32).to_le_bytes());
+    t.extend_from_slice(body);
+    t.extend_from_slice(&crc.to_le_bytes());
+    t.extend_from_slice(&stored[pos + RECORD_HEAD_LEN + len..]);
+    t
+}
+
+/// Chunk digests edited: refused by the tag (encrypted) or the CRC; with the CRC recomputed, by
+/// the chunk's SHA-256; with the trailer's object digest recomputed to match the edited chunk
+/// digests too, still by the chunk's SHA-256 (an unencrypted object's chunks are always
+/// re-hashed). A chunk compressed without the codec's checksum is refused as well.
+#[test]
+fn edited_chunk_digests_and_missing_codec_checksums_are_refused() {
+    use sha2::{Digest, Sha256};
+    let plain = data(4 * CHUNK + 10);
+    // Encrypted: any edit of the sealed digest fails the tag.
+    let stored = enc(&plain, &keys(), Codec::Zstd { level: 1 });
+    let recs = records(&stored);
+    let mut t = stored.clone();
+    let (pos, len) = recs[1];
+    t[pos + RECORD_HEAD_LEN + len - 16 - 5] ^= 1; // inside the digest, before the tag
+    assert!(matches!(
+        dec(&t, &keys()),
+        Err(ArchiveError::AuthenticationFailed {
+            part: Part::Chunk(1),
+            ..
+        })
+    ));
+
+    let keys = KeyRing::empty();
+    let stored = enc(&plain, &keys, Codec::Zstd { level: 1 });
+    let recs = records(&stored);
+    let body = |i: usize| {
+        let (pos, len) = recs[i];
+        stored[pos + RECORD_HEAD_LEN..pos + RECORD_HEAD_LEN + len - 4].to_vec()
+    };
+    // The digest edited, CRC left: the CRC.
+    let mut t = stored.clone();
+    t[recs[2].0 + RECORD_HEAD_LEN + recs[2].1 - 4 - 1] ^= 1;
+    assert!(matches!(
+        dec(&t, &keys),
+        Err(ArchiveError::ChecksumMismatch {
+            part: Part::Chunk(2),
+            ..
+        })
+    ));
+    // The digest edited, CRC recomputed: the chunk's SHA-256.
+    let mut b2 = body(2);
+    let n = b2.len();
+    b2[n - 1] ^= 1;
+    let t = reseal_plain(&stored, &recs, 2, &b2);
+    let err = dec(&t, &keys).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ArchiveError::ChecksumMismatch { part: Part::Chunk(2), detail, .. } if detail.contains("SHA-256 of the chunk")
+        ),
+        "{err}"
+    );
+    // The content and its digest replaced consistently (another plaintext for chunk 2, its
+    // real SHA-256), CRC recomputed, and the trailer's object digest recomputed: only the
+    // trailer's CRC... which a forger recomputes too. Then the object digest in the trailer
+    // matches the forged digests, and what stops it is nothing but the missing key: this is
+    // why unencrypted objects protect against accidents, not attackers (docs). Here we check
+    // the half-forged case, trailer left alone: the object digest no longer matches.
+    let forged_plain = vec![7u8; CHUNK];
+    let mut b2 = Codec::Zstd { level: 1 }.compress(&forged_plain).unwrap();
+    b2.extend_from_slice(&Sha256::digest(&forged_plain));
+    let t = reseal_plain(&stored, &recs, 2, &b2);
+    let err = dec(&t, &keys).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ArchiveError::ChecksumMismatch { part: Part::Whole, detail, .. } if detail.contains("digest of the chunk digests")
+        ),
+        "{err}"
+    );
+    // A zstd chunk without its frame checksum, CRC recomputed: refused as malformed.
+    let mut plain_zstd = zstd::bulk::compress(&plain[2 * CHUNK..3 * CHUNK], 1).unwrap();
+    assert_eq!(plain_zstd[4] & 0x04, 0, "no checksum by default");
+    plain_zstd.extend_from_slice(&Sha256::digest(&plain[2 * CHUNK..3 * CHUNK]));
+    let t = reseal_plain(&stored, &recs, 2, &plain_zstd);
+    let err = dec(&t, &keys).unwrap_err();
+    assert!(
+        matches!(&err, ArchiveError::Malformed { detail, .. } if detail.contains("content checksum")),
+        "{err}"
+    );
+    // And the zstd checksum itself: a chunk whose compressed bytes decode to other content
+    // with the checksum left stale is refused by the decompressor (content edited inside the
+    // frame, CRC recomputed; the digest would catch it too, but the codec sees it first).
+    let mut b2 = body(2);
+    let frame_end = b2.len() - 32;
+    b2[frame_end - 1] ^= 0xff; // inside the 4-byte XXH64 content checksum
+    let t = reseal_plain(&stored, &recs, 2, &b2);
+    let err = dec(&t, &keys).unwrap_err();
+    assert!(
+        matches!(&err, ArchiveError::Malformed { detail, .. } if detail.contains("does not decompress")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -394,11 +603,11 @@ fn keys_wrong_missing_rotated_and_version() {
         Err(ArchiveError::NotEncrypted { .. })
     ));
     // A future version.
-    let mut v2 = stored.clone();
-    v2[8] = 2;
+    let mut v3 = stored.clone();
+    v3[8] = 3;
     assert!(matches!(
-        dec(&v2, &keys()),
-        Err(ArchiveError::UnsupportedVersion { version: 2, .. })
+        dec(&v3, &keys()),
+        Err(ArchiveError::UnsupportedVersion { version: 3, .. })
     ));
     // Not an archive at all.
     assert!(matches!(
