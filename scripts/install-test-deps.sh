@@ -36,6 +36,8 @@ if [ "${1:-}" != "--run-only" ]; then
   command -v pkg-config >/dev/null || apt_pkgs+=(pkg-config)
   # The venv module builds the chart's tools (below).
   /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || apt_pkgs+=(python3-venv)
+  # The test kubelet cuts a pod off its peers with iptables' cgroup match (docs/kubelet.md).
+  command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || apt_pkgs+=(iptables)
 fi
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   say "apt-get install ${apt_pkgs[*]}"

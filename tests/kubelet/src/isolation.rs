@@ -1,6 +1,6 @@
 //! What the kubelet applies to a container's process between fork and exec, when it runs as
-//! root: a read-only root filesystem (`securityContext.readOnlyRootFilesystem`) and the
-//! container's user.
+//! root: the pod's cgroup (see `peers.rs`), a read-only root filesystem
+//! (`securityContext.readOnlyRootFilesystem`) and the container's user.
 //!
 //! The read-only root is real, not assumed: the process gets a mount namespace of its own in
 //! which every host mount but `/proc`, `/sys` and `/dev` (so `/dev/shm` stays writable, as in
@@ -23,6 +23,8 @@ pub(crate) struct Isolation {
     /// `Some`: read-only root; the directories that stay writable.
     read_only: Option<ReadOnly>,
     user: Option<(u32, u32)>,
+    /// The pod cgroup's `cgroup.procs`, which the process joins.
+    cgroup: Option<CString>,
 }
 
 #[derive(Debug, Clone)]
@@ -36,18 +38,27 @@ impl Isolation {
     /// `writable`: the host directories of the container's volumes. A read-only root needs
     /// root (mount namespaces); without it the container runs with the host's view, which
     /// [`Isolation::enforced`] reports.
-    pub fn new(read_only_root: bool, writable: &[PathBuf], user: Option<(u32, u32)>) -> Self {
+    pub fn new(
+        read_only_root: bool,
+        writable: &[PathBuf],
+        user: Option<(u32, u32)>,
+        cgroup: Option<&Path>,
+    ) -> Self {
         let root = nix::unistd::geteuid().is_root();
         let read_only = (read_only_root && root).then(|| ReadOnly {
             writable: writable.iter().filter_map(|p| c_path(p)).collect(),
             mounts: host_mounts().iter().filter_map(|p| c_path(p)).collect(),
         });
-        Self { read_only, user }
+        Self {
+            read_only,
+            user,
+            cgroup: cgroup.and_then(c_path),
+        }
     }
 
     /// Whether anything is applied in the child.
     pub fn is_empty(&self) -> bool {
-        self.read_only.is_none() && self.user.is_none()
+        self.read_only.is_none() && self.user.is_none() && self.cgroup.is_none()
     }
 
     /// Whether the root filesystem is really read-only for the process.
@@ -57,6 +68,15 @@ impl Isolation {
 
     /// Runs in the child between fork and exec: only system calls, no allocation.
     pub fn apply(&self) -> std::io::Result<()> {
+        if let Some(procs) = &self.cgroup {
+            // "0" moves the writing process; its children are born in the cgroup.
+            let fd = nix::fcntl::open(
+                procs.as_c_str(),
+                nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )?;
+            nix::unistd::write(&fd, b"0")?;
+        }
         if let Some(ro) = &self.read_only {
             unshare(CloneFlags::CLONE_NEWNS)?;
             // Nothing done here propagates back to the host.

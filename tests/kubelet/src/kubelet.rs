@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::images::ImageTable;
 use crate::net::{ApiFault, ApiProxy, Subnet};
+use crate::peers::{PeerFault, PeerFirewall};
 use crate::pod::{PodRt, new_pod, record_event};
 
 /// What the kubelet runs and how fast it retries.
@@ -87,6 +88,9 @@ pub(crate) struct Shared {
     pub root: PathBuf,
     api: SocketAddr,
     pub subnet: Subnet,
+    /// Per-pod cgroups and the iptables chain that cuts pods off their peers, or why there
+    /// are none.
+    pub peers: Result<PeerFirewall, String>,
     pods: Mutex<HashMap<String, Arc<PodRt>>>,
     hosts: Mutex<BTreeSet<u8>>,
     not_ready: Mutex<BTreeSet<String>>,
@@ -110,6 +114,9 @@ impl Shared {
     }
 
     pub fn forget(&self, uid: &str, host: u8) {
+        if let Ok(peers) = &self.peers {
+            peers.remove_pod(uid);
+        }
         self.pods
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -174,12 +181,18 @@ impl Kubelet {
             .pull_into(&images)
             .with_context(|| format!("copying the images' binaries into {}", images.display()))?;
         std::fs::set_permissions(&images, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let subnet = Subnet::lease()?;
+        let peers = PeerFirewall::new(subnet.third);
+        if let Err(e) = &peers {
+            tracing::info!("pods cannot be cut off their peers here: {e}");
+        }
         let shared = Arc::new(Shared {
             client: client.clone(),
             opts: opts.clone(),
             root: dir.path().to_path_buf(),
             api,
-            subnet: Subnet::lease()?,
+            subnet,
+            peers,
             pods: Mutex::new(HashMap::new()),
             hosts: Mutex::new(BTreeSet::new()),
             not_ready: Mutex::new(BTreeSet::new()),
@@ -301,6 +314,30 @@ impl Kubelet {
             .with_context(|| format!("pod {ns}/{pod} is not running here"))?;
         rt.proxy.set(fault);
         Ok(())
+    }
+
+    /// Cuts the pod off the other pods (or restores it): TCP between its processes and theirs
+    /// is refused or blackholed both ways, while the test, the kubelet's probes and the API
+    /// server still reach it and it still reaches the API server. Per-pod cgroups matched by
+    /// iptables (see `peers.rs`); an error says why when this machine cannot (not root, no
+    /// cgroup v2, no iptables). The cut lasts until lifted or the pod is gone; a new
+    /// incarnation of the pod starts uncut.
+    pub fn set_peer_fault(&self, ns: &str, pod: &str, fault: PeerFault) -> anyhow::Result<()> {
+        let rt = self
+            .shared
+            .find(ns, pod)
+            .with_context(|| format!("pod {ns}/{pod} is not running here"))?;
+        let peers = self
+            .shared
+            .peers
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("cannot cut {ns}/{pod} off its peers: {e}"))?;
+        if rt.cgroup.is_none() {
+            anyhow::bail!("pod {ns}/{pod} has no cgroup of its own");
+        }
+        peers
+            .set(&rt.uid, rt.ip, fault)
+            .map_err(|e| anyhow::anyhow!("cutting {ns}/{pod} off its peers: {e}"))
     }
 
     /// Marks a node NotReady (its kubelet stops reporting, and its pods become unready, as the

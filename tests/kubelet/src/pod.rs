@@ -80,6 +80,8 @@ pub(crate) struct PodRt {
     pub dir: PathBuf,
     pub logs: PathBuf,
     pub proxy: ApiProxy,
+    /// The `cgroup.procs` of the pod's cgroup, which its processes join (see `peers.rs`).
+    pub cgroup: Option<PathBuf>,
     /// Cancelled when the pod is deleted: containers stop gracefully.
     pub terminate: CancellationToken,
     /// The grace period in force when `terminate` fired.
@@ -839,7 +841,7 @@ async fn run_containers(shared: &Arc<Shared>, rt: &Arc<PodRt>, pod: &Value) -> R
             .map(|(_, dir)| dir.clone())
             .collect();
         let user = user_of(&shared.opts.images, pod, c);
-        run.isolation = Isolation::new(read_only, &writable, user);
+        run.isolation = Isolation::new(read_only, &writable, user, rt.cgroup.as_deref());
         if read_only && !run.isolation.enforced() {
             tracing::warn!(
                 "{}/{} container {name}: readOnlyRootFilesystem is not enforced (the kubelet does not run as root)",
@@ -1322,7 +1324,19 @@ pub(crate) fn new_pod(shared: &Shared, pod: &Value, host: u8, proxy: ApiProxy) -
         .collect();
     let dir = shared.root.join("pods").join(&uid);
     let logs = shared.root.join("logs").join(format!("{ns}_{name}_{uid}"));
+    let cgroup = shared
+        .peers
+        .as_ref()
+        .ok()
+        .and_then(|p| match p.add_pod(&uid) {
+            Ok(procs) => Some(procs),
+            Err(e) => {
+                tracing::warn!("{ns}/{name}: no cgroup of its own: {e}");
+                None
+            }
+        });
     PodRt {
+        cgroup,
         node: s("/spec/nodeName"),
         ip: shared.subnet.ip(host),
         host,

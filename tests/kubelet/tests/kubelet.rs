@@ -13,7 +13,9 @@ use kube::api::{
 };
 use pgpilot_kube_testserver::{KubeTestServer, TestNamespace, kubectl_args};
 use pgpilot_test_kubelet::wait::is_ready;
-use pgpilot_test_kubelet::{ApiFault, ImageTable, Kubelet, KubeletOptions, server_options};
+use pgpilot_test_kubelet::{
+    ApiFault, ImageTable, Kubelet, KubeletOptions, PeerFault, server_options,
+};
 use serde_json::{Value, json};
 
 const APP: &str = env!("CARGO_BIN_EXE_kubelet-test-app");
@@ -690,6 +692,72 @@ async fn cut_api_connection_times_out_and_recovers() {
         (api().await?["ok"].as_u64()? > ok_at_cut).then_some(())
     })
     .await;
+    c.ns.cleanup().await.expect("cleanup");
+}
+
+/// A pod cut off its peers: its connections to the other pods and theirs to it are refused (or
+/// hang, blackholed), both ways, while the other pods still reach each other, the test and the
+/// kubelet's probes still reach it (it stays Ready) and it still reaches the API server. Lifted,
+/// everything flows again.
+#[tokio::test]
+async fn cut_off_peers_both_ways_and_restored() {
+    let c = Cluster::with_web("peers", 3).await;
+    let mut ips: Vec<Ipv4Addr> = Vec::new();
+    for i in 0..3 {
+        ips.push(pod_ip(&c.ready_pod(&format!("web-{i}"), None).await));
+    }
+    let ips = &ips;
+    let dial = |from: usize, to: usize| {
+        let (from, to) = (ips[from], ips[to]);
+        async move { http(from, "GET", &format!("/dial/{to}:8080"), "").await }
+    };
+    let all_pairs_reach = || async {
+        for (a, b) in [(0, 1), (1, 0), (1, 2), (2, 1), (0, 2), (2, 0)] {
+            if dial(a, b).await.is_err() {
+                return None;
+            }
+        }
+        Some(())
+    };
+    eventually("every pod reaches every other", all_pairs_reach).await;
+    let api_ok = || async {
+        serde_json::from_str::<Value>(&c.get(ips[0], "/api").await.ok()?).ok()?["ok"].as_u64()
+    };
+
+    for (fault, expect) in [
+        (PeerFault::Refuse, "Connection refused"),
+        (PeerFault::Blackhole, "timed out"),
+    ] {
+        c.kubelet
+            .set_peer_fault(c.ns(), "web-0", fault)
+            .expect("cut web-0 off its peers");
+        for (a, b) in [(0, 1), (0, 2), (1, 0), (2, 0)] {
+            let err = dial(a, b)
+                .await
+                .expect_err(&format!("web-{a} -> web-{b} must fail under {fault:?}"));
+            assert!(
+                err.contains(expect),
+                "web-{a} -> web-{b} ({fault:?}): {err}"
+            );
+        }
+        // The peers still reach each other, and web-0 still reaches itself.
+        dial(1, 2).await.expect("web-1 -> web-2");
+        dial(2, 1).await.expect("web-2 -> web-1");
+        dial(0, 0).await.expect("web-0 -> itself");
+        // The test reaches it (these requests), the kubelet's probes too, and it reaches the
+        // API server.
+        let before = api_ok().await.expect("api counters");
+        eventually("web-0 still reaches the API server", || async {
+            (api_ok().await? > before).then_some(())
+        })
+        .await;
+        assert!(is_ready(&c.pod("web-0").await.expect("pod")));
+    }
+
+    c.kubelet
+        .set_peer_fault(c.ns(), "web-0", PeerFault::None)
+        .expect("restore");
+    eventually("every pod reaches every other again", all_pairs_reach).await;
     c.ns.cleanup().await.expect("cleanup");
 }
 

@@ -97,6 +97,10 @@ async fn main() -> anyhow::Result<()> {
             ),
         )
         .route(
+            "/dial/{addr}",
+            get(|Path(addr): Path<String>| async move { dial(&addr).await }),
+        )
+        .route(
             "/api",
             get(|State(a): State<Arc<App>>| async move {
                 let last = a.last_error.lock().map(|l| l.clone()).unwrap_or_default();
@@ -120,6 +124,26 @@ async fn main() -> anyhow::Result<()> {
         if std::env::var_os("IGNORE_SIGTERM").is_none() {
             return Ok(());
         }
+    }
+}
+
+/// Connects to another pod (`ip:port`) and asks for its `/healthz`, within 2 s: how a test sees
+/// whether this pod reaches its peers. 200 with the answer, or 502 with the error.
+async fn dial(addr: &str) -> (StatusCode, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: peer\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    };
+    match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+        Ok(Ok(out)) if out.ends_with("ok") => (StatusCode::OK, "ok".into()),
+        Ok(Ok(out)) => (StatusCode::BAD_GATEWAY, format!("unexpected answer: {out}")),
+        Ok(Err(e)) => (StatusCode::BAD_GATEWAY, e.to_string()),
+        Err(_) => (StatusCode::BAD_GATEWAY, "timed out".into()),
     }
 }
 
