@@ -13,7 +13,7 @@ use kube::Api;
 use kube::api::{ListParams, PostParams};
 use pgpilot_kube_testserver::{KubeTestServer, TestNamespace};
 use pgpilot_test_kubelet::wait::is_ready;
-use pgpilot_test_kubelet::{ApiFault, ImageTable, Kubelet, start_cluster};
+use pgpilot_test_kubelet::{ApiFault, ImageTable, Kubelet, PeerFault, start_cluster};
 use serde_json::json;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_pgpilot-agent");
@@ -420,6 +420,101 @@ async fn frozen_then_cut_off_primaries_are_replaced_and_rejoin() {
 
     let primary = api_cut_primary_fences_and_never_writes_beside_its_successor(&s, &new).await;
     api_server_down_fences_once_and_fails_over_once(&s, &primary).await;
+    s.ns.cleanup().await.expect("cleanup");
+}
+
+/// A network partition between the primary and its replicas, the primary still in touch with
+/// the API server (and its clients): Kubernetes is the arbiter, so the primary keeps renewing
+/// its Lease and nobody takes over — no failover, no fencing, no second timeline — and it keeps
+/// acknowledging writes (asynchronous replication). The replicas, which cannot stream, hold
+/// what they had. Once the partition heals they catch up with every row. Run with the WAL
+/// stream blackholed (the connection hangs), then refused (it is reset).
+#[tokio::test]
+async fn a_primary_cut_off_its_replicas_keeps_its_lease_and_they_catch_up() {
+    let s = Shard::start("peers").await;
+    let primary = s.primary(None).await;
+    let replicas: Vec<String> = (0..3)
+        .map(|i| format!("db-{i}"))
+        .filter(|p| *p != primary)
+        .collect();
+    let db = s.sql(&primary).await.expect("connect to the primary");
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let mut rows = 0;
+    let insert = |from: i32, to: i32| {
+        let db = &db;
+        async move {
+            for i in from..=to {
+                db.execute("INSERT INTO t VALUES ($1)", &[&i])
+                    .await
+                    .expect("the primary acknowledges writes");
+            }
+        }
+    };
+    insert(1, 100).await;
+    rows += 100;
+    for r in &replicas {
+        eventually("replica caught up", || async {
+            (s.count(r).await == Some(rows)).then_some(())
+        })
+        .await;
+    }
+    let taken_before = s.events("LeaseTaken").await.len();
+
+    for fault in [PeerFault::Blackhole, PeerFault::Refuse] {
+        s.kubelet
+            .set_peer_fault(s.ns(), &primary, fault)
+            .expect("cut the primary off its replicas");
+        let cut_at = Instant::now();
+        // Three Lease durations (8 s each): the Lease stays with the primary all along.
+        while cut_at.elapsed() < Duration::from_secs(24) {
+            assert_eq!(
+                s.holder().await.as_deref(),
+                Some(primary.as_str()),
+                "{fault:?}: the Lease moved although its holder reaches the API server"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        insert(rows as i32 + 1, rows as i32 + 100).await;
+        rows += 100;
+        for r in &replicas {
+            let seen = s
+                .count(r)
+                .await
+                .expect("the test still reaches each replica");
+            assert!(
+                seen < rows,
+                "{fault:?}: {r} holds {seen} rows although it cannot reach the primary"
+            );
+            assert_eq!(
+                s.role(r).await.as_deref(),
+                Some("replica"),
+                "{fault:?}: {r}"
+            );
+        }
+        assert_eq!(s.role(&primary).await.as_deref(), Some("primary"));
+
+        s.kubelet
+            .set_peer_fault(s.ns(), &primary, PeerFault::None)
+            .expect("heal the partition");
+        for r in &replicas {
+            eventually(
+                &format!("{r} catches up after the {fault:?} cut"),
+                || async { (s.count(r).await == Some(rows)).then_some(()) },
+            )
+            .await;
+        }
+    }
+    assert_eq!(
+        s.events("LeaseTaken").await.len(),
+        taken_before,
+        "no Lease changed hands"
+    );
+    assert!(
+        s.metrics(&primary).await.contains("pgpilot_fences_total 0"),
+        "the primary never fenced"
+    );
     s.ns.cleanup().await.expect("cleanup");
 }
 
