@@ -33,3 +33,5 @@ pub use pipeline::{
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod v1_fixtures;
