@@ -19,6 +19,7 @@ use pgpilot_common::api::{RestorePhase, RestoreRequest, RestoreTarget};
 use pgpilot_common::state::{AgentState, Role};
 use pgpilot_test_support::agent::{AgentFixture, AgentOptions, LONG};
 use pgpilot_test_support::agent_bin;
+use pgpilot_test_support::data::{expected_rows, table_rows};
 use pgpilot_test_support::store::{BackupStore, files_under};
 
 /// Key id of the fixture's encryption key.
@@ -74,31 +75,12 @@ fn assert_all_v1(dir: &Path) -> usize {
     files.len()
 }
 
-/// Rows 1..=n as the fixture wrote them: (count, md5 of `id:payload` in id order).
-async fn expected(sql: &tokio_postgres::Client, n: i64) -> (i64, String) {
-    let row = sql
-        .query_one(
-            "SELECT count(*), coalesce(md5(string_agg(g::text || ':row-' || g, ',' ORDER BY g)), '') FROM generate_series(1, $1::bigint) g",
-            &[&n],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1))
-}
-
-async fn actual(sql: &tokio_postgres::Client) -> (i64, String) {
-    let row = sql
-        .query_one("SELECT count(*), coalesce(md5(string_agg(id::text || ':' || payload, ',' ORDER BY id)), '') FROM t", &[])
-        .await
-        .unwrap();
-    (row.get(0), row.get(1))
-}
-
+/// Table `t` holds exactly rows 1..=n as the fixture wrote them.
 async fn assert_rows(fx: &AgentFixture, n: i64, what: &str) {
     let sql = fx.sql().await.unwrap();
     assert_eq!(
-        actual(&sql).await,
-        expected(&sql, n).await,
+        table_rows(&sql).await,
+        expected_rows(&sql, n).await,
         "{what}: the table should hold exactly rows 1..={n}\n{}",
         fx.logs()
     );

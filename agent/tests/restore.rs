@@ -11,6 +11,7 @@ use pgpilot_common::client::ClientError;
 use pgpilot_common::state::{AgentState, Role};
 use pgpilot_test_support::agent::{AgentFixture, AgentOptions, LONG};
 use pgpilot_test_support::agent_bin;
+use pgpilot_test_support::data::{expected_rows, table_rows};
 use pgpilot_test_support::postgres::NEWEST;
 use pgpilot_test_support::store::BackupStore;
 
@@ -26,25 +27,9 @@ async fn agent(major: u32, store: &BackupStore) -> AgentFixture {
         .unwrap()
 }
 
-/// Rows 1..=n with a deterministic payload: (count, md5 of the contents in id order).
-async fn expected(sql: &tokio_postgres::Client, n: i64) -> (i64, String) {
-    let row = sql
-        .query_one(
-            "SELECT count(*), coalesce(md5(string_agg(g::text || ':row-' || g, ',' ORDER BY g)), '') FROM generate_series(1, $1::bigint) g",
-            &[&n],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1))
-}
-
+/// What the agent's table `t` holds: (count, md5 of the contents in id order).
 async fn actual(fx: &AgentFixture) -> (i64, String) {
-    let sql = fx.sql().await.unwrap();
-    let row = sql
-        .query_one("SELECT count(*), coalesce(md5(string_agg(id::text || ':' || payload, ',' ORDER BY id)), '') FROM t", &[])
-        .await
-        .unwrap();
-    (row.get(0), row.get(1))
+    table_rows(&fx.sql().await.unwrap()).await
 }
 
 /// Inserts rows (from, to] in one transaction; returns its xid.
@@ -234,7 +219,7 @@ async fn every_target_kind_restores_exactly_the_rows_before_it() {
         );
         assert_eq!(p.backup_id, backup);
         let sql = fx.sql().await.unwrap();
-        assert_eq!(actual(&fx).await, expected(&sql, rows).await, "{what}");
+        assert_eq!(actual(&fx).await, expected_rows(&sql, rows).await, "{what}");
         timelines.push(p.timeline.unwrap());
         assert!(
             !fx.data_dir().join("pgpilot-recovery.conf").exists(),
@@ -269,7 +254,7 @@ async fn restores_across_timelines() {
     let tl2 = p.timeline.unwrap();
     assert!(tl2 >= 2);
     let sql = fx.sql().await.unwrap();
-    assert_eq!(actual(&fx).await, expected(&sql, 200).await);
+    assert_eq!(actual(&fx).await, expected_rows(&sql, 200).await);
     sql.execute(
         "INSERT INTO t SELECT g, 'row-' || g FROM generate_series(201, 250) g",
         &[],
@@ -288,7 +273,7 @@ async fn restores_across_timelines() {
     assert_eq!(p.phase, RestorePhase::Completed, "{:?}", p.error);
     assert_eq!(
         actual(&fx).await,
-        expected(&fx.sql().await.unwrap(), 250).await
+        expected_rows(&fx.sql().await.unwrap(), 250).await
     );
     assert!(p.timeline.unwrap() > tl2);
 
@@ -304,7 +289,7 @@ async fn restores_across_timelines() {
     assert_eq!(p.phase, RestorePhase::Completed, "{:?}", p.error);
     assert_eq!(
         actual(&fx).await,
-        expected(&fx.sql().await.unwrap(), 300).await
+        expected_rows(&fx.sql().await.unwrap(), 300).await
     );
 }
 
@@ -518,7 +503,7 @@ async fn bootstrap_from_backup_on_s3_and_wrong_keys_are_refused() {
     })
     .await
     .unwrap();
-    assert_eq!(actual(&copy).await, expected(&sql, 750).await);
+    assert_eq!(actual(&copy).await, expected_rows(&sql, 750).await);
 }
 
 /// The agent binary in a directory the Postgres user cannot enter (a clone under /root, mode
@@ -556,7 +541,7 @@ async fn agent_binary_in_a_0700_dir_archives_and_restores_through_a_copy() {
     insert(&sql, 0, 100).await;
     fx.take_backup().await.unwrap();
     insert(&sql, 100, 300).await;
-    let want = expected(&sql, 300).await;
+    let want = expected_rows(&sql, 300).await;
     switch_and_wait_archived(&fx).await;
     drop(sql);
 
@@ -587,7 +572,7 @@ async fn a_damaged_or_swapped_segment_mid_archive_fails_the_restore_instead_of_e
         insert(&sql, n * 100, n * 100 + 100).await;
         after.push(fx.switch_wal_and_wait_archived(LONG).await.unwrap());
     }
-    let want = expected(&sql, 400).await;
+    let want = expected_rows(&sql, 400).await;
     drop(sql);
     let layout = pgpilot_test_support::store::default_layout();
     let victim = backups.root().join(layout.wal_key(&after[0]));

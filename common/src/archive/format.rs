@@ -359,15 +359,7 @@ impl ObjectContext {
                 ),
             });
         }
-        if key.len() > MAX_BOUND_KEY_LEN {
-            return Err(ArchiveError::Malformed {
-                object: name.to_owned(),
-                detail: format!(
-                    "store key of {} bytes is longer than {MAX_BOUND_KEY_LEN}",
-                    key.len()
-                ),
-            });
-        }
+        check_bound_key(name, key)?;
         let object_id: [u8; 16] = rand::random();
         let (cipher, key_id, key_check, cipher_byte) = match keys.writer() {
             Some(key) => {
@@ -440,15 +432,7 @@ impl ObjectContext {
         // Only the algorithm matters for reading; the level is the writer's business.
         let codec = Codec::from_compression(header.compression, None);
         let key = if header.version == VERSION_1 { "" } else { key };
-        if key.len() > MAX_BOUND_KEY_LEN {
-            return Err(ArchiveError::Malformed {
-                object: name.to_owned(),
-                detail: format!(
-                    "store key of {} bytes is longer than {MAX_BOUND_KEY_LEN}",
-                    key.len()
-                ),
-            });
-        }
+        check_bound_key(name, key)?;
         Ok(ObjectContext {
             name: name.into(),
             key: key.into(),
@@ -750,6 +734,20 @@ impl ObjectContext {
         }
         Ok(())
     }
+}
+
+/// A version 2 object binds its store key with a u16 length: refuse longer keys.
+fn check_bound_key(name: &str, key: &str) -> Result<(), ArchiveError> {
+    if key.len() > MAX_BOUND_KEY_LEN {
+        return Err(ArchiveError::Malformed {
+            object: name.to_owned(),
+            detail: format!(
+                "store key of {} bytes is longer than {MAX_BOUND_KEY_LEN}",
+                key.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn crc32(parts: &[&[u8]]) -> u32 {

@@ -42,3 +42,25 @@ pub fn random_segment_named(name: &str, system_identifier: u64) -> Vec<u8> {
     data[36..40].copy_from_slice(&8192u32.to_ne_bytes());
     data
 }
+
+/// Rows 1..=n of the restore tests' table `t (id, payload)` as they are written (payload
+/// `row-<id>`): their count and the md5 of `id:payload` in id order, computed by `sql`'s server.
+pub async fn expected_rows(sql: &tokio_postgres::Client, n: i64) -> (i64, String) {
+    let row = sql
+        .query_one(
+            "SELECT count(*), coalesce(md5(string_agg(g::text || ':row-' || g, ',' ORDER BY g)), '') FROM generate_series(1, $1::bigint) g",
+            &[&n],
+        )
+        .await
+        .expect("computing the expected rows");
+    (row.get(0), row.get(1))
+}
+
+/// What table `t` holds, in the form of [`expected_rows`].
+pub async fn table_rows(sql: &tokio_postgres::Client) -> (i64, String) {
+    let row = sql
+        .query_one("SELECT count(*), coalesce(md5(string_agg(id::text || ':' || payload, ',' ORDER BY id)), '') FROM t", &[])
+        .await
+        .expect("reading table t");
+    (row.get(0), row.get(1))
+}
