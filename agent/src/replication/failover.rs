@@ -131,9 +131,17 @@ pub async fn run(
     let mut tick = tokio::time::interval(l.lead.settings.renew_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // A primary also wakes at its renew deadline, not at the next tick after it.
+        let deadline = l.renew_deadline(&l.handle.state());
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
+            _ = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
         }
         l.step().await;
     }
@@ -142,7 +150,17 @@ pub async fn run(
 impl Loop {
     async fn step(&mut self) {
         let state = self.handle.state();
-        let read = self.lead.refresh().await;
+        // A primary must stop taking writes at its renew deadline, whatever the API server
+        // does: a call that hangs (a blackholed connection waits out its own timeout, 2.5 s)
+        // must not push the fence towards the Lease's expiry, when a replica may take over.
+        let deadline = self.renew_deadline(&state);
+        let read = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, self.lead.refresh()).await {
+                Ok(read) => read,
+                Err(_) => return self.fence(&self.deadline_passed()).await,
+            },
+            None => self.lead.refresh().await,
+        };
         if let Ok(rec) = &read {
             let rv = rec.resource_version().unwrap_or("").to_string();
             if self.observed.as_ref().is_none_or(|(seen, _)| *seen != rv) {
@@ -166,8 +184,37 @@ impl Loop {
         self.label().await;
     }
 
+    /// When this primary must have renewed its Lease by, or fence (`None` when it is not a
+    /// running primary, or has not renewed yet: right after a promotion its first renewal is
+    /// attempted whatever the time since the hand-over, as before).
+    fn renew_deadline(&self, state: &AgentState) -> Option<tokio::time::Instant> {
+        if !matches!(
+            state,
+            AgentState::Running {
+                role: Role::Primary
+            }
+        ) {
+            return None;
+        }
+        let since = self.renewed?;
+        Some(tokio::time::Instant::from_std(
+            since + self.lead.settings.renew_deadline,
+        ))
+    }
+
+    fn deadline_passed(&self) -> String {
+        format!(
+            "the Lease {} could not be renewed for {}s (renew deadline)",
+            self.lead.name,
+            self.lead.settings.renew_deadline.as_secs()
+        )
+    }
+
     async fn as_primary(&mut self, read: anyhow::Result<LeaseRecord>) {
         let lead = self.lead.clone();
+        let deadline = self
+            .renewed
+            .map(|t| tokio::time::Instant::from_std(t + lead.settings.renew_deadline));
         if self.renewed.is_none() {
             // Promoted by a switchover since the last tick: the hand-over was the last renewal,
             // so one failed read right after it is not a reason to fence.
@@ -187,7 +234,18 @@ impl Loop {
                     .await
                     .ok()
                     .and_then(|s| s.current_lsn);
-                match lead.write(&rec, Some(lead.me()), lsn.as_deref()).await {
+                let write = lead.write(&rec, Some(lead.me()), lsn.as_deref());
+                let written = match deadline {
+                    Some(at) => tokio::time::timeout_at(at, write)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(anyhow::anyhow!(
+                                "the renewal did not answer before the deadline"
+                            ))
+                        }),
+                    None => write.await,
+                };
+                match written {
                     Ok(Write::Done) => {
                         self.renewed = Some(Instant::now());
                         if lead.settings.synchronous {
@@ -218,14 +276,11 @@ impl Loop {
                 tracing::warn!(lease = %lead.name, "cannot read the Lease: {e}");
             }
         }
-        let deadline = lead.settings.renew_deadline;
-        if self.renewed.is_none_or(|t| t.elapsed() >= deadline) {
-            let why = format!(
-                "the Lease {} could not be renewed for {}s (renew deadline)",
-                lead.name,
-                deadline.as_secs()
-            );
-            self.fence(&why).await;
+        if self
+            .renewed
+            .is_none_or(|t| t.elapsed() >= lead.settings.renew_deadline)
+        {
+            self.fence(&self.deadline_passed()).await;
         }
     }
 
@@ -351,7 +406,10 @@ impl Loop {
         }
     }
 
-    /// Stops taking writes: the label goes first, then a demote.
+    /// Stops taking writes: a demote first, then the label. The demote must not wait for the
+    /// API server: when the fence is for a Lease that could not be renewed, the label (an API
+    /// call) would hang until its timeout while Postgres kept acknowledging writes towards the
+    /// Lease's expiry.
     async fn fence(&mut self, why: &str) {
         let lead = self.lead.clone();
         let ctx = self.handle.ctx.clone();
@@ -365,8 +423,9 @@ impl Loop {
             .replication
             .last_transition
             .set(jiff::Timestamp::now().as_second() as f64);
+        let demoted = self.handle.demote().await;
         self.label().await;
-        match self.handle.demote().await {
+        match demoted {
             Ok(_) => {
                 lead.event(
                     "Warning",
