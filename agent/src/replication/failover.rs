@@ -82,6 +82,8 @@ struct Loop {
     /// The Lease's resourceVersion as last seen, and when it was first seen (our clock).
     observed: Option<(String, Instant)>,
     labelled: Option<&'static str>,
+    /// Whether the last step saw this instance running as the primary.
+    was_primary: bool,
     last_follow: Option<Instant>,
     /// Synchronous mode: what this primary set up, `None` until it did.
     sync: Option<SyncState>,
@@ -124,6 +126,7 @@ pub async fn run(
         renewed: renewed_at_start.then(Instant::now),
         observed: None,
         labelled: None,
+        was_primary: false,
         last_follow: None,
         sync: None,
         lead,
@@ -150,6 +153,19 @@ pub async fn run(
 impl Loop {
     async fn step(&mut self) {
         let state = self.handle.state();
+        // Becoming a running primary (after initdb, a start or a promotion, during which nobody
+        // renewed): its first renewal is attempted whatever the time since the Lease was taken;
+        // the strict deadline runs from a renewal made as a running primary.
+        let primary_now = matches!(
+            state,
+            AgentState::Running {
+                role: Role::Primary
+            }
+        );
+        if primary_now && !self.was_primary {
+            self.renewed = None;
+        }
+        self.was_primary = primary_now;
         // A primary must stop taking writes at its renew deadline, whatever the API server
         // does: a call that hangs (a blackholed connection waits out its own timeout, 2.5 s)
         // must not push the fence towards the Lease's expiry, when a replica may take over.
