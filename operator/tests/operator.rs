@@ -995,7 +995,7 @@ async fn databases_made_with_sql_are_adopted_and_every_shard_converges() {
     .await;
     assert_eq!(has_database(&s1, SALES).await, Some(true));
 
-    // Shard 1's primary cut off from the API server (3 s, under its renew deadline: it stays
+    // Shard 1's primary cut off from the API server (3 s, under its 5 s renew deadline: it stays
     // primary) while a database is created there: the round fails, is retried after a
     // backoff, and the database is adopted once the API server answers again. (With
     // KUBECONFIG there is no kubelet to cut a pod off: that step is skipped.)
@@ -1012,10 +1012,14 @@ async fn databases_made_with_sql_are_adopted_and_every_shard_converges() {
             .name_any();
         let cut = pgpilot_test_kubelet::ApiFault::Refuse;
         kubelet.set_api_fault(env.ns.name(), &primary, cut).unwrap();
+        let cut_at = tokio::time::Instant::now();
         s1.batch_execute(r#"CREATE DATABASE "during cut""#)
             .await
             .expect("CREATE DATABASE while cut off");
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // 3 s from the cut, however long CREATE DATABASE took: the primary renewed at most
+        // 1 s before it, so it is still 1 s short of its 5 s renew deadline, which it keeps
+        // strictly (it fences at the deadline even while the API server does not answer).
+        tokio::time::sleep_until(cut_at + Duration::from_secs(3)).await;
         let heal = pgpilot_test_kubelet::ApiFault::None;
         kubelet
             .set_api_fault(env.ns.name(), &primary, heal)
