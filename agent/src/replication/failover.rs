@@ -212,10 +212,13 @@ impl Loop {
         ) {
             return None;
         }
-        let since = self.renewed?;
-        Some(tokio::time::Instant::from_std(
-            since + self.lead.settings.renew_deadline,
-        ))
+        self.renewed_by()
+    }
+
+    /// The last renewal plus the renew deadline.
+    fn renewed_by(&self) -> Option<tokio::time::Instant> {
+        self.renewed
+            .map(|t| tokio::time::Instant::from_std(t + self.lead.settings.renew_deadline))
     }
 
     fn deadline_passed(&self) -> String {
@@ -228,9 +231,7 @@ impl Loop {
 
     async fn as_primary(&mut self, read: anyhow::Result<LeaseRecord>) {
         let lead = self.lead.clone();
-        let deadline = self
-            .renewed
-            .map(|t| tokio::time::Instant::from_std(t + lead.settings.renew_deadline));
+        let deadline = self.renewed_by();
         if self.renewed.is_none() {
             // Promoted by a switchover since the last tick: the hand-over was the last renewal,
             // so one failed read right after it is not a reason to fence.

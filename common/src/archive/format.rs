@@ -325,8 +325,9 @@ pub fn parse_record_head(
 /// Everything needed to seal or open the records of one object. Shared between worker threads.
 pub struct ObjectContext {
     name: Arc<str>,
-    /// The store key bound into every record (version 2; empty in version 1).
-    key: Arc<str>,
+    /// What every record binds of the store key, computed once: its length (u16) and bytes
+    /// in version 2, nothing in version 1.
+    bound: Bytes,
     header: Header,
     header_bytes: Bytes,
     codec: Codec,
@@ -382,7 +383,7 @@ impl ObjectContext {
         let header_bytes = Bytes::from(header.to_bytes());
         Ok(ObjectContext {
             name: name.into(),
-            key: key.into(),
+            bound: bound_key(header.version, key),
             header,
             header_bytes,
             codec,
@@ -431,11 +432,12 @@ impl ObjectContext {
         };
         // Only the algorithm matters for reading; the level is the writer's business.
         let codec = Codec::from_compression(header.compression, None);
-        let key = if header.version == VERSION_1 { "" } else { key };
-        check_bound_key(name, key)?;
+        if header.version != VERSION_1 {
+            check_bound_key(name, key)?;
+        }
         Ok(ObjectContext {
             name: name.into(),
-            key: key.into(),
+            bound: bound_key(header.version, key),
             header,
             header_bytes,
             codec,
@@ -502,42 +504,23 @@ impl ObjectContext {
         }
     }
 
-    /// Version 2 binds the store key: its length (u16) and bytes, empty in version 1.
-    fn bound_key(&self) -> ([u8; 2], &[u8]) {
-        if self.chunked() {
-            ((self.key.len() as u16).to_le_bytes(), self.key.as_bytes())
-        } else {
-            ([0; 2], &[])
-        }
-    }
-
     fn aad(&self, index: u64, kind: u8) -> Vec<u8> {
-        let mut aad = Vec::with_capacity(self.header_bytes.len() + self.key.len() + 11);
+        let mut aad = Vec::with_capacity(self.header_bytes.len() + self.bound.len() + 9);
         aad.extend_from_slice(&self.header_bytes);
-        if self.chunked() {
-            let (len, key) = self.bound_key();
-            aad.extend_from_slice(&len);
-            aad.extend_from_slice(key);
-        }
+        aad.extend_from_slice(&self.bound);
         aad.extend_from_slice(&index.to_le_bytes());
         aad.push(kind);
         aad
     }
 
     fn record_crc(&self, index: u64, kind: u8, body: &[u8]) -> u32 {
-        if self.chunked() {
-            let (len, key) = self.bound_key();
-            crc32(&[
-                &self.header.object_id,
-                &len,
-                key,
-                &index.to_le_bytes(),
-                &[kind],
-                body,
-            ])
-        } else {
-            crc32(&[&self.header.object_id, &index.to_le_bytes(), &[kind], body])
-        }
+        crc32(&[
+            &self.header.object_id,
+            &self.bound,
+            &index.to_le_bytes(),
+            &[kind],
+            body,
+        ])
     }
 
     /// Hashes (version 2), compresses, then encrypts (or checksums) chunk `index`. Returns the
@@ -734,6 +717,17 @@ impl ObjectContext {
         }
         Ok(())
     }
+}
+
+/// What a record of a `version` object binds of its store key (see [`ObjectContext`]).
+fn bound_key(version: u8, key: &str) -> Bytes {
+    if version == VERSION_1 {
+        return Bytes::new();
+    }
+    let mut b = Vec::with_capacity(2 + key.len());
+    b.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    b.extend_from_slice(key.as_bytes());
+    Bytes::from(b)
 }
 
 /// A version 2 object binds its store key with a u16 length: refuse longer keys.

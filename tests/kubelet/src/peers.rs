@@ -105,9 +105,7 @@ impl PeerFirewall {
     pub fn set(&self, uid: &str, ip: std::net::Ipv4Addr, fault: PeerFault) -> Result<(), String> {
         let mut cuts = self.cuts.lock().unwrap_or_else(|p| p.into_inner());
         for rule in cuts.remove(uid).unwrap_or_default() {
-            let mut args = vec!["-D".to_string(), self.chain.clone()];
-            args.extend(rule);
-            iptables(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+            self.rule("-D", &rule)?;
         }
         let target: &[&str] = match fault {
             PeerFault::None => return Ok(()),
@@ -131,16 +129,12 @@ impl PeerFirewall {
             rule(&pod, &self.subnet, target),
             rule(&self.rel, &own, target),
         ];
-        let mut added = Vec::new();
+        let mut added: Vec<Vec<String>> = Vec::new();
         for r in rules {
-            let mut args = vec!["-A".to_string(), self.chain.clone()];
-            args.extend(r.iter().cloned());
-            if let Err(e) = iptables(&args.iter().map(String::as_str).collect::<Vec<_>>()) {
+            if let Err(e) = self.rule("-A", &r) {
                 // Leave nothing half applied.
-                for done in added {
-                    let mut args = vec!["-D".to_string(), self.chain.clone()];
-                    args.extend(done);
-                    let _ = iptables(&args.iter().map(String::as_str).collect::<Vec<_>>());
+                for done in &added {
+                    let _ = self.rule("-D", done);
                 }
                 return Err(e);
             }
@@ -148,6 +142,15 @@ impl PeerFirewall {
         }
         cuts.insert(uid.to_string(), added);
         Ok(())
+    }
+}
+
+impl PeerFirewall {
+    /// `iptables <op> <chain> <rule...>`: appends (`-A`) or deletes (`-D`) a rule.
+    fn rule(&self, op: &str, rule: &[String]) -> Result<(), String> {
+        let mut args = vec![op, self.chain.as_str()];
+        args.extend(rule.iter().map(String::as_str));
+        iptables(&args)
     }
 }
 
