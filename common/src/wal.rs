@@ -110,7 +110,10 @@ impl WalFile {
                     .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase())
         };
         let segment = |s: &str| -> Option<Segment> {
-            if s.len() != 24 || !hex(&s[..8]) || !hex(&s[8..16]) || !hex(&s[16..]) {
+            // ASCII first: the byte offsets below must be char boundaries (a 24-byte name of
+            // multi-byte characters reaches here from the API).
+            if s.len() != 24 || !s.is_ascii() || !hex(&s[..8]) || !hex(&s[8..16]) || !hex(&s[16..])
+            {
                 return None;
             }
             let tli = u32::from_str_radix(&s[..8], 16).ok()?;
@@ -245,6 +248,26 @@ mod tests {
         assert_eq!(l.to_string(), "16/B374D848");
         assert_eq!(Lsn::parse("0/0"), Some(Lsn(0)));
         assert_eq!(Lsn::parse("nope"), None);
+    }
+
+    #[test]
+    fn non_ascii_names_are_not_wal_files() {
+        // 24 bytes, with a multi-byte character across byte 8 (found by the API fuzzer: it
+        // used to panic slicing inside the character).
+        let seg = format!("0000000\u{80}{}", "0".repeat(15));
+        assert_eq!(seg.len(), 24);
+        let wide = format!("0000\u{10000}\u{102b7}{}", "0".repeat(12));
+        assert_eq!(wide.len(), 24);
+        for name in [
+            seg.clone(),
+            wide,
+            format!("{seg}.partial"),
+            format!("{seg}.00000028.backup"),
+            "0000000\u{80}.history".to_string(),
+        ] {
+            let name = name.as_str();
+            assert_eq!(WalFile::parse(name, SZ), None, "{name:?}");
+        }
     }
 
     #[test]

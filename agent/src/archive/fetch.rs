@@ -354,7 +354,7 @@ impl WalFetcher {
         };
         for e in rd.filter_map(|e| e.ok()) {
             let n = e.file_name().to_string_lossy().into_owned();
-            if n.len() == 24 && n.as_str() < name && n[..8] == name[..8] {
+            if n.len() == 24 && n.as_str() < name && n.get(..8) == name.get(..8) {
                 let _ = std::fs::remove_file(e.path());
             }
         }
