@@ -299,13 +299,7 @@ class Agent:
             f.write("bench-token\n")
         os.chmod(token, 0o600)  # the agent refuses a secret file every user can read
         self.key = os.path.join(self.dir, "key")
-        with open(self.key, "w") as f:
-            f.write(os.urandom(32).hex())
-        # The direct path runs as postgres and needs to read it: group postgres, never others.
-        os.chmod(self.key, 0o640)
-        if os.geteuid() == 0:
-            import grp
-            os.chown(self.key, 0, grp.getgrnam("postgres").gr_gid)
+        postgres_secret(self.key, os.urandom(32).hex())
         self.proc = None
 
     def configure(self, store, encrypt=False, level=1, extra_backup="", extra=""):
@@ -465,6 +459,17 @@ def barman_cmd(tool, s3, *args):
     return [f"{BARMAN_VENV}/bin/{tool}", "--cloud-provider", "aws-s3", "--endpoint-url", s3.endpoint, *args]
 
 
+def postgres_secret(path, content):
+    """A secret file the agent accepts (it refuses one every user can read) that the direct
+    path, running as postgres, can still read: 0640, group postgres."""
+    with open(path, "w") as f:
+        f.write(content)
+    os.chmod(path, 0o640)
+    if os.geteuid() == 0:
+        import grp
+        os.chown(path, 0, grp.getgrnam("postgres").gr_gid)
+
+
 def barman_env():
     return {**os.environ, "AWS_ACCESS_KEY_ID": S3_AK, "AWS_SECRET_ACCESS_KEY": S3_SK,
             "AWS_DEFAULT_REGION": "us-east-1"}
@@ -473,9 +478,7 @@ def barman_env():
 def s3_backup_lines(agent, s3):
     ak, sk = os.path.join(agent.dir, "s3-ak"), os.path.join(agent.dir, "s3-sk")
     for p, v in ((ak, S3_AK), (sk, S3_SK)):
-        with open(p, "w") as f:
-            f.write(v)
-        os.chmod(p, 0o644)
+        postgres_secret(p, v)
     return (f'endpoint = "{s3.endpoint}"\npath_style = true\nregion = "us-east-1"\n'
             f'access_key_id_file = "{ak}"\nsecret_access_key_file = "{sk}"')
 
@@ -1541,9 +1544,18 @@ def _p3(work, reps, scale):
     s3 = S3Server(work)
     tls = TlsFront(work, s3) if "s3" in stores else None
     agent = Agent(work)
-    store = work.path("store")
-    s3_store = work.path("s3", S3_BUCKET, "p3-pgpilot")  # where s3s-fs keeps the objects
-    agent.configure(f"file://{store}", encrypt=True)
+    # One store per encryption setting: a store records its system in an object written with
+    # the store's key (system-identifier.pgpilot), which an agent without that key cannot read.
+    def store_of(enc):
+        return work.path("store-enc" if enc else "store")
+
+    def s3_prefix(enc):
+        return "p3-pgpilot-enc" if enc else "p3-pgpilot"
+
+    def s3_store_of(enc):  # where s3s-fs keeps the objects
+        return work.path("s3", S3_BUCKET, s3_prefix(enc))
+
+    agent.configure(f"file://{store_of(True)}", encrypt=True)
     agent.start()
     meta = base_meta(reps, {})
     pgbr = {}
@@ -1574,7 +1586,7 @@ def _p3(work, reps, scale):
         ch0 = os.times()
         pg0 = pg_cpu(agent)
         a_cpu0, _, _ = agent.proc_stat()
-        top = s3_store if tool == "pgpilot S3" else store
+        top = s3_store_of(enc) if tool == "pgpilot S3" else store_of(enc)
         if tool.startswith("pgpilot"):
             clear_hwm(agent.proc.pid)
             size0 = tree_bytes(top, skip="wal")
@@ -1648,10 +1660,10 @@ def _p3(work, reps, scale):
                 if tool.startswith("pgpilot"):
                     agent.stop()
                     if tool == "pgpilot S3":
-                        agent.configure(f"s3://{S3_BUCKET}/p3-pgpilot", encrypt=enc,
+                        agent.configure(f"s3://{S3_BUCKET}/{s3_prefix(enc)}", encrypt=enc,
                                         extra_backup=s3_backup_lines(agent, s3))
                     else:
-                        agent.configure(f"file://{store}", encrypt=enc)
+                        agent.configure(f"file://{store_of(enc)}", encrypt=enc)
                     agent.start()
                 row = measure(tool, name, enc, db_bytes)
                 log(f"    {label[(tool, enc)]}: {row['wall']:.1f} s, {row['mbps']:.0f} MB/s, "
