@@ -104,16 +104,16 @@ impl WalFile {
     /// Parses a file name as Postgres passes it to archive_command (`%f`). `seg_size` decodes
     /// the segment number.
     pub fn parse(name: &str, seg_size: u64) -> Option<WalFile> {
-        let hex = |s: &str| {
-            s.len() == 8
-                && s.chars()
-                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase())
+        // Uppercase hex, byte by byte: a name that passes is ASCII, so the byte offsets sliced
+        // below are char boundaries (a 24-byte name of multi-byte characters reaches here from
+        // the API).
+        let upper_hex = |s: &str| {
+            s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
         };
+        let hex = |s: &str| s.len() == 8 && upper_hex(s);
         let segment = |s: &str| -> Option<Segment> {
-            // ASCII first: the byte offsets below must be char boundaries (a 24-byte name of
-            // multi-byte characters reaches here from the API).
-            if s.len() != 24 || !s.is_ascii() || !hex(&s[..8]) || !hex(&s[8..16]) || !hex(&s[16..])
-            {
+            if s.len() != 24 || !upper_hex(s) {
                 return None;
             }
             let tli = u32::from_str_radix(&s[..8], 16).ok()?;

@@ -360,7 +360,7 @@ impl ObjectContext {
                 ),
             });
         }
-        check_bound_key(name, key)?;
+        let bound = bound_key(VERSION, name, key)?;
         let object_id: [u8; 16] = rand::random();
         let (cipher, key_id, key_check, cipher_byte) = match keys.writer() {
             Some(key) => {
@@ -383,7 +383,7 @@ impl ObjectContext {
         let header_bytes = Bytes::from(header.to_bytes());
         Ok(ObjectContext {
             name: name.into(),
-            bound: bound_key(header.version, key),
+            bound,
             header,
             header_bytes,
             codec,
@@ -432,12 +432,9 @@ impl ObjectContext {
         };
         // Only the algorithm matters for reading; the level is the writer's business.
         let codec = Codec::from_compression(header.compression, None);
-        if header.version != VERSION_1 {
-            check_bound_key(name, key)?;
-        }
         Ok(ObjectContext {
             name: name.into(),
-            bound: bound_key(header.version, key),
+            bound: bound_key(header.version, name, key)?,
             header,
             header_bytes,
             codec,
@@ -719,19 +716,12 @@ impl ObjectContext {
     }
 }
 
-/// What a record of a `version` object binds of its store key (see [`ObjectContext`]).
-fn bound_key(version: u8, key: &str) -> Bytes {
+/// What a record of a `version` object binds of its store key (see [`ObjectContext`]): nothing
+/// in version 1; from version 2 its length as a u16 and its bytes, so a longer key is refused.
+fn bound_key(version: u8, name: &str, key: &str) -> Result<Bytes, ArchiveError> {
     if version == VERSION_1 {
-        return Bytes::new();
+        return Ok(Bytes::new());
     }
-    let mut b = Vec::with_capacity(2 + key.len());
-    b.extend_from_slice(&(key.len() as u16).to_le_bytes());
-    b.extend_from_slice(key.as_bytes());
-    Bytes::from(b)
-}
-
-/// A version 2 object binds its store key with a u16 length: refuse longer keys.
-fn check_bound_key(name: &str, key: &str) -> Result<(), ArchiveError> {
     if key.len() > MAX_BOUND_KEY_LEN {
         return Err(ArchiveError::Malformed {
             object: name.to_owned(),
@@ -741,7 +731,10 @@ fn check_bound_key(name: &str, key: &str) -> Result<(), ArchiveError> {
             ),
         });
     }
-    Ok(())
+    let mut b = Vec::with_capacity(2 + key.len());
+    b.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    b.extend_from_slice(key.as_bytes());
+    Ok(Bytes::from(b))
 }
 
 fn crc32(parts: &[&[u8]]) -> u32 {

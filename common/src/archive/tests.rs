@@ -341,6 +341,39 @@ fn an_object_under_another_key_is_refused() {
     }
 }
 
+/// A version 2 object binds its store key with a u16 length: a key longer than the format
+/// allows is refused, naming the object, when writing and when reading.
+#[test]
+fn a_store_key_too_long_to_bind_is_refused() {
+    let long = "k".repeat(format::MAX_BOUND_KEY_LEN + 1);
+    let o = opts(Codec::Zstd { level: 1 });
+    let err = encode_sync(
+        ObjectRef::new("long", &long),
+        &b"x"[..],
+        &mut Vec::new(),
+        &KeyRing::empty(),
+        &o,
+    )
+    .unwrap_err();
+    assert!(matches!(err, ArchiveError::Malformed { .. }), "{err}");
+    assert!(
+        err.to_string().contains("long") && err.to_string().contains("longer than"),
+        "{err}"
+    );
+    let mut stored = Vec::new();
+    encode_sync("short", &b"x"[..], &mut stored, &KeyRing::empty(), &o).unwrap();
+    let err = decode_sync(
+        ObjectRef::new("long", &long),
+        stored.as_slice(),
+        &mut Vec::new(),
+        &KeyRing::empty(),
+        &ReadOptions::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, ArchiveError::Malformed { .. }), "{err}");
+    assert!(err.to_string().contains("longer than"), "{err}");
+}
+
 /// The CRC a version 2 record of an unencrypted object written under key "obj" carries.
 fn v2_crc(stored: &[u8], index: u64, kind: u8, body: &[u8]) -> u32 {
     let mut c = flate2::Crc::new();

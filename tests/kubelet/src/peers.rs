@@ -143,9 +143,7 @@ impl PeerFirewall {
         cuts.insert(uid.to_string(), added);
         Ok(())
     }
-}
 
-impl PeerFirewall {
     /// `iptables <op> <chain> <rule...>`: appends (`-A`) or deletes (`-D`) a rule.
     fn rule(&self, op: &str, rule: &[String]) -> Result<(), String> {
         let mut args = vec![op, self.chain.as_str()];
