@@ -321,8 +321,9 @@ impl Store {
         }
     }
 
-    /// The content of a local file, read straight into chunk buffers, retrying transient
-    /// failures (each attempt reopens the file).
+    /// The content of a local file that does not change while it is stored (a WAL segment),
+    /// its chunks read by the codec workers themselves, retrying transient failures (each
+    /// attempt reopens the file).
     async fn put_file_retried(
         &self,
         key: &str,
@@ -330,8 +331,10 @@ impl Store {
         mode: PutMode,
     ) -> Result<ArchiveSummary, StoreError> {
         self.retried("put", |_| async move {
-            let file = std::fs::File::open(path).map_err(|e| local_io(path, e))?;
-            self.put(key, FileChunks::new(file), mode).await
+            let file = std::fs::File::open(path)
+                .and_then(FileChunks::fixed)
+                .map_err(|e| local_io(path, e))?;
+            self.put(key, file, mode).await
         })
         .await
     }

@@ -26,9 +26,9 @@ pub use format::{
     DEFAULT_CHUNK_SIZE, DigestKind, Header, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, VERSION, VERSION_1, hex,
 };
 pub use pipeline::{
-    ArchiveSummary, ChunkFile, ChunkRead, FileChunks, ObjectRef, ReadOptions, StreamDecoder,
-    StreamEncoder, WriteOptions, decode, decode_sync, default_concurrency, encode, encode_sync,
-    verify,
+    ArchiveSummary, ChunkFile, ChunkRead, FileChunks, ObjectRef, PositionalFile, ReadOptions,
+    StreamDecoder, StreamEncoder, WriteOptions, decode, decode_sync, default_concurrency, encode,
+    encode_sync, verify,
 };
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 //!
 //! The async pipeline reads plaintext one chunk at a time, hands each chunk to a blocking worker
 //! (compress + encrypt, or decrypt + decompress) with at most `2 × concurrency` chunks in flight
-//! (so a worker that finishes finds the next chunk waiting), and emits the records in order.
+//! (so a worker that finishes finds the next chunk waiting), and emits the records in order. A
+//! local file of fixed length (a WAL segment) is instead read by `concurrency` long-lived
+//! workers, each reading and sealing every `concurrency`-th chunk at its offset.
 //! Each worker also hashes its chunk (format version 2), so the digests use every core; the
 //! object digest over the chunk digests is 32 bytes per chunk for the ordering thread. Reading a
 //! version 1 object, whose trailer holds one SHA-256 of the whole plaintext (inherently
@@ -210,6 +212,44 @@ fn io_error(name: &str, e: io::Error) -> ArchiveError {
 pub trait ChunkRead: Send {
     /// The next `size` bytes, fewer only at the end of the input (empty once it is over).
     fn read_chunk(&mut self, size: usize) -> impl Future<Output = io::Result<Bytes>> + Send;
+
+    /// A local file of known length that the chunk workers read themselves, each its own chunk
+    /// at its offset, instead of the encoder reading one chunk after another: asked once, before
+    /// the first [`read_chunk`](Self::read_chunk). `None` (the default) for streams.
+    fn positional(&mut self) -> Option<PositionalFile> {
+        None
+    }
+}
+
+/// A file the encoder's workers read by offset ([`ChunkRead::positional`]). Its length is taken
+/// when it is opened; a file that ends earlier while it is read is an error, not a shorter
+/// object, and bytes appended later are not part of the object.
+#[derive(Clone)]
+pub struct PositionalFile {
+    file: Arc<std::fs::File>,
+    len: u64,
+}
+
+impl PositionalFile {
+    /// `size` bytes at `offset` into `buf`, which ends up `size` long (the buffer is reused
+    /// chunk after chunk, so only its growth is zeroed).
+    fn read_into(&self, buf: &mut Vec<u8>, offset: u64, size: usize) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        buf.resize(size, 0);
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "the file ended before its {} bytes: it changed while it was read",
+                        self.len
+                    ),
+                )
+            } else {
+                e
+            }
+        })
+    }
 }
 
 impl<R: AsyncRead + Unpin + Send> ChunkRead for R {
@@ -235,6 +275,8 @@ pub struct FileChunks<'a> {
     file: Option<std::fs::File>,
     counter: Option<&'a std::sync::atomic::AtomicU64>,
     counted: u64,
+    /// Set by [`FileChunks::fixed`].
+    fixed_len: Option<u64>,
 }
 
 impl<'a> FileChunks<'a> {
@@ -243,7 +285,19 @@ impl<'a> FileChunks<'a> {
             file: Some(file),
             counter: None,
             counted: 0,
+            fixed_len: None,
         }
+    }
+
+    /// A file that does not change while it is encoded (a WAL segment Postgres marked ready):
+    /// its length now is the object's, and the encoder's workers read their chunks themselves,
+    /// all at once ([`ChunkRead::positional`]).
+    pub fn fixed(file: std::fs::File) -> io::Result<FileChunks<'static>> {
+        let len = file.metadata()?.len();
+        Ok(FileChunks {
+            fixed_len: Some(len),
+            ..FileChunks::new(file)
+        })
     }
 
     /// Also adds every byte read to `counter`.
@@ -252,6 +306,7 @@ impl<'a> FileChunks<'a> {
             file: Some(file),
             counter: Some(counter),
             counted: 0,
+            fixed_len: None,
         }
     }
 
@@ -262,6 +317,15 @@ impl<'a> FileChunks<'a> {
 }
 
 impl ChunkRead for FileChunks<'_> {
+    fn positional(&mut self) -> Option<PositionalFile> {
+        let len = self.fixed_len?;
+        let file = self.file.take()?;
+        Some(PositionalFile {
+            file: Arc::new(file),
+            len,
+        })
+    }
+
     async fn read_chunk(&mut self, size: usize) -> io::Result<Bytes> {
         let file = self
             .file
@@ -291,6 +355,10 @@ impl ChunkRead for &mut FileChunks<'_> {
     fn read_chunk(&mut self, size: usize) -> impl Future<Output = io::Result<Bytes>> + Send {
         (**self).read_chunk(size)
     }
+
+    fn positional(&mut self) -> Option<PositionalFile> {
+        (**self).positional()
+    }
 }
 
 /// A chunk's record on the wire and the SHA-256 of its plaintext.
@@ -300,6 +368,12 @@ type OpenedChunk = (Bytes, Option<[u8; 32]>);
 
 /// Encodes a plaintext stream into archive records, pulled one at a time with
 /// [`StreamEncoder::next_frame`].
+///
+/// A stream is read one chunk at a time and each chunk sealed on a blocking worker of its own,
+/// `2 × concurrency` in flight. A [`ChunkRead::positional`] source (a WAL segment) instead gets
+/// `concurrency` workers that each read and seal every `concurrency`-th chunk in turn: they
+/// stay busy from the first chunk to the last instead of waking for each chunk, which on a
+/// 2-core machine left a core idle while a newly woken worker waited to be scheduled.
 pub struct StreamEncoder<R> {
     ctx: Arc<ObjectContext>,
     reader: R,
@@ -309,10 +383,67 @@ pub struct StreamEncoder<R> {
     pending: Option<Bytes>,
     next_index: u64,
     in_flight: VecDeque<JoinHandle<Result<SealedChunk, ArchiveError>>>,
+    /// The workers of a positional source, once started.
+    striped: Option<Striped>,
+    started: bool,
     object_digest: Option<ObjectDigest>,
     plaintext_len: u64,
     stored_len: u64,
     summary: Option<ArchiveSummary>,
+}
+
+/// The workers sealing a positional source: worker `w` seals chunks `w`, `w + n`, `w + 2n`, …
+/// and hands them over in order on its own bounded channel, so chunk `i` comes from channel
+/// `i % n`.
+struct Striped {
+    sealed: Vec<mpsc::Receiver<Result<SealedChunk, ArchiveError>>>,
+    chunk_count: u64,
+    len: u64,
+}
+
+/// Sealed chunks a striped worker may hold ready before it waits for the writer.
+const STRIPED_AHEAD: usize = 2;
+
+impl Striped {
+    fn start(ctx: &Arc<ObjectContext>, file: PositionalFile, workers: usize) -> Striped {
+        let size = ctx.chunk_size() as u64;
+        // One empty chunk for an empty file, as a stream gives.
+        let chunk_count = file.len.div_ceil(size).max(1);
+        let workers = (workers as u64).min(chunk_count);
+        let sealed = (0..workers)
+            .map(|w| {
+                let (tx, rx) = mpsc::channel(STRIPED_AHEAD);
+                let ctx = ctx.clone();
+                let file = file.clone();
+                // Detached: once the encoder is dropped, the next send fails and it stops.
+                drop(tokio::task::spawn_blocking(move || {
+                    let mut buf = Vec::with_capacity(size as usize);
+                    for index in (w..chunk_count).step_by(workers as usize) {
+                        let offset = index * size;
+                        let len = (file.len - offset).min(size) as usize;
+                        let sealed = file
+                            .read_into(&mut buf, offset, len)
+                            .map_err(|source| ArchiveError::Io {
+                                object: ctx.name().to_owned(),
+                                source,
+                            })
+                            .and_then(|()| ctx.seal_chunk(index, index + 1 == chunk_count, &buf))
+                            .map(|(frame, digest)| (frame.into_bytes(), digest));
+                        let failed = sealed.is_err();
+                        if tx.blocking_send(sealed).is_err() || failed {
+                            return;
+                        }
+                    }
+                }));
+                rx
+            })
+            .collect();
+        Striped {
+            sealed,
+            chunk_count,
+            len: file.len,
+        }
+    }
 }
 
 impl<R: ChunkRead> StreamEncoder<R> {
@@ -343,6 +474,8 @@ impl<R: ChunkRead> StreamEncoder<R> {
             pending: None,
             next_index: 0,
             in_flight: VecDeque::with_capacity(concurrency),
+            striped: None,
+            started: false,
             object_digest: Some(ObjectDigest::default()),
             plaintext_len: 0,
             stored_len: 0,
@@ -377,13 +510,33 @@ impl<R: ChunkRead> StreamEncoder<R> {
             }));
     }
 
-    /// The next record to store (header first, trailer last), or `None` when done.
-    pub async fn next_frame(&mut self) -> Result<Option<Bytes>, ArchiveError> {
-        if !self.header_sent {
-            self.header_sent = true;
-            let h = self.ctx.header_bytes().clone();
-            self.stored_len += h.len() as u64;
-            return Ok(Some(h));
+    /// The next sealed chunk, in order, or `None` after the last one.
+    async fn next_sealed(&mut self) -> Result<Option<SealedChunk>, ArchiveError> {
+        if !self.started {
+            self.started = true;
+            if let Some(file) = self.reader.positional() {
+                self.striped = Some(Striped::start(&self.ctx, file, self.concurrency));
+            }
+        }
+        if let Some(striped) = &mut self.striped {
+            if self.next_index == striped.chunk_count {
+                self.plaintext_len = striped.len;
+                return Ok(None);
+            }
+            let worker = (self.next_index % striped.sealed.len() as u64) as usize;
+            let sealed =
+                striped.sealed[worker]
+                    .recv()
+                    .await
+                    .ok_or_else(|| ArchiveError::Io {
+                        object: self.ctx.name().to_owned(),
+                        source: io::Error::other(format!(
+                            "the worker sealing chunk {} stopped without it",
+                            self.next_index
+                        )),
+                    })??;
+            self.next_index += 1;
+            return Ok(Some(sealed));
         }
         while !self.eof && self.in_flight.len() < 2 * self.concurrency {
             let chunk = self.read_chunk().await?;
@@ -405,8 +558,26 @@ impl<R: ChunkRead> StreamEncoder<R> {
             }
             self.eof = at_eof;
         }
-        if let Some(handle) = self.in_flight.pop_front() {
-            let (frame, digest) = handle.await.map_err(|e| join_error(self.ctx.name(), e))??;
+        match self.in_flight.pop_front() {
+            Some(handle) => Ok(Some(
+                handle.await.map_err(|e| join_error(self.ctx.name(), e))??,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The next record to store (header first, trailer last), or `None` when done.
+    pub async fn next_frame(&mut self) -> Result<Option<Bytes>, ArchiveError> {
+        if !self.header_sent {
+            self.header_sent = true;
+            let h = self.ctx.header_bytes().clone();
+            self.stored_len += h.len() as u64;
+            return Ok(Some(h));
+        }
+        if self.object_digest.is_none() {
+            return Ok(None);
+        }
+        if let Some((frame, digest)) = self.next_sealed().await? {
             if let Some(d) = self.object_digest.as_mut() {
                 d.add_chunk(&digest);
             }

@@ -175,6 +175,70 @@ async fn file_chunks_encode_like_any_reader() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A file of fixed length ([`FileChunks::fixed`]), read and sealed by striped workers, encodes
+/// to the same object as a stream of it: same chunking, same digest, the same plaintext back, at
+/// every size where chunk boundaries matter and with more workers than chunks, encrypted or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_files_encode_like_a_stream_with_any_number_of_workers() {
+    let dir = temp_dir("fixed-file");
+    let keys = keys();
+    let none = KeyRing::empty();
+    for len in BOUNDARY_LENS {
+        let plain = data(len);
+        let path = dir.join(format!("f{len}"));
+        std::fs::write(&path, &plain).unwrap();
+        for concurrency in [1, 2, 3, 8] {
+            for keys in [&keys, &none] {
+                let o = WriteOptions {
+                    concurrency,
+                    ..opts(Codec::Zstd { level: 1 })
+                };
+                let reader = FileChunks::fixed(std::fs::File::open(&path).unwrap()).unwrap();
+                let mut stored = Vec::new();
+                let written = encode("obj", reader, &mut stored, keys, &o).await.unwrap();
+                let what = format!("len {len}, {concurrency} workers");
+                let expected_chunks = if len == 0 { 1 } else { len.div_ceil(CHUNK) };
+                assert_eq!(written.chunk_count as usize, expected_chunks, "{what}");
+                assert_eq!(written.plaintext_len as usize, len, "{what}");
+                assert_eq!(written.digest, chunked_digest(&plain, CHUNK), "{what}");
+                assert_eq!(written.stored_len as usize, stored.len(), "{what}");
+                assert_eq!(dec(&stored, keys).unwrap(), plain, "{what}");
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A fixed-length file that shrinks before its workers read it is refused, naming the object and
+/// saying the file changed, rather than stored short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_file_that_shrinks_while_read_is_refused() {
+    let dir = temp_dir("fixed-shrinks");
+    let path = dir.join("seg");
+    std::fs::write(&path, data(5 * CHUNK)).unwrap();
+    let reader = FileChunks::fixed(std::fs::File::open(&path).unwrap()).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(3 * CHUNK as u64 + 7)
+        .unwrap();
+    let mut stored = Vec::new();
+    let err = encode(
+        "wal/000000010000000000000007",
+        reader,
+        &mut stored,
+        &keys(),
+        &opts(Codec::Zstd { level: 1 }),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("wal/000000010000000000000007"), "{err}");
+    assert!(err.contains("changed while it was read"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A decoder that writes chunks at their offsets leaves exactly the plaintext in the file,
 /// whatever order the workers finish in, buffered or with `O_DIRECT` (zstd output is aligned;
 /// stored and lz4 chunks go through the aligned scratch; tails through the buffered descriptor);
