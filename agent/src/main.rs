@@ -273,7 +273,16 @@ impl ApiArgs {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     pgpilot_agent::logging::init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // archive_command and restore_command make one loopback call per WAL file: on one thread
+    // they skip starting and joining the worker threads, milliseconds a call on a loaded
+    // 2-core machine. Their direct fallback still seals chunks on the blocking pool.
+    let mut builder = match &cli.command {
+        Command::WalPush { .. } | Command::WalFetch { .. } => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder
         .enable_all()
         .thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE)
         .build()
