@@ -214,8 +214,8 @@ pub trait ChunkRead: Send {
     fn read_chunk(&mut self, size: usize) -> impl Future<Output = io::Result<Bytes>> + Send;
 
     /// A local file of known length that the chunk workers read themselves, each its own chunk
-    /// at its offset, instead of the encoder reading one chunk after another: asked once, before
-    /// the first [`read_chunk`](Self::read_chunk). `None` (the default) for streams.
+    /// at its offset, instead of the encoder reading one chunk after another: asked once, when
+    /// the encoder is made. `None` (the default) for streams.
     fn positional(&mut self) -> Option<PositionalFile> {
         None
     }
@@ -383,9 +383,8 @@ pub struct StreamEncoder<R> {
     pending: Option<Bytes>,
     next_index: u64,
     in_flight: VecDeque<JoinHandle<Result<SealedChunk, ArchiveError>>>,
-    /// The workers of a positional source, once started.
+    /// The workers of a positional source, started with the encoder.
     striped: Option<Striped>,
-    started: bool,
     object_digest: Option<ObjectDigest>,
     plaintext_len: u64,
     stored_len: u64,
@@ -398,7 +397,6 @@ pub struct StreamEncoder<R> {
 struct Striped {
     sealed: Vec<mpsc::Receiver<Result<SealedChunk, ArchiveError>>>,
     chunk_count: u64,
-    len: u64,
 }
 
 /// Sealed chunks a striped worker may hold ready before it waits for the writer.
@@ -441,7 +439,6 @@ impl Striped {
         Striped {
             sealed,
             chunk_count,
-            len: file.len,
         }
     }
 }
@@ -452,7 +449,7 @@ impl<R: ChunkRead> StreamEncoder<R> {
     /// blocking tasks).
     pub fn new<'a>(
         object: impl Into<ObjectRef<'a>>,
-        reader: R,
+        mut reader: R,
         keys: &KeyRing,
         opts: &WriteOptions,
     ) -> Result<Self, ArchiveError> {
@@ -465,6 +462,10 @@ impl<R: ChunkRead> StreamEncoder<R> {
             opts.chunk_size,
         )?);
         let concurrency = opts.concurrency.max(1);
+        // A positional source's length is known now: its workers start at once.
+        let positional = reader.positional();
+        let plaintext_len = positional.as_ref().map_or(0, |file| file.len);
+        let striped = positional.map(|file| Striped::start(&ctx, file, concurrency));
         Ok(StreamEncoder {
             ctx,
             reader,
@@ -474,10 +475,9 @@ impl<R: ChunkRead> StreamEncoder<R> {
             pending: None,
             next_index: 0,
             in_flight: VecDeque::with_capacity(concurrency),
-            striped: None,
-            started: false,
+            striped,
             object_digest: Some(ObjectDigest::default()),
-            plaintext_len: 0,
+            plaintext_len,
             stored_len: 0,
             summary: None,
         })
@@ -512,15 +512,8 @@ impl<R: ChunkRead> StreamEncoder<R> {
 
     /// The next sealed chunk, in order, or `None` after the last one.
     async fn next_sealed(&mut self) -> Result<Option<SealedChunk>, ArchiveError> {
-        if !self.started {
-            self.started = true;
-            if let Some(file) = self.reader.positional() {
-                self.striped = Some(Striped::start(&self.ctx, file, self.concurrency));
-            }
-        }
         if let Some(striped) = &mut self.striped {
             if self.next_index == striped.chunk_count {
-                self.plaintext_len = striped.len;
                 return Ok(None);
             }
             let worker = (self.next_index % striped.sealed.len() as u64) as usize;
@@ -573,9 +566,6 @@ impl<R: ChunkRead> StreamEncoder<R> {
             let h = self.ctx.header_bytes().clone();
             self.stored_len += h.len() as u64;
             return Ok(Some(h));
-        }
-        if self.object_digest.is_none() {
-            return Ok(None);
         }
         if let Some((frame, digest)) = self.next_sealed().await? {
             if let Some(d) = self.object_digest.as_mut() {
