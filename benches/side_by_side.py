@@ -31,6 +31,8 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "target", "bench")
 AGENT = BUILT_AGENT = os.path.join(ROOT, "target", "release", "pgpilot-agent")
+# archive_command's front, built next to the agent (docs/archiving.md, "The archive commands").
+WAL_FRONT = os.path.join(ROOT, "target", "release", "pgpilot-wal")
 PGBIN = "/usr/lib/postgresql/15/bin"
 BARMAN_VENV = os.environ.get("BARMAN_VENV", "/opt/pgpilot-tools/barman-venv")
 S3S_FS = "/opt/pgpilot-tools/bin/s3s-fs"
@@ -550,6 +552,11 @@ def _p1(work, reps):
         return dt * 1000
 
     def pgpilot_cmd(name):
+        """archive_command as the agent renders it: the front, then the agent binary."""
+        return [WAL_FRONT, *agent_only_cmd(name)]
+
+    def agent_only_cmd(name):
+        """archive_command without the front (where pgpilot-wal is not installed)."""
         return [AGENT, "wal-push", "--runtime", agent.runtime(), f"pg_wal/{name}"]
 
     def pgbr_cmd(enc, name):
@@ -587,6 +594,8 @@ def _p1(work, reps):
     phase("file, encrypted, agent up", [
         ("pgpilot wal-push (agent), file, zstd-1 + AES-256-GCM", pgpilot_cmd, None),
         ("pgBackRest archive-push, posix, zst-1 + aes-256-cbc", lambda n: pgbr_cmd(True, n), None),
+        ("pgpilot-agent wal-push without the front (agent), file, zstd-1 + AES-256-GCM",
+         agent_only_cmd, None),
     ])
     agent.stop()  # direct path: wal-push uploads by itself
     phase("file, encrypted, agent down", [
@@ -647,6 +656,8 @@ def _p1(work, reps):
         ("pgpilot wal-push (agent), file, zstd-1", "pgBackRest archive-push, posix, zst-1"),
         ("pgpilot wal-push (direct), file, zstd-1", "pgBackRest archive-push, posix, zst-1"),
         ("pgpilot wal-push (agent), file, zstd-1 + AES-256-GCM", "pgBackRest archive-push, posix, zst-1 + aes-256-cbc"),
+        ("pgpilot-agent wal-push without the front (agent), file, zstd-1 + AES-256-GCM",
+         "pgBackRest archive-push, posix, zst-1 + aes-256-cbc"),
         ("pgpilot wal-push (direct), file, zstd-1 + AES-256-GCM", "pgBackRest archive-push, posix, zst-1 + aes-256-cbc"),
         ("pgpilot wal-push (agent), S3, zstd-1", "pgBackRest archive-push, S3, zst-1"),
         ("pgpilot wal-push (direct), S3, zstd-1", "pgBackRest archive-push, S3, zst-1"),
@@ -677,7 +688,10 @@ def _p1(work, reps):
                     "file, so pgpilot's look-ahead never uploads them first",
         "pgpilot": "release build; [backup] compression=zstd, zstd_level=1, default upload_concurrency; "
                    "encrypted rows: encryption_key_files=[32-byte key] (AES-256-GCM); "
-                   "`agent` rows: wal-push handed to the running agent, `direct` rows: agent stopped",
+                   "`agent` rows: wal-push handed to the running agent, `direct` rows: agent stopped; "
+                   "`pgpilot` rows run archive_command as the agent renders it, `pgpilot-wal <agent> "
+                   "wal-push` (the small front, which execs the agent binary with --direct when the agent "
+                   "is down); the `without the front` row runs `pgpilot-agent wal-push` itself",
         "pgBackRest": "archive-push (sync), repo1-type=posix on the same disk, compress-type=zst, "
                       "compress-level=1; encrypted rows: repo1-cipher-type=aes-256-cbc; S3 rows: repo1-type=s3 "
                       "(bucket on the same s3s-fs, repo1-s3-uri-style=path) through stunnel on 127.0.0.1 (TLS with a "

@@ -27,5 +27,12 @@ for f in images/*.Dockerfile; do
   need=$(objdump -T "$bin" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
   [ "$(printf '%s\n%s\n' "$need" "$max_glibc" | sort -V | tail -1)" = "$max_glibc" ] ||
     fail "$bin needs glibc $need, newer than the images' $max_glibc"
+  # Every other binary of the package ships next to the entry point (the agent's pgpilot-wal:
+  # `install` copies what sits next to the agent, and archive_command runs it).
+  for extra in $(sed -n 's/^name = "\(.*\)"$/\1/p' "$(echo "$pkg" | sed 's/^pgpilot-//')/Cargo.toml" | grep -vx "$pkg"); do
+    grep -q "install -D -m 0755 target/release/$extra /out/$extra" "$f" &&
+      grep -q "^COPY --from=build /out/$extra $(dirname "$entry")/$extra\$" "$f" ||
+      fail "$f: the package's binary $extra must be built and copied next to $entry"
+  done
   echo "images: $f builds $pkg ($toolchain), runs as $user, needs glibc $need (<= $max_glibc)"
 done

@@ -574,10 +574,10 @@ pub struct Config {
     pub bootstrap: Option<BootstrapSection>,
     /// HTTPS on the pod-IP listener (`None`: plain HTTP).
     pub tls: Option<Tls>,
-    /// The agent binary archive_command and restore_command run, set at start when a store is
-    /// configured: this binary, or a copy the Postgres user can execute ([`crate::install`]).
-    /// `None`: this binary.
-    pub agent_exe: Option<PathBuf>,
+    /// The binaries archive_command and restore_command run, set at start when a store is
+    /// configured: this binary and the `pgpilot-wal` next to it, or copies the Postgres user
+    /// can execute ([`crate::install`]). `None`: this binary.
+    pub archive_exes: Option<crate::install::ArchiveExes>,
 }
 
 /// A configuration error, saying what to fix.
@@ -857,7 +857,7 @@ impl Config {
             allow_networks: file.postgres.allow_networks,
             parameters,
             tls,
-            agent_exe: None,
+            archive_exes: None,
         })
     }
 

@@ -1,14 +1,15 @@
-//! Copies of the agent binary where another user can execute it. archive_command and
-//! restore_command run the agent binary as the Postgres user; when the agent runs as root from
-//! a directory that user cannot enter (a clone under `/root`, a `mktemp -d` dir), the agent
-//! installs a copy of itself under its state dir and renders the commands with that path. The
-//! Kubernetes init container makes the same move (copy the binary into a shared volume) with
-//! the same function, [`install_copy`].
+//! Copies of the agent's binaries where another user can execute them. archive_command and
+//! restore_command run the `pgpilot-wal` front and the agent binary as the Postgres user; when
+//! the agent runs as root from a directory that user cannot enter (a clone under `/root`, a
+//! `mktemp -d` dir), the agent installs copies under its state dir and renders the commands
+//! with those paths. The Kubernetes init container makes the same move (copy the binaries into
+//! a shared volume) with the same function, [`install_copy`].
 //!
-//! A copy is named by the SHA-256 of its content (`pgpilot-agent-<16 hex>`), so agents of
-//! different versions sharing a directory, and upgrades, never overwrite a binary another
-//! agent's Postgres may be running; it is written to a temp file, fsynced, made 0755 and
-//! renamed into place, so a name only ever holds a complete binary.
+//! A copy is named by the SHA-256 of its content (`pgpilot-agent-<16 hex>`,
+//! `pgpilot-wal-<16 hex>`), so agents of different versions sharing a directory, and
+//! upgrades, never overwrite a binary another agent's Postgres may be running; it is written to
+//! a temp file, fsynced, made 0755 and renamed into place, so a name only ever holds a complete
+//! binary.
 
 use std::fs;
 use std::io::{self, Write};
@@ -22,6 +23,31 @@ use crate::postgres::bootstrap::blocking_dir;
 
 /// Where, under the state dir, the agent installs a copy of itself for the Postgres user.
 pub const COPY_DIR: &str = "bin";
+
+/// The agent binary's name.
+pub const AGENT: &str = "pgpilot-agent";
+
+/// archive_command's small front (agent/src/bin/pgpilot-wal.rs), shipped next to the agent
+/// binary: one loopback call per WAL file, handing over to the agent binary when the agent
+/// cannot be reached.
+pub const WAL_FRONT: &str = "pgpilot-wal";
+
+/// The binaries archive_command and restore_command run as the Postgres user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveExes {
+    pub agent: PathBuf,
+    /// `pgpilot-wal`, when it sits next to the agent binary; else the commands run the agent
+    /// binary itself (same behaviour, ~3 ms more per WAL file).
+    pub front: Option<PathBuf>,
+}
+
+/// The `pgpilot-wal` next to the agent binary `exe` (resolved, so a symlink installed by
+/// [`install_named`] names the content-named copy it points at).
+pub fn front_next_to(exe: &Path) -> Option<PathBuf> {
+    fs::canonicalize(exe.with_file_name(WAL_FRONT))
+        .ok()
+        .filter(|p| p.is_file())
+}
 
 /// Why no binary the Postgres user can execute could be found or made.
 #[derive(Debug, thiserror::Error)]
@@ -57,19 +83,23 @@ pub enum InstallError {
     },
 }
 
-/// The agent binary that archive_command and restore_command should run: this one when
-/// Postgres runs as the agent's own user or can execute it where it is; otherwise a copy
-/// installed under `<state_dir>/bin` (logged once).
-pub fn exe_for_postgres(state_dir: &Path, owner: Option<&OsUser>) -> Result<PathBuf, InstallError> {
+/// The binaries that archive_command and restore_command should run: this agent binary and
+/// the `pgpilot-wal` next to it when Postgres runs as the agent's own user or can execute them
+/// where they are; otherwise copies installed under `<state_dir>/bin` (logged once).
+pub fn exes_for_postgres(
+    state_dir: &Path,
+    owner: Option<&OsUser>,
+) -> Result<ArchiveExes, InstallError> {
     let exe = std::env::current_exe().map_err(InstallError::CurrentExe)?;
+    let front = front_next_to(&exe);
     let Some(owner) = owner else {
-        return Ok(exe);
+        return Ok(ArchiveExes { agent: exe, front });
     };
     let blocked = |path: &Path| {
         blocking_dir(path, owner).map(|(dir, mode)| format!("{} has mode {mode:o}", dir.display()))
     };
-    let Some(why) = blocked(&exe) else {
-        return Ok(exe);
+    let Some(why) = blocked(&exe).or_else(|| front.as_deref().and_then(blocked)) else {
+        return Ok(ArchiveExes { agent: exe, front });
     };
     let dir = state_dir.join(COPY_DIR);
     // The copy's own directory is made 0755 by the agent; its ancestors decide.
@@ -82,24 +112,35 @@ pub fn exe_for_postgres(state_dir: &Path, owner: Option<&OsUser>) -> Result<Path
             copy_why,
         });
     }
-    let copy = install_copy(&exe, &dir).map_err(|source| InstallError::Copy {
-        user: owner.name.clone(),
-        exe: exe.display().to_string(),
-        why: why.clone(),
-        dir: dir.display().to_string(),
-        source,
-    })?;
+    let copy_of = |src: &Path, stem: &str| {
+        install_copy(src, &dir, stem).map_err(|source| InstallError::Copy {
+            user: owner.name.clone(),
+            exe: src.display().to_string(),
+            why: why.clone(),
+            dir: dir.display().to_string(),
+            source,
+        })
+    };
+    let copies = ArchiveExes {
+        agent: copy_of(&exe, AGENT)?,
+        front: front
+            .as_deref()
+            .map(|f| copy_of(f, WAL_FRONT))
+            .transpose()?,
+    };
     tracing::info!(
         user = %owner.name,
         exe = %exe.display(),
-        copy = %copy.display(),
-        "the Postgres user cannot execute the agent binary where it is; archive_command and restore_command run a copy"
+        copy = %copies.agent.display(),
+        front = ?copies.front.as_ref().map(|p| p.display().to_string()),
+        "the Postgres user cannot execute the agent binary where it is; archive_command and restore_command run copies"
     );
-    Ok(copy)
+    Ok(copies)
 }
 
-/// Installs this binary into `dir` as `pgpilot-agent`: a content-named copy (see
-/// [`install_copy`]) and a symlink to it, replaced atomically.
+/// Installs this binary into `dir` as `pgpilot-agent`, and the `pgpilot-wal` next to it as
+/// `pgpilot-wal`: each a content-named copy (see [`install_copy`]) and a symlink to it,
+/// replaced atomically. Returns the agent's link.
 pub fn install_named(dir: &Path) -> anyhow::Result<PathBuf> {
     use anyhow::Context;
     fs::DirBuilder::new()
@@ -108,9 +149,24 @@ pub fn install_named(dir: &Path) -> anyhow::Result<PathBuf> {
         .create(dir)
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let exe = std::env::current_exe().context("cannot locate the agent binary")?;
-    let copy = install_copy(&exe, dir).context("cannot copy the agent binary")?;
-    let link = dir.join("pgpilot-agent");
-    let tmp = dir.join(".pgpilot-agent.link");
+    install_binaries(&exe, dir)
+}
+
+/// [`install_named`] for the agent binary `exe`.
+fn install_binaries(exe: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(front) = front_next_to(exe) {
+        install_linked(&front, dir, WAL_FRONT)?;
+    }
+    install_linked(exe, dir, AGENT)
+}
+
+/// A content-named copy of `src` in `dir` and the symlink `dir/<stem>` to it.
+fn install_linked(src: &Path, dir: &Path, stem: &str) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    let copy =
+        install_copy(src, dir, stem).with_context(|| format!("cannot copy {}", src.display()))?;
+    let link = dir.join(stem);
+    let tmp = dir.join(format!(".{stem}.link"));
     let _ = fs::remove_file(&tmp);
     let target = copy.file_name().map(PathBuf::from).unwrap_or(copy.clone());
     std::os::unix::fs::symlink(&target, &tmp)
@@ -120,16 +176,16 @@ pub fn install_named(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Installs a copy of the binary `src` in `dest_dir` (created 0755 when missing) as
-/// `pgpilot-agent-<first 16 hex digits of its SHA-256>`, mode 0755, and returns its path. An
+/// `<stem>-<first 16 hex digits of its SHA-256>`, mode 0755, and returns its path. An
 /// existing copy of that name and size is reused; otherwise the copy is written to a temp file,
 /// fsynced, and renamed into place (then the directory is fsynced), so concurrent installs of
 /// the same binary are harmless and a name never holds a partial file.
-pub fn install_copy(src: &Path, dest_dir: &Path) -> io::Result<PathBuf> {
+pub fn install_copy(src: &Path, dest_dir: &Path, stem: &str) -> io::Result<PathBuf> {
     let with_path =
         |p: &Path, e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", p.display()));
     let (len, digest) = sha256_file(src).map_err(|e| with_path(src, e))?;
     let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    let name = format!("pgpilot-agent-{hex}");
+    let name = format!("{stem}-{hex}");
     let dest = dest_dir.join(&name);
     if let Ok(meta) = fs::metadata(&dest)
         && meta.is_file()
@@ -185,7 +241,7 @@ mod tests {
         let src = dir.path().join("agent");
         fs::write(&src, b"#!/bin/sh\necho one\n").unwrap();
         let dest_dir = dir.path().join("state/bin");
-        let a = install_copy(&src, &dest_dir).unwrap();
+        let a = install_copy(&src, &dest_dir, AGENT).unwrap();
         assert_eq!(fs::read(&a).unwrap(), fs::read(&src).unwrap());
         assert_eq!(
             fs::metadata(&a).unwrap().permissions().mode() & 0o7777,
@@ -201,10 +257,10 @@ mod tests {
             "{name}"
         );
         // Same content: the same path, reused.
-        assert_eq!(install_copy(&src, &dest_dir).unwrap(), a);
+        assert_eq!(install_copy(&src, &dest_dir, AGENT).unwrap(), a);
         // An upgrade: another name, the old copy untouched (a running Postgres may use it).
         fs::write(&src, b"#!/bin/sh\necho two\n").unwrap();
-        let b = install_copy(&src, &dest_dir).unwrap();
+        let b = install_copy(&src, &dest_dir, AGENT).unwrap();
         assert_ne!(a, b);
         assert_eq!(fs::read(&a).unwrap(), b"#!/bin/sh\necho one\n");
         // No temp file left behind.
@@ -213,5 +269,52 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    /// The init container's `install`: the agent and the front next to it, each a content-named
+    /// copy behind a link; the agent run from its link finds the front's copy next to it.
+    #[test]
+    fn install_copies_the_front_along_and_the_agent_finds_it_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let build = dir.path().join("build");
+        fs::create_dir(&build).unwrap();
+        fs::write(build.join(AGENT), b"agent").unwrap();
+        fs::write(build.join(WAL_FRONT), b"front").unwrap();
+        let shared = dir.path().join("shared");
+        let link = install_binaries(&build.join(AGENT), &shared).unwrap();
+        assert_eq!(link, shared.join(AGENT));
+        assert_eq!(fs::read(&link).unwrap(), b"agent");
+        assert_eq!(fs::read(shared.join(WAL_FRONT)).unwrap(), b"front");
+        // What the agent sees as its own path when run through the link.
+        let running = fs::canonicalize(&link).unwrap();
+        assert!(
+            running
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("pgpilot-agent-")
+        );
+        let front = front_next_to(&running).unwrap();
+        assert!(
+            front
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("pgpilot-wal-"),
+            "{front:?}"
+        );
+        assert_eq!(fs::read(&front).unwrap(), b"front");
+
+        // A build without the front: the agent alone, and archive_command runs the agent.
+        fs::remove_file(build.join(WAL_FRONT)).unwrap();
+        let alone = dir.path().join("alone");
+        install_binaries(&build.join(AGENT), &alone).unwrap();
+        assert!(!alone.join(WAL_FRONT).exists());
+        assert_eq!(
+            front_next_to(&fs::canonicalize(alone.join(AGENT)).unwrap()),
+            None
+        );
     }
 }

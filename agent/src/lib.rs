@@ -100,7 +100,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     if cfg.backup.is_some() {
         // archive_command runs as the Postgres user: it must be able to run this binary.
-        cfg.agent_exe = Some(install::exe_for_postgres(&cfg.state_dir, owner.as_ref())?);
+        cfg.archive_exes = Some(install::exes_for_postgres(&cfg.state_dir, owner.as_ref())?);
     }
     let metrics = metrics::Metrics::new();
     let tls = match &cfg.tls {

@@ -147,6 +147,10 @@ enum Command {
         runtime: PathBuf,
         /// `%p`: the file, relative to the data dir.
         path: String,
+        /// Upload to the store without asking the agent (what `pgpilot-wal` runs once the
+        /// agent proved unreachable).
+        #[arg(long, hide = true)]
+        direct: bool,
     },
     /// Take an online base backup (and, by default, follow it with a progress bar).
     Backup {
@@ -209,6 +213,10 @@ enum Command {
         name: String,
         /// `%p`: where to put it, relative to the data dir.
         dest: PathBuf,
+        /// Read the store without asking the agent (what `pgpilot-wal` runs once the agent
+        /// proved unreachable).
+        #[arg(long, hide = true)]
+        direct: bool,
     },
 }
 
@@ -399,16 +407,24 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::WalPush { runtime, path } => {
-            pgpilot_agent::archive::cmd::wal_push(&runtime, &path).await
+        Command::WalPush {
+            runtime,
+            path,
+            direct,
+        } => {
+            use pgpilot_agent::archive::cmd::{self as wal, Route};
+            let route = if direct { Route::Direct } else { Route::Agent };
+            wal::wal_push(&runtime, &path, route).await
         }
         Command::WalFetch {
             runtime,
             name,
             dest,
+            direct,
         } => {
-            use pgpilot_agent::archive::cmd::{self as wal, Fetched};
-            match wal::wal_fetch(&runtime, &name, &dest).await {
+            use pgpilot_agent::archive::cmd::{self as wal, Fetched, Route};
+            let route = if direct { Route::Direct } else { Route::Agent };
+            match wal::wal_fetch(&runtime, &name, &dest, route).await {
                 Ok(Fetched::Done) => Ok(()),
                 // Postgres asks for files past the end of the archive on purpose; say nothing.
                 Ok(Fetched::Missing) => std::process::exit(1),

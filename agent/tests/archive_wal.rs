@@ -95,6 +95,21 @@ fn pgbench_init_and_run(fx: &AgentFixture, scale: &str, secs: &str) {
 /// the archive and reads back intact, and no archive_command call failed.
 async fn archive_under_pgbench(major: u32, store: &BackupStore) {
     let fx = agent(major, store).await;
+    // Postgres runs the small front Cargo built next to the agent (or its copy for the
+    // Postgres user), which names the agent binary to hand over to.
+    let command = one(&fx.sql().await.unwrap(), "SHOW archive_command").await;
+    let words: Vec<&str> = command.split(' ').collect();
+    let file_name = |w: &str| {
+        let w = w.trim_matches('\'');
+        w.rsplit('/').next().unwrap_or(w).to_string()
+    };
+    assert!(
+        file_name(words[0]).starts_with("pgpilot-wal")
+            && file_name(words[1]).starts_with("pgpilot-agent")
+            && words[2..4] == ["wal-push", "--runtime"]
+            && command.ends_with(" %p"),
+        "{command}"
+    );
     pgbench_init_and_run(&fx, "10", "4");
     let last = switch_and_wait_archived(&fx).await;
     assert_chain_complete(&store.open(), &last).await;
@@ -285,6 +300,11 @@ async fn identical_repush_succeeds_and_different_content_is_refused() {
     let out = fx.wal_command("wal-push", &[&rel]).unwrap();
     assert!(!out.success(), "a conflicting push must fail");
     assert!(
+        out.stderr.contains("answered 409") && out.stderr.contains(&first.digest),
+        "{}",
+        out.stderr
+    );
+    assert!(
         fx.logs().contains(&first.digest),
         "the log names the stored checksum"
     );
@@ -317,15 +337,23 @@ async fn identical_repush_succeeds_and_different_content_is_refused() {
     std::fs::write(fx.data_dir().join(&rel2), random_segment()).unwrap();
     fx.signal_agent(Signal::SIGTERM).unwrap();
     fx.wait_exit(LONG).unwrap();
-    for (path, ok) in [(&rel, true), (&rel2, true)] {
+    for path in [&rel, &rel2] {
         let out = fx.wal_command("wal-push", &[path]).unwrap();
-        assert_eq!(out.success(), ok, "{path}: {}", out.stderr);
-        assert!(out.stderr.contains("agent unreachable"));
+        assert!(out.success(), "{path}: {}", out.stderr);
+        assert!(out.stderr.contains("agent unreachable"), "{}", out.stderr);
     }
+    // The agent binary's own wal-push (no front) takes the same path.
+    let out = fx.agent_wal_command("wal-push", &[&rel]).unwrap();
+    assert!(out.success(), "{}", out.stderr);
+    assert!(out.stderr.contains("agent unreachable"), "{}", out.stderr);
     std::fs::write(fx.data_dir().join(&rel), &changed).unwrap();
-    let out = fx.wal_command("wal-push", &[&rel]).unwrap();
-    assert!(!out.success());
-    assert!(out.stderr.contains("different content"));
+    for out in [
+        fx.wal_command("wal-push", &[&rel]).unwrap(),
+        fx.agent_wal_command("wal-push", &[&rel]).unwrap(),
+    ] {
+        assert!(!out.success());
+        assert!(out.stderr.contains("different content"), "{}", out.stderr);
+    }
     store.verify(&layout().wal_key(&name2)).await.unwrap();
 }
 
@@ -386,14 +414,21 @@ async fn wal_fetch_restores_archived_files_and_prefetches_the_next() {
     assert!(out.success(), "{}", out.stderr);
     assert_eq!(std::fs::read(&dest).unwrap(), contents[2]);
     // A file the archive does not hold: exit 1, quietly (Postgres asks past the end on purpose).
-    let out = fx
-        .wal_command(
+    for out in [
+        fx.wal_command(
             "wal-fetch",
             &["000000990000100000000000", dest.to_str().unwrap()],
         )
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(out.stderr.is_empty(), "{}", out.stderr);
+        .unwrap(),
+        fx.agent_wal_command(
+            "wal-fetch",
+            &["000000990000100000000000", dest.to_str().unwrap()],
+        )
+        .unwrap(),
+    ] {
+        assert_eq!(out.status.code(), Some(1));
+        assert!(out.stderr.is_empty(), "{}", out.stderr);
+    }
     // Not WAL file names, refused by name: a path, and 24 bytes with a character across byte 8
     // (the API fuzzer's input that once panicked a worker), on a connection still open.
     let wide = format!("0000\u{10000}\u{102b7}{}", "0".repeat(12));
@@ -424,7 +459,27 @@ async fn wal_fetch_restores_archived_files_and_prefetches_the_next() {
         .wal_command("wal-fetch", &[&fake_segment(0xD), dest.to_str().unwrap()])
         .unwrap();
     assert!(out.success(), "{}", out.stderr);
+    assert!(out.stderr.contains("agent unreachable"), "{}", out.stderr);
     assert_eq!(std::fs::read(&dest).unwrap(), contents[0]);
+    std::fs::remove_file(&dest).unwrap();
+    let out = fx
+        .agent_wal_command("wal-fetch", &[&fake_segment(0xE), dest.to_str().unwrap()])
+        .unwrap();
+    assert!(out.success(), "{}", out.stderr);
+    assert_eq!(std::fs::read(&dest).unwrap(), contents[1]);
+    // Past the end of the archive, on the direct path too: exit 1, quietly.
+    let out = fx
+        .wal_command(
+            "wal-fetch",
+            &["000000990000100000000000", dest.to_str().unwrap()],
+        )
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        !out.stderr.lines().any(|l| l.starts_with("error")),
+        "{}",
+        out.stderr
+    );
 }
 
 // ----- shutdown: no background store operation outlives the agent (issue 26) -----

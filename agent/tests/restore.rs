@@ -507,8 +507,9 @@ async fn bootstrap_from_backup_on_s3_and_wrong_keys_are_refused() {
 }
 
 /// The agent binary in a directory the Postgres user cannot enter (a clone under /root, mode
-/// 0700; the tests run as root): the agent installs a copy of itself under its state dir,
-/// archive_command and restore_command run the copy, and archiving and a restore work.
+/// 0700; the tests run as root): the agent installs copies of itself and of the pgpilot-wal
+/// front next to it under its state dir, archive_command and restore_command run the copies,
+/// and archiving and a restore work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_binary_in_a_0700_dir_archives_and_restores_through_a_copy() {
     use std::os::unix::fs::PermissionsExt;
@@ -516,17 +517,33 @@ async fn agent_binary_in_a_0700_dir_archives_and_restores_through_a_copy() {
     std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let agent = private.path().join("pgpilot-agent");
     std::fs::copy(agent_bin!(), &agent).unwrap();
+    std::fs::copy(
+        agent_bin!().with_file_name("pgpilot-wal"),
+        private.path().join("pgpilot-wal"),
+    )
+    .unwrap();
     let store = BackupStore::file().unwrap();
     let mut fx = AgentFixture::start_with_toml(&agent, 15, &store.toml())
         .await
         .unwrap();
     let conf = std::fs::read_to_string(fx.data_dir().join("pgpilot.conf")).unwrap();
-    let copy_prefix = fx.dir.path().join("bin/pgpilot-agent-");
-    assert!(
-        conf.contains(&format!("archive_command = '''{}", copy_prefix.display()))
-            && conf.contains(&format!("restore_command = '''{}", copy_prefix.display())),
-        "{conf}"
-    );
+    let bin = fx.dir.path().join("bin");
+    for (setting, sub) in [
+        ("archive_command", "wal-push"),
+        ("restore_command", "wal-fetch"),
+    ] {
+        let line = conf
+            .lines()
+            .find(|l| l.starts_with(&format!("{setting} = ")))
+            .unwrap_or_else(|| panic!("no {setting}: {conf}"));
+        // Quoted for the shell, then for postgresql.conf.
+        assert!(
+            line.starts_with(&format!("{setting} = '''{}/pgpilot-wal-", bin.display()))
+                && line.contains(&format!("'' ''{}/pgpilot-agent-", bin.display()))
+                && line.contains(&format!(" {sub} --runtime ")),
+            "{line}"
+        );
+    }
     assert!(
         fx.logs()
             .contains("the Postgres user cannot execute the agent binary where it is"),

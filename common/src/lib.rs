@@ -13,6 +13,7 @@
 #![warn(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod api;
+pub mod archive_command;
 pub mod client;
 pub mod crd;
 pub mod layout;

@@ -7,10 +7,11 @@
 use std::path::Path;
 
 use pgpilot_common::api::{WalFetchRequest, WalPushRequest};
+use pgpilot_common::archive_command::move_into_place;
 use pgpilot_common::client::{AgentClient, ClientError};
 use pgpilot_common::layout::Layout;
 
-use super::fetch::{FetchError, fetch_direct, move_into_place};
+use super::fetch::{FetchError, fetch_direct};
 use super::push::push_direct;
 use super::runtime::ArchiveRuntime;
 use crate::store::Store;
@@ -37,33 +38,44 @@ async fn bounded<T>(
     }
 }
 
-/// Archives `path` (`%p`). Ok only once the file is stored and verified.
-pub async fn wal_push(runtime: &Path, path: &str) -> anyhow::Result<()> {
-    let rt = ArchiveRuntime::read(runtime)?;
-    bounded(&rt, &format!("wal-push {path}"), push(&rt, path)).await
+/// How `wal-push` and `wal-fetch` reach the archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Ask the agent; work on the store directly when it cannot be reached.
+    Agent,
+    /// Work on the store directly: `pgpilot-wal` already found the agent unreachable.
+    Direct,
 }
 
-async fn push(rt: &ArchiveRuntime, path: &str) -> anyhow::Result<()> {
-    let client = AgentClient::new(&rt.api_url, Some(rt.token.clone()));
-    match client
-        .wal_push(&WalPushRequest {
-            path: path.to_string(),
-        })
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(ClientError::Transport { cause, .. }) => {
-            eprintln!("wal-push: agent unreachable ({cause}); uploading {path} directly");
-            let name = Path::new(path)
-                .file_name()
-                .and_then(|n| n.to_str())
-                .ok_or_else(|| anyhow::anyhow!("{path:?} has no file name"))?;
-            let (store, layout) = open(rt)?;
-            push_direct(store, layout, &rt.data_dir, name, rt.archive.verify).await?;
-            Ok(())
+/// Archives `path` (`%p`). Ok only once the file is stored and verified.
+pub async fn wal_push(runtime: &Path, path: &str, route: Route) -> anyhow::Result<()> {
+    let rt = ArchiveRuntime::read(runtime)?;
+    bounded(&rt, &format!("wal-push {path}"), push(&rt, path, route)).await
+}
+
+async fn push(rt: &ArchiveRuntime, path: &str, route: Route) -> anyhow::Result<()> {
+    if route == Route::Agent {
+        let client = AgentClient::new(&rt.api_url, Some(rt.token.clone()));
+        match client
+            .wal_push(&WalPushRequest {
+                path: path.to_string(),
+            })
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(ClientError::Transport { cause, .. }) => {
+                eprintln!("wal-push: agent unreachable ({cause}); uploading {path} directly");
+            }
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => Err(e.into()),
     }
+    let name = Path::new(path)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| anyhow::anyhow!("{path:?} has no file name"))?;
+    let (store, layout) = open(rt)?;
+    push_direct(store, layout, &rt.data_dir, name, rt.archive.verify).await?;
+    Ok(())
 }
 
 /// Outcome of a fetch, for the exit status.
@@ -73,58 +85,61 @@ pub enum Fetched {
     Missing,
 }
 
-/// The exit status of `wal-fetch` when a file the archive holds cannot be restored (damaged,
-/// wrong key, store unreachable) during archive recovery. Postgres ends recovery at the first
-/// file restore_command does not deliver with an ordinary failure, so a damaged segment in the
-/// middle of the archive would end a restore early, promote, and report success without the
-/// commits after it. An exit status above 125 makes Postgres stop recovery with FATAL instead
-/// ("could not restore file … from archive"; see RestoreArchivedFile in PostgreSQL), and the
-/// agent fails the restore, naming the file.
-pub const FETCH_FATAL_EXIT: u8 = 200;
-
-/// Whether the data dir `dir` is in archive recovery (a restore: `recovery.signal` without
-/// `standby.signal`). A standby instead falls back to streaming from its primary when
-/// restore_command fails, so there a failed fetch stays an ordinary failure.
-pub fn in_archive_recovery(dir: &Path) -> bool {
-    dir.join("recovery.signal").exists() && !dir.join("standby.signal").exists()
-}
+pub use pgpilot_common::archive_command::{FETCH_FATAL_EXIT, in_archive_recovery};
 
 /// Restores WAL file `name` (`%f`) into `dest` (`%p`).
-pub async fn wal_fetch(runtime: &Path, name: &str, dest: &Path) -> anyhow::Result<Fetched> {
+pub async fn wal_fetch(
+    runtime: &Path,
+    name: &str,
+    dest: &Path,
+    route: Route,
+) -> anyhow::Result<Fetched> {
     let rt = ArchiveRuntime::read(runtime)?;
-    bounded(&rt, &format!("wal-fetch {name}"), fetch(&rt, name, dest)).await
+    bounded(
+        &rt,
+        &format!("wal-fetch {name}"),
+        fetch(&rt, name, dest, route),
+    )
+    .await
 }
 
-async fn fetch(rt: &ArchiveRuntime, name: &str, dest: &Path) -> anyhow::Result<Fetched> {
-    let client = AgentClient::new(&rt.api_url, Some(rt.token.clone()));
-    match client
-        .wal_fetch(&WalFetchRequest {
-            name: name.to_string(),
-        })
-        .await
-    {
-        Ok(r) => {
-            move_into_place(Path::new(&r.spool_path), dest).map_err(|e| {
-                anyhow::anyhow!("moving {} to {}: {e}", r.spool_path, dest.display())
-            })?;
-            Ok(Fetched::Done)
-        }
-        Err(ClientError::Api { status: 404, .. }) => Ok(Fetched::Missing),
-        Err(ClientError::Transport { cause, .. }) => {
-            eprintln!("wal-fetch: agent unreachable ({cause}); fetching {name} directly");
-            let (store, layout) = match &rt.fetch_from {
-                Some(src) => (
-                    Store::open(&src.store)?,
-                    Layout::new(&src.cluster, &src.shard).map_err(anyhow::Error::msg)?,
-                ),
-                None => open(rt)?,
-            };
-            match fetch_direct(&store, &layout, name, dest).await {
-                Ok(()) => Ok(Fetched::Done),
-                Err(FetchError::NotFound(_)) => Ok(Fetched::Missing),
-                Err(e) => Err(e.into()),
+async fn fetch(
+    rt: &ArchiveRuntime,
+    name: &str,
+    dest: &Path,
+    route: Route,
+) -> anyhow::Result<Fetched> {
+    if route == Route::Agent {
+        let client = AgentClient::new(&rt.api_url, Some(rt.token.clone()));
+        match client
+            .wal_fetch(&WalFetchRequest {
+                name: name.to_string(),
+            })
+            .await
+        {
+            Ok(r) => {
+                move_into_place(Path::new(&r.spool_path), dest).map_err(|e| {
+                    anyhow::anyhow!("moving {} to {}: {e}", r.spool_path, dest.display())
+                })?;
+                return Ok(Fetched::Done);
             }
+            Err(ClientError::Api { status: 404, .. }) => return Ok(Fetched::Missing),
+            Err(ClientError::Transport { cause, .. }) => {
+                eprintln!("wal-fetch: agent unreachable ({cause}); fetching {name} directly");
+            }
+            Err(e) => return Err(e.into()),
         }
+    }
+    let (store, layout) = match &rt.fetch_from {
+        Some(src) => (
+            Store::open(&src.store)?,
+            Layout::new(&src.cluster, &src.shard).map_err(anyhow::Error::msg)?,
+        ),
+        None => open(rt)?,
+    };
+    match fetch_direct(&store, &layout, name, dest).await {
+        Ok(()) => Ok(Fetched::Done),
+        Err(FetchError::NotFound(_)) => Ok(Fetched::Missing),
         Err(e) => Err(e.into()),
     }
 }

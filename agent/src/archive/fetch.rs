@@ -361,23 +361,6 @@ impl WalFetcher {
     }
 }
 
-/// Moves a spooled file into the path Postgres asked for, atomically (rename; a copy through a
-/// temp file and rename when the spool and `dest` are on different file systems).
-pub fn move_into_place(src: &Path, dest: &Path) -> std::io::Result<()> {
-    match std::fs::rename(src, dest) {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
-            let tmp = dest.with_extension("pgpilot-tmp");
-            std::fs::copy(src, &tmp)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, dest)?;
-            let _ = std::fs::remove_file(src);
-            Ok(())
-        }
-        Err(e) => Err(e),
-    }
-}
-
 /// The direct path of `wal-fetch` when the agent cannot be reached: download straight into
 /// `dest` (temp file, verify, fsync, rename).
 pub async fn fetch_direct(

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::files::{self, sh_quote};
+use crate::install::{self, ArchiveExes};
 use crate::replication::StandbyConf;
 
 pub use crate::files::INCLUDE_FILE;
@@ -56,19 +57,22 @@ pub fn settings(
     out.extend(super::tls::settings(cfg));
     if cfg.backup.is_some() {
         // wal-push and wal-fetch find the agent and the store through the runtime file; no
-        // secret is on these command lines.
-        let exe = cfg
-            .agent_exe
-            .clone()
-            .or_else(|| std::env::current_exe().ok())
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "pgpilot-agent".into());
-        let runtime = files::archive_runtime(&cfg.state_dir).display().to_string();
-        let (exe, runtime) = (sh_quote(&exe), sh_quote(&runtime));
+        // secret is on these command lines. `pgpilot-wal` (when it ships next to the agent)
+        // makes the loopback call and hands over to the agent binary when the agent is down.
+        let exes = cfg.archive_exes.clone().unwrap_or_else(|| ArchiveExes {
+            agent: std::env::current_exe().unwrap_or_else(|_| PathBuf::from(install::AGENT)),
+            front: None,
+        });
+        let agent = sh_quote(&exes.agent.display().to_string());
+        let program = match &exes.front {
+            Some(front) => format!("{} {agent}", sh_quote(&front.display().to_string())),
+            None => agent,
+        };
+        let runtime = sh_quote(&files::archive_runtime(&cfg.state_dir).display().to_string());
         out.push(("archive_mode".into(), "on".into()));
         out.push((
             "archive_command".into(),
-            format!("{exe} wal-push --runtime {runtime} %p"),
+            format!("{program} wal-push --runtime {runtime} %p"),
         ));
         out.push((
             "archive_timeout".into(),
@@ -76,7 +80,7 @@ pub fn settings(
         ));
         out.push((
             "restore_command".into(),
-            format!("{exe} wal-fetch --runtime {runtime} %f %p"),
+            format!("{program} wal-fetch --runtime {runtime} %f %p"),
         ));
     }
     if let Some(standby) = standby {
@@ -316,6 +320,39 @@ mod tests {
         assert!(
             text.contains("search_path = '''$user'', public'\n"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn the_archive_commands_run_the_front_when_it_ships_and_quote_every_path() {
+        let mut c = cfg("[backup]\nstore = \"file:///b\"\n");
+        c.state_dir = "/s t/state".into();
+        c.archive_exes = Some(ArchiveExes {
+            agent: "/o'p/pgpilot-agent".into(),
+            front: Some("/o'p/pgpilot-wal".into()),
+        });
+        let get = |c: &Config, name: &str| {
+            settings(c, &BTreeMap::new(), None)
+                .into_iter()
+                .find(|(n, _)| n == name)
+                .unwrap()
+                .1
+        };
+        let runtime = "'/s t/state/run/archive-runtime.json'";
+        let program = r#"'/o'\''p/pgpilot-wal' '/o'\''p/pgpilot-agent'"#;
+        assert_eq!(
+            get(&c, "archive_command"),
+            format!("{program} wal-push --runtime {runtime} %p")
+        );
+        assert_eq!(
+            get(&c, "restore_command"),
+            format!("{program} wal-fetch --runtime {runtime} %f %p")
+        );
+        // No front next to the agent: the agent binary itself.
+        c.archive_exes.as_mut().unwrap().front = None;
+        assert_eq!(
+            get(&c, "archive_command"),
+            format!(r#"'/o'\''p/pgpilot-agent' wal-push --runtime {runtime} %p"#)
         );
     }
 

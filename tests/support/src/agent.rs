@@ -409,15 +409,40 @@ impl AgentFixture {
     }
 
     /// Runs `wal-push` or `wal-fetch` as Postgres' archive_command and restore_command do: in
-    /// the data dir, with `--runtime` and nothing else to find the agent or the store.
+    /// the data dir, with `--runtime` and nothing else to find the agent or the store, through
+    /// the `pgpilot-wal` front Cargo builds next to the agent binary (as the agent renders
+    /// them).
     pub fn wal_command(&self, subcommand: &str, args: &[&str]) -> anyhow::Result<CliOutput> {
+        let front = self.bin.with_file_name("pgpilot-wal");
+        anyhow::ensure!(
+            front.is_file(),
+            "{} is missing: build the agent package's binaries (cargo build -p pgpilot-agent)",
+            front.display()
+        );
+        let mut cmd = Command::new(front);
+        cmd.arg(&self.bin);
+        self.wal_args(&mut cmd, subcommand, args)
+    }
+
+    /// The same with the agent binary's own `wal-push` / `wal-fetch` (no front), as Postgres
+    /// runs them where `pgpilot-wal` is not installed.
+    pub fn agent_wal_command(&self, subcommand: &str, args: &[&str]) -> anyhow::Result<CliOutput> {
         let mut cmd = Command::new(&self.bin);
+        self.wal_args(&mut cmd, subcommand, args)
+    }
+
+    fn wal_args(
+        &self,
+        cmd: &mut Command,
+        subcommand: &str,
+        args: &[&str],
+    ) -> anyhow::Result<CliOutput> {
         cmd.arg(subcommand)
             .arg("--runtime")
             .arg(self.runtime_file())
             .args(args)
             .current_dir(self.data_dir());
-        CliOutput::of(&mut cmd)
+        CliOutput::of(cmd)
     }
 
     /// A PostgreSQL client tool (`pgbench`, `psql`, …) connected to this agent's Postgres as the
