@@ -112,7 +112,32 @@ struct Inner {
     upload_concurrency: usize,
     multipart_threshold: usize,
     part_size: usize,
+    /// Multipart uploads under way through this store (all clones): they share
+    /// `upload_concurrency` parts in flight, so memory does not grow with their number.
+    multipart_uploads: std::sync::atomic::AtomicUsize,
     retry: RetryPolicy,
+}
+
+/// One multipart upload counted in [`Inner::multipart_uploads`] while it lives.
+struct MultipartUpload<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> MultipartUpload<'a> {
+    fn enter(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        MultipartUpload(count)
+    }
+
+    /// The parts this upload may have in flight: its share of `total`, at least one.
+    fn share(&self, total: usize) -> usize {
+        let uploads = self.0.load(std::sync::atomic::Ordering::Relaxed).max(1);
+        (total / uploads).max(1)
+    }
+}
+
+impl Drop for MultipartUpload<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A backup store. Cheap to clone; safe to use from many tasks at once.
@@ -171,6 +196,7 @@ impl Store {
                 upload_concurrency: cfg.upload_concurrency,
                 multipart_threshold: cfg.multipart_threshold,
                 part_size: cfg.part_size,
+                multipart_uploads: Default::default(),
                 retry: cfg.retry.into(),
             }),
             cancel: None,
@@ -423,21 +449,36 @@ impl Store {
                         .put_multipart_opts(&path, PutMultipartOptions::default())
                         .await
                         .map_err(|e| os_err("multipart start", e))?;
-                    let mut writer =
-                        WriteMultipart::new_with_chunk_size(upload, self.inner.part_size);
+                    let part_size = self.inner.part_size;
+                    let mut writer = WriteMultipart::new_with_chunk_size(upload, part_size);
+                    // The multipart uploads under way share `upload_concurrency` parts in
+                    // flight: 4 backup files of incompressible data to S3 once held 4 × 5
+                    // parts of 8 MiB (235 MiB of RSS, docs/benchmarks.md, P3).
+                    let counted = MultipartUpload::enter(&self.inner.multipart_uploads);
+                    // Bytes in the part being filled: `put` sends a part each time it fills.
+                    let mut filling = 0usize;
                     for frame in buffered {
+                        filling = (filling + frame.len()) % part_size;
                         writer.put(frame);
                     }
                     let streamed: Result<(), StoreError> = async {
                         loop {
-                            writer
-                                .wait_for_capacity(self.inner.upload_concurrency)
-                                .await
-                                .map_err(|e| os_err("multipart part", e))?;
-                            match enc.next_frame().await.map_err(StoreError::from_archive)? {
-                                Some(frame) => writer.put(frame),
-                                None => return Ok(()),
+                            let Some(frame) =
+                                enc.next_frame().await.map_err(StoreError::from_archive)?
+                            else {
+                                return Ok(());
+                            };
+                            // Room for the parts this frame completes, within the share.
+                            let completes = (filling + frame.len()) / part_size;
+                            if completes > 0 {
+                                let share = counted.share(self.inner.upload_concurrency);
+                                writer
+                                    .wait_for_capacity(share.saturating_sub(completes))
+                                    .await
+                                    .map_err(|e| os_err("multipart part", e))?;
                             }
+                            filling = (filling + frame.len()) % part_size;
+                            writer.put(frame);
                         }
                     }
                     .await;
