@@ -1964,25 +1964,29 @@ def report():
 # ---------------------------------------------------------------- main
 
 def main():
-    global AGENT
+    global AGENT, WAL_FRONT
     if sys.argv[1:2] == ["report"]:
         return report()
     if os.geteuid() != 0:
         sys.exit("run as root (Postgres runs as the postgres user, peers read its data dir)")
-    if not os.access(AGENT, os.X_OK):
-        sys.exit("build first: cargo build --release -p pgpilot-agent")
+    if not (os.access(AGENT, os.X_OK) and os.access(WAL_FRONT, os.X_OK)):
+        sys.exit("build first: cargo build --release -p pgpilot-agent (pgpilot-agent and pgpilot-wal)")
     what = [a for a in sys.argv[1:] if not a.startswith("--")] or ["p1"]
-    # Other engineers rebuild target/release in this checkout: run a private copy of the binary.
-    fd, copy = tempfile.mkstemp(prefix="pgpilot-sbs-agent-", dir="/var/tmp")
-    os.close(fd)
-    shutil.copy(AGENT, copy)
-    os.chmod(copy, 0o755)
-    AGENT = copy
+    # Other engineers rebuild target/release in this checkout: run private copies of the
+    # binaries, side by side as the build leaves them, so that the agent renders pgpilot-wal
+    # into archive_command and restore_command (P2, P4) as it does in production.
+    private = tempfile.mkdtemp(prefix="pgpilot-sbs-bin-", dir="/var/tmp")
+    os.chmod(private, 0o755)
+    for src in (AGENT, WAL_FRONT):
+        shutil.copy(src, os.path.join(private, os.path.basename(src)))
+        os.chmod(os.path.join(private, os.path.basename(src)), 0o755)
+    AGENT = os.path.join(private, os.path.basename(AGENT))
+    WAL_FRONT = os.path.join(private, os.path.basename(WAL_FRONT))
     try:
         for w in what:
             {"p1": p1, "p2": p2, "p3": p3, "p4": p4, "p6": p6}[w]()
     finally:
-        os.unlink(copy)
+        shutil.rmtree(private)
 
 
 if __name__ == "__main__":
