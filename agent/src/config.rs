@@ -577,7 +577,17 @@ pub struct Config {
     /// The binaries archive_command and restore_command run, set at start when a store is
     /// configured: this binary and the `pgpilot-wal` next to it, or copies the Postgres user
     /// can execute ([`crate::install`]). `None`: this binary.
-    pub archive_exes: Option<crate::install::ArchiveExes>,
+    pub archive_exes: Option<ArchiveExes>,
+}
+
+/// The binaries archive_command and restore_command run as the Postgres user (found or
+/// installed by [`crate::install::exes_for_postgres`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveExes {
+    pub agent: PathBuf,
+    /// `pgpilot-wal`, when it sits next to the agent binary; else the commands run the agent
+    /// binary itself (same behaviour, ~1.5 ms more per WAL file).
+    pub front: Option<PathBuf>,
 }
 
 /// A configuration error, saying what to fix.

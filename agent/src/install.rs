@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+pub use crate::config::ArchiveExes;
 use crate::postgres::OsUser;
 use crate::postgres::bootstrap::blocking_dir;
 
@@ -31,15 +32,6 @@ pub const AGENT: &str = "pgpilot-agent";
 /// binary: one loopback call per WAL file, handing over to the agent binary when the agent
 /// cannot be reached.
 pub const WAL_FRONT: &str = "pgpilot-wal";
-
-/// The binaries archive_command and restore_command run as the Postgres user.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ArchiveExes {
-    pub agent: PathBuf,
-    /// `pgpilot-wal`, when it sits next to the agent binary; else the commands run the agent
-    /// binary itself (same behaviour, ~3 ms more per WAL file).
-    pub front: Option<PathBuf>,
-}
 
 /// The `pgpilot-wal` next to the agent binary `exe` (resolved, so a symlink installed by
 /// [`install_named`] names the content-named copy it points at).

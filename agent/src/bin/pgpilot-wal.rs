@@ -146,10 +146,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let failed = |message: String| {
-        eprintln!("error: {message}");
-        ExitCode::from(1)
-    };
     let outcome = match RuntimeLoopback::read(&inv.runtime) {
         Ok(rt) => run(&inv, &rt),
         Err(e) => Outcome::Failed(e),
@@ -170,20 +166,20 @@ fn main() -> ExitCode {
             hand_over(&inv, true)
         }
         Outcome::NotLoopback => hand_over(&inv, false),
-        // Postgres runs restore_command in the data dir: during a restore, stop recovery with
-        // FATAL rather than let it end early at this file (see FETCH_FATAL_EXIT).
-        Outcome::Failed(e)
-            if matches!(inv.op, Op::Fetch { .. }) && in_archive_recovery(Path::new(".")) =>
-        {
-            let Op::Fetch { name, .. } = &inv.op else {
-                unreachable!()
-            };
-            eprintln!(
-                "error: {e}; stopping recovery here rather than ending it early at {name} (exit {FETCH_FATAL_EXIT})"
-            );
-            ExitCode::from(FETCH_FATAL_EXIT)
-        }
-        Outcome::Failed(e) => failed(e),
+        Outcome::Failed(e) => match &inv.op {
+            // Postgres runs restore_command in the data dir: during a restore, stop recovery
+            // with FATAL rather than let it end early at this file (see FETCH_FATAL_EXIT).
+            Op::Fetch { name, .. } if in_archive_recovery(Path::new(".")) => {
+                eprintln!(
+                    "error: {e}; stopping recovery here rather than ending it early at {name} (exit {FETCH_FATAL_EXIT})"
+                );
+                ExitCode::from(FETCH_FATAL_EXIT)
+            }
+            _ => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
     }
 }
 

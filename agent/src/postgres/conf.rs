@@ -5,9 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::config::Config;
+use crate::config::{ArchiveExes, Config};
 use crate::files::{self, sh_quote};
-use crate::install::{self, ArchiveExes};
 use crate::replication::StandbyConf;
 
 pub use crate::files::INCLUDE_FILE;
@@ -60,7 +59,7 @@ pub fn settings(
         // secret is on these command lines. `pgpilot-wal` (when it ships next to the agent)
         // makes the loopback call and hands over to the agent binary when the agent is down.
         let exes = cfg.archive_exes.clone().unwrap_or_else(|| ArchiveExes {
-            agent: std::env::current_exe().unwrap_or_else(|_| PathBuf::from(install::AGENT)),
+            agent: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("pgpilot-agent")),
             front: None,
         });
         let agent = sh_quote(&exes.agent.display().to_string());
