@@ -1455,15 +1455,25 @@ async fn r5_api_and_cli_fuzzing() {
     ];
     let scratch = tempfile::tempdir().unwrap();
     let mut panics = Vec::new();
-    for _ in 0..cli_cases {
+    // Every third list goes to pgpilot-wal, the archive_command front, behind the agent binary
+    // it would hand over to (its own parser; docs/archiving.md).
+    let front = agent_bin!().with_file_name("pgpilot-wal");
+    for case in 0..cli_cases {
         let n = t.rng().random_range(0..6);
-        let args: Vec<&str> = (0..n)
+        let mut args: Vec<&str> = (0..n)
             .map(|_| words[t.rng().random_range(0..words.len())])
             .filter(|w| !w.contains('\u{0}'))
             .collect();
+        let program = if case % 3 == 2 {
+            args.insert(0, agent_bin!().to_str().unwrap());
+            t.count("pgpilot-wal argument lists run");
+            front.as_path()
+        } else {
+            agent_bin!()
+        };
         // Never let a fuzzed command reach the running agent or a real data dir.
         let err_path = scratch.path().join("stderr");
-        let mut child = std::process::Command::new(agent_bin!())
+        let mut child = std::process::Command::new(program)
             .args(&args)
             .current_dir(scratch.path())
             .env("PGPILOT_API_URL", "http://127.0.0.1:9")
