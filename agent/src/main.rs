@@ -413,8 +413,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             direct,
         } => {
             use pgpilot_agent::archive::cmd::{self as wal, Route};
-            let route = if direct { Route::Direct } else { Route::Agent };
-            wal::wal_push(&runtime, &path, route).await
+            wal::wal_push(&runtime, &path, Route::from_direct_flag(direct)).await
         }
         Command::WalFetch {
             runtime,
@@ -423,8 +422,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             direct,
         } => {
             use pgpilot_agent::archive::cmd::{self as wal, Fetched, Route};
-            let route = if direct { Route::Direct } else { Route::Agent };
-            match wal::wal_fetch(&runtime, &name, &dest, route).await {
+            match wal::wal_fetch(&runtime, &name, &dest, Route::from_direct_flag(direct)).await {
                 Ok(Fetched::Done) => Ok(()),
                 // Postgres asks for files past the end of the archive on purpose; say nothing.
                 Ok(Fetched::Missing) => std::process::exit(1),

@@ -49,10 +49,23 @@ impl RuntimeLoopback {
             .map_err(|e| format!("runtime file {} is not valid: {e}", path.display()))
     }
 
-    /// How long one archive_command or restore_command may take (at least a second).
+    /// How long one archive_command or restore_command may take.
     pub fn bound(&self) -> Duration {
-        Duration::from_secs(self.archive.command_timeout_secs.max(1))
+        command_bound(self.archive.command_timeout_secs)
     }
+}
+
+/// `[archive] command_timeout_secs` as the bound of one archive_command or restore_command
+/// (at least a second).
+pub fn command_bound(command_timeout_secs: u64) -> Duration {
+    Duration::from_secs(command_timeout_secs.max(1))
+}
+
+/// The error of a command `what` (`wal-push <%p>`, `wal-fetch <%f>`) that ran past `bound`.
+pub fn gave_up(what: &str, bound: Duration) -> String {
+    format!(
+        "{what}: gave up after {bound:?} ([archive] command_timeout_secs); Postgres will call again"
+    )
 }
 
 /// The hidden flag of `pgpilot-agent wal-push` and `wal-fetch` that skips the call to the

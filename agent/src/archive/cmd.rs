@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use pgpilot_common::api::{WalFetchRequest, WalPushRequest};
-use pgpilot_common::archive_command::move_into_place;
+use pgpilot_common::archive_command::{command_bound, gave_up, move_into_place};
 use pgpilot_common::client::{AgentClient, ClientError};
 use pgpilot_common::layout::Layout;
 
@@ -29,12 +29,10 @@ async fn bounded<T>(
     what: &str,
     fut: impl Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<T> {
-    let bound = std::time::Duration::from_secs(rt.archive.command_timeout_secs.max(1));
+    let bound = command_bound(rt.archive.command_timeout_secs);
     match tokio::time::timeout(bound, fut).await {
         Ok(r) => r,
-        Err(_) => anyhow::bail!(
-            "{what}: gave up after {bound:?} ([archive] command_timeout_secs); Postgres will call again"
-        ),
+        Err(_) => Err(anyhow::anyhow!(gave_up(what, bound))),
     }
 }
 
@@ -45,6 +43,13 @@ pub enum Route {
     Agent,
     /// Work on the store directly: `pgpilot-wal` already found the agent unreachable.
     Direct,
+}
+
+impl Route {
+    /// The route of `wal-push` / `wal-fetch` given their hidden `--direct` flag.
+    pub fn from_direct_flag(direct: bool) -> Route {
+        if direct { Route::Direct } else { Route::Agent }
+    }
 }
 
 /// Archives `path` (`%p`). Ok only once the file is stored and verified.

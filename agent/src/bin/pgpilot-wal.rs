@@ -34,7 +34,7 @@ use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
 use hyper_util::rt::TokioIo;
 use pgpilot_common::api::{ErrorBody, WalFetchRequest, WalFetchResponse, WalPushRequest};
 use pgpilot_common::archive_command::{
-    DIRECT_FLAG, FETCH_FATAL_EXIT, RuntimeLoopback, in_archive_recovery, move_into_place,
+    DIRECT_FLAG, FETCH_FATAL_EXIT, RuntimeLoopback, gave_up, in_archive_recovery, move_into_place,
 };
 
 const USAGE: &str = "usage: pgpilot-wal <pgpilot-agent> wal-push --runtime <file> <%p>
@@ -167,20 +167,25 @@ fn main() -> ExitCode {
             hand_over(&inv, true)
         }
         Outcome::NotLoopback => hand_over(&inv, false),
-        Outcome::Failed(e) => match &inv.op {
-            // Postgres runs restore_command in the data dir: during a restore, stop recovery
-            // with FATAL rather than let it end early at this file (see FETCH_FATAL_EXIT).
-            Op::Fetch { name, .. } if in_archive_recovery(Path::new(".")) => {
-                eprintln!(
-                    "error: {e}; stopping recovery here rather than ending it early at {name} (exit {FETCH_FATAL_EXIT})"
-                );
-                ExitCode::from(FETCH_FATAL_EXIT)
-            }
-            _ => {
-                eprintln!("error: {e}");
-                ExitCode::from(1)
-            }
-        },
+        Outcome::Failed(e) => failed(&inv, &e),
+    }
+}
+
+/// The exit of a command that failed with `e`. Postgres runs restore_command in the data dir:
+/// during a restore, stop recovery with FATAL rather than let it end early at this file (see
+/// FETCH_FATAL_EXIT).
+fn failed(inv: &Invocation, e: &str) -> ExitCode {
+    match &inv.op {
+        Op::Fetch { name, .. } if in_archive_recovery(Path::new(".")) => {
+            eprintln!(
+                "error: {e}; stopping recovery here rather than ending it early at {name} (exit {FETCH_FATAL_EXIT})"
+            );
+            ExitCode::from(FETCH_FATAL_EXIT)
+        }
+        _ => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -194,15 +199,10 @@ fn hand_over(inv: &Invocation, direct: bool) -> ExitCode {
     }
     cmd.arg("--runtime").arg(&inv.runtime).args(inv.operands());
     let e = cmd.exec();
-    eprintln!(
-        "error: {}: cannot run {}: {e}",
-        inv.what(),
-        inv.agent.display()
-    );
-    match inv.op {
-        Op::Fetch { .. } if in_archive_recovery(Path::new(".")) => ExitCode::from(FETCH_FATAL_EXIT),
-        _ => ExitCode::from(1),
-    }
+    failed(
+        inv,
+        &format!("{}: cannot run {}: {e}", inv.what(), inv.agent.display()),
+    )
 }
 
 /// The call to the agent, within `[archive] command_timeout_secs`.
@@ -262,10 +262,7 @@ fn run(inv: &Invocation, rt: &RuntimeLoopback) -> Outcome {
         };
         match tokio::time::timeout(bound, call).await {
             Ok(outcome) => outcome,
-            Err(_) => Outcome::Failed(format!(
-                "{}: gave up after {bound:?} ([archive] command_timeout_secs); Postgres will call again",
-                inv.what()
-            )),
+            Err(_) => Outcome::Failed(gave_up(&inv.what(), bound)),
         }
     })
 }
