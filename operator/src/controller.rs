@@ -368,6 +368,18 @@ async fn scheduled_backup(
         return Ok(Some(to_next_minute));
     }
     let name = pc.name_any();
+    // The reconcile works on the cluster as it was when it began, seconds ago under load: a
+    // schedule removed or changed since creates no run.
+    let clusters: Api<PostgresCluster> = Api::namespaced(ctx.client.clone(), ns);
+    let now_spec = clusters
+        .get(&name)
+        .await?
+        .spec
+        .backup
+        .and_then(|b| b.schedule);
+    if now_spec.as_deref() != Some(spec) {
+        return Ok(Some(to_next_minute));
+    }
     let run = format!(
         "{name}-{}",
         due.to_zoned(jiff::tz::TimeZone::UTC).strftime("%Y%m%d%H%M")

@@ -1821,30 +1821,57 @@ async fn postgres_backups_retention_schedule_and_a_cluster_restored_from_them() 
     })
     .await;
     assert_eq!(run.status.unwrap().shards.len(), 2, "every shard");
+    // Each run is named after its minute; the status records the latest minute run, which may
+    // already be the next one.
     let pc = env.clusters().get("orders").await.unwrap();
-    let last = pc.status.unwrap().last_scheduled_backup.expect("recorded");
-    let minute: jiff::Timestamp = last.parse().unwrap();
-    assert_eq!(
-        run.metadata.name.unwrap(),
-        format!(
-            "orders-{}",
-            minute
-                .to_zoned(jiff::tz::TimeZone::UTC)
-                .strftime("%Y%m%d%H%M")
-        )
+    let last: jiff::Timestamp = pc
+        .status
+        .unwrap()
+        .last_scheduled_backup
+        .expect("recorded")
+        .parse()
+        .unwrap();
+    let run_name = run.metadata.name.clone().unwrap();
+    let minute = jiff::civil::DateTime::strptime("%Y%m%d%H%M", &run_name["orders-".len()..])
+        .and_then(|d| d.to_zoned(jiff::tz::TimeZone::UTC))
+        .map(|z| z.timestamp())
+        .unwrap_or_else(|e| panic!("{run_name} is not named after a minute: {e}"));
+    let created = pc.metadata.creation_timestamp.unwrap().0;
+    assert!(
+        minute <= last && minute.as_second() > created.as_second() - 60,
+        "{run_name}: the run of a minute since the cluster exists, up to the latest run {last}"
+    );
+    let latest = format!(
+        "orders-{}",
+        last.to_zoned(jiff::tz::TimeZone::UTC)
+            .strftime("%Y%m%d%H%M")
+    );
+    assert!(
+        backups.get_opt(&latest).await.unwrap().is_some(),
+        "the latest run recorded, {latest}, exists"
     );
 
     // bootstrap.fromBackup with a time target: no schedule from now on (with keepLast 1 a
     // backup after the target would retire the one before it), and every run finished.
     let no_schedule = json!({"spec": {"backup": {"schedule": null}}});
-    env.clusters()
+    let generation = env
+        .clusters()
         .patch(
             "orders",
             &PatchParams::default(),
             &Patch::Merge(&no_schedule),
         )
         .await
-        .unwrap();
+        .unwrap()
+        .metadata
+        .generation;
+    // A reconcile that began before the patch may still create the run of a minute that has
+    // just started; it ends before the one that sees the patch writes its generation.
+    eventually("the operator saw the schedule removed", || async {
+        let pc = env.clusters().get("orders").await.ok()?;
+        (pc.status?.observed_generation == generation).then_some(())
+    })
+    .await;
     eventually("every backup run finished", || async {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let list = backups.list(&Default::default()).await.ok()?;

@@ -114,6 +114,8 @@ pub struct ReceiverStatus {
     pub replay_lsn: Option<String>,
     pub lag_bytes: Option<u64>,
     pub lag_seconds: Option<f64>,
+    /// The timeline of the WAL the receiver last got, while a WAL receiver runs.
+    pub received_tli: Option<u32>,
 }
 
 pub async fn receiver(client: &Client) -> Result<ReceiverStatus, tokio_postgres::Error> {
@@ -126,7 +128,8 @@ pub async fn receiver(client: &Client) -> Result<ReceiverStatus, tokio_postgres:
                                     pg_last_wal_replay_lsn())::bigint, \
                     CASE WHEN pg_last_wal_receive_lsn() IS NULL \
                               OR pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0::float8 \
-                         ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END",
+                         ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END, \
+                    (SELECT received_tli FROM pg_stat_wal_receiver)::int8",
             &[],
         )
         .await?;
@@ -136,6 +139,9 @@ pub async fn receiver(client: &Client) -> Result<ReceiverStatus, tokio_postgres:
         replay_lsn: row.get(2),
         lag_bytes: row.get::<_, Option<i64>>(3).map(|b| b.max(0) as u64),
         lag_seconds: row.get::<_, Option<f64>>(4).map(|s| s.max(0.0)),
+        received_tli: row
+            .get::<_, Option<i64>>(5)
+            .and_then(|t| u32::try_from(t).ok()),
     })
 }
 

@@ -444,8 +444,6 @@ impl Executor {
     /// follow with "new timeline forked off current database system timeline before current
     /// recovery point". pg_rewind on a replica that turns out not to need it is harmless.
     async fn replica_diverged_from(&self, up: &Upstream) -> Option<String> {
-        let last = up.history.last()?;
-        let switchpoint = replication::lsn(&last.switchpoint)?;
         if !self.state.accepts_connections() {
             return None;
         }
@@ -453,15 +451,7 @@ impl Executor {
         let r = rsql::receiver(&client).await.ok()?;
         let end =
             replication::failover::wal_position(r.receive_lsn.as_deref(), r.replay_lsn.as_deref())?;
-        (end > switchpoint).then(|| {
-            format!(
-                "this replica has WAL up to {}, past {} where the primary's timeline {} left timeline {}",
-                replication::format_lsn(end),
-                last.switchpoint,
-                up.timeline,
-                last.timeline
-            )
-        })
+        replica_past_fork(r.received_tli, end, up)
     }
 
     /// Records where this instance's WAL ended, after Postgres stopped or died as a primary.
@@ -1097,4 +1087,98 @@ fn test_pause() -> Option<Duration> {
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis)
     })
+}
+
+/// Whether a replica whose WAL ends at `end`, received on timeline `received_tli` (when its WAL
+/// receiver runs), holds WAL past where `up`'s history left that timeline. A replica already
+/// receiving `up`'s own timeline holds `up`'s WAL, not a fork: pg_rewind would find nothing
+/// to undo (and fails looking for it). Without a receiver, the WAL is taken to be on the
+/// timeline `up` left last, the one a replica of the old primary was on.
+fn replica_past_fork(received_tli: Option<u32>, end: u64, up: &Upstream) -> Option<String> {
+    if received_tli == Some(up.timeline) {
+        return None;
+    }
+    let left = match received_tli {
+        Some(tli) => match up.history.iter().find(|h| h.timeline == tli) {
+            Some(h) => h,
+            None => {
+                return Some(format!(
+                    "this replica receives timeline {tli}, which is not in the history of the primary's timeline {}",
+                    up.timeline
+                ));
+            }
+        },
+        None => up.history.last()?,
+    };
+    let switchpoint = replication::lsn(&left.switchpoint)?;
+    (end > switchpoint).then(|| {
+        format!(
+            "this replica has WAL up to {} on timeline {}, past {} where the primary's timeline {} left it",
+            replication::format_lsn(end),
+            left.timeline,
+            left.switchpoint,
+            up.timeline,
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgpilot_common::api::TimelineSwitch;
+
+    fn up(timeline: u32, history: &[(u32, &str)]) -> Upstream {
+        Upstream {
+            url: "http://a:8008".into(),
+            name: "a".into(),
+            host: "a".into(),
+            port: 5432,
+            slot: "b".into(),
+            system_identifier: "1".into(),
+            timeline,
+            history: history
+                .iter()
+                .map(|(t, lsn)| TimelineSwitch {
+                    timeline: *t,
+                    switchpoint: (*lsn).into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_replica_past_the_fork_on_the_old_timeline_has_diverged() {
+        let up = up(2, &[(1, "0/7000000")]);
+        let past = replication::lsn("0/70000A0").unwrap();
+        let why = replica_past_fork(Some(1), past, &up).expect("diverged");
+        assert!(
+            why.contains("0/70000A0") && why.contains("timeline 1"),
+            "{why}"
+        );
+        // Without a receiver its WAL is taken to be on the timeline the primary left.
+        assert!(replica_past_fork(None, past, &up).is_some());
+        // Up to the switchpoint exactly, or short of it: it can follow.
+        let at = replication::lsn("0/7000000").unwrap();
+        assert_eq!(replica_past_fork(Some(1), at, &up), None);
+        assert_eq!(replica_past_fork(None, at - 1, &up), None);
+    }
+
+    #[test]
+    fn a_replica_already_receiving_the_new_timeline_has_not_diverged() {
+        // The race behind an unneeded pg_rewind: the replica switched to the new primary's
+        // timeline (through the archive or the stream) before the follow request came.
+        let up = up(2, &[(1, "0/7000000")]);
+        let past = replication::lsn("0/70000A0").unwrap();
+        assert_eq!(replica_past_fork(Some(2), past, &up), None);
+    }
+
+    #[test]
+    fn an_older_timeline_is_compared_with_where_the_history_left_it() {
+        let up = up(3, &[(1, "0/5000000"), (2, "0/9000000")]);
+        let on_1 = replication::lsn("0/6000000").unwrap();
+        assert!(replica_past_fork(Some(1), on_1, &up).is_some());
+        assert_eq!(replica_past_fork(Some(2), on_1, &up), None);
+        let why = replica_past_fork(Some(4), on_1, &up).expect("an unknown timeline");
+        assert!(why.contains("timeline 4"), "{why}");
+    }
 }
