@@ -147,7 +147,7 @@ impl Shared {
 }
 
 /// A running kubelet. Dropping it kills every pod process and removes its directories; while a
-/// test panics it first prints every container's log.
+/// test panics it first prints every container's log, the pods it took last at the end.
 pub struct Kubelet {
     shared: Arc<Shared>,
     task: JoinHandle<()>,
@@ -378,7 +378,8 @@ impl Drop for Kubelet {
     fn drop(&mut self) {
         self.task.abort();
         self.log_task.abort();
-        let pods = self.shared.all();
+        let mut pods = self.shared.all();
+        pods.sort_by_key(|p| p.taken);
         if std::thread::panicking() {
             for rt in &pods {
                 for c in rt

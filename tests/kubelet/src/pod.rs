@@ -92,6 +92,9 @@ pub(crate) struct PodRt {
     pub initialized: Mutex<bool>,
     pub phase: Mutex<&'static str>,
     pub dirty: Notify,
+    /// When this kubelet took the pod: a failing test's logs are printed oldest first, so the
+    /// pods it was waiting for (usually the newest) end the output, the part an excerpt keeps.
+    pub taken: Instant,
 }
 
 impl PodRt {
@@ -1350,6 +1353,7 @@ pub(crate) fn new_pod(shared: &Shared, pod: &Value, host: u8, proxy: ApiProxy) -
         initialized: Mutex::new(false),
         phase: Mutex::new("Pending"),
         dirty: Notify::new(),
+        taken: Instant::now(),
         ns,
         name,
         uid,
