@@ -302,7 +302,7 @@ async fn reconcile_inner(pc: &PostgresCluster, ctx: &Ctx) -> Result<Action, Erro
     if let Some(wait) = renew_in {
         next = next.min(wait);
     }
-    if let Some(wait) = scheduled_backup(pc, &ns, &mut st, ctx).await? {
+    if let Some(wait) = scheduled_backup(pc, &ns, &api, &mut st, ctx).await? {
         next = next.min(wait);
     }
     if let Some(wait) = roll_again {
@@ -331,6 +331,7 @@ async fn reconcile_inner(pc: &PostgresCluster, ctx: &Ctx) -> Result<Action, Erro
 async fn scheduled_backup(
     pc: &PostgresCluster,
     ns: &str,
+    clusters: &Api<PostgresCluster>,
     st: &mut PostgresClusterStatus,
     ctx: &Ctx,
 ) -> Result<Option<Duration>, Error> {
@@ -370,7 +371,6 @@ async fn scheduled_backup(
     let name = pc.name_any();
     // The reconcile works on the cluster as it was when it began, seconds ago under load: a
     // schedule removed or changed since creates no run.
-    let clusters: Api<PostgresCluster> = Api::namespaced(ctx.client.clone(), ns);
     let now_spec = clusters
         .get(&name)
         .await?

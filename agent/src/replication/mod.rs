@@ -280,18 +280,33 @@ pub fn divergence(
     primary_timeline: u32,
     history: &[TimelineSwitch],
 ) -> Option<String> {
-    if own_timeline == primary_timeline {
-        return None;
-    }
-    match history.iter().find(|h| h.timeline == own_timeline) {
-        Some(h) if own_last_record >= lsn(&h.switchpoint).unwrap_or(u64::MAX) => Some(format!(
+    match switch_leaving(own_timeline, primary_timeline, history) {
+        Err(why) => Some(why),
+        Ok(Some(h)) if own_last_record >= lsn(&h.switchpoint).unwrap_or(u64::MAX) => Some(format!(
             "this instance's WAL reaches past {} on timeline {own_timeline}, beyond {} where the primary's timeline {primary_timeline} left it",
             format_lsn(own_last_record),
             h.switchpoint
         )),
-        Some(_) => None,
-        None if own_timeline < primary_timeline && history.is_empty() => None,
-        None => Some(format!(
+        Ok(_) => None,
+    }
+}
+
+/// Where the history of the primary's `primary_timeline` left `own_timeline`: the switch an
+/// instance's WAL on `own_timeline` is compared with. `Ok(None)` when there is nothing to
+/// compare (the primary's own timeline, or an older one of a primary without history);
+/// `Err(why)` when the primary's history never had `own_timeline`.
+pub fn switch_leaving(
+    own_timeline: u32,
+    primary_timeline: u32,
+    history: &[TimelineSwitch],
+) -> Result<Option<&TimelineSwitch>, String> {
+    if own_timeline == primary_timeline {
+        return Ok(None);
+    }
+    match history.iter().find(|h| h.timeline == own_timeline) {
+        Some(h) => Ok(Some(h)),
+        None if own_timeline < primary_timeline && history.is_empty() => Ok(None),
+        None => Err(format!(
             "this instance is on timeline {own_timeline}, which is not in the history of the primary's timeline {primary_timeline}"
         )),
     }

@@ -1095,20 +1095,13 @@ fn test_pause() -> Option<Duration> {
 /// to undo (and fails looking for it). Without a receiver, the WAL is taken to be on the
 /// timeline `up` left last, the one a replica of the old primary was on.
 fn replica_past_fork(received_tli: Option<u32>, end: u64, up: &Upstream) -> Option<String> {
-    if received_tli == Some(up.timeline) {
-        return None;
-    }
-    let left = match received_tli {
-        Some(tli) => match up.history.iter().find(|h| h.timeline == tli) {
-            Some(h) => h,
-            None => {
-                return Some(format!(
-                    "this replica receives timeline {tli}, which is not in the history of the primary's timeline {}",
-                    up.timeline
-                ));
-            }
-        },
-        None => up.history.last()?,
+    let own = match received_tli {
+        Some(tli) => tli,
+        None => up.history.last()?.timeline,
+    };
+    let left = match replication::switch_leaving(own, up.timeline, &up.history) {
+        Ok(left) => left?,
+        Err(why) => return Some(why),
     };
     let switchpoint = replication::lsn(&left.switchpoint)?;
     (end > switchpoint).then(|| {
