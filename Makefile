@@ -8,6 +8,11 @@ PGPORT ?= 5432
 API_PORT ?= 8008
 API_LOOPBACK_PORT ?= 8009
 NEXTEST_PROFILE := $(if $(CI),ci,default)
+# A CI run builds once from a clean clone: incremental compilation's caches (~6 GB) would
+# only take disk.
+ifdef CI
+export CARGO_INCREMENTAL ?= 0
+endif
 
 .PHONY: help
 help: ## List the targets

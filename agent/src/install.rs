@@ -172,6 +172,13 @@ fn install_linked(src: &Path, dir: &Path, stem: &str) -> anyhow::Result<PathBuf>
 /// existing copy of that name and size is reused; otherwise the copy is written to a temp file,
 /// fsynced, and renamed into place (then the directory is fsynced), so concurrent installs of
 /// the same binary are harmless and a name never holds a partial file.
+///
+/// When `src` is already mode 0755 and on the same file system, the "copy" is a hard link to
+/// it (made under a temp name and renamed into place the same way): no bytes are written, where
+/// a copy would write the whole binary for every agent (hundreds of MB for a debug build) and
+/// fsync it. Binaries are replaced by rename (package managers, `install`, cargo), which leaves
+/// the linked file as it was; one rewritten in place is refused while a process runs it, and
+/// otherwise changes the link's content too, which the next install notices by its new name.
 pub fn install_copy(src: &Path, dest_dir: &Path, stem: &str) -> io::Result<PathBuf> {
     let with_path =
         |p: &Path, e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", p.display()));
@@ -196,6 +203,15 @@ pub fn install_copy(src: &Path, dest_dir: &Path, stem: &str) -> io::Result<PathB
         std::process::id(),
         rand::random::<u32>()
     ));
+    let linkable = fs::metadata(src).is_ok_and(|m| m.permissions().mode() & 0o7777 == 0o755);
+    if linkable && fs::hard_link(src, &temp).is_ok() {
+        let linked = fs::rename(&temp, &dest).and_then(|()| fs::File::open(dest_dir)?.sync_all());
+        if let Err(e) = linked {
+            let _ = fs::remove_file(&temp);
+            return Err(with_path(&dest, e));
+        }
+        return Ok(dest);
+    }
     let written = (|| {
         let mut out = fs::OpenOptions::new()
             .write(true)
@@ -261,6 +277,44 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    /// A 0755 binary on the same file system is linked, not copied; any other mode is copied,
+    /// and the source's mode is left alone.
+    #[test]
+    fn an_executable_binary_is_linked_and_a_private_one_copied() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let dest_dir = dir.path().join("state/bin");
+        let public = dir.path().join("public");
+        fs::write(&public, b"#!/bin/sh\necho public\n").unwrap();
+        fs::set_permissions(&public, fs::Permissions::from_mode(0o755)).unwrap();
+        let linked = install_copy(&public, &dest_dir, AGENT).unwrap();
+        assert_eq!(
+            fs::metadata(&linked).unwrap().ino(),
+            fs::metadata(&public).unwrap().ino()
+        );
+        assert_eq!(fs::read(&linked).unwrap(), b"#!/bin/sh\necho public\n");
+        assert_eq!(install_copy(&public, &dest_dir, AGENT).unwrap(), linked);
+
+        let private = dir.path().join("private");
+        fs::write(&private, b"#!/bin/sh\necho private\n").unwrap();
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+        let copied = install_copy(&private, &dest_dir, WAL_FRONT).unwrap();
+        assert_ne!(
+            fs::metadata(&copied).unwrap().ino(),
+            fs::metadata(&private).unwrap().ino()
+        );
+        assert_eq!(
+            fs::metadata(&copied).unwrap().permissions().mode() & 0o7777,
+            0o755
+        );
+        assert_eq!(
+            fs::metadata(&private).unwrap().permissions().mode() & 0o7777,
+            0o700
+        );
+        // No temp file left behind by either way.
+        assert_eq!(fs::read_dir(&dest_dir).unwrap().count(), 2);
     }
 
     /// The init container's `install`: the agent and the front next to it, each a content-named

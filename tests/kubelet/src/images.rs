@@ -65,7 +65,8 @@ impl ImageTable {
     }
 
     /// "Pulls" every binary image into `dir` (the kubelet's own, readable by every user): a
-    /// copy of its entrypoint, 0755, which its commands are then looked up next to. A pod that
+    /// copy (or a hard link) of its entrypoint, 0755, which its commands are then looked up
+    /// next to. A pod that
     /// runs as another user can then execute it wherever it was built (a clone under `/root`,
     /// a 0700 temp dir), as a real node runs an image from its own storage.
     pub(crate) fn pull_into(&mut self, dir: &Path) -> std::io::Result<()> {
@@ -83,8 +84,13 @@ impl ImageTable {
             std::fs::set_permissions(&layer, std::fs::Permissions::from_mode(0o755))?;
             let name = entry.file_name().unwrap_or_default();
             let copy = layer.join(name);
-            std::fs::copy(&entry, &copy)?;
-            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+            // A debug build's binary is hundreds of MB and every test's kubelet pulls it: link
+            // it when it is already 0755 on this file system, as the agent's own install does.
+            let executable = std::fs::metadata(&entry)?.permissions().mode() & 0o7777 == 0o755;
+            if !(executable && std::fs::hard_link(&entry, &copy).is_ok()) {
+                std::fs::copy(&entry, &copy)?;
+                std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+            }
             img.entrypoint = Some(copy);
             img.path = vec![layer];
         }
