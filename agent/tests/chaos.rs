@@ -1722,8 +1722,14 @@ async fn disk_full_while_writing_and_restoring() {
         all_acked_present(&sql, &acked, "restored once space returned").await
     }
     .await;
-    drop(copy);
+    // The agent stops, then its data dir's file system goes, then the fixture removes its dir:
+    // a mount point cannot be removed, and the whole dir (its binaries too) would be left.
+    if copy.agent_pid().is_some() {
+        let _ = copy.signal_agent(Signal::SIGTERM);
+        let _ = copy.wait_exit(LONG);
+    }
     drop(small);
+    drop(copy);
     t.check(
         fills + 1,
         match (logs_say && !changed, retried) {
