@@ -204,25 +204,19 @@ pub fn install_copy(src: &Path, dest_dir: &Path, stem: &str) -> io::Result<PathB
         rand::random::<u32>()
     ));
     let linkable = fs::metadata(src).is_ok_and(|m| m.permissions().mode() & 0o7777 == 0o755);
-    if linkable && fs::hard_link(src, &temp).is_ok() {
-        let linked = fs::rename(&temp, &dest).and_then(|()| fs::File::open(dest_dir)?.sync_all());
-        if let Err(e) = linked {
-            let _ = fs::remove_file(&temp);
-            return Err(with_path(&dest, e));
-        }
-        return Ok(dest);
-    }
     let written = (|| {
-        let mut out = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o700)
-            .open(&temp)?;
-        io::copy(&mut fs::File::open(src)?, &mut out)?;
-        out.flush()?;
-        // Explicitly, whatever the umask.
-        out.set_permissions(fs::Permissions::from_mode(0o755))?;
-        out.sync_all()?;
+        if !(linkable && fs::hard_link(src, &temp).is_ok()) {
+            let mut out = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o700)
+                .open(&temp)?;
+            io::copy(&mut fs::File::open(src)?, &mut out)?;
+            out.flush()?;
+            // Explicitly, whatever the umask.
+            out.set_permissions(fs::Permissions::from_mode(0o755))?;
+            out.sync_all()?;
+        }
         fs::rename(&temp, &dest)?;
         fs::File::open(dest_dir)?.sync_all()
     })();
