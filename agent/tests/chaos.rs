@@ -1707,10 +1707,7 @@ async fn disk_full_while_writing_and_restoring() {
     // Space returns (a bigger volume): the same instance, its data dir emptied, restores.
     let retried = async {
         // A bootstrap that failed ends the agent's process; one still running is stopped.
-        if copy.agent_pid().is_some() {
-            let _ = copy.signal_agent(Signal::SIGTERM);
-            copy.wait_exit(LONG).map_err(|e| e.to_string())?;
-        }
+        copy.stop(LONG).map_err(|e| e.to_string())?;
         for entry in std::fs::read_dir(copy.data_dir()).map_err(|e| e.to_string())? {
             let path = entry.map_err(|e| e.to_string())?.path();
             let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
@@ -1724,10 +1721,7 @@ async fn disk_full_while_writing_and_restoring() {
     .await;
     // The agent stops, then its data dir's file system goes, then the fixture removes its dir:
     // a mount point cannot be removed, and the whole dir (its binaries too) would be left.
-    if copy.agent_pid().is_some() {
-        let _ = copy.signal_agent(Signal::SIGTERM);
-        let _ = copy.wait_exit(LONG);
-    }
+    let _ = copy.stop(LONG);
     drop(small);
     drop(copy);
     t.check(

@@ -66,9 +66,8 @@ impl ImageTable {
 
     /// "Pulls" every binary image into `dir` (the kubelet's own, readable by every user): a
     /// copy (or a hard link) of its entrypoint, 0755, which its commands are then looked up
-    /// next to. A pod that
-    /// runs as another user can then execute it wherever it was built (a clone under `/root`,
-    /// a 0700 temp dir), as a real node runs an image from its own storage.
+    /// next to. A pod that runs as another user can then execute it wherever it was built (a
+    /// clone under `/root`, a 0700 temp dir), as a real node runs an image from its own storage.
     pub(crate) fn pull_into(&mut self, dir: &Path) -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt as _;
         for (i, img) in self.0.iter_mut().enumerate() {

@@ -327,6 +327,16 @@ impl AgentFixture {
         Ok(status)
     }
 
+    /// Stops the agent if it still runs (SIGTERM, then waits up to `timeout`); `Ok(None)` when
+    /// it was not running.
+    pub fn stop(&mut self, timeout: Duration) -> anyhow::Result<Option<ExitStatus>> {
+        if self.agent_pid().is_none() {
+            return Ok(None);
+        }
+        let _ = self.signal_agent(Signal::SIGTERM);
+        self.wait_exit(timeout).map(Some)
+    }
+
     /// Waits for the agent process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         let child = self
